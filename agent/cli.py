@@ -1,0 +1,102 @@
+"""The `mobility` command line: parse, dispatch, and turn every MobilityError into one clear message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from agent import __version__
+from agent.checks import render, run_checks
+from agent.distros import detect_os
+from agent.errors import BadArguments, Exit, MobilityError, PrerequisitesFailed
+from agent.paths import Paths
+from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a MobilityError (exit 2) instead of printing and exiting itself."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BadArguments(f"{self.prog}: {message}")
+
+
+def _emit(args: argparse.Namespace, data: object, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def cmd_detect_os(args: argparse.Namespace) -> int:
+    info = detect_os(Paths.checked(args.root))
+    _emit(args, info.to_json(), info.os_tag)
+    return Exit.OK
+
+
+def cmd_prereq(args: argparse.Namespace) -> int:
+    paths = Paths.checked(args.root)
+    report = run_checks(prerequisite_checks(paths, args.install_dir, args.glibc_floor))
+    data = {"ok": not report.failed, "worst": report.worst.value, "checks": [r.to_json() for r in report.results]}
+    _emit(args, data, render(report))
+    if report.failed:
+        failed = ", ".join(r.id for r in report.results if r.status.value == "FAIL")
+        raise PrerequisitesFailed(f"prerequisite checks failed: {failed}")
+    return Exit.OK
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", metavar="DIR", help="root of the system to act on (default /), as dpkg --root")
+    p.add_argument("--json", action="store_true", help="print data as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mobility", description="Mobility agent: protect this Linux machine.")
+    parser.add_argument("--version", action="version", version=f"mobility {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("detect-os", help="print the OS tag of the system (exit 3 if unsupported)")
+    _common(p)
+    p.set_defaults(func=cmd_detect_os)
+
+    p = sub.add_parser("prereq", help="run the prerequisite checks (exit 3 if any fails)")
+    _common(p)
+    p.add_argument("-d", "--install-dir", default=DEFAULT_INSTALL_DIR, metavar="DIR",
+                   help=f"where the agent will be installed (default {DEFAULT_INSTALL_DIR})")
+    p.add_argument("--glibc-floor", metavar="X.Y",
+                   help="lowest glibc the bundle runs on (default: the glibc this agent runs on)")
+    p.set_defaults(func=cmd_prereq)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse and dispatch; the one place a MobilityError becomes output and an exit code."""
+    wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except MobilityError as e:
+        if wants_json:
+            print(json.dumps({"error": {"code": e.code, "message": e.message, "fix": e.fix}}, indent=2))
+        print(e.diagnostics(), file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+def bootstrap_main(argv: Sequence[str] | None = None) -> int:
+    """`mobility-bootstrap`: the binary baked into templates."""
+    parser = _Parser(
+        prog="mobility-bootstrap",
+        description="Mobility bootstrapper, run at boot from a VM template (see `mobility --help`).",
+    )
+    parser.add_argument("--version", action="version", version=f"mobility-bootstrap {__version__}")
+    return run(parser, argv) if argv or sys.argv[1:] else (parser.print_help() or Exit.USAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

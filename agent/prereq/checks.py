@@ -1,0 +1,229 @@
+"""The prerequisite checks of DESIGN.md, each a small object with a stable ID."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.checks import Result, Status
+from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify
+from agent.errors import MobilityError
+from agent.libc import parse_glibc, root_glibc
+from agent.paths import Paths
+from agent.prereq.disks import SYS, backing_disks
+from agent.prereq.grub import GRUB_FILES, device_name_references
+from agent.textfile import read_small_text
+
+MIN_FREE_BYTES = 100 * 1024 * 1024
+GRUB_MAX_BYTES = 4 * 1024 * 1024  # a grub.cfg with many kernels is tens of KiB
+
+
+@dataclass(frozen=True)
+class RootUser:
+    euid: int
+    id: str = "PRQ-ROOT-USER"
+    title: str = "running as root"
+    remediation: str = "Run the command as root (sudo)."
+
+    def run(self) -> Result:
+        if self.euid == 0:
+            return Result(self.id, Status.PASS, "running as root")
+        return Result(self.id, Status.FAIL, f"running as uid {self.euid}, not root", self.remediation)
+
+
+@dataclass(frozen=True)
+class SupportedOs:
+    facts: OsFacts | MobilityError
+    id: str = "PRQ-OS"
+    title: str = "supported operating system"
+    remediation: str = "Install on a system of the support matrix (`mobility detect-os` lists it)."
+
+    def run(self) -> Result:
+        info = _classified(self.facts)
+        if isinstance(info, MobilityError):
+            first = info.message.splitlines()[0]
+            return Result(self.id, Status.FAIL, f"{info.code}: {first}", info.fix)
+        return Result(self.id, Status.PASS, f"{info.pretty_name}: OS tag {info.os_tag}", value=info.os_tag)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    facts: OsFacts | MobilityError
+    id: str = "PRQ-ARCH"
+    title: str = "64-bit x86 machine"
+    remediation: str = "Mobility ships x86_64 bundles only; protect this machine from an x86_64 system."
+
+    def run(self) -> Result:
+        if isinstance(self.facts, MobilityError) or self.facts.arch == "unknown":
+            return Result(self.id, Status.UNKNOWN, "architecture unknown: no binaries found in the root",
+                          self.remediation)
+        arch = self.facts.arch
+        if arch in SUPPORTED_ARCHES:
+            return Result(self.id, Status.PASS, f"architecture {arch}", value=arch)
+        return Result(self.id, Status.FAIL, f"architecture {arch} is not supported (x86_64 only)",
+                      self.remediation, value=arch, threshold="x86_64")
+
+
+@dataclass(frozen=True)
+class FreeSpace:
+    install_dir: Path
+    system_path: str
+    minimum: int = MIN_FREE_BYTES
+    id: str = "PRQ-FREE-SPACE"
+    title: str = "free space at the install location"
+    remediation: str = "Free at least 100 MiB on the filesystem of the install directory, or choose another with -d."
+
+    def run(self) -> Result:
+        probe = self.install_dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        st = os.statvfs(probe)
+        free = st.f_bavail * st.f_frsize
+        mib = free // (1024 * 1024)
+        value, threshold = f"{mib} MiB", f"{self.minimum // (1024 * 1024)} MiB"
+        if free >= self.minimum:
+            return Result(self.id, Status.PASS, f"{mib} MiB free for {self.system_path}", value=value,
+                          threshold=threshold)
+        return Result(self.id, Status.FAIL, f"only {mib} MiB free for {self.system_path}; {threshold} needed",
+                      self.remediation, value=value, threshold=threshold)
+
+
+@dataclass(frozen=True)
+class GlibcFloor:
+    paths: Paths
+    floor: str
+    id: str = "PRQ-GLIBC"
+    title: str = "glibc at or above the bundle's floor"
+    remediation: str = (
+        "Use an installer bundle built for this system's glibc (built on the oldest system of its "
+        "family; see packaging/README.md), or upgrade the system."
+    )
+
+    def run(self) -> Result:
+        found = root_glibc(self.paths)
+        need = parse_glibc(self.floor)
+        if need is None:
+            return Result(self.id, Status.UNKNOWN, f"glibc floor {self.floor!r} is not a version", self.remediation)
+        if found is None:
+            return Result(self.id, Status.UNKNOWN, "no glibc found in the root (libc.so.6)", self.remediation,
+                          threshold=self.floor)
+        have = parse_glibc(found)
+        if have is not None and have >= need:
+            return Result(self.id, Status.PASS, f"glibc {found} (floor {self.floor})", value=found,
+                          threshold=self.floor)
+        return Result(self.id, Status.FAIL, f"glibc {found} is older than the floor {self.floor}: the agent's "
+                      "binaries would not load", self.remediation, value=found, threshold=self.floor)
+
+
+def detect_init(paths: Paths) -> tuple[Init | None, str]:
+    """The init system of the root: for the running machine what PID 1 is, else what is installed."""
+    if paths.root == paths.root.parent:
+        comm = Path("/proc/1/comm").read_text().strip() if Path("/proc/1/comm").exists() else "?"
+        if Path("/run/systemd/system").is_dir():
+            return Init.SYSTEMD, "systemd is PID 1"
+        if comm == "init" and (Path("/etc/inittab").exists() or Path("/etc/init").is_dir()):
+            return Init.SYSV, "SysV-compatible init is PID 1"
+        return None, f"PID 1 is {comm!r}, not an init system (a container?)"
+    init = paths.resolve("/sbin/init")
+    systemd = next((p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd") if paths.resolve(p).is_file()),
+                   None)
+    if systemd and (init.name == "systemd" or not init.exists()):
+        return Init.SYSTEMD, f"systemd installed ({systemd})"
+    if init.is_file():
+        if paths.resolve("/sbin/initctl").is_file() and paths.resolve("/etc/init").is_dir():
+            return Init.SYSV, "upstart installed; it runs SysV init scripts"
+        if paths.resolve("/etc/init.d").is_dir():
+            return Init.SYSV, "SysV init installed"
+    return None, "no init system found (/sbin/init, systemd)"
+
+
+@dataclass(frozen=True)
+class InitSystem:
+    paths: Paths
+    facts: OsFacts | MobilityError
+    id: str = "PRQ-INIT"
+    title: str = "an init system the agent can drive"
+    remediation: str = "Boot the system with systemd (or SysV init on the systems that predate it)."
+
+    def run(self) -> Result:
+        init, how = detect_init(self.paths)
+        if init is None:
+            status = Status.FAIL if self.paths.root == self.paths.root.parent else Status.UNKNOWN
+            return Result(self.id, status, how, self.remediation)
+        info = _classified(self.facts)
+        if isinstance(info, OsInfo) and info.init == Init.SYSTEMD and init is not Init.SYSTEMD:
+            return Result(self.id, Status.FAIL, f"{how}, but the {info.os_tag} bundle drives systemd",
+                          self.remediation, value=init.value, threshold=info.init)
+        return Result(self.id, Status.PASS, how, value=init.value)
+
+
+@dataclass(frozen=True)
+class BootDisk:
+    paths: Paths
+    sys_dir: Path = SYS
+    id: str = "PRQ-BOOT-DISK"
+    title: str = "boot disk present and single"
+    remediation: str = "Keep /boot (and /boot/efi) on one disk; the boot disk must be a block device."
+
+    def run(self) -> Result:
+        disks: set[str] = set()
+        mounts = ["/boot", "/boot/efi"]
+        for system_path in mounts:
+            host = self.paths(system_path)
+            if not host.is_dir():
+                host = self.paths.root if system_path == "/boot" else host
+                if not host.is_dir():
+                    continue
+            backing = backing_disks(host.stat().st_dev, self.sys_dir)
+            if backing is None:
+                return Result(self.id, Status.WARN, f"no block device backs {system_path} (a container or a "
+                              "network root?): the boot disk cannot be protected", self.remediation)
+            disks |= backing
+        if not disks:
+            return Result(self.id, Status.FAIL, "no boot disk found", self.remediation)
+        if len(disks) > 1:
+            return Result(self.id, Status.FAIL, f"/boot and /boot/efi span {len(disks)} disks: "
+                          f"{', '.join(sorted(disks))}", self.remediation, value=",".join(sorted(disks)))
+        (disk,) = disks
+        return Result(self.id, Status.PASS, f"boot disk {disk}", value=disk)
+
+
+@dataclass(frozen=True)
+class GrubDeviceNames:
+    paths: Paths
+    id: str = "PRQ-GRUB-DEVICE-NAMES"
+    title: str = "GRUB names root and resume devices by UUID or LABEL"
+    remediation: str = (
+        "Edit the kernel command line to use root=UUID=... / resume=UUID=... (see blkid), then "
+        "regenerate grub.cfg (update-grub or grub2-mkconfig)."
+    )
+
+    def run(self) -> Result:
+        bad: list[str] = []
+        seen: list[str] = []
+        for system_path in GRUB_FILES:
+            try:
+                text = read_small_text(self.paths, system_path, limit=GRUB_MAX_BYTES)
+            except MobilityError as e:
+                return Result(self.id, Status.UNKNOWN, e.message, self.remediation)
+            if text is None:
+                continue
+            seen.append(system_path)
+            bad += [f"{system_path}:{r.line} {r.param}={r.value}" for r in device_name_references(text)]
+        if not seen:
+            return Result(self.id, Status.UNKNOWN, "no GRUB configuration found (" + ", ".join(GRUB_FILES) + ")",
+                          self.remediation)
+        if bad:
+            return Result(self.id, Status.FAIL, "kernel command line names devices by kernel name: "
+                          + "; ".join(bad), self.remediation)
+        return Result(self.id, Status.PASS, "root= and resume= by UUID/LABEL in " + ", ".join(seen))
+
+
+def _classified(facts: OsFacts | MobilityError) -> OsInfo | MobilityError:
+    if isinstance(facts, MobilityError):
+        return facts
+    try:
+        return classify(facts)
+    except MobilityError as e:
+        return e

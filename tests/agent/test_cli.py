@@ -1,0 +1,89 @@
+"""The command line as a user meets it: exit codes, one-line errors with a fix, JSON, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import DISTROS, REPO
+
+
+def mobility(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=60, check=False)
+
+
+def test_detect_os_text_and_json() -> None:
+    r = mobility("detect-os", "--root", str(DISTROS / "ubuntu20"))
+    assert (r.returncode, r.stdout.strip()) == (0, "UBUNTU-20.04")
+    r = mobility("detect-os", "--root", str(DISTROS / "oracle7"), "--json")
+    data = json.loads(r.stdout)
+    assert r.returncode == 0
+    assert data["os_tag"] == "OL7"
+    assert {"os_tag", "id", "version", "pretty_name", "arch"} <= data.keys()
+
+
+def test_unsupported_exits_3_with_list() -> None:
+    r = mobility("detect-os", "--root", str(DISTROS / "fedora30"))
+    assert r.returncode == 3
+    assert r.stderr.startswith("error OS-UNSUPPORTED: ")
+    assert "fix: " in r.stderr and "UBUNTU-24.04" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_root_that_does_not_exist(tmp_path: Path) -> None:
+    r = mobility("detect-os", "--root", str(tmp_path / "nope"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error ROOT-NOT-FOUND: ")
+
+
+def test_root_that_is_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    for cmd in ("detect-os", "prereq"):
+        r = mobility(cmd, "--root", str(f))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error ROOT-NOT-DIR: ")
+    assert f.read_text() == "x"
+
+
+def test_json_error_is_machine_readable(tmp_path: Path) -> None:
+    r = mobility("detect-os", "--json", "--root", str(tmp_path / "nope"))
+    assert json.loads(r.stdout)["error"]["code"] == "ROOT-NOT-FOUND"
+
+
+def test_bad_usage_is_exit_2_without_traceback() -> None:
+    r = mobility("frobnicate")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error USAGE: ")
+    assert "Traceback" not in r.stderr
+
+
+def test_prereq_on_a_release_file_tree_reports_every_check() -> None:
+    r = mobility("prereq", "--json", "--root", str(DISTROS / "ubuntu22"))
+    data = json.loads(r.stdout)
+    ids = [c["id"] for c in data["checks"]]
+    assert ids == ["PRQ-ROOT-USER", "PRQ-OS", "PRQ-ARCH", "PRQ-FREE-SPACE", "PRQ-GLIBC", "PRQ-INIT",
+                   "PRQ-BOOT-DISK", "PRQ-GRUB-DEVICE-NAMES"]
+    by_id = {c["id"]: c for c in data["checks"]}
+    assert by_id["PRQ-OS"]["status"] == "PASS"
+    # A tree of release files has no binaries: what cannot be known is UNKNOWN, never PASS.
+    assert by_id["PRQ-ARCH"]["status"] == "UNKNOWN"
+    assert by_id["PRQ-GLIBC"]["status"] == "UNKNOWN"
+
+
+def test_prereq_fails_with_exit_3_on_unsupported_os() -> None:
+    r = mobility("prereq", "--root", str(DISTROS / "fedora30"))
+    assert r.returncode == 3
+    assert "FAIL     PRQ-OS" in r.stdout
+    assert "error PREREQ-FAILED" in r.stderr
+
+
+def test_bootstrap_binary_version() -> None:
+    r = subprocess.run([sys.executable, "-c", "import sys; from agent.cli import bootstrap_main; "
+                        "sys.exit(bootstrap_main(['--version']))"], capture_output=True, text=True, cwd=REPO,
+                       check=False)
+    assert r.returncode == 0
+    assert r.stdout.startswith("mobility-bootstrap ")
