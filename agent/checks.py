@@ -9,7 +9,7 @@ from typing import Protocol
 
 
 class Status(StrEnum):
-    PASS = "PASS"
+    PASS = "PASS"  # noqa: S105 - a status, not a password
     WARN = "WARN"
     FAIL = "FAIL"
     UNKNOWN = "UNKNOWN"
@@ -44,9 +44,12 @@ class Result:
 class Check(Protocol):
     """A check has a stable ID, a one-line title, the remediation for a failure, and a run method."""
 
-    id: str
-    title: str
-    remediation: str
+    @property
+    def id(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def remediation(self) -> str: ...
 
     def run(self) -> Result: ...
 
@@ -72,8 +75,12 @@ def run_checks(checks: Iterable[Check]) -> Report:
             results.append(check.run())
         except Exception as e:  # a broken check must not hide the others
             results.append(
-                Result(check.id, Status.UNKNOWN, f"{check.title}: could not run ({type(e).__name__}: {e})",
-                       check.remediation)
+                Result(
+                    check.id,
+                    Status.UNKNOWN,
+                    f"{check.title}: could not run ({type(e).__name__}: {e})",
+                    check.remediation,
+                )
             )
     return Report(tuple(results))
 

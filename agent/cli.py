@@ -9,14 +9,14 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from agent import __version__
-from agent.checks import render, run_checks
+from agent.checks import Status, render, run_checks
 from agent.distros import detect_os
 from agent.errors import BadArguments, Exit, MobilityError, PrerequisitesFailed
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises a MobilityError (exit 2) instead of printing and exiting itself."""
 
     def error(self, message: str) -> NoReturn:
@@ -36,11 +36,16 @@ def cmd_detect_os(args: argparse.Namespace) -> int:
 def cmd_prereq(args: argparse.Namespace) -> int:
     paths = Paths.checked(args.root)
     report = run_checks(prerequisite_checks(paths, args.install_dir, args.glibc_floor))
-    data = {"ok": not report.failed, "worst": report.worst.value, "checks": [r.to_json() for r in report.results]}
+    data = {
+        "ok": not report.failed,
+        "worst": report.worst.value,
+        "checks": [r.to_json() for r in report.results],
+    }
     _emit(args, data, render(report))
     if report.failed:
-        failed = ", ".join(r.id for r in report.results if r.status.value == "FAIL")
-        raise PrerequisitesFailed(f"prerequisite checks failed: {failed}")
+        failed = ", ".join(r.id for r in report.results if r.status is Status.FAIL)
+        # The report (JSON or table) is already on stdout: only the one-line error goes to stderr.
+        return _report_error(PrerequisitesFailed(f"prerequisite checks failed: {failed}"), json_out=False)
     return Exit.OK
 
 
@@ -50,9 +55,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mobility", description="Mobility agent: protect this Linux machine.")
+    parser = Parser(prog="mobility", description="Mobility agent: protect this Linux machine.")
     parser.add_argument("--version", action="version", version=f"mobility {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     p = sub.add_parser("detect-os", help="print the OS tag of the system (exit 3 if unsupported)")
     _common(p)
@@ -60,12 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prereq", help="run the prerequisite checks (exit 3 if any fails)")
     _common(p)
-    p.add_argument("-d", "--install-dir", default=DEFAULT_INSTALL_DIR, metavar="DIR",
-                   help=f"where the agent will be installed (default {DEFAULT_INSTALL_DIR})")
-    p.add_argument("--glibc-floor", metavar="X.Y",
-                   help="lowest glibc the bundle runs on (default: the glibc this agent runs on)")
+    p.add_argument(
+        "-d",
+        "--install-dir",
+        default=DEFAULT_INSTALL_DIR,
+        metavar="DIR",
+        help=f"where the agent will be installed (default {DEFAULT_INSTALL_DIR})",
+    )
+    p.add_argument(
+        "--glibc-floor",
+        metavar="X.Y",
+        help="lowest glibc the bundle runs on (default: the glibc this agent runs on)",
+    )
     p.set_defaults(func=cmd_prereq)
     return parser
+
+
+def _report_error(e: MobilityError, *, json_out: bool) -> int:
+    if json_out:
+        print(json.dumps({"error": {"code": e.code, "message": e.message, "fix": e.fix}}, indent=2))
+    print(e.diagnostics(), file=sys.stderr)
+    return int(e.exit_code)
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -73,13 +93,13 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        func: Callable[[argparse.Namespace], int] = args.func
+        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+        if func is None:
+            parser.print_help()
+            return Exit.USAGE
         return func(args)
     except MobilityError as e:
-        if wants_json:
-            print(json.dumps({"error": {"code": e.code, "message": e.message, "fix": e.fix}}, indent=2))
-        print(e.diagnostics(), file=sys.stderr)
-        return int(e.exit_code)
+        return _report_error(e, json_out=wants_json)
     except KeyboardInterrupt:
         return 130
 
@@ -90,12 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def bootstrap_main(argv: Sequence[str] | None = None) -> int:
     """`mobility-bootstrap`: the binary baked into templates."""
-    parser = _Parser(
+    parser = Parser(
         prog="mobility-bootstrap",
         description="Mobility bootstrapper, run at boot from a VM template (see `mobility --help`).",
     )
     parser.add_argument("--version", action="version", version=f"mobility-bootstrap {__version__}")
-    return run(parser, argv) if argv or sys.argv[1:] else (parser.print_help() or Exit.USAGE)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class OsUnknown(UnsupportedError):
 
 class OsUnsupported(UnsupportedError):
     code = "OS-UNSUPPORTED"
-    remediation = "Install the agent on one of the supported systems listed above (docs/support-matrix.md)."
+    remediation = "Install the agent on one of the supported systems listed in the message (docs/support-matrix.md)."
 
 
 class PrerequisitesFailed(UnsupportedError):

@@ -47,7 +47,7 @@ def glibc_version_of(libc: bytes) -> str | None:
 
 
 def parse_glibc(text: str) -> tuple[int, int] | None:
-    """"2.36" -> (2, 36)."""
+    """ "2.36" -> (2, 36)."""
     m = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text)
     return (int(m.group(1)), int(m.group(2))) if m else None
 

@@ -16,7 +16,7 @@ from agent.distros.release_files import (
     parse_lsb_release,
     parse_suse_release,
 )
-from agent.errors import OsUnknown, OsUnsupported, ReleaseFileUnreadable, ReleaseFilesConflict
+from agent.errors import OsUnknown, OsUnsupported, ReleaseFilesConflict, ReleaseFileUnreadable
 from agent.libc import root_arch
 from agent.os_release import read_os_release
 from agent.paths import Paths
@@ -114,7 +114,9 @@ def _identify(facts: OsFacts) -> _Identity:
         fallback = rel.get("id", "unknown")
         pretty = " ".join(filter(None, (rel["name"], rel.get("version_id"))))
         return _Identity(
-            legacy_id(rel["name"], fallback), rel.get("version_id", ""), pretty,
+            legacy_id(rel["name"], fallback),
+            rel.get("version_id", ""),
+            pretty,
             facts.release_file_path or "/etc/*-release",
         )
     lsb = facts.lsb_release
@@ -124,12 +126,11 @@ def _identify(facts: OsFacts) -> _Identity:
     sysrel = facts.system_release
     if sysrel and sysrel.get("name"):
         pretty = " ".join(filter(None, (sysrel["name"], sysrel.get("version_id"))))
-        return _Identity(legacy_id(sysrel["name"], "unknown"), sysrel.get("version_id", ""), pretty,
-                         "/etc/system-release")
-    if facts.debian_version:
         return _Identity(
-            "debian", facts.debian_version, f"Debian {facts.debian_version}", "/etc/debian_version"
+            legacy_id(sysrel["name"], "unknown"), sysrel.get("version_id", ""), pretty, "/etc/system-release"
         )
+    if facts.debian_version:
+        return _Identity("debian", facts.debian_version, f"Debian {facts.debian_version}", "/etc/debian_version")
     if facts.windows:
         raise OsUnsupported(
             "found Windows: Windows Server is in the seed's support table, but this agent targets "
@@ -199,7 +200,10 @@ def _distro_release_file(paths: Paths, only: str | None = None) -> tuple[dict[st
     if only is not None and not paths.resolve(only).is_file():
         return None, None
     dist = distro.LinuxDistribution(
-        root_dir=str(paths.root), include_lsb=False, include_uname=False, include_oslevel=False,
+        root_dir=str(paths.root),
+        include_lsb=False,
+        include_uname=False,
+        include_oslevel=False,
         distro_release_file=str(paths.resolve(only)) if only else "",
     )
     try:

@@ -29,7 +29,10 @@ def running_glibc() -> str:
 
 
 def prerequisite_checks(
-    paths: Paths, install_dir: str = DEFAULT_INSTALL_DIR, glibc_floor: str | None = None, euid: int | None = None
+    paths: Paths,
+    install_dir: str = DEFAULT_INSTALL_DIR,
+    glibc_floor: str | None = None,
+    euid: int | None = None,
 ) -> list[Check]:
     """Every prerequisite check for the system at ``paths``, in the order they are shown."""
     facts: OsFacts | MobilityError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from agent.checks import Result, Status
 from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify
@@ -22,9 +23,9 @@ GRUB_MAX_BYTES = 4 * 1024 * 1024  # a grub.cfg with many kernels is tens of KiB
 @dataclass(frozen=True)
 class RootUser:
     euid: int
-    id: str = "PRQ-ROOT-USER"
-    title: str = "running as root"
-    remediation: str = "Run the command as root (sudo)."
+    id: ClassVar[str] = "PRQ-ROOT-USER"
+    title: ClassVar[str] = "running as root"
+    remediation: ClassVar[str] = "Run the command as root (sudo)."
 
     def run(self) -> Result:
         if self.euid == 0:
@@ -35,9 +36,9 @@ class RootUser:
 @dataclass(frozen=True)
 class SupportedOs:
     facts: OsFacts | MobilityError
-    id: str = "PRQ-OS"
-    title: str = "supported operating system"
-    remediation: str = "Install on a system of the support matrix (`mobility detect-os` lists it)."
+    id: ClassVar[str] = "PRQ-OS"
+    title: ClassVar[str] = "supported operating system"
+    remediation: ClassVar[str] = "Install on a system of the support matrix (`mobility detect-os` lists it)."
 
     def run(self) -> Result:
         info = _classified(self.facts)
@@ -50,19 +51,29 @@ class SupportedOs:
 @dataclass(frozen=True)
 class Architecture:
     facts: OsFacts | MobilityError
-    id: str = "PRQ-ARCH"
-    title: str = "64-bit x86 machine"
-    remediation: str = "Mobility ships x86_64 bundles only; protect this machine from an x86_64 system."
+    id: ClassVar[str] = "PRQ-ARCH"
+    title: ClassVar[str] = "64-bit x86 machine"
+    remediation: ClassVar[str] = "Mobility ships x86_64 bundles only; protect this machine from an x86_64 system."
 
     def run(self) -> Result:
         if isinstance(self.facts, MobilityError) or self.facts.arch == "unknown":
-            return Result(self.id, Status.UNKNOWN, "architecture unknown: no binaries found in the root",
-                          self.remediation)
+            return Result(
+                self.id,
+                Status.UNKNOWN,
+                "architecture unknown: no binaries found in the root",
+                self.remediation,
+            )
         arch = self.facts.arch
         if arch in SUPPORTED_ARCHES:
             return Result(self.id, Status.PASS, f"architecture {arch}", value=arch)
-        return Result(self.id, Status.FAIL, f"architecture {arch} is not supported (x86_64 only)",
-                      self.remediation, value=arch, threshold="x86_64")
+        return Result(
+            self.id,
+            Status.FAIL,
+            f"architecture {arch} is not supported (x86_64 only)",
+            self.remediation,
+            value=arch,
+            threshold="x86_64",
+        )
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,11 @@ class FreeSpace:
     install_dir: Path
     system_path: str
     minimum: int = MIN_FREE_BYTES
-    id: str = "PRQ-FREE-SPACE"
-    title: str = "free space at the install location"
-    remediation: str = "Free at least 100 MiB on the filesystem of the install directory, or choose another with -d."
+    id: ClassVar[str] = "PRQ-FREE-SPACE"
+    title: ClassVar[str] = "free space at the install location"
+    remediation: ClassVar[str] = (
+        "Free at least 100 MiB on the filesystem of the install directory, or choose another with -d."
+    )
 
     def run(self) -> Result:
         probe = self.install_dir
@@ -83,21 +96,32 @@ class FreeSpace:
         mib = free // (1024 * 1024)
         value, threshold = f"{mib} MiB", f"{self.minimum // (1024 * 1024)} MiB"
         if free >= self.minimum:
-            return Result(self.id, Status.PASS, f"{mib} MiB free for {self.system_path}", value=value,
-                          threshold=threshold)
-        return Result(self.id, Status.FAIL, f"only {mib} MiB free for {self.system_path}; {threshold} needed",
-                      self.remediation, value=value, threshold=threshold)
+            return Result(
+                self.id,
+                Status.PASS,
+                f"{mib} MiB free for {self.system_path}",
+                value=value,
+                threshold=threshold,
+            )
+        return Result(
+            self.id,
+            Status.FAIL,
+            f"only {mib} MiB free for {self.system_path}; {threshold} needed",
+            self.remediation,
+            value=value,
+            threshold=threshold,
+        )
 
 
 @dataclass(frozen=True)
 class GlibcFloor:
     paths: Paths
     floor: str
-    id: str = "PRQ-GLIBC"
-    title: str = "glibc at or above the bundle's floor"
-    remediation: str = (
+    id: ClassVar[str] = "PRQ-GLIBC"
+    title: ClassVar[str] = "glibc at or above the bundle's floor"
+    remediation: ClassVar[str] = (
         "Use an installer bundle built for this system's glibc (built on the oldest system of its "
-        "family; see packaging/README.md), or upgrade the system."
+        "family), or upgrade the system."
     )
 
     def run(self) -> Result:
@@ -106,14 +130,26 @@ class GlibcFloor:
         if need is None:
             return Result(self.id, Status.UNKNOWN, f"glibc floor {self.floor!r} is not a version", self.remediation)
         if found is None:
-            return Result(self.id, Status.UNKNOWN, "no glibc found in the root (libc.so.6)", self.remediation,
-                          threshold=self.floor)
+            return Result(
+                self.id,
+                Status.UNKNOWN,
+                "no glibc found in the root (libc.so.6)",
+                self.remediation,
+                threshold=self.floor,
+            )
         have = parse_glibc(found)
         if have is not None and have >= need:
-            return Result(self.id, Status.PASS, f"glibc {found} (floor {self.floor})", value=found,
-                          threshold=self.floor)
-        return Result(self.id, Status.FAIL, f"glibc {found} is older than the floor {self.floor}: the agent's "
-                      "binaries would not load", self.remediation, value=found, threshold=self.floor)
+            return Result(
+                self.id, Status.PASS, f"glibc {found} (floor {self.floor})", value=found, threshold=self.floor
+            )
+        return Result(
+            self.id,
+            Status.FAIL,
+            f"glibc {found} is older than the floor {self.floor}: the agent's binaries would not load",
+            self.remediation,
+            value=found,
+            threshold=self.floor,
+        )
 
 
 def detect_init(paths: Paths) -> tuple[Init | None, str]:
@@ -126,8 +162,9 @@ def detect_init(paths: Paths) -> tuple[Init | None, str]:
             return Init.SYSV, "SysV-compatible init is PID 1"
         return None, f"PID 1 is {comm!r}, not an init system (a container?)"
     init = paths.resolve("/sbin/init")
-    systemd = next((p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd") if paths.resolve(p).is_file()),
-                   None)
+    systemd = next(
+        (p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd") if paths.resolve(p).is_file()), None
+    )
     if systemd and (init.name == "systemd" or not init.exists()):
         return Init.SYSTEMD, f"systemd installed ({systemd})"
     if init.is_file():
@@ -142,9 +179,9 @@ def detect_init(paths: Paths) -> tuple[Init | None, str]:
 class InitSystem:
     paths: Paths
     facts: OsFacts | MobilityError
-    id: str = "PRQ-INIT"
-    title: str = "an init system the agent can drive"
-    remediation: str = "Boot the system with systemd (or SysV init on the systems that predate it)."
+    id: ClassVar[str] = "PRQ-INIT"
+    title: ClassVar[str] = "an init system the agent can drive"
+    remediation: ClassVar[str] = "Boot the system with systemd (or SysV init on the systems that predate it)."
 
     def run(self) -> Result:
         init, how = detect_init(self.paths)
@@ -153,8 +190,14 @@ class InitSystem:
             return Result(self.id, status, how, self.remediation)
         info = _classified(self.facts)
         if isinstance(info, OsInfo) and info.init == Init.SYSTEMD and init is not Init.SYSTEMD:
-            return Result(self.id, Status.FAIL, f"{how}, but the {info.os_tag} bundle drives systemd",
-                          self.remediation, value=init.value, threshold=info.init)
+            return Result(
+                self.id,
+                Status.FAIL,
+                f"{how}, but the {info.os_tag} bundle drives systemd",
+                self.remediation,
+                value=init.value,
+                threshold=info.init,
+            )
         return Result(self.id, Status.PASS, how, value=init.value)
 
 
@@ -162,9 +205,9 @@ class InitSystem:
 class BootDisk:
     paths: Paths
     sys_dir: Path = SYS
-    id: str = "PRQ-BOOT-DISK"
-    title: str = "boot disk present and single"
-    remediation: str = "Keep /boot (and /boot/efi) on one disk; the boot disk must be a block device."
+    id: ClassVar[str] = "PRQ-BOOT-DISK"
+    title: ClassVar[str] = "boot disk present and single"
+    remediation: ClassVar[str] = "Keep /boot (and /boot/efi) on one disk; the boot disk must be a block device."
 
     def run(self) -> Result:
         disks: set[str] = set()
@@ -177,14 +220,24 @@ class BootDisk:
                     continue
             backing = backing_disks(host.stat().st_dev, self.sys_dir)
             if backing is None:
-                return Result(self.id, Status.WARN, f"no block device backs {system_path} (a container or a "
-                              "network root?): the boot disk cannot be protected", self.remediation)
+                return Result(
+                    self.id,
+                    Status.WARN,
+                    f"no block device backs {system_path} (a container or a "
+                    "network root?): the boot disk cannot be protected",
+                    self.remediation,
+                )
             disks |= backing
         if not disks:
             return Result(self.id, Status.FAIL, "no boot disk found", self.remediation)
         if len(disks) > 1:
-            return Result(self.id, Status.FAIL, f"/boot and /boot/efi span {len(disks)} disks: "
-                          f"{', '.join(sorted(disks))}", self.remediation, value=",".join(sorted(disks)))
+            return Result(
+                self.id,
+                Status.FAIL,
+                f"/boot and /boot/efi span {len(disks)} disks: {', '.join(sorted(disks))}",
+                self.remediation,
+                value=",".join(sorted(disks)),
+            )
         (disk,) = disks
         return Result(self.id, Status.PASS, f"boot disk {disk}", value=disk)
 
@@ -192,9 +245,9 @@ class BootDisk:
 @dataclass(frozen=True)
 class GrubDeviceNames:
     paths: Paths
-    id: str = "PRQ-GRUB-DEVICE-NAMES"
-    title: str = "GRUB names root and resume devices by UUID or LABEL"
-    remediation: str = (
+    id: ClassVar[str] = "PRQ-GRUB-DEVICE-NAMES"
+    title: ClassVar[str] = "GRUB names root and resume devices by UUID or LABEL"
+    remediation: ClassVar[str] = (
         "Edit the kernel command line to use root=UUID=... / resume=UUID=... (see blkid), then "
         "regenerate grub.cfg (update-grub or grub2-mkconfig)."
     )
@@ -212,11 +265,19 @@ class GrubDeviceNames:
             seen.append(system_path)
             bad += [f"{system_path}:{r.line} {r.param}={r.value}" for r in device_name_references(text)]
         if not seen:
-            return Result(self.id, Status.UNKNOWN, "no GRUB configuration found (" + ", ".join(GRUB_FILES) + ")",
-                          self.remediation)
+            return Result(
+                self.id,
+                Status.UNKNOWN,
+                "no GRUB configuration found (" + ", ".join(GRUB_FILES) + ")",
+                self.remediation,
+            )
         if bad:
-            return Result(self.id, Status.FAIL, "kernel command line names devices by kernel name: "
-                          + "; ".join(bad), self.remediation)
+            return Result(
+                self.id,
+                Status.FAIL,
+                "kernel command line names devices by kernel name: " + "; ".join(bad),
+                self.remediation,
+            )
         return Result(self.id, Status.PASS, "root= and resume= by UUID/LABEL in " + ", ".join(seen))
 
 

@@ -11,8 +11,14 @@ from tests.conftest import DISTROS, REPO
 
 
 def mobility(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_detect_os_text_and_json() -> None:
@@ -65,8 +71,16 @@ def test_prereq_on_a_release_file_tree_reports_every_check() -> None:
     r = mobility("prereq", "--json", "--root", str(DISTROS / "ubuntu22"))
     data = json.loads(r.stdout)
     ids = [c["id"] for c in data["checks"]]
-    assert ids == ["PRQ-ROOT-USER", "PRQ-OS", "PRQ-ARCH", "PRQ-FREE-SPACE", "PRQ-GLIBC", "PRQ-INIT",
-                   "PRQ-BOOT-DISK", "PRQ-GRUB-DEVICE-NAMES"]
+    assert ids == [
+        "PRQ-ROOT-USER",
+        "PRQ-OS",
+        "PRQ-ARCH",
+        "PRQ-FREE-SPACE",
+        "PRQ-GLIBC",
+        "PRQ-INIT",
+        "PRQ-BOOT-DISK",
+        "PRQ-GRUB-DEVICE-NAMES",
+    ]
     by_id = {c["id"]: c for c in data["checks"]}
     assert by_id["PRQ-OS"]["status"] == "PASS"
     # A tree of release files has no binaries: what cannot be known is UNKNOWN, never PASS.
@@ -82,8 +96,16 @@ def test_prereq_fails_with_exit_3_on_unsupported_os() -> None:
 
 
 def test_bootstrap_binary_version() -> None:
-    r = subprocess.run([sys.executable, "-c", "import sys; from agent.cli import bootstrap_main; "
-                        "sys.exit(bootstrap_main(['--version']))"], capture_output=True, text=True, cwd=REPO,
-                       check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from agent.cli import bootstrap_main; sys.exit(bootstrap_main(['--version']))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
     assert r.returncode == 0
     assert r.stdout.startswith("mobility-bootstrap ")

@@ -1,6 +1,5 @@
-from agent.os_release import parse_os_release
+from agent.os_release import parse_os_release, read_os_release
 from agent.paths import Paths
-from agent.os_release import read_os_release
 from tests.conftest import DISTROS
 
 
@@ -17,13 +16,18 @@ def test_shell_quoting_escapes_and_comments() -> None:
         "NAME='Single Quoted'\n"
         'PRETTY_NAME="Dbl \\"quoted\\" \\$x"\n'
         "ID=plain # trailing comment\n"
-        "  VERSION_ID = \"12\"  \n"
+        '  VERSION_ID = "12"  \n'
         "=novalue\n"
         "not a pair\n"
         "1BAD=x\n"
     )
     info = parse_os_release(text)
-    assert info == {"NAME": "Single Quoted", "PRETTY_NAME": 'Dbl "quoted" $x', "ID": "plain", "VERSION_ID": "12"}
+    assert info == {
+        "NAME": "Single Quoted",
+        "PRETTY_NAME": 'Dbl "quoted" $x',
+        "ID": "plain",
+        "VERSION_ID": "12",
+    }
 
 
 def test_crlf_line_endings() -> None:
@@ -32,7 +36,10 @@ def test_crlf_line_endings() -> None:
 
 def test_truncated_file_keeps_complete_lines() -> None:
     # A file cut in the middle of a quoted value: the broken line is dropped, the rest is kept.
-    assert parse_os_release('ID=ubuntu\nVERSION_ID="20.04"\nPRETTY_NAME="Ubu') == {"ID": "ubuntu", "VERSION_ID": "20.04"}
+    assert parse_os_release('ID=ubuntu\nVERSION_ID="20.04"\nPRETTY_NAME="Ubu') == {
+        "ID": "ubuntu",
+        "VERSION_ID": "20.04",
+    }
 
 
 def test_empty_and_missing_version_id() -> None:

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.libc import elf_machine, glibc_version_of, parse_glibc, root_arch, root_glibc
+from agent.paths import Paths
+from agent.prereq import running_glibc
+
+
+def test_elf_header_of_a_real_binary() -> None:
+    with open("/bin/sh", "rb") as f:
+        assert elf_machine(f.read(64)) == "x86_64"
+    assert elf_machine(b"#!/bin/sh\n") is None
+
+
+def test_glibc_of_this_machine_matches_the_running_one() -> None:
+    # The libc file of / and the C library this interpreter loaded are the same release.
+    assert root_glibc(Paths(Path("/"))) == running_glibc()
+    assert root_arch(Paths(Path("/"))) == "x86_64"
+
+
+def test_glibc_version_from_symbols_when_banner_is_missing() -> None:
+    assert glibc_version_of(b"\0GLIBC_2.2.5\0GLIBC_2.17\0GLIBC_2.3\0") == "2.17"
+    assert glibc_version_of(b"no libc here") is None
+
+
+def test_parse_glibc() -> None:
+    assert parse_glibc("2.36") == (2, 36)
+    assert parse_glibc("2.x") is None

@@ -1,0 +1,21 @@
+"""The docs that mirror code stay in step with it."""
+
+from __future__ import annotations
+
+from agent.distros import SUPPORT_MATRIX
+from tests.conftest import REPO
+
+
+def test_support_matrix_page_lists_every_row() -> None:
+    text = (REPO / "docs" / "support-matrix.md").read_text()
+    for row in SUPPORT_MATRIX:
+        assert f"| `{row.tag}` | {row.systems} | {row.init.value} |" in text, row.tag
+
+
+def test_readme_quick_start_is_two_commands() -> None:
+    readme = (REPO / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("##", 1)[0]
+    block = quick.split("```", 2)[1]
+    commands = [line for line in block.splitlines()[1:] if line.strip() and not line.startswith("#")]
+    assert commands == ["./demo", "./run-tests"]
+    assert "./run-tests" in (REPO / ".ci" / "run").read_text()
