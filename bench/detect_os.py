@@ -44,10 +44,14 @@ def main() -> None:
     args = parser.parse_args()
     in_process = [per_tree_seconds() for _ in range(args.runs)]
     command = [command_seconds() for _ in range(args.runs)]
-    print(f"detect_os in process, {len(TREES)} real trees: median {statistics.median(in_process) * 1e3:.2f} ms/tree "
-          f"(min {min(in_process) * 1e3:.2f}, max {max(in_process) * 1e3:.2f})")
-    print(f"`python -m agent detect-os` on this machine: median {statistics.median(command) * 1e3:.0f} ms "
-          f"(min {min(command) * 1e3:.0f}, max {max(command) * 1e3:.0f}); interpreter start-up included")
+    print(
+        f"detect_os in process, {len(TREES)} real trees: median {statistics.median(in_process) * 1e3:.2f} ms/tree "
+        f"(min {min(in_process) * 1e3:.2f}, max {max(in_process) * 1e3:.2f})"
+    )
+    print(
+        f"`python -m agent detect-os` on this machine: median {statistics.median(command) * 1e3:.0f} ms "
+        f"(min {min(command) * 1e3:.0f}, max {max(command) * 1e3:.0f}); interpreter start-up included"
+    )
 
 
 if __name__ == "__main__":
