@@ -57,6 +57,20 @@ class UnsupportedError(MobilityError):
     exit_code = Exit.UNSUPPORTED
 
 
+class RemoteStateError(MobilityError):
+    """The server refused or does not know something (wrong passphrase, unknown host)."""
+
+
+class TemporaryError(MobilityError):
+    """A server, the network or a lock is unavailable right now; the same command may succeed later."""
+
+    exit_code = Exit.TEMPFAIL
+
+
+class VerificationError(MobilityError):
+    """Content failed verification: a bundle or signed repository metadata is not what it claims to be."""
+
+
 # Concrete errors ------------------------------------------------------------
 
 
@@ -107,6 +121,94 @@ class OsUnsupported(UnsupportedError):
 class PrerequisitesFailed(UnsupportedError):
     code = "PREREQ-FAILED"
     remediation = "Fix each failed check as its own line says, then run `mobility prereq` again."
+
+
+# Installer bundles and the signed repository (agent/bundles.py, agent/fetch.py, server/repository.py)
+
+
+class BundleRefused(VerificationError):
+    code = "BUNDLE-REFUSED"
+    remediation = (
+        "Use an installer bundle as built by packaging/ (named "
+        "Mobility_UA_<version>_<OSTAG>-64_GA_<DDMonYYYY>_release.tar.gz, with a matching bundle.json); "
+        "rebuild or re-download the one named in the message."
+    )
+
+
+class RepoNotInitialised(LocalSystemError):
+    code = "REPO-NOT-INITIALISED"
+    remediation = "Run `mobility-server init --data DIR` first, or pass --data the directory that was initialised."
+
+
+class RepoDamaged(LocalSystemError):
+    code = "REPO-DAMAGED"
+    remediation = (
+        "The repository's keys or metadata under DATA/tuf are unreadable or disagree; "
+        "restore DATA/tuf from a backup of the same server."
+    )
+
+
+class RepoNoSuchBundle(UsageError):
+    code = "REPO-NO-SUCH-BUNDLE"
+    remediation = "Run `mobility-server repo list` to see the bundle names the repository holds."
+
+
+class RepoBundleConflict(UsageError):
+    code = "REPO-BUNDLE-CONFLICT"
+    remediation = (
+        "A different bundle with the same name is already published; remove it first "
+        "(`mobility-server repo remove NAME`) or build the new one with a new version."
+    )
+
+
+class RepoBusy(TemporaryError):
+    code = "REPO-BUSY"
+    remediation = "Another mobility-server command is changing the repository; wait for it to finish and retry."
+
+
+class TufTampered(VerificationError):
+    code = "TUF-TAMPERED"
+    remediation = (
+        "Do not install this bundle. Check that the agent talks to the right configuration server and that "
+        "nothing rewrites its files; on the server, run `mobility-server repo rescan` to re-sign the repository."
+    )
+
+
+class TufRollback(VerificationError):
+    code = "TUF-ROLLBACK"
+    remediation = (
+        "The server offered older repository metadata than this machine has already seen; check that the "
+        "configuration server (or a mirror) was not restored from an old backup, then retry."
+    )
+
+
+class TufExpired(VerificationError):
+    code = "TUF-EXPIRED"
+    remediation = (
+        "Check the clocks of this machine and the configuration server (NTP); a running `mobility-server serve` "
+        "re-signs the timestamp daily, so start it if it is stopped."
+    )
+
+
+class TufNoBundle(RemoteStateError):
+    code = "TUF-NO-BUNDLE"
+    remediation = (
+        "Add an installer bundle for this OS tag on the configuration server "
+        "(`mobility-server repo add FILE`, or drop it into the repository and run `mobility-server repo rescan`)."
+    )
+
+
+class TufFetchFailed(TemporaryError):
+    code = "TUF-FETCH-FAILED"
+    remediation = (
+        "Check that the configuration server is running and reachable from this machine (address, port, "
+        "firewall, TLS certificate); the bootstrapper retries later by itself."
+    )
+
+
+class FetchWriteFailed(LocalSystemError):
+    code = "FETCH-WRITE-FAILED"
+    remediation = "Make sure the agent's state directory is writable and its filesystem has free space."
 
 
 def all_errors() -> dict[str, type[MobilityError]]:
