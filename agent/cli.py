@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from agent import __version__
@@ -14,6 +15,7 @@ from agent.distros import detect_os
 from agent.errors import BadArguments, Exit, MobilityError, PrerequisitesFailed
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
+from agent.wire import PLATFORMS, ROLES
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,6 +51,29 @@ def cmd_prereq(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_configure(args: argparse.Namespace) -> int:
+    from agent.registration import configure, read_secret_file
+    from agent.transport import parse_fingerprint
+
+    paths = Paths.checked(args.root)
+    pinned = parse_fingerprint(args.cs_fingerprint) if args.cs_fingerprint else None
+    secret = read_secret_file(Path(args.passphrase_file))
+    os_tag = detect_os(paths).os_tag
+    result = configure(paths, args.server, secret, pinned, args.role, args.platform, os_tag)
+    reg = result.registration
+    data = {
+        "host_id": reg.host_id,
+        "server": reg.server,
+        "fingerprint": reg.fingerprint,
+        "cloned_from": reg.cloned_from,
+        "already_registered": result.reused,
+    }
+    what = "already registered" if result.reused else "registered"
+    clone = f" (a clone of {reg.cloned_from})" if reg.cloned_from else ""
+    _emit(args, data, f"{what} with {reg.server} as host {reg.host_id}{clone}")
+    return Exit.OK
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="root of the system to act on (default /), as dpkg --root")
     p.add_argument("--json", action="store_true", help="print data as JSON")
@@ -78,12 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="lowest glibc the bundle runs on (default: the glibc this agent runs on)",
     )
     p.set_defaults(func=cmd_prereq)
+
+    p = sub.add_parser("configure", help="register this machine with a configuration server")
+    _common(p)
+    p.add_argument("-i", dest="server", required=True, metavar="HOST[:PORT]", help="the configuration server")
+    p.add_argument(
+        "-P",
+        dest="passphrase_file",
+        required=True,
+        metavar="FILE",
+        help="file holding the passphrase or an enrolment token (mode 0600)",
+    )
+    p.add_argument("--cs-fingerprint", metavar="sha256:HEX", help="the server CA's fingerprint to pin")
+    p.add_argument("-r", dest="role", choices=ROLES, default="MS", help="role (default MS)")
+    p.add_argument("-v", dest="platform", choices=PLATFORMS, default="VmWare", help="platform (default VmWare)")
+    p.set_defaults(func=cmd_configure)
     return parser
 
 
 def _report_error(e: MobilityError, *, json_out: bool) -> int:
     if json_out:
-        print(json.dumps({"error": {"code": e.code, "message": e.message, "fix": e.fix}}, indent=2))
+        print(json.dumps({"error": e.to_json()}, indent=2))
     print(e.diagnostics(), file=sys.stderr)
     return int(e.exit_code)
 

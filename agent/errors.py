@@ -32,10 +32,14 @@ class MobilityError(Exception):
         super().__init__(message)
         self.message = message
         self.fix = fix if fix is not None else self.remediation
+        self.id = self.code  # the stable ID shown; a RemoteError shows the server's own
 
     def diagnostics(self) -> str:
-        """The two lines the CLI prints: ``error <code>: message`` and the fix."""
-        return f"error {self.code}: {self.message}\n  fix: {self.fix}"
+        """The two lines the CLI prints: ``error <ID>: message`` and the fix."""
+        return f"error {self.id}: {self.message}\n  fix: {self.fix}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.id, "message": self.message, "fix": self.fix}
 
 
 # Families -----------------------------------------------------------------
@@ -51,14 +55,18 @@ class LocalSystemError(MobilityError):
     """Something on this machine (files, permissions, disks) prevents the work."""
 
 
+class RemoteStateError(MobilityError):
+    """The server refused or does not know something (wrong passphrase, unknown host)."""
+
+
+class TransportError(MobilityError):
+    """Talking to the server failed: connection, TLS, protocol."""
+
+
 class UnsupportedError(MobilityError):
     """The machine is not one Mobility supports, cannot be identified, or a prerequisite failed."""
 
     exit_code = Exit.UNSUPPORTED
-
-
-class RemoteStateError(MobilityError):
-    """The server refused or does not know something (wrong passphrase, unknown host)."""
 
 
 class TemporaryError(MobilityError):
@@ -121,6 +129,17 @@ class OsUnsupported(UnsupportedError):
 class PrerequisitesFailed(UnsupportedError):
     code = "PREREQ-FAILED"
     remediation = "Fix each failed check as its own line says, then run `mobility prereq` again."
+
+
+class RemoteError(RemoteStateError):
+    """An error the server reported, shown with the server's own ID, message and fix."""
+
+    code = "SERVER-ERROR"
+    remediation = "See the server's message; docs/errors.md lists every ID."
+
+    def __init__(self, code: str, message: str, fix: str) -> None:
+        super().__init__(message, fix=fix)
+        self.id = code
 
 
 # Installer bundles and the signed repository (agent/bundles.py, agent/fetch.py, server/repository.py)
@@ -209,6 +228,44 @@ class TufFetchFailed(TemporaryError):
 class FetchWriteFailed(LocalSystemError):
     code = "FETCH-WRITE-FAILED"
     remediation = "Make sure the agent's state directory is writable and its filesystem has free space."
+
+
+class ServerAddressInvalid(UsageError):
+    code = "SERVER-ADDRESS-INVALID"
+    remediation = "Give the configuration server as HOST or HOST:PORT (e.g. cs.example.com:9443 or 10.0.0.5)."
+
+
+class FingerprintInvalid(UsageError):
+    code = "FINGERPRINT-INVALID"
+    remediation = "Give the fingerprint as `mobility-server init` printed it: sha256:<64 hex digits>."
+
+
+class PassphraseFileError(LocalSystemError):
+    code = "PASSPHRASE-FILE"
+    remediation = "Put the passphrase or token alone in a root-owned file, mode 0600 (chmod 600 FILE); pass it with -P."
+
+
+class ServerUnreachable(TemporaryError):
+    code = "SERVER-UNREACHABLE"
+    remediation = "Check the server address and port, that `mobility-server serve` runs, and the network; retry later."
+
+
+class FingerprintMismatch(TransportError):
+    code = "SERVER-FINGERPRINT-MISMATCH"
+    remediation = (
+        "The server's CA is not the one pinned: check --cs-fingerprint against `mobility-server init`'s output; "
+        "if the server was re-initialised on purpose, remove /var/lib/mobility/server-ca.pem to trust it again."
+    )
+
+
+class ServerProtocolError(TransportError):
+    code = "SERVER-PROTOCOL"
+    remediation = "The server answered something that is not the Mobility API; check the address and versions."
+
+
+class NotRegistered(RemoteStateError):
+    code = "NOT-REGISTERED"
+    remediation = "Register this machine first: `mobility configure -i HOST[:PORT] -P PASSPHRASE_FILE`."
 
 
 def all_errors() -> dict[str, type[MobilityError]]:

@@ -28,7 +28,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from agent import __version__
+from agent import __version__, wire
 from agent.bundles import parse_bundle_name
 from agent.errors import (
     BundleRefused,
@@ -41,8 +41,8 @@ from agent.errors import (
     TufTampered,
 )
 
-METADATA_PATH = "/v1/repo/metadata/"
-TARGETS_PATH = "/v1/repo/targets/"
+METADATA_PATH = wire.REPO_METADATA_PATH + "/"
+TARGETS_PATH = wire.REPO_TARGETS_PATH + "/"
 TIMEOUT = 30.0  # seconds for connecting and for each read
 DOWNLOAD_DEADLINE = 900.0  # seconds for one whole file: a bundle is tens of MiB
 CHUNK = 64 * 1024

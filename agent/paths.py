@@ -92,6 +92,29 @@ class Paths:
     def default_install_dir(self) -> Path:
         return self("/usr/local/mobility")
 
+    @property
+    def identity(self) -> Path:
+        """Host ID, machine facts and server of the registration (JSON)."""
+        return self.state_dir / "identity.json"
+
+    @property
+    def client_key(self) -> Path:
+        return self.state_dir / "client.key"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.state_dir / "client.pem"
+
+    @property
+    def server_ca(self) -> Path:
+        """The server's CA, pinned (or trusted on first use) before any secret is sent."""
+        return self.state_dir / "server-ca.pem"
+
+    @property
+    def tuf_dir(self) -> Path:
+        """The agent's trusted TUF metadata of the installer repository."""
+        return self.state_dir / "tuf"
+
     def install_dir(self, system_path: str | None) -> Path:
         """The host path of the install directory (``-d``), default /usr/local/mobility."""
         return self(system_path) if system_path else self.default_install_dir

@@ -1,40 +1,93 @@
-"""The main job on embedded defaults, as far as it exists: OS detection and prerequisite checks."""
+"""The main job on embedded defaults, as far as it exists today:
+
+a configuration server on loopback (init + serve), one source machine registered from a sandbox root
+(real Debian 12 release files, its own machine-id), a heartbeat, and the server's view of the machine."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from agent.distros import detect_os
-from agent.errors import MobilityError
 from agent.paths import Paths
+from agent.registration import heartbeat
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / ".demo"
 TREES = REPO / "tests" / "resources" / "distros"
 
 
-def mobility(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, check=False, timeout=120
+        [sys.executable, "-m", *cmd], capture_output=True, text=True, check=False, timeout=120, cwd=REPO
     )
 
 
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
 def main() -> int:
-    print("== this machine: mobility detect-os")
-    r = mobility("detect-os", "--json")
-    print(r.stdout or r.stderr, end="")
-    print("\n== this machine: mobility prereq")
-    r = mobility("prereq")
-    print(r.stdout, end="")
-    print(r.stderr or "prerequisites: all passed\n", end="")
-    print("\n== OS tags of the real release files in tests/resources/distros (as `detect-os --root`)")
-    for tree in sorted(p for p in TREES.iterdir() if p.is_dir()):
-        try:
-            result, code = detect_os(Paths.checked(tree)).os_tag, 0
-        except MobilityError as e:
-            result, code = f"error {e.code}", int(e.exit_code)
-        print(f"  {tree.name:<20} exit {code}  {result}")
+    data, root = DEMO / "server", DEMO / "root"
+    if not (data / ".initialised").exists():
+        step("mobility-server init --data .demo/server --name 127.0.0.1")
+        shutil.rmtree(data, ignore_errors=True)
+        r = run("server", "init", "--data", str(data), "--name", "127.0.0.1")
+        print(r.stdout + r.stderr, end="")
+        if r.returncode:
+            return r.returncode
+    if not root.exists():
+        shutil.copytree(TREES / "debian12", root, symlinks=True)
+        (root / "etc" / "machine-id").write_text(os.urandom(16).hex() + "\n")
+        (root / "etc" / "hostname").write_text("demo-source\n")
+
+    step("mobility-server serve --data .demo/server --listen 127.0.0.1:0")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        line = server.stdout.readline() if server.stdout else ""
+        m = re.search(r"listening on (\S+) fingerprint: (\S+)", line)
+        if not m:
+            print(f"server did not start: {line!r}")
+            return 1
+        address, fingerprint = m.group(1), m.group(2)
+        print(line, end="")
+
+        step("mobility detect-os --root .demo/root")
+        print(run("agent", "detect-os", "--root", str(root)).stdout, end="")
+
+        step(f"mobility configure --root .demo/root -i {address} -P <passphrase file> --cs-fingerprint ...")
+        secret = DEMO / "passphrase"
+        secret.write_text((data / "passphrase").read_text())
+        secret.chmod(0o600)
+        r = run(
+            "agent", "configure", "--root", str(root), "-i", address, "-P", str(secret), "--cs-fingerprint", fingerprint
+        )
+        print(r.stdout + r.stderr, end="")
+        if r.returncode:
+            return r.returncode
+
+        step("heartbeat with a health report (the daemon's job, next issue)")
+        print(json.dumps(heartbeat(Paths(root), {"status": "healthy", "checks": []})))
+
+        step("mobility-server machines")
+        server.send_signal(signal.SIGTERM)  # a clean stop flushes the heartbeat batch to the database
+        server.wait(timeout=15)
+        print(run("server", "machines", "--data", str(data)).stdout, end="")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=5)
     return 0
 
 

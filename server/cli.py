@@ -3,15 +3,306 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import re
+import secrets
+import socket
+import string
+import sys
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
+from agent import wire
 from agent.cli import Parser, run
-from server import __version__
+from agent.errors import Exit
+from agent.fsutil import atomic_write
+from server import __version__, pki
+from server.datadir import DEFAULT_DATA_DIR, DataDir
+from server.errors import BadDuration, DataDirInitialised, DataDirNotInitialised, DataDirPermissions
+from server.storage import Storage
+
+DEFAULT_GRACE = "24h"
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise BadDuration(f"{text!r} is not a duration")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _data(args: argparse.Namespace) -> DataDir:
+    data = DataDir(Path(args.data))
+    if not data.initialised_marker.exists():
+        raise DataDirNotInitialised(f"{data.root} is not an initialised server data directory")
+    return data
+
+
+def check_permissions(data: DataDir) -> None:
+    """Refuse to run on a data directory whose secrets others could read or whose files others could replace."""
+    if data.root.stat().st_mode & 0o022:
+        raise DataDirPermissions(f"{data.root} is writable by group or others")
+    secret_files = [
+        data.ca_key,
+        data.tls_key,
+        data.passphrase,
+        data.database,
+        *sorted((data.tuf_dir / "keys").glob("*")),
+    ]
+    for f in secret_files:
+        if f.exists() and f.stat().st_mode & 0o077:
+            raise DataDirPermissions(f"{f} is readable by group or others (mode {f.stat().st_mode & 0o777:o})")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from server.repository import Repository
+
+    data = DataDir(Path(args.data))
+    if data.initialised_marker.exists():
+        raise DataDirInitialised(f"{data.root} already holds an initialised server")
+    data.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data.root.chmod(0o700)
+    now = dt.datetime.now(dt.UTC)
+    names = list(dict.fromkeys(args.name or [socket.gethostname(), "127.0.0.1"]))
+    ca = pki.create_ca(f"Mobility CA {names[0]}", now)
+    atomic_write(data.ca_key, pki.key_pem(ca.key), 0o600)
+    atomic_write(data.ca_cert, pki.cert_pem(ca.cert))
+    key, cert = pki.issue_server_cert(ca, names, now)
+    atomic_write(data.tls_key, pki.key_pem(key), 0o600)
+    atomic_write(data.tls_cert, pki.cert_pem(cert))
+    atomic_write(data.passphrase, (pki.random_secret() + "\n").encode(), 0o600)
+    Storage(data.database).close()
+    data.database.chmod(0o600)
+    data.repository_dir.mkdir(exist_ok=True)
+    Repository.create(data)
+    atomic_write(data.initialised_marker, f"{__version__}\n".encode())
+    print(f"initialised {data.root} for {', '.join(names)}")
+    print(f"fingerprint: {pki.fingerprint(ca.cert)}")
+    return Exit.OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import open_server, serve
+
+    data = _data(args)
+    check_permissions(data)
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        from agent.errors import BadArguments
+
+        raise BadArguments(f"--listen {args.listen!r}: expected HOST:PORT")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = open_server(data, heartbeat_interval=args.heartbeat_interval)
+    fingerprint = pki.fingerprint(server.enrolment.ca.cert)
+
+    def ready(bound: int) -> None:
+        print(f"listening on {host}:{bound} fingerprint: {fingerprint}", flush=True)
+
+    asyncio.run(serve(server, host.strip("[]"), int(port), ready))
+    return Exit.OK
+
+
+def cmd_passphrase(args: argparse.Namespace) -> int:
+    data = _data(args)
+    if args.action == "rotate":
+        storage = Storage(data.database)
+        old = data.passphrase.read_text().strip()
+        # Keep the old one valid first: a crash between the two steps leaves both working, never neither.
+        storage.retire_passphrase(old, time.time() + parse_duration(args.grace))
+        atomic_write(data.passphrase, (pki.random_secret() + "\n").encode(), 0o600)
+        storage.close()
+        print(f"rotated; the previous passphrase stays valid for {args.grace}", file=sys.stderr)
+    print(data.passphrase.read_text().strip())
+    return Exit.OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    data = _data(args)
+    alphabet = string.ascii_letters + string.digits
+    token_id = "".join(secrets.choice(alphabet) for _ in range(12))
+    secret = secrets.token_urlsafe(24)
+    now = time.time()
+    ttl = parse_duration(args.ttl)
+    if args.uses is not None and args.uses < 1:
+        from agent.errors import BadArguments
+
+        raise BadArguments("--uses must be at least 1")
+    storage = Storage(data.database)
+    storage.add_token(token_id, secret, now + ttl, args.uses, now)
+    storage.close()
+    print(f"mbt_{token_id}_{secret}")
+    return Exit.OK
+
+
+def _ago(now: float, t: float | None) -> str:
+    if t is None:
+        return "never"
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_machines(args: argparse.Namespace) -> int:
+    data = _data(args)
+    storage = Storage(data.database)
+    now = time.time()
+    rows: list[dict[str, Any]] = []
+    for m in storage.machines():
+        health = m.health or {}
+        rows.append(
+            {
+                "host_id": m.host_id,
+                "hostname": m.hostname,
+                "os_tag": m.os_tag,
+                "role": m.role,
+                "platform": m.platform,
+                "agent_version": m.agent_version,
+                "last_seen": m.last_seen,
+                "state": "online" if m.online(now) else "offline",
+                "health": health.get("status", "unknown"),
+                "health_report": health,
+                "cloned_from": m.cloned_from,
+                "facts": m.facts.to_json(),
+                "certificate_expires": m.cert_not_after,
+            }
+        )
+    storage.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return Exit.OK
+    cols = (
+        "host_id",
+        "hostname",
+        "os_tag",
+        "role",
+        "platform",
+        "agent_version",
+        "last_seen",
+        "state",
+        "health",
+        "cloned_from",
+    )
+    table = [[r[c] if c != "last_seen" else _ago(now, r[c]) for c in cols] for r in rows]
+    _print_table([c.upper() for c in cols], table)
+    return Exit.OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    data = _data(args)
+    storage = Storage(data.database)
+    jobs = storage.jobs()
+    storage.close()
+    if args.json:
+        print(json.dumps([asdict(j) for j in jobs], indent=2))
+        return Exit.OK
+    cols = ("job_id", "hostname", "kind", "state", "error_id", "remediation")
+    _print_table([c.upper() for c in cols], [[getattr(j, c) for c in cols] for j in jobs])
+    return Exit.OK
+
+
+def cmd_repo(args: argparse.Namespace) -> int:
+    from server.repository import Repository
+
+    repo = Repository(_data(args))
+    if args.action == "add":
+        for entry in repo.add([Path(f) for f in args.files]):
+            print(f"added {entry.name}")
+        return Exit.OK
+    if args.action == "remove":
+        repo.remove(args.name)
+        print(f"removed {args.name}")
+        return Exit.OK
+    if args.action == "rescan":
+        added, refused = repo.rescan()
+        for entry in added:
+            print(f"added {entry.name}")
+        for name, reason in refused:
+            print(f"refused {name}: {reason}", file=sys.stderr)
+        return Exit.OK if not refused else Exit.ERROR
+    entries = repo.list()
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=2, default=str))
+    else:
+        _print_table(["NAME", "OS TAG", "VERSION", "SIZE"], [[e.name, e.os_tag, e.version, e.size] for e in entries])
+    return Exit.OK
+
+
+def _print_table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header, *[["-" if v is None else str(v) for v in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mobility-server", description="Mobility configuration server.")
     parser.add_argument("--version", action="version", version=f"mobility-server {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--data",
+            default=str(DEFAULT_DATA_DIR),
+            metavar="DIR",
+            help=f"the server's data directory (default {DEFAULT_DATA_DIR})",
+        )
+        return p
+
+    p = command("init", "create the CA, TLS certificate, repository keys, passphrase and database")
+    p.add_argument("--name", action="append", metavar="HOST_OR_IP", help="a name or IP of the server (repeatable)")
+    p.set_defaults(func=cmd_init)
+
+    p = command("serve", "serve the HTTPS API")
+    p.add_argument("--listen", default=f"0.0.0.0:{wire.DEFAULT_PORT}", metavar="HOST:PORT")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the interval agents are told to heartbeat at (default 30)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = command("passphrase", "show or rotate the enrolment passphrase")
+    p.add_argument("action", choices=("show", "rotate"))
+    p.add_argument("--grace", default=DEFAULT_GRACE, help=f"how long the old one stays valid (default {DEFAULT_GRACE})")
+    p.set_defaults(func=cmd_passphrase)
+
+    p = command("token", "create an enrolment token (safe to bake into templates)")
+    p.add_argument("action", choices=("create",))
+    p.add_argument("--ttl", required=True, help="lifetime, e.g. 12h or 30d")
+    p.add_argument("--uses", type=int, help="how many enrolments it allows (default unlimited)")
+    p.set_defaults(func=cmd_token)
+
+    for name, func, help_text in (("machines", cmd_machines, "list machines"), ("jobs", cmd_jobs, "list jobs")):
+        p = command(name, help_text)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = command("repo", "manage the installer repository")
+    repo = p.add_subparsers(dest="action", required=True, parser_class=Parser, metavar="ACTION")
+    for action, help_text in (
+        ("add", "add bundles"),
+        ("list", "list bundles"),
+        ("remove", "remove a bundle"),
+        ("rescan", "pick up bundles dropped into DATA/repository by hand"),
+    ):
+        q = repo.add_parser(action, help=help_text)
+        q.add_argument("--data", default=argparse.SUPPRESS, metavar="DIR")
+        if action == "add":
+            q.add_argument("files", nargs="+", metavar="FILE")
+        elif action == "remove":
+            q.add_argument("name")
+        elif action == "list":
+            q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_repo)
     return parser
 
 

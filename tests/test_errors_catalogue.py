@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import agent.cli  # noqa: F401 - imports every module that defines errors
+import agent.cli
+import agent.registration  # noqa: F401
+import server.app
+import server.cli  # noqa: F401
 from agent.errors import all_errors
 from agent.paths import Paths
 from agent.prereq import prerequisite_checks

@@ -1,0 +1,104 @@
+"""This machine's identity: its facts, its key pair and CSR, and the registration stored in the state directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.fsutil import atomic_write
+from agent.paths import Paths
+from agent.wire import MachineFacts
+
+_NO_MAC = "00:00:00:00:00:00"
+
+
+def collect_facts(paths: Paths) -> MachineFacts:
+    """machine-id of the root; DMI product UUID and MAC addresses from the root's /sys when it has one."""
+    machine_id = _read(paths("/etc/machine-id"))
+    sys_dir = paths("/sys") if paths.root != paths.root.parent else Path("/sys")
+    product_uuid = _read(sys_dir / "class" / "dmi" / "id" / "product_uuid").lower()
+    macs: list[str] = []
+    net = sys_dir / "class" / "net"
+    if net.is_dir():
+        for iface in sorted(net.iterdir()):
+            mac = _read(iface / "address").lower()
+            if iface.name != "lo" and mac and mac != _NO_MAC:
+                macs.append(mac)
+    return MachineFacts(machine_id, product_uuid, tuple(sorted(set(macs))))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What `configure` stored: who this machine is to which server."""
+
+    host_id: str
+    facts: MachineFacts
+    server: str
+    fingerprint: str
+    role: str
+    platform: str
+    cloned_from: str | None = None
+    heartbeat_interval: float = 30.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "host_id": self.host_id,
+            "facts": self.facts.to_json(),
+            "server": self.server,
+            "fingerprint": self.fingerprint,
+            "role": self.role,
+            "platform": self.platform,
+            "cloned_from": self.cloned_from,
+            "heartbeat_interval": self.heartbeat_interval,
+        }
+
+
+def load_registration(paths: Paths) -> Registration | None:
+    try:
+        data = json.loads(paths.identity.read_text())
+        return Registration(
+            host_id=str(data["host_id"]),
+            facts=MachineFacts.from_json(data["facts"]),
+            server=str(data["server"]),
+            fingerprint=str(data["fingerprint"]),
+            role=str(data["role"]),
+            platform=str(data["platform"]),
+            cloned_from=data.get("cloned_from"),
+            heartbeat_interval=float(data.get("heartbeat_interval", 30.0)),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or damaged: the machine registers again
+
+
+def save_registration(paths: Paths, reg: Registration) -> None:
+    atomic_write(paths.identity, json.dumps(reg.to_json(), indent=2).encode(), 0o600)
+
+
+def new_key_and_csr(host_id: str | None) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A fresh P-256 key and a CSR naming ``host_id`` (or "new" for a first enrolment)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id or "new")]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )

@@ -1,0 +1,194 @@
+"""Registration (`configure`): pin the server, prove the passphrase, get a certificate; and the calls after it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, wire
+from agent.errors import FingerprintMismatch, NotRegistered, PassphraseFileError
+from agent.fsutil import atomic_write
+from agent.identity import Registration, collect_facts, key_pem, load_registration, new_key_and_csr, save_registration
+from agent.paths import Paths
+from agent.transport import Client, ServerAddress, ca_fingerprint, fetch_pinned_ca, parse_address
+
+log = logging.getLogger("mobility.registration")
+
+
+def read_secret_file(path: Path) -> str:
+    """The passphrase or token from a root-only file; secrets never come from arguments."""
+    try:
+        st = path.stat()
+        text = path.read_text().strip()
+    except OSError as e:
+        raise PassphraseFileError(f"cannot read the passphrase file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise PassphraseFileError(f"the passphrase file {path} is not text") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise PassphraseFileError(f"{path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise PassphraseFileError(f"{path} is readable by others than its owner (mode {st.st_mode & 0o777:o})")
+    if os.geteuid() == 0 and st.st_uid != 0:
+        raise PassphraseFileError(f"{path} is not owned by root")
+    if not text:
+        raise PassphraseFileError(f"the passphrase file {path} is empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    registration: Registration
+    reused: bool  # nothing to do: already registered with this server, same machine
+
+
+def trusted_ca(paths: Paths, server: ServerAddress, pinned: str | None) -> tuple[bytes, str]:
+    """The server CA to trust: a stored one is enforced; otherwise fetched and pinned (or trusted on first use)."""
+    stored = paths.server_ca.read_bytes() if paths.server_ca.exists() else None
+    if stored is not None:
+        fp = ca_fingerprint(stored)
+        if pinned is not None and pinned != fp:
+            raise FingerprintMismatch(f"--cs-fingerprint {pinned} differs from the stored server CA {fp}")
+        return stored, fp
+    ca = fetch_pinned_ca(server, pinned)
+    atomic_write(paths.server_ca, ca)
+    return ca, ca_fingerprint(ca)
+
+
+def configure(
+    paths: Paths, server_text: str, secret: str, pinned: str | None, role: str, platform: str, os_tag: str
+) -> Enrolled:
+    """Register this machine (idempotent: a registered machine with unchanged facts is left as it is)."""
+    server = parse_address(server_text)
+    facts = collect_facts(paths)
+    previous = load_registration(paths)
+    if (
+        previous is not None
+        and previous.server == str(server)
+        and previous.facts == facts
+        and paths.client_cert.exists()
+        and paths.client_key.exists()
+    ):
+        return Enrolled(previous, reused=True)
+    ca, fingerprint = trusted_ca(paths, server, pinned)
+    host_id = previous.host_id if previous is not None else None
+    if previous is not None and previous.facts != facts:
+        log.warning("machine facts changed since registration as %s: enrolling as a clone", previous.host_id)
+    key, csr = new_key_and_csr(host_id)
+    client = Client(server, ca)
+    try:
+        nonce = str(client.call("POST", wire.NONCE_PATH)["nonce"])
+        token = wire.split_token(secret)
+        req = wire.EnrolRequest(
+            csr=csr.decode(),
+            nonce=nonce,
+            proof=wire.enrol_proof(token[1] if token else secret, nonce, csr),
+            hostname=socket.gethostname() if paths.root == paths.root.parent else _root_hostname(paths),
+            os_tag=os_tag,
+            role=role,
+            platform=platform,
+            facts=facts,
+            agent_version=__version__,
+            token_id=token[0] if token else None,
+            host_id=host_id,
+        )
+        answer = client.call("POST", wire.ENROL_PATH, req.to_json())
+    finally:
+        client.close()
+    # Key first, then certificate: a crash between them leaves a mismatched pair that `configure` replaces.
+    atomic_write(paths.client_key, key_pem(key), 0o600)
+    atomic_write(paths.client_cert, str(answer["certificate"]).encode())
+    atomic_write(paths.tuf_dir / "root.json", str(answer["tuf_root"]).encode())
+    reg = Registration(
+        host_id=str(answer["host_id"]),
+        facts=facts,
+        server=str(server),
+        fingerprint=fingerprint,
+        role=role,
+        platform=platform,
+        cloned_from=answer.get("cloned_from"),
+        heartbeat_interval=float(answer.get("heartbeat_interval", 30.0)),
+    )
+    save_registration(paths, reg)
+    return Enrolled(reg, reused=False)
+
+
+def _root_hostname(paths: Paths) -> str:
+    try:
+        return paths("/etc/hostname").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+def authenticated_client(paths: Paths, timeout: float = 15.0) -> tuple[Registration, Client]:
+    reg = load_registration(paths)
+    if reg is None or not paths.client_cert.exists():
+        raise NotRegistered("this machine is not registered with a configuration server")
+    client = Client(
+        parse_address(reg.server), paths.server_ca.read_bytes(), (paths.client_cert, paths.client_key), timeout=timeout
+    )
+    return reg, client
+
+
+def heartbeat(paths: Paths, health: dict[str, Any]) -> dict[str, Any]:
+    """One heartbeat with a health report; the answer carries the interval the server wants."""
+    reg, client = authenticated_client(paths)
+    try:
+        return client.call(
+            "POST", wire.HEARTBEAT_PATH, {"host_id": reg.host_id, "agent_version": __version__, "health": health}
+        )
+    finally:
+        client.close()
+
+
+def report_job(
+    paths: Paths,
+    job: dict[str, Any],
+    server_text: str | None = None,
+    secret: str | None = None,
+    pinned: str | None = None,
+) -> str:
+    """Report a job: over mutual TLS when registered, else with a proof of the secret (a failed install)."""
+    if paths.client_cert.exists() and load_registration(paths) is not None:
+        _, client = authenticated_client(paths)
+        try:
+            return str(client.call("POST", wire.JOBS_PATH, job)["job_id"])
+        finally:
+            client.close()
+    if server_text is None or secret is None:
+        raise NotRegistered("cannot report the job: not registered and no passphrase given")
+    server = parse_address(server_text)
+    ca, _ = trusted_ca(paths, server, pinned)
+    client = Client(server, ca)
+    try:
+        nonce = str(client.call("POST", wire.NONCE_PATH)["nonce"])
+        body = json.dumps(job).encode()
+        token = wire.split_token(secret)
+        headers = {
+            "X-Mobility-Nonce": nonce,
+            "X-Mobility-Proof": wire.job_proof(token[1] if token else secret, nonce, body),
+        }
+        if token:
+            headers["X-Mobility-Token-Id"] = token[0]
+        return str(client.call("POST", wire.JOBS_PATH, raw_body=body, headers=headers)["job_id"])
+    finally:
+        client.close()
+
+
+def renew_certificate(paths: Paths) -> None:
+    """A new certificate for the same host ID and a new key, over mutual TLS with the current one."""
+    reg, client = authenticated_client(paths)
+    key, csr = new_key_and_csr(reg.host_id)
+    try:
+        answer = client.call("POST", wire.RENEW_PATH, {"csr": csr.decode()})
+    finally:
+        client.close()
+    # The old pair stays valid until it expires: writing the key first never locks the machine out for long,
+    # and the next renewal (or `configure`) repairs a crash between the two writes.
+    atomic_write(paths.client_key, key_pem(key), 0o600)
+    atomic_write(paths.client_cert, str(answer["certificate"]).encode())

@@ -1,0 +1,116 @@
+"""A real `mobility-server` process on loopback for integration tests (init + serve, stopped by PID)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import DISTROS, REPO
+
+
+def server_cli(data: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args, "--data", str(data)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=check,
+    )
+
+
+def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+    )
+
+
+@dataclass
+class ServerProcess:
+    data: Path
+    proc: subprocess.Popen[str]
+    port: int
+    fingerprint: str
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=5)
+
+    def machines(self) -> list[dict[str, object]]:
+        return list(json.loads(server_cli(self.data, "machines", "--json", check=True).stdout))
+
+    def jobs(self) -> list[dict[str, object]]:
+        return list(json.loads(server_cli(self.data, "jobs", "--json", check=True).stdout))
+
+    def passphrase(self) -> str:
+        return server_cli(self.data, "passphrase", "show", check=True).stdout.strip()
+
+
+def init_server(data: Path) -> str:
+    out = server_cli(data, "init", "--name", "127.0.0.1", check=True).stdout
+    m = re.search(r"^fingerprint: (sha256:[0-9a-f]{64})$", out, re.M)
+    assert m, out
+    return m.group(1)
+
+
+def start_server(data: Path, port: int = 0, heartbeat_interval: float = 30.0) -> ServerProcess:
+    if not (data / ".initialised").exists():
+        init_server(data)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--data",
+            str(data),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--heartbeat-interval",
+            str(heartbeat_interval),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the server printed its address or exited
+    if time.monotonic() > deadline or "listening on" not in line:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    m = re.search(r"listening on 127\.0\.0\.1:(\d+) fingerprint: (sha256:[0-9a-f]{64})", line)
+    assert m, line
+    return ServerProcess(data, proc, int(m.group(1)), m.group(2))
+
+
+def sandbox_root(where: Path, machine_id: str, tree: str = "debian12") -> Path:
+    """A source machine's root: real Debian release files plus its own machine-id and hostname."""
+    shutil.copytree(DISTROS / tree, where, symlinks=True)
+    (where / "etc" / "machine-id").write_text(machine_id + "\n")
+    (where / "etc" / "hostname").write_text(f"host-{machine_id[:6]}\n")
+    return where
+
+
+def secret_file(where: Path, secret: str) -> Path:
+    where.write_text(secret + "\n")
+    os.chmod(where, 0o600)
+    return where

@@ -1,0 +1,359 @@
+"""The configuration server as a real process on loopback with real TLS, and the agent calls against it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from agent.paths import Paths
+from agent.registration import heartbeat
+from tests.integration.serverproc import (
+    ServerProcess,
+    agent_cli,
+    init_server,
+    sandbox_root,
+    secret_file,
+    server_cli,
+    start_server,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path / "data", heartbeat_interval=2.0)
+    yield s
+    s.stop()
+
+
+def configure(server: ServerProcess, root: Path, secret_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    r = agent_cli(
+        "configure",
+        "--root",
+        str(root),
+        "-i",
+        server.address,
+        "-P",
+        str(secret_path),
+        "--cs-fingerprint",
+        server.fingerprint,
+        "--json",
+        *extra,
+    )
+    return r.returncode, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"stderr": r.stderr}
+
+
+def error_code(doc: dict[str, object]) -> object:
+    err = doc.get("error")
+    return err.get("code") if isinstance(err, dict) else doc
+
+
+def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Path) -> None:
+    secret = secret_file(tmp_path / "pass", server.passphrase())
+    root = sandbox_root(tmp_path / "m1", "a" * 32)
+    code, out = configure(server, root, secret)
+    assert code == 0, out
+    host_id = str(out["host_id"])
+    cert = x509.load_pem_x509_certificate((root / "var/lib/mobility/client.pem").read_bytes())
+    assert cert.subject.rfc4514_string() == f"CN={host_id}"
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days in (89, 90)
+    assert (root / "var/lib/mobility/client.key").stat().st_mode & 0o777 == 0o600
+    assert json.loads((root / "var/lib/mobility/tuf/root.json").read_text())["signed"]["_type"] == "root"
+
+    # Re-running is idempotent: same identity, nothing re-enrolled.
+    code, again = configure(server, root, secret)
+    assert (code, again["host_id"], again["already_registered"]) == (0, host_id, True)
+
+    heartbeat(Paths(root), {"status": "healthy", "checks": []})
+    time.sleep(1.5)  # the server writes heartbeats in batches once a second
+    (m,) = server.machines()
+    assert (m["host_id"], m["hostname"], m["os_tag"], m["role"], m["platform"]) == (
+        host_id,
+        "host-aaaaaa",
+        "DEBIAN12",
+        "MS",
+        "VmWare",
+    )
+    assert (m["state"], m["health"]) == ("online", "healthy")
+
+    # A copy of the machine with a new machine-id is a clone: a new identity that remembers its origin.
+    clone = tmp_path / "clone"
+    os.system(f"cp -a {root} {clone}")  # noqa: S605 - a copy as an image tool would make it
+    (clone / "etc" / "machine-id").write_text("b" * 32 + "\n")
+    code, out = configure(server, clone, secret)
+    assert code == 0, out
+    assert out["host_id"] != host_id and out["cloned_from"] == host_id
+    assert {m["host_id"]: m["cloned_from"] for m in server.machines()} == {host_id: None, out["host_id"]: host_id}
+
+
+def test_wrong_passphrase_then_rate_limit(server: ServerProcess, tmp_path: Path) -> None:
+    wrong = secret_file(tmp_path / "wrong", "not-the-passphrase")
+    root = sandbox_root(tmp_path / "m", "c" * 32)
+    codes = []
+    for _ in range(7):
+        code, out = configure(server, root, wrong)
+        codes.append((code, error_code(out)))
+    assert codes[0] == (1, "ENROL-BAD-PROOF")
+    assert codes[-1] == (1, "ENROL-RATE-LIMITED")
+    assert not (root / "var/lib/mobility/identity.json").exists()
+    log = server.stop()
+    assert log == 0
+    stderr = server.proc.stderr.read() if server.proc.stderr else ""
+    assert "enrolment refused from 127.0.0.1" in stderr
+    assert "not-the-passphrase" not in stderr
+
+
+def test_tokens_expire_and_run_out(server: ServerProcess, tmp_path: Path) -> None:
+    once = server_cli(server.data, "token", "create", "--ttl", "1h", "--uses", "1", check=True).stdout.strip()
+    tok = secret_file(tmp_path / "tok", once)
+    assert configure(server, sandbox_root(tmp_path / "t1", "d" * 32), tok)[0] == 0
+    code, out = configure(server, sandbox_root(tmp_path / "t2", "e" * 32), tok)
+    assert (code, error_code(out)) == (1, "ENROL-TOKEN-USED-UP")
+    short = server_cli(server.data, "token", "create", "--ttl", "1s", check=True).stdout.strip()
+    time.sleep(1.2)
+    code, out = configure(server, sandbox_root(tmp_path / "t3", "f" * 32), secret_file(tmp_path / "s", short))
+    assert (code, error_code(out)) == (1, "ENROL-TOKEN-EXPIRED")
+
+
+def test_wrong_fingerprint_sends_no_secret(server: ServerProcess, tmp_path: Path) -> None:
+    secret = secret_file(tmp_path / "pass", server.passphrase())
+    root = sandbox_root(tmp_path / "m", "1" * 32)
+    r = agent_cli(
+        "configure",
+        "--root",
+        str(root),
+        "-i",
+        server.address,
+        "-P",
+        str(secret),
+        "--cs-fingerprint",
+        "sha256:" + "0" * 64,
+    )
+    assert r.returncode == 1
+    assert r.stderr.startswith("error SERVER-FINGERPRINT-MISMATCH")
+    assert server.machines() == []
+
+
+def _raw(
+    server: ServerProcess,
+    method: str,
+    path: str,
+    body: bytes,
+    cert: tuple[Path, Path] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, object]]:
+    ctx = ssl.create_default_context(cafile=str(server.data / "ca" / "ca.pem"))
+    if cert:
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=10)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    status, data = resp.status, resp.read()
+    conn.close()
+    return status, json.loads(data)
+
+
+def test_api_bad_inputs(server: ServerProcess, tmp_path: Path) -> None:
+    assert _raw(server, "POST", "/v1/enrol", b"{not json")[1]["error"]["code"] == "BAD-REQUEST"  # type: ignore[index]
+    status, doc = _raw(server, "POST", "/v1/enrol", b"x" * 100_000)
+    assert (status, error_code(doc)) == (413, "BODY-TOO-LARGE")
+    status, doc = _raw(server, "POST", "/v1/heartbeat", b'{"host_id": "x"}')
+    assert (status, error_code(doc)) == (401, "CLIENT-CERT-REQUIRED")
+    # A replayed nonce: the first use consumes it, even when the proof was wrong.
+    nonce = _raw(server, "POST", "/v1/enrol/nonce", b"")[1]["nonce"]
+    body = {
+        "csr": "x",
+        "nonce": nonce,
+        "proof": "00",
+        "hostname": "h",
+        "os_tag": "DEBIAN12",
+        "role": "MS",
+        "platform": "VmWare",
+        "agent_version": "0",
+        "facts": {},
+    }
+    assert error_code(_raw(server, "POST", "/v1/enrol", json.dumps(body).encode())[1]) == "ENROL-BAD-PROOF"
+    assert error_code(_raw(server, "POST", "/v1/enrol", json.dumps(body).encode())[1]) == "ENROL-NONCE-INVALID"
+
+    # A registered machine cannot heartbeat for another host ID.
+    secret = secret_file(tmp_path / "pass", server.passphrase())
+    root = sandbox_root(tmp_path / "m", "2" * 32)
+    assert configure(server, root, secret)[0] == 0
+    state = root / "var/lib/mobility"
+    status, doc = _raw(
+        server,
+        "POST",
+        "/v1/heartbeat",
+        b'{"host_id": "someone-else"}',
+        cert=(state / "client.pem", state / "client.key"),
+    )
+    assert (status, error_code(doc)) == (403, "HOST-ID-MISMATCH")
+
+
+def test_job_reported_before_registration_with_a_proof(server: ServerProcess, tmp_path: Path) -> None:
+    from agent.registration import report_job
+
+    root = sandbox_root(tmp_path / "m", "3" * 32)
+    job = {
+        "kind": "install",
+        "state": "failed",
+        "hostname": "host-333333",
+        "error_id": "PREREQ-FAILED",
+        "remediation": "free space",
+        "detail": "PRQ-FREE-SPACE",
+    }
+    job_id = report_job(Paths(root), job, server.address, server.passphrase(), server.fingerprint)
+    (recorded,) = server.jobs()
+    assert (recorded["job_id"], recorded["state"], recorded["error_id"]) == (job_id, "failed", "PREREQ-FAILED")
+
+
+def test_kill_9_loses_no_acknowledged_enrolment(tmp_path: Path) -> None:
+    s = start_server(tmp_path / "data")
+    secret = secret_file(tmp_path / "pass", s.passphrase())
+    code, out = configure(s, sandbox_root(tmp_path / "m", "4" * 32), secret)
+    assert code == 0
+    s.stop(signal.SIGKILL)
+    s = start_server(tmp_path / "data")
+    try:
+        assert [m["host_id"] for m in s.machines()] == [out["host_id"]]
+    finally:
+        assert s.stop() == 0
+
+
+def test_passphrase_rotation_keeps_the_old_one_for_the_grace_period(server: ServerProcess, tmp_path: Path) -> None:
+    old = server.passphrase()
+    new = server_cli(server.data, "passphrase", "rotate", check=True).stdout.strip()
+    assert new != old and server.passphrase() == new
+    assert configure(server, sandbox_root(tmp_path / "a", "5" * 32), secret_file(tmp_path / "o", old))[0] == 0
+    assert configure(server, sandbox_root(tmp_path / "b", "6" * 32), secret_file(tmp_path / "n", new))[0] == 0
+
+
+def test_server_refuses_bad_data_directories(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    init_server(data)
+    r = server_cli(data, "init")
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DATA-DIR-INITIALISED")
+    r = server_cli(tmp_path / "empty", "serve")
+    assert r.stderr.startswith("error DATA-DIR-NOT-INITIALISED")
+    os.chmod(data / "ca" / "ca.key", 0o644)
+    r = server_cli(data, "serve", "--listen", "127.0.0.1:0")
+    assert (r.returncode, r.stderr.split(":")[0]) == (1, "error DATA-DIR-PERMISSIONS")
+    os.chmod(data / "ca" / "ca.key", 0o600)
+    key_before = (data / "ca" / "ca.key").read_bytes()
+    (data / "mobility.db").write_bytes(b"this is not a database" * 100)
+    r = server_cli(data, "serve", "--listen", "127.0.0.1:0")
+    assert r.stderr.startswith("error DB-CORRUPT")
+    assert (data / "ca" / "ca.key").read_bytes() == key_before
+
+
+def test_port_in_use(server: ServerProcess, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    init_server(other)
+    r = server_cli(other, "serve", "--listen", f"127.0.0.1:{server.port}")
+    assert (r.returncode, r.stderr.split(":")[0]) == (1, "error LISTEN-FAILED")
+
+
+def test_bad_configure_arguments(tmp_path: Path) -> None:
+    root = sandbox_root(tmp_path / "m", "7" * 32)
+    loose = tmp_path / "loose"
+    loose.write_text("secret\n")
+    os.chmod(loose, 0o644)
+    r = agent_cli("configure", "--root", str(root), "-i", "127.0.0.1:1", "-P", str(loose))
+    assert r.stderr.startswith("error PASSPHRASE-FILE")
+    ok = secret_file(tmp_path / "ok", "secret")
+    r = agent_cli("configure", "--root", str(root), "-i", "bad host name!", "-P", str(ok))
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error SERVER-ADDRESS-INVALID")
+    r = agent_cli("configure", "--root", str(root), "-i", "127.0.0.1:1", "-P", str(ok))
+    assert (r.returncode, r.stderr.split(":")[0]) == (75, "error SERVER-UNREACHABLE")
+    r = agent_cli("configure", "--root", str(root), "-i", "127.0.0.1", "-P", str(ok), "-r", "XX")
+    assert r.returncode == 2
+
+
+def test_repo_add_then_agent_fetches_and_verifies_over_mutual_tls(server: ServerProcess, tmp_path: Path) -> None:
+    from agent.errors import TufTampered
+    from agent.fetch import fetch_bundle
+    from agent.registration import authenticated_client
+    from tests.bundle_factory import make_bundle
+
+    bundle = make_bundle(tmp_path / "build", os_tag="DEBIAN12", version="0.1.0")
+    r = server_cli(server.data, "repo", "add", str(bundle))
+    assert r.returncode == 0, r.stderr
+    listing = json.loads(server_cli(server.data, "repo", "list", "--json", check=True).stdout)
+    assert [(e["name"], e["os_tag"]) for e in listing] == [(bundle.name, "DEBIAN12")]
+
+    root = sandbox_root(tmp_path / "m", "8" * 32)
+    assert configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
+    paths = Paths(root)
+    _, client = authenticated_client(paths)
+    got = fetch_bundle(
+        f"https://{server.address}",
+        client.context,
+        (paths.tuf_dir / "root.json").read_bytes(),
+        paths.tuf_dir / "metadata",
+        "DEBIAN12",
+        tmp_path / "dl",
+    )
+    assert got.read_bytes() == bundle.read_bytes()
+
+    # The same bytes changed on the server after signing: the agent refuses them.
+    served = server.data / "repository" / bundle.name
+    data = bytearray(served.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    served.write_bytes(bytes(data))
+    with pytest.raises(TufTampered):
+        fetch_bundle(
+            f"https://{server.address}",
+            client.context,
+            (paths.tuf_dir / "root.json").read_bytes(),
+            paths.tuf_dir / "metadata",
+            "DEBIAN12",
+            tmp_path / "dl2",
+        )
+
+
+def test_certificate_renewal_keeps_the_host_id(server: ServerProcess, tmp_path: Path) -> None:
+    from agent.identity import new_key_and_csr
+    from agent.registration import renew_certificate
+
+    root = sandbox_root(tmp_path / "m", "9" * 32)
+    assert configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
+    state = root / "var/lib/mobility"
+    before = x509.load_pem_x509_certificate((state / "client.pem").read_bytes())
+    renew_certificate(Paths(root))
+    after = x509.load_pem_x509_certificate((state / "client.pem").read_bytes())
+    assert after.subject == before.subject and after.serial_number != before.serial_number
+    heartbeat(Paths(root), {"status": "healthy"})  # the new pair works
+
+    _, csr = new_key_and_csr("another-host")
+    status, doc = _raw(
+        server,
+        "POST",
+        "/v1/renew",
+        json.dumps({"csr": csr.decode()}).encode(),
+        cert=(state / "client.pem", state / "client.key"),
+    )
+    assert (status, error_code(doc)) == (403, "HOST-ID-MISMATCH")
+
+
+def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> None:
+    s = start_server(tmp_path / "data", heartbeat_interval=1.0)
+    try:
+        root = sandbox_root(tmp_path / "m", "ab" * 16)
+        assert configure(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
+        assert heartbeat(Paths(root), {"status": "warning"})["interval"] == 1.0
+        time.sleep(1.5)  # one batch flush
+        assert [(m["state"], m["health"]) for m in s.machines()] == [("online", "warning")]
+        time.sleep(2.0)  # past 3 intervals since the heartbeat
+        assert [m["state"] for m in s.machines()] == ["offline"]
+    finally:
+        s.stop()
