@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import ssl
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from agent import wire  # noqa: E402
 from agent.identity import key_pem, new_key_and_csr  # noqa: E402
+from scripts.localserver import start_local_server  # noqa: E402
 
 
 async def enrol(
@@ -140,21 +140,10 @@ def main() -> None:
         capture_output=True,
         cwd=REPO,
     )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
+    server, address, _ = start_local_server(data)
     try:
-        assert server.stdout is not None
-        m = re.search(r"listening on (\S+) ", server.stdout.readline())
-        assert m, "server did not start"
         passphrase = (data / "passphrase").read_text().strip()
-        asyncio.run(
-            run(f"https://{m.group(1)}", data / "ca" / "ca.pem", passphrase, args.agents, args.seconds, args.rate)
-        )
+        asyncio.run(run(f"https://{address}", data / "ca" / "ca.pem", passphrase, args.agents, args.seconds, args.rate))
     finally:
         server.terminate()
         server.wait(timeout=15)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from agent.paths import Paths
 from agent.registration import heartbeat
+from scripts.localserver import start_local_server
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / ".demo"
@@ -47,21 +47,9 @@ def main() -> int:
         (root / "etc" / "hostname").write_text("demo-source\n")
 
     step("mobility-server serve --data .demo/server --listen 127.0.0.1:0")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
+    server, address, fingerprint = start_local_server(data)
     try:
-        line = server.stdout.readline() if server.stdout else ""
-        m = re.search(r"listening on (\S+) fingerprint: (\S+)", line)
-        if not m:
-            print(f"server did not start: {line!r}")
-            return 1
-        address, fingerprint = m.group(1), m.group(2)
-        print(line, end="")
+        print(f"listening on {address} fingerprint: {fingerprint}")
 
         step("mobility detect-os --root .demo/root")
         print(run("agent", "detect-os", "--root", str(root)).stdout, end="")

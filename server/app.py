@@ -73,15 +73,15 @@ def client_host_id(request: web.Request) -> str:
     raise ClientCertRequired("the client certificate has no common name")
 
 
-async def read_json(request: web.Request) -> Any:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise BodyTooLarge(f"the body is larger than {wire.MAX_BODY} bytes") from e
+def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(f"the body is not JSON: {e}") from e
+
+
+async def read_json(request: web.Request) -> Any:
+    return parse_json(await request.read())
 
 
 def peer_address(request: web.Request) -> str:
@@ -162,11 +162,7 @@ def build_app(server: Server) -> web.Application:
             token_id = request.headers.get("X-Mobility-Token-Id")
             server.enrolment.check_job_proof(token_id, nonce, proof, raw, peer_address(request), now)
             host_id = None
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadRequest(f"the body is not JSON: {e}") from e
-        job = parse_job(body)
+        job = parse_job(parse_json(raw))
         if host_id is not None and job.get("host_id") not in (None, host_id):
             raise HostMismatch(f"this certificate is for {host_id}, not {job['host_id']}")
         job_id = server.storage.record_job(

@@ -9,10 +9,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.localserver import start_local_server
 from tests.conftest import DISTROS, REPO
 
 
@@ -70,36 +70,11 @@ def init_server(data: Path) -> str:
     return m.group(1)
 
 
-def start_server(data: Path, port: int = 0, heartbeat_interval: float = 30.0) -> ServerProcess:
+def start_server(data: Path, heartbeat_interval: float = 30.0) -> ServerProcess:
     if not (data / ".initialised").exists():
         init_server(data)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--data",
-            str(data),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--heartbeat-interval",
-            str(heartbeat_interval),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    deadline = time.monotonic() + 30
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # blocks until the server printed its address or exited
-    if time.monotonic() > deadline or "listening on" not in line:
-        proc.kill()
-        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-    m = re.search(r"listening on 127\.0\.0\.1:(\d+) fingerprint: (sha256:[0-9a-f]{64})", line)
-    assert m, line
-    return ServerProcess(data, proc, int(m.group(1)), m.group(2))
+    proc, address, fingerprint = start_local_server(data, "--heartbeat-interval", str(heartbeat_interval))
+    return ServerProcess(data, proc, int(address.rsplit(":", 1)[1]), fingerprint)
 
 
 def sandbox_root(where: Path, machine_id: str, tree: str = "debian12") -> Path:

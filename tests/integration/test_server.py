@@ -16,6 +16,7 @@ from cryptography import x509
 
 from agent.paths import Paths
 from agent.registration import heartbeat
+from scripts.localserver import server_log
 from tests.integration.serverproc import (
     ServerProcess,
     agent_cli,
@@ -108,7 +109,7 @@ def test_wrong_passphrase_then_rate_limit(server: ServerProcess, tmp_path: Path)
     assert not (root / "var/lib/mobility/identity.json").exists()
     log = server.stop()
     assert log == 0
-    stderr = server.proc.stderr.read() if server.proc.stderr else ""
+    stderr = server_log(server.data).read_text()
     assert "enrolment refused from 127.0.0.1" in stderr
     assert "not-the-passphrase" not in stderr
 
