@@ -358,3 +358,76 @@ def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> N
         assert [m["state"] for m in s.machines()] == ["offline"]
     finally:
         s.stop()
+
+
+def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path: Path) -> None:
+    from agent import wire
+    from agent.identity import new_key_and_csr
+
+    root = sandbox_root(tmp_path / "m", "ac" * 16)
+    code, out = configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))
+    assert code == 0
+    # Another machine asks for a certificate naming the first machine's host ID.
+    _, csr = new_key_and_csr(str(out["host_id"]))
+    nonce = str(_raw(server, "POST", wire.NONCE_PATH, b"")[1]["nonce"])
+    req = wire.EnrolRequest(
+        csr=csr.decode(),
+        nonce=nonce,
+        proof=wire.enrol_proof(server.passphrase(), nonce, csr),
+        hostname="intruder",
+        os_tag="DEBIAN12",
+        role="MS",
+        platform="VmWare",
+        facts=wire.MachineFacts(machine_id="f" * 32),
+        agent_version="0",
+    )
+    status, doc = _raw(server, "POST", wire.ENROL_PATH, json.dumps(req.to_json()).encode())
+    assert (status, error_code(doc)) == (403, "HOST-ID-MISMATCH")
+    assert [m["hostname"] for m in server.machines()] == ["host-acacac"]
+
+
+def test_repo_refuses_bad_bundles_and_rescans_without_restart(server: ServerProcess, tmp_path: Path) -> None:
+    from agent.fetch import fetch_bundle
+    from agent.registration import authenticated_client
+    from tests.bundle_factory import add_member, make_bundle
+
+    bad_name = make_bundle(tmp_path / "b1", os_tag="DEBIAN12", name="mobility-latest.tar.gz")
+    r = server_cli(server.data, "repo", "add", str(bad_name))
+    assert (r.returncode, r.stderr.split(":")[0]) == (1, "error BUNDLE-REFUSED")
+    traversal = make_bundle(tmp_path / "b2", os_tag="DEBIAN11", extra=add_member("../../etc/cron.d/evil"))
+    r = server_cli(server.data, "repo", "add", str(traversal))
+    assert (r.returncode, r.stderr.split(":")[0]) == (1, "error BUNDLE-REFUSED")
+    assert json.loads(server_cli(server.data, "repo", "list", "--json", check=True).stdout) == []
+
+    # An operator drops a bundle in by hand (as the seed asks for Debian 7); rescan publishes it, no restart.
+    dropped = make_bundle(server.data / "repository", os_tag="DEBIAN7", version="0.1.0")
+    r = server_cli(server.data, "repo", "rescan")
+    assert (r.returncode, r.stdout.strip()) == (0, f"added {dropped.name}")
+    root = sandbox_root(tmp_path / "m", "ad" * 16, tree="debian7")
+    assert configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
+    paths = Paths(root)
+    _, client = authenticated_client(paths)
+    got = fetch_bundle(
+        f"https://{server.address}",
+        client.context,
+        (paths.tuf_dir / "root.json").read_bytes(),
+        paths.tuf_dir / "metadata",
+        "DEBIAN7",
+        tmp_path / "dl",
+    )
+    assert got.name == dropped.name
+
+
+def test_kill_9_loses_no_acknowledged_job(tmp_path: Path) -> None:
+    from agent.registration import report_job
+
+    s = start_server(tmp_path / "data")
+    root = sandbox_root(tmp_path / "m", "ae" * 16)
+    assert configure(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
+    job_id = report_job(Paths(root), {"kind": "install", "state": "succeeded", "hostname": "host-aeaeae"})
+    s.stop(signal.SIGKILL)
+    s = start_server(tmp_path / "data")
+    try:
+        assert [(j["job_id"], j["state"]) for j in s.jobs()] == [(job_id, "succeeded")]
+    finally:
+        s.stop()
