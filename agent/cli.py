@@ -12,7 +12,7 @@ from typing import NoReturn
 from agent import __version__
 from agent.checks import Status, render, run_checks
 from agent.distros import detect_os
-from agent.errors import BadArguments, Exit, MobilityError, PrerequisitesFailed
+from agent.errors import BadArguments, ConfirmationRequired, Exit, MobilityError, PrerequisitesFailed
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
 from agent.wire import PLATFORMS, ROLES
@@ -74,6 +74,34 @@ def cmd_configure(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from agent.install import install
+
+    result = install(Paths.checked(args.root), Path(args.bundle), args.install_dir, args.role, args.platform)
+    data = {
+        "version": result.version,
+        "os_tag": result.os_tag,
+        "install_dir": result.install_dir,
+        "previous": result.previous,
+        "checks": [r.to_json() for r in result.report.results],
+    }
+    text = f"installed Mobility {result.version} for {result.os_tag} in {result.install_dir}"
+    if not args.quiet:
+        text = render(result.report) + "\n" + text
+    _emit(args, data, text)
+    return Exit.OK
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from agent.install import uninstall
+
+    if not args.yes:
+        raise ConfirmationRequired("uninstall removes the agent, its registration, state and logs")
+    removed = uninstall(Paths.checked(args.root))
+    _emit(args, {"removed": removed}, "removed " + (", ".join(removed) if removed else "nothing (not installed)"))
+    return Exit.OK
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="root of the system to act on (default /), as dpkg --root")
     p.add_argument("--json", action="store_true", help="print data as JSON")
@@ -118,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", dest="role", choices=ROLES, default="MS", help="role (default MS)")
     p.add_argument("-v", dest="platform", choices=PLATFORMS, default="VmWare", help="platform (default VmWare)")
     p.set_defaults(func=cmd_configure)
+
+    p = sub.add_parser("install", help="install the agent from an unpacked bundle (the bundle's ./install)")
+    _common(p)
+    p.add_argument("--bundle", required=True, metavar="DIR", help="the unpacked bundle (holds bundle.json)")
+    p.add_argument(
+        "-d",
+        dest="install_dir",
+        default=DEFAULT_INSTALL_DIR,
+        metavar="DIR",
+        help=f"install directory (default {DEFAULT_INSTALL_DIR})",
+    )
+    p.add_argument("-r", dest="role", choices=ROLES, required=True, help="MS (mobility service) or MT (master target)")
+    p.add_argument("-v", dest="platform", choices=PLATFORMS, required=True, help="VmWare (and physical) or Azure")
+    p.add_argument("-q", dest="quiet", action="store_true", help="non-interactive, no check table")
+    p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("uninstall", help="remove the agent, its state and its logs")
+    _common(p)
+    p.add_argument("-Y", dest="yes", action="store_true", help="confirm")
+    p.set_defaults(func=cmd_uninstall)
     return parser
 
 

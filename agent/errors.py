@@ -268,6 +268,26 @@ class NotRegistered(RemoteStateError):
     remediation = "Register this machine first: `mobility configure -i HOST[:PORT] -P PASSPHRASE_FILE`."
 
 
+class BundleWrongOs(UnsupportedError):
+    code = "BUNDLE-WRONG-OS"
+    remediation = "Use the bundle whose name carries this system's OS tag (`mobility detect-os` prints it)."
+
+
+class InstallBusy(TemporaryError):
+    code = "INSTALL-BUSY"
+    remediation = "Another install, uninstall or bootstrap is running; wait for it to finish and try again."
+
+
+class InstallFailed(LocalSystemError):
+    code = "INSTALL-FAILED"
+    remediation = "See /var/log/mobility/install.log; fix what it names (space, permissions) and run install again."
+
+
+class ConfirmationRequired(UsageError):
+    code = "CONFIRM-REQUIRED"
+    remediation = "Pass -Y to confirm that the agent, its state and its logs are to be removed."
+
+
 def all_errors() -> dict[str, type[MobilityError]]:
     """Every concrete error class by its code (the catalogue test compares this with docs/errors.md)."""
     found: dict[str, type[MobilityError]] = {}

@@ -93,6 +93,19 @@ class Paths:
         return self("/usr/local/mobility")
 
     @property
+    def agent_config(self) -> Path:
+        """What install recorded: version, install dir, role, platform (JSON)."""
+        return self.config_dir / "agent.json"
+
+    @property
+    def install_log(self) -> Path:
+        return self.log_dir / "install.log"
+
+    @property
+    def install_lock(self) -> Path:
+        return self.state_dir / "install.lock"
+
+    @property
     def identity(self) -> Path:
         """Host ID, machine facts and server of the registration (JSON)."""
         return self.state_dir / "identity.json"

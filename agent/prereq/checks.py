@@ -210,6 +210,13 @@ class BootDisk:
     remediation: ClassVar[str] = "Keep /boot (and /boot/efi) on one disk; the boot disk must be a block device."
 
     def run(self) -> Result:
+        if not (self.sys_dir / "dev" / "block").is_dir():
+            return Result(
+                self.id,
+                Status.UNKNOWN,
+                f"{self.sys_dir} is not mounted: cannot tell which disks back /boot",
+                self.remediation,
+            )
         disks: set[str] = set()
         mounts = ["/boot", "/boot/efi"]
         for system_path in mounts:

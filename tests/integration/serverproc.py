@@ -89,3 +89,20 @@ def secret_file(where: Path, secret: str) -> Path:
     where.write_text(secret + "\n")
     os.chmod(where, 0o600)
     return where
+
+
+def configure_root(server: ServerProcess, root: Path, secret_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    r = agent_cli(
+        "configure",
+        "--root",
+        str(root),
+        "-i",
+        server.address,
+        "-P",
+        str(secret_path),
+        "--cs-fingerprint",
+        server.fingerprint,
+        "--json",
+        *extra,
+    )
+    return r.returncode, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"stderr": r.stderr}

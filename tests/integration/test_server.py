@@ -20,6 +20,7 @@ from scripts.localserver import server_log
 from tests.integration.serverproc import (
     ServerProcess,
     agent_cli,
+    configure_root,
     init_server,
     sandbox_root,
     secret_file,
@@ -37,23 +38,6 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     s.stop()
 
 
-def configure(server: ServerProcess, root: Path, secret_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
-    r = agent_cli(
-        "configure",
-        "--root",
-        str(root),
-        "-i",
-        server.address,
-        "-P",
-        str(secret_path),
-        "--cs-fingerprint",
-        server.fingerprint,
-        "--json",
-        *extra,
-    )
-    return r.returncode, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"stderr": r.stderr}
-
-
 def error_code(doc: dict[str, object]) -> object:
     err = doc.get("error")
     return err.get("code") if isinstance(err, dict) else doc
@@ -62,7 +46,7 @@ def error_code(doc: dict[str, object]) -> object:
 def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Path) -> None:
     secret = secret_file(tmp_path / "pass", server.passphrase())
     root = sandbox_root(tmp_path / "m1", "a" * 32)
-    code, out = configure(server, root, secret)
+    code, out = configure_root(server, root, secret)
     assert code == 0, out
     host_id = str(out["host_id"])
     cert = x509.load_pem_x509_certificate((root / "var/lib/mobility/client.pem").read_bytes())
@@ -72,7 +56,7 @@ def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Pat
     assert json.loads((root / "var/lib/mobility/tuf/root.json").read_text())["signed"]["_type"] == "root"
 
     # Re-running is idempotent: same identity, nothing re-enrolled.
-    code, again = configure(server, root, secret)
+    code, again = configure_root(server, root, secret)
     assert (code, again["host_id"], again["already_registered"]) == (0, host_id, True)
 
     heartbeat(Paths(root), {"status": "healthy", "checks": []})
@@ -91,7 +75,7 @@ def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Pat
     clone = tmp_path / "clone"
     os.system(f"cp -a {root} {clone}")  # noqa: S605 - a copy as an image tool would make it
     (clone / "etc" / "machine-id").write_text("b" * 32 + "\n")
-    code, out = configure(server, clone, secret)
+    code, out = configure_root(server, clone, secret)
     assert code == 0, out
     assert out["host_id"] != host_id and out["cloned_from"] == host_id
     assert {m["host_id"]: m["cloned_from"] for m in server.machines()} == {host_id: None, out["host_id"]: host_id}
@@ -102,7 +86,7 @@ def test_wrong_passphrase_then_rate_limit(server: ServerProcess, tmp_path: Path)
     root = sandbox_root(tmp_path / "m", "c" * 32)
     codes = []
     for _ in range(7):
-        code, out = configure(server, root, wrong)
+        code, out = configure_root(server, root, wrong)
         codes.append((code, error_code(out)))
     assert codes[0] == (1, "ENROL-BAD-PROOF")
     assert codes[-1] == (1, "ENROL-RATE-LIMITED")
@@ -117,12 +101,12 @@ def test_wrong_passphrase_then_rate_limit(server: ServerProcess, tmp_path: Path)
 def test_tokens_expire_and_run_out(server: ServerProcess, tmp_path: Path) -> None:
     once = server_cli(server.data, "token", "create", "--ttl", "1h", "--uses", "1", check=True).stdout.strip()
     tok = secret_file(tmp_path / "tok", once)
-    assert configure(server, sandbox_root(tmp_path / "t1", "d" * 32), tok)[0] == 0
-    code, out = configure(server, sandbox_root(tmp_path / "t2", "e" * 32), tok)
+    assert configure_root(server, sandbox_root(tmp_path / "t1", "d" * 32), tok)[0] == 0
+    code, out = configure_root(server, sandbox_root(tmp_path / "t2", "e" * 32), tok)
     assert (code, error_code(out)) == (1, "ENROL-TOKEN-USED-UP")
     short = server_cli(server.data, "token", "create", "--ttl", "1s", check=True).stdout.strip()
     time.sleep(1.2)
-    code, out = configure(server, sandbox_root(tmp_path / "t3", "f" * 32), secret_file(tmp_path / "s", short))
+    code, out = configure_root(server, sandbox_root(tmp_path / "t3", "f" * 32), secret_file(tmp_path / "s", short))
     assert (code, error_code(out)) == (1, "ENROL-TOKEN-EXPIRED")
 
 
@@ -189,7 +173,7 @@ def test_api_bad_inputs(server: ServerProcess, tmp_path: Path) -> None:
     # A registered machine cannot heartbeat for another host ID.
     secret = secret_file(tmp_path / "pass", server.passphrase())
     root = sandbox_root(tmp_path / "m", "2" * 32)
-    assert configure(server, root, secret)[0] == 0
+    assert configure_root(server, root, secret)[0] == 0
     state = root / "var/lib/mobility"
     status, doc = _raw(
         server,
@@ -221,7 +205,7 @@ def test_job_reported_before_registration_with_a_proof(server: ServerProcess, tm
 def test_kill_9_loses_no_acknowledged_enrolment(tmp_path: Path) -> None:
     s = start_server(tmp_path / "data")
     secret = secret_file(tmp_path / "pass", s.passphrase())
-    code, out = configure(s, sandbox_root(tmp_path / "m", "4" * 32), secret)
+    code, out = configure_root(s, sandbox_root(tmp_path / "m", "4" * 32), secret)
     assert code == 0
     s.stop(signal.SIGKILL)
     s = start_server(tmp_path / "data")
@@ -235,8 +219,8 @@ def test_passphrase_rotation_keeps_the_old_one_for_the_grace_period(server: Serv
     old = server.passphrase()
     new = server_cli(server.data, "passphrase", "rotate", check=True).stdout.strip()
     assert new != old and server.passphrase() == new
-    assert configure(server, sandbox_root(tmp_path / "a", "5" * 32), secret_file(tmp_path / "o", old))[0] == 0
-    assert configure(server, sandbox_root(tmp_path / "b", "6" * 32), secret_file(tmp_path / "n", new))[0] == 0
+    assert configure_root(server, sandbox_root(tmp_path / "a", "5" * 32), secret_file(tmp_path / "o", old))[0] == 0
+    assert configure_root(server, sandbox_root(tmp_path / "b", "6" * 32), secret_file(tmp_path / "n", new))[0] == 0
 
 
 def test_server_refuses_bad_data_directories(tmp_path: Path) -> None:
@@ -293,7 +277,7 @@ def test_repo_add_then_agent_fetches_and_verifies_over_mutual_tls(server: Server
     assert [(e["name"], e["os_tag"]) for e in listing] == [(bundle.name, "DEBIAN12")]
 
     root = sandbox_root(tmp_path / "m", "8" * 32)
-    assert configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
+    assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
     paths = Paths(root)
     _, client = authenticated_client(paths)
     got = fetch_bundle(
@@ -327,7 +311,7 @@ def test_certificate_renewal_keeps_the_host_id(server: ServerProcess, tmp_path: 
     from agent.registration import renew_certificate
 
     root = sandbox_root(tmp_path / "m", "9" * 32)
-    assert configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
+    assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
     state = root / "var/lib/mobility"
     before = x509.load_pem_x509_certificate((state / "client.pem").read_bytes())
     renew_certificate(Paths(root))
@@ -350,7 +334,7 @@ def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> N
     s = start_server(tmp_path / "data", heartbeat_interval=1.0)
     try:
         root = sandbox_root(tmp_path / "m", "ab" * 16)
-        assert configure(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
+        assert configure_root(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
         assert heartbeat(Paths(root), {"status": "warning"})["interval"] == 1.0
         time.sleep(1.5)  # one batch flush
         assert [(m["state"], m["health"]) for m in s.machines()] == [("online", "warning")]
@@ -365,7 +349,7 @@ def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path
     from agent.identity import new_key_and_csr
 
     root = sandbox_root(tmp_path / "m", "ac" * 16)
-    code, out = configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))
+    code, out = configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))
     assert code == 0
     # Another machine asks for a certificate naming the first machine's host ID.
     _, csr = new_key_and_csr(str(out["host_id"]))
@@ -404,7 +388,7 @@ def test_repo_refuses_bad_bundles_and_rescans_without_restart(server: ServerProc
     r = server_cli(server.data, "repo", "rescan")
     assert (r.returncode, r.stdout.strip()) == (0, f"added {dropped.name}")
     root = sandbox_root(tmp_path / "m", "ad" * 16, tree="debian7")
-    assert configure(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
+    assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
     paths = Paths(root)
     _, client = authenticated_client(paths)
     got = fetch_bundle(
@@ -423,7 +407,7 @@ def test_kill_9_loses_no_acknowledged_job(tmp_path: Path) -> None:
 
     s = start_server(tmp_path / "data")
     root = sandbox_root(tmp_path / "m", "ae" * 16)
-    assert configure(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
+    assert configure_root(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
     job_id = report_job(Paths(root), {"kind": "install", "state": "succeeded", "hostname": "host-aeaeae"})
     s.stop(signal.SIGKILL)
     s = start_server(tmp_path / "data")
