@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import logging
+import logging.handlers
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -12,7 +17,14 @@ from typing import NoReturn
 from agent import __version__
 from agent.checks import Status, render, run_checks
 from agent.distros import detect_os
-from agent.errors import BadArguments, ConfirmationRequired, Exit, MobilityError, PrerequisitesFailed
+from agent.errors import (
+    BadArguments,
+    ConfirmationRequired,
+    Exit,
+    MobilityError,
+    PrerequisitesFailed,
+    RootRequired,
+)
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
 from agent.wire import PLATFORMS, ROLES
@@ -102,6 +114,93 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _require_root(args: argparse.Namespace) -> Paths:
+    if os.geteuid() != 0:
+        raise RootRequired(f"`mobility {args.command}` reads the agent's private state")
+    return Paths.checked(args.root)
+
+
+def _stamp(t: object) -> str:
+    if not isinstance(t, (int, float)):
+        return "never"
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.daemon import Daemon, ServerLink
+    from agent.sdnotify import Notifier
+
+    paths = Paths.checked(args.root)
+    _daemon_logging(paths)
+    daemon = Daemon(
+        paths,
+        load_config(paths),
+        ServerLink(paths),
+        now=time.time(),
+        notifier=Notifier(os.environ.get("NOTIFY_SOCKET")),
+    )
+    return daemon.run_forever()
+
+
+def _daemon_logging(paths: Paths) -> None:
+    """stdout for the journal, and /var/log/mobility/agent.log with rotation."""
+    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    to_file = logging.handlers.RotatingFileHandler(paths.agent_log, maxBytes=1 << 20, backupCount=3)
+    to_stdout = logging.StreamHandler(sys.stdout)
+    for handler in (to_file, to_stdout):
+        handler.setFormatter(fmt)
+        logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.local import local_status
+
+    data = local_status(_require_root(args))
+    job = data["last_job"] or {}
+    lines = [
+        f"version:        {data['version']}"
+        + (f" (update available: {data['update_available']})" if data["update_available"] else ""),
+        f"host ID:        {data['host_id'] or '-'}"
+        + (f" (clone of {data['cloned_from']})" if data["cloned_from"] else ""),
+        f"role/platform:  {data['role'] or '-'} / {data['platform'] or '-'}",
+        f"server:         {data['server'] or '-'} ({data['registration']})",
+        f"daemon:         {data['daemon']}, health {data['health'] or 'unknown'}",
+        f"last heartbeat: {_stamp(data['last_heartbeat'])}"
+        + (
+            f"; server unreachable since {_stamp(data['server_unreachable_since'])}, {data['backlog']} reports queued"
+            if data["server_unreachable_since"]
+            else ""
+        ),
+        f"last job:       {job.get('kind', '-')} {job.get('state', '')}".rstrip(),
+    ]
+    _emit(args, data, "\n".join(lines))
+    return Exit.OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from agent.local import local_health
+
+    health, report = local_health(_require_root(args))
+    data = {"status": health.label, "checks": [r.to_json() for r in report.results]}
+    _emit(args, data, render(report) + f"\nhealth: {health.label.upper()}")
+    return int(health)
+
+
+def cmd_diagnostics(args: argparse.Namespace) -> int:
+    from agent.diagnostics import collect
+    from agent.local import local_health
+
+    paths = _require_root(args)
+    health, report = local_health(paths)
+    out = Path(args.output or f"mobility-diagnostics-{int(time.time())}.tar.gz")
+    names = collect(paths, {"status": health.label, "checks": [r.to_json() for r in report.results]}, out)
+    _emit(args, {"path": str(out), "members": names}, f"wrote {out} ({len(names)} files, secrets redacted)")
+    return Exit.OK
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="root of the system to act on (default /), as dpkg --root")
     p.add_argument("--json", action="store_true", help="print data as JSON")
@@ -161,6 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", dest="platform", choices=PLATFORMS, required=True, help="VmWare (and physical) or Azure")
     p.add_argument("-q", dest="quiet", action="store_true", help="non-interactive, no check table")
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("run", help="the daemon (under systemd, or in the foreground)")
+    p.add_argument("--root", metavar="DIR", help="root of the system (default /)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="version, identity, server, registration, last heartbeat and job")
+    _common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("health", help="all health checks; exit 0 healthy, 1 warning, 2 critical, 3 unknown")
+    _common(p)
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("diagnostics", help="a tarball of logs, config, state, health; secrets redacted")
+    _common(p)
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write it (default ./mobility-diagnostics-*.tar.gz)")
+    p.set_defaults(func=cmd_diagnostics)
 
     p = sub.add_parser("uninstall", help="remove the agent, its state and its logs")
     _common(p)

@@ -288,6 +288,16 @@ class ConfirmationRequired(UsageError):
     remediation = "Pass -Y to confirm that the agent, its state and its logs are to be removed."
 
 
+class ConfigInvalid(UsageError):
+    code = "CONFIG-INVALID"
+    remediation = "Fix /etc/mobility/mobility.conf: a JSON object of the settings in docs/configuration.md."
+
+
+class RootRequired(UsageError):
+    code = "ROOT-REQUIRED"
+    remediation = "Run the command as root (sudo): it reads the agent's private state."
+
+
 def all_errors() -> dict[str, type[MobilityError]]:
     """Every concrete error class by its code (the catalogue test compares this with docs/errors.md)."""
     found: dict[str, type[MobilityError]] = {}

@@ -135,6 +135,52 @@ def _convert(e: Exception, what: str) -> MobilityError:
     raise e
 
 
+def _refreshed_updater(
+    base: str, ssl_context: ssl.SSLContext, trusted_root: bytes, metadata_dir: Path, dest_dir: Path, timeout: float
+) -> Updater:
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    updater = Updater(
+        metadata_dir=str(metadata_dir),
+        metadata_base_url=base + METADATA_PATH,
+        target_dir=str(dest_dir),
+        target_base_url=base + TARGETS_PATH,
+        fetcher=HttpsFetcher(ssl_context, timeout=timeout),
+        # Targets keep their plain names on the server (server/repository.py explains why).
+        config=UpdaterConfig(prefix_targets_with_hash=False, app_user_agent=f"mobility/{__version__}"),
+        bootstrap=trusted_root,
+    )
+    updater.refresh()
+    return updater
+
+
+def _newest_verified(metadata_dir: Path, os_tag: str) -> str | None:
+    # refresh() verified targets.json and stored it; the list comes from that file, and the entry
+    # used is the one get_targetinfo() takes from the verified metadata in memory.
+    stored = Metadata[Targets].from_bytes((metadata_dir / "targets.json").read_bytes())
+    return _newest(stored.signed, os_tag)
+
+
+def newest_bundle(
+    base_url: str,
+    ssl_context: ssl.SSLContext,
+    trusted_root: bytes,
+    metadata_dir: Path,
+    os_tag: str,
+    *,
+    timeout: float = TIMEOUT,
+) -> str | None:
+    """The name of the newest bundle for ``os_tag`` in the verified repository metadata (nothing downloaded)."""
+    base = base_url.rstrip("/")
+    try:
+        _refreshed_updater(base, ssl_context, trusted_root, metadata_dir, metadata_dir, timeout)
+        return _newest_verified(metadata_dir, os_tag)
+    except MobilityError:
+        raise
+    except Exception as e:
+        raise _convert(e, f"repository {base}") from e
+
+
 def fetch_bundle(
     base_url: str,
     ssl_context: ssl.SSLContext,
@@ -154,23 +200,8 @@ def fetch_bundle(
     base = base_url.rstrip("/")
     what = f"repository {base}"
     try:
-        metadata_dir.mkdir(parents=True, exist_ok=True)
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        updater = Updater(
-            metadata_dir=str(metadata_dir),
-            metadata_base_url=base + METADATA_PATH,
-            target_dir=str(dest_dir),
-            target_base_url=base + TARGETS_PATH,
-            fetcher=HttpsFetcher(ssl_context, timeout=timeout),
-            # Targets keep their plain names on the server (server/repository.py explains why).
-            config=UpdaterConfig(prefix_targets_with_hash=False, app_user_agent=f"mobility/{__version__}"),
-            bootstrap=trusted_root,
-        )
-        updater.refresh()
-        # refresh() verified targets.json and stored it; the list comes from that file, and the entry
-        # used is the one get_targetinfo() takes from the verified metadata in memory.
-        stored = Metadata[Targets].from_bytes((metadata_dir / "targets.json").read_bytes())
-        name = _newest(stored.signed, os_tag)
+        updater = _refreshed_updater(base, ssl_context, trusted_root, metadata_dir, dest_dir, timeout)
+        name = _newest_verified(metadata_dir, os_tag)
         if name is None:
             raise TufNoBundle(f"{what} has no installer bundle for {os_tag}")
         info = updater.get_targetinfo(name)

@@ -106,6 +106,19 @@ class Paths:
         return self.state_dir / "install.lock"
 
     @property
+    def daemon_status(self) -> Path:
+        """The daemon's last record of itself, its heartbeats and its health (JSON)."""
+        return self.state_dir / "daemon.json"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.log_dir / "agent.log"
+
+    @property
+    def last_job(self) -> Path:
+        return self.state_dir / "last-job.json"
+
+    @property
     def identity(self) -> Path:
         """Host ID, machine facts and server of the registration (JSON)."""
         return self.state_dir / "identity.json"

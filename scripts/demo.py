@@ -1,7 +1,8 @@
 """The main job on embedded defaults, as far as it exists today:
 
-a configuration server on loopback (init + serve), one source machine registered from a sandbox root
-(real Debian 12 release files, its own machine-id), a heartbeat, and the server's view of the machine."""
+a configuration server on loopback (init + serve), one source machine registered from a sandbox root (real
+Debian 12 release files, its own machine-id), the daemon heartbeating, the machine's status and health report,
+and the server's view of it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from agent.paths import Paths
-from agent.registration import heartbeat
 from scripts.localserver import start_local_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,8 +65,30 @@ def main() -> int:
         if r.returncode:
             return r.returncode
 
-        step("heartbeat with a health report (the daemon's job, next issue)")
-        print(json.dumps(heartbeat(Paths(root), {"status": "healthy", "checks": []})))
+        step("mobility run --root .demo/root  (the daemon, in the background for a few seconds)")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--root", str(root)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            status_file = root / "var" / "lib" / "mobility" / "daemon.json"
+            for _ in range(100):  # bounded: 20 s at most
+                if status_file.exists() and json.loads(status_file.read_text()).get("heartbeats_sent", 0) >= 1:
+                    break
+                time.sleep(0.2)
+            print(f"daemon pid {daemon.pid}: heartbeating")
+
+            step("mobility status --root .demo/root")
+            print(run("agent", "status", "--root", str(root)).stdout, end="")
+
+            step("mobility health --root .demo/root")
+            r = run("agent", "health", "--root", str(root))
+            print(r.stdout, end="")
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=10)
 
         step("mobility-server machines")
         server.send_signal(signal.SIGTERM)  # a clean stop flushes the heartbeat batch to the database

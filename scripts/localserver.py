@@ -16,11 +16,11 @@ def server_log(data: Path) -> Path:
     return data.parent / f"{data.name}-server.log"
 
 
-def start_local_server(data: Path, *args: str) -> tuple[subprocess.Popen[str], str, str]:
+def start_local_server(data: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen[str], str, str]:
     """The process, its ``127.0.0.1:PORT`` and its CA fingerprint, once it listens; raises if it did not start."""
     with server_log(data).open("a") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", "127.0.0.1:0", *args],
+            [sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", f"127.0.0.1:{port}", *args],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,

@@ -19,3 +19,13 @@ def test_readme_quick_start_is_two_commands() -> None:
     commands = [line for line in block.splitlines()[1:] if line.strip() and not line.startswith("#")]
     assert commands == ["./demo", "./run-tests"]
     assert "./run-tests" in (REPO / ".ci" / "run").read_text()
+
+
+def test_configuration_page_lists_every_setting() -> None:
+    from dataclasses import fields
+
+    from agent.config import AgentConfig
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    for f in fields(AgentConfig):
+        assert f"| `{f.name}` |" in text, f.name

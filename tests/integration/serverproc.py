@@ -70,10 +70,10 @@ def init_server(data: Path) -> str:
     return m.group(1)
 
 
-def start_server(data: Path, heartbeat_interval: float = 30.0) -> ServerProcess:
+def start_server(data: Path, heartbeat_interval: float = 30.0, port: int = 0) -> ServerProcess:
     if not (data / ".initialised").exists():
         init_server(data)
-    proc, address, fingerprint = start_local_server(data, "--heartbeat-interval", str(heartbeat_interval))
+    proc, address, fingerprint = start_local_server(data, "--heartbeat-interval", str(heartbeat_interval), port=port)
     return ServerProcess(data, proc, int(address.rsplit(":", 1)[1]), fingerprint)
 
 

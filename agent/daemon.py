@@ -1,0 +1,376 @@
+"""The mobility daemon (`mobility run`): jobs on a schedule, driven by `tick(now)`; signal handlers only queue.
+
+Jobs: heartbeat with the latest health report (30 s, or what the server asks), health self-check (60 s),
+certificate renewal once two thirds of its life have passed, and an hourly look at the repository for a newer
+agent. While the server is unreachable the daemon keeps running, keeps a bounded backlog of reports and sends
+it on reconnect. It watches its own memory: at the warning level it sheds what it can and slows optional work;
+past the budget it reports CRITICAL and restarts itself cleanly (systemd's MemoryMax= is the hard stop)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import gc
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import psutil
+
+from agent import __version__, wire
+from agent.checks import Status, run_checks
+from agent.config import AgentConfig, load_config
+from agent.errors import MobilityError
+from agent.health import Health, ServerSample, health_checks, overall
+from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, freeze_ready, process_sample
+from agent.identity import load_registration
+from agent.paths import Paths
+from agent.scheduler import ClockScheduler
+from agent.sdnotify import Notifier
+from agent.status import DaemonStatus
+
+log = logging.getLogger("mobility.daemon")
+
+MIB = 1024 * 1024
+BALLAST_STEP = 16 * MIB
+SLOW_FACTOR = 4  # optional work runs this much less often while memory is tight
+
+
+class Link(Protocol):
+    """The daemon's connection to the configuration server (mutual TLS in production)."""
+
+    def heartbeat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    def renew(self) -> None: ...
+    def newest_version(self, os_tag: str) -> str | None: ...
+    def close(self) -> None: ...
+
+
+class RestartRequested(Exception):
+    """Raised out of tick() when the daemon must restart itself (memory past the budget)."""
+
+
+class Daemon:
+    def __init__(
+        self,
+        paths: Paths,
+        config: AgentConfig,
+        link: Link,
+        *,
+        now: float,
+        notifier: Notifier | None = None,
+        process: psutil.Process | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.paths, self.config, self.link = paths, config, link
+        self.notifier = notifier or Notifier(None)
+        self.process = process or psutil.Process()
+        self.wall = wall
+        self.now = now
+        reg = load_registration(paths)
+        self.host_id = reg.host_id if reg else ""
+        self.heartbeat_seconds = reg.heartbeat_interval if reg else config.heartbeat_seconds
+        self.status = DaemonStatus(pid=os.getpid(), started=now, version=__version__)
+        self.backlog: deque[dict[str, Any]] = deque(maxlen=config.backlog_max)
+        self.signals: deque[int] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stopping = False
+        self.ready = False
+        self.shedding = False
+        self.ballast: list[bytearray] = []
+        self.report: dict[str, Any] = {}
+        self.metrics: Any = None
+        if config.metrics_port is not None:
+            from agent.metrics import Metrics  # loaded only when enabled: it costs memory
+
+            self.metrics = Metrics(config.metrics_port)
+        self.scheduler = ClockScheduler(lambda: dt.datetime.fromtimestamp(self.now, dt.UTC).replace(tzinfo=None))
+        self.process.cpu_percent(None)  # start the CPU window
+        self._schedule()
+
+    # Scheduling ---------------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        self.scheduler.clear()
+        slow = SLOW_FACTOR if self.shedding else 1
+        self.scheduler.every(self.heartbeat_seconds).seconds.do(self.heartbeat)
+        self.scheduler.every(self.config.health_seconds).seconds.do(self.check_health)
+        self.scheduler.every(3600).seconds.do(self.renew_if_due)
+        self.scheduler.every(self.config.update_check_seconds * slow).seconds.do(self.check_update)
+
+    def tick(self, now: float) -> None:
+        """Advance to ``now``: handle queued signals, run what is due, pet the watchdog."""
+        self.now = now
+        while self.signals:
+            self._handle(self.signals.popleft())
+        if self.stopping:
+            return
+        self.scheduler.run_pending()
+        self.notifier.notify(watchdog="1")
+
+    def queue_signal(self, signum: int, _frame: object = None) -> None:
+        """The signal handler: only queue (the wakeup fd, set in run_forever, wakes the loop at once)."""
+        self.signals.append(signum)
+
+    def _handle(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("stopping on signal %d", signum)
+            self.stopping = True
+        elif signum == signal.SIGHUP:
+            self.config = load_config(self.paths)
+            self.backlog = deque(self.backlog, maxlen=self.config.backlog_max)
+            log.info("configuration reloaded")
+            self._schedule()
+        elif signum == signal.SIGUSR2 and self.config.test_hooks:
+            block = bytearray(BALLAST_STEP)
+            block[::4096] = b"\1" * (BALLAST_STEP // 4096)  # touch every page so it is resident
+            self.ballast.append(block)
+            log.warning("test hook: memory ballast now %d MiB", len(self.ballast) * BALLAST_STEP // MIB)
+
+    # Jobs ------------------------------------------------------------------------------------------------
+
+    def check_health(self) -> dict[str, Any]:
+        process = process_sample(self.process)
+        server = ServerSample(
+            self.status.last_heartbeat_ok,
+            self.status.unreachable_since,
+            self.status.rtt_ms,
+            self.status.skew_seconds,
+            self.status.last_error,
+        )
+        report = run_checks(
+            health_checks(
+                self.config,
+                self.now,
+                process,
+                server,
+                disk_sample(self.paths),
+                cert_not_after(self.paths),
+                freeze_ready(self.paths),
+            )
+        )
+        health = overall(report)
+        self.report = {"status": health.label, "time": self.now, "checks": [r.to_json() for r in report.results]}
+        self.status.health = self.report
+        summary = "; ".join(f"{r.id} {r.status.value}" for r in report.results if r.status is not Status.PASS)
+        self.notifier.notify(status=f"{health.label}" + (f": {summary}" if summary else ""))
+        if not self.ready:
+            self.ready = True
+            self.notifier.notify(ready="1")
+        if self.metrics is not None:
+            self.metrics.update(
+                self.report, process.rss_bytes if process else 0, len(self.backlog), self.status.heartbeats_sent
+            )
+        rss = next(r for r in report.results if r.id == "HLT-RSS")
+        if rss.status is Status.WARN and not self.shedding:
+            self._shed(rss.message)
+        elif rss.status is Status.PASS and self.shedding:
+            self.shedding = False
+            log.info("memory back under the warning level: optional work at its normal pace")
+            self._schedule()
+        self.status.save(self.paths)
+        if rss.status is Status.FAIL:
+            log.error("%s: past the budget, restarting cleanly", rss.message)
+            self.heartbeat()  # the server hears CRITICAL before the restart
+            raise RestartRequested(rss.message)
+        return self.report
+
+    def _shed(self, why: str) -> None:
+        log.warning("%s: shedding caches and slowing optional work", why)
+        self.shedding = True
+        keep = max(1, len(self.backlog) // 2)
+        while len(self.backlog) > keep:
+            self.backlog.popleft()
+        gc.collect()
+        self._schedule()
+
+    def heartbeat(self) -> None:
+        report = self.report or self.check_health()
+        body = {"host_id": self.host_id, "agent_version": __version__, "health": report}
+        start = time.perf_counter()
+        try:
+            answer = self.link.heartbeat(body)
+        except MobilityError as e:
+            if self.status.unreachable_since is None:
+                self.status.unreachable_since = self.now
+                log.warning("server unreachable since %s: %s: %s", _stamp(self.now), e.id, e.message)
+            self.status.last_error = f"{e.id}: {e.message}"
+            self.backlog.append(body)
+            self.status.backlog = len(self.backlog)
+            self.status.save(self.paths)
+            return
+        self.status.rtt_ms = (time.perf_counter() - start) * 1000
+        self.status.heartbeats_sent += 1
+        self.status.last_heartbeat_ok = self.now
+        if isinstance(answer.get("server_time"), (int, float)):
+            self.status.skew_seconds = self.wall() - float(answer["server_time"])
+        if self.status.unreachable_since is not None:
+            log.info(
+                "server reachable again after %.0f s; sending %d queued reports",
+                self.now - self.status.unreachable_since,
+                len(self.backlog),
+            )
+            self.status.unreachable_since = None
+            self.status.last_error = None
+            self._catch_up()
+        interval = answer.get("interval")
+        if isinstance(interval, (int, float)) and interval > 0 and interval != self.heartbeat_seconds:
+            log.info("server asks for a heartbeat every %.0f s", interval)
+            self.heartbeat_seconds = float(interval)
+            self._schedule()
+        self.status.backlog = len(self.backlog)
+        self.status.save(self.paths)
+
+    def _catch_up(self) -> None:
+        while self.backlog:
+            queued = self.backlog[0]
+            try:
+                self.link.heartbeat({**queued, "queued": True})
+            except MobilityError:
+                return  # unreachable again: the rest waits for the next success
+            self.backlog.popleft()
+            self.status.heartbeats_sent += 1
+
+    def renew_if_due(self) -> None:
+        life = cert_lifetime(self.paths)
+        if life is None:
+            return
+        not_before, not_after = life
+        if self.now < not_before + (not_after - not_before) * 2 / 3:
+            return
+        try:
+            self.link.renew()
+            log.info("client certificate renewed")
+        except MobilityError as e:
+            log.warning("certificate renewal failed (%s: %s); retrying within the hour", e.id, e.message)
+
+    def check_update(self) -> None:
+        os_tag = _installed_os_tag(self.paths)
+        if os_tag is None:
+            return
+        try:
+            newest = self.link.newest_version(os_tag)
+        except MobilityError as e:
+            log.info("update check failed: %s: %s", e.id, e.message)
+            return
+        from agent.bundles import version_key
+
+        if newest is not None and version_key(newest) > version_key(__version__):
+            if self.status.update_available != newest:
+                log.info("update available: %s (running %s)", newest, __version__)
+            self.status.update_available = newest
+        else:
+            self.status.update_available = None
+        self.status.save(self.paths)
+
+    # The loop --------------------------------------------------------------------------------------------
+
+    def run_forever(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(sig, self.queue_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        log.info("mobility %s daemon started (pid %d, host %s)", __version__, os.getpid(), self.host_id or "-")
+        try:
+            self.now = time.time()
+            self.check_health()
+            self.heartbeat()
+            while not self.stopping:
+                self.tick(time.time())
+                wait = self.scheduler.seconds_to_next()
+                ready, _, _ = select.select([self._wake_r], [], [], min(max(wait or 1.0, 0.05), 1.0))
+                if ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 512)
+        except RestartRequested:
+            self._close()
+            restart()
+        self.notifier.notify(stopping="1")
+        self._close()
+        log.info("stopped")
+        return 0
+
+    def _close(self) -> None:
+        self.status.save(self.paths)
+        self.link.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def restart() -> None:
+    """Replace this process with a fresh daemon: same PID, so systemd keeps supervising it."""
+    logging.shutdown()
+    if getattr(sys, "frozen", False):
+        os.execv(sys.executable, [sys.executable, *sys.argv[1:]])  # noqa: S606 - our own binary, same arguments
+    os.execv(sys.executable, [sys.executable, "-m", "agent", *sys.argv[1:]])  # noqa: S606
+
+
+def _installed_os_tag(paths: Paths) -> str | None:
+    import json
+
+    try:
+        return str(json.loads(paths.agent_config.read_text())["os_tag"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _stamp(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+class ServerLink:
+    """The real link: JSON over mutual TLS with the machine's certificate, one kept-alive connection."""
+
+    def __init__(self, paths: Paths, timeout: float = 4.0) -> None:
+        self.paths = paths
+        self.timeout = timeout  # short: a stop must never wait long on a dead server
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            from agent.registration import authenticated_client
+
+            _, self._client = authenticated_client(self.paths, timeout=self.timeout)
+        return self._client
+
+    def heartbeat(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._connect().call("POST", wire.HEARTBEAT_PATH, body)
+        return result
+
+    def renew(self) -> None:
+        from agent.registration import renew_certificate
+
+        renew_certificate(self.paths)
+        self.close()  # the next call uses the new certificate
+
+    def newest_version(self, os_tag: str) -> str | None:
+        from agent.fetch import newest_bundle
+
+        reg = load_registration(self.paths)
+        if reg is None:
+            return None
+        client = self._connect()
+        name = newest_bundle(
+            f"https://{reg.server}",
+            client.context,
+            (self.paths.tuf_dir / "root.json").read_bytes(),
+            self.paths.tuf_dir / "metadata",
+            os_tag,
+        )
+        if name is None:
+            return None
+        from agent.bundles import parse_bundle_name
+
+        return parse_bundle_name(name).version
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+__all__ = ["Daemon", "Health", "RestartRequested", "ServerLink", "restart"]

@@ -1,0 +1,68 @@
+"""The local commands that read the agent's state (status, health): they work while the daemon is down."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+import psutil
+
+from agent import __version__
+from agent.checks import Report, run_checks
+from agent.config import load_config
+from agent.health import ServerSample, health_checks, overall
+from agent.health.checks import Health
+from agent.health.sample import cert_not_after, disk_sample, freeze_ready, process_sample
+from agent.identity import load_registration
+from agent.paths import Paths
+from agent.status import DaemonStatus, daemon_pid
+
+
+def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report]:
+    """All health checks, measured now: the daemon process by its PID, the rest from disk and its last record."""
+    now = time.time() if now is None else now
+    config = load_config(paths)
+    status = DaemonStatus.load(paths) or DaemonStatus()
+    pid = daemon_pid(paths)
+    process = None
+    if pid is not None:
+        proc = psutil.Process(pid)
+        with contextlib.suppress(psutil.Error):
+            process = process_sample(proc, cpu_percent=proc.cpu_percent(interval=0.2))
+    server = ServerSample(
+        status.last_heartbeat_ok, status.unreachable_since, status.rtt_ms, status.skew_seconds, status.last_error
+    )
+    report = run_checks(
+        health_checks(config, now, process, server, disk_sample(paths), cert_not_after(paths), freeze_ready(paths))
+    )
+    return overall(report), report
+
+
+def local_status(paths: Paths) -> dict[str, Any]:
+    reg = load_registration(paths)
+    status = DaemonStatus.load(paths)
+    installed: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        installed = json.loads(paths.agent_config.read_text())
+    last_job: dict[str, Any] | None = None
+    with contextlib.suppress(OSError, ValueError):
+        last_job = json.loads(paths.last_job.read_text())
+    return {
+        "version": installed.get("version", __version__),
+        "installed": bool(installed),
+        "host_id": reg.host_id if reg else None,
+        "role": (reg.role if reg else None) or installed.get("role"),
+        "platform": (reg.platform if reg else None) or installed.get("platform"),
+        "server": reg.server if reg else None,
+        "registration": ("registered" if reg and paths.client_cert.exists() else "not registered"),
+        "cloned_from": reg.cloned_from if reg else None,
+        "daemon": "running" if daemon_pid(paths) else "not running",
+        "last_heartbeat": status.last_heartbeat_ok if status else None,
+        "server_unreachable_since": status.unreachable_since if status else None,
+        "backlog": status.backlog if status else 0,
+        "update_available": status.update_available if status else None,
+        "health": (status.health or {}).get("status") if status else None,
+        "last_job": last_job,
+    }

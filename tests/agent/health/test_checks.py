@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from agent.checks import Report, Status, run_checks
+from agent.config import AgentConfig
+from agent.health import DiskSample, Health, ProcessSample, ServerSample, health_checks, overall
+from agent.health.checks import CertificateDays, ClockSkew, MemoryBudget, ServerReachable, StateDisk
+
+MIB = 1024 * 1024
+CFG = AgentConfig()
+NOW = 1_800_000_000.0
+
+
+def proc(rss_mib: float, cpu: float = 1.0, threads: int = 2, files: int = 8) -> ProcessSample:
+    return ProcessSample(int(rss_mib * MIB), cpu, threads, files, 4096 * MIB)
+
+
+def test_memory_budget_levels_and_share_of_the_machine() -> None:
+    assert MemoryBudget(proc(30), CFG).run().status is Status.PASS
+    warn = MemoryBudget(proc(55), CFG).run()
+    assert warn.status is Status.WARN and "1.34 % of the machine's memory" in warn.message
+    assert MemoryBudget(proc(64), CFG).run().status is Status.FAIL
+    assert MemoryBudget(None, CFG).run().status is Status.UNKNOWN
+
+
+def test_server_reachability_warns_then_fails() -> None:
+    assert ServerReachable(ServerSample(), CFG, NOW).run().status is Status.UNKNOWN
+    ok = ServerReachable(ServerSample(last_ok=NOW - 5, rtt_ms=3.2), CFG, NOW).run()
+    assert ok.status is Status.PASS and ok.value == "3.2 ms"
+    warn = ServerReachable(ServerSample(unreachable_since=NOW - 60, last_error="SERVER-UNREACHABLE"), CFG, NOW).run()
+    assert warn.status is Status.WARN and "server unreachable since" in warn.message
+    assert ServerReachable(ServerSample(unreachable_since=NOW - 601), CFG, NOW).run().status is Status.FAIL
+
+
+def test_clock_skew_and_certificate_days() -> None:
+    assert ClockSkew(ServerSample(skew_seconds=-2.0), CFG).run().status is Status.PASS
+    assert ClockSkew(ServerSample(skew_seconds=90.0), CFG).run().status is Status.WARN
+    assert ClockSkew(ServerSample(skew_seconds=-400.0), CFG).run().status is Status.FAIL
+    assert CertificateDays(NOW + 60 * 86400, CFG, NOW).run().status is Status.PASS
+    assert CertificateDays(NOW + 20 * 86400, CFG, NOW).run().status is Status.WARN
+    assert CertificateDays(NOW - 1, CFG, NOW).run().status is Status.FAIL
+    assert CertificateDays(None, CFG, NOW).run().status is Status.FAIL
+
+
+def test_disk_levels() -> None:
+    assert StateDisk(DiskSample(10_000 * MIB, MIB), CFG).run().status is Status.PASS
+    assert StateDisk(DiskSample(100 * MIB, MIB), CFG).run().status is Status.WARN
+    assert StateDisk(DiskSample(10_000 * MIB, 500 * MIB), CFG).run().status is Status.WARN
+    assert StateDisk(DiskSample(10 * MIB, MIB), CFG).run().status is Status.FAIL
+
+
+def test_overall_follows_the_monitoring_plugin_convention() -> None:
+    def report(*statuses: Status) -> Report:
+        from agent.checks import Result
+
+        return Report(tuple(Result(f"X{i}", s, "") for i, s in enumerate(statuses)))
+
+    assert overall(report(Status.PASS)) is Health.HEALTHY
+    assert overall(report(Status.PASS, Status.UNKNOWN)) is Health.UNKNOWN
+    assert overall(report(Status.UNKNOWN, Status.WARN)) is Health.WARNING
+    assert overall(report(Status.WARN, Status.FAIL)) is Health.CRITICAL
+
+
+def test_daemon_not_running_is_critical() -> None:
+    checks = health_checks(
+        CFG, NOW, None, ServerSample(last_ok=NOW), DiskSample(10_000 * MIB, 0), NOW + 90 * 86400, True
+    )
+    report = run_checks(checks)
+    assert overall(report) is Health.CRITICAL
+    assert report.results[0].message == "daemon not running"

@@ -1,0 +1,187 @@
+"""The daemon driven by tick(now) with a fake clock: hours of schedule in milliseconds. The link to the server is
+faked here (the transport boundary); tests/integration/test_daemon.py runs the real daemon against a real server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.config import AgentConfig
+from agent.daemon import Daemon, RestartRequested
+from agent.errors import ServerUnreachable
+from agent.identity import Registration, save_registration
+from agent.paths import Paths
+from agent.sdnotify import Notifier
+from agent.status import DaemonStatus
+from agent.wire import MachineFacts
+
+T0 = 1_800_000_000.0
+# The test process's own RSS is what the daemon measures here, and it depends on what the suite loaded before:
+# tests that are not about memory give it room; the memory test calibrates its budget from a measurement.
+ROOMY = AgentConfig(memory_budget_mib=4096)
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.beats: list[tuple[float, dict[str, Any]]] = []
+        self.down = False
+        self.interval: float = 30.0
+        self.renewals = 0
+        self.update_checks = 0
+        self.clock = T0
+
+    def heartbeat(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.down:
+            raise ServerUnreachable("cannot reach the configuration server: connection refused")
+        self.beats.append((self.clock, body))
+        return {"interval": self.interval, "server_time": self.clock}
+
+    def renew(self) -> None:
+        self.renewals += 1
+
+    def newest_version(self, os_tag: str) -> str | None:
+        self.update_checks += 1
+        return "0.2.0"
+
+    def close(self) -> None:
+        pass
+
+
+def write_cert(paths: Paths, not_before: float, days: float) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "host-1")])
+    start = dt.datetime.fromtimestamp(not_before, dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .sign(key, hashes.SHA256())
+    )
+    paths.client_cert.parent.mkdir(parents=True, exist_ok=True)
+    paths.client_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    p = Paths(tmp_path)
+    save_registration(p, Registration("host-1", MachineFacts("m" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare"))
+    write_cert(p, T0, 90)
+    p.config_dir.mkdir(parents=True, exist_ok=True)
+    p.agent_config.write_text(json.dumps({"os_tag": "DEBIAN12", "version": "0.1.0"}))
+    return p
+
+
+def run_for(daemon: Daemon, link: FakeLink, seconds: int, start: float = T0, step: float = 1.0) -> None:
+    t = start
+    while t < start + seconds:
+        link.clock = t
+        daemon.tick(t)
+        t += step
+
+
+def test_six_hours_of_schedule(paths: Paths) -> None:
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 6 * 3600)
+    assert len(link.beats) == 6 * 3600 // 30 - 1
+    assert link.update_checks == 5
+    assert daemon.status.update_available == "0.2.0"
+    assert link.renewals == 0  # a 90-day certificate is not due in six hours
+    health = link.beats[-1][1]["health"]
+    assert {c["id"] for c in health["checks"]} >= {"HLT-RSS", "HLT-SERVER", "HLT-CERT"}
+
+
+def test_server_sets_the_heartbeat_interval(paths: Paths) -> None:
+    link = FakeLink()
+    link.interval = 10.0
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 600)
+    gaps = {round(b - a) for (a, _), (b, _) in zip(link.beats[1:], link.beats[2:], strict=False)}
+    assert gaps == {10}
+
+
+def test_offline_backlog_is_bounded_and_caught_up(paths: Paths) -> None:
+    link = FakeLink()
+    daemon = Daemon(paths, AgentConfig(memory_budget_mib=4096, backlog_max=5), link, now=T0)
+    run_for(daemon, link, 100)
+    link.down = True
+    run_for(daemon, link, 600, start=T0 + 100)
+    assert daemon.status.unreachable_since is not None
+    assert len(daemon.backlog) == 5  # 20 missed heartbeats, the newest 5 kept
+    daemon.check_health()
+    server = next(c for c in daemon.report["checks"] if c["id"] == "HLT-SERVER")
+    assert server["status"] == "WARN" and "server unreachable since" in server["message"]
+    sent = len(link.beats)
+    link.down = False
+    run_for(daemon, link, 60, start=T0 + 700)
+    assert daemon.status.unreachable_since is None and not daemon.backlog
+    queued = [body for _, body in link.beats[sent:] if body.get("queued")]
+    assert len(queued) == 5
+    assert DaemonStatus.load(paths) is not None and DaemonStatus.load(paths).backlog == 0  # type: ignore[union-attr]
+
+
+def test_certificate_renewed_after_two_thirds_of_its_life(paths: Paths) -> None:
+    write_cert(paths, T0 - 61 * 86400, 90)  # 61 of 90 days gone: past two thirds
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 3601, step=10)
+    assert link.renewals == 1
+
+
+def test_signals_only_queue_then_reload_and_stop(paths: Paths) -> None:
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    (paths.config_dir / "mobility.conf").write_text('{"health_seconds": 5, "memory_budget_mib": 4096}')
+    daemon.queue_signal(signal.SIGHUP)
+    assert daemon.config.health_seconds == 60  # nothing happens inside the handler
+    daemon.tick(T0 + 1)
+    assert daemon.config.health_seconds == 5
+    daemon.queue_signal(signal.SIGTERM)
+    daemon.tick(T0 + 2)
+    assert daemon.stopping
+
+
+def test_memory_warning_sheds_and_past_the_budget_restarts(paths: Paths) -> None:
+    link = FakeLink()
+    rss = Daemon(paths, ROOMY, link, now=T0).check_health()
+    rss_mib = float(next(c for c in rss["checks"] if c["id"] == "HLT-RSS")["value"].split()[0])
+    config = AgentConfig(memory_budget_mib=rss_mib + 40, memory_warn_ratio=(rss_mib - 5) / (rss_mib + 40))
+    daemon = Daemon(paths, config, link, now=T0)
+    for t in range(5):
+        daemon.backlog.append({"n": t})
+    daemon.check_health()
+    assert daemon.shedding and len(daemon.backlog) == 2
+    update_job = [j for j in daemon.scheduler.jobs if j.job_func.func == daemon.check_update]  # type: ignore[union-attr]
+    assert update_job[0].interval == 4 * 3600
+    tight = AgentConfig(memory_budget_mib=rss_mib / 2)
+    daemon = Daemon(paths, tight, link, now=T0)
+    with pytest.raises(RestartRequested):
+        daemon.check_health()
+    assert link.beats[-1][1]["health"]["status"] == "critical"
+
+
+def test_systemd_notifications(paths: Paths, tmp_path: Path) -> None:
+    sock_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(sock_path)
+        sock.settimeout(2)
+        link = FakeLink()
+        daemon = Daemon(paths, ROOMY, link, now=T0, notifier=Notifier(sock_path))
+        daemon.check_health()
+        daemon.tick(T0 + 1)
+        got = [sock.recv(4096).decode() for _ in range(3)]
+    assert got[0].startswith("STATUS=") and got[1] == "READY=1" and got[2] == "WATCHDOG=1"
