@@ -185,3 +185,23 @@ def test_systemd_notifications(paths: Paths, tmp_path: Path) -> None:
         daemon.tick(T0 + 1)
         got = [sock.recv(4096).decode() for _ in range(3)]
     assert got[0].startswith("STATUS=") and got[1] == "READY=1" and got[2] == "WATCHDOG=1"
+
+
+def test_prometheus_metrics_on_localhost(paths: Paths) -> None:
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    link = FakeLink()
+    daemon = Daemon(paths, AgentConfig(memory_budget_mib=4096, metrics_port=port), link, now=T0)
+    try:
+        daemon.check_health()
+        daemon.heartbeat()
+        daemon.check_health()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        daemon.metrics.close()
+    assert 'mobility_health_check_status{check="HLT-RSS"} 0.0' in body
+    assert "mobility_heartbeats_total 1.0" in body
+    assert "mobility_resident_memory_bytes" in body
