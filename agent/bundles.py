@@ -8,23 +8,23 @@ pure; ``inspect_bundle`` streams the archive once, hashing in chunks, so memory 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import re
 import tarfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from agent.distros.matrix import BY_TAG, SUPPORTED_ARCHES, Init
 from agent.errors import BundleRefused
+from agent.fsutil import sha256_stream
 
 MANIFEST_NAME = "bundle.json"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_MEMBERS = 100_000
 MAX_UNPACKED_BYTES = 4 << 30  # a bundle is tens of MiB; this only stops decompression bombs
-_CHUNK = 1 << 20
+
 _MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -162,13 +162,6 @@ def parse_manifest(data: bytes) -> Manifest:
     return Manifest(os_tag, version, arch, init, glibc_floor, checked)
 
 
-def _sha256_stream(f: IO[bytes]) -> str:
-    h = hashlib.sha256()
-    while chunk := f.read(_CHUNK):
-        h.update(chunk)
-    return h.hexdigest()
-
-
 def _link_escapes(link: str, links: dict[str, str]) -> bool:
     """Whether symlink ``link`` resolves (through the archive's other symlinks) outside the archive root."""
     stack = link.split("/")[:-1]
@@ -268,7 +261,7 @@ def _scan(path: Path) -> tuple[Manifest, dict[str, str]]:
                         raise BundleRefused(f"{MANIFEST_NAME} is {member.size} bytes, more than {MAX_MANIFEST_BYTES}")
                     manifest = parse_manifest(f.read(MAX_MANIFEST_BYTES + 1))
                 else:
-                    hashes[rel] = _sha256_stream(f)
+                    hashes[rel] = sha256_stream(f)
             else:
                 what = (
                     "device file" if member.ischr() or member.isblk() else "FIFO" if member.isfifo() else "special file"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import IO
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -26,3 +28,16 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def sha256_stream(f: IO[bytes], chunk: int = 1 << 20) -> str:
+    """SHA-256 of what remains in ``f``, read in chunks: memory stays bounded for bundles of any size."""
+    h = hashlib.sha256()
+    while data := f.read(chunk):
+        h.update(data)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return sha256_stream(f)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from agent.bundles import MANIFEST_NAME, Manifest, parse_manifest
 from agent.checks import Report, Status, run_checks
 from agent.distros import detect_os
 from agent.errors import BundleRefused, BundleWrongOs, InstallBusy, InstallFailed, PrerequisitesFailed
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, sha256_file
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
 
@@ -65,14 +64,11 @@ def read_unpacked_manifest(bundle: Path) -> Manifest:
     except OSError as e:
         raise BundleRefused(f"{bundle}: no readable {MANIFEST_NAME} ({e.strerror})") from e
     for rel, digest in manifest.files.items():
-        h = hashlib.sha256()
         try:
-            with (bundle / rel).open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            actual = sha256_file(bundle / rel)
         except OSError as e:
             raise BundleRefused(f"{bundle}: {rel} is missing or unreadable ({e.strerror})") from e
-        if h.hexdigest() != digest:
+        if actual != digest:
             raise BundleRefused(f"{bundle}: {rel} changed since the bundle was made (sha256 mismatch)")
     return manifest
 

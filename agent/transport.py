@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import ipaddress
 import json
@@ -204,11 +203,3 @@ def resolve(server: ServerAddress) -> None:
         socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise ServerUnreachable(f"cannot resolve {server.host}: {e.strerror}") from e
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

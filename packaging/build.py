@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))  # run as a script: this folder is not a package (
 from agent import __version__  # noqa: E402
 from agent.bundles import MANIFEST_NAME, bundle_file_name  # noqa: E402
 from agent.distros.matrix import BY_TAG, SUPPORT_MATRIX, Init  # noqa: E402
+from agent.fsutil import sha256_file  # noqa: E402
 
 BUILD = REPO / "build" / "packaging"
 SOURCES = ("agent", "packaging", "systemd", "pyproject.toml")
@@ -142,14 +143,6 @@ def bundle_members(tag: str, agent: Path) -> list[tuple[str, Path]]:
     return members
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _info(name: str, path: Path | None, size: int = 0) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mtime, info.uid, info.gid, info.uname, info.gname = _FIXED_MTIME, 0, 0, "root", "root"
@@ -219,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap, agent = freeze(source_hash())
     shutil.copy2(bootstrap, out / "mobility-bootstrap")
     floor = glibc_floor([bootstrap, agent])
-    hashes = {p: _sha256(p) for p in agent.rglob("*") if p.is_file() and not p.is_symlink()}
+    hashes = {p: sha256_file(p) for p in agent.rglob("*") if p.is_file() and not p.is_symlink()}
     for p in (REPO / "packaging").rglob("*"):
         if p.is_file():
-            hashes[p] = _sha256(p)
+            hashes[p] = sha256_file(p)
     for p in (REPO / "systemd").iterdir():
-        hashes[p] = _sha256(p)
+        hashes[p] = sha256_file(p)
     date = dt.datetime.now(dt.UTC).date()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # gzip releases the GIL
         bundles = list(pool.map(lambda t: write_bundle(t, agent, floor, out, date, hashes), tags))

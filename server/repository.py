@@ -60,7 +60,7 @@ from agent.errors import (
     RepoNoSuchBundle,
     RepoNotInitialised,
 )
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, sha256_file, sha256_stream
 from server.datadir import DataDir
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
@@ -296,13 +296,13 @@ class Repository:
                         continue
                     if verify and path.stat().st_size == published.length:
                         with path.open("rb") as f:
-                            if _sha256_file(f) == published.hashes.get("sha256"):
+                            if sha256_stream(f) == published.hashes.get("sha256"):
                                 continue
                     # Changed under its published name: agents would refuse it as tampered.
                     del state.targets.targets[name]
                     state.targets_changed = True
                 try:
-                    size, digest = path.stat().st_size, _sha256_path(path)
+                    size, digest = path.stat().st_size, sha256_file(path)
                     bundle, _ = inspect_bundle(path)
                 except BundleRefused as e:
                     refused.append((name, e.message))
@@ -500,18 +500,6 @@ def _load_or_make_key(path: Path) -> CryptoSigner:
     signer = CryptoSigner.generate_ed25519()
     atomic_write(path, signer.private_bytes, mode=0o600)
     return signer
-
-
-def _sha256_file(f: Any) -> str:
-    h = hashlib.sha256()
-    while chunk := f.read(_CHUNK):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256_path(path: Path) -> str:
-    with path.open("rb") as f:
-        return _sha256_file(f)
 
 
 def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:

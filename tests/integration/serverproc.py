@@ -106,3 +106,24 @@ def configure_root(server: ServerProcess, root: Path, secret_path: Path, *extra:
         *extra,
     )
     return r.returncode, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"stderr": r.stderr}
+
+
+def fetch_as(server: ServerProcess, root: Path, os_tag: str, dest: Path) -> Path:
+    """What a registered machine at ``root`` downloads and verifies (TUF, mutual TLS) for ``os_tag``."""
+    from agent.fetch import fetch_bundle
+    from agent.paths import Paths
+    from agent.registration import authenticated_client
+
+    paths = Paths(root)
+    _, client = authenticated_client(paths)
+    try:
+        return fetch_bundle(
+            f"https://{server.address}",
+            client.context,
+            (paths.tuf_dir / "root.json").read_bytes(),
+            paths.tuf_dir / "metadata",
+            os_tag,
+            dest,
+        )
+    finally:
+        client.close()

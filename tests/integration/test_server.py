@@ -21,6 +21,7 @@ from tests.integration.serverproc import (
     ServerProcess,
     agent_cli,
     configure_root,
+    fetch_as,
     init_server,
     sandbox_root,
     secret_file,
@@ -266,8 +267,6 @@ def test_bad_configure_arguments(tmp_path: Path) -> None:
 
 def test_repo_add_then_agent_fetches_and_verifies_over_mutual_tls(server: ServerProcess, tmp_path: Path) -> None:
     from agent.errors import TufTampered
-    from agent.fetch import fetch_bundle
-    from agent.registration import authenticated_client
     from tests.bundle_factory import make_bundle
 
     bundle = make_bundle(tmp_path / "build", os_tag="DEBIAN12", version="0.1.0")
@@ -278,16 +277,7 @@ def test_repo_add_then_agent_fetches_and_verifies_over_mutual_tls(server: Server
 
     root = sandbox_root(tmp_path / "m", "8" * 32)
     assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
-    paths = Paths(root)
-    _, client = authenticated_client(paths)
-    got = fetch_bundle(
-        f"https://{server.address}",
-        client.context,
-        (paths.tuf_dir / "root.json").read_bytes(),
-        paths.tuf_dir / "metadata",
-        "DEBIAN12",
-        tmp_path / "dl",
-    )
+    got = fetch_as(server, root, "DEBIAN12", tmp_path / "dl")
     assert got.read_bytes() == bundle.read_bytes()
 
     # The same bytes changed on the server after signing: the agent refuses them.
@@ -296,14 +286,7 @@ def test_repo_add_then_agent_fetches_and_verifies_over_mutual_tls(server: Server
     data[len(data) // 2] ^= 0xFF
     served.write_bytes(bytes(data))
     with pytest.raises(TufTampered):
-        fetch_bundle(
-            f"https://{server.address}",
-            client.context,
-            (paths.tuf_dir / "root.json").read_bytes(),
-            paths.tuf_dir / "metadata",
-            "DEBIAN12",
-            tmp_path / "dl2",
-        )
+        fetch_as(server, root, "DEBIAN12", tmp_path / "dl2")
 
 
 def test_certificate_renewal_keeps_the_host_id(server: ServerProcess, tmp_path: Path) -> None:
@@ -371,8 +354,6 @@ def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path
 
 
 def test_repo_refuses_bad_bundles_and_rescans_without_restart(server: ServerProcess, tmp_path: Path) -> None:
-    from agent.fetch import fetch_bundle
-    from agent.registration import authenticated_client
     from tests.bundle_factory import add_member, make_bundle
 
     bad_name = make_bundle(tmp_path / "b1", os_tag="DEBIAN12", name="mobility-latest.tar.gz")
@@ -389,16 +370,7 @@ def test_repo_refuses_bad_bundles_and_rescans_without_restart(server: ServerProc
     assert (r.returncode, r.stdout.strip()) == (0, f"added {dropped.name}")
     root = sandbox_root(tmp_path / "m", "ad" * 16, tree="debian7")
     assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
-    paths = Paths(root)
-    _, client = authenticated_client(paths)
-    got = fetch_bundle(
-        f"https://{server.address}",
-        client.context,
-        (paths.tuf_dir / "root.json").read_bytes(),
-        paths.tuf_dir / "metadata",
-        "DEBIAN7",
-        tmp_path / "dl",
-    )
+    got = fetch_as(server, root, "DEBIAN7", tmp_path / "dl")
     assert got.name == dropped.name
 
 

@@ -15,10 +15,10 @@ import pytest
 from agent.bundles import inspect_bundle, parse_bundle_name
 from agent.distros import SUPPORT_MATRIX
 from agent.errors import BundleRefused
-from agent.paths import Paths
 from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     configure_root,
+    fetch_as,
     init_server,
     sandbox_root,
     secret_file,
@@ -200,8 +200,6 @@ def test_only_requested_manual_tags(dist: Path, tmp_path: Path) -> None:
 
 
 def test_published_bundles_are_listed_and_fetchable(dist: Path, server_data: Path, tmp_path: Path) -> None:
-    from agent.fetch import fetch_bundle
-    from agent.registration import authenticated_client
 
     listing = json.loads(server_cli(server_data, "repo", "list", "--json", check=True).stdout)
     assert sorted(e["name"] for e in listing) == sorted(b.name for b in dist.glob("*.tar.gz"))
@@ -209,16 +207,7 @@ def test_published_bundles_are_listed_and_fetchable(dist: Path, server_data: Pat
     try:
         root = sandbox_root(tmp_path / "m", "b0" * 16)
         assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
-        paths = Paths(root)
-        _, client = authenticated_client(paths)
-        got = fetch_bundle(
-            f"https://{server.address}",
-            client.context,
-            (paths.tuf_dir / "root.json").read_bytes(),
-            paths.tuf_dir / "metadata",
-            "DEBIAN12",
-            tmp_path / "dl",
-        )
+        got = fetch_as(server, root, "DEBIAN12", tmp_path / "dl")
         (expected,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
         assert got.read_bytes() == expected.read_bytes()
     finally:
