@@ -90,14 +90,17 @@ def cmd_install(args: argparse.Namespace) -> int:
     from agent.install import install
 
     result = install(Paths.checked(args.root), Path(args.bundle), args.install_dir, args.role, args.platform)
-    data = {
+    data: dict[str, object] = {
         "version": result.version,
         "os_tag": result.os_tag,
         "install_dir": result.install_dir,
         "previous": result.previous,
         "checks": [r.to_json() for r in result.report.results],
+        "freeze_provider": {"ready": result.freeze.ready, "reason": result.freeze.reason},
     }
     text = f"installed Mobility {result.version} for {result.os_tag} in {result.install_dir}"
+    if not result.freeze.ready:
+        text += f"\nwarning: freeze provider not set up ({result.freeze.reason}): only crash-consistent points"
     if not args.quiet:
         text = render(result.report) + "\n" + text
     _emit(args, data, text)
@@ -201,6 +204,67 @@ def cmd_diagnostics(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_freeze_provider(args: argparse.Namespace) -> int:
+    from agent.freeze import install_provider
+
+    setup = install_provider(Paths.checked(args.root))
+    _emit(
+        args,
+        {"ready": setup.ready, "reason": setup.reason},
+        f"freeze provider {'ready' if setup.ready else 'not set up'}: {setup.reason}",
+    )
+    return Exit.OK if setup.ready else Exit.ERROR
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from agent.bootstrap import bootstrap, merged_settings
+
+    paths = Paths.checked(args.root)
+    flags = {
+        "server": args.server,
+        "passphrase_file": args.passphrase_file,
+        "fingerprint": args.cs_fingerprint,
+        "install_dir": args.install_dir,
+        "role": args.role,
+        "platform": args.platform,
+        "retry_for": args.retry_for,
+    }
+    if args.test_kill_at is not None:
+        from agent.bootstrap import Progress
+
+        Progress.kill_at = args.test_kill_at
+    outcome = bootstrap(paths, merged_settings(paths, flags))
+    data = {"state": outcome.state, "message": outcome.message, "host_id": outcome.host_id, "job_id": outcome.job_id}
+    _emit(args, data, f"{outcome.state}: {outcome.message}")
+    return Exit.OK
+
+
+def cmd_template_prep(args: argparse.Namespace) -> int:
+    from agent.template import template_prep
+
+    removed = template_prep(_require_root(args))
+    _emit(args, {"removed": removed}, "removed " + (", ".join(removed) if removed else "nothing: no identity found"))
+    return Exit.OK
+
+
+def add_bootstrap_flags(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("-i", dest="server", metavar="HOST[:PORT]", help="configuration server (or `server` in the conf)")
+    p.add_argument("-P", dest="passphrase_file", metavar="FILE", help="passphrase or token file, mode 0600")
+    p.add_argument("--cs-fingerprint", metavar="sha256:HEX", help="the server CA's fingerprint to pin")
+    p.add_argument("-d", dest="install_dir", metavar="DIR", help=f"install directory (default {DEFAULT_INSTALL_DIR})")
+    p.add_argument("-r", dest="role", choices=ROLES, help="MS (default) or MT")
+    p.add_argument("-v", dest="platform", choices=PLATFORMS, help="VmWare (default) or Azure")
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        metavar="SECONDS",
+        help="how long to retry an unreachable server before exiting 75 (default 120)",
+    )
+    p.add_argument("--test-kill-at", type=int, metavar="STEP", help=argparse.SUPPRESS)  # crash tests only
+    p.set_defaults(func=cmd_bootstrap)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="root of the system to act on (default /), as dpkg --root")
     p.add_argument("--json", action="store_true", help="print data as JSON")
@@ -278,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="where to write it (default ./mobility-diagnostics-*.tar.gz)")
     p.set_defaults(func=cmd_diagnostics)
 
+    p = sub.add_parser("bootstrap", help="the whole lifecycle: detect, fetch, verify, install, register, start")
+    add_bootstrap_flags(p)
+
+    p = sub.add_parser("template-prep", help="strip identity, certificate and logs before capturing an image")
+    _common(p)
+    p.set_defaults(func=cmd_template_prep)
+
+    p = sub.add_parser("freeze-provider", help="set up the freeze provider (hooks directory, FIFREEZE check)")
+    _common(p)
+    p.add_argument("action", choices=("install",))
+    p.set_defaults(func=cmd_freeze_provider)
+
     p = sub.add_parser("uninstall", help="remove the agent, its state and its logs")
     _common(p)
     p.add_argument("-Y", dest="yes", action="store_true", help="confirm")
@@ -319,6 +395,7 @@ def bootstrap_main(argv: Sequence[str] | None = None) -> int:
         description="Mobility bootstrapper, run at boot from a VM template (see `mobility --help`).",
     )
     parser.add_argument("--version", action="version", version=f"mobility-bootstrap {__version__}")
+    add_bootstrap_flags(parser)
     return run(parser, argv)
 
 

@@ -298,6 +298,23 @@ class RootRequired(UsageError):
     remediation = "Run the command as root (sudo): it reads the agent's private state."
 
 
+class CommandFailed(LocalSystemError):
+    code = "COMMAND-FAILED"
+    remediation = "See the command's message above and /var/log/mobility/install.log; fix it and run again."
+
+
+class BootstrapConfigInvalid(UsageError):
+    code = "BOOTSTRAP-CONF-INVALID"
+    remediation = "Fix /etc/mobility/bootstrap.conf: `key = value` lines (server, fingerprint, passphrase_file, ...)."
+
+
+class FreezeNotReady(LocalSystemError):
+    """Not raised: the ID and fix a job carries when it `succeeded with warnings` for this reason."""
+
+    code = "FREEZE-NOT-READY"
+    remediation = "Run `mobility freeze-provider install` (on a filesystem with FIFREEZE: ext4, XFS, btrfs)."
+
+
 def all_errors() -> dict[str, type[MobilityError]]:
     """Every concrete error class by its code (the catalogue test compares this with docs/errors.md)."""
     found: dict[str, type[MobilityError]] = {}

@@ -92,11 +92,18 @@ class HttpsFetcher(FetcherInterface):
         self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, url: str
     ) -> Iterator[bytes]:
         deadline = time.monotonic() + self._deadline
+        declared = response.getheader("Content-Length")
+        received = 0
         try:
             while chunk := response.read(self._chunk_size):
                 if time.monotonic() > deadline:
                     raise tuf_errors.SlowRetrievalError(f"{url}: download took more than {self._deadline:g} s")
+                received += len(chunk)
                 yield chunk
+            # http.client's read(n) returns b"" when the peer closes early instead of raising: a dropped
+            # connection must be a retryable download error, not a short file that fails its hash as "tampered".
+            if declared is not None and declared.isdigit() and received < int(declared):
+                raise tuf_errors.DownloadError(f"{url}: connection closed after {received} of {declared} bytes")
         except (OSError, http.client.HTTPException) as e:
             raise tuf_errors.DownloadError(f"{url}: download interrupted: {e}") from e
         finally:

@@ -20,11 +20,13 @@ from pathlib import Path
 
 from agent.bundles import MANIFEST_NAME, Manifest, parse_manifest
 from agent.checks import Report, Status, run_checks
-from agent.distros import detect_os
+from agent.distros import Init, detect_os
 from agent.errors import BundleRefused, BundleWrongOs, InstallBusy, InstallFailed, PrerequisitesFailed
+from agent.freeze import FreezeSetup, install_provider
 from agent.fsutil import atomic_write, sha256_file
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
+from agent.services import install_units, remove_units, stop_daemon
 
 COMPLETE = ".complete"
 
@@ -36,6 +38,9 @@ class Installed:
     install_dir: str
     previous: str | None
     report: Report
+    init: Init
+    freeze: FreezeSetup
+    units: list[str]
 
 
 def log(paths: Paths, message: str) -> None:
@@ -45,16 +50,26 @@ def log(paths: Paths, message: str) -> None:
         f.write(f"{stamp} {message}\n")
 
 
+_HELD: set[Path] = set()  # locks this process holds: a bootstrap holds it across its install
+
+
 @contextlib.contextmanager
 def install_lock(paths: Paths) -> Iterator[None]:
-    """One install, uninstall or bootstrap at a time on a machine."""
+    """One install, uninstall or bootstrap at a time on a machine (re-entrant within one process)."""
+    if paths.install_lock in _HELD:
+        yield
+        return
     paths.state_dir.mkdir(parents=True, exist_ok=True)
     with paths.install_lock.open("a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             raise InstallBusy(f"{paths.install_lock} is held by another process") from e
-        yield
+        _HELD.add(paths.install_lock)
+        try:
+            yield
+        finally:
+            _HELD.discard(paths.install_lock)
 
 
 def read_unpacked_manifest(bundle: Path) -> Manifest:
@@ -90,6 +105,7 @@ def install(paths: Paths, bundle: Path, install_dir: str, role: str, platform: s
             _place_version(bundle, target / "versions", manifest.version)
             _switch_current(target, manifest.version)
             _prune(target / "versions", keep={manifest.version, previous})
+            units = install_units(paths, target / "versions" / manifest.version, manifest.init, install_dir)
             record = {
                 "version": manifest.version,
                 "os_tag": manifest.os_tag,
@@ -102,8 +118,13 @@ def install(paths: Paths, bundle: Path, install_dir: str, role: str, platform: s
         except OSError as e:
             log(paths, f"install failed: {e}")
             raise InstallFailed(f"installing into {install_dir} failed: {e.strerror or e}") from e
-        log(paths, f"installed {manifest.version}; previous {previous or 'none'}")
-    return Installed(manifest.version, manifest.os_tag, install_dir, previous, report)
+        freeze = install_provider(paths)
+        log(
+            paths,
+            f"installed {manifest.version}; previous {previous or 'none'}; units {', '.join(units)}; "
+            f"freeze provider {'ready' if freeze.ready else 'NOT ready'}: {freeze.reason}",
+        )
+    return Installed(manifest.version, manifest.os_tag, install_dir, previous, report, manifest.init, freeze, units)
 
 
 def _current_version(target: Path) -> str | None:
@@ -145,6 +166,8 @@ def uninstall(paths: Paths) -> list[str]:
         install_dir = str(json.loads(paths.agent_config.read_text())["install_dir"])
     removed = []
     with install_lock(paths):
+        stop_daemon(paths)
+        removed += remove_units(paths)
         for what in (paths.install_dir(install_dir), paths.config_dir, paths.log_dir):
             if what.exists():
                 shutil.rmtree(what)

@@ -19,7 +19,6 @@ from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     configure_root,
     fetch_as,
-    init_server,
     sandbox_root,
     secret_file,
     server_cli,
@@ -34,23 +33,6 @@ MIB = 1024 * 1024
 
 def sh(*cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-@pytest.fixture(scope="session")
-def server_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("cs") / "data"
-    init_server(data)
-    return data
-
-
-@pytest.fixture(scope="session")
-def dist(tmp_path_factory: pytest.TempPathFactory, server_data: Path) -> Path:
-    """One build for the run, published into a real server's repository."""
-    require_root()
-    out = tmp_path_factory.mktemp("dist")
-    r = sh(str(REPO / "packaging" / "build"), "--out", str(out), "--publish", str(server_data))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,313 @@
+"""The bootstrapper's lifecycle, run at every boot from a template: detect the OS, and unless everything is
+already installed, registered, current and this machine's, contact the server (pinned CA, capped exponential
+backoff within a bounded time, else exit 75), fetch and verify the bundle (TUF), check prerequisites, install,
+register, start the daemon, and report the job to the server (`succeeded`, `succeeded with warnings`, `failed`)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent import __version__
+from agent.bundles import inspect_bundle, version_key
+from agent.distros import detect_os
+from agent.errors import (
+    BootstrapConfigInvalid,
+    InstallFailed,
+    MobilityError,
+    ServerUnreachable,
+    TufFetchFailed,
+)
+from agent.fsutil import atomic_write
+from agent.identity import collect_facts, load_registration
+from agent.install import install, install_lock, log
+from agent.paths import Paths
+from agent.services import start_daemon
+
+T = TypeVar("T")
+BACKOFF_START, BACKOFF_CAP = 1.0, 30.0
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    server: str
+    passphrase_file: str
+    fingerprint: str | None = None
+    install_dir: str = "/usr/local/mobility"
+    role: str = "MS"
+    platform: str = "VmWare"
+    retry_for: float = 120.0  # total time to keep trying an unreachable server before exit 75
+
+
+def parse_bootstrap_conf(text: str, source: str) -> dict[str, str]:
+    """`key = value` lines; `#` comments. Pure."""
+    known = {"server", "fingerprint", "passphrase_file", "install_dir", "role", "platform", "retry_for"}
+    found: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise BootstrapConfigInvalid(f"{source}:{n}: expected one of {', '.join(sorted(known))} = value")
+        found[key] = value.strip()
+    return found
+
+
+def merged_settings(paths: Paths, flags: dict[str, Any]) -> BootstrapSettings:
+    """bootstrap.conf, then the flags given on the command line (flags win)."""
+    conf: dict[str, Any] = {}
+    if paths.bootstrap_conf.exists():
+        conf = dict(parse_bootstrap_conf(paths.bootstrap_conf.read_text(), str(paths.bootstrap_conf)))
+    conf.update({k: v for k, v in flags.items() if v is not None})
+    missing = [k for k in ("server", "passphrase_file") if not conf.get(k)]
+    if missing:
+        raise BootstrapConfigInvalid(f"no {' or '.join(missing)}: give -i/-P or set them in {paths.bootstrap_conf}")
+    if "retry_for" in conf:
+        try:
+            conf["retry_for"] = float(conf["retry_for"])
+        except ValueError as e:
+            raise BootstrapConfigInvalid(f"retry_for = {conf['retry_for']!r} is not a number of seconds") from e
+    return BootstrapSettings(**conf)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # "current", "succeeded", "succeeded with warnings"
+    message: str
+    host_id: str | None = None
+    job_id: str | None = None
+
+
+class Progress:
+    """One line per step: on the terminal when there is one, always in install.log."""
+
+    def __init__(self, paths: Paths, total: int) -> None:
+        self.paths, self.total, self.n = paths, total, 0
+        self.tty = sys.stderr.isatty()
+
+    kill_at: int | None = None  # tests: SIGKILL this process when step N begins (`--test-kill-at N`)
+
+    def step(self, title: str) -> None:
+        self.n += 1
+        if self.kill_at == self.n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        log(self.paths, f"bootstrap [{self.n}/{self.total}] {title}")
+        if self.tty:
+            print(f"[{self.n}/{self.total}] {title}", file=sys.stderr, flush=True)
+
+
+def is_current(paths: Paths) -> bool:
+    """Installed at this bootstrapper's version or newer, registered, the identity is this machine's, and the
+    last bootstrap ran to its end (a run killed before it started the daemon and reported its job is not)."""
+    try:
+        installed = json.loads(paths.agent_config.read_text())
+        last_job = json.loads(paths.last_job.read_text())
+    except (OSError, ValueError):
+        return False
+    if last_job.get("state") not in ("succeeded", "succeeded with warnings"):
+        return False
+    current = paths.install_dir(installed.get("install_dir")) / "current"
+    reg = load_registration(paths)
+    return (
+        version_key(str(installed.get("version", "0"))) >= version_key(__version__)
+        and (current / ".complete").exists()
+        and reg is not None
+        and paths.client_cert.exists()
+        and reg.facts == collect_facts(paths)
+    )
+
+
+def with_backoff(
+    what: str,
+    action: Callable[[], T],
+    retry_for: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``action`` retried on temporary failures with capped exponential backoff, within ``retry_for`` seconds."""
+    deadline = clock() + retry_for
+    delay = BACKOFF_START
+    while True:
+        try:
+            return action()
+        except (ServerUnreachable, TufFetchFailed) as e:
+            left = deadline - clock()
+            if left <= 0:
+                raise type(e)(f"{e.message} (gave up {what} after {retry_for:.0f} s; a later run will retry)") from e
+            sleep(min(delay, left))
+            delay = min(delay * 2, BACKOFF_CAP)
+
+
+def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    from agent.registration import read_secret_file
+    from agent.transport import parse_address, parse_fingerprint
+
+    os_info = detect_os(paths)
+    if is_current(paths):
+        return Outcome(
+            "current",
+            "installed, registered, current and this machine's: nothing to do",
+            (reg.host_id if (reg := load_registration(paths)) else None),
+        )
+    parse_address(settings.server)
+    pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
+    secret = read_secret_file(
+        Path(settings.passphrase_file)
+        if not Path(settings.passphrase_file).is_absolute() or paths.root == paths.root.parent
+        else paths(settings.passphrase_file)
+    )
+    job: dict[str, Any] = {
+        "job_id": str(uuid.uuid4()),
+        "hostname": _hostname(paths),
+        "state": "running",
+        "kind": _job_kind(paths),
+    }
+    try:
+        with install_lock(paths):
+            return _run(paths, settings, os_info.os_tag, pinned, secret, job, sleep)
+    except MobilityError as e:
+        job.update(state="failed", error_id=e.id, remediation=e.fix, detail=e.message[:2000])
+        _report(paths, job, settings, secret, pinned)
+        raise
+
+
+def _run(
+    paths: Paths,
+    s: BootstrapSettings,
+    os_tag: str,
+    pinned: str | None,
+    secret: str,
+    job: dict[str, Any],
+    sleep: Callable[[float], None],
+) -> Outcome:
+    from agent.fetch import fetch_bundle
+    from agent.registration import configure, trusted_ca
+    from agent.transport import Client, parse_address
+
+    progress = Progress(paths, 6)
+    server = parse_address(s.server)
+    progress.step(f"contact {server} (CA pinned {'by fingerprint' if pinned else 'on first use'})")
+    ca, _ = with_backoff("contacting the server", lambda: trusted_ca(paths, server, pinned), s.retry_for, sleep)
+    client = Client(server, ca)
+    try:
+        root_json = paths.tuf_dir / "root.json"
+        if not root_json.exists():  # trust in the repository chains from the pinned CA of this TLS connection
+            status, body = with_backoff(
+                "fetching the repository root",
+                lambda: client.raw("GET", "/v1/repo/metadata/1.root.json"),
+                s.retry_for,
+                sleep,
+            )
+            if status != 200:
+                raise ServerUnreachable(f"{server}: the repository root metadata answered HTTP {status}")
+            atomic_write(root_json, body)
+        progress.step(f"fetch and verify the {os_tag} bundle")
+        downloads = paths.state_dir / "downloads"
+        bundle = with_backoff(
+            "downloading the bundle",
+            lambda: fetch_bundle(
+                f"https://{server}",
+                client.context,
+                root_json.read_bytes(),
+                paths.tuf_dir / "metadata",
+                os_tag,
+                downloads,
+            ),
+            s.retry_for,
+            sleep,
+        )
+    finally:
+        client.close()
+    progress.step("unpack")
+    staging = _unpack(paths, bundle)
+    progress.step("check prerequisites and install")
+    installed = install(paths, staging, s.install_dir, s.role, s.platform)
+    shutil.rmtree(staging, ignore_errors=True)
+    progress.step("register")
+    enrolled = configure(paths, s.server, secret, pinned, s.role, s.platform, os_tag)
+    progress.step("start the daemon")
+    started = start_daemon(paths, installed.init)
+    log(paths, f"bootstrap: {started}")
+    warnings = (
+        []
+        if installed.freeze.ready
+        else [f"freeze provider not set up ({installed.freeze.reason}): only crash-consistent recovery points"]
+    )
+    state = "succeeded with warnings" if warnings else "succeeded"
+    clone = f", a clone of {enrolled.registration.cloned_from}" if enrolled.registration.cloned_from else ""
+    message = f"Mobility {installed.version} installed and registered as {enrolled.registration.host_id}{clone}"
+    job.update(
+        state=state,
+        host_id=enrolled.registration.host_id,
+        error_id="FREEZE-NOT-READY" if warnings else None,
+        remediation="Run `mobility freeze-provider install`." if warnings else None,
+        detail="; ".join([message, *warnings]),
+    )
+    _report(paths, job, s, secret, pinned)
+    return Outcome(state, "; ".join([message, *warnings]), enrolled.registration.host_id, job["job_id"])
+
+
+def _unpack(paths: Paths, bundle: Path) -> Path:
+    name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
+    staging = paths.state_dir / "staging" / name.version
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(bundle) as tar:
+            tar.extractall(staging, filter="tar")
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves nothing half-unpacked behind
+        raise InstallFailed(f"unpacking {bundle.name} failed: {e.strerror or e}") from e
+    return staging
+
+
+def _report(paths: Paths, job: dict[str, Any], s: BootstrapSettings, secret: str, pinned: str | None) -> None:
+    """Tell the server (mutual TLS once registered, else a proof of the secret) and keep a local copy."""
+    from agent.registration import report_job
+
+    job["reported"] = dt.datetime.now(dt.UTC).isoformat()
+    with contextlib.suppress(OSError):
+        atomic_write(paths.last_job, json.dumps(job, indent=2).encode())
+    body = {
+        k: v
+        for k, v in job.items()
+        if k in ("job_id", "host_id", "hostname", "kind", "state", "error_id", "remediation", "detail")
+    }
+    try:
+        report_job(paths, body, s.server, secret, pinned)
+    except MobilityError as e:
+        log(paths, f"could not report job {job['job_id']} to the server: {e.id}: {e.message}")
+
+
+def _job_kind(paths: Paths) -> str:
+    try:
+        installed = json.loads(paths.agent_config.read_text())
+    except (OSError, ValueError):
+        return "install"
+    return "upgrade" if version_key(str(installed.get("version", "0"))) < version_key(__version__) else "configure"
+
+
+def _hostname(paths: Paths) -> str:
+    import socket
+
+    if paths.root != paths.root.parent:
+        with contextlib.suppress(OSError):
+            return paths("/etc/hostname").read_text().strip() or socket.gethostname()
+    return socket.gethostname()
+
+
+__all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "merged_settings"]
