@@ -1,0 +1,217 @@
+"""The real test: a Debian 12 template with the bootstrapper baked in, booted with systemd-nspawn against a real
+configuration server on loopback. The container shares the host's network namespace, so 127.0.0.1 is the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, require_root
+from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
+
+pytestmark = pytest.mark.integration
+
+CACHE = REPO / ".cache"
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def systemd_root() -> Path:
+    """A minimal Debian 12 with systemd as init (debootstrap), cached between runs in .cache/."""
+    require_root()
+    root = CACHE / "debian12-systemd"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        r = subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=systemd,systemd-sysv,dbus",
+                "bookworm",
+                str(root),
+                "http://deb.debian.org/debian",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        (root / ".complete").write_text("")
+    return root
+
+
+def bake(base: Path, where: Path, dist: Path, server: ServerProcess, machine_id: str) -> Path:
+    """A template: the bootstrapper, bootstrap.conf, the passphrase file and the enabled unit, baked in."""
+    subprocess.run(["cp", "-a", str(base), str(where)], check=True)
+    (where / "etc/machine-id").write_text(machine_id + "\n")
+    (where / "etc/hostname").write_text(f"tmpl-{machine_id[:6]}\n")
+    shutil.copy2(dist / "mobility-bootstrap", where / "usr/local/sbin/mobility-bootstrap")
+    conf = where / "etc/mobility"
+    conf.mkdir(parents=True, exist_ok=True)
+    secret_file(conf / "passphrase", server.passphrase())
+    (conf / "bootstrap.conf").write_text(
+        f"server = {server.address}\nfingerprint = {server.fingerprint}\n"
+        "passphrase_file = /etc/mobility/passphrase\nretry_for = 5\n"
+    )
+    units = where / "etc/systemd/system"
+    for unit in ("mobility-bootstrap.service", "mobility-bootstrap.timer"):
+        shutil.copy2(REPO / "systemd" / unit, units / unit)
+    (units / "multi-user.target.wants").mkdir(exist_ok=True)
+    (units / "timers.target.wants").mkdir(exist_ok=True)
+    (units / "multi-user.target.wants/mobility-bootstrap.service").symlink_to(
+        "/etc/systemd/system/mobility-bootstrap.service"
+    )
+    (units / "timers.target.wants/mobility-bootstrap.timer").symlink_to("/etc/systemd/system/mobility-bootstrap.timer")
+    # The test cannot wait the timer's 15 minutes: a drop-in retries after 5 s.
+    dropin = units / "mobility-bootstrap.timer.d"
+    dropin.mkdir(exist_ok=True)
+    (dropin / "test.conf").write_text("[Timer]\nOnBootSec=5s\nOnUnitInactiveSec=5s\nRandomizedDelaySec=0\n")
+    (where / "var/log/journal").mkdir(parents=True, exist_ok=True)  # a persistent journal the host can read
+    return where
+
+
+class Container:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet", "-D", str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def journal(self, unit: str) -> str:
+        r = subprocess.run(
+            ["journalctl", "-D", str(self.root / "var/log/journal"), "-u", unit, "--no-pager", "-o", "cat"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return r.stdout
+
+    def daemon(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.root / "var/lib/mobility/daemon.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # nspawn asks the container's systemd to power off
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def daemon_in_its_unit() -> bool:
+    """A process in a mobility.service cgroup, i.e. the daemon started by the container's systemd."""
+    for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
+        try:
+            if "/mobility.service" in cgroup.read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture
+def server(tmp_path: Path, dist: Path) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path / "data", heartbeat_interval=2.0)
+    (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
+    server_cli(s.data, "repo", "add", str(bundle), check=True)
+    yield s
+    s.stop()
+
+
+def test_template_boots_registers_and_runs_the_daemon(
+    systemd_root: Path, dist: Path, server: ServerProcess, tmp_path: Path
+) -> None:
+    root = bake(systemd_root, tmp_path / "vm1", dist, server, "e1" * 16)
+    vm = Container(root)
+    try:
+        (job,) = wait_for("the install job", server.jobs)
+        assert job["state"] == "succeeded", job
+        (machine,) = wait_for("the machine online", lambda: [m for m in server.machines() if m["state"] == "online"])
+        assert (machine["hostname"], machine["os_tag"]) == ("tmpl-e1e1e1", "DEBIAN12")
+        wait_for("heartbeats from the daemon", lambda: vm.daemon().get("heartbeats_sent", 0) >= 2)
+        assert daemon_in_its_unit()
+    finally:
+        vm.stop()
+    assert vm.proc.returncode == 0
+    # Every unit, as installed in the booted root, passes systemd's own verification.
+    units = [
+        f"/etc/systemd/system/{u}"
+        for u in ("mobility.service", "mobility-bootstrap.service", "mobility-bootstrap.timer")
+    ]
+    r = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", *units], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 0, r.stderr
+
+    # Boot again: nothing is reinstalled, nothing re-registered.
+    log_before = (root / "var/log/mobility/install.log").read_text()
+    vm = Container(root)
+    try:
+        wait_for("the daemon again", lambda: vm.daemon().get("heartbeats_sent", 0) >= 1 and daemon_in_its_unit())
+        wait_for("the bootstrap unit to finish", lambda: "current:" in vm.journal("mobility-bootstrap.service"))
+    finally:
+        vm.stop()
+    assert (root / "var/log/mobility/install.log").read_text() == log_before
+    assert len(server.jobs()) == 1 and len(server.machines()) == 1
+
+    # A copy with a new machine-id: a second machine, marked as a clone.
+    clone = tmp_path / "vm2"
+    subprocess.run(["cp", "-a", str(root), str(clone)], check=True)
+    (clone / "etc/machine-id").write_text("e2" * 16 + "\n")
+    vm = Container(clone)
+    try:
+        machines = wait_for("the clone", lambda: [m for m in server.machines() if m["cloned_from"]])
+        assert machines[0]["cloned_from"] == machine["host_id"]
+    finally:
+        vm.stop()
+
+
+def test_boot_with_the_server_down_then_the_timer_converges(
+    systemd_root: Path, dist: Path, server: ServerProcess, tmp_path: Path
+) -> None:
+    root = bake(systemd_root, tmp_path / "vm", dist, server, "e3" * 16)
+    port = server.port
+    server.stop()
+    vm = Container(root)
+    try:
+        wait_for(
+            "the bootstrap to give up with 75",
+            lambda: "error SERVER-UNREACHABLE" in vm.journal("mobility-bootstrap.service"),
+            timeout=90,
+        )
+        assert vm.proc.poll() is None  # boot completed and goes on
+        up = start_server(server.data, heartbeat_interval=2.0, port=port)
+        try:
+            (job,) = wait_for("the timer's retry to succeed", up.jobs, timeout=120)
+            assert job["state"] == "succeeded"
+            wait_for("the daemon", lambda: vm.daemon().get("heartbeats_sent", 0) >= 1)
+        finally:
+            up.stop()
+    finally:
+        vm.stop()
