@@ -86,9 +86,30 @@ def cmd_configure(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _ask(question: str, choices: tuple[str, ...]) -> str:
+    """One question on the terminal, repeated until the answer is one of ``choices``."""
+    for _ in range(5):
+        answer = input(f"{question} [{'/'.join(choices)}]: ").strip()
+        match = next((c for c in choices if c.lower() == answer.lower()), None)
+        if match:
+            return match
+        print(f"please answer one of {', '.join(choices)}", file=sys.stderr)
+    raise BadArguments(f"no valid answer to {question!r}")
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from agent.install import install
 
+    interactive = not args.quiet and sys.stdin.isatty()
+    for attr, question, choices in (
+        ("role", "Role of this machine: MS (mobility service) or MT (master target)?", ROLES),
+        ("platform", "Platform: VmWare (VMware VMs, physical) or Azure?", PLATFORMS),
+    ):
+        if getattr(args, attr) is None:
+            if not interactive:
+                flag = "-r" if attr == "role" else "-v"
+                raise BadArguments(f"install: {flag} is required (or run it on a terminal without -q to be asked)")
+            setattr(args, attr, _ask(question, choices))
     result = install(Paths.checked(args.root), Path(args.bundle), args.install_dir, args.role, args.platform)
     data: dict[str, object] = {
         "version": result.version,
@@ -320,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"install directory (default {DEFAULT_INSTALL_DIR})",
     )
-    p.add_argument("-r", dest="role", choices=ROLES, required=True, help="MS (mobility service) or MT (master target)")
-    p.add_argument("-v", dest="platform", choices=PLATFORMS, required=True, help="VmWare (and physical) or Azure")
+    p.add_argument(
+        "-r", dest="role", choices=ROLES, help="MS (mobility service) or MT (master target); asked if absent"
+    )
+    p.add_argument("-v", dest="platform", choices=PLATFORMS, help="VmWare (and physical) or Azure; asked if absent")
     p.add_argument("-q", dest="quiet", action="store_true", help="non-interactive, no check table")
     p.set_defaults(func=cmd_install)
 

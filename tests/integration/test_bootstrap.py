@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     ServerProcess,
     agent_cli,
@@ -139,8 +141,6 @@ def test_unsupported_os_is_reported_as_a_failed_job(server: ServerProcess, tmp_p
 
 
 def test_too_little_space_fails_prerequisites_and_is_reported(server: ServerProcess, tmp_path: Path) -> None:
-    from tests.conftest import require_root
-
     require_root()
     root = template(server, tmp_path / "m", "a6" * 16)
     with ExitStack() as stack:
@@ -169,8 +169,6 @@ def mount_small_fs(stack: ExitStack, image: Path, where: Path, mib: int) -> str:
 
 
 def test_disk_full_while_unpacking_leaves_nothing_half_done(server: ServerProcess, tmp_path: Path) -> None:
-    from tests.conftest import require_root
-
     require_root()
     root = template(server, tmp_path / "m", "a7" * 16)
     with ExitStack() as stack:
@@ -211,8 +209,6 @@ def test_a_second_bootstrap_at_the_same_time_waits_its_turn(server: ServerProces
 
 
 def test_read_only_install_dir(server: ServerProcess, tmp_path: Path) -> None:
-    from tests.conftest import require_root
-
     require_root()
     root = template(server, tmp_path / "m", "aa" * 16)
     target = root / "usr" / "local" / "mobility"
@@ -309,3 +305,47 @@ class CuttingProxy:
         self.stopping = True
         self.thread.join(timeout=5)
         self.sock.close()
+
+
+def test_install_asks_on_a_terminal_and_refuses_without_one(dist: Path, tmp_path: Path) -> None:
+    import pty
+    import select
+    import tarfile
+
+    root = sandbox_root(tmp_path / "m", "ad" * 16)
+    (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path / "b", filter="tar")
+    # No terminal and no -r/-v: a clear usage error, nothing installed.
+    r = agent_cli("install", "--bundle", str(tmp_path / "b"), "--root", str(root))
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error USAGE")
+    assert not installed(root)
+
+    # On a terminal it asks for the role and the platform, then installs.
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "install", "--bundle", str(tmp_path / "b"), "--root", str(root)],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        cwd=REPO,
+    )
+    os.close(secondary)
+    seen = b""
+    answers = [(b"Role of this machine", b"MT\n"), (b"Platform", b"azure\n")]
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(primary, 4096)
+            except OSError:
+                break
+        if answers and answers[0][0] in seen:
+            os.write(primary, answers.pop(0)[1])
+    proc.wait(timeout=30)
+    os.close(primary)
+    assert proc.returncode == 0, seen.decode(errors="replace")
+    assert b"installed Mobility" in seen
+    record = json.loads((root / "etc/mobility/agent.json").read_text())
+    assert (record["role"], record["platform"]) == ("MT", "Azure")
