@@ -84,6 +84,7 @@ class Daemon:
         self.shedding = False
         self.ballast: list[bytearray] = []
         self.report: dict[str, Any] = {}
+        self._cpu: float | None = None
         self.metrics: Any = None
         if config.metrics_port is not None:
             from agent.metrics import Metrics  # loaded only when enabled: it costs memory
@@ -134,8 +135,11 @@ class Daemon:
 
     # Jobs ------------------------------------------------------------------------------------------------
 
-    def check_health(self) -> dict[str, Any]:
-        process = process_sample(self.process)
+    def check_health(self, measure_cpu: bool = True) -> dict[str, Any]:
+        """``measure_cpu=False`` keeps the last CPU figure: a re-check moments later would measure a tiny window."""
+        process = process_sample(self.process, None if measure_cpu or self._cpu is None else self._cpu)
+        if process is not None:
+            self._cpu = process.cpu_percent
         server = ServerSample(
             self.status.last_heartbeat_ok,
             self.status.unreachable_since,
@@ -279,6 +283,10 @@ class Daemon:
             self.now = time.time()
             self.check_health()
             self.heartbeat()
+            first = self.report.get("status")
+            self.check_health(measure_cpu=False)  # again, with the server's answer: reachability, round trip, skew
+            if self.report.get("status") != first:
+                self.heartbeat()  # so the server does not show the first report's UNKNOWN for a whole interval
             while not self.stopping:
                 self.tick(time.time())
                 wait = self.scheduler.seconds_to_next()

@@ -34,8 +34,9 @@ def machine(base: Path, name: str, data: Path, address: str, fingerprint: str, c
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "passphrase").write_text((data / "passphrase").read_text())
     (conf / "passphrase").chmod(0o600)
-    (conf / "bootstrap.conf").write_text(f"server = {address}\nfingerprint = {fingerprint}\n"
-                                         "passphrase_file = /etc/mobility/passphrase\n")
+    (conf / "bootstrap.conf").write_text(
+        f"server = {address}\nfingerprint = {fingerprint}\npassphrase_file = /etc/mobility/passphrase\n"
+    )
     if cache is not None:
         shutil.copytree(cache, root / "var" / "lib" / "mobility" / "downloads")
     return root
@@ -53,22 +54,36 @@ def main() -> None:
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-bootstrap-"))
     dist = base / "dist"  # the frozen programs of these sources (cached by their hash), one bundle re-packed
-    subprocess.run([str(REPO / "packaging" / "build"), "--tags", "DEBIAN12", "--out", str(dist)], check=True,
-                   capture_output=True, cwd=REPO)
+    subprocess.run(
+        [str(REPO / "packaging" / "build"), "--tags", "DEBIAN12", "--out", str(dist)],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
     bootstrapper = str(dist / "mobility-bootstrap")
     data = base / "data"
-    subprocess.run([sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"], check=True,
-                   capture_output=True, cwd=REPO)
-    subprocess.run([sys.executable, "-m", "server", "repo", "add", "--data", str(data), str(bundle)], check=True,
-                   capture_output=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "server", "repo", "add", "--data", str(data), str(bundle)],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     server, address, fingerprint = start_local_server(data)
     try:
         first = machine(base, "first", data, address, fingerprint, None)
         with_download = timed([bootstrapper, "--root", str(first)])
         cache = first / "var" / "lib" / "mobility" / "downloads"
-        fresh = [timed([bootstrapper, "--root", str(machine(base, f"m{i}", data, address, fingerprint, cache))])
-                 for i in range(args.runs)]
+        fresh = [
+            timed([bootstrapper, "--root", str(machine(base, f"m{i}", data, address, fingerprint, cache))])
+            for i in range(args.runs)
+        ]
         noop = [timed([bootstrapper, "--root", str(first)]) for _ in range(max(args.runs * 4, 10))]
         # For comparison: the same no-op by the one-dir frozen agent, which does not unpack itself at each start.
         onedir = REPO / "build" / "packaging" / "frozen" / "mobility" / "mobility"
@@ -79,14 +94,22 @@ def main() -> None:
         server.wait(timeout=15)
     mib = bundle.stat().st_size / 1024 / 1024
     print(f"first bootstrap, {mib:.1f} MiB bundle downloaded on loopback: {with_download:.2f} s")
-    print(f"fresh bootstrap excluding download ({args.runs} machines): median {statistics.median(fresh):.2f} s "
-          f"(min {min(fresh):.2f}, max {max(fresh):.2f}); target <= 3 s")
-    print(f"at-boot no-op, frozen bootstrapper ({len(noop)} runs): median {statistics.median(noop) * 1000:.0f} ms "
-          f"(min {min(noop) * 1000:.0f}, max {max(noop) * 1000:.0f}); target <= 300 ms")
-    print(f"  of which the one-file start-up alone (`mobility-bootstrap --version`): median "
-          f"{statistics.median(version_only) * 1000:.0f} ms")
-    print(f"  the same no-op by the one-dir frozen agent (`mobility bootstrap`): median "
-          f"{statistics.median(noop_onedir) * 1000:.0f} ms")
+    print(
+        f"fresh bootstrap excluding download ({args.runs} machines): median {statistics.median(fresh):.2f} s "
+        f"(min {min(fresh):.2f}, max {max(fresh):.2f}); target <= 3 s"
+    )
+    print(
+        f"at-boot no-op, frozen bootstrapper ({len(noop)} runs): median {statistics.median(noop) * 1000:.0f} ms "
+        f"(min {min(noop) * 1000:.0f}, max {max(noop) * 1000:.0f}); target <= 300 ms"
+    )
+    print(
+        f"  of which the one-file start-up alone (`mobility-bootstrap --version`): median "
+        f"{statistics.median(version_only) * 1000:.0f} ms"
+    )
+    print(
+        f"  the same no-op by the one-dir frozen agent (`mobility bootstrap`): median "
+        f"{statistics.median(noop_onedir) * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":
