@@ -23,7 +23,8 @@ class Notifier:
             return
         message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items()).encode()
         with (
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s,
-            contextlib.suppress(OSError),  # systemd gone (shutdown): nothing to tell
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s,
+            # Never block the daemon: a receiver that does not read (or is gone at shutdown) loses the message.
+            contextlib.suppress(OSError),
         ):
             s.sendto(message, self.address)

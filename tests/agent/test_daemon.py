@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,14 @@ def test_prometheus_metrics_on_localhost(paths: Paths) -> None:
     assert 'mobility_health_check_status{check="HLT-RSS"} 0.0' in body
     assert "mobility_heartbeats_total 1.0" in body
     assert "mobility_resident_memory_bytes" in body
+
+
+def test_notifications_never_block_the_daemon(paths: Paths, tmp_path: Path) -> None:
+    sock_path = str(tmp_path / "deaf")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as deaf:  # bound, never read: its queue fills up
+        deaf.bind(sock_path)
+        notifier = Notifier(sock_path)
+        start = time.monotonic()
+        for _ in range(5000):
+            notifier.notify(watchdog="1")
+        assert time.monotonic() - start < 5

@@ -9,8 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scripts.localserver import start_local_server
 from tests.conftest import DISTROS, REPO
@@ -127,3 +130,33 @@ def fetch_as(server: ServerProcess, root: Path, os_tag: str, dest: Path) -> Path
         )
     finally:
         client.close()
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = 20.0, every: float = 0.2) -> Any:
+    """Poll ``condition`` until it is truthy (returned) or ``timeout`` passes (AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def debian_root(name: str, *include: str) -> Path:
+    """A minimal Debian 12 made with debootstrap (minbase, plus ``include``), cached between runs in .cache/."""
+    root = REPO / ".cache" / name
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            *([f"--include={','.join(include)}"] if include else []),
+            "bookworm",
+            str(root),
+            "http://deb.debian.org/debian",
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        (root / ".complete").write_text("")
+    return root

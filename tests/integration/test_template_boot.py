@@ -7,7 +7,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,47 +14,22 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, require_root
-from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
+from tests.integration.serverproc import ServerProcess, debian_root, secret_file, server_cli, start_server
+from tests.integration.serverproc import wait_for as poll
 
 pytestmark = pytest.mark.integration
 
-CACHE = REPO / ".cache"
-
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    """A booting container is slow: minutes, not seconds."""
+    return poll(what, condition, timeout, every=0.5)
 
 
 @pytest.fixture(scope="session")
 def systemd_root() -> Path:
-    """A minimal Debian 12 with systemd as init (debootstrap), cached between runs in .cache/."""
+    """A minimal Debian 12 with systemd as init."""
     require_root()
-    root = CACHE / "debian12-systemd"
-    if not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        r = subprocess.run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                "--include=systemd,systemd-sysv,dbus",
-                "bookworm",
-                str(root),
-                "http://deb.debian.org/debian",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            check=False,
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        (root / ".complete").write_text("")
-    return root
+    return debian_root("debian12-systemd", "systemd", "systemd-sysv", "dbus")
 
 
 def bake(base: Path, where: Path, dist: Path, server: ServerProcess, machine_id: str) -> Path:
@@ -150,9 +124,11 @@ def test_template_boots_registers_and_runs_the_daemon(
     root = bake(systemd_root, tmp_path / "vm1", dist, server, "e1" * 16)
     vm = Container(root)
     try:
-        (job,) = wait_for("the install job", server.jobs)
+        (job,) = wait_for("the install job", server.jobs, timeout=120)
         assert job["state"] == "succeeded", job
-        (machine,) = wait_for("the machine online", lambda: [m for m in server.machines() if m["state"] == "online"])
+        (machine,) = wait_for(
+            "the machine online", lambda: [m for m in server.machines() if m["state"] == "online"], timeout=120
+        )
         assert (machine["hostname"], machine["os_tag"]) == ("tmpl-e1e1e1", "DEBIAN12")
         wait_for("heartbeats from the daemon", lambda: vm.daemon().get("heartbeats_sent", 0) >= 2)
         assert daemon_in_its_unit()

@@ -24,10 +24,10 @@ from tests.integration.serverproc import (
     server_cli,
     start_server,
 )
+from tests.integration.serverproc import debian_root as make_debian_root
 
 pytestmark = pytest.mark.integration
 
-CACHE = REPO / ".cache"
 MIB = 1024 * 1024
 
 
@@ -37,15 +37,9 @@ def sh(*cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="session")
 def debian_root() -> Path:
-    """A minimal Debian 12 (debootstrap --variant=minbase), cached between runs in .cache/."""
+    """A minimal Debian 12 without Python (debootstrap --variant=minbase)."""
     require_root()
-    root = CACHE / "debian12-minbase"
-    if not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        r = sh("debootstrap", "--variant=minbase", "bookworm", str(root), "http://deb.debian.org/debian", timeout=900)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        (root / ".complete").write_text("")
-    return root
+    return make_debian_root("debian12-minbase")
 
 
 @pytest.fixture
