@@ -34,10 +34,12 @@ pytestmark = pytest.mark.integration
 def server(tmp_path: Path, dist: Path) -> Iterator[ServerProcess]:
     data = tmp_path / "data"
     s = start_server(data)
-    bundles = [str(b) for b in dist.glob("*.tar.gz") if "_DEBIAN12-64_" in b.name or "_DEBIAN11-64_" in b.name]
-    server_cli(data, "repo", "add", *bundles, check=True)
-    yield s
-    s.stop()
+    try:
+        bundles = [str(b) for b in dist.glob("*.tar.gz") if "_DEBIAN12-64_" in b.name or "_DEBIAN11-64_" in b.name]
+        server_cli(data, "repo", "add", *bundles, check=True)
+        yield s
+    finally:
+        s.stop()
 
 
 def template(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,28 +55,31 @@ class Agent:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[ServerProcess, Agent]]:
     server = start_server(tmp_path / "data", heartbeat_interval=1.0)
-    root = sandbox_root(tmp_path / "m", "d1" * 16)
-    assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
-    (root / "etc/mobility/freeze.d").mkdir(mode=0o700, parents=True)
-    (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 1, "test_hooks": True}))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(10)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--root", str(root)],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
-    )
-    agent = Agent(root, proc, notify)
-    yield server, agent
+    with ExitStack() as cleanup:  # whatever fails below, the server (and the daemon, once started) is stopped
+        cleanup.callback(server.stop)
+        root = sandbox_root(tmp_path / "m", "d1" * 16)
+        assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
+        (root / "etc/mobility/freeze.d").mkdir(mode=0o700, parents=True)
+        (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 1, "test_hooks": True}))
+        notify = cleanup.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(10)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--root", str(root)],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        )
+        cleanup.callback(_kill, proc)
+        yield server, Agent(root, proc, notify)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)
-    notify.close()
-    server.stop()
 
 
 def test_daemon_heartbeats_and_local_health_agrees_with_the_server(setup: tuple[ServerProcess, Agent]) -> None:

@@ -112,10 +112,12 @@ def daemon_in_its_unit() -> bool:
 @pytest.fixture
 def server(tmp_path: Path, dist: Path) -> Iterator[ServerProcess]:
     s = start_server(tmp_path / "data", heartbeat_interval=2.0)
-    (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
-    server_cli(s.data, "repo", "add", str(bundle), check=True)
-    yield s
-    s.stop()
+    try:
+        (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
+        server_cli(s.data, "repo", "add", str(bundle), check=True)
+        yield s
+    finally:
+        s.stop()
 
 
 def test_template_boots_registers_and_runs_the_daemon(
