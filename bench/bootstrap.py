@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scripts.localserver import start_local_server  # noqa: E402
+from scripts.localserver import init_local_server, start_local_server  # noqa: E402
 
 TREES = REPO / "tests" / "resources" / "distros"
 
@@ -63,12 +63,7 @@ def main() -> None:
     (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
     bootstrapper = str(dist / "mobility-bootstrap")
     data = base / "data"
-    subprocess.run(
-        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
+    init_local_server(data)
     subprocess.run(
         [sys.executable, "-m", "server", "repo", "add", "--data", str(data), str(bundle)],
         check=True,

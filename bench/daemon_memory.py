@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from agent.config import AgentConfig  # noqa: E402
 from agent.daemon import Daemon, ServerLink  # noqa: E402
 from agent.paths import Paths  # noqa: E402
-from scripts.localserver import start_local_server  # noqa: E402
+from scripts.localserver import init_local_server, start_local_server  # noqa: E402
 
 MIB = 1024 * 1024
 TREES = REPO / "tests" / "resources" / "distros"
@@ -87,12 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     data = base / "data"
-    subprocess.run(
-        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
+    init_local_server(data)
     server, address, fingerprint = start_local_server(data)
     try:
         root = registered_root(base, data, address, fingerprint)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from agent import wire  # noqa: E402
 from agent.identity import key_pem, new_key_and_csr  # noqa: E402
-from scripts.localserver import start_local_server  # noqa: E402
+from scripts.localserver import init_local_server, start_local_server  # noqa: E402
 
 
 async def enrol(
@@ -134,12 +134,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="bench-server-")) / "data"
-    subprocess.run(
-        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
+    init_local_server(data)
     server, address, _ = start_local_server(data)
     try:
         passphrase = (data / "passphrase").read_text().strip()

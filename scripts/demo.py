@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.localserver import start_local_server
+from scripts.localserver import init_local_server, start_local_server
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / ".demo"
@@ -49,7 +49,7 @@ def main() -> int:
     (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
 
     step("mobility-server init --data .demo/server --name 127.0.0.1")
-    show(run(sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"))
+    print(init_local_server(data), end="")
     step(f"mobility-server repo add {bundle.name}")
     show(run(sys.executable, "-m", "server", "repo", "add", "--data", str(data), str(bundle)))
 

@@ -11,6 +11,21 @@ REPO = Path(__file__).resolve().parent.parent
 _READY = re.compile(r"listening on (127\.0\.0\.1:(\d+)) fingerprint: (sha256:[0-9a-f]{64})")
 
 
+def init_local_server(data: Path) -> str:
+    """`mobility-server init` for 127.0.0.1; returns what it printed (the fingerprint line among it)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=REPO,
+    )
+    if r.returncode:
+        raise RuntimeError(f"mobility-server init failed: {r.stderr.strip()}")
+    return r.stdout
+
+
 def server_log(data: Path) -> Path:
     """Where the server's log (its stderr) goes: beside the data directory, never into a pipe that could fill."""
     return data.parent / f"{data.name}-server.log"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.localserver import start_local_server
+from scripts.localserver import init_local_server, start_local_server
 from tests.conftest import DISTROS, REPO
 
 
@@ -67,7 +67,7 @@ class ServerProcess:
 
 
 def init_server(data: Path) -> str:
-    out = server_cli(data, "init", "--name", "127.0.0.1", check=True).stdout
+    out = init_local_server(data)
     m = re.search(r"^fingerprint: (sha256:[0-9a-f]{64})$", out, re.M)
     assert m, out
     return m.group(1)
