@@ -49,6 +49,8 @@ class BootstrapSettings:
     role: str = "MS"
     platform: str = "VmWare"
     retry_for: float = 120.0  # total time to keep trying an unreachable server before exit 75
+    bundle: str | None = None  # an unpacked bundle to install instead of fetching one (push install copies it)
+    job_id: str | None = None  # report under this job (push install creates it on the server first)
 
 
 def parse_bootstrap_conf(text: str, source: str) -> dict[str, str]:
@@ -171,7 +173,7 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
         else paths(settings.passphrase_file)
     )
     job: dict[str, Any] = {
-        "job_id": str(uuid.uuid4()),
+        "job_id": settings.job_id or str(uuid.uuid4()),
         "hostname": _hostname(paths),
         "state": "running",
         "kind": _job_kind(paths),
@@ -215,28 +217,35 @@ def _run(
             if status != 200:
                 raise ServerUnreachable(f"{server}: the repository root metadata answered HTTP {status}")
             atomic_write(root_json, body)
-        progress.step(f"fetch and verify the {os_tag} bundle")
-        downloads = paths.state_dir / "downloads"
-        bundle = with_backoff(
-            "downloading the bundle",
-            lambda: fetch_bundle(
-                f"https://{server}",
-                client.context,
-                root_json.read_bytes(),
-                paths.tuf_dir / "metadata",
-                os_tag,
-                downloads,
-            ),
-            s.retry_for,
-            sleep,
-        )
+        if s.bundle is None:
+            progress.step(f"fetch and verify the {os_tag} bundle")
+            downloads = paths.state_dir / "downloads"
+            bundle = with_backoff(
+                "downloading the bundle",
+                lambda: fetch_bundle(
+                    f"https://{server}",
+                    client.context,
+                    root_json.read_bytes(),
+                    paths.tuf_dir / "metadata",
+                    os_tag,
+                    downloads,
+                ),
+                s.retry_for,
+                sleep,
+            )
     finally:
         client.close()
-    progress.step("unpack")
-    staging = _unpack(paths, bundle)
+    if s.bundle is None:
+        progress.step("unpack")
+        staging, unpacked_here = _unpack(paths, bundle), True
+    else:  # copied by the server (push install); its files are checked against bundle.json by install()
+        progress.step(f"take the bundle the server copied to {s.bundle}")
+        progress.step("unpack: already unpacked")
+        staging, unpacked_here = Path(s.bundle), False
     progress.step("check prerequisites and install")
     installed = install(paths, staging, s.install_dir, s.role, s.platform)
-    shutil.rmtree(staging, ignore_errors=True)
+    if unpacked_here:
+        shutil.rmtree(staging, ignore_errors=True)
     progress.step("register")
     enrolled = configure(paths, s.server, secret, pinned, s.role, s.platform, os_tag)
     progress.step("start the daemon")

@@ -249,6 +249,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         "role": args.role,
         "platform": args.platform,
         "retry_for": args.retry_for,
+        "bundle": args.bundle,
+        "job_id": _job_id(args.job_id),
     }
     if args.test_kill_at is not None:
         from agent.bootstrap import Progress
@@ -258,6 +260,17 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     data = {"state": outcome.state, "message": outcome.message, "host_id": outcome.host_id, "job_id": outcome.job_id}
     _emit(args, data, f"{outcome.state}: {outcome.message}")
     return Exit.OK
+
+
+def _job_id(text: str | None) -> str | None:
+    import uuid
+
+    if text is None:
+        return None
+    try:
+        return str(uuid.UUID(text))
+    except ValueError as e:
+        raise BadArguments(f"--job-id {text!r} is not a UUID") from e
 
 
 def cmd_template_prep(args: argparse.Namespace) -> int:
@@ -282,6 +295,12 @@ def add_bootstrap_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long to retry an unreachable server before exiting 75 (default 120)",
     )
+    p.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="install this unpacked bundle instead of fetching one (push install copies it over SFTP)",
+    )
+    p.add_argument("--job-id", metavar="UUID", help="report under this job, created by the server (push install)")
     p.add_argument("--test-kill-at", type=int, metavar="STEP", help=argparse.SUPPRESS)  # crash tests only
     p.set_defaults(func=cmd_bootstrap)
 

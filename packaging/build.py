@@ -134,7 +134,9 @@ def bundle_members(tag: str, agent: Path) -> list[tuple[str, Path]]:
     """(name in the archive, file on disk) for one tag; the frozen agent is shared by every tag."""
     pkg = REPO / "packaging"
     members = [(f"mobility/{p.relative_to(agent)}", p) for p in sorted(agent.rglob("*"))]
-    members += [(name, pkg / "bundle" / name) for name in ("install", "configure", "uninstall", "entry.sh")]
+    members += [
+        (name, pkg / "bundle" / name) for name in ("install", "configure", "uninstall", "bootstrap", "entry.sh")
+    ]
     if BY_TAG[tag].init is Init.SYSTEMD:
         members += [(f"units/{p.name}", p) for p in sorted((REPO / "systemd").iterdir())]
     else:

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Shared by the bundle's entry points (install, configure, uninstall): refuse, with a clear error, a system
+# Shared by the bundle's entry points (install, configure, uninstall, bootstrap): refuse, with a clear error, a system
 # whose glibc is older than the one the frozen agent was built against (it would not even load), then run it.
 here=$(cd "$(dirname "$0")" && pwd)
 command=$1
@@ -14,7 +14,7 @@ if [ -n "$floor" ] && [ -n "$have" ] && [ "$have" != "$floor" ]; then
         exit 3
     fi
 fi
-if [ "$command" = install ]; then
-    exec "$here/mobility/mobility" install --bundle "$here" "$@"
+if [ "$command" = install ] || [ "$command" = bootstrap ]; then
+    exec "$here/mobility/mobility" "$command" --bundle "$here" "$@"
 fi
 exec "$here/mobility/mobility" "$command" "$@"

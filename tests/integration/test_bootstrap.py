@@ -238,6 +238,31 @@ def test_connection_dropped_mid_download_then_converges(server: ServerProcess, t
     assert (code, out.get("state")) == (0, "succeeded"), err
 
 
+def test_bootstrap_with_a_copied_bundle_reports_under_the_given_job(
+    server: ServerProcess, dist: Path, tmp_path: Path
+) -> None:
+    """What push install runs remotely: the bundle is already there, the server made the job and a token."""
+    import tarfile
+    import uuid
+
+    root = template(server, tmp_path / "m", "ad" * 16)
+    (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path / "b", filter="tar")
+    job_id = str(uuid.uuid4())
+    code, out, err = bootstrap(root, "--bundle", str(tmp_path / "b"), "--job-id", job_id)
+    assert (code, out.get("state"), out.get("job_id")) == (0, "succeeded", job_id), err
+    log = (root / "var/log/mobility/install.log").read_text()
+    assert f"take the bundle the server copied to {tmp_path / 'b'}" in log
+    assert "fetch and verify" not in log and not (root / "var/lib/mobility/downloads").exists()
+    (job,) = server.jobs()
+    assert (job["job_id"], job["state"], job["host_id"]) == (job_id, "succeeded", out["host_id"])
+    assert (tmp_path / "b/bundle.json").exists()  # the caller's copy is the caller's to remove
+
+    code, _, err = bootstrap(root, "--job-id", "not-a-uuid")
+    assert (code, err.split(":")[0]) == (2, "error USAGE")
+
+
 def test_bundle_for_another_os_tag_is_refused(dist: Path, tmp_path: Path) -> None:
     import tarfile
 

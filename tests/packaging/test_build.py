@@ -147,7 +147,7 @@ def test_every_default_bundle_is_named_and_hashed_correctly(dist: Path) -> None:
         assert manifest.glibc_floor == info["glibc_floor"]
         with tarfile.open(b) as tar:
             names = set(tar.getnames())
-        assert {"install", "configure", "uninstall", "mobility/mobility", "freeze.d/README"} <= names
+        assert {"install", "configure", "uninstall", "bootstrap", "mobility/mobility", "freeze.d/README"} <= names
         assert ("units/mobility.service" in names) == (manifest.init == "systemd")
         assert ("init.d/mobility" in names) == (manifest.init == "sysv")
 
