@@ -17,7 +17,7 @@ LIBC_LOCATIONS = (
     "/lib/libc.so.6",
     "/usr/lib/libc.so.6",
 )
-_ARCH_PROBES = ("/bin/sh", "/usr/bin/env")
+ARCH_PROBES = ("/bin/sh", "/usr/bin/env")
 
 # e_machine values of the ELF header (elf.h).
 _ELF_MACHINES = {0x03: "i386", 0x3E: "x86_64", 0xB7: "aarch64", 0x15: "ppc64", 0x16: "s390x", 0x28: "arm"}
@@ -67,7 +67,7 @@ def root_glibc(paths: Paths) -> str | None:
 
 def root_arch(paths: Paths) -> str | None:
     """The architecture of the root's binaries (libc, else /bin/sh), or None."""
-    for loc in (find_libc(paths), *_ARCH_PROBES):
+    for loc in (find_libc(paths), *ARCH_PROBES):
         if loc is None:
             continue
         host = paths.resolve(loc)

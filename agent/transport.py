@@ -45,10 +45,10 @@ class ServerAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(text: str) -> ServerAddress:
+def parse_address(text: str, default_port: int = wire.DEFAULT_PORT) -> ServerAddress:
     """HOST, HOST:PORT, [IPv6]:PORT or a bare IPv6 address."""
     text = text.strip()
-    host, port = text, wire.DEFAULT_PORT
+    host, port = text, default_port
     if text.startswith("["):
         end = text.find("]")
         if end < 0:

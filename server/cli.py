@@ -8,9 +8,7 @@ import datetime as dt
 import json
 import logging
 import re
-import secrets
 import socket
-import string
 import sys
 import time
 from collections.abc import Sequence
@@ -20,11 +18,17 @@ from typing import Any
 
 from agent import wire
 from agent.cli import Parser, run
-from agent.errors import Exit
+from agent.errors import BadArguments, Exit
 from agent.fsutil import atomic_write
 from server import __version__, pki
 from server.datadir import DEFAULT_DATA_DIR, DataDir
-from server.errors import BadDuration, DataDirInitialised, DataDirNotInitialised, DataDirPermissions
+from server.errors import (
+    BadDuration,
+    DataDirInitialised,
+    DataDirNotInitialised,
+    DataDirPermissions,
+    PushTargetInvalid,
+)
 from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
@@ -125,20 +129,20 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from server.enrolment import create_token
+
     data = _data(args)
-    alphabet = string.ascii_letters + string.digits
-    token_id = "".join(secrets.choice(alphabet) for _ in range(12))
-    secret = secrets.token_urlsafe(24)
-    now = time.time()
     ttl = parse_duration(args.ttl)
     if args.uses is not None and args.uses < 1:
         from agent.errors import BadArguments
 
         raise BadArguments("--uses must be at least 1")
     storage = Storage(data.database)
-    storage.add_token(token_id, secret, now + ttl, args.uses, now)
-    storage.close()
-    print(f"mbt_{token_id}_{secret}")
+    try:
+        _, token = create_token(storage, ttl, args.uses, time.time())
+    finally:
+        storage.close()
+    print(token)
     return Exit.OK
 
 
@@ -240,6 +244,48 @@ def _print_table(header: list[str], rows: list[list[Any]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from server.push.progress import progress_for
+    from server.push.run import default_server_address, load_credentials, push
+    from server.push.targets import parse_hosts_file, parse_target, unique_targets
+
+    data = _data(args)
+    targets = [parse_target(h) for h in args.host or []]
+    if args.hosts_file:
+        try:
+            text = Path(args.hosts_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PushTargetInvalid(f"--hosts-file {args.hosts_file}: {getattr(e, 'strerror', None) or e}") from e
+        targets += parse_hosts_file(text, args.hosts_file)
+    if not targets:
+        raise PushTargetInvalid("no hosts: give --host HOST[:PORT] (repeatable) or --hosts-file FILE")
+    if args.parallel < 1:
+        raise BadArguments("--parallel must be at least 1")
+    credentials = load_credentials(args.user, args.key, args.password_file)
+    results = push(
+        data,
+        unique_targets(targets),
+        credentials,
+        server=args.server or default_server_address(data),
+        accept_new_host_keys=args.accept_new_host_keys,
+        parallel=args.parallel,
+        timeout=args.timeout,
+        progress=progress_for(args.json),
+    )
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        print(json.dumps({"hosts": [r.to_json() for r in results], "failed": len(failed)}, indent=2))
+    else:
+        for r in results:
+            if r.ok:
+                warning = f"; warning {r.error.id}" if r.error else ""
+                print(f"{r.target}: {r.state}: {r.os_tag}, {r.host_id}{warning}")
+            elif r.error:
+                print(f"{r.target}: failed: {r.error.diagnostics()}")
+        print(f"{len(results) - len(failed)} of {len(results)} hosts succeeded")
+    return Exit.ERROR if failed else Exit.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mobility-server", description="Mobility configuration server.")
     parser.add_argument("--version", action="version", version=f"mobility-server {__version__}")
@@ -285,6 +331,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, help_text)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = command("push", "install and register the agent on hosts over SSH/SFTP")
+    p.add_argument("--host", action="append", metavar="HOST[:PORT]", help="a host to push to (repeatable)")
+    p.add_argument("--hosts-file", metavar="FILE", help="hosts to push to, one HOST[:PORT] per line")
+    p.add_argument("--user", default="root", help="the SSH user; must be root (default root)")
+    credentials = p.add_mutually_exclusive_group(required=True)
+    credentials.add_argument("--key", metavar="FILE", help="the SSH private key (unencrypted)")
+    credentials.add_argument("--password-file", metavar="FILE", help="a root-only (0600) file holding the password")
+    p.add_argument("--parallel", type=int, default=20, metavar="N", help="hosts pushed at the same time (default 20)")
+    p.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="this server as the hosts reach it (default: the first name in its TLS certificate, port 9443)",
+    )
+    p.add_argument(
+        "--accept-new-host-keys",
+        action="store_true",
+        help="record the key of a host not yet in DATA/known_hosts (trust on first use); a changed key is refused",
+    )
+    p.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS", help="to connect and log in (default 15)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (no progress)")
+    p.set_defaults(func=cmd_push)
 
     p = command("repo", "manage the installer repository")
     repo = p.add_subparsers(dest="action", required=True, parser_class=Parser, metavar="ACTION")

@@ -51,6 +51,11 @@ class DataDir:
         return self.root / "known_hosts"
 
     @property
+    def push_logs(self) -> Path:
+        """The install log of every pushed host, one file per push job."""
+        return self.root / "push-logs"
+
+    @property
     def initialised_marker(self) -> Path:
         """Written last by `init`: its presence means the directory is complete."""
         return self.root / ".initialised"

@@ -6,6 +6,7 @@ import datetime as dt
 import hmac
 import logging
 import secrets
+import string
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -189,6 +190,15 @@ class Enrolment:
         except (NonceInvalid, BadProof, TokenExpired, TokenUsedUp) as e:
             self._failed(address, now, e.message, "(job report)")
             raise
+
+
+def create_token(storage: Storage, ttl: float, uses: int | None, now: float) -> tuple[str, str]:
+    """A new enrolment token: (its ID, the whole ``mbt_<id>_<secret>`` the machine is given)."""
+    alphabet = string.ascii_letters + string.digits
+    token_id = "".join(secrets.choice(alphabet) for _ in range(12))
+    secret = secrets.token_urlsafe(24)
+    storage.add_token(token_id, secret, now + ttl, uses, now)
+    return token_id, f"mbt_{token_id}_{secret}"
 
 
 def parse_enrol_request(body: Any) -> EnrolRequest:

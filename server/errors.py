@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from agent.errors import LocalSystemError, RemoteStateError, UsageError
+from agent.errors import (
+    LocalSystemError,
+    RemoteStateError,
+    TemporaryError,
+    TransportError,
+    UnsupportedError,
+    UsageError,
+)
 
 
 class ApiError(RemoteStateError):
@@ -111,3 +118,108 @@ class ListenFailed(LocalSystemError):
 class BadDuration(UsageError):
     code = "BAD-DURATION"
     remediation = "Give durations as a number and a unit: 30m, 12h, 7d."
+
+
+# Push install over SSH (server/push/) ------------------------------------------------------------------------
+
+
+class PushTargetInvalid(UsageError):
+    code = "PUSH-TARGET-INVALID"
+    remediation = "Give hosts as HOST, HOST:PORT or [IPv6]:PORT, on the command line or one per line in --hosts-file."
+
+
+class PushCredentialsInvalid(UsageError):
+    code = "PUSH-CREDENTIALS-INVALID"
+    remediation = (
+        "Give --key an unencrypted OpenSSH or PEM private key file, or --password-file a root-only (0600) file "
+        "holding the password; passwords are never taken from the command line."
+    )
+
+
+class PushNoBundle(UsageError):
+    code = "PUSH-NO-BUNDLE"
+    remediation = (
+        "Publish a bundle for the host's OS tag first: `mobility-server repo add Mobility_UA_..._<TAG>-64_...`."
+    )
+
+
+class PushNameUnresolved(TemporaryError):
+    code = "PUSH-NAME-UNRESOLVED"
+    remediation = "Check the host name (DNS, /etc/hosts on the server) or give the host's IP address."
+
+
+class PushConnectRefused(TemporaryError):
+    code = "PUSH-CONNECT-REFUSED"
+    remediation = (
+        "Nothing listens for SSH at that address and port: start sshd on the host (systemctl start ssh), "
+        "open port 22 in its firewall, or give the right port with HOST:PORT."
+    )
+
+
+class PushConnectTimeout(TemporaryError):
+    code = "PUSH-CONNECT-TIMEOUT"
+    remediation = (
+        "The host did not answer in time: check that it is up, that a firewall on the way lets the server "
+        "reach its SSH port, and that sshd is not overloaded; or raise --timeout."
+    )
+
+
+class PushUnreachable(TemporaryError):
+    code = "PUSH-UNREACHABLE"
+    remediation = "The server has no route to the host: check the address, the network and the routes between them."
+
+
+class PushHostKeyUnknown(RemoteStateError):
+    code = "PUSH-HOST-KEY-UNKNOWN"
+    remediation = (
+        "Check the host key fingerprint in the message against the host (ssh-keygen -lf "
+        "/etc/ssh/ssh_host_ed25519_key.pub), then push again with --accept-new-host-keys to record it."
+    )
+
+
+class PushHostKeyMismatch(RemoteStateError):
+    code = "PUSH-HOST-KEY-MISMATCH"
+    remediation = (
+        "The host presented a different key than the one recorded in the server's known_hosts: the host was "
+        "reinstalled, or someone is in the middle. Verify the new key on the host, then remove the old line "
+        "from DATA/known_hosts and push with --accept-new-host-keys."
+    )
+
+
+class PushAuthFailed(RemoteStateError):
+    code = "PUSH-AUTH-FAILED"
+    remediation = (
+        "The host refused the credentials: put the key's public half in the user's ~/.ssh/authorized_keys, "
+        "or check the password file; for root with a password, sshd needs PermitRootLogin yes."
+    )
+
+
+class PushSshFailed(TransportError):
+    code = "PUSH-SSH-FAILED"
+    remediation = "The SSH session broke off; check the host's sshd log (journalctl -u ssh) and push again."
+
+
+class PushNotRoot(RemoteStateError):
+    code = "PUSH-NOT-ROOT"
+    remediation = "Push as root (--user root): installing the agent needs root on the host."
+
+
+class PushNoSftp(RemoteStateError):
+    code = "PUSH-NO-SFTP"
+    remediation = (
+        "Enable the SFTP subsystem in the host's sshd: `Subsystem sftp /usr/lib/openssh/sftp-server` (or "
+        "`internal-sftp`) in /etc/ssh/sshd_config, then reload sshd."
+    )
+
+
+class PushLowDiskSpace(UnsupportedError):
+    code = "PUSH-LOW-DISK-SPACE"
+    remediation = "Free at least 100 MB on the host's filesystem named in the message (or grow it), then push again."
+
+
+class PushInstallFailed(RemoteStateError):
+    code = "PUSH-INSTALL-FAILED"
+    remediation = (
+        "Read the tail of the host's /var/log/mobility/install.log in the message (the whole log is kept in "
+        "DATA/push-logs/), fix the cause it names, then push again."
+    )

@@ -278,6 +278,10 @@ class Storage:
                 "UPDATE tokens SET uses_left = uses_left - 1 WHERE token_id = ? AND uses_left IS NOT NULL", (token_id,)
             )
 
+    def remove_token(self, token_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM tokens WHERE token_id = ?", (token_id,))
+
     def retire_passphrase(self, secret: str, valid_until: float) -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO retired_passphrases VALUES (?, ?)", (secret, valid_until))

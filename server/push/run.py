@@ -1,0 +1,138 @@
+"""Push to many hosts at once: a job and a single-use enrolment token per host, at most N hosts at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncssh
+from cryptography import x509
+
+from agent import wire
+from agent.bundles import version_key
+from agent.errors import MobilityError
+from agent.fsutil import sha256_file
+from agent.registration import read_secret_file
+from agent.transport import ServerAddress, ca_fingerprint
+from server.datadir import DataDir
+from server.enrolment import create_token
+from server.errors import PushCredentialsInvalid, PushNoBundle
+from server.push.known_hosts import KnownHosts
+from server.push.progress import Progress
+from server.push.remote import Bundle, Credentials, HostResult, PushSettings, push_host
+from server.repository import Repository
+from server.storage import Storage
+
+TOKEN_TTL = 3600.0  # a pushed host enrols within minutes; unused tokens are removed when its push ends
+
+
+def load_credentials(user: str, key_file: str | None, password_file: str | None) -> Credentials:
+    """The key or the password, from files only (never the command line)."""
+    if key_file is not None:
+        try:
+            return Credentials(user, key=asyncssh.read_private_key(key_file))
+        except (OSError, asyncssh.KeyImportError) as e:
+            raise PushCredentialsInvalid(f"--key {key_file}: {getattr(e, 'strerror', None) or e}") from e
+    if password_file is None:
+        raise PushCredentialsInvalid("give --key FILE or --password-file FILE")
+    try:
+        return Credentials(user, password=read_secret_file(Path(password_file)))
+    except MobilityError as e:
+        raise PushCredentialsInvalid(f"--password-file: {e.message}") from e
+
+
+def default_server_address(data: DataDir) -> str:
+    """The first name in the server's TLS certificate, on the default port: how hosts reach it unless told."""
+    cert = x509.load_pem_x509_certificate(data.tls_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    first = next(str(n.value) for n in names)
+    return str(ServerAddress(first, wire.DEFAULT_PORT))
+
+
+class BundleChooser:
+    """The newest published bundle for an OS tag, checked against its published hash once per push."""
+
+    def __init__(self, data: DataDir) -> None:
+        self.data = data
+        self.repo = Repository(data)
+        self.chosen: dict[str, Bundle] = {}
+
+    def __call__(self, os_tag: str) -> Bundle:
+        if os_tag not in self.chosen:
+            entries = [e for e in self.repo.list() if e.os_tag == os_tag]
+            if not entries:
+                raise PushNoBundle(f"the repository holds no bundle for {os_tag}")
+            newest = max(entries, key=lambda e: version_key(e.version))
+            path = self.data.repository_dir / newest.name
+            if sha256_file(path) != newest.sha256:
+                raise PushNoBundle(f"{path} does not match its published hash; run `mobility-server repo rescan`")
+            self.chosen[os_tag] = Bundle(newest.name, path, newest.sha256)
+        return self.chosen[os_tag]
+
+
+def push(
+    data: DataDir,
+    targets: Sequence[ServerAddress],
+    credentials: Credentials,
+    *,
+    server: str,
+    accept_new_host_keys: bool,
+    parallel: int,
+    timeout: float,
+    progress: Progress,
+) -> list[HostResult]:
+    settings = PushSettings(
+        server=server,
+        fingerprint=ca_fingerprint(data.ca_cert.read_bytes()),
+        credentials=credentials,
+        known_hosts=KnownHosts(data.known_hosts),
+        accept_new_host_keys=accept_new_host_keys,
+        bundle_for=BundleChooser(data),
+        log_dir=data.push_logs,
+        timeout=timeout,
+    )
+    storage = Storage(data.database)
+    try:
+        return asyncio.run(_push_all(storage, targets, settings, parallel, progress))
+    finally:
+        progress.close()
+        storage.close()
+
+
+async def _push_all(
+    storage: Storage, targets: Sequence[ServerAddress], s: PushSettings, parallel: int, progress: Progress
+) -> list[HostResult]:
+    gate = asyncio.Semaphore(parallel)
+    results = [HostResult(str(t), str(uuid.uuid4())) for t in targets]
+    for r in results:
+        _record(storage, r)
+        progress.step(r, "queued")
+
+    async def one(target: ServerAddress, result: HostResult) -> HostResult:
+        async with gate:
+            token_id, token = create_token(storage, TOKEN_TTL, 1, time.time())
+            try:
+                await push_host(target, result, token, s, progress.step)
+            finally:
+                storage.remove_token(token_id)
+            _record(storage, result)
+            return result
+
+    return list(await asyncio.gather(*(one(t, r) for t, r in zip(targets, results, strict=True))))
+
+
+def _record(storage: Storage, r: HostResult) -> None:
+    storage.record_job(
+        job_id=r.job_id,
+        host_id=r.host_id,
+        hostname=r.target,
+        kind="push",
+        state=r.state,
+        error_id=r.error.id if r.error else None,
+        remediation=r.error.fix if r.error else None,
+        detail=r.message[:2000] or None,
+        now=time.time(),
+    )
