@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.localserver import init_local_server, start_local_server
+from scripts.testlab import debian_root  # noqa: F401 (re-exported: tests import it from here)
 from tests.conftest import DISTROS, REPO
 
 
@@ -141,22 +142,3 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 20.0, eve
             return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def debian_root(name: str, *include: str) -> Path:
-    """A minimal Debian 12 made with debootstrap (minbase, plus ``include``), cached between runs in .cache/."""
-    root = REPO / ".cache" / name
-    if not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        cmd = [
-            "debootstrap",
-            "--variant=minbase",
-            *([f"--include={','.join(include)}"] if include else []),
-            "bookworm",
-            str(root),
-            "http://deb.debian.org/debian",
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        (root / ".complete").write_text("")
-    return root

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from scripts.testlab import sshd_base_root
 from tests.conftest import REPO, require_root
-from tests.integration.serverproc import ServerProcess, debian_root, secret_file, server_cli, start_server
+from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
 from tests.integration.serverproc import wait_for as poll
 
 pytestmark = pytest.mark.integration
@@ -27,9 +28,9 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 120.0) ->
 
 @pytest.fixture(scope="session")
 def systemd_root() -> Path:
-    """A minimal Debian 12 with systemd as init."""
+    """A minimal Debian 12 with systemd as init (the SSH lab's base: one debootstrap for both)."""
     require_root()
-    return debian_root("debian12-systemd", "systemd", "systemd-sysv", "dbus")
+    return sshd_base_root()
 
 
 def bake(base: Path, where: Path, dist: Path, server: ServerProcess, machine_id: str) -> Path:
@@ -46,6 +47,8 @@ def bake(base: Path, where: Path, dist: Path, server: ServerProcess, machine_id:
         "passphrase_file = /etc/mobility/passphrase\nretry_for = 5\n"
     )
     units = where / "etc/systemd/system"
+    # The container shares the host's network namespace: its sshd must not take the host's port 22.
+    (units / "ssh.service").symlink_to("/dev/null")
     for unit in ("mobility-bootstrap.service", "mobility-bootstrap.timer"):
         shutil.copy2(REPO / "systemd" / unit, units / unit)
     (units / "multi-user.target.wants").mkdir(exist_ok=True)

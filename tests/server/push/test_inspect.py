@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,6 +59,10 @@ def over_sftp(root: Path, work: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -
     return asyncio.run(main())
 
 
+def _local_tag(tree: str) -> str:
+    return detect_os(Paths(DISTROS / tree)).os_tag
+
+
 def _outcome(get: Callable[[], object]) -> object:
     try:
         return get()
@@ -76,7 +81,7 @@ def test_every_real_release_tree_is_detected_over_sftp_as_locally() -> None:
         return found
 
     remote = over_sftp(DISTROS, all_trees)
-    local = {t: _outcome(lambda t=t: detect_os(Paths(DISTROS / t)).os_tag) for t in TREES}
+    local = {t: _outcome(partial(_local_tag, t)) for t in TREES}
     assert remote == local
     assert remote["debian12"] == "DEBIAN12" and remote["fedora30"] == "OS-UNSUPPORTED"
     assert sum(1 for v in remote.values() if not str(v).startswith("OS-")) >= 39
@@ -92,7 +97,7 @@ class _Under:
         return await self.sftp.stat(self.prefix + path)
 
     def open(self, path: str, *args: object, **kwargs: object) -> object:
-        return self.sftp.open(self.prefix + path, *args, **kwargs)  # type: ignore[arg-type]
+        return self.sftp.open(self.prefix + path, *args, **kwargs)
 
     async def glob(self, pattern: str) -> list[str]:
         return [str(p)[len(self.prefix) :] for p in await self.sftp.glob(self.prefix + pattern)]
