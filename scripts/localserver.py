@@ -1,20 +1,22 @@
-"""Start `mobility-server serve` on a free loopback port as a child process (demo, benchmarks, tests)."""
+"""Start `mobility-server serve` on a free port as a child process (demo, benchmarks, tests): on loopback, or on an
+address inside a network namespace when ``wrap`` is ``ip netns exec NS``."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-_READY = re.compile(r"listening on (127\.0\.0\.1:(\d+)) fingerprint: (sha256:[0-9a-f]{64})")
+_READY = re.compile(r"listening on (\S+:(\d+)) fingerprint: (sha256:[0-9a-f]{64})")
 
 
-def init_local_server(data: Path) -> str:
-    """`mobility-server init` for 127.0.0.1; returns what it printed (the fingerprint line among it)."""
+def init_local_server(data: Path, name: str = "127.0.0.1") -> str:
+    """`mobility-server init` for ``name``; returns what it printed (the fingerprint line among it)."""
     r = subprocess.run(
-        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", "127.0.0.1"],
+        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", name],
         capture_output=True,
         text=True,
         check=False,
@@ -31,11 +33,14 @@ def server_log(data: Path) -> Path:
     return data.parent / f"{data.name}-server.log"
 
 
-def start_local_server(data: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen[str], str, str]:
-    """The process, its ``127.0.0.1:PORT`` and its CA fingerprint, once it listens; raises if it did not start."""
+def start_local_server(
+    data: Path, *args: str, port: int = 0, host: str = "127.0.0.1", wrap: Sequence[str] = ()
+) -> tuple[subprocess.Popen[str], str, str]:
+    """The process, its ``HOST:PORT`` and its CA fingerprint, once it listens; raises if it did not start.
+    ``wrap`` (e.g. ``ip netns exec NS``) execs the server, so the process is the server's own PID."""
     with server_log(data).open("a") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", f"127.0.0.1:{port}", *args],
+            [*wrap, sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", f"{host}:{port}", *args],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,

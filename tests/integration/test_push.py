@@ -1,0 +1,223 @@
+"""The real test of push install: hosts that are Debian 12 systems booted with systemd (systemd-nspawn), each in its
+own network namespace with its own address, root filesystem and OpenSSH server (scripts/testlab.py). The
+configuration server and `mobility-server push` run in the lab's hub namespace, as on a real network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from scripts.localserver import init_local_server, server_log, start_local_server
+from scripts.testlab import Host, Lab, sshd_base_root
+from tests.conftest import DISTROS, REPO, require_root
+from tests.integration.serverproc import server_cli, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class World:
+    lab: Lab
+    data: Path
+    server: subprocess.Popen[str]
+    address: str  # the server as the hosts reach it
+    hosts: dict[str, Host]
+
+    def push(self, *args: str, key: Path | None = None) -> tuple[int, dict[str, dict[str, Any]]]:
+        """`mobility-server push --json`, run in the hub; the results by host name."""
+        argv = [sys.executable, "-m", "server", "push", "--data", str(self.data), "--server", self.address, "--json"]
+        if "--password-file" not in args:
+            argv += ["--key", str(key or self.lab.key)]
+        r = subprocess.run(
+            self.lab.in_hub([*argv, *args]), capture_output=True, text=True, cwd=REPO, timeout=900, check=False
+        )
+        assert r.stdout.strip().startswith("{"), r.stderr
+        doc = json.loads(r.stdout)
+        by_target = {f"{h.address}:22": name for name, h in self.hosts.items()}
+        return r.returncode, {by_target.get(r["host"], r["host"]): r for r in doc["hosts"]}
+
+    def hosts_args(self, *names: str) -> list[str]:
+        return [a for n in names for a in ("--host", self.hosts[n].address)]
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        return {j["job_id"]: j for j in json.loads(server_cli(self.data, "jobs", "--json", check=True).stdout)}
+
+    def machines(self) -> list[dict[str, Any]]:
+        return list(json.loads(server_cli(self.data, "machines", "--json", check=True).stdout))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, dist: Path) -> Iterator[World]:
+    require_root()
+    base = sshd_base_root()
+    work = tmp_path_factory.mktemp("push")
+    with Lab(work / "lab", base) as lab:
+        hosts = {
+            "web1": lab.add_host("web1", users=("operator",)),
+            "web2": lab.add_host("web2"),
+            "web3": lab.add_host("web3", root_password="correct horse battery staple"),
+            "tmpfs": lab.add_host("tmpfs", disk="overlay"),  # a root that cannot be frozen
+            "nosftp": lab.add_host("nosftp", sftp=False),
+            "full": lab.add_host("full", disk="full"),
+            "fedora": lab.add_host("fedora", os_release=DISTROS / "fedora30/etc/os-release"),
+            "broken": lab.add_host("broken"),
+        }
+        # The install directory's place is taken by a file: the install on this host fails.
+        (hosts["broken"].root / "usr/local/mobility").write_text("not a directory\n")
+        lab.boot()
+        data = work / "data"
+        init_local_server(data, lab.hub_address)
+        for bundle in dist.glob("*_DEBIAN12-64_*.tar.gz"):
+            server_cli(data, "repo", "add", str(bundle), check=True)
+        proc, address, _ = start_local_server(
+            data, "--heartbeat-interval", "2", host=lab.hub_address, wrap=lab.in_hub([])
+        )
+        try:
+            yield World(lab, data, proc, address, hosts)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def daemon_active(world: World, name: str) -> bool:
+    r = world.lab.exec_in(world.hosts[name], ["systemctl", "is-active", "mobility.service"])
+    return r.stdout.strip() == "active"
+
+
+def leftovers(host: Host) -> list[str]:
+    where = host.root / "var/lib/mobility-push"
+    return sorted(p.name for p in where.iterdir()) if where.exists() else []
+
+
+def test_push_to_several_hosts_in_parallel(world: World) -> None:
+    code, results = world.push("--accept-new-host-keys", *world.hosts_args("web1", "web2", "tmpfs"))
+    assert code == 0, results
+    assert {n: r["state"] for n, r in results.items()} == {
+        "web1": "succeeded",
+        "web2": "succeeded",
+        "tmpfs": "succeeded with warnings",
+    }
+    assert results["tmpfs"]["error"]["code"] == "FREEZE-NOT-READY"
+    assert {r["os_tag"] for r in results.values()} == {"DEBIAN12"}
+
+    # Every host registered with its own identity, its daemon running under its own systemd and heartbeating.
+    host_ids = {n: r["host_id"] for n, r in results.items()}
+    assert len(set(host_ids.values())) == 3
+    machines = {m["host_id"]: m for m in world.machines()}
+    assert {machines[h]["hostname"] for h in host_ids.values()} == {"web1", "web2", "tmpfs"}
+    for name in results:
+        assert daemon_active(world, name), name
+    wait_for(
+        "heartbeats from the three daemons",
+        lambda: all(m["state"] == "online" for m in world.machines() if m["host_id"] in host_ids.values()),
+        timeout=60,
+    )
+    # One job per host, the server's: kind push, with the host's identity; the install log kept per job.
+    jobs = world.jobs()
+    for name, r in results.items():
+        job = jobs[r["job_id"]]
+        assert (job["kind"], job["state"], job["host_id"]) == ("push", r["state"], host_ids[name])
+        assert "bootstrap [6/6] start the daemon" in (world.data / "push-logs" / f"{r['job_id']}.log").read_text()
+        assert leftovers(world.hosts[name]) == []
+    # Strict host keys from now on: each host's own key was recorded.
+    known = (world.data / "known_hosts").read_text()
+    for name in results:
+        assert world.hosts[name].known_hosts_line + "\n" in known
+    # The single-use tokens are gone, and no token reached a log on either side.
+    assert "mbt_" not in server_log(world.data).read_text()
+    for name in results:
+        root = world.hosts[name].root
+        assert "mbt_" not in (root / "var/log/mobility/install.log").read_text()
+        assert not (root / "var/lib/mobility-push").exists() or not any((root / "var/lib/mobility-push").iterdir())
+
+    # Pushing again changes nothing: the same identities, nothing reinstalled.
+    log_before = (world.hosts["web1"].root / "var/log/mobility/install.log").read_text()
+    code, again = world.push(*world.hosts_args("web1"))
+    assert (code, again["web1"]["state"], again["web1"]["host_id"]) == (0, "succeeded", host_ids["web1"])
+    assert "current" in again["web1"]["message"] or "nothing to do" in again["web1"]["message"]
+    assert (world.hosts["web1"].root / "var/log/mobility/install.log").read_text() == log_before
+
+
+def test_push_with_a_password_from_a_file(world: World, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("correct horse battery staple\n")
+    os.chmod(password, 0o600)
+    code, results = world.push("--accept-new-host-keys", "--password-file", str(password), *world.hosts_args("web3"))
+    assert (code, results["web3"]["state"]) == (0, "succeeded"), results
+    assert daemon_active(world, "web3")
+
+
+def test_each_failure_has_its_id(world: World) -> None:
+    refused = f"{world.hosts['web2'].address}:2222"  # a real host, a port with nothing listening
+    code, results = world.push(
+        "--accept-new-host-keys",
+        *world.hosts_args("nosftp", "full", "fedora", "broken"),
+        "--host",
+        refused,
+        "--host",
+        "nosuch.invalid",
+    )
+    assert code == 1
+    ids = {n: (r["state"], r["error"]["code"]) for n, r in results.items()}
+    assert ids == {
+        "nosftp": ("failed", "PUSH-NO-SFTP"),
+        "full": ("failed", "PUSH-LOW-DISK-SPACE"),
+        "fedora": ("failed", "OS-UNSUPPORTED"),
+        "broken": ("failed", "PUSH-INSTALL-FAILED"),
+        refused: ("failed", "PUSH-CONNECT-REFUSED"),
+        "nosuch.invalid:22": ("failed", "PUSH-NAME-UNRESOLVED"),
+    }
+    assert "Fedora" in results["fedora"]["error"]["message"]
+    assert "MiB free for /" in results["full"]["error"]["message"]
+    broken = results["broken"]
+    assert "INSTALL-FAILED" in broken["error"]["message"] and broken["log_tail"]
+    assert any("install failed" in line for line in broken["log_tail"])
+    # Every failure is a job with its ID and remediation; nothing was left behind on the hosts.
+    jobs = world.jobs()
+    for r in results.values():
+        job = jobs[r["job_id"]]
+        assert (job["kind"], job["state"], job["error_id"]) == ("push", "failed", r["error"]["code"])
+        assert job["remediation"]
+    for name in ("nosftp", "full", "fedora", "broken"):
+        assert leftovers(world.hosts[name]) == []
+    assert not (world.hosts["full"].root / "usr/local/mobility").exists()
+
+
+def test_wrong_user_wrong_key_and_host_keys(world: World, tmp_path: Path) -> None:
+    code, results = world.push("--user", "operator", *world.hosts_args("web1"))
+    assert (code, results["web1"]["error"]["code"]) == (1, "PUSH-NOT-ROOT")
+
+    stranger = tmp_path / "stranger"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))
+    code, results = world.push(*world.hosts_args("web2"), key=stranger)
+    assert (code, results["web2"]["error"]["code"]) == (1, "PUSH-AUTH-FAILED")
+
+    # A host whose key was never recorded is refused without --accept-new-host-keys.
+    fresh = World(world.lab, tmp_path / "other-data", world.server, world.address, world.hosts)
+    shutil.copytree(world.data, fresh.data)
+    (fresh.data / "known_hosts").unlink()
+    code, results = fresh.push(*fresh.hosts_args("web2"))
+    assert (code, results["web2"]["error"]["code"]) == (1, "PUSH-HOST-KEY-UNKNOWN")
+    assert world.hosts["web2"].host_key_public.split()[0] in results["web2"]["error"]["message"]
+
+    # The recorded key of web1 is replaced by web2's: web1 now looks like an impostor, even with TOFU allowed.
+    known = fresh.data / "known_hosts"
+    known.write_text(f"{world.hosts['web1'].address} {world.hosts['web2'].host_key_public}\n")
+    code, results = fresh.push("--accept-new-host-keys", *fresh.hosts_args("web1"))
+    assert (code, results["web1"]["error"]["code"]) == (1, "PUSH-HOST-KEY-MISMATCH")
+    assert known.read_text() == f"{world.hosts['web1'].address} {world.hosts['web2'].host_key_public}\n"
