@@ -55,7 +55,7 @@ class LiveTable:
 
     def __init__(self, console: Console | None = None) -> None:
         self.rows: dict[str, HostResult] = {}
-        self.live = Live(self._table(), console=console or Console(), refresh_per_second=8, transient=False)
+        self.live = Live(console=console or Console(), get_renderable=self._table, refresh_per_second=4)
         self.live.start()
 
     def _table(self) -> Table:
@@ -75,11 +75,10 @@ class LiveTable:
     def step(self, result: HostResult, text: str) -> None:
         result.step = text
         self.rows[result.target] = result
-        self.live.update(self._table())
+        self.live.refresh()
 
     def close(self) -> None:
-        self.live.update(self._table())
-        self.live.stop()
+        self.live.stop()  # draws the final table once more
 
 
 def progress_for(json_out: bool, out: TextIO = sys.stdout) -> Progress:
