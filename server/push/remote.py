@@ -39,6 +39,7 @@ WORK_DIR = "/var/lib/mobility-push"  # root-owned, not world-writable like /tmp
 INSTALL_LOG = "/var/log/mobility/install.log"
 INSTALL_DIR = "/usr/local/mobility"
 LOG_TAIL_LINES = 20
+STALE_AFTER = 2 * 3600  # seconds: longer than any push (its install times out) and its token's life
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,9 @@ async def _copy_and_install(
     for d in (WORK_DIR, work):
         if not await sftp.isdir(d):
             await sftp.mkdir(d, private)
+    # What a push killed half-way left behind (a used or expired token with it), once it is surely over.
+    stale = STALE_AFTER // 60
+    await _run(conn, f"find {WORK_DIR} -mindepth 1 -maxdepth 1 -mmin +{stale} -exec rm -rf {{}} +", s.timeout)
     step(r, f"copying {bundle.name}")
     await sftp.put(bundle.path, f"{work}/bundle.tar.gz")
     summed = await _run(conn, f"sha256sum {shlex.quote(work)}/bundle.tar.gz", s.timeout)
