@@ -68,6 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, dist: Path) -> Iterator[Worl
             "web1": lab.add_host("web1", users=("operator",)),
             "web2": lab.add_host("web2"),
             "web3": lab.add_host("web3", root_password="correct horse battery staple"),
+            "web4": lab.add_host("web4"),
             "tmpfs": lab.add_host("tmpfs", disk="overlay"),  # a root that cannot be frozen
             "nosftp": lab.add_host("nosftp", sftp=False),
             "full": lab.add_host("full", disk="full"),
@@ -229,3 +230,31 @@ def test_wrong_user_wrong_key_and_host_keys(world: World, tmp_path: Path) -> Non
     code, results = fresh.push("--accept-new-host-keys", *fresh.hosts_args("web1"))
     assert (code, results["web1"]["error"]["code"]) == (1, "PUSH-HOST-KEY-MISMATCH")
     assert known.read_text() == f"{world.hosts['web1'].address} {world.hosts['web2'].host_key_public}\n"
+
+
+def test_a_push_killed_while_installing_converges_on_the_next(world: World) -> None:
+    argv = [sys.executable, "-m", "server", "push", "--data", str(world.data), "--server", world.address]
+    argv += ["--key", str(world.lab.key), "--accept-new-host-keys", *world.hosts_args("web4")]
+    proc = subprocess.Popen(world.lab.in_hub(argv), stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends at the latest when the push does
+            if "installing and registering" in line:
+                break
+        else:
+            raise AssertionError("the push ended before it installed")
+    finally:
+        proc.kill()  # SIGKILL, by PID (`ip netns exec` execs the push)
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+
+    def pushed_again() -> dict[str, Any] | None:
+        _, results = world.push(*world.hosts_args("web4"))
+        busy = results["web4"]["state"] == "failed" and "INSTALL-BUSY" in results["web4"]["error"]["message"]
+        return None if busy else results["web4"]  # the killed push's install may still hold the lock
+
+    result = wait_for("a push that is not turned away by the killed one's install", pushed_again, timeout=120)
+    assert result["state"] == "succeeded", result
+    assert daemon_active(world, "web4")
+    web4 = [m for m in world.machines() if m["hostname"] == "web4"]
+    assert [m["host_id"] for m in web4] == [result["host_id"]]  # registered once, whichever push did it
