@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -35,6 +35,7 @@ from server.errors import (
 from server.push.inspect import check_free_space, detect_remote_os
 from server.push.known_hosts import KnownHosts, fingerprint
 
+T = TypeVar("T")
 WORK_DIR = "/var/lib/mobility-push"  # root-owned, not world-writable like /tmp
 INSTALL_LOG = "/var/log/mobility/install.log"
 INSTALL_DIR = "/usr/local/mobility"
@@ -125,7 +126,7 @@ def connect_error(e: BaseException, target: ServerAddress) -> MobilityError:
     return PushSshFailed(f"{target}: {e}")
 
 
-async def _guarded(target: ServerAddress, timeout: float, work: Awaitable[Any]) -> Any:
+async def _guarded(target: ServerAddress, timeout: float, work: Awaitable[T]) -> T:
     try:
         return await asyncio.wait_for(work, timeout)
     except (OSError, asyncssh.Error, TimeoutError) as e:
@@ -152,7 +153,7 @@ async def connect(target: ServerAddress, s: PushSettings) -> asyncssh.SSHClientC
     keys = await host_keys(target, s)
     c = s.credentials
     try:
-        return await _guarded(  # type: ignore[no-any-return]
+        return await _guarded(
             target,
             s.timeout,
             asyncssh.connect(
@@ -169,8 +170,11 @@ async def connect(target: ServerAddress, s: PushSettings) -> asyncssh.SSHClientC
         )
     except PushHostKeyMismatch as e:
         try:  # name the key presented, to compare on the host
-            shown = await _guarded(target, s.timeout, asyncssh.get_server_host_key(target.host, target.port))
-            e.message += f"; it presented {fingerprint(shown)}"
+            shown = await _guarded(
+                target, s.timeout, asyncssh.get_server_host_key(target.host, target.port, config=None)
+            )
+            if shown is not None:
+                e.message += f"; it presented {fingerprint(shown)}"
         except MobilityError:
             pass
         raise
