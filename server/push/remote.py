@@ -110,20 +110,20 @@ def connect_error(e: BaseException, target: ServerAddress) -> MobilityError:
     if isinstance(e, MobilityError):
         return e
     if isinstance(e, socket.gaierror):
-        return PushNameUnresolved(f"{target.host}: the name does not resolve ({e.strerror})")
+        return PushNameUnresolved(f"the name {target.host} does not resolve ({e.strerror})")
     if isinstance(e, ConnectionRefusedError):
-        return PushConnectRefused(f"{target}: connection refused")
+        return PushConnectRefused("connection refused")
     if isinstance(e, TimeoutError | asyncssh.TimeoutError):  # asyncio.TimeoutError is TimeoutError
-        return PushConnectTimeout(f"{target}: no SSH answer within the timeout")
+        return PushConnectTimeout("no SSH answer (or no login) within the timeout")
     if isinstance(e, asyncssh.HostKeyNotVerifiable):
-        return PushHostKeyMismatch(f"{target}: the host key does not match the one recorded ({e.reason})")
+        return PushHostKeyMismatch(f"the host key does not match the one recorded ({e.reason})")
     if isinstance(e, asyncssh.PermissionDenied):
-        return PushAuthFailed(f"{target}: the host refused the credentials ({e.reason})")
+        return PushAuthFailed(f"the host refused the credentials ({e.reason})")
     if isinstance(e, asyncssh.Error):
-        return PushSshFailed(f"{target}: {e.reason}")
+        return PushSshFailed(str(e.reason))
     if isinstance(e, OSError):
-        return PushUnreachable(f"{target}: {e.strerror or e}")
-    return PushSshFailed(f"{target}: {e}")
+        return PushUnreachable(str(e.strerror or e))
+    return PushSshFailed(str(e))
 
 
 async def _guarded(target: ServerAddress, timeout: float, work: Awaitable[T]) -> T:
@@ -140,10 +140,10 @@ async def host_keys(target: ServerAddress, s: PushSettings) -> list[asyncssh.SSH
         return keys
     key = await _guarded(target, s.timeout, asyncssh.get_server_host_key(target.host, target.port, config=None))
     if key is None:
-        raise PushSshFailed(f"{target}: the host presented no host key")
+        raise PushSshFailed("the host presented no host key")
     if not s.accept_new_host_keys:
         raise PushHostKeyUnknown(
-            f"{target}: its host key {fingerprint(key)} is not in {s.known_hosts.path}; nothing was sent to it"
+            f"its host key {fingerprint(key)} is not in {s.known_hosts.path}; nothing was sent to it"
         )
     s.known_hosts.record(target, key)
     return [key]
@@ -211,12 +211,12 @@ async def _push(
     who = await _run(conn, "id -u", s.timeout)
     uid = str(who.stdout or "").strip()
     if who.exit_status != 0 or uid != "0":
-        raise PushNotRoot(f"{target}: logged in as {s.credentials.user} (uid {uid or '?'}), not root")
+        raise PushNotRoot(f"logged in as {s.credentials.user} (uid {uid or '?'}), not root")
     step(r, "opening SFTP")
     try:
         sftp = await asyncio.wait_for(conn.start_sftp_client(), s.timeout)
     except (asyncssh.Error, OSError, TimeoutError) as e:
-        raise PushNoSftp(f"{target}: the SFTP subsystem is not available ({getattr(e, 'reason', e)})") from e
+        raise PushNoSftp(f"the SFTP subsystem is not available ({getattr(e, 'reason', e)})") from e
     async with sftp:
         step(r, "detecting the OS")
         r.os_tag = (await detect_remote_os(sftp)).os_tag
@@ -251,7 +251,7 @@ async def _copy_and_install(
     await sftp.put(bundle.path, f"{work}/bundle.tar.gz")
     summed = await _run(conn, f"sha256sum {shlex.quote(work)}/bundle.tar.gz", s.timeout)
     if str(summed.stdout or "").split(" ", 1)[0] != bundle.sha256:
-        raise PushInstallFailed(f"{r.target}: the copy of {bundle.name} arrived damaged (sha256 mismatch)")
+        raise PushInstallFailed(f"the copy of {bundle.name} arrived damaged (sha256 mismatch)")
     async with sftp.open(f"{work}/token", "w", asyncssh.SFTPAttrs(permissions=0o600)) as f:
         await f.write(token + "\n")
     step(r, "installing and registering")
@@ -280,9 +280,9 @@ async def _copy_and_install(
     )
     tail = "\n".join(f"    {line}" for line in r.log_tail)
     raise PushInstallFailed(
-        f"{r.target}: the install failed ({cause}); the end of its install.log:\n{tail}"
+        f"the install failed ({cause}); the end of its install.log:\n{tail}"
         if tail
-        else f"{r.target}: the install failed ({cause}); the host wrote no install.log"
+        else f"the install failed ({cause}); the host wrote no install.log"
     )
 
 
