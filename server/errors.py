@@ -223,3 +223,8 @@ class PushInstallFailed(RemoteStateError):
         "Read the tail of the host's /var/log/mobility/install.log in the message (the whole log is kept in "
         "DATA/push-logs/), fix the cause it names, then push again."
     )
+
+
+class PushInterrupted(TemporaryError):
+    code = "PUSH-INTERRUPTED"
+    remediation = "The push that ran this job stopped before it finished (killed, or the server went down); push again."

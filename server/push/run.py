@@ -19,10 +19,10 @@ from agent.registration import read_secret_file
 from agent.transport import ServerAddress, ca_fingerprint
 from server.datadir import DataDir
 from server.enrolment import create_token
-from server.errors import PushCredentialsInvalid, PushNoBundle
+from server.errors import PushCredentialsInvalid, PushInterrupted, PushNoBundle
 from server.push.known_hosts import KnownHosts
 from server.push.progress import Progress
-from server.push.remote import Bundle, Credentials, HostResult, PushSettings, push_host
+from server.push.remote import STALE_AFTER, Bundle, Credentials, HostResult, PushSettings, push_host
 from server.repository import Repository
 from server.storage import Storage
 
@@ -96,6 +96,7 @@ def push(
     )
     storage = Storage(data.database)
     try:
+        close_interrupted(storage, time.time())
         return asyncio.run(_push_all(storage, targets, settings, parallel, progress))
     finally:
         progress.close()
@@ -122,6 +123,28 @@ async def _push_all(
             return result
 
     return list(await asyncio.gather(*(one(t, r) for t, r in zip(targets, results, strict=True))))
+
+
+def close_interrupted(storage: Storage, now: float) -> list[str]:
+    """Push jobs still `running` long after any push could have ended were left by a push that was killed: they
+    end `failed` (PUSH-INTERRUPTED), so that no job stays running for ever. Their IDs."""
+    closed = []
+    for job in storage.jobs():
+        if job.kind == "push" and job.state == "running" and job.updated_at < now - STALE_AFTER:
+            error = PushInterrupted("the push stopped before this host's result was known")
+            storage.record_job(
+                job_id=job.job_id,
+                host_id=job.host_id,
+                hostname=job.hostname,
+                kind=job.kind,
+                state="failed",
+                error_id=error.id,
+                remediation=error.fix,
+                detail=error.message,
+                now=now,
+            )
+            closed.append(job.job_id)
+    return closed
 
 
 def _record(storage: Storage, r: HostResult) -> None:

@@ -1,0 +1,31 @@
+"""What a push keeps on the server: a job per host, closed even when the push that ran it was killed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.push.remote import STALE_AFTER
+from server.push.run import close_interrupted
+from server.storage import Storage
+
+
+def test_jobs_of_a_killed_push_are_closed_by_the_next_one(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "mobility.db")
+    now = 1_800_000_000.0
+    common = {"host_id": None, "kind": "push", "error_id": None, "remediation": None, "detail": None}
+    killed = storage.record_job(job_id=None, hostname="web1:22", state="running", now=now - STALE_AFTER - 1, **common)
+    running = storage.record_job(job_id=None, hostname="web2:22", state="running", now=now - 60, **common)
+    done = storage.record_job(job_id=None, hostname="web3:22", state="succeeded", now=now - 3 * STALE_AFTER, **common)
+    other = storage.record_job(
+        job_id=None, hostname="vm", state="running", now=now - 3 * STALE_AFTER, **{**common, "kind": "install"}
+    )
+    assert close_interrupted(storage, now) == [killed]
+    states = {j.job_id: (j.state, j.error_id) for j in storage.jobs()}
+    assert states == {
+        killed: ("failed", "PUSH-INTERRUPTED"),
+        running: ("running", None),  # another push may still be at it
+        done: ("succeeded", None),
+        other: ("running", None),  # not a push: the agent's own job
+    }
+    assert close_interrupted(storage, now) == []
+    storage.close()
