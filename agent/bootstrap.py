@@ -237,14 +237,14 @@ def _run(
         client.close()
     if s.bundle is None:
         progress.step("unpack")
-        staging, unpacked_here = _unpack(paths, bundle), True
+        staging = _unpack(paths, bundle)
     else:  # copied by the server (push install); its files are checked against bundle.json by install()
         progress.step(f"take the bundle the server copied to {s.bundle}")
         progress.step("unpack: already unpacked")
-        staging, unpacked_here = Path(s.bundle), False
+        staging = Path(s.bundle)
     progress.step("check prerequisites and install")
     installed = install(paths, staging, s.install_dir, s.role, s.platform)
-    if unpacked_here:
+    if s.bundle is None:  # the staging copy is ours; a copied bundle is its caller's to remove
         shutil.rmtree(staging, ignore_errors=True)
     progress.step("register")
     enrolled = configure(paths, s.server, secret, pinned, s.role, s.platform, os_tag)

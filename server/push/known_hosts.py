@@ -37,11 +37,11 @@ class KnownHosts:
         except FileNotFoundError:
             return []
         pattern = host_pattern(target)
-        lines = [line for line in text.splitlines() if line.split(" ", 1)[0] == pattern]
-        if not lines:
-            return []
-        keys, *_ = asyncssh.import_known_hosts("\n".join(lines) + "\n").match(target.host, "", target.port)
-        return list(keys)
+        return [
+            asyncssh.import_public_key(key)
+            for pattern_here, _, key in (line.partition(" ") for line in text.splitlines())
+            if pattern_here == pattern
+        ]
 
     def record(self, target: ServerAddress, key: asyncssh.SSHKey) -> None:
         """Append the key (under a lock: pushes run in parallel, possibly in several processes)."""

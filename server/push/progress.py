@@ -39,7 +39,6 @@ class Lines:
         self.out = out
 
     def step(self, result: HostResult, text: str) -> None:
-        result.step = text
         extra = ""
         if text in STYLE:
             extra = f" ({result.error.id})" if result.error else ""
@@ -54,7 +53,7 @@ class LiveTable:
     """A table with a row per host, redrawn as the hosts move along."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.rows: dict[str, HostResult] = {}
+        self.rows: dict[str, tuple[HostResult, str]] = {}  # by host: its result and its step now
         self.live = Live(console=console or Console(), get_renderable=self._table, refresh_per_second=4)
         self.live.start()
 
@@ -63,18 +62,17 @@ class LiveTable:
         for column in ("host", "OS", "step", "time", "result"):
             table.add_column(column)
         now = time.monotonic()
-        for r in self.rows.values():
+        for r, step in self.rows.values():
             done = r.state in STYLE
             seconds = r.seconds if done else now - r.started
             result = f"[{STYLE[r.state]}]{r.state}[/]" if done else ""
             if r.error:
                 result += f" {r.error.id}"
-            table.add_row(r.target, r.os_tag or "", "" if done else r.step, f"{seconds:.1f} s", result)
+            table.add_row(r.target, r.os_tag or "", "" if done else step, f"{seconds:.1f} s", result)
         return table
 
     def step(self, result: HostResult, text: str) -> None:
-        result.step = text
-        self.rows[result.target] = result
+        self.rows[result.target] = (result, text)
         self.live.refresh()
 
     def close(self) -> None:

@@ -75,7 +75,6 @@ class HostResult:
     target: str
     job_id: str
     state: str = "running"  # then "succeeded", "succeeded with warnings" or "failed"
-    step: str = "queued"
     os_tag: str | None = None
     host_id: str | None = None
     message: str = ""
