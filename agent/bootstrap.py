@@ -26,6 +26,7 @@ from agent.distros import detect_os
 from agent.errors import (
     BootstrapConfigInvalid,
     InstallFailed,
+    IoFailed,
     MobilityError,
     ServerUnreachable,
     TufFetchFailed,
@@ -179,8 +180,11 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
         "kind": _job_kind(paths),
     }
     try:
-        with install_lock(paths):
-            return _run(paths, settings, os_info.os_tag, pinned, secret, job, sleep)
+        try:
+            with install_lock(paths):
+                return _run(paths, settings, os_info.os_tag, pinned, secret, job, sleep)
+        except OSError as e:  # a disk or file problem below: the job still ends `failed`, with an ID
+            raise IoFailed.from_os_error(e) from e
     except MobilityError as e:
         job.update(state="failed", error_id=e.id, remediation=e.fix, detail=e.message[:2000])
         _report(paths, job, settings, secret, pinned)

@@ -21,6 +21,7 @@ from agent.errors import (
     BadArguments,
     ConfirmationRequired,
     Exit,
+    IoFailed,
     MobilityError,
     PrerequisitesFailed,
     RootRequired,
@@ -422,6 +423,8 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return func(args)
     except MobilityError as e:
         return _report_error(e, json_out=wants_json)
+    except OSError as e:  # a file or disk problem no layer below turned into its own error: still one clear line
+        return _report_error(IoFailed.from_os_error(e), json_out=wants_json)
     except KeyboardInterrupt:
         return 130
 

@@ -308,6 +308,20 @@ class BootstrapConfigInvalid(UsageError):
     remediation = "Fix /etc/mobility/bootstrap.conf: `key = value` lines (server, fingerprint, passphrase_file, ...)."
 
 
+class IoFailed(LocalSystemError):
+    code = "IO-FAILED"
+    remediation = (
+        "Check the file or directory named in the message: that it exists, that this user may write it, and that "
+        "its filesystem has free space and is not read-only; then run the command again."
+    )
+
+    @classmethod
+    def from_os_error(cls, e: OSError) -> IoFailed:
+        """An OSError as the error a user sees: the path and the reason, never a traceback."""
+        where = f"{e.filename}: " if e.filename else ""
+        return cls(f"{where}{e.strerror or e}")
+
+
 class FreezeNotReady(LocalSystemError):
     """Not raised: the ID and fix a job carries when it `succeeded with warnings` for this reason."""
 

@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.fsutil import atomic_write
 from agent.paths import Paths
-from agent.wire import MachineFacts
+from agent.wire import MachineFacts, key_proof_message
 
 _NO_MAC = "00:00:00:00:00:00"
 
@@ -96,6 +96,20 @@ def new_key_and_csr(host_id: str | None) -> tuple[ec.EllipticCurvePrivateKey, by
         .sign(key, hashes.SHA256())
     )
     return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    """This machine's current private key, or None when it has none (or it is unreadable or not EC)."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+
+
+def key_proof(key: ec.EllipticCurvePrivateKey, nonce: str, csr_pem: bytes) -> str:
+    """Proof that this machine holds the key of the identity it re-enrols as (see wire.key_proof_message)."""
+    return key.sign(key_proof_message(nonce, csr_pem), ec.ECDSA(hashes.SHA256())).hex()
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

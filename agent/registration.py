@@ -14,7 +14,16 @@ from typing import Any
 from agent import __version__, wire
 from agent.errors import FingerprintMismatch, NotRegistered, PassphraseFileError
 from agent.fsutil import atomic_write
-from agent.identity import Registration, collect_facts, key_pem, load_registration, new_key_and_csr, save_registration
+from agent.identity import (
+    Registration,
+    collect_facts,
+    key_pem,
+    key_proof,
+    load_key,
+    load_registration,
+    new_key_and_csr,
+    save_registration,
+)
 from agent.paths import Paths
 from agent.transport import Client, ServerAddress, ca_fingerprint, fetch_pinned_ca, parse_address
 
@@ -79,6 +88,7 @@ def configure(
     host_id = previous.host_id if previous is not None else None
     if previous is not None and previous.facts != facts:
         log.warning("machine facts changed since registration as %s: enrolling as a clone", previous.host_id)
+    current_key = load_key(paths.client_key) if host_id is not None else None
     key, csr = new_key_and_csr(host_id)
     client = Client(server, ca)
     try:
@@ -96,6 +106,7 @@ def configure(
             agent_version=__version__,
             token_id=token[0] if token else None,
             host_id=host_id,
+            key_proof=key_proof(current_key, nonce, csr) if current_key is not None else None,
         )
         answer = client.call("POST", wire.ENROL_PATH, req.to_json())
     finally:

@@ -1,12 +1,17 @@
-"""The agent-server wire format: API paths, the enrolment proof, and the JSON bodies. Both sides import
-this module (the server may import the agent's wire formats; the agent never imports the server)."""
+"""The agent-server wire format: API paths, the enrolment proofs, and every request body as a typed, validated
+value. Both sides import this module (the server may import the agent's wire formats; the agent never imports the
+server). The server parses each body once, at the edge, with the ``from_json`` constructors here: a field of the
+wrong type, an over-long string or a control character is refused before anything is stored or logged."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
-from dataclasses import asdict, dataclass, field
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 API = "/v1"
@@ -24,9 +29,33 @@ ROLES = ("MS", "MT")
 PLATFORMS = ("VmWare", "Azure")
 JOB_KINDS = ("install", "upgrade", "push", "configure", "uninstall")
 JOB_STATES = ("running", "succeeded", "succeeded with warnings", "failed")
+HEALTH_STATES = ("healthy", "warning", "critical", "unknown")
+CHECK_STATES = ("PASS", "WARN", "FAIL", "UNKNOWN")
+
+MAX_CHECKS = 64  # a health report has about a dozen checks
+MAX_MACS = 64
+MAX_CSR = 8 * 1024
 
 _PROOF_CONTEXT = b"mobility-enrol-proof-v1\0"
+_KEY_PROOF_CONTEXT = b"mobility-key-proof-v1\0"
 TOKEN_RE = re.compile(r"^mbt_([A-Za-z0-9]{12})_([A-Za-z0-9_-]{20,})$")
+_TOKEN_ID = re.compile(r"[A-Za-z0-9]{12}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"(?:[0-9a-f]{2}){8,256}")
+_NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_VERSION = re.compile(r"[0-9][0-9A-Za-z.+~-]{0,31}")
+_CHECK_ID = re.compile(r"[A-Z][A-Z0-9-]{0,47}")
+_ERROR_ID = re.compile(r"[A-Z][A-Z0-9-]{0,63}")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5,19}")
+_FACT = re.compile(r"[0-9A-Za-z:._-]{0,64}")
+# C0 and C1 control characters and DEL: a terminal escape or a newline in a hostname must never reach a log line
+# or a table. Multi-line text (a job's detail) may keep \n and \t, nothing else.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class WireError(ValueError):
+    """A request body that does not match its schema; the message names the field (the server answers 400)."""
 
 
 def enrol_proof(secret: str, nonce: str, csr_pem: bytes) -> str:
@@ -42,10 +71,112 @@ def job_proof(secret: str, nonce: str, body: bytes) -> str:
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
+def key_proof_message(nonce: str, csr_pem: bytes) -> bytes:
+    """What a re-enrolling machine signs with its current private key: proof that it is the host it names (facts a
+    client reports are not proof). Bound to the one-time nonce and the new CSR, so it cannot be replayed."""
+    return _KEY_PROOF_CONTEXT + nonce.encode() + b"\0" + hashlib.sha256(csr_pem).digest()
+
+
 def split_token(secret: str) -> tuple[str, str] | None:
     """A token ``mbt_<id>_<secret>`` as (id, secret); None for a passphrase."""
     m = TOKEN_RE.match(secret.strip())
     return (m.group(1), m.group(2)) if m else None
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` made safe to print on a terminal or a log line: control characters escaped, length bounded."""
+    shown = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+# Validation of one JSON object -----------------------------------------------------------------------------------
+
+
+class _Fields:
+    """Typed reads of one JSON object's fields; every failure is a WireError naming the field."""
+
+    def __init__(self, doc: Any, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise WireError(f"{where} must be a JSON object")
+        self.doc: Mapping[str, Any] = doc
+        self.where = where
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def text(
+        self,
+        key: str,
+        limit: int,
+        *,
+        pattern: re.Pattern[str] | None = None,
+        choices: tuple[str, ...] | None = None,
+        lines: bool = False,
+    ) -> str:
+        value = self.doc.get(key)
+        if not isinstance(value, str):
+            raise WireError(f"{self._name(key)} must be a string")
+        return _check_text(value, self._name(key), limit, pattern=pattern, choices=choices, lines=lines)
+
+    def optional_text(
+        self, key: str, limit: int, *, pattern: re.Pattern[str] | None = None, lines: bool = False
+    ) -> str | None:
+        if self.doc.get(key) is None:
+            return None
+        return self.text(key, limit, pattern=pattern, lines=lines)
+
+    def number(self, key: str) -> float:
+        value = self.doc.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise WireError(f"{self._name(key)} must be a finite number")
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.doc.get(key, False)
+        if not isinstance(value, bool):
+            raise WireError(f"{self._name(key)} must be true or false")
+        return value
+
+    def items(self, key: str, limit: int) -> list[Any]:
+        value = self.doc.get(key, [])
+        if not isinstance(value, list):
+            raise WireError(f"{self._name(key)} must be a list")
+        if len(value) > limit:
+            raise WireError(f"{self._name(key)} has {len(value)} entries, more than {limit}")
+        return value
+
+
+def _check_text(
+    value: str,
+    name: str,
+    limit: int,
+    *,
+    pattern: re.Pattern[str] | None = None,
+    choices: tuple[str, ...] | None = None,
+    lines: bool = False,
+) -> str:
+    if len(value) > limit:
+        raise WireError(f"{name} is longer than {limit} characters")
+    if (_CONTROL_BUT_LINES if lines else _CONTROL).search(value):
+        raise WireError(f"{name} holds control characters")
+    if choices is not None and value not in choices:
+        raise WireError(f"{name} must be one of {', '.join(choices)}")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise WireError(f"{name} {printable(value, 60)!r} is not well-formed")
+    return value
+
+
+def _host_id(value: str, name: str) -> str:
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError as e:
+        raise WireError(f"{name} is not a host ID (a UUID)") from e
+    if str(parsed) != value:
+        raise WireError(f"{name} is not a host ID in canonical form")
+    return value
+
+
+# Bodies -------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -61,12 +192,14 @@ class MachineFacts:
 
     @classmethod
     def from_json(cls, data: Any) -> MachineFacts:
-        if not isinstance(data, dict):
-            raise ValueError("facts must be an object")
-        macs = data.get("macs", [])
-        if not isinstance(macs, list) or not all(isinstance(m, str) for m in macs):
-            raise ValueError("facts.macs must be a list of strings")
-        return cls(str(data.get("machine_id", "")), str(data.get("product_uuid", "")), tuple(sorted(macs)))
+        f = _Fields(data, "facts")
+        macs = f.items("macs", MAX_MACS)
+        checked = [_check_text(m, "facts.macs[]", 64, pattern=_MAC) if isinstance(m, str) else None for m in macs]
+        if any(m is None for m in checked):
+            raise WireError("facts.macs must be a list of strings")
+        machine_id = f.text("machine_id", 64, pattern=_FACT) if "machine_id" in f.doc else ""
+        product_uuid = f.text("product_uuid", 64, pattern=_FACT) if "product_uuid" in f.doc else ""
+        return cls(machine_id, product_uuid, tuple(sorted({m for m in checked if m})))
 
     def same_machine(self, other: MachineFacts) -> bool:
         """Same machine-id and, where both know it, the same DMI product UUID (MACs may be replaced)."""
@@ -88,9 +221,188 @@ class EnrolRequest:
     agent_version: str
     token_id: str | None = None
     host_id: str | None = None  # the identity this machine held before, if any
-    extra: dict[str, Any] = field(default_factory=dict)
+    key_proof: str | None = None  # hex DER signature over key_proof_message() by that identity's current key
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["facts"] = self.facts.to_json()
-        return d
+        return {
+            "csr": self.csr,
+            "nonce": self.nonce,
+            "proof": self.proof,
+            "hostname": self.hostname,
+            "os_tag": self.os_tag,
+            "role": self.role,
+            "platform": self.platform,
+            "facts": self.facts.to_json(),
+            "agent_version": self.agent_version,
+            "token_id": self.token_id,
+            "host_id": self.host_id,
+            "key_proof": self.key_proof,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> EnrolRequest:
+        from agent.distros.matrix import BY_TAG
+
+        f = _Fields(body, "enrolment")
+        host_id = f.optional_text("host_id", 36)
+        return cls(
+            csr=f.text("csr", MAX_CSR, lines=True),
+            nonce=f.text("nonce", 64, pattern=_NONCE),
+            proof=f.text("proof", 64, pattern=_HEX64),
+            hostname=hostname(f.text("hostname", 255)),
+            os_tag=f.text("os_tag", 32, choices=tuple(BY_TAG)),
+            role=f.text("role", 2, choices=ROLES),
+            platform=f.text("platform", 6, choices=PLATFORMS),
+            facts=MachineFacts.from_json(f.doc.get("facts", {})),
+            agent_version=f.text("agent_version", 32, pattern=_VERSION),
+            token_id=f.optional_text("token_id", 12, pattern=_TOKEN_ID),
+            host_id=_host_id(host_id, "enrolment.host_id") if host_id is not None else None,
+            key_proof=f.optional_text("key_proof", 512, pattern=_HEX),
+        )
+
+
+def hostname(value: str) -> str:
+    """A machine's name as it reports it: printable, no whitespace, 1-255 characters (WireError otherwise)."""
+    if not value or any(c.isspace() for c in value):
+        raise WireError("hostname must be a non-empty name without spaces")
+    return _check_text(value, "hostname", 255)
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    csr: str
+
+    @classmethod
+    def from_json(cls, body: Any) -> RenewRequest:
+        return cls(_Fields(body, "renewal").text("csr", MAX_CSR, lines=True))
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """One health check as the agent reports it (agent.checks.Result.to_json)."""
+
+    id: str
+    status: str
+    message: str
+    remediation: str = ""
+    value: str | None = None
+    threshold: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "message": self.message,
+            "remediation": self.remediation,
+            "value": self.value,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> CheckReport:
+        f = _Fields(doc, "health.checks[]")
+        return cls(
+            id=f.text("id", 48, pattern=_CHECK_ID),
+            status=f.text("status", 8, choices=CHECK_STATES),
+            message=f.text("message", 1000),
+            remediation=f.optional_text("remediation", 1000) or "",
+            value=f.optional_text("value", 200),
+            threshold=f.optional_text("threshold", 200),
+        )
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """The daemon's health report: overall status, when it was measured, and every check."""
+
+    status: str
+    time: float | None = None
+    checks: tuple[CheckReport, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "time": self.time, "checks": [c.to_json() for c in self.checks]}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> HealthReport:
+        f = _Fields(doc, "health")
+        return cls(
+            status=f.text("status", 16, choices=HEALTH_STATES),
+            time=f.number("time") if f.doc.get("time") is not None else None,
+            checks=tuple(CheckReport.from_json(c) for c in f.items("checks", MAX_CHECKS)),
+        )
+
+    @classmethod
+    def stored(cls, doc: Any) -> HealthReport | None:
+        """A report read back from the database, or None when it is not one (a reader never crashes on it)."""
+        try:
+            return cls.from_json(doc)
+        except WireError:
+            return None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    host_id: str
+    agent_version: str
+    health: HealthReport | None
+    queued: bool = False  # sent from the backlog after an outage: history, not the current state
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host_id": self.host_id,
+            "agent_version": self.agent_version,
+            "health": self.health.to_json() if self.health else None,
+            "queued": self.queued,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> Heartbeat:
+        f = _Fields(body, "heartbeat")
+        health = f.doc.get("health")
+        return cls(
+            host_id=_host_id(f.text("host_id", 36), "heartbeat.host_id"),
+            agent_version=f.text("agent_version", 32, pattern=_VERSION),
+            health=HealthReport.from_json(health) if health is not None else None,
+            queued=f.flag("queued"),
+        )
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """An install, upgrade, push, configure or uninstall job as the agent reports it."""
+
+    kind: str
+    state: str
+    hostname: str
+    job_id: str | None = None
+    host_id: str | None = None
+    error_id: str | None = None
+    remediation: str | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "hostname": self.hostname,
+            "job_id": self.job_id,
+            "host_id": self.host_id,
+            "error_id": self.error_id,
+            "remediation": self.remediation,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> JobReport:
+        f = _Fields(body, "job")
+        job_id, host_id = f.optional_text("job_id", 36), f.optional_text("host_id", 36)
+        return cls(
+            kind=f.text("kind", 16, choices=JOB_KINDS),
+            state=f.text("state", 32, choices=JOB_STATES),
+            hostname=hostname(f.text("hostname", 255)),
+            job_id=_host_id(job_id, "job.job_id") if job_id is not None else None,
+            host_id=_host_id(host_id, "job.host_id") if host_id is not None else None,
+            error_id=f.optional_text("error_id", 64, pattern=_ERROR_ID),
+            remediation=f.optional_text("remediation", 2000),
+            detail=f.optional_text("detail", 4000, lines=True),
+        )

@@ -26,7 +26,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent import wire  # noqa: E402
+from agent import __version__, wire  # noqa: E402
 from agent.identity import key_pem, new_key_and_csr  # noqa: E402
 from scripts.localserver import init_local_server, start_local_server  # noqa: E402
 
@@ -46,7 +46,7 @@ async def enrol(
         role="MS",
         platform="VmWare",
         facts=wire.MachineFacts(machine_id=f"{i:032x}"),
-        agent_version="bench",
+        agent_version=__version__,
     )
     async with session.post(base + wire.ENROL_PATH, json=req.to_json()) as r:
         answer = await r.json()
@@ -75,7 +75,7 @@ async def run(base: str, ca: Path, passphrase: str, agents: int, seconds: float,
         ctx = ssl.create_default_context(cafile=str(ca))
         ctx.load_cert_chain(str(cert), str(key))
         sessions.append((host_id, aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1))))
-    body = {"agent_version": "bench", "health": {"status": "healthy", "rss_mib": 31.5, "checks": []}}
+    body = {"agent_version": __version__, "health": {"status": "healthy", "time": time.time(), "checks": []}}
 
     async def beat(host_id: str, session: aiohttp.ClientSession) -> float:
         start = time.perf_counter()

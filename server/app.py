@@ -20,6 +20,8 @@ from typing import Any
 from aiohttp import web
 
 from agent import wire
+from agent.errors import MobilityError
+from agent.wire import printable
 from server import pki
 from server.datadir import DataDir
 from server.enrolment import Enrolment
@@ -30,7 +32,9 @@ from server.errors import (
     ClientCertRequired,
     HostMismatch,
     ListenFailed,
+    MethodNotAllowed,
     NotFound,
+    ServerInternal,
     UnknownMachine,
 )
 from server.repository import Repository
@@ -56,7 +60,12 @@ class Server:
     def flush_heartbeats(self) -> int:
         beats, self._beats = self._beats, {}
         if beats:
-            self.storage.record_heartbeats((h, t, v, health) for h, (t, v, health) in beats.items())
+            try:
+                self.storage.record_heartbeats((h, t, v, health) for h, (t, v, health) in beats.items())
+            except Exception:
+                for host_id, beat in beats.items():  # kept for the next flush, unless a newer one came meanwhile
+                    self._beats.setdefault(host_id, beat)
+                raise
         return len(beats)
 
 
@@ -78,6 +87,8 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(f"the body is not JSON: {e}") from e
+    except RecursionError as e:  # "[[[[..." 64 KiB deep: the parser's recursion, not our failure
+        raise BadRequest("the body is nested too deeply") from e
 
 
 async def read_json(request: web.Request) -> Any:
@@ -88,21 +99,35 @@ def peer_address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def error_response(e: ApiError) -> web.Response:
+    headers = {}
+    retry = e.retry_after if e.retry_after is not None else (5 if e.status == 503 else None)
+    if retry is not None:
+        headers["Retry-After"] = str(retry)
+    return web.json_response({"error": e.to_json()}, status=e.status, headers=headers)
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure is a JSON error with a stable ID: ours, aiohttp's own HTTP errors, and anything unexpected."""
     try:
         return await handler(request)
     except ApiError as e:
-        headers = {}
-        retry = getattr(e, "retry_after", None)
-        if retry is not None:
-            headers["Retry-After"] = str(retry)
-        return web.json_response({"error": e.to_json()}, status=e.status, headers=headers)
+        return error_response(e)
     except web.HTTPNotFound:
-        return web.json_response({"error": NotFound(f"no such endpoint: {request.path}").to_json()}, status=404)
+        return error_response(NotFound(f"no such endpoint: {printable(request.path, 100)}"))
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed here; use {allowed}"))
     except web.HTTPRequestEntityTooLarge:
-        err = BodyTooLarge(f"the body is larger than {wire.MAX_BODY} bytes")
-        return web.json_response({"error": err.to_json()}, status=413)
+        return error_response(BodyTooLarge(f"the body is larger than {wire.MAX_BODY} bytes"))
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error_response(BadRequest(f"HTTP {e.status}: {e.reason}"))
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, printable(request.path, 100))
+        return error_response(ServerInternal("the server could not handle this request"))
 
 
 def build_app(server: Server) -> web.Application:
@@ -137,16 +162,18 @@ def build_app(server: Server) -> web.Application:
     @routes.post(wire.HEARTBEAT_PATH)
     async def heartbeat(request: web.Request) -> web.Response:
         host_id = client_host_id(request)
-        body = await read_json(request)
-        if not isinstance(body, dict) or not isinstance(body.get("host_id"), str):
-            raise BadRequest('expected {"host_id": ..., "agent_version": ..., "health": {...}}')
-        if body["host_id"] != host_id:
-            raise HostMismatch(f"this certificate is for {host_id}, not {body['host_id']}")
+        try:
+            beat = wire.Heartbeat.from_json(await read_json(request))
+        except wire.WireError as e:
+            raise BadRequest(str(e)) from e
+        if beat.host_id != host_id:
+            raise HostMismatch(f"this certificate is for {host_id}, not {beat.host_id}")
         machine = server.storage.machine(host_id)
         if machine is None:
             raise UnknownMachine(f"host {host_id} is not registered")
         now = server.clock()
-        server._beats[host_id] = (now, str(body.get("agent_version", "")), json.dumps(body.get("health") or {}))
+        health = beat.health or wire.HealthReport("unknown")
+        server._beats[host_id] = (now, beat.agent_version, json.dumps(health.to_json()))
         return web.json_response({"interval": machine.heartbeat_interval, "server_time": now})
 
     @routes.post(wire.JOBS_PATH)
@@ -160,20 +187,26 @@ def build_app(server: Server) -> web.Application:
             if not nonce or not proof:
                 raise
             token_id = request.headers.get("X-Mobility-Token-Id")
-            server.enrolment.check_job_proof(token_id, nonce, proof, raw, peer_address(request), now)
+            secret = server.enrolment.check_job_proof(token_id, nonce, proof, raw, peer_address(request), now)
             host_id = None
-        job = parse_job(parse_json(raw))
-        if host_id is not None and job.get("host_id") not in (None, host_id):
-            raise HostMismatch(f"this certificate is for {host_id}, not {job['host_id']}")
-        job_id = server.storage.record_job(
-            job_id=job["job_id"],
-            host_id=host_id or job.get("host_id"),
-            hostname=job["hostname"],
-            kind=job["kind"],
-            state=job["state"],
-            error_id=job["error_id"],
-            remediation=job["remediation"],
-            detail=job["detail"],
+        try:
+            job = wire.JobReport.from_json(parse_json(raw))
+        except wire.WireError as e:
+            raise BadRequest(str(e)) from e
+        if host_id is not None and job.host_id not in (None, host_id):
+            raise HostMismatch(f"this certificate is for {host_id}, not {job.host_id}")
+        if host_id is None and job.host_id is not None:
+            raise HostMismatch("a report without the machine's certificate cannot name a host ID")
+        job_id = server.storage.report_job(
+            principal=f"host:{host_id}" if host_id is not None else secret.principal,
+            job_id=job.job_id,
+            host_id=host_id,
+            hostname=job.hostname,
+            kind=job.kind,
+            state=job.state,
+            error_id=job.error_id,
+            remediation=job.remediation,
+            detail=job.detail,
             now=now,
         )
         return web.json_response({"job_id": job_id})
@@ -196,21 +229,6 @@ def build_app(server: Server) -> web.Application:
     return app
 
 
-def parse_job(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    kind, state, hostname = body.get("kind"), body.get("state"), body.get("hostname")
-    if kind not in wire.JOB_KINDS or state not in wire.JOB_STATES or not isinstance(hostname, str):
-        raise BadRequest(f"kind must be one of {wire.JOB_KINDS}, state one of {wire.JOB_STATES}, hostname a string")
-    out: dict[str, Any] = {"kind": kind, "state": state, "hostname": hostname}
-    for key in ("job_id", "host_id", "error_id", "remediation", "detail"):
-        value = body.get(key)
-        if value is not None and not isinstance(value, str):
-            raise BadRequest(f"{key} must be a string")
-        out[key] = value
-    return out
-
-
 def tls_context(data: DataDir) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -220,8 +238,8 @@ def tls_context(data: DataDir) -> ssl.SSLContext:
     return ctx
 
 
-def open_server(data: DataDir, heartbeat_interval: float = 30.0) -> Server:
-    storage = Storage(data.database)
+def open_server(data: DataDir, heartbeat_interval: float = 30.0, *, new_database: bool = False) -> Server:
+    storage = Storage(data.database, create=new_database)
     ca = pki.Authority.load(data.ca_cert.read_bytes(), data.ca_key.read_bytes())
     repository = Repository(data)
     enrolment = Enrolment(
@@ -256,6 +274,8 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
             try:
                 # The repository job may wait for the lock a `repo add` holds: never on the event loop.
                 await asyncio.to_thread(job) if in_thread else job()
+            except MobilityError as e:  # e.g. DB-UNAVAILABLE on a full disk: one line, retried next period
+                log.warning("periodic job failed: %s: %s", e.id, e.message)
             except Exception:
                 log.exception("periodic job failed")
 

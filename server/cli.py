@@ -20,6 +20,7 @@ from agent import wire
 from agent.cli import Parser, run
 from agent.errors import BadArguments, Exit
 from agent.fsutil import atomic_write
+from agent.wire import printable
 from server import __version__, pki
 from server.datadir import DEFAULT_DATA_DIR, DataDir
 from server.errors import (
@@ -83,7 +84,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     atomic_write(data.tls_key, pki.key_pem(key), 0o600)
     atomic_write(data.tls_cert, pki.cert_pem(cert))
     atomic_write(data.passphrase, (pki.random_secret() + "\n").encode(), 0o600)
-    Storage(data.database).close()
+    Storage(data.database, create=True).close()
     data.database.chmod(0o600)
     data.repository_dir.mkdir(exist_ok=True)
     Repository.create(data)
@@ -104,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         raise BadArguments(f"--listen {args.listen!r}: expected HOST:PORT")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = open_server(data, heartbeat_interval=args.heartbeat_interval)
+    server = open_server(data, heartbeat_interval=args.heartbeat_interval, new_database=args.new_database)
     fingerprint = pki.fingerprint(server.enrolment.ca.cert)
 
     def ready(bound: int) -> None:
@@ -158,7 +159,6 @@ def cmd_machines(args: argparse.Namespace) -> int:
     now = time.time()
     rows: list[dict[str, Any]] = []
     for m in storage.machines():
-        health = m.health or {}
         rows.append(
             {
                 "host_id": m.host_id,
@@ -169,8 +169,8 @@ def cmd_machines(args: argparse.Namespace) -> int:
                 "agent_version": m.agent_version,
                 "last_seen": m.last_seen,
                 "state": "online" if m.online(now) else "offline",
-                "health": health.get("status", "unknown"),
-                "health_report": health,
+                "health": m.health.status if m.health else "unknown",
+                "health_report": m.health.to_json() if m.health else None,
                 "cloned_from": m.cloned_from,
                 "facts": m.facts.to_json(),
                 "certificate_expires": m.cert_not_after,
@@ -238,7 +238,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 
 def _print_table(header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header, *[["-" if v is None else str(v) for v in r] for r in rows]]
+    # Client-supplied text (hostnames, messages) never reaches the terminal raw: no escape sequences, no forged lines.
+    cells = [header, *[["-" if v is None else printable(str(v), 120) for v in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
@@ -279,7 +280,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         for r in results:
             if r.ok:
                 warning = f"; warning {r.error.id}" if r.error else ""
-                print(f"{r.target}: {r.state}: {r.os_tag}, {r.host_id}{warning}")
+                print(f"{r.target}: {r.state}: {r.os_tag}, {r.host_id or 'already registered'}{warning}")
             elif r.error:
                 print(f"{r.target}: failed: {r.error.diagnostics()}")
         print(f"{len(results) - len(failed)} of {len(results)} hosts succeeded")
@@ -313,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="the interval agents are told to heartbeat at (default 30)",
+    )
+    p.add_argument(
+        "--new-database",
+        action="store_true",
+        help="start with an empty database when mobility.db is missing (every machine must enrol again)",
     )
     p.set_defaults(func=cmd_serve)
 

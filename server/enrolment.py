@@ -1,4 +1,9 @@
-"""Enrolment: check the proof of the passphrase or token, decide the machine's identity, issue its certificate."""
+"""Enrolment: check the proof of the passphrase or token, decide the machine's identity, issue its certificate.
+
+Who a machine is never rests on what it reports about itself. Facts (machine-id, DMI UUID, MACs) only tell a clone
+from its original; taking over an existing host ID needs a signature by that host's current key (the key never
+leaves the machine). A request that names a host ID, or whose facts match a known machine, without that proof
+becomes a new machine marked ``cloned_from`` the one it resembles, never the original."""
 
 from __future__ import annotations
 
@@ -14,8 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.wire import PLATFORMS, ROLES, EnrolRequest, MachineFacts, enrol_proof, job_proof
+from agent.wire import (
+    EnrolRequest,
+    RenewRequest,
+    WireError,
+    enrol_proof,
+    job_proof,
+    key_proof_message,
+    printable,
+)
 from server import pki
 from server.errors import (
     BadProof,
@@ -27,7 +43,7 @@ from server.errors import (
     TokenExpired,
     TokenUsedUp,
 )
-from server.storage import Storage
+from server.storage import Machine, NewMachine, Storage
 
 log = logging.getLogger("mobility.server.enrolment")
 
@@ -35,6 +51,17 @@ NONCE_TTL = 300.0
 FAILURE_WINDOW = 60.0
 MAX_FAILURES = 5  # per source address and window; then 429 until the oldest failure leaves the window
 MAX_NONCES = 100_000
+
+
+@dataclass(frozen=True)
+class Secret:
+    """Which enrolment secret a proof was made with: a token (by ID) or the passphrase."""
+
+    token_id: str | None
+
+    @property
+    def principal(self) -> str:
+        return f"token:{self.token_id}" if self.token_id else "passphrase"
 
 
 @dataclass
@@ -67,13 +94,13 @@ class Enrolment:
             recent.popleft()
         if recent is not None and len(recent) >= MAX_FAILURES:
             retry = int(recent[0] + FAILURE_WINDOW - now) + 1
-            err = RateLimited(f"{len(recent)} failed proofs from {address} in the last {int(FAILURE_WINDOW)} s")
-            err.retry_after = retry  # type: ignore[attr-defined]
-            raise err
+            raise RateLimited(
+                f"{len(recent)} failed proofs from {address} in the last {int(FAILURE_WINDOW)} s", retry_after=retry
+            )
 
     def _failed(self, address: str, now: float, why: str, hostname: str) -> None:
         self._failures.setdefault(address, deque()).append(now)
-        log.warning("enrolment refused from %s (hostname %r): %s", address, hostname, why)
+        log.warning("enrolment refused from %s (hostname %s): %s", address, printable(hostname, 80), why)
 
     # Proofs ------------------------------------------------------------------------------------------
 
@@ -85,48 +112,49 @@ class Enrolment:
         message: bytes,
         now: float,
         prove: Callable[[str, str, bytes], str],
-    ) -> None:
+    ) -> Secret:
+        """Which secret made ``proof`` (BadProof if none). A token's uses are not counted here: the enrolment
+        takes one in the same transaction that records the machine."""
         if token_id is not None:
             token = self.storage.token(token_id)
             if token is None:
                 raise BadProof("unknown enrolment token")
             secret, expires_at, uses_left = token
-            if not hmac.compare_digest(prove(secret, nonce, message), proof):
+            if not _same(prove(secret, nonce, message), proof):
                 raise BadProof("the proof does not match the token")
             if expires_at is not None and expires_at < now:
                 raise TokenExpired("the enrolment token has expired")
             if uses_left is not None and uses_left <= 0:
                 raise TokenUsedUp("the enrolment token has no uses left")
-            return
+            return Secret(token_id)
         candidates = [self.passphrase(), *self.storage.retired_passphrases(now)]
-        if not any(hmac.compare_digest(prove(s, nonce, message), proof) for s in candidates):
+        if not any(_same(prove(s, nonce, message), proof) for s in candidates):
             raise BadProof("the proof does not match the passphrase")
+        return Secret(None)
 
     # Enrolment ---------------------------------------------------------------------------------------
 
     def enrol(self, body: Any, address: str, now: float) -> dict[str, Any]:
-        req = parse_enrol_request(body)
         self.check_rate(address, now)
         try:
+            req = EnrolRequest.from_json(body)
+        except WireError as e:
+            # Unauthenticated garbage counts against the address like a wrong proof: it costs us, not them.
+            self._failed(address, now, f"malformed request: {e}", "?")
+            raise BadRequest(str(e)) from e
+        try:
             self._take_nonce(req.nonce, now)
-            self._check_proof(req.token_id, req.nonce, req.proof, req.csr.encode(), now, enrol_proof)
+            secret = self._check_proof(req.token_id, req.nonce, req.proof, req.csr.encode(), now, enrol_proof)
         except (NonceInvalid, BadProof, TokenExpired, TokenUsedUp) as e:
             self._failed(address, now, e.message, req.hostname)
             raise
-        try:
-            csr = x509.load_pem_x509_csr(req.csr.encode())
-        except ValueError as e:
-            raise CsrInvalid(f"the CSR does not parse: {e}") from e
-        if not csr.is_signature_valid:
-            raise CsrInvalid("the CSR is not signed by its own key")
-        host_id, cloned_from = self._identity(req, pki.csr_common_name(csr))
+        csr = load_csr(req.csr)
+        host_id, cloned_from = self._identity(req, csr)
         try:
             cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
         except ValueError as e:
             raise CsrInvalid(str(e)) from e
-        if req.token_id is not None:
-            self.storage.use_token(req.token_id)
-        self.storage.upsert_machine(
+        record = NewMachine(
             host_id=host_id,
             hostname=req.hostname,
             os_tag=req.os_tag,
@@ -135,12 +163,21 @@ class Enrolment:
             agent_version=req.agent_version,
             facts=req.facts,
             cloned_from=cloned_from,
-            now=now,
             cert_serial=format(cert.serial_number, "x"),
             cert_not_after=cert.not_valid_after_utc.timestamp(),
+            public_key=_public_pem(csr),
+            enrol_token_id=secret.token_id,
             heartbeat_interval=self.heartbeat_interval,
         )
-        log.info("enrolled %s as %s%s", req.hostname, host_id, f" (clone of {cloned_from})" if cloned_from else "")
+        # One transaction: the token's use and the machine record are written together or not at all.
+        if not self.storage.enrol_machine(record, now):
+            raise TokenUsedUp("the enrolment token has no uses left")
+        log.info(
+            "enrolled %s as %s%s",
+            printable(req.hostname, 80),
+            host_id,
+            f" (clone of {cloned_from})" if cloned_from else "",
+        )
         return {
             "host_id": host_id,
             "cloned_from": cloned_from,
@@ -150,46 +187,101 @@ class Enrolment:
             "heartbeat_interval": self.heartbeat_interval,
         }
 
-    def _identity(self, req: EnrolRequest, csr_cn: str | None) -> tuple[str, str | None]:
-        """The host ID to issue: the same for the same machine, a new one (with cloned_from) for a clone."""
+    def _identity(self, req: EnrolRequest, csr: x509.CertificateSigningRequest) -> tuple[str, str | None]:
+        """The host ID to issue and what it is a clone of: the named host only with proof of its current key."""
+        csr_cn = pki.csr_common_name(csr)
         if req.host_id is not None:
             if csr_cn != req.host_id:
                 raise HostMismatch(f"the CSR names {csr_cn!r} but the request is for host {req.host_id}")
             known = self.storage.machine(req.host_id)
-            if known is None or known.facts.same_machine(req.facts):
-                return req.host_id, known.cloned_from if known else None
-            return str(uuid.uuid4()), req.host_id  # same identity, other machine: a clone
-        if csr_cn and self.storage.machine(csr_cn) is not None:
+            if known is None:
+                # Nobody holds this ID here (a new server, or the record was removed): a fresh identity.
+                return str(uuid.uuid4()), None
+            if not self._proves_key(known, req):
+                log.warning("enrolment names host %s without proof of its key: a new machine", known.host_id)
+                return str(uuid.uuid4()), known.host_id
+            if known.facts.same_machine(req.facts):
+                return known.host_id, known.cloned_from  # the same machine, re-keyed
+            return str(uuid.uuid4()), known.host_id  # its key, other facts: a clone of it
+        if csr_cn not in (None, "new") and self.storage.machine(csr_cn) is not None:
             raise HostMismatch(f"the CSR names host {csr_cn}, which belongs to another machine")
         same = self.storage.find_by_facts(req.facts)
-        if same is not None:
-            return same.host_id, same.cloned_from
-        return str(uuid.uuid4()), None
+        # The same facts as a known machine without its key: a clone (or the same machine without its state). It
+        # never gets the original's identity; an operator removes the old record if it is gone.
+        return str(uuid.uuid4()), same.host_id if same is not None else None
+
+    @staticmethod
+    def _proves_key(known: Machine, req: EnrolRequest) -> bool:
+        if not req.key_proof or not known.public_key:
+            return False
+        try:
+            public = serialization.load_pem_public_key(known.public_key.encode())
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                return False
+            public.verify(
+                bytes.fromhex(req.key_proof),
+                key_proof_message(req.nonce, req.csr.encode()),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
     def renew(self, host_id: str, body: Any, now: float) -> dict[str, Any]:
-        if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
-            raise BadRequest('expected {"csr": PEM}')
         try:
-            csr = x509.load_pem_x509_csr(body["csr"].encode())
-        except ValueError as e:
-            raise CsrInvalid(f"the CSR does not parse: {e}") from e
+            req = RenewRequest.from_json(body)
+        except WireError as e:
+            raise BadRequest(str(e)) from e
+        csr = load_csr(req.csr)
         if pki.csr_common_name(csr) != host_id:
             raise HostMismatch(f"the CSR names {pki.csr_common_name(csr)!r}; this certificate is for {host_id}")
-        cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
-        self.storage.renew_certificate(host_id, format(cert.serial_number, "x"), cert.not_valid_after_utc.timestamp())
+        try:
+            cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
+        except ValueError as e:
+            raise CsrInvalid(str(e)) from e
+        self.storage.renew_certificate(
+            host_id, format(cert.serial_number, "x"), cert.not_valid_after_utc.timestamp(), _public_pem(csr)
+        )
         return {"certificate": pki.cert_pem(cert).decode()}
 
     def check_job_proof(
         self, token_id: str | None, nonce: str, proof: str, body: bytes, address: str, now: float
-    ) -> None:
+    ) -> Secret:
         """A job report from a machine without a certificate (e.g. a failed install) proves the secret too."""
         self.check_rate(address, now)
         try:
             self._take_nonce(nonce, now)
-            self._check_proof(token_id, nonce, proof, body, now, job_proof)
+            return self._check_proof(token_id, nonce, proof, body, now, job_proof)
         except (NonceInvalid, BadProof, TokenExpired, TokenUsedUp) as e:
             self._failed(address, now, e.message, "(job report)")
             raise
+
+
+def load_csr(pem: str) -> x509.CertificateSigningRequest:
+    """A CSR that parses, is signed by its own key, and has an EC P-256 key; CsrInvalid otherwise."""
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode())
+    except ValueError as e:
+        raise CsrInvalid(f"the CSR does not parse: {e}") from e
+    if not csr.is_signature_valid:
+        raise CsrInvalid("the CSR is not signed by its own key")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise CsrInvalid("the CSR's key is not an EC P-256 key")
+    return csr
+
+
+def _public_pem(csr: x509.CertificateSigningRequest) -> str:
+    return (
+        csr.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison of two proofs; non-ASCII text compares as bytes instead of raising TypeError."""
+    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def create_token(storage: Storage, ttl: float, uses: int | None, now: float) -> tuple[str, str]:
@@ -199,31 +291,6 @@ def create_token(storage: Storage, ttl: float, uses: int | None, now: float) -> 
     secret = secrets.token_urlsafe(24)
     storage.add_token(token_id, secret, now + ttl, uses, now)
     return token_id, f"mbt_{token_id}_{secret}"
-
-
-def parse_enrol_request(body: Any) -> EnrolRequest:
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    try:
-        fields = {
-            k: body[k] for k in ("csr", "nonce", "proof", "hostname", "os_tag", "role", "platform", "agent_version")
-        }
-    except KeyError as e:
-        raise BadRequest(f"missing field {e.args[0]!r}") from e
-    if not all(isinstance(v, str) and v for v in fields.values()):
-        raise BadRequest("csr, nonce, proof, hostname, os_tag, role, platform, agent_version must be strings")
-    if fields["role"] not in ROLES or fields["platform"] not in PLATFORMS:
-        raise BadRequest(f"role must be one of {ROLES} and platform one of {PLATFORMS}")
-    token_id, host_id = body.get("token_id"), body.get("host_id")
-    if (token_id is not None and not isinstance(token_id, str)) or (
-        host_id is not None and not isinstance(host_id, str)
-    ):
-        raise BadRequest("token_id and host_id must be strings when given")
-    try:
-        facts = MachineFacts.from_json(body.get("facts", {}))
-    except ValueError as e:
-        raise BadRequest(str(e)) from e
-    return EnrolRequest(facts=facts, token_id=token_id, host_id=host_id, **fields)
 
 
 def _utc(now: float) -> dt.datetime:

@@ -15,9 +15,14 @@ from agent.errors import (
 
 
 class ApiError(RemoteStateError):
-    """An error answered over HTTP as ``{"error": {"code", "message", "fix"}}``."""
+    """An error answered over HTTP as ``{"error": {"code", "message", "fix"}}``; ``retry_after`` (seconds) becomes
+    the Retry-After header of a 429 or 503."""
 
     status: ClassVar[int] = 400
+
+    def __init__(self, message: str, *, fix: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.retry_after = retry_after
 
 
 class BadRequest(ApiError):
@@ -88,6 +93,43 @@ class NotFound(ApiError):
     code = "NOT-FOUND"
     status = 404
     remediation = "Check the URL: the API lives under /v1."
+
+
+class MethodNotAllowed(ApiError):
+    code = "METHOD-NOT-ALLOWED"
+    status = 405
+    remediation = "Use the HTTP method the API documents for this path (GET for reads, POST for the rest)."
+
+
+class JobNotOwned(ApiError):
+    code = "JOB-NOT-OWNED"
+    status = 403
+    remediation = (
+        "A machine may report only on its own jobs (or the push job created for it); report under a new job ID."
+    )
+
+
+class ServerInternal(ApiError):
+    code = "SERVER-INTERNAL"
+    status = 500
+    remediation = "The server hit an unexpected error (its log has the details); retry, and report it if it persists."
+
+
+class DatabaseUnavailable(ApiError):
+    code = "DB-UNAVAILABLE"
+    status = 503
+    remediation = (
+        "The server's database cannot be written (disk full, read-only or locked): free space on the data "
+        "directory's filesystem, then retry; nothing of the failed request was kept."
+    )
+
+
+class DatabaseMissing(LocalSystemError):
+    code = "DB-MISSING"
+    remediation = (
+        "The initialised data directory has lost mobility.db: restore it from a backup (stop the server first), or "
+        "start with `serve --new-database` to begin with no machines (every agent must then enrol again)."
+    )
 
 
 class DataDirInitialised(UsageError):

@@ -115,10 +115,13 @@ async def _push_all(
     async def one(target: ServerAddress, result: HostResult) -> HostResult:
         async with gate:
             token_id, token = create_token(storage, TOKEN_TTL, 1, time.time())
+            storage.set_job_owner(result.job_id, f"token:{token_id}")  # only this host may report on the job
             try:
                 await push_host(target, result, token, s, progress.step)
             finally:
                 storage.remove_token(token_id)
+            # The host's own word about its ID is not proof: the ID is the one that enrolled with its token.
+            result.host_id = storage.host_enrolled_with(token_id) if result.ok else None
             _record(storage, result)
             return result
 

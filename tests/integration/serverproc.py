@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -131,6 +133,33 @@ def fetch_as(server: ServerProcess, root: Path, os_tag: str, dest: Path) -> Path
         )
     finally:
         client.close()
+
+
+def raw_call(
+    server: ServerProcess,
+    method: str,
+    path: str,
+    body: bytes,
+    cert: tuple[Path, Path] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One HTTPS request as any client could send it (optionally with a client certificate): status and JSON."""
+    ctx = ssl.create_default_context(cafile=str(server.data / "ca" / "ca.pem"))
+    if cert:
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        status, data = resp.status, resp.read()
+    finally:
+        conn.close()
+    return status, json.loads(data)
+
+
+def error_code(doc: dict[str, Any]) -> object:
+    err = doc.get("error")
+    return err.get("code") if isinstance(err, dict) else doc
 
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = 20.0, every: float = 0.2) -> Any:

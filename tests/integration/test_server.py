@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +19,10 @@ from tests.integration.serverproc import (
     ServerProcess,
     agent_cli,
     configure_root,
+    error_code,
     fetch_as,
     init_server,
+    raw_call,
     sandbox_root,
     secret_file,
     server_cli,
@@ -37,11 +37,6 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     s = start_server(tmp_path / "data", heartbeat_interval=2.0)
     yield s
     s.stop()
-
-
-def error_code(doc: dict[str, object]) -> object:
-    err = doc.get("error")
-    return err.get("code") if isinstance(err, dict) else doc
 
 
 def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Path) -> None:
@@ -130,37 +125,18 @@ def test_wrong_fingerprint_sends_no_secret(server: ServerProcess, tmp_path: Path
     assert server.machines() == []
 
 
-def _raw(
-    server: ServerProcess,
-    method: str,
-    path: str,
-    body: bytes,
-    cert: tuple[Path, Path] | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, object]]:
-    ctx = ssl.create_default_context(cafile=str(server.data / "ca" / "ca.pem"))
-    if cert:
-        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
-    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=10)
-    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    status, data = resp.status, resp.read()
-    conn.close()
-    return status, json.loads(data)
-
-
 def test_api_bad_inputs(server: ServerProcess, tmp_path: Path) -> None:
-    assert _raw(server, "POST", "/v1/enrol", b"{not json")[1]["error"]["code"] == "BAD-REQUEST"  # type: ignore[index]
-    status, doc = _raw(server, "POST", "/v1/enrol", b"x" * 100_000)
+    assert raw_call(server, "POST", "/v1/enrol", b"{not json")[1]["error"]["code"] == "BAD-REQUEST"  # type: ignore[index]
+    status, doc = raw_call(server, "POST", "/v1/enrol", b"x" * 100_000)
     assert (status, error_code(doc)) == (413, "BODY-TOO-LARGE")
-    status, doc = _raw(server, "POST", "/v1/heartbeat", b'{"host_id": "x"}')
+    status, doc = raw_call(server, "POST", "/v1/heartbeat", b'{"host_id": "x"}')
     assert (status, error_code(doc)) == (401, "CLIENT-CERT-REQUIRED")
     # A replayed nonce: the first use consumes it, even when the proof was wrong.
-    nonce = _raw(server, "POST", "/v1/enrol/nonce", b"")[1]["nonce"]
+    nonce = raw_call(server, "POST", "/v1/enrol/nonce", b"")[1]["nonce"]
     body = {
         "csr": "x",
         "nonce": nonce,
-        "proof": "00",
+        "proof": "0" * 64,
         "hostname": "h",
         "os_tag": "DEBIAN12",
         "role": "MS",
@@ -168,19 +144,20 @@ def test_api_bad_inputs(server: ServerProcess, tmp_path: Path) -> None:
         "agent_version": "0",
         "facts": {},
     }
-    assert error_code(_raw(server, "POST", "/v1/enrol", json.dumps(body).encode())[1]) == "ENROL-BAD-PROOF"
-    assert error_code(_raw(server, "POST", "/v1/enrol", json.dumps(body).encode())[1]) == "ENROL-NONCE-INVALID"
+    got = raw_call(server, "POST", "/v1/enrol", json.dumps(body).encode())[1]
+    assert error_code(got) == "ENROL-BAD-PROOF", got
+    assert error_code(raw_call(server, "POST", "/v1/enrol", json.dumps(body).encode())[1]) == "ENROL-NONCE-INVALID"
 
     # A registered machine cannot heartbeat for another host ID.
     secret = secret_file(tmp_path / "pass", server.passphrase())
     root = sandbox_root(tmp_path / "m", "2" * 32)
     assert configure_root(server, root, secret)[0] == 0
     state = root / "var/lib/mobility"
-    status, doc = _raw(
+    status, doc = raw_call(
         server,
         "POST",
         "/v1/heartbeat",
-        b'{"host_id": "someone-else"}',
+        json.dumps({"host_id": "0f0f0f0f-0000-4000-8000-000000000000", "agent_version": "0.1.0"}).encode(),
         cert=(state / "client.pem", state / "client.key"),
     )
     assert (status, error_code(doc)) == (403, "HOST-ID-MISMATCH")
@@ -303,7 +280,7 @@ def test_certificate_renewal_keeps_the_host_id(server: ServerProcess, tmp_path: 
     heartbeat(Paths(root), {"status": "healthy"})  # the new pair works
 
     _, csr = new_key_and_csr("another-host")
-    status, doc = _raw(
+    status, doc = raw_call(
         server,
         "POST",
         "/v1/renew",
@@ -336,7 +313,7 @@ def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path
     assert code == 0
     # Another machine asks for a certificate naming the first machine's host ID.
     _, csr = new_key_and_csr(str(out["host_id"]))
-    nonce = str(_raw(server, "POST", wire.NONCE_PATH, b"")[1]["nonce"])
+    nonce = str(raw_call(server, "POST", wire.NONCE_PATH, b"")[1]["nonce"])
     req = wire.EnrolRequest(
         csr=csr.decode(),
         nonce=nonce,
@@ -348,7 +325,7 @@ def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path
         facts=wire.MachineFacts(machine_id="f" * 32),
         agent_version="0",
     )
-    status, doc = _raw(server, "POST", wire.ENROL_PATH, json.dumps(req.to_json()).encode())
+    status, doc = raw_call(server, "POST", wire.ENROL_PATH, json.dumps(req.to_json()).encode())
     assert (status, error_code(doc)) == (403, "HOST-ID-MISMATCH")
     assert [m["hostname"] for m in server.machines()] == ["host-acacac"]
 

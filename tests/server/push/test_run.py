@@ -10,7 +10,7 @@ from server.storage import Storage
 
 
 def test_jobs_of_a_killed_push_are_closed_by_the_next_one(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "mobility.db")
+    storage = Storage(tmp_path / "mobility.db", create=True)
     now = 1_800_000_000.0
     common = {"host_id": None, "kind": "push", "error_id": None, "remediation": None, "detail": None}
     killed = storage.record_job(job_id=None, hostname="web1:22", state="running", now=now - STALE_AFTER - 1, **common)

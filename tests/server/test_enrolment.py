@@ -1,0 +1,99 @@
+"""server/enrolment.py with a real CA and a real database file: proofs, identities, clones, rate limits."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import wire
+from agent.identity import key_proof, new_key_and_csr
+from server import pki
+from server.enrolment import MAX_FAILURES, Enrolment
+from server.errors import BadProof, BadRequest, NonceInvalid, RateLimited
+from server.storage import Storage
+
+PASSPHRASE = "correct horse battery staple"
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def enrolment(tmp_path: Path) -> Enrolment:
+    ca = pki.create_ca("test CA", dt.datetime.fromtimestamp(NOW, dt.UTC))
+    return Enrolment(Storage(tmp_path / "m.db", create=True), ca, lambda: PASSPHRASE, lambda: b"{}")
+
+
+def request(
+    e: Enrolment,
+    machine_id: str,
+    *,
+    host_id: str | None = None,
+    signer: ec.EllipticCurvePrivateKey | None = None,
+    secret: str = PASSPHRASE,
+) -> tuple[dict[str, Any], ec.EllipticCurvePrivateKey]:
+    key, csr = new_key_and_csr(host_id)
+    nonce = e.new_nonce(NOW)
+    req = wire.EnrolRequest(
+        csr=csr.decode(),
+        nonce=nonce,
+        proof=wire.enrol_proof(secret, nonce, csr),
+        hostname=f"host-{machine_id[:4]}",
+        os_tag="DEBIAN12",
+        role="MS",
+        platform="VmWare",
+        facts=wire.MachineFacts(machine_id=machine_id),
+        agent_version="0.1.0",
+        host_id=host_id,
+        key_proof=key_proof(signer, nonce, csr) if signer else None,
+    )
+    return req.to_json(), key
+
+
+def test_identity_follows_the_key_not_the_facts(enrolment: Enrolment) -> None:
+    body, key = request(enrolment, "a" * 32)
+    first = enrolment.enrol(body, "10.0.0.1", NOW)
+    host = first["host_id"]
+    assert first["cloned_from"] is None
+
+    # Same machine, proves its key: same host, new key recorded.
+    body, key2 = request(enrolment, "a" * 32, host_id=host, signer=key)
+    assert enrolment.enrol(body, "10.0.0.1", NOW)["host_id"] == host
+    # The old key no longer proves anything: the new one does.
+    body, _ = request(enrolment, "a" * 32, host_id=host, signer=key)
+    assert enrolment.enrol(body, "10.0.0.1", NOW)["cloned_from"] == host
+    body, _ = request(enrolment, "a" * 32, host_id=host, signer=key2)
+    assert enrolment.enrol(body, "10.0.0.1", NOW)["host_id"] == host
+
+    # Its key on other facts (a copied disk): a clone.
+    body, _ = request(enrolment, "b" * 32, host_id=host, signer=key2)
+    clone = enrolment.enrol(body, "10.0.0.2", NOW)
+    assert (clone["host_id"] != host, clone["cloned_from"]) == (True, host)
+
+    # Its facts without its key, with or without naming it: never the original.
+    for named in (None, host):
+        body, _ = request(enrolment, "a" * 32, host_id=named)
+        taken = enrolment.enrol(body, "10.0.0.3", NOW)
+        assert (taken["host_id"] != host, taken["cloned_from"]) == (True, host)
+    record = enrolment.storage.machine(host)
+    assert record is not None and record.hostname == "host-aaaa"
+
+
+def test_proofs_nonces_and_the_rate_limit(enrolment: Enrolment) -> None:
+    body, _ = request(enrolment, "c" * 32, secret="wrong")
+    with pytest.raises(BadProof):
+        enrolment.enrol(body, "10.0.0.9", NOW)
+    with pytest.raises(NonceInvalid):  # the nonce was used by the failed attempt
+        enrolment.enrol(body, "10.0.0.9", NOW)
+    with pytest.raises(BadRequest):
+        enrolment.enrol({"csr": 1}, "10.0.0.9", NOW)
+    for _ in range(MAX_FAILURES - 3):
+        with pytest.raises(BadRequest):
+            enrolment.enrol([], "10.0.0.9", NOW)
+    good, _ = request(enrolment, "c" * 32)
+    with pytest.raises(RateLimited) as limited:
+        enrolment.enrol(good, "10.0.0.9", NOW)
+    assert limited.value.retry_after is not None and limited.value.retry_after > 0
+    assert enrolment.enrol(good, "10.0.0.10", NOW)["host_id"]  # another address is not affected
