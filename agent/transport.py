@@ -25,6 +25,7 @@ from agent.errors import (
     ServerProtocolError,
     ServerUnreachable,
 )
+from agent.wire import printable
 
 log = logging.getLogger("mobility.transport")
 
@@ -167,7 +168,12 @@ class Client:
         if status >= 400:
             err = doc.get("error")
             if isinstance(err, dict) and isinstance(err.get("code"), str):
-                raise RemoteError(err["code"], str(err.get("message", "")), str(err.get("fix", "")))
+                # What a server says is shown on a terminal and logged: bounded and without control characters.
+                raise RemoteError(
+                    printable(err["code"], 64),
+                    printable(str(err.get("message", "")), 2000),
+                    printable(str(err.get("fix", "")), 1000),
+                )
             raise ServerProtocolError(f"{self.server}{path}: HTTP {status}")
         return doc
 
