@@ -160,7 +160,7 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
     from agent.transport import parse_address, parse_fingerprint
 
     os_info = detect_os(paths)
-    if is_current(paths):
+    if is_current(paths) and settings.job_id is None:
         return Outcome(
             "current",
             "installed, registered, current and this machine's: nothing to do",
@@ -179,6 +179,12 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
         "state": "running",
         "kind": _job_kind(paths),
     }
+    if is_current(paths):  # a push to a machine that has everything: its job still ends, under its own identity
+        reg = load_registration(paths)
+        message = "installed, registered, current and this machine's: nothing to do"
+        job.update(state="succeeded", host_id=reg.host_id if reg else None, detail=message)
+        _report(paths, job, settings, secret, pinned)
+        return Outcome("current", message, job["host_id"], job["job_id"])
     try:
         try:
             with install_lock(paths):

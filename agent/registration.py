@@ -164,11 +164,15 @@ def report_job(
     secret: str | None = None,
     pinned: str | None = None,
 ) -> str:
-    """Report a job: over mutual TLS when registered, else with a proof of the secret (a failed install)."""
+    """Report a job: over mutual TLS when registered, else with a proof of the secret (a failed install). A
+    registered machine that was handed a token proves it too: a push job belongs to the token its push gave."""
+    body = json.dumps(job).encode()
+    token = wire.split_token(secret) if secret else None
     if paths.client_cert.exists() and load_registration(paths) is not None:
         _, client = authenticated_client(paths)
         try:
-            return str(client.call("POST", wire.JOBS_PATH, job)["job_id"])
+            headers = _proof_headers(client, body, token[1], token[0]) if token else None
+            return str(client.call("POST", wire.JOBS_PATH, raw_body=body, headers=headers)["job_id"])
         finally:
             client.close()
     if server_text is None or secret is None:
@@ -177,18 +181,19 @@ def report_job(
     ca, _ = trusted_ca(paths, server, pinned)
     client = Client(server, ca)
     try:
-        nonce = str(client.call("POST", wire.NONCE_PATH)["nonce"])
-        body = json.dumps(job).encode()
-        token = wire.split_token(secret)
-        headers = {
-            "X-Mobility-Nonce": nonce,
-            "X-Mobility-Proof": wire.job_proof(token[1] if token else secret, nonce, body),
-        }
-        if token:
-            headers["X-Mobility-Token-Id"] = token[0]
+        headers = _proof_headers(client, body, token[1] if token else secret, token[0] if token else None)
         return str(client.call("POST", wire.JOBS_PATH, raw_body=body, headers=headers)["job_id"])
     finally:
         client.close()
+
+
+def _proof_headers(client: Client, body: bytes, secret: str, token_id: str | None) -> dict[str, str]:
+    """A one-time nonce and the proof of the secret over the job report (the secret itself never travels)."""
+    nonce = str(client.call("POST", wire.NONCE_PATH)["nonce"])
+    headers = {"X-Mobility-Nonce": nonce, "X-Mobility-Proof": wire.job_proof(secret, nonce, body)}
+    if token_id is not None:
+        headers["X-Mobility-Token-Id"] = token_id
+    return headers
 
 
 def renew_certificate(paths: Paths) -> None:

@@ -178,17 +178,22 @@ def build_app(server: Server) -> web.Application:
 
     @routes.post(wire.JOBS_PATH)
     async def jobs(request: web.Request) -> web.Response:
+        """A machine proves who it is with its certificate, a secret with a proof over the body, or both (a
+        registered host reporting on the push job that belongs to the token it was handed)."""
         raw = await request.read()
         now = server.clock()
         try:
             host_id: str | None = client_host_id(request)
         except ClientCertRequired:
-            nonce, proof = request.headers.get("X-Mobility-Nonce"), request.headers.get("X-Mobility-Proof")
-            if not nonce or not proof:
-                raise
+            host_id = None
+        nonce, proof = request.headers.get("X-Mobility-Nonce"), request.headers.get("X-Mobility-Proof")
+        principals = [f"host:{host_id}"] if host_id is not None else []
+        if nonce and proof:
             token_id = request.headers.get("X-Mobility-Token-Id")
             secret = server.enrolment.check_job_proof(token_id, nonce, proof, raw, peer_address(request), now)
-            host_id = None
+            principals.append(secret.principal)
+        elif host_id is None:
+            raise ClientCertRequired("a job report needs the machine's certificate or a proof of the secret")
         try:
             job = wire.JobReport.from_json(parse_json(raw))
         except wire.WireError as e:
@@ -198,7 +203,7 @@ def build_app(server: Server) -> web.Application:
         if host_id is None and job.host_id is not None:
             raise HostMismatch("a report without the machine's certificate cannot name a host ID")
         job_id = server.storage.report_job(
-            principal=f"host:{host_id}" if host_id is not None else secret.principal,
+            principals=principals,
             job_id=job.job_id,
             host_id=host_id,
             hostname=job.hostname,

@@ -112,9 +112,12 @@ class Enrolment:
         message: bytes,
         now: float,
         prove: Callable[[str, str, bytes], str],
+        *,
+        enrolling: bool,
     ) -> Secret:
         """Which secret made ``proof`` (BadProof if none). A token's uses are not counted here: the enrolment
-        takes one in the same transaction that records the machine."""
+        takes one in the same transaction that records the machine. A used-up token still proves that a job
+        report comes from its holder (the host that enrolled with it reports afterwards)."""
         if token_id is not None:
             token = self.storage.token(token_id)
             if token is None:
@@ -124,7 +127,7 @@ class Enrolment:
                 raise BadProof("the proof does not match the token")
             if expires_at is not None and expires_at < now:
                 raise TokenExpired("the enrolment token has expired")
-            if uses_left is not None and uses_left <= 0:
+            if enrolling and uses_left is not None and uses_left <= 0:
                 raise TokenUsedUp("the enrolment token has no uses left")
             return Secret(token_id)
         candidates = [self.passphrase(), *self.storage.retired_passphrases(now)]
@@ -144,7 +147,9 @@ class Enrolment:
             raise BadRequest(str(e)) from e
         try:
             self._take_nonce(req.nonce, now)
-            secret = self._check_proof(req.token_id, req.nonce, req.proof, req.csr.encode(), now, enrol_proof)
+            secret = self._check_proof(
+                req.token_id, req.nonce, req.proof, req.csr.encode(), now, enrol_proof, enrolling=True
+            )
         except (NonceInvalid, BadProof, TokenExpired, TokenUsedUp) as e:
             self._failed(address, now, e.message, req.hostname)
             raise
@@ -251,7 +256,7 @@ class Enrolment:
         self.check_rate(address, now)
         try:
             self._take_nonce(nonce, now)
-            return self._check_proof(token_id, nonce, proof, body, now, job_proof)
+            return self._check_proof(token_id, nonce, proof, body, now, job_proof, enrolling=False)
         except (NonceInvalid, BadProof, TokenExpired, TokenUsedUp) as e:
             self._failed(address, now, e.message, "(job report)")
             raise

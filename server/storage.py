@@ -362,7 +362,7 @@ class Storage:
     def report_job(
         self,
         *,
-        principal: str,
+        principals: list[str],
         job_id: str | None,
         host_id: str | None,
         hostname: str,
@@ -373,15 +373,17 @@ class Storage:
         detail: str | None,
         now: float,
     ) -> str:
-        """Create or update a job as a client: ``principal`` is who proved itself ("host:<id>" over mutual TLS,
-        "token:<id>" or "passphrase" by a proof). A client may update only a job it owns, or, as host H, a job
-        owned by the token H enrolled with (the job a push created for it): JobNotOwned otherwise."""
+        """Create or update a job as a client: ``principals`` are who it proved to be ("host:<id>" over mutual TLS,
+        "token:<id>" or "passphrase" by a proof; the first owns a new job). A client may update only a job one of
+        them owns, or, as host H, a job owned by the token H enrolled with (the job a push created for it):
+        JobNotOwned otherwise."""
         job_id = job_id or str(uuid.uuid4())
         with self.transaction() as db:
             row = db.execute("SELECT owner, host_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is not None and not self._may_write(db, principal, row[0], row[1]):
+            if row is not None and not any(self._may_write(db, p, row[0], row[1]) for p in principals):
                 raise JobNotOwned(f"job {job_id} belongs to another machine or secret")
-            self._upsert_job(db, job_id, host_id, hostname, kind, state, error_id, remediation, detail, now, principal)
+            owner = principals[0]
+            self._upsert_job(db, job_id, host_id, hostname, kind, state, error_id, remediation, detail, now, owner)
         return job_id
 
     @staticmethod

@@ -120,8 +120,10 @@ async def _push_all(
                 await push_host(target, result, token, s, progress.step)
             finally:
                 storage.remove_token(token_id)
-            # The host's own word about its ID is not proof: the ID is the one that enrolled with its token.
-            result.host_id = storage.host_enrolled_with(token_id) if result.ok else None
+            # The host's own word about its ID is not proof: the ID is the one its job was reported under, over
+            # mutual TLS, by the host that enrolled with (or proved) this push's token.
+            job = storage.job(result.job_id)
+            result.host_id = job.host_id if result.ok and job is not None else None
             _record(storage, result)
             return result
 

@@ -69,9 +69,9 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     # A job written before jobs had owners: only its own host may update it.
     common = {"job_id": "j1", "host_id": None, "hostname": "db1", "kind": "install", "error_id": None}
     with pytest.raises(JobNotOwned):
-        s.report_job(principal="passphrase", state="failed", remediation=None, detail=None, now=2, **common)
+        s.report_job(principals=["passphrase"], state="failed", remediation=None, detail=None, now=2, **common)
     s.report_job(
-        principal="host:22222222-2222-4222-8222-222222222222",
+        principals=["host:22222222-2222-4222-8222-222222222222"],
         state="succeeded",
         remediation=None,
         detail=None,
@@ -103,19 +103,19 @@ def test_job_owners(storage: Storage) -> None:
     storage.enrol_machine(new_machine(a), 0.0)
     storage.enrol_machine(new_machine(b, enrol_token_id="pushtoken001"), 0.0)
     job = {"hostname": "h", "kind": "install", "error_id": None, "remediation": None, "detail": None}
-    mine = storage.report_job(principal=f"host:{a}", job_id=None, host_id=a, state="running", now=1, **job)
+    mine = storage.report_job(principals=[f"host:{a}"], job_id=None, host_id=a, state="running", now=1, **job)
     with pytest.raises(JobNotOwned):
-        storage.report_job(principal=f"host:{b}", job_id=mine, host_id=b, state="failed", now=2, **job)
+        storage.report_job(principals=[f"host:{b}"], job_id=mine, host_id=b, state="failed", now=2, **job)
     with pytest.raises(JobNotOwned):
-        storage.report_job(principal="passphrase", job_id=mine, host_id=None, state="failed", now=2, **job)
+        storage.report_job(principals=["passphrase"], job_id=mine, host_id=None, state="failed", now=2, **job)
     recorded = storage.job(mine)
     assert recorded is not None and (recorded.host_id, recorded.state, recorded.owner) == (a, "running", f"host:{a}")
 
     push = storage.record_job(job_id=None, host_id=None, state="running", now=1, owner="token:pushtoken001", **job)
     with pytest.raises(JobNotOwned):
-        storage.report_job(principal=f"host:{a}", job_id=push, host_id=a, state="succeeded", now=2, **job)
-    storage.report_job(principal=f"host:{b}", job_id=push, host_id=b, state="succeeded", now=2, **job)
-    storage.report_job(principal="token:pushtoken001", job_id=push, host_id=None, state="failed", now=3, **job)
+        storage.report_job(principals=[f"host:{a}"], job_id=push, host_id=a, state="succeeded", now=2, **job)
+    storage.report_job(principals=[f"host:{b}"], job_id=push, host_id=b, state="succeeded", now=2, **job)
+    storage.report_job(principals=["token:pushtoken001"], job_id=push, host_id=None, state="failed", now=3, **job)
     recorded = storage.job(push)
     assert recorded is not None and (recorded.host_id, recorded.state) == (b, "failed")
 
