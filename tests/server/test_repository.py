@@ -166,7 +166,7 @@ def test_rescan_picks_up_dropped_bundles_and_reports_refusals(tmp_path: Path, da
     reasons = dict(refused)
     assert set(reasons) == {"README.txt", "Mobility_UA_0.1.0_DEBIAN7-64_GA_26Nov2026_release.tar.gz"}
     assert "is not a bundle name" in reasons["README.txt"]
-    assert "install has sha256" in reasons["Mobility_UA_0.1.0_DEBIAN7-64_GA_26Nov2026_release.tar.gz"]
+    assert "'install' has sha256" in reasons["Mobility_UA_0.1.0_DEBIAN7-64_GA_26Nov2026_release.tar.gz"]
     assert {e.name for e in repo.list()} == {published.name, dropped.name}
     assert_valid(data)
     # a second rescan changes nothing
