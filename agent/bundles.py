@@ -2,15 +2,19 @@
 
 The one definition of the bundle wire format, shared by the configuration server (which refuses bad
 bundles before publishing them) and the agent (which checks what it is about to install). Parsing is
-pure; ``inspect_bundle`` streams the archive once, hashing in chunks, so memory stays bounded.
+pure; ``inspect_bundle`` streams the archive once, hashing in chunks, behind a guard (agent/targuard.py) that
+bounds every header before tarfile reads it, so memory stays bounded whatever the archive holds. Every message
+that echoes the archive's content goes through ``shown`` (quoted, escaped, short).
 """
 
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import re
 import tarfile
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +23,14 @@ from typing import Any
 from agent.distros.matrix import BY_TAG, SUPPORTED_ARCHES, Init
 from agent.errors import BundleRefused
 from agent.fsutil import sha256_stream
+from agent.targuard import GuardedStream, TarGuard, TarLimits
+from agent.textsafe import shown
 
 MANIFEST_NAME = "bundle.json"
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_MEMBERS = 100_000
-MAX_UNPACKED_BYTES = 4 << 30  # a bundle is tens of MiB; this only stops decompression bombs
+# Members, name lengths, extended headers, unpacked size: the frozen agent is ~75 files today and a few hundred
+# once it carries its C runtime, against 20,000 members; see TarLimits for the rest.
+TAR_LIMITS = TarLimits()
 
 _MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
 
@@ -78,15 +85,16 @@ def parse_bundle_name(name: str) -> BundleName:
     m = _NAME.fullmatch(name)
     if m is None:
         raise BundleRefused(
-            f"{name!r} is not a bundle name: expected Mobility_UA_<version>_<OSTAG>-64_GA_<DDMonYYYY>_release.tar.gz "
+            f"{shown(name)} is not a bundle name: expected "
+            "Mobility_UA_<version>_<OSTAG>-64_GA_<DDMonYYYY>_release.tar.gz "
             "(e.g. Mobility_UA_0.1.0_UBUNTU-20.04-64_GA_26Nov2026_release.tar.gz)"
         )
     tag = m["tag"]
     if tag not in BY_TAG:
-        raise BundleRefused(f"{name}: OS tag {tag!r} is not in the support matrix (known: {', '.join(BY_TAG)})")
+        raise BundleRefused(f"{name}: OS tag {shown(tag)} is not in the support matrix (known: {', '.join(BY_TAG)})")
     month_name = m["month"]
     if month_name not in _MONTHS:
-        raise BundleRefused(f"{name}: month {month_name!r} is not one of {', '.join(_MONTHS)}")
+        raise BundleRefused(f"{name}: month {shown(month_name)} is not one of {', '.join(_MONTHS)}")
     try:
         date = datetime.date(int(m["year"]), _MONTHS.index(month_name) + 1, int(m["day"]))
     except ValueError as e:
@@ -97,17 +105,18 @@ def parse_bundle_name(name: str) -> BundleName:
 def _require_str(doc: dict[str, Any], key: str) -> str:
     value = doc[key]
     if not isinstance(value, str) or not value:
-        raise BundleRefused(f"{MANIFEST_NAME}: {key!r} must be a non-empty string, got {value!r}")
+        got = shown(value) if isinstance(value, str) else type(value).__name__
+        raise BundleRefused(f"{MANIFEST_NAME}: {key!r} must be a non-empty string, got {got}")
     return value
 
 
 def _check_member_path(path: str, what: str) -> str:
     """Normalise an archive path (strip ./) and refuse absolute paths and '..'."""
     if path.startswith("/"):
-        raise BundleRefused(f"{what} {path!r} is an absolute path")
+        raise BundleRefused(f"{what} {shown(path)} is an absolute path")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise BundleRefused(f"{what} {path!r} has '..' in its path")
+        raise BundleRefused(f"{what} {shown(path)} has '..' in its path")
     return "/".join(parts)
 
 
@@ -116,7 +125,9 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleRefused(f"{MANIFEST_NAME} is not valid JSON: {e}") from e
+        raise BundleRefused(f"{MANIFEST_NAME} is not valid JSON: {shown(str(e))}") from e
+    except RecursionError as e:  # 1 MiB of '[' is valid-looking JSON that the decoder cannot nest
+        raise BundleRefused(f"{MANIFEST_NAME} nests too deeply to be a bundle manifest") from e
     if not isinstance(doc, dict):
         raise BundleRefused(f"{MANIFEST_NAME} must be a JSON object, got {type(doc).__name__}")
     missing = sorted(_MANIFEST_KEYS - doc.keys())
@@ -124,28 +135,30 @@ def parse_manifest(data: bytes) -> Manifest:
         raise BundleRefused(f"{MANIFEST_NAME} lacks {', '.join(missing)}")
     unknown = sorted(doc.keys() - _MANIFEST_KEYS)
     if unknown:
-        raise BundleRefused(f"{MANIFEST_NAME} has unknown fields {', '.join(unknown)}")
+        listed = ", ".join(shown(key, 60) for key in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise BundleRefused(f"{MANIFEST_NAME} has unknown fields {listed}{more}")
     os_tag = _require_str(doc, "os_tag")
     if os_tag not in BY_TAG:
-        raise BundleRefused(f"{MANIFEST_NAME}: os_tag {os_tag!r} is not in the support matrix")
+        raise BundleRefused(f"{MANIFEST_NAME}: os_tag {shown(os_tag)} is not in the support matrix")
     version = _require_str(doc, "version")
     if not _VERSION.fullmatch(version):
-        raise BundleRefused(f"{MANIFEST_NAME}: version {version!r} is not dotted numbers (e.g. 0.1.0)")
+        raise BundleRefused(f"{MANIFEST_NAME}: version {shown(version)} is not dotted numbers (e.g. 0.1.0)")
     arch = _require_str(doc, "arch")
     if arch not in SUPPORTED_ARCHES:
-        raise BundleRefused(f"{MANIFEST_NAME}: arch {arch!r} is not one of {', '.join(sorted(SUPPORTED_ARCHES))}")
+        raise BundleRefused(f"{MANIFEST_NAME}: arch {shown(arch)} is not one of {', '.join(sorted(SUPPORTED_ARCHES))}")
     init_name = _require_str(doc, "init")
     try:
         init = Init(init_name)
     except ValueError as e:
-        raise BundleRefused(f"{MANIFEST_NAME}: init {init_name!r} is not one of {', '.join(Init)}") from e
+        raise BundleRefused(f"{MANIFEST_NAME}: init {shown(init_name)} is not one of {', '.join(Init)}") from e
     if init is not BY_TAG[os_tag].init:
         raise BundleRefused(
-            f"{MANIFEST_NAME}: init {init_name!r} is wrong for {os_tag}, which uses {BY_TAG[os_tag].init}"
+            f"{MANIFEST_NAME}: init {shown(init_name)} is wrong for {os_tag}, which uses {BY_TAG[os_tag].init}"
         )
     glibc_floor = _require_str(doc, "glibc_floor")
     if not _VERSION.fullmatch(glibc_floor):
-        raise BundleRefused(f"{MANIFEST_NAME}: glibc_floor {glibc_floor!r} is not a version like 2.17")
+        raise BundleRefused(f"{MANIFEST_NAME}: glibc_floor {shown(glibc_floor)} is not a version like 2.17")
     files = doc["files"]
     if not isinstance(files, dict):
         raise BundleRefused(f"{MANIFEST_NAME}: files must be an object of path -> sha256")
@@ -153,11 +166,11 @@ def parse_manifest(data: bytes) -> Manifest:
     for path, digest in files.items():
         norm = _check_member_path(path, f"{MANIFEST_NAME}: file")
         if not norm or norm == MANIFEST_NAME:
-            raise BundleRefused(f"{MANIFEST_NAME}: file {path!r} cannot be listed")
+            raise BundleRefused(f"{MANIFEST_NAME}: file {shown(path)} cannot be listed")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise BundleRefused(f"{MANIFEST_NAME}: hash of {path!r} is not 64 lower-case hex digits")
+            raise BundleRefused(f"{MANIFEST_NAME}: hash of {shown(path)} is not 64 lower-case hex digits")
         if norm in checked:
-            raise BundleRefused(f"{MANIFEST_NAME}: file {path!r} is listed twice")
+            raise BundleRefused(f"{MANIFEST_NAME}: file {shown(path)} is listed twice")
         checked[norm] = digest
     return Manifest(os_tag, version, arch, init, glibc_floor, checked)
 
@@ -192,8 +205,9 @@ def inspect_bundle(path: Path, name: str | None = None) -> tuple[BundleName, Man
 
     ``name`` is the bundle's file name when ``path`` is a temporary copy. Refused: a bad name, members
     with absolute paths or '..', links that lead outside the bundle, device files and FIFOs, duplicate
-    members, a missing, oversized or invalid bundle.json, one that disagrees with the name, and any
-    regular file whose sha256 differs from bundle.json or that is missing from or extra to it.
+    members, a missing, oversized or invalid bundle.json, one that disagrees with the name, any
+    regular file whose sha256 differs from bundle.json or that is missing from or extra to it, and an
+    archive out of the bounds of TAR_LIMITS (refused from its headers, before tarfile reads them).
     """
     name = name if name is not None else path.name
     bundle_name = parse_bundle_name(name)
@@ -201,81 +215,84 @@ def inspect_bundle(path: Path, name: str | None = None) -> tuple[BundleName, Man
         manifest, hashes = _scan(path)
     except BundleRefused as e:
         raise BundleRefused(f"{name}: {e.message}") from e
-    except (OSError, EOFError, tarfile.TarError) as e:
-        raise BundleRefused(f"{name}: not a readable gzip-compressed tar archive ({e})") from e
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:
+        raise BundleRefused(f"{name}: not a readable gzip-compressed tar archive ({shown(str(e))})") from e
     problems = []
     if manifest.os_tag != bundle_name.os_tag:
         problems.append(f"bundle.json says os_tag {manifest.os_tag} but the name says {bundle_name.os_tag}")
     if manifest.version != bundle_name.version:
         problems.append(f"bundle.json says version {manifest.version} but the name says {bundle_name.version}")
     for member in sorted(manifest.files.keys() - hashes.keys()):
-        problems.append(f"{member} is listed in bundle.json but missing from the archive")
+        problems.append(f"{shown(member)} is listed in bundle.json but missing from the archive")
     for member in sorted(hashes.keys() - manifest.files.keys()):
-        problems.append(f"{member} is in the archive but not listed in bundle.json")
+        problems.append(f"{shown(member)} is in the archive but not listed in bundle.json")
     for member in sorted(hashes.keys() & manifest.files.keys()):
         if hashes[member] != manifest.files[member]:
-            problems.append(f"{member} has sha256 {hashes[member]}, bundle.json says {manifest.files[member]}")
+            problems.append(f"{shown(member)} has sha256 {hashes[member]}, bundle.json says {manifest.files[member]}")
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise BundleRefused(f"{name}: {shown}")
+        listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise BundleRefused(f"{name}: {listed}")
     return bundle_name, manifest
 
 
 def _scan(path: Path) -> tuple[Manifest, dict[str, str]]:
     """One streaming pass: member checks, hashes of regular files, the parsed manifest."""
+    # "r|": a plain tar stream, read forwards only; the guard has seen each header before tarfile parses it.
+    with (
+        path.open("rb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="rb") as gz,
+        tarfile.open(fileobj=GuardedStream(gz, TarGuard(TAR_LIMITS)), mode="r|") as tar,
+    ):
+        return _scan_members(tar)
+
+
+def _scan_members(tar: tarfile.TarFile) -> tuple[Manifest, dict[str, str]]:
     hashes: dict[str, str] = {}
     kinds: dict[str, str] = {}
     symlinks: dict[str, str] = {}
     manifest: Manifest | None = None
-    unpacked = 0
-    with tarfile.open(path, mode="r|gz") as tar:
-        for count, member in enumerate(tar, start=1):
-            if count > MAX_MEMBERS:
-                raise BundleRefused(f"more than {MAX_MEMBERS} members")
-            unpacked += max(member.size, 0)
-            if unpacked > MAX_UNPACKED_BYTES:
-                raise BundleRefused(f"unpacks to more than {MAX_UNPACKED_BYTES} bytes")
-            rel = _check_member_path(member.name, "member")
-            if not rel:
-                if member.isdir():
-                    continue
-                raise BundleRefused(f"member {member.name!r} has an empty path")
-            kind = "dir" if member.isdir() else "other"
-            if rel in kinds and not (kind == "dir" and kinds[rel] == "dir"):
-                raise BundleRefused(f"member {rel!r} appears twice")
+    for member in tar:
+        rel = _check_member_path(member.name, "member")
+        if not rel:
             if member.isdir():
-                pass
-            elif member.issym():
-                symlinks[rel] = member.linkname
-            elif member.islnk():
-                target = _check_member_path(member.linkname, f"hard link {rel!r} to")
-                if target not in hashes:
-                    raise BundleRefused(f"hard link {rel!r} points to {member.linkname!r}, not an earlier regular file")
-                hashes[rel] = hashes[target]
-            elif member.isreg():
-                f = tar.extractfile(member)
-                if f is None:  # pragma: no cover - isreg() members always have data
-                    raise BundleRefused(f"member {rel!r} cannot be read")
-                if rel == MANIFEST_NAME:
-                    if member.size > MAX_MANIFEST_BYTES:
-                        raise BundleRefused(f"{MANIFEST_NAME} is {member.size} bytes, more than {MAX_MANIFEST_BYTES}")
-                    manifest = parse_manifest(f.read(MAX_MANIFEST_BYTES + 1))
-                else:
-                    hashes[rel] = sha256_stream(f)
-            else:
-                what = (
-                    "device file" if member.ischr() or member.isblk() else "FIFO" if member.isfifo() else "special file"
+                continue
+            raise BundleRefused(f"member {shown(member.name)} has an empty path")
+        kind = "dir" if member.isdir() else "other"
+        if rel in kinds and not (kind == "dir" and kinds[rel] == "dir"):
+            raise BundleRefused(f"member {shown(rel)} appears twice")
+        if member.isdir():
+            pass
+        elif member.issym():
+            symlinks[rel] = member.linkname
+        elif member.islnk():
+            target = _check_member_path(member.linkname, f"hard link {shown(rel)} to")
+            if target not in hashes:
+                raise BundleRefused(
+                    f"hard link {shown(rel)} points to {shown(member.linkname)}, not an earlier regular file"
                 )
-                raise BundleRefused(f"member {rel!r} is a {what}")
-            kinds[rel] = kind
+            hashes[rel] = hashes[target]
+        elif member.isreg():
+            f = tar.extractfile(member)
+            if f is None:  # pragma: no cover - isreg() members always have data
+                raise BundleRefused(f"member {shown(rel)} cannot be read")
+            if rel == MANIFEST_NAME:
+                if member.size > MAX_MANIFEST_BYTES:
+                    raise BundleRefused(f"{MANIFEST_NAME} is {member.size} bytes, more than {MAX_MANIFEST_BYTES}")
+                manifest = parse_manifest(f.read(MAX_MANIFEST_BYTES + 1))
+            else:
+                hashes[rel] = sha256_stream(f)
+        else:
+            what = "device file" if member.ischr() or member.isblk() else "FIFO" if member.isfifo() else "special file"
+            raise BundleRefused(f"member {shown(rel)} is a {what}")
+        kinds[rel] = kind
     if manifest is None:
         raise BundleRefused(f"no {MANIFEST_NAME} at the top level of the archive")
     for link in sorted(symlinks):
         if symlinks[link].startswith("/") or _link_escapes(link, symlinks):
-            raise BundleRefused(f"symlink {link!r} -> {symlinks[link]!r} points outside the bundle")
+            raise BundleRefused(f"symlink {shown(link)} -> {shown(symlinks[link])} points outside the bundle")
     for rel in kinds:
         parts = rel.split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in symlinks:
-                raise BundleRefused(f"member {rel!r} lies under symlink {'/'.join(parts[:i])!r}")
+                raise BundleRefused(f"member {shown(rel)} lies under symlink {shown('/'.join(parts[:i]))}")
     return manifest, hashes

@@ -25,7 +25,7 @@ from agent.errors import (
     ServerProtocolError,
     ServerUnreachable,
 )
-from agent.wire import printable
+from agent.textsafe import printable
 
 log = logging.getLogger("mobility.transport")
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.textsafe import printable
+
 API = "/v1"
 NONCE_PATH = f"{API}/enrol/nonce"
 ENROL_PATH = f"{API}/enrol"
@@ -81,12 +83,6 @@ def split_token(secret: str) -> tuple[str, str] | None:
     """A token ``mbt_<id>_<secret>`` as (id, secret); None for a passphrase."""
     m = TOKEN_RE.match(secret.strip())
     return (m.group(1), m.group(2)) if m else None
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """``text`` made safe to print on a terminal or a log line: control characters escaped, length bounded."""
-    shown = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 # Validation of one JSON object -----------------------------------------------------------------------------------

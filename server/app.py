@@ -21,7 +21,7 @@ from aiohttp import web
 
 from agent import wire
 from agent.errors import MobilityError
-from agent.wire import printable
+from agent.textsafe import printable
 from server import pki
 from server.datadir import DataDir
 from server.enrolment import Enrolment

@@ -20,7 +20,7 @@ from agent import wire
 from agent.cli import Parser, run
 from agent.errors import BadArguments, Exit
 from agent.fsutil import atomic_write
-from agent.wire import printable
+from agent.textsafe import printable, shown
 from server import __version__, pki
 from server.datadir import DEFAULT_DATA_DIR, DataDir
 from server.errors import (
@@ -227,7 +227,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
         for entry in added:
             print(f"added {entry.name}")
         for name, reason in refused:
-            print(f"refused {name}: {reason}", file=sys.stderr)
+            # Anyone who can write DATA/repository names these files: never print a name raw.
+            print(f"refused {shown(name)}: {reason}", file=sys.stderr)
         return Exit.OK if not refused else Exit.ERROR
     entries = repo.list()
     if args.json:

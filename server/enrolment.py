@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.textsafe import printable
 from agent.wire import (
     EnrolRequest,
     RenewRequest,
@@ -30,7 +31,6 @@ from agent.wire import (
     enrol_proof,
     job_proof,
     key_proof_message,
-    printable,
 )
 from server import pki
 from server.errors import (

@@ -270,3 +270,15 @@ class PushInstallFailed(RemoteStateError):
 class PushInterrupted(TemporaryError):
     code = "PUSH-INTERRUPTED"
     remediation = "The push that ran this job stopped before it finished (killed, or the server went down); push again."
+
+
+# The installer repository on the server's disk (server/repository.py) --------------------------------------
+
+
+class RepoWriteFailed(LocalSystemError):
+    code = "REPO-WRITE-FAILED"
+    remediation = (
+        "Free space on the filesystem that holds the server's data directory, or make it writable again (mount, "
+        "permissions, disk errors in dmesg), then run the command again; the repository keeps its last complete "
+        "publication."
+    )

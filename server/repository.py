@@ -17,6 +17,12 @@ step (targets, then snapshot, then timestamp) is atomic for readers and a crash 
 invisible to agents. Target files keep their plain names (agents set ``prefix_targets_with_hash`` to
 False): a published bundle name never changes content (``add`` refuses a different file under a
 published name), so the hash prefix would buy nothing.
+
+A change that fails (a full disk, a quota, a read-only or failing filesystem) ends as REPO-WRITE-FAILED,
+never half done: ``add`` takes back the bundle files it put into repository/ (not ones that were there
+before) and publishes the repository as it then is, so the metadata on disk lists exactly the bundles
+whose files are there; where even that cannot be written, agents keep seeing the last complete
+publication and the next change repairs the rest, as after a kill.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.bundles import BundleName, inspect_bundle, parse_bundle_name
 from agent.errors import (
     BundleRefused,
+    MobilityError,
     RepoBundleConflict,
     RepoBusy,
     RepoDamaged,
@@ -61,7 +68,9 @@ from agent.errors import (
     RepoNotInitialised,
 )
 from agent.fsutil import atomic_write, sha256_file, sha256_stream
+from agent.textsafe import shown
 from server.datadir import DataDir
+from server.errors import RepoWriteFailed
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 ROOT_LIFETIME = datetime.timedelta(days=365)
@@ -158,8 +167,8 @@ class Repository:
         """Make the keys and version-1 metadata; a repository that already exists is opened unchanged."""
         now = now or _utcnow()
         metadata_dir = datadir.tuf_dir / "metadata"
-        datadir.repository_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(datadir.tuf_dir, LOCK_TIMEOUT):
+        with _io_errors(), _locked(datadir.tuf_dir, LOCK_TIMEOUT):
+            datadir.repository_dir.mkdir(parents=True, exist_ok=True)
             if not (metadata_dir / "root.json").is_file():
                 # A create killed half way left no root.json: start over, reusing any keys it made.
                 signers = {role: _load_or_make_key(datadir.tuf_dir / "keys" / f"{role}.pem") for role in ROLES}
@@ -176,9 +185,10 @@ class Repository:
     # Reading (no lock: every published file is replaced atomically) -------
 
     def list(self) -> _Entries:
-        """The published bundles, by name."""
+        """The published bundles, by name (without any whose file vanished: the next change unpublishes those)."""
         targets = self._load(Targets, "targets.json")
-        return [_entry(t) for _, t in sorted(targets.targets.items())]
+        repo_dir = self.datadir.repository_dir
+        return [_entry(t) for name, t in sorted(targets.targets.items()) if (repo_dir / name).is_file()]
 
     def root_json(self) -> bytes:
         """The current trusted root metadata, as enrolment hands it to agents."""
@@ -223,9 +233,8 @@ class Repository:
         """
         now = now or _utcnow()
         repo_dir = self.datadir.repository_dir
-        repo_dir.mkdir(parents=True, exist_ok=True)
         with self._change(now) as state:
-            staged: list[tuple[Path, TargetFile]] = []
+            staged: list[tuple[Path, TargetFile, bool]] = []  # the copy, its target, whether to rename it in
             tmps: list[Path] = []
             try:
                 for source in files:
@@ -233,27 +242,48 @@ class Repository:
                     tmp, size, digest = _copy_in(source, repo_dir)
                     tmps.append(tmp)
                     bundle, _ = inspect_bundle(tmp, name=name)
-                    staged.append((tmp, _make_target(name, size, digest, bundle, now)))
-                    published = state.targets.targets.get(name)
-                    if published is not None and published.hashes.get("sha256") != digest:
-                        raise RepoBundleConflict(
-                            f"{name} is already published with sha256 {published.hashes['sha256']}, "
-                            f"this file has {digest}"
-                        )
-                names = [t.path for _, t in staged]
+                    target = _make_target(name, size, digest, bundle, now)
+                    staged.append((tmp, target, self._needs_file(state, target)))
+                names = [t.path for _, t, _ in staged]
                 if len(set(names)) != len(names):
                     raise RepoBundleConflict("the same bundle name is given twice")
-                for tmp, target in staged:
-                    os.replace(tmp, repo_dir / target.path)
+                for tmp, target, rename in staged:
+                    if rename:
+                        dest = repo_dir / target.path
+                        new = not dest.exists()
+                        os.replace(tmp, dest)
+                        if new:
+                            state.placed.append(dest)
                 _fsync_dir(repo_dir)
             finally:
                 for tmp in tmps:
                     tmp.unlink(missing_ok=True)
-            for _, target in staged:
+            for _, target, _ in staged:
                 if target.path not in state.targets.targets:
                     state.targets.targets[target.path] = target
                     state.targets_changed = True
-            return [_entry(state.targets.targets[t.path]) for _, t in staged]
+            return [_entry(state.targets.targets[t.path]) for _, t, _ in staged]
+
+    def _needs_file(self, state: _State, target: TargetFile) -> bool:
+        """Whether ``target``'s copy must be renamed into repository/; RepoBundleConflict if its name is taken."""
+        name, digest = target.path, target.hashes["sha256"]
+        published = state.targets.targets.get(name)
+        if published is not None:
+            if published.hashes.get("sha256") != digest:
+                raise RepoBundleConflict(
+                    f"{name} is already published with sha256 {published.hashes['sha256']}, this file has {digest}"
+                )
+            return True  # the same content again; also repairs a published file changed on disk
+        existing = self.datadir.repository_dir / name
+        if not existing.exists() and not existing.is_symlink():
+            return True
+        # A file nobody published holds the name (dropped in by hand, or an add killed before its metadata):
+        # the same bundle is published as it is; another one is not replaced behind the operator's back.
+        if existing.is_file() and not existing.is_symlink() and sha256_file(existing) == digest:
+            return False
+        raise RepoBundleConflict(
+            f"{existing} is in the repository but not published, and differs from the {name} being added"
+        )
 
     def remove(self, name: str, *, now: datetime.datetime | None = None) -> None:
         """Unpublish a bundle and delete its file."""
@@ -262,7 +292,7 @@ class Repository:
             path = self.datadir.repository_dir / name
             known = name in state.targets.targets
             if not known and (not _is_bundle_name(name) or not path.is_file()):
-                raise RepoNoSuchBundle(f"no bundle named {name!r} in the repository")
+                raise RepoNoSuchBundle(f"no bundle named {shown(name)} in the repository")
             # The file goes first: killed before the metadata follows, the next operation drops the
             # vanished target; the other order would let a rescan publish the removed bundle again.
             path.unlink(missing_ok=True)
@@ -279,7 +309,6 @@ class Repository:
         """
         now = now or _utcnow()
         repo_dir = self.datadir.repository_dir
-        repo_dir.mkdir(parents=True, exist_ok=True)
         added: _Entries = []
         refused: _Refusals = []
         with self._change(now) as state:
@@ -308,7 +337,7 @@ class Repository:
                     refused.append((name, e.message))
                     continue
                 except OSError as e:
-                    refused.append((name, f"{name}: cannot read ({e})"))
+                    refused.append((name, f"{shown(name)}: cannot read ({e.strerror or e})"))
                     continue
                 target = _make_target(name, size, digest, bundle, now)
                 state.targets.targets[name] = target
@@ -342,22 +371,46 @@ class Repository:
             raise RepoDamaged(f"repository metadata {path} is not {cls.type} metadata")
         return signed
 
+    def _state(self) -> _State:
+        state = _State(
+            root=self._load(Root, "root.json"),
+            targets=self._load(Targets, "targets.json"),
+            snapshot=self._load(Snapshot, "snapshot.json"),
+            timestamp=self._load(Timestamp, "timestamp.json"),
+        )
+        # Targets whose file vanished (deleted by hand, or a remove killed half way) are unpublished.
+        for name in [n for n in state.targets.targets if not (self.datadir.repository_dir / n).is_file()]:
+            del state.targets.targets[name]
+            state.targets_changed = True
+        return state
+
     @contextlib.contextmanager
     def _change(self, now: datetime.datetime, margin: datetime.timedelta | None = None) -> Iterator[_State]:
-        with _locked(self.datadir.tuf_dir, self.lock_timeout):
-            state = _State(
-                root=self._load(Root, "root.json"),
-                targets=self._load(Targets, "targets.json"),
-                snapshot=self._load(Snapshot, "snapshot.json"),
-                timestamp=self._load(Timestamp, "timestamp.json"),
-            )
-            # Targets whose file vanished (deleted by hand, or a remove killed half way) are unpublished.
-            for name in [n for n in state.targets.targets if not (self.datadir.repository_dir / n).is_file()]:
-                del state.targets.targets[name]
-                state.targets_changed = True
-            yield state
-            self._publish(state, now, margin)
+        with _io_errors(), _locked(self.datadir.tuf_dir, self.lock_timeout):
+            self.datadir.repository_dir.mkdir(parents=True, exist_ok=True)
+            state = self._state()
+            try:
+                yield state
+                self._publish(state, now, margin)
+            except BaseException:
+                self._withdraw(state, now)
+                raise
             self._prune(state)
+
+    def _withdraw(self, state: _State, now: datetime.datetime) -> None:
+        """After a failed change, remove the bundle files it placed and publish what is left (best effort)."""
+        if not state.placed:
+            return
+        for path in state.placed:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.datadir.repository_dir)
+        # The failed publication may have written targets.json (it goes before snapshot and timestamp) listing
+        # the withdrawn bundles; publishing again drops them, in the space their files held. If this fails
+        # too, agents still see the last complete publication and the next change repairs the rest.
+        with contextlib.suppress(MobilityError, OSError):
+            self._publish(self._state(), now, None)
 
     def _publish(self, state: _State, now: datetime.datetime, margin: datetime.timedelta | None) -> None:
         writer = _Writer(self._metadata_dir, self._signers(state.root))
@@ -393,12 +446,15 @@ class Repository:
     def _prune(self, state: _State) -> None:
         """Drop versioned snapshot/targets that no recent timestamp can lead an agent to."""
         current = {"snapshot": state.snapshot.version, "targets": state.targets.version}
-        for path in self._metadata_dir.iterdir():
-            m = _METADATA_NAME.fullmatch(path.name)
-            if m and m["version"] and m["role"] in current and int(m["version"]) <= current[m["role"]] - KEEP_VERSIONS:
-                path.unlink(missing_ok=True)
-            elif path.name.startswith(".") and path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # an atomic_write killed half way; we hold the lock
+        # Housekeeping after a complete publication: what it cannot remove now, the next change will.
+        with contextlib.suppress(OSError):
+            for path in self._metadata_dir.iterdir():
+                m = _METADATA_NAME.fullmatch(path.name)
+                if m and m["version"] and m["role"] in current:
+                    if int(m["version"]) <= current[m["role"]] - KEEP_VERSIONS:
+                        path.unlink(missing_ok=True)
+                elif path.name.startswith(".") and path.name.endswith(".tmp"):
+                    path.unlink(missing_ok=True)  # an atomic_write killed half way; we hold the lock
 
     def _signers(self, root: Root) -> dict[str, CryptoSigner]:
         signers = {}
@@ -422,6 +478,7 @@ class _State:
     timestamp: Timestamp
     targets_changed: bool = False
     resigned: list[str] = field(default_factory=list)
+    placed: list[Path] = field(default_factory=list)  # bundle files this change put into repository/
 
 
 class _Writer:
@@ -441,13 +498,13 @@ class _Writer:
 
     def publish_root(self, root: Root) -> None:
         data = self._sign(root)
-        atomic_write(self.dir / f"{root.version}.root.json", data)
-        atomic_write(self.dir / "root.json", data)
+        _write(self.dir / f"{root.version}.root.json", data)
+        _write(self.dir / "root.json", data)
 
     def publish_targets(self, targets: Targets) -> bytes:
         data = self._sign(targets)
-        atomic_write(self.dir / f"{targets.version}.targets.json", data)
-        atomic_write(self.dir / "targets.json", data)
+        _write(self.dir / f"{targets.version}.targets.json", data)
+        _write(self.dir / "targets.json", data)
         return data
 
     def publish_snapshot(self, snapshot: Snapshot, targets: Targets | bytes) -> bytes:
@@ -455,15 +512,15 @@ class _Writer:
         targets_version = Metadata[Targets].from_bytes(targets_bytes).signed.version
         snapshot.meta["targets.json"] = MetaFile.from_data(targets_version, targets_bytes, ["sha256"])
         data = self._sign(snapshot)
-        atomic_write(self.dir / f"{snapshot.version}.snapshot.json", data)
-        atomic_write(self.dir / "snapshot.json", data)
+        _write(self.dir / f"{snapshot.version}.snapshot.json", data)
+        _write(self.dir / "snapshot.json", data)
         return data
 
     def publish_timestamp(self, timestamp: Timestamp, snapshot: Snapshot | bytes) -> None:
         snapshot_bytes = snapshot if isinstance(snapshot, bytes) else (self.dir / "snapshot.json").read_bytes()
         version = Metadata[Snapshot].from_bytes(snapshot_bytes).signed.version
         timestamp.snapshot_meta = MetaFile.from_data(version, snapshot_bytes, ["sha256"])
-        atomic_write(self.dir / "timestamp.json", self._sign(timestamp))
+        _write(self.dir / "timestamp.json", self._sign(timestamp))
 
 
 @contextlib.contextmanager
@@ -498,37 +555,73 @@ def _load_or_make_key(path: Path) -> CryptoSigner:
         return _load_key(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     signer = CryptoSigner.generate_ed25519()
-    atomic_write(path, signer.private_bytes, mode=0o600)
+    _write(path, signer.private_bytes, mode=0o600)
     return signer
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """atomic_write, naming ``path`` in the error where the system names no file (a failed write or fsync)."""
+    try:
+        atomic_write(path, data, mode)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
     """Stream ``source`` into a temporary file in the repository (fsynced); return it, its size and sha256.
 
     Bundles are too big for atomic_write's in-memory bytes; this is the same temp-fsync-rename
-    discipline, with the rename done by the caller once every bundle has been verified.
+    discipline, with the rename done by the caller once every bundle has been verified. Reading the
+    source fails as BundleRefused, writing the copy as OSError (REPO-WRITE-FAILED at the boundary).
     """
     h = hashlib.sha256()
     size = 0
     try:
         src = source.open("rb")
     except OSError as e:
-        raise BundleRefused(f"{source.name}: cannot read {source} ({e.strerror})") from e
+        raise BundleRefused(f"{shown(source.name)}: cannot read {shown(str(source))} ({e.strerror})") from e
     with src:
         fd, tmp = tempfile.mkstemp(dir=repo_dir, prefix=_TMP_PREFIX, suffix=".tmp")
         try:
             os.fchmod(fd, 0o644)
             with os.fdopen(fd, "wb") as out:
-                while chunk := src.read(_CHUNK):
+                while True:
+                    try:
+                        chunk = src.read(_CHUNK)
+                    except OSError as e:
+                        raise BundleRefused(
+                            f"{shown(source.name)}: cannot read {shown(str(source))} ({e.strerror})"
+                        ) from e
+                    if not chunk:
+                        break
                     h.update(chunk)
                     size += len(chunk)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, tmp) from e
+            raise
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     return Path(tmp), size, h.hexdigest()
+
+
+@contextlib.contextmanager
+def _io_errors() -> Iterator[None]:
+    """An OSError while changing the repository (full disk, quota, read-only, permissions, I/O) as REPO-WRITE-FAILED."""
+    try:
+        yield
+    except OSError as e:
+        code = errno.errorcode.get(e.errno or 0, "")
+        where = f" ({shown(os.fsdecode(e.filename))})" if e.filename is not None else ""
+        reason = f"{e.strerror} [{code}]" if e.strerror and code else shown(str(e))
+        raise RepoWriteFailed(f"cannot change the repository: {reason}{where}") from e
 
 
 def _fsync_dir(path: Path) -> None:

@@ -52,6 +52,7 @@ def make_bundle(
     edit_manifest: Callable[[dict[str, Any]], None] | None = None,
     extra: Callable[[tarfile.TarFile], None] | None = None,
     prefix: str = "./",
+    tar_format: int = tarfile.PAX_FORMAT,
 ) -> Path:
     """Write a bundle to ``dest_dir`` and return its path; the keyword arguments make it wrong on purpose.
 
@@ -64,7 +65,7 @@ def make_bundle(
     if edit_manifest is not None and isinstance(doc, dict):
         edit_manifest(doc)
     manifest_bytes = doc if isinstance(doc, bytes) else json.dumps(doc, indent=2).encode()
-    with tarfile.open(path, "w:gz") as tar:
+    with tarfile.open(path, "w:gz", format=tar_format) as tar:
         _add(tar, prefix + "bundle.json", manifest_bytes)
         for member, data in files.items():
             _add(tar, prefix + member, data, 0o755 if member == "install" else 0o644)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import tarfile
 from pathlib import Path
@@ -96,8 +97,9 @@ def _edited(**changes: Any) -> bytes:
     [
         (b"{not json", "not valid JSON"),
         (b"[]", "must be a JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
         (_edited(arch=...), "lacks arch"),
-        (_edited(colour="blue"), "unknown fields colour"),
+        (_edited(colour="blue"), "unknown fields 'colour'"),
         (_edited(os_tag="UBUNTU-19.10"), "os_tag 'UBUNTU-19.10' is not in the support matrix"),
         (_edited(version=1), "'version' must be a non-empty string"),
         (_edited(version="1.0-rc1"), "version '1.0-rc1' is not dotted numbers"),
@@ -216,18 +218,18 @@ def test_refuses_duplicate_member(tmp_path: Path) -> None:
 
 def test_refuses_hash_mismatch(tmp_path: Path) -> None:
     path = make_bundle(tmp_path, edit_manifest=lambda d: d["files"].update(install="0" * 64))
-    assert "install has sha256" in _refused(path)
+    assert "'install' has sha256" in _refused(path)
     assert "bundle.json says " + "0" * 64 in _refused(path)
 
 
 def test_refuses_extra_file(tmp_path: Path) -> None:
     path = make_bundle(tmp_path, extra=add_member("lib/backdoor.so"))
-    assert "lib/backdoor.so is in the archive but not listed in bundle.json" in _refused(path)
+    assert "'lib/backdoor.so' is in the archive but not listed in bundle.json" in _refused(path)
 
 
 def test_refuses_missing_file(tmp_path: Path) -> None:
     path = make_bundle(tmp_path, edit_manifest=lambda d: d["files"].update({"lib/needed.so": "1" * 64}))
-    assert "lib/needed.so is listed in bundle.json but missing from the archive" in _refused(path)
+    assert "'lib/needed.so' is listed in bundle.json but missing from the archive" in _refused(path)
 
 
 def test_refuses_missing_manifest(tmp_path: Path) -> None:
@@ -274,3 +276,68 @@ def test_refuses_truncated_archive(tmp_path: Path) -> None:
 def test_refuses_missing_file_on_disk(tmp_path: Path) -> None:
     path = tmp_path / bundle_file_name("0.1.0", "RHEL8", datetime.date(2026, 1, 1))
     assert "No such file" in _refused(path)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_inspect_accepts_long_names_and_links_as_packaging_writes_them(tmp_path: Path, tar_format: int) -> None:
+    # packaging/build writes GNU format: names over 100 bytes become 'L' headers, long link targets 'K'
+    deep = "lib/mobility/_internal/" + "/".join(f"package{i}" for i in range(30)) + "/module.so"
+    assert 200 < len(deep.encode()) < 1024
+    files = {**DEFAULT_FILES, deep: b"\x7fELF", "lib/naïve/ünïcode.py": b"u = 1\n"}
+    link = add_special("lib/" + "l" * 150, tarfile.SYMTYPE, "../" + deep)
+    assert inspect_bundle(make_bundle(tmp_path, files=files, extra=link, tar_format=tar_format))[1].files.keys() == (
+        files.keys()
+    )
+
+
+def test_messages_that_echo_the_archive_are_short_and_escaped(tmp_path: Path) -> None:
+    name = "\x1b[2J" + "n" * 900
+    message = _refused(make_bundle(tmp_path, extra=add_member(name)))
+    assert "\x1b" not in message and "\\x1b[2J" in message
+    assert len(message) < 400 and "(904 characters)" in message
+    absolute = _refused(make_bundle(tmp_path / "b", extra=add_member("/" + "a" * 1000)))
+    assert len(absolute) < 400 and "is an absolute path" in absolute
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _edited(version="1" * 500_000),
+        _edited(os_tag="\x1b]0;x\x07" * 10_000),
+        _edited(**{f"key{i}" * 100: 1 for i in range(1000)}),
+        _edited(files={"/" + "x" * 100_000: "0" * 64}),
+        _edited(files={"x" * 100_000: "Z"}),
+        _edited(glibc_floor=["2"] * 100_000),
+    ],
+)
+def test_manifest_messages_are_bounded(data: bytes) -> None:
+    with pytest.raises(BundleRefused) as e:
+        parse_manifest(data)
+    assert len(e.value.message) < 700 and e.value.message.isprintable()
+
+
+def test_refuses_corrupt_compressed_data(tmp_path: Path) -> None:
+    path = make_bundle(tmp_path, files={"big": bytes(range(256)) * 4096})
+    good = path.read_bytes()
+    refused = 0
+    for i in range(10, len(good) - 8, 37):  # bad deflate data (zlib.error), bad CRCs, wrong bytes: never a traceback
+        data = bytearray(good)
+        data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+        try:
+            inspect_bundle(path)  # a flipped byte in the gzip header's file name changes nothing
+        except BundleRefused as e:
+            readable = "not a readable gzip-compressed tar archive" in e.message
+            assert readable or "damaged (bad checksum)" in e.message, e.message  # deflate may yield wrong bytes
+            refused += 1
+    assert refused > 100
+
+
+def test_refuses_an_archive_behind_a_tar_header_bomb(tmp_path: Path) -> None:
+    # The header alone claims a 1 GiB long name: refused before a byte of it is read (the data is not even there).
+    path = tmp_path / bundle_file_name("0.1.0", "RHEL8", datetime.date(2026, 1, 1))
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, 1 << 30
+    with gzip.open(path, "wb") as gz:
+        gz.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    assert _refused(path) == f"{path.name}: tar header at byte 0: GNU long name of 1073741824 bytes, more than 65536"

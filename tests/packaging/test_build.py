@@ -162,7 +162,7 @@ def test_a_bundle_with_a_file_changed_is_refused(dist: Path, tmp_path: Path) -> 
     with tarfile.open(forged, "w:gz") as tar:
         for p in sorted(work.iterdir()):
             tar.add(p, arcname=p.name)
-    with pytest.raises(BundleRefused, match="install has sha256"):
+    with pytest.raises(BundleRefused, match="'install' has sha256"):
         inspect_bundle(forged)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
+import re
 import select
 import stat
 from pathlib import Path
@@ -12,8 +14,10 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
+import server.repository
 from agent.errors import BundleRefused, RepoBundleConflict, RepoBusy, RepoNoSuchBundle, RepoNotInitialised
 from server.datadir import DataDir
+from server.errors import RepoWriteFailed
 from server.repository import Repository, _locked
 from tests.bundle_factory import add_member, make_bundle
 
@@ -166,7 +170,7 @@ def test_rescan_picks_up_dropped_bundles_and_reports_refusals(tmp_path: Path, da
     reasons = dict(refused)
     assert set(reasons) == {"README.txt", "Mobility_UA_0.1.0_DEBIAN7-64_GA_26Nov2026_release.tar.gz"}
     assert "is not a bundle name" in reasons["README.txt"]
-    assert "install has sha256" in reasons["Mobility_UA_0.1.0_DEBIAN7-64_GA_26Nov2026_release.tar.gz"]
+    assert "'install' has sha256" in reasons["Mobility_UA_0.1.0_DEBIAN7-64_GA_26Nov2026_release.tar.gz"]
     assert {e.name for e in repo.list()} == {published.name, dropped.name}
     assert_valid(data)
     # a second rescan changes nothing
@@ -295,3 +299,144 @@ def test_old_versioned_metadata_is_pruned(tmp_path: Path, data: DataDir, repo: R
 def test_metadata_is_readable_json(data: DataDir, repo: Repository) -> None:
     doc = json.loads((data.tuf_dir / "metadata" / "targets.json").read_text())
     assert doc["signed"]["_type"] == "targets"
+
+
+# A full disk, a read-only or failing filesystem: all or nothing, and an error ID -------------------------------
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+# The metadata files one publication writes, in order (each through atomic_write).
+PUBLICATION = ("N.targets.json", "targets.json", "N.snapshot.json", "snapshot.json", "timestamp.json")
+
+
+def agent_view(data: DataDir) -> list[str]:
+    """The bundles an agent would see: timestamp -> snapshot -> targets, every step verified as TUF does."""
+    root = _md(data, "root.json")
+    timestamp = _md(data, "timestamp.json")
+    root.signed.verify_delegate(Timestamp.type, timestamp.signed_bytes, timestamp.signatures)
+    snap_meta = timestamp.signed.snapshot_meta
+    snap_bytes = (data.tuf_dir / "metadata" / f"{snap_meta.version}.snapshot.json").read_bytes()
+    snap_meta.verify_length_and_hashes(snap_bytes)
+    snapshot = Metadata[Snapshot].from_bytes(snap_bytes)
+    root.verify_delegate(Snapshot.type, snapshot)
+    targets_meta = snapshot.signed.meta["targets.json"]
+    targets_bytes = (data.tuf_dir / "metadata" / f"{targets_meta.version}.targets.json").read_bytes()
+    targets_meta.verify_length_and_hashes(targets_bytes)
+    targets = Metadata[Targets].from_bytes(targets_bytes)
+    root.verify_delegate(Targets.type, targets)
+    return sorted(targets.signed.targets)
+
+
+def _failing_writes(monkeypatch: pytest.MonkeyPatch, first: int, *, once: bool) -> list[str]:
+    """Make the ``first``-th metadata write (0-based) fail with ENOSPC, and every later one unless ``once``."""
+    written: list[str] = []
+    real = server.repository.atomic_write
+
+    def write(path: Path, data: bytes, mode: int = 0o644) -> None:
+        written.append(path.name)
+        n = len(written) - 1
+        if n == first or (n > first and not once):
+            raise ENOSPC
+        real(path, data, mode)
+
+    monkeypatch.setattr(server.repository, "atomic_write", write)
+    return written
+
+
+@pytest.mark.parametrize("step", range(len(PUBLICATION)), ids=PUBLICATION)
+def test_add_whose_metadata_cannot_be_written_takes_its_bundle_back(
+    tmp_path: Path, data: DataDir, repo: Repository, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    a = make_bundle(tmp_path / "in", "RHEL8")
+    repo.add([a])
+    b = make_bundle(tmp_path / "in", "RHEL9")
+    written = _failing_writes(monkeypatch, step, once=True)  # the space the withdrawn bundle held is enough
+    with pytest.raises(RepoWriteFailed) as e:
+        repo.add([a, b])
+    assert e.value.code == "REPO-WRITE-FAILED" and "No space left on device [ENOSPC]" in e.value.message
+    assert re.fullmatch(PUBLICATION[step].replace("N", "[0-9]+"), written[step])  # it failed where meant to
+    # b is gone, a (there before, published, the same bytes) stays; metadata on disk is whole and lists a alone
+    assert sorted(p.name for p in data.repository_dir.iterdir()) == [a.name]
+    assert [x.name for x in repo.list()] == [a.name]
+    assert list(assert_valid(data)["targets"].signed.targets) == [a.name]
+    monkeypatch.undo()
+    assert [x.name for x in repo.add([b])] == [b.name]
+    assert agent_view(data) == sorted([a.name, b.name])
+
+
+@pytest.mark.parametrize("step", range(len(PUBLICATION)), ids=PUBLICATION)
+def test_add_on_a_disk_that_stays_full_leaves_the_last_publication(
+    tmp_path: Path, data: DataDir, repo: Repository, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    a = make_bundle(tmp_path / "in", "RHEL8")
+    repo.add([a])
+    b = make_bundle(tmp_path / "in", "RHEL9")
+    _failing_writes(monkeypatch, step, once=False)
+    with pytest.raises(RepoWriteFailed):
+        repo.add([b])
+    assert sorted(p.name for p in data.repository_dir.iterdir()) == [a.name]
+    assert [x.name for x in repo.list()] == [a.name]
+    assert agent_view(data) == [a.name]  # what agents see: the last complete publication
+    monkeypatch.undo()
+    repo.refresh_timestamp(NOW, datetime.timedelta(0))  # the next change, once there is space, repairs the rest
+    assert list(assert_valid(data)["targets"].signed.targets) == [a.name]
+
+
+def test_add_whose_copy_cannot_be_written_leaves_nothing(
+    tmp_path: Path, data: DataDir, repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = make_bundle(tmp_path / "in", "RHEL8")
+    repo.add([a])
+    before = {p.name: p.read_bytes() for p in (data.tuf_dir / "metadata").iterdir()}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".incoming-"):
+            raise ENOSPC
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(RepoWriteFailed, match=r"No space left on device \[ENOSPC\]"):
+        repo.add([make_bundle(tmp_path / "in", "RHEL9")])
+    assert sorted(p.name for p in data.repository_dir.iterdir()) == [a.name]  # no temporary copy either
+    assert {p.name: p.read_bytes() for p in (data.tuf_dir / "metadata").iterdir()} == before
+
+
+@pytest.mark.parametrize("operation", ["remove", "rescan", "refresh"])
+def test_every_change_on_a_full_disk_is_an_error_id(
+    tmp_path: Path, data: DataDir, repo: Repository, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    a = make_bundle(tmp_path / "in", "RHEL8")
+    repo.add([a])
+    make_bundle(data.repository_dir, "RHEL9")  # for rescan to publish
+    _failing_writes(monkeypatch, 0, once=False)
+    with pytest.raises(RepoWriteFailed):
+        if operation == "remove":
+            repo.remove(a.name)
+        elif operation == "rescan":
+            repo.rescan()
+        else:
+            repo.refresh_timestamp(NOW + datetime.timedelta(days=2), datetime.timedelta(hours=1))
+    assert a.name in agent_view(data)  # untouched for agents (remove took the file: the next change unpublishes it)
+
+
+def test_a_source_that_cannot_be_read_is_refused_not_a_write_failure(data: DataDir, repo: Repository) -> None:
+    # /proc/self/mem opens, then its first read fails with EIO: the operator's file, not the repository
+    with pytest.raises(BundleRefused, match=r"cannot read '/proc/self/mem' \(Input/output error\)"):
+        repo.add([Path("/proc/self/mem")])
+    assert list(data.repository_dir.iterdir()) == []
+
+
+def test_add_does_not_replace_an_unpublished_file_of_the_same_name(
+    tmp_path: Path, data: DataDir, repo: Repository
+) -> None:
+    b = make_bundle(tmp_path / "in", "RHEL9")
+    other = make_bundle(data.repository_dir, "RHEL9", files={"install": b"other"})  # dropped in by hand
+    assert other.name == b.name
+    with pytest.raises(RepoBundleConflict, match="is in the repository but not published"):
+        repo.add([b])
+    assert other.read_bytes() != b.read_bytes() and repo.list() == []
+    # the very same bundle, there but unpublished (an add killed before its metadata): published as it is
+    other.write_bytes(b.read_bytes())
+    inode = other.stat().st_ino
+    assert [x.name for x in repo.add([b])] == [b.name]
+    assert other.stat().st_ino == inode
