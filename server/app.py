@@ -21,6 +21,7 @@ from aiohttp import web
 
 from agent import wire
 from agent.errors import MobilityError
+from agent.replication.protocol import Policy, ProcessAddress, Protection
 from agent.textsafe import printable
 from server import pki
 from server.datadir import DataDir
@@ -37,6 +38,7 @@ from server.errors import (
     ServerInternal,
     UnknownMachine,
 )
+from server.process.service import ProcessOptions, ProcessService
 from server.repository import Repository
 from server.storage import Storage
 
@@ -55,18 +57,33 @@ class Server:
     enrolment: Enrolment
     repository: Repository
     clock: Callable[[], float] = time.time
+    process: ProcessAddress | None = None  # where agents send replication streams (announced in the answer)
     _beats: dict[str, tuple[float, str, str]] = field(default_factory=dict)
+    _replication: dict[str, str] = field(default_factory=dict)
 
     def flush_heartbeats(self) -> int:
         beats, self._beats = self._beats, {}
+        reports, self._replication = self._replication, {}
         if beats:
             try:
                 self.storage.record_heartbeats((h, t, v, health) for h, (t, v, health) in beats.items())
+                if reports:
+                    self.storage.record_replication(reports.items())
             except Exception:
                 for host_id, beat in beats.items():  # kept for the next flush, unless a newer one came meanwhile
                     self._beats.setdefault(host_id, beat)
+                for host_id, report in reports.items():
+                    self._replication.setdefault(host_id, report)
                 raise
         return len(beats)
+
+    def protection_for(self, host_id: str) -> Protection | None:
+        """What the machine is to protect, as its heartbeat answer carries it (None: nothing)."""
+        row = self.storage.protection(host_id)
+        if row is None or self.process is None:
+            return None
+        policy = self.storage.policy(row.policy) or Policy()
+        return Protection(row.disks, row.all_disks, policy, self.process, row.paused)
 
 
 def client_host_id(request: web.Request) -> str:
@@ -174,7 +191,16 @@ def build_app(server: Server) -> web.Application:
         now = server.clock()
         health = beat.health or wire.HealthReport("unknown")
         server._beats[host_id] = (now, beat.agent_version, json.dumps(health.to_json()))
-        return web.json_response({"interval": machine.heartbeat_interval, "server_time": now})
+        if beat.replication is not None and not beat.queued:
+            server._replication[host_id] = json.dumps(beat.replication.to_json())
+        protection = server.protection_for(host_id)
+        return web.json_response(
+            {
+                "interval": machine.heartbeat_interval,
+                "server_time": now,
+                "protection": protection.to_json() if protection else None,
+            }
+        )
 
     @routes.post(wire.JOBS_PATH)
     async def jobs(request: web.Request) -> web.Response:
@@ -253,25 +279,45 @@ def open_server(data: DataDir, heartbeat_interval: float = 30.0, *, new_database
     return Server(data, storage, enrolment, repository)
 
 
-async def serve(server: Server, host: str, port: int, ready: Callable[[int], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, finish requests in flight and flush heartbeats."""
+async def serve(
+    server: Server,
+    host: str,
+    port: int,
+    ready: Callable[[int, int | None], None] | None = None,
+    *,
+    process: ProcessOptions | None = None,
+    api: bool = True,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish requests in flight and flush heartbeats. With
+    ``process`` the process server role (the replication streams) runs beside the API; without ``api`` it runs
+    alone (`serve --role process`)."""
+    service: ProcessService | None = None
+    process_port: int | None = None
+    if process is not None:
+        service = ProcessService(server.data, process)
+        process_port = await service.start()
+        server.process = ProcessAddress(process.announce, process_port)
     app = build_app(server)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls_context(server.data), backlog=1024)
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise ListenFailed(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    bound = process_port or port
+    if api:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=tls_context(server.data), backlog=1024)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            if service is not None:
+                await service.close()
+            raise ListenFailed(f"cannot listen on {host}:{port}: {e.strerror}") from e
+        bound = runner.addresses[0][1] if runner.addresses else port
+        log.info("serving on https://%s:%d", host, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    bound = runner.addresses[0][1] if runner.addresses else port
-    log.info("serving on https://%s:%d", host, bound)
     if ready is not None:
-        ready(bound)
+        ready(bound, process_port)
 
     async def every(seconds: float, job: Callable[[], object], in_thread: bool = False) -> None:
         while True:
@@ -305,6 +351,8 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await runner.cleanup()
+        if service is not None:
+            await service.close()
         server.flush_heartbeats()
         server.storage.close()
         log.info("stopped")

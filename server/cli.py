@@ -33,6 +33,7 @@ from server.errors import (
 from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
+DEFAULT_PROCESS_PORT = 9444
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -104,15 +105,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from agent.errors import BadArguments
 
         raise BadArguments(f"--listen {args.listen!r}: expected HOST:PORT")
+    process = None
+    if args.role in ("all", "process"):
+        from server.process.service import ProcessOptions
+
+        default_port = DEFAULT_PROCESS_PORT if int(port) else 0  # --listen on port 0 (tests): any free port
+        phost, pport = _host_port(args.process_listen or f"{host}:{default_port}", "--process-listen")
+        process = ProcessOptions(phost, pport, parse_size(args.store_reserve), args.process_address)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = open_server(data, heartbeat_interval=args.heartbeat_interval, new_database=args.new_database)
     fingerprint = pki.fingerprint(server.enrolment.ca.cert)
 
-    def ready(bound: int) -> None:
-        print(f"listening on {host}:{bound} fingerprint: {fingerprint}", flush=True)
+    def ready(bound: int, process_port: int | None) -> None:
+        line = f"listening on {host}:{bound} fingerprint: {fingerprint}"
+        if process_port is not None:
+            line += f" process: {process.host if process else host}:{process_port}"
+        print(line, flush=True)
 
-    asyncio.run(serve(server, host.strip("[]"), int(port), ready))
+    asyncio.run(serve(server, host.strip("[]"), int(port), ready, process=process, api=args.role != "process"))
     return Exit.OK
+
+
+def _host_port(text: str, flag: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise BadArguments(f"{flag} {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from 512M, 2G, 100MiB, 0 (powers of 1024)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise BadArguments(f"{text!r} is not a size (like 512M or 2G)")
+    unit = m.group(2).upper()
+    return int(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
 
 
 def cmd_passphrase(args: argparse.Namespace) -> int:
@@ -320,6 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-database",
         action="store_true",
         help="start with an empty database when mobility.db is missing (every machine must enrol again)",
+    )
+    p.add_argument(
+        "--role",
+        choices=("all", "process"),
+        default="all",
+        help="all: the API and the process server (default); process: only the process server (replication)",
+    )
+    p.add_argument(
+        "--process-listen",
+        metavar="HOST:PORT",
+        help=f"where the process server receives replication streams (default: the --listen host, port "
+        f"{DEFAULT_PROCESS_PORT}, or a free port when --listen's port is 0)",
+    )
+    p.add_argument(
+        "--process-address",
+        metavar="HOST",
+        help="the process server's host as agents reach it (default: the configuration server's address)",
+    )
+    p.add_argument(
+        "--store-reserve",
+        default="256M",
+        metavar="SIZE",
+        help="free space the chunk store keeps on its filesystem; new data is refused below it (default 256M)",
     )
     p.set_defaults(func=cmd_serve)
 

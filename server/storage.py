@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.replication.protocol import Policy, ReplicationReport
 from agent.wire import HealthReport, MachineFacts, WireError
 from server.errors import DatabaseCorrupt, DatabaseMissing, DatabaseUnavailable, JobNotOwned
 
@@ -78,6 +79,26 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS machines_by_machine_id ON machines (machine_id);
     CREATE INDEX IF NOT EXISTS machines_by_enrol_token ON machines (enrol_token_id);
     ALTER TABLE jobs ADD COLUMN owner TEXT;
+    """,
+    # 3: replication: which disks of a machine are protected under which policy, the named policies, and the
+    # replication status each machine last reported.
+    """
+    CREATE TABLE IF NOT EXISTS policies (
+        name TEXT PRIMARY KEY,
+        rpo_seconds REAL NOT NULL,
+        interval_seconds REAL NOT NULL,
+        bandwidth_bps INTEGER NOT NULL,
+        retention INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS protection (
+        host_id TEXT PRIMARY KEY,
+        disks TEXT NOT NULL,
+        all_disks INTEGER NOT NULL,
+        policy TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    ALTER TABLE machines ADD COLUMN replication TEXT;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -453,6 +474,85 @@ class Storage:
 
     def retired_passphrases(self, now: float) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT secret FROM retired_passphrases WHERE valid_until > ?", (now,))]
+
+    # Replication: protection, policies, reported status --------------------------------------------------------
+
+    def protect(
+        self, host_id: str, disks: Iterable[str], all_disks: bool, policy: str, paused: bool, now: float
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO protection VALUES (?, ?, ?, ?, ?, ?)",
+                (host_id, "\n".join(disks), int(all_disks), policy, int(paused), now),
+            )
+
+    def unprotect(self, host_id: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM protection WHERE host_id = ?", (host_id,)).rowcount > 0
+
+    def protection(self, host_id: str) -> ProtectionRow | None:
+        row = self.db.execute(_SELECT_PROTECTION + " WHERE host_id = ?", (host_id,)).fetchone()
+        return _protection(row) if row else None
+
+    def protections(self) -> list[ProtectionRow]:
+        return [_protection(r) for r in self.db.execute(_SELECT_PROTECTION + " ORDER BY host_id")]
+
+    def set_policy(self, policy: Policy) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO policies VALUES (?, ?, ?, ?, ?)",
+                (policy.name, policy.rpo_seconds, policy.interval_seconds, policy.bandwidth_bps, policy.retention),
+            )
+
+    def policy(self, name: str) -> Policy | None:
+        row = self.db.execute("SELECT * FROM policies WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return Policy() if name == "default" else None
+        return Policy(str(row[0]), float(row[1]), float(row[2]), int(row[3]), int(row[4]))
+
+    def policies(self) -> list[Policy]:
+        stored = [
+            Policy(str(r[0]), float(r[1]), float(r[2]), int(r[3]), int(r[4]))
+            for r in self.db.execute("SELECT * FROM policies ORDER BY name")
+        ]
+        return stored if any(p.name == "default" for p in stored) else [Policy(), *stored]
+
+    def record_replication(self, reports: Iterable[tuple[str, str]]) -> None:
+        """(host_id, replication report JSON) for many machines in one transaction (with the heartbeats)."""
+        with self.transaction() as db:
+            db.executemany("UPDATE machines SET replication = ? WHERE host_id = ?", [(r, h) for h, r in reports])
+
+    def replication(self, host_id: str) -> ReplicationReport | None:
+        row = self.db.execute("SELECT replication FROM machines WHERE host_id = ?", (host_id,)).fetchone()
+        if row is None or not row[0]:
+            return None
+        try:
+            return ReplicationReport.from_json(json.loads(row[0]))
+        except (TypeError, ValueError, RecursionError, WireError):
+            return None
+
+
+@dataclass(frozen=True)
+class ProtectionRow:
+    host_id: str
+    disks: tuple[str, ...]
+    all_disks: bool
+    policy: str
+    paused: bool
+    updated_at: float
+
+    def covers(self, disk: str) -> bool:
+        return self.all_disks or disk in self.disks
+
+
+_SELECT_PROTECTION = "SELECT host_id, disks, all_disks, policy, paused, updated_at FROM protection"
+
+
+def _protection(row: tuple[Any, ...]) -> ProtectionRow:
+    host_id, disks, all_disks, policy, paused, updated = row
+    return ProtectionRow(
+        host_id, tuple(d for d in str(disks).split("\n") if d), bool(all_disks), policy, bool(paused), float(updated)
+    )
 
 
 def _stored_facts(text: Any) -> MachineFacts:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import agent.cli
 import agent.registration  # noqa: F401
+import agent.replication.errors  # noqa: F401
 import server.app
 import server.cli  # noqa: F401
 from agent.errors import all_errors
