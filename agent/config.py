@@ -32,6 +32,7 @@ class AgentConfig:
     server_unreachable_fail_seconds: float = 600.0
     backlog_max: int = 120  # health reports kept while the server is unreachable
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT when set
+    replication_trace_buffer_kb: int = 4096  # per CPU, in the kernel: the trace buffer a write burst must fit in
     test_hooks: bool = False  # SIGUSR2 grows a memory ballast by 16 MiB (for the budget tests)
 
 

@@ -84,6 +84,7 @@ class Daemon:
         self.shedding = False
         self.ballast: list[bytearray] = []
         self.report: dict[str, Any] = {}
+        self.replication: Any = None  # agent.replication.engine.Replication, once the server protects a disk
         self._cpu: float | None = None
         self.metrics: Any = None
         if config.metrics_port is not None:
@@ -112,6 +113,8 @@ class Daemon:
         if self.stopping:
             return
         self.scheduler.run_pending()
+        if self.replication is not None:
+            self.replication.tick(now)
         self.notifier.notify(watchdog="1")
 
     def queue_signal(self, signum: int, _frame: object = None) -> None:
@@ -127,6 +130,8 @@ class Daemon:
             self.backlog = deque(self.backlog, maxlen=self.config.backlog_max)
             log.info("configuration reloaded")
             self._schedule()
+        elif signum == signal.SIGUSR1 and self.replication is not None:
+            self.replication.request_point()  # `mobility point` left a request
         elif signum == signal.SIGUSR2 and self.config.test_hooks:
             block = bytearray(BALLAST_STEP)
             block[::4096] = b"\1" * (BALLAST_STEP // 4096)  # touch every page so it is resident
@@ -196,6 +201,8 @@ class Daemon:
     def heartbeat(self) -> None:
         report = self.report or self.check_health()
         body = {"host_id": self.host_id, "agent_version": __version__, "health": report}
+        if self.replication is not None:
+            body["replication"] = self.replication.report().to_json()
         start = time.perf_counter()
         try:
             answer = self.link.heartbeat(body)
@@ -222,6 +229,7 @@ class Daemon:
             self.status.unreachable_since = None
             self.status.last_error = None
             self._catch_up()
+        self._protect(answer.get("protection"))
         interval = answer.get("interval")
         if isinstance(interval, (int, float)) and interval > 0 and interval != self.heartbeat_seconds:
             log.info("server asks for a heartbeat every %.0f s", interval)
@@ -229,6 +237,34 @@ class Daemon:
             self._schedule()
         self.status.backlog = len(self.backlog)
         self.status.save(self.paths)
+
+    def _protect(self, doc: Any) -> None:
+        """The heartbeat answer's protection: start, retune or stop replication (agent/replication/)."""
+        if doc is None and self.replication is None:
+            return
+        from agent.replication.protocol import Protection
+        from agent.wire import WireError
+
+        try:
+            protection = Protection.from_json(doc) if doc is not None else None
+        except WireError as e:
+            log.warning("the server's protection settings are not valid (%s): replication left as it is", e)
+            return
+        if self.replication is None:
+            from agent.registration import authenticated_client
+            from agent.replication.engine import Replication
+            from agent.transport import parse_address
+
+            reg = load_registration(self.paths)
+            if reg is None:
+                return
+            self.replication = Replication(
+                self.paths,
+                lambda: authenticated_client(self.paths)[1].context,
+                parse_address(reg.server).host,
+                trace_buffer_kb=self.config.replication_trace_buffer_kb,
+            )
+        self.replication.apply(protection)
 
     def _catch_up(self) -> None:
         while self.backlog:
@@ -275,7 +311,7 @@ class Daemon:
     # The loop --------------------------------------------------------------------------------------------
 
     def run_forever(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self.queue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         log.info("mobility %s daemon started (pid %d, host %s)", __version__, os.getpid(), self.host_id or "-")
@@ -303,6 +339,8 @@ class Daemon:
         return 0
 
     def _close(self) -> None:
+        if self.replication is not None:
+            self.replication.stop()
         self.status.save(self.paths)
         self.link.close()
         if self.metrics is not None:

@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
         elif action == "list":
             q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_repo)
+
+    from server.process.cli import add_commands
+
+    add_commands(command)
     return parser
 
 

@@ -277,9 +277,12 @@ class Stream:
         return not self.window
 
     def oldest_unacked(self) -> float | None:
-        """When the oldest change still waiting for an acknowledgement was first seen."""
-        since = [s.since for s in self.window if s.since]
-        return min(since) if since else None
+        """When the change of the oldest frame still waiting for an acknowledgement was first seen (from any
+        thread: frames go in roughly in that order, so the first one stands for the window)."""
+        try:
+            return self.window[0].since or None
+        except IndexError:
+            return None
 
     # Reading frames while connecting ----------------------------------------------------------------------------
 
