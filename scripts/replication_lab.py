@@ -182,7 +182,7 @@ class Lab:
     ) -> None:
         stop(server.proc)
         port = server.port
-        proc, address, fingerprint = start_local_server(
+        proc, address, _ = start_local_server(
             server.data,
             "--heartbeat-interval",
             str(heartbeat),

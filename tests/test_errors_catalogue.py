@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import agent.cli
-import agent.registration  # noqa: F401
+import agent.registration
 import agent.replication.errors  # noqa: F401
 import server.app
 import server.cli  # noqa: F401
