@@ -377,8 +377,8 @@ class DiskReport:
         return cls(
             disk=disk_name(f.text("disk", 128), "replication.disks[].disk"),
             state=f.text("state", 16, choices=STATES),
-            size=_int(f, "size", 0, 1 << 56),
-            bytes_left=_int(f, "bytes_left", 0, 1 << 56),
+            size=_int(f, "size", 0, 1 << 56) if "size" in f.doc else 0,
+            bytes_left=_int(f, "bytes_left", 0, 1 << 56) if "bytes_left" in f.doc else 0,
             lag_seconds=_optional_number(f, "lag_seconds"),
             throughput_bps=f.number("throughput_bps"),
             eta_seconds=_optional_number(f, "eta_seconds"),

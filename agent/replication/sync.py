@@ -403,6 +403,7 @@ class DiskReplicator(threading.Thread):
             if self.sweep_gen != gen:
                 return
             self.need_sweep = False
+            self.replica_known = True
             self.state = "CONTINUOUS"
             self.error = None
             self.detail = None

@@ -37,7 +37,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def protect(server: Server, machine: Machine, *disks: Disk, policy: str = "manual") -> None:
-    server.cli("policy", "set", policy, "--interval", "7d")
+    server.cli("policy", "set", policy, "--interval", "7d", "--retention", "1000")
     server.cli(
         "protect", "--machine", machine.host_id, *[a for d in disks for a in ("--disk", d.loop)], "--policy", policy
     )
@@ -165,3 +165,227 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
     points = server.json("points", "--machine", machine.host_id)
     assert len(points) == CYCLES
     print(f"freeze windows (ms): median {sorted(freezes)[len(freezes) // 2]}, max {max(freezes)}")
+
+
+def fill_raw(disk: Disk, nbytes: int, seed: int) -> None:
+    """Random data straight onto the disk (no filesystem), from its start."""
+    rng = random.Random(seed)  # noqa: S311 - test data
+    fd = os.open(disk.loop, os.O_WRONLY)
+    try:
+        for offset in range(0, nbytes, MIB):
+            os.pwrite(fd, rng.randbytes(MIB), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def assert_identical_replica(lab: Lab, server: Server, machine: Machine, disk: Disk) -> dict[str, object]:
+    """With the disk idle (nothing mounted from it), a point fails over to an image equal to the disk, byte for
+    byte, and verifies."""
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    time.sleep(1.5)  # idle for the raw-disk label
+    point = machine.point()
+    assert point["consistency"] == "raw-idle", point
+    server.cli("verify", "--point", str(point["point_id"]))
+    out = lab.workdir / "identical"
+    server.cli("failover", "--machine", machine.host_id, "--point", str(point["point_id"]), "--out", str(out))
+    size = os.path.getsize(disk.image)
+    image = (out / (disk.loop.removeprefix("/dev/") + ".img")).read_bytes()
+    source = read_disk(disk.loop, size)
+    assert len(image) == len(source) == size
+    if image != source:
+        bad = next(i for i in range(0, size, 65536) if image[i : i + 65536] != source[i : i + 65536])
+        raise AssertionError(f"the replica differs from the disk from chunk {bad // 65536}")
+    shutil.rmtree(out)
+    return point
+
+
+def test_kill_9_of_agent_and_process_server_then_resync_converges_to_an_identical_replica(lab: Lab) -> None:
+    server = lab.server()
+    disk = lab.disk("d", 160 * MIB, ("ext4",))
+    (disk.mounts[0] / "data").write_bytes(random.Random(1).randbytes(80 * MIB))  # noqa: S311
+    sh(["sync"])
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    server.cli("policy", "set", "slow", "--interval", "7d", "--bandwidth", "24M")
+    server.cli("protect", "--machine", machine.host_id, "--disk", disk.loop, "--policy", "slow")
+    agent = lab.start_agent(machine)
+    wait_for("the initial sync under way", lambda: 0 < machine.disk_state(disk).get("bytes_left", 0) < 150 * MIB)
+    time.sleep(1.0)
+    agent.kill()  # kill -9 mid-stream, during the initial sync
+    agent.wait(timeout=10)
+    server.cli("policy", "set", "slow", "--bandwidth", "0")
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
+    writer, log = start_writer(lab, [disk.mounts[0]], seed=2)
+    time.sleep(2.0)
+    assert machine.agent is not None
+    machine.agent.kill()  # kill -9 during continuous replication, with writes going on
+    machine.agent.wait(timeout=10)
+    time.sleep(1.0)
+    lab.start_agent(machine)
+    wait_for("the resync after the kill", lambda: "did not stop cleanly" in machine.log(), timeout=60)
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
+    os.kill(server.proc.pid, signal.SIGKILL)  # and the process server, while the writer keeps writing
+    server.proc.wait(timeout=10)
+    time.sleep(1.0)
+    lab.restart(server)
+    time.sleep(3.0)
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
+    point = machine.point()
+    problems = failover_and_check(server, machine, point, [disk], records.read_log(log), lab.workdir / "fo")
+    assert not problems, problems[:10]
+    _stop(writer)
+    umount(disk.mounts[0])
+    assert_identical_replica(lab, server, machine, disk)
+
+
+def test_a_cut_link_builds_a_backlog_and_catches_up(lab: Lab) -> None:
+    ns, veth = f"mrepl{os.getpid()}", f"mrv{os.getpid()}"
+    net = f"10.231.{os.getpid() % 200 + 20}"
+    sh(["ip", "netns", "add", ns])
+    lab.defer(f"netns {ns}", lambda: sh(["ip", "netns", "del", ns], check=False))
+    sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    lab.defer(f"link {veth}", lambda: sh(["ip", "link", "del", veth], check=False))
+    sh(["ip", "addr", "add", f"{net}.1/30", "dev", veth])
+    sh(["ip", "link", "set", veth, "up"])
+    sh(["ip", "-n", ns, "addr", "add", f"{net}.2/30", "dev", "eth0"])
+    sh(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+    server = lab.server(host=f"{net}.2", wrap=["ip", "netns", "exec", ns])
+    disk = lab.disk("d", 128 * MIB, ("ext4",))
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    writer, log = start_writer(lab, [disk.mounts[0]], seed=3)
+    time.sleep(1.0)
+    sh(["ip", "link", "set", veth, "down"])
+    try:
+        backlog = wait_for(
+            "a backlog while the link is down",
+            lambda: (d := machine.disk_state(disk)).get("bytes_left", 0) > 0 and (d.get("lag_seconds") or 0) > 3 and d,
+            timeout=60,
+        )
+        time.sleep(5.0)
+        later = machine.disk_state(disk)
+        assert later["lag_seconds"] > backlog["lag_seconds"], (backlog, later)
+    finally:
+        sh(["ip", "link", "set", veth, "up"])
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
+    wait_for("lag back under 5 s", lambda: (machine.disk_state(disk).get("lag_seconds") or 99) < 5, timeout=120)
+    point = machine.point()
+    problems = failover_and_check(server, machine, point, [disk], records.read_log(log), lab.workdir / "fo")
+    assert not problems, problems[:10]
+    _stop(writer)
+
+
+def test_a_full_process_server_disk_refuses_clearly_and_recovers_when_space_is_freed(lab: Lab) -> None:
+    from scripts.localserver import init_local_server
+
+    data = lab.workdir / "server"
+    init_local_server(data)
+    store_fs = lab.workdir / "store.img"
+    with store_fs.open("wb") as f:
+        f.truncate(200 * MIB)
+    sh(["mkfs.ext4", "-q", str(store_fs)])
+    (data / "process").mkdir(mode=0o700)
+    sh(["mount", "-o", "loop", str(store_fs), str(data / "process")])
+    lab.defer("store mount", lambda: umount(data / "process"))
+    filler = data / "process" / "filler"
+    filler.write_bytes(bytes(100 * MIB))
+    server = lab.server(data=data)
+    disk = lab.disk("raw", 160 * MIB, ())
+    fill_raw(disk, 120 * MIB, seed=4)
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    lab.start_agent(machine)
+    stalled = lab.wait_state(machine, disk, "STALLED", timeout=120)
+    assert stalled["error"] == "PS-STORE-FULL", stalled
+    st = os.statvfs(data / "process")
+    assert st.f_bavail * st.f_frsize > 16 * MIB, "the store filled its disk instead of refusing before"
+    shown = wait_for(
+        "the server's view of the stall",
+        lambda: [
+            d
+            for m in server.json("protection")["machines"]
+            for d in (m["replication"] or {}).get("disks", [])
+            if d.get("error") == "PS-STORE-FULL"
+        ],
+        timeout=30,
+    )
+    assert shown
+    filler.unlink()
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
+    assert_identical_replica(lab, server, machine, disk)
+
+
+def test_a_flipped_bit_in_the_store_is_found_by_verify_and_test_failover(lab: Lab) -> None:
+    from agent.replication.chunks import HASH_SIZE, zero_hash
+    from server.process.store import ChunkStore
+
+    server = lab.server()
+    disk = lab.disk("d", 64 * MIB, ("ext4",))
+    (disk.mounts[0] / "data").write_bytes(random.Random(5).randbytes(16 * MIB))  # noqa: S311
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    point = machine.point()
+    assert server.cli("verify", "--point", str(point["point_id"])).returncode == 0
+    store = ChunkStore(server.data / "process")
+    try:
+        found = store.resolve_point(machine.host_id, str(point["point_id"]))
+        manifest = store.manifest(found.disks[0])
+        hashes = [manifest[i : i + HASH_SIZE] for i in range(0, len(manifest), HASH_SIZE)]
+        victim = next(h for h in reversed(hashes) if h != zero_hash(65536))
+        where = store.locate(victim)
+    finally:
+        store.close()
+    assert where is not None
+    pack, offset, length = where
+    with pack.open("r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)[0]
+        f.seek(offset + length // 2)
+        f.write(bytes([byte ^ 0x04]))
+    r = server.cli("verify", "--point", str(point["point_id"]), check=False)
+    assert r.returncode == 1 and "error POINT-CORRUPT" in r.stderr, r.stderr
+    assert f"chunk {hashes.index(victim)}" in r.stderr
+    r = server.cli("test-failover", "--machine", machine.host_id, "--point", str(point["point_id"]), check=False)
+    assert r.returncode == 1 and "POINT-CORRUPT" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_lost_trace_events_mean_a_resync_never_a_wrong_replica(lab: Lab) -> None:
+    server = lab.server()
+    disk = lab.disk("raw", 256 * MIB, ())
+    fill_raw(disk, 32 * MIB, seed=6)
+    machine = lab.machine(server, "m1", config={"replication_trace_buffer_kb": 4})
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    sh(
+        [
+            "fio",
+            "--name=burst",
+            f"--filename={disk.loop}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--size=256M",
+            "--number_ios=40000",
+            "--randrepeat=0",
+            "--output=/dev/null",
+        ],
+        timeout=300,
+    )
+    wait_for(
+        "the lost events noticed", lambda: "REPL-EVENTS-LOST" in machine.log() or "dropped" in machine.log(), timeout=60
+    )
+    assert "checksum resync (the kernel dropped" in machine.log()
+    assert_identical_replica(lab, server, machine, disk)
