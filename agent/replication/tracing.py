@@ -115,7 +115,7 @@ class Tracer(threading.Thread):
         self.on_lost = on_lost
         self.targets: dict[int, Target] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._marker = 0
         self._seen = 0
         self._cond = threading.Condition()
@@ -152,7 +152,7 @@ class Tracer(threading.Thread):
         rest = b""
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 data = os.read(self.fd, 1 << 17)
             except BlockingIOError:
@@ -216,7 +216,7 @@ class Tracer(threading.Thread):
 
     def stop(self) -> None:
         """Stop reading and remove the instance (nothing of ours stays in the kernel)."""
-        self._stop.set()
+        self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
         if self.fd >= 0:

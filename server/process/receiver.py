@@ -100,7 +100,7 @@ class Committer(threading.Thread):
         self.on_point = on_point
         self._pending: list[tuple[_Stream, ChunkPut | PointPut]] = []
         self._cond = threading.Condition()
-        self._stop = False
+        self._stopping = False
         self.commits = 0
         self.last_error: MobilityError | None = None
 
@@ -112,16 +112,16 @@ class Committer(threading.Thread):
 
     def stop(self) -> None:
         with self._cond:
-            self._stop = True
+            self._stopping = True
             self._cond.notify()
         self.join(timeout=30)
 
     def run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stop:
+                while not self._pending and not self._stopping:
                     self._cond.wait()
-                if self._stop and not self._pending:
+                if self._stopping and not self._pending:
                     return
                 batch, self._pending = self._pending, []
             self._commit(batch)

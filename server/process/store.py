@@ -421,16 +421,17 @@ class ChunkStore:
             zeroed: list[tuple[int, int]] = []
             seqs: dict[int, int] = {}
             for item in items:
-                seqs[item.disk_key] = max(seqs.get(item.disk_key, 0), item.seq)
                 if isinstance(item, ChunkPut):
                     if item.codec is Codec.ZERO:
                         zeroed.append((item.disk_key, item.index))
                     else:
                         heads.append((item.disk_key, item.index, item.hash))
                     outcomes.append(None)
-                    continue
-                self._apply_heads(db, heads, zeroed)
-                outcomes.append(self._close_point(db, item, now))
+                else:
+                    self._apply_heads(db, heads, zeroed)
+                    outcomes.append(self._close_point(db, item, now))
+                if outcomes[-1] is None:  # a refused point is not acknowledged, so not counted as durable
+                    seqs[item.disk_key] = max(seqs.get(item.disk_key, 0), item.seq)
             self._apply_heads(db, heads, zeroed)
             db.executemany(
                 "UPDATE disks SET acked_seq = MAX(acked_seq, ?), updated = ? WHERE disk_key = ?",
