@@ -99,6 +99,7 @@ def test_chunks_are_acknowledged_after_they_are_durable_and_a_point_closes(
             assert store.read(manifest[i * 32 : (i + 1) * 32], CHUNK) == data
     finally:
         store.close()
+    assert server.stop() == 0  # a clean shutdown: the committer drained and stopped
 
 
 def test_kill_9_mid_stream_loses_nothing_acknowledged(server: ServerProcess, tmp_path: Path) -> None:
