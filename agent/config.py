@@ -33,6 +33,7 @@ class AgentConfig:
     backlog_max: int = 120  # health reports kept while the server is unreachable
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT when set
     replication_trace_buffer_kb: int = 4096  # per CPU, in the kernel: the trace buffer a write burst must fit in
+    replication_backoff_cpu_percent: float = 80.0  # replication slows down while the rest uses this much CPU
     test_hooks: bool = False  # SIGUSR2 grows a memory ballast by 16 MiB (for the budget tests)
 
 

@@ -263,6 +263,7 @@ class Daemon:
                 lambda: authenticated_client(self.paths)[1].context,
                 parse_address(reg.server).host,
                 trace_buffer_kb=self.config.replication_trace_buffer_kb,
+                busy_share=self.config.replication_backoff_cpu_percent / 100,
             )
         self.replication.apply(protection)
 

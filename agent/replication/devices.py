@@ -200,10 +200,35 @@ def _native_thread_id() -> int:
     return threading.get_native_id()
 
 
-def pressure(kind: str) -> float:
-    """The share of the last 10 s some task waited for ``kind`` (cpu, io) per /proc/pressure; 0 when unknown."""
-    try:
-        line = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0]
-        return float(line.split()[1].split("=")[1])
-    except (OSError, IndexError, ValueError):
-        return 0.0
+class BusyMeter:
+    """How much of the machine's CPU the rest of the machine uses (everything but this process), over the last
+    interval, from /proc/stat and /proc/self/stat. Replication backs off when that is high: its own use never
+    counts as "busy" (pressure stall figures would count its own threads waiting for each other)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int, int] | None = None
+        self.others = 0.0
+
+    @staticmethod
+    def _sample() -> tuple[int, int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        total = sum(fields[:8])
+        idle = fields[3] + fields[4]
+        with open("/proc/self/stat") as f:
+            ours = f.read().rsplit(")", 1)[1].split()
+        mine = int(ours[11]) + int(ours[12])  # utime + stime, every thread of this process
+        return total, total - idle, mine
+
+    def update(self) -> float:
+        """The share (0-1) of all CPU time the others used since the last call."""
+        try:
+            now = self._sample()
+        except (OSError, ValueError, IndexError):
+            return self.others
+        if self._last is not None:
+            total = now[0] - self._last[0]
+            if total > 0:
+                self.others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / total
+        self._last = now
+        return self.others

@@ -82,11 +82,13 @@ class Replication:
         server_host: str,
         *,
         trace_buffer_kb: int = 4096,
+        busy_share: float = 0.8,
     ) -> None:
         self.paths = paths
         self.context = context
         self.server_host = server_host
         self.trace_buffer_kb = trace_buffer_kb
+        self.busy_share = busy_share
         self.protection: Protection | None = None
         self.replicators: dict[str, DiskReplicator] = {}
         self.failed: dict[str, Failed] = {}
@@ -147,7 +149,13 @@ class Replication:
                 )
             stream = Stream(address, self.context())
             replicator = DiskReplicator(
-                device, disk_dir(self.paths, name), stream, self.pool, boot_id=boot_id(), context=self.context
+                device,
+                disk_dir(self.paths, name),
+                stream,
+                self.pool,
+                boot_id=boot_id(),
+                context=self.context,
+                busy_share=self.busy_share,
             )
         except MobilityError as e:
             if name not in self.failed or self.failed[name].error.id != e.id:

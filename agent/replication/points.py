@@ -193,7 +193,7 @@ def cut_point(
         c.closing.set()
     deadline = time.monotonic() + ACK_TIMEOUT
     for r, c in zip(replicators, captures, strict=True):
-        if not c.acked.wait(max(0.0, deadline - time.monotonic())):
+        if not c.acked.wait(max(0.0, deadline - time.monotonic())) or not c.point_ok:
             return _failed(PointFailed(f"the process server did not acknowledge point {point_id} of {r.device.name}"))
     for r in replicators:
         r.persisted.last_point = created

@@ -27,8 +27,8 @@ import zstandard
 
 from agent.errors import MobilityError, RemoteError
 from agent.fsutil import atomic_write
-from agent.replication.chunks import HASH_SIZE, Geometry, RootHasher, chunk_hash, geometry_for, is_zero
-from agent.replication.devices import BlockDevice, DirectReader, pressure
+from agent.replication.chunks import HASH_SIZE, Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
+from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
 from agent.replication.dirtymap import DirtyMap
 from agent.replication.errors import ProcessServerUnreachable, ReplicaLost
 from agent.replication.hashfile import HashFile
@@ -40,7 +40,10 @@ log = logging.getLogger("mobility.replication")
 BATCH_BYTES = 1024 * 1024  # one read (and one pool job) covers up to this many bytes of contiguous chunks
 PIPELINE = 4  # jobs in the pool ahead of the sender
 STALL_AFTER = 30.0  # seconds without progress while there is work before the state says STALLED
-BUSY_PRESSURE = 40.0  # % of time some task waited for CPU or I/O (10 s average) past which we slow down
+BUSY_SHARE = 0.8  # the rest of the machine using this share of all CPU makes replication slow down
+
+
+_UNKNOWN = b"\xff" * HASH_SIZE  # a hash no chunk has: "the replica may not hold this chunk"
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Capture:
     closing: threading.Event = field(default_factory=threading.Event)
     acked: threading.Event = field(default_factory=threading.Event)
     label: str | None = None  # set by the coordinator before ``closing``; None aborts the point
+    point_ok: bool = False  # the process server acknowledged the point (``acked`` is set either way)
     root: str = ""
     residual: int = 0
     error: MobilityError | None = None
@@ -113,11 +117,12 @@ def read_job(
         size = geometry.length(i)
         chunk = data[pos : pos + size]
         pos += size
-        digest = chunk_hash(chunk)
+        zero = is_zero(chunk)  # one memcmp: an empty disk's zeros are never hashed
+        digest = zero_hash(size) if zero else chunk_hash(chunk)
         hashes += digest
         if known is not None and known[k * HASH_SIZE : (k + 1) * HASH_SIZE] == digest:
             continue
-        if is_zero(chunk):
+        if zero:
             out.append(ChunkOut(i, digest, Codec.ZERO, b"", size))
             continue
         packed = _compressor().compress(chunk)
@@ -215,6 +220,7 @@ class DiskReplicator(threading.Thread):
         *,
         boot_id: str,
         context: Callable[[], ssl.SSLContext] | None = None,
+        busy_share: float = BUSY_SHARE,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -256,6 +262,8 @@ class DiskReplicator(threading.Thread):
         self._rate_mark = (clock(), 0)
         self._busy_check = 0.0
         self._slow = 0.0
+        self.busy = BusyMeter()
+        self.busy_share = busy_share
         self.events_at_capture = 0
         self._set_initial_reason()
 
@@ -474,6 +482,7 @@ class DiskReplicator(threading.Thread):
                 digest=chunk.hash,
                 since=result.since,
                 on_ack=self._acked_cb(chunk.size),
+                on_lost=self._lost_cb(chunk.index),
             )
             size += chunk.size
         if result.hashes != current:
@@ -486,13 +495,24 @@ class DiskReplicator(threading.Thread):
 
         return acked
 
+    def _lost_cb(self, index: int) -> Callable[[], None]:
+        """The connection went before the server made this chunk durable: read it again and send it (its hash
+        entry is spoiled, so that an unchanged chunk is not taken for one the replica already holds)."""
+
+        def lost() -> None:
+            self.hashes.write(index, _UNKNOWN)
+            self.dirty.mark(index, index, self.clock())
+
+        return lost
+
     def _throttle(self) -> None:
-        """Slow down while the machine's own work waits for CPU or I/O (pressure stall information)."""
+        """Slow down while the rest of the machine keeps its CPUs busy (nice and ionice already yield to it; this
+        also leaves it the headroom): a pause per job of 20 ms past the threshold, 100 ms near saturation."""
         now = self.clock()
         if now - self._busy_check > 1.0:
             self._busy_check = now
-            busy = max(pressure("cpu"), pressure("io"))
-            self._slow = 0.02 if busy > BUSY_PRESSURE else 0.0
+            others = self.busy.update()
+            self._slow = 0.0 if others < self.busy_share else 0.02 if others < 0.95 else 0.1
         if self._slow:
             self.stopping.wait(self._slow)
 
@@ -526,7 +546,12 @@ class DiskReplicator(threading.Thread):
         if not capture.closing.wait(60) or capture.label is None:
             return  # aborted: the chunks went anyway, the point does not
         close = PointClose(capture.point_id, capture.created, capture.root, capture.label, capture.disks, None)
-        self.stream.send(Kind.POINT, json.dumps(close.to_json()).encode(), on_ack=capture.acked.set)
+
+        def acked() -> None:
+            capture.point_ok = True
+            capture.acked.set()
+
+        self.stream.send(Kind.POINT, json.dumps(close.to_json()).encode(), on_ack=acked, on_lost=capture.acked.set)
         self.stream.flush()
 
     def _abort_commands(self, why: str) -> None:

@@ -1,10 +1,12 @@
 """The agent's end of a disk's stream to the process server: mutual TLS with the machine's certificate, a bounded
-window of frames not yet acknowledged, resend from the server's last durable sequence after a reconnect, and the
-policy's bandwidth cap.
+window of frames not yet acknowledged, and the policy's bandwidth cap.
 
 One thread owns a stream (the disk's replicator): it writes frames with blocking sends and reads the server's
 acknowledgements between them, so one TLS object is never used by two threads. A change is forgotten only when the
-server's ACK covers its frame: until then its frame stays in the window and is sent again on the next connection."""
+server's ACK covers its frame. The window keeps what each frame settles, not its bytes (the bytes in flight are
+in the kernel's socket buffers and the server, not in the agent's memory): when a connection is lost, every frame
+the server had not made durable is handed back (``on_lost``), and its chunk is read again from the disk and sent
+on the next connection (a point in flight is abandoned: the next one is cut afresh)."""
 
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from agent.replication.protocol import (
 )
 from agent.transport import ServerAddress
 
-WINDOW_BYTES = 8 * 1024 * 1024
-WINDOW_FRAMES = 4096
+WINDOW_BYTES = 64 * 1024 * 1024  # wire bytes in flight: enough to keep the server's group commits large
+WINDOW_FRAMES = 8192
 SEND_BATCH = 256 * 1024  # frames are joined up to this size per send: fewer TLS records and syscalls
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 60.0  # a send or an awaited ACK that takes longer means the path is dead
@@ -42,12 +44,13 @@ IO_TIMEOUT = 60.0  # a send or an awaited ACK that takes longer means the path i
 
 @dataclass
 class Sent:
-    """A frame in the window: what to resend, and what its acknowledgement settles."""
+    """A frame in the window: its size, and what its acknowledgement (or its loss) settles."""
 
     seq: int
-    data: bytes
+    size: int
     since: float  # when the oldest change it carries was first seen (for the lag)
     on_ack: Callable[[], None] | None = None
+    on_lost: Callable[[], None] | None = None
 
 
 class TokenBucket:
@@ -70,8 +73,8 @@ class TokenBucket:
 
 
 class Stream:
-    """One disk's stream. ``connect`` (re)opens it and resends what the window holds beyond the server's
-    acknowledged sequence; ``send`` queues a frame (blocking while the window is full); ``pump`` reads ACKs."""
+    """One disk's stream. ``connect`` (re)opens it and hands back what the server did not make durable; ``send``
+    queues a frame (blocking while the window is full); ``pump`` reads ACKs."""
 
     def __init__(
         self,
@@ -101,7 +104,8 @@ class Stream:
 
     def connect(self, hello: Hello, on_hashes: Callable[[int, bytes], None] | None = None) -> Welcome:
         """Open the stream; with ``on_hashes`` (hello.want_hashes) the replica's chunk hashes arrive first, as
-        (first chunk index, hashes). Frames the server already made durable leave the window; the rest go again."""
+        (first chunk index, hashes). Frames the server already made durable leave the window; the rest are handed
+        back (``on_lost``) to be sent again from the disk."""
         self.close()
         try:
             raw = socket.create_connection((self.address.host, self.address.port), timeout=CONNECT_TIMEOUT)
@@ -138,9 +142,7 @@ class Stream:
             )
         self._settle(welcome.acked_seq)
         self.next_seq = max(self.next_seq, welcome.acked_seq + 1)
-        for sent in self.window:  # the unacknowledged rest goes again, in order
-            self._queue(sent.data)
-        self.flush()
+        self.reset()
         return welcome
 
     def close(self) -> None:
@@ -152,9 +154,12 @@ class Stream:
         self._in.clear()
 
     def reset(self) -> None:
-        """Forget the window (a resync follows: the replica is compared by hashes, nothing is owed)."""
-        self.window.clear()
+        """Hand back every frame not acknowledged (``on_lost``) and empty the window."""
+        lost, self.window = self.window, deque()
         self.window_size = 0
+        for sent in lost:
+            if sent.on_lost is not None:
+                sent.on_lost()
 
     @property
     def connected(self) -> bool:
@@ -173,6 +178,7 @@ class Stream:
         digest: bytes = bytes(HASH_SIZE),
         since: float = 0.0,
         on_ack: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> int:
         """Queue one frame (its sequence number is returned); blocks while the window is full."""
         while self.window and (self.window_size >= self.window_bytes or len(self.window) >= WINDOW_FRAMES):
@@ -186,10 +192,12 @@ class Stream:
                 )
         seq = self.next_seq
         self.next_seq += 1
-        data = Header(kind, flags, len(payload), seq, offset, size, digest).pack() + payload
-        self.window.append(Sent(seq, data, since, on_ack))
-        self.window_size += len(data)
-        self._queue(data)
+        header = Header(kind, flags, len(payload), seq, offset, size, digest).pack()
+        self.window.append(Sent(seq, len(header) + len(payload), since, on_ack, on_lost))
+        self.window_size += len(header) + len(payload)
+        self._queue(header)
+        if payload:
+            self._queue(payload)
         if self._out_size >= SEND_BATCH:
             self.flush()
         return seq
@@ -264,7 +272,7 @@ class Stream:
         self.acked = max(self.acked, seq)
         while self.window and self.window[0].seq <= seq:
             sent = self.window.popleft()
-            self.window_size -= len(sent.data)
+            self.window_size -= sent.size
             if sent.on_ack is not None:
                 sent.on_ack()
 
