@@ -100,6 +100,7 @@ class Replication:
         self.freezing = False
         self.points_cut = 0
         self._requests: list[str] = []
+        self._taken: set[str] = set()  # requests a point is being cut for (their files stay until it is done)
         self._next_status = 0.0
         self._next_resize = 0.0
         self._next_requests = 0.0
@@ -230,6 +231,7 @@ class Replication:
         due = self.protection is not None and mono - self.last_point_at >= self.protection.policy.interval_seconds
         if (due or self._requests) and not self._point_running() and self.replicators:
             requests, self._requests = self._requests, []
+            self._taken.update(requests)
             if due or requests:
                 self.last_point_at = mono
                 self.point_thread = threading.Thread(
@@ -263,6 +265,7 @@ class Replication:
             with contextlib.suppress(OSError):
                 atomic_write(requests_dir(self.paths) / f"{request}.json", json.dumps(result.to_json()).encode())
                 (requests_dir(self.paths) / f"{request}.req").unlink(missing_ok=True)
+            self._taken.discard(request)
 
     def request_point(self) -> None:
         """SIGUSR1 (via the daemon's queue): look for `mobility point` requests now."""
@@ -275,7 +278,7 @@ class Replication:
         except OSError:
             return
         for request in found:
-            if request not in self._requests:
+            if request not in self._requests and request not in self._taken:
                 self._requests.append(request)
         if self._requests and not self.replicators:
             failed = PointResult(False, error="REPL-POINT-FAILED", message="no disk of this machine is protected")
