@@ -49,14 +49,10 @@ class DirtyMap:
             gen = self.gen
             bits, blocks, counts = self.bits, self.blocks, self.gen_count
             for i in range(first, last + 1):
-                old = bits[i]
-                if old == gen:
-                    continue
-                if old:
-                    counts[old] -= 1
-                else:
-                    blocks[i // BLOCK] += 1
-                    self.dirty += 1
+                if bits[i]:
+                    continue  # already dirty: it keeps the time of its oldest change not yet sent
+                blocks[i // BLOCK] += 1
+                self.dirty += 1
                 bits[i] = gen
                 counts[gen] += 1
 

@@ -30,6 +30,7 @@ def test_the_lag_is_the_age_of_the_oldest_change_still_dirty() -> None:
     m = DirtyMap(100, now=0.0)
     m.mark(1, 1, now=0.5)
     m.mark(2, 2, now=3.0)
+    m.mark(1, 1, now=5.0)  # written again before it was sent: its oldest change still waits
     assert m.oldest() == 0.0  # the generation that started at 0 holds chunk 1
     taken = dict(m.take(1))
     assert taken == {1: 0.0}
