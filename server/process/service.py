@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.datadir import DataDir
 from server.errors import ListenFailed
+from server.process.gc import collect
 from server.process.receiver import Receiver, stream_tls_context
 from server.process.store import DEFAULT_RESERVE, ChunkStore
 from server.storage import Storage
@@ -17,6 +19,7 @@ from server.storage import Storage
 log = logging.getLogger("mobility.process")
 
 DEFAULT_PORT = 9444
+COLLECT_EVERY = 600.0  # seconds between garbage collections of the chunk store
 
 
 def store_dir(data: DataDir) -> Path:
@@ -63,6 +66,7 @@ class ProcessService:
         self.protections = Protections(data.database)
         self.receiver = Receiver(self.store, self.protections.authorize, self._after_point)
         self.port = options.port
+        self._collected = -COLLECT_EVERY
 
     def _after_point(self, host_id: str, point_id: str) -> None:
         keep = self.protections.retention(host_id)
@@ -70,6 +74,10 @@ class ProcessService:
             dropped = self.store.prune(host_id, keep)
             if dropped:
                 log.info("%s: %d recovery points past the retention of %d dropped", host_id, dropped, keep)
+                now = time.monotonic()
+                if now - self._collected >= COLLECT_EVERY:  # it pauses commits: not after every point
+                    self._collected = now
+                    collect(self.store)  # the chunks only the dropped points held go too
 
     async def start(self) -> int:
         context = stream_tls_context(str(self.data.ca_cert), str(self.data.tls_cert), str(self.data.tls_key))

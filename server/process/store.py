@@ -228,6 +228,9 @@ class ChunkStore:
         for pack in packs:
             path = self._pack_path(pack)
             end = int(ends.get(pack, 0))
+            if not end and pack != packs[-1]:  # compacted away before a kill removed the file
+                path.unlink()
+                continue
             if path.stat().st_size > end:
                 with path.open("r+b") as f:
                     f.truncate(end)
@@ -612,6 +615,13 @@ class ChunkStore:
                     raise PointCorrupt(f"pack {pack} is unreadable: {e.strerror}") from e
                 self._fds[pack] = fd
             return fd
+
+    def drop_reader(self, pack: int) -> None:
+        """Forget the read descriptor of a pack (it was rewritten or removed)."""
+        with self._lock:
+            fd = self._fds.pop(pack, None)
+        if fd is not None:
+            os.close(fd)
 
     def locate(self, digest: bytes) -> tuple[Path, int, int] | None:
         """Where a chunk's stored bytes are: (pack file, offset, length). For tests and repair tools."""
