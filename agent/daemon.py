@@ -161,6 +161,7 @@ class Daemon:
                 disk_sample(self.paths),
                 cert_not_after(self.paths),
                 freeze_ready(self.paths),
+                self.replication.status_doc() if self.replication is not None else None,
             )
         )
         health = overall(report)

@@ -34,8 +34,19 @@ def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report
     server = ServerSample(
         status.last_heartbeat_ok, status.unreachable_since, status.rtt_ms, status.skew_seconds, status.last_error
     )
+    from agent.replication.engine import load_status
+
     report = run_checks(
-        health_checks(config, now, process, server, disk_sample(paths), cert_not_after(paths), freeze_ready(paths))
+        health_checks(
+            config,
+            now,
+            process,
+            server,
+            disk_sample(paths),
+            cert_not_after(paths),
+            freeze_ready(paths),
+            load_status(paths),
+        )
     )
     return overall(report), report
 

@@ -8,7 +8,8 @@
 2. Resync: a disk of --resync-gib GiB, 1 % of its 64 KiB blocks rewritten while the agent is stopped; the agent's
    checksum resync against `rsync --inplace --no-whole-file` of the same change onto the old image (caches dropped
    before each). Target >= 2x faster.
-3. Churn: fio random 4 KiB writes at 20 MB/s to a file on ext4 on a protected disk, points every 10 s: lag p99
+3. Churn: fio random writes (4 KiB, then 64 KiB) at 20 MB/s to a 1 GiB file on ext4 on a protected disk, points
+   every 10 s: lag p99
    (sampled from the agent's status), the writer's p99 latency with and without protection, the freeze window p99.
 4. RSS: the daemon's resident memory (every thread; one process) during the initial sync and while idle, for a
    1 GiB and a 16 GiB disk. Target <= 64 MiB busy, the larger within 10 % of the smaller.
@@ -242,7 +243,7 @@ def bench_resync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[str,
 # 3. Churn ------------------------------------------------------------------------------------------------------
 
 
-def fio(target: Path, seconds: int) -> dict[str, float]:
+def fio(target: Path, seconds: int, bs: str) -> dict[str, float]:
     out = sh(
         [
             "fio",
@@ -250,7 +251,7 @@ def fio(target: Path, seconds: int) -> dict[str, float]:
             f"--filename={target}",
             "--size=1G",
             "--rw=randwrite",
-            "--bs=4k",
+            f"--bs={bs}",
             "--rate=20m",
             "--direct=1",
             "--ioengine=psync",
@@ -271,8 +272,8 @@ def fio(target: Path, seconds: int) -> dict[str, float]:
     }
 
 
-def bench_churn(lab: Lab, server: Server, seconds: int) -> dict[str, float]:
-    disk = lab.disk("churn", 4 * GIB, ("ext4",))
+def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, float]:
+    disk = lab.disk(f"churn{bs}", 4 * GIB, ("ext4",))
     target = disk.mounts[0] / "churn.dat"
     sh(
         [
@@ -287,8 +288,8 @@ def bench_churn(lab: Lab, server: Server, seconds: int) -> dict[str, float]:
         ],
         timeout=600,
     )
-    unprotected = fio(target, seconds)
-    machine = lab.machine(server, "churn", config=AGENT)
+    unprotected = fio(target, seconds, bs)
+    machine = lab.machine(server, f"churn{bs}", config=AGENT)
     lab.expose(machine, disk)
     protect(server, machine, disk, policy="churn", interval="10s")
     agent = lab.start_agent(machine)
@@ -307,7 +308,7 @@ def bench_churn(lab: Lab, server: Server, seconds: int) -> dict[str, float]:
     threading.Thread(target=sample, daemon=True).start()
     threading.Thread(target=sample_rss, args=(agent.pid, stop, rss), daemon=True).start()
     started = time.time()
-    protected = fio(target, seconds)
+    protected = fio(target, seconds, bs)
     stop.set()
     points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
     freezes = [
@@ -315,6 +316,9 @@ def bench_churn(lab: Lab, server: Server, seconds: int) -> dict[str, float]:
         for line in machine.log().splitlines()
         if "point " in line and " cut (" in line and "frozen " in line
     ]
+    failed = [line.split("no point: ")[1][:120] for line in machine.log().splitlines() if "no point: " in line]
+    if failed:
+        print(f"churn {bs}: {len(failed)} points not cut; first: {failed[0]}", flush=True)
     return {
         "writer_mbps_unprotected": unprotected["mbps"],
         "writer_mbps_protected": protected["mbps"],
@@ -323,6 +327,7 @@ def bench_churn(lab: Lab, server: Server, seconds: int) -> dict[str, float]:
         "lag_p99_s": p99(lags),
         "lag_max_s": max(lags) if lags else float("nan"),
         "points": len(points),
+        "points_failed": len(failed),
         "freeze_p99_ms": p99(freezes),
         "freeze_median_ms": statistics.median(freezes) if freezes else float("nan"),
         "rss_busy_max_mib": max(rss) if rss else float("nan"),
@@ -369,6 +374,7 @@ def main() -> int:
     parser.add_argument("--sync-gib", type=float, default=2.0)
     parser.add_argument("--resync-gib", type=float, default=4.0)
     parser.add_argument("--churn-seconds", type=int, default=60)
+    parser.add_argument("--churn-bs", nargs="+", default=["4k", "64k"], help="fio block sizes to churn with")
     parser.add_argument("--rss-gib", type=float, nargs="+", default=[1.0, 16.0])
     parser.add_argument("--only", choices=("sync", "resync", "churn", "rss"), action="append")
     args = parser.parse_args()
@@ -382,14 +388,17 @@ def main() -> int:
         with Lab(work) as lab:
             server = lab.server("server", "--store-reserve", "256M")
             data = corpus() if only & {"sync", "resync"} else b""
-            steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
-                ("sync", lambda: bench_full_sync(lab, server, args.sync_gib, data)),
-                ("resync", lambda: bench_resync(lab, server, args.resync_gib, data)),
-                ("churn", lambda: bench_churn(lab, server, args.churn_seconds)),
-                ("rss", lambda: bench_rss(lab, server, args.rss_gib)),
+            steps: list[tuple[str, str, Callable[[], dict[str, float]]]] = [
+                ("sync", "sync", lambda: bench_full_sync(lab, server, args.sync_gib, data)),
+                ("resync", "resync", lambda: bench_resync(lab, server, args.resync_gib, data)),
+                *[
+                    ("churn", f"churn-{bs}", lambda bs=bs: bench_churn(lab, server, args.churn_seconds, bs))
+                    for bs in args.churn_bs
+                ],
+                ("rss", "rss", lambda: bench_rss(lab, server, args.rss_gib)),
             ]
-            for name, step in steps:
-                if name in only:
+            for kind, name, step in steps:
+                if kind in only:
                     results[name] = step()
                     print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
     finally:

@@ -99,6 +99,7 @@ class Replication:
         self.last_point_at = time.monotonic()
         self.freezing = False
         self.points_cut = 0
+        self.started = time.time()
         self._requests: list[str] = []
         self._taken: set[str] = set()  # requests a point is being cut for (their files stay until it is done)
         self._next_status = 0.0
@@ -251,9 +252,8 @@ class Replication:
         if self.tracer is None or not replicators:
             result = PointResult(False, error="REPL-POINT-FAILED", message="nothing is protected")
         else:
-            self.freezing = True
             try:
-                result = cut_point(replicators, self.tracer, self.paths.freeze_dir)
+                result = cut_point(replicators, self.tracer, self.paths.freeze_dir, frozen=self._frozen)
             finally:
                 self.freezing = False
         self.last_result = result
@@ -266,6 +266,9 @@ class Replication:
                 atomic_write(requests_dir(self.paths) / f"{request}.json", json.dumps(result.to_json()).encode())
                 (requests_dir(self.paths) / f"{request}.req").unlink(missing_ok=True)
             self._taken.discard(request)
+
+    def _frozen(self, frozen: bool) -> None:
+        self.freezing = frozen
 
     def request_point(self) -> None:
         """SIGUSR1 (via the daemon's queue): look for `mobility point` requests now."""
@@ -320,10 +323,18 @@ class Replication:
             freeze_ms=ok.freeze_ms if ok else None,
         )
 
-    def save_status(self, now: float) -> None:
-        doc: dict[str, Any] = {"updated": now, **self.report().to_json()}
+    def status_doc(self, now: float | None = None) -> dict[str, Any]:
+        """The report with what the health check weighs it against (the policy's RPO and interval)."""
+        doc: dict[str, Any] = {"updated": now or time.time(), "started": self.started, **self.report().to_json()}
+        if self.protection is not None:
+            doc["rpo_seconds"] = self.protection.policy.rpo_seconds
+            doc["interval_seconds"] = self.protection.policy.interval_seconds
         if self.last_result is not None:
             doc["last_result"] = self.last_result.to_json()
+        return doc
+
+    def save_status(self, now: float) -> None:
+        doc = self.status_doc(now)
         try:
             atomic_write(status_path(self.paths), json.dumps(doc, indent=1).encode(), 0o600)
         except OSError as e:

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +35,9 @@ from agent.replication.tracing import Tracer
 log = logging.getLogger("mobility.replication")
 
 WATCHDOG_SECONDS = 10.0
-PRECOPY_BYTES = 64 * 1024 * 1024
+PRECOPY_BYTES = 16 * 1024 * 1024  # the residual a freeze reads: small enough for a freeze well under a second
 PRECOPY_TIMEOUT = 60.0
+FREEZE_LIMIT_BYTES = 256 * 1024 * 1024  # still this much to send after the pre-copy: do not freeze at all
 CAPTURE_DEADLINE = 8.0  # seconds after the freeze by which every disk must have read its residual
 ACK_TIMEOUT = 120.0
 HOOK_TIMEOUT = 60.0
@@ -131,13 +132,22 @@ def cut_point(
     *,
     watchdog: float = WATCHDOG_SECONDS,
     precopy_timeout: float = PRECOPY_TIMEOUT,
+    frozen: Callable[[bool], None] = lambda _: None,
 ) -> PointResult:
     """Cut one point across ``replicators`` and wait until the process server has it (PointResult either way)."""
     created = time.time()
     not_ready = [r.device.name for r in replicators if r.state != "CONTINUOUS" or r.need_sweep]
     if not replicators or not_ready:
         return _failed(PointFailed(f"not every protected disk is in CONTINUOUS: {', '.join(not_ready) or 'none'}"))
-    _precopy(replicators, precopy_timeout)
+    pending = _precopy(replicators, precopy_timeout)
+    if pending > FREEZE_LIMIT_BYTES:
+        # Freezing now would stop the applications for as long as it takes to send this much: not a point worth it.
+        return _failed(
+            PointFailed(
+                f"{pending >> 20} MiB still changed after {precopy_timeout:.0f} s of pre-copy: the disks change "
+                "faster than they are sent; no freeze"
+            )
+        )
     with open("/proc/self/mountinfo") as f:
         mountinfo = f.read()
     mounts = {r.device.name: mounts_of(r.device, mountinfo) for r in replicators}
@@ -152,6 +162,7 @@ def cut_point(
     start = time.monotonic()
     for r in replicators:
         r.hashes.hold()
+    frozen(True)  # the daemon writes no status file from here to the thaw
     frozen_at = time.time()
     try:
         try:
@@ -169,6 +180,7 @@ def cut_point(
         in_time = freezer.thaw()
     finally:
         freezer.thaw()
+        frozen(False)
     thawed_at = time.time()
     freeze_ms = (time.monotonic() - start) * 1000
     if hooks:
@@ -218,12 +230,13 @@ def cut_point(
     )
 
 
-def _precopy(replicators: Sequence[DiskReplicator], timeout: float) -> None:
+def _precopy(replicators: Sequence[DiskReplicator], timeout: float) -> int:
+    """Wait (bounded) until little is left to send; returns the bytes still changed."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         pending = sum(r.dirty.dirty * r.geometry.chunk_size for r in replicators)
-        if pending <= PRECOPY_BYTES:
-            return
+        if pending <= PRECOPY_BYTES or time.monotonic() >= deadline:
+            return pending
         time.sleep(0.05)
 
 
