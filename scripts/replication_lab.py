@@ -84,6 +84,7 @@ class Disk:
     mounts: list[Path] = field(default_factory=list)
     fstypes: list[str] = field(default_factory=list)
     partitions: list[str] = field(default_factory=list)  # device nodes of its partitions (made here: no udev)
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, size) in bytes of each filesystem
 
     @property
     def name(self) -> str:
@@ -232,7 +233,11 @@ class Lab:
                     os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
                     self.defer(f"node {node}", lambda node=node: node.unlink(missing_ok=True))  # type: ignore[misc]
                 disk.partitions.append(str(node))
+                start, count = (int((part / name).read_text()) for name in ("start", "size"))
+                disk.ranges.append((start * 512, count * 512))
             targets = disk.partitions
+        else:
+            disk.ranges.append((0, size))
         for i, (target, kind) in enumerate(zip(targets, fs, strict=False)):
             sh([f"mkfs.{kind}", *(["-q"] if kind.startswith("ext") else ["-q", "-f"]), target])
             where = self.workdir / f"{name}-mnt{i}"

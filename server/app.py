@@ -312,6 +312,9 @@ async def serve(
             raise ListenFailed(f"cannot listen on {host}:{port}: {e.strerror}") from e
         bound = runner.addresses[0][1] if runner.addresses else port
         log.info("serving on https://%s:%d", host, bound)
+    if process is not None:
+        # Logged once the API listens too: a port in use makes `serve` fail with nothing but its error.
+        log.info("process server receiving on %s:%d", process.host, process_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -67,6 +67,10 @@ class _Stream:
     inflight: int = 0
     acked: int = 0
     failed: MobilityError | None = None
+    # Set by the committer at once when a batch of this stream was refused: the stream's later frames must not be
+    # committed (the server's durable sequence would then cover frames it never kept), even before ``fail`` has
+    # run on the event loop.
+    dead: bool = False
     room: asyncio.Event = field(default_factory=asyncio.Event)
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) not yet acknowledged
 
@@ -127,7 +131,7 @@ class Committer(threading.Thread):
             self._commit(batch)
 
     def _commit(self, batch: list[tuple[_Stream, ChunkPut | PointPut]]) -> None:
-        live = [(s, i) for s, i in batch if s.failed is None]
+        live = [(s, i) for s, i in batch if s.failed is None and not s.dead]
         if not live:
             return
         try:
@@ -137,11 +141,13 @@ class Committer(threading.Thread):
                 log.warning("store refused a batch: %s: %s", e.id, e.message)
             self.last_error = e
             for stream in {id(s): s for s, _ in live}.values():
+                stream.dead = True
                 stream.loop.call_soon_threadsafe(stream.fail, e)
             return
         except Exception:
             log.exception("commit failed")
             for stream in {id(s): s for s, _ in live}.values():
+                stream.dead = True
                 err = ReplicationProtocol("the process server failed to commit; the agent resends")
                 stream.loop.call_soon_threadsafe(stream.fail, err)
             return
@@ -151,6 +157,7 @@ class Committer(threading.Thread):
         for (stream, item), outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, MobilityError):
                 log.warning("%s: %s: %s", stream.host_id, outcome.id, outcome.message)
+                stream.dead = True
                 stream.loop.call_soon_threadsafe(stream.fail, outcome)
                 continue
             if id(stream) not in acks or acks[id(stream)][1] < item.seq:
@@ -180,9 +187,7 @@ class Receiver:
         self.committer.start()
         self._server = await asyncio.start_server(self._serve, host, port, ssl=context, limit=1 << 20, backlog=256)
         sockets = self._server.sockets
-        bound = int(sockets[0].getsockname()[1]) if sockets else port
-        log.info("process server receiving on %s:%d", host, bound)
-        return bound
+        return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def close(self) -> None:
         if self._server is not None:

@@ -63,35 +63,39 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-def fsck(image: Path, fstype: str) -> subprocess.CompletedProcess[str]:
-    cmd = ["e2fsck", "-f", "-n", str(image)] if fstype.startswith("ext") else ["xfs_repair", "-n", "-f", str(image)]
+def fsck(device: str, fstype: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["e2fsck", "-f", "-n", device] if fstype.startswith("ext") else ["xfs_repair", "-n", device]
     return sh(cmd, check=False, timeout=300)
 
 
-class Mounted:
-    """A failed-over image, mounted read-only for reading records."""
+def attach(image: Path, offset: int, size: int, *, read_only: bool = True) -> str:
+    """A loop device over the part of a failed-over image that holds one filesystem (a partition, or all)."""
+    flags = ["--read-only"] if read_only else []
+    where = ["--offset", str(offset), "--sizelimit", str(size)]
+    return str(sh(["losetup", "--find", "--show", *flags, *where, str(image)]).stdout.strip())
 
-    def __init__(self, image: Path, where: Path, fstype: str) -> None:
+
+class Mounted:
+    """A failed-over filesystem, mounted read-only for reading records."""
+
+    def __init__(self, device: str, where: Path, fstype: str) -> None:
         self.where = where
         where.mkdir(parents=True, exist_ok=True)
-        self.loop = sh(["losetup", "--find", "--show", "--read-only", str(image)]).stdout.strip()
         options = "ro,nouuid" if fstype == "xfs" else "ro"  # the source XFS is mounted with the same UUID
-        r = sh(["mount", "-t", fstype, "-o", options, self.loop, str(where)], check=False)
+        r = sh(["mount", "-t", fstype, "-o", options, device, str(where)], check=False)
         if r.returncode:
-            sh(["losetup", "--detach", self.loop], check=False)
-            raise AssertionError(f"read-only mount of {image} failed: {r.stderr}")
+            raise AssertionError(f"read-only mount of {device} failed: {r.stderr}")
 
     def close(self) -> None:
         umount(self.where)
-        sh(["losetup", "--detach", self.loop], check=False)
 
 
-def boot(image: Path, where: Path, fstype: str) -> None:
+def boot(device: str, where: Path, fstype: str) -> None:
     """What the failed-over machine does first: mount read-write once, replaying the journal (a frozen XFS
     leaves its log to replay; a frozen ext4 is clean already), and unmount."""
     where.mkdir(parents=True, exist_ok=True)
     options = "rw,nouuid" if fstype == "xfs" else "rw"
-    sh(["mount", "-t", fstype, "-o", f"loop,{options}", str(image), str(where)])
+    sh(["mount", "-t", fstype, "-o", options, device, str(where)])
     umount(where)
 
 
@@ -106,18 +110,21 @@ def failover_and_check(
     server.cli("failover", "--machine", machine.host_id, "--point", str(point["point_id"]), "--out", str(out))
     problems: list[str] = []
     mounted: list[Mounted] = []
+    loops: list[str] = []
     dirs: dict[int, Path] = {}
     try:
         index = 0
         for disk in disks:
             image = out / (disk.loop.removeprefix("/dev/") + ".img")
-            for fstype in disk.fstypes:
+            for fstype, (offset, size) in zip(disk.fstypes, disk.ranges, strict=True):
+                device = attach(image, offset, size, read_only=False)
+                loops.append(device)
                 if fstype == "xfs":  # ext4 is checked as the point left it: a frozen ext4 needs no replay
-                    boot(image, out / f"boot{index}", fstype)
-                r = fsck(image, fstype)
+                    boot(device, out / f"boot{index}", fstype)
+                r = fsck(device, fstype)
                 if r.returncode != 0:
                     problems.append(f"{disk.loop} ({fstype}): fsck: {r.stdout[-600:]} {r.stderr[-300:]}")
-                m = Mounted(image, out / f"mnt{index}", fstype)
+                m = Mounted(device, out / f"mnt{index}", fstype)
                 mounted.append(m)
                 dirs[index] = m.where
                 index += 1
@@ -125,6 +132,8 @@ def failover_and_check(
     finally:
         for m in mounted:
             m.close()
+        for device in loops:
+            sh(["losetup", "--detach", device], check=False)
         shutil.rmtree(out, ignore_errors=True)
     return problems
 
@@ -202,7 +211,8 @@ def assert_identical_replica(lab: Lab, server: Server, machine: Machine, disk: D
 
 def test_kill_9_of_agent_and_process_server_then_resync_converges_to_an_identical_replica(lab: Lab) -> None:
     server = lab.server()
-    disk = lab.disk("d", 160 * MIB, ("ext4",))
+    # Partitioned: writes to the partition are traced on the disk, and the replica is compared with the whole disk.
+    disk = lab.disk("d", 160 * MIB, ("ext4",), partitioned=True)
     (disk.mounts[0] / "data").write_bytes(random.Random(1).randbytes(80 * MIB))  # noqa: S311
     sh(["sync"])
     machine = lab.machine(server, "m1")
@@ -288,13 +298,13 @@ def test_a_full_process_server_disk_refuses_clearly_and_recovers_when_space_is_f
     init_local_server(data)
     store_fs = lab.workdir / "store.img"
     with store_fs.open("wb") as f:
-        f.truncate(200 * MIB)
+        f.truncate(256 * MIB)
     sh(["mkfs.ext4", "-q", str(store_fs)])
     (data / "process").mkdir(mode=0o700)
     sh(["mount", "-o", "loop", str(store_fs), str(data / "process")])
     lab.defer("store mount", lambda: umount(data / "process"))
     filler = data / "process" / "filler"
-    filler.write_bytes(bytes(100 * MIB))
+    filler.write_bytes(bytes(120 * MIB))
     server = lab.server(data=data)
     disk = lab.disk("raw", 160 * MIB, ())
     fill_raw(disk, 120 * MIB, seed=4)
