@@ -287,6 +287,11 @@ class Lab:
         if r.returncode != 0:
             raise RuntimeError(f"configure failed: {r.stdout} {r.stderr}")
         host_id = str(json.loads(r.stdout)["host_id"])
+        from agent.paths import Paths
+        from agent.replication.tracing import TRACEFS, instance_name, remove_instance
+
+        instance = TRACEFS / "instances" / instance_name(Paths(root.resolve()).state_dir)
+        self.defer(f"tracing instance of {name}", lambda: remove_instance(instance))  # a killed agent's
         conf = {"health_seconds": 5, **(config or {})}
         (root / "etc/mobility").mkdir(parents=True, exist_ok=True)
         (root / "etc/mobility/mobility.conf").write_text(json.dumps(conf))

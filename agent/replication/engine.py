@@ -182,11 +182,13 @@ class Replication:
     def _stop_one(self, name: str) -> None:
         r = self.replicators.pop(name)
         r.stop()
-        r.join(timeout=30)
+        r.join(timeout=10)
         r.mark_clean_stop()
         self._retarget()
 
     def _stop_all(self) -> None:
+        for r in self.replicators.values():  # all at once: each stops within a second or two
+            r.stop()
         for name in list(self.replicators):
             self._stop_one(name)
         self.failed.clear()

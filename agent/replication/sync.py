@@ -321,7 +321,9 @@ class DiskReplicator(threading.Thread):
         self.hashes.release()
 
     def stop(self) -> None:
+        """From another thread: stop soon (a send or wait on the stream is broken off)."""
         self.stopping.set()
+        self.stream.interrupt()
 
     def _trouble(self, e: MobilityError | Exception) -> None:
         error_id = getattr(e, "id", "REPL-UNREACHABLE")
@@ -543,7 +545,10 @@ class DiskReplicator(threading.Thread):
         self.events_at_capture = events
         capture.captured.set()  # the coordinator may thaw now; nothing below reads the disk before the point
         capture.root = self.hashes.root()
-        if not capture.closing.wait(60) or capture.label is None:
+        deadline = self.clock() + 60
+        while not capture.closing.wait(0.5) and not self.stopping.is_set() and self.clock() < deadline:
+            pass
+        if not capture.closing.is_set() or capture.label is None:
             return  # aborted: the chunks went anyway, the point does not
         close = PointClose(capture.point_id, capture.created, capture.root, capture.label, capture.disks, None)
 

@@ -239,3 +239,4 @@ def remove_instance(path: Path) -> None:
             return
         except OSError:
             time.sleep(0.1)
+    log.warning("cannot remove the tracing instance %s (still busy); the next start replaces it", path)

@@ -153,6 +153,13 @@ class Stream:
         self._out, self._out_size = [], 0
         self._in.clear()
 
+    def interrupt(self) -> None:
+        """From another thread: make a send or a wait of the owning thread fail at once (the agent stops)."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def reset(self) -> None:
         """Hand back every frame not acknowledged (``on_lost``) and empty the window."""
         lost, self.window = self.window, deque()

@@ -173,6 +173,14 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
     assert len(records.read_log(log)) > 100 * CYCLES
     points = server.json("points", "--machine", machine.host_id)
     assert len(points) == CYCLES
+    assert machine.agent is not None
+    started = time.monotonic()
+    machine.agent.terminate()  # a clean stop is quick and leaves nothing of ours in the kernel's tracing
+    assert machine.agent.wait(timeout=30) == 0 and time.monotonic() - started < 15
+    from agent.paths import Paths
+    from agent.replication.tracing import TRACEFS, instance_name
+
+    assert not (TRACEFS / "instances" / instance_name(Paths(machine.root.resolve()).state_dir)).exists()
     print(f"freeze windows (ms): median {sorted(freezes)[len(freezes) // 2]}, max {max(freezes)}")
 
 
