@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -60,16 +61,28 @@ def remove(path: Path) -> bool:
 
 
 def append_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Append ``text`` to the file ``path``, creating it; a symbolic link planted at ``path`` is refused (ELOOP),
-    never followed: logs and lock files must not be a way to write to another file as root."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    """Append ``text`` to the file ``path``, creating it. A symbolic link planted at ``path`` is removed and a
+    file made in its place, never followed: a log must not be a way to write to another file as root."""
+    fd = _open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
     with os.fdopen(fd, "a") as f:
         f.write(text)
 
 
 def open_lock_file(path: Path) -> int:
-    """A descriptor of the lock file ``path`` (created if absent; a link there is refused, never followed)."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """A descriptor of the lock file ``path``, created if absent (a link at its name is replaced, not followed)."""
+    return _open_own(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _open_own(path: Path, flags: int, mode: int) -> int:
+    """Open a file the agent owns by name; a link at that name is not the agent's file: it is removed."""
+    for _ in range(3):
+        try:
+            return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            path.unlink()  # the link itself (unlink never follows); its target is left alone
+    raise OSError(errno.ELOOP, "a symbolic link keeps reappearing at this name", str(path))
 
 
 class NotSmallRegularFile(ValueError):

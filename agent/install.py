@@ -27,7 +27,7 @@ from agent.distros import Init, detect_os
 from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, MobilityError, PrerequisitesFailed
 from agent.freeze import FreezeSetup, install_provider
 from agent.fsutil import append_text, atomic_write, open_lock_file, remove
-from agent.install_dir import InstallDir, claim, release
+from agent.install_dir import InstallDir, check, claim, release
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
 from agent.services import install_units, remove_units, stop_daemon
@@ -92,6 +92,7 @@ def install(paths: Paths, bundle: Path, install_dir: InstallDir, role: str, plat
     if report.failed:
         failed = "; ".join(f"{r.id}: {r.message}" for r in report.results if r.status is Status.FAIL)
         raise PrerequisitesFailed(f"prerequisite checks failed: {failed}")
+    check(paths, install_dir)  # before anything is written: a refused directory leaves no trace
     with install_lock(paths):
         log(paths, f"install {manifest.version} ({manifest.os_tag}) into {install_dir}, role {role}, {platform}")
         try:
@@ -184,6 +185,7 @@ def uninstall(paths: Paths) -> Uninstalled:
         recorded = json.loads(paths.agent_config.read_text())["install_dir"]
     removed: list[str] = []
     kept: list[str] = []
+    had_state = os.path.lexists(paths(_STATE_DIR))  # the lock makes the directory: not news when it was absent
     with install_lock(paths):
         stop_daemon(paths)
         removed += remove_units(paths)
@@ -193,7 +195,7 @@ def uninstall(paths: Paths) -> Uninstalled:
         for system_path in _AGENT_DIRS:
             _remove_agent_dir(paths, system_path, removed, kept)
     # The state directory holds the lock file: it goes last, after the lock is released.
-    _remove_agent_dir(paths, _STATE_DIR, removed, kept)
+    _remove_agent_dir(paths, _STATE_DIR, removed if had_state else [], kept)
     return Uninstalled(removed, kept)
 
 

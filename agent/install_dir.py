@@ -55,33 +55,41 @@ _HIERARCHY: dict[str, tuple[str, ...]] = {
 SYSTEM_DIRS = frozenset(
     {"/", *(f"{parent.rstrip('/')}/{child}" for parent, children in _HIERARCHY.items() for child in children)}
 )
-# Nor anything under these: kernel and device filesystems, and places emptied at boot or writable by every user
-# (whoever can write there could replace the agent, which runs as root).
+# Nor anything under these: kernel and device filesystems, and the agent's own fixed directories.
 SYSTEM_TREES = {
     "/proc": "a kernel filesystem",
     "/sys": "a kernel filesystem",
     "/dev": "the device filesystem",
+    "/etc/mobility": "the agent's configuration directory",
+    "/var/lib/mobility": "the agent's state directory",
+    "/var/log/mobility": "the agent's log directory",
+}
+# Nor, as given, places emptied at boot or writable by every user (whoever can write there could replace the
+# agent, which runs as root). Where a -d leads through links of a root image is judged by the two tables above:
+# the image's own layout is its maker's choice, the system's directories are never the agent's.
+VOLATILE_TREES = {
     "/run": "emptied at every boot",
     "/var/run": "emptied at every boot",
     "/var/lock": "emptied at every boot",
     "/tmp": "emptied at boot and writable by every user",  # noqa: S108 - refused, not used
     "/var/tmp": "writable by every user",  # noqa: S108 - refused, not used
-    "/etc/mobility": "the agent's configuration directory",
-    "/var/lib/mobility": "the agent's state directory",
-    "/var/log/mobility": "the agent's log directory",
 }
 # Letters, digits and . _ - + only: the path is written into unit files and init scripts, where a space, a
 # newline or a % would change their meaning.
 _PLAIN = re.compile(r"[A-Za-z0-9._+/-]+")
 
 
-def refusal(system_path: str) -> str | None:
-    """Why ``system_path`` (absolute, normalised) cannot be an install directory, or None. Pure."""
+def refusal(system_path: str, *, as_given: bool = True) -> str | None:
+    """Why ``system_path`` (absolute, normalised) cannot be an install directory, or None. Pure.
+
+    ``as_given``: the path as the user named it; else where it leads through the links of a root image.
+    """
     if system_path == "/":
         return "is the root directory"
     if system_path in SYSTEM_DIRS:
         return "is a system directory"
-    for tree, what in SYSTEM_TREES.items():
+    trees = {**SYSTEM_TREES, **VOLATILE_TREES} if as_given else SYSTEM_TREES
+    for tree, what in trees.items():
         if system_path == tree or system_path.startswith(tree + "/"):
             return f"is {tree}, {what}" if system_path == tree else f"is under {tree}, {what}"
     return None
@@ -125,38 +133,46 @@ def is_ours(host: Path) -> bool:
     return isinstance(doc, dict) and doc.get("product") == PRODUCT
 
 
-def claim(paths: Paths, install_dir: InstallDir) -> Path:
-    """The install directory on the host (resolved inside the root), made or adopted as the agent's.
+def check(paths: Paths, install_dir: InstallDir) -> Path:
+    """The install directory on the host (resolved inside the root) if install may use it; writes nothing.
 
-    Made when absent; adopted when empty, or when it holds an install of an earlier agent (``versions/`` and
-    a ``current`` link into it, complete); refused when it holds anything else, is not root's alone, or leads
-    (through links in the root) to a directory that ``-d`` could not name.
+    Usable: absent (install makes it); marked as the agent's; empty; or holding an install of an earlier agent
+    (``versions/`` and a ``current`` link into it, complete). Refused: anything else, a directory others than
+    its owner can write or that is not the installing user's, and a ``-d`` that leads (through links inside the
+    root) to a directory ``-d`` could not name.
     """
     host = paths.install_dir(install_dir)
     where = paths.system_path(host)
-    reason = refusal(where)
+    reason = refusal(where, as_given=where == install_dir)
     if reason is not None:
         raise InstallDirInvalid(f"-d {install_dir} leads (through links inside the root) to {where}, which {reason}")
     try:
         st = host.lstat()
     except FileNotFoundError:
-        host.mkdir(parents=True, mode=0o755)
-        _mark(host, install_dir)
         return host
     if not stat.S_ISDIR(st.st_mode):
         raise InstallDirNotOurs(f"{install_dir} exists and is not a directory")
     _require_private(install_dir, st)
     if is_ours(host):
         return host
-    _remove_partial_markers(host)
-    entries = sorted(os.listdir(host))
+    entries = sorted(name for name in os.listdir(host) if not _partial_marker(name))
     if entries and not _earlier_install(host):
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise InstallDirNotOurs(
             f"{install_dir} holds {shown} and no {MARKER}: Mobility did not create it, "
             "and an uninstall must never remove what others put there"
         )
-    _mark(host, install_dir)
+    return host
+
+
+def claim(paths: Paths, install_dir: InstallDir) -> Path:
+    """``check``, then make the directory or adopt it: it carries the marker from then on."""
+    host = check(paths, install_dir)
+    if not host.exists():
+        host.mkdir(parents=True, mode=0o755)
+    if not is_ours(host):
+        _remove_partial_markers(host)
+        _mark(host, install_dir)
     return host
 
 
@@ -173,7 +189,7 @@ def release(paths: Paths, recorded: object) -> tuple[list[str], list[str]]:
         return [], [f"left the recorded install directory alone: {e.message}"]
     host = paths.install_dir(install_dir)
     where = paths.system_path(host)
-    reason = refusal(where)
+    reason = refusal(where, as_given=where == install_dir)
     if reason is not None:
         return [], [f"left {install_dir} alone: it leads to {where}, which {reason}"]
     try:
@@ -223,6 +239,10 @@ def _earlier_install(host: Path) -> bool:
 def _remove_partial_markers(host: Path) -> None:
     """The temporary files of a marker write that was killed (atomic_write's names)."""
     for name in os.listdir(host):
-        if name.startswith(f".{MARKER}.") and name.endswith(".tmp"):
+        if _partial_marker(name):
             with contextlib.suppress(OSError):
                 remove(host / name)
+
+
+def _partial_marker(name: str) -> bool:
+    return name.startswith(f".{MARKER}.") and name.endswith(".tmp")
