@@ -17,8 +17,8 @@ import pytest
 import agent.install
 from agent.errors import BundleRefused
 from agent.install import install as install_in_process
-from agent.install_dir import InstallDir
 from agent.paths import Paths
+from agent.prereq import DEFAULT_INSTALL_DIR
 from tests.security.sandbox import FILES, error_id, install, make_root, relist, snapshot, unpacked_bundle
 
 CURRENT = "usr/local/mobility/current"
@@ -155,7 +155,7 @@ def test_a_file_swapped_after_the_first_look_cannot_get_in(
     monkeypatch.setattr(agent.install, "detect_os", detect_then_swap)
     before = snapshot(root / "usr/local/mobility")
     with pytest.raises(BundleRefused):
-        install_in_process(Paths(root), bundle, InstallDir("/usr/local/mobility"), "MS", "VmWare")
+        install_in_process(Paths(root), bundle, DEFAULT_INSTALL_DIR, "MS", "VmWare")
     assert_unchanged(root, before)
     assert not any(evil in p.read_bytes() for p in (root / "usr/local/mobility").rglob("*") if p.is_file())
 
