@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import NewType
 
-from agent.errors import InstallDirInvalid, InstallDirNotOurs
+from agent.errors import InstallDirInvalid, InstallDirNotOurs, MobilityError
 from agent.fsutil import atomic_write, remove
 from agent.paths import Paths
 
@@ -187,7 +187,10 @@ def release(paths: Paths, recorded: object) -> tuple[list[str], list[str]]:
         install_dir = parse_install_dir(recorded, "the recorded install directory")
     except InstallDirInvalid as e:
         return [], [f"left the recorded install directory alone: {e.message}"]
-    host = paths.install_dir(install_dir)
+    try:
+        host = paths.install_dir(install_dir)
+    except MobilityError as e:  # links that loop inside the root
+        return [], [f"left {install_dir} alone: {e.message}"]
     where = paths.system_path(host)
     reason = refusal(where, as_given=where == install_dir)
     if reason is not None:

@@ -8,6 +8,7 @@ uninstall removed them. `-d /../x` installed beside the root."""
 from __future__ import annotations
 
 import json
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,27 +193,44 @@ def test_bootstrap_in_a_root_of_absolute_links_stays_inside_it(server: ServerPro
 @pytest.mark.integration
 def test_push_style_bootstrap_installs_only_what_bundle_json_lists(server: ServerProcess, tmp_path: Path) -> None:
     """`./bootstrap` of a copied bundle (push install) takes the same verified copy as `install --bundle`."""
+
+    def push_style(root: Path, bundle: Path) -> subprocess.CompletedProcess[str]:
+        (root / "etc/mobility").mkdir()
+        secret_file(root / "etc/mobility/passphrase", server.passphrase())
+        return mobility(
+            "bootstrap",
+            "--root",
+            str(root),
+            "-i",
+            server.address,
+            "--cs-fingerprint",
+            server.fingerprint,
+            "-P",
+            "/etc/mobility/passphrase",
+            "--bundle",
+            str(bundle),
+            "--json",
+            timeout=120,
+        )
+
     root = make_root(tmp_path / "root")
-    (root / "etc/mobility").mkdir()
-    secret_file(root / "etc/mobility/passphrase", server.passphrase())
     bundle = unpacked_bundle(tmp_path / "bundle", files={**FILES, "planted": b"#!/bin/sh\nevil\n"}, listed=FILES)
-    r = mobility(
-        "bootstrap",
-        "--root",
-        str(root),
-        "-i",
-        server.address,
-        "--cs-fingerprint",
-        server.fingerprint,
-        "-P",
-        "/etc/mobility/passphrase",
-        "--bundle",
-        str(bundle),
-        "--json",
-        timeout=120,
-    )
+    r = push_style(root, bundle)
     assert r.returncode == 0, r.stderr
     installed = root / "usr/local/mobility/versions/0.1.0"
     assert sorted(str(p.relative_to(installed)) for p in installed.rglob("*") if p.is_file()) == sorted(
         [*FILES, "bundle.json", ".complete"]
     )
+
+    # A listed file that is a link out of the copied bundle: refused, nothing installed, the job says why.
+    outside = tmp_path / "outside"
+    outside.write_bytes(FILES["mobility/mobility"])
+    linked = unpacked_bundle(tmp_path / "linked")
+    (linked / "mobility/mobility").unlink()
+    (linked / "mobility/mobility").symlink_to(outside)
+    other = make_root(tmp_path / "other", machine_id="6f" * 16)
+    r = push_style(other, linked)
+    assert (r.returncode, error_id(r)) == (1, "BUNDLE-REFUSED"), r.stderr
+    assert not (other / "usr/local/mobility/current").exists()
+    failed = [j for j in server.jobs() if j["state"] == "failed"]
+    assert [j["error_id"] for j in failed] == ["BUNDLE-REFUSED"]
