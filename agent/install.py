@@ -92,13 +92,24 @@ def install(paths: Paths, bundle: Path, install_dir: InstallDir, role: str, plat
     if report.failed:
         failed = "; ".join(f"{r.id}: {r.message}" for r in report.results if r.status is Status.FAIL)
         raise PrerequisitesFailed(f"prerequisite checks failed: {failed}")
-    check(paths, install_dir)  # before anything is written: a refused directory leaves no trace
+    try:
+        # Before anything is written there: a refused directory is left exactly as it was.
+        fresh = not os.path.lexists(check(paths, install_dir))
+    except MobilityError as e:
+        log(paths, f"install failed: {e.id}: {e.message}")
+        raise
     with install_lock(paths):
         log(paths, f"install {manifest.version} ({manifest.os_tag}) into {install_dir}, role {role}, {platform}")
         try:
             target = claim(paths, install_dir)
             previous = _current_version(target)
-            _place_version(bundle, manifest_bytes, manifest, target)
+            try:
+                _place_version(bundle, manifest_bytes, manifest, target)
+            except (MobilityError, OSError):
+                if fresh:  # made by this run and never used: a refused bundle leaves no install directory
+                    with contextlib.suppress(OSError):
+                        release(paths, install_dir)
+                raise
             _switch_current(target, manifest.version)
             _prune(target / "versions", keep={manifest.version, previous})
             units = install_units(paths, target / "versions" / manifest.version, manifest.init, install_dir)

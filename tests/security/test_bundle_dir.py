@@ -125,6 +125,15 @@ def test_a_listed_name_that_is_not_a_regular_file_is_refused_without_reading_it(
     assert_unchanged(root, before)
 
 
+def test_a_refused_first_install_leaves_no_install_directory(tmp_path: Path) -> None:
+    root = make_root(tmp_path / "root")
+    bundle = unpacked_bundle(tmp_path / "b")
+    (bundle / "units/mobility.service").write_text("tampered\n")
+    r = install(root, bundle, "-d", "/srv/mobility")
+    assert (r.returncode, error_id(r)) == (1, "BUNDLE-REFUSED"), r.stderr
+    assert not (root / "srv/mobility").exists()
+
+
 def test_a_missing_or_tampered_listed_file_is_refused(root: Path, tmp_path: Path) -> None:
     bundle = unpacked_bundle(tmp_path / "b", version="0.2.0")
     (bundle / "units/mobility.service").write_text("[Service]\nExecStart=/bin/sh -c evil\n")

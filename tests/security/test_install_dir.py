@@ -87,12 +87,20 @@ def test_unusable_install_dirs_are_refused(root: Path, bundle: Path, tmp_path: P
     assert snapshot(tmp_path) == before  # nothing written, inside the root or beside it
 
 
+def only_the_log_was_written(root: Path, before: dict[str, str]) -> None:
+    """The refusal is recorded in install.log; nothing else in the root changed."""
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert set(after) - set(before) <= {"var", "var/log", "var/log/mobility", "var/log/mobility/install.log"}
+    assert "install failed: INSTALL-DIR-" in (root / "var/log/mobility/install.log").read_text()
+
+
 def test_a_directory_that_is_not_empty_and_not_ours_is_refused(root: Path, bundle: Path) -> None:
     before = snapshot(root)
     r = install(root, bundle, "-d", "/srv/app")
     assert (r.returncode, error_id(r)) == (1, "INSTALL-DIR-NOT-OURS"), r.stderr
     assert "config.yml" in r.stderr
-    assert snapshot(root) == before
+    only_the_log_was_written(root, before)
 
 
 def test_a_directory_others_can_write_is_refused(root: Path, bundle: Path) -> None:
@@ -116,7 +124,7 @@ def test_a_dir_that_leads_to_a_system_directory_through_a_link_in_the_root_is_re
     before = snapshot(root)
     r = install(root, bundle, "-d", "/srv/mobility")
     assert (r.returncode, error_id(r)) == (2, "INSTALL-DIR-INVALID"), r.stderr
-    assert snapshot(root) == before
+    only_the_log_was_written(root, before)
 
 
 def test_install_marks_its_directory_and_uninstall_removes_only_its_own_names(root: Path, bundle: Path) -> None:
