@@ -9,7 +9,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import sys
 import tarfile
@@ -25,15 +24,18 @@ from agent.bundles import inspect_bundle, version_key
 from agent.distros import detect_os
 from agent.errors import (
     BootstrapConfigInvalid,
+    BundleRefused,
+    InstallDirInvalid,
     InstallFailed,
     IoFailed,
     MobilityError,
     ServerUnreachable,
     TufFetchFailed,
 )
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, remove
 from agent.identity import collect_facts, load_registration
 from agent.install import install, install_lock, log
+from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
 from agent.paths import Paths
 from agent.services import start_daemon
 
@@ -46,7 +48,7 @@ class BootstrapSettings:
     server: str
     passphrase_file: str
     fingerprint: str | None = None
-    install_dir: str = "/usr/local/mobility"
+    install_dir: InstallDir = DEFAULT_INSTALL_DIR
     role: str = "MS"
     platform: str = "VmWare"
     retry_for: float = 120.0  # total time to keep trying an unreachable server before exit 75
@@ -75,6 +77,8 @@ def merged_settings(paths: Paths, flags: dict[str, Any]) -> BootstrapSettings:
     conf: dict[str, Any] = {}
     if paths.bootstrap_conf.exists():
         conf = dict(parse_bootstrap_conf(paths.bootstrap_conf.read_text(), str(paths.bootstrap_conf)))
+        if "install_dir" in conf:  # input like -d (which the command line parsed already)
+            conf["install_dir"] = parse_install_dir(conf["install_dir"], f"install_dir in {paths.bootstrap_conf}")
     conf.update({k: v for k, v in flags.items() if v is not None})
     missing = [k for k in ("server", "passphrase_file") if not conf.get(k)]
     if missing:
@@ -123,7 +127,10 @@ def is_current(paths: Paths) -> bool:
         return False
     if last_job.get("state") not in ("succeeded", "succeeded with warnings"):
         return False
-    current = paths.install_dir(installed.get("install_dir")) / "current"
+    try:
+        current = paths.install_dir(parse_install_dir(str(installed.get("install_dir")), "agent.json")) / "current"
+    except InstallDirInvalid:
+        return False
     reg = load_registration(paths)
     return (
         version_key(str(installed.get("version", "0"))) >= version_key(__version__)
@@ -171,7 +178,7 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
     secret = read_secret_file(
         Path(settings.passphrase_file)
         if not Path(settings.passphrase_file).is_absolute() or paths.root == paths.root.parent
-        else paths(settings.passphrase_file)
+        else paths.resolve(settings.passphrase_file)  # a file of the root image, read as its chroot would
     )
     job: dict[str, Any] = {
         "job_id": settings.job_id or str(uuid.uuid4()),
@@ -229,14 +236,14 @@ def _run(
             atomic_write(root_json, body)
         if s.bundle is None:
             progress.step(f"fetch and verify the {os_tag} bundle")
-            downloads = paths.state_dir / "downloads"
+            downloads = paths.downloads_dir
             bundle = with_backoff(
                 "downloading the bundle",
                 lambda: fetch_bundle(
                     f"https://{server}",
                     client.context,
                     root_json.read_bytes(),
-                    paths.tuf_dir / "metadata",
+                    paths.tuf_metadata_dir,
                     os_tag,
                     downloads,
                 ),
@@ -255,7 +262,8 @@ def _run(
     progress.step("check prerequisites and install")
     installed = install(paths, staging, s.install_dir, s.role, s.platform)
     if s.bundle is None:  # the staging copy is ours; a copied bundle is its caller's to remove
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove(staging)
     progress.step("register")
     enrolled = configure(paths, s.server, secret, pinned, s.role, s.platform, os_tag)
     progress.step("start the daemon")
@@ -282,14 +290,20 @@ def _run(
 
 def _unpack(paths: Paths, bundle: Path) -> Path:
     name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
-    staging = paths.state_dir / "staging" / name.version
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = paths(f"/var/lib/mobility/staging/{name.version}")
     try:
+        remove(staging)
+        staging.mkdir(parents=True)
         with tarfile.open(bundle) as tar:
-            tar.extractall(staging, filter="tar")
+            # "data": no owners, devices, set-id bits or links out of the directory, whatever the archive says
+            tar.extractall(staging, filter="data")
+    except tarfile.FilterError as e:
+        with contextlib.suppress(OSError):
+            remove(staging)
+        raise BundleRefused(f"{bundle.name}: {e}") from e
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves nothing half-unpacked behind
+        with contextlib.suppress(OSError):
+            remove(staging)  # a full disk leaves nothing half-unpacked behind
         raise InstallFailed(f"unpacking {bundle.name} failed: {e.strerror or e}") from e
     return staging
 
@@ -325,7 +339,7 @@ def _hostname(paths: Paths) -> str:
 
     if paths.root != paths.root.parent:
         with contextlib.suppress(OSError):
-            return paths("/etc/hostname").read_text().strip() or socket.gethostname()
+            return paths.resolve("/etc/hostname").read_text().strip() or socket.gethostname()
     return socket.gethostname()
 
 

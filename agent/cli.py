@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import logging
 import logging.handlers
@@ -26,6 +27,7 @@ from agent.errors import (
     PrerequisitesFailed,
     RootRequired,
 )
+from agent.install_dir import parse_install_dir
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
 from agent.wire import PLATFORMS, ROLES
@@ -134,8 +136,10 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     if not args.yes:
         raise ConfirmationRequired("uninstall removes the agent, its registration, state and logs")
-    removed = uninstall(Paths.checked(args.root))
-    _emit(args, {"removed": removed}, "removed " + (", ".join(removed) if removed else "nothing (not installed)"))
+    done = uninstall(Paths.checked(args.root))
+    text = "removed " + (", ".join(done.removed) if done.removed else "nothing (not installed)")
+    text += "".join(f"\n{note}" for note in done.kept)
+    _emit(args, {"removed": done.removed, "kept": done.kept}, text)
     return Exit.OK
 
 
@@ -168,11 +172,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return daemon.run_forever()
 
 
+class _AgentLog(logging.handlers.RotatingFileHandler):
+    """agent.log, opened without following a link planted at its name (rotation renames names, never targets)."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)  # the handler closes it
+
+
 def _daemon_logging(paths: Paths) -> None:
     """stdout for the journal, and /var/log/mobility/agent.log with rotation."""
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file = logging.handlers.RotatingFileHandler(paths.agent_log, maxBytes=1 << 20, backupCount=3)
+    to_file = _AgentLog(paths.agent_log, maxBytes=1 << 20, backupCount=3)
     to_stdout = logging.StreamHandler(sys.stdout)
     for handler in (to_file, to_stdout):
         handler.setFormatter(fmt)
@@ -287,7 +299,13 @@ def add_bootstrap_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", dest="server", metavar="HOST[:PORT]", help="configuration server (or `server` in the conf)")
     p.add_argument("-P", dest="passphrase_file", metavar="FILE", help="passphrase or token file, mode 0600")
     p.add_argument("--cs-fingerprint", metavar="sha256:HEX", help="the server CA's fingerprint to pin")
-    p.add_argument("-d", dest="install_dir", metavar="DIR", help=f"install directory (default {DEFAULT_INSTALL_DIR})")
+    p.add_argument(
+        "-d",
+        dest="install_dir",
+        type=parse_install_dir,
+        metavar="DIR",
+        help=f"install directory (default {DEFAULT_INSTALL_DIR})",
+    )
     p.add_argument("-r", dest="role", choices=ROLES, help="MS (default) or MT")
     p.add_argument("-v", dest="platform", choices=PLATFORMS, help="VmWare (default) or Azure")
     p.add_argument(
@@ -326,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         "--install-dir",
         default=DEFAULT_INSTALL_DIR,
+        type=parse_install_dir,
         metavar="DIR",
         help=f"where the agent will be installed (default {DEFAULT_INSTALL_DIR})",
     )
@@ -358,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         dest="install_dir",
         default=DEFAULT_INSTALL_DIR,
+        type=parse_install_dir,
         metavar="DIR",
-        help=f"install directory (default {DEFAULT_INSTALL_DIR})",
+        help=f"install directory (default {DEFAULT_INSTALL_DIR}; a directory of its own: not a system one)",
     )
     p.add_argument(
         "-r", dest="role", choices=ROLES, help="MS (mobility service) or MT (master target); asked if absent"

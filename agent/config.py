@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from agent.errors import ConfigInvalid
+from agent.fsutil import NotSmallRegularFile, read_small_file
 from agent.paths import Paths
 
 
@@ -64,12 +65,21 @@ def parse_config(text: str, source: str) -> AgentConfig:
     return replace(AgentConfig(), **values)
 
 
+MAX_CONFIG_BYTES = 64 * 1024  # a few settings: a few hundred bytes
+
+
 def load_config(paths: Paths) -> AgentConfig:
-    path = paths.config_dir / "mobility.conf"
+    path = paths.resolve("/etc/mobility/mobility.conf")
     try:
-        text = path.read_text()
+        _, data = read_small_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         return AgentConfig()
     except OSError as e:
         raise ConfigInvalid(f"{path}: {e.strerror}") from e
+    except NotSmallRegularFile as e:
+        raise ConfigInvalid(str(e)) from e
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigInvalid(f"{path}: not UTF-8 text") from e
     return parse_config(text, str(path))

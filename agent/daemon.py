@@ -366,7 +366,7 @@ class ServerLink:
             f"https://{reg.server}",
             client.context,
             (self.paths.tuf_dir / "root.json").read_bytes(),
-            self.paths.tuf_dir / "metadata",
+            self.paths.tuf_metadata_dir,
             os_tag,
         )
         if name is None:

@@ -329,6 +329,35 @@ class FreezeNotReady(LocalSystemError):
     remediation = "Run `mobility freeze-provider install` (on a filesystem with FIFREEZE: ext4, XFS, btrfs)."
 
 
+# Security hardening, agent side (issue 11): install directory ownership, paths under --root, output files ----
+
+
+class InstallDirInvalid(UsageError):
+    code = "INSTALL-DIR-INVALID"
+    remediation = (
+        "Give -d (or install_dir in bootstrap.conf) an absolute path of a directory for the agent alone, "
+        "such as /usr/local/mobility or /opt/mobility: not /, a system directory, or a path with '..'."
+    )
+
+
+class InstallDirNotOurs(LocalSystemError):
+    code = "INSTALL-DIR-NOT-OURS"
+    remediation = (
+        "The install directory holds files Mobility did not put there, or others than root could change it: "
+        "choose a new or empty directory for -d (e.g. /opt/mobility), or make it root's alone (chmod 755, chown root)."
+    )
+
+
+class RootSymlinkLoop(LocalSystemError):
+    code = "ROOT-SYMLINK-LOOP"
+    remediation = "Fix the symbolic links named in the message (inside --root, or on this machine): they loop."
+
+
+class DiagnosticsWriteFailed(LocalSystemError):
+    code = "DIAGNOSTICS-WRITE-FAILED"
+    remediation = "Give -o a file in an existing, writable directory with free space (e.g. -o /root/diag.tar.gz)."
+
+
 def all_errors() -> dict[str, type[MobilityError]]:
     """Every concrete error class by its code (the catalogue test compares this with docs/errors.md)."""
     found: dict[str, type[MobilityError]] = {}

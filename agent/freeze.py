@@ -50,15 +50,15 @@ def check_freezable(paths: Paths) -> FreezeSetup:
 
 def install_provider(paths: Paths) -> FreezeSetup:
     """Create the hooks directory and check the filesystems; a failure is a warning, never an install failure."""
+    hooks = paths("/etc/mobility/freeze.d")  # the name: an operator's link to a shared hooks directory stays theirs
     try:
-        paths.freeze_dir.mkdir(parents=True, exist_ok=True)
-        paths.freeze_dir.chmod(0o700)
+        hooks.mkdir(parents=True, exist_ok=True)
+        if not hooks.is_symlink():
+            hooks.chmod(0o700)
     except OSError as e:
-        return FreezeSetup(False, f"cannot create {paths.freeze_dir}: {e.strerror}")
+        return FreezeSetup(False, f"cannot create {hooks}: {e.strerror}")
     setup = check_freezable(paths)
-    if not setup.ready:
+    if not setup.ready and not hooks.is_symlink() and not any(hooks.iterdir()):
         # Not ready: remove the marker directory so that health says so (only crash-consistent points).
-        with_contents = any(paths.freeze_dir.iterdir())
-        if not with_contents:
-            paths.freeze_dir.rmdir()
+        hooks.rmdir()
     return setup

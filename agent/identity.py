@@ -20,8 +20,8 @@ _NO_MAC = "00:00:00:00:00:00"
 
 def collect_facts(paths: Paths) -> MachineFacts:
     """machine-id of the root; DMI product UUID and MAC addresses from the root's /sys when it has one."""
-    machine_id = _read(paths("/etc/machine-id"))
-    sys_dir = paths("/sys") if paths.root != paths.root.parent else Path("/sys")
+    machine_id = _read(paths.resolve("/etc/machine-id"))  # read as a chroot would: links stay inside
+    sys_dir = paths.resolve("/sys") if paths.root != paths.root.parent else Path("/sys")
     product_uuid = _read(sys_dir / "class" / "dmi" / "id" / "product_uuid").lower()
     macs: list[str] = []
     net = sys_dir / "class" / "net"

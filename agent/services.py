@@ -3,8 +3,10 @@ running machine. systemd on the systems that have it, a SysV script (with rc lin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
 from pathlib import Path
 
 from agent.distros import Init
@@ -30,16 +32,20 @@ def live_systemd(paths: Paths) -> bool:
 
 
 def install_units(paths: Paths, bundle: Path, init: Init, install_dir: str) -> list[str]:
-    """Write the bundle's units (or SysV script) into the root with the install dir filled in, and enable them."""
+    """Write the bundle's units (or SysV script) into the root with the install dir filled in, and enable them.
+
+    Every name is resolved inside the root (its directory followed as a chroot would, the name itself not), so
+    a link in the root image such as etc/systemd/system -> /etc/systemd/system never reaches the host's files.
+    """
     written = []
     if init is Init.SYSTEMD:
-        unit_dir = paths("/etc/systemd/system")
         for name in UNITS:
             text = (bundle / "units" / name).read_text().replace(DEFAULT_PREFIX, install_dir)
-            atomic_write(unit_dir / name, text.encode())
-            written.append(f"/etc/systemd/system/{name}")
+            unit = f"/etc/systemd/system/{name}"
+            atomic_write(paths(unit), text.encode())
+            written.append(unit)
             if name != "mobility-bootstrap.service":  # the template enables that one; the agent its daemon
-                _link(unit_dir / _WANTED_BY[name] / name, f"/etc/systemd/system/{name}")
+                _link(paths(f"/etc/systemd/system/{_WANTED_BY[name]}/{name}"), unit)
     else:
         script = (bundle / "init.d" / "mobility").read_text().replace(DEFAULT_PREFIX, install_dir)
         atomic_write(paths("/etc/init.d/mobility"), script.encode(), 0o755)
@@ -51,22 +57,25 @@ def install_units(paths: Paths, bundle: Path, init: Init, install_dir: str) -> l
     return written
 
 
-def remove_units(paths: Paths) -> list[str]:
-    removed = []
-    unit_dir = paths("/etc/systemd/system")
+def unit_names() -> list[str]:
+    """Every name (system path) the agent may have written for its units or init script."""
+    names = []
     for name in UNITS:
-        for p in (unit_dir / _WANTED_BY[name] / name, unit_dir / name):
-            if p.is_symlink() or p.exists():
+        names += [f"/etc/systemd/system/{_WANTED_BY[name]}/{name}", f"/etc/systemd/system/{name}"]
+    names.append("/etc/init.d/mobility")
+    names += [f"/etc/{rc}/S90mobility" for rc in _SYSV_START] + [f"/etc/{rc}/K10mobility" for rc in _SYSV_STOP]
+    return names
+
+
+def remove_units(paths: Paths) -> list[str]:
+    """Unlink the agent's units, their enablement links and its init script (names, never link targets)."""
+    removed = []
+    for system_path in unit_names():
+        p = paths(system_path)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISDIR(p.lstat().st_mode):  # a directory by that name is not one the agent wrote
                 p.unlink()
-                removed.append("/" + str(p.relative_to(paths.root)))
-    for p in (
-        [paths("/etc/init.d/mobility")]
-        + [paths(f"/etc/{rc}/S90mobility") for rc in _SYSV_START]
-        + [paths(f"/etc/{rc}/K10mobility") for rc in _SYSV_STOP]
-    ):
-        if p.is_symlink() or p.exists():
-            p.unlink()
-            removed.append("/" + str(p.relative_to(paths.root)))
+                removed.append(system_path)
     return removed
 
 

@@ -7,6 +7,7 @@ import os
 from agent.checks import Check
 from agent.distros import OsFacts, gather_facts
 from agent.errors import MobilityError
+from agent.install_dir import DEFAULT_INSTALL_DIR
 from agent.paths import Paths
 from agent.prereq.checks import (
     Architecture,
@@ -18,8 +19,6 @@ from agent.prereq.checks import (
     RootUser,
     SupportedOs,
 )
-
-DEFAULT_INSTALL_DIR = "/usr/local/mobility"
 
 
 def running_glibc() -> str:

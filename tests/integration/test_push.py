@@ -194,7 +194,7 @@ def test_each_failure_has_its_id(world: World) -> None:
     assert "Fedora" in results["fedora"]["error"]["message"]
     assert "MiB free for /" in results["full"]["error"]["message"]
     broken = results["broken"]
-    assert "INSTALL-FAILED" in broken["error"]["message"] and broken["log_tail"]
+    assert "INSTALL-DIR-NOT-OURS" in broken["error"]["message"] and broken["log_tail"]
     assert any("install failed" in line for line in broken["log_tail"])
     # Every failure is a job with its ID and remediation; nothing was left behind on the hosts.
     jobs = world.jobs()
