@@ -32,7 +32,7 @@ from agent.errors import (
     ServerUnreachable,
     TufFetchFailed,
 )
-from agent.fsutil import atomic_write, remove
+from agent.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
 from agent.identity import collect_facts, load_registration
 from agent.install import install, install_lock, log
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
@@ -72,11 +72,23 @@ def parse_bootstrap_conf(text: str, source: str) -> dict[str, str]:
     return found
 
 
+MAX_BOOTSTRAP_CONF = 64 * 1024  # a few lines
+
+
+def read_bootstrap_conf(paths: Paths) -> str:
+    """The text of bootstrap.conf: a small regular text file (a FIFO, a device or a huge file is refused)."""
+    try:
+        _, data = read_small_file(paths.bootstrap_conf, MAX_BOOTSTRAP_CONF)
+        return data.decode()
+    except (OSError, NotSmallRegularFile, UnicodeDecodeError) as e:
+        raise BootstrapConfigInvalid(f"{paths.bootstrap_conf}: {getattr(e, 'strerror', None) or e}") from e
+
+
 def merged_settings(paths: Paths, flags: dict[str, Any]) -> BootstrapSettings:
     """bootstrap.conf, then the flags given on the command line (flags win)."""
     conf: dict[str, Any] = {}
     if paths.bootstrap_conf.exists():
-        conf = dict(parse_bootstrap_conf(paths.bootstrap_conf.read_text(), str(paths.bootstrap_conf)))
+        conf = dict(parse_bootstrap_conf(read_bootstrap_conf(paths), str(paths.bootstrap_conf)))
         if "install_dir" in conf:  # input like -d (which the command line parsed already)
             conf["install_dir"] = parse_install_dir(conf["install_dir"], f"install_dir in {paths.bootstrap_conf}")
     conf.update({k: v for k, v in flags.items() if v is not None})

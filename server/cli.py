@@ -19,7 +19,7 @@ from typing import Any
 from agent import wire
 from agent.cli import Parser, run
 from agent.errors import BadArguments, Exit
-from agent.fsutil import atomic_write
+from agent.fsutil import NotSmallRegularFile, atomic_write, read_small_file
 from agent.textsafe import printable, shown
 from server import __version__, pki
 from server.datadir import DEFAULT_DATA_DIR, DataDir
@@ -33,6 +33,7 @@ from server.errors import (
 from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
+MAX_HOSTS_FILE = 1 << 20  # one HOST[:PORT] per line: tens of thousands of hosts
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -255,8 +256,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     targets = [parse_target(h) for h in args.host or []]
     if args.hosts_file:
         try:
-            text = Path(args.hosts_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_small_file(Path(args.hosts_file), MAX_HOSTS_FILE)[1].decode()
+        except (OSError, NotSmallRegularFile, UnicodeDecodeError) as e:
             raise PushTargetInvalid(f"--hosts-file {args.hosts_file}: {getattr(e, 'strerror', None) or e}") from e
         targets += parse_hosts_file(text, args.hosts_file)
     if not targets:

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -77,6 +78,7 @@ ROOT_LIFETIME = datetime.timedelta(days=365)
 TARGETS_LIFETIME = datetime.timedelta(days=30)
 SNAPSHOT_LIFETIME = datetime.timedelta(days=30)
 TIMESTAMP_LIFETIME = datetime.timedelta(days=1)
+MAX_BUNDLE_BYTES = 1 << 30  # a bundle is tens of MiB compressed
 KEEP_VERSIONS = 20  # versioned snapshot/targets kept for agents in the middle of a refresh
 LOCK_TIMEOUT = 60.0
 _CHUNK = 1 << 20
@@ -579,10 +581,16 @@ def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
     h = hashlib.sha256()
     size = 0
     try:
-        src = source.open("rb")
+        # Without blocking (a FIFO has no writer to wait for), and only a regular file: /dev/zero would fill the disk.
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise BundleRefused(f"{shown(source.name)}: cannot read {shown(str(source))} ({e.strerror})") from e
-    with src:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BUNDLE_BYTES:
+        os.close(fd)
+        what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else f"is larger than {MAX_BUNDLE_BYTES} bytes"
+        raise BundleRefused(f"{shown(source.name)}: {shown(str(source))} {what}")
+    with os.fdopen(fd, "rb") as src:
         fd, tmp = tempfile.mkstemp(dir=repo_dir, prefix=_TMP_PREFIX, suffix=".tmp")
         try:
             os.fchmod(fd, 0o644)
@@ -598,6 +606,8 @@ def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
                         break
                     h.update(chunk)
                     size += len(chunk)
+                    if size > MAX_BUNDLE_BYTES:  # it grew while being copied
+                        raise BundleRefused(f"{shown(source.name)}: larger than {MAX_BUNDLE_BYTES} bytes")
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
@@ -619,7 +629,8 @@ def _io_errors() -> Iterator[None]:
         yield
     except OSError as e:
         code = errno.errorcode.get(e.errno or 0, "")
-        where = f" ({shown(os.fsdecode(e.filename))})" if e.filename is not None else ""
+        name = e.filename
+        where = f" ({shown(os.fsdecode(name))})" if isinstance(name, (str, bytes, os.PathLike)) else ""
         reason = f"{e.strerror} [{code}]" if e.strerror and code else shown(str(e))
         raise RepoWriteFailed(f"cannot change the repository: {reason}{where}") from e
 

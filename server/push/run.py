@@ -14,7 +14,7 @@ from cryptography import x509
 from agent import wire
 from agent.bundles import version_key
 from agent.errors import MobilityError
-from agent.fsutil import sha256_file
+from agent.fsutil import NotSmallRegularFile, read_small_file, sha256_file
 from agent.registration import read_secret_file
 from agent.transport import ServerAddress, ca_fingerprint
 from server.datadir import DataDir
@@ -26,6 +26,7 @@ from server.push.remote import STALE_AFTER, Bundle, Credentials, HostResult, Pus
 from server.repository import Repository
 from server.storage import Storage
 
+MAX_KEY_FILE = 64 * 1024  # an SSH private key is a few KiB
 TOKEN_TTL = 3600.0  # a pushed host enrols within minutes; unused tokens are removed when its push ends
 
 
@@ -33,8 +34,10 @@ def load_credentials(user: str, key_file: str | None, password_file: str | None)
     """The key or the password, from files only (never the command line)."""
     if key_file is not None:
         try:
-            return Credentials(user, key=asyncssh.read_private_key(key_file))
-        except (OSError, asyncssh.KeyImportError) as e:
+            # Read bounded and without blocking (asyncssh would read a FIFO or /dev/zero for ever), then parsed.
+            _, data = read_small_file(Path(key_file), MAX_KEY_FILE)
+            return Credentials(user, key=asyncssh.import_private_key(data))
+        except (OSError, NotSmallRegularFile, asyncssh.KeyImportError) as e:
             raise PushCredentialsInvalid(f"--key {key_file}: {getattr(e, 'strerror', None) or e}") from e
     if password_file is None:
         raise PushCredentialsInvalid("give --key FILE or --password-file FILE")
