@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from agent import __version__
 from agent.bundles import inspect_bundle, version_key
-from agent.distros import detect_os
+from agent.distros import detect_os, require_supported
 from agent.errors import (
     BootstrapConfigInvalid,
     InstallFailed,
@@ -158,7 +158,7 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
     from agent.registration import read_secret_file
     from agent.transport import parse_address, parse_fingerprint
 
-    os_info = detect_os(paths)
+    os_info = require_supported(detect_os(paths))
     if is_current(paths):
         return Outcome(
             "current",

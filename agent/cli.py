@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from agent import __version__
 from agent.checks import Status, render, run_checks
-from agent.distros import detect_os
+from agent.distros import detect_os, require_supported
 from agent.errors import (
     BadArguments,
     ConfirmationRequired,
@@ -43,13 +43,20 @@ def _emit(args: argparse.Namespace, data: object, text: str) -> None:
 
 def cmd_detect_os(args: argparse.Namespace) -> int:
     info = detect_os(Paths.checked(args.root))
+    try:
+        require_supported(info)
+    except MobilityError as e:
+        # A refused tag is still named (stdout, as for any tag), then refused like an unsupported system (exit 3).
+        _emit(args, {**info.to_json(), "error": e.to_json()}, info.os_tag)
+        print(e.diagnostics(), file=sys.stderr)
+        return int(e.exit_code)
     _emit(args, info.to_json(), info.os_tag)
     return Exit.OK
 
 
 def cmd_prereq(args: argparse.Namespace) -> int:
     paths = Paths.checked(args.root)
-    report = run_checks(prerequisite_checks(paths, args.install_dir, args.glibc_floor))
+    report = run_checks(prerequisite_checks(paths, args.install_dir, args.kernel_floor))
     data = {
         "ok": not report.failed,
         "worst": report.worst.value,
@@ -329,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where the agent will be installed (default {DEFAULT_INSTALL_DIR})",
     )
     p.add_argument(
-        "--glibc-floor",
+        "--kernel-floor",
         metavar="X.Y",
-        help="lowest glibc the bundle runs on (default: the glibc this agent runs on)",
+        help="oldest kernel the bundle's C library runs on (default: that of the C library this agent runs on)",
     )
     p.set_defaults(func=cmd_prereq)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.bundles import MANIFEST_NAME, Manifest, parse_manifest
 from agent.checks import Report, Status, run_checks
-from agent.distros import Init, detect_os
+from agent.distros import Init, detect_os, require_supported
 from agent.errors import BundleRefused, BundleWrongOs, InstallBusy, InstallFailed, PrerequisitesFailed
 from agent.freeze import FreezeSetup, install_provider
 from agent.fsutil import atomic_write, sha256_file
@@ -90,10 +90,10 @@ def read_unpacked_manifest(bundle: Path) -> Manifest:
 
 def install(paths: Paths, bundle: Path, install_dir: str, role: str, platform: str) -> Installed:
     manifest = read_unpacked_manifest(bundle)
-    os_tag = detect_os(paths).os_tag
+    os_tag = require_supported(detect_os(paths)).os_tag
     if os_tag != manifest.os_tag:
         raise BundleWrongOs(f"this bundle is for {manifest.os_tag}; this system is {os_tag}")
-    report = run_checks(prerequisite_checks(paths, install_dir, manifest.glibc_floor))
+    report = run_checks(prerequisite_checks(paths, install_dir, manifest.kernel_floor))
     if report.failed:
         failed = "; ".join(f"{r.id}: {r.message}" for r in report.results if r.status is Status.FAIL)
         raise PrerequisitesFailed(f"prerequisite checks failed: {failed}")

@@ -87,8 +87,9 @@ def run(
     return r
 
 
-def debian_root(name: str, *include: str) -> Path:
-    """A minimal Debian 12 made with debootstrap (minbase, plus ``include``), cached between runs in .cache/."""
+def debian_root(name: str, *include: str, suite: str = "bookworm") -> Path:
+    """A minimal Debian made with debootstrap (minbase, plus ``include``) of ``suite`` (bookworm: Debian 12,
+    bullseye: Debian 11), cached between runs in .cache/."""
     root = REPO / ".cache" / name
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
@@ -96,20 +97,25 @@ def debian_root(name: str, *include: str) -> Path:
             "debootstrap",
             "--variant=minbase",
             *([f"--include={','.join(include)}"] if include else []),
-            "bookworm",
+            suite,
             str(root),
             "http://deb.debian.org/debian",
         ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
         if r.returncode:
-            raise LabError(f"debootstrap {name} failed: {r.stdout[-3000:]}{r.stderr[-3000:]}")
+            raise LabError(f"debootstrap {name} ({suite}) failed: {r.stdout[-3000:]}{r.stderr[-3000:]}")
         (root / ".complete").write_text("")
     return root
 
 
-def sshd_base_root() -> Path:
-    """The Debian 12 that lab hosts and template containers copy: systemd as init, D-Bus and OpenSSH's sshd."""
-    return debian_root("debian12-sshd", "systemd", "systemd-sysv", "dbus", "openssh-server")
+SSHD_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server")
+
+
+def sshd_base_root(suite: str = "bookworm") -> Path:
+    """The Debian that lab hosts and template containers copy: systemd as init, D-Bus and OpenSSH's sshd. Debian 12
+    (bookworm) by default; ``suite="bullseye"`` is Debian 11 (glibc 2.31, older than the build host's)."""
+    name = "debian12-sshd" if suite == "bookworm" else f"debian-{suite}-sshd"
+    return debian_root(name, *SSHD_PACKAGES, suite=suite)
 
 
 @dataclass

@@ -39,6 +39,18 @@ def test_unsupported_exits_3_with_list() -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_refused_tag_is_named_then_refused_with_exit_3() -> None:
+    r = mobility("detect-os", "--root", str(DISTROS / "sles11sp4"))
+    assert (r.returncode, r.stdout.strip()) == (3, "SLES11-SP4")
+    assert r.stderr.startswith("error OS-KERNEL-TOO-OLD: SUSE Linux Enterprise Server 11 SP4 is SLES11-SP4, ")
+    assert "Linux 3.0.101, older than 3.2" in r.stderr and "fix: " in r.stderr
+    r = mobility("detect-os", "--json", "--root", str(DISTROS / "oracle6"))
+    data = json.loads(r.stdout)
+    assert (data["os_tag"], data["supported"], data["error"]["code"]) == ("OL6", False, "OS-KERNEL-TOO-OLD")
+    r = mobility("detect-os", "--json", "--root", str(DISTROS / "ubuntu14"))
+    assert (r.returncode, json.loads(r.stdout)["supported"]) == (0, True)
+
+
 def test_root_that_does_not_exist(tmp_path: Path) -> None:
     r = mobility("detect-os", "--root", str(tmp_path / "nope"))
     assert r.returncode == 2
@@ -76,7 +88,7 @@ def test_prereq_on_a_release_file_tree_reports_every_check() -> None:
         "PRQ-OS",
         "PRQ-ARCH",
         "PRQ-FREE-SPACE",
-        "PRQ-GLIBC",
+        "PRQ-KERNEL",
         "PRQ-INIT",
         "PRQ-BOOT-DISK",
         "PRQ-GRUB-DEVICE-NAMES",
@@ -85,7 +97,16 @@ def test_prereq_on_a_release_file_tree_reports_every_check() -> None:
     assert by_id["PRQ-OS"]["status"] == "PASS"
     # A tree of release files has no binaries: what cannot be known is UNKNOWN, never PASS.
     assert by_id["PRQ-ARCH"]["status"] == "UNKNOWN"
-    assert by_id["PRQ-GLIBC"]["status"] == "UNKNOWN"
+    assert by_id["PRQ-KERNEL"]["status"] == "UNKNOWN"  # the running kernel is not the root's
+
+
+def test_prereq_kernel_floor_flag() -> None:
+    r = mobility("prereq", "--json", "--kernel-floor", "99.0")  # the running machine, a floor no kernel meets
+    by_id = {c["id"]: c for c in json.loads(r.stdout)["checks"]}
+    assert (r.returncode, by_id["PRQ-KERNEL"]["status"], by_id["PRQ-KERNEL"]["threshold"]) == (3, "FAIL", "99.0")
+    r = mobility("prereq", "--json")  # by default the floor of the C library this agent runs on
+    kernel = {c["id"]: c for c in json.loads(r.stdout)["checks"]}["PRQ-KERNEL"]
+    assert (kernel["status"], kernel["threshold"]) == ("PASS", "3.2")
 
 
 def test_prereq_fails_with_exit_3_on_unsupported_os() -> None:
