@@ -155,9 +155,6 @@ def with_backoff(
 
 
 def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    from agent.registration import read_secret_file
-    from agent.transport import parse_address, parse_fingerprint
-
     os_info = require_supported(detect_os(paths))
     if is_current(paths):
         return Outcome(
@@ -165,6 +162,10 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
             "installed, registered, current and this machine's: nothing to do",
             (reg.host_id if (reg := load_registration(paths)) else None),
         )
+    # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
+    from agent.registration import read_secret_file
+    from agent.transport import parse_address, parse_fingerprint
+
     parse_address(settings.server)
     pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
     secret = read_secret_file(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -176,6 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _daemon_logging(paths: Paths) -> None:
     """stdout for the journal, and /var/log/mobility/agent.log with rotation."""
+    import logging.handlers  # the daemon's only: it imports socket and more, which the bootstrapper's no-op skips
+
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     to_file = logging.handlers.RotatingFileHandler(paths.agent_log, maxBytes=1 << 20, backupCount=3)

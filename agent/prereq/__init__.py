@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from agent.checks import Check
-from agent.distros import OsFacts, gather_facts
 from agent.errors import MobilityError
 from agent.paths import Paths
-from agent.prereq.checks import (
-    Architecture,
-    BootDisk,
-    FreeSpace,
-    GrubDeviceNames,
-    InitSystem,
-    KernelFloor,
-    RootUser,
-    SupportedOs,
-)
-from agent.runtime import running_kernel_floor
+
+if TYPE_CHECKING:
+    from agent.checks import Check
 
 DEFAULT_INSTALL_DIR = "/usr/local/mobility"
 
@@ -31,6 +22,20 @@ def prerequisite_checks(
 ) -> list[Check]:
     """Every prerequisite check for the system at ``paths``, in the order they are shown. ``kernel_floor``: the
     bundle's (bundle.json); by default the one of the C library this agent runs on."""
+    # Imported here, not with the package: the bootstrapper's at-boot no-op needs DEFAULT_INSTALL_DIR only.
+    from agent.distros import OsFacts, gather_facts
+    from agent.prereq.checks import (
+        Architecture,
+        BootDisk,
+        FreeSpace,
+        GrubDeviceNames,
+        InitSystem,
+        KernelFloor,
+        RootUser,
+        SupportedOs,
+    )
+    from agent.runtime import running_kernel_floor
+
     facts: OsFacts | MobilityError
     try:
         facts = gather_facts(paths)
