@@ -50,6 +50,8 @@ struct payload {
 
 #define UNPACK_FAIL(...) fail(EXIT_ERROR, "BOOTSTRAP-UNPACK-FAILED", FIX_UNPACK, __VA_ARGS__)
 
+static char unpacking[PATH_MAX]; /* this process's .tmp directory while it unpacks: removed if it fails */
+
 /* Exactly n decompressed bytes into out; fails on a short or damaged stream. */
 static void payload_read(struct payload *p, void *out, size_t n)
 {
@@ -192,6 +194,12 @@ static void remove_tree(const char *path)
     nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
+static void remove_unpacking(void)
+{
+    if (unpacking[0])
+        remove_tree(unpacking);
+}
+
 /* Whether a directory is ours alone: a real directory (not a link) owned by this user, writable by nobody else. */
 static int private_dir(const char *path)
 {
@@ -294,6 +302,8 @@ int main(int argc, char **argv)
         clean(base, NULL);
         if (mkdir(tmp, 0755) < 0)
             UNPACK_FAIL("cannot create %s: %s", tmp, strerror(errno));
+        snprintf(unpacking, sizeof(unpacking), "%s", tmp);
+        atexit(remove_unpacking); /* fail() exits: nothing half-unpacked stays behind (SIGKILL: the next start) */
         int dirfd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dirfd < 0)
             UNPACK_FAIL("cannot open %s: %s", tmp, strerror(errno));
@@ -305,7 +315,9 @@ int main(int argc, char **argv)
             if (errno != EEXIST && errno != ENOTEMPTY)
                 UNPACK_FAIL("cannot rename %s to %s: %s", tmp, final, strerror(errno));
             remove_tree(tmp); /* a concurrent first start won: use its copy */
+            unpacking[0] = 0;
         } else {
+            unpacking[0] = 0;
             int basefd = open(base, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
             if (basefd >= 0) {
                 fsync(basefd);
