@@ -102,6 +102,7 @@ def main() -> None:
     mib = 1024 * 1024
     info = json.loads((dist / "build-info.json").read_text())
     size = bundle.stat().st_size / mib
+    shutil.rmtree(base, ignore_errors=True)  # machines, caches and the build: half a GiB
     print(f"first bootstrap, {size:.1f} MiB bundle downloaded on loopback: {with_download:.2f} s")
     print(
         f"fresh bootstrap excluding download ({args.runs} machines, each unpacking the bootstrapper's runtime once): "

@@ -17,7 +17,12 @@ gc.disable()
 from agent.cli import bootstrap_main  # noqa: E402
 
 gc.enable()
-code = bootstrap_main()
+try:
+    code = bootstrap_main()
+except SystemExit as e:  # --help, --version
+    if isinstance(e.code, str):
+        print(e.code, file=sys.stderr)
+    code = e.code if isinstance(e.code, int) else int(e.code is not None)
 for stream in (sys.stdout, sys.stderr):
     with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to say
         stream.flush()
