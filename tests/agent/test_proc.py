@@ -49,3 +49,29 @@ def test_run_passes_the_host_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "LD_LIBRARY_PATH" not in out and "_PYI_" not in out and "PATH=" in out
     with pytest.raises(CommandFailed, match="exited 3"):
         run(["/bin/sh", "-c", "exit 3"])
+
+
+def test_no_other_module_starts_a_process() -> None:
+    """proc.run() is the one way the agent starts a program (so every child gets the host's environment); the daemon's
+    own restart is the one exec, and it goes through the bundled loader (runtime.self_command)."""
+    import ast
+
+    from tests.conftest import REPO
+
+    starters = {"system", "popen", "spawnl", "spawnv", "spawnve", "spawnvp", "posix_spawn", "posix_spawnp", "fork"}
+    found = []
+    for path in sorted((REPO / "agent").rglob("*.py")):
+        rel = str(path.relative_to(REPO))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if any(n in ("subprocess", "pty", "multiprocessing") for n in names if n):
+                    found.append(f"{rel}: imports {', '.join(n for n in names if n)}")
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "os"
+                and (node.attr in starters or node.attr.startswith("exec"))
+            ):
+                found.append(f"{rel}: os.{node.attr}")
+    assert found == ["agent/daemon.py: os.execve", "agent/proc.py: imports subprocess"]
