@@ -15,8 +15,10 @@ import signal
 import stat
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,27 +137,52 @@ def test_frozen_programs_bootstrap_and_heartbeat_without_the_hosts_libc(bare_roo
     (job,) = server.jobs()
     assert (job["state"], job["host_id"]) == (outcome["state"], outcome["host_id"])
 
-    # The installed agent's daemon heartbeats over mutual TLS; every C library it maps is the bundled one.
+    # The installed agent's daemon heartbeats over mutual TLS; every C library it maps is the bundled one, also
+    # after it restarts itself (memory past its budget: it executes itself again, through the bundled loader).
     installed = "/m/usr/local/mobility/current/mobility/mobility"
+    conf = root / "m/etc/mobility/mobility.conf"
+    conf.write_text(json.dumps({"health_seconds": 1, "test_hooks": True}))
     daemon = subprocess.Popen(
         ["chroot", str(root), installed, "run", "--root", "/m"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        status = root / "m/var/lib/mobility/daemon.json"
+    status, log = root / "m/var/lib/mobility/daemon.json", root / "m/var/log/mobility/agent.log"
 
-        def heartbeats() -> int:
-            with contextlib.suppress(OSError, ValueError):
-                return int(json.loads(status.read_text()).get("heartbeats_sent", 0))
-            return 0
+    def record() -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            return dict(json.loads(status.read_text()))
+        return {}
 
-        wait_for("heartbeats from the daemon", lambda: heartbeats() >= 2, timeout=60)
-        (machine,) = server.machines()
-        assert (machine["host_id"], machine["state"]) == (outcome["host_id"], "online")
+    def runs_on_the_bundled_libc() -> None:
         maps = Path(f"/proc/{daemon.pid}/maps").read_text()
         libcs = {line.split()[-1] for line in maps.splitlines() if "/libc.so" in line or "/ld-linux" in line}
         runtime = "/m/usr/local/mobility/versions/0.1.0/mobility/_internal/"
         assert libcs and all(p.removeprefix(str(root)).startswith(runtime) for p in libcs), libcs
         assert Path(f"/proc/{daemon.pid}/comm").read_text().strip() == "mobility"
+
+    try:
+        wait_for("heartbeats from the daemon", lambda: record().get("heartbeats_sent", 0) >= 2, timeout=60)
+        (machine,) = server.machines()
+        assert (machine["host_id"], machine["state"]) == (outcome["host_id"], "online")
+        runs_on_the_bundled_libc()
+
+        checks = wait_for("a health report", lambda: record().get("health", {}).get("checks"))
+        rss = float(next(c for c in checks if c["id"] == "HLT-RSS")["value"].split()[0])
+        budget = rss + 26  # two 16 MiB ballast steps pass it
+        conf.write_text(json.dumps({"health_seconds": 1, "test_hooks": True, "memory_budget_mib": budget}))
+        daemon.send_signal(signal.SIGHUP)
+        wait_for("reload", lambda: "configuration reloaded" in log.read_text())
+        first_start = record()["started"]
+        for _ in range(2):
+            daemon.send_signal(signal.SIGUSR2)
+            time.sleep(1.5)
+        wait_for("a clean restart", lambda: log.read_text().count("daemon started") == 2, timeout=60)
+        wait_for(
+            "the restarted daemon's heartbeat",
+            lambda: record().get("started", 0) > first_start and record().get("heartbeats_sent", 0) >= 1,
+            timeout=60,
+        )
+        assert daemon.poll() is None and record()["pid"] == daemon.pid  # in place, as systemd expects
+        runs_on_the_bundled_libc()
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
