@@ -130,3 +130,26 @@ def test_bootstrap_binary_version() -> None:
     )
     assert r.returncode == 0
     assert r.stdout.startswith("mobility-bootstrap ")
+
+
+def test_install_and_bootstrap_refuse_a_refused_tag_before_touching_anything(tmp_path: Path) -> None:
+    import shutil
+    import tarfile
+
+    from tests.bundle_factory import make_bundle
+
+    root = tmp_path / "centos6"
+    shutil.copytree(DISTROS / "centos6", root, symlinks=True)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with tarfile.open(make_bundle(tmp_path / "dl", "RHEL6")) as tar:
+        tar.extractall(tmp_path / "bundle", filter="tar")
+    r = mobility("install", "--bundle", str(tmp_path / "bundle"), "--root", str(root), "-r", "MS", "-v", "VmWare")
+    assert (r.returncode, r.stderr.split(":")[0]) == (3, "error OS-KERNEL-TOO-OLD"), r.stderr
+    assert "CentOS 6.7 is RHEL6, which is detected but refused" in r.stderr
+    secret = tmp_path / "pass"
+    secret.write_text("x" * 20 + "\n")
+    secret.chmod(0o600)
+    # Refused before the server (which does not exist) is contacted: exit 3, not 75.
+    r = mobility("bootstrap", "--root", str(root), "-i", "127.0.0.1:1", "-P", str(secret), "--retry-for", "1")
+    assert (r.returncode, r.stderr.split(":")[0]) == (3, "error OS-KERNEL-TOO-OLD"), r.stderr
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
