@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from agent import __version__
 from agent.bundles import inspect_bundle, version_key
-from agent.distros import detect_os
+from agent.distros import detect_os, require_supported
 from agent.errors import (
     BootstrapConfigInvalid,
     BundleRefused,
@@ -175,16 +175,17 @@ def with_backoff(
 
 
 def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    from agent.registration import read_secret_file
-    from agent.transport import parse_address, parse_fingerprint
-
-    os_info = detect_os(paths)
+    os_info = require_supported(detect_os(paths))
     if is_current(paths) and settings.job_id is None:
         return Outcome(
             "current",
             "installed, registered, current and this machine's: nothing to do",
             (reg.host_id if (reg := load_registration(paths)) else None),
         )
+    # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
+    from agent.registration import read_secret_file
+    from agent.transport import parse_address, parse_fingerprint
+
     parse_address(settings.server)
     pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
     secret = read_secret_file(

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
-import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -17,7 +14,7 @@ from typing import NoReturn
 
 from agent import __version__
 from agent.checks import Status, render, run_checks
-from agent.distros import detect_os
+from agent.distros import detect_os, require_supported
 from agent.errors import (
     BadArguments,
     ConfirmationRequired,
@@ -46,13 +43,20 @@ def _emit(args: argparse.Namespace, data: object, text: str) -> None:
 
 def cmd_detect_os(args: argparse.Namespace) -> int:
     info = detect_os(Paths.checked(args.root))
+    try:
+        require_supported(info)
+    except MobilityError as e:
+        # A refused tag is still named (stdout, as for any tag), then refused like an unsupported system (exit 3).
+        _emit(args, {**info.to_json(), "error": e.to_json()}, info.os_tag)
+        print(e.diagnostics(), file=sys.stderr)
+        return int(e.exit_code)
     _emit(args, info.to_json(), info.os_tag)
     return Exit.OK
 
 
 def cmd_prereq(args: argparse.Namespace) -> int:
     paths = Paths.checked(args.root)
-    report = run_checks(prerequisite_checks(paths, args.install_dir, args.glibc_floor))
+    report = run_checks(prerequisite_checks(paths, args.install_dir, args.kernel_floor))
     data = {
         "ok": not report.failed,
         "worst": report.worst.value,
@@ -172,19 +176,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return daemon.run_forever()
 
 
-class _AgentLog(logging.handlers.RotatingFileHandler):
-    """agent.log, opened without following a link planted at its name (rotation renames names, never targets)."""
-
-    def _open(self) -> io.TextIOWrapper:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        return open(fd, "a", encoding=self.encoding, errors=self.errors)  # the handler closes it
-
-
 def _daemon_logging(paths: Paths) -> None:
     """stdout for the journal, and /var/log/mobility/agent.log with rotation."""
+    import logging  # the daemon's only: logging.handlers imports socket and more, which the bootstrapper's no-op skips
+
+    from agent.logfile import AgentLog
+
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file = _AgentLog(paths.agent_log, maxBytes=1 << 20, backupCount=3)
+    to_file = AgentLog(paths.agent_log, maxBytes=1 << 20, backupCount=3)
     to_stdout = logging.StreamHandler(sys.stdout)
     for handler in (to_file, to_stdout):
         handler.setFormatter(fmt)
@@ -349,9 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where the agent will be installed (default {DEFAULT_INSTALL_DIR})",
     )
     p.add_argument(
-        "--glibc-floor",
+        "--kernel-floor",
         metavar="X.Y",
-        help="lowest glibc the bundle runs on (default: the glibc this agent runs on)",
+        help="oldest kernel the bundle's C library runs on (default: that of the C library this agent runs on)",
     )
     p.set_defaults(func=cmd_prereq)
 

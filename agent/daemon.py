@@ -31,6 +31,8 @@ from agent.health import Health, ServerSample, health_checks, overall
 from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, freeze_ready, process_sample
 from agent.identity import load_registration
 from agent.paths import Paths
+from agent.proc import host_environ
+from agent.runtime import self_command
 from agent.scheduler import ClockScheduler
 from agent.sdnotify import Notifier
 from agent.status import DaemonStatus
@@ -310,11 +312,11 @@ class Daemon:
 
 
 def restart() -> None:
-    """Replace this process with a fresh daemon: same PID, so systemd keeps supervising it."""
+    """Replace this process with a fresh daemon: same PID, so systemd keeps supervising it. A frozen daemon starts
+    again through its bundled loader, as its launcher started it, in the environment the launcher gave it."""
     logging.shutdown()
-    if getattr(sys, "frozen", False):
-        os.execv(sys.executable, [sys.executable, *sys.argv[1:]])  # noqa: S606 - our own binary, same arguments
-    os.execv(sys.executable, [sys.executable, "-m", "agent", *sys.argv[1:]])  # noqa: S606
+    argv = self_command(sys.argv[1:])
+    os.execve(argv[0], argv, host_environ())  # noqa: S606 - our own program, same arguments
 
 
 def _installed_os_tag(paths: Paths) -> str | None:

@@ -126,6 +126,14 @@ class OsUnsupported(UnsupportedError):
     remediation = "Install the agent on one of the supported systems listed in the message (docs/support-matrix.md)."
 
 
+class OsKernelTooOld(UnsupportedError):
+    code = "OS-KERNEL-TOO-OLD"
+    remediation = (
+        "Protect this machine after upgrading it to a release the support matrix lists as supported "
+        "(docs/support-matrix.md); no build of the agent runs on this release's kernel generation yet."
+    )
+
+
 class PrerequisitesFailed(UnsupportedError):
     code = "PREREQ-FAILED"
     remediation = "Fix each failed check as its own line says, then run `mobility prereq` again."
@@ -356,6 +364,26 @@ class RootSymlinkLoop(LocalSystemError):
 class DiagnosticsWriteFailed(LocalSystemError):
     code = "DIAGNOSTICS-WRITE-FAILED"
     remediation = "Give -o a file in an existing, writable directory with free space (e.g. -o /root/diag.tar.gz)."
+
+
+# Printed by the static launchers of the frozen programs (packaging/launcher/), not raised in Python: catalogued here
+# so that their IDs and remediations have one home (the packaging tests compare what the launchers print).
+
+
+class RuntimeMissing(LocalSystemError):
+    code = "RUNTIME-MISSING"
+    remediation = (
+        "Reinstall the agent from its bundle, or download the bootstrapper again: the runtime files beside the "
+        "launcher are missing or damaged."
+    )
+
+
+class BootstrapUnpackFailed(LocalSystemError):
+    code = "BOOTSTRAP-UNPACK-FAILED"
+    remediation = (
+        "Make sure /var/lib/mobility is a local, writable directory owned by root (not writable by others) with 100 "
+        "MiB free, or set MOBILITY_BOOTSTRAP_CACHE to such a directory, then run the bootstrapper again."
+    )
 
 
 def all_errors() -> dict[str, type[MobilityError]]:

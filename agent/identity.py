@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from agent.fsutil import atomic_write
 from agent.paths import Paths
 from agent.wire import MachineFacts, key_proof_message
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 _NO_MAC = "00:00:00:00:00:00"
 
@@ -89,6 +88,13 @@ def save_registration(paths: Paths, reg: Registration) -> None:
 
 def new_key_and_csr(host_id: str | None) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh P-256 key and a CSR naming ``host_id`` (or "new" for a first enrolment)."""
+    # cryptography is imported where keys are made, not with the module: the at-boot no-op of the bootstrapper
+    # reads the stored identity only, and the import of cryptography.x509 alone costs it ~50 ms.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
@@ -100,6 +106,9 @@ def new_key_and_csr(host_id: str | None) -> tuple[ec.EllipticCurvePrivateKey, by
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
     """This machine's current private key, or None when it has none (or it is unreadable or not EC)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError):
@@ -109,10 +118,15 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
 
 def key_proof(key: ec.EllipticCurvePrivateKey, nonce: str, csr_pem: bytes) -> str:
     """Proof that this machine holds the key of the identity it re-enrols as (see wire.key_proof_message)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return key.sign(key_proof_message(nonce, csr_pem), ec.ECDSA(hashes.SHA256())).hex()
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

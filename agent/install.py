@@ -23,7 +23,7 @@ from pathlib import Path
 from agent.bundle_dir import copy_verified, read_manifest
 from agent.bundles import Manifest
 from agent.checks import Report, Status, run_checks
-from agent.distros import Init, detect_os
+from agent.distros import Init, detect_os, require_supported
 from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, MobilityError, PrerequisitesFailed
 from agent.freeze import FreezeSetup, install_provider
 from agent.fsutil import append_text, atomic_write, open_lock_file, remove
@@ -85,10 +85,10 @@ def install_lock(paths: Paths) -> Iterator[None]:
 def install(paths: Paths, bundle: Path, install_dir: InstallDir, role: str, platform: str) -> Installed:
     """Install the unpacked bundle at ``bundle`` into ``install_dir`` (made or adopted as the agent's own)."""
     manifest_bytes, manifest = read_manifest(bundle)
-    os_tag = detect_os(paths).os_tag
+    os_tag = require_supported(detect_os(paths)).os_tag
     if os_tag != manifest.os_tag:
         raise BundleWrongOs(f"this bundle is for {manifest.os_tag}; this system is {os_tag}")
-    report = run_checks(prerequisite_checks(paths, install_dir, manifest.glibc_floor))
+    report = run_checks(prerequisite_checks(paths, install_dir, manifest.kernel_floor))
     if report.failed:
         failed = "; ".join(f"{r.id}: {r.message}" for r in report.results if r.status is Status.FAIL)
         raise PrerequisitesFailed(f"prerequisite checks failed: {failed}")

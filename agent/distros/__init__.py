@@ -1,6 +1,6 @@
 """Which system is this? The support matrix and the detection that maps a root to an OS tag."""
 
-from agent.distros.detect import OsFacts, OsInfo, classify, detect_os, gather_facts
+from agent.distros.detect import OsFacts, OsInfo, classify, detect_os, gather_facts, require_supported
 from agent.distros.matrix import BY_TAG, SUPPORT_MATRIX, SUPPORTED_ARCHES, Family, Init, Row
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "classify",
     "detect_os",
     "gather_facts",
+    "require_supported",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncssh
 
-from agent.distros import OsInfo, detect_os
+from agent.distros import OsInfo, detect_os, require_supported
 from agent.libc import ARCH_PROBES
 from agent.os_release import OS_RELEASE_LOCATIONS
 from agent.paths import Paths
@@ -43,7 +43,8 @@ async def _copy_head(sftp: asyncssh.SFTPClient, remote: str, mirror: Path, limit
 
 
 async def detect_remote_os(sftp: asyncssh.SFTPClient) -> OsInfo:
-    """The host's OS tag, from its release files and the ELF header of its shell (its architecture)."""
+    """The host's OS tag, from its release files and the ELF header of its shell (its architecture); the agent's
+    own errors for a system it does not support or refuses (OS-UNSUPPORTED, OS-KERNEL-TOO-OLD)."""
     names = set(RELEASE_FILES)
     for pattern in RELEASE_GLOBS:
         try:
@@ -55,7 +56,7 @@ async def detect_remote_os(sftp: asyncssh.SFTPClient) -> OsInfo:
             await _copy_head(sftp, name, Path(mirror), MAX_TEXT_FILE + 1)  # +1: an oversized file stays oversized
         for probe in ARCH_PROBES:
             await _copy_head(sftp, probe, Path(mirror), ELF_HEADER)
-        return detect_os(Paths(Path(mirror)))
+        return require_supported(detect_os(Paths(Path(mirror))))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""The real test of push install: hosts that are Debian 12 systems booted with systemd (systemd-nspawn), each in its
-own network namespace with its own address, root filesystem and OpenSSH server (scripts/testlab.py). The
-configuration server and `mobility-server push` run in the lab's hub namespace, as on a real network."""
+"""The real test of push install: hosts that are Debian 12 systems (and one Debian 11) booted with systemd
+(systemd-nspawn), each in its own network namespace with its own address, root filesystem and OpenSSH server
+(scripts/testlab.py). The configuration server and `mobility-server push` run in the lab's hub namespace, as on a
+real network."""
 
 from __future__ import annotations
 
@@ -74,13 +75,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, dist: Path) -> Iterator[Worl
             "full": lab.add_host("full", disk="full"),
             "fedora": lab.add_host("fedora", os_release=DISTROS / "fedora30/etc/os-release"),
             "broken": lab.add_host("broken"),
+            "deb11": lab.add_host("deb11", base=sshd_base_root("bullseye")),  # glibc 2.31, older than the build's
         }
         # The install directory's place is taken by a file: the install on this host fails.
         (hosts["broken"].root / "usr/local/mobility").write_text("not a directory\n")
         lab.boot()
         data = work / "data"
         init_local_server(data, lab.hub_address)
-        for bundle in dist.glob("*_DEBIAN12-64_*.tar.gz"):
+        for bundle in (*dist.glob("*_DEBIAN12-64_*.tar.gz"), *dist.glob("*_DEBIAN11-64_*.tar.gz")):
             server_cli(data, "repo", "add", str(bundle), check=True)
         proc, address, _ = start_local_server(
             data, "--heartbeat-interval", "2", host=lab.hub_address, wrap=lab.in_hub([])
@@ -159,6 +161,25 @@ def test_push_to_several_hosts_in_parallel(world: World) -> None:
     assert (code, again["web1"]["state"], again["web1"]["host_id"]) == (0, "succeeded", host_ids["web1"])
     assert "current" in again["web1"]["message"] or "nothing to do" in again["web1"]["message"]
     assert (world.hosts["web1"].root / "var/log/mobility/install.log").read_text() == log_before
+
+
+def test_push_to_a_debian_11_host(world: World) -> None:
+    code, results = world.push("--accept-new-host-keys", *world.hosts_args("deb11"))
+    deb11 = results["deb11"]
+    assert (code, deb11["state"], deb11["os_tag"]) == (0, "succeeded", "DEBIAN11"), results
+    assert daemon_active(world, "deb11")
+    wait_for(
+        "heartbeats from the Debian 11 daemon",
+        lambda: any(m["host_id"] == deb11["host_id"] and m["state"] == "online" for m in world.machines()),
+        timeout=60,
+    )
+    # The daemon runs on the C library of its bundle; the system's own (2.31) is never loaded into it.
+    host = world.hosts["deb11"]
+    pid = world.lab.exec_in(host, ["systemctl", "show", "--property=MainPID", "--value", "mobility.service"])
+    maps = world.lab.exec_in(host, ["cat", f"/proc/{pid.stdout.strip()}/maps"]).stdout
+    libcs = {line.split()[-1] for line in maps.splitlines() if "/libc.so" in line or "/libc-2." in line}
+    assert libcs == {"/usr/local/mobility/versions/0.1.0/mobility/_internal/libc.so.6"}, maps[-2000:]
+    assert world.lab.exec_in(host, ["cat", "/etc/debian_version"]).stdout.startswith("11.")
 
 
 def test_push_with_a_password_from_a_file(world: World, tmp_path: Path) -> None:

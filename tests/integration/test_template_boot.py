@@ -1,5 +1,9 @@
-"""The real test: a Debian 12 template with the bootstrapper baked in, booted with systemd-nspawn against a real
-configuration server on loopback. The container shares the host's network namespace, so 127.0.0.1 is the server."""
+"""The real test: a Debian template with the bootstrapper baked in, booted with systemd-nspawn against a real
+configuration server on loopback. The container shares the host's network namespace, so 127.0.0.1 is the server.
+
+Debian 12 (bookworm) and Debian 11 (bullseye, glibc 2.31: older than the build host's 2.36 that the frozen programs
+carry). A probe in front of systemctl records what the agent's child processes see: the host's own environment and
+the host's own libc, never the frozen programs' loader variables or C library."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from agent.libc import root_glibc
+from agent.paths import Paths
 from scripts.testlab import sshd_base_root
 from tests.conftest import REPO, require_root
 from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
@@ -26,6 +32,17 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 120.0) ->
     return poll(what, condition, timeout, every=0.5)
 
 
+SUITES = {"bookworm": "DEBIAN12", "bullseye": "DEBIAN11"}
+PROBE_DIR = "/var/lib/mobility-test-probe"
+# Stands in front of the real systemctl (/usr/local/sbin comes first in systemd's PATH): records the environment the
+# agent gave it and the libraries this (host) shell loaded, then runs the real systemctl.
+PROBE = f"""#!/bin/sh
+{{ env; echo "--- maps"; cat /proc/$$/maps; }} > {PROBE_DIR}/systemctl.$$ 2>&1
+exec /bin/systemctl "$@"
+"""
+OUR_VARIABLES = ("LD_LIBRARY_PATH", "LD_LIBRARY_PATH_ORIG", "LD_PRELOAD", "_PYI_")
+
+
 @pytest.fixture(scope="session")
 def systemd_root() -> Path:
     """A minimal Debian 12 with systemd as init (the SSH lab's base: one debootstrap for both)."""
@@ -33,9 +50,17 @@ def systemd_root() -> Path:
     return sshd_base_root()
 
 
+def systemd_roots(suite: str) -> Path:
+    require_root()
+    return sshd_base_root(suite)
+
+
 def bake(base: Path, where: Path, dist: Path, server: ServerProcess, machine_id: str) -> Path:
     """A template: the bootstrapper, bootstrap.conf, the passphrase file and the enabled unit, baked in."""
     subprocess.run(["cp", "-a", str(base), str(where)], check=True)
+    (where / PROBE_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (where / "usr/local/sbin/systemctl").write_text(PROBE)
+    (where / "usr/local/sbin/systemctl").chmod(0o755)
     (where / "etc/machine-id").write_text(machine_id + "\n")
     (where / "etc/hostname").write_text(f"tmpl-{machine_id[:6]}\n")
     shutil.copy2(dist / "mobility-bootstrap", where / "usr/local/sbin/mobility-bootstrap")
@@ -101,32 +126,58 @@ class Container:
                 self.proc.wait(timeout=10)
 
 
-def daemon_in_its_unit() -> bool:
-    """A process in a mobility.service cgroup, i.e. the daemon started by the container's systemd."""
+def daemon_pids() -> list[int]:
+    """The processes in a mobility.service cgroup, i.e. the daemon started by the container's systemd."""
+    found = []
     for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
         try:
             if "/mobility.service" in cgroup.read_text():
-                return True
-        except OSError:
+                found.append(int(cgroup.parent.name))
+        except (OSError, ValueError):
             continue
-    return False
+    return found
+
+
+def daemon_in_its_unit() -> bool:
+    return bool(daemon_pids())
+
+
+def mapped_libcs(maps: str) -> set[str]:
+    return {line.split()[-1] for line in maps.splitlines() if "/libc.so" in line or "/libc-2." in line}
+
+
+def assert_children_saw_the_host(root: Path) -> None:
+    """Every systemctl the agent ran got the environment the agent was started with and loaded the host's libc."""
+    probes = sorted((root / PROBE_DIR.lstrip("/")).iterdir())
+    assert len(probes) >= 2, probes  # daemon-reload and restart mobility.service
+    for probe in probes:
+        env, maps = probe.read_text().split("--- maps\n", 1)
+        leaked = [line for line in env.splitlines() if line.startswith(OUR_VARIABLES)]
+        assert leaked == [], (probe.name, leaked)
+        libcs = mapped_libcs(maps)
+        assert libcs and all(p.startswith(("/lib/", "/usr/lib/")) for p in libcs), (probe.name, libcs)
 
 
 @pytest.fixture
 def server(tmp_path: Path, dist: Path) -> Iterator[ServerProcess]:
     s = start_server(tmp_path / "data", heartbeat_interval=2.0)
     try:
-        (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
-        server_cli(s.data, "repo", "add", str(bundle), check=True)
+        for tag in SUITES.values():
+            (bundle,) = dist.glob(f"*_{tag}-64_*.tar.gz")
+            server_cli(s.data, "repo", "add", str(bundle), check=True)
         yield s
     finally:
         s.stop()
 
 
+@pytest.mark.parametrize("suite", sorted(SUITES))
 def test_template_boots_registers_and_runs_the_daemon(
-    systemd_root: Path, dist: Path, server: ServerProcess, tmp_path: Path
+    suite: str, dist: Path, server: ServerProcess, tmp_path: Path
 ) -> None:
-    root = bake(systemd_root, tmp_path / "vm1", dist, server, "e1" * 16)
+    base = systemd_roots(suite)
+    if suite == "bullseye":
+        assert root_glibc(Paths(base)) == "2.31"  # older than the glibc the frozen programs were built with
+    root = bake(base, tmp_path / "vm1", dist, server, "e1" * 16)
     vm = Container(root)
     try:
         (job,) = wait_for("the install job", server.jobs, timeout=120)
@@ -134,12 +185,17 @@ def test_template_boots_registers_and_runs_the_daemon(
         (machine,) = wait_for(
             "the machine online", lambda: [m for m in server.machines() if m["state"] == "online"], timeout=120
         )
-        assert (machine["hostname"], machine["os_tag"]) == ("tmpl-e1e1e1", "DEBIAN12")
+        assert (machine["hostname"], machine["os_tag"]) == ("tmpl-e1e1e1", SUITES[suite])
         wait_for("heartbeats from the daemon", lambda: vm.daemon().get("heartbeats_sent", 0) >= 2)
-        assert daemon_in_its_unit()
+        (pid,) = daemon_pids()
+        # The daemon runs on the C library of its bundle, never the system's.
+        libcs = mapped_libcs(Path(f"/proc/{pid}/maps").read_text())
+        assert libcs and all("/usr/local/mobility/versions/0.1.0/mobility/_internal/" in p for p in libcs), libcs
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "mobility"
     finally:
         vm.stop()
     assert vm.proc.returncode == 0
+    assert_children_saw_the_host(root)
     # Every unit, as installed in the booted root, passes systemd's own verification.
     units = [
         f"/etc/systemd/system/{u}"
