@@ -6,7 +6,6 @@ register, start the daemon, and report the job to the server (`succeeded`, `succ
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import signal
@@ -22,22 +21,15 @@ from typing import Any, TypeVar
 from agent import __version__
 from agent.bundles import inspect_bundle, version_key
 from agent.distros import detect_os, require_supported
-from agent.errors import (
-    BootstrapConfigInvalid,
-    BundleRefused,
-    InstallDirInvalid,
-    InstallFailed,
-    IoFailed,
-    MobilityError,
-    ServerUnreachable,
-    TufFetchFailed,
-)
-from agent.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
+from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, ServerUnreachable, TufFetchFailed
 from agent.identity import collect_facts, load_registration
 from agent.install import install, install_lock, log
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
 from agent.paths import Paths
 from agent.services import start_daemon
+from agent.shared import timefmt
+from agent.shared.errors import BundleRefused, IoFailed, MobilityError
+from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
 
 T = TypeVar("T")
 BACKOFF_START, BACKOFF_CAP = 1.0, 30.0
@@ -183,8 +175,9 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
             (reg.host_id if (reg := load_registration(paths)) else None),
         )
     # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
-    from agent.registration import read_secret_file
-    from agent.transport import parse_address, parse_fingerprint
+    from agent.shared.address import parse_address
+    from agent.shared.secretfile import read_secret_file
+    from agent.transport import parse_fingerprint
 
     parse_address(settings.server)
     pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
@@ -228,7 +221,8 @@ def _run(
 ) -> Outcome:
     from agent.fetch import fetch_bundle
     from agent.registration import configure, trusted_ca
-    from agent.transport import Client, parse_address
+    from agent.shared.address import parse_address
+    from agent.transport import Client
 
     progress = Progress(paths, 6)
     server = parse_address(s.server)
@@ -325,7 +319,7 @@ def _report(paths: Paths, job: dict[str, Any], s: BootstrapSettings, secret: str
     """Tell the server (mutual TLS once registered, else a proof of the secret) and keep a local copy."""
     from agent.registration import report_job
 
-    job["reported"] = dt.datetime.now(dt.UTC).isoformat()
+    job["reported"] = timefmt.iso(time.time())
     with contextlib.suppress(OSError):
         atomic_write(paths.last_job, json.dumps(job, indent=2).encode())
     body = {

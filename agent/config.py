@@ -7,8 +7,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from agent.errors import ConfigInvalid
-from agent.fsutil import NotSmallRegularFile, read_small_file
 from agent.paths import Paths
+from agent.shared.fsutil import NotSmallRegularFile, read_small_file
 
 
 @dataclass(frozen=True)

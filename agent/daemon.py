@@ -23,10 +23,9 @@ from typing import Any, Protocol
 
 import psutil
 
-from agent import __version__, wire
+from agent import __version__
 from agent.checks import Status, run_checks
 from agent.config import AgentConfig, load_config
-from agent.errors import MobilityError
 from agent.health import Health, ServerSample, health_checks, overall
 from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, freeze_ready, process_sample
 from agent.identity import load_registration
@@ -35,6 +34,8 @@ from agent.proc import host_environ
 from agent.runtime import self_command
 from agent.scheduler import ClockScheduler
 from agent.sdnotify import Notifier
+from agent.shared import timefmt, wire
+from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
 
 log = logging.getLogger("mobility.daemon")
@@ -204,7 +205,7 @@ class Daemon:
         except MobilityError as e:
             if self.status.unreachable_since is None:
                 self.status.unreachable_since = self.now
-                log.warning("server unreachable since %s: %s: %s", _stamp(self.now), e.id, e.message)
+                log.warning("server unreachable since %s: %s: %s", timefmt.shown(self.now), e.id, e.message)
             self.status.last_error = f"{e.id}: {e.message}"
             self.backlog.append(body)
             self.status.backlog = len(self.backlog)
@@ -326,10 +327,6 @@ def _installed_os_tag(paths: Paths) -> str | None:
         return str(json.loads(paths.agent_config.read_text())["os_tag"])
     except (OSError, ValueError, KeyError):
         return None
-
-
-def _stamp(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 class ServerLink:

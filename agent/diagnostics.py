@@ -19,9 +19,9 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import DiagnosticsWriteFailed
-from agent.fsutil import read_small_file
 from agent.paths import Paths
-from agent.registration import MAX_SECRET_BYTES
+from agent.shared.fsutil import read_small_file
+from agent.shared.secretfile import MAX_SECRET_BYTES
 
 REDACTED = "[REDACTED]"
 MAX_LOG_BYTES = 4 * 1024 * 1024  # per file: the newest part of a large log

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.fsutil import atomic_write
 from agent.paths import Paths
-from agent.wire import MachineFacts, key_proof_message
+from agent.shared.fsutil import atomic_write
+from agent.shared.wire import MachineFacts, key_proof_message
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -12,10 +12,10 @@ Uninstall removes those names and nothing else from the install dir (the dir its
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +24,15 @@ from agent.bundle_dir import copy_verified, read_manifest
 from agent.bundles import Manifest
 from agent.checks import Report, Status, run_checks
 from agent.distros import Init, detect_os, require_supported
-from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, MobilityError, PrerequisitesFailed
+from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, PrerequisitesFailed
 from agent.freeze import FreezeSetup, install_provider
-from agent.fsutil import append_text, atomic_write, open_lock_file, remove
 from agent.install_dir import InstallDir, check, claim, release
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
 from agent.services import install_units, remove_units, stop_daemon
+from agent.shared import timefmt
+from agent.shared.errors import MobilityError
+from agent.shared.fsutil import append_text, atomic_write, open_lock_file, remove
 
 COMPLETE = ".complete"
 
@@ -49,8 +51,7 @@ class Installed:
 
 def log(paths: Paths, message: str) -> None:
     paths.log_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    append_text(paths.install_log, f"{stamp} {message}\n")
+    append_text(paths.install_log, f"{timefmt.iso(time.time())} {message}\n")
 
 
 _HELD: set[Path] = set()  # locks this process holds: a bootstrap holds it across its install

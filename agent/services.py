@@ -10,9 +10,9 @@ import stat
 from pathlib import Path
 
 from agent.distros import Init
-from agent.fsutil import atomic_write
 from agent.paths import Paths
 from agent.proc import run
+from agent.shared.fsutil import atomic_write
 
 log = logging.getLogger("mobility.services")
 

@@ -37,9 +37,9 @@ from agent import __version__  # noqa: E402
 from agent.bundles import MANIFEST_NAME, bundle_file_name  # noqa: E402
 from agent.distros.matrix import BY_TAG, RUNTIME_KERNEL_FLOOR, SUPPORT_MATRIX, Init  # noqa: E402
 from agent.elf import ElfError, is_elf, parse_elf  # noqa: E402
-from agent.fsutil import sha256_file  # noqa: E402
 from agent.libc import glibc_version_of  # noqa: E402
 from agent.runtime import LOADER_NAME, kernel_floor_of, kernel_version  # noqa: E402
+from agent.shared.fsutil import sha256_file  # noqa: E402
 
 BUILD = REPO / "build" / "packaging"
 SOURCES = ("agent", "packaging", "systemd", "pyproject.toml")

@@ -5,7 +5,7 @@ kill -9 loses nothing acknowledged. Heartbeats are the hot path: the server batc
 writes them in one transaction a second (``record_heartbeats``). The schema is versioned (``PRAGMA
 user_version``); opening a database brings it to the current version in one transaction.
 
-What a client sent is validated at the edge (agent/wire.py) before it gets here; the readers still never trust a
+What a client sent is validated at the edge (agent/shared/wire.py) before it gets here; the readers still never trust a
 stored document (a row written by an older server is read defensively)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.wire import HealthReport, MachineFacts, WireError
+from agent.shared.wire import HealthReport, MachineFacts, WireError
 from server.errors import DatabaseCorrupt, DatabaseMissing, DatabaseUnavailable, JobNotOwned
 
 _SCHEMA_V1 = """

@@ -9,9 +9,9 @@ import agent.cli
 import agent.registration  # noqa: F401
 import server.app
 import server.cli  # noqa: F401
-from agent.errors import all_errors
 from agent.paths import Paths
 from agent.prereq import prerequisite_checks
+from agent.shared.errors import all_errors
 from tests.conftest import REPO
 
 _ROW = re.compile(r"^\| `([A-Z0-9-]+)` \|(.*)\|\s*$")

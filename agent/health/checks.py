@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
 from agent.checks import Report, Result, Status
 from agent.config import AgentConfig
+from agent.shared.timefmt import shown
 
 MIB = 1024 * 1024
 
@@ -185,7 +185,7 @@ class ServerReachable:
             return Result(
                 self.id,
                 status,
-                f"server unreachable since {_stamp(s.unreachable_since)} ({since:.0f} s): {s.last_error}",
+                f"server unreachable since {shown(s.unreachable_since)} ({since:.0f} s): {s.last_error}",
                 self.remediation,
                 f"{since:.0f} s",
                 f"{self.config.server_unreachable_fail_seconds:.0f} s",
@@ -193,7 +193,7 @@ class ServerReachable:
         if s.last_ok is None:
             return Result(self.id, Status.UNKNOWN, "no heartbeat yet", self.remediation)
         rtt = f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else "?"
-        return _ok(self.id, f"last heartbeat {_stamp(s.last_ok)}, round trip {rtt}", rtt, "reachable")
+        return _ok(self.id, f"last heartbeat {shown(s.last_ok)}, round trip {rtt}", rtt, "reachable")
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ class CertificateDays:
         days = (self.not_after - self.now) / 86400
         value = f"{days:.1f} days"
         status = Status.FAIL if days < c.cert_fail_days else Status.WARN if days < c.cert_warn_days else Status.PASS
-        message = f"certificate expires {_stamp(self.not_after)} ({value} left)"
+        message = f"certificate expires {shown(self.not_after)} ({value} left)"
         return Result(self.id, status, message, self.remediation if status is not Status.PASS else "", value, threshold)
 
 
@@ -266,10 +266,6 @@ class FreezeProvider:
         return Result(
             self.id, Status.WARN, "freeze provider not set up: only crash-consistent recovery points", self.remediation
         )
-
-
-def _stamp(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def health_checks(

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from agent.errors import FreezeNotReady, MobilityError
-from agent.fsutil import atomic_write
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
+from agent.shared.errors import FreezeNotReady, MobilityError
+from agent.shared.fsutil import atomic_write
 from server.errors import (
     PushAuthFailed,
     PushConnectRefused,

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.bundles import inspect_bundle
-from agent.errors import MobilityError
 from agent.fetch import fetch_bundle
+from agent.shared.errors import MobilityError
 from server.datadir import DataDir
 from server.repository import Repository
 from tests.bundle_factory import make_bundle

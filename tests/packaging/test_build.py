@@ -16,10 +16,10 @@ import pytest
 from agent.bundles import inspect_bundle, parse_bundle_name
 from agent.distros import SUPPORT_MATRIX
 from agent.elf import is_elf, parse_elf
-from agent.errors import BundleRefused
-from agent.fsutil import sha256_file
 from agent.libc import glibc_version_of
 from agent.runtime import kernel_floor_of
+from agent.shared.errors import BundleRefused
+from agent.shared.fsutil import sha256_file
 from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     configure_root,

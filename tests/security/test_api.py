@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent import wire
 from agent.errors import RemoteError
 from agent.identity import collect_facts, key_proof, new_key_and_csr
 from agent.paths import Paths
 from agent.registration import heartbeat, report_job
+from agent.shared import wire
 from scripts.localserver import server_log, start_local_server
 from server.storage import Storage
 from tests.integration.serverproc import (

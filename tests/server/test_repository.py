@@ -15,9 +15,10 @@ import pytest
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 import server.repository
-from agent.errors import BundleRefused, RepoBundleConflict, RepoBusy, RepoNoSuchBundle, RepoNotInitialised
+from agent.shared import timefmt
+from agent.shared.errors import BundleRefused
 from server.datadir import DataDir
-from server.errors import RepoWriteFailed
+from server.errors import RepoBundleConflict, RepoBusy, RepoNoSuchBundle, RepoNotInitialised, RepoWriteFailed
 from server.repository import Repository, _locked
 from tests.bundle_factory import add_member, make_bundle
 
@@ -105,7 +106,7 @@ def test_add_list_remove(tmp_path: Path, data: DataDir, repo: Repository) -> Non
     assert md["targets"].signed.targets[b2.name].custom == {
         "os_tag": "RHEL7",
         "version": "0.2.0",
-        "added": NOW.isoformat(),
+        "added": timefmt.iso(NOW),
     }
     assert sorted(repo.list(), key=lambda e: e.name) == sorted(added, key=lambda e: e.name)
 

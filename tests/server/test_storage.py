@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.wire import MachineFacts
+from agent.shared.wire import MachineFacts
 from server.errors import DatabaseMissing, JobNotOwned
 from server.storage import _SCHEMA_V1, SCHEMA_VERSION, NewMachine, Storage
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
 from server.push.known_hosts import KnownHosts
 from server.push.progress import Lines
 from server.push.remote import Bundle, Credentials, HostResult, PushSettings, push_host
