@@ -194,6 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             else ""
         ),
         f"last job:       {job.get('kind', '-')} {job.get('state', '')}".rstrip(),
+        f"freeze:         {'ready' if data['freeze_provider']['ready'] else 'not set up'}: "
+        f"{data['freeze_provider']['reason']}",
     ]
     _emit(args, data, "\n".join(lines))
     return Exit.OK

@@ -26,9 +26,11 @@ import psutil
 from agent import __version__
 from agent.checks import Status, run_checks
 from agent.config import AgentConfig, load_config
+from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
-from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, freeze_ready, process_sample
+from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, process_sample
 from agent.identity import load_registration
+from agent.installed import load_install_record
 from agent.paths import Paths
 from agent.proc import host_environ
 from agent.runtime import self_command
@@ -158,7 +160,7 @@ class Daemon:
                 server,
                 disk_sample(self.paths),
                 cert_not_after(self.paths),
-                freeze_ready(self.paths),
+                provider_status(self.paths),
             )
         )
         health = overall(report)
@@ -257,7 +259,8 @@ class Daemon:
             log.warning("certificate renewal failed (%s: %s); retrying within the hour", e.id, e.message)
 
     def check_update(self) -> None:
-        os_tag = _installed_os_tag(self.paths)
+        installed = load_install_record(self.paths)
+        os_tag = installed.os_tag if installed is not None else None
         if os_tag is None:
             return
         try:
@@ -318,15 +321,6 @@ def restart() -> None:
     logging.shutdown()
     argv = self_command(sys.argv[1:])
     os.execve(argv[0], argv, host_environ())  # noqa: S606 - our own program, same arguments
-
-
-def _installed_os_tag(paths: Paths) -> str | None:
-    import json
-
-    try:
-        return str(json.loads(paths.agent_config.read_text())["os_tag"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 class ServerLink:

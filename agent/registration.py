@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from agent.identity import (
     key_proof,
     load_key,
     load_registration,
+    machine_hostname,
     new_key_and_csr,
     save_registration,
 )
@@ -77,7 +77,7 @@ def configure(
             csr=csr.decode(),
             nonce=nonce,
             proof=wire.enrol_proof(token[1] if token else secret, nonce, csr),
-            hostname=socket.gethostname() if paths.root == paths.root.parent else _root_hostname(paths),
+            hostname=machine_hostname(paths),
             os_tag=os_tag,
             role=role,
             platform=platform,
@@ -106,13 +106,6 @@ def configure(
     )
     save_registration(paths, reg)
     return Enrolled(reg, reused=False)
-
-
-def _root_hostname(paths: Paths) -> str:
-    try:
-        return paths.resolve("/etc/hostname").read_text().strip() or socket.gethostname()
-    except OSError:
-        return socket.gethostname()
 
 
 def authenticated_client(paths: Paths, timeout: float = 15.0) -> tuple[Registration, Client]:

@@ -131,3 +131,34 @@ def test_the_check_sees_each_kind_of_crossing() -> None:
         ("agent.install", "server.errors"),
         ("server.app", "agent.install"),
     }
+
+
+# Every state file has one owner: its typed load and save live next to its dataclass, and nobody else opens it.
+STATE_OWNERS = {
+    "agent_config": "agent.installed",  # /etc/mobility/agent.json
+    "last_job": "agent.lastjob",  # /var/lib/mobility/last-job.json
+    "freeze_state": "agent.freeze",  # /var/lib/mobility/freeze.json
+    "daemon_status": "agent.status",  # /var/lib/mobility/daemon.json
+    "identity": "agent.identity",  # /var/lib/mobility/identity.json
+}
+
+
+def test_each_state_file_is_opened_by_its_owner_only() -> None:
+    found = []
+    for module, source in _modules().items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr in STATE_OWNERS and STATE_OWNERS[node.attr] != module:
+                if isinstance(node.value, ast.Name) and node.value.id == "self" and module == "agent.paths":
+                    continue
+                found.append(f"{module}:{node.lineno} uses .{node.attr}, owned by {STATE_OWNERS[node.attr]}")
+    assert not found, "\n".join(found)
+
+
+def test_the_default_install_directory_is_spelled_once() -> None:
+    found = [
+        module
+        for module, source in _modules().items()
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and node.value == "/usr/local/mobility"
+    ]
+    assert found == ["agent.install_dir"], found

@@ -8,6 +8,8 @@ from typing import ClassVar
 
 from agent.checks import Report, Result, Status
 from agent.config import AgentConfig
+from agent.freeze import FreezeSetup
+from agent.shared.errors import FreezeNotReady
 from agent.shared.timefmt import shown
 
 MIB = 1024 * 1024
@@ -253,18 +255,19 @@ class CertificateDays:
 
 @dataclass(frozen=True)
 class FreezeProvider:
-    ready: bool
+    setup: FreezeSetup  # agent.freeze.provider_status: the set-up's verdict, the one source of truth
     id: ClassVar[str] = "HLT-FREEZE"
     title: ClassVar[str] = "freeze provider set up"
-    remediation: ClassVar[str] = (
-        "Create /etc/mobility/freeze.d (mode 0700) for pre/post freeze hooks; until then only crash-consistent points."
-    )
+    remediation: ClassVar[str] = FreezeNotReady.remediation
 
     def run(self) -> Result:
-        if self.ready:
-            return Result(self.id, Status.PASS, "freeze hooks directory ready (app-consistent points possible)")
+        if self.setup.ready:
+            return Result(self.id, Status.PASS, f"freeze provider ready: {self.setup.reason}")
         return Result(
-            self.id, Status.WARN, "freeze provider not set up: only crash-consistent recovery points", self.remediation
+            self.id,
+            Status.WARN,
+            f"freeze provider not set up ({self.setup.reason}): only crash-consistent recovery points",
+            self.remediation,
         )
 
 
@@ -275,7 +278,7 @@ def health_checks(
     server: ServerSample,
     disk: DiskSample | None,
     cert_not_after: float | None,
-    freeze_ready: bool,
+    freeze: FreezeSetup,
 ) -> list[
     DaemonRunning
     | MemoryBudget
@@ -297,5 +300,5 @@ def health_checks(
         ServerReachable(server, config, now),
         ClockSkew(server, config),
         CertificateDays(cert_not_after, config, now),
-        FreezeProvider(freeze_ready),
+        FreezeProvider(freeze),
     ]

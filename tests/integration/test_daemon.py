@@ -59,7 +59,8 @@ def setup(tmp_path: Path) -> Iterator[tuple[ServerProcess, Agent]]:
         cleanup.callback(server.stop)
         root = sandbox_root(tmp_path / "m", "d1" * 16)
         assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
-        (root / "etc/mobility/freeze.d").mkdir(mode=0o700, parents=True)
+        r = agent_cli("freeze-provider", "install", "--root", str(root))  # ext4 and root: ready, recorded
+        assert r.returncode == 0, r.stdout + r.stderr
         (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 1, "test_hooks": True}))
         notify = cleanup.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
         notify.bind(str(tmp_path / "notify"))
