@@ -6,8 +6,6 @@ register, start the daemon, and report the job to the server (`succeeded`, `succ
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import sys
 import tarfile
 import time
@@ -21,6 +19,7 @@ from agent import __version__
 from agent.bundles import inspect_bundle, version_key
 from agent.distros import detect_os, require_supported
 from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, ServerUnreachable, TufFetchFailed
+from agent.faults import fault_point
 from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
@@ -118,12 +117,9 @@ class Progress:
         self.paths, self.total, self.n = paths, total, 0
         self.tty = sys.stderr.isatty()
 
-    kill_at: int | None = None  # tests: SIGKILL this process when step N begins (`--test-kill-at N`)
-
     def step(self, title: str) -> None:
         self.n += 1
-        if self.kill_at == self.n:
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault_point("bootstrap.step", step=self.n, title=title)  # the crash tests kill the process here
         log(self.paths, f"bootstrap [{self.n}/{self.total}] {title}")
         if self.tty:
             print(f"[{self.n}/{self.total}] {title}", file=sys.stderr, flush=True)
@@ -303,7 +299,7 @@ def _run(
 
 def _unpack(paths: Paths, bundle: Path) -> Path:
     name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
-    staging = paths(f"/var/lib/mobility/staging/{name.version}")
+    staging = paths.staging_dir / name.version
     try:
         remove(staging)
         staging.mkdir(parents=True)

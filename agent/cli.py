@@ -249,10 +249,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         "bundle": args.bundle,
         "job_id": _job_id(args.job_id),
     }
-    if args.test_kill_at is not None:
-        from agent.bootstrap import Progress
-
-        Progress.kill_at = args.test_kill_at
     outcome = bootstrap(paths, merged_settings(paths, flags))
     data = {"state": outcome.state, "message": outcome.message, "host_id": outcome.host_id, "job_id": outcome.job_id}
     _emit(args, data, f"{outcome.state}: {outcome.message}")
@@ -304,7 +300,6 @@ def add_bootstrap_flags(p: argparse.ArgumentParser) -> None:
         help="install this unpacked bundle instead of fetching one (push install copies it over SFTP)",
     )
     p.add_argument("--job-id", metavar="UUID", help="report under this job, created by the server (push install)")
-    p.add_argument("--test-kill-at", type=int, metavar="STEP", help=argparse.SUPPRESS)  # crash tests only
     p.set_defaults(func=cmd_bootstrap)
 
 

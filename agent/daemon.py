@@ -26,6 +26,7 @@ import psutil
 from agent import __version__
 from agent.checks import Status, run_checks
 from agent.config import AgentConfig, load_config
+from agent.faults import fault_point
 from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
 from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, process_sample
@@ -42,8 +43,6 @@ from agent.status import DaemonStatus
 
 log = logging.getLogger("mobility.daemon")
 
-MIB = 1024 * 1024
-BALLAST_STEP = 16 * MIB
 SLOW_FACTOR = 4  # optional work runs this much less often while memory is tight
 
 
@@ -87,7 +86,6 @@ class Daemon:
         self.stopping = False
         self.ready = False
         self.shedding = False
-        self.ballast: list[bytearray] = []
         self.report: dict[str, Any] = {}
         self._cpu: float | None = None
         self.metrics: Any = None
@@ -116,6 +114,7 @@ class Daemon:
             self._handle(self.signals.popleft())
         if self.stopping:
             return
+        fault_point("daemon.tick")  # the memory-budget tests grow this process's memory here
         self.scheduler.run_pending()
         self.notifier.notify(watchdog="1")
 
@@ -132,11 +131,6 @@ class Daemon:
             self.backlog = deque(self.backlog, maxlen=self.config.backlog_max)
             log.info("configuration reloaded")
             self._schedule()
-        elif signum == signal.SIGUSR2 and self.config.test_hooks:
-            block = bytearray(BALLAST_STEP)
-            block[::4096] = b"\1" * (BALLAST_STEP // 4096)  # touch every page so it is resident
-            self.ballast.append(block)
-            log.warning("test hook: memory ballast now %d MiB", len(self.ballast) * BALLAST_STEP // MIB)
 
     # Jobs ------------------------------------------------------------------------------------------------
 
@@ -281,7 +275,7 @@ class Daemon:
     # The loop --------------------------------------------------------------------------------------------
 
     def run_forever(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.queue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         log.info("mobility %s daemon started (pid %d, host %s)", __version__, os.getpid(), self.host_id or "-")

@@ -217,7 +217,7 @@ class DiagnosticsWriteFailed(LocalSystemError):
 
 
 # Printed by the static launchers of the frozen programs (packaging/launcher/), not raised in Python: catalogued here
-# so that their IDs and remediations have one home (the packaging tests compare what the launchers print).
+# so that their IDs and remediations have one home (tests/integration/test_packaging_*.py compare what they print).
 
 
 class RuntimeMissing(LocalSystemError):

@@ -76,7 +76,10 @@ def check_freezable(paths: Paths, mountinfo: str | None = None, euid: int | None
     """Whether the filesystem holding the root (the one to protect) can be frozen, judged from its type (by default
     in this process's mount table, by this process's user)."""
     if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError as e:  # no /proc (a chroot without it)
+            return FreezeSetup(False, f"cannot read the mount table (/proc/self/mountinfo): {e.strerror}")
     mount = mount_of(mountinfo, str(paths.root))
     if mount is None:
         return FreezeSetup(False, f"no mount holds {paths.root}")
