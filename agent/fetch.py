@@ -69,9 +69,7 @@ class HttpsFetcher(FetcherInterface):
         )
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         try:
-            conn.request(
-                "GET", target, headers={"User-Agent": f"mobility/{__version__}", "Accept-Encoding": "identity"}
-            )
+            conn.request("GET", target, headers=_HEADERS)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             conn.close()

@@ -230,13 +230,6 @@ class Storage:
         )
         return next((m for m in map(self._machine, rows) if m.facts.same_machine(facts)), None)
 
-    def host_enrolled_with(self, token_id: str) -> str | None:
-        """The host ID of the machine that enrolled with this token (a push's single-use token), if any."""
-        row = self.db.execute(
-            "SELECT host_id FROM machines WHERE enrol_token_id = ? ORDER BY enrolled_at DESC LIMIT 1", (token_id,)
-        ).fetchone()
-        return str(row[0]) if row else None
-
     def enrol_machine(self, m: NewMachine, now: float) -> bool:
         """Take one use of the machine's token (if any) and record the machine, in one transaction. False (and
         nothing written) when the token has no use left by then: concurrent enrolments cannot overdraw it."""
