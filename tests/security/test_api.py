@@ -396,3 +396,17 @@ def test_unknown_host_ids_and_uuid_forms(server: ServerProcess, tmp_path: Path) 
         body = json.dumps({"host_id": claimed, "agent_version": VERSION}).encode()
         status, doc = raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))
         assert (status, error_code(doc)) == (400, "BAD-REQUEST"), claimed
+
+
+def test_a_certificate_of_a_machine_the_server_no_longer_knows(server: ServerProcess, tmp_path: Path) -> None:
+    """A valid client certificate is not enough: the host must still be in the database (removed by hand here)."""
+    root = registered(server, tmp_path, "gone", "cd" * 16)
+    host_id = host_id_of(root)
+    storage = Storage(server.data / "mobility.db")
+    try:
+        storage.db.execute("DELETE FROM machines WHERE host_id = ?", (host_id,))
+    finally:
+        storage.close()
+    body = json.dumps({"host_id": host_id, "agent_version": VERSION}).encode()
+    status, doc = raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))
+    assert (status, error_code(doc)) == (404, "MACHINE-UNKNOWN")
