@@ -104,5 +104,8 @@ def install_provider(paths: Paths, check: Callable[[Paths], FreezeSetup] = check
         setup = check(paths)
         if not setup.ready and not hooks.is_symlink() and not any(hooks.iterdir()):
             hooks.rmdir()  # made for nothing: an empty directory would only suggest hooks could run
-    save_setup(paths, setup)
+    try:
+        save_setup(paths, setup)
+    except OSError as e:  # unrecorded, health will say not set up: so does this verdict
+        return FreezeSetup(False, f"cannot record the set-up in {paths.freeze_state}: {e.strerror}")
     return setup

@@ -82,3 +82,12 @@ def test_health_re_checks_the_hooks_directory_and_says_never_set_up(tmp_path: Pa
     status = provider_status(paths)
     assert not status.ready and "removed" in status.reason
     assert FreezeProvider(status).run().status is Status.WARN
+
+
+def test_a_set_up_that_cannot_be_recorded_is_not_ready_as_health_will_say(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    (tmp_path / "var/lib").mkdir(parents=True)
+    (tmp_path / "var/lib/mobility").write_text("a file where the state directory goes")
+    setup = install_provider(paths, lambda p: FreezeSetup(True, "/ (ext4) supports FIFREEZE"))
+    assert not setup.ready and "cannot record the set-up" in setup.reason
+    assert not provider_status(paths).ready
