@@ -21,6 +21,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if faults.RECORD not in os.environ:
         os.environ[faults.RECORD] = tempfile.mkdtemp(prefix="mobility-error-record-")
+        # as /tmp: the process of a test that runs as another user records its own file
+        os.chmod(os.environ[faults.RECORD], 0o1777)  # noqa: S103
     python_path = [str(faults.SITE), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
     faults.record_errors(Path(os.environ[faults.RECORD]))

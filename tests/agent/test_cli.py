@@ -169,3 +169,20 @@ def test_a_malformed_fingerprint_is_refused_before_anything_is_read(tmp_path: Pa
     )
     assert (r.returncode, r.stderr.split(":")[0]) == (2, "error FINGERPRINT-INVALID")
     assert "PASSPHRASE-FILE" not in r.stderr and not (tmp_path / "var").exists()
+
+
+def test_the_local_commands_need_root(tmp_path: Path) -> None:
+    """status, health and diagnostics read private state: another user is told so (exit 2), as root or not."""
+    import os
+
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    for command in ("status", "health", "diagnostics"):
+        r = subprocess.run(
+            [*drop, sys.executable, "-m", "agent", command, "--root", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error ROOT-REQUIRED"), r.stderr

@@ -64,8 +64,11 @@ class ErrorRecord:
     def add(self, code: str) -> None:
         if code and code not in self.seen:
             self.seen.add(code)
-            with (self.directory / f"{os.getpid()}.ids").open("a") as f:
-                f.write(code + "\n")
+            try:
+                with (self.directory / f"{os.getpid()}.ids").open("a") as f:
+                    f.write(code + "\n")
+            except OSError:  # never the product's failure: the catalogue check reports what went unrecorded
+                pass
 
 
 _records: list[ErrorRecord] = []
