@@ -6,38 +6,30 @@ register, start the daemon, and report the job to the server (`succeeded`, `succ
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
-import os
-import signal
 import sys
 import tarfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import __version__
 from agent.bundles import inspect_bundle, version_key
 from agent.distros import detect_os, require_supported
-from agent.errors import (
-    BootstrapConfigInvalid,
-    BundleRefused,
-    InstallDirInvalid,
-    InstallFailed,
-    IoFailed,
-    MobilityError,
-    ServerUnreachable,
-    TufFetchFailed,
-)
-from agent.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
-from agent.identity import collect_facts, load_registration
+from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, ServerUnreachable, TufFetchFailed
+from agent.faults import fault_point
+from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
+from agent.installed import load_install_record
+from agent.lastjob import load_last_job, save_last_job
 from agent.paths import Paths
 from agent.services import start_daemon
+from agent.shared.errors import BundleRefused, FreezeNotReady, IoFailed, MobilityError
+from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
+from agent.shared.wire import JobReport
 
 T = TypeVar("T")
 BACKOFF_START, BACKOFF_CAP = 1.0, 30.0
@@ -84,6 +76,13 @@ def read_bootstrap_conf(paths: Paths) -> str:
         raise BootstrapConfigInvalid(f"{paths.bootstrap_conf}: {getattr(e, 'strerror', None) or e}") from e
 
 
+def passphrase_path(paths: Paths, value: str) -> Path:
+    """Where ``passphrase_file`` is: an absolute one is a file of the root image, read as its chroot would."""
+    if not Path(value).is_absolute() or paths.root == paths.root.parent:
+        return Path(value)
+    return paths.resolve(value)
+
+
 def merged_settings(paths: Paths, flags: dict[str, Any]) -> BootstrapSettings:
     """bootstrap.conf, then the flags given on the command line (flags win)."""
     conf: dict[str, Any] = {}
@@ -118,12 +117,9 @@ class Progress:
         self.paths, self.total, self.n = paths, total, 0
         self.tty = sys.stderr.isatty()
 
-    kill_at: int | None = None  # tests: SIGKILL this process when step N begins (`--test-kill-at N`)
-
     def step(self, title: str) -> None:
         self.n += 1
-        if self.kill_at == self.n:
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault_point("bootstrap.step", step=self.n, title=title)  # the crash tests kill the process here
         log(self.paths, f"bootstrap [{self.n}/{self.total}] {title}")
         if self.tty:
             print(f"[{self.n}/{self.total}] {title}", file=sys.stderr, flush=True)
@@ -132,20 +128,16 @@ class Progress:
 def is_current(paths: Paths) -> bool:
     """Installed at this bootstrapper's version or newer, registered, the identity is this machine's, and the
     last bootstrap ran to its end (a run killed before it started the daemon and reported its job is not)."""
-    try:
-        installed = json.loads(paths.agent_config.read_text())
-        last_job = json.loads(paths.last_job.read_text())
-    except (OSError, ValueError):
-        return False
-    if last_job.get("state") not in ("succeeded", "succeeded with warnings"):
+    installed, last_job = load_install_record(paths), load_last_job(paths)
+    if installed is None or last_job is None or not last_job.ended_well or not isinstance(installed.install_dir, str):
         return False
     try:
-        current = paths.install_dir(parse_install_dir(str(installed.get("install_dir")), "agent.json")) / "current"
+        current = paths.install_dir(parse_install_dir(installed.install_dir, "agent.json")) / "current"
     except InstallDirInvalid:
         return False
     reg = load_registration(paths)
     return (
-        version_key(str(installed.get("version", "0"))) >= version_key(__version__)
+        version_key(installed.version or "0") >= version_key(__version__)
         and (current / ".complete").exists()
         and reg is not None
         and paths.client_cert.exists()
@@ -183,28 +175,25 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
             (reg.host_id if (reg := load_registration(paths)) else None),
         )
     # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
-    from agent.registration import read_secret_file
-    from agent.transport import parse_address, parse_fingerprint
+    from agent.shared.address import parse_address
+    from agent.shared.secretfile import read_secret_file
+    from agent.transport import parse_fingerprint
 
     parse_address(settings.server)
     pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
-    secret = read_secret_file(
-        Path(settings.passphrase_file)
-        if not Path(settings.passphrase_file).is_absolute() or paths.root == paths.root.parent
-        else paths.resolve(settings.passphrase_file)  # a file of the root image, read as its chroot would
+    secret = read_secret_file(passphrase_path(paths, settings.passphrase_file))
+    job = JobReport(
+        kind=_job_kind(paths),
+        state="running",
+        hostname=machine_hostname(paths),
+        job_id=settings.job_id or str(uuid.uuid4()),
     )
-    job: dict[str, Any] = {
-        "job_id": settings.job_id or str(uuid.uuid4()),
-        "hostname": _hostname(paths),
-        "state": "running",
-        "kind": _job_kind(paths),
-    }
     if is_current(paths):  # a push to a machine that has everything: its job still ends, under its own identity
         reg = load_registration(paths)
         message = "installed, registered, current and this machine's: nothing to do"
-        job.update(state="succeeded", host_id=reg.host_id if reg else None, detail=message)
+        job = replace(job, state="succeeded", host_id=reg.host_id if reg else None, detail=message)
         _report(paths, job, settings, secret, pinned)
-        return Outcome("current", message, job["host_id"], job["job_id"])
+        return Outcome("current", message, job.host_id, job.job_id)
     try:
         try:
             with install_lock(paths):
@@ -212,8 +201,13 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
         except OSError as e:  # a disk or file problem below: the job still ends `failed`, with an ID
             raise IoFailed.from_os_error(e) from e
     except MobilityError as e:
-        job.update(state="failed", error_id=e.id, remediation=e.fix, detail=e.message[:2000])
-        _report(paths, job, settings, secret, pinned)
+        _report(
+            paths,
+            replace(job, state="failed", error_id=e.id, remediation=e.fix, detail=e.message[:2000]),
+            settings,
+            secret,
+            pinned,
+        )
         raise
 
 
@@ -223,12 +217,13 @@ def _run(
     os_tag: str,
     pinned: str | None,
     secret: str,
-    job: dict[str, Any],
+    job: JobReport,
     sleep: Callable[[float], None],
 ) -> Outcome:
     from agent.fetch import fetch_bundle
     from agent.registration import configure, trusted_ca
-    from agent.transport import Client, parse_address
+    from agent.shared.address import parse_address
+    from agent.transport import Client
 
     progress = Progress(paths, 6)
     server = parse_address(s.server)
@@ -290,20 +285,21 @@ def _run(
     state = "succeeded with warnings" if warnings else "succeeded"
     clone = f", a clone of {enrolled.registration.cloned_from}" if enrolled.registration.cloned_from else ""
     message = f"Mobility {installed.version} installed and registered as {enrolled.registration.host_id}{clone}"
-    job.update(
+    job = replace(
+        job,
         state=state,
         host_id=enrolled.registration.host_id,
-        error_id="FREEZE-NOT-READY" if warnings else None,
-        remediation="Run `mobility freeze-provider install`." if warnings else None,
+        error_id=FreezeNotReady.code if warnings else None,
+        remediation=FreezeNotReady.remediation if warnings else None,
         detail="; ".join([message, *warnings]),
     )
     _report(paths, job, s, secret, pinned)
-    return Outcome(state, "; ".join([message, *warnings]), enrolled.registration.host_id, job["job_id"])
+    return Outcome(state, "; ".join([message, *warnings]), enrolled.registration.host_id, job.job_id)
 
 
 def _unpack(paths: Paths, bundle: Path) -> Path:
     name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
-    staging = paths(f"/var/lib/mobility/staging/{name.version}")
+    staging = paths.staging_dir / name.version
     try:
         remove(staging)
         staging.mkdir(parents=True)
@@ -321,39 +317,23 @@ def _unpack(paths: Paths, bundle: Path) -> Path:
     return staging
 
 
-def _report(paths: Paths, job: dict[str, Any], s: BootstrapSettings, secret: str, pinned: str | None) -> None:
+def _report(paths: Paths, job: JobReport, s: BootstrapSettings, secret: str, pinned: str | None) -> None:
     """Tell the server (mutual TLS once registered, else a proof of the secret) and keep a local copy."""
     from agent.registration import report_job
 
-    job["reported"] = dt.datetime.now(dt.UTC).isoformat()
     with contextlib.suppress(OSError):
-        atomic_write(paths.last_job, json.dumps(job, indent=2).encode())
-    body = {
-        k: v
-        for k, v in job.items()
-        if k in ("job_id", "host_id", "hostname", "kind", "state", "error_id", "remediation", "detail")
-    }
+        save_last_job(paths, job, time.time())
     try:
-        report_job(paths, body, s.server, secret, pinned)
+        report_job(paths, job.to_json(), s.server, secret, pinned)
     except MobilityError as e:
-        log(paths, f"could not report job {job['job_id']} to the server: {e.id}: {e.message}")
+        log(paths, f"could not report job {job.job_id} to the server: {e.id}: {e.message}")
 
 
 def _job_kind(paths: Paths) -> str:
-    try:
-        installed = json.loads(paths.agent_config.read_text())
-    except (OSError, ValueError):
+    installed = load_install_record(paths)
+    if installed is None:
         return "install"
-    return "upgrade" if version_key(str(installed.get("version", "0"))) < version_key(__version__) else "configure"
-
-
-def _hostname(paths: Paths) -> str:
-    import socket
-
-    if paths.root != paths.root.parent:
-        with contextlib.suppress(OSError):
-            return paths.resolve("/etc/hostname").read_text().strip() or socket.gethostname()
-    return socket.gethostname()
+    return "upgrade" if version_key(installed.version or "0") < version_key(__version__) else "configure"
 
 
 __all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "merged_settings"]

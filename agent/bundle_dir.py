@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.bundles import MANIFEST_NAME, MAX_MANIFEST_BYTES, TAR_LIMITS, Manifest, parse_manifest
-from agent.errors import BundleRefused
+from agent.shared.errors import BundleRefused
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after the check must not block the open; O_NOCTTY: nor may a terminal adopt us.

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.distros.matrix import BY_TAG, SUPPORTED_ARCHES, Init
-from agent.errors import BundleRefused
-from agent.fsutil import sha256_stream
+from agent.shared.errors import BundleRefused
+from agent.shared.fsutil import sha256_stream
+from agent.shared.textsafe import shown
 from agent.targuard import GuardedStream, TarGuard, TarLimits
-from agent.textsafe import shown
 
 MANIFEST_NAME = "bundle.json"
 MAX_MANIFEST_BYTES = 1 << 20

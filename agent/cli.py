@@ -3,38 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from agent import __version__
 from agent.checks import Status, render, run_checks
 from agent.distros import detect_os, require_supported
-from agent.errors import (
-    BadArguments,
-    ConfirmationRequired,
-    Exit,
-    IoFailed,
-    MobilityError,
-    PrerequisitesFailed,
-    RootRequired,
-)
+from agent.errors import ConfirmationRequired, PrerequisitesFailed, RootRequired
 from agent.install_dir import parse_install_dir
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
-from agent.wire import PLATFORMS, ROLES
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that raises a MobilityError (exit 2) instead of printing and exiting itself."""
-
-    def error(self, message: str) -> NoReturn:
-        raise BadArguments(f"{self.prog}: {message}")
+from agent.shared import timefmt
+from agent.shared.cli import Parser, report_error, run
+from agent.shared.errors import BadArguments, Exit, MobilityError
+from agent.shared.wire import PLATFORMS, ROLES
 
 
 def _emit(args: argparse.Namespace, data: object, text: str) -> None:
@@ -66,12 +52,13 @@ def cmd_prereq(args: argparse.Namespace) -> int:
     if report.failed:
         failed = ", ".join(r.id for r in report.results if r.status is Status.FAIL)
         # The report (JSON or table) is already on stdout: only the one-line error goes to stderr.
-        return _report_error(PrerequisitesFailed(f"prerequisite checks failed: {failed}"), json_out=False)
+        return report_error(PrerequisitesFailed(f"prerequisite checks failed: {failed}"), json_out=False)
     return Exit.OK
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
-    from agent.registration import configure, read_secret_file
+    from agent.registration import configure
+    from agent.shared.secretfile import read_secret_file
     from agent.transport import parse_fingerprint
 
     paths = Paths.checked(args.root)
@@ -153,12 +140,6 @@ def _require_root(args: argparse.Namespace) -> Paths:
     return Paths.checked(args.root)
 
 
-def _stamp(t: object) -> str:
-    if not isinstance(t, (int, float)):
-        return "never"
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from agent.daemon import Daemon, ServerLink
@@ -205,13 +186,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"role/platform:  {data['role'] or '-'} / {data['platform'] or '-'}",
         f"server:         {data['server'] or '-'} ({data['registration']})",
         f"daemon:         {data['daemon']}, health {data['health'] or 'unknown'}",
-        f"last heartbeat: {_stamp(data['last_heartbeat'])}"
+        f"last heartbeat: {timefmt.shown(data['last_heartbeat'])}"
         + (
-            f"; server unreachable since {_stamp(data['server_unreachable_since'])}, {data['backlog']} reports queued"
+            f"; server unreachable since {timefmt.shown(data['server_unreachable_since'])}, "
+            f"{data['backlog']} reports queued"
             if data["server_unreachable_since"]
             else ""
         ),
         f"last job:       {job.get('kind', '-')} {job.get('state', '')}".rstrip(),
+        f"freeze:         {'ready' if data['freeze_provider']['ready'] else 'not set up'}: "
+        f"{data['freeze_provider']['reason']}",
     ]
     _emit(args, data, "\n".join(lines))
     return Exit.OK
@@ -265,10 +249,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         "bundle": args.bundle,
         "job_id": _job_id(args.job_id),
     }
-    if args.test_kill_at is not None:
-        from agent.bootstrap import Progress
-
-        Progress.kill_at = args.test_kill_at
     outcome = bootstrap(paths, merged_settings(paths, flags))
     data = {"state": outcome.state, "message": outcome.message, "host_id": outcome.host_id, "job_id": outcome.job_id}
     _emit(args, data, f"{outcome.state}: {outcome.message}")
@@ -320,7 +300,6 @@ def add_bootstrap_flags(p: argparse.ArgumentParser) -> None:
         help="install this unpacked bundle instead of fetching one (push install copies it over SFTP)",
     )
     p.add_argument("--job-id", metavar="UUID", help="report under this job, created by the server (push install)")
-    p.add_argument("--test-kill-at", type=int, metavar="STEP", help=argparse.SUPPRESS)  # crash tests only
     p.set_defaults(func=cmd_bootstrap)
 
 
@@ -422,31 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-Y", dest="yes", action="store_true", help="confirm")
     p.set_defaults(func=cmd_uninstall)
     return parser
-
-
-def _report_error(e: MobilityError, *, json_out: bool) -> int:
-    if json_out:
-        print(json.dumps({"error": e.to_json()}, indent=2))
-    print(e.diagnostics(), file=sys.stderr)
-    return int(e.exit_code)
-
-
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse and dispatch; the one place a MobilityError becomes output and an exit code."""
-    wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
-    try:
-        args = parser.parse_args(argv)
-        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-        if func is None:
-            parser.print_help()
-            return Exit.USAGE
-        return func(args)
-    except MobilityError as e:
-        return _report_error(e, json_out=wants_json)
-    except OSError as e:  # a file or disk problem no layer below turned into its own error: still one clear line
-        return _report_error(IoFailed.from_os_error(e), json_out=wants_json)
-    except KeyboardInterrupt:
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from agent.errors import ConfigInvalid
-from agent.fsutil import NotSmallRegularFile, read_small_file
 from agent.paths import Paths
+from agent.shared.fsutil import NotSmallRegularFile, read_small_file
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,6 @@ class AgentConfig:
     server_unreachable_fail_seconds: float = 600.0
     backlog_max: int = 120  # health reports kept while the server is unreachable
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT when set
-    test_hooks: bool = False  # SIGUSR2 grows a memory ballast by 16 MiB (for the budget tests)
 
 
 def parse_config(text: str, source: str) -> AgentConfig:
@@ -53,8 +52,6 @@ def parse_config(text: str, source: str) -> AgentConfig:
         default = getattr(AgentConfig, key)
         if key == "metrics_port":
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536)
-        elif isinstance(default, bool):
-            ok = isinstance(value, bool)
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
         else:

@@ -23,24 +23,26 @@ from typing import Any, Protocol
 
 import psutil
 
-from agent import __version__, wire
+from agent import __version__
 from agent.checks import Status, run_checks
 from agent.config import AgentConfig, load_config
-from agent.errors import MobilityError
+from agent.faults import fault_point
+from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
-from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, freeze_ready, process_sample
+from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, process_sample
 from agent.identity import load_registration
+from agent.installed import load_install_record
 from agent.paths import Paths
 from agent.proc import host_environ
 from agent.runtime import self_command
 from agent.scheduler import ClockScheduler
 from agent.sdnotify import Notifier
+from agent.shared import timefmt, wire
+from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
 
 log = logging.getLogger("mobility.daemon")
 
-MIB = 1024 * 1024
-BALLAST_STEP = 16 * MIB
 SLOW_FACTOR = 4  # optional work runs this much less often while memory is tight
 
 
@@ -84,7 +86,6 @@ class Daemon:
         self.stopping = False
         self.ready = False
         self.shedding = False
-        self.ballast: list[bytearray] = []
         self.report: dict[str, Any] = {}
         self._cpu: float | None = None
         self.metrics: Any = None
@@ -113,6 +114,7 @@ class Daemon:
             self._handle(self.signals.popleft())
         if self.stopping:
             return
+        fault_point("daemon.tick")  # the memory-budget tests grow this process's memory here
         self.scheduler.run_pending()
         self.notifier.notify(watchdog="1")
 
@@ -129,11 +131,6 @@ class Daemon:
             self.backlog = deque(self.backlog, maxlen=self.config.backlog_max)
             log.info("configuration reloaded")
             self._schedule()
-        elif signum == signal.SIGUSR2 and self.config.test_hooks:
-            block = bytearray(BALLAST_STEP)
-            block[::4096] = b"\1" * (BALLAST_STEP // 4096)  # touch every page so it is resident
-            self.ballast.append(block)
-            log.warning("test hook: memory ballast now %d MiB", len(self.ballast) * BALLAST_STEP // MIB)
 
     # Jobs ------------------------------------------------------------------------------------------------
 
@@ -157,7 +154,7 @@ class Daemon:
                 server,
                 disk_sample(self.paths),
                 cert_not_after(self.paths),
-                freeze_ready(self.paths),
+                provider_status(self.paths),
             )
         )
         health = overall(report)
@@ -204,7 +201,7 @@ class Daemon:
         except MobilityError as e:
             if self.status.unreachable_since is None:
                 self.status.unreachable_since = self.now
-                log.warning("server unreachable since %s: %s: %s", _stamp(self.now), e.id, e.message)
+                log.warning("server unreachable since %s: %s: %s", timefmt.shown(self.now), e.id, e.message)
             self.status.last_error = f"{e.id}: {e.message}"
             self.backlog.append(body)
             self.status.backlog = len(self.backlog)
@@ -256,7 +253,8 @@ class Daemon:
             log.warning("certificate renewal failed (%s: %s); retrying within the hour", e.id, e.message)
 
     def check_update(self) -> None:
-        os_tag = _installed_os_tag(self.paths)
+        installed = load_install_record(self.paths)
+        os_tag = installed.os_tag if installed is not None else None
         if os_tag is None:
             return
         try:
@@ -277,7 +275,7 @@ class Daemon:
     # The loop --------------------------------------------------------------------------------------------
 
     def run_forever(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.queue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         log.info("mobility %s daemon started (pid %d, host %s)", __version__, os.getpid(), self.host_id or "-")
@@ -317,19 +315,6 @@ def restart() -> None:
     logging.shutdown()
     argv = self_command(sys.argv[1:])
     os.execve(argv[0], argv, host_environ())  # noqa: S606 - our own program, same arguments
-
-
-def _installed_os_tag(paths: Paths) -> str | None:
-    import json
-
-    try:
-        return str(json.loads(paths.agent_config.read_text())["os_tag"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _stamp(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 class ServerLink:

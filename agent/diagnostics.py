@@ -3,7 +3,6 @@ every secret redacted (the passphrase and tokens, private keys, proofs and nonce
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -18,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.errors import DiagnosticsWriteFailed
-from agent.fsutil import read_small_file
+from agent.errors import BootstrapConfigInvalid, DiagnosticsWriteFailed
 from agent.paths import Paths
-from agent.registration import MAX_SECRET_BYTES
+from agent.shared.fsutil import read_small_file
+from agent.shared.secretfile import MAX_SECRET_BYTES
 
 REDACTED = "[REDACTED]"
 MAX_LOG_BYTES = 4 * 1024 * 1024  # per file: the newest part of a large log
@@ -45,19 +44,20 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def known_secrets(paths: Paths) -> list[str]:
-    """Secret values this machine holds: the passphrase or token file named in bootstrap.conf."""
-    found: list[str] = []
+    """Secret values this machine holds: the passphrase or token file named in bootstrap.conf (read by the
+    bootstrap's own parser; a conf it refuses names no file, and is collected redacted like any other)."""
+    from agent.bootstrap import parse_bootstrap_conf, passphrase_path, read_bootstrap_conf
+
     try:
-        conf = paths.bootstrap_conf.read_text()
-    except OSError:
-        return found
-    for line in conf.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() in ("passphrase_file", "token_file", "passphrase-file"):
-            with_root = paths.resolve(value.strip()) if value.strip().startswith("/") else Path(value.strip())
-            with contextlib.suppress(OSError, ValueError):  # a missing or unreadable file holds no secret to hide
-                found.append(read_small_file(with_root, MAX_SECRET_BYTES)[1].decode().strip())
-    return found
+        conf = parse_bootstrap_conf(read_bootstrap_conf(paths), str(paths.bootstrap_conf))
+    except BootstrapConfigInvalid:
+        return []
+    if not conf.get("passphrase_file"):
+        return []
+    try:  # a missing or unreadable file holds no secret to hide
+        return [read_small_file(passphrase_path(paths, conf["passphrase_file"]), MAX_SECRET_BYTES)[1].decode().strip()]
+    except (OSError, ValueError):
+        return []
 
 
 def _files(directory: Path) -> list[Path]:
@@ -102,7 +102,7 @@ def collect(paths: Paths, health: dict[str, Any], out: Path) -> list[str]:
         else {}
     )
     members["state/files.json"] = json.dumps(state, indent=2)
-    for name in ("identity.json", "daemon.json", "last-job.json"):
+    for name in ("identity.json", "daemon.json", "last-job.json", "freeze.json"):
         p = paths.state_dir / name
         if p.is_file() and not p.is_symlink():
             members[f"state/{name}"] = redact(_read_tail(p), secrets)

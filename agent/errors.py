@@ -1,90 +1,17 @@
-"""One error root with stable IDs; every user-facing failure is a subclass here.
-
-Each concrete class carries a stable ``code`` (catalogued in docs/errors.md), a
-default remediation and the process exit code the CLI uses. Third-party
-exceptions are converted at the boundary with ``raise ... from e``.
-"""
+"""The agent's own errors: each a subclass of a family of the error root (agent/shared/errors.py), with a stable
+``code`` catalogued in docs/errors.md, a default remediation and the exit code the command line uses."""
 
 from __future__ import annotations
 
-from enum import IntEnum
-from typing import ClassVar
-
-
-class Exit(IntEnum):
-    """Process exit codes (DESIGN.md, "Errors")."""
-
-    OK = 0
-    ERROR = 1
-    USAGE = 2
-    UNSUPPORTED = 3
-    TEMPFAIL = 75
-
-
-class MobilityError(Exception):
-    """Root of every error Mobility reports to a user."""
-
-    code: ClassVar[str] = ""
-    remediation: ClassVar[str] = ""
-    exit_code: ClassVar[Exit] = Exit.ERROR
-
-    def __init__(self, message: str, *, fix: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fix = fix if fix is not None else self.remediation
-        self.id = self.code  # the stable ID shown; a RemoteError shows the server's own
-
-    def diagnostics(self) -> str:
-        """The two lines the CLI prints: ``error <ID>: message`` and the fix."""
-        return f"error {self.id}: {self.message}\n  fix: {self.fix}"
-
-    def to_json(self) -> dict[str, str]:
-        return {"code": self.id, "message": self.message, "fix": self.fix}
-
-
-# Families -----------------------------------------------------------------
-
-
-class UsageError(MobilityError):
-    """The command line or a configuration value is wrong."""
-
-    exit_code = Exit.USAGE
-
-
-class LocalSystemError(MobilityError):
-    """Something on this machine (files, permissions, disks) prevents the work."""
-
-
-class RemoteStateError(MobilityError):
-    """The server refused or does not know something (wrong passphrase, unknown host)."""
-
-
-class TransportError(MobilityError):
-    """Talking to the server failed: connection, TLS, protocol."""
-
-
-class UnsupportedError(MobilityError):
-    """The machine is not one Mobility supports, cannot be identified, or a prerequisite failed."""
-
-    exit_code = Exit.UNSUPPORTED
-
-
-class TemporaryError(MobilityError):
-    """A server, the network or a lock is unavailable right now; the same command may succeed later."""
-
-    exit_code = Exit.TEMPFAIL
-
-
-class VerificationError(MobilityError):
-    """Content failed verification: a bundle or signed repository metadata is not what it claims to be."""
-
-
-# Concrete errors ------------------------------------------------------------
-
-
-class BadArguments(UsageError):
-    code = "USAGE"
-    remediation = "Run the command with --help to see the accepted options."
+from agent.shared.errors import (
+    LocalSystemError,
+    RemoteStateError,
+    TemporaryError,
+    TransportError,
+    UnsupportedError,
+    UsageError,
+    VerificationError,
+)
 
 
 class RootNotFound(UsageError):
@@ -150,49 +77,6 @@ class RemoteError(RemoteStateError):
         self.id = code
 
 
-# Installer bundles and the signed repository (agent/bundles.py, agent/fetch.py, server/repository.py)
-
-
-class BundleRefused(VerificationError):
-    code = "BUNDLE-REFUSED"
-    remediation = (
-        "Use an installer bundle as built by packaging/ (named "
-        "Mobility_UA_<version>_<OSTAG>-64_GA_<DDMonYYYY>_release.tar.gz, with a matching bundle.json); "
-        "rebuild or re-download the one named in the message."
-    )
-
-
-class RepoNotInitialised(LocalSystemError):
-    code = "REPO-NOT-INITIALISED"
-    remediation = "Run `mobility-server init --data DIR` first, or pass --data the directory that was initialised."
-
-
-class RepoDamaged(LocalSystemError):
-    code = "REPO-DAMAGED"
-    remediation = (
-        "The repository's keys or metadata under DATA/tuf are unreadable or disagree; "
-        "restore DATA/tuf from a backup of the same server."
-    )
-
-
-class RepoNoSuchBundle(UsageError):
-    code = "REPO-NO-SUCH-BUNDLE"
-    remediation = "Run `mobility-server repo list` to see the bundle names the repository holds."
-
-
-class RepoBundleConflict(UsageError):
-    code = "REPO-BUNDLE-CONFLICT"
-    remediation = (
-        "A different bundle with the same name is already published; remove it first "
-        "(`mobility-server repo remove NAME`) or build the new one with a new version."
-    )
-
-
-class RepoBusy(TemporaryError):
-    code = "REPO-BUSY"
-    remediation = "Another mobility-server command is changing the repository; wait for it to finish and retry."
-
-
 class TufTampered(VerificationError):
     code = "TUF-TAMPERED"
     remediation = (
@@ -238,19 +122,9 @@ class FetchWriteFailed(LocalSystemError):
     remediation = "Make sure the agent's state directory is writable and its filesystem has free space."
 
 
-class ServerAddressInvalid(UsageError):
-    code = "SERVER-ADDRESS-INVALID"
-    remediation = "Give the configuration server as HOST or HOST:PORT (e.g. cs.example.com:9443 or 10.0.0.5)."
-
-
 class FingerprintInvalid(UsageError):
     code = "FINGERPRINT-INVALID"
     remediation = "Give the fingerprint as `mobility-server init` printed it: sha256:<64 hex digits>."
-
-
-class PassphraseFileError(LocalSystemError):
-    code = "PASSPHRASE-FILE"
-    remediation = "Put the passphrase or token alone in a root-owned file, mode 0600 (chmod 600 FILE); pass it with -P."
 
 
 class ServerUnreachable(TemporaryError):
@@ -316,30 +190,6 @@ class BootstrapConfigInvalid(UsageError):
     remediation = "Fix /etc/mobility/bootstrap.conf: `key = value` lines (server, fingerprint, passphrase_file, ...)."
 
 
-class IoFailed(LocalSystemError):
-    code = "IO-FAILED"
-    remediation = (
-        "Check the file or directory named in the message: that it exists, that this user may write it, and that "
-        "its filesystem has free space and is not read-only; then run the command again."
-    )
-
-    @classmethod
-    def from_os_error(cls, e: OSError) -> IoFailed:
-        """An OSError as the error a user sees: the path and the reason, never a traceback."""
-        where = f"{e.filename}: " if e.filename else ""
-        return cls(f"{where}{e.strerror or e}")
-
-
-class FreezeNotReady(LocalSystemError):
-    """Not raised: the ID and fix a job carries when it `succeeded with warnings` for this reason."""
-
-    code = "FREEZE-NOT-READY"
-    remediation = "Run `mobility freeze-provider install` (on a filesystem with FIFREEZE: ext4, XFS, btrfs)."
-
-
-# Security hardening, agent side (issue 11): install directory ownership, paths under --root, output files ----
-
-
 class InstallDirInvalid(UsageError):
     code = "INSTALL-DIR-INVALID"
     remediation = (
@@ -367,7 +217,7 @@ class DiagnosticsWriteFailed(LocalSystemError):
 
 
 # Printed by the static launchers of the frozen programs (packaging/launcher/), not raised in Python: catalogued here
-# so that their IDs and remediations have one home (the packaging tests compare what the launchers print).
+# so that their IDs and remediations have one home (tests/integration/test_packaging_*.py compare what they print).
 
 
 class RuntimeMissing(LocalSystemError):
@@ -384,17 +234,3 @@ class BootstrapUnpackFailed(LocalSystemError):
         "Make sure /var/lib/mobility is a local, writable directory owned by root (not writable by others) with 100 "
         "MiB free, or set MOBILITY_BOOTSTRAP_CACHE to such a directory, then run the bootstrapper again."
     )
-
-
-def all_errors() -> dict[str, type[MobilityError]]:
-    """Every concrete error class by its code (the catalogue test compares this with docs/errors.md)."""
-    found: dict[str, type[MobilityError]] = {}
-    pending: list[type[MobilityError]] = [MobilityError]
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "code" in cls.__dict__ and cls.code:
-            if cls.code in found and found[cls.code] is not cls:
-                raise RuntimeError(f"duplicate error code {cls.code}")
-            found[cls.code] = cls
-    return found

@@ -28,18 +28,11 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from agent import __version__, wire
+from agent import __version__
 from agent.bundles import parse_bundle_name
-from agent.errors import (
-    BundleRefused,
-    FetchWriteFailed,
-    MobilityError,
-    TufExpired,
-    TufFetchFailed,
-    TufNoBundle,
-    TufRollback,
-    TufTampered,
-)
+from agent.errors import FetchWriteFailed, TufExpired, TufFetchFailed, TufNoBundle, TufRollback, TufTampered
+from agent.shared import wire
+from agent.shared.errors import BundleRefused, MobilityError
 
 METADATA_PATH = wire.REPO_METADATA_PATH + "/"
 TARGETS_PATH = wire.REPO_TARGETS_PATH + "/"
@@ -76,9 +69,7 @@ class HttpsFetcher(FetcherInterface):
         )
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         try:
-            conn.request(
-                "GET", target, headers={"User-Agent": f"mobility/{__version__}", "Accept-Encoding": "identity"}
-            )
+            conn.request("GET", target, headers=_HEADERS)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             conn.close()

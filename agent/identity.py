@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.fsutil import atomic_write
 from agent.paths import Paths
-from agent.wire import MachineFacts, key_proof_message
+from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
+from agent.shared.wire import MachineFacts, key_proof_message
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
 _NO_MAC = "00:00:00:00:00:00"
+MAX_HOSTNAME_FILE = 4096  # a host name is at most 255 bytes
 
 
 def collect_facts(paths: Paths) -> MachineFacts:
@@ -30,6 +32,20 @@ def collect_facts(paths: Paths) -> MachineFacts:
             if iface.name != "lo" and mac and mac != _NO_MAC:
                 macs.append(mac)
     return MachineFacts(machine_id, product_uuid, tuple(sorted(set(macs))))
+
+
+def machine_hostname(paths: Paths) -> str:
+    """The machine's name as it reports it: the running system's for /, else the root image's /etc/hostname (read
+    as its chroot would, bounded), or this system's when the image has none."""
+    import socket
+
+    if paths.root != paths.root.parent:
+        with contextlib.suppress(OSError, NotSmallRegularFile, UnicodeDecodeError):
+            text = read_small_file(paths.resolve("/etc/hostname"), MAX_HOSTNAME_FILE)[1].decode()
+            name = text.split()[0] if text.split() else ""
+            if name:
+                return name
+    return socket.gethostname()
 
 
 def _read(path: Path) -> str:

@@ -12,10 +12,9 @@ Uninstall removes those names and nothing else from the install dir (the dir its
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
-import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,16 @@ from agent.bundle_dir import copy_verified, read_manifest
 from agent.bundles import Manifest
 from agent.checks import Report, Status, run_checks
 from agent.distros import Init, detect_os, require_supported
-from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, MobilityError, PrerequisitesFailed
+from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, PrerequisitesFailed
 from agent.freeze import FreezeSetup, install_provider
-from agent.fsutil import append_text, atomic_write, open_lock_file, remove
-from agent.install_dir import InstallDir, check, claim, release
+from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, check, claim, release
+from agent.installed import InstallRecord, load_install_record, save_install_record
 from agent.paths import Paths
-from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
+from agent.prereq import prerequisite_checks
 from agent.services import install_units, remove_units, stop_daemon
+from agent.shared import timefmt
+from agent.shared.errors import MobilityError
+from agent.shared.fsutil import append_text, open_lock_file, remove
 
 COMPLETE = ".complete"
 
@@ -49,8 +51,7 @@ class Installed:
 
 def log(paths: Paths, message: str) -> None:
     paths.log_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    append_text(paths.install_log, f"{stamp} {message}\n")
+    append_text(paths.install_log, f"{timefmt.iso(time.time())} {message}\n")
 
 
 _HELD: set[Path] = set()  # locks this process holds: a bootstrap holds it across its install
@@ -113,15 +114,8 @@ def install(paths: Paths, bundle: Path, install_dir: InstallDir, role: str, plat
             _switch_current(target, manifest.version)
             _prune(target / "versions", keep={manifest.version, previous})
             units = install_units(paths, target / "versions" / manifest.version, manifest.init, install_dir)
-            record = {
-                "version": manifest.version,
-                "os_tag": manifest.os_tag,
-                "install_dir": install_dir,
-                "role": role,
-                "platform": platform,
-                "previous": previous,
-            }
-            atomic_write(paths.agent_config, json.dumps(record, indent=2).encode())
+            record = InstallRecord(manifest.version, manifest.os_tag, install_dir, role, platform, previous)
+            save_install_record(paths, record)
         except MobilityError as e:
             log(paths, f"install failed: {e.id}: {e.message}")
             raise
@@ -191,9 +185,8 @@ _STATE_DIR = "/var/lib/mobility"
 
 def uninstall(paths: Paths) -> Uninstalled:
     """Remove the agent: its units, what install made in the install directory, configuration, logs, state."""
-    recorded: object = DEFAULT_INSTALL_DIR
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        recorded = json.loads(paths.agent_config.read_text())["install_dir"]
+    record = load_install_record(paths)
+    recorded = record.install_dir if record is not None else DEFAULT_INSTALL_DIR
     removed: list[str] = []
     kept: list[str] = []
     had_state = os.path.lexists(paths(_STATE_DIR))  # the lock makes the directory: not news when it was absent

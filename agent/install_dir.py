@@ -11,17 +11,19 @@ once meant ``rm -rf /opt`` at uninstall.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import re
 import stat
+import time
 from pathlib import Path
 from typing import NewType
 
-from agent.errors import InstallDirInvalid, InstallDirNotOurs, MobilityError
-from agent.fsutil import atomic_write, remove
+from agent.errors import InstallDirInvalid, InstallDirNotOurs
 from agent.paths import Paths
+from agent.shared import timefmt
+from agent.shared.errors import MobilityError
+from agent.shared.fsutil import atomic_write, remove
 
 InstallDir = NewType("InstallDir", str)  # an install directory that passed parse_install_dir
 
@@ -217,7 +219,7 @@ def release(paths: Paths, recorded: object) -> tuple[list[str], list[str]]:
 
 
 def _mark(host: Path, install_dir: InstallDir) -> None:
-    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    created = timefmt.iso(time.time())
     doc = {"product": PRODUCT, "created": created, "install_dir": install_dir}
     atomic_write(host / MARKER, (json.dumps(doc, indent=2) + "\n").encode())
 

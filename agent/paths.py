@@ -120,12 +120,8 @@ class Paths:
         return self.resolve("/var/log/mobility")
 
     @property
-    def default_install_dir(self) -> Path:
-        return self.resolve("/usr/local/mobility")
-
-    @property
     def agent_config(self) -> Path:
-        """What install recorded: version, install dir, role, platform (JSON)."""
+        """What install recorded: version, install dir, role, platform (JSON, agent/installed.py)."""
         return self.config_dir / "agent.json"
 
     @property
@@ -138,8 +134,13 @@ class Paths:
 
     @property
     def daemon_status(self) -> Path:
-        """The daemon's last record of itself, its heartbeats and its health (JSON)."""
+        """The daemon's last record of itself, its heartbeats and its health (JSON, agent/status.py)."""
         return self.state_dir / "daemon.json"
+
+    @property
+    def freeze_state(self) -> Path:
+        """The freeze provider's set-up: ready or not, and why (JSON, agent/freeze.py)."""
+        return self.state_dir / "freeze.json"
 
     @property
     def agent_log(self) -> Path:
@@ -147,11 +148,12 @@ class Paths:
 
     @property
     def last_job(self) -> Path:
+        """The last job this machine ran and reported (JSON, agent/lastjob.py)."""
         return self.state_dir / "last-job.json"
 
     @property
     def identity(self) -> Path:
-        """Host ID, machine facts and server of the registration (JSON)."""
+        """Host ID, machine facts and server of the registration (JSON, agent/identity.py)."""
         return self.state_dir / "identity.json"
 
     @property
@@ -187,7 +189,6 @@ class Paths:
         """Bundles unpacked before install copies them."""
         return self.resolve("/var/lib/mobility/staging")
 
-    def install_dir(self, system_path: str | None) -> Path:
-        """The host path of the install directory (``-d``, parsed by agent/install_dir.py), default
-        /usr/local/mobility, resolved inside the root."""
-        return self.resolve(system_path) if system_path else self.default_install_dir
+    def install_dir(self, system_path: str) -> Path:
+        """The host path of the install directory (``-d``, parsed by agent/install_dir.py), resolved inside the root."""
+        return self.resolve(system_path)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from agent import __version__, wire
-from agent.errors import FingerprintMismatch, NotRegistered, PassphraseFileError
-from agent.fsutil import NotSmallRegularFile, atomic_write, read_small_file
+from agent import __version__
+from agent.errors import FingerprintMismatch, NotRegistered
 from agent.identity import (
     Registration,
     collect_facts,
@@ -20,41 +16,17 @@ from agent.identity import (
     key_proof,
     load_key,
     load_registration,
+    machine_hostname,
     new_key_and_csr,
     save_registration,
 )
 from agent.paths import Paths
-from agent.transport import Client, ServerAddress, ca_fingerprint, fetch_pinned_ca, parse_address
+from agent.shared import wire
+from agent.shared.address import ServerAddress, parse_address
+from agent.shared.fsutil import atomic_write
+from agent.transport import Client, ca_fingerprint, fetch_pinned_ca
 
 log = logging.getLogger("mobility.registration")
-
-
-MAX_SECRET_BYTES = 4096  # a passphrase or a token is well under 100 bytes
-
-
-def read_secret_file(path: Path) -> str:
-    """The passphrase or token from a root-only file; secrets never come from arguments.
-
-    The file is input: a FIFO, a device (/dev/zero), a directory or a huge file is refused before it is read,
-    never waited on or read without bound. The server's push reads --password-file with this too.
-    """
-    try:
-        st, data = read_small_file(path, MAX_SECRET_BYTES)
-    except OSError as e:
-        raise PassphraseFileError(f"cannot read the passphrase file {path}: {e.strerror}") from e
-    except NotSmallRegularFile as e:
-        raise PassphraseFileError(f"the passphrase file {e}") from e
-    if st.st_mode & 0o077:
-        raise PassphraseFileError(f"{path} is readable by others than its owner (mode {st.st_mode & 0o777:o})")
-    if os.geteuid() == 0 and st.st_uid != 0:
-        raise PassphraseFileError(f"{path} is not owned by root")
-    try:
-        text = data.decode().strip()
-    except UnicodeDecodeError as e:
-        raise PassphraseFileError(f"the passphrase file {path} is not text") from e
-    if not text:
-        raise PassphraseFileError(f"the passphrase file {path} is empty")
-    return text
 
 
 @dataclass(frozen=True)
@@ -105,7 +77,7 @@ def configure(
             csr=csr.decode(),
             nonce=nonce,
             proof=wire.enrol_proof(token[1] if token else secret, nonce, csr),
-            hostname=socket.gethostname() if paths.root == paths.root.parent else _root_hostname(paths),
+            hostname=machine_hostname(paths),
             os_tag=os_tag,
             role=role,
             platform=platform,
@@ -134,13 +106,6 @@ def configure(
     )
     save_registration(paths, reg)
     return Enrolled(reg, reused=False)
-
-
-def _root_hostname(paths: Paths) -> str:
-    try:
-        return paths.resolve("/etc/hostname").read_text().strip() or socket.gethostname()
-    except OSError:
-        return socket.gethostname()
 
 
 def authenticated_client(paths: Paths, timeout: float = 15.0) -> tuple[Registration, Client]:

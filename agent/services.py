@@ -10,13 +10,13 @@ import stat
 from pathlib import Path
 
 from agent.distros import Init
-from agent.fsutil import atomic_write
+from agent.install_dir import DEFAULT_INSTALL_DIR  # the bundle's units name it; install writes -d there
 from agent.paths import Paths
 from agent.proc import run
+from agent.shared.fsutil import atomic_write
 
 log = logging.getLogger("mobility.services")
 
-DEFAULT_PREFIX = "/usr/local/mobility"
 UNITS = ("mobility.service", "mobility-bootstrap.service", "mobility-bootstrap.timer")
 _WANTED_BY = {
     "mobility.service": "multi-user.target.wants",
@@ -40,14 +40,14 @@ def install_units(paths: Paths, bundle: Path, init: Init, install_dir: str) -> l
     written = []
     if init is Init.SYSTEMD:
         for name in UNITS:
-            text = (bundle / "units" / name).read_text().replace(DEFAULT_PREFIX, install_dir)
+            text = (bundle / "units" / name).read_text().replace(DEFAULT_INSTALL_DIR, install_dir)
             unit = f"/etc/systemd/system/{name}"
             atomic_write(paths(unit), text.encode())
             written.append(unit)
             if name != "mobility-bootstrap.service":  # the template enables that one; the agent its daemon
                 _link(paths(f"/etc/systemd/system/{_WANTED_BY[name]}/{name}"), unit)
     else:
-        script = (bundle / "init.d" / "mobility").read_text().replace(DEFAULT_PREFIX, install_dir)
+        script = (bundle / "init.d" / "mobility").read_text().replace(DEFAULT_INSTALL_DIR, install_dir)
         atomic_write(paths("/etc/init.d/mobility"), script.encode(), 0o755)
         written.append("/etc/init.d/mobility")
         for rc in _SYSV_START:

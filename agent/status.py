@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.fsutil import atomic_write
 from agent.paths import Paths
+from agent.shared.fsutil import atomic_write
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import stat
 
-from agent.fsutil import remove
 from agent.paths import Paths
+from agent.shared.fsutil import remove
 
 IDENTITY_FILES = ("identity.json", "client.key", "client.pem", "daemon.json", "last-job.json")
 

@@ -1,77 +1,34 @@
-"""Talking to the configuration server: address parsing, pinning its CA, and JSON over (mutual) TLS."""
+"""Talking to the configuration server: pinning its CA, and JSON over (mutual) TLS."""
 
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import logging
 import re
-import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from agent import wire
 from agent.errors import (
     FingerprintInvalid,
     FingerprintMismatch,
     RemoteError,
-    ServerAddressInvalid,
     ServerProtocolError,
     ServerUnreachable,
 )
-from agent.textsafe import printable
+from agent.shared import wire
+from agent.shared.address import ServerAddress
+from agent.shared.textsafe import printable
 
 log = logging.getLogger("mobility.transport")
 
 CA_PATH = f"{wire.API}/ca"
 _FINGERPRINT = re.compile(r"^sha256:([0-9a-f]{64})$")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 MAX_RESPONSE = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: str, default_port: int = wire.DEFAULT_PORT) -> ServerAddress:
-    """HOST, HOST:PORT, [IPv6]:PORT or a bare IPv6 address."""
-    text = text.strip()
-    host, port = text, default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ServerAddressInvalid(f"{text!r}: unclosed '['")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ServerAddressInvalid(f"{text!r}: expected [IPv6]:PORT")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        if not p.isdigit():
-            raise ServerAddressInvalid(f"{text!r}: the port must be a number")
-        port = int(p)
-    if not 0 < port < 65536:
-        raise ServerAddressInvalid(f"{text!r}: port {port} is out of range")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME.match(host):
-            raise ServerAddressInvalid(f"{text!r} is not a host name or IP address") from None
-    return ServerAddress(host, port)
 
 
 def parse_fingerprint(text: str) -> str:
@@ -201,11 +158,3 @@ def fetch_pinned_ca(server: ServerAddress, pinned: str | None, timeout: float = 
     elif got != pinned:
         raise FingerprintMismatch(f"{server} presents CA {got}, but {pinned} is pinned")
     return data
-
-
-def resolve(server: ServerAddress) -> None:
-    """Fail early and clearly on a name that does not resolve."""
-    try:
-        socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ServerUnreachable(f"cannot resolve {server.host}: {e.strerror}") from e

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -37,9 +38,9 @@ from agent import __version__  # noqa: E402
 from agent.bundles import MANIFEST_NAME, bundle_file_name  # noqa: E402
 from agent.distros.matrix import BY_TAG, RUNTIME_KERNEL_FLOOR, SUPPORT_MATRIX, Init  # noqa: E402
 from agent.elf import ElfError, is_elf, parse_elf  # noqa: E402
-from agent.fsutil import sha256_file  # noqa: E402
 from agent.libc import glibc_version_of  # noqa: E402
 from agent.runtime import LOADER_NAME, kernel_floor_of, kernel_version  # noqa: E402
+from agent.shared.fsutil import sha256_file  # noqa: E402
 
 BUILD = REPO / "build" / "packaging"
 SOURCES = ("agent", "packaging", "systemd", "pyproject.toml")
@@ -52,6 +53,9 @@ NOT_IN_BOOTSTRAP = (
     *SERVER_ONLY,
     *("psutil", "schedule", "tkinter", "unittest", "pydoc", "xmlrpc", "multiprocessing", "pkgutil"),
 )
+# Never in a frozen program: the test suite's fault injector and the sitecustomize that loads it (agent/faults.py).
+# The suite runs this build with them on PYTHONPATH, where PyInstaller's analysis would otherwise find them.
+TEST_ONLY = ("tests", "sitecustomize")
 BOOTSTRAP_NEEDS = ("agent.fetch", "agent.registration", "agent.transport", "agent.bundles", "agent.install")
 
 AGENT_RUNTIME = "_internal"  # mobility/_internal/: the agent's PyInstaller program, libraries and C runtime
@@ -99,7 +103,8 @@ def pyinstaller(*args: str) -> None:
         *args,
     ]
     BUILD.mkdir(parents=True, exist_ok=True)
-    subprocess.run(cmd, check=True, cwd=BUILD)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("MOBILITY_TEST_")}
+    subprocess.run(cmd, check=True, cwd=BUILD, env=env)
 
 
 # The C runtime -------------------------------------------------------------------------------------------------
@@ -295,7 +300,7 @@ def freeze(hash_: str) -> Frozen:
     shutil.rmtree(out, ignore_errors=True)
     start = time.monotonic()
     pyi = out / "pyi"
-    excludes = [a for m in NOT_IN_BOOTSTRAP for a in ("--exclude-module", m)]
+    excludes = [a for m in (*NOT_IN_BOOTSTRAP, *TEST_ONLY) for a in ("--exclude-module", m)]
     hidden = [a for m in BOOTSTRAP_NEEDS for a in ("--hidden-import", m)]
     common = ("--onedir", "--contents-directory", ".", "--distpath", str(pyi))
     pyinstaller(
@@ -306,7 +311,7 @@ def freeze(hash_: str) -> Frozen:
         *hidden,
         str(REPO / "packaging" / "entry" / "mobility_bootstrap.py"),
     )
-    excludes = [a for m in SERVER_ONLY for a in ("--exclude-module", m)]
+    excludes = [a for m in (*SERVER_ONLY, *TEST_ONLY) for a in ("--exclude-module", m)]
     pyinstaller(*common, "--name", "mobility", *excludes, str(REPO / "packaging" / "entry" / "mobility.py"))
     bootstrap_tree, agent_tree = pyi / "mobility-bootstrap", pyi / "mobility"
     bundle_runtime(bootstrap_tree, bootstrap_tree / "mobility-bootstrap")

@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from agent import wire
-from agent.errors import MobilityError
-from agent.textsafe import printable
+from agent.shared import wire
+from agent.shared.errors import MobilityError
+from agent.shared.textsafe import printable
 from server import pki
 from server.datadir import DataDir
 from server.enrolment import Enrolment

@@ -16,11 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from agent import wire
-from agent.cli import Parser, run
-from agent.errors import BadArguments, Exit
-from agent.fsutil import NotSmallRegularFile, atomic_write, read_small_file
-from agent.textsafe import printable, shown
+from agent.shared import timefmt, wire
+from agent.shared.cli import Parser, run
+from agent.shared.errors import BadArguments, Exit
+from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
+from agent.shared.textsafe import printable, shown
 from server import __version__, pki
 from server.datadir import DEFAULT_DATA_DIR, DataDir
 from server.errors import (
@@ -102,8 +102,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_permissions(data)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
-        from agent.errors import BadArguments
-
         raise BadArguments(f"--listen {args.listen!r}: expected HOST:PORT")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = open_server(data, heartbeat_interval=args.heartbeat_interval, new_database=args.new_database)
@@ -136,8 +134,6 @@ def cmd_token(args: argparse.Namespace) -> int:
     data = _data(args)
     ttl = parse_duration(args.ttl)
     if args.uses is not None and args.uses < 1:
-        from agent.errors import BadArguments
-
         raise BadArguments("--uses must be at least 1")
     storage = Storage(data.database)
     try:
@@ -146,12 +142,6 @@ def cmd_token(args: argparse.Namespace) -> int:
         storage.close()
     print(token)
     return Exit.OK
-
-
-def _ago(now: float, t: float | None) -> str:
-    if t is None:
-        return "never"
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_machines(args: argparse.Namespace) -> int:
@@ -193,7 +183,7 @@ def cmd_machines(args: argparse.Namespace) -> int:
         "health",
         "cloned_from",
     )
-    table = [[r[c] if c != "last_seen" else _ago(now, r[c]) for c in cols] for r in rows]
+    table = [[r[c] if c != "last_seen" else timefmt.shown(r[c]) for c in cols] for r in rows]
     _print_table([c.upper() for c in cols], table)
     return Exit.OK
 

@@ -23,15 +23,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.textsafe import printable
-from agent.wire import (
-    EnrolRequest,
-    RenewRequest,
-    WireError,
-    enrol_proof,
-    job_proof,
-    key_proof_message,
-)
+from agent.distros import BY_TAG
+from agent.shared.textsafe import printable
+from agent.shared.wire import EnrolRequest, RenewRequest, WireError, enrol_proof, job_proof, key_proof_message
 from server import pki
 from server.errors import (
     BadProof,
@@ -140,7 +134,7 @@ class Enrolment:
     def enrol(self, body: Any, address: str, now: float) -> dict[str, Any]:
         self.check_rate(address, now)
         try:
-            req = EnrolRequest.from_json(body)
+            req = EnrolRequest.from_json(body, BY_TAG)
         except WireError as e:
             # Unauthenticated garbage counts against the address like a wrong proof: it costs us, not them.
             self._failed(address, now, f"malformed request: {e}", "?")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from agent.errors import (
+from agent.shared.errors import (
     LocalSystemError,
     RemoteStateError,
     TemporaryError,
@@ -273,6 +273,37 @@ class PushInterrupted(TemporaryError):
 
 
 # The installer repository on the server's disk (server/repository.py) --------------------------------------
+
+
+class RepoNotInitialised(LocalSystemError):
+    code = "REPO-NOT-INITIALISED"
+    remediation = "Run `mobility-server init --data DIR` first, or pass --data the directory that was initialised."
+
+
+class RepoDamaged(LocalSystemError):
+    code = "REPO-DAMAGED"
+    remediation = (
+        "The repository's keys or metadata under DATA/tuf are unreadable or disagree; "
+        "restore DATA/tuf from a backup of the same server."
+    )
+
+
+class RepoNoSuchBundle(UsageError):
+    code = "REPO-NO-SUCH-BUNDLE"
+    remediation = "Run `mobility-server repo list` to see the bundle names the repository holds."
+
+
+class RepoBundleConflict(UsageError):
+    code = "REPO-BUNDLE-CONFLICT"
+    remediation = (
+        "A different bundle with the same name is already published; remove it first "
+        "(`mobility-server repo remove NAME`) or build the new one with a new version."
+    )
+
+
+class RepoBusy(TemporaryError):
+    code = "REPO-BUSY"
+    remediation = "Another mobility-server command is changing the repository; wait for it to finish and retry."
 
 
 class RepoWriteFailed(LocalSystemError):

@@ -59,19 +59,19 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.bundles import BundleName, inspect_bundle, parse_bundle_name
-from agent.errors import (
-    BundleRefused,
-    MobilityError,
+from agent.shared import timefmt
+from agent.shared.errors import BundleRefused, MobilityError
+from agent.shared.fsutil import atomic_write, sha256_file, sha256_stream
+from agent.shared.textsafe import shown
+from server.datadir import DataDir
+from server.errors import (
     RepoBundleConflict,
     RepoBusy,
     RepoDamaged,
     RepoNoSuchBundle,
     RepoNotInitialised,
+    RepoWriteFailed,
 )
-from agent.fsutil import atomic_write, sha256_file, sha256_stream
-from agent.textsafe import shown
-from server.datadir import DataDir
-from server.errors import RepoWriteFailed
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 ROOT_LIFETIME = datetime.timedelta(days=365)
@@ -127,7 +127,7 @@ def _make_target(name: str, size: int, digest: str, bundle: BundleName, now: dat
     custom = {
         "os_tag": bundle.os_tag,
         "version": bundle.version,
-        "added": now.astimezone(datetime.UTC).isoformat(timespec="seconds"),
+        "added": timefmt.iso(now),
     }
     return TargetFile(size, {"sha256": digest}, name, {"custom": custom})
 

@@ -5,7 +5,7 @@ kill -9 loses nothing acknowledged. Heartbeats are the hot path: the server batc
 writes them in one transaction a second (``record_heartbeats``). The schema is versioned (``PRAGMA
 user_version``); opening a database brings it to the current version in one transaction.
 
-What a client sent is validated at the edge (agent/wire.py) before it gets here; the readers still never trust a
+What a client sent is validated at the edge (agent/shared/wire.py) before it gets here; the readers still never trust a
 stored document (a row written by an older server is read defensively)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.wire import HealthReport, MachineFacts, WireError
+from agent.shared.wire import HealthReport, MachineFacts, WireError
 from server.errors import DatabaseCorrupt, DatabaseMissing, DatabaseUnavailable, JobNotOwned
 
 _SCHEMA_V1 = """
@@ -229,13 +229,6 @@ class Storage:
             (facts.machine_id,),
         )
         return next((m for m in map(self._machine, rows) if m.facts.same_machine(facts)), None)
-
-    def host_enrolled_with(self, token_id: str) -> str | None:
-        """The host ID of the machine that enrolled with this token (a push's single-use token), if any."""
-        row = self.db.execute(
-            "SELECT host_id FROM machines WHERE enrol_token_id = ? ORDER BY enrolled_at DESC LIMIT 1", (token_id,)
-        ).fetchone()
-        return str(row[0]) if row else None
 
     def enrol_machine(self, m: NewMachine, now: float) -> bool:
         """Take one use of the machine's token (if any) and record the machine, in one transaction. False (and

@@ -18,9 +18,16 @@ from agent.distros.release_files import (
 )
 from agent.errors import OsKernelTooOld, OsUnknown, OsUnsupported, ReleaseFilesConflict, ReleaseFileUnreadable
 from agent.libc import root_arch
-from agent.os_release import read_os_release
+from agent.os_release import OS_RELEASE_LOCATIONS, read_os_release
 from agent.paths import Paths
-from agent.textfile import read_small_text
+from agent.textfile import MAX_TEXT_FILE, read_small_text
+
+# What detection reads of a root, for a reader that must mirror a remote host first (push, server/push/inspect.py):
+# these files, any file matching the globs (the redhat-style /etc/*-release that `distro` looks for), each up to
+# MAX_RELEASE_FILE bytes, and the head of agent.libc's ARCH_PROBES binaries (their ELF header names the architecture).
+RELEASE_FILES = (*OS_RELEASE_LOCATIONS, "/etc/SuSE-release", "/etc/lsb-release", "/etc/debian_version")
+RELEASE_GLOBS = ("/etc/*-release", "/etc/*_version")
+MAX_RELEASE_FILE = MAX_TEXT_FILE
 
 
 @dataclass(frozen=True)

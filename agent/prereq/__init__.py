@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from agent.errors import MobilityError
 from agent.install_dir import DEFAULT_INSTALL_DIR
 from agent.paths import Paths
+from agent.shared.errors import MobilityError
 
 if TYPE_CHECKING:
     from agent.checks import Check
+
+# Free space the agent needs where it installs (PRQ-FREE-SPACE); push checks the same on a host before it copies.
+MIN_FREE_BYTES = 100 * 1024 * 1024
 
 
 def prerequisite_checks(
@@ -52,4 +55,4 @@ def prerequisite_checks(
     ]
 
 
-__all__ = ["DEFAULT_INSTALL_DIR", "prerequisite_checks"]
+__all__ = ["DEFAULT_INSTALL_DIR", "MIN_FREE_BYTES", "prerequisite_checks"]

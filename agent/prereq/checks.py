@@ -9,14 +9,14 @@ from typing import ClassVar
 
 from agent.checks import Result, Status
 from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify, require_supported
-from agent.errors import MobilityError
 from agent.paths import Paths
+from agent.prereq import MIN_FREE_BYTES
 from agent.prereq.disks import SYS, backing_disks
 from agent.prereq.grub import GRUB_FILES, device_name_references
 from agent.runtime import kernel_version, running_kernel
+from agent.shared.errors import MobilityError
 from agent.textfile import read_small_text
 
-MIN_FREE_BYTES = 100 * 1024 * 1024
 GRUB_MAX_BYTES = 4 * 1024 * 1024  # a grub.cfg with many kernels is tens of KiB
 
 

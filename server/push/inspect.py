@@ -13,17 +13,19 @@ from pathlib import Path
 
 import asyncssh
 
-from agent.distros import OsInfo, detect_os, require_supported
-from agent.libc import ARCH_PROBES
-from agent.os_release import OS_RELEASE_LOCATIONS
+from agent.distros import (
+    ARCH_PROBES,
+    MAX_RELEASE_FILE,
+    RELEASE_FILES,
+    RELEASE_GLOBS,
+    OsInfo,
+    detect_os,
+    require_supported,
+)
 from agent.paths import Paths
-from agent.prereq.checks import MIN_FREE_BYTES
-from agent.textfile import MAX_TEXT_FILE
+from agent.prereq import MIN_FREE_BYTES
 from server.errors import PushLowDiskSpace
 
-# Legacy systems are told apart by these (and any other /etc/*-release, *_version file; see agent.distros).
-RELEASE_FILES = (*OS_RELEASE_LOCATIONS, "/etc/SuSE-release", "/etc/lsb-release", "/etc/debian_version")
-RELEASE_GLOBS = ("/etc/*-release", "/etc/*_version")
 ELF_HEADER = 64
 
 
@@ -53,7 +55,7 @@ async def detect_remote_os(sftp: asyncssh.SFTPClient) -> OsInfo:
             continue
     with tempfile.TemporaryDirectory(prefix="mobility-push-") as mirror:
         for name in sorted(names):
-            await _copy_head(sftp, name, Path(mirror), MAX_TEXT_FILE + 1)  # +1: an oversized file stays oversized
+            await _copy_head(sftp, name, Path(mirror), MAX_RELEASE_FILE + 1)  # +1: an oversized file stays oversized
         for probe in ARCH_PROBES:
             await _copy_head(sftp, probe, Path(mirror), ELF_HEADER)
         return require_supported(detect_os(Paths(Path(mirror))))

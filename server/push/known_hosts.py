@@ -12,7 +12,7 @@ from pathlib import Path
 
 import asyncssh
 
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
 from server.push.targets import SSH_PORT
 
 

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from agent.errors import FreezeNotReady, MobilityError
-from agent.fsutil import atomic_write
-from agent.transport import ServerAddress
+from agent.prereq import DEFAULT_INSTALL_DIR
+from agent.shared.address import ServerAddress
+from agent.shared.errors import FreezeNotReady, MobilityError
+from agent.shared.fsutil import atomic_write
 from server.errors import (
     PushAuthFailed,
     PushConnectRefused,
@@ -38,7 +39,6 @@ from server.push.known_hosts import KnownHosts, fingerprint
 T = TypeVar("T")
 WORK_DIR = "/var/lib/mobility-push"  # root-owned, not world-writable like /tmp
 INSTALL_LOG = "/var/log/mobility/install.log"
-INSTALL_DIR = "/usr/local/mobility"
 LOG_TAIL_LINES = 20
 STALE_AFTER = 2 * 3600  # seconds: longer than any push (its install times out) and its token's life
 
@@ -221,7 +221,7 @@ async def _push(
         r.os_tag = (await detect_remote_os(sftp)).os_tag
         bundle = s.bundle_for(r.os_tag)
         step(r, "checking free space")
-        await check_free_space(sftp, ("/var/lib", INSTALL_DIR))
+        await check_free_space(sftp, ("/var/lib", DEFAULT_INSTALL_DIR))
         work = f"{WORK_DIR}/{r.job_id}"
         try:
             await _copy_and_install(conn, sftp, work, bundle, token, s, step, r)

@@ -11,12 +11,13 @@ from pathlib import Path
 import asyncssh
 from cryptography import x509
 
-from agent import wire
 from agent.bundles import version_key
-from agent.errors import MobilityError
-from agent.fsutil import NotSmallRegularFile, read_small_file, sha256_file
-from agent.registration import read_secret_file
-from agent.transport import ServerAddress, ca_fingerprint
+from agent.shared import wire
+from agent.shared.address import ServerAddress
+from agent.shared.errors import MobilityError
+from agent.shared.fsutil import NotSmallRegularFile, read_small_file, sha256_file
+from agent.shared.secretfile import read_secret_file
+from server import pki
 from server.datadir import DataDir
 from server.enrolment import create_token
 from server.errors import PushCredentialsInvalid, PushInterrupted, PushNoBundle
@@ -89,7 +90,7 @@ def push(
 ) -> list[HostResult]:
     settings = PushSettings(
         server=server,
-        fingerprint=ca_fingerprint(data.ca_cert.read_bytes()),
+        fingerprint=pki.fingerprint(x509.load_pem_x509_certificate(data.ca_cert.read_bytes())),
         credentials=credentials,
         known_hosts=KnownHosts(data.known_hosts),
         accept_new_host_keys=accept_new_host_keys,

@@ -20,7 +20,7 @@ from agent.bundles import (
     parse_manifest,
 )
 from agent.distros.matrix import BY_TAG, Init
-from agent.errors import BundleRefused
+from agent.shared.errors import BundleRefused
 from tests.bundle_factory import DEFAULT_FILES, add_member, add_special, make_bundle, manifest_for
 
 

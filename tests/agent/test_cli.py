@@ -153,3 +153,36 @@ def test_install_and_bootstrap_refuse_a_refused_tag_before_touching_anything(tmp
     r = mobility("bootstrap", "--root", str(root), "-i", "127.0.0.1:1", "-P", str(secret), "--retry-for", "1")
     assert (r.returncode, r.stderr.split(":")[0]) == (3, "error OS-KERNEL-TOO-OLD"), r.stderr
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_uninstall_without_confirmation_removes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "etc/mobility").mkdir(parents=True)
+    (tmp_path / "etc/mobility/agent.json").write_text("{}")
+    r = mobility("uninstall", "--root", str(tmp_path))
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error CONFIRM-REQUIRED")
+    assert (tmp_path / "etc/mobility/agent.json").exists()
+
+
+def test_a_malformed_fingerprint_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    r = mobility(
+        "configure", "--root", str(tmp_path), "-i", "cs.example.com", "-P", "/nonexistent", "--cs-fingerprint", "md5:1"
+    )
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error FINGERPRINT-INVALID")
+    assert "PASSPHRASE-FILE" not in r.stderr and not (tmp_path / "var").exists()
+
+
+def test_the_local_commands_need_root(tmp_path: Path) -> None:
+    """status, health and diagnostics read private state: another user is told so (exit 2), as root or not."""
+    import os
+
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    for command in ("status", "health", "diagnostics"):
+        r = subprocess.run(
+            [*drop, sys.executable, "-m", "agent", command, "--root", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error ROOT-REQUIRED"), r.stderr

@@ -23,8 +23,8 @@ from agent.errors import ServerUnreachable
 from agent.identity import Registration, save_registration
 from agent.paths import Paths
 from agent.sdnotify import Notifier
+from agent.shared.wire import MachineFacts
 from agent.status import DaemonStatus
-from agent.wire import MachineFacts
 
 T0 = 1_800_000_000.0
 # The test process's own RSS is what the daemon measures here, and it depends on what the suite loaded before:

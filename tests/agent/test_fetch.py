@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.bundles import inspect_bundle
-from agent.errors import MobilityError
 from agent.fetch import fetch_bundle
+from agent.shared.errors import MobilityError
 from server.datadir import DataDir
 from server.repository import Repository
 from tests.bundle_factory import make_bundle
@@ -303,3 +303,34 @@ def test_missing_bundle_file_on_the_server_is_a_temporary_failure(
     err = agent.refused()
     assert err.code == "TUF-FETCH-FAILED"
     assert "404" in err.message
+
+
+def test_a_bundle_that_cannot_be_written_is_a_local_failure(agent: Agent, bundles: dict[str, Path]) -> None:
+    agent.dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    agent.dest_dir.write_text("a file where the downloads directory goes")
+    err = agent.refused()
+    assert err.code == "FETCH-WRITE-FAILED" and int(err.exit_code) == 1
+
+
+def test_answers_that_are_not_the_api_are_protocol_errors(server: RepoServer, tls: tuple[Path, Path]) -> None:
+    """agent/transport.py against a TLS server that is not a Mobility server (this fixture)."""
+    from agent.errors import ServerProtocolError
+    from agent.shared.address import ServerAddress
+    from agent.transport import CA_PATH, Client, fetch_pinned_ca
+
+    address = ServerAddress("127.0.0.1", server.server_address[1])
+    server.overrides["/v1/status"] = b"<html>a web server</html>"
+    client = Client(address, tls[0].read_bytes())
+    try:
+        with pytest.raises(ServerProtocolError, match="HTTP 200, not JSON"):
+            client.call("GET", "/v1/status")
+        server.overrides["/v1/status"] = b"[1, 2]"
+        with pytest.raises(ServerProtocolError, match="not a JSON object"):
+            client.call("GET", "/v1/status")
+        with pytest.raises(ServerProtocolError, match="HTTP 404"):
+            client.call("GET", "/v1/nothing-here")  # an error page, not the API's JSON error
+    finally:
+        client.close()
+    server.overrides[CA_PATH] = b"no certificate here"
+    with pytest.raises(ServerProtocolError, match="no CA certificate"):
+        fetch_pinned_ca(address, None)

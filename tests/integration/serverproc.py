@@ -33,9 +33,16 @@ def server_cli(data: Path, *args: str, check: bool = False) -> subprocess.Comple
     )
 
 
-def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``mobility ARGS`` as a process (``env``: e.g. tests.faults.environment(...) for a fault plan)."""
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+        env=env,
     )
 
 

@@ -305,8 +305,8 @@ def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> N
 
 
 def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path: Path) -> None:
-    from agent import wire
     from agent.identity import new_key_and_csr
+    from agent.shared import wire
 
     root = sandbox_root(tmp_path / "m", "ac" * 16)
     code, out = configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))

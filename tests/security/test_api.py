@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent import wire
 from agent.errors import RemoteError
 from agent.identity import collect_facts, key_proof, new_key_and_csr
 from agent.paths import Paths
 from agent.registration import heartbeat, report_job
+from agent.shared import wire
 from scripts.localserver import server_log, start_local_server
 from server.storage import Storage
 from tests.integration.serverproc import (
@@ -396,3 +396,17 @@ def test_unknown_host_ids_and_uuid_forms(server: ServerProcess, tmp_path: Path) 
         body = json.dumps({"host_id": claimed, "agent_version": VERSION}).encode()
         status, doc = raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))
         assert (status, error_code(doc)) == (400, "BAD-REQUEST"), claimed
+
+
+def test_a_certificate_of_a_machine_the_server_no_longer_knows(server: ServerProcess, tmp_path: Path) -> None:
+    """A valid client certificate is not enough: the host must still be in the database (removed by hand here)."""
+    root = registered(server, tmp_path, "gone", "cd" * 16)
+    host_id = host_id_of(root)
+    storage = Storage(server.data / "mobility.db")
+    try:
+        storage.db.execute("DELETE FROM machines WHERE host_id = ?", (host_id,))
+    finally:
+        storage.close()
+    body = json.dumps({"host_id": host_id, "agent_version": VERSION}).encode()
+    status, doc = raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))
+    assert (status, error_code(doc)) == (404, "MACHINE-UNKNOWN")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 import agent.install
-from agent.errors import BundleRefused
 from agent.install import install as install_in_process
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR
+from agent.shared.errors import BundleRefused
 from tests.security.sandbox import FILES, error_id, install, make_root, relist, snapshot, unpacked_bundle
 
 CURRENT = "usr/local/mobility/current"

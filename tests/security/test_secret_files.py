@@ -114,7 +114,7 @@ def test_push_password_file_is_refused_at_once(tmp_path: Path, kind: str) -> Non
     secret = BAD[kind](tmp_path / "password")
     code = (
         "from server.push.run import load_credentials\n"
-        "from agent.errors import MobilityError\n"
+        "from agent.shared.errors import MobilityError\n"
         "try:\n"
         f"    load_credentials('root', None, {str(secret)!r})\n"
         "except MobilityError as e:\n"
@@ -131,6 +131,6 @@ def test_a_good_passphrase_file_is_read(tmp_path: Path) -> None:
     secret = tmp_path / "ok"
     secret.write_text("  correct horse battery staple \n")
     secret.chmod(0o600)
-    code = "from pathlib import Path\nfrom agent.registration import read_secret_file\n"
+    code = "from pathlib import Path\nfrom agent.shared.secretfile import read_secret_file\n"
     r = python(code + f"print(read_secret_file(Path({str(secret)!r})))")
     assert r.stdout == "correct horse battery staple\n", r.stderr

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
 from agent.identity import new_key_and_csr
 from agent.paths import Paths
 from agent.registration import heartbeat
+from agent.shared import wire
 from scripts.localserver import server_log
 from tests.conftest import require_root
 from tests.integration.serverproc import (

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import wire
 from agent.identity import key_proof, new_key_and_csr
+from agent.shared import wire
 from server import pki
 from server.enrolment import MAX_FAILURES, Enrolment
 from server.errors import BadProof, BadRequest, NonceInvalid, RateLimited

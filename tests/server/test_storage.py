@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.wire import MachineFacts
+from agent.shared.wire import MachineFacts
 from server.errors import DatabaseMissing, JobNotOwned
 from server.storage import _SCHEMA_V1, SCHEMA_VERSION, NewMachine, Storage
 
@@ -94,7 +94,8 @@ def test_the_token_use_and_the_machine_are_one_transaction(storage: Storage) -> 
     assert storage.machine(other) is None
     storage.add_token("unlimited001", "secret", None, None, 0.0)
     assert storage.enrol_machine(new_machine(other, enrol_token_id="unlimited001"), 2.0)
-    assert storage.host_enrolled_with("unlimited001") == other
+    rows = storage.db.execute("SELECT host_id FROM machines WHERE enrol_token_id = 'unlimited001'").fetchall()
+    assert rows == [(other,)]
 
 
 def test_job_owners(storage: Storage) -> None:

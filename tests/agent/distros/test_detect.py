@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 
 from agent.distros import SUPPORT_MATRIX, detect_os, require_supported
-from agent.errors import (
-    Exit,
-    OsKernelTooOld,
-    OsUnknown,
-    OsUnsupported,
-    ReleaseFilesConflict,
-    ReleaseFileUnreadable,
-)
+from agent.errors import OsKernelTooOld, OsUnknown, OsUnsupported, ReleaseFilesConflict, ReleaseFileUnreadable
 from agent.paths import Paths
+from agent.shared.errors import Exit
 from tests.conftest import DISTROS
 
 SUPPORTED = {

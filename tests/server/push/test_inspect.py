@@ -14,8 +14,8 @@ import asyncssh
 import pytest
 
 from agent.distros import detect_os, require_supported
-from agent.errors import MobilityError
 from agent.paths import Paths
+from agent.shared.errors import MobilityError
 from server.errors import PushLowDiskSpace
 from server.push.inspect import check_free_space, detect_remote_os, free_space
 from tests.conftest import DISTROS

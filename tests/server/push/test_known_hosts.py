@@ -5,7 +5,7 @@ from pathlib import Path
 
 import asyncssh
 
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
 from server.push.known_hosts import KnownHosts, fingerprint, host_pattern, known_hosts_line
 
 

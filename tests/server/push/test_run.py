@@ -29,3 +29,27 @@ def test_jobs_of_a_killed_push_are_closed_by_the_next_one(tmp_path: Path) -> Non
     }
     assert close_interrupted(storage, now) == []
     storage.close()
+
+
+def test_no_bundle_for_the_host_s_tag_or_a_changed_file_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    import pytest
+
+    from server.datadir import DataDir
+    from server.errors import PushNoBundle
+    from server.push.run import BundleChooser
+    from server.repository import Repository
+    from tests.bundle_factory import make_bundle
+
+    data = DataDir(tmp_path / "data")
+    repo = Repository.create(data)
+    with pytest.raises(PushNoBundle, match="no bundle for DEBIAN12"):
+        BundleChooser(data)("DEBIAN12")
+    repo.add([make_bundle(tmp_path / "in", "DEBIAN12", "0.1.0")])
+    chosen = BundleChooser(data)("DEBIAN12")
+    assert chosen.name.startswith("Mobility_UA_0.1.0_DEBIAN12-64_")
+    changed = make_bundle(tmp_path / "other", "DEBIAN12", "0.1.0", files={"install": b"#!/bin/sh\nexit 1\n"})
+    shutil.copyfile(changed, chosen.path)
+    with pytest.raises(PushNoBundle, match="does not match its published hash"):
+        BundleChooser(data)("DEBIAN12")

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,11 @@ import pytest
 from agent.bundles import inspect_bundle, parse_bundle_name
 from agent.distros import SUPPORT_MATRIX
 from agent.elf import is_elf, parse_elf
-from agent.errors import BundleRefused
-from agent.fsutil import sha256_file
 from agent.libc import glibc_version_of
 from agent.runtime import kernel_floor_of
+from agent.shared.errors import BundleRefused
+from agent.shared.fsutil import sha256_file
+from tests import faults
 from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     configure_root,
@@ -37,7 +39,9 @@ MIB = 1024 * 1024
 
 
 def sh(*cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    faults.record_output(r.stdout, r.stderr)  # the frozen programs run no injector: what they print is the record
+    return r
 
 
 @pytest.fixture(scope="session")
@@ -86,11 +90,15 @@ def test_bootstrapper_version_and_size(dist: Path, unpacked_bootstrapper: Path) 
     assert unpacked_bootstrapper.name.startswith("0.1.0-")
 
 
-def test_bootstrapper_holds_what_bootstrapping_needs_and_nothing_of_the_server(unpacked_bootstrapper: Path) -> None:
-    program = unpacked_bootstrapper / "mobility-bootstrap"
+def frozen_modules(program: Path) -> set[str]:
+    """The Python modules a frozen program carries (its PyInstaller archive, listed recursively)."""
     r = sh(str(REPO / ".venv" / "bin" / "pyi-archive_viewer"), "-l", "-r", str(program))
     assert r.returncode == 0, r.stderr
-    modules = {line.rsplit("'", 2)[-2] for line in r.stdout.splitlines() if line.count("'") >= 2}
+    return {line.rsplit("'", 2)[-2] for line in r.stdout.splitlines() if line.count("'") >= 2}
+
+
+def test_bootstrapper_holds_what_bootstrapping_needs_and_nothing_of_the_server(unpacked_bootstrapper: Path) -> None:
+    modules = frozen_modules(unpacked_bootstrapper / "mobility-bootstrap")
     for needed in (
         "agent.distros.detect",
         "agent.prereq",
@@ -103,6 +111,54 @@ def test_bootstrapper_holds_what_bootstrapping_needs_and_nothing_of_the_server(u
         assert any(m == needed or m.startswith(needed + ".") for m in modules), needed
     for absent in ("server", "aiohttp", "psutil", "schedule", "multiprocessing"):
         assert not any(m == absent or m.startswith(absent + ".") for m in modules), absent
+
+
+@pytest.fixture
+def unpacked_bundle(dist: Path, tmp_path: Path) -> Path:
+    (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path / "bundle", filter="tar")
+    return tmp_path / "bundle"
+
+
+def test_no_frozen_program_holds_the_fault_injector(unpacked_bootstrapper: Path, unpacked_bundle: Path) -> None:
+    """The fault points are compiled in, the injector never: nothing of tests/ and no sitecustomize to load it."""
+    for program in (unpacked_bootstrapper / "mobility-bootstrap", unpacked_bundle / "mobility/_internal/mobility"):
+        modules = frozen_modules(program)
+        assert "agent.faults" in modules, program
+        leaked = sorted(m for m in modules if m.split(".")[0] in ("tests", "sitecustomize"))
+        assert not leaked, (program, leaked)
+
+
+def test_a_frozen_program_cannot_be_made_to_load_the_injector(unpacked_bundle: Path, tmp_path: Path) -> None:
+    """The environment that arms the injector in every Python of the suite does nothing to a frozen program: its
+    interpreter reads no PYTHONPATH. The same command under this Python is recorded and killed (the control)."""
+    record = tmp_path / "record"
+    record.mkdir()
+    env = {
+        **faults.environment(kill={"bootstrap.step": 1}),
+        "PYTHONPATH": os.pathsep.join((str(faults.SITE), str(REPO))),
+        faults.RECORD: str(record),
+    }
+    frozen = subprocess.run(
+        [str(unpacked_bundle / "mobility/mobility"), "detect-os", "--root", str(tmp_path / "absent")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert (frozen.returncode, frozen.stderr.split(":")[0]) == (2, "error ROOT-NOT-FOUND"), frozen.stderr
+    assert not list(record.iterdir())
+    python = subprocess.run(
+        [sys.executable, "-m", "agent", "detect-os", "--root", str(tmp_path / "absent")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert python.returncode == 2 and faults.recorded(record) == {"ROOT-NOT-FOUND"}
 
 
 def _needed_resolve_inside(tree: Path) -> set[str]:

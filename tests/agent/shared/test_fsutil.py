@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.fsutil import NotSmallRegularFile, append_text, open_lock_file, read_small_file, remove
+from agent.shared.fsutil import NotSmallRegularFile, append_text, open_lock_file, read_small_file, remove
 
 
 def test_remove_removes_a_link_not_its_target(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The agent-server wire format: API paths, the enrolment proofs, and every request body as a typed, validated
-value. Both sides import this module (the server may import the agent's wire formats; the agent never imports the
-server). The server parses each body once, at the edge, with the ``from_json`` constructors here: a field of the
-wrong type, an over-long string or a control character is refused before anything is stored or logged."""
+value. Both sides import this module (the agent never imports the server). The server parses each body once, at the
+edge, with the ``from_json`` constructors here: a field of the wrong type, an over-long string or a control
+character is refused before anything is stored or logged."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import hmac
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.textsafe import printable
+from agent.shared.textsafe import printable
 
 API = "/v1"
 NONCE_PATH = f"{API}/enrol/nonce"
@@ -236,9 +236,8 @@ class EnrolRequest:
         }
 
     @classmethod
-    def from_json(cls, body: Any) -> EnrolRequest:
-        from agent.distros.matrix import BY_TAG
-
+    def from_json(cls, body: Any, os_tags: Collection[str]) -> EnrolRequest:
+        """``os_tags``: the tags of the support matrix (agent.distros.BY_TAG), which the server accepts."""
         f = _Fields(body, "enrolment")
         host_id = f.optional_text("host_id", 36)
         return cls(
@@ -246,7 +245,7 @@ class EnrolRequest:
             nonce=f.text("nonce", 64, pattern=_NONCE),
             proof=f.text("proof", 64, pattern=_HEX64),
             hostname=hostname(f.text("hostname", 255)),
-            os_tag=f.text("os_tag", 32, choices=tuple(BY_TAG)),
+            os_tag=f.text("os_tag", 32, choices=tuple(os_tags)),
             role=f.text("role", 2, choices=ROLES),
             platform=f.text("platform", 6, choices=PLATFORMS),
             facts=MachineFacts.from_json(f.doc.get("facts", {})),
