@@ -44,6 +44,8 @@ from agent.status import DaemonStatus
 log = logging.getLogger("mobility.daemon")
 
 SLOW_FACTOR = 4  # optional work runs this much less often while memory is tight
+MIN_CPU_WINDOW = 2.0  # seconds; CPU time moves in 10 ms ticks
+FIRST_CPU_WINDOW = 0.2  # seconds the first health check spends measuring CPU
 
 
 class Link(Protocol):
@@ -88,6 +90,7 @@ class Daemon:
         self.shedding = False
         self.report: dict[str, Any] = {}
         self._cpu: float | None = None
+        self._cpu_since = time.monotonic()
         self.metrics: Any = None
         if config.metrics_port is not None:
             from agent.metrics import Metrics  # loaded only when enabled: it costs memory
@@ -134,11 +137,26 @@ class Daemon:
 
     # Jobs ------------------------------------------------------------------------------------------------
 
+    def _cpu_percent(self, measure: bool) -> float | None:
+        """The daemon's CPU use over a window of at least MIN_CPU_WINDOW: over a few milliseconds (the first check
+        right after start, a re-check moments later) psutil's figure is noise of whole clock ticks, thousands of
+        percent. The first figure is measured over a short blocking window instead; later ones since the last."""
+        elapsed = time.monotonic() - self._cpu_since
+        try:
+            if self._cpu is None and elapsed < MIN_CPU_WINDOW:
+                self._cpu = self.process.cpu_percent(interval=FIRST_CPU_WINDOW)
+            elif measure and elapsed >= MIN_CPU_WINDOW:
+                self._cpu = self.process.cpu_percent(None)
+            else:
+                return self._cpu
+        except psutil.Error:
+            return None
+        self._cpu_since = time.monotonic()
+        return self._cpu
+
     def check_health(self, measure_cpu: bool = True) -> dict[str, Any]:
-        """``measure_cpu=False`` keeps the last CPU figure: a re-check moments later would measure a tiny window."""
-        process = process_sample(self.process, None if measure_cpu or self._cpu is None else self._cpu)
-        if process is not None:
-            self._cpu = process.cpu_percent
+        """``measure_cpu=False`` keeps the last CPU figure (a re-check moments later, with the server's answer)."""
+        process = process_sample(self.process, self._cpu_percent(measure_cpu))
         server = ServerSample(
             self.status.last_heartbeat_ok,
             self.status.unreachable_since,

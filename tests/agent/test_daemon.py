@@ -217,3 +217,31 @@ def test_notifications_never_block_the_daemon(paths: Paths, tmp_path: Path) -> N
         for _ in range(5000):
             notifier.notify(watchdog="1")
         assert time.monotonic() - start < 5
+
+
+class _TickyProcess:
+    """psutil.Process as it reads CPU: over a window of a few milliseconds the figure is whole clock ticks, e.g.
+    1924.9 % (seen in the demo's first health report); over a real window it is the truth."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.real = psutil.Process()
+        self.windows: list[float | None] = []
+
+    def cpu_percent(self, interval: float | None = None) -> float:
+        self.windows.append(interval)
+        return 3.5 if interval else 1924.9
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_the_first_cpu_figure_is_measured_over_a_real_window(paths: Paths) -> None:
+    process = _TickyProcess()
+    daemon = Daemon(paths, ROOMY, FakeLink(), now=T0, process=process)  # type: ignore[arg-type]
+    cpu = next(c for c in daemon.check_health()["checks"] if c["id"] == "HLT-CPU")
+    assert (cpu["status"], cpu["value"]) == ("PASS", "3.5 %")
+    again = next(c for c in daemon.check_health(measure_cpu=False)["checks"] if c["id"] == "HLT-CPU")
+    assert again["value"] == "3.5 %"  # moments later: the same figure, not a new tiny window
+    assert process.windows[-1] is not None and process.windows.count(None) == 1  # only the window's start
