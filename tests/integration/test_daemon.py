@@ -150,15 +150,20 @@ def test_memory_budget_warns_then_restarts_cleanly(setup: tuple[ServerProcess, A
     agent.proc.send_signal(signal.SIGHUP)
     wait_for("reload", lambda: "configuration reloaded" in agent.log())
     pid = agent.proc.pid
+    started = agent.status()["started"]
     agent.grow_memory(16)
     wait_for("warning and shedding", lambda: "shedding caches" in agent.log())
     assert "restarting cleanly" not in agent.log()
     agent.grow_memory(16)
     wait_for("clean restart", lambda: "restarting cleanly" in agent.log() and agent.log().count("daemon started") == 2)
     assert agent.proc.poll() is None  # re-executed in place: the same process, as systemd expects
-    wait_for("the restarted daemon's record", lambda: agent.status().get("started", 0) > 0)
+    # The record the restarted daemon writes, not the last one of the process before the restart.
+    wait_for("the restarted daemon's record", lambda: agent.status().get("started", 0) > started)
     assert agent.status()["pid"] == pid
-    after = wait_for("a report after the restart", lambda: agent.status().get("health", {}).get("checks"))
+    after = wait_for(
+        "a report after the restart",
+        lambda: (s := agent.status()).get("health", {}).get("time", 0) >= s["started"] and s["health"]["checks"],
+    )
     rss_after = float(next(c for c in after if c["id"] == "HLT-RSS")["value"].split()[0])
     assert rss_after < budget
 
