@@ -27,6 +27,7 @@ from tests.integration.serverproc import (
     secret_file,
     server_cli,
     start_server,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,8 +57,8 @@ def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Pat
     assert (code, again["host_id"], again["already_registered"]) == (0, host_id, True)
 
     heartbeat(Paths(root), {"status": "healthy", "checks": []})
-    time.sleep(1.5)  # the server writes heartbeats in batches once a second
-    (m,) = server.machines()
+    # The server writes heartbeats in batches once a second.
+    (m,) = wait_for("the heartbeat to be written", lambda: [m for m in server.machines() if m["health"] == "healthy"])
     assert (m["host_id"], m["hostname"], m["os_tag"], m["role"], m["platform"]) == (
         host_id,
         "host-aaaaaa",
@@ -291,15 +292,17 @@ def test_certificate_renewal_keeps_the_host_id(server: ServerProcess, tmp_path: 
 
 
 def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> None:
-    s = start_server(tmp_path / "data", heartbeat_interval=1.0)
+    s = start_server(tmp_path / "data", heartbeat_interval=3.0)
     try:
         root = sandbox_root(tmp_path / "m", "ab" * 16)
         assert configure_root(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
-        assert heartbeat(Paths(root), {"status": "warning"})["interval"] == 1.0
-        time.sleep(1.5)  # one batch flush
-        assert [(m["state"], m["health"]) for m in s.machines()] == [("online", "warning")]
-        time.sleep(2.0)  # past 3 intervals since the heartbeat
-        assert [m["state"] for m in s.machines()] == ["offline"]
+        sent = time.time()
+        assert heartbeat(Paths(root), {"status": "warning"})["interval"] == 3.0
+        states = wait_for("the heartbeat's batch to be written", lambda: [m for m in s.machines() if m["health"]])
+        if time.time() - sent < 8.0:  # the listing was made within 3 intervals (9 s) of the heartbeat
+            assert [(m["state"], m["health"]) for m in states] == [("online", "warning")]
+        wait_for("3 missed intervals", lambda: [m["state"] for m in s.machines()] == ["offline"], timeout=30)
+        assert time.time() - sent >= 9.0  # not before 3 intervals passed
     finally:
         s.stop()
 

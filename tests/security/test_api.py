@@ -7,7 +7,6 @@ and keep serving. `test_every_route_has_its_cases` fails when an endpoint is add
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +24,12 @@ from agent.paths import Paths
 from agent.registration import heartbeat, report_job
 from agent.shared import wire
 from scripts.localserver import server_log, start_local_server
-from server.storage import Storage
 from tests.integration.serverproc import (
     ServerProcess,
     configure_root,
+    db_execute,
     error_code,
+    open_storage,
     raw_call,
     sandbox_root,
     secret_file,
@@ -50,7 +50,7 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def machine(server: ServerProcess, host_id: str) -> Any:
-    storage = Storage(server.data / "mobility.db")
+    storage = open_storage(server.data)
     try:
         return storage.machine(host_id)
     finally:
@@ -188,7 +188,7 @@ def test_a_machine_cannot_write_another_machines_job(server: ServerProcess, tmp_
 def test_a_push_job_belongs_to_the_host_that_enrolled_with_its_token(server: ServerProcess, tmp_path: Path) -> None:
     token = server_cli(server.data, "token", "create", "--ttl", "1h", "--uses", "1", check=True).stdout.strip()
     token_id = wire.split_token(token)[0]  # type: ignore[index]
-    storage = Storage(server.data / "mobility.db")
+    storage = open_storage(server.data)
     try:  # what `mobility-server push` does: the job first, bound to the token it hands the host
         push_job = storage.record_job(
             job_id=None,
@@ -247,10 +247,9 @@ def test_poisoned_heartbeats_are_refused_and_the_cli_keeps_working(server: Serve
         assert (status, error_code(doc)) == (400, "BAD-REQUEST"), body
 
     # A poisoned row as an older server stored it: the readers stay up.
-    db = sqlite3.connect(server.data / "mobility.db")
-    db.execute("UPDATE machines SET health = '[1, 2]', facts = '{\"macs\": 5}' WHERE host_id = ?", (host_id,))
-    db.commit()
-    db.close()
+    db_execute(
+        server.data, "UPDATE machines SET health = '[1, 2]', facts = '{\"macs\": 5}' WHERE host_id = :h", {"h": host_id}
+    )
     text = server_cli(server.data, "machines")
     assert text.returncode == 0 and host_id in text.stdout, text.stderr
     (row,) = json.loads(server_cli(server.data, "machines", "--json", check=True).stdout)
@@ -264,11 +263,10 @@ def test_client_strings_never_reach_a_terminal_or_log_raw(server: ServerProcess,
         status, doc = enrol(server, facts=facts, hostname=name)
         assert (status, error_code(doc)) == (400, "BAD-REQUEST"), repr(name)
     # A hostname stored raw by an older server is printed escaped.
-    db = sqlite3.connect(server.data / "mobility.db")
     forged = "pwn\x1b]0;owned\x07\nfake line"
-    db.execute("UPDATE machines SET hostname = ? WHERE host_id = ?", (forged, host_id_of(root)))
-    db.commit()
-    db.close()
+    db_execute(
+        server.data, "UPDATE machines SET hostname = :n WHERE host_id = :h", {"n": forged, "h": host_id_of(root)}
+    )
     out = server_cli(server.data, "machines").stdout
     assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
     assert len(out.strip().splitlines()) == 2  # header and one machine: no forged line
