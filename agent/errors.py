@@ -77,6 +77,18 @@ class RemoteError(RemoteStateError):
         self.id = code
 
 
+class RemoteBusy(RemoteError):
+    """The server answered 503 (busy, or its database unavailable) or 429 (rate limited): a temporary failure, to be
+    retried after ``retry_after`` seconds (its Retry-After header), never at once."""
+
+    exit_code = Exit.TEMPFAIL
+
+    def __init__(self, code: str, message: str, fix: str, *, status: int, retry_after: float | None) -> None:
+        super().__init__(code, message, fix)
+        self.status = status
+        self.retry_after = retry_after
+
+
 class TufTampered(VerificationError):
     code = "TUF-TAMPERED"
     remediation = (

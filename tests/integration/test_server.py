@@ -214,9 +214,11 @@ def test_server_refuses_bad_data_directories(tmp_path: Path) -> None:
     assert (r.returncode, r.stderr.split(":")[0]) == (1, "error DATA-DIR-PERMISSIONS")
     os.chmod(data / "ca" / "ca.key", 0o600)
     key_before = (data / "ca" / "ca.key").read_bytes()
-    (data / "mobility.db").write_bytes(b"this is not a database" * 100)
-    r = server_cli(data, "serve", "--listen", "127.0.0.1:0")
-    assert r.stderr.startswith("error DB-CORRUPT")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    garbage.chmod(0o600)
+    r = server_cli(data, "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite:///{garbage}")
+    assert r.stderr.startswith("error DB-CORRUPT"), r.stderr
     assert (data / "ca" / "ca.key").read_bytes() == key_before
 
 

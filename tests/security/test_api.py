@@ -36,6 +36,7 @@ from tests.integration.serverproc import (
     server_cli,
     start_server,
 )
+from tests.postgres import on_postgresql, shared_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -345,6 +346,10 @@ def test_renewal_checks_the_csr_as_enrolment_does(server: ServerProcess, tmp_pat
 def test_a_deleted_database_is_not_silently_replaced(tmp_path: Path) -> None:
     s = start_server(tmp_path / "data")
     s.stop()
+    if on_postgresql():  # the database is dropped and made again, empty
+        name = (s.data / "database.url").read_text().strip().rsplit("/", 1)[1]
+        shared_cluster().sql(f"DROP DATABASE {name}")
+        shared_cluster().sql(f"CREATE DATABASE {name} OWNER mobility")
     for name in ("mobility.db", "mobility.db-wal", "mobility.db-shm"):
         (s.data / name).unlink(missing_ok=True)
     r = server_cli(s.data, "serve", "--listen", "127.0.0.1:0")
@@ -355,7 +360,9 @@ def test_a_deleted_database_is_not_silently_replaced(tmp_path: Path) -> None:
     assert not (s.data / "mobility.db").exists()
     proc, _, _ = start_local_server(s.data, "--new-database")  # told to: starts empty, still private
     try:
-        assert (s.data / "mobility.db").stat().st_mode & 0o777 == 0o600
+        if not on_postgresql():
+            assert (s.data / "mobility.db").stat().st_mode & 0o777 == 0o600
+        assert server_cli(s.data, "machines", "--json", check=True).stdout.strip() == "[]"
     finally:
         proc.terminate()
         proc.wait(timeout=15)
