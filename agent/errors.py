@@ -61,6 +61,14 @@ class OsKernelTooOld(UnsupportedError):
     )
 
 
+class AgentNotInstalled(UnsupportedError):
+    code = "AGENT-NOT-INSTALLED"
+    remediation = (
+        "Install and register the agent on this machine: `mobility bootstrap -i HOST[:PORT] -P PASSPHRASE_FILE "
+        "--cs-fingerprint sha256:HEX` (or push it from the server with `mobility-server push`)."
+    )
+
+
 class PrerequisitesFailed(UnsupportedError):
     code = "PREREQ-FAILED"
     remediation = "Fix each failed check as its own line says, then run `mobility prereq` again."

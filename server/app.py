@@ -36,10 +36,12 @@ from server.database import Database
 from server.datadir import DataDir
 from server.edge import (
     KEEPALIVE_SECONDS,
+    LINGER_SECONDS,
     MAX_HEADERS,
     MAX_LINE,
     Connections,
     Gate,
+    GuardedHandler,
     GuardedSite,
     read_body,
 )
@@ -194,9 +196,17 @@ def error_response(e: ApiError) -> web.Response:
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure is a JSON error with a stable ID: ours, aiohttp's own HTTP errors, and anything unexpected."""
-    arrived = getattr(request.protocol, "request_arrived", None)
-    if arrived is not None:
-        arrived()  # the line and headers are in: the slow-client clock stops
+    protocol = request.protocol
+    if isinstance(protocol, GuardedHandler):
+        protocol.request_arrived()  # the line and headers are in: the slow-client clock stops
+    try:
+        return await _handled(request, handler)
+    finally:
+        if isinstance(protocol, GuardedHandler):
+            protocol.request_done()
+
+
+async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:
@@ -403,6 +413,7 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
         handle_signals=False,
         shutdown_timeout=5.0,
         keepalive_timeout=KEEPALIVE_SECONDS,
+        lingering_time=LINGER_SECONDS,
         max_line_size=MAX_LINE,
         max_field_size=MAX_LINE,
         max_headers=MAX_HEADERS,

@@ -1,9 +1,12 @@
 """What a client can cost the server before a handler runs, bounded: connections, slow requests, queues.
 
-- **Connections**: at most ``max_connections`` open; one more is answered 503 SERVER-BUSY and closed.
-- **Slow clients**: a TLS handshake has ``HANDSHAKE_SECONDS``; once a request's first byte arrives, its line and
-  headers must all be there within ``HEADER_SECONDS`` and its body within ``BODY_SECONDS`` (408 REQUEST-TIMEOUT and
-  the connection is closed). An idle kept-alive connection is closed after ``KEEPALIVE_SECONDS``.
+- **Connections**: at most ``max_connections`` open; one more is answered 503 SERVER-BUSY and closed. Connections
+  without a client certificate (enrolment, anyone on the network) may hold only a quarter of them, so a flood of
+  anonymous connections never locks enrolled machines out.
+- **Slow clients**: a TLS handshake has ``HANDSHAKE_SECONDS``; a new connection's first request, and any request
+  once its first byte arrived, must have its line and headers in within ``HEADER_SECONDS`` and its body within
+  ``BODY_SECONDS`` (408 REQUEST-TIMEOUT and the connection is closed). An idle kept-alive connection is closed after
+  ``KEEPALIVE_SECONDS``.
 - **Malformed requests**: a request line or header over 8 KiB, or more than 64 headers, is 431 HEADERS-TOO-LARGE,
   other garbage 400 BAD-REQUEST, both as the API's JSON errors (aiohttp would answer them in plain text).
 - **Queues**: expensive work (enrolment, renewal, proofs) and the heartbeat path each pass a ``Gate``: a bounded
@@ -33,6 +36,7 @@ HANDSHAKE_SECONDS = 10.0
 HEADER_SECONDS = 10.0
 BODY_SECONDS = 10.0
 KEEPALIVE_SECONDS = 75.0  # > the 30 s heartbeat: a daemon keeps its connection between heartbeats
+LINGER_SECONDS = 1.0  # unread body still arriving after an error answer is drained this long, then the socket closes
 MAX_LINE = 8190
 MAX_HEADERS = 64
 
@@ -90,7 +94,9 @@ class Connections:
 
     def __init__(self, max_connections: int) -> None:
         self.max = max_connections
+        self.max_anonymous = max(1, max_connections // 4)
         self.open: set[GuardedHandler] = set()
+        self.anonymous = 0
         self.refused = 0
         self.timed_out = 0
 
@@ -111,29 +117,42 @@ class GuardedHandler(web_protocol.RequestHandler):
         super().__init__(*args, **kwargs)
         self.connections = connections
         self.request_started: float | None = None
+        self.handling = False
+        self.anonymous = True
         self._guard_transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._guard_transport = transport
-        if len(self.connections.open) >= self.connections.max:
-            self.connections.refused += 1
+        # Past the TLS handshake: whether the peer holds one of our client certificates is known already.
+        self.anonymous = not transport.get_extra_info("peercert")
+        c = self.connections
+        if len(c.open) >= c.max or (self.anonymous and c.anonymous >= c.max_anonymous):
+            c.refused += 1
             self.abort(busy())
             return
-        self.connections.open.add(self)
+        c.open.add(self)
+        c.anonymous += self.anonymous
+        self.request_started = time.monotonic()  # the first request is due as any other: within HEADER_SECONDS
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.connections.open.discard(self)
+        if self in self.connections.open:
+            self.connections.open.discard(self)
+            self.connections.anonymous -= self.anonymous
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.request_started is None:
+        if self.request_started is None and not self.handling:  # a body being read has its own deadline
             self.request_started = time.monotonic()
         super().data_received(data)
 
     def request_arrived(self) -> None:
         """Called as a request reaches the handlers: its line and headers are in, the clock stops."""
         self.request_started = None
+        self.handling = True
+
+    def request_done(self) -> None:
+        self.handling = False
 
     def abort(self, e: ApiError) -> None:
         transport = self._guard_transport

@@ -184,7 +184,9 @@ class Storage:
         database gets it (a data directory whose database vanished must not silently start empty: every machine
         would be lost). An older schema is DB-SCHEMA-OLD (`mobility-server upgrade`), a newer one DB-SCHEMA-NEWER."""
         path = db.sqlite_path
-        created = path is not None and not path.exists()
+        created = path is not None and not path.exists() and not path.is_symlink()
+        if path is not None and not created and not path.is_file():  # a FIFO would block SQLite's first read
+            raise DatabaseCorrupt(f"{path} is not a regular file")
         if created and not create:
             raise DatabaseMissing(f"{path} does not exist")
         if created and path is not None:
@@ -215,6 +217,8 @@ class Storage:
         path = db.sqlite_path
         if path is not None and not path.exists():
             raise DatabaseMissing(f"{path} does not exist")
+        if path is not None and not path.is_file():
+            raise DatabaseCorrupt(f"{path} is not a regular file")
         engine = make_engine(db, pool_size=0)
         try:
             with _opening(db), engine.connect().execution_options(write=True) as conn, conn.begin():
