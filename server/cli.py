@@ -220,7 +220,7 @@ def cmd_machines(args: argparse.Namespace) -> int:
                 "platform": m.platform,
                 "agent_version": m.agent_version,
                 "last_seen": m.last_seen,
-                "state": "online" if m.online(now) else "offline",
+                "state": "revoked" if m.revoked else "online" if m.online(now) else "offline",
                 "health": m.health.status if m.health else "unknown",
                 "health_report": m.health.to_json() if m.health else None,
                 "cloned_from": m.cloned_from,
@@ -245,9 +245,6 @@ def cmd_machines(args: argparse.Namespace) -> int:
         "health",
         "cloned_from",
     )
-    for r in rows:
-        if r["revoked"]:
-            r["state"] = "revoked"
     table = [[r[c] if c != "last_seen" else timefmt.shown(r[c]) for c in cols] for r in rows]
     _print_table([c.upper() for c in cols], table)
     return Exit.OK

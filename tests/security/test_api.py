@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from agent.errors import RemoteError
 from agent.identity import collect_facts, key_proof, new_key_and_csr
 from agent.paths import Paths
-from agent.registration import heartbeat, report_job
+from agent.registration import heartbeat, renew_certificate, report_job
 from agent.shared import wire
 from scripts.localserver import server_log, start_local_server
 from tests.integration.serverproc import (
@@ -35,6 +35,7 @@ from tests.integration.serverproc import (
     secret_file,
     server_cli,
     start_server,
+    wait_for,
 )
 from tests.postgres import on_postgresql, shared_cluster
 
@@ -407,11 +408,84 @@ def test_a_certificate_of_a_machine_the_server_no_longer_knows(server: ServerPro
     """A valid client certificate is not enough: the host must still be in the database (removed by hand here)."""
     root = registered(server, tmp_path, "gone", "cd" * 16)
     host_id = host_id_of(root)
-    storage = Storage(server.data / "mobility.db")
-    try:
-        storage.db.execute("DELETE FROM machines WHERE host_id = ?", (host_id,))
-    finally:
-        storage.close()
+    db_execute(server.data, "DELETE FROM machines WHERE host_id = :h", {"h": host_id})
     body = json.dumps({"host_id": host_id, "agent_version": VERSION}).encode()
     status, doc = raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))
     assert (status, error_code(doc)) == (404, "MACHINE-UNKNOWN")
+
+
+# Revocation ------------------------------------------------------------------------------------------------------
+
+
+def _calls_with(server: ServerProcess, cert: tuple[Path, Path], host_id: str) -> dict[str, tuple[int, object]]:
+    """Every call that takes a certificate, made with ``cert``: its status and error ID."""
+    _, csr = new_key_and_csr(host_id)
+    calls = {
+        "heartbeat": (wire.HEARTBEAT_PATH, {"host_id": host_id, "agent_version": VERSION}),
+        "jobs": (wire.JOBS_PATH, job()),
+        "renew": (wire.RENEW_PATH, {"csr": csr.decode()}),
+    }
+    out = {}
+    for name, (path, body) in calls.items():
+        status, doc = raw_call(server, "POST", path, json.dumps(body).encode(), cert=cert)
+        out[name] = (status, error_code(doc) if status >= 400 else "ok")
+    return out
+
+
+def test_superseded_revoked_and_removed_certificates_are_refused_everywhere(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    root = registered(server, tmp_path, "m", "9a" * 16)
+    host_id = host_id_of(root)
+    stale = tmp_path / "stale"  # what a copy of the disk (or a thief) keeps: the certificate before the renewal
+    stale.mkdir()
+    old = (stale / "client.pem", stale / "client.key")
+    for src, dst in zip(cert_of(root), old, strict=True):
+        dst.write_bytes(src.read_bytes())
+    renew_certificate(Paths(root))
+    heartbeat(Paths(root), {"status": "healthy", "checks": []})  # the new certificate's first use: now the current
+    assert set(_calls_with(server, old, host_id).values()) == {(403, "CERT-SUPERSEDED")}
+
+    r = server_cli(server.data, "machines", "revoke", host_id)
+    assert r.returncode == 0, r.stderr
+    assert set(_calls_with(server, cert_of(root), host_id).values()) == {(403, "CERT-REVOKED")}
+    (row,) = [m for m in server.machines() if m["host_id"] == host_id]
+    assert (row["revoked"], row["state"]) == (True, "revoked")
+    # Its key no longer proves the identity: enrolling again makes a new machine.
+    cert_of(root)[0].unlink()
+    code, out = configure_root(server, root, secret_file(tmp_path / "again", server.passphrase()))
+    assert code == 0 and out["host_id"] != host_id and out["cloned_from"] is None, out
+
+    other = registered(server, tmp_path, "o", "9b" * 16)
+    r = server_cli(server.data, "machines", "remove", host_id_of(other))
+    assert r.returncode == 0, r.stderr
+    assert set(_calls_with(server, cert_of(other), host_id_of(other)).values()) == {(404, "MACHINE-UNKNOWN")}
+    for action in ("remove", "revoke"):
+        r = server_cli(server.data, "machines", action, host_id_of(other))
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error MACHINE-NOT-FOUND"), r.stderr
+    r = server_cli(server.data, "machines", "revoke")
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error USAGE"), r.stderr
+
+
+def test_queued_reports_are_history_never_the_current_state(server: ServerProcess, tmp_path: Path) -> None:
+    """After an outage the daemon sends its current report, then its backlog (queued: true). The backlog's stale
+    "server unreachable" reports must not replace the current one."""
+    root = registered(server, tmp_path, "m", "9c" * 16)
+    host_id = host_id_of(root)
+    heartbeat(Paths(root), {"status": "healthy", "checks": []})
+    stale = {"status": "warning", "time": 1_700_000_000.0, "checks": []}
+    for _ in range(3):
+        body = json.dumps({"host_id": host_id, "agent_version": VERSION, "health": stale, "queued": True}).encode()
+        assert raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))[0] == 200
+
+    def history() -> list[Any]:
+        storage = open_storage(server.data)
+        try:
+            return storage.history(host_id)
+        finally:
+            storage.close()
+
+    kept = wait_for("the queued reports in the history", lambda: len(history()) == 3 and history())
+    assert [(when, report.status) for when, _, report in kept] == [(1_700_000_000.0, "warning")] * 3
+    (row,) = [m for m in server.machines() if m["host_id"] == host_id]
+    assert (row["health"], row["state"]) == ("healthy", "online")
