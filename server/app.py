@@ -69,7 +69,6 @@ log = logging.getLogger("mobility.server")
 HEARTBEAT_FLUSH_SECONDS = 1.0
 TIMESTAMP_CHECK_SECONDS = 600.0
 PRUNE_SECONDS = 60.0
-STALL_REPORT_SECONDS = 60.0
 MAX_BUFFERED_BEATS = 200_000  # > a fleet's worth: past it heartbeats are refused 503 until a flush succeeds
 MAX_BUFFERED_HISTORY = 50_000
 WORKERS = 4  # threads per pool; the database pool has room for both pools and the periodic jobs
@@ -87,6 +86,7 @@ class Server:
     repository: Repository
     clock: Callable[[], float] = time.time
     max_connections: int = 16_000
+    stats_interval: float = 60.0
     _beats: dict[str, Beat] = field(default_factory=dict)
     _history: list[tuple[str, float | None, float, wire.HealthReport]] = field(default_factory=list)
     stalls: StallMonitor = field(default_factory=StallMonitor)
@@ -375,6 +375,7 @@ def open_server(
     *,
     new_database: bool = False,
     max_connections: int | None = None,
+    stats_interval: float = 60.0,
 ) -> Server:
     storage = Storage.open(db, create=new_database)
     try:
@@ -391,7 +392,14 @@ def open_server(
     except BaseException:
         storage.close()
         raise
-    return Server(data, storage, enrolment, repository, max_connections=max_connections or connection_limit())
+    return Server(
+        data,
+        storage,
+        enrolment,
+        repository,
+        max_connections=max_connections or connection_limit(),
+        stats_interval=stats_interval,
+    )
 
 
 def connection_limit() -> int:
@@ -448,15 +456,17 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
             except Exception:
                 log.exception("periodic job failed")
 
-    def report() -> None:
-        log.info("%s; %d connections open", server.stalls.summary(), len(server.connections.open))
+    def report(final: bool = False) -> None:
+        c = server.connections
+        stalls = server.stalls.summary() if final else server.stalls.take_window(server.stats_interval)
+        log.info("%s; %d connections open, %d refused, %d timed out", stalls, len(c.open), c.refused, c.timed_out)
 
     tasks = [
         asyncio.create_task(server.stalls.run()),
         asyncio.create_task(every(HEARTBEAT_FLUSH_SECONDS, server.flush_heartbeats)),
         asyncio.create_task(every(PRUNE_SECONDS, lambda: server.storage.prune(server.clock()))),
         asyncio.create_task(every(1.0, lambda: server.connections.sweep(time.monotonic()), in_thread=False)),
-        asyncio.create_task(every(STALL_REPORT_SECONDS, report, in_thread=False)),
+        asyncio.create_task(every(server.stats_interval, report, in_thread=False)),
         asyncio.create_task(
             every(
                 TIMESTAMP_CHECK_SECONDS,
@@ -479,7 +489,7 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
         await runner.cleanup()
         with contextlib.suppress(MobilityError):
             await server.offload(server.background, server.flush_heartbeats)
-        report()
+        report(final=True)
         server.close()
         server.storage.close()
         log.info("stopped")

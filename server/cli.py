@@ -155,12 +155,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-open chatter; `upgrade` prints what it did
     if args.max_connections is not None and args.max_connections < 1:
         raise BadArguments("--max-connections must be at least 1")
+    if not 1 <= args.stats_interval <= 86400:
+        raise BadArguments("--stats-interval must be between 1 and 86400 seconds")
     server = open_server(
         data,
         _database(args, data),
         heartbeat_interval=args.heartbeat_interval,
         new_database=args.new_database,
         max_connections=args.max_connections,
+        stats_interval=args.stats_interval,
     )
     fingerprint = pki.fingerprint(server.enrolment.ca.cert)
 
@@ -416,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="connections served at once; more are answered 503 (default: the open-file limit less a margin)",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often the log gets the event loop's stall figures and the connection counts (default 60)",
     )
     p.set_defaults(func=cmd_serve)
 

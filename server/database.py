@@ -21,7 +21,7 @@ from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_fi
 from server.datadir import DataDir
 from server.errors import DatabaseUrlInvalid
 
-POOL_SIZE = 8  # the worker threads a serving instance runs database calls in (server/app.py)
+POOL_SIZE = 12  # > the worker threads a serving instance runs database calls in (server/app.py: 4 + 4 + 2)
 MAX_URL_FILE = 4096
 
 
@@ -93,7 +93,9 @@ def make_engine(db: Database, *, pool_size: int = POOL_SIZE) -> Engine:
             pool_size=pool_size,
             max_overflow=0,
             pool_timeout=10,
-            pool_pre_ping=True,  # an instance outlives a database restart: a dead pooled connection is replaced
+            # No ping per checkout (a round trip per request): a connection found dead makes SQLAlchemy drop the whole
+            # pool, that request answers 503 DB-UNAVAILABLE (agents retry), and the next ones reconnect.
+            pool_recycle=3600,
             connect_args={"connect_timeout": 10, "application_name": "mobility-server"},
         )
     engine = create_engine(

@@ -1,6 +1,6 @@
 """How late the event loop wakes up: a task asks to wake every ``PERIOD`` seconds and records how much later than
 asked it did. A handler that blocks the loop (a database call, hashing, a file write on it) shows up here as a stall;
-the server logs the p99 and maximum every minute and when it stops."""
+the server logs the figures of each interval (``serve --stats-interval``) and of its whole run when it stops."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _BUCKETS = 10_000  # up to 10 s, 1 ms each; anything later counts in the last
 
 
 @dataclass
-class StallMonitor:
+class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     samples: int = 0
     worst_ms: float = 0.0
@@ -40,9 +40,36 @@ class StallMonitor:
 
     def summary(self) -> str:
         return (
-            f"event loop stalls: p50 {self.percentile(0.5):.0f} ms, p99 {self.percentile(0.99):.0f} ms, "
+            f"p50 {self.percentile(0.5):.0f} ms, p99 {self.percentile(0.99):.0f} ms, "
             f"max {self.worst_ms:.0f} ms over {self.samples} wake-ups"
         )
+
+
+@dataclass
+class StallMonitor:
+    total: Histogram = field(default_factory=Histogram)
+    window: Histogram = field(default_factory=Histogram)
+
+    def record(self, late_ms: float) -> None:
+        self.total.record(late_ms)
+        self.window.record(late_ms)
+
+    def percentile(self, q: float) -> float:
+        return self.total.percentile(q)
+
+    @property
+    def worst_ms(self) -> float:
+        return self.total.worst_ms
+
+    def summary(self) -> str:
+        """The whole run so far."""
+        return f"event loop stalls: {self.total.summary()}"
+
+    def take_window(self, seconds: float) -> str:
+        """The interval since the last call, then a fresh interval."""
+        text = f"event loop stalls in the last {seconds:g} s: {self.window.summary()}"
+        self.window = Histogram()
+        return text
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -122,6 +122,10 @@ def test_stall_percentiles() -> None:
     m.record(20_000.0)  # past the last bucket: counted there
     assert (m.percentile(0.5), m.percentile(0.99), m.worst_ms) == (1.0, 151.0, 20_000.0)
     assert "p99 151 ms" in m.summary()
+    assert "in the last 10 s: p50 1 ms, p99 151 ms" in m.take_window(10)
+    m.record(3.2)
+    assert m.take_window(10).endswith("p50 4 ms, p99 4 ms, max 3 ms over 1 wake-ups")
+    assert m.total.samples == 101
 
 
 def _answer(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[int, dict[str, str]]:
