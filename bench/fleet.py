@@ -178,6 +178,8 @@ class Results:
     storm_start: float = 0.0
     storm_end: float = 0.0
     storm_wall: tuple[float, float] = (0.0, 0.0)  # the same, on the clock the servers' logs use
+    server_cpu: list[float] = field(default_factory=list)  # cores each server process used during the storm
+    machine_cpu: float = 0.0  # cores the whole machine used (other processes too)
 
     def error(self, where: dict[str, int], what: str) -> None:
         where[what] = where.get(what, 0) + 1
@@ -298,6 +300,14 @@ async def storm(
     await asyncio.gather(*(clone(i) for i in range(clones)))
 
 
+def _cpu(pid: int) -> float:
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
 def sample_rss(pids: list[int], stop: threading.Event, peak: dict[int, int]) -> None:
     while not stop.wait(1.0):
         for pid in pids:
@@ -324,6 +334,8 @@ async def measure(
     await asyncio.sleep(args.interval)  # one steady cycle before the storm
     cpu0 = os.times()
     wall0 = time.monotonic()
+    servers0 = [_cpu(pid) for pid in pids]
+    machine0 = psutil.cpu_times()
     storming = asyncio.create_task(
         storm(
             args.clones,
@@ -344,6 +356,11 @@ async def measure(
         await asyncio.sleep(0.5)
     cpu1 = os.times()
     wall1 = time.monotonic()
+    servers1 = [_cpu(pid) for pid in pids]
+    machine1 = psutil.cpu_times()
+    results.server_cpu = [(b - a) / (wall1 - wall0) for a, b in zip(servers0, servers1, strict=True)]
+    busy = (machine1.user + machine1.system + machine1.nice) - (machine0.user + machine0.system + machine0.nice)
+    results.machine_cpu = busy / (wall1 - wall0)
     results.storm_wall = (time.time() - (wall1 - wall0), time.time())
     until.set()
     await asyncio.gather(heartbeating, storming, return_exceptions=True)
@@ -384,7 +401,10 @@ def report(name: str, results: Results, client_cpu: float, peak: dict[int, int],
         f"max {max(stalls, default=0)} ms ({len(stalls)} windows of all instances)"
     )
     print(f"  server RSS peak: {', '.join(f'{rss / 2**20:.0f} MiB' for rss in peak.values())}")
-    print(f"  client CPU during the storm: {client_cpu:.2f} cores (same 2 cores as the servers)")
+    print(
+        f"  CPU during the storm, in cores of 2: client {client_cpu:.2f}, servers "
+        f"{', '.join(f'{c:.2f}' for c in results.server_cpu)}, whole machine {results.machine_cpu:.2f}"
+    )
 
 
 def check_clones(data: Path, template: Machine, clones: dict[int, str]) -> str:
@@ -433,6 +453,9 @@ def main() -> None:
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one connection per machine
+    from server.app import small_tls_buffers
+
+    small_tls_buffers()  # the client's 11,000 connections too
     if args.setup in ("sqlite", "both"):
         run_setup("sqlite", args, None, 1)
     if args.setup in ("postgresql", "both"):

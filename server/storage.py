@@ -86,6 +86,32 @@ class Machine:
 
 
 @dataclass(frozen=True)
+class Credential:
+    """What checking a machine's client certificate needs (a narrow row: the heartbeat path reads one per call)."""
+
+    host_id: str
+    cert_serial: str
+    pending_serial: str | None
+    pending_public_key: str | None
+    revoked_at: float | None
+    heartbeat_interval: float
+
+    def verify(self, serial: str) -> bool:
+        """Whether the certificate ``serial`` is good: True when it is the renewed one presented for the first time
+        (to be promoted), False when it is the current one. CERT-REVOKED for a revoked host, CERT-SUPERSEDED for a
+        certificate a renewal or re-enrolment replaced. (A removed host has no Credential: MACHINE-UNKNOWN.)"""
+        if self.revoked_at is not None:
+            raise CertRevoked(f"host {self.host_id} was revoked by the server's operator")
+        if same_serial(serial, self.cert_serial):
+            return False
+        if same_serial(serial, self.pending_serial):
+            return True
+        raise CertSuperseded(
+            f"this certificate of host {self.host_id} (serial {serial[:40]}) was replaced by a newer one"
+        )
+
+
+@dataclass(frozen=True)
 class NewMachine:
     """What an enrolment records: a new machine, or new key and facts for one that proved its key."""
 
@@ -291,35 +317,57 @@ class Storage:
                 .values(pending_serial=serial, pending_not_after=not_after, pending_public_key=public_key)
             )
 
-    def present_certificate(self, host_id: str, serial: str) -> Machine:
+    def present_certificate(self, host_id: str, serial: str) -> Credential:
         """The machine a verified client certificate (CN ``host_id``, ``serial``) speaks for, if that certificate is
-        still good: MACHINE-UNKNOWN for a removed host, CERT-REVOKED for a revoked one, CERT-SUPERSEDED for a
-        certificate a renewal or re-enrolment replaced. The renewed certificate's first use makes it the current one."""
-        with self._read() as tx:
-            m = tx.machine(host_id)
-        if m is None:
+        still good (``Credential.check``); the renewed certificate's first use makes it the current one."""
+        credential = self.credentials([host_id]).get(host_id)
+        if credential is None:
             raise UnknownMachine(f"host {host_id} is not registered (or was removed)")
-        if m.revoked:
-            raise CertRevoked(f"host {host_id} was revoked by the server's operator")
-        if same_serial(serial, m.cert_serial):
-            return m
-        if same_serial(serial, m.pending_serial):
-            with self.transaction() as tx:
-                tx.conn.execute(
-                    update(machines)
-                    .where(and_(machines.c.host_id == host_id, machines.c.pending_serial == m.pending_serial))
-                    .values(
-                        cert_serial=machines.c.pending_serial,
-                        cert_not_after=machines.c.pending_not_after,
-                        public_key=machines.c.pending_public_key,
-                        key_id=key_id(m.pending_public_key) if m.pending_public_key else machines.c.key_id,
-                        pending_serial=None,
-                        pending_not_after=None,
-                        pending_public_key=None,
+        if credential.verify(serial):
+            self.promote(credential)
+        return credential
+
+    @_db_errors
+    def credentials(self, host_ids: Iterable[str]) -> dict[str, Credential]:
+        """What checking a client certificate needs, for many machines in one query (by primary key): the server
+        batches the heartbeats that arrive together into one of these."""
+        with self._read() as tx:
+            rows = tx.conn.execute(
+                select(
+                    machines.c.host_id,
+                    machines.c.cert_serial,
+                    machines.c.pending_serial,
+                    machines.c.pending_public_key,
+                    machines.c.revoked_at,
+                    machines.c.heartbeat_interval,
+                ).where(machines.c.host_id.in_(list(host_ids)))
+            )
+            return {r[0]: Credential(*r) for r in rows}
+
+    @_db_errors
+    def promote(self, credential: Credential) -> None:
+        """The renewed certificate was presented: it becomes the current one, and the one before is superseded."""
+        with self.transaction() as tx:
+            tx.conn.execute(
+                update(machines)
+                .where(
+                    and_(
+                        machines.c.host_id == credential.host_id,
+                        machines.c.pending_serial == credential.pending_serial,
                     )
                 )
-            return m
-        raise CertSuperseded(f"this certificate of host {host_id} (serial {serial[:40]}) was replaced by a newer one")
+                .values(
+                    cert_serial=machines.c.pending_serial,
+                    cert_not_after=machines.c.pending_not_after,
+                    public_key=machines.c.pending_public_key,
+                    key_id=key_id(credential.pending_public_key)
+                    if credential.pending_public_key
+                    else machines.c.key_id,
+                    pending_serial=None,
+                    pending_not_after=None,
+                    pending_public_key=None,
+                )
+            )
 
     @_db_errors
     def revoke(self, host_id: str, now: float) -> bool:
@@ -357,18 +405,22 @@ class Storage:
             tx.conn.execute(stmt, rows)
 
     @_db_errors
-    def record_history(self, host_id: str, reported_at: float | None, received_at: float, health: HealthReport) -> None:
-        """A report the daemon queued during an outage: kept as history, never as the machine's current state."""
-        with self.transaction() as tx:
-            tx.conn.execute(
-                insert(health_history).values(
-                    host_id=host_id,
-                    reported_at=reported_at,
-                    received_at=received_at,
-                    status=health.status,
-                    health=json.dumps(health.to_json()),
-                )
-            )
+    def record_history(self, reports: Iterable[tuple[str, float | None, float, HealthReport]]) -> None:
+        """Reports daemons queued during an outage, (host ID, measured, received, report) in one transaction: kept
+        as history, never as a machine's current state."""
+        rows = [
+            {
+                "host_id": host_id,
+                "reported_at": reported_at,
+                "received_at": received_at,
+                "status": health.status,
+                "health": json.dumps(health.to_json()),
+            }
+            for host_id, reported_at, received_at, health in reports
+        ]
+        if rows:
+            with self.transaction() as tx:
+                tx.conn.execute(insert(health_history), rows)
 
     def history(self, host_id: str, limit: int = 100) -> list[tuple[float | None, float, HealthReport | None]]:
         """The newest queued reports of a machine: (when the agent measured it, when it arrived, the report)."""

@@ -44,6 +44,8 @@ class PostgresCluster:
     password: str = field(default_factory=lambda: secrets.token_urlsafe(16), repr=False)
     proc: subprocess.Popen[bytes] | None = None
     fsync: bool = False  # tests: durability across a power cut is PostgreSQL's, not ours to re-test
+    listen: str = "127.0.0.1"
+    netns: str | None = None  # serve inside this network namespace (the test lab's hub); psql uses the Unix socket
 
     @property
     def data(self) -> Path:
@@ -58,7 +60,7 @@ class PostgresCluster:
         return self.root / "postgres.log"
 
     def url(self, database: str) -> str:
-        return f"postgresql://{ROLE}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{ROLE}@{self.listen}:{self.port}/{database}"
 
     def _as_postgres(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(args), user="postgres", capture_output=True, text=True, timeout=120, check=False)
@@ -90,10 +92,18 @@ class PostgresCluster:
         bindir = postgres_bin()
         assert bindir is not None
         self.port = self.port or free_port()
+        pg = pwd.getpwnam("postgres")
+        # In a namespace: nsenter joins it, drops to postgres and execs the server (its PID is the server's).
+        wrap = (
+            ["nsenter", f"--net=/run/netns/{self.netns}", f"--setuid={pg.pw_uid}", f"--setgid={pg.pw_gid}"]
+            if self.netns
+            else []
+        )
         with self.log.open("ab") as log:
-            os.chown(self.log, pwd.getpwnam("postgres").pw_uid, -1)
+            os.chown(self.log, pg.pw_uid, -1)
             self.proc = subprocess.Popen(
                 [
+                    *wrap,
                     str(bindir / "postgres"),
                     "-D",
                     str(self.data),
@@ -102,7 +112,7 @@ class PostgresCluster:
                     "-k",
                     str(self.socket_dir),
                     "-c",
-                    "listen_addresses=127.0.0.1",
+                    f"listen_addresses={self.listen}",
                     "-c",
                     f"fsync={'on' if self.fsync else 'off'}",
                     "-c",
@@ -110,7 +120,7 @@ class PostgresCluster:
                     "-c",
                     "shared_buffers=128MB",
                 ],
-                user="postgres",
+                user=None if self.netns else "postgres",
                 stdout=log,
                 stderr=log,
             )
@@ -150,7 +160,7 @@ class PostgresCluster:
         self.sql(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{self.password}'")
         # The password reaches libpq only through the password file (PGPASSFILE), never a URL or an argument.
         with passfile().open("a") as f:
-            f.write(f"127.0.0.1:{self.port}:*:{ROLE}:{self.password}\n")
+            f.write(f"{self.listen}:{self.port}:*:{ROLE}:{self.password}\n")
 
     def new_database(self, prefix: str = "mobility") -> str:
         """A new empty database owned by the server's role; its URL (no password)."""
@@ -175,10 +185,10 @@ class PostgresCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def new_cluster(fsync: bool = False) -> PostgresCluster:
+def new_cluster(fsync: bool = False, listen: str = "127.0.0.1", netns: str | None = None) -> PostgresCluster:
     """An initialised, running cluster in a fresh directory the `postgres` user can reach (not under pytest's
     root-only temporary directories), with the server's role and its password file."""
-    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="mobility-pg-")), fsync=fsync)
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="mobility-pg-")), fsync=fsync, listen=listen, netns=netns)
     try:
         cluster.init()
         cluster.start()

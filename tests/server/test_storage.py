@@ -263,7 +263,7 @@ def test_an_older_heartbeat_never_overwrites_a_newer_one(storage: Storage) -> No
         "0.2.0",
         "healthy",
     )
-    storage.record_history(host, 50.0, 201.0, HealthReport("critical", 50.0))
+    storage.record_history([(host, 50.0, 201.0, HealthReport("critical", 50.0))])
     m = storage.machine(host)
     assert m is not None and m.health is not None and m.health.status == "healthy"  # history is not current
     assert [(r[0], r[2].status if r[2] else None) for r in storage.history(host)] == [(50.0, "critical")]
