@@ -50,7 +50,7 @@ SOURCES = ("agent", "packaging", "systemd", "pyproject.toml")
 # pkgutil: ~15 ms of its at-boot no-op).
 SERVER_ONLY = (
     *("server", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal", "propcache"),
-    *("sqlalchemy", "alembic", "mako", "psycopg", "psycopg_binary", "psycopg_pool", "greenlet", "asyncssh"),
+    *("sqlalchemy", "alembic", "mako", "psycopg", "psycopg_binary", "psycopg_pool", "greenlet", "asyncssh", "uvloop"),
 )
 NOT_IN_BOOTSTRAP = (
     *SERVER_ONLY,

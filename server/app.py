@@ -51,6 +51,7 @@ from server.errors import (
     BadRequest,
     BodyTooLarge,
     ClientCertRequired,
+    DatabaseUnavailable,
     HostMismatch,
     ListenFailed,
     MethodNotAllowed,
@@ -206,14 +207,21 @@ async def authenticate(server: Server, request: web.Request) -> Credential:
 
 class Credentials:
     """Batches credential lookups: while one query runs in a worker thread, the next lookups queue up and go in the
-    next query together (each caller still gets only its own row)."""
+    next query together (each caller still gets only its own row).
+
+    While the database is unavailable, a credential this instance verified within ``STALE_SECONDS`` still stands
+    (nobody can revoke anything meanwhile: revocation is a database write), so enrolled machines' heartbeats are
+    answered and buffered until the database is back."""
 
     MAX_BATCH = 500
+    STALE_SECONDS = 600.0
+    MAX_KNOWN = 200_000
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.pending: dict[str, list[asyncio.Future[Credential | None]]] = {}
         self.running = False
+        self.known: dict[str, tuple[Credential, float]] = {}
 
     async def lookup(self, host_id: str) -> Credential | None:
         future: asyncio.Future[Credential | None] = asyncio.get_running_loop().create_future()
@@ -231,18 +239,41 @@ class Credentials:
                     del self.pending[host_id]
                 try:
                     rows = await self.server.offload(self.server.hot, self.server.storage.credentials, list(batch))
+                except DatabaseUnavailable as e:
+                    self._from_memory(batch, e)
+                    continue
                 except Exception as e:
                     for futures in batch.values():
                         for f in futures:
                             if not f.done():
                                 f.set_exception(e)
                     continue
+                now = time.monotonic()
+                if len(self.known) + len(rows) > self.MAX_KNOWN:
+                    self.known.clear()
                 for host_id, futures in batch.items():
+                    row = rows.get(host_id)
+                    if row is None:
+                        self.known.pop(host_id, None)
+                    else:
+                        self.known[host_id] = (row, now)
                     for f in futures:
                         if not f.done():
-                            f.set_result(rows.get(host_id))
+                            f.set_result(row)
         finally:
             self.running = False
+
+    def _from_memory(self, batch: dict[str, list[asyncio.Future[Credential | None]]], e: DatabaseUnavailable) -> None:
+        now = time.monotonic()
+        for host_id, futures in batch.items():
+            known = self.known.get(host_id)
+            for f in futures:
+                if f.done():
+                    continue
+                if known is not None and now - known[1] <= self.STALE_SECONDS:
+                    f.set_result(known[0])
+                else:
+                    f.set_exception(e)
 
 
 def parse_json(raw: bytes) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -170,7 +169,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(bound: int) -> None:
         print(f"listening on {host}:{bound} fingerprint: {fingerprint}", flush=True)
 
-    asyncio.run(serve(server, host.strip("[]"), int(port), ready))
+    import uvloop
+
+    # libuv's loop and TLS: the same asyncio API, several times less CPU per connection and request.
+    uvloop.run(serve(server, host.strip("[]"), int(port), ready))
     return Exit.OK
 
 

@@ -159,8 +159,9 @@ class GuardedHandler(web_protocol.RequestHandler):
         self.request_started = None
         if transport is None or transport.is_closing():
             return
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(raw_error(e))
+        write = getattr(transport, "write", None)  # uvloop's TLS transport is not an asyncio.WriteTransport subclass
+        if write is not None:
+            write(raw_error(e))
         transport.close()
 
     def handle_error(

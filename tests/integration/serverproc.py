@@ -80,19 +80,22 @@ class ServerProcess:
         return server_cli(self.data, "passphrase", "show", check=True).stdout.strip()
 
 
-def init_server(data: Path) -> str:
+def init_server(data: Path, database: str | None = None) -> str:
     """`init` on the session's database engine: with MOBILITY_TEST_DATABASE=postgresql, a new database of the
     shared PostgreSQL cluster (recorded in the data directory, so every later command uses it)."""
-    database = shared_cluster().new_database() if on_postgresql() else None
+    if database is None and on_postgresql():
+        database = shared_cluster().new_database()
     out = init_local_server(data, database=database)
     m = re.search(r"^fingerprint: (sha256:[0-9a-f]{64})$", out, re.M)
     assert m, out
     return m.group(1)
 
 
-def start_server(data: Path, heartbeat_interval: float = 30.0, port: int = 0) -> ServerProcess:
+def start_server(
+    data: Path, heartbeat_interval: float = 30.0, port: int = 0, database: str | None = None
+) -> ServerProcess:
     if not (data / ".initialised").exists():
-        init_server(data)
+        init_server(data, database)
     proc, address, fingerprint = start_local_server(data, "--heartbeat-interval", str(heartbeat_interval), port=port)
     return ServerProcess(data, proc, int(address.rsplit(":", 1)[1]), fingerprint)
 
