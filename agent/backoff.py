@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from agent.errors import MobilityError, RemoteBusy, ServerUnreachable, TufFetchFailed
+from agent.errors import RemoteBusy, ServerUnreachable, TufFetchFailed
+from agent.shared.errors import MobilityError
 
 T = TypeVar("T")
 BACKOFF_START, BACKOFF_CAP = 1.0, 30.0

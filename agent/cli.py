@@ -178,10 +178,11 @@ def _require_installed(paths: Paths) -> None:
     plugins report UNKNOWN), instead of failing checks whose fixes assume an agent."""
     from agent.config import load_config
     from agent.identity import load_registration
+    from agent.installed import load_install_record
 
     load_config(paths)  # a broken mobility.conf is its own error, installed or not
-    if not paths.agent_config.exists() and load_registration(paths) is None:
-        raise AgentNotInstalled(f"Mobility is not installed on this machine (no {paths.agent_config}, not registered)")
+    if load_install_record(paths) is None and load_registration(paths) is None:
+        raise AgentNotInstalled("Mobility is not installed on this machine (no install record, not registered)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

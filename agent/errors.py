@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from agent.shared.errors import (
+    Exit,
     LocalSystemError,
     RemoteStateError,
     TemporaryError,

@@ -1,5 +1,6 @@
 """server/app.py, server/edge.py and server/stalls.py in-process: the heartbeat buffer, the gates that shed load,
-the JSON errors (the unexpected ones included, never a traceback), the stall monitor. The whole API over real TLS is in tests/integration/ and tests/security/."""
+the JSON errors (the unexpected ones included, never a traceback), the stall monitor. The whole API over real TLS
+is in tests/integration/ and tests/security/."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from server.database import parse_database
 from server.push.remote import STALE_AFTER
 from server.push.run import close_interrupted
