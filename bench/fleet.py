@@ -50,8 +50,9 @@ sys.path.insert(0, str(REPO))
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from agent import __version__, wire  # noqa: E402
+from agent import __version__  # noqa: E402
 from agent.identity import key_pem, key_proof, new_key_and_csr  # noqa: E402
+from agent.shared import wire  # noqa: E402
 from scripts.localserver import init_local_server, server_log, start_local_server  # noqa: E402
 from server import pki  # noqa: E402
 from server.database import database_for  # noqa: E402

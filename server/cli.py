@@ -87,7 +87,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if data.initialised_marker.exists():
         raise DataDirInitialised(f"{data.root} already holds an initialised server")
     db = _database(args, data)
-    if db.postgresql:
+    if db.postgresql or (db.sqlite_path is not None and db.sqlite_path.exists()):
         _require_empty(db)
     data.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     data.root.chmod(0o700)

@@ -16,7 +16,8 @@ import pytest
 
 from agent.backoff import BACKOFF_CAP, next_wait, with_backoff
 from agent.errors import Exit, RemoteBusy, ServerUnreachable
-from agent.transport import Client, ServerAddress
+from agent.shared.address import ServerAddress
+from agent.transport import Client
 
 
 def test_full_jitter_spreads_a_thousand_clones() -> None:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
-from agent.errors import MobilityError
 from agent.identity import new_key_and_csr
 from agent.paths import Paths
 from agent.registration import heartbeat, renew_certificate
+from agent.shared import wire
+from agent.shared.errors import MobilityError
 from scripts.localserver import init_local_server, start_local_server
 from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
 from agent.paths import Paths
 from agent.registration import heartbeat
+from agent.shared import wire
 from scripts.localserver import start_local_server
 from server.edge import HEADER_SECONDS
 from tests.integration.serverproc import (

@@ -21,6 +21,7 @@ from server.errors import (
     CertRevoked,
     CertSuperseded,
     DatabaseMissing,
+    DatabaseSchemaNewer,
     DatabaseSchemaOld,
     DatabaseUrlInvalid,
     JobNotOwned,
@@ -306,3 +307,18 @@ def test_revoked_removed_and_superseded_certificates(storage: Storage) -> None:
     assert storage.remove(host) and not storage.remove(host)
     with pytest.raises(UnknownMachine):
         storage.present_certificate(host, "c3")
+
+
+def test_a_newer_schema_is_refused(storage: Storage) -> None:
+    execute(storage, "UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(DatabaseSchemaNewer):
+        Storage.open(storage.db)
+
+
+def test_init_refuses_a_database_that_holds_a_server(storage: Storage, tmp_path: Path) -> None:
+    """`init` makes a new CA: another server's machines in the database given to it would no longer match it."""
+    from server.cli import main
+
+    url = str(storage.db) if storage.postgresql else f"sqlite:///{storage.db.sqlite_path}"
+    assert main(["init", "--data", str(tmp_path / "data"), "--database", url]) == 2
+    assert not (tmp_path / "data" / ".initialised").exists()
