@@ -19,7 +19,7 @@ from agent import __version__
 from agent.backoff import with_backoff
 from agent.bundles import inspect_bundle, version_key
 from agent.distros import detect_os, require_supported
-from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, ServerUnreachable
+from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, RemoteBusy, ServerUnreachable
 from agent.faults import fault_point
 from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
@@ -303,8 +303,14 @@ def _report(paths: Paths, job: JobReport, s: BootstrapSettings, secret: str, pin
     with contextlib.suppress(OSError):
         save_last_job(paths, job, time.time())
     try:
-        # A boot storm's 503s are waited out (with jitter) for a while; the local copy stays either way.
-        with_backoff("reporting the job", lambda: report_job(paths, job.to_json(), s.server, secret, pinned), 60.0)
+        # A boot storm's 503s are waited out (with jitter) for a while; an unreachable server is not (the run that
+        # failed to reach it has waited already); the local copy stays either way.
+        with_backoff(
+            "reporting the job",
+            lambda: report_job(paths, job.to_json(), s.server, secret, pinned),
+            60.0,
+            retried=(RemoteBusy,),
+        )
     except MobilityError as e:
         log(paths, f"could not report job {job.job_id} to the server: {e.id}: {e.message}")
 

@@ -87,6 +87,9 @@ class PostgresCluster:
         )
         if r.returncode:
             raise RuntimeError(f"initdb failed: {r.stderr[-2000:]}")
+        if self.listen != "127.0.0.1":  # initdb allows only loopback peers: let the address's own subnet in
+            with (self.data / "pg_hba.conf").open("a") as f:
+                f.write(f"host all all {self.listen}/24 scram-sha-256\n")
 
     def start(self) -> None:
         bindir = postgres_bin()
