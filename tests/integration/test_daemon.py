@@ -150,13 +150,15 @@ def test_memory_budget_warns_then_restarts_cleanly(setup: tuple[ServerProcess, A
     agent.proc.send_signal(signal.SIGHUP)
     wait_for("reload", lambda: "configuration reloaded" in agent.log())
     pid = agent.proc.pid
+    first_start = agent.status()["started"]
     agent.grow_memory(16)
     wait_for("warning and shedding", lambda: "shedding caches" in agent.log())
     assert "restarting cleanly" not in agent.log()
     agent.grow_memory(16)
     wait_for("clean restart", lambda: "restarting cleanly" in agent.log() and agent.log().count("daemon started") == 2)
     assert agent.proc.poll() is None  # re-executed in place: the same process, as systemd expects
-    wait_for("the restarted daemon's record", lambda: agent.status().get("started", 0) > 0)
+    # The record the daemon left as it restarted says CRITICAL until the new one writes its own: wait for that one.
+    wait_for("the restarted daemon's record", lambda: agent.status().get("started", first_start) != first_start)
     assert agent.status()["pid"] == pid
     after = wait_for("a report after the restart", lambda: agent.status().get("health", {}).get("checks"))
     rss_after = float(next(c for c in after if c["id"] == "HLT-RSS")["value"].split()[0])
