@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from agent import __version__
+from agent.backoff import with_backoff
 from agent.bundles import inspect_bundle, version_key
 from agent.distros import detect_os, require_supported
-from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, ServerUnreachable, TufFetchFailed
+from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, RemoteBusy, ServerUnreachable
 from agent.faults import fault_point
 from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
@@ -30,9 +31,6 @@ from agent.services import start_daemon
 from agent.shared.errors import BundleRefused, FreezeNotReady, IoFailed, MobilityError
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
 from agent.shared.wire import JobReport
-
-T = TypeVar("T")
-BACKOFF_START, BACKOFF_CAP = 1.0, 30.0
 
 
 @dataclass(frozen=True)
@@ -145,27 +143,6 @@ def is_current(paths: Paths) -> bool:
     )
 
 
-def with_backoff(
-    what: str,
-    action: Callable[[], T],
-    retry_for: float,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> T:
-    """``action`` retried on temporary failures with capped exponential backoff, within ``retry_for`` seconds."""
-    deadline = clock() + retry_for
-    delay = BACKOFF_START
-    while True:
-        try:
-            return action()
-        except (ServerUnreachable, TufFetchFailed) as e:
-            left = deadline - clock()
-            if left <= 0:
-                raise type(e)(f"{e.message} (gave up {what} after {retry_for:.0f} s; a later run will retry)") from e
-            sleep(min(delay, left))
-            delay = min(delay * 2, BACKOFF_CAP)
-
-
 def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
     os_info = require_supported(detect_os(paths))
     if is_current(paths) and settings.job_id is None:
@@ -273,7 +250,9 @@ def _run(
         with contextlib.suppress(OSError):
             remove(staging)
     progress.step("register")
-    enrolled = configure(paths, s.server, secret, pinned, s.role, s.platform, os_tag)
+    enrolled = configure(
+        paths, s.server, secret, pinned, s.role, s.platform, os_tag, retry_for=s.retry_for, sleep=sleep
+    )
     progress.step("start the daemon")
     started = start_daemon(paths, installed.init)
     log(paths, f"bootstrap: {started}")
@@ -324,7 +303,14 @@ def _report(paths: Paths, job: JobReport, s: BootstrapSettings, secret: str, pin
     with contextlib.suppress(OSError):
         save_last_job(paths, job, time.time())
     try:
-        report_job(paths, job.to_json(), s.server, secret, pinned)
+        # A boot storm's 503s are waited out (with jitter) for a while; an unreachable server is not (the run that
+        # failed to reach it has waited already); the local copy stays either way.
+        with_backoff(
+            "reporting the job",
+            lambda: report_job(paths, job.to_json(), s.server, secret, pinned),
+            60.0,
+            retried=(RemoteBusy,),
+        )
     except MobilityError as e:
         log(paths, f"could not report job {job.job_id} to the server: {e.id}: {e.message}")
 
@@ -336,4 +322,4 @@ def _job_kind(paths: Paths) -> str:
     return "upgrade" if version_key(installed.version or "0") < version_key(__version__) else "configure"
 
 
-__all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "merged_settings"]
+__all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "merged_settings", "with_backoff"]

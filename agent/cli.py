@@ -13,7 +13,7 @@ from pathlib import Path
 from agent import __version__
 from agent.checks import Status, render, run_checks
 from agent.distros import detect_os, require_supported
-from agent.errors import ConfirmationRequired, PrerequisitesFailed, RootRequired
+from agent.errors import AgentNotInstalled, ConfirmationRequired, PrerequisitesFailed, RootRequired
 from agent.install_dir import parse_install_dir
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
@@ -173,10 +173,24 @@ def _daemon_logging(paths: Paths) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
+def _require_installed(paths: Paths) -> None:
+    """status and health describe an installed agent: on a machine without one, say so (exit 3, as monitoring
+    plugins report UNKNOWN), instead of failing checks whose fixes assume an agent."""
+    from agent.config import load_config
+    from agent.identity import load_registration
+    from agent.installed import load_install_record
+
+    load_config(paths)  # a broken mobility.conf is its own error, installed or not
+    if load_install_record(paths) is None and load_registration(paths) is None:
+        raise AgentNotInstalled("Mobility is not installed on this machine (no install record, not registered)")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.local import local_status
 
-    data = local_status(_require_root(args))
+    paths = _require_root(args)
+    _require_installed(paths)
+    data = local_status(paths)
     job = data["last_job"] or {}
     lines = [
         f"version:        {data['version']}"
@@ -204,7 +218,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from agent.local import local_health
 
-    health, report = local_health(_require_root(args))
+    paths = _require_root(args)
+    _require_installed(paths)
+    health, report = local_health(paths)
     data = {"status": health.label, "checks": [r.to_json() for r in report.results]}
     _emit(args, data, render(report) + f"\nhealth: {health.label.upper()}")
     return int(health)

@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class Daemon:
         self.status = DaemonStatus(pid=os.getpid(), started=now, version=__version__)
         self.backlog: deque[dict[str, Any]] = deque(maxlen=config.backlog_max)
         self.signals: deque[int] = deque()
+        self._update_thread: threading.Thread | None = None
+        self._update_answers: deque[str | None] = deque(maxlen=1)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping = False
         self.ready = False
@@ -118,6 +121,7 @@ class Daemon:
         if self.stopping:
             return
         fault_point("daemon.tick")  # the memory-budget tests grow this process's memory here
+        self._take_update_answer()
         self.scheduler.run_pending()
         self.notifier.notify(watchdog="1")
 
@@ -271,15 +275,32 @@ class Daemon:
             log.warning("certificate renewal failed (%s: %s); retrying within the hour", e.id, e.message)
 
     def check_update(self) -> None:
+        """Ask for the newest version in a thread of its own: the repository's metadata may take minutes to arrive
+        from a slow server, and the daemon's loop must keep heartbeating and petting the watchdog meanwhile (systemd
+        kills a daemon that misses WatchdogSec). One check at a time; ``tick`` takes its answer."""
         installed = load_install_record(self.paths)
         os_tag = installed.os_tag if installed is not None else None
-        if os_tag is None:
+        if os_tag is None or (self._update_thread is not None and self._update_thread.is_alive()):
             return
+        self._update_thread = threading.Thread(
+            target=self._look_for_update, args=(os_tag,), name="update-check", daemon=True
+        )
+        self._update_thread.start()
+
+    def _look_for_update(self, os_tag: str) -> None:
         try:
-            newest = self.link.newest_version(os_tag)
+            self._update_answers.append(self.link.newest_version(os_tag))
         except MobilityError as e:
             log.info("update check failed: %s: %s", e.id, e.message)
+        except Exception:
+            log.exception("update check failed")
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"u")  # wake the loop to take the answer
+
+    def _take_update_answer(self) -> None:
+        if not self._update_answers:
             return
+        newest = self._update_answers.popleft()
         from agent.bundles import version_key
 
         if newest is not None and version_key(newest) > version_key(__version__):
@@ -361,12 +382,15 @@ class ServerLink:
         self.close()  # the next call uses the new certificate
 
     def newest_version(self, os_tag: str) -> str | None:
+        """Runs in the update-check thread: its own client, never the heartbeat's connection."""
         from agent.fetch import newest_bundle
+        from agent.registration import authenticated_client
 
         reg = load_registration(self.paths)
         if reg is None:
             return None
-        client = self._connect()
+        _, client = authenticated_client(self.paths, timeout=self.timeout)
+        client.close()  # only its TLS context is used: the fetcher opens its own connections
         name = newest_bundle(
             f"https://{reg.server}",
             client.context,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from agent.shared.errors import (
+    Exit,
     LocalSystemError,
     RemoteStateError,
     TemporaryError,
@@ -61,6 +62,14 @@ class OsKernelTooOld(UnsupportedError):
     )
 
 
+class AgentNotInstalled(UnsupportedError):
+    code = "AGENT-NOT-INSTALLED"
+    remediation = (
+        "Install and register the agent on this machine: `mobility bootstrap -i HOST[:PORT] -P PASSPHRASE_FILE "
+        "--cs-fingerprint sha256:HEX` (or push it from the server with `mobility-server push`)."
+    )
+
+
 class PrerequisitesFailed(UnsupportedError):
     code = "PREREQ-FAILED"
     remediation = "Fix each failed check as its own line says, then run `mobility prereq` again."
@@ -75,6 +84,18 @@ class RemoteError(RemoteStateError):
     def __init__(self, code: str, message: str, fix: str) -> None:
         super().__init__(message, fix=fix)
         self.id = code
+
+
+class RemoteBusy(RemoteError):
+    """The server answered 503 (busy, or its database unavailable) or 429 (rate limited): a temporary failure, to be
+    retried after ``retry_after`` seconds (its Retry-After header), never at once."""
+
+    exit_code = Exit.TEMPFAIL
+
+    def __init__(self, code: str, message: str, fix: str, *, status: int, retry_after: float | None) -> None:
+        super().__init__(code, message, fix)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class TufTampered(VerificationError):

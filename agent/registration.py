@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.errors import FingerprintMismatch, NotRegistered
+from agent.backoff import with_backoff
+from agent.errors import FingerprintMismatch, NotRegistered, RemoteBusy
 from agent.identity import (
     Registration,
     collect_facts,
@@ -49,9 +52,20 @@ def trusted_ca(paths: Paths, server: ServerAddress, pinned: str | None) -> tuple
 
 
 def configure(
-    paths: Paths, server_text: str, secret: str, pinned: str | None, role: str, platform: str, os_tag: str
+    paths: Paths,
+    server_text: str,
+    secret: str,
+    pinned: str | None,
+    role: str,
+    platform: str,
+    os_tag: str,
+    *,
+    retry_for: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Enrolled:
-    """Register this machine (idempotent: a registered machine with unchanged facts is left as it is)."""
+    """Register this machine (idempotent: a registered machine with unchanged facts is left as it is). A busy
+    server (503) is waited out with jittered backoff for ``retry_for`` seconds; the key and CSR are made once, so
+    an enrolment retried after its answer was lost is recognised by the server as the same machine."""
     server = parse_address(server_text)
     facts = collect_facts(paths)
     previous = load_registration(paths)
@@ -70,9 +84,10 @@ def configure(
     current_key = load_key(paths.client_key) if host_id is not None else None
     key, csr = new_key_and_csr(host_id)
     client = Client(server, ca)
-    try:
+    token = wire.split_token(secret)
+
+    def enrol() -> dict[str, Any]:
         nonce = str(client.call("POST", wire.NONCE_PATH)["nonce"])
-        token = wire.split_token(secret)
         req = wire.EnrolRequest(
             csr=csr.decode(),
             nonce=nonce,
@@ -87,7 +102,10 @@ def configure(
             host_id=host_id,
             key_proof=key_proof(current_key, nonce, csr) if current_key is not None else None,
         )
-        answer = client.call("POST", wire.ENROL_PATH, req.to_json())
+        return client.call("POST", wire.ENROL_PATH, req.to_json())
+
+    try:
+        answer = with_backoff("enrolling", enrol, retry_for, sleep, retried=(RemoteBusy,))
     finally:
         client.close()
     # Key first, then certificate: a crash between them leaves a mismatched pair that `configure` replaces.

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from agent.errors import (
     FingerprintInvalid,
     FingerprintMismatch,
+    RemoteBusy,
     RemoteError,
     ServerProtocolError,
     ServerUnreachable,
@@ -74,6 +75,7 @@ class Client:
         self.context = ctx
         self.timeout = timeout
         self._conn: http.client.HTTPSConnection | None = None
+        self.retry_after: float | None = None  # the last answer's Retry-After (seconds), if it had one
 
     def close(self) -> None:
         if self._conn is not None:
@@ -93,6 +95,7 @@ class Client:
                     method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
                 )
                 resp = self._conn.getresponse()
+                self.retry_after = _retry_after(resp.getheader("Retry-After"))
                 data = resp.read(MAX_RESPONSE + 1)
                 if len(data) > MAX_RESPONSE:
                     raise ServerProtocolError(f"{self.server}{path}: response larger than {MAX_RESPONSE} bytes")
@@ -126,13 +129,24 @@ class Client:
             err = doc.get("error")
             if isinstance(err, dict) and isinstance(err.get("code"), str):
                 # What a server says is shown on a terminal and logged: bounded and without control characters.
-                raise RemoteError(
-                    printable(err["code"], 64),
-                    printable(str(err.get("message", "")), 2000),
-                    printable(str(err.get("fix", "")), 1000),
-                )
+                code = printable(err["code"], 64)
+                message = printable(str(err.get("message", "")), 2000)
+                fix = printable(str(err.get("fix", "")), 1000)
+                if status in (429, 503):  # busy or rate limited: temporary, retried after what the server said
+                    raise RemoteBusy(code, message, fix, status=status, retry_after=self.retry_after)
+                raise RemoteError(code, message, fix)
             raise ServerProtocolError(f"{self.server}{path}: HTTP {status}")
         return doc
+
+
+MAX_RETRY_AFTER = 3600.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delta form the server sends), bounded; None when absent or not a number."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), MAX_RETRY_AFTER)
 
 
 def fetch_pinned_ca(server: ServerAddress, pinned: str | None, timeout: float = 15.0) -> bytes:

@@ -48,7 +48,10 @@ SOURCES = ("agent", "packaging", "systemd", "pyproject.toml")
 # Modules the frozen programs never need: the server side, and what only the daemon (next issues) uses. The
 # bootstrapper also leaves out what only PyInstaller's run-time hooks would import at every start (multiprocessing,
 # pkgutil: ~15 ms of its at-boot no-op).
-SERVER_ONLY = ("server", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal", "propcache")
+SERVER_ONLY = (
+    *("server", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal", "propcache"),
+    *("sqlalchemy", "alembic", "mako", "psycopg", "psycopg_binary", "psycopg_pool", "greenlet", "asyncssh", "uvloop"),
+)
 NOT_IN_BOOTSTRAP = (
     *SERVER_ONLY,
     *("psutil", "schedule", "tkinter", "unittest", "pydoc", "xmlrpc", "multiprocessing", "pkgutil"),

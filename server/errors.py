@@ -109,6 +109,42 @@ class JobNotOwned(ApiError):
     )
 
 
+class CertRevoked(ApiError):
+    code = "CERT-REVOKED"
+    status = 403
+    remediation = (
+        "The server's operator revoked this machine (`mobility-server machines revoke`); if it should be protected "
+        "again, enrol it anew with `mobility configure` (it gets a new host ID)."
+    )
+
+
+class CertSuperseded(ApiError):
+    code = "CERT-SUPERSEDED"
+    status = 403
+    remediation = (
+        "A newer certificate was issued for this host ID (a renewal, or a copy of this machine enrolled again): this "
+        "copy is stale. Run `mobility configure` on it to enrol it as the machine it is."
+    )
+
+
+class ServerBusy(ApiError):
+    code = "SERVER-BUSY"
+    status = 503
+    remediation = "The server is at capacity (a boot storm?); agents retry by themselves after Retry-After seconds."
+
+
+class HeadersTooLarge(ApiError):
+    code = "HEADERS-TOO-LARGE"
+    status = 431
+    remediation = "Send the API's few short headers; a request line or header is limited to 8 KiB."
+
+
+class RequestTimeout(ApiError):
+    code = "REQUEST-TIMEOUT"
+    status = 408
+    remediation = "Send the whole request at once: its headers and body must arrive within 10 seconds."
+
+
 class ServerInternal(ApiError):
     code = "SERVER-INTERNAL"
     status = 500
@@ -127,8 +163,43 @@ class DatabaseUnavailable(ApiError):
 class DatabaseMissing(LocalSystemError):
     code = "DB-MISSING"
     remediation = (
-        "The initialised data directory has lost mobility.db: restore it from a backup (stop the server first), or "
-        "start with `serve --new-database` to begin with no machines (every agent must then enrol again)."
+        "The server's database is gone (mobility.db deleted, or an empty PostgreSQL database): restore it from a "
+        "backup (stop the server first), or start with `serve --new-database` to begin with no machines (every agent "
+        "must then enrol again)."
+    )
+
+
+class DatabaseSchemaOld(LocalSystemError):
+    code = "DB-SCHEMA-OLD"
+    remediation = (
+        "The database was made by an older server: stop every instance, back it up, run `mobility-server upgrade` "
+        "once, then start the instances again."
+    )
+
+
+class DatabaseSchemaNewer(LocalSystemError):
+    code = "DB-SCHEMA-NEWER"
+    remediation = "A newer server has upgraded this database: run that version of mobility-server on every instance."
+
+
+class DatabaseNotEmpty(UsageError):
+    code = "DB-NOT-EMPTY"
+    remediation = (
+        "`init` makes a new server, and this database belongs to another one: give `init --database` an empty "
+        "database (createdb NAME), or use the existing server's data directory."
+    )
+
+
+class MachineNotFound(UsageError):
+    code = "MACHINE-NOT-FOUND"
+    remediation = "Give the host ID as `mobility-server machines` lists it."
+
+
+class DatabaseUrlInvalid(UsageError):
+    code = "DB-URL-INVALID"
+    remediation = (
+        "Give --database postgresql://USER@HOST[:PORT]/NAME (the password through PGPASSWORD, PGPASSFILE or "
+        "~/.pgpass, never in the URL) or sqlite:///PATH."
     )
 
 

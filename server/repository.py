@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
@@ -72,6 +72,9 @@ from server.errors import (
     RepoNotInitialised,
     RepoWriteFailed,
 )
+
+if TYPE_CHECKING:
+    from server.storage import Storage
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 ROOT_LIFETIME = datetime.timedelta(days=365)
@@ -153,9 +156,12 @@ def _entry(target: TargetFile) -> Entry:
 class Repository:
     """The repository of one data directory; every change holds ``tuf/lock`` and is crash-safe."""
 
-    def __init__(self, datadir: DataDir, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(self, datadir: DataDir, *, lock_timeout: float = LOCK_TIMEOUT, storage: Storage | None = None) -> None:
+        """``storage`` on PostgreSQL adds its advisory lock to the file lock: instances on several hosts sharing the
+        repository directory (where flock may not reach across hosts) still change it one at a time."""
         self.datadir = datadir
         self.lock_timeout = lock_timeout
+        self.storage = storage
         self._metadata_dir = datadir.tuf_dir / "metadata"
         self._keys_dir = datadir.tuf_dir / "keys"
         if not (self._metadata_dir / "root.json").is_file():
@@ -388,7 +394,7 @@ class Repository:
 
     @contextlib.contextmanager
     def _change(self, now: datetime.datetime, margin: datetime.timedelta | None = None) -> Iterator[_State]:
-        with _io_errors(), _locked(self.datadir.tuf_dir, self.lock_timeout):
+        with _io_errors(), _locked(self.datadir.tuf_dir, self.lock_timeout, self.storage):
             self.datadir.repository_dir.mkdir(parents=True, exist_ok=True)
             state = self._state()
             try:
@@ -526,8 +532,23 @@ class _Writer:
 
 
 @contextlib.contextmanager
-def _locked(tuf_dir: Path, timeout: float) -> Iterator[None]:
-    """Hold the exclusive lock on ``tuf/lock`` (the CLI and the running server are separate processes)."""
+def _locked(tuf_dir: Path, timeout: float, storage: Storage | None = None) -> Iterator[None]:
+    """Hold the exclusive lock on ``tuf/lock`` (the CLI and the running server are separate processes), and on
+    PostgreSQL the database's repository lock too. It waits with sleeps: call it from a worker thread (the server)
+    or a command, never on an event loop."""
+    deadline = time.monotonic() + timeout
+    with _file_locked(tuf_dir, timeout):
+        if storage is None or not storage.postgresql:
+            yield
+            return
+        with storage.advisory_lock("repository", max(deadline - time.monotonic(), 0.001)) as held:
+            if not held:
+                raise RepoBusy(f"another instance holds the repository lock for more than {timeout:g} s")
+            yield
+
+
+@contextlib.contextmanager
+def _file_locked(tuf_dir: Path, timeout: float) -> Iterator[None]:
     tuf_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(tuf_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -69,6 +69,28 @@ def require_root() -> None:
         pytest.skip("needs root")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_cluster() -> Generator[None, None, None]:
+    """The shared PostgreSQL cluster (tests/postgres.py) is started on first use; stopped by PID at the end."""
+    from tests.postgres import stop_shared_cluster
+
+    try:
+        yield
+    finally:
+        stop_shared_cluster()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database URL on each engine: a SQLite file, and a database in the shared PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mobility.db'}"
+    require_root()
+    from tests.postgres import shared_cluster
+
+    return shared_cluster().new_database()
+
+
 @pytest.fixture(scope="session")
 def server_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An initialised configuration server's data directory, shared by the session (not serving)."""

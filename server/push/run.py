@@ -18,6 +18,7 @@ from agent.shared.errors import MobilityError
 from agent.shared.fsutil import NotSmallRegularFile, read_small_file, sha256_file
 from agent.shared.secretfile import read_secret_file
 from server import pki
+from server.database import Database
 from server.datadir import DataDir
 from server.enrolment import create_token
 from server.errors import PushCredentialsInvalid, PushInterrupted, PushNoBundle
@@ -87,6 +88,7 @@ def push(
     parallel: int,
     timeout: float,
     progress: Progress,
+    database: Database,
 ) -> list[HostResult]:
     settings = PushSettings(
         server=server,
@@ -98,7 +100,7 @@ def push(
         log_dir=data.push_logs,
         timeout=timeout,
     )
-    storage = Storage(data.database)
+    storage = Storage.open(database, pool_size=0)
     try:
         close_interrupted(storage, time.time())
         return asyncio.run(_push_all(storage, targets, settings, parallel, progress))
@@ -118,17 +120,19 @@ async def _push_all(
 
     async def one(target: ServerAddress, result: HostResult) -> HostResult:
         async with gate:
-            token_id, token = create_token(storage, TOKEN_TTL, 1, time.time())
-            storage.set_job_owner(result.job_id, f"token:{token_id}")  # only this host may report on the job
+            # Database calls in a thread: the other hosts' SSH sessions run on this loop meanwhile.
+            token_id, token = await asyncio.to_thread(create_token, storage, TOKEN_TTL, 1, time.time())
+            # Only this host may report on the job.
+            await asyncio.to_thread(storage.set_job_owner, result.job_id, f"token:{token_id}")
             try:
                 await push_host(target, result, token, s, progress.step)
             finally:
-                storage.remove_token(token_id)
+                await asyncio.to_thread(storage.remove_token, token_id)
             # The host's own word about its ID is not proof: the ID is the one its job was reported under, over
             # mutual TLS, by the host that enrolled with (or proved) this push's token.
-            job = storage.job(result.job_id)
+            job = await asyncio.to_thread(storage.job, result.job_id)
             result.host_id = job.host_id if result.ok and job is not None else None
-            _record(storage, result)
+            await asyncio.to_thread(_record, storage, result)
             return result
 
     return list(await asyncio.gather(*(one(t, r) for t, r in zip(targets, results, strict=True))))

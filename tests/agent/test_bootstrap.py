@@ -1,4 +1,5 @@
-"""The bootstrapper's pure parts: bootstrap.conf, the merged settings, and the capped exponential backoff."""
+"""The bootstrapper's pure parts: bootstrap.conf, the merged settings, and the capped exponential backoff (its waits
+drawn with full jitter: here the draw is pinned to the top of each bound; tests/agent/test_backoff.py draws)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.backoff import BACKOFF_CAP
 from agent.bootstrap import (
-    BACKOFF_CAP,
     BootstrapSettings,
     merged_settings,
     parse_bootstrap_conf,
@@ -99,6 +100,11 @@ def test_an_absolute_passphrase_file_is_the_root_image_s(tmp_path: Path) -> None
     assert passphrase_path(Paths(Path("/")), "/etc/mobility/passphrase") == Path("/etc/mobility/passphrase")
 
 
+def _top(low: float, high: float) -> float:
+    """The jitter's draw pinned to the top of its range: the waits are then the bounds themselves."""
+    return high
+
+
 class FakeTime:
     """The clock and sleep with_backoff takes: sleeping advances the clock."""
 
@@ -122,7 +128,7 @@ def test_backoff_doubles_up_to_the_cap_and_returns_the_first_success() -> None:
             raise ServerUnreachable("refused")
         return "ok"
 
-    assert with_backoff("contacting", action, 600, t.sleep, t.clock) == "ok"
+    assert with_backoff("contacting", action, 600, t.sleep, t.clock, _top) == "ok"
     assert t.sleeps == [1, 2, 4, 8, 16, BACKOFF_CAP, BACKOFF_CAP]
 
 
@@ -133,7 +139,7 @@ def test_backoff_gives_up_within_the_time_it_was_given_with_the_same_error() -> 
         raise TufFetchFailed("HTTP 503")
 
     with pytest.raises(TufFetchFailed) as e:
-        with_backoff("downloading the bundle", action, 10, t.sleep, t.clock)
+        with_backoff("downloading the bundle", action, 10, t.sleep, t.clock, _top)
     assert t.sleeps == [1, 2, 4, 3]  # the last wait is cut to what is left
     assert t.now == 1010.0
     assert e.value.message == "HTTP 503 (gave up downloading the bundle after 10 s; a later run will retry)"

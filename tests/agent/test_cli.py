@@ -186,3 +186,21 @@ def test_the_local_commands_need_root(tmp_path: Path) -> None:
             check=False,
         )
         assert (r.returncode, r.stderr.split(":")[0]) == (2, "error ROOT-REQUIRED"), r.stderr
+
+
+def test_status_and_health_on_a_machine_without_the_agent(tmp_path: Path) -> None:
+    """Not installed is not CRITICAL with fixes for an installed agent: it is exit 3 (UNKNOWN to monitoring), and it
+    points at `mobility bootstrap`."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(DISTROS / "debian12", root, symlinks=True)
+    for command in ("status", "health"):
+        for extra in ((), ("--json",)):
+            r = mobility(command, "--root", str(root), *extra)
+            assert r.returncode == 3, (command, r.stdout, r.stderr)
+            if extra:
+                assert json.loads(r.stdout)["error"]["code"] == "AGENT-NOT-INSTALLED"
+            else:
+                assert r.stderr.startswith("error AGENT-NOT-INSTALLED: Mobility is not installed")
+                assert "mobility bootstrap" in r.stderr

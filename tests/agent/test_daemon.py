@@ -3,10 +3,12 @@ faked here (the transport boundary); tests/integration/test_daemon.py runs the r
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,8 @@ def test_six_hours_of_schedule(paths: Paths) -> None:
     run_for(daemon, link, 6 * 3600)
     assert len(link.beats) == 6 * 3600 // 30 - 1
     assert link.update_checks == 5
+    daemon._update_thread.join(timeout=10)  # type: ignore[union-attr]
+    daemon.tick(T0 + 6 * 3600)  # the last check's answer is taken on the next tick
     assert daemon.status.update_available == "0.2.0"
     assert link.renewals == 0  # a 90-day certificate is not due in six hours
     health = link.beats[-1][1]["health"]
@@ -245,3 +249,55 @@ def test_the_first_cpu_figure_is_measured_over_a_real_window(paths: Paths) -> No
     again = next(c for c in daemon.check_health(measure_cpu=False)["checks"] if c["id"] == "HLT-CPU")
     assert again["value"] == "3.5 %"  # moments later: the same figure, not a new tiny window
     assert process.windows[-1] is not None and process.windows.count(None) == 1  # only the window's start
+
+
+class SlowRepositoryLink(FakeLink):
+    """A server that takes for ever to send repository metadata (a trickle, a stuck proxy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def newest_version(self, os_tag: str) -> str | None:
+        self.update_checks += 1
+        self.release.wait(60)
+        return "0.3.0"
+
+
+def test_a_slow_update_check_never_stops_heartbeats_or_the_watchdog(paths: Paths, tmp_path: Path) -> None:
+    """The update check runs beside the loop: the loop keeps heartbeating and petting systemd's watchdog while the
+    repository answers slowly (the download may take up to 900 s; WatchdogSec is 90 s)."""
+    sock_path = str(tmp_path / "notify")
+    link = SlowRepositoryLink()
+    notes: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(sock_path)
+        sock.settimeout(2)
+
+        def listen() -> None:  # systemd's side: reads every notification as it comes
+            with contextlib.suppress(OSError):
+                while True:
+                    notes.append(sock.recv(4096).decode())
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        daemon = Daemon(paths, ROOMY, link, now=T0, notifier=Notifier(sock_path))
+        ticking = threading.Thread(target=run_for, args=(daemon, link, 2 * 3600, T0, 10.0), daemon=True)
+        started = time.monotonic()
+        ticking.start()
+        ticking.join(timeout=60)
+        try:
+            assert not ticking.is_alive(), "the daemon's loop is stuck in the update check"
+            assert time.monotonic() - started < 60
+            assert link.update_checks == 1  # one check at a time: the hourly one did not start a second
+            assert len(link.beats) >= 2 * 3600 // 30 - 2
+            listener.join(timeout=10)
+            assert notes.count("WATCHDOG=1") >= 2 * 3600 // 10 - 1  # one per tick, every 10 s of the two hours
+        finally:
+            link.release.set()
+    for _ in range(100):  # the answer arrives; the next tick takes it
+        daemon.tick(T0 + 2 * 3600 + 1)
+        if daemon.status.update_available:
+            break
+        time.sleep(0.05)
+    assert daemon.status.update_available == "0.3.0"

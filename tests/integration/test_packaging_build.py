@@ -109,7 +109,7 @@ def test_bootstrapper_holds_what_bootstrapping_needs_and_nothing_of_the_server(u
         "cryptography",
     ):
         assert any(m == needed or m.startswith(needed + ".") for m in modules), needed
-    for absent in ("server", "aiohttp", "psutil", "schedule", "multiprocessing"):
+    for absent in ("server", "aiohttp", "sqlalchemy", "alembic", "psycopg", "psutil", "schedule", "multiprocessing"):
         assert not any(m == absent or m.startswith(absent + ".") for m in modules), absent
 
 
@@ -318,3 +318,28 @@ def test_published_bundles_are_listed_and_fetchable(dist: Path, server_data: Pat
         assert got.read_bytes() == expected.read_bytes()
     finally:
         server.stop()
+
+
+def test_the_agent_holds_nothing_of_the_server(dist: Path, tmp_path: Path) -> None:
+    """The agent's frozen program (in every bundle) carries none of the server's packages: no web server, no
+    database layer or drivers, no SSH client (packaging/build.py SERVER_ONLY)."""
+    import importlib.util
+    import sys
+
+    # packaging/ is not a package (the name is PyPI's `packaging`): load build.py by its path.
+    spec = importlib.util.spec_from_file_location("mobility_build", REPO / "packaging" / "build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # dataclasses look their module up there
+    spec.loader.exec_module(build)
+
+    (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path, filter="data")
+    (program,) = (p for p in tmp_path.rglob("_internal/mobility") if p.is_file())
+    r = sh(str(REPO / ".venv" / "bin" / "pyi-archive_viewer"), "-l", "-r", str(program))
+    assert r.returncode == 0, r.stderr
+    modules = {line.rsplit("'", 2)[-2] for line in r.stdout.splitlines() if line.count("'") >= 2}
+    assert any(m.startswith("agent.") for m in modules)
+    for absent in build.SERVER_ONLY:
+        assert not any(m == absent or m.startswith(absent + ".") for m in modules), absent

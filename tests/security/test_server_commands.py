@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
     **{
         (command, "--data"): ["test_server_commands.py::test_data_directories_that_are_not_one"]
-        for command in ("init", "serve", "passphrase", "token", "machines", "jobs", "push", "repo")
+        for command in ("init", "upgrade", "serve", "passphrase", "token", "machines", "jobs", "push", "repo")
     },
     ("push", "--key"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("push", "--password-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
@@ -142,6 +142,7 @@ def test_data_directories_that_are_not_one(tmp_path: Path) -> None:
     afile.write_text("x")
     for command in (
         ("serve", "--listen", "127.0.0.1:0"),
+        ("upgrade",),
         ("machines",),
         ("jobs",),
         ("passphrase", "show"),
@@ -183,3 +184,29 @@ def test_bootstrap_conf_that_is_not_a_small_text_file(tmp_path: Path) -> None:
             check=False,
         )
         assert (r.returncode, r.stderr.split(":")[0]) == (2, "error BOOTSTRAP-CONF-INVALID"), (kind, r.stderr)
+
+
+def test_databases_that_are_not_one(data: Path, tmp_path: Path) -> None:
+    """--database given a FIFO, /dev/zero, a directory or garbage, and a database.url in the data directory that is
+    not a small text file: a clear error at once, nothing hangs, nothing is written."""
+    files = hostile_files(tmp_path / "h")
+    for name in ("fifo", "zero", "dir"):
+        r = server_cli(data, "machines", "--database", f"sqlite:///{files[name]}")
+        assert (r.returncode, r.stderr.split(":")[0]) == (1, "error DB-CORRUPT"), (name, r.stderr)
+    for url in ("postgresql://u:secret@127.0.0.1/db", "mysql://x@y/z", "postgresql://u@h"):
+        r = server_cli(data, "jobs", "--database", url)
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DB-URL-INVALID"), (url, r.stderr)
+        assert "secret" not in r.stderr
+    recorded = data / "database.url"
+    original = recorded.read_bytes() if recorded.exists() else None  # a PostgreSQL run records its URL here
+    try:
+        for name in ("fifo", "zero", "big", "dir"):
+            recorded.unlink(missing_ok=True)
+            recorded.symlink_to(files[name])
+            r = server_cli(data, "machines")
+            assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DB-URL-INVALID"), (name, r.stderr)
+    finally:
+        recorded.unlink(missing_ok=True)
+        if original is not None:
+            recorded.write_bytes(original)
+    assert server_cli(data, "machines").returncode == 0

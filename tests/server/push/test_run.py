@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server.database import parse_database
 from server.push.remote import STALE_AFTER
 from server.push.run import close_interrupted
 from server.storage import Storage
 
 
-def test_jobs_of_a_killed_push_are_closed_by_the_next_one(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "mobility.db", create=True)
+def test_jobs_of_a_killed_push_are_closed_by_the_next_one(database: str) -> None:
+    storage = Storage.open(parse_database(database), create=True)
     now = 1_800_000_000.0
     common = {"host_id": None, "kind": "push", "error_id": None, "remediation": None, "detail": None}
     killed = storage.record_job(job_id=None, hostname="web1:22", state="running", now=now - STALE_AFTER - 1, **common)

@@ -1,0 +1,110 @@
+"""The server's tables as they are at the newest migration (server/migrations/), for SQLAlchemy Core queries.
+
+Migrations never import this module: each revision spells out its own change, so a later edit here cannot rewrite
+history. ``tests/server/test_storage.py`` checks that a database migrated to the head matches these tables."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Double, Index, Integer, MetaData, Table, Text
+
+metadata = MetaData()
+
+machines = Table(
+    "machines",
+    metadata,
+    Column("host_id", Text, primary_key=True),
+    Column("hostname", Text, nullable=False),
+    Column("os_tag", Text, nullable=False),
+    Column("role", Text, nullable=False),
+    Column("platform", Text, nullable=False),
+    Column("agent_version", Text, nullable=False),
+    Column("facts", Text, nullable=False),
+    Column("cloned_from", Text),
+    Column("enrolled_at", Double, nullable=False),
+    Column("cert_serial", Text, nullable=False),
+    Column("cert_not_after", Double, nullable=False),
+    Column("last_seen", Double),
+    Column("heartbeat_interval", Double, nullable=False),
+    Column("health", Text),
+    Column("public_key", Text),
+    Column("machine_id", Text, nullable=False, server_default=""),
+    Column("enrol_token_id", Text),
+    # A renewal issues the next certificate; the current one stays valid until the next one is first presented
+    # (its answer may have been lost), then it is superseded.
+    Column("pending_serial", Text),
+    Column("pending_not_after", Double),
+    Column("pending_public_key", Text),
+    Column("key_id", Text),  # sha256 of the current key (SubjectPublicKeyInfo DER): an enrolment retried with it
+    Column("revoked_at", Double),  # `mobility-server machines revoke`: every certificate of the host is refused
+    Index("machines_by_machine_id", "machine_id"),
+    Index("machines_by_enrol_token", "enrol_token_id"),
+    Index("machines_by_key_id", "key_id"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", Text, primary_key=True),
+    Column("host_id", Text),
+    Column("hostname", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("error_id", Text),
+    Column("remediation", Text),
+    Column("detail", Text),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("owner", Text),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("token_id", Text, primary_key=True),
+    Column("secret", Text, nullable=False),
+    Column("expires_at", Double),
+    Column("uses_left", Integer),
+    Column("created_at", Double, nullable=False),
+)
+
+retired_passphrases = Table(
+    "retired_passphrases",
+    metadata,
+    Column("secret", Text, nullable=False),
+    Column("valid_until", Double, nullable=False),
+    Index("retired_passphrases_by_valid_until", "valid_until"),
+)
+
+# A nonce is signed by the server (any instance can check it); its single use is this table's primary key.
+used_nonces = Table(
+    "used_nonces",
+    metadata,
+    Column("nonce_id", Text, primary_key=True),
+    Column("expires_at", Double, nullable=False),
+    Index("used_nonces_by_expiry", "expires_at"),
+)
+
+# Failed or malformed proofs per source address, shared by every instance (the rate limit).
+enrol_failures = Table(
+    "enrol_failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("address", Text, nullable=False),
+    Column("at", Double, nullable=False),
+    Index("enrol_failures_by_address", "address", "at"),
+    Index("enrol_failures_by_time", "at"),
+)
+
+# Reports a daemon queued while the server was unreachable: history, never the machine's current state.
+health_history = Table(
+    "health_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("host_id", Text, nullable=False),
+    Column("reported_at", Double),
+    Column("received_at", Double, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("health", Text, nullable=False),
+    Index("health_history_by_host", "host_id", "received_at"),
+    Index("health_history_by_time", "received_at"),
+)
