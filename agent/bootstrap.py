@@ -239,7 +239,7 @@ def _run(
         client.close()
     if s.bundle is None:
         progress.step("unpack")
-        staging = _unpack(paths, bundle)
+        staging = unpack(paths, bundle)
     else:  # copied by the server (push install); its files are checked against bundle.json by install()
         progress.step(f"take the bundle the server copied to {s.bundle}")
         progress.step("unpack: already unpacked")
@@ -276,7 +276,8 @@ def _run(
     return Outcome(state, "; ".join([message, *warnings]), enrolled.registration.host_id, job.job_id)
 
 
-def _unpack(paths: Paths, bundle: Path) -> Path:
+def unpack(paths: Paths, bundle: Path) -> Path:
+    """The verified bundle archive unpacked into the staging directory (removed again if that fails)."""
     name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
     staging = paths.staging_dir / name.version
     try:

@@ -282,6 +282,25 @@ def _job_id(text: str | None) -> str | None:
         raise BadArguments(f"--job-id {text!r} is not a UUID") from e
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from agent.updater import upgrade
+
+    paths = _require_root(args)
+    result = upgrade(paths)
+    record = result.record
+    data = {"state": result.state, "message": result.message, "record": record.to_json() if record else None}
+    _emit(args, data, f"{result.state}: {result.message}")
+    if result.state == "postponed":
+        return Exit.TEMPFAIL
+    if result.state in ("rolled back", "failed") and record is not None and record.outcome is not None:
+        outcome = record.outcome
+        print(f"error {outcome.error_id or 'UPDATE-FAILED'}: {outcome.message.splitlines()[0]}", file=sys.stderr)
+        if outcome.remediation:
+            print(f"  fix: {outcome.remediation}", file=sys.stderr)
+        return Exit.ERROR
+    return Exit.OK
+
+
 def cmd_template_prep(args: argparse.Namespace) -> int:
     from agent.template import template_prep
 
@@ -402,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bootstrap", help="the whole lifecycle: detect, fetch, verify, install, register, start")
     add_bootstrap_flags(p)
+
+    p = sub.add_parser(
+        "upgrade",
+        help="move to the version the server names, watch its health, roll back if it fails (the daemon runs it)",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("template-prep", help="strip identity, certificate and logs before capturing an image")
     _common(p)
