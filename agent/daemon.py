@@ -28,7 +28,6 @@ import psutil
 from agent import __version__
 from agent.checks import Status, run_checks
 from agent.config import AgentConfig, load_config
-from agent.distros import BY_TAG, Init
 from agent.faults import fault_point
 from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
@@ -41,7 +40,7 @@ from agent.proc import host_environ
 from agent.runtime import self_command
 from agent.scheduler import ClockScheduler
 from agent.sdnotify import Notifier
-from agent.services import start_updater, updater_argv
+from agent.services import init_of, start_updater, updater_argv
 from agent.shared import timefmt, wire
 from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
@@ -330,7 +329,7 @@ class Daemon:
         version = record.from_version if record is not None and unfinished(record) else __version__
         self._updater_started = now
         try:
-            started = start_updater(self.paths, _init_of(installed.os_tag), version, updater_argv(self.paths, version))
+            started = start_updater(self.paths, init_of(installed.os_tag), version, updater_argv(self.paths, version))
             log.info("upgrade watcher: %s", started)
         except MobilityError as e:
             log.warning("could not start the upgrade watcher: %s: %s", e.id, e.message)
@@ -436,11 +435,6 @@ def _reap_children() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
-
-
-def _init_of(os_tag: str | None) -> Init:
-    row = BY_TAG.get(os_tag or "")
-    return row.init if row is not None else Init.SYSTEMD
 
 
 class ServerLink:

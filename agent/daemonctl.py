@@ -138,7 +138,8 @@ class _Tended:
     def _current_pid(self) -> int | None:
         raise NotImplementedError
 
-    def _start(self) -> None:
+    def _start(self) -> int | None:
+        """Start the daemon; its PID when known (so that an exit before the next look is still counted)."""
         raise NotImplementedError
 
     def look(self) -> Seen:
@@ -154,7 +155,7 @@ class _Tended:
         self._down_since = self._down_since if self._down_since is not None else now
         if now - self._down_since >= RESTART_DELAY:
             self._down_since = None
-            self._start()
+            self._pid = self._start()
         return Seen(False, None, self._exits)
 
 
@@ -173,10 +174,11 @@ class SysvSupervisor(_Tended):
 
     def restart(self) -> None:
         run([INIT_SCRIPT, "restart"], timeout=60)
-        self._pid = None
+        self._pid = self._current_pid()  # the new daemon's: counted even if it exits before the next look
 
-    def _start(self) -> None:
+    def _start(self) -> int | None:
         run([INIT_SCRIPT, "start"], timeout=60, check=False)
+        return self._current_pid()
 
 
 class NoSupervisor(_Tended):
@@ -201,7 +203,7 @@ class NoSupervisor(_Tended):
     def restart(self) -> None:
         pid = self._current_pid()
         if pid is None:
-            self._start()
+            self._pid = self._start()
             return
         asked = time.time()
         os.kill(pid, signal.SIGUSR1)
@@ -219,9 +221,10 @@ class NoSupervisor(_Tended):
             if not _alive(pid):
                 break
             time.sleep(0.1)
-        self._pid = None
-        self._start()
+        self._pid = self._start()
 
-    def _start(self) -> None:
+    def _start(self) -> int:
         self._children = [c for c in self._children if c.poll() is None]
-        self._children.append(spawn(self.argv))
+        child = spawn(self.argv)
+        self._children.append(child)
+        return child.pid

@@ -122,6 +122,14 @@ def start_daemon(paths: Paths, init: Init) -> str:
     return "not started: no init system drives this machine (the daemon starts at the next boot)"
 
 
+def init_of(os_tag: str | None) -> Init:
+    """The init system of an OS tag's bundle (systemd when the tag is unknown: it is then not started at all)."""
+    from agent.distros import BY_TAG
+
+    row = BY_TAG.get(os_tag or "")
+    return row.init if row is not None else Init.SYSTEMD
+
+
 def updater_argv(paths: Paths, version: str) -> list[str]:
     """The upgrade watcher as the program of ``version``, outside systemd: that version's installed launcher when
     this is a frozen program; this checkout's own `python -m agent` when it runs from sources (development, and the

@@ -109,10 +109,12 @@ class Updater:
 
     # The phases ------------------------------------------------------------------------------------------------
 
-    def run(self) -> Result:
+    def run(self, stop_before: Phase | None = None) -> Result:
+        """Do (or resume) the upgrade; ``stop_before`` leaves it recorded at that phase for a later updater (the
+        bootstrapper under --root stops before the switch: nothing may be restarted on the host)."""
         record = load_record(self.paths)
         if record is not None and record.phase.terminal and not record.reported:
-            return self._report_end(record)
+            return self._report_end(record.at(record.phase, resumes=record.resumes + 1))
         if record is None or record.phase.terminal:
             started = self._start(record)
             if isinstance(started, Result):
@@ -130,6 +132,8 @@ class Updater:
             Phase.ROLLING_BACK: self._roll_back,
         }
         while not record.phase.terminal:
+            if record.phase is stop_before:
+                return Result("staged", f"mobility {record.to_version} is in place; the switch comes next", record)
             fault_point("update.step", step=record.phase.value)  # the crash tests kill the updater here
             done = steps[record.phase](record)
             if isinstance(done, Result):
@@ -429,6 +433,7 @@ class Updater:
             detail = f"mobility {record.to_version} was not installed; {record.from_version} runs on: {outcome.message}"
         deadline = time.monotonic() + REPORT_FOR
         delay = 1.0
+        fault_point("update.step", step="reporting")
         while not record.reported:
             if self._send(record, state, detail, outcome.error_id, outcome.remediation):
                 record = record.at(record.phase, reported=True)

@@ -451,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the version the programs and bundles carry (default: the sources', {__version__})",
     )
     parser.add_argument(
+        "--bundles-only", action="store_true", help="make the bundles but not the bootstrapper (which takes longest)"
+    )
+    parser.add_argument(
         "--test-entry",
         metavar="FILE",
         help="tests only: freeze the agent with this entry point under tests/ instead of the product's (bundles only)",
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     try:
         frozen = freeze(source_hash(), test_entry)
-        boot = bootstrapper(frozen, args.version) if test_entry is None else None
+        boot = bootstrapper(frozen, args.version) if test_entry is None and not args.bundles_only else None
     except BuildError as e:
         print(f"packaging/build: {e}", file=sys.stderr)
         return 1
@@ -528,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             f"frozen agent: {info['agent_bytes'] / mib:.1f} MiB unpacked"
         )
     else:
-        print(f"test build ({args.test_entry}): bundles only, no bootstrapper")
+        print(f"bundles only, no bootstrapper{f' (test build: {args.test_entry})' if test_entry else ''}")
     (out / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
     for b in bundles:
         print(f"{b.name}: {b.stat().st_size / mib:.1f} MiB")
