@@ -65,6 +65,12 @@ class Cgroup:
                 time.sleep(0.1)
 
 
+def bundle_of(releases: Mapping[str, Path], version: str, tag: str = "DEBIAN12") -> Path:
+    """The bundle of ``version`` for ``tag`` among the builds (the ``releases`` fixture)."""
+    (found,) = releases[version].glob(f"Mobility_UA_{version}_{tag}-64_*.tar.gz")
+    return found
+
+
 def unpack_bundle(bundle: Path, where: Path) -> Path:
     where.mkdir(parents=True)
     with tarfile.open(bundle) as tar:

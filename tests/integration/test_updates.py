@@ -26,37 +26,14 @@ import pytest
 from agent.paths import Paths
 from tests import faults
 from tests.conftest import REPO, require_root
-from tests.integration.fleet import Cgroup, Machine, make_machine, unpack_bundle, wait_until
+from tests.integration.fleet import Cgroup, Machine, bundle_of, make_machine, unpack_bundle, wait_until
 from tests.integration.serverproc import ServerProcess, debian_root, server_cli, start_server
 
 pytestmark = pytest.mark.integration
 
-BROKEN = REPO / "tests" / "integration" / "broken_agent.py"
-TAGS = ("DEBIAN12", "UBUNTU-14.04")
 # Short intervals, through the product's own settings (mobility.conf) and the server's --heartbeat-interval.
 CONF = {"health_seconds": 1, "update_window_seconds": 20, "update_settle_seconds": 3}
 TERMINAL = ("committed", "rolled-back", "failed")
-
-
-@pytest.fixture(scope="session")
-def releases(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """version -> the directory of its bundles: 0.1.0 is the suite's build; 0.1.1 the same frozen programs packed
-    as 0.1.1 (seconds); 0.1.2 (crashes at start) and 0.1.3 (reports CRITICAL) one test build of broken_agent.py."""
-    require_root()
-    out = {"0.1.0": dist}
-    for version, entry in (("0.1.1", None), ("0.1.2", BROKEN), ("0.1.3", BROKEN)):
-        where = tmp_path_factory.mktemp(f"dist-{version}")
-        cmd = [sys.executable, str(REPO / "packaging" / "build.py"), "--out", str(where), "--version", version]
-        cmd += ["--tags", *TAGS, *(["--test-entry", str(entry)] if entry else ["--bundles-only"])]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, cwd=REPO)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        out[version] = where
-    return out
-
-
-def bundle_of(releases: dict[str, Path], version: str, tag: str = "DEBIAN12") -> Path:
-    (found,) = releases[version].glob(f"Mobility_UA_{version}_{tag}-64_*.tar.gz")
-    return found
 
 
 class Lab:
