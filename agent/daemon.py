@@ -94,7 +94,7 @@ class Daemon:
         self.status = DaemonStatus(
             pid=os.getpid(), started=now, version=__version__, heartbeat_seconds=self.heartbeat_seconds
         )
-        self._updater_started: float | None = None  # monotonic time the daemon last started an upgrade watcher
+        self._updater_started: float | None = None  # when the daemon last started an upgrade watcher
         self.backlog: deque[dict[str, Any]] = deque(maxlen=config.backlog_max)
         self.signals: deque[int] = deque()
         self._update_thread: threading.Thread | None = None
@@ -318,8 +318,10 @@ class Daemon:
         wanted = target is not None and target.job_id is not None and target.version != __version__
         if not unfinished(record) and not (wanted and target is not None and not declined(record, target)):
             return
-        now = time.monotonic()
-        if self._updater_started is not None and now - self._updater_started < max(10.0, 3 * self.heartbeat_seconds):
+        now = self.now
+        if self._updater_started is not None and 0 <= now - self._updater_started < max(
+            10.0, 3 * self.heartbeat_seconds
+        ):
             return
         if updater_running(self.paths):
             return
