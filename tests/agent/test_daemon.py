@@ -351,3 +351,22 @@ def test_the_target_the_server_names_is_recorded_and_handed_to_a_watcher(
     run_for(daemon, link, 200, start=T0 + 500)
     assert load_target(paths) == Target("0.1.0", None, True, load_target(paths).received)  # type: ignore[union-attr]
     assert len(started) == before
+
+
+def test_under_a_health_gate_every_heartbeat_carries_a_fresh_report(paths: Paths) -> None:
+    """The watcher of an upgrade judges CRITICAL over two heartbeats: the version it judges reports at each one, not
+    only every health interval (60 s by default, longer than the gate's grace at a 10 s heartbeat)."""
+    from agent import __version__
+    from agent.update_state import Phase, UpgradeRecord, save_record
+
+    def report_times(link: FakeLink) -> list[float]:
+        return [body["health"]["time"] for _, body in link.beats]
+
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 181)
+    assert len(set(report_times(link))) < len(link.beats)  # two heartbeats per health interval share a report
+    save_record(paths, UpgradeRecord("0.0.9", __version__, JOB, Phase.WATCHING, T0))
+    link.beats.clear()
+    run_for(daemon, link, 181, start=T0 + 200)
+    assert len(set(report_times(link))) == len(link.beats) == 6

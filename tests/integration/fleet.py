@@ -17,11 +17,13 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import DISTROS, REPO
+from tests.integration.serverproc import ServerProcess, server_cli, start_server
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 _COUNTER = itertools.count()
@@ -195,6 +197,61 @@ def make_machine(
     if r.returncode:
         raise AssertionError(f"bootstrap of {name} failed: {r.stdout}{r.stderr}")
     return Machine(name, root, Cgroup(name))
+
+
+class Lab:
+    """A server and sandbox machines bootstrapped from the 0.1.0 bootstrapper, with the agent settings ``conf``."""
+
+    def __init__(
+        self, tmp: Path, releases: Mapping[str, Path], conf: Mapping[str, object], heartbeat: float = 1.0
+    ) -> None:
+        self.tmp, self.releases, self.conf = tmp, releases, conf
+        self.server: ServerProcess = start_server(tmp / "data", heartbeat_interval=heartbeat)
+        self.machines: list[Machine] = []
+        self.publish("0.1.0")
+
+    def publish(self, version: str, tag: str = "DEBIAN12") -> None:
+        server_cli(self.server.data, "repo", "add", str(bundle_of(self.releases, version, tag)), check=True)
+
+    def add(self, count: int) -> list[Machine]:
+        base = len(self.machines)
+        with ThreadPoolExecutor(4) as pool:
+            made = list(
+                pool.map(
+                    lambda i: make_machine(
+                        self.tmp / "machines",
+                        f"m{base + i + 1}",
+                        self.releases["0.1.0"] / "mobility-bootstrap",
+                        self.server.address,
+                        self.server.fingerprint,
+                        self.server.passphrase(),
+                        self.conf,
+                        self.tmp / "bootstrap-cache",
+                    ),
+                    range(count),
+                )
+            )
+        self.machines += made
+        return made
+
+    def cli(self, *args: str) -> Any:
+        r = server_cli(self.server.data, *args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def rollout(self) -> dict[str, Any]:
+        return dict(self.cli("updates")[0])
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        return {m["host_id"]: m for m in self.rollout()["machines"]}
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        return {str(j["job_id"]): j for j in self.server.jobs()}
+
+    def close(self) -> None:
+        for m in self.machines:
+            m.stop()
+        self.server.stop()
 
 
 def wait_until(what: str, condition: Any, timeout: float, every: float = 0.2) -> Any:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ import pytest
 from agent.paths import Paths
 from tests import faults
 from tests.conftest import REPO, require_root
-from tests.integration.fleet import Cgroup, Machine, bundle_of, make_machine, unpack_bundle, wait_until
-from tests.integration.serverproc import ServerProcess, debian_root, server_cli, start_server
+from tests.integration.fleet import Cgroup, Lab, Machine, bundle_of, unpack_bundle, wait_until
+from tests.integration.serverproc import debian_root, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -36,63 +35,9 @@ CONF = {"health_seconds": 1, "update_window_seconds": 20, "update_settle_seconds
 TERMINAL = ("committed", "rolled-back", "failed")
 
 
-class Lab:
-    """A server (heartbeat every second) and sandbox machines bootstrapped from the 0.1.0 bootstrapper."""
-
-    def __init__(self, tmp: Path, releases: dict[str, Path], conf: dict[str, object] | None = None) -> None:
-        self.tmp, self.releases = tmp, releases
-        self.conf = conf or CONF
-        self.server: ServerProcess = start_server(tmp / "data", heartbeat_interval=1.0)
-        self.machines: list[Machine] = []
-        self.publish("0.1.0")
-
-    def publish(self, version: str, tag: str = "DEBIAN12") -> None:
-        server_cli(self.server.data, "repo", "add", str(bundle_of(self.releases, version, tag)), check=True)
-
-    def add(self, count: int) -> list[Machine]:
-        base = len(self.machines)
-        with ThreadPoolExecutor(4) as pool:
-            made = list(
-                pool.map(
-                    lambda i: make_machine(
-                        self.tmp / "machines",
-                        f"m{base + i + 1}",
-                        self.releases["0.1.0"] / "mobility-bootstrap",
-                        self.server.address,
-                        self.server.fingerprint,
-                        self.server.passphrase(),
-                        self.conf,
-                        self.tmp / "bootstrap-cache",
-                    ),
-                    range(count),
-                )
-            )
-        self.machines += made
-        return made
-
-    def cli(self, *args: str) -> Any:
-        r = server_cli(self.server.data, *args, "--json")
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def rollout(self) -> dict[str, Any]:
-        return dict(self.cli("updates")[0])
-
-    def members(self) -> dict[str, dict[str, Any]]:
-        return {m["host_id"]: m for m in self.rollout()["machines"]}
-
-    def jobs(self) -> dict[str, dict[str, Any]]:
-        return {str(j["job_id"]): j for j in self.server.jobs()}
-
-    def close(self) -> None:
-        for m in self.machines:
-            m.stop()
-        self.server.stop()
-
-
 @pytest.fixture
 def lab(tmp_path: Path, releases: dict[str, Path]) -> Iterator[Lab]:
-    lab = Lab(tmp_path, releases)
+    lab = Lab(tmp_path, releases, CONF)
     try:
         yield lab
     finally:
@@ -207,7 +152,7 @@ def test_kill_9_at_each_step_of_an_upgrade_converges(lab: Lab, tmp_path: Path) -
 
 
 def test_the_server_down_during_the_health_window_causes_no_rollback(tmp_path: Path, releases: dict[str, Path]) -> None:
-    lab = Lab(tmp_path, releases, {**CONF, "update_window_seconds": 8})
+    lab = Lab(tmp_path, releases, {**CONF, "update_window_seconds": 8})  # a short window: three pass while it is down
     try:
         (m,) = lab.add(1)
         m.start()
@@ -299,7 +244,7 @@ def test_a_sysv_machine_upgrades_and_rolls_back_through_its_init_script(
     tmp_path: Path, releases: dict[str, Path]
 ) -> None:
     require_root()
-    lab = Lab(tmp_path, releases)
+    lab = Lab(tmp_path, releases, CONF)
     cgroup = Cgroup("sysv")
     try:
         lab.publish("0.1.0", "UBUNTU-14.04")
