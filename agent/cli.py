@@ -211,6 +211,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"freeze:         {'ready' if data['freeze_provider']['ready'] else 'not set up'}: "
         f"{data['freeze_provider']['reason']}",
     ]
+    if data["target"]:
+        pinned = " (pinned)" if data["target"]["pinned"] else ""
+        lines.append(f"target:         {data['target']['version']}{pinned}, as the server names it")
+    if data["upgrade"]:
+        up = data["upgrade"]
+        why = (up.get("outcome") or {}).get("error_id")
+        lines.append(
+            f"last upgrade:   {up['from_version']} -> {up['to_version']}: {up['phase']}" + (f" ({why})" if why else "")
+        )
     _emit(args, data, "\n".join(lines))
     return Exit.OK
 
