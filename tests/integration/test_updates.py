@@ -291,3 +291,32 @@ def test_a_sysv_machine_upgrades_and_rolls_back_through_its_init_script(
     finally:
         cgroup.kill()
         lab.close()
+
+
+def test_a_full_disk_before_the_switch_leaves_the_running_version_and_no_partial_copy(lab: Lab, tmp_path: Path) -> None:
+    """The install directory on a filesystem with room for one version only: the new version cannot be placed, the
+    job ends failed (with the system's reason), the running version was never touched, and nothing half-copied
+    stays to take the space."""
+    (m,) = lab.add(1)
+    install_dir = m.install_dir
+    saved = tmp_path / "saved-install"
+    shutil.copytree(install_dir, saved, symlinks=True)
+    used = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file() and not p.is_symlink())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used + (8 << 20)}", "tmpfs", str(install_dir)], check=True)
+    try:
+        subprocess.run(["cp", "-a", f"{saved}/.", str(install_dir)], check=True)
+        m.start()
+        wait_until("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+        lab.publish("0.1.1")
+        lab.cli("update", "--to", "0.1.1", "--all")
+        rollout = until_state(lab, "halted", timeout=90)
+        (member,) = rollout["machines"]
+        assert member["error_id"] == "IO-FAILED", member
+        assert "No space left on device" in lab.jobs()[member["job_id"]]["detail"]
+        assert m.record()["phase"] == "failed" and m.current() == "0.1.0"
+        assert m.versions() == {"0.1.0"}  # no partial copy of 0.1.1 left behind
+        assert m.running() == "0.1.0" and m.status()["pid"] == m.daemon.pid  # never restarted  # type: ignore[union-attr]
+        assert not (m.root / "var/lib/mobility/upgrade.from").exists()
+    finally:
+        m.stop()
+        subprocess.run(["umount", str(install_dir)], check=False)
