@@ -80,14 +80,19 @@ def _alive(pid: int | None) -> bool:
 
 
 def _is_daemon(pid: int, paths: Paths) -> bool:
-    """Whether ``pid`` is this root's daemon (`mobility run`), not a process that reused the PID."""
+    """Whether ``pid`` is this root's daemon (`mobility run`, with a --root that leads to this root), not a process
+    that reused the PID, nor the daemon of another root on the same host."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = [part.decode(errors="replace") for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    if b"run" not in cmdline or not any(b"mobility" in part or b"agent" in part for part in cmdline):
+    if "run" not in cmdline or not any("mobility" in part or "agent" in part for part in cmdline):
         return False
-    return paths.root == paths.root.parent or str(paths.root).encode() in cmdline
+    root = "/"
+    if "--root" in cmdline[:-1]:
+        root = os.path.realpath(os.path.join(cwd, cmdline[cmdline.index("--root") + 1]))
+    return root == str(paths.root)
 
 
 class SystemdSupervisor:
