@@ -33,6 +33,7 @@ from agent.config import load_config
 from agent.daemonctl import Supervisor, supervisor_for
 from agent.distros import BY_TAG, Init
 from agent.errors import (
+    AgentNotInstalled,
     InstallBusy,
     InstallFailed,
     UpdateBusy,
@@ -94,9 +95,7 @@ class Updater:
         self.config = load_config(paths)
         installed = load_install_record(paths)
         if installed is None or not is_version(installed.version) or not isinstance(installed.install_dir, str):
-            raise InstallFailed(
-                "the agent is not installed here (no valid /etc/mobility/agent.json): nothing to upgrade"
-            )
+            raise AgentNotInstalled("Mobility is not installed here (no valid install record): nothing to upgrade")
         self.installed: InstallRecord = installed
         self.install_dir: InstallDir = parse_install_dir(installed.install_dir, "the recorded install directory")
         self.host_dir = paths.install_dir(self.install_dir)
