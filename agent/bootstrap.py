@@ -6,6 +6,7 @@ register, start the daemon, and report the job to the server (`succeeded`, `succ
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import tarfile
 import time
@@ -19,18 +20,26 @@ from agent import __version__
 from agent.backoff import with_backoff
 from agent.bundles import inspect_bundle, version_key
 from agent.distros import detect_os, require_supported
-from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, InstallFailed, RemoteBusy, ServerUnreachable
+from agent.errors import (
+    BootstrapConfigInvalid,
+    InstallDirInvalid,
+    InstallFailed,
+    RemoteBusy,
+    ServerUnreachable,
+    TufNoBundle,
+)
 from agent.faults import fault_point
 from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
-from agent.installed import load_install_record
+from agent.installed import InstallRecord, load_install_record
 from agent.lastjob import load_last_job, save_last_job
 from agent.paths import Paths
 from agent.services import start_daemon
 from agent.shared.errors import BundleRefused, FreezeNotReady, IoFailed, MobilityError
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
 from agent.shared.wire import JobReport
+from agent.update_state import declined, load_record, load_target, unfinished, updater_running
 
 
 @dataclass(frozen=True)
@@ -124,23 +133,45 @@ class Progress:
 
 
 def is_current(paths: Paths) -> bool:
-    """Installed at this bootstrapper's version or newer, registered, the identity is this machine's, and the
-    last bootstrap ran to its end (a run killed before it started the daemon and reported its job is not)."""
+    """Installed, registered, the identity is this machine's, the last bootstrap ran to its end (a run killed before
+    it started the daemon and reported its job is not), and at the right version: the one the server last named for
+    this machine (target.json, no network needed), or without one this bootstrapper's version or newer. An upgrade
+    left unfinished with no watcher running is not current either (the watcher is started again)."""
+    installed = _installed_here(paths)
+    return installed is not None and not _upgrade_due(paths, installed)
+
+
+def _installed_here(paths: Paths) -> InstallRecord | None:
+    """The install record when the agent is installed, registered as this machine, and its last bootstrap ended."""
     installed, last_job = load_install_record(paths), load_last_job(paths)
     if installed is None or last_job is None or not last_job.ended_well or not isinstance(installed.install_dir, str):
-        return False
+        return None
     try:
         current = paths.install_dir(parse_install_dir(installed.install_dir, "agent.json")) / "current"
     except InstallDirInvalid:
-        return False
+        return None
     reg = load_registration(paths)
-    return (
-        version_key(installed.version or "0") >= version_key(__version__)
-        and (current / ".complete").exists()
+    if (
+        (current / ".complete").exists()
         and reg is not None
         and paths.client_cert.exists()
         and reg.facts == collect_facts(paths)
-    )
+    ):
+        return installed
+    return None
+
+
+def _upgrade_due(paths: Paths, installed: InstallRecord) -> bool:
+    """Whether the installed version is not the one to run: the server names a newer one this machine has not
+    declined, an upgrade is unfinished without its watcher, or (no target known) this bootstrapper is newer."""
+    record = load_record(paths)
+    if unfinished(record):
+        return not updater_running(paths)
+    target = load_target(paths)
+    running = version_key(installed.version or "0")
+    if target is None:
+        return running < version_key(__version__)
+    return target.job_id is not None and version_key(target.version) > running and not declined(record, target)
 
 
 def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
@@ -151,6 +182,9 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
             "installed, registered, current and this machine's: nothing to do",
             (reg.host_id if (reg := load_registration(paths)) else None),
         )
+    installed = _installed_here(paths)
+    if installed is not None and settings.job_id is None and load_target(paths) is not None:
+        return _upgrade_at_boot(paths, installed)
     # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
     from agent.shared.address import parse_address
     from agent.shared.secretfile import read_secret_file
@@ -222,24 +256,24 @@ def _run(
         if s.bundle is None:
             progress.step(f"fetch and verify the {os_tag} bundle")
             downloads = paths.downloads_dir
-            bundle = with_backoff(
-                "downloading the bundle",
-                lambda: fetch_bundle(
-                    f"https://{server}",
-                    client.context,
-                    root_json.read_bytes(),
-                    paths.tuf_metadata_dir,
-                    os_tag,
-                    downloads,
-                ),
-                s.retry_for,
-                sleep,
-            )
+
+            def fetch() -> Path:
+                # The template's own version when the repository has it: a version published but not rolled out
+                # yet never reaches a fresh clone first (the server moves machines on, in waves). Else the newest.
+                fetch_one = functools.partial(
+                    fetch_bundle, f"https://{server}", client.context, root_json.read_bytes(), paths.tuf_metadata_dir
+                )
+                try:
+                    return fetch_one(os_tag, downloads, version=__version__)
+                except TufNoBundle:
+                    return fetch_one(os_tag, downloads)
+
+            bundle = with_backoff("downloading the bundle", fetch, s.retry_for, sleep)
     finally:
         client.close()
     if s.bundle is None:
         progress.step("unpack")
-        staging = _unpack(paths, bundle)
+        staging = unpack(paths, bundle)
     else:  # copied by the server (push install); its files are checked against bundle.json by install()
         progress.step(f"take the bundle the server copied to {s.bundle}")
         progress.step("unpack: already unpacked")
@@ -276,7 +310,41 @@ def _run(
     return Outcome(state, "; ".join([message, *warnings]), enrolled.registration.host_id, job.job_id)
 
 
-def _unpack(paths: Paths, bundle: Path) -> Path:
+def _upgrade_at_boot(paths: Paths, installed: InstallRecord) -> Outcome:
+    """The agent is installed and registered, but the server named a newer version (or an upgrade was left
+    unfinished): the upgrade goes through the same watcher and health gate as the daemon's. On this machine the
+    watcher is started (as the installed version's program); under --root, where nothing is started on the host,
+    the new version is fetched and placed beside the installed one, and the watcher switches to it when the
+    daemon of that root starts."""
+    from agent.services import init_of, start_updater, updater_argv
+
+    reg = load_registration(paths)
+    host_id = reg.host_id if reg else None
+    record = load_record(paths)
+    target = load_target(paths)
+    wanted = record.to_version if unfinished(record) and record else (target.version if target else "?")
+    if paths.root == paths.root.parent:
+        version = record.from_version if unfinished(record) and record else (installed.version or "")
+        started = start_updater(paths, init_of(installed.os_tag), version, updater_argv(paths, version))
+        log(paths, f"bootstrap: upgrade to {wanted}: {started}")
+        return Outcome("upgrading", f"mobility {wanted} is due: {started}", host_id)
+    from agent.update_state import Phase, update_lock
+    from agent.updater import Updater
+
+    with update_lock(paths):
+        result = Updater(paths, time.sleep).run(stop_before=Phase.SWITCHING)
+    log(paths, f"bootstrap: upgrade to {wanted}: {result.state}: {result.message}")
+    if result.state in ("failed", "postponed"):
+        return Outcome("upgrading", f"mobility {wanted}: {result.state}: {result.message}", host_id)
+    return Outcome(
+        "upgrading",
+        f"mobility {wanted} placed beside {installed.version}: its watcher switches to it when the agent starts",
+        host_id,
+    )
+
+
+def unpack(paths: Paths, bundle: Path) -> Path:
+    """The verified bundle archive unpacked into the staging directory (removed again if that fails)."""
     name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
     staging = paths.staging_dir / name.version
     try:

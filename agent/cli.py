@@ -211,6 +211,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"freeze:         {'ready' if data['freeze_provider']['ready'] else 'not set up'}: "
         f"{data['freeze_provider']['reason']}",
     ]
+    if data["target"]:
+        pinned = " (pinned)" if data["target"]["pinned"] else ""
+        lines.append(f"target:         {data['target']['version']}{pinned}, as the server names it")
+    if data["upgrade"]:
+        up = data["upgrade"]
+        why = (up.get("outcome") or {}).get("error_id")
+        lines.append(
+            f"last upgrade:   {up['from_version']} -> {up['to_version']}: {up['phase']}" + (f" ({why})" if why else "")
+        )
     _emit(args, data, "\n".join(lines))
     return Exit.OK
 
@@ -280,6 +289,25 @@ def _job_id(text: str | None) -> str | None:
         return str(uuid.UUID(text))
     except ValueError as e:
         raise BadArguments(f"--job-id {text!r} is not a UUID") from e
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from agent.updater import upgrade
+
+    paths = _require_root(args)
+    result = upgrade(paths)
+    record = result.record
+    data = {"state": result.state, "message": result.message, "record": record.to_json() if record else None}
+    _emit(args, data, f"{result.state}: {result.message}")
+    if result.state == "postponed":
+        return Exit.TEMPFAIL
+    if result.state in ("rolled back", "failed") and record is not None and record.outcome is not None:
+        outcome = record.outcome
+        print(f"error {outcome.error_id or 'UPDATE-FAILED'}: {outcome.message.splitlines()[0]}", file=sys.stderr)
+        if outcome.remediation:
+            print(f"  fix: {outcome.remediation}", file=sys.stderr)
+        return Exit.ERROR
+    return Exit.OK
 
 
 def cmd_template_prep(args: argparse.Namespace) -> int:
@@ -402,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bootstrap", help="the whole lifecycle: detect, fetch, verify, install, register, start")
     add_bootstrap_flags(p)
+
+    p = sub.add_parser(
+        "upgrade",
+        help="move to the version the server names, watch its health, roll back if it fails (the daemon runs it)",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("template-prep", help="strip identity, certificate and logs before capturing an image")
     _common(p)

@@ -20,6 +20,8 @@ class AgentConfig:
     heartbeat_seconds: float = 30.0  # the server's answer overrides it
     health_seconds: float = 60.0
     update_check_seconds: float = 3600.0
+    update_window_seconds: float = 600.0  # a new version must reach the server and report healthy within this
+    update_settle_seconds: float = 60.0  # ... and stay healthy, without a restart, this long before it is kept
     cpu_warn_percent: float = 50.0
     threads_warn: int = 32
     open_files_warn: int = 256

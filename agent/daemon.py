@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -32,15 +33,27 @@ from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
 from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, process_sample
 from agent.identity import load_registration
+from agent.install_dir import parse_install_dir
 from agent.installed import load_install_record
 from agent.paths import Paths
 from agent.proc import host_environ
 from agent.runtime import self_command
 from agent.scheduler import ClockScheduler
 from agent.sdnotify import Notifier
+from agent.services import init_of, start_updater, updater_argv
 from agent.shared import timefmt, wire
 from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
+from agent.update_state import (
+    Phase,
+    Target,
+    declined,
+    load_record,
+    load_target,
+    save_target,
+    unfinished,
+    updater_running,
+)
 
 log = logging.getLogger("mobility.daemon")
 
@@ -59,7 +72,12 @@ class Link(Protocol):
 
 
 class RestartRequested(Exception):
-    """Raised out of tick() when the daemon must restart itself (memory past the budget)."""
+    """Raised out of tick() when the daemon must restart itself: memory past the budget (the same program), or
+    SIGUSR1, the upgrade watcher's request to start again from ``current`` (where there is no init system)."""
+
+    def __init__(self, why: str, *, into_current: bool = False) -> None:
+        super().__init__(why)
+        self.into_current = into_current
 
 
 class Daemon:
@@ -82,7 +100,10 @@ class Daemon:
         reg = load_registration(paths)
         self.host_id = reg.host_id if reg else ""
         self.heartbeat_seconds = reg.heartbeat_interval if reg else config.heartbeat_seconds
-        self.status = DaemonStatus(pid=os.getpid(), started=now, version=__version__)
+        self.status = DaemonStatus(
+            pid=os.getpid(), started=now, version=__version__, heartbeat_seconds=self.heartbeat_seconds
+        )
+        self._updater_started: float | None = None  # when the daemon last started an upgrade watcher
         self.backlog: deque[dict[str, Any]] = deque(maxlen=config.backlog_max)
         self.signals: deque[int] = deque()
         self._update_thread: threading.Thread | None = None
@@ -122,6 +143,7 @@ class Daemon:
             return
         fault_point("daemon.tick")  # the memory-budget tests grow this process's memory here
         self._take_update_answer()
+        _reap_children()
         self.scheduler.run_pending()
         self.notifier.notify(watchdog="1")
 
@@ -138,6 +160,9 @@ class Daemon:
             self.backlog = deque(self.backlog, maxlen=self.config.backlog_max)
             log.info("configuration reloaded")
             self._schedule()
+        elif signum == signal.SIGUSR1:
+            log.info("asked to start again from the version `current` names")
+            raise RestartRequested("SIGUSR1", into_current=True)
 
     # Jobs ------------------------------------------------------------------------------------------------
 
@@ -215,6 +240,8 @@ class Daemon:
         self._schedule()
 
     def heartbeat(self) -> None:
+        if self.report and self._under_health_gate():
+            self.check_health()  # a fresh report at every heartbeat for the upgrade watcher that judges this version
         report = self.report or self.check_health()
         body = {"host_id": self.host_id, "agent_version": __version__, "health": report}
         start = time.perf_counter()
@@ -247,7 +274,9 @@ class Daemon:
         if isinstance(interval, (int, float)) and interval > 0 and interval != self.heartbeat_seconds:
             log.info("server asks for a heartbeat every %.0f s", interval)
             self.heartbeat_seconds = float(interval)
+            self.status.heartbeat_seconds = self.heartbeat_seconds
             self._schedule()
+        self._take_target(answer.get("update"))
         self.status.backlog = len(self.backlog)
         self.status.save(self.paths)
 
@@ -273,6 +302,56 @@ class Daemon:
             log.info("client certificate renewed")
         except MobilityError as e:
             log.warning("certificate renewal failed (%s: %s); retrying within the hour", e.id, e.message)
+
+    def _under_health_gate(self) -> bool:
+        """Whether an upgrade watcher is judging this version now (it needs a report per heartbeat, not per health
+        interval, to tell a lasting CRITICAL from one sample within two heartbeats)."""
+        record = load_record(self.paths)
+        return record is not None and record.phase is Phase.WATCHING and record.to_version == __version__
+
+    def _take_target(self, field: object) -> None:
+        """The version the server names for this machine: recorded (the bootstrapper reads it at boot, without the
+        network) and, when it is another version than this one, handed to an upgrade watcher."""
+        try:
+            named = wire.UpdateTarget.from_json(field) if field is not None else None
+        except wire.WireError as e:
+            log.warning("ignoring the server's update answer: %s", e)
+            return
+        target = Target(named.version, named.job_id, named.pinned, self.now) if named is not None else None
+        before = load_target(self.paths)
+        if (before and (before.version, before.job_id, before.pinned)) != (
+            target and (target.version, target.job_id, target.pinned)
+        ):
+            if target is not None:
+                pin = " (pinned)" if target.pinned else ""
+                log.info("the server names version %s for this machine%s (job %s)", target.version, pin, target.job_id)
+            save_target(self.paths, target)
+        self.start_upgrade_if_due(target)
+
+    def start_upgrade_if_due(self, target: Target | None) -> None:
+        """Start the upgrade watcher when there is an upgrade to make or one to finish, and none runs. The watcher
+        is the program of the version the upgrade started from (this one, unless this is its new version)."""
+        record = load_record(self.paths)
+        wanted = target is not None and target.job_id is not None and target.version != __version__
+        if not unfinished(record) and not (wanted and target is not None and not declined(record, target)):
+            return
+        now = self.now
+        if self._updater_started is not None and 0 <= now - self._updater_started < max(
+            10.0, 3 * self.heartbeat_seconds
+        ):
+            return
+        if updater_running(self.paths):
+            return
+        installed = load_install_record(self.paths)
+        if installed is None or not isinstance(installed.install_dir, str):
+            return
+        version = record.from_version if record is not None and unfinished(record) else __version__
+        self._updater_started = now
+        try:
+            started = start_updater(self.paths, init_of(installed.os_tag), version, updater_argv(self.paths, version))
+            log.info("upgrade watcher: %s", started)
+        except MobilityError as e:
+            log.warning("could not start the upgrade watcher: %s: %s", e.id, e.message)
 
     def check_update(self) -> None:
         """Ask for the newest version in a thread of its own: the repository's metadata may take minutes to arrive
@@ -314,7 +393,7 @@ class Daemon:
     # The loop --------------------------------------------------------------------------------------------
 
     def run_forever(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self.queue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         log.info("mobility %s daemon started (pid %d, host %s)", __version__, os.getpid(), self.host_id or "-")
@@ -323,9 +402,11 @@ class Daemon:
             self.check_health()
             self.heartbeat()
             first = self.report.get("status")
+            self.now = time.time()
             self.check_health(measure_cpu=False)  # again, with the server's answer: reachability, round trip, skew
             if self.report.get("status") != first:
                 self.heartbeat()  # so the server does not show the first report's UNKNOWN for a whole interval
+            self.start_upgrade_if_due(load_target(self.paths))  # an upgrade a power cut or a kill left unfinished
             while not self.stopping:
                 self.tick(time.time())
                 wait = self.scheduler.seconds_to_next()
@@ -333,13 +414,24 @@ class Daemon:
                 if ready:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 512)
-        except RestartRequested:
+        except RestartRequested as e:
             self._close()
-            restart()
+            restart(into=self._current_launcher() if e.into_current else None)
         self.notifier.notify(stopping="1")
         self._close()
         log.info("stopped")
         return 0
+
+    def _current_launcher(self) -> Path | None:
+        installed = load_install_record(self.paths)
+        if installed is None or not isinstance(installed.install_dir, str):
+            return None
+        try:
+            host = self.paths.install_dir(parse_install_dir(installed.install_dir, "the recorded install directory"))
+        except MobilityError:
+            return None
+        launcher = host / "current" / "mobility" / "mobility"
+        return launcher if launcher.is_file() else None
 
     def _close(self) -> None:
         self.status.save(self.paths)
@@ -348,12 +440,21 @@ class Daemon:
             self.metrics.close()
 
 
-def restart() -> None:
-    """Replace this process with a fresh daemon: same PID, so systemd keeps supervising it. A frozen daemon starts
-    again through its bundled loader, as its launcher started it, in the environment the launcher gave it."""
+def restart(into: Path | None = None) -> None:
+    """Replace this process with a fresh daemon: same PID, so systemd (or whoever started it) keeps supervising it.
+    A frozen daemon starts again through its bundled loader, as its launcher started it, in the environment the
+    launcher gave it; ``into``, the launcher of the version ``current`` names, starts that version instead (the
+    launcher is a static program: it runs that version's own loader)."""
     logging.shutdown()
-    argv = self_command(sys.argv[1:])
-    os.execve(argv[0], argv, host_environ())  # noqa: S606 - our own program, same arguments
+    argv = [str(into), *sys.argv[1:]] if into is not None else self_command(sys.argv[1:])
+    os.execve(argv[0], argv, host_environ())  # noqa: S606 - our own program (or its next version), same arguments
+
+
+def _reap_children() -> None:
+    """Collect the exit of an upgrade watcher this daemon started (or an earlier image of it, before an exec)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
 
 
 class ServerLink:

@@ -102,7 +102,7 @@ def collect(paths: Paths, health: dict[str, Any], out: Path) -> list[str]:
         else {}
     )
     members["state/files.json"] = json.dumps(state, indent=2)
-    for name in ("identity.json", "daemon.json", "last-job.json", "freeze.json"):
+    for name in ("identity.json", "daemon.json", "last-job.json", "freeze.json", "target.json", "update.json"):
         p = paths.state_dir / name
         if p.is_file() and not p.is_symlink():
             members[f"state/{name}"] = redact(_read_tail(p), secrets)

@@ -237,6 +237,57 @@ class DiagnosticsWriteFailed(LocalSystemError):
     remediation = "Give -o a file in an existing, writable directory with free space (e.g. -o /root/diag.tar.gz)."
 
 
+# Self-update (agent/updater.py, docs/updates.md): the watcher's verdicts are the error IDs of a failed upgrade job.
+
+
+class UpdateBusy(TemporaryError):
+    code = "UPDATE-BUSY"
+    remediation = (
+        "Another upgrade or rollback, an install or a recovery point is in progress; the agent tries again by itself "
+        "(or run `mobility upgrade` once it has finished)."
+    )
+
+
+class UpdateRolledBack(LocalSystemError):
+    """The health gate rolled a new version back: the machine runs its previous version again (a family; each
+    verdict has its own ID)."""
+
+
+class UpdateCrashed(UpdateRolledBack):
+    code = "UPDATE-CRASHED"
+    remediation = (
+        "The new version did not start or kept exiting, so the machine runs its previous version again and the "
+        "server pinned it there: read the new version's log in the job's detail and /var/log/mobility/agent.log, "
+        "fix or replace the version, then `mobility-server unpin` the machine."
+    )
+
+
+class UpdateUnreachable(UpdateRolledBack):
+    code = "UPDATE-UNREACHABLE"
+    remediation = (
+        "The new version could not reach the server while the previous one (and the watcher) could: check what it "
+        "changed in how it connects (TLS, proxy, its unit's sandboxing); the machine runs its previous version, "
+        "pinned to it until you `mobility-server unpin` it."
+    )
+
+
+class UpdateCritical(UpdateRolledBack):
+    code = "UPDATE-CRITICAL"
+    remediation = (
+        "The new version reported CRITICAL in a health check that passed under the previous one (the job's detail "
+        "names it); the machine runs its previous version, pinned to it until you `mobility-server unpin` it."
+    )
+
+
+class UpdateNotHealthy(UpdateRolledBack):
+    code = "UPDATE-NOT-HEALTHY"
+    remediation = (
+        "The new version ran but did not reach the server and report healthy within the health window "
+        "(update_window_seconds); the machine runs its previous version, pinned to it until you "
+        "`mobility-server unpin` it."
+    )
+
+
 # Printed by the static launchers of the frozen programs (packaging/launcher/), not raised in Python: catalogued here
 # so that their IDs and remediations have one home (tests/integration/test_packaging_*.py compare what they print).
 

@@ -103,19 +103,16 @@ def install(paths: Paths, bundle: Path, install_dir: InstallDir, role: str, plat
         log(paths, f"install {manifest.version} ({manifest.os_tag}) into {install_dir}, role {role}, {platform}")
         try:
             target = claim(paths, install_dir)
-            previous = _current_version(target)
+            running = current_version(target)
+            previous = _previous_after(paths, target, running, manifest.version)
             try:
-                _place_version(bundle, manifest_bytes, manifest, target)
+                place_version(bundle, manifest_bytes, manifest, target)
             except (MobilityError, OSError):
                 if fresh:  # made by this run and never used: a refused bundle leaves no install directory
                     with contextlib.suppress(OSError):
                         release(paths, install_dir)
                 raise
-            _switch_current(target, manifest.version)
-            _prune(target / "versions", keep={manifest.version, previous})
-            units = install_units(paths, target / "versions" / manifest.version, manifest.init, install_dir)
-            record = InstallRecord(manifest.version, manifest.os_tag, install_dir, role, platform, previous)
-            save_install_record(paths, record)
+            units = activate_version(paths, install_dir, manifest.version, previous, role=role, platform=platform)
         except MobilityError as e:
             log(paths, f"install failed: {e.id}: {e.message}")
             raise
@@ -131,16 +128,34 @@ def install(paths: Paths, bundle: Path, install_dir: InstallDir, role: str, plat
     return Installed(manifest.version, manifest.os_tag, install_dir, previous, report, manifest.init, freeze, units)
 
 
-def _current_version(target: Path) -> str | None:
+def _previous_after(paths: Paths, target: Path, running: str | None, version: str) -> str | None:
+    """The version to keep for rollback once ``version`` is current: the running one, or, when the running one is
+    reinstalled, the one it kept (reinstalling the same version must not lose the only way back)."""
+    if running != version:
+        return running
+    record = load_install_record(paths)
+    kept = record.previous if record is not None else None
+    return kept if kept is not None and kept != version and version_complete(target, kept) else None
+
+
+def current_version(target: Path) -> str | None:
+    """The version ``current`` points at in the install directory ``target``, if any."""
     current = target / "current"
     return os.readlink(current).rsplit("/", 1)[-1] if current.is_symlink() else None
 
 
-def _place_version(bundle: Path, manifest_bytes: bytes, manifest: Manifest, target: Path) -> None:
-    """versions/<version>: a verified copy (see agent/bundle_dir.py), renamed into place once complete."""
+def version_complete(target: Path, version: str) -> bool:
+    """Whether versions/<version> in ``target`` is a complete copy (its ``.complete`` marker is written last)."""
+    final = target / "versions" / version
+    return not final.is_symlink() and (final / COMPLETE).is_file()
+
+
+def place_version(bundle: Path, manifest_bytes: bytes, manifest: Manifest, target: Path) -> None:
+    """versions/<version>: a verified copy (see agent/bundle_dir.py), renamed into place once complete. A copy that
+    fails (a refused file, a full disk) is removed: what was current is untouched and no space stays taken."""
     versions = target / "versions"
     final = versions / manifest.version
-    if not final.is_symlink() and (final / COMPLETE).is_file():
+    if version_complete(target, manifest.version):
         return
     if versions.is_symlink():  # the agent makes a directory here: a link is not ours to write through
         versions.unlink()
@@ -150,26 +165,73 @@ def _place_version(bundle: Path, manifest_bytes: bytes, manifest: Manifest, targ
     remove(final)  # an incomplete copy from a killed run
     try:
         copy_verified(bundle, manifest_bytes, manifest, staging)
-    except MobilityError:
-        remove(staging)
+        (staging / COMPLETE).write_text(manifest.version + "\n")
+        os.sync()
+        os.rename(staging, final)
+    except (MobilityError, OSError):
+        with contextlib.suppress(OSError):
+            remove(staging)
         raise
-    (staging / COMPLETE).write_text(manifest.version + "\n")
-    os.sync()
-    os.rename(staging, final)
+    _sync_dir(versions)
 
 
-def _switch_current(target: Path, version: str) -> None:
+def activate_version(
+    paths: Paths,
+    install_dir: InstallDir,
+    version: str,
+    previous: str | None,
+    *,
+    role: str | None = None,
+    platform: str | None = None,
+) -> list[str]:
+    """Make the complete versions/<version> current: switch ``current`` atomically, keep ``previous`` (and nothing
+    else) beside it, write its units and record it. Each step is idempotent: killed anywhere, running it again
+    converges. Install, an upgrade and a rollback all end here. Returns the units written."""
+    target = paths.install_dir(install_dir)
+    _, manifest = read_manifest(target / "versions" / version)
+    switch_current(target, version)
+    keep = {version, previous} if previous is not None and version_complete(target, previous) else {version}
+    prune_versions(target / "versions", keep)
+    units = install_units(paths, target / "versions" / version, manifest.init, install_dir)
+    record = load_install_record(paths)
+    save_install_record(
+        paths,
+        InstallRecord(
+            version,
+            manifest.os_tag,
+            install_dir,
+            role if role is not None else (record.role if record else None),
+            platform if platform is not None else (record.platform if record else None),
+            previous if previous in keep else None,
+        ),
+    )
+    return units
+
+
+def switch_current(target: Path, version: str) -> None:
+    """``current`` -> versions/<version>, by rename (readers and a power cut see the old or the new link)."""
     tmp = target / ".current.new"
     remove(tmp)
     tmp.symlink_to(f"versions/{version}")
     os.replace(tmp, target / "current")
+    _sync_dir(target)
 
 
-def _prune(versions: Path, keep: set[str | None]) -> None:
+def prune_versions(versions: Path, keep: set[str]) -> None:
+    """Remove every version (and leftover partial copy) but those in ``keep``."""
     for entry in versions.iterdir():
         if entry.name not in keep:
             with contextlib.suppress(OSError):
                 remove(entry)
+
+
+def _sync_dir(directory: Path) -> None:
+    # A rename is durable once its directory is: after a power cut the new name is there, not the old one.
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

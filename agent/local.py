@@ -20,6 +20,7 @@ from agent.installed import load_install_record
 from agent.lastjob import load_last_job
 from agent.paths import Paths
 from agent.status import DaemonStatus, daemon_pid
+from agent.update_state import load_record, load_target
 
 
 def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report]:
@@ -48,6 +49,7 @@ def local_status(paths: Paths) -> dict[str, Any]:
     installed = load_install_record(paths)
     last_job = load_last_job(paths)
     freeze = provider_status(paths)
+    target, upgrade = load_target(paths), load_record(paths)
     return {
         "version": (installed.version if installed else None) or __version__,
         "installed": installed is not None,
@@ -65,4 +67,6 @@ def local_status(paths: Paths) -> dict[str, Any]:
         "health": (status.health or {}).get("status") if status else None,
         "last_job": last_job.to_json() if last_job else None,
         "freeze_provider": freeze.to_json(),
+        "target": target.to_json() if target else None,
+        "upgrade": upgrade.to_json() if upgrade else None,
     }

@@ -56,3 +56,25 @@ def run(cmd: Sequence[str], timeout: float = 60.0, check: bool = True) -> subpro
     if check and result.returncode != 0:
         raise CommandFailed(f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip()[-500:]}")
     return result
+
+
+Child = subprocess.Popen[bytes]  # a detached program `spawn` started
+
+
+def spawn(cmd: Sequence[str]) -> Child:
+    """Start ``cmd`` detached: its own session (a terminal's hang-up or a restart of whoever started it never reaches
+    it), no inherited stdio (it logs to its own files), the host's environment. The caller may poll it; a process
+    that outlives its caller is adopted by init."""
+    log.info("starting %s", " ".join(cmd))
+    try:
+        return subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            env=host_environ(),
+        )
+    except OSError as e:
+        raise CommandFailed(f"{' '.join(cmd)}: {e}") from e

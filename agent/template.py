@@ -10,7 +10,17 @@ import stat
 from agent.paths import Paths
 from agent.shared.fsutil import remove
 
-IDENTITY_FILES = ("identity.json", "client.key", "client.pem", "daemon.json", "last-job.json")
+# The machine's own: its identity, and what the server told it (its target version) and its upgrades.
+IDENTITY_FILES = (
+    "identity.json",
+    "client.key",
+    "client.pem",
+    "daemon.json",
+    "last-job.json",
+    "target.json",
+    "update.json",
+    "upgrade.from",
+)
 
 
 def template_prep(paths: Paths) -> list[str]:

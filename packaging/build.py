@@ -8,7 +8,11 @@ Outputs in --out (default dist/):
     build-info.json                                      the bundled C runtime (glibc, loader, each library's
                                                          sha256 and package), kernel floor, sizes, timings
 The frozen programs are cached under build/ by a hash of the sources: a second build with the same sources only
-re-packs (and nothing at all if the bundles are already there). See packaging/README.md."""
+re-packs (and nothing at all if the bundles are already there). The version is data, not code: `--version 0.1.1`
+packs the same frozen programs with a VERSION file that they report (agent/__init__.py), so every version of one
+source tree costs one PyInstaller build. `--test-entry tests/...py` freezes the agent with a test-only entry point
+instead (the update tests' deliberately broken agents): only the test suite passes it, its programs are cached apart
+from the release ones, and its build makes bundles only. See packaging/README.md."""
 
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ TEST_ONLY = ("tests", "sitecustomize")
 BOOTSTRAP_NEEDS = ("agent.fetch", "agent.registration", "agent.transport", "agent.bundles", "agent.install")
 
 AGENT_RUNTIME = "_internal"  # mobility/_internal/: the agent's PyInstaller program, libraries and C runtime
+VERSION_FILE = "VERSION"  # beside the frozen modules: the version a build packs (agent/__init__.py reads it)
+_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 PAYLOAD_MAGIC = b"MOBSFX01"  # packaging/launcher/bootstrap.c: the trailer of the bootstrapper
 PAYLOAD_ID_SIZE = 64
 
@@ -249,10 +255,15 @@ def compile_launcher(source: str, dest: Path, runtime: Runtime, *libs: str) -> N
         raise BuildError(f"compiling {source} failed: {r.stderr.strip()[-2000:]}")
 
 
-def pack_payload(tree: Path) -> bytes:
-    """The records of packaging/launcher/bootstrap.c for every directory and file of ``tree``, zlib-compressed.
+def pack_payload(tree: Path, extra: dict[str, bytes] | None = None) -> bytes:
+    """The records of packaging/launcher/bootstrap.c for every directory and file of ``tree``, and the files
+    ``extra`` (name at the top of the tree -> content), zlib-compressed.
     Deterministic: sorted paths (parents first), modes 0755/0644, no owners or times."""
     raw = io.BytesIO()
+    for name, data in sorted((extra or {}).items()):
+        if (tree / name).exists():
+            raise BuildError(f"{tree / name} exists: the payload's {name} is written by the build")
+        raw.write(struct.pack("<cIIQ", b"f", 0o644, len(name.encode()), len(data)) + name.encode() + data)
     for p in sorted(tree.rglob("*")):
         rel = str(p.relative_to(tree)).encode()
         if p.is_symlink():
@@ -267,10 +278,11 @@ def pack_payload(tree: Path) -> bytes:
     return zlib.compress(raw.getvalue(), 9)
 
 
-def write_bootstrapper(launcher: Path, tree: Path, dest: Path) -> str:
-    """launcher + payload + trailer (magic, offset, size, cache id); returns the cache id: <version>-<hash>."""
-    payload = pack_payload(tree)
-    ident = f"{__version__}-{hashlib.sha256(payload).hexdigest()[:16]}"
+def write_bootstrapper(launcher: Path, tree: Path, dest: Path, version: str) -> str:
+    """launcher + payload (the tree and its VERSION) + trailer (magic, offset, size, cache id); returns the cache id:
+    <version>-<hash>."""
+    payload = pack_payload(tree, {VERSION_FILE: f"{version}\n".encode()})
+    ident = f"{version}-{hashlib.sha256(payload).hexdigest()[:16]}"
     head = launcher.read_bytes()
     trailer = PAYLOAD_MAGIC + struct.pack("<QQ", len(head), len(payload)) + ident.encode().ljust(PAYLOAD_ID_SIZE, b"\0")
     tmp = dest.with_name(dest.name + ".part")
@@ -282,54 +294,73 @@ def write_bootstrapper(launcher: Path, tree: Path, dest: Path) -> str:
 
 @dataclass
 class Frozen:
-    bootstrapper: Path  # the self-unpacking bootstrapper
-    bootstrap_tree: Path  # what it unpacks (for the tests and the sizes)
-    bootstrap_id: str
+    bootstrap_launcher: Path | None  # the bootstrapper's static launcher (None in a test build: bundles only)
+    bootstrap_tree: Path | None  # what the bootstrapper unpacks (for the tests and the sizes)
     agent: Path  # the bundle's mobility/: the launcher and _internal/
     runtime: Runtime
+    out: Path  # the cache directory of these frozen programs
 
 
-def freeze(hash_: str) -> Frozen:
-    """The bootstrapper and the agent, frozen with their C runtime; rebuilt only when the sources changed."""
-    out = BUILD / "frozen"
+def freeze(hash_: str, test_entry: Path | None = None) -> Frozen:
+    """The bootstrapper and the agent, frozen with their C runtime; rebuilt only when the sources changed. With
+    ``test_entry``, the agent alone, started by that test-only entry point, cached apart from the release build (so
+    that switching between them rebuilds neither)."""
+    out = BUILD / "frozen" if test_entry is None else BUILD / f"frozen-test-{test_entry.stem}"
+    if test_entry is not None:
+        hash_ = hashlib.sha256(hash_.encode() + b"\0" + test_entry.read_bytes()).hexdigest()
     stamp, facts = out / "source-hash", out / "frozen.json"
+    pyi = out / "pyi"
+    bootstrap = (out / "launcher-bootstrap", pyi / "mobility-bootstrap") if test_entry is None else (None, None)
     if stamp.exists() and stamp.read_text() == hash_ and facts.is_file():
         doc = json.loads(facts.read_text())
         runtime = Runtime(**{**doc["runtime"], "libraries": {}})
         runtime.libraries = {k: Library(**v) for k, v in doc["runtime"]["libraries"].items()}
         print("frozen programs: cached (sources unchanged)")
-        bootstrap_tree = out / "pyi" / "mobility-bootstrap"
-        return Frozen(out / "mobility-bootstrap", bootstrap_tree, doc["bootstrap_id"], out / "mobility", runtime)
+        return Frozen(*bootstrap, out / "mobility", runtime, out)
     shutil.rmtree(out, ignore_errors=True)
     start = time.monotonic()
-    pyi = out / "pyi"
-    excludes = [a for m in (*NOT_IN_BOOTSTRAP, *TEST_ONLY) for a in ("--exclude-module", m)]
-    hidden = [a for m in BOOTSTRAP_NEEDS for a in ("--hidden-import", m)]
     common = ("--onedir", "--contents-directory", ".", "--distpath", str(pyi))
-    pyinstaller(
-        *common,
-        "--name",
-        "mobility-bootstrap",
-        *excludes,
-        *hidden,
-        str(REPO / "packaging" / "entry" / "mobility_bootstrap.py"),
-    )
+    if test_entry is None:
+        excludes = [a for m in (*NOT_IN_BOOTSTRAP, *TEST_ONLY) for a in ("--exclude-module", m)]
+        hidden = [a for m in BOOTSTRAP_NEEDS for a in ("--hidden-import", m)]
+        pyinstaller(
+            *common,
+            "--name",
+            "mobility-bootstrap",
+            *excludes,
+            *hidden,
+            str(REPO / "packaging" / "entry" / "mobility_bootstrap.py"),
+        )
+    entry = test_entry or REPO / "packaging" / "entry" / "mobility.py"
     excludes = [a for m in (*SERVER_ONLY, *TEST_ONLY) for a in ("--exclude-module", m)]
-    pyinstaller(*common, "--name", "mobility", *excludes, str(REPO / "packaging" / "entry" / "mobility.py"))
-    bootstrap_tree, agent_tree = pyi / "mobility-bootstrap", pyi / "mobility"
-    bundle_runtime(bootstrap_tree, bootstrap_tree / "mobility-bootstrap")
+    pyinstaller(*common, "--name", "mobility", *excludes, str(entry))
+    agent_tree = pyi / "mobility"
     runtime = bundle_runtime(agent_tree, agent_tree / "mobility")
-
     agent = out / "mobility"
     (agent / AGENT_RUNTIME).parent.mkdir(parents=True)
     shutil.copytree(agent_tree, agent / AGENT_RUNTIME, symlinks=True)
     compile_launcher("agent.c", agent / "mobility", runtime)
-    compile_launcher("bootstrap.c", out / "launcher-bootstrap", runtime, "-lz")
-    ident = write_bootstrapper(out / "launcher-bootstrap", bootstrap_tree, out / "mobility-bootstrap")
-    facts.write_text(json.dumps({"bootstrap_id": ident, "runtime": asdict(runtime)}, indent=2) + "\n")
+    if test_entry is None:
+        bundle_runtime(pyi / "mobility-bootstrap", pyi / "mobility-bootstrap" / "mobility-bootstrap")
+        compile_launcher("bootstrap.c", out / "launcher-bootstrap", runtime, "-lz")
+    facts.write_text(json.dumps({"runtime": asdict(runtime), "test_entry": str(test_entry)}, indent=2) + "\n")
     stamp.write_text(hash_)
     print(f"frozen programs: built in {time.monotonic() - start:.0f} s")
-    return Frozen(out / "mobility-bootstrap", bootstrap_tree, ident, agent, runtime)
+    return Frozen(*bootstrap, agent, runtime, out)
+
+
+def bootstrapper(frozen: Frozen, version: str) -> tuple[Path, str]:
+    """The self-unpacking bootstrapper of ``version`` and its cache ID, made once per version of a frozen build."""
+    if frozen.bootstrap_launcher is None or frozen.bootstrap_tree is None:
+        raise BuildError("a test build makes bundles only: no bootstrapper")
+    where = frozen.out / f"bootstrap-{version}"
+    dest, ident_file = where / "mobility-bootstrap", where / "cache-id"
+    if dest.is_file() and ident_file.is_file():
+        return dest, ident_file.read_text().strip()
+    where.mkdir(parents=True, exist_ok=True)
+    ident = write_bootstrapper(frozen.bootstrap_launcher, frozen.bootstrap_tree, dest, version)
+    ident_file.write_text(ident + "\n")
+    return dest, ident
 
 
 def bundle_members(tag: str, agent: Path) -> list[tuple[str, Path]]:
@@ -361,12 +392,19 @@ def _info(name: str, path: Path | None, size: int = 0) -> tarfile.TarInfo:
     return info
 
 
-def write_bundle(tag: str, agent: Path, runtime: Runtime, out: Path, date: dt.date, hashes: dict[Path, str]) -> Path:
+def write_bundle(
+    tag: str, agent: Path, runtime: Runtime, out: Path, date: dt.date, hashes: dict[Path, str], version: str
+) -> Path:
     members = bundle_members(tag, agent)
     files = {name: hashes[path] for name, path in members if path.is_file() and not path.is_symlink()}
+    version_member = f"mobility/{AGENT_RUNTIME}/{VERSION_FILE}"
+    if version_member in files:
+        raise BuildError(f"{agent}/{AGENT_RUNTIME}/{VERSION_FILE} exists: the bundle's {VERSION_FILE} is written here")
+    version_bytes = f"{version}\n".encode()
+    files[version_member] = hashlib.sha256(version_bytes).hexdigest()
     manifest = {
         "os_tag": tag,
-        "version": __version__,
+        "version": version,
         "arch": "x86_64",
         "init": BY_TAG[tag].init.value,
         "kernel_floor": runtime.kernel_floor,
@@ -374,7 +412,7 @@ def write_bundle(tag: str, agent: Path, runtime: Runtime, out: Path, date: dt.da
         "files": files,
     }
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    dest = out / bundle_file_name(__version__, tag, date)
+    dest = out / bundle_file_name(version, tag, date)
     tmp = dest.with_suffix(".part")
     with (
         tmp.open("wb") as raw,
@@ -389,6 +427,7 @@ def write_bundle(tag: str, agent: Path, runtime: Runtime, out: Path, date: dt.da
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
+        tar.addfile(_info(version_member, None, len(version_bytes)), io.BytesIO(version_bytes))
     tmp.replace(dest)
     return dest
 
@@ -406,7 +445,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--publish", metavar="DATA_DIR", help="add the bundles to this server's repository")
     parser.add_argument("--out", default=str(REPO / "dist"), metavar="DIR")
+    parser.add_argument(
+        "--version",
+        default=__version__,
+        help=f"the version the programs and bundles carry (default: the sources', {__version__})",
+    )
+    parser.add_argument(
+        "--bundles-only", action="store_true", help="make the bundles but not the bootstrapper (which takes longest)"
+    )
+    parser.add_argument(
+        "--test-entry",
+        metavar="FILE",
+        help="tests only: freeze the agent with this entry point under tests/ instead of the product's (bundles only)",
+    )
     args = parser.parse_args(argv)
+    if not _VERSION.fullmatch(args.version) or len(args.version) > 32:
+        parser.error(f"--version {args.version!r}: give dotted numbers, e.g. 0.1.1")
+    test_entry = None
+    if args.test_entry is not None:
+        test_entry = Path(args.test_entry).resolve()
+        if not test_entry.is_file() or (REPO / "tests") not in test_entry.parents:
+            parser.error(f"--test-entry {args.test_entry}: must be a file under {REPO / 'tests'} (never a release)")
     tags = args.tags or [row.tag for row in SUPPORT_MATRIX if row.built_by_default]
     unknown = [t for t in tags if t not in BY_TAG]
     if unknown:
@@ -422,12 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     try:
-        frozen = freeze(source_hash())
+        frozen = freeze(source_hash(), test_entry)
+        boot = bootstrapper(frozen, args.version) if test_entry is None and not args.bundles_only else None
     except BuildError as e:
         print(f"packaging/build: {e}", file=sys.stderr)
         return 1
     agent, runtime = frozen.agent, frozen.runtime
-    shutil.copy2(frozen.bootstrapper, out / "mobility-bootstrap")
+    if boot is not None:
+        shutil.copy2(boot[0], out / "mobility-bootstrap")
     hashes = {p: sha256_file(p) for p in agent.rglob("*") if p.is_file() and not p.is_symlink()}
     for p in (REPO / "packaging").rglob("*"):
         if p.is_file():
@@ -436,14 +497,15 @@ def main(argv: list[str] | None = None) -> int:
         hashes[p] = sha256_file(p)
     date = dt.datetime.now(dt.UTC).date()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # gzip releases the GIL
-        bundles = list(pool.map(lambda t: write_bundle(t, agent, runtime, out, date, hashes), tags))
+        bundles = list(pool.map(lambda t: write_bundle(t, agent, runtime, out, date, hashes, args.version), tags))
     elapsed = time.monotonic() - start
 
     def tree_bytes(tree: Path) -> int:
         return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
 
-    info = {
-        "version": __version__,
+    info: dict[str, object] = {
+        "version": args.version,
+        "test_entry": str(test_entry.relative_to(REPO)) if test_entry is not None else None,
         "seconds": round(elapsed, 1),
         "runtime": {
             "glibc": runtime.glibc,
@@ -451,22 +513,26 @@ def main(argv: list[str] | None = None) -> int:
             "loader": {"interp": runtime.loader, "bundled_as": f"{AGENT_RUNTIME}/{LOADER_NAME}"},
             "libraries": {name: asdict(lib) for name, lib in sorted(runtime.libraries.items())},
         },
-        "bootstrap_bytes": (out / "mobility-bootstrap").stat().st_size,
-        "bootstrap_cache_id": frozen.bootstrap_id,
-        "bootstrap_unpacked_bytes": tree_bytes(frozen.bootstrap_tree),
         "agent_bytes": tree_bytes(agent),
         "bundles": {b.name: b.stat().st_size for b in bundles},
     }
-    (out / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
     mib = 1024 * 1024
     print(
         f"C runtime: glibc {runtime.glibc} ({len(runtime.libraries)} files from the build host), kernel floor "
         f"{runtime.kernel_floor}"
     )
-    print(
-        f"mobility-bootstrap: {info['bootstrap_bytes'] / mib:.1f} MiB ({info['bootstrap_unpacked_bytes'] / mib:.1f} "
-        f"MiB unpacked once); frozen agent: {info['agent_bytes'] / mib:.1f} MiB unpacked"
-    )
+    if boot is not None and frozen.bootstrap_tree is not None:
+        info["bootstrap_bytes"] = (out / "mobility-bootstrap").stat().st_size
+        info["bootstrap_cache_id"] = boot[1]
+        info["bootstrap_unpacked_bytes"] = tree_bytes(frozen.bootstrap_tree)
+        print(
+            f"mobility-bootstrap {args.version}: {info['bootstrap_bytes'] / mib:.1f} MiB "
+            f"({info['bootstrap_unpacked_bytes'] / mib:.1f} MiB unpacked once); "
+            f"frozen agent: {info['agent_bytes'] / mib:.1f} MiB unpacked"
+        )
+    else:
+        print(f"bundles only, no bootstrapper{f' (test build: {args.test_entry})' if test_entry else ''}")
+    (out / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
     for b in bundles:
         print(f"{b.name}: {b.stat().st_size / mib:.1f} MiB")
     print(f"{len(bundles)} bundles in {out} in {elapsed:.0f} s")

@@ -63,6 +63,7 @@ from server.errors import (
 )
 from server.nonces import NonceSigner, load_or_create_key
 from server.repository import Repository
+from server.rollouts import target_of
 from server.stalls import StallMonitor
 from server.storage import Beat, Credential, Storage
 
@@ -71,6 +72,7 @@ log = logging.getLogger("mobility.server")
 HEARTBEAT_FLUSH_SECONDS = 1.0
 TIMESTAMP_CHECK_SECONDS = 600.0
 PRUNE_SECONDS = 60.0
+ROLLOUT_SECONDS = 2.0  # how often each serving instance advances the running rollouts (server/rollouts.py)
 MAX_BUFFERED_BEATS = 200_000  # > a fleet's worth: past it heartbeats are refused 503 until a flush succeeds
 MAX_BUFFERED_HISTORY = 50_000
 WORKERS = 4  # threads per pool; the database pool has room for both pools and the periodic jobs
@@ -159,6 +161,14 @@ class Server:
             self._keep_buffers(beats, history)
             raise
         return len(beats)
+
+    def advance_rollouts(self) -> None:
+        """Advance the running rollouts from what the machines reported (a worker thread: it writes the database;
+        instances take turns through an advisory lock on PostgreSQL)."""
+        from server.rollouts import Rollouts
+
+        for change in Rollouts(self.storage).advance(self.clock()):
+            log.info("%s", printable(change, 2000))
 
     def flush_heartbeats(self) -> int:
         """The same, blocking: when nothing else runs on the loop (the server's last flush as it stops, tests)."""
@@ -390,7 +400,11 @@ def build_app(server: Server) -> web.Application:
             server.buffer_history(machine.host_id, health.time, now, health)
         else:
             server.buffer_heartbeat(Beat(machine.host_id, now, beat.agent_version, json.dumps(health.to_json())))
-        return web.json_response({"interval": machine.heartbeat_interval, "server_time": now})
+        answer: dict[str, object] = {"interval": machine.heartbeat_interval, "server_time": now}
+        target = target_of(machine)
+        if target is not None:
+            answer["update"] = target.to_json()  # where a machine learns the version it should run
+        return web.json_response(answer)
 
     @routes.post(wire.JOBS_PATH)
     async def jobs(request: web.Request) -> web.Response:
@@ -586,6 +600,7 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
         asyncio.create_task(server.stalls.run()),
         asyncio.create_task(every(HEARTBEAT_FLUSH_SECONDS, server.flush, in_thread=False)),
         asyncio.create_task(every(PRUNE_SECONDS, lambda: server.storage.prune(server.clock()))),
+        asyncio.create_task(every(ROLLOUT_SECONDS, server.advance_rollouts)),
         asyncio.create_task(every(1.0, lambda: server.connections.sweep(time.monotonic()), in_thread=False)),
         asyncio.create_task(every(server.stats_interval, report, in_thread=False)),
         asyncio.create_task(

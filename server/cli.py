@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from agent.distros import BY_TAG
 from agent.shared import timefmt, wire
 from agent.shared.cli import Parser, run
 from agent.shared.errors import BadArguments, Exit
@@ -232,6 +233,9 @@ def cmd_machines(args: argparse.Namespace) -> int:
                 "facts": m.facts.to_json(),
                 "certificate_expires": m.cert_not_after,
                 "revoked": m.revoked,
+                "target_version": m.target_version,
+                "pinned": m.pinned_version,
+                "pin_reason": m.pin_reason,
             }
         )
     storage.close()
@@ -248,6 +252,7 @@ def cmd_machines(args: argparse.Namespace) -> int:
         "last_seen",
         "state",
         "health",
+        "pinned",
         "cloned_from",
     )
     table = [[r[c] if c != "last_seen" else timefmt.shown(r[c]) for c in cols] for r in rows]
@@ -282,6 +287,146 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return Exit.OK
     cols = ("job_id", "hostname", "kind", "state", "error_id", "remediation")
     _print_table([c.upper() for c in cols], [[getattr(j, c) for c in cols] for j in jobs])
+    return Exit.OK
+
+
+def _published(data: DataDir) -> set[tuple[str, str]]:
+    """(version, OS tag) of every bundle the repository publishes."""
+    from server.repository import Repository
+
+    return {(e.version, e.os_tag) for e in Repository(data).list()}
+
+
+def _host_ids(text: str) -> list[str]:
+    import uuid
+
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise BadArguments("--machines: give host IDs, separated by commas")
+    for host_id in ids:
+        try:
+            if str(uuid.UUID(host_id)) != host_id:
+                raise ValueError(host_id)
+        except ValueError as e:
+            raise BadArguments(f"{shown(host_id)} is not a host ID (`mobility-server machines` lists them)") from e
+    return list(dict.fromkeys(ids))
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from server.rollouts import Rollouts, Selection, parse_version, parse_wave
+
+    data = _data(args)
+    if args.halt:
+        if args.to or args.machines or args.os_tag or args.all:
+            raise BadArguments("update --halt takes no other option")
+    else:
+        if not args.to:
+            raise BadArguments("update: give --to VERSION (or --halt)")
+        if sum([bool(args.machines), bool(args.os_tag), args.all]) != 1:
+            raise BadArguments("update: name the machines with one of --machines ID,..., --os-tag TAG or --all")
+        if args.os_tag is not None and args.os_tag not in BY_TAG:
+            raise BadArguments(f"--os-tag {shown(args.os_tag)}: not an OS tag of the support matrix")
+        if args.max_failures < 1:
+            raise BadArguments("--max-failures must be at least 1")
+        version, wave, timeout = parse_version(args.to), parse_wave(args.wave), parse_duration(args.wave_timeout)
+        selection = Selection(
+            all=args.all, os_tag=args.os_tag, machines=tuple(_host_ids(args.machines)) if args.machines else ()
+        )
+    storage = _storage(args, data)
+    try:
+        rollouts = Rollouts(storage)
+        now = time.time()
+        if args.halt:
+            rollout, members = rollouts.halt("halted by an operator (mobility-server update --halt)", now)
+        else:
+            published = _published(data)
+            rollout, members = rollouts.start(version, selection, wave, args.max_failures, timeout, published, now)
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps({**rollout.to_json(), "machines": [m.to_json() for m in members]}, indent=2))
+        return Exit.OK
+    _print_rollout(rollout, members)
+    return Exit.OK
+
+
+def cmd_updates(args: argparse.Namespace) -> int:
+    from server.rollouts import Rollouts
+
+    storage = _storage(args, _data(args))
+    try:
+        listing = Rollouts(storage).listing()
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps([{**r.to_json(), "machines": [m.to_json() for m in ms]} for r, ms in listing], indent=2))
+        return Exit.OK
+    if not listing:
+        print("no rollouts (start one with `mobility-server update --to VERSION --all`)")
+    for i, (rollout, members) in enumerate(listing):
+        if i:
+            print()
+        _print_rollout(rollout, members)
+    return Exit.OK
+
+
+def _print_rollout(rollout: Any, members: list[Any]) -> None:
+    counts: dict[str, int] = {}
+    for m in members:
+        counts[m.state] = counts.get(m.state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    print(
+        f"rollout {rollout.rollout_id}: {rollout.state}, to {rollout.to_version} for {rollout.selection.describe()}, "
+        f"wave {rollout.current_wave} of {rollout.waves} ({rollout.wave_size} per wave), "
+        f"at most {rollout.max_failures} failure(s), started {timefmt.shown(rollout.created_at)}"
+    )
+    print(f"  machines: {summary}")
+    if rollout.reason:
+        print(f"  {rollout.state}: {printable(rollout.reason, 2000)}")
+    cols = ["HOST_ID", "HOSTNAME", "WAVE", "FROM", "NOW", "HEALTH", "STATE", "JOB", "ERROR_ID", "DETAIL"]
+    rows = [
+        [
+            m.host_id,
+            m.hostname,
+            m.wave,
+            m.from_version,
+            m.agent_version,
+            m.health,
+            m.state,
+            m.job_state,
+            m.error_id,
+            (m.detail or "").splitlines()[0] if m.detail else None,
+        ]
+        for m in members
+    ]
+    _print_table(cols, rows)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from server.rollouts import Rollouts, parse_version
+
+    data = _data(args)
+    host_ids = _host_ids(",".join(args.host_ids))
+    version = parse_version(args.to) if args.command == "pin" and args.to else None
+    storage = _storage(args, data)
+    try:
+        rollouts = Rollouts(storage)
+        if args.command == "unpin":
+            machines = rollouts.unpin(host_ids)
+        else:
+            reason = printable(args.reason or "pinned by an operator", 200)
+            machines = rollouts.pin(host_ids, version, reason, _published(data) if version else set(), time.time())
+    finally:
+        storage.close()
+    rows = [{"host_id": m.host_id, "hostname": m.hostname, "agent_version": m.agent_version,
+             "pinned": m.pinned_version, "target_version": m.target_version, "pin_reason": m.pin_reason}
+            for m in machines]  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return Exit.OK
+    for r in rows:
+        what = f"pinned to {r['pinned']}" if r["pinned"] else "follows rollouts"
+        print(f"{r['host_id']} ({printable(str(r['hostname']), 100)}): runs {r['agent_version']}, {what}")
     return Exit.OK
 
 
@@ -451,6 +596,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("jobs", "list jobs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+
+    p = command("update", "roll an agent version out to machines in waves (or --halt the running rollout)")
+    p.add_argument("--to", metavar="VERSION", help="the version to roll out (its bundles must be published)")
+    p.add_argument("--machines", metavar="ID,...", help="these machines (host IDs, comma-separated)")
+    p.add_argument("--os-tag", metavar="TAG", help="every machine of this OS tag")
+    p.add_argument("--all", action="store_true", help="every machine")
+    p.add_argument("--wave", default="10%", metavar="N%|N", help="machines per wave: a share or a count (default 10%%)")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        metavar="N",
+        help="halt the rollout once this many machines failed (default 1)",
+    )
+    p.add_argument(
+        "--wave-timeout",
+        default="30m",
+        metavar="DURATION",
+        help="a machine not verified on the new version within this counts as failed (default 30m)",
+    )
+    p.add_argument("--halt", action="store_true", help="halt the running rollout (no wave is offered after)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_update)
+
+    p = command("updates", "list rollouts, newest first, with the state of each machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_updates)
+
+    p = command("pin", "keep machines at a version (default: the one each runs), out of rollouts")
+    p.add_argument("host_ids", nargs="+", metavar="HOST_ID")
+    p.add_argument("--to", metavar="VERSION", help="move them to this version and keep them there")
+    p.add_argument("--reason", metavar="TEXT", help="why (shown in `machines` and `updates`)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pin)
+
+    p = command("unpin", "let pinned machines follow rollouts again (after a rollback: once the cause is fixed)")
+    p.add_argument("host_ids", nargs="+", metavar="HOST_ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pin)
 
     p = command("push", "install and register the agent on hosts over SSH/SFTP")
     p.add_argument("--host", action="append", metavar="HOST[:PORT]", help="a host to push to (repeatable)")

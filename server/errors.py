@@ -384,3 +384,55 @@ class RepoWriteFailed(LocalSystemError):
         "permissions, disk errors in dmesg), then run the command again; the repository keeps its last complete "
         "publication."
     )
+
+
+# Rollouts and pins (server/rollouts.py, docs/updates.md) ------------------------------------------------------------
+
+
+class RolloutRunning(UsageError):
+    code = "ROLLOUT-RUNNING"
+    remediation = (
+        "One rollout runs at a time: follow it with `mobility-server updates`, or stop it with "
+        "`mobility-server update --halt`, then start the new one."
+    )
+
+
+class RolloutNotRunning(UsageError):
+    code = "ROLLOUT-NOT-RUNNING"
+    remediation = "There is no running rollout to halt; `mobility-server updates` lists the rollouts and their states."
+
+
+class RolloutNoBundle(UsageError):
+    code = "ROLLOUT-NO-BUNDLE"
+    remediation = (
+        "Publish that version's bundle for every OS tag named (`mobility-server repo add FILE`, or drop it into the "
+        "repository and run `mobility-server repo rescan`), then start the rollout or the pin again."
+    )
+
+
+class RolloutNoMachines(UsageError):
+    code = "ROLLOUT-NO-MACHINES"
+    remediation = (
+        "Select registered machines: --all, --os-tag TAG, or --machines with host IDs from `mobility-server machines`."
+    )
+
+
+class RolloutHalted(RemoteStateError):
+    """Not raised: the error ID of the upgrade job of a machine whose rollout halted before it began."""
+
+    code = "ROLLOUT-HALTED"
+    remediation = (
+        "Nothing changed on this machine: its rollout halted after too many failures elsewhere. See "
+        "`mobility-server updates` for the failing machines; start a new rollout once the version is fixed."
+    )
+
+
+class UpdateTimedOut(RemoteStateError):
+    """Not raised: the error ID of an upgrade job the machine did not finish within the rollout's --wave-timeout."""
+
+    code = "UPDATE-TIMED-OUT"
+    remediation = (
+        "The machine did not finish its upgrade (and show the new version, online and not critical) within the "
+        "rollout's --wave-timeout: check that it is online (`mobility-server machines`) and its "
+        "/var/log/mobility/install.log; it takes part in the next rollout that includes it."
+    )

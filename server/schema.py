@@ -36,6 +36,12 @@ machines = Table(
     Column("pending_public_key", Text),
     Column("key_id", Text),  # sha256 of the current key (SubjectPublicKeyInfo DER): an enrolment retried with it
     Column("revoked_at", Double),  # `mobility-server machines revoke`: every certificate of the host is refused
+    # Self-update (server/rollouts.py): the version the machine is told to run (a rollout's wave, a pin), the upgrade
+    # job it reports that move under, and a pin that keeps it at a version until an operator unpins it.
+    Column("target_version", Text),
+    Column("target_job", Text),
+    Column("pinned_version", Text),
+    Column("pin_reason", Text),
     Index("machines_by_machine_id", "machine_id"),
     Index("machines_by_enrol_token", "enrol_token_id"),
     Index("machines_by_key_id", "key_id"),
@@ -107,4 +113,40 @@ health_history = Table(
     Column("health", Text, nullable=False),
     Index("health_history_by_host", "host_id", "received_at"),
     Index("health_history_by_time", "received_at"),
+)
+
+# A rollout of a version to machines in waves (server/rollouts.py); its machines, one row each, with their wave.
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("rollout_id", Text, primary_key=True),
+    Column("to_version", Text, nullable=False),
+    Column("selection", Text, nullable=False),
+    Column("wave_size", Integer, nullable=False),
+    Column("waves", Integer, nullable=False),
+    Column("current_wave", Integer, nullable=False),
+    Column("max_failures", Integer, nullable=False),
+    Column("wave_timeout", Double, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("reason", Text),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Index("rollouts_by_state", "state"),
+    Index("rollouts_by_created", "created_at"),
+)
+
+rollout_machines = Table(
+    "rollout_machines",
+    metadata,
+    Column("rollout_id", Text, primary_key=True),
+    Column("host_id", Text, primary_key=True),
+    Column("wave", Integer, nullable=False),
+    Column("from_version", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("job_id", Text),
+    Column("error_id", Text),
+    Column("detail", Text),
+    Column("offered_at", Double),
+    Column("updated_at", Double, nullable=False),
+    Index("rollout_machines_by_wave", "rollout_id", "wave"),
 )

@@ -71,6 +71,10 @@ class Machine:
     pending_serial: str | None = None  # issued by a renewal, not presented yet
     pending_public_key: str | None = None
     revoked_at: float | None = None
+    target_version: str | None = None  # the version it is told to run (a rollout's wave, a pin); None: its own
+    target_job: str | None = None  # the upgrade job it reports that move under
+    pinned_version: str | None = None  # kept at this version (an operator's pin, or a rollback's) until unpinned
+    pin_reason: str | None = None
 
     def online(self, now: float) -> bool:
         """Offline after 3 missed heartbeat intervals."""
@@ -95,6 +99,9 @@ class Credential:
     pending_public_key: str | None
     revoked_at: float | None
     heartbeat_interval: float
+    target_version: str | None = None  # what its heartbeat answer names (server/rollouts.py)
+    target_job: str | None = None
+    pinned_version: str | None = None
 
     def verify(self, serial: str) -> bool:
         """Whether the certificate ``serial`` is good: True when it is the renewed one presented for the first time
@@ -267,6 +274,12 @@ class Storage:
             raise DatabaseUnavailable(_reason(e)) from e
 
     @contextmanager
+    def reading(self) -> Iterator[Tx]:
+        """One read-only transaction, for the server's modules that query the tables themselves (server/rollouts.py)."""
+        with self._read() as tx:
+            yield tx
+
+    @contextmanager
     def _read(self) -> Iterator[Tx]:
         try:
             with self.engine.connect() as conn, conn.begin():
@@ -340,6 +353,9 @@ class Storage:
                     machines.c.pending_public_key,
                     machines.c.revoked_at,
                     machines.c.heartbeat_interval,
+                    machines.c.target_version,
+                    machines.c.target_job,
+                    machines.c.pinned_version,
                 ).where(machines.c.host_id.in_(list(host_ids)))
             )
             return {r[0]: Credential(*r) for r in rows}
@@ -641,6 +657,10 @@ class Tx:
         row = self.conn.execute(select(machines).where(machines.c.host_id == host_id)).first()
         return _machine(row._mapping) if row else None
 
+    def all_machines(self) -> list[Machine]:
+        """Every machine, by host ID (an operator's command: a rollout's selection, never a request)."""
+        return [_machine(r._mapping) for r in self.conn.execute(select(machines).order_by(machines.c.host_id))]
+
     def machine_with_key(self, key: str) -> Machine | None:
         row = self.conn.execute(
             select(machines).where(machines.c.key_id == key).order_by(machines.c.enrolled_at.desc()).limit(1)
@@ -804,6 +824,10 @@ def _machine(row: RowMapping) -> Machine:
         pending_serial=row["pending_serial"],
         pending_public_key=row["pending_public_key"],
         revoked_at=row["revoked_at"],
+        target_version=row["target_version"],
+        target_job=row["target_job"],
+        pinned_version=row["pinned_version"],
+        pin_reason=row["pin_reason"],
     )
 
 

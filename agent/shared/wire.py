@@ -401,3 +401,31 @@ class JobReport:
             remediation=f.optional_text("remediation", 2000),
             detail=f.optional_text("detail", 4000, lines=True),
         )
+
+
+_DOTTED = re.compile(r"[0-9]+(?:\.[0-9]+){1,7}")
+
+
+@dataclass(frozen=True)
+class UpdateTarget:
+    """The version the server names for a machine: the ``update`` field of a heartbeat answer (absent: none).
+
+    ``job_id`` is the server's upgrade job for this machine (a rollout's or a pin's), under which the machine reports
+    its upgrade; ``pinned`` says the machine stays at ``version`` (an operator's pin, or a rollback's)."""
+
+    version: str
+    job_id: str | None = None
+    pinned: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "job_id": self.job_id, "pinned": self.pinned}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> UpdateTarget:
+        f = _Fields(doc, "update")
+        job_id = f.optional_text("job_id", 36)
+        return cls(
+            version=f.text("version", 32, pattern=_DOTTED),
+            job_id=_host_id(job_id, "update.job_id") if job_id is not None else None,
+            pinned=f.flag("pinned"),
+        )

@@ -42,12 +42,16 @@ class FakeLink:
         self.renewals = 0
         self.update_checks = 0
         self.clock = T0
+        self.update: object = None  # the heartbeat answer's "update" field (None: absent)
 
     def heartbeat(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.down:
             raise ServerUnreachable("cannot reach the configuration server: connection refused")
         self.beats.append((self.clock, body))
-        return {"interval": self.interval, "server_time": self.clock}
+        answer: dict[str, Any] = {"interval": self.interval, "server_time": self.clock}
+        if self.update is not None:
+            answer["update"] = self.update
+        return answer
 
     def renew(self) -> None:
         self.renewals += 1
@@ -301,3 +305,68 @@ def test_a_slow_update_check_never_stops_heartbeats_or_the_watchdog(paths: Paths
             break
         time.sleep(0.05)
     assert daemon.status.update_available == "0.3.0"
+
+
+JOB = "22222222-2222-4222-8222-222222222222"
+
+
+def test_the_target_the_server_names_is_recorded_and_handed_to_a_watcher(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import daemon as daemon_module
+    from agent.update_state import Target, load_target
+
+    started: list[tuple[str, list[str]]] = []
+
+    def start_updater(p: Paths, init: object, version: str, argv: list[str]) -> str:
+        started.append((version, argv))
+        return "started"
+
+    monkeypatch.setattr(daemon_module, "start_updater", start_updater)
+    record = {"os_tag": "DEBIAN12", "version": "0.1.0", "install_dir": "/usr/local/mobility"}
+    paths.agent_config.write_text(json.dumps(record))
+    link = FakeLink()
+    link.update = {"version": "0.1.1", "job_id": JOB, "pinned": False}
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 200)
+    target = load_target(paths)
+    assert target is not None and (target.version, target.job_id, target.pinned) == ("0.1.1", JOB, False)
+    # One watcher at a time, and no storm while none takes the update lock: at most one start per 3 heartbeats.
+    assert [v for v, _ in started] == ["0.1.0", "0.1.0"]
+    assert started[0][1][-3:] == ["upgrade", "--root", str(paths.root)]
+
+    # A hostile answer is ignored whole: the last good target stays, and nothing is started for it.
+    for hostile in ({"version": "../../x", "job_id": JOB}, {"version": "0.1.2", "job_id": "$(reboot)"}, "0.1.2"):
+        link.update = hostile
+        before = len(started)
+        run_for(daemon, link, 100, start=T0 + 300)
+        assert load_target(paths) == target and len(started) == before
+    # The server names nothing (a halted rollout withdrew it): nothing is kept.
+    link.update = None
+    run_for(daemon, link, 40, start=T0 + 400)
+    assert load_target(paths) is None
+    # A pin at the version it runs: recorded, nothing to start.
+    link.update = {"version": "0.1.0", "job_id": None, "pinned": True}
+    before = len(started)
+    run_for(daemon, link, 200, start=T0 + 500)
+    assert load_target(paths) == Target("0.1.0", None, True, load_target(paths).received)  # type: ignore[union-attr]
+    assert len(started) == before
+
+
+def test_under_a_health_gate_every_heartbeat_carries_a_fresh_report(paths: Paths) -> None:
+    """The watcher of an upgrade judges CRITICAL over two heartbeats: the version it judges reports at each one, not
+    only every health interval (60 s by default, longer than the gate's grace at a 10 s heartbeat)."""
+    from agent import __version__
+    from agent.update_state import Phase, UpgradeRecord, save_record
+
+    def report_times(link: FakeLink) -> list[float]:
+        return [body["health"]["time"] for _, body in link.beats]
+
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 181)
+    assert len(set(report_times(link))) < len(link.beats)  # two heartbeats per health interval share a report
+    save_record(paths, UpgradeRecord("0.0.9", __version__, JOB, Phase.WATCHING, T0))
+    link.beats.clear()
+    run_for(daemon, link, 181, start=T0 + 200)
+    assert len(set(report_times(link))) == len(link.beats) == 6

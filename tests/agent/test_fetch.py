@@ -141,14 +141,21 @@ class Agent:
         self.metadata_dir = tmp / "agent" / "tuf"
         self.dest_dir = tmp / "agent" / "bundles"
 
-    def fetch(self, os_tag: str = "UBUNTU-20.04") -> Path:
+    def fetch(self, os_tag: str = "UBUNTU-20.04", version: str | None = None) -> Path:
         return fetch_bundle(
-            self.server.base_url, self.ctx, self.root, self.metadata_dir, os_tag, self.dest_dir, timeout=5.0
+            self.server.base_url,
+            self.ctx,
+            self.root,
+            self.metadata_dir,
+            os_tag,
+            self.dest_dir,
+            version=version,
+            timeout=5.0,
         )
 
-    def refused(self, os_tag: str = "UBUNTU-20.04") -> MobilityError:
+    def refused(self, os_tag: str = "UBUNTU-20.04", version: str | None = None) -> MobilityError:
         with pytest.raises(MobilityError) as e:
-            self.fetch(os_tag)
+            self.fetch(os_tag, version)
         assert e.value.fix, "every error carries a remediation"
         return e.value
 
@@ -176,6 +183,17 @@ def test_fetches_and_verifies_the_newest_bundle_for_the_tag(agent: Agent, bundle
     assert inspect_bundle(path)[0].version == "0.10.0"
     assert [p.name for p in agent.dest_dir.iterdir()] == [path.name]  # no partial files left
     assert agent.fetch("RHEL7").read_bytes() == bundles["rhel"].read_bytes()
+
+
+def test_fetches_the_version_it_is_asked_for_older_or_newer(agent: Agent, bundles: dict[str, Path]) -> None:
+    """An upgrade (or a pin to an earlier version) fetches the version the server names, not the newest."""
+    path = agent.fetch(version="0.9.1")
+    assert path.read_bytes() == bundles["old"].read_bytes()
+    assert agent.fetch(version="0.10.0").read_bytes() == bundles["new"].read_bytes()
+    err = agent.refused(version="0.9.2")
+    assert err.code == "TUF-NO-BUNDLE"
+    assert "UBUNTU-20.04, version 0.9.2" in err.message
+    assert agent.refused("RHEL7", "0.9.1").code == "TUF-NO-BUNDLE"  # that version exists, but not for this tag
 
 
 def test_a_verified_bundle_is_not_downloaded_again(agent: Agent, bundles: dict[str, Path], server: RepoServer) -> None:

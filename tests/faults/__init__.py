@@ -6,9 +6,11 @@ PYTHONPATH that tests/conftest.py sets for the session).
 What a process does is read from its environment, which only the suite sets:
 
 - ``MOBILITY_TEST_FAULTS``: a JSON plan. ``{"kill": {"bootstrap.step": 3}}`` SIGKILLs the process the 3rd time it
-  reaches that fault point; ``{"grow": DIR}`` makes the daemon's ``daemon.tick`` take a request left in DIR/grow (a
-  number of MiB): it allocates and touches that much real memory, held until the process ends or re-executes
-  itself, then removes the request (the test waits for that).
+  reaches that fault point; ``{"kill_at": {"update.step": {"step": "linked"}}, "once": DIR}`` SIGKILLs it where the
+  point's context matches, once per DIR (a marker there says it happened: the processes that take over, which
+  inherit the plan, run through); ``{"grow": DIR}`` makes the daemon's ``daemon.tick`` take a request left in
+  DIR/grow (a number of MiB): it allocates and touches that much real memory, held until the process ends or
+  re-executes itself, then removes the request (the test waits for that).
 - ``MOBILITY_TEST_RECORD``: a directory; each process appends to ``<pid>.ids`` every error ID it raises (each once).
 """
 
@@ -33,6 +35,8 @@ _ERROR_LINE = re.compile(r"^error ([A-Z][A-Z0-9-]+): ", re.M)
 class Injector:
     def __init__(self, plan: Mapping[str, Any]) -> None:
         self.kill: dict[str, int] = dict(plan.get("kill", {}))
+        self.kill_at: dict[str, dict[str, object]] = dict(plan.get("kill_at", {}))
+        self.once = Path(plan["once"]) if plan.get("once") else None
         self.grow = Path(plan["grow"]) if plan.get("grow") else None
         self.seen: dict[str, int] = {}
         self.held: list[bytearray] = []  # the memory grown on request: real, resident, never freed
@@ -40,6 +44,15 @@ class Injector:
     def __call__(self, name: str, context: Mapping[str, object]) -> None:
         self.seen[name] = self.seen.get(name, 0) + 1
         if self.kill.get(name) == self.seen[name]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        where = self.kill_at.get(name)
+        if where is not None and all(context.get(k) == v for k, v in where.items()):
+            if self.once is not None:
+                marker = self.once / f"killed-{name}"
+                try:
+                    marker.touch(exist_ok=False)
+                except FileExistsError:
+                    return
             os.kill(os.getpid(), signal.SIGKILL)
         if name == "daemon.tick" and self.grow is not None:
             request = self.grow / "grow"

@@ -8,6 +8,7 @@ the host's own libc, never the frozen programs' loader variables or C library.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from agent.libc import find_libc, glibc_version_of
 from agent.paths import Paths
 from scripts.testlab import sshd_base_root
 from tests.conftest import REPO, require_root
+from tests.integration.fleet import bundle_of
 from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
 from tests.integration.serverproc import wait_for as poll
 
@@ -201,7 +203,7 @@ def test_template_boots_registers_and_runs_the_daemon(
     units = [
         f"/etc/systemd/system/{u}"
         for u in ("mobility.service", "mobility-bootstrap.service", "mobility-bootstrap.timer")
-    ]
+    ] + ["mobility-upgrade@0.1.0.service"]  # the upgrade watcher's template, as the instance the agent starts
     r = subprocess.run(
         ["systemd-analyze", "verify", f"--root={root}", *units], capture_output=True, text=True, timeout=60, check=False
     )
@@ -253,3 +255,94 @@ def test_boot_with_the_server_down_then_the_timer_converges(
             up.stop()
     finally:
         vm.stop()
+
+
+def unit_pids(unit: str) -> list[int]:
+    """The processes in the cgroup of ``unit`` (of the container's systemd: its cgroups are under this host's)."""
+    found = []
+    for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
+        try:
+            if f"/{unit}" in cgroup.read_text():
+                found.append(int(cgroup.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_back(
+    systemd_root: Path, releases: dict[str, Path], tmp_path: Path
+) -> None:
+    """Real systemd: the daemon hands the upgrade to its own unit, mobility-upgrade@<version>.service, which
+    restarts mobility.service into the new version and watches it. A version that crashes at start is rolled back
+    even though its watcher is killed (kill -9) in the health window: systemd starts the watcher again, which takes
+    the upgrade over; while it runs, the watcher is wanted at boot. The next boot has nothing to do."""
+    server = start_server(tmp_path / "data", heartbeat_interval=1.0)
+    vm: Container | None = None
+    try:
+
+        def publish(version: str) -> None:
+            server_cli(server.data, "repo", "add", str(bundle_of(releases, version)), check=True)
+
+        def rollout(*args: str) -> dict[str, Any]:
+            r = server_cli(server.data, *args, "--json")
+            assert r.returncode == 0, r.stderr
+            return dict(json.loads(r.stdout)[0] if args[0] == "updates" else json.loads(r.stdout))
+
+        def daemon_runs(version: str) -> bool:
+            pids = unit_pids("mobility.service")
+            if len(pids) != 1:
+                return False
+            maps = mapped_libcs(Path(f"/proc/{pids[0]}/maps").read_text())
+            return bool(maps) and all(f"/usr/local/mobility/versions/{version}/" in p for p in maps)
+
+        publish("0.1.0")
+        root = bake(systemd_root, tmp_path / "vm", releases["0.1.0"], server, "e5" * 16)
+        (root / "etc/mobility/mobility.conf").write_text(
+            json.dumps({"health_seconds": 1, "update_window_seconds": 30, "update_settle_seconds": 3})
+        )
+        vm = Container(root)
+        wait_for("the install", lambda: [j for j in server.jobs() if j["state"] == "succeeded"])
+        wait_for("the daemon", lambda: vm is not None and vm.daemon().get("heartbeats_sent", 0) >= 2)
+
+        def record() -> dict[str, Any]:
+            try:
+                return dict(json.loads((root / "var/lib/mobility/update.json").read_text()))
+            except (OSError, ValueError):
+                return {}
+
+        publish("0.1.1")
+        rollout("update", "--to", "0.1.1", "--all")
+        wait_for("the rollout", lambda: rollout("updates")["state"] == "completed")
+        wait_for("0.1.1 in mobility.service", lambda: daemon_runs("0.1.1"), timeout=30)
+        assert "restarted the daemon into 0.1.1 (systemd)" in (root / "var/log/mobility/install.log").read_text()
+        assert "Started" in vm.journal("mobility-upgrade@0.1.0.service")
+
+        publish("0.1.2")
+        rollout("update", "--to", "0.1.2", "--all")
+        wants = root / "etc/systemd/system/multi-user.target.wants/mobility-upgrade@0.1.1.service"
+        wait_for("the health window", lambda: record().get("to_version") == "0.1.2" and record()["phase"] == "watching")
+        assert wants.is_symlink()  # a power cut now would start the watcher at boot
+        (watcher,) = wait_for("the watcher", lambda: unit_pids("mobility-upgrade@0.1.1.service"))
+        os.kill(watcher, signal.SIGKILL)
+        halted = wait_for("the rollback", lambda: (r := rollout("updates"))["state"] == "halted" and r, timeout=120)
+        (member,) = halted["machines"]
+        assert (member["state"], member["error_id"]) == ("failed", "UPDATE-CRASHED")
+        assert record()["resumes"] >= 1 and record()["outcome"]["error_id"] == "UPDATE-CRASHED"
+        wait_for("0.1.1 again in mobility.service", lambda: daemon_runs("0.1.1"), timeout=30)
+        assert not wants.exists()
+        assert (root / "usr/local/mobility/current").readlink() == Path("versions/0.1.1")
+        vm.stop()
+        vm = None
+
+        # The next boot: the bootstrapper finds the version the server names (0.1.1, pinned after the rollback)
+        # installed, and does nothing; the daemon runs 0.1.1.
+        log_before = (root / "var/log/mobility/install.log").read_text()
+        vm = Container(root)
+        booted = vm
+        wait_for("the bootstrap unit to finish", lambda: "current:" in booted.journal("mobility-bootstrap.service"))
+        wait_for("0.1.1 after the boot", lambda: daemon_runs("0.1.1"), timeout=60)
+        assert "bootstrap [" not in (root / "var/log/mobility/install.log").read_text()[len(log_before) :]
+    finally:
+        if vm is not None:
+            vm.stop()
+        server.stop()

@@ -24,6 +24,7 @@ FILES: Mapping[str, bytes] = {
     "units/mobility.service": UNIT_TEXT,
     "units/mobility-bootstrap.service": b"[Service]\nExecStart=/usr/local/mobility/current/mobility/mobility boot\n",
     "units/mobility-bootstrap.timer": b"[Timer]\nOnBootSec=5min\n",
+    "units/mobility-upgrade@.service": b"[Service]\nExecStart=/usr/local/mobility/versions/%i/mobility/mobility up\n",
 }
 EXECUTABLE = frozenset({"install", "mobility/mobility"})
 

@@ -35,6 +35,7 @@ COMMANDS: dict[str, list[str]] = {
     "diagnostics": ["-o", "{out}"],
     "bootstrap": ["-i", "127.0.0.1:1", "-P", "/etc/mobility/passphrase", "--retry-for", "0"],
     "template-prep": [],
+    "upgrade": [],
     "freeze-provider": ["install"],
     "uninstall": ["-Y"],
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bootstrap import _unpack
+from agent.bootstrap import unpack
 from agent.paths import Paths
 from tests.bundle_factory import make_bundle
 from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
@@ -117,7 +117,7 @@ def test_unpacking_a_fetched_bundle_stays_inside_the_root(tmp_path: Path) -> Non
     root, host = hostile_root(tmp_path)
     before = snapshot(host)
     tarball = make_bundle(tmp_path / "dl", os_tag="DEBIAN12", files=FILES)
-    staging = _unpack(Paths(root), tarball)
+    staging = unpack(Paths(root), tarball)
     assert staging == inside(root, host, "var/lib/mobility/staging/0.1.0")
     assert (staging / "units/mobility.service").is_file()
     assert snapshot(host) == before

@@ -27,7 +27,21 @@ HERE = Path(__file__).parent
 PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
     **{
         (command, "--data"): ["test_server_commands.py::test_data_directories_that_are_not_one"]
-        for command in ("init", "upgrade", "serve", "passphrase", "token", "machines", "jobs", "push", "repo")
+        for command in (
+            "init",
+            "upgrade",
+            "serve",
+            "passphrase",
+            "token",
+            "machines",
+            "jobs",
+            "push",
+            "repo",
+            "update",
+            "updates",
+            "pin",
+            "unpin",
+        )
     },
     ("push", "--key"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("push", "--password-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
@@ -149,6 +163,10 @@ def test_data_directories_that_are_not_one(tmp_path: Path) -> None:
         ("token", "create", "--ttl", "1h"),
         ("repo", "list"),
         ("push", "--host", "h", "--key", "k"),
+        ("update", "--to", "0.1.1", "--all"),
+        ("updates",),
+        ("pin", "11111111-1111-4111-8111-111111111111"),
+        ("unpin", "11111111-1111-4111-8111-111111111111"),
     ):
         for where in (tmp_path / "missing", afile, Path("/dev/null")):
             r = server_cli(where, *command)

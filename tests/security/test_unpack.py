@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bootstrap import _unpack
+from agent.bootstrap import unpack
 from agent.paths import Paths
 from tests.bundle_factory import make_bundle
 from tests.conftest import REPO
@@ -39,7 +39,7 @@ def test_unpacked_files_belong_to_the_agent_not_to_the_archive(tmp_path: Path) -
         edit_manifest=lambda doc: doc["files"].update({rel: sha256(data) for rel, data in extra.items()}),
         extra=owned_by_someone_else,
     )
-    staging = _unpack(Paths(root), tarball)
+    staging = unpack(Paths(root), tarball)
     for rel in ("owned", "lib/setid", "units/mobility.service"):
         st = (staging / rel).stat()
         assert (st.st_uid, st.st_gid) == (0, 0), rel
