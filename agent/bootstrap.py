@@ -6,39 +6,40 @@ register, start the daemon, and report the job to the server (`succeeded`, `succ
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
-import os
-import shutil
-import signal
+import functools
 import sys
 import tarfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from agent import __version__
+from agent.backoff import with_backoff
 from agent.bundles import inspect_bundle, version_key
-from agent.distros import detect_os
+from agent.distros import detect_os, require_supported
 from agent.errors import (
     BootstrapConfigInvalid,
+    InstallDirInvalid,
     InstallFailed,
-    IoFailed,
-    MobilityError,
+    RemoteBusy,
     ServerUnreachable,
-    TufFetchFailed,
+    TufNoBundle,
 )
-from agent.fsutil import atomic_write
-from agent.identity import collect_facts, load_registration
+from agent.faults import fault_point
+from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
+from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
+from agent.installed import InstallRecord, load_install_record
+from agent.lastjob import load_last_job, save_last_job
 from agent.paths import Paths
 from agent.services import start_daemon
-
-T = TypeVar("T")
-BACKOFF_START, BACKOFF_CAP = 1.0, 30.0
+from agent.shared.errors import BundleRefused, FreezeNotReady, IoFailed, MobilityError
+from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
+from agent.shared.wire import JobReport
+from agent.update_state import declined, load_record, load_target, unfinished, updater_running
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class BootstrapSettings:
     server: str
     passphrase_file: str
     fingerprint: str | None = None
-    install_dir: str = "/usr/local/mobility"
+    install_dir: InstallDir = DEFAULT_INSTALL_DIR
     role: str = "MS"
     platform: str = "VmWare"
     retry_for: float = 120.0  # total time to keep trying an unreachable server before exit 75
@@ -70,11 +71,32 @@ def parse_bootstrap_conf(text: str, source: str) -> dict[str, str]:
     return found
 
 
+MAX_BOOTSTRAP_CONF = 64 * 1024  # a few lines
+
+
+def read_bootstrap_conf(paths: Paths) -> str:
+    """The text of bootstrap.conf: a small regular text file (a FIFO, a device or a huge file is refused)."""
+    try:
+        _, data = read_small_file(paths.bootstrap_conf, MAX_BOOTSTRAP_CONF)
+        return data.decode()
+    except (OSError, NotSmallRegularFile, UnicodeDecodeError) as e:
+        raise BootstrapConfigInvalid(f"{paths.bootstrap_conf}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def passphrase_path(paths: Paths, value: str) -> Path:
+    """Where ``passphrase_file`` is: an absolute one is a file of the root image, read as its chroot would."""
+    if not Path(value).is_absolute() or paths.root == paths.root.parent:
+        return Path(value)
+    return paths.resolve(value)
+
+
 def merged_settings(paths: Paths, flags: dict[str, Any]) -> BootstrapSettings:
     """bootstrap.conf, then the flags given on the command line (flags win)."""
     conf: dict[str, Any] = {}
     if paths.bootstrap_conf.exists():
-        conf = dict(parse_bootstrap_conf(paths.bootstrap_conf.read_text(), str(paths.bootstrap_conf)))
+        conf = dict(parse_bootstrap_conf(read_bootstrap_conf(paths), str(paths.bootstrap_conf)))
+        if "install_dir" in conf:  # input like -d (which the command line parsed already)
+            conf["install_dir"] = parse_install_dir(conf["install_dir"], f"install_dir in {paths.bootstrap_conf}")
     conf.update({k: v for k, v in flags.items() if v is not None})
     missing = [k for k in ("server", "passphrase_file") if not conf.get(k)]
     if missing:
@@ -102,89 +124,87 @@ class Progress:
         self.paths, self.total, self.n = paths, total, 0
         self.tty = sys.stderr.isatty()
 
-    kill_at: int | None = None  # tests: SIGKILL this process when step N begins (`--test-kill-at N`)
-
     def step(self, title: str) -> None:
         self.n += 1
-        if self.kill_at == self.n:
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault_point("bootstrap.step", step=self.n, title=title)  # the crash tests kill the process here
         log(self.paths, f"bootstrap [{self.n}/{self.total}] {title}")
         if self.tty:
             print(f"[{self.n}/{self.total}] {title}", file=sys.stderr, flush=True)
 
 
 def is_current(paths: Paths) -> bool:
-    """Installed at this bootstrapper's version or newer, registered, the identity is this machine's, and the
-    last bootstrap ran to its end (a run killed before it started the daemon and reported its job is not)."""
+    """Installed, registered, the identity is this machine's, the last bootstrap ran to its end (a run killed before
+    it started the daemon and reported its job is not), and at the right version: the one the server last named for
+    this machine (target.json, no network needed), or without one this bootstrapper's version or newer. An upgrade
+    left unfinished with no watcher running is not current either (the watcher is started again)."""
+    installed = _installed_here(paths)
+    return installed is not None and not _upgrade_due(paths, installed)
+
+
+def _installed_here(paths: Paths) -> InstallRecord | None:
+    """The install record when the agent is installed, registered as this machine, and its last bootstrap ended."""
+    installed, last_job = load_install_record(paths), load_last_job(paths)
+    if installed is None or last_job is None or not last_job.ended_well or not isinstance(installed.install_dir, str):
+        return None
     try:
-        installed = json.loads(paths.agent_config.read_text())
-        last_job = json.loads(paths.last_job.read_text())
-    except (OSError, ValueError):
-        return False
-    if last_job.get("state") not in ("succeeded", "succeeded with warnings"):
-        return False
-    current = paths.install_dir(installed.get("install_dir")) / "current"
+        current = paths.install_dir(parse_install_dir(installed.install_dir, "agent.json")) / "current"
+    except InstallDirInvalid:
+        return None
     reg = load_registration(paths)
-    return (
-        version_key(str(installed.get("version", "0"))) >= version_key(__version__)
-        and (current / ".complete").exists()
+    if (
+        (current / ".complete").exists()
         and reg is not None
         and paths.client_cert.exists()
         and reg.facts == collect_facts(paths)
-    )
+    ):
+        return installed
+    return None
 
 
-def with_backoff(
-    what: str,
-    action: Callable[[], T],
-    retry_for: float,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> T:
-    """``action`` retried on temporary failures with capped exponential backoff, within ``retry_for`` seconds."""
-    deadline = clock() + retry_for
-    delay = BACKOFF_START
-    while True:
-        try:
-            return action()
-        except (ServerUnreachable, TufFetchFailed) as e:
-            left = deadline - clock()
-            if left <= 0:
-                raise type(e)(f"{e.message} (gave up {what} after {retry_for:.0f} s; a later run will retry)") from e
-            sleep(min(delay, left))
-            delay = min(delay * 2, BACKOFF_CAP)
+def _upgrade_due(paths: Paths, installed: InstallRecord) -> bool:
+    """Whether the installed version is not the one to run: the server names a newer one this machine has not
+    declined, an upgrade is unfinished without its watcher, or (no target known) this bootstrapper is newer."""
+    record = load_record(paths)
+    if unfinished(record):
+        return not updater_running(paths)
+    target = load_target(paths)
+    running = version_key(installed.version or "0")
+    if target is None:
+        return running < version_key(__version__)
+    return target.job_id is not None and version_key(target.version) > running and not declined(record, target)
 
 
 def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    from agent.registration import read_secret_file
-    from agent.transport import parse_address, parse_fingerprint
-
-    os_info = detect_os(paths)
+    os_info = require_supported(detect_os(paths))
     if is_current(paths) and settings.job_id is None:
         return Outcome(
             "current",
             "installed, registered, current and this machine's: nothing to do",
             (reg.host_id if (reg := load_registration(paths)) else None),
         )
+    installed = _installed_here(paths)
+    if installed is not None and settings.job_id is None and load_target(paths) is not None:
+        return _upgrade_at_boot(paths, installed)
+    # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
+    from agent.shared.address import parse_address
+    from agent.shared.secretfile import read_secret_file
+    from agent.transport import parse_fingerprint
+
     parse_address(settings.server)
     pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
-    secret = read_secret_file(
-        Path(settings.passphrase_file)
-        if not Path(settings.passphrase_file).is_absolute() or paths.root == paths.root.parent
-        else paths(settings.passphrase_file)
+    secret = read_secret_file(passphrase_path(paths, settings.passphrase_file))
+    job = JobReport(
+        kind=_job_kind(paths),
+        state="running",
+        hostname=machine_hostname(paths),
+        job_id=settings.job_id or str(uuid.uuid4()),
     )
-    job: dict[str, Any] = {
-        "job_id": settings.job_id or str(uuid.uuid4()),
-        "hostname": _hostname(paths),
-        "state": "running",
-        "kind": _job_kind(paths),
-    }
     if is_current(paths):  # a push to a machine that has everything: its job still ends, under its own identity
         reg = load_registration(paths)
         message = "installed, registered, current and this machine's: nothing to do"
-        job.update(state="succeeded", host_id=reg.host_id if reg else None, detail=message)
+        job = replace(job, state="succeeded", host_id=reg.host_id if reg else None, detail=message)
         _report(paths, job, settings, secret, pinned)
-        return Outcome("current", message, job["host_id"], job["job_id"])
+        return Outcome("current", message, job.host_id, job.job_id)
     try:
         try:
             with install_lock(paths):
@@ -192,8 +212,13 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
         except OSError as e:  # a disk or file problem below: the job still ends `failed`, with an ID
             raise IoFailed.from_os_error(e) from e
     except MobilityError as e:
-        job.update(state="failed", error_id=e.id, remediation=e.fix, detail=e.message[:2000])
-        _report(paths, job, settings, secret, pinned)
+        _report(
+            paths,
+            replace(job, state="failed", error_id=e.id, remediation=e.fix, detail=e.message[:2000]),
+            settings,
+            secret,
+            pinned,
+        )
         raise
 
 
@@ -203,12 +228,13 @@ def _run(
     os_tag: str,
     pinned: str | None,
     secret: str,
-    job: dict[str, Any],
+    job: JobReport,
     sleep: Callable[[float], None],
 ) -> Outcome:
     from agent.fetch import fetch_bundle
     from agent.registration import configure, trusted_ca
-    from agent.transport import Client, parse_address
+    from agent.shared.address import parse_address
+    from agent.transport import Client
 
     progress = Progress(paths, 6)
     server = parse_address(s.server)
@@ -229,25 +255,25 @@ def _run(
             atomic_write(root_json, body)
         if s.bundle is None:
             progress.step(f"fetch and verify the {os_tag} bundle")
-            downloads = paths.state_dir / "downloads"
-            bundle = with_backoff(
-                "downloading the bundle",
-                lambda: fetch_bundle(
-                    f"https://{server}",
-                    client.context,
-                    root_json.read_bytes(),
-                    paths.tuf_dir / "metadata",
-                    os_tag,
-                    downloads,
-                ),
-                s.retry_for,
-                sleep,
-            )
+            downloads = paths.downloads_dir
+
+            def fetch() -> Path:
+                # The template's own version when the repository has it: a version published but not rolled out
+                # yet never reaches a fresh clone first (the server moves machines on, in waves). Else the newest.
+                fetch_one = functools.partial(
+                    fetch_bundle, f"https://{server}", client.context, root_json.read_bytes(), paths.tuf_metadata_dir
+                )
+                try:
+                    return fetch_one(os_tag, downloads, version=__version__)
+                except TufNoBundle:
+                    return fetch_one(os_tag, downloads)
+
+            bundle = with_backoff("downloading the bundle", fetch, s.retry_for, sleep)
     finally:
         client.close()
     if s.bundle is None:
         progress.step("unpack")
-        staging = _unpack(paths, bundle)
+        staging = unpack(paths, bundle)
     else:  # copied by the server (push install); its files are checked against bundle.json by install()
         progress.step(f"take the bundle the server copied to {s.bundle}")
         progress.step("unpack: already unpacked")
@@ -255,9 +281,12 @@ def _run(
     progress.step("check prerequisites and install")
     installed = install(paths, staging, s.install_dir, s.role, s.platform)
     if s.bundle is None:  # the staging copy is ours; a copied bundle is its caller's to remove
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove(staging)
     progress.step("register")
-    enrolled = configure(paths, s.server, secret, pinned, s.role, s.platform, os_tag)
+    enrolled = configure(
+        paths, s.server, secret, pinned, s.role, s.platform, os_tag, retry_for=s.retry_for, sleep=sleep
+    )
     progress.step("start the daemon")
     started = start_daemon(paths, installed.init)
     log(paths, f"bootstrap: {started}")
@@ -269,64 +298,96 @@ def _run(
     state = "succeeded with warnings" if warnings else "succeeded"
     clone = f", a clone of {enrolled.registration.cloned_from}" if enrolled.registration.cloned_from else ""
     message = f"Mobility {installed.version} installed and registered as {enrolled.registration.host_id}{clone}"
-    job.update(
+    job = replace(
+        job,
         state=state,
         host_id=enrolled.registration.host_id,
-        error_id="FREEZE-NOT-READY" if warnings else None,
-        remediation="Run `mobility freeze-provider install`." if warnings else None,
+        error_id=FreezeNotReady.code if warnings else None,
+        remediation=FreezeNotReady.remediation if warnings else None,
         detail="; ".join([message, *warnings]),
     )
     _report(paths, job, s, secret, pinned)
-    return Outcome(state, "; ".join([message, *warnings]), enrolled.registration.host_id, job["job_id"])
+    return Outcome(state, "; ".join([message, *warnings]), enrolled.registration.host_id, job.job_id)
 
 
-def _unpack(paths: Paths, bundle: Path) -> Path:
+def _upgrade_at_boot(paths: Paths, installed: InstallRecord) -> Outcome:
+    """The agent is installed and registered, but the server named a newer version (or an upgrade was left
+    unfinished): the upgrade goes through the same watcher and health gate as the daemon's. On this machine the
+    watcher is started (as the installed version's program); under --root, where nothing is started on the host,
+    the new version is fetched and placed beside the installed one, and the watcher switches to it when the
+    daemon of that root starts."""
+    from agent.services import init_of, start_updater, updater_argv
+
+    reg = load_registration(paths)
+    host_id = reg.host_id if reg else None
+    record = load_record(paths)
+    target = load_target(paths)
+    wanted = record.to_version if unfinished(record) and record else (target.version if target else "?")
+    if paths.root == paths.root.parent:
+        version = record.from_version if unfinished(record) and record else (installed.version or "")
+        started = start_updater(paths, init_of(installed.os_tag), version, updater_argv(paths, version))
+        log(paths, f"bootstrap: upgrade to {wanted}: {started}")
+        return Outcome("upgrading", f"mobility {wanted} is due: {started}", host_id)
+    from agent.update_state import Phase, update_lock
+    from agent.updater import Updater
+
+    with update_lock(paths):
+        result = Updater(paths, time.sleep).run(stop_before=Phase.SWITCHING)
+    log(paths, f"bootstrap: upgrade to {wanted}: {result.state}: {result.message}")
+    if result.state in ("failed", "postponed"):
+        return Outcome("upgrading", f"mobility {wanted}: {result.state}: {result.message}", host_id)
+    return Outcome(
+        "upgrading",
+        f"mobility {wanted} placed beside {installed.version}: its watcher switches to it when the agent starts",
+        host_id,
+    )
+
+
+def unpack(paths: Paths, bundle: Path) -> Path:
+    """The verified bundle archive unpacked into the staging directory (removed again if that fails)."""
     name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
-    staging = paths.state_dir / "staging" / name.version
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = paths.staging_dir / name.version
     try:
+        remove(staging)
+        staging.mkdir(parents=True)
         with tarfile.open(bundle) as tar:
-            tar.extractall(staging, filter="tar")
+            # "data": no owners, devices, set-id bits or links out of the directory, whatever the archive says
+            tar.extractall(staging, filter="data")
+    except tarfile.FilterError as e:
+        with contextlib.suppress(OSError):
+            remove(staging)
+        raise BundleRefused(f"{bundle.name}: {e}") from e
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves nothing half-unpacked behind
+        with contextlib.suppress(OSError):
+            remove(staging)  # a full disk leaves nothing half-unpacked behind
         raise InstallFailed(f"unpacking {bundle.name} failed: {e.strerror or e}") from e
     return staging
 
 
-def _report(paths: Paths, job: dict[str, Any], s: BootstrapSettings, secret: str, pinned: str | None) -> None:
+def _report(paths: Paths, job: JobReport, s: BootstrapSettings, secret: str, pinned: str | None) -> None:
     """Tell the server (mutual TLS once registered, else a proof of the secret) and keep a local copy."""
     from agent.registration import report_job
 
-    job["reported"] = dt.datetime.now(dt.UTC).isoformat()
     with contextlib.suppress(OSError):
-        atomic_write(paths.last_job, json.dumps(job, indent=2).encode())
-    body = {
-        k: v
-        for k, v in job.items()
-        if k in ("job_id", "host_id", "hostname", "kind", "state", "error_id", "remediation", "detail")
-    }
+        save_last_job(paths, job, time.time())
     try:
-        report_job(paths, body, s.server, secret, pinned)
+        # A boot storm's 503s are waited out (with jitter) for a while; an unreachable server is not (the run that
+        # failed to reach it has waited already); the local copy stays either way.
+        with_backoff(
+            "reporting the job",
+            lambda: report_job(paths, job.to_json(), s.server, secret, pinned),
+            60.0,
+            retried=(RemoteBusy,),
+        )
     except MobilityError as e:
-        log(paths, f"could not report job {job['job_id']} to the server: {e.id}: {e.message}")
+        log(paths, f"could not report job {job.job_id} to the server: {e.id}: {e.message}")
 
 
 def _job_kind(paths: Paths) -> str:
-    try:
-        installed = json.loads(paths.agent_config.read_text())
-    except (OSError, ValueError):
+    installed = load_install_record(paths)
+    if installed is None:
         return "install"
-    return "upgrade" if version_key(str(installed.get("version", "0"))) < version_key(__version__) else "configure"
+    return "upgrade" if version_key(installed.version or "0") < version_key(__version__) else "configure"
 
 
-def _hostname(paths: Paths) -> str:
-    import socket
-
-    if paths.root != paths.root.parent:
-        with contextlib.suppress(OSError):
-            return paths("/etc/hostname").read_text().strip() or socket.gethostname()
-    return socket.gethostname()
-
-
-__all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "merged_settings"]
+__all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "merged_settings", "with_backoff"]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.distros.matrix import BY_TAG, SUPPORTED_ARCHES, Init
-from agent.errors import BundleRefused
-from agent.fsutil import sha256_stream
+from agent.shared.errors import BundleRefused
+from agent.shared.fsutil import sha256_stream
+from agent.shared.textsafe import shown
 from agent.targuard import GuardedStream, TarGuard, TarLimits
-from agent.textsafe import shown
 
 MANIFEST_NAME = "bundle.json"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -41,7 +41,8 @@ _NAME = re.compile(
 )
 _VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_MANIFEST_KEYS = frozenset({"os_tag", "version", "arch", "init", "glibc_floor", "files"})
+_MANIFEST_KEYS = frozenset({"os_tag", "version", "arch", "init", "kernel_floor", "runtime_glibc", "files"})
+_KERNEL = re.compile(r"[0-9]+\.[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class Manifest:
     version: str
     arch: str
     init: Init
-    glibc_floor: str
+    kernel_floor: str  # the oldest kernel the bundled C library runs on ("3.2")
+    runtime_glibc: str  # the glibc release bundled with the frozen agent (informational: the host's is not used)
     files: dict[str, str]  # relative path -> sha256 hex; bundle.json itself is not listed
 
 
@@ -156,9 +158,12 @@ def parse_manifest(data: bytes) -> Manifest:
         raise BundleRefused(
             f"{MANIFEST_NAME}: init {shown(init_name)} is wrong for {os_tag}, which uses {BY_TAG[os_tag].init}"
         )
-    glibc_floor = _require_str(doc, "glibc_floor")
-    if not _VERSION.fullmatch(glibc_floor):
-        raise BundleRefused(f"{MANIFEST_NAME}: glibc_floor {shown(glibc_floor)} is not a version like 2.17")
+    kernel_floor = _require_str(doc, "kernel_floor")
+    if not _KERNEL.fullmatch(kernel_floor):
+        raise BundleRefused(f"{MANIFEST_NAME}: kernel_floor {shown(kernel_floor)} is not a kernel version like 3.2")
+    runtime_glibc = _require_str(doc, "runtime_glibc")
+    if not _VERSION.fullmatch(runtime_glibc):
+        raise BundleRefused(f"{MANIFEST_NAME}: runtime_glibc {shown(runtime_glibc)} is not a version like 2.36")
     files = doc["files"]
     if not isinstance(files, dict):
         raise BundleRefused(f"{MANIFEST_NAME}: files must be an object of path -> sha256")
@@ -172,7 +177,7 @@ def parse_manifest(data: bytes) -> Manifest:
         if norm in checked:
             raise BundleRefused(f"{MANIFEST_NAME}: file {shown(path)} is listed twice")
         checked[norm] = digest
-    return Manifest(os_tag, version, arch, init, glibc_floor, checked)
+    return Manifest(os_tag, version, arch, init, kernel_floor, runtime_glibc, checked)
 
 
 def _link_escapes(link: str, links: dict[str, str]) -> bool:

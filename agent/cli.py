@@ -3,39 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import logging
-import logging.handlers
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from agent import __version__
 from agent.checks import Status, render, run_checks
-from agent.distros import detect_os
-from agent.errors import (
-    BadArguments,
-    ConfirmationRequired,
-    Exit,
-    IoFailed,
-    MobilityError,
-    PrerequisitesFailed,
-    RootRequired,
-)
+from agent.distros import detect_os, require_supported
+from agent.errors import AgentNotInstalled, ConfirmationRequired, PrerequisitesFailed, RootRequired
+from agent.install_dir import parse_install_dir
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
-from agent.wire import PLATFORMS, ROLES
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that raises a MobilityError (exit 2) instead of printing and exiting itself."""
-
-    def error(self, message: str) -> NoReturn:
-        raise BadArguments(f"{self.prog}: {message}")
+from agent.shared import timefmt
+from agent.shared.cli import Parser, report_error, run
+from agent.shared.errors import BadArguments, Exit, MobilityError
+from agent.shared.wire import PLATFORMS, ROLES
 
 
 def _emit(args: argparse.Namespace, data: object, text: str) -> None:
@@ -44,13 +29,20 @@ def _emit(args: argparse.Namespace, data: object, text: str) -> None:
 
 def cmd_detect_os(args: argparse.Namespace) -> int:
     info = detect_os(Paths.checked(args.root))
+    try:
+        require_supported(info)
+    except MobilityError as e:
+        # A refused tag is still named (stdout, as for any tag), then refused like an unsupported system (exit 3).
+        _emit(args, {**info.to_json(), "error": e.to_json()}, info.os_tag)
+        print(e.diagnostics(), file=sys.stderr)
+        return int(e.exit_code)
     _emit(args, info.to_json(), info.os_tag)
     return Exit.OK
 
 
 def cmd_prereq(args: argparse.Namespace) -> int:
     paths = Paths.checked(args.root)
-    report = run_checks(prerequisite_checks(paths, args.install_dir, args.glibc_floor))
+    report = run_checks(prerequisite_checks(paths, args.install_dir, args.kernel_floor))
     data = {
         "ok": not report.failed,
         "worst": report.worst.value,
@@ -60,12 +52,13 @@ def cmd_prereq(args: argparse.Namespace) -> int:
     if report.failed:
         failed = ", ".join(r.id for r in report.results if r.status is Status.FAIL)
         # The report (JSON or table) is already on stdout: only the one-line error goes to stderr.
-        return _report_error(PrerequisitesFailed(f"prerequisite checks failed: {failed}"), json_out=False)
+        return report_error(PrerequisitesFailed(f"prerequisite checks failed: {failed}"), json_out=False)
     return Exit.OK
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
-    from agent.registration import configure, read_secret_file
+    from agent.registration import configure
+    from agent.shared.secretfile import read_secret_file
     from agent.transport import parse_fingerprint
 
     paths = Paths.checked(args.root)
@@ -134,8 +127,10 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     if not args.yes:
         raise ConfirmationRequired("uninstall removes the agent, its registration, state and logs")
-    removed = uninstall(Paths.checked(args.root))
-    _emit(args, {"removed": removed}, "removed " + (", ".join(removed) if removed else "nothing (not installed)"))
+    done = uninstall(Paths.checked(args.root))
+    text = "removed " + (", ".join(done.removed) if done.removed else "nothing (not installed)")
+    text += "".join(f"\n{note}" for note in done.kept)
+    _emit(args, {"removed": done.removed, "kept": done.kept}, text)
     return Exit.OK
 
 
@@ -143,12 +138,6 @@ def _require_root(args: argparse.Namespace) -> Paths:
     if os.geteuid() != 0:
         raise RootRequired(f"`mobility {args.command}` reads the agent's private state")
     return Paths.checked(args.root)
-
-
-def _stamp(t: object) -> str:
-    if not isinstance(t, (int, float)):
-        return "never"
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -170,9 +159,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _daemon_logging(paths: Paths) -> None:
     """stdout for the journal, and /var/log/mobility/agent.log with rotation."""
+    import logging  # the daemon's only: logging.handlers imports socket and more, which the bootstrapper's no-op skips
+
+    from agent.logfile import AgentLog
+
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file = logging.handlers.RotatingFileHandler(paths.agent_log, maxBytes=1 << 20, backupCount=3)
+    to_file = AgentLog(paths.agent_log, maxBytes=1 << 20, backupCount=3)
     to_stdout = logging.StreamHandler(sys.stdout)
     for handler in (to_file, to_stdout):
         handler.setFormatter(fmt)
@@ -180,10 +173,24 @@ def _daemon_logging(paths: Paths) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
+def _require_installed(paths: Paths) -> None:
+    """status and health describe an installed agent: on a machine without one, say so (exit 3, as monitoring
+    plugins report UNKNOWN), instead of failing checks whose fixes assume an agent."""
+    from agent.config import load_config
+    from agent.identity import load_registration
+    from agent.installed import load_install_record
+
+    load_config(paths)  # a broken mobility.conf is its own error, installed or not
+    if load_install_record(paths) is None and load_registration(paths) is None:
+        raise AgentNotInstalled("Mobility is not installed on this machine (no install record, not registered)")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.local import local_status
 
-    data = local_status(_require_root(args))
+    paths = _require_root(args)
+    _require_installed(paths)
+    data = local_status(paths)
     job = data["last_job"] or {}
     lines = [
         f"version:        {data['version']}"
@@ -193,14 +200,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"role/platform:  {data['role'] or '-'} / {data['platform'] or '-'}",
         f"server:         {data['server'] or '-'} ({data['registration']})",
         f"daemon:         {data['daemon']}, health {data['health'] or 'unknown'}",
-        f"last heartbeat: {_stamp(data['last_heartbeat'])}"
+        f"last heartbeat: {timefmt.shown(data['last_heartbeat'])}"
         + (
-            f"; server unreachable since {_stamp(data['server_unreachable_since'])}, {data['backlog']} reports queued"
+            f"; server unreachable since {timefmt.shown(data['server_unreachable_since'])}, "
+            f"{data['backlog']} reports queued"
             if data["server_unreachable_since"]
             else ""
         ),
         f"last job:       {job.get('kind', '-')} {job.get('state', '')}".rstrip(),
+        f"freeze:         {'ready' if data['freeze_provider']['ready'] else 'not set up'}: "
+        f"{data['freeze_provider']['reason']}",
     ]
+    if data["target"]:
+        pinned = " (pinned)" if data["target"]["pinned"] else ""
+        lines.append(f"target:         {data['target']['version']}{pinned}, as the server names it")
+    if data["upgrade"]:
+        up = data["upgrade"]
+        why = (up.get("outcome") or {}).get("error_id")
+        lines.append(
+            f"last upgrade:   {up['from_version']} -> {up['to_version']}: {up['phase']}" + (f" ({why})" if why else "")
+        )
     from agent.replication.local import local_replication, status_lines
 
     data["replication"] = local_replication(Paths.checked(args.root))
@@ -224,7 +243,9 @@ def cmd_point(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from agent.local import local_health
 
-    health, report = local_health(_require_root(args))
+    paths = _require_root(args)
+    _require_installed(paths)
+    health, report = local_health(paths)
     data = {"status": health.label, "checks": [r.to_json() for r in report.results]}
     _emit(args, data, render(report) + f"\nhealth: {health.label.upper()}")
     return int(health)
@@ -269,10 +290,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         "bundle": args.bundle,
         "job_id": _job_id(args.job_id),
     }
-    if args.test_kill_at is not None:
-        from agent.bootstrap import Progress
-
-        Progress.kill_at = args.test_kill_at
     outcome = bootstrap(paths, merged_settings(paths, flags))
     data = {"state": outcome.state, "message": outcome.message, "host_id": outcome.host_id, "job_id": outcome.job_id}
     _emit(args, data, f"{outcome.state}: {outcome.message}")
@@ -290,6 +307,25 @@ def _job_id(text: str | None) -> str | None:
         raise BadArguments(f"--job-id {text!r} is not a UUID") from e
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from agent.updater import upgrade
+
+    paths = _require_root(args)
+    result = upgrade(paths)
+    record = result.record
+    data = {"state": result.state, "message": result.message, "record": record.to_json() if record else None}
+    _emit(args, data, f"{result.state}: {result.message}")
+    if result.state == "postponed":
+        return Exit.TEMPFAIL
+    if result.state in ("rolled back", "failed") and record is not None and record.outcome is not None:
+        outcome = record.outcome
+        print(f"error {outcome.error_id or 'UPDATE-FAILED'}: {outcome.message.splitlines()[0]}", file=sys.stderr)
+        if outcome.remediation:
+            print(f"  fix: {outcome.remediation}", file=sys.stderr)
+        return Exit.ERROR
+    return Exit.OK
+
+
 def cmd_template_prep(args: argparse.Namespace) -> int:
     from agent.template import template_prep
 
@@ -303,7 +339,13 @@ def add_bootstrap_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", dest="server", metavar="HOST[:PORT]", help="configuration server (or `server` in the conf)")
     p.add_argument("-P", dest="passphrase_file", metavar="FILE", help="passphrase or token file, mode 0600")
     p.add_argument("--cs-fingerprint", metavar="sha256:HEX", help="the server CA's fingerprint to pin")
-    p.add_argument("-d", dest="install_dir", metavar="DIR", help=f"install directory (default {DEFAULT_INSTALL_DIR})")
+    p.add_argument(
+        "-d",
+        dest="install_dir",
+        type=parse_install_dir,
+        metavar="DIR",
+        help=f"install directory (default {DEFAULT_INSTALL_DIR})",
+    )
     p.add_argument("-r", dest="role", choices=ROLES, help="MS (default) or MT")
     p.add_argument("-v", dest="platform", choices=PLATFORMS, help="VmWare (default) or Azure")
     p.add_argument(
@@ -318,7 +360,6 @@ def add_bootstrap_flags(p: argparse.ArgumentParser) -> None:
         help="install this unpacked bundle instead of fetching one (push install copies it over SFTP)",
     )
     p.add_argument("--job-id", metavar="UUID", help="report under this job, created by the server (push install)")
-    p.add_argument("--test-kill-at", type=int, metavar="STEP", help=argparse.SUPPRESS)  # crash tests only
     p.set_defaults(func=cmd_bootstrap)
 
 
@@ -342,13 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         "--install-dir",
         default=DEFAULT_INSTALL_DIR,
+        type=parse_install_dir,
         metavar="DIR",
         help=f"where the agent will be installed (default {DEFAULT_INSTALL_DIR})",
     )
     p.add_argument(
-        "--glibc-floor",
+        "--kernel-floor",
         metavar="X.Y",
-        help="lowest glibc the bundle runs on (default: the glibc this agent runs on)",
+        help="oldest kernel the bundle's C library runs on (default: that of the C library this agent runs on)",
     )
     p.set_defaults(func=cmd_prereq)
 
@@ -374,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         dest="install_dir",
         default=DEFAULT_INSTALL_DIR,
+        type=parse_install_dir,
         metavar="DIR",
-        help=f"install directory (default {DEFAULT_INSTALL_DIR})",
+        help=f"install directory (default {DEFAULT_INSTALL_DIR}; a directory of its own: not a system one)",
     )
     p.add_argument(
         "-r", dest="role", choices=ROLES, help="MS (mobility service) or MT (master target); asked if absent"
@@ -409,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootstrap", help="the whole lifecycle: detect, fetch, verify, install, register, start")
     add_bootstrap_flags(p)
 
+    p = sub.add_parser(
+        "upgrade",
+        help="move to the version the server names, watch its health, roll back if it fails (the daemon runs it)",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_upgrade)
+
     p = sub.add_parser("template-prep", help="strip identity, certificate and logs before capturing an image")
     _common(p)
     p.set_defaults(func=cmd_template_prep)
@@ -423,31 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-Y", dest="yes", action="store_true", help="confirm")
     p.set_defaults(func=cmd_uninstall)
     return parser
-
-
-def _report_error(e: MobilityError, *, json_out: bool) -> int:
-    if json_out:
-        print(json.dumps({"error": e.to_json()}, indent=2))
-    print(e.diagnostics(), file=sys.stderr)
-    return int(e.exit_code)
-
-
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse and dispatch; the one place a MobilityError becomes output and an exit code."""
-    wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
-    try:
-        args = parser.parse_args(argv)
-        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-        if func is None:
-            parser.print_help()
-            return Exit.USAGE
-        return func(args)
-    except MobilityError as e:
-        return _report_error(e, json_out=wants_json)
-    except OSError as e:  # a file or disk problem no layer below turned into its own error: still one clear line
-        return _report_error(IoFailed.from_os_error(e), json_out=wants_json)
-    except KeyboardInterrupt:
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

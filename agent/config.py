@@ -8,6 +8,7 @@ from typing import Any
 
 from agent.errors import ConfigInvalid
 from agent.paths import Paths
+from agent.shared.fsutil import NotSmallRegularFile, read_small_file
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class AgentConfig:
     heartbeat_seconds: float = 30.0  # the server's answer overrides it
     health_seconds: float = 60.0
     update_check_seconds: float = 3600.0
+    update_window_seconds: float = 600.0  # a new version must reach the server and report healthy within this
+    update_settle_seconds: float = 60.0  # ... and stay healthy, without a restart, this long before it is kept
     cpu_warn_percent: float = 50.0
     threads_warn: int = 32
     open_files_warn: int = 256
@@ -34,7 +37,6 @@ class AgentConfig:
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT when set
     replication_trace_buffer_kb: int = 4096  # per CPU, in the kernel: the trace buffer a write burst must fit in
     replication_backoff_cpu_percent: float = 80.0  # replication slows down while the rest uses this much CPU
-    test_hooks: bool = False  # SIGUSR2 grows a memory ballast by 16 MiB (for the budget tests)
 
 
 def parse_config(text: str, source: str) -> AgentConfig:
@@ -54,8 +56,6 @@ def parse_config(text: str, source: str) -> AgentConfig:
         default = getattr(AgentConfig, key)
         if key == "metrics_port":
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536)
-        elif isinstance(default, bool):
-            ok = isinstance(value, bool)
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
         else:
@@ -66,12 +66,21 @@ def parse_config(text: str, source: str) -> AgentConfig:
     return replace(AgentConfig(), **values)
 
 
+MAX_CONFIG_BYTES = 64 * 1024  # a few settings: a few hundred bytes
+
+
 def load_config(paths: Paths) -> AgentConfig:
-    path = paths.config_dir / "mobility.conf"
+    path = paths.resolve("/etc/mobility/mobility.conf")
     try:
-        text = path.read_text()
+        _, data = read_small_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         return AgentConfig()
     except OSError as e:
         raise ConfigInvalid(f"{path}: {e.strerror}") from e
+    except NotSmallRegularFile as e:
+        raise ConfigInvalid(str(e)) from e
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigInvalid(f"{path}: not UTF-8 text") from e
     return parse_config(text, str(path))

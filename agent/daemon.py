@@ -16,30 +16,50 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
 
-from agent import __version__, wire
+from agent import __version__
 from agent.checks import Status, run_checks
 from agent.config import AgentConfig, load_config
-from agent.errors import MobilityError
+from agent.faults import fault_point
+from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
-from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, freeze_ready, process_sample
+from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, process_sample
 from agent.identity import load_registration
+from agent.install_dir import parse_install_dir
+from agent.installed import load_install_record
 from agent.paths import Paths
+from agent.proc import host_environ
+from agent.runtime import self_command
 from agent.scheduler import ClockScheduler
 from agent.sdnotify import Notifier
+from agent.services import init_of, start_updater, updater_argv
+from agent.shared import timefmt, wire
+from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
+from agent.update_state import (
+    Phase,
+    Target,
+    declined,
+    load_record,
+    load_target,
+    save_target,
+    unfinished,
+    updater_running,
+)
 
 log = logging.getLogger("mobility.daemon")
 
-MIB = 1024 * 1024
-BALLAST_STEP = 16 * MIB
 SLOW_FACTOR = 4  # optional work runs this much less often while memory is tight
+MIN_CPU_WINDOW = 2.0  # seconds; CPU time moves in 10 ms ticks
+FIRST_CPU_WINDOW = 0.2  # seconds the first health check spends measuring CPU
 
 
 class Link(Protocol):
@@ -52,7 +72,12 @@ class Link(Protocol):
 
 
 class RestartRequested(Exception):
-    """Raised out of tick() when the daemon must restart itself (memory past the budget)."""
+    """Raised out of tick() when the daemon must restart itself: memory past the budget (the same program), or
+    SIGUSR1, the upgrade watcher's request to start again from ``current`` (where there is no init system)."""
+
+    def __init__(self, why: str, *, into_current: bool = False) -> None:
+        super().__init__(why)
+        self.into_current = into_current
 
 
 class Daemon:
@@ -75,17 +100,22 @@ class Daemon:
         reg = load_registration(paths)
         self.host_id = reg.host_id if reg else ""
         self.heartbeat_seconds = reg.heartbeat_interval if reg else config.heartbeat_seconds
-        self.status = DaemonStatus(pid=os.getpid(), started=now, version=__version__)
+        self.status = DaemonStatus(
+            pid=os.getpid(), started=now, version=__version__, heartbeat_seconds=self.heartbeat_seconds
+        )
+        self._updater_started: float | None = None  # when the daemon last started an upgrade watcher
         self.backlog: deque[dict[str, Any]] = deque(maxlen=config.backlog_max)
         self.signals: deque[int] = deque()
+        self._update_thread: threading.Thread | None = None
+        self._update_answers: deque[str | None] = deque(maxlen=1)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping = False
         self.ready = False
         self.shedding = False
-        self.ballast: list[bytearray] = []
         self.report: dict[str, Any] = {}
         self.replication: Any = None  # agent.replication.engine.Replication, once the server protects a disk
         self._cpu: float | None = None
+        self._cpu_since = time.monotonic()
         self.metrics: Any = None
         if config.metrics_port is not None:
             from agent.metrics import Metrics  # loaded only when enabled: it costs memory
@@ -112,6 +142,9 @@ class Daemon:
             self._handle(self.signals.popleft())
         if self.stopping:
             return
+        fault_point("daemon.tick")  # the memory-budget tests grow this process's memory here
+        self._take_update_answer()
+        _reap_children()
         self.scheduler.run_pending()
         if self.replication is not None:
             self.replication.tick(now)
@@ -130,21 +163,34 @@ class Daemon:
             self.backlog = deque(self.backlog, maxlen=self.config.backlog_max)
             log.info("configuration reloaded")
             self._schedule()
-        elif signum == signal.SIGUSR1 and self.replication is not None:
+        elif signum == signal.SIGUSR2 and self.replication is not None:
             self.replication.request_point()  # `mobility point` left a request
-        elif signum == signal.SIGUSR2 and self.config.test_hooks:
-            block = bytearray(BALLAST_STEP)
-            block[::4096] = b"\1" * (BALLAST_STEP // 4096)  # touch every page so it is resident
-            self.ballast.append(block)
-            log.warning("test hook: memory ballast now %d MiB", len(self.ballast) * BALLAST_STEP // MIB)
+        elif signum == signal.SIGUSR1:
+            log.info("asked to start again from the version `current` names")
+            raise RestartRequested("SIGUSR1", into_current=True)
 
     # Jobs ------------------------------------------------------------------------------------------------
 
+    def _cpu_percent(self, measure: bool) -> float | None:
+        """The daemon's CPU use over a window of at least MIN_CPU_WINDOW: over a few milliseconds (the first check
+        right after start, a re-check moments later) psutil's figure is noise of whole clock ticks, thousands of
+        percent. The first figure is measured over a short blocking window instead; later ones since the last."""
+        elapsed = time.monotonic() - self._cpu_since
+        try:
+            if self._cpu is None and elapsed < MIN_CPU_WINDOW:
+                self._cpu = self.process.cpu_percent(interval=FIRST_CPU_WINDOW)
+            elif measure and elapsed >= MIN_CPU_WINDOW:
+                self._cpu = self.process.cpu_percent(None)
+            else:
+                return self._cpu
+        except psutil.Error:
+            return None
+        self._cpu_since = time.monotonic()
+        return self._cpu
+
     def check_health(self, measure_cpu: bool = True) -> dict[str, Any]:
-        """``measure_cpu=False`` keeps the last CPU figure: a re-check moments later would measure a tiny window."""
-        process = process_sample(self.process, None if measure_cpu or self._cpu is None else self._cpu)
-        if process is not None:
-            self._cpu = process.cpu_percent
+        """``measure_cpu=False`` keeps the last CPU figure (a re-check moments later, with the server's answer)."""
+        process = process_sample(self.process, self._cpu_percent(measure_cpu))
         server = ServerSample(
             self.status.last_heartbeat_ok,
             self.status.unreachable_since,
@@ -160,7 +206,7 @@ class Daemon:
                 server,
                 disk_sample(self.paths),
                 cert_not_after(self.paths),
-                freeze_ready(self.paths),
+                provider_status(self.paths),
                 self.replication.status_doc() if self.replication is not None else None,
             )
         )
@@ -200,6 +246,8 @@ class Daemon:
         self._schedule()
 
     def heartbeat(self) -> None:
+        if self.report and self._under_health_gate():
+            self.check_health()  # a fresh report at every heartbeat for the upgrade watcher that judges this version
         report = self.report or self.check_health()
         body = {"host_id": self.host_id, "agent_version": __version__, "health": report}
         if self.replication is not None:
@@ -210,7 +258,7 @@ class Daemon:
         except MobilityError as e:
             if self.status.unreachable_since is None:
                 self.status.unreachable_since = self.now
-                log.warning("server unreachable since %s: %s: %s", _stamp(self.now), e.id, e.message)
+                log.warning("server unreachable since %s: %s: %s", timefmt.shown(self.now), e.id, e.message)
             self.status.last_error = f"{e.id}: {e.message}"
             self.backlog.append(body)
             self.status.backlog = len(self.backlog)
@@ -235,7 +283,9 @@ class Daemon:
         if isinstance(interval, (int, float)) and interval > 0 and interval != self.heartbeat_seconds:
             log.info("server asks for a heartbeat every %.0f s", interval)
             self.heartbeat_seconds = float(interval)
+            self.status.heartbeat_seconds = self.heartbeat_seconds
             self._schedule()
+        self._take_target(answer.get("update"))
         self.status.backlog = len(self.backlog)
         self.status.save(self.paths)
 
@@ -243,8 +293,8 @@ class Daemon:
         """The heartbeat answer's protection: start, retune or stop replication (agent/replication/)."""
         if doc is None and self.replication is None:
             return
-        from agent.replication.protocol import Protection
-        from agent.wire import WireError
+        from agent.shared.replication_wire import Protection
+        from agent.shared.wire import WireError
 
         try:
             protection = Protection.from_json(doc) if doc is not None else None
@@ -254,7 +304,7 @@ class Daemon:
         if self.replication is None:
             from agent.registration import authenticated_client
             from agent.replication.engine import Replication
-            from agent.transport import parse_address
+            from agent.shared.address import parse_address
 
             reg = load_registration(self.paths)
             if reg is None:
@@ -291,15 +341,83 @@ class Daemon:
         except MobilityError as e:
             log.warning("certificate renewal failed (%s: %s); retrying within the hour", e.id, e.message)
 
-    def check_update(self) -> None:
-        os_tag = _installed_os_tag(self.paths)
-        if os_tag is None:
-            return
+    def _under_health_gate(self) -> bool:
+        """Whether an upgrade watcher is judging this version now (it needs a report per heartbeat, not per health
+        interval, to tell a lasting CRITICAL from one sample within two heartbeats)."""
+        record = load_record(self.paths)
+        return record is not None and record.phase is Phase.WATCHING and record.to_version == __version__
+
+    def _take_target(self, field: object) -> None:
+        """The version the server names for this machine: recorded (the bootstrapper reads it at boot, without the
+        network) and, when it is another version than this one, handed to an upgrade watcher."""
         try:
-            newest = self.link.newest_version(os_tag)
+            named = wire.UpdateTarget.from_json(field) if field is not None else None
+        except wire.WireError as e:
+            log.warning("ignoring the server's update answer: %s", e)
+            return
+        target = Target(named.version, named.job_id, named.pinned, self.now) if named is not None else None
+        before = load_target(self.paths)
+        if (before and (before.version, before.job_id, before.pinned)) != (
+            target and (target.version, target.job_id, target.pinned)
+        ):
+            if target is not None:
+                pin = " (pinned)" if target.pinned else ""
+                log.info("the server names version %s for this machine%s (job %s)", target.version, pin, target.job_id)
+            save_target(self.paths, target)
+        self.start_upgrade_if_due(target)
+
+    def start_upgrade_if_due(self, target: Target | None) -> None:
+        """Start the upgrade watcher when there is an upgrade to make or one to finish, and none runs. The watcher
+        is the program of the version the upgrade started from (this one, unless this is its new version)."""
+        record = load_record(self.paths)
+        wanted = target is not None and target.job_id is not None and target.version != __version__
+        if not unfinished(record) and not (wanted and target is not None and not declined(record, target)):
+            return
+        now = self.now
+        if self._updater_started is not None and 0 <= now - self._updater_started < max(
+            10.0, 3 * self.heartbeat_seconds
+        ):
+            return
+        if updater_running(self.paths):
+            return
+        installed = load_install_record(self.paths)
+        if installed is None or not isinstance(installed.install_dir, str):
+            return
+        version = record.from_version if record is not None and unfinished(record) else __version__
+        self._updater_started = now
+        try:
+            started = start_updater(self.paths, init_of(installed.os_tag), version, updater_argv(self.paths, version))
+            log.info("upgrade watcher: %s", started)
+        except MobilityError as e:
+            log.warning("could not start the upgrade watcher: %s: %s", e.id, e.message)
+
+    def check_update(self) -> None:
+        """Ask for the newest version in a thread of its own: the repository's metadata may take minutes to arrive
+        from a slow server, and the daemon's loop must keep heartbeating and petting the watchdog meanwhile (systemd
+        kills a daemon that misses WatchdogSec). One check at a time; ``tick`` takes its answer."""
+        installed = load_install_record(self.paths)
+        os_tag = installed.os_tag if installed is not None else None
+        if os_tag is None or (self._update_thread is not None and self._update_thread.is_alive()):
+            return
+        self._update_thread = threading.Thread(
+            target=self._look_for_update, args=(os_tag,), name="update-check", daemon=True
+        )
+        self._update_thread.start()
+
+    def _look_for_update(self, os_tag: str) -> None:
+        try:
+            self._update_answers.append(self.link.newest_version(os_tag))
         except MobilityError as e:
             log.info("update check failed: %s: %s", e.id, e.message)
+        except Exception:
+            log.exception("update check failed")
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"u")  # wake the loop to take the answer
+
+    def _take_update_answer(self) -> None:
+        if not self._update_answers:
             return
+        newest = self._update_answers.popleft()
         from agent.bundles import version_key
 
         if newest is not None and version_key(newest) > version_key(__version__):
@@ -322,9 +440,11 @@ class Daemon:
             self.check_health()
             self.heartbeat()
             first = self.report.get("status")
+            self.now = time.time()
             self.check_health(measure_cpu=False)  # again, with the server's answer: reachability, round trip, skew
             if self.report.get("status") != first:
                 self.heartbeat()  # so the server does not show the first report's UNKNOWN for a whole interval
+            self.start_upgrade_if_due(load_target(self.paths))  # an upgrade a power cut or a kill left unfinished
             while not self.stopping:
                 self.tick(time.time())
                 wait = self.scheduler.seconds_to_next()
@@ -332,13 +452,24 @@ class Daemon:
                 if ready:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 512)
-        except RestartRequested:
+        except RestartRequested as e:
             self._close()
-            restart()
+            restart(into=self._current_launcher() if e.into_current else None)
         self.notifier.notify(stopping="1")
         self._close()
         log.info("stopped")
         return 0
+
+    def _current_launcher(self) -> Path | None:
+        installed = load_install_record(self.paths)
+        if installed is None or not isinstance(installed.install_dir, str):
+            return None
+        try:
+            host = self.paths.install_dir(parse_install_dir(installed.install_dir, "the recorded install directory"))
+        except MobilityError:
+            return None
+        launcher = host / "current" / "mobility" / "mobility"
+        return launcher if launcher.is_file() else None
 
     def _close(self) -> None:
         if self.replication is not None:
@@ -349,25 +480,21 @@ class Daemon:
             self.metrics.close()
 
 
-def restart() -> None:
-    """Replace this process with a fresh daemon: same PID, so systemd keeps supervising it."""
+def restart(into: Path | None = None) -> None:
+    """Replace this process with a fresh daemon: same PID, so systemd (or whoever started it) keeps supervising it.
+    A frozen daemon starts again through its bundled loader, as its launcher started it, in the environment the
+    launcher gave it; ``into``, the launcher of the version ``current`` names, starts that version instead (the
+    launcher is a static program: it runs that version's own loader)."""
     logging.shutdown()
-    if getattr(sys, "frozen", False):
-        os.execv(sys.executable, [sys.executable, *sys.argv[1:]])  # noqa: S606 - our own binary, same arguments
-    os.execv(sys.executable, [sys.executable, "-m", "agent", *sys.argv[1:]])  # noqa: S606
+    argv = [str(into), *sys.argv[1:]] if into is not None else self_command(sys.argv[1:])
+    os.execve(argv[0], argv, host_environ())  # noqa: S606 - our own program (or its next version), same arguments
 
 
-def _installed_os_tag(paths: Paths) -> str | None:
-    import json
-
-    try:
-        return str(json.loads(paths.agent_config.read_text())["os_tag"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _stamp(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+def _reap_children() -> None:
+    """Collect the exit of an upgrade watcher this daemon started (or an earlier image of it, before an exec)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
 
 
 class ServerLink:
@@ -396,17 +523,20 @@ class ServerLink:
         self.close()  # the next call uses the new certificate
 
     def newest_version(self, os_tag: str) -> str | None:
+        """Runs in the update-check thread: its own client, never the heartbeat's connection."""
         from agent.fetch import newest_bundle
+        from agent.registration import authenticated_client
 
         reg = load_registration(self.paths)
         if reg is None:
             return None
-        client = self._connect()
+        _, client = authenticated_client(self.paths, timeout=self.timeout)
+        client.close()  # only its TLS context is used: the fetcher opens its own connections
         name = newest_bundle(
             f"https://{reg.server}",
             client.context,
             (self.paths.tuf_dir / "root.json").read_bytes(),
-            self.paths.tuf_dir / "metadata",
+            self.paths.tuf_metadata_dir,
             os_tag,
         )
         if name is None:

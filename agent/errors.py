@@ -1,90 +1,18 @@
-"""One error root with stable IDs; every user-facing failure is a subclass here.
-
-Each concrete class carries a stable ``code`` (catalogued in docs/errors.md), a
-default remediation and the process exit code the CLI uses. Third-party
-exceptions are converted at the boundary with ``raise ... from e``.
-"""
+"""The agent's own errors: each a subclass of a family of the error root (agent/shared/errors.py), with a stable
+``code`` catalogued in docs/errors.md, a default remediation and the exit code the command line uses."""
 
 from __future__ import annotations
 
-from enum import IntEnum
-from typing import ClassVar
-
-
-class Exit(IntEnum):
-    """Process exit codes (DESIGN.md, "Errors")."""
-
-    OK = 0
-    ERROR = 1
-    USAGE = 2
-    UNSUPPORTED = 3
-    TEMPFAIL = 75
-
-
-class MobilityError(Exception):
-    """Root of every error Mobility reports to a user."""
-
-    code: ClassVar[str] = ""
-    remediation: ClassVar[str] = ""
-    exit_code: ClassVar[Exit] = Exit.ERROR
-
-    def __init__(self, message: str, *, fix: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fix = fix if fix is not None else self.remediation
-        self.id = self.code  # the stable ID shown; a RemoteError shows the server's own
-
-    def diagnostics(self) -> str:
-        """The two lines the CLI prints: ``error <ID>: message`` and the fix."""
-        return f"error {self.id}: {self.message}\n  fix: {self.fix}"
-
-    def to_json(self) -> dict[str, str]:
-        return {"code": self.id, "message": self.message, "fix": self.fix}
-
-
-# Families -----------------------------------------------------------------
-
-
-class UsageError(MobilityError):
-    """The command line or a configuration value is wrong."""
-
-    exit_code = Exit.USAGE
-
-
-class LocalSystemError(MobilityError):
-    """Something on this machine (files, permissions, disks) prevents the work."""
-
-
-class RemoteStateError(MobilityError):
-    """The server refused or does not know something (wrong passphrase, unknown host)."""
-
-
-class TransportError(MobilityError):
-    """Talking to the server failed: connection, TLS, protocol."""
-
-
-class UnsupportedError(MobilityError):
-    """The machine is not one Mobility supports, cannot be identified, or a prerequisite failed."""
-
-    exit_code = Exit.UNSUPPORTED
-
-
-class TemporaryError(MobilityError):
-    """A server, the network or a lock is unavailable right now; the same command may succeed later."""
-
-    exit_code = Exit.TEMPFAIL
-
-
-class VerificationError(MobilityError):
-    """Content failed verification: a bundle or signed repository metadata is not what it claims to be."""
-
-
-# Concrete errors ------------------------------------------------------------
-
-
-class BadArguments(UsageError):
-    code = "USAGE"
-    remediation = "Run the command with --help to see the accepted options."
+from agent.shared.errors import (
+    Exit,
+    LocalSystemError,
+    RemoteStateError,
+    TemporaryError,
+    TransportError,
+    UnsupportedError,
+    UsageError,
+    VerificationError,
+)
 
 
 class RootNotFound(UsageError):
@@ -126,6 +54,22 @@ class OsUnsupported(UnsupportedError):
     remediation = "Install the agent on one of the supported systems listed in the message (docs/support-matrix.md)."
 
 
+class OsKernelTooOld(UnsupportedError):
+    code = "OS-KERNEL-TOO-OLD"
+    remediation = (
+        "Protect this machine after upgrading it to a release the support matrix lists as supported "
+        "(docs/support-matrix.md); no build of the agent runs on this release's kernel generation yet."
+    )
+
+
+class AgentNotInstalled(UnsupportedError):
+    code = "AGENT-NOT-INSTALLED"
+    remediation = (
+        "Install and register the agent on this machine: `mobility bootstrap -i HOST[:PORT] -P PASSPHRASE_FILE "
+        "--cs-fingerprint sha256:HEX` (or push it from the server with `mobility-server push`)."
+    )
+
+
 class PrerequisitesFailed(UnsupportedError):
     code = "PREREQ-FAILED"
     remediation = "Fix each failed check as its own line says, then run `mobility prereq` again."
@@ -142,47 +86,16 @@ class RemoteError(RemoteStateError):
         self.id = code
 
 
-# Installer bundles and the signed repository (agent/bundles.py, agent/fetch.py, server/repository.py)
+class RemoteBusy(RemoteError):
+    """The server answered 503 (busy, or its database unavailable) or 429 (rate limited): a temporary failure, to be
+    retried after ``retry_after`` seconds (its Retry-After header), never at once."""
 
+    exit_code = Exit.TEMPFAIL
 
-class BundleRefused(VerificationError):
-    code = "BUNDLE-REFUSED"
-    remediation = (
-        "Use an installer bundle as built by packaging/ (named "
-        "Mobility_UA_<version>_<OSTAG>-64_GA_<DDMonYYYY>_release.tar.gz, with a matching bundle.json); "
-        "rebuild or re-download the one named in the message."
-    )
-
-
-class RepoNotInitialised(LocalSystemError):
-    code = "REPO-NOT-INITIALISED"
-    remediation = "Run `mobility-server init --data DIR` first, or pass --data the directory that was initialised."
-
-
-class RepoDamaged(LocalSystemError):
-    code = "REPO-DAMAGED"
-    remediation = (
-        "The repository's keys or metadata under DATA/tuf are unreadable or disagree; "
-        "restore DATA/tuf from a backup of the same server."
-    )
-
-
-class RepoNoSuchBundle(UsageError):
-    code = "REPO-NO-SUCH-BUNDLE"
-    remediation = "Run `mobility-server repo list` to see the bundle names the repository holds."
-
-
-class RepoBundleConflict(UsageError):
-    code = "REPO-BUNDLE-CONFLICT"
-    remediation = (
-        "A different bundle with the same name is already published; remove it first "
-        "(`mobility-server repo remove NAME`) or build the new one with a new version."
-    )
-
-
-class RepoBusy(TemporaryError):
-    code = "REPO-BUSY"
-    remediation = "Another mobility-server command is changing the repository; wait for it to finish and retry."
+    def __init__(self, code: str, message: str, fix: str, *, status: int, retry_after: float | None) -> None:
+        super().__init__(code, message, fix)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class TufTampered(VerificationError):
@@ -230,19 +143,9 @@ class FetchWriteFailed(LocalSystemError):
     remediation = "Make sure the agent's state directory is writable and its filesystem has free space."
 
 
-class ServerAddressInvalid(UsageError):
-    code = "SERVER-ADDRESS-INVALID"
-    remediation = "Give the configuration server as HOST or HOST:PORT (e.g. cs.example.com:9443 or 10.0.0.5)."
-
-
 class FingerprintInvalid(UsageError):
     code = "FINGERPRINT-INVALID"
     remediation = "Give the fingerprint as `mobility-server init` printed it: sha256:<64 hex digits>."
-
-
-class PassphraseFileError(LocalSystemError):
-    code = "PASSPHRASE-FILE"
-    remediation = "Put the passphrase or token alone in a root-owned file, mode 0600 (chmod 600 FILE); pass it with -P."
 
 
 class ServerUnreachable(TemporaryError):
@@ -308,36 +211,172 @@ class BootstrapConfigInvalid(UsageError):
     remediation = "Fix /etc/mobility/bootstrap.conf: `key = value` lines (server, fingerprint, passphrase_file, ...)."
 
 
-class IoFailed(LocalSystemError):
-    code = "IO-FAILED"
+class InstallDirInvalid(UsageError):
+    code = "INSTALL-DIR-INVALID"
     remediation = (
-        "Check the file or directory named in the message: that it exists, that this user may write it, and that "
-        "its filesystem has free space and is not read-only; then run the command again."
+        "Give -d (or install_dir in bootstrap.conf) an absolute path of a directory for the agent alone, "
+        "such as /usr/local/mobility or /opt/mobility: not /, a system directory, or a path with '..'."
     )
 
-    @classmethod
-    def from_os_error(cls, e: OSError) -> IoFailed:
-        """An OSError as the error a user sees: the path and the reason, never a traceback."""
-        where = f"{e.filename}: " if e.filename else ""
-        return cls(f"{where}{e.strerror or e}")
+
+class InstallDirNotOurs(LocalSystemError):
+    code = "INSTALL-DIR-NOT-OURS"
+    remediation = (
+        "The install directory holds files Mobility did not put there, or others than root could change it: "
+        "choose a new or empty directory for -d (e.g. /opt/mobility), or make it root's alone (chmod 755, chown root)."
+    )
 
 
-class FreezeNotReady(LocalSystemError):
-    """Not raised: the ID and fix a job carries when it `succeeded with warnings` for this reason."""
-
-    code = "FREEZE-NOT-READY"
-    remediation = "Run `mobility freeze-provider install` (on a filesystem with FIFREEZE: ext4, XFS, btrfs)."
+class RootSymlinkLoop(LocalSystemError):
+    code = "ROOT-SYMLINK-LOOP"
+    remediation = "Fix the symbolic links named in the message (inside --root, or on this machine): they loop."
 
 
-def all_errors() -> dict[str, type[MobilityError]]:
-    """Every concrete error class by its code (the catalogue test compares this with docs/errors.md)."""
-    found: dict[str, type[MobilityError]] = {}
-    pending: list[type[MobilityError]] = [MobilityError]
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "code" in cls.__dict__ and cls.code:
-            if cls.code in found and found[cls.code] is not cls:
-                raise RuntimeError(f"duplicate error code {cls.code}")
-            found[cls.code] = cls
-    return found
+class DiagnosticsWriteFailed(LocalSystemError):
+    code = "DIAGNOSTICS-WRITE-FAILED"
+    remediation = "Give -o a file in an existing, writable directory with free space (e.g. -o /root/diag.tar.gz)."
+
+
+# Self-update (agent/updater.py, docs/updates.md): the watcher's verdicts are the error IDs of a failed upgrade job.
+
+
+class UpdateBusy(TemporaryError):
+    code = "UPDATE-BUSY"
+    remediation = (
+        "Another upgrade or rollback, an install or a recovery point is in progress; the agent tries again by itself "
+        "(or run `mobility upgrade` once it has finished)."
+    )
+
+
+class UpdateRolledBack(LocalSystemError):
+    """The health gate rolled a new version back: the machine runs its previous version again (a family; each
+    verdict has its own ID)."""
+
+
+class UpdateCrashed(UpdateRolledBack):
+    code = "UPDATE-CRASHED"
+    remediation = (
+        "The new version did not start or kept exiting, so the machine runs its previous version again and the "
+        "server pinned it there: read the new version's log in the job's detail and /var/log/mobility/agent.log, "
+        "fix or replace the version, then `mobility-server unpin` the machine."
+    )
+
+
+class UpdateUnreachable(UpdateRolledBack):
+    code = "UPDATE-UNREACHABLE"
+    remediation = (
+        "The new version could not reach the server while the previous one (and the watcher) could: check what it "
+        "changed in how it connects (TLS, proxy, its unit's sandboxing); the machine runs its previous version, "
+        "pinned to it until you `mobility-server unpin` it."
+    )
+
+
+class UpdateCritical(UpdateRolledBack):
+    code = "UPDATE-CRITICAL"
+    remediation = (
+        "The new version reported CRITICAL in a health check that passed under the previous one (the job's detail "
+        "names it); the machine runs its previous version, pinned to it until you `mobility-server unpin` it."
+    )
+
+
+class UpdateNotHealthy(UpdateRolledBack):
+    code = "UPDATE-NOT-HEALTHY"
+    remediation = (
+        "The new version ran but did not reach the server and report healthy within the health window "
+        "(update_window_seconds); the machine runs its previous version, pinned to it until you "
+        "`mobility-server unpin` it."
+    )
+
+
+# Printed by the static launchers of the frozen programs (packaging/launcher/), not raised in Python: catalogued here
+# so that their IDs and remediations have one home (tests/integration/test_packaging_*.py compare what they print).
+
+
+class RuntimeMissing(LocalSystemError):
+    code = "RUNTIME-MISSING"
+    remediation = (
+        "Reinstall the agent from its bundle, or download the bootstrapper again: the runtime files beside the "
+        "launcher are missing or damaged."
+    )
+
+
+class BootstrapUnpackFailed(LocalSystemError):
+    code = "BOOTSTRAP-UNPACK-FAILED"
+    remediation = (
+        "Make sure /var/lib/mobility is a local, writable directory owned by root (not writable by others) with 100 "
+        "MiB free, or set MOBILITY_BOOTSTRAP_CACHE to such a directory, then run the bootstrapper again."
+    )
+
+
+# Replication on the source machine (agent/replication/, docs/replication.md) ---------------------------------------
+
+
+class ProcessServerUnreachable(TemporaryError):
+    code = "REPL-UNREACHABLE"
+    remediation = (
+        "The process server cannot be reached: check that `mobility-server serve` runs (its replication port too) "
+        "and the network between them; the agent keeps tracking changes and catches up when it is back."
+    )
+
+
+class ReplicaLost(RemoteStateError):
+    code = "REPL-REPLICA-LOST"
+    remediation = (
+        "The process server no longer holds what it acknowledged (its store was restored or replaced): the agent "
+        "resynchronises the disk by checksums; check the process server's storage if it happens again."
+    )
+
+
+class DiskNotFound(LocalSystemError):
+    code = "REPL-DISK-NOT-FOUND"
+    remediation = (
+        "The protected disk is not a block device on this machine: check the name given to `mobility-server "
+        "protect --disk` (lsblk lists the disks) and protect the right one."
+    )
+
+
+class DiskUnsupported(UnsupportedError):
+    code = "REPL-DISK-UNSUPPORTED"
+    remediation = (
+        "Protect the whole disk that holds it (lsblk shows the parents): partitions, device-mapper and md devices "
+        "and bio-based drivers are not tracked on their own."
+    )
+
+
+class TracingUnavailable(UnsupportedError):
+    code = "REPL-TRACING-UNAVAILABLE"
+    remediation = (
+        "The kernel's block tracepoints are needed: a kernel with CONFIG_FTRACE and tracefs (or debugfs) that root "
+        "can mount; check `ls /sys/kernel/tracing/events/block` (mount -t tracefs nodev /sys/kernel/tracing)."
+    )
+
+
+class EventsLost(TemporaryError):
+    """Not raised: the ID a disk in RESYNC_REQUIRED carries when the kernel dropped trace events."""
+
+    code = "REPL-EVENTS-LOST"
+    remediation = (
+        "The kernel's trace buffer overflowed under a write burst, so some writes were not seen: the agent "
+        "resynchronises by checksums by itself; raise replication_trace_buffer_kb if it happens often."
+    )
+
+
+class FreezeFailed(LocalSystemError):
+    code = "REPL-FREEZE-FAILED"
+    remediation = (
+        "A filesystem on a protected disk could not be frozen or stayed frozen too long (the message names it): "
+        "check that it supports FIFREEZE (ext4, XFS, btrfs) and is not frozen by another tool; the next point retries."
+    )
+
+
+class PointFailed(TemporaryError):
+    code = "REPL-POINT-FAILED"
+    remediation = (
+        "The recovery point could not be cut (the message says why: a disk not yet in CONTINUOUS, the process "
+        "server away, a freeze that timed out); the next interval tries again, or run `mobility point` later."
+    )
+
+
+class DaemonNotRunning(TemporaryError):
+    code = "DAEMON-NOT-RUNNING"
+    remediation = "Start the agent's daemon (systemctl start mobility), then run the command again."

@@ -28,18 +28,11 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from agent import __version__, wire
+from agent import __version__
 from agent.bundles import parse_bundle_name
-from agent.errors import (
-    BundleRefused,
-    FetchWriteFailed,
-    MobilityError,
-    TufExpired,
-    TufFetchFailed,
-    TufNoBundle,
-    TufRollback,
-    TufTampered,
-)
+from agent.errors import FetchWriteFailed, TufExpired, TufFetchFailed, TufNoBundle, TufRollback, TufTampered
+from agent.shared import wire
+from agent.shared.errors import BundleRefused, MobilityError
 
 METADATA_PATH = wire.REPO_METADATA_PATH + "/"
 TARGETS_PATH = wire.REPO_TARGETS_PATH + "/"
@@ -76,9 +69,7 @@ class HttpsFetcher(FetcherInterface):
         )
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         try:
-            conn.request(
-                "GET", target, headers={"User-Agent": f"mobility/{__version__}", "Accept-Encoding": "identity"}
-            )
+            conn.request("GET", target, headers=_HEADERS)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
@@ -110,15 +101,16 @@ class HttpsFetcher(FetcherInterface):
             conn.close()
 
 
-def _newest(targets: Targets, os_tag: str) -> str | None:
-    """The name of the newest bundle (by version, then build date) for ``os_tag`` among signed targets."""
+def _newest(targets: Targets, os_tag: str, version: str | None = None) -> str | None:
+    """The name of the newest bundle (by version, then build date) for ``os_tag`` among signed targets; of
+    ``version`` only when one is given (the newest build of it)."""
     candidates: list[tuple[tuple[tuple[int, ...], datetime.date], str]] = []
     for path in targets.targets:
         try:
             bundle = parse_bundle_name(path)
         except BundleRefused:
             continue  # not a bundle name: not ours to install
-        if bundle.os_tag == os_tag:
+        if bundle.os_tag == os_tag and version in (None, bundle.version):
             candidates.append(((bundle.version_key, bundle.date), path))
     return max(candidates)[1] if candidates else None
 
@@ -161,11 +153,11 @@ def _refreshed_updater(
     return updater
 
 
-def _newest_verified(metadata_dir: Path, os_tag: str) -> str | None:
+def _newest_verified(metadata_dir: Path, os_tag: str, version: str | None = None) -> str | None:
     # refresh() verified targets.json and stored it; the list comes from that file, and the entry
     # used is the one get_targetinfo() takes from the verified metadata in memory.
     stored = Metadata[Targets].from_bytes((metadata_dir / "targets.json").read_bytes())
-    return _newest(stored.signed, os_tag)
+    return _newest(stored.signed, os_tag, version)
 
 
 def newest_bundle(
@@ -196,9 +188,11 @@ def fetch_bundle(
     os_tag: str,
     dest_dir: Path,
     *,
+    version: str | None = None,
     timeout: float = TIMEOUT,
 ) -> Path:
-    """Download and verify the newest bundle for ``os_tag``; return its path in ``dest_dir``.
+    """Download and verify the newest bundle for ``os_tag`` (of ``version``, when given: an upgrade fetches the
+    version the server names, never just the newest); return its path in ``dest_dir``.
 
     ``metadata_dir`` keeps the verified metadata between runs: it is what makes a rolled-back
     repository detectable. A bundle already in ``dest_dir`` that matches the signed metadata is
@@ -208,12 +202,13 @@ def fetch_bundle(
     what = f"repository {base}"
     try:
         updater = _refreshed_updater(base, ssl_context, trusted_root, metadata_dir, dest_dir, timeout)
-        name = _newest_verified(metadata_dir, os_tag)
+        name = _newest_verified(metadata_dir, os_tag, version)
+        wanted = f"{os_tag}" if version is None else f"{os_tag}, version {version}"
         if name is None:
-            raise TufNoBundle(f"{what} has no installer bundle for {os_tag}")
+            raise TufNoBundle(f"{what} has no installer bundle for {wanted}")
         info = updater.get_targetinfo(name)
         if info is None:  # pragma: no cover - the stored file is the verified one
-            raise TufNoBundle(f"{what} has no installer bundle for {os_tag}")
+            raise TufNoBundle(f"{what} has no installer bundle for {wanted}")
         dest = dest_dir / name
         cached = updater.find_cached_target(info, str(dest))
         if cached is not None:

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from agent.fsutil import atomic_write
 from agent.paths import Paths
-from agent.wire import MachineFacts, key_proof_message
+from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
+from agent.shared.wire import MachineFacts, key_proof_message
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 _NO_MAC = "00:00:00:00:00:00"
+MAX_HOSTNAME_FILE = 4096  # a host name is at most 255 bytes
 
 
 def collect_facts(paths: Paths) -> MachineFacts:
     """machine-id of the root; DMI product UUID and MAC addresses from the root's /sys when it has one."""
-    machine_id = _read(paths("/etc/machine-id"))
-    sys_dir = paths("/sys") if paths.root != paths.root.parent else Path("/sys")
+    machine_id = _read(paths.resolve("/etc/machine-id"))  # read as a chroot would: links stay inside
+    sys_dir = paths.resolve("/sys") if paths.root != paths.root.parent else Path("/sys")
     product_uuid = _read(sys_dir / "class" / "dmi" / "id" / "product_uuid").lower()
     macs: list[str] = []
     net = sys_dir / "class" / "net"
@@ -31,6 +32,20 @@ def collect_facts(paths: Paths) -> MachineFacts:
             if iface.name != "lo" and mac and mac != _NO_MAC:
                 macs.append(mac)
     return MachineFacts(machine_id, product_uuid, tuple(sorted(set(macs))))
+
+
+def machine_hostname(paths: Paths) -> str:
+    """The machine's name as it reports it: the running system's for /, else the root image's /etc/hostname (read
+    as its chroot would, bounded), or this system's when the image has none."""
+    import socket
+
+    if paths.root != paths.root.parent:
+        with contextlib.suppress(OSError, NotSmallRegularFile, UnicodeDecodeError):
+            text = read_small_file(paths.resolve("/etc/hostname"), MAX_HOSTNAME_FILE)[1].decode()
+            name = text.split()[0] if text.split() else ""
+            if name:
+                return name
+    return socket.gethostname()
 
 
 def _read(path: Path) -> str:
@@ -89,6 +104,13 @@ def save_registration(paths: Paths, reg: Registration) -> None:
 
 def new_key_and_csr(host_id: str | None) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh P-256 key and a CSR naming ``host_id`` (or "new" for a first enrolment)."""
+    # cryptography is imported where keys are made, not with the module: the at-boot no-op of the bootstrapper
+    # reads the stored identity only, and the import of cryptography.x509 alone costs it ~50 ms.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
@@ -100,6 +122,9 @@ def new_key_and_csr(host_id: str | None) -> tuple[ec.EllipticCurvePrivateKey, by
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
     """This machine's current private key, or None when it has none (or it is unreadable or not EC)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError):
@@ -109,10 +134,15 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
 
 def key_proof(key: ec.EllipticCurvePrivateKey, nonce: str, csr_pem: bytes) -> str:
     """Proof that this machine holds the key of the identity it re-enrols as (see wire.key_proof_message)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return key.sign(key_proof_message(nonce, csr_pem), ec.ECDSA(hashes.SHA256())).hex()
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -46,23 +46,9 @@ def glibc_version_of(libc: bytes) -> str | None:
     return f"{major}.{minor}"
 
 
-def parse_glibc(text: str) -> tuple[int, int] | None:
-    """ "2.36" -> (2, 36)."""
-    m = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
 def find_libc(paths: Paths) -> str | None:
     """The system path of the root's libc.so.6, or None."""
     return next((loc for loc in LIBC_LOCATIONS if paths.resolve(loc).is_file()), None)
-
-
-def root_glibc(paths: Paths) -> str | None:
-    """The glibc version installed in the root, or None if it has none."""
-    loc = find_libc(paths)
-    if loc is None:
-        return None
-    return glibc_version_of(paths.resolve(loc).read_bytes())
 
 
 def root_arch(paths: Paths) -> str | None:

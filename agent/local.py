@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from typing import Any
 
@@ -12,12 +11,16 @@ import psutil
 from agent import __version__
 from agent.checks import Report, run_checks
 from agent.config import load_config
+from agent.freeze import provider_status
 from agent.health import ServerSample, health_checks, overall
 from agent.health.checks import Health
-from agent.health.sample import cert_not_after, disk_sample, freeze_ready, process_sample
+from agent.health.sample import cert_not_after, disk_sample, process_sample
 from agent.identity import load_registration
+from agent.installed import load_install_record
+from agent.lastjob import load_last_job
 from agent.paths import Paths
 from agent.status import DaemonStatus, daemon_pid
+from agent.update_state import load_record, load_target
 
 
 def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report]:
@@ -34,7 +37,7 @@ def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report
     server = ServerSample(
         status.last_heartbeat_ok, status.unreachable_since, status.rtt_ms, status.skew_seconds, status.last_error
     )
-    from agent.replication.engine import load_status
+    from agent.replication.state import load_status
 
     report = run_checks(
         health_checks(
@@ -44,7 +47,7 @@ def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report
             server,
             disk_sample(paths),
             cert_not_after(paths),
-            freeze_ready(paths),
+            provider_status(paths),
             load_status(paths),
         )
     )
@@ -54,18 +57,16 @@ def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report
 def local_status(paths: Paths) -> dict[str, Any]:
     reg = load_registration(paths)
     status = DaemonStatus.load(paths)
-    installed: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        installed = json.loads(paths.agent_config.read_text())
-    last_job: dict[str, Any] | None = None
-    with contextlib.suppress(OSError, ValueError):
-        last_job = json.loads(paths.last_job.read_text())
+    installed = load_install_record(paths)
+    last_job = load_last_job(paths)
+    freeze = provider_status(paths)
+    target, upgrade = load_target(paths), load_record(paths)
     return {
-        "version": installed.get("version", __version__),
-        "installed": bool(installed),
+        "version": (installed.version if installed else None) or __version__,
+        "installed": installed is not None,
         "host_id": reg.host_id if reg else None,
-        "role": (reg.role if reg else None) or installed.get("role"),
-        "platform": (reg.platform if reg else None) or installed.get("platform"),
+        "role": (reg.role if reg else None) or (installed.role if installed else None),
+        "platform": (reg.platform if reg else None) or (installed.platform if installed else None),
         "server": reg.server if reg else None,
         "registration": ("registered" if reg and paths.client_cert.exists() else "not registered"),
         "cloned_from": reg.cloned_from if reg else None,
@@ -75,5 +76,8 @@ def local_status(paths: Paths) -> dict[str, Any]:
         "backlog": status.backlog if status else 0,
         "update_available": status.update_available if status else None,
         "health": (status.health or {}).get("status") if status else None,
-        "last_job": last_job,
+        "last_job": last_job.to_json() if last_job else None,
+        "freeze_provider": freeze.to_json(),
+        "target": target.to_json() if target else None,
+        "upgrade": upgrade.to_json() if upgrade else None,
     }

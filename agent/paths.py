@@ -6,9 +6,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from agent.errors import RootNotDirectory, RootNotFound
+from agent.errors import RootNotDirectory, RootNotFound, RootSymlinkLoop
 
 _MAX_SYMLINK_HOPS = 40  # the kernel's own limit (MAXSYMLINKS)
+
+
+def _parts(system_path: str) -> list[str]:
+    pure = PurePosixPath(system_path)
+    if not pure.is_absolute():
+        # Callers parse paths from input at the edge (agent/install_dir.py); a relative one here is a bug.
+        raise ValueError(f"{system_path!r} is not an absolute path inside the system")
+    return [p for p in pure.parts[1:] if p != "."]  # parts[0] is "/" (or "//", which POSIX allows)
 
 
 @dataclass(frozen=True)
@@ -17,6 +25,9 @@ class Paths:
 
     Absolute paths inside the system are mapped under ``root``; symbolic links are
     followed as a chroot would, so an absolute link inside the tree never escapes it.
+    Directories are fully resolved (``resolve``); a file is its resolved directory plus
+    its own name, not followed (``__call__``), so that a rename or an unlink acts on the
+    name itself. Every location below comes from one of the two.
     """
 
     root: Path = Path("/")
@@ -34,17 +45,30 @@ class Paths:
         return cls(p.resolve())
 
     def __call__(self, system_path: str) -> Path:
-        """The host path of ``system_path`` (an absolute path inside the system), links not followed."""
-        rel = PurePosixPath(system_path).relative_to("/")
-        return self.root / rel
+        """The host path of the *name* ``system_path`` as a chroot sees it: every directory on the way resolved
+        inside the root (``..`` clamped at the root, absolute and relative links followed inside it), the last
+        component itself not followed. Writing by rename, unlinking or making a link there acts on that name,
+        never through a link planted in the root to a place outside it (e.g. an absolute link to the host's /etc).
+        """
+        parts = _parts(system_path)
+        if not parts or parts[-1] == "..":
+            return self.resolve(system_path)
+        return self._resolve_parts(parts[:-1]) / parts[-1]
 
     def resolve(self, system_path: str) -> Path:
-        """The host path of ``system_path`` with every symlink resolved inside the root."""
-        parts = list(PurePosixPath(system_path).relative_to("/").parts)
+        """The host path of ``system_path`` with every component resolved inside the root, the last one too:
+        for a directory the agent writes into, and for a file it reads (as a chroot would read it).
+
+        Raises ``RootSymlinkLoop`` when links loop (as the kernel's ELOOP): a shortened path is never returned.
+        """
+        return self._resolve_parts(_parts(system_path))
+
+    def _resolve_parts(self, parts: list[str]) -> Path:
+        pending = list(parts)
         done: list[str] = []
         hops = 0
-        while parts:
-            part = parts.pop(0)
+        while pending:
+            part = pending.pop(0)
             if part in ("", "."):
                 continue
             if part == "..":
@@ -55,46 +79,49 @@ class Paths:
             if host.is_symlink():
                 hops += 1
                 if hops > _MAX_SYMLINK_HOPS:
-                    break
+                    raise RootSymlinkLoop(
+                        f"/{'/'.join(parts)} inside {self.root}: more than {_MAX_SYMLINK_HOPS} symbolic links "
+                        f"(a loop at /{'/'.join([*done, part])}?)"
+                    )
                 target = PurePosixPath(os.readlink(host))
                 if target.is_absolute():
                     done = []
-                    parts = list(target.relative_to("/").parts) + parts
+                    pending = list(target.relative_to("/").parts) + pending
                 else:
-                    parts = list(target.parts) + parts
+                    pending = list(target.parts) + pending
                 continue
             done.append(part)
         return self.root.joinpath(*done)
+
+    def system_path(self, host: Path) -> str:
+        """The path inside the system of a host path under the root (for messages and policy checks)."""
+        return "/" + str(host.relative_to(self.root)) if host != self.root else "/"
 
     # Locations of the agent on the source machine ------------------------------------
 
     @property
     def config_dir(self) -> Path:
-        return self("/etc/mobility")
+        return self.resolve("/etc/mobility")
 
     @property
     def bootstrap_conf(self) -> Path:
-        return self("/etc/mobility/bootstrap.conf")
+        return self.config_dir / "bootstrap.conf"
 
     @property
     def freeze_dir(self) -> Path:
-        return self("/etc/mobility/freeze.d")
+        return self.resolve("/etc/mobility/freeze.d")
 
     @property
     def state_dir(self) -> Path:
-        return self("/var/lib/mobility")
+        return self.resolve("/var/lib/mobility")
 
     @property
     def log_dir(self) -> Path:
-        return self("/var/log/mobility")
-
-    @property
-    def default_install_dir(self) -> Path:
-        return self("/usr/local/mobility")
+        return self.resolve("/var/log/mobility")
 
     @property
     def agent_config(self) -> Path:
-        """What install recorded: version, install dir, role, platform (JSON)."""
+        """What install recorded: version, install dir, role, platform (JSON, agent/installed.py)."""
         return self.config_dir / "agent.json"
 
     @property
@@ -106,9 +133,47 @@ class Paths:
         return self.state_dir / "install.lock"
 
     @property
+    def update_lock(self) -> Path:
+        """Held by the one upgrade (or rollback) in progress, for its whole life (agent/update_state.py)."""
+        return self.state_dir / "update.lock"
+
+    @property
+    def switch_lock(self) -> Path:
+        """Shared by work the agent must not switch versions under (a recovery point), exclusive while an upgrade or
+        a rollback switches and restarts (agent/update_state.py)."""
+        return self.state_dir / "switch.lock"
+
+    @property
+    def update_record(self) -> Path:
+        """The upgrade in progress or the last one: phase, versions, outcome (JSON, agent/update_state.py)."""
+        return self.state_dir / "update.json"
+
+    @property
+    def update_target(self) -> Path:
+        """The version the server last named for this machine (JSON, agent/update_state.py)."""
+        return self.state_dir / "target.json"
+
+    @property
+    def upgrade_marker(self) -> Path:
+        """The version whose program watches an unfinished upgrade, as plain text for the SysV init script
+        (agent/update_state.py); absent when none is unfinished."""
+        return self.state_dir / "upgrade.from"
+
+    @property
     def daemon_status(self) -> Path:
-        """The daemon's last record of itself, its heartbeats and its health (JSON)."""
+        """The daemon's last record of itself, its heartbeats and its health (JSON, agent/status.py)."""
         return self.state_dir / "daemon.json"
+
+    @property
+    def replication_dir(self) -> Path:
+        """Replication's status, `mobility point` requests, each protected disk's state and chunk hashes
+        (agent/replication/state.py)."""
+        return self.state_dir / "replication"
+
+    @property
+    def freeze_state(self) -> Path:
+        """The freeze provider's set-up: ready or not, and why (JSON, agent/freeze.py)."""
+        return self.state_dir / "freeze.json"
 
     @property
     def agent_log(self) -> Path:
@@ -116,11 +181,12 @@ class Paths:
 
     @property
     def last_job(self) -> Path:
+        """The last job this machine ran and reported (JSON, agent/lastjob.py)."""
         return self.state_dir / "last-job.json"
 
     @property
     def identity(self) -> Path:
-        """Host ID, machine facts and server of the registration (JSON)."""
+        """Host ID, machine facts and server of the registration (JSON, agent/identity.py)."""
         return self.state_dir / "identity.json"
 
     @property
@@ -139,8 +205,23 @@ class Paths:
     @property
     def tuf_dir(self) -> Path:
         """The agent's trusted TUF metadata of the installer repository."""
-        return self.state_dir / "tuf"
+        return self.resolve("/var/lib/mobility/tuf")
 
-    def install_dir(self, system_path: str | None) -> Path:
-        """The host path of the install directory (``-d``), default /usr/local/mobility."""
-        return self(system_path) if system_path else self.default_install_dir
+    @property
+    def tuf_metadata_dir(self) -> Path:
+        """Where python-tuf keeps the verified metadata between runs (what makes a rollback detectable)."""
+        return self.resolve("/var/lib/mobility/tuf/metadata")
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Downloaded bundles, verified by TUF."""
+        return self.resolve("/var/lib/mobility/downloads")
+
+    @property
+    def staging_dir(self) -> Path:
+        """Bundles unpacked before install copies them."""
+        return self.resolve("/var/lib/mobility/staging")
+
+    def install_dir(self, system_path: str) -> Path:
+        """The host path of the install directory (``-d``, parsed by agent/install_dir.py), resolved inside the root."""
+        return self.resolve(system_path)

@@ -1,22 +1,80 @@
-"""The one way Mobility runs a command: bounded in time, logged, and failing with the command, code and stderr."""
+"""The one way Mobility runs a command: bounded in time, logged, and failing with the command, code and stderr.
+
+Every command is a host program (systemctl, service, an init script, a hook) and runs with the environment the agent
+was started with: the frozen agent runs on its own loader and C library (agent/runtime.py), and PyInstaller points
+LD_LIBRARY_PATH at them for its own sake; a host program that inherited that would load our libc with the host's
+loader. `host_environ` takes back what the frozen program's start-up set."""
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 
 from agent.errors import CommandFailed
 
 log = logging.getLogger("mobility.proc")
 
+# What PyInstaller's bootloader sets for itself and its restart: never meant for another program.
+PYINSTALLER_VARIABLES = (
+    "_PYI_ARCHIVE_FILE",
+    "_PYI_APPLICATION_HOME_DIR",
+    "_PYI_PARENT_PROCESS_LEVEL",
+    "_PYI_SPLASH_IPC",
+    "_PYI_LINUX_PROCESS_NAME",
+)
+
+
+def host_environ(environ: Mapping[str, str] | None = None, frozen: bool | None = None) -> dict[str, str]:
+    """The environment for a host program: ``environ`` (default: ours) as it was before the frozen program started.
+
+    PyInstaller prepends its directory to LD_LIBRARY_PATH and keeps the original in LD_LIBRARY_PATH_ORIG (absent
+    when there was none): restore it or drop it. Outside a frozen program nothing is changed."""
+    env = dict(os.environ if environ is None else environ)
+    if not (getattr(sys, "frozen", False) if frozen is None else frozen):
+        return env
+    original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is None:
+        env.pop("LD_LIBRARY_PATH", None)
+    else:
+        env["LD_LIBRARY_PATH"] = original
+    for name in PYINSTALLER_VARIABLES:
+        env.pop(name, None)
+    return env
+
 
 def run(cmd: Sequence[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
     log.info("running %s", " ".join(cmd))
     try:
-        result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+        result = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, check=False, env=host_environ()
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CommandFailed(f"{' '.join(cmd)}: {e}") from e
     if check and result.returncode != 0:
         raise CommandFailed(f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip()[-500:]}")
     return result
+
+
+Child = subprocess.Popen[bytes]  # a detached program `spawn` started
+
+
+def spawn(cmd: Sequence[str]) -> Child:
+    """Start ``cmd`` detached: its own session (a terminal's hang-up or a restart of whoever started it never reaches
+    it), no inherited stdio (it logs to its own files), the host's environment. The caller may poll it; a process
+    that outlives its caller is adopted by init."""
+    log.info("starting %s", " ".join(cmd))
+    try:
+        return subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            env=host_environ(),
+        )
+    except OSError as e:
+        raise CommandFailed(f"{' '.join(cmd)}: {e}") from e

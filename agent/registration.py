@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from agent import __version__, wire
-from agent.errors import FingerprintMismatch, NotRegistered, PassphraseFileError
-from agent.fsutil import atomic_write
+from agent import __version__
+from agent.backoff import with_backoff
+from agent.errors import FingerprintMismatch, NotRegistered, RemoteBusy
 from agent.identity import (
     Registration,
     collect_facts,
@@ -21,33 +19,17 @@ from agent.identity import (
     key_proof,
     load_key,
     load_registration,
+    machine_hostname,
     new_key_and_csr,
     save_registration,
 )
 from agent.paths import Paths
-from agent.transport import Client, ServerAddress, ca_fingerprint, fetch_pinned_ca, parse_address
+from agent.shared import wire
+from agent.shared.address import ServerAddress, parse_address
+from agent.shared.fsutil import atomic_write
+from agent.transport import Client, ca_fingerprint, fetch_pinned_ca
 
 log = logging.getLogger("mobility.registration")
-
-
-def read_secret_file(path: Path) -> str:
-    """The passphrase or token from a root-only file; secrets never come from arguments."""
-    try:
-        st = path.stat()
-        text = path.read_text().strip()
-    except OSError as e:
-        raise PassphraseFileError(f"cannot read the passphrase file {path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise PassphraseFileError(f"the passphrase file {path} is not text") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise PassphraseFileError(f"{path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise PassphraseFileError(f"{path} is readable by others than its owner (mode {st.st_mode & 0o777:o})")
-    if os.geteuid() == 0 and st.st_uid != 0:
-        raise PassphraseFileError(f"{path} is not owned by root")
-    if not text:
-        raise PassphraseFileError(f"the passphrase file {path} is empty")
-    return text
 
 
 @dataclass(frozen=True)
@@ -70,9 +52,20 @@ def trusted_ca(paths: Paths, server: ServerAddress, pinned: str | None) -> tuple
 
 
 def configure(
-    paths: Paths, server_text: str, secret: str, pinned: str | None, role: str, platform: str, os_tag: str
+    paths: Paths,
+    server_text: str,
+    secret: str,
+    pinned: str | None,
+    role: str,
+    platform: str,
+    os_tag: str,
+    *,
+    retry_for: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Enrolled:
-    """Register this machine (idempotent: a registered machine with unchanged facts is left as it is)."""
+    """Register this machine (idempotent: a registered machine with unchanged facts is left as it is). A busy
+    server (503) is waited out with jittered backoff for ``retry_for`` seconds; the key and CSR are made once, so
+    an enrolment retried after its answer was lost is recognised by the server as the same machine."""
     server = parse_address(server_text)
     facts = collect_facts(paths)
     previous = load_registration(paths)
@@ -91,14 +84,15 @@ def configure(
     current_key = load_key(paths.client_key) if host_id is not None else None
     key, csr = new_key_and_csr(host_id)
     client = Client(server, ca)
-    try:
+    token = wire.split_token(secret)
+
+    def enrol() -> dict[str, Any]:
         nonce = str(client.call("POST", wire.NONCE_PATH)["nonce"])
-        token = wire.split_token(secret)
         req = wire.EnrolRequest(
             csr=csr.decode(),
             nonce=nonce,
             proof=wire.enrol_proof(token[1] if token else secret, nonce, csr),
-            hostname=socket.gethostname() if paths.root == paths.root.parent else _root_hostname(paths),
+            hostname=machine_hostname(paths),
             os_tag=os_tag,
             role=role,
             platform=platform,
@@ -108,7 +102,10 @@ def configure(
             host_id=host_id,
             key_proof=key_proof(current_key, nonce, csr) if current_key is not None else None,
         )
-        answer = client.call("POST", wire.ENROL_PATH, req.to_json())
+        return client.call("POST", wire.ENROL_PATH, req.to_json())
+
+    try:
+        answer = with_backoff("enrolling", enrol, retry_for, sleep, retried=(RemoteBusy,))
     finally:
         client.close()
     # Key first, then certificate: a crash between them leaves a mismatched pair that `configure` replaces.
@@ -127,13 +124,6 @@ def configure(
     )
     save_registration(paths, reg)
     return Enrolled(reg, reused=False)
-
-
-def _root_hostname(paths: Paths) -> str:
-    try:
-        return paths("/etc/hostname").read_text().strip() or socket.gethostname()
-    except OSError:
-        return socket.gethostname()
 
 
 def authenticated_client(paths: Paths, timeout: float = 15.0) -> tuple[Registration, Client]:

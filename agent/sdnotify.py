@@ -14,10 +14,6 @@ class Notifier:
         if address and address.startswith("@"):
             self.address = "\0" + address[1:]  # abstract namespace
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def notify(self, **fields: str) -> None:
         if not self.address:
             return

@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.fsutil import atomic_write
 from agent.paths import Paths
+from agent.shared.fsutil import atomic_write
 
 
 @dataclass
@@ -23,6 +23,7 @@ class DaemonStatus:
     skew_seconds: float | None = None
     backlog: int = 0
     heartbeats_sent: int = 0
+    heartbeat_seconds: float | None = None  # the interval it heartbeats at (the server's answer decides)
     update_available: str | None = None
     health: dict[str, Any] = field(default_factory=dict)
 

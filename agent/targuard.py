@@ -26,8 +26,8 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.errors import BundleRefused
-from agent.textsafe import shown
+from agent.shared.errors import BundleRefused
+from agent.shared.textsafe import shown
 
 BLOCK = 512
 

@@ -5,27 +5,37 @@ tool (virt-sysprep, or `truncate -s0 /etc/machine-id`) so that each clone gets i
 
 from __future__ import annotations
 
-import shutil
+import stat
 
 from agent.paths import Paths
+from agent.shared.fsutil import remove
 
-IDENTITY_FILES = ("identity.json", "client.key", "client.pem", "daemon.json", "last-job.json")
+# The machine's own: its identity, and what the server told it (its target version) and its upgrades.
+IDENTITY_FILES = (
+    "identity.json",
+    "client.key",
+    "client.pem",
+    "daemon.json",
+    "last-job.json",
+    "target.json",
+    "update.json",
+    "upgrade.from",
+)
 
 
 def template_prep(paths: Paths) -> list[str]:
+    """Remove identity, certificate, downloads and logs (names inside the root; a link is removed, not followed)."""
     removed = []
     for name in IDENTITY_FILES:
-        p = paths.state_dir / name
-        if p.exists():
-            p.unlink()
+        if remove(paths(f"/var/lib/mobility/{name}")):
             removed.append(f"/var/lib/mobility/{name}")
-    for directory in (paths.state_dir / "downloads", paths.state_dir / "staging"):
-        if directory.exists():
-            shutil.rmtree(directory)
-            removed.append("/" + str(directory.relative_to(paths.root)))
-    if paths.log_dir.is_dir():
-        for log in sorted(paths.log_dir.iterdir()):
-            if log.is_file():
+    for system_path in ("/var/lib/mobility/downloads", "/var/lib/mobility/staging"):
+        if remove(paths(system_path)):
+            removed.append(system_path)
+    log_dir = paths.log_dir
+    if log_dir.is_dir():
+        for log in sorted(log_dir.iterdir()):
+            if not stat.S_ISDIR(log.lstat().st_mode):
                 log.unlink()
-                removed.append("/" + str(log.relative_to(paths.root)))
+                removed.append(f"/var/log/mobility/{log.name}")
     return removed

@@ -1,77 +1,35 @@
-"""Talking to the configuration server: address parsing, pinning its CA, and JSON over (mutual) TLS."""
+"""Talking to the configuration server: pinning its CA, and JSON over (mutual) TLS."""
 
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import logging
 import re
-import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from agent import wire
 from agent.errors import (
     FingerprintInvalid,
     FingerprintMismatch,
+    RemoteBusy,
     RemoteError,
-    ServerAddressInvalid,
     ServerProtocolError,
     ServerUnreachable,
 )
-from agent.textsafe import printable
+from agent.shared import wire
+from agent.shared.address import ServerAddress
+from agent.shared.textsafe import printable
 
 log = logging.getLogger("mobility.transport")
 
 CA_PATH = f"{wire.API}/ca"
 _FINGERPRINT = re.compile(r"^sha256:([0-9a-f]{64})$")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 MAX_RESPONSE = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: str, default_port: int = wire.DEFAULT_PORT) -> ServerAddress:
-    """HOST, HOST:PORT, [IPv6]:PORT or a bare IPv6 address."""
-    text = text.strip()
-    host, port = text, default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ServerAddressInvalid(f"{text!r}: unclosed '['")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ServerAddressInvalid(f"{text!r}: expected [IPv6]:PORT")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        if not p.isdigit():
-            raise ServerAddressInvalid(f"{text!r}: the port must be a number")
-        port = int(p)
-    if not 0 < port < 65536:
-        raise ServerAddressInvalid(f"{text!r}: port {port} is out of range")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME.match(host):
-            raise ServerAddressInvalid(f"{text!r} is not a host name or IP address") from None
-    return ServerAddress(host, port)
 
 
 def parse_fingerprint(text: str) -> str:
@@ -117,6 +75,7 @@ class Client:
         self.context = ctx
         self.timeout = timeout
         self._conn: http.client.HTTPSConnection | None = None
+        self.retry_after: float | None = None  # the last answer's Retry-After (seconds), if it had one
 
     def close(self) -> None:
         if self._conn is not None:
@@ -136,6 +95,7 @@ class Client:
                     method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
                 )
                 resp = self._conn.getresponse()
+                self.retry_after = _retry_after(resp.getheader("Retry-After"))
                 data = resp.read(MAX_RESPONSE + 1)
                 if len(data) > MAX_RESPONSE:
                     raise ServerProtocolError(f"{self.server}{path}: response larger than {MAX_RESPONSE} bytes")
@@ -169,13 +129,24 @@ class Client:
             err = doc.get("error")
             if isinstance(err, dict) and isinstance(err.get("code"), str):
                 # What a server says is shown on a terminal and logged: bounded and without control characters.
-                raise RemoteError(
-                    printable(err["code"], 64),
-                    printable(str(err.get("message", "")), 2000),
-                    printable(str(err.get("fix", "")), 1000),
-                )
+                code = printable(err["code"], 64)
+                message = printable(str(err.get("message", "")), 2000)
+                fix = printable(str(err.get("fix", "")), 1000)
+                if status in (429, 503):  # busy or rate limited: temporary, retried after what the server said
+                    raise RemoteBusy(code, message, fix, status=status, retry_after=self.retry_after)
+                raise RemoteError(code, message, fix)
             raise ServerProtocolError(f"{self.server}{path}: HTTP {status}")
         return doc
+
+
+MAX_RETRY_AFTER = 3600.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delta form the server sends), bounded; None when absent or not a number."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), MAX_RETRY_AFTER)
 
 
 def fetch_pinned_ca(server: ServerAddress, pinned: str | None, timeout: float = 15.0) -> bytes:
@@ -201,11 +172,3 @@ def fetch_pinned_ca(server: ServerAddress, pinned: str | None, timeout: float = 
     elif got != pinned:
         raise FingerprintMismatch(f"{server} presents CA {got}, but {pinned} is pinned")
     return data
-
-
-def resolve(server: ServerAddress) -> None:
-    """Fail early and clearly on a name that does not resolve."""
-    try:
-        socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ServerUnreachable(f"cannot resolve {server.host}: {e.strerror}") from e

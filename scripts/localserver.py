@@ -13,10 +13,21 @@ REPO = Path(__file__).resolve().parent.parent
 _READY = re.compile(r"listening on (\S+:(\d+)) fingerprint: (sha256:[0-9a-f]{64})")
 
 
-def init_local_server(data: Path, name: str = "127.0.0.1") -> str:
-    """`mobility-server init` for ``name``; returns what it printed (the fingerprint line among it)."""
+def init_local_server(data: Path, name: str = "127.0.0.1", database: str | None = None) -> str:
+    """`mobility-server init` for ``name`` (on ``database``, a PostgreSQL URL, if given: the data directory records
+    it for every later command); returns what it printed (the fingerprint line among it)."""
     r = subprocess.run(
-        [sys.executable, "-m", "server", "init", "--data", str(data), "--name", name],
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "init",
+            "--data",
+            str(data),
+            "--name",
+            name,
+            *(["--database", database] if database else []),
+        ],
         capture_output=True,
         text=True,
         check=False,

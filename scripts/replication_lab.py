@@ -167,10 +167,12 @@ class Lab:
         wrap: Sequence[str] = (),
         host: str = "127.0.0.1",
         data: Path | None = None,
+        database: str | None = None,
     ) -> Server:
+        """A server (API + process server) on ``database`` (a PostgreSQL URL; default its own SQLite file)."""
         data = data or self.workdir / name
         if not (data / ".initialised").exists():
-            init_local_server(data, host)
+            init_local_server(data, host, database)
         proc, address, fingerprint = start_local_server(
             data, "--heartbeat-interval", str(heartbeat), "--store-reserve", "32M", *args, host=host, wrap=wrap
         )

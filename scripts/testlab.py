@@ -87,8 +87,9 @@ def run(
     return r
 
 
-def debian_root(name: str, *include: str) -> Path:
-    """A minimal Debian 12 made with debootstrap (minbase, plus ``include``), cached between runs in .cache/."""
+def debian_root(name: str, *include: str, suite: str = "bookworm") -> Path:
+    """A minimal Debian made with debootstrap (minbase, plus ``include``) of ``suite`` (bookworm: Debian 12,
+    bullseye: Debian 11), cached between runs in .cache/."""
     root = REPO / ".cache" / name
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
@@ -96,20 +97,25 @@ def debian_root(name: str, *include: str) -> Path:
             "debootstrap",
             "--variant=minbase",
             *([f"--include={','.join(include)}"] if include else []),
-            "bookworm",
+            suite,
             str(root),
             "http://deb.debian.org/debian",
         ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
         if r.returncode:
-            raise LabError(f"debootstrap {name} failed: {r.stdout[-3000:]}{r.stderr[-3000:]}")
+            raise LabError(f"debootstrap {name} ({suite}) failed: {r.stdout[-3000:]}{r.stderr[-3000:]}")
         (root / ".complete").write_text("")
     return root
 
 
-def sshd_base_root() -> Path:
-    """The Debian 12 that lab hosts and template containers copy: systemd as init, D-Bus and OpenSSH's sshd."""
-    return debian_root("debian12-sshd", "systemd", "systemd-sysv", "dbus", "openssh-server")
+SSHD_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server")
+
+
+def sshd_base_root(suite: str = "bookworm") -> Path:
+    """The Debian that lab hosts and template containers copy: systemd as init, D-Bus and OpenSSH's sshd. Debian 12
+    (bookworm) by default; ``suite="bullseye"`` is Debian 11 (glibc 2.31, older than the build host's)."""
+    name = "debian12-sshd" if suite == "bookworm" else f"debian-{suite}-sshd"
+    return debian_root(name, *SSHD_PACKAGES, suite=suite)
 
 
 @dataclass
@@ -155,6 +161,7 @@ class Lab:
         self.public_key = ""
         self._undo: list[tuple[str, Callable[[], object]]] = []
         self._btrfs: Path | None = None
+        self._bases: dict[Path, str] = {}  # each base system's copy on the btrfs image (its subvolume)
         try:
             workdir.mkdir(parents=True, exist_ok=True)
             key = asyncssh.generate_private_key("ssh-ed25519", comment="mobility-testlab")
@@ -190,13 +197,15 @@ class Lab:
         root_password: str | None = None,
         sftp: bool = True,
         os_release: Path | None = None,
+        base: Path | None = None,
     ) -> Host:
         """A host with its namespace and root, not booted: the caller may still change ``host.root``.
 
         ``disk``: "btrfs" (a snapshot of the lab's base copy), "full" (its own ext4, filled at boot to less than
         50 MiB free) or "overlay" (overlayfs over the base: cannot be frozen). ``users`` get a home and the lab
         key; ``root_password`` also allows root password logins; ``sftp=False`` leaves sshd without the SFTP
-        subsystem; ``os_release`` replaces the release files (another OS)."""
+        subsystem; ``os_release`` replaces the release files (another OS); ``base`` is another system to copy than
+        the lab's (e.g. ``sshd_base_root("bullseye")``: Debian 11)."""
         if not _NAME.fullmatch(name) or any(h.name == name for h in self.hosts):
             raise ValueError(f"host name {name!r} is not a new lower-case host name")
         index = len(self.hosts)
@@ -213,7 +222,7 @@ class Lab:
         run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0"])
         run(["ip", "-n", netns, "link", "set", "eth0", "up"])
 
-        root = self._make_root(name, disk)
+        root = self._make_root(name, disk, base or self.base)
         host = Host(name, address, netns, root, disk, "", self.workdir / f"{name}.log")
         self.hosts.append(host)
         host.host_key_public = _prepare_root(root, name, self.public_key)
@@ -335,7 +344,7 @@ class Lab:
         run(["mount", *argv, str(where)])
         self._undo.append((f"mount {where}", functools.partial(_unmount, where)))
 
-    def _make_root(self, name: str, disk: Disk) -> Path:
+    def _make_root(self, name: str, disk: Disk, base: Path) -> Path:
         if disk == "btrfs":
             if self._btrfs is None:
                 image = self.workdir / "btrfs.img"
@@ -343,25 +352,28 @@ class Lab:
                 run(["mkfs.btrfs", "-q", str(image)], timeout=120)
                 mount = self.workdir / "btrfs"
                 self._mount([self._attach(image)], mount)
-                run(["btrfs", "subvolume", "create", str(mount / "base")])
-                _copy_tree(self.base, mount / "base")
-                self._btrfs = mount  # only a complete copy is ever snapshotted
+                self._btrfs = mount
+            if base not in self._bases:
+                copy = "base" if not self._bases else f"base-{len(self._bases)}"
+                run(["btrfs", "subvolume", "create", str(self._btrfs / copy)])
+                _copy_tree(base, self._btrfs / copy)
+                self._bases[base] = copy  # only a complete copy is ever snapshotted
             root = self._btrfs / name
-            run(["btrfs", "subvolume", "snapshot", str(self._btrfs / "base"), str(root)])
+            run(["btrfs", "subvolume", "snapshot", str(self._btrfs / self._bases[base]), str(root)])
         elif disk == "full":
             image = self.workdir / f"{name}.img"
             _sparse(image, FULL_IMAGE_SIZE)
             run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], timeout=120)
             root = self.workdir / name
             self._mount([self._attach(image)], root)
-            _copy_tree(self.base, root)
+            _copy_tree(base, root)
         elif disk == "overlay":
             layers = self.workdir / f"{name}-overlay"
-            if any(c in f"{self.base}{layers}" for c in ",:"):
-                raise LabError(f"overlayfs cannot take {self.base} or {layers} (',' or ':')")
+            if any(c in f"{base}{layers}" for c in ",:"):
+                raise LabError(f"overlayfs cannot take {base} or {layers} (',' or ':')")
             (layers / "upper").mkdir(parents=True)
             (layers / "work").mkdir()
-            options = f"lowerdir={self.base},upperdir={layers / 'upper'},workdir={layers / 'work'}"
+            options = f"lowerdir={base},upperdir={layers / 'upper'},workdir={layers / 'work'}"
             root = self.workdir / name
             self._mount(["-t", "overlay", "overlay", "-o", options], root)
         else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -16,24 +15,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from agent import wire
-from agent.cli import Parser, run
-from agent.errors import BadArguments, Exit
-from agent.fsutil import atomic_write
-from agent.textsafe import printable, shown
+from agent.distros import BY_TAG
+from agent.shared import timefmt, wire
+from agent.shared.cli import Parser, run
+from agent.shared.errors import BadArguments, Exit
+from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
+from agent.shared.textsafe import printable, shown
 from server import __version__, pki
+from server.database import Database, database_for, record_database
 from server.datadir import DEFAULT_DATA_DIR, DataDir
 from server.errors import (
     BadDuration,
+    DatabaseNotEmpty,
     DataDirInitialised,
     DataDirNotInitialised,
     DataDirPermissions,
+    MachineNotFound,
     PushTargetInvalid,
 )
 from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
 DEFAULT_PROCESS_PORT = 9444
+MAX_HOSTS_FILE = 1 << 20  # one HOST[:PORT] per line: tens of thousands of hosts
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -52,6 +56,14 @@ def _data(args: argparse.Namespace) -> DataDir:
     return data
 
 
+def _database(args: argparse.Namespace, data: DataDir) -> Database:
+    return database_for(data, getattr(args, "database", None))
+
+
+def _storage(args: argparse.Namespace, data: DataDir) -> Storage:
+    return Storage.open(_database(args, data), pool_size=0)
+
+
 def check_permissions(data: DataDir) -> None:
     """Refuse to run on a data directory whose secrets others could read or whose files others could replace."""
     if data.root.stat().st_mode & 0o022:
@@ -61,6 +73,7 @@ def check_permissions(data: DataDir) -> None:
         data.tls_key,
         data.passphrase,
         data.database,
+        data.nonce_key,
         *sorted((data.tuf_dir / "keys").glob("*")),
     ]
     for f in secret_files:
@@ -69,11 +82,15 @@ def check_permissions(data: DataDir) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from server.nonces import load_or_create_key
     from server.repository import Repository
 
     data = DataDir(Path(args.data))
     if data.initialised_marker.exists():
         raise DataDirInitialised(f"{data.root} already holds an initialised server")
+    db = _database(args, data)
+    if db.postgresql or (db.sqlite_path is not None and db.sqlite_path.exists()):
+        _require_empty(db)
     data.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     data.root.chmod(0o700)
     now = dt.datetime.now(dt.UTC)
@@ -85,13 +102,45 @@ def cmd_init(args: argparse.Namespace) -> int:
     atomic_write(data.tls_key, pki.key_pem(key), 0o600)
     atomic_write(data.tls_cert, pki.cert_pem(cert))
     atomic_write(data.passphrase, (pki.random_secret() + "\n").encode(), 0o600)
-    Storage(data.database, create=True).close()
-    data.database.chmod(0o600)
+    load_or_create_key(data.nonce_key)
+    Storage.open(db, create=True, pool_size=0).close()
+    record_database(data, db)
     data.repository_dir.mkdir(exist_ok=True)
     Repository.create(data)
     atomic_write(data.initialised_marker, f"{__version__}\n".encode())
-    print(f"initialised {data.root} for {', '.join(names)}")
+    print(f"initialised {data.root} for {', '.join(names)} (database {db})")
     print(f"fingerprint: {pki.fingerprint(ca.cert)}")
+    return Exit.OK
+
+
+def _require_empty(db: Database) -> None:
+    """`init` makes a new CA: a database that already holds another server's machines is not reused by it."""
+    from server import migrations
+    from server.database import make_engine
+
+    engine = make_engine(db, pool_size=0)
+    try:
+        from server.storage import _opening
+
+        with _opening(db), engine.connect() as conn:
+            if migrations.current(conn) is not None:
+                raise DatabaseNotEmpty(f"{db} already holds a Mobility server's tables")
+    finally:
+        engine.dispose()
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from server.nonces import load_or_create_key
+
+    data = _data(args)
+    check_permissions(data)
+    db = _database(args, data)
+    before, after = Storage.upgrade(db)
+    load_or_create_key(data.nonce_key)
+    if before == after:
+        print(f"database {db} is current (schema {after})")
+    else:
+        print(f"database {db} upgraded from schema {before} to {after}")
     return Exit.OK
 
 
@@ -102,18 +151,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_permissions(data)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
-        from agent.errors import BadArguments
-
         raise BadArguments(f"--listen {args.listen!r}: expected HOST:PORT")
     process = None
+    announce_host, announce_port = _announced(args.process_address)
     if args.role in ("all", "process"):
         from server.process.service import ProcessOptions
 
         default_port = DEFAULT_PROCESS_PORT if int(port) else 0  # --listen on port 0 (tests): any free port
         phost, pport = _host_port(args.process_listen or f"{host}:{default_port}", "--process-listen")
-        process = ProcessOptions(phost, pport, parse_size(args.store_reserve), args.process_address)
+        process = ProcessOptions(phost, pport, parse_size(args.store_reserve), announce_host, announce_port)
+    elif announce_host is None:
+        raise BadArguments("--role api needs --process-address HOST[:PORT]: where agents reach the process server")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = open_server(data, heartbeat_interval=args.heartbeat_interval, new_database=args.new_database)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-open chatter; `upgrade` prints what it did
+    if args.max_connections is not None and args.max_connections < 1:
+        raise BadArguments("--max-connections must be at least 1")
+    if not 1 <= args.stats_interval <= 86400:
+        raise BadArguments("--stats-interval must be between 1 and 86400 seconds")
+    server = open_server(
+        data,
+        _database(args, data),
+        heartbeat_interval=args.heartbeat_interval,
+        new_database=args.new_database,
+        max_connections=args.max_connections,
+        stats_interval=args.stats_interval,
+    )
     fingerprint = pki.fingerprint(server.enrolment.ca.cert)
 
     def ready(bound: int, process_port: int | None) -> None:
@@ -122,8 +184,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
             line += f" process: {process.host if process else host}:{process_port}"
         print(line, flush=True)
 
-    asyncio.run(serve(server, host.strip("[]"), int(port), ready, process=process, api=args.role != "process"))
+    import uvloop
+
+    # libuv's loop and TLS: the same asyncio API, several times less CPU per connection and request.
+    from agent.shared.replication_wire import ProcessAddress
+
+    elsewhere = ProcessAddress(announce_host, announce_port or DEFAULT_PROCESS_PORT) if args.role == "api" else None
+    uvloop.run(
+        serve(
+            server,
+            host.strip("[]"),
+            int(port),
+            ready,
+            process=process,
+            api=args.role != "process",
+            elsewhere=elsewhere,
+        )
+    )
     return Exit.OK
+
+
+def _announced(text: str | None) -> tuple[str | None, int | None]:
+    """--process-address HOST[:PORT] (an IPv6 address in brackets when it has a port), checked as agents check it."""
+    if text is None:
+        return None, None
+    from agent.shared.replication_wire import ProcessAddress
+    from agent.shared.wire import WireError
+
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        parsed = ProcessAddress.from_json({"host": host, "port": int(port) if port else DEFAULT_PROCESS_PORT})
+    except (WireError, ValueError) as e:
+        raise BadArguments(f"--process-address {text[:80]!r}: expected HOST[:PORT]") from e
+    return parsed.host, parsed.port if port else None
 
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
@@ -148,7 +246,7 @@ def parse_size(text: str) -> int:
 def cmd_passphrase(args: argparse.Namespace) -> int:
     data = _data(args)
     if args.action == "rotate":
-        storage = Storage(data.database)
+        storage = _storage(args, data)
         old = data.passphrase.read_text().strip()
         # Keep the old one valid first: a crash between the two steps leaves both working, never neither.
         storage.retire_passphrase(old, time.time() + parse_duration(args.grace))
@@ -165,10 +263,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     data = _data(args)
     ttl = parse_duration(args.ttl)
     if args.uses is not None and args.uses < 1:
-        from agent.errors import BadArguments
-
         raise BadArguments("--uses must be at least 1")
-    storage = Storage(data.database)
+    storage = _storage(args, data)
     try:
         _, token = create_token(storage, ttl, args.uses, time.time())
     finally:
@@ -177,15 +273,13 @@ def cmd_token(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def _ago(now: float, t: float | None) -> str:
-    if t is None:
-        return "never"
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def cmd_machines(args: argparse.Namespace) -> int:
     data = _data(args)
-    storage = Storage(data.database)
+    if args.action != "list":
+        return _change_machine(args, data)
+    if args.host_id is not None:
+        raise BadArguments("`machines` lists every machine; `machines remove|revoke HOST_ID` changes one")
+    storage = _storage(args, data)
     now = time.time()
     rows: list[dict[str, Any]] = []
     for m in storage.machines():
@@ -198,12 +292,16 @@ def cmd_machines(args: argparse.Namespace) -> int:
                 "platform": m.platform,
                 "agent_version": m.agent_version,
                 "last_seen": m.last_seen,
-                "state": "online" if m.online(now) else "offline",
+                "state": "revoked" if m.revoked else "online" if m.online(now) else "offline",
                 "health": m.health.status if m.health else "unknown",
                 "health_report": m.health.to_json() if m.health else None,
                 "cloned_from": m.cloned_from,
                 "facts": m.facts.to_json(),
                 "certificate_expires": m.cert_not_after,
+                "revoked": m.revoked,
+                "target_version": m.target_version,
+                "pinned": m.pinned_version,
+                "pin_reason": m.pin_reason,
             }
         )
     storage.close()
@@ -220,16 +318,34 @@ def cmd_machines(args: argparse.Namespace) -> int:
         "last_seen",
         "state",
         "health",
+        "pinned",
         "cloned_from",
     )
-    table = [[r[c] if c != "last_seen" else _ago(now, r[c]) for c in cols] for r in rows]
+    table = [[r[c] if c != "last_seen" else timefmt.shown(r[c]) for c in cols] for r in rows]
     _print_table([c.upper() for c in cols], table)
+    return Exit.OK
+
+
+def _change_machine(args: argparse.Namespace, data: DataDir) -> int:
+    if not args.host_id:
+        raise BadArguments(f"`machines {args.action}` needs the HOST_ID of the machine")
+    storage = _storage(args, data)
+    try:
+        done = storage.revoke(args.host_id, time.time()) if args.action == "revoke" else storage.remove(args.host_id)
+        if not done and (args.action == "remove" or storage.machine(args.host_id) is None):
+            raise MachineNotFound(f"no machine {printable(args.host_id, 80)}")
+    finally:
+        storage.close()
+    if args.action == "revoke":
+        print(f"revoked {args.host_id}: its certificates are refused from now on" if done else "already revoked")
+    else:
+        print(f"removed {args.host_id}: its certificates are refused; its jobs are kept")
     return Exit.OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     data = _data(args)
-    storage = Storage(data.database)
+    storage = _storage(args, data)
     jobs = storage.jobs()
     storage.close()
     if args.json:
@@ -240,10 +356,160 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _published(data: DataDir) -> set[tuple[str, str]]:
+    """(version, OS tag) of every bundle the repository publishes."""
+    from server.repository import Repository
+
+    return {(e.version, e.os_tag) for e in Repository(data).list()}
+
+
+def _host_ids(text: str) -> list[str]:
+    import uuid
+
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise BadArguments("--machines: give host IDs, separated by commas")
+    for host_id in ids:
+        try:
+            if str(uuid.UUID(host_id)) != host_id:
+                raise ValueError(host_id)
+        except ValueError as e:
+            raise BadArguments(f"{shown(host_id)} is not a host ID (`mobility-server machines` lists them)") from e
+    return list(dict.fromkeys(ids))
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from server.rollouts import Rollouts, Selection, parse_version, parse_wave
+
+    data = _data(args)
+    if args.halt:
+        if args.to or args.machines or args.os_tag or args.all:
+            raise BadArguments("update --halt takes no other option")
+    else:
+        if not args.to:
+            raise BadArguments("update: give --to VERSION (or --halt)")
+        if sum([bool(args.machines), bool(args.os_tag), args.all]) != 1:
+            raise BadArguments("update: name the machines with one of --machines ID,..., --os-tag TAG or --all")
+        if args.os_tag is not None and args.os_tag not in BY_TAG:
+            raise BadArguments(f"--os-tag {shown(args.os_tag)}: not an OS tag of the support matrix")
+        if args.max_failures < 1:
+            raise BadArguments("--max-failures must be at least 1")
+        version, wave, timeout = parse_version(args.to), parse_wave(args.wave), parse_duration(args.wave_timeout)
+        selection = Selection(
+            all=args.all, os_tag=args.os_tag, machines=tuple(_host_ids(args.machines)) if args.machines else ()
+        )
+    storage = _storage(args, data)
+    try:
+        rollouts = Rollouts(storage)
+        now = time.time()
+        if args.halt:
+            rollout, members = rollouts.halt("halted by an operator (mobility-server update --halt)", now)
+        else:
+            published = _published(data)
+            rollout, members = rollouts.start(version, selection, wave, args.max_failures, timeout, published, now)
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps({**rollout.to_json(), "machines": [m.to_json() for m in members]}, indent=2))
+        return Exit.OK
+    _print_rollout(rollout, members)
+    return Exit.OK
+
+
+def cmd_updates(args: argparse.Namespace) -> int:
+    from server.rollouts import Rollouts
+
+    storage = _storage(args, _data(args))
+    try:
+        listing = Rollouts(storage).listing()
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps([{**r.to_json(), "machines": [m.to_json() for m in ms]} for r, ms in listing], indent=2))
+        return Exit.OK
+    if not listing:
+        print("no rollouts (start one with `mobility-server update --to VERSION --all`)")
+    for i, (rollout, members) in enumerate(listing):
+        if i:
+            print()
+        _print_rollout(rollout, members)
+    return Exit.OK
+
+
+def _print_rollout(rollout: Any, members: list[Any]) -> None:
+    counts: dict[str, int] = {}
+    for m in members:
+        counts[m.state] = counts.get(m.state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    print(
+        f"rollout {rollout.rollout_id}: {rollout.state}, to {rollout.to_version} for {rollout.selection.describe()}, "
+        f"wave {rollout.current_wave} of {rollout.waves} ({rollout.wave_size} per wave), "
+        f"at most {rollout.max_failures} failure(s), started {timefmt.shown(rollout.created_at)}"
+    )
+    print(f"  machines: {summary}")
+    if rollout.reason:
+        print(f"  {rollout.state}: {printable(rollout.reason, 2000)}")
+    cols = ["HOST_ID", "HOSTNAME", "WAVE", "FROM", "NOW", "HEALTH", "STATE", "JOB", "ERROR_ID", "DETAIL"]
+    rows = [
+        [
+            m.host_id,
+            m.hostname,
+            m.wave,
+            m.from_version,
+            m.agent_version,
+            m.health,
+            m.state,
+            m.job_state,
+            m.error_id,
+            (m.detail or "").splitlines()[0] if m.detail else None,
+        ]
+        for m in members
+    ]
+    _print_table(cols, rows)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from server.rollouts import Rollouts, parse_version
+
+    data = _data(args)
+    host_ids = _host_ids(",".join(args.host_ids))
+    version = parse_version(args.to) if args.command == "pin" and args.to else None
+    storage = _storage(args, data)
+    try:
+        rollouts = Rollouts(storage)
+        if args.command == "unpin":
+            machines = rollouts.unpin(host_ids)
+        else:
+            reason = printable(args.reason or "pinned by an operator", 200)
+            machines = rollouts.pin(host_ids, version, reason, _published(data) if version else set(), time.time())
+    finally:
+        storage.close()
+    rows = [{"host_id": m.host_id, "hostname": m.hostname, "agent_version": m.agent_version,
+             "pinned": m.pinned_version, "target_version": m.target_version, "pin_reason": m.pin_reason}
+            for m in machines]  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return Exit.OK
+    for r in rows:
+        what = f"pinned to {r['pinned']}" if r["pinned"] else "follows rollouts"
+        print(f"{r['host_id']} ({printable(str(r['hostname']), 100)}): runs {r['agent_version']}, {what}")
+    return Exit.OK
+
+
 def cmd_repo(args: argparse.Namespace) -> int:
     from server.repository import Repository
 
-    repo = Repository(_data(args))
+    data = _data(args)
+    db = _database(args, data)
+    storage = Storage.open(db, pool_size=0) if db.postgresql else None
+    try:
+        return _repo(args, Repository(data, storage=storage))
+    finally:
+        if storage is not None:
+            storage.close()
+
+
+def _repo(args: argparse.Namespace, repo: Any) -> int:
     if args.action == "add":
         for entry in repo.add([Path(f) for f in args.files]):
             print(f"added {entry.name}")
@@ -285,8 +551,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     targets = [parse_target(h) for h in args.host or []]
     if args.hosts_file:
         try:
-            text = Path(args.hosts_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_small_file(Path(args.hosts_file), MAX_HOSTS_FILE)[1].decode()
+        except (OSError, NotSmallRegularFile, UnicodeDecodeError) as e:
             raise PushTargetInvalid(f"--hosts-file {args.hosts_file}: {getattr(e, 'strerror', None) or e}") from e
         targets += parse_hosts_file(text, args.hosts_file)
     if not targets:
@@ -303,6 +569,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         timeout=args.timeout,
         progress=progress_for(args.json),
+        database=_database(args, data),
     )
     failed = [r for r in results if not r.ok]
     if args.json:
@@ -331,11 +598,20 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="DIR",
             help=f"the server's data directory (default {DEFAULT_DATA_DIR})",
         )
+        p.add_argument(
+            "--database",
+            metavar="URL",
+            help="postgresql://USER@HOST[:PORT]/NAME (password from PGPASSWORD, PGPASSFILE or ~/.pgpass, never the "
+            "URL) or sqlite:///PATH; default: what `init --database` recorded, else DIR/mobility.db",
+        )
         return p
 
     p = command("init", "create the CA, TLS certificate, repository keys, passphrase and database")
     p.add_argument("--name", action="append", metavar="HOST_OR_IP", help="a name or IP of the server (repeatable)")
     p.set_defaults(func=cmd_init)
+
+    p = command("upgrade", "bring the database's schema to this version (stop every instance first)")
+    p.set_defaults(func=cmd_upgrade)
 
     p = command("serve", "serve the HTTPS API")
     p.add_argument("--listen", default=f"0.0.0.0:{wire.DEFAULT_PORT}", metavar="HOST:PORT")
@@ -353,9 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--role",
-        choices=("all", "process"),
+        choices=("all", "api", "process"),
         default="all",
-        help="all: the API and the process server (default); process: only the process server (replication)",
+        help="all: the API and the process server (default); process: only the process server (replication); api: "
+        "only the API, telling agents the process server at --process-address",
     )
     p.add_argument(
         "--process-listen",
@@ -365,14 +642,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--process-address",
-        metavar="HOST",
-        help="the process server's host as agents reach it (default: the configuration server's address)",
+        metavar="HOST[:PORT]",
+        help="the process server as agents reach it (default: the configuration server's address and the "
+        "process server's port)",
     )
     p.add_argument(
         "--store-reserve",
         default="256M",
         metavar="SIZE",
         help="free space the chunk store keeps on its filesystem; new data is refused below it (default 256M)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="connections served at once; more are answered 503 (default: the open-file limit less a margin)",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often the log gets the event loop's stall figures and the connection counts (default 60)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -387,10 +678,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uses", type=int, help="how many enrolments it allows (default unlimited)")
     p.set_defaults(func=cmd_token)
 
-    for name, func, help_text in (("machines", cmd_machines, "list machines"), ("jobs", cmd_jobs, "list jobs")):
-        p = command(name, help_text)
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=func)
+    p = command("machines", "list machines, or remove or revoke one")
+    p.add_argument("action", nargs="?", choices=("list", "remove", "revoke"), default="list")
+    p.add_argument("host_id", nargs="?", metavar="HOST_ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_machines)
+
+    p = command("jobs", "list jobs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = command("update", "roll an agent version out to machines in waves (or --halt the running rollout)")
+    p.add_argument("--to", metavar="VERSION", help="the version to roll out (its bundles must be published)")
+    p.add_argument("--machines", metavar="ID,...", help="these machines (host IDs, comma-separated)")
+    p.add_argument("--os-tag", metavar="TAG", help="every machine of this OS tag")
+    p.add_argument("--all", action="store_true", help="every machine")
+    p.add_argument("--wave", default="10%", metavar="N%|N", help="machines per wave: a share or a count (default 10%%)")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        metavar="N",
+        help="halt the rollout once this many machines failed (default 1)",
+    )
+    p.add_argument(
+        "--wave-timeout",
+        default="30m",
+        metavar="DURATION",
+        help="a machine not verified on the new version within this counts as failed (default 30m)",
+    )
+    p.add_argument("--halt", action="store_true", help="halt the running rollout (no wave is offered after)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_update)
+
+    p = command("updates", "list rollouts, newest first, with the state of each machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_updates)
+
+    p = command("pin", "keep machines at a version (default: the one each runs), out of rollouts")
+    p.add_argument("host_ids", nargs="+", metavar="HOST_ID")
+    p.add_argument("--to", metavar="VERSION", help="move them to this version and keep them there")
+    p.add_argument("--reason", metavar="TEXT", help="why (shown in `machines` and `updates`)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pin)
+
+    p = command("unpin", "let pinned machines follow rollouts again (after a rollback: once the cause is fixed)")
+    p.add_argument("host_ids", nargs="+", metavar="HOST_ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pin)
 
     p = command("push", "install and register the agent on hosts over SSH/SFTP")
     p.add_argument("--host", action="append", metavar="HOST[:PORT]", help="a host to push to (repeatable)")
@@ -424,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         q = repo.add_parser(action, help=help_text)
         q.add_argument("--data", default=argparse.SUPPRESS, metavar="DIR")
+        q.add_argument("--database", default=argparse.SUPPRESS, metavar="URL")
         if action == "add":
             q.add_argument("files", nargs="+", metavar="FILE")
         elif action == "remove":

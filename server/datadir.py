@@ -37,6 +37,16 @@ class DataDir:
         return self.root / "mobility.db"
 
     @property
+    def database_url(self) -> Path:
+        """The PostgreSQL URL `init --database` recorded (no password): the database every command then uses."""
+        return self.root / "database.url"
+
+    @property
+    def nonce_key(self) -> Path:
+        """The key enrolment nonces are signed with (mode 0600): every instance sharing the directory checks them."""
+        return self.root / "nonce.key"
+
+    @property
     def repository_dir(self) -> Path:
         """Installer bundles: added with `repo add`, or dropped here by an operator (then `repo rescan`)."""
         return self.root / "repository"

@@ -13,7 +13,6 @@ import logging
 import secrets
 import string
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,15 +22,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.textsafe import printable
-from agent.wire import (
-    EnrolRequest,
-    RenewRequest,
-    WireError,
-    enrol_proof,
-    job_proof,
-    key_proof_message,
-)
+from agent.distros import BY_TAG
+from agent.shared.textsafe import printable
+from agent.shared.wire import EnrolRequest, RenewRequest, WireError, enrol_proof, job_proof, key_proof_message
 from server import pki
 from server.errors import (
     BadProof,
@@ -43,14 +36,14 @@ from server.errors import (
     TokenExpired,
     TokenUsedUp,
 )
-from server.storage import Machine, NewMachine, Storage
+from server.nonces import NonceSigner
+from server.storage import Machine, NewMachine, Storage, Tx, key_id
 
 log = logging.getLogger("mobility.server.enrolment")
 
 NONCE_TTL = 300.0
 FAILURE_WINDOW = 60.0
 MAX_FAILURES = 5  # per source address and window; then 429 until the oldest failure leaves the window
-MAX_NONCES = 100_000
 
 
 @dataclass(frozen=True)
@@ -66,40 +59,38 @@ class Secret:
 
 @dataclass
 class Enrolment:
+    """Enrolment, renewal and proofs. Its methods block (database, signing): the server calls them in worker threads.
+    Nothing here lives in one process: nonces are signed, their single use and the failure counts are in the
+    database, so several instances behind a load balancer act as one."""
+
     storage: Storage
     ca: pki.Authority
     passphrase: Callable[[], str]
     tuf_root: Callable[[], bytes]
     heartbeat_interval: float = 30.0
-    _nonces: dict[str, float] = field(default_factory=dict)
-    _failures: dict[str, deque[float]] = field(default_factory=dict)
+    nonces: NonceSigner = field(default_factory=lambda: NonceSigner(secrets.token_bytes(32)))
 
     # Nonces and rate limiting ------------------------------------------------------------------------
 
     def new_nonce(self, now: float) -> str:
-        if len(self._nonces) >= MAX_NONCES:
-            self._nonces = {n: t for n, t in self._nonces.items() if t > now}
-        nonce = secrets.token_urlsafe(24)
-        self._nonces[nonce] = now + NONCE_TTL
-        return nonce
+        """A signed nonce: nothing is stored until it is used, so asking for nonces costs the server no memory."""
+        return self.nonces.issue(now, NONCE_TTL)
 
     def _take_nonce(self, nonce: str, now: float) -> None:
-        expires = self._nonces.pop(nonce, None)  # single use: a replay finds nothing
-        if expires is None or expires < now:
-            raise NonceInvalid("the nonce is unknown, already used or expired")
+        checked = self.nonces.check(nonce, now)
+        if not self.storage.use_nonce(checked.id, checked.expires_at):  # single use: a replay finds it taken
+            raise NonceInvalid("the nonce was already used")
 
     def check_rate(self, address: str, now: float) -> None:
-        recent = self._failures.get(address)
-        while recent and recent[0] <= now - FAILURE_WINDOW:
-            recent.popleft()
-        if recent is not None and len(recent) >= MAX_FAILURES:
-            retry = int(recent[0] + FAILURE_WINDOW - now) + 1
+        count, oldest = self.storage.failures(address, now - FAILURE_WINDOW)
+        if count >= MAX_FAILURES and oldest is not None:
+            retry = int(oldest + FAILURE_WINDOW - now) + 1
             raise RateLimited(
-                f"{len(recent)} failed proofs from {address} in the last {int(FAILURE_WINDOW)} s", retry_after=retry
+                f"{count} failed proofs from {address} in the last {int(FAILURE_WINDOW)} s", retry_after=retry
             )
 
     def _failed(self, address: str, now: float, why: str, hostname: str) -> None:
-        self._failures.setdefault(address, deque()).append(now)
+        self.storage.record_failure(address, now)
         log.warning("enrolment refused from %s (hostname %s): %s", address, printable(hostname, 80), why)
 
     # Proofs ------------------------------------------------------------------------------------------
@@ -140,7 +131,7 @@ class Enrolment:
     def enrol(self, body: Any, address: str, now: float) -> dict[str, Any]:
         self.check_rate(address, now)
         try:
-            req = EnrolRequest.from_json(body)
+            req = EnrolRequest.from_json(body, BY_TAG)
         except WireError as e:
             # Unauthenticated garbage counts against the address like a wrong proof: it costs us, not them.
             self._failed(address, now, f"malformed request: {e}", "?")
@@ -154,29 +145,38 @@ class Enrolment:
             self._failed(address, now, e.message, req.hostname)
             raise
         csr = load_csr(req.csr)
-        host_id, cloned_from = self._identity(req, csr)
-        try:
-            cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
-        except ValueError as e:
-            raise CsrInvalid(str(e)) from e
-        record = NewMachine(
-            host_id=host_id,
-            hostname=req.hostname,
-            os_tag=req.os_tag,
-            role=req.role,
-            platform=req.platform,
-            agent_version=req.agent_version,
-            facts=req.facts,
-            cloned_from=cloned_from,
-            cert_serial=format(cert.serial_number, "x"),
-            cert_not_after=cert.not_valid_after_utc.timestamp(),
-            public_key=_public_pem(csr),
-            enrol_token_id=secret.token_id,
-            heartbeat_interval=self.heartbeat_interval,
-        )
-        # One transaction: the token's use and the machine record are written together or not at all.
-        if not self.storage.enrol_machine(record, now):
-            raise TokenUsedUp("the enrolment token has no uses left")
+        public = _public_pem(csr)
+        # One transaction decides the identity and records it, so that concurrent enrolments of one machine (a
+        # retry whose first answer was lost, clones of one image booting together) see each other: no duplicate
+        # machine, and a clone is still told from its original. The token's use is taken in it too.
+        with self.storage.transaction() as tx:
+            tx.lock(
+                f"key:{key_id(public)}",
+                *([f"facts:{req.facts.machine_id}"] if req.facts.machine_id else []),
+                *([f"host:{req.host_id}"] if req.host_id else []),
+            )
+            host_id, cloned_from = self._identity(tx, req, csr, public)
+            try:
+                cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
+            except ValueError as e:
+                raise CsrInvalid(str(e)) from e
+            record = NewMachine(
+                host_id=host_id,
+                hostname=req.hostname,
+                os_tag=req.os_tag,
+                role=req.role,
+                platform=req.platform,
+                agent_version=req.agent_version,
+                facts=req.facts,
+                cloned_from=cloned_from,
+                cert_serial=format(cert.serial_number, "x"),
+                cert_not_after=cert.not_valid_after_utc.timestamp(),
+                public_key=public,
+                enrol_token_id=secret.token_id,
+                heartbeat_interval=self.heartbeat_interval,
+            )
+            if not tx.enrol_machine(record, now):
+                raise TokenUsedUp("the enrolment token has no uses left")
         log.info(
             "enrolled %s as %s%s",
             printable(req.hostname, 80),
@@ -192,15 +192,20 @@ class Enrolment:
             "heartbeat_interval": self.heartbeat_interval,
         }
 
-    def _identity(self, req: EnrolRequest, csr: x509.CertificateSigningRequest) -> tuple[str, str | None]:
+    def _identity(
+        self, tx: Tx, req: EnrolRequest, csr: x509.CertificateSigningRequest, public: str
+    ) -> tuple[str, str | None]:
         """The host ID to issue and what it is a clone of: the named host only with proof of its current key."""
         csr_cn = pki.csr_common_name(csr)
         if req.host_id is not None:
             if csr_cn != req.host_id:
                 raise HostMismatch(f"the CSR names {csr_cn!r} but the request is for host {req.host_id}")
-            known = self.storage.machine(req.host_id)
+            known = tx.machine(req.host_id)
             if known is None:
                 # Nobody holds this ID here (a new server, or the record was removed): a fresh identity.
+                return str(uuid.uuid4()), None
+            if known.revoked:
+                log.warning("enrolment names revoked host %s: a new machine", known.host_id)
                 return str(uuid.uuid4()), None
             if not self._proves_key(known, req):
                 log.warning("enrolment names host %s without proof of its key: a new machine", known.host_id)
@@ -208,31 +213,40 @@ class Enrolment:
             if known.facts.same_machine(req.facts):
                 return known.host_id, known.cloned_from  # the same machine, re-keyed
             return str(uuid.uuid4()), known.host_id  # its key, other facts: a clone of it
-        if csr_cn not in (None, "new") and self.storage.machine(csr_cn) is not None:
+        if csr_cn not in (None, "new") and tx.machine(csr_cn) is not None:
             raise HostMismatch(f"the CSR names host {csr_cn}, which belongs to another machine")
-        same = self.storage.find_by_facts(req.facts)
+        # The same key as an enrolled machine, and its facts: that machine asking again (its first answer was lost
+        # in a boot storm). The CSR is signed by the key, so only its holder can send it.
+        retried = tx.machine_with_key(key_id(public))
+        if retried is not None and not retried.revoked and retried.facts.same_machine(req.facts):
+            return retried.host_id, retried.cloned_from
+        same = tx.find_by_facts(req.facts)
         # The same facts as a known machine without its key: a clone (or the same machine without its state). It
         # never gets the original's identity; an operator removes the old record if it is gone.
         return str(uuid.uuid4()), same.host_id if same is not None else None
 
     @staticmethod
     def _proves_key(known: Machine, req: EnrolRequest) -> bool:
-        if not req.key_proof or not known.public_key:
+        if not req.key_proof:
             return False
-        try:
-            public = serialization.load_pem_public_key(known.public_key.encode())
-            if not isinstance(public, ec.EllipticCurvePublicKey):
-                return False
-            public.verify(
-                bytes.fromhex(req.key_proof),
-                key_proof_message(req.nonce, req.csr.encode()),
-                ec.ECDSA(hashes.SHA256()),
-            )
-        except (InvalidSignature, ValueError):
-            return False
-        return True
+        for pem in known.proof_keys():
+            try:
+                public = serialization.load_pem_public_key(pem.encode())
+                if not isinstance(public, ec.EllipticCurvePublicKey):
+                    continue
+                public.verify(
+                    bytes.fromhex(req.key_proof),
+                    key_proof_message(req.nonce, req.csr.encode()),
+                    ec.ECDSA(hashes.SHA256()),
+                )
+            except (InvalidSignature, ValueError):
+                continue
+            return True
+        return False
 
     def renew(self, host_id: str, body: Any, now: float) -> dict[str, Any]:
+        """A new certificate for ``host_id``, whose current certificate the caller has checked (the server's
+        ``authenticate``: a revoked or superseded certificate never gets here)."""
         try:
             req = RenewRequest.from_json(body)
         except WireError as e:

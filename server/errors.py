@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from agent.errors import (
+from agent.shared.errors import (
     LocalSystemError,
     RemoteStateError,
     TemporaryError,
@@ -110,6 +110,42 @@ class JobNotOwned(ApiError):
     )
 
 
+class CertRevoked(ApiError):
+    code = "CERT-REVOKED"
+    status = 403
+    remediation = (
+        "The server's operator revoked this machine (`mobility-server machines revoke`); if it should be protected "
+        "again, enrol it anew with `mobility configure` (it gets a new host ID)."
+    )
+
+
+class CertSuperseded(ApiError):
+    code = "CERT-SUPERSEDED"
+    status = 403
+    remediation = (
+        "A newer certificate was issued for this host ID (a renewal, or a copy of this machine enrolled again): this "
+        "copy is stale. Run `mobility configure` on it to enrol it as the machine it is."
+    )
+
+
+class ServerBusy(ApiError):
+    code = "SERVER-BUSY"
+    status = 503
+    remediation = "The server is at capacity (a boot storm?); agents retry by themselves after Retry-After seconds."
+
+
+class HeadersTooLarge(ApiError):
+    code = "HEADERS-TOO-LARGE"
+    status = 431
+    remediation = "Send the API's few short headers; a request line or header is limited to 8 KiB."
+
+
+class RequestTimeout(ApiError):
+    code = "REQUEST-TIMEOUT"
+    status = 408
+    remediation = "Send the whole request at once: its headers and body must arrive within 10 seconds."
+
+
 class ServerInternal(ApiError):
     code = "SERVER-INTERNAL"
     status = 500
@@ -128,8 +164,46 @@ class DatabaseUnavailable(ApiError):
 class DatabaseMissing(LocalSystemError):
     code = "DB-MISSING"
     remediation = (
-        "The initialised data directory has lost mobility.db: restore it from a backup (stop the server first), or "
-        "start with `serve --new-database` to begin with no machines (every agent must then enrol again)."
+        "The server's database is gone (mobility.db deleted, or an empty PostgreSQL database): restore it from a "
+        "backup (stop the server first), or start with `serve --new-database` to begin with no machines (every agent "
+        "must then enrol again)."
+    )
+
+
+class DatabaseSchemaOld(LocalSystemError):
+    code = "DB-SCHEMA-OLD"
+    remediation = (
+        "The database was made by an older server: stop every instance, back it up, run `mobility-server upgrade` "
+        "once, then start the instances again."
+    )
+
+
+class DatabaseSchemaNewer(LocalSystemError):
+    code = "DB-SCHEMA-NEWER"
+    remediation = "A newer server has upgraded this database: run that version of mobility-server on every instance."
+
+
+class DatabaseNotEmpty(UsageError):
+    code = "DB-NOT-EMPTY"
+    remediation = (
+        "`init` makes a new server, and this database belongs to another one: give `init --database` an empty "
+        "database (createdb NAME), or use the existing server's data directory."
+    )
+
+
+class MachineNotFound(UsageError):
+    code = "MACHINE-NOT-FOUND"
+    remediation = (
+        "Give the host ID as `mobility-server machines` lists it (where a command takes --machine, a hostname that "
+        "names one machine also does)."
+    )
+
+
+class DatabaseUrlInvalid(UsageError):
+    code = "DB-URL-INVALID"
+    remediation = (
+        "Give --database postgresql://USER@HOST[:PORT]/NAME (the password through PGPASSWORD, PGPASSFILE or "
+        "~/.pgpass, never in the URL) or sqlite:///PATH."
     )
 
 
@@ -276,12 +350,95 @@ class PushInterrupted(TemporaryError):
 # The installer repository on the server's disk (server/repository.py) --------------------------------------
 
 
+class RepoNotInitialised(LocalSystemError):
+    code = "REPO-NOT-INITIALISED"
+    remediation = "Run `mobility-server init --data DIR` first, or pass --data the directory that was initialised."
+
+
+class RepoDamaged(LocalSystemError):
+    code = "REPO-DAMAGED"
+    remediation = (
+        "The repository's keys or metadata under DATA/tuf are unreadable or disagree; "
+        "restore DATA/tuf from a backup of the same server."
+    )
+
+
+class RepoNoSuchBundle(UsageError):
+    code = "REPO-NO-SUCH-BUNDLE"
+    remediation = "Run `mobility-server repo list` to see the bundle names the repository holds."
+
+
+class RepoBundleConflict(UsageError):
+    code = "REPO-BUNDLE-CONFLICT"
+    remediation = (
+        "A different bundle with the same name is already published; remove it first "
+        "(`mobility-server repo remove NAME`) or build the new one with a new version."
+    )
+
+
+class RepoBusy(TemporaryError):
+    code = "REPO-BUSY"
+    remediation = "Another mobility-server command is changing the repository; wait for it to finish and retry."
+
+
 class RepoWriteFailed(LocalSystemError):
     code = "REPO-WRITE-FAILED"
     remediation = (
         "Free space on the filesystem that holds the server's data directory, or make it writable again (mount, "
         "permissions, disk errors in dmesg), then run the command again; the repository keeps its last complete "
         "publication."
+    )
+
+
+# Rollouts and pins (server/rollouts.py, docs/updates.md) ------------------------------------------------------------
+
+
+class RolloutRunning(UsageError):
+    code = "ROLLOUT-RUNNING"
+    remediation = (
+        "One rollout runs at a time: follow it with `mobility-server updates`, or stop it with "
+        "`mobility-server update --halt`, then start the new one."
+    )
+
+
+class RolloutNotRunning(UsageError):
+    code = "ROLLOUT-NOT-RUNNING"
+    remediation = "There is no running rollout to halt; `mobility-server updates` lists the rollouts and their states."
+
+
+class RolloutNoBundle(UsageError):
+    code = "ROLLOUT-NO-BUNDLE"
+    remediation = (
+        "Publish that version's bundle for every OS tag named (`mobility-server repo add FILE`, or drop it into the "
+        "repository and run `mobility-server repo rescan`), then start the rollout or the pin again."
+    )
+
+
+class RolloutNoMachines(UsageError):
+    code = "ROLLOUT-NO-MACHINES"
+    remediation = (
+        "Select registered machines: --all, --os-tag TAG, or --machines with host IDs from `mobility-server machines`."
+    )
+
+
+class RolloutHalted(RemoteStateError):
+    """Not raised: the error ID of the upgrade job of a machine whose rollout halted before it began."""
+
+    code = "ROLLOUT-HALTED"
+    remediation = (
+        "Nothing changed on this machine: its rollout halted after too many failures elsewhere. See "
+        "`mobility-server updates` for the failing machines; start a new rollout once the version is fixed."
+    )
+
+
+class UpdateTimedOut(RemoteStateError):
+    """Not raised: the error ID of an upgrade job the machine did not finish within the rollout's --wave-timeout."""
+
+    code = "UPDATE-TIMED-OUT"
+    remediation = (
+        "The machine did not finish its upgrade (and show the new version, online and not critical) within the "
+        "rollout's --wave-timeout: check that it is online (`mobility-server machines`) and its "
+        "/var/log/mobility/install.log; it takes part in the next rollout that includes it."
     )
 
 
@@ -333,17 +490,20 @@ class StoreWriteFailed(LocalSystemError):
     )
 
 
+class StoreBusy(LocalSystemError):
+    code = "PS-STORE-BUSY"
+    remediation = (
+        "Another process server writes this chunk store (DATA/process): run one process server per store, e.g. "
+        "`serve --role process` on one host and `serve --role api --process-address HOST:PORT` on the others."
+    )
+
+
 class StoreDamaged(LocalSystemError):
     code = "PS-STORE-DAMAGED"
     remediation = (
         "The process server's chunk index (DATA/process/index.db) is unreadable: restore DATA/process from a "
         "backup, or move it aside to start an empty store (every protected disk then synchronises again)."
     )
-
-
-class MachineNotFound(UsageError):
-    code = "MACHINE-NOT-FOUND"
-    remediation = "Name a registered machine by its host ID or hostname (`mobility-server machines` lists them)."
 
 
 class ProtectDiskInvalid(UsageError):

@@ -34,12 +34,13 @@ import fcntl
 import hashlib
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
@@ -58,25 +59,29 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.bundles import BundleName, inspect_bundle, parse_bundle_name
-from agent.errors import (
-    BundleRefused,
-    MobilityError,
+from agent.shared import timefmt
+from agent.shared.errors import BundleRefused, MobilityError
+from agent.shared.fsutil import atomic_write, sha256_file, sha256_stream
+from agent.shared.textsafe import shown
+from server.datadir import DataDir
+from server.errors import (
     RepoBundleConflict,
     RepoBusy,
     RepoDamaged,
     RepoNoSuchBundle,
     RepoNotInitialised,
+    RepoWriteFailed,
 )
-from agent.fsutil import atomic_write, sha256_file, sha256_stream
-from agent.textsafe import shown
-from server.datadir import DataDir
-from server.errors import RepoWriteFailed
+
+if TYPE_CHECKING:
+    from server.storage import Storage
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 ROOT_LIFETIME = datetime.timedelta(days=365)
 TARGETS_LIFETIME = datetime.timedelta(days=30)
 SNAPSHOT_LIFETIME = datetime.timedelta(days=30)
 TIMESTAMP_LIFETIME = datetime.timedelta(days=1)
+MAX_BUNDLE_BYTES = 1 << 30  # a bundle is tens of MiB compressed
 KEEP_VERSIONS = 20  # versioned snapshot/targets kept for agents in the middle of a refresh
 LOCK_TIMEOUT = 60.0
 _CHUNK = 1 << 20
@@ -125,7 +130,7 @@ def _make_target(name: str, size: int, digest: str, bundle: BundleName, now: dat
     custom = {
         "os_tag": bundle.os_tag,
         "version": bundle.version,
-        "added": now.astimezone(datetime.UTC).isoformat(timespec="seconds"),
+        "added": timefmt.iso(now),
     }
     return TargetFile(size, {"sha256": digest}, name, {"custom": custom})
 
@@ -151,9 +156,12 @@ def _entry(target: TargetFile) -> Entry:
 class Repository:
     """The repository of one data directory; every change holds ``tuf/lock`` and is crash-safe."""
 
-    def __init__(self, datadir: DataDir, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(self, datadir: DataDir, *, lock_timeout: float = LOCK_TIMEOUT, storage: Storage | None = None) -> None:
+        """``storage`` on PostgreSQL adds its advisory lock to the file lock: instances on several hosts sharing the
+        repository directory (where flock may not reach across hosts) still change it one at a time."""
         self.datadir = datadir
         self.lock_timeout = lock_timeout
+        self.storage = storage
         self._metadata_dir = datadir.tuf_dir / "metadata"
         self._keys_dir = datadir.tuf_dir / "keys"
         if not (self._metadata_dir / "root.json").is_file():
@@ -386,7 +394,7 @@ class Repository:
 
     @contextlib.contextmanager
     def _change(self, now: datetime.datetime, margin: datetime.timedelta | None = None) -> Iterator[_State]:
-        with _io_errors(), _locked(self.datadir.tuf_dir, self.lock_timeout):
+        with _io_errors(), _locked(self.datadir.tuf_dir, self.lock_timeout, self.storage):
             self.datadir.repository_dir.mkdir(parents=True, exist_ok=True)
             state = self._state()
             try:
@@ -524,8 +532,23 @@ class _Writer:
 
 
 @contextlib.contextmanager
-def _locked(tuf_dir: Path, timeout: float) -> Iterator[None]:
-    """Hold the exclusive lock on ``tuf/lock`` (the CLI and the running server are separate processes)."""
+def _locked(tuf_dir: Path, timeout: float, storage: Storage | None = None) -> Iterator[None]:
+    """Hold the exclusive lock on ``tuf/lock`` (the CLI and the running server are separate processes), and on
+    PostgreSQL the database's repository lock too. It waits with sleeps: call it from a worker thread (the server)
+    or a command, never on an event loop."""
+    deadline = time.monotonic() + timeout
+    with _file_locked(tuf_dir, timeout):
+        if storage is None or not storage.postgresql:
+            yield
+            return
+        with storage.advisory_lock("repository", max(deadline - time.monotonic(), 0.001)) as held:
+            if not held:
+                raise RepoBusy(f"another instance holds the repository lock for more than {timeout:g} s")
+            yield
+
+
+@contextlib.contextmanager
+def _file_locked(tuf_dir: Path, timeout: float) -> Iterator[None]:
     tuf_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(tuf_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -579,10 +602,16 @@ def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
     h = hashlib.sha256()
     size = 0
     try:
-        src = source.open("rb")
+        # Without blocking (a FIFO has no writer to wait for), and only a regular file: /dev/zero would fill the disk.
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise BundleRefused(f"{shown(source.name)}: cannot read {shown(str(source))} ({e.strerror})") from e
-    with src:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BUNDLE_BYTES:
+        os.close(fd)
+        what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else f"is larger than {MAX_BUNDLE_BYTES} bytes"
+        raise BundleRefused(f"{shown(source.name)}: {shown(str(source))} {what}")
+    with os.fdopen(fd, "rb") as src:
         fd, tmp = tempfile.mkstemp(dir=repo_dir, prefix=_TMP_PREFIX, suffix=".tmp")
         try:
             os.fchmod(fd, 0o644)
@@ -598,6 +627,8 @@ def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
                         break
                     h.update(chunk)
                     size += len(chunk)
+                    if size > MAX_BUNDLE_BYTES:  # it grew while being copied
+                        raise BundleRefused(f"{shown(source.name)}: larger than {MAX_BUNDLE_BYTES} bytes")
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
@@ -619,7 +650,8 @@ def _io_errors() -> Iterator[None]:
         yield
     except OSError as e:
         code = errno.errorcode.get(e.errno or 0, "")
-        where = f" ({shown(os.fsdecode(e.filename))})" if e.filename is not None else ""
+        name = e.filename
+        where = f" ({shown(os.fsdecode(name))})" if isinstance(name, (str, bytes, os.PathLike)) else ""
         reason = f"{e.strerror} [{code}]" if e.strerror and code else shown(str(e))
         raise RepoWriteFailed(f"cannot change the repository: {reason}{where}") from e
 

@@ -27,7 +27,8 @@ def manifest_for(os_tag: str, version: str, files: Mapping[str, bytes]) -> dict[
         "version": version,
         "arch": "x86_64",
         "init": str(BY_TAG[os_tag].init),
-        "glibc_floor": "2.17",
+        "kernel_floor": "3.2",
+        "runtime_glibc": "2.36",
         "files": {path: hashlib.sha256(data).hexdigest() for path, data in files.items()},
     }
 

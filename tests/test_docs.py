@@ -9,7 +9,15 @@ from tests.conftest import REPO
 def test_support_matrix_page_lists_every_row() -> None:
     text = (REPO / "docs" / "support-matrix.md").read_text()
     for row in SUPPORT_MATRIX:
-        assert f"| `{row.tag}` | {row.systems} | {row.init.value} |" in text, row.tag
+        cells = f"| `{row.tag}` | {row.systems} | {row.init.value} | {row.oldest_kernel} | "
+        assert cells in text, row.tag
+        bundle = text.split(cells, 1)[1].split("\n", 1)[0]
+        # Plainly per row: refused, or which bundle there is; never a supported-looking row for a refused tag.
+        if not row.supported:
+            assert bundle.startswith(f"**refused**: Linux {row.oldest_kernel} is older than "), row.tag
+        else:
+            assert bundle.startswith("yes, "), row.tag
+            assert ("default repository" in bundle) == row.default_repo, row.tag
 
 
 def test_readme_quick_start_is_two_commands() -> None:

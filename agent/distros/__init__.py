@@ -1,10 +1,25 @@
 """Which system is this? The support matrix and the detection that maps a root to an OS tag."""
 
-from agent.distros.detect import OsFacts, OsInfo, classify, detect_os, gather_facts
+from agent.distros.detect import (
+    MAX_RELEASE_FILE,
+    RELEASE_FILES,
+    RELEASE_GLOBS,
+    OsFacts,
+    OsInfo,
+    classify,
+    detect_os,
+    gather_facts,
+    require_supported,
+)
 from agent.distros.matrix import BY_TAG, SUPPORT_MATRIX, SUPPORTED_ARCHES, Family, Init, Row
+from agent.libc import ARCH_PROBES
 
 __all__ = [
+    "ARCH_PROBES",
     "BY_TAG",
+    "MAX_RELEASE_FILE",
+    "RELEASE_FILES",
+    "RELEASE_GLOBS",
     "SUPPORTED_ARCHES",
     "SUPPORT_MATRIX",
     "Family",
@@ -15,4 +30,5 @@ __all__ = [
     "classify",
     "detect_os",
     "gather_facts",
+    "require_supported",
 ]

@@ -16,11 +16,18 @@ from agent.distros.release_files import (
     parse_lsb_release,
     parse_suse_release,
 )
-from agent.errors import OsUnknown, OsUnsupported, ReleaseFilesConflict, ReleaseFileUnreadable
+from agent.errors import OsKernelTooOld, OsUnknown, OsUnsupported, ReleaseFilesConflict, ReleaseFileUnreadable
 from agent.libc import root_arch
-from agent.os_release import read_os_release
+from agent.os_release import OS_RELEASE_LOCATIONS, read_os_release
 from agent.paths import Paths
-from agent.textfile import read_small_text
+from agent.textfile import MAX_TEXT_FILE, read_small_text
+
+# What detection reads of a root, for a reader that must mirror a remote host first (push, server/push/inspect.py):
+# these files, any file matching the globs (the redhat-style /etc/*-release that `distro` looks for), each up to
+# MAX_RELEASE_FILE bytes, and the head of agent.libc's ARCH_PROBES binaries (their ELF header names the architecture).
+RELEASE_FILES = (*OS_RELEASE_LOCATIONS, "/etc/SuSE-release", "/etc/lsb-release", "/etc/debian_version")
+RELEASE_GLOBS = ("/etc/*-release", "/etc/*_version")
+MAX_RELEASE_FILE = MAX_TEXT_FILE
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,9 @@ class OsInfo:
     family: str
     init: str
     source: str
+    supported: bool = True  # False: a known tag whose oldest release's kernel is below the runtime's floor
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | bool]:
         return asdict(self)
 
 
@@ -87,7 +95,16 @@ def classify(facts: OsFacts) -> OsInfo:
         family=row.family.value,
         init=row.init.value,
         source=ident.source,
+        supported=row.supported,
     )
+
+
+def require_supported(info: OsInfo) -> OsInfo:
+    """``info`` if a bundle runs on its OS tag; OsKernelTooOld for the tags detected but refused (RHEL6, SLES11...)."""
+    row = matrix.BY_TAG[info.os_tag]
+    if not row.supported:
+        raise OsKernelTooOld(f"{info.pretty_name} is {row.tag}, which is detected but refused: {row.refusal}")
+    return info
 
 
 def _identify(facts: OsFacts) -> _Identity:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
 from agent.checks import Report, Result, Status
 from agent.config import AgentConfig
+from agent.freeze import FreezeSetup
+from agent.shared.errors import FreezeNotReady
+from agent.shared.timefmt import shown
 
 MIB = 1024 * 1024
 
@@ -185,7 +187,7 @@ class ServerReachable:
             return Result(
                 self.id,
                 status,
-                f"server unreachable since {_stamp(s.unreachable_since)} ({since:.0f} s): {s.last_error}",
+                f"server unreachable since {shown(s.unreachable_since)} ({since:.0f} s): {s.last_error}",
                 self.remediation,
                 f"{since:.0f} s",
                 f"{self.config.server_unreachable_fail_seconds:.0f} s",
@@ -193,7 +195,7 @@ class ServerReachable:
         if s.last_ok is None:
             return Result(self.id, Status.UNKNOWN, "no heartbeat yet", self.remediation)
         rtt = f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else "?"
-        return _ok(self.id, f"last heartbeat {_stamp(s.last_ok)}, round trip {rtt}", rtt, "reachable")
+        return _ok(self.id, f"last heartbeat {shown(s.last_ok)}, round trip {rtt}", rtt, "reachable")
 
 
 @dataclass(frozen=True)
@@ -247,24 +249,25 @@ class CertificateDays:
         days = (self.not_after - self.now) / 86400
         value = f"{days:.1f} days"
         status = Status.FAIL if days < c.cert_fail_days else Status.WARN if days < c.cert_warn_days else Status.PASS
-        message = f"certificate expires {_stamp(self.not_after)} ({value} left)"
+        message = f"certificate expires {shown(self.not_after)} ({value} left)"
         return Result(self.id, status, message, self.remediation if status is not Status.PASS else "", value, threshold)
 
 
 @dataclass(frozen=True)
 class FreezeProvider:
-    ready: bool
+    setup: FreezeSetup  # agent.freeze.provider_status: the set-up's verdict, the one source of truth
     id: ClassVar[str] = "HLT-FREEZE"
     title: ClassVar[str] = "freeze provider set up"
-    remediation: ClassVar[str] = (
-        "Create /etc/mobility/freeze.d (mode 0700) for pre/post freeze hooks; until then only crash-consistent points."
-    )
+    remediation: ClassVar[str] = FreezeNotReady.remediation
 
     def run(self) -> Result:
-        if self.ready:
-            return Result(self.id, Status.PASS, "freeze hooks directory ready (app-consistent points possible)")
+        if self.setup.ready:
+            return Result(self.id, Status.PASS, f"freeze provider ready: {self.setup.reason}")
         return Result(
-            self.id, Status.WARN, "freeze provider not set up: only crash-consistent recovery points", self.remediation
+            self.id,
+            Status.WARN,
+            f"freeze provider not set up ({self.setup.reason}): only crash-consistent recovery points",
+            self.remediation,
         )
 
 
@@ -319,10 +322,6 @@ class Replication:
         return Result(self.id, Status.PASS, f"{len(disks)} disks in CONTINUOUS, lag {lag:.1f} s", value=f"{lag:.1f} s")
 
 
-def _stamp(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def health_checks(
     config: AgentConfig,
     now: float,
@@ -330,7 +329,7 @@ def health_checks(
     server: ServerSample,
     disk: DiskSample | None,
     cert_not_after: float | None,
-    freeze_ready: bool,
+    freeze: FreezeSetup,
     replication: dict[str, Any] | None = None,
 ) -> list[
     DaemonRunning
@@ -354,6 +353,6 @@ def health_checks(
         ServerReachable(server, config, now),
         ClockSkew(server, config),
         CertificateDays(cert_not_after, config, now),
-        FreezeProvider(freeze_ready),
+        FreezeProvider(freeze),
         Replication(replication, now),
     ]

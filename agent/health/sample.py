@@ -67,7 +67,3 @@ def cert_lifetime(paths: Paths) -> tuple[float, float] | None:
     except (OSError, ValueError):
         return None
     return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
-
-
-def freeze_ready(paths: Paths) -> bool:
-    return paths.freeze_dir.is_dir()

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from agent.checks import Result, Status
-from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify
-from agent.errors import MobilityError
-from agent.libc import parse_glibc, root_glibc
+from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify, require_supported
 from agent.paths import Paths
+from agent.prereq import MIN_FREE_BYTES
 from agent.prereq.disks import SYS, backing_disks
 from agent.prereq.grub import GRUB_FILES, device_name_references
+from agent.runtime import kernel_version, running_kernel
+from agent.shared.errors import MobilityError
 from agent.textfile import read_small_text
 
-MIN_FREE_BYTES = 100 * 1024 * 1024
 GRUB_MAX_BYTES = 4 * 1024 * 1024  # a grub.cfg with many kernels is tens of KiB
 
 
@@ -42,6 +42,11 @@ class SupportedOs:
 
     def run(self) -> Result:
         info = _classified(self.facts)
+        if isinstance(info, OsInfo) and not info.supported:
+            try:
+                require_supported(info)
+            except MobilityError as e:
+                info = e
         if isinstance(info, MobilityError):
             first = info.message.splitlines()[0]
             return Result(self.id, Status.FAIL, f"{info.code}: {first}", info.fix)
@@ -114,42 +119,84 @@ class FreeSpace:
 
 
 @dataclass(frozen=True)
-class GlibcFloor:
+class KernelFloor:
+    """The kernel against the floor of the agent's C library (bundled with the frozen programs: its ABI note).
+
+    On the running machine that is the running kernel (``release`` stands in for it in tests). Under --root the
+    root's kernel is not running: the kernels installed in it (/lib/modules) are judged, else the check says
+    UNKNOWN."""
+
     paths: Paths
-    floor: str
-    id: ClassVar[str] = "PRQ-GLIBC"
-    title: ClassVar[str] = "glibc at or above the bundle's floor"
+    floor: str | None
+    release: str | None = None
+    id: ClassVar[str] = "PRQ-KERNEL"
+    title: ClassVar[str] = "kernel at or above the floor of the agent's C library"
     remediation: ClassVar[str] = (
-        "Use an installer bundle built for this system's glibc (built on the oldest system of its "
-        "family), or upgrade the system."
+        "Run the agent on a kernel at or above the floor in the message (a supported release, "
+        "docs/support-matrix.md); older kernels cannot run its bundled C library."
     )
 
     def run(self) -> Result:
-        found = root_glibc(self.paths)
-        need = parse_glibc(self.floor)
+        need = kernel_version(self.floor or "")
         if need is None:
-            return Result(self.id, Status.UNKNOWN, f"glibc floor {self.floor!r} is not a version", self.remediation)
-        if found is None:
             return Result(
                 self.id,
                 Status.UNKNOWN,
-                "no glibc found in the root (libc.so.6)",
+                f"the kernel floor of the C library is unknown ({self.floor!r})",
                 self.remediation,
-                threshold=self.floor,
             )
-        have = parse_glibc(found)
-        if have is not None and have >= need:
+        floor = f"{need[0]}.{need[1]}"
+        if self.paths.root == self.paths.root.parent:
+            release = self.release or running_kernel()
+            have = kernel_version(release)
+            if have is None:
+                return Result(self.id, Status.UNKNOWN, f"kernel release {release!r} is not a version", self.remediation)
+            if have >= need:
+                return Result(self.id, Status.PASS, f"Linux {release} (floor {floor})", value=release, threshold=floor)
             return Result(
-                self.id, Status.PASS, f"glibc {found} (floor {self.floor})", value=found, threshold=self.floor
+                self.id,
+                Status.FAIL,
+                f"Linux {release} is older than {floor}, the oldest kernel the agent's bundled C library runs on",
+                self.remediation,
+                value=release,
+                threshold=floor,
             )
+        installed = installed_kernels(self.paths)
+        if not installed:
+            return Result(
+                self.id,
+                Status.UNKNOWN,
+                f"no kernel installed in {self.paths.root} (/lib/modules) and the running kernel is not its own: "
+                f"cannot tell whether it runs Linux {floor} or newer",
+                self.remediation,
+                threshold=floor,
+            )
+        old = [k for k in installed if (kernel_version(k) or (0, 0)) < need]
+        listed = ", ".join(installed)
+        if not old:
+            return Result(
+                self.id, Status.PASS, f"kernels installed in the root: {listed} (floor {floor})", threshold=floor
+            )
+        status = Status.FAIL if len(old) == len(installed) else Status.WARN
         return Result(
             self.id,
-            Status.FAIL,
-            f"glibc {found} is older than the floor {self.floor}: the agent's binaries would not load",
+            status,
+            f"kernels installed in the root older than {floor}, the oldest kernel the agent's bundled C library runs "
+            f"on: {', '.join(old)} (of {listed})",
             self.remediation,
-            value=found,
-            threshold=self.floor,
+            value=listed,
+            threshold=floor,
         )
+
+
+def installed_kernels(paths: Paths) -> list[str]:
+    """The releases of the kernels installed in a root (the directories of /lib/modules and /usr/lib/modules)."""
+    found: set[str] = set()
+    for where in ("/lib/modules", "/usr/lib/modules"):
+        host = paths.resolve(where)
+        if host.is_dir():
+            found |= {p.name for p in host.iterdir() if p.is_dir() and kernel_version(p.name)}
+    return sorted(found, key=lambda k: (kernel_version(k), k))
 
 
 def detect_init(paths: Paths) -> tuple[Init | None, str]:

@@ -19,10 +19,10 @@ from functools import lru_cache
 
 import blake3
 
+from agent.shared.replication_wire import HASH_SIZE, MAX_CHUNK_SIZE
+
 CHUNK_SIZE = 64 * 1024
 MAX_CHUNKS = 1 << 20  # 64 GiB at 64 KiB; larger disks get larger chunks (the map stays <= 1 Mi entries)
-MAX_CHUNK_SIZE = 16 * 1024 * 1024  # a frame's payload stays bounded: past 16 TiB the count grows instead
-HASH_SIZE = 32
 _ROOT_CONTEXT = b"mobility-point-root-v1\0"
 
 

@@ -16,8 +16,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.errors import DiskNotFound, DiskUnsupported
 from agent.paths import Paths
-from agent.replication.errors import DiskNotFound, DiskUnsupported
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268

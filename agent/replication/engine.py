@@ -8,7 +8,6 @@ hashing, compressing, sending and freezing happen in the replication threads, at
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import ssl
@@ -20,39 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import MobilityError
-from agent.fsutil import atomic_write
 from agent.paths import Paths
 from agent.replication.devices import all_disks, device_size, lower_priority, partitions, resolve_disk
 from agent.replication.points import PointResult, cut_point
-from agent.replication.protocol import DiskReport, Protection, ReplicationReport
+from agent.replication.state import answer_request, disk_dir, pending_requests, save_status
 from agent.replication.sync import DiskReplicator
 from agent.replication.tracing import Target, Tracer, instance_name, trace_dev
 from agent.replication.transport import Stream
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
+from agent.shared.errors import MobilityError
+from agent.shared.replication_wire import DiskReport, Protection, ReplicationReport
 
 log = logging.getLogger("mobility.replication")
 
 STATUS_SECONDS = 2.0
 RESIZE_CHECK_SECONDS = 10.0
 REQUEST_POLL_SECONDS = 2.0
-
-
-def replication_dir(paths: Paths) -> Path:
-    return paths.state_dir / "replication"
-
-
-def requests_dir(paths: Paths) -> Path:
-    """`mobility point` drops a request here and signals the daemon; the result is written beside it."""
-    return replication_dir(paths) / "requests"
-
-
-def status_path(paths: Paths) -> Path:
-    return replication_dir(paths) / "status.json"
-
-
-def disk_dir(paths: Paths, name: str) -> Path:
-    return replication_dir(paths) / "disks" / name.strip("/").replace("/", "_")
 
 
 def boot_id() -> str:
@@ -264,33 +246,24 @@ class Replication:
             for r in replicators:
                 r._save_state()
         for request in requests:
-            with contextlib.suppress(OSError):
-                atomic_write(requests_dir(self.paths) / f"{request}.json", json.dumps(result.to_json()).encode())
-                (requests_dir(self.paths) / f"{request}.req").unlink(missing_ok=True)
+            answer_request(self.paths, request, result.to_json())
             self._taken.discard(request)
 
     def _frozen(self, frozen: bool) -> None:
         self.freezing = frozen
 
     def request_point(self) -> None:
-        """SIGUSR1 (via the daemon's queue): look for `mobility point` requests now."""
+        """SIGUSR2 (via the daemon's queue): look for `mobility point` requests now."""
         self.poll_requests()
 
     def poll_requests(self) -> None:
-        folder = requests_dir(self.paths)
-        try:
-            found = sorted(p.stem for p in folder.glob("*.req"))
-        except OSError:
-            return
-        for request in found:
+        for request in pending_requests(self.paths):
             if request not in self._requests and request not in self._taken:
                 self._requests.append(request)
         if self._requests and not self.replicators:
             failed = PointResult(False, error="REPL-POINT-FAILED", message="no disk of this machine is protected")
             for request in self._requests:
-                with contextlib.suppress(OSError):
-                    atomic_write(folder / f"{request}.json", json.dumps(failed.to_json()).encode())
-                    (folder / f"{request}.req").unlink(missing_ok=True)
+                answer_request(self.paths, request, failed.to_json())
             self._requests = []
 
     def _check_resize(self) -> None:
@@ -336,11 +309,10 @@ class Replication:
         return doc
 
     def save_status(self, now: float) -> None:
-        doc = self.status_doc(now)
         try:
-            atomic_write(status_path(self.paths), json.dumps(doc, indent=1).encode(), 0o600)
+            save_status(self.paths, self.status_doc(now))
         except OSError as e:
-            log.warning("cannot write %s: %s", status_path(self.paths), e.strerror)
+            log.warning("cannot write the replication status: %s", e.strerror)
 
     def stop(self) -> None:
         if self.point_thread is not None:
@@ -348,12 +320,3 @@ class Replication:
         self._stop_all()
         with contextlib.suppress(OSError):
             self.save_status(time.time())
-
-
-def load_status(paths: Paths) -> dict[str, Any] | None:
-    """What the daemon last wrote about replication (for `mobility status`, which works while it is down)."""
-    try:
-        doc = json.loads(status_path(paths).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None

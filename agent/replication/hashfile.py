@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.replication.chunks import HASH_SIZE, Geometry, RootHasher, zero_hash
+from agent.replication.chunks import Geometry, RootHasher, zero_hash
+from agent.shared.replication_wire import HASH_SIZE
 
 _STEP = 32768  # hashes per read when computing a root (1 MiB)
 

@@ -3,44 +3,35 @@ it) and the replication part of `mobility status` (from the file the daemon writ
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 import uuid
 from typing import Any
 
-from agent.fsutil import atomic_write
+from agent.errors import DaemonNotRunning, PointFailed
 from agent.paths import Paths
-from agent.replication.engine import load_status, requests_dir
-from agent.replication.errors import DaemonNotRunning, PointFailed
+from agent.replication.state import forget_request, leave_request, load_status, take_answer
+from agent.shared import timefmt
 from agent.status import daemon_pid
 
 
 def request_point(paths: Paths, timeout: float = 300.0) -> dict[str, Any]:
-    """Cut a point now: a request file for the daemon, SIGUSR1 to wake it, then its result (PointFailed if none)."""
+    """Cut a point now: a request file for the daemon, SIGUSR2 to wake it, then its result (PointFailed if none)."""
     pid = daemon_pid(paths)
     if pid is None:
         raise DaemonNotRunning("the agent's daemon is not running: no point can be cut")
-    folder = requests_dir(paths)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     request = str(uuid.uuid4())
-    atomic_write(folder / f"{request}.req", b"{}\n", 0o600)
-    result_path = folder / f"{request}.json"
+    leave_request(paths, request)
     try:
-        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR2)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                result: dict[str, Any] = json.loads(result_path.read_text())
-                break
-            except (OSError, ValueError):
-                time.sleep(0.1)
-        else:
-            raise PointFailed(f"the daemon did not cut a point within {timeout:.0f} s")
+        while (result := take_answer(paths, request)) is None:
+            if time.monotonic() >= deadline:
+                raise PointFailed(f"the daemon did not cut a point within {timeout:.0f} s")
+            time.sleep(0.1)
     finally:
-        (folder / f"{request}.req").unlink(missing_ok=True)
-        result_path.unlink(missing_ok=True)
+        forget_request(paths, request)
     if not result.get("ok"):
         raise PointFailed(f"{result.get('error')}: {result.get('message')}")
     return result
@@ -85,8 +76,8 @@ def status_lines(doc: dict[str, Any] | None) -> list[str]:
         lines.append(line)
     last = doc.get("last_point")
     if isinstance(last, (int, float)):
-        stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(last))
-        lines.append(f"  last point: {stamp} ({doc.get('last_point_id') or '-'}, freeze {doc.get('freeze_ms')} ms)")
+        point, freeze = doc.get("last_point_id") or "-", doc.get("freeze_ms")
+        lines.append(f"  last point: {timefmt.shown(last)} ({point}, freeze {freeze} ms)")
     return lines
 
 

@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import MobilityError
+from agent.errors import FreezeFailed, PointFailed
 from agent.proc import run
 from agent.replication.devices import freeze, mounts_of, thaw
-from agent.replication.errors import FreezeFailed, PointFailed
 from agent.replication.sync import Capture, DiskReplicator
 from agent.replication.tracing import Tracer
+from agent.shared.errors import MobilityError
 
 log = logging.getLogger("mobility.replication")
 

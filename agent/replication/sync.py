@@ -25,15 +25,15 @@ from pathlib import Path
 
 import zstandard
 
-from agent.errors import MobilityError, RemoteError
-from agent.fsutil import atomic_write
-from agent.replication.chunks import HASH_SIZE, Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
+from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
+from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
 from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
 from agent.replication.dirtymap import DirtyMap
-from agent.replication.errors import ProcessServerUnreachable, ReplicaLost
 from agent.replication.hashfile import HashFile
-from agent.replication.protocol import Codec, DiskReport, Hello, Kind, PointClose, ProtocolError
 from agent.replication.transport import Stream
+from agent.shared.errors import MobilityError
+from agent.shared.fsutil import atomic_write
+from agent.shared.replication_wire import HASH_SIZE, Codec, DiskReport, Hello, Kind, PointClose, ProtocolError
 
 log = logging.getLogger("mobility.replication")
 

@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import MobilityError
+from agent.errors import TracingUnavailable
 from agent.proc import run
 from agent.replication.dirtymap import DirtyMap
-from agent.replication.errors import TracingUnavailable
+from agent.shared.errors import MobilityError
 
 log = logging.getLogger("mobility.replication")
 

@@ -19,10 +19,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.errors import RemoteError
-from agent.replication.chunks import HASH_SIZE
-from agent.replication.errors import ProcessServerUnreachable, ReplicaLost
-from agent.replication.protocol import (
+from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
+from agent.shared.address import ServerAddress
+from agent.shared.replication_wire import (
+    HASH_SIZE,
     HEADER,
     Header,
     Hello,
@@ -33,7 +33,6 @@ from agent.replication.protocol import (
     json_frame,
     parse_json,
 )
-from agent.transport import ServerAddress
 
 WINDOW_BYTES = 64 * 1024 * 1024  # wire bytes in flight: enough to keep the server's group commits large
 WINDOW_FRAMES = 8192

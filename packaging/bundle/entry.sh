@@ -1,18 +1,31 @@
 #!/bin/sh
-# Shared by the bundle's entry points (install, configure, uninstall, bootstrap): refuse, with a clear error, a system
-# whose glibc is older than the one the frozen agent was built against (it would not even load), then run it.
+# Shared by the bundle's entry points (install, configure, uninstall, bootstrap). The frozen agent carries its own
+# loader and C library, so the system's glibc does not matter; the kernel does. Refuse, with a clear error, a kernel
+# older than the bundled C library runs on (bundle.json: kernel_floor), before its loader would abort; then run it.
 here=$(cd "$(dirname "$0")" && pwd)
 command=$1
 shift
-floor=$(sed -n 's/.*"glibc_floor": *"\([0-9][0-9.]*\)".*/\1/p' "$here/bundle.json")
-have=$(getconf GNU_LIBC_VERSION 2>/dev/null | sed 's/^glibc //')
-if [ -n "$floor" ] && [ -n "$have" ] && [ "$have" != "$floor" ]; then
-    oldest=$(printf '%s\n%s\n' "$have" "$floor" | sort -t. -k1,1n -k2,2n | head -n 1)
-    if [ "$oldest" = "$have" ]; then
-        echo "error PRQ-GLIBC: glibc $have is older than $floor, the floor of this bundle: its binaries would not load" >&2
-        echo "  fix: Use an installer bundle built for this system's glibc (built on the oldest system of its family), or upgrade the system." >&2
-        exit 3
-    fi
+
+# Whether kernel release $1 (e.g. 5.10.0-28-amd64) is older than MAJOR.MINOR $2; an unreadable release is not.
+kernel_older_than() {
+    k_major=${1%%.*}
+    k_rest=${1#"$k_major".}
+    k_minor=${k_rest%%[!0-9]*}
+    f_major=${2%%.*}
+    f_minor=${2#*.}
+    case "$k_major.$k_minor.$f_major.$f_minor" in
+        *[!0-9.]* | *..* | .* | *.) return 1 ;;
+    esac
+    [ "$k_major" -lt "$f_major" ] || { [ "$k_major" -eq "$f_major" ] && [ "$k_minor" -lt "$f_minor" ]; }
+}
+
+floor=$(sed -n 's/.*"kernel_floor": *"\([0-9][0-9]*\.[0-9][0-9]*\)".*/\1/p' "$here/bundle.json")
+# What `uname -r` prints, read from /proc first as the agent's launcher does (and where a test can show another one).
+release=$(cat /proc/sys/kernel/osrelease 2>/dev/null || uname -r)
+if [ -n "$floor" ] && kernel_older_than "$release" "$floor"; then
+    echo "error PRQ-KERNEL: Linux $release is older than $floor, the oldest kernel the agent's bundled C library runs on" >&2
+    echo "  fix: Run the agent on a kernel at or above the floor in the message (a supported release, docs/support-matrix.md); older kernels cannot run its bundled C library." >&2
+    exit 3
 fi
 if [ "$command" = install ] || [ "$command" = bootstrap ]; then
     exec "$here/mobility/mobility" "$command" --bundle "$here" "$@"

@@ -5,7 +5,6 @@ running server (they never write it)."""
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import re
 import time
@@ -13,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Exit
-from agent.replication.protocol import Policy, disk_name
-from agent.wire import WireError
+from agent.shared import timefmt
+from agent.shared.errors import Exit
+from agent.shared.replication_wire import Policy, disk_name
+from agent.shared.wire import WireError
 from server.datadir import DataDir
 from server.errors import (
     MachineNotFound,
@@ -39,6 +39,12 @@ def _data(args: argparse.Namespace) -> DataDir:
     return checked(args)
 
 
+def _storage(args: argparse.Namespace, data: DataDir) -> Storage:
+    from server.cli import _storage as opened
+
+    return opened(args, data)
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> None:
     from server.cli import _print_table
 
@@ -59,7 +65,7 @@ def find_machine(storage: Storage, text: str) -> Machine:
 
 
 def _stamp(t: float | None) -> str:
-    return "-" if t is None else dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return timefmt.shown(t, never="-")
 
 
 def _duration(text: str, flag: str) -> float:
@@ -94,11 +100,11 @@ def cmd_protect(args: argparse.Namespace) -> int:
         disks = [disk_name(d, "--disk") for d in args.disk or []]
     except WireError as e:
         raise ProtectDiskInvalid(str(e)) from e
-    storage = Storage(data.database)
+    storage = _storage(args, data)
     try:
         machine = find_machine(storage, args.machine)
         current = storage.protection(machine.host_id)
-        policy = args.policy or (current.policy if current else "default")
+        policy = args.policy or (current.policy.name if current else "default")
         if storage.policy(policy) is None:
             raise PolicyNotFound(f"no policy {policy!r}")
         paused = args.pause if args.pause is not None else (current.paused if current else False)
@@ -114,7 +120,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
     data = _data(args)
-    storage = Storage(data.database)
+    storage = _storage(args, data)
     try:
         machine = find_machine(storage, args.machine)
         removed = storage.unprotect(machine.host_id)
@@ -129,13 +135,12 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
 
 def cmd_protection(args: argparse.Namespace) -> int:
     data = _data(args)
-    storage = Storage(data.database)
+    storage = _storage(args, data)
     rows: list[dict[str, Any]] = []
     try:
         for p in storage.protections():
             machine = storage.machine(p.host_id)
-            report = storage.replication(p.host_id)
-            policy = storage.policy(p.policy)
+            report = p.report
             rows.append(
                 {
                     "host_id": p.host_id,
@@ -143,7 +148,7 @@ def cmd_protection(args: argparse.Namespace) -> int:
                     "online": machine.online(time.time()) if machine else False,
                     "disks": list(p.disks),
                     "all_disks": p.all_disks,
-                    "policy": policy.to_json() if policy else {"name": p.policy},
+                    "policy": p.policy.to_json(),
                     "paused": p.paused,
                     "replication": report.to_json() if report else None,
                 }
@@ -220,7 +225,7 @@ def _secs(s: object) -> str:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     data = _data(args)
-    storage = Storage(data.database)
+    storage = _storage(args, data)
     try:
         if args.action == "set":
             if not _POLICY_NAME.fullmatch(args.name):
@@ -263,7 +268,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> tuple[DataDir, ChunkStore, Machine]:
     data = _data(args)
-    storage = Storage(data.database)
+    storage = _storage(args, data)
     try:
         machine = find_machine(storage, args.machine)
     finally:

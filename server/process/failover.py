@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import CommandFailed
-from agent.proc import run
-from agent.replication.chunks import HASH_SIZE, RootHasher, zero_hash
+from agent.replication.chunks import RootHasher, zero_hash
+from agent.shared.replication_wire import HASH_SIZE
 from server.errors import FailoverOutExists, FailoverToolMissing, PointCorrupt
+from server.process.commands import run_tool
 from server.process.store import ChunkStore, Point, PointDisk
 
 _WINDOW = 64  # chunks read ahead by the pool
@@ -145,9 +145,12 @@ def run_test_failover(
         for disk, image in zip(point.disks, images, strict=True):
             result = DiskResult(disk.disk, str(image))
             results.append(result)
-            with _attached(image, area) as devices:
-                for device in devices:
-                    result.filesystems.append(_check_fs(device, area, disk.disk, inspect))
+            try:
+                with _attached(image, area) as devices:
+                    for device in devices:
+                        result.filesystems.append(_check_fs(device, area, disk.disk, inspect))
+            except _AttachFailed as e:
+                result.filesystems.append(FsResult(str(image), "-", "skipped", "failed", str(e)))
     finally:
         if not keep:
             shutil.rmtree(area, ignore_errors=True)
@@ -171,16 +174,22 @@ def run_test_failover(
     }
 
 
+class _AttachFailed(Exception):
+    pass
+
+
 @contextlib.contextmanager
 def _attached(image: Path, area: Path) -> Iterator[list[str]]:
     """A loop device for ``image`` (a scratch copy: a journal may be replayed into it) and device nodes (in
     ``area``) for it and its partitions."""
-    loop = run(["losetup", "--find", "--show", str(image)], timeout=30).stdout.strip()
+    r = run_tool(["losetup", "--find", "--show", str(image)], timeout=30)
+    loop = r.stdout.strip()
+    if r.returncode != 0 or not loop.startswith("/dev/loop"):
+        raise _AttachFailed("losetup: " + _tail(r.stderr or r.stdout))
     nodes: list[Path] = []
     try:
         name = Path(loop).name
-        with contextlib.suppress(CommandFailed):
-            run(["partx", "--add", loop], timeout=30, check=False)
+        run_tool(["partx", "--add", loop], timeout=30)
         devices = [loop]
         sysfs = Path("/sys/block") / name
         for part in sorted(sysfs.glob(f"{name}p*")):
@@ -193,15 +202,14 @@ def _attached(image: Path, area: Path) -> Iterator[list[str]]:
             devices.append(str(dev))
         yield devices
     finally:
-        with contextlib.suppress(CommandFailed):
-            run(["partx", "--delete", loop], timeout=30, check=False)
-        run(["losetup", "--detach", loop], timeout=30, check=False)
+        run_tool(["partx", "--delete", loop], timeout=30)
+        run_tool(["losetup", "--detach", loop], timeout=30)
         for node in nodes:
             node.unlink(missing_ok=True)
 
 
 def _fstype(device: str) -> str:
-    r = run(["blkid", "--probe", "-o", "value", "-s", "TYPE", device], timeout=30, check=False)
+    r = run_tool(["blkid", "--probe", "-o", "value", "-s", "TYPE", device], timeout=30)
     return r.stdout.strip()
 
 
@@ -225,18 +233,18 @@ def _check_fs(device: str, area: Path, disk: str, inspect: Callable[[str, Path],
     point.mkdir(parents=True, exist_ok=True)
     # nouuid: an XFS image and its source (or two points of it) share a UUID, which XFS otherwise refuses.
     extra = ",nouuid" if fstype == "xfs" else ""
-    r = run(["mount", "-t", fstype, "-o", "rw" + extra, device, str(point)], timeout=300, check=False)
+    r = run_tool(["mount", "-t", fstype, "-o", "rw" + extra, device, str(point)], timeout=300)
     if r.returncode != 0:
         return FsResult(device, fstype, "skipped", "failed", "journal replay mount: " + _tail(r.stderr))
-    run(["umount", str(point)], timeout=120, check=False)
+    run_tool(["umount", str(point)], timeout=120)
     fsck = _FSCK.get(fstype)
     if fsck is None or shutil.which(fsck[0]) is None:
         state, detail = "skipped", f"no checker for {fstype} here"
     else:
-        r = run([*fsck, device], timeout=600, check=False)
+        r = run_tool([*fsck, device], timeout=600)
         state = "clean" if r.returncode == 0 else "errors"
         detail = "" if r.returncode == 0 else _tail(r.stdout + r.stderr)
-    r = run(["mount", "-t", fstype, "-o", "ro" + extra, device, str(point)], timeout=120, check=False)
+    r = run_tool(["mount", "-t", fstype, "-o", "ro" + extra, device, str(point)], timeout=120)
     if r.returncode != 0:
         return FsResult(device, fstype, state, "failed", (detail + " " + _tail(r.stderr)).strip())
     try:
@@ -244,7 +252,7 @@ def _check_fs(device: str, area: Path, disk: str, inspect: Callable[[str, Path],
         if inspect is not None:
             inspect(disk, point)
     finally:
-        run(["umount", str(point)], timeout=120, check=False)
+        run_tool(["umount", str(point)], timeout=120)
     return FsResult(device, fstype, state, "ok", detail, entries)
 
 

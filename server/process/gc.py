@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from agent.replication.chunks import HASH_SIZE
+from agent.shared.replication_wire import HASH_SIZE
 from server.process.store import RECORD, ChunkStore, PointDisk, _fsync_dir, _write_all
 
 log = logging.getLogger("mobility.process")

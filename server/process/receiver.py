@@ -22,9 +22,10 @@ from typing import Any
 
 import zstandard
 
-from agent.errors import MobilityError
-from agent.replication.chunks import HASH_SIZE, Geometry, chunk_hash, zero_hash
-from agent.replication.protocol import (
+from agent.replication.chunks import Geometry, chunk_hash, zero_hash
+from agent.shared.errors import MobilityError
+from agent.shared.replication_wire import (
+    HASH_SIZE,
     HASHES_PER_FRAME,
     HEADER,
     Codec,
@@ -39,7 +40,7 @@ from agent.replication.protocol import (
     json_frame,
     parse_json,
 )
-from agent.textsafe import printable
+from agent.shared.textsafe import printable
 from server.errors import ChunkCorrupt, NotProtected, ReplicationProtocol, StoreFull
 from server.process.store import ChunkPut, ChunkStore, DiskRow, PointPut
 
@@ -50,7 +51,7 @@ MAX_INFLIGHT = 64 * 1024 * 1024  # bytes a stream may have received but not yet 
 MAX_PIPELINE = 64  # frames a stream verifies ahead of the committer
 MAX_STREAMS_PER_HOST = 64
 
-Authorize = Callable[[str, str], bool]  # (host ID, disk) -> whether the disk is protected for that machine
+Authorize = Callable[[str, str, str], bool]  # (host ID, certificate serial, disk) -> may that machine send it
 OnPoint = Callable[[str, str], None]  # (host ID, point ID) once a point of that machine closed on a disk
 
 
@@ -208,8 +209,8 @@ class Receiver:
         stream: _Stream | None = None
         peer = writer.get_extra_info("peername")
         try:
-            host_id = _peer_host_id(writer)
-            stream = await self._open(host_id, reader, writer)
+            host_id, serial = _peer_certificate(writer)
+            stream = await self._open(host_id, serial, reader, writer)
             await self._receive(stream, reader)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, _Closed, TimeoutError):
             pass
@@ -231,12 +232,14 @@ class Receiver:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _open(self, host_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Stream:
+    async def _open(
+        self, host_id: str, serial: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> _Stream:
         header, payload = await asyncio.wait_for(_read_frame(reader), HELLO_TIMEOUT)
         if header.kind is not Kind.HELLO:
             raise ProtocolError(f"a stream starts with HELLO, not {header.kind.name}")
         hello = Hello.from_json(parse_json(payload, "HELLO"))
-        if not await asyncio.to_thread(self.authorize, host_id, hello.disk):
+        if not await asyncio.to_thread(self.authorize, host_id, serial, hello.disk):
             raise NotProtected(f"{hello.disk} of machine {host_id} is not protected")
         usage = await asyncio.to_thread(self.store.usage)
         if not usage.accepting:
@@ -353,12 +356,13 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[Header, bytes]:
     return header, payload
 
 
-def _peer_host_id(writer: asyncio.StreamWriter) -> str:
+def _peer_certificate(writer: asyncio.StreamWriter) -> tuple[str, str]:
+    """The CN and serial number of the verified client certificate (the TLS layer checked it against our CA)."""
     cert = writer.get_extra_info("peercert")
     for rdn in (cert or {}).get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
-                return str(value)
+                return str(value), str(cert.get("serialNumber", ""))
     raise ProtocolError("no client certificate")
 
 

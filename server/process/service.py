@@ -4,11 +4,11 @@ machines' protection read from the server's database (which disks a machine may 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.database import Database
 from server.datadir import DataDir
 from server.errors import ListenFailed
 from server.process.gc import collect
@@ -32,25 +32,26 @@ class ProcessOptions:
     port: int = DEFAULT_PORT
     reserve: int = DEFAULT_RESERVE
     announce: str | None = None  # the host agents reach it at (None: the configuration server's own address)
+    announce_port: int | None = None  # ... and its port there (None: the port it listens on)
 
 
 class Protections:
-    """The protection table, read from the receiver's threads through its own connection."""
+    """The server's database as the receiver's threads read it (a small pool of their own): whose certificate is
+    still good, which disks a machine may send, how many points it keeps."""
 
-    def __init__(self, database: Path) -> None:
-        self.storage = Storage(database)
-        self.lock = threading.Lock()
+    def __init__(self, db: Database) -> None:
+        self.storage = Storage.open(db, pool_size=2)
 
-    def authorize(self, host_id: str, disk: str) -> bool:
-        with self.lock:
-            row = self.storage.protection(host_id)
-        return row is not None and row.covers(disk)
+    def authorize(self, host_id: str, serial: str, disk: str) -> bool:
+        """Whether the machine whose certificate (CN ``host_id``, ``serial``) opened a stream may send ``disk``.
+        A removed or revoked machine, or a certificate a renewal replaced, is refused with its error (as the API
+        refuses it); the renewed certificate's first use makes it the current one."""
+        credential = self.storage.present_certificate(host_id, serial)
+        return credential.protection is not None and credential.protection.covers(disk)
 
     def retention(self, host_id: str) -> int | None:
-        with self.lock:
-            row = self.storage.protection(host_id)
-            policy = self.storage.policy(row.policy) if row else None
-        return policy.retention if policy else None
+        row = self.storage.protection(host_id)
+        return row.policy.retention if row else None
 
     def close(self) -> None:
         self.storage.close()
@@ -59,11 +60,15 @@ class Protections:
 class ProcessService:
     """Store + receiver + protection lookups; ``start`` binds the listener, ``close`` stops it cleanly."""
 
-    def __init__(self, data: DataDir, options: ProcessOptions) -> None:
+    def __init__(self, data: DataDir, db: Database, options: ProcessOptions) -> None:
         self.data = data
         self.options = options
         self.store = ChunkStore(store_dir(data), writer=True, reserve=options.reserve)
-        self.protections = Protections(data.database)
+        try:
+            self.protections = Protections(db)
+        except BaseException:
+            self.store.close()
+            raise
         self.receiver = Receiver(self.store, self.protections.authorize, self._after_point)
         self.port = options.port
         self._collected = -COLLECT_EVERY

@@ -16,6 +16,7 @@ A missing head entry means zeros: zero chunks are markers, never stored."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import struct
@@ -27,12 +28,14 @@ from pathlib import Path
 
 import zstandard
 
-from agent.replication.chunks import HASH_SIZE, Geometry, RootHasher, chunk_hash, zero_hash, zeros
-from agent.replication.protocol import Codec, PointClose
+from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash, zeros
+from agent.shared.fsutil import open_lock_file
+from agent.shared.replication_wire import HASH_SIZE, Codec, PointClose
 from server.errors import (
     PointCorrupt,
     PointMismatch,
     PointNotFound,
+    StoreBusy,
     StoreDamaged,
     StoreFull,
     StoreWriteFailed,
@@ -167,8 +170,9 @@ class Usage:
 
 
 class ChunkStore:
-    """One process server's store. The writer (``writer=True``, one per data directory: the serving process)
-    recovers and appends; readers (the CLI: points, failover, verify) only read, beside a running server."""
+    """One process server's store. The writer (``writer=True``, one per store: the serving process, which holds
+    ``writer.lock`` while it runs) recovers and appends; readers (the CLI: points, failover, verify) only read,
+    beside a running server."""
 
     def __init__(self, root: Path, *, writer: bool = False, reserve: int = DEFAULT_RESERVE) -> None:
         self.root = root
@@ -181,9 +185,11 @@ class ChunkStore:
         self.write_lock = threading.RLock()  # the write connection: the committer, streams opening disks, pruning
         self._local = threading.local()  # one read connection per thread (WAL: reads never wait for a commit)
         self._cctx = zstandard.ZstdCompressor(level=3)
+        self._writer_lock = -1
         if writer:
             for d in (root, self.packs_dir, self.manifests_dir):
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._writer_lock = _take_writer_lock(root)
         elif not (root / "index.db").exists():
             raise StoreDamaged(f"{root}: no chunk store here (DATA/process/index.db is missing)")
         try:
@@ -195,6 +201,7 @@ class ChunkStore:
                 (root / "index.db").chmod(0o600)
                 self._migrate()
         except sqlite3.DatabaseError as e:
+            self._release_writer()
             raise StoreDamaged(f"{root / 'index.db'}: {e}") from e
         self.pack_id = 0
         self.pack_fd = -1
@@ -272,6 +279,12 @@ class ChunkStore:
             os.close(fd)
         self._fds.clear()
         self.db.close()
+        self._release_writer()
+
+    def _release_writer(self) -> None:
+        if self._writer_lock >= 0:
+            os.close(self._writer_lock)  # the lock goes with the descriptor
+            self._writer_lock = -1
 
     # Disks --------------------------------------------------------------------------------------------------------
 
@@ -669,3 +682,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _take_writer_lock(root: Path) -> int:
+    """Two writers would each cut the other's unindexed pack tail and interleave records: the second one is
+    refused (PS-STORE-BUSY). The lock is released when the writer closes or dies."""
+    fd = open_lock_file(root / "writer.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise StoreBusy(f"another process server writes {root}") from e
+    return fd

@@ -13,17 +13,19 @@ from pathlib import Path
 
 import asyncssh
 
-from agent.distros import OsInfo, detect_os
-from agent.libc import ARCH_PROBES
-from agent.os_release import OS_RELEASE_LOCATIONS
+from agent.distros import (
+    ARCH_PROBES,
+    MAX_RELEASE_FILE,
+    RELEASE_FILES,
+    RELEASE_GLOBS,
+    OsInfo,
+    detect_os,
+    require_supported,
+)
 from agent.paths import Paths
-from agent.prereq.checks import MIN_FREE_BYTES
-from agent.textfile import MAX_TEXT_FILE
+from agent.prereq import MIN_FREE_BYTES
 from server.errors import PushLowDiskSpace
 
-# Legacy systems are told apart by these (and any other /etc/*-release, *_version file; see agent.distros).
-RELEASE_FILES = (*OS_RELEASE_LOCATIONS, "/etc/SuSE-release", "/etc/lsb-release", "/etc/debian_version")
-RELEASE_GLOBS = ("/etc/*-release", "/etc/*_version")
 ELF_HEADER = 64
 
 
@@ -43,7 +45,8 @@ async def _copy_head(sftp: asyncssh.SFTPClient, remote: str, mirror: Path, limit
 
 
 async def detect_remote_os(sftp: asyncssh.SFTPClient) -> OsInfo:
-    """The host's OS tag, from its release files and the ELF header of its shell (its architecture)."""
+    """The host's OS tag, from its release files and the ELF header of its shell (its architecture); the agent's
+    own errors for a system it does not support or refuses (OS-UNSUPPORTED, OS-KERNEL-TOO-OLD)."""
     names = set(RELEASE_FILES)
     for pattern in RELEASE_GLOBS:
         try:
@@ -52,10 +55,10 @@ async def detect_remote_os(sftp: asyncssh.SFTPClient) -> OsInfo:
             continue
     with tempfile.TemporaryDirectory(prefix="mobility-push-") as mirror:
         for name in sorted(names):
-            await _copy_head(sftp, name, Path(mirror), MAX_TEXT_FILE + 1)  # +1: an oversized file stays oversized
+            await _copy_head(sftp, name, Path(mirror), MAX_RELEASE_FILE + 1)  # +1: an oversized file stays oversized
         for probe in ARCH_PROBES:
             await _copy_head(sftp, probe, Path(mirror), ELF_HEADER)
-        return detect_os(Paths(Path(mirror)))
+        return require_supported(detect_os(Paths(Path(mirror))))
 
 
 @dataclass(frozen=True)

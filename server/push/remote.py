@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from agent.errors import FreezeNotReady, MobilityError
-from agent.fsutil import atomic_write
-from agent.transport import ServerAddress
+from agent.prereq import DEFAULT_INSTALL_DIR
+from agent.shared.address import ServerAddress
+from agent.shared.errors import FreezeNotReady, MobilityError
+from agent.shared.fsutil import atomic_write
 from server.errors import (
     PushAuthFailed,
     PushConnectRefused,
@@ -38,7 +39,6 @@ from server.push.known_hosts import KnownHosts, fingerprint
 T = TypeVar("T")
 WORK_DIR = "/var/lib/mobility-push"  # root-owned, not world-writable like /tmp
 INSTALL_LOG = "/var/log/mobility/install.log"
-INSTALL_DIR = "/usr/local/mobility"
 LOG_TAIL_LINES = 20
 STALE_AFTER = 2 * 3600  # seconds: longer than any push (its install times out) and its token's life
 
@@ -132,24 +132,26 @@ async def _guarded(target: ServerAddress, timeout: float, work: Awaitable[T]) ->
         raise connect_error(e, target) from e
 
 
-async def host_keys(target: ServerAddress, s: PushSettings) -> list[asyncssh.SSHKey]:
-    """The keys to accept: the recorded ones, else (trust on first use, when allowed) the one presented now."""
-    keys = s.known_hosts.trusted(target)
-    if keys:
-        return keys
+async def host_keys(target: ServerAddress, s: PushSettings) -> asyncssh.SSHKnownHosts:
+    """What to check the host's key against: the known_hosts file when it knows the host, else (trust on first use,
+    when allowed) the key presented now, recorded first. A key the file marks @revoked is never accepted."""
+    if s.known_hosts.knows(target):
+        return s.known_hosts.load()
     key = await _guarded(target, s.timeout, asyncssh.get_server_host_key(target.host, target.port, config=None))
     if key is None:
         raise PushSshFailed("the host presented no host key")
+    if key in s.known_hosts.revoked(target):
+        raise PushHostKeyMismatch(f"its host key {fingerprint(key)} is marked @revoked in {s.known_hosts.path}")
     if not s.accept_new_host_keys:
         raise PushHostKeyUnknown(
             f"its host key {fingerprint(key)} is not in {s.known_hosts.path}; nothing was sent to it"
         )
     s.known_hosts.record(target, key)
-    return [key]
+    return s.known_hosts.load()
 
 
 async def connect(target: ServerAddress, s: PushSettings) -> asyncssh.SSHClientConnection:
-    keys = await host_keys(target, s)
+    known = await host_keys(target, s)
     c = s.credentials
     try:
         return await _guarded(
@@ -159,7 +161,7 @@ async def connect(target: ServerAddress, s: PushSettings) -> asyncssh.SSHClientC
                 target.host,
                 target.port,
                 username=c.user,
-                known_hosts=(keys, [], []),
+                known_hosts=known,
                 client_keys=[c.key] if c.key else None,
                 password=c.password,
                 agent_path=None,
@@ -221,7 +223,7 @@ async def _push(
         r.os_tag = (await detect_remote_os(sftp)).os_tag
         bundle = s.bundle_for(r.os_tag)
         step(r, "checking free space")
-        await check_free_space(sftp, ("/var/lib", INSTALL_DIR))
+        await check_free_space(sftp, ("/var/lib", DEFAULT_INSTALL_DIR))
         work = f"{WORK_DIR}/{r.job_id}"
         try:
             await _copy_and_install(conn, sftp, work, bundle, token, s, step, r)

@@ -11,12 +11,14 @@ from pathlib import Path
 import asyncssh
 from cryptography import x509
 
-from agent import wire
 from agent.bundles import version_key
-from agent.errors import MobilityError
-from agent.fsutil import sha256_file
-from agent.registration import read_secret_file
-from agent.transport import ServerAddress, ca_fingerprint
+from agent.shared import wire
+from agent.shared.address import ServerAddress
+from agent.shared.errors import MobilityError
+from agent.shared.fsutil import NotSmallRegularFile, read_small_file, sha256_file
+from agent.shared.secretfile import read_secret_file
+from server import pki
+from server.database import Database
 from server.datadir import DataDir
 from server.enrolment import create_token
 from server.errors import PushCredentialsInvalid, PushInterrupted, PushNoBundle
@@ -26,6 +28,7 @@ from server.push.remote import STALE_AFTER, Bundle, Credentials, HostResult, Pus
 from server.repository import Repository
 from server.storage import Storage
 
+MAX_KEY_FILE = 64 * 1024  # an SSH private key is a few KiB
 TOKEN_TTL = 3600.0  # a pushed host enrols within minutes; unused tokens are removed when its push ends
 
 
@@ -33,8 +36,10 @@ def load_credentials(user: str, key_file: str | None, password_file: str | None)
     """The key or the password, from files only (never the command line)."""
     if key_file is not None:
         try:
-            return Credentials(user, key=asyncssh.read_private_key(key_file))
-        except (OSError, asyncssh.KeyImportError) as e:
+            # Read bounded and without blocking (asyncssh would read a FIFO or /dev/zero for ever), then parsed.
+            _, data = read_small_file(Path(key_file), MAX_KEY_FILE)
+            return Credentials(user, key=asyncssh.import_private_key(data))
+        except (OSError, NotSmallRegularFile, asyncssh.KeyImportError) as e:
             raise PushCredentialsInvalid(f"--key {key_file}: {getattr(e, 'strerror', None) or e}") from e
     if password_file is None:
         raise PushCredentialsInvalid("give --key FILE or --password-file FILE")
@@ -83,10 +88,11 @@ def push(
     parallel: int,
     timeout: float,
     progress: Progress,
+    database: Database,
 ) -> list[HostResult]:
     settings = PushSettings(
         server=server,
-        fingerprint=ca_fingerprint(data.ca_cert.read_bytes()),
+        fingerprint=pki.fingerprint(x509.load_pem_x509_certificate(data.ca_cert.read_bytes())),
         credentials=credentials,
         known_hosts=KnownHosts(data.known_hosts),
         accept_new_host_keys=accept_new_host_keys,
@@ -94,7 +100,7 @@ def push(
         log_dir=data.push_logs,
         timeout=timeout,
     )
-    storage = Storage(data.database)
+    storage = Storage.open(database, pool_size=0)
     try:
         close_interrupted(storage, time.time())
         return asyncio.run(_push_all(storage, targets, settings, parallel, progress))
@@ -114,17 +120,19 @@ async def _push_all(
 
     async def one(target: ServerAddress, result: HostResult) -> HostResult:
         async with gate:
-            token_id, token = create_token(storage, TOKEN_TTL, 1, time.time())
-            storage.set_job_owner(result.job_id, f"token:{token_id}")  # only this host may report on the job
+            # Database calls in a thread: the other hosts' SSH sessions run on this loop meanwhile.
+            token_id, token = await asyncio.to_thread(create_token, storage, TOKEN_TTL, 1, time.time())
+            # Only this host may report on the job.
+            await asyncio.to_thread(storage.set_job_owner, result.job_id, f"token:{token_id}")
             try:
                 await push_host(target, result, token, s, progress.step)
             finally:
-                storage.remove_token(token_id)
+                await asyncio.to_thread(storage.remove_token, token_id)
             # The host's own word about its ID is not proof: the ID is the one its job was reported under, over
             # mutual TLS, by the host that enrolled with (or proved) this push's token.
-            job = storage.job(result.job_id)
+            job = await asyncio.to_thread(storage.job, result.job_id)
             result.host_id = job.host_id if result.ok and job is not None else None
-            _record(storage, result)
+            await asyncio.to_thread(_record, storage, result)
             return result
 
     return list(await asyncio.gather(*(one(t, r) for t, r in zip(targets, results, strict=True))))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from agent.errors import ServerAddressInvalid
-from agent.transport import ServerAddress, parse_address
+from agent.shared.address import ServerAddress, parse_address
+from agent.shared.errors import ServerAddressInvalid
 from server.errors import PushTargetInvalid
 
 SSH_PORT = 22

@@ -20,7 +20,7 @@ from agent.bundles import (
     parse_manifest,
 )
 from agent.distros.matrix import BY_TAG, Init
-from agent.errors import BundleRefused
+from agent.shared.errors import BundleRefused
 from tests.bundle_factory import DEFAULT_FILES, add_member, add_special, make_bundle, manifest_for
 
 
@@ -79,7 +79,7 @@ def test_bad_names_are_refused_with_the_reason(name: str, says: str) -> None:
 def test_parse_manifest() -> None:
     doc = manifest_for("RHEL6", "0.2.0", DEFAULT_FILES)
     m = parse_manifest(json.dumps(doc).encode())
-    assert m == Manifest("RHEL6", "0.2.0", "x86_64", Init.SYSV, "2.17", doc["files"])
+    assert m == Manifest("RHEL6", "0.2.0", "x86_64", Init.SYSV, "3.2", "2.36", doc["files"])
 
 
 def _edited(**changes: Any) -> bytes:
@@ -106,7 +106,10 @@ def _edited(**changes: Any) -> bytes:
         (_edited(arch="aarch64"), "arch 'aarch64' is not one of x86_64"),
         (_edited(init="upstart"), "init 'upstart' is not one of"),
         (_edited(init="sysv"), "init 'sysv' is wrong for UBUNTU-20.04"),
-        (_edited(glibc_floor="new"), "glibc_floor 'new'"),
+        (_edited(kernel_floor="3"), "kernel_floor '3'"),
+        (_edited(kernel_floor="3.2-rc1"), "kernel_floor '3.2-rc1'"),
+        (_edited(runtime_glibc="new"), "runtime_glibc 'new'"),
+        (_edited(glibc_floor="2.35"), "unknown fields 'glibc_floor'"),  # a bundle from before the bundled runtime
         (_edited(files=[]), "files must be an object"),
         (_edited(files={"../x": "0" * 64}), "has '..' in its path"),
         (_edited(files={"/etc/x": "0" * 64}), "is an absolute path"),

@@ -25,7 +25,7 @@ def test_overrides(tmp_path: Path) -> None:
     [
         '{"memory_budget": 1}',
         '{"memory_budget_mib": "64"}',
-        '{"test_hooks": 1}',
+        '{"test_hooks": true}',  # the memory ballast this once switched on is gone (fault points replace it)
         '{"backlog_max": 0}',
         '{"metrics_port": 70000}',
         "[1]",

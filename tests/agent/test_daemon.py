@@ -3,10 +3,12 @@ faked here (the transport boundary); tests/integration/test_daemon.py runs the r
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from agent.errors import ServerUnreachable
 from agent.identity import Registration, save_registration
 from agent.paths import Paths
 from agent.sdnotify import Notifier
+from agent.shared.wire import MachineFacts
 from agent.status import DaemonStatus
-from agent.wire import MachineFacts
 
 T0 = 1_800_000_000.0
 # The test process's own RSS is what the daemon measures here, and it depends on what the suite loaded before:
@@ -40,12 +42,16 @@ class FakeLink:
         self.renewals = 0
         self.update_checks = 0
         self.clock = T0
+        self.update: object = None  # the heartbeat answer's "update" field (None: absent)
 
     def heartbeat(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.down:
             raise ServerUnreachable("cannot reach the configuration server: connection refused")
         self.beats.append((self.clock, body))
-        return {"interval": self.interval, "server_time": self.clock}
+        answer: dict[str, Any] = {"interval": self.interval, "server_time": self.clock}
+        if self.update is not None:
+            answer["update"] = self.update
+        return answer
 
     def renew(self) -> None:
         self.renewals += 1
@@ -100,6 +106,8 @@ def test_six_hours_of_schedule(paths: Paths) -> None:
     run_for(daemon, link, 6 * 3600)
     assert len(link.beats) == 6 * 3600 // 30 - 1
     assert link.update_checks == 5
+    daemon._update_thread.join(timeout=10)  # type: ignore[union-attr]
+    daemon.tick(T0 + 6 * 3600)  # the last check's answer is taken on the next tick
     assert daemon.status.update_available == "0.2.0"
     assert link.renewals == 0  # a 90-day certificate is not due in six hours
     health = link.beats[-1][1]["health"]
@@ -261,3 +269,148 @@ def test_a_protected_disk_that_is_not_here_is_reported_then_protection_ends(path
     daemon.heartbeat()
     assert link.beats[-1][1]["replication"]["disks"] == []
     daemon.replication.stop()
+
+
+class _TickyProcess:
+    """psutil.Process as it reads CPU: over a window of a few milliseconds the figure is whole clock ticks, e.g.
+    1924.9 % (seen in the demo's first health report); over a real window it is the truth."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.real = psutil.Process()
+        self.windows: list[float | None] = []
+
+    def cpu_percent(self, interval: float | None = None) -> float:
+        self.windows.append(interval)
+        return 3.5 if interval else 1924.9
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_the_first_cpu_figure_is_measured_over_a_real_window(paths: Paths) -> None:
+    process = _TickyProcess()
+    daemon = Daemon(paths, ROOMY, FakeLink(), now=T0, process=process)  # type: ignore[arg-type]
+    cpu = next(c for c in daemon.check_health()["checks"] if c["id"] == "HLT-CPU")
+    assert (cpu["status"], cpu["value"]) == ("PASS", "3.5 %")
+    again = next(c for c in daemon.check_health(measure_cpu=False)["checks"] if c["id"] == "HLT-CPU")
+    assert again["value"] == "3.5 %"  # moments later: the same figure, not a new tiny window
+    assert process.windows[-1] is not None and process.windows.count(None) == 1  # only the window's start
+
+
+class SlowRepositoryLink(FakeLink):
+    """A server that takes for ever to send repository metadata (a trickle, a stuck proxy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def newest_version(self, os_tag: str) -> str | None:
+        self.update_checks += 1
+        self.release.wait(60)
+        return "0.3.0"
+
+
+def test_a_slow_update_check_never_stops_heartbeats_or_the_watchdog(paths: Paths, tmp_path: Path) -> None:
+    """The update check runs beside the loop: the loop keeps heartbeating and petting systemd's watchdog while the
+    repository answers slowly (the download may take up to 900 s; WatchdogSec is 90 s)."""
+    sock_path = str(tmp_path / "notify")
+    link = SlowRepositoryLink()
+    notes: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(sock_path)
+        sock.settimeout(2)
+
+        def listen() -> None:  # systemd's side: reads every notification as it comes
+            with contextlib.suppress(OSError):
+                while True:
+                    notes.append(sock.recv(4096).decode())
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        daemon = Daemon(paths, ROOMY, link, now=T0, notifier=Notifier(sock_path))
+        ticking = threading.Thread(target=run_for, args=(daemon, link, 2 * 3600, T0, 10.0), daemon=True)
+        started = time.monotonic()
+        ticking.start()
+        ticking.join(timeout=60)
+        try:
+            assert not ticking.is_alive(), "the daemon's loop is stuck in the update check"
+            assert time.monotonic() - started < 60
+            assert link.update_checks == 1  # one check at a time: the hourly one did not start a second
+            assert len(link.beats) >= 2 * 3600 // 30 - 2
+            listener.join(timeout=10)
+            assert notes.count("WATCHDOG=1") >= 2 * 3600 // 10 - 1  # one per tick, every 10 s of the two hours
+        finally:
+            link.release.set()
+    for _ in range(100):  # the answer arrives; the next tick takes it
+        daemon.tick(T0 + 2 * 3600 + 1)
+        if daemon.status.update_available:
+            break
+        time.sleep(0.05)
+    assert daemon.status.update_available == "0.3.0"
+
+
+JOB = "22222222-2222-4222-8222-222222222222"
+
+
+def test_the_target_the_server_names_is_recorded_and_handed_to_a_watcher(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import daemon as daemon_module
+    from agent.update_state import Target, load_target
+
+    started: list[tuple[str, list[str]]] = []
+
+    def start_updater(p: Paths, init: object, version: str, argv: list[str]) -> str:
+        started.append((version, argv))
+        return "started"
+
+    monkeypatch.setattr(daemon_module, "start_updater", start_updater)
+    record = {"os_tag": "DEBIAN12", "version": "0.1.0", "install_dir": "/usr/local/mobility"}
+    paths.agent_config.write_text(json.dumps(record))
+    link = FakeLink()
+    link.update = {"version": "0.1.1", "job_id": JOB, "pinned": False}
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 200)
+    target = load_target(paths)
+    assert target is not None and (target.version, target.job_id, target.pinned) == ("0.1.1", JOB, False)
+    # One watcher at a time, and no storm while none takes the update lock: at most one start per 3 heartbeats.
+    assert [v for v, _ in started] == ["0.1.0", "0.1.0"]
+    assert started[0][1][-3:] == ["upgrade", "--root", str(paths.root)]
+
+    # A hostile answer is ignored whole: the last good target stays, and nothing is started for it.
+    for hostile in ({"version": "../../x", "job_id": JOB}, {"version": "0.1.2", "job_id": "$(reboot)"}, "0.1.2"):
+        link.update = hostile
+        before = len(started)
+        run_for(daemon, link, 100, start=T0 + 300)
+        assert load_target(paths) == target and len(started) == before
+    # The server names nothing (a halted rollout withdrew it): nothing is kept.
+    link.update = None
+    run_for(daemon, link, 40, start=T0 + 400)
+    assert load_target(paths) is None
+    # A pin at the version it runs: recorded, nothing to start.
+    link.update = {"version": "0.1.0", "job_id": None, "pinned": True}
+    before = len(started)
+    run_for(daemon, link, 200, start=T0 + 500)
+    assert load_target(paths) == Target("0.1.0", None, True, load_target(paths).received)  # type: ignore[union-attr]
+    assert len(started) == before
+
+
+def test_under_a_health_gate_every_heartbeat_carries_a_fresh_report(paths: Paths) -> None:
+    """The watcher of an upgrade judges CRITICAL over two heartbeats: the version it judges reports at each one, not
+    only every health interval (60 s by default, longer than the gate's grace at a 10 s heartbeat)."""
+    from agent import __version__
+    from agent.update_state import Phase, UpgradeRecord, save_record
+
+    def report_times(link: FakeLink) -> list[float]:
+        return [body["health"]["time"] for _, body in link.beats]
+
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 181)
+    assert len(set(report_times(link))) < len(link.beats)  # two heartbeats per health interval share a report
+    save_record(paths, UpgradeRecord("0.0.9", __version__, JOB, Phase.WATCHING, T0))
+    link.beats.clear()
+    run_for(daemon, link, 181, start=T0 + 200)
+    assert len(set(report_times(link))) == len(link.beats) == 6

@@ -47,3 +47,21 @@ def test_tarball_has_no_planted_secret(tmp_path: Path) -> None:
         assert secret.encode() not in blob, secret
     assert b"enrolled with token [REDACTED]" in blob  # the log line itself is kept
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_secret_file_is_found_by_the_bootstrap_s_own_parser(tmp_path: Path) -> None:
+    """bootstrap.conf is read by agent/bootstrap.py's parser: what it accepts (`passphrase-file` is its spelling of
+    passphrase_file too) names the secret to redact; a conf it refuses names none, and collecting still works."""
+    from agent.diagnostics import known_secrets
+
+    paths = Paths(tmp_path)
+    paths.config_dir.mkdir(parents=True)
+    secret_file = paths.config_dir / "passphrase"
+    secret_file.write_text(PASSPHRASE + "\n")
+    os.chmod(secret_file, 0o600)
+    paths.bootstrap_conf.write_text("server = cs:9443\npassphrase-file = /etc/mobility/passphrase  # baked in\n")
+    assert known_secrets(paths) == [PASSPHRASE]
+    paths.bootstrap_conf.write_text("server = cs:9443\ntoken_file = /etc/mobility/passphrase\n")  # not a key it knows
+    assert known_secrets(paths) == []
+    names = collect(paths, {"status": "unknown", "checks": []}, tmp_path / "d.tar.gz")
+    assert "config/bootstrap.conf" in names

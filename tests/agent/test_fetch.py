@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.bundles import inspect_bundle
-from agent.errors import MobilityError
 from agent.fetch import fetch_bundle
+from agent.shared.errors import MobilityError
 from server.datadir import DataDir
 from server.repository import Repository
 from tests.bundle_factory import make_bundle
@@ -141,14 +141,21 @@ class Agent:
         self.metadata_dir = tmp / "agent" / "tuf"
         self.dest_dir = tmp / "agent" / "bundles"
 
-    def fetch(self, os_tag: str = "UBUNTU-20.04") -> Path:
+    def fetch(self, os_tag: str = "UBUNTU-20.04", version: str | None = None) -> Path:
         return fetch_bundle(
-            self.server.base_url, self.ctx, self.root, self.metadata_dir, os_tag, self.dest_dir, timeout=5.0
+            self.server.base_url,
+            self.ctx,
+            self.root,
+            self.metadata_dir,
+            os_tag,
+            self.dest_dir,
+            version=version,
+            timeout=5.0,
         )
 
-    def refused(self, os_tag: str = "UBUNTU-20.04") -> MobilityError:
+    def refused(self, os_tag: str = "UBUNTU-20.04", version: str | None = None) -> MobilityError:
         with pytest.raises(MobilityError) as e:
-            self.fetch(os_tag)
+            self.fetch(os_tag, version)
         assert e.value.fix, "every error carries a remediation"
         return e.value
 
@@ -176,6 +183,17 @@ def test_fetches_and_verifies_the_newest_bundle_for_the_tag(agent: Agent, bundle
     assert inspect_bundle(path)[0].version == "0.10.0"
     assert [p.name for p in agent.dest_dir.iterdir()] == [path.name]  # no partial files left
     assert agent.fetch("RHEL7").read_bytes() == bundles["rhel"].read_bytes()
+
+
+def test_fetches_the_version_it_is_asked_for_older_or_newer(agent: Agent, bundles: dict[str, Path]) -> None:
+    """An upgrade (or a pin to an earlier version) fetches the version the server names, not the newest."""
+    path = agent.fetch(version="0.9.1")
+    assert path.read_bytes() == bundles["old"].read_bytes()
+    assert agent.fetch(version="0.10.0").read_bytes() == bundles["new"].read_bytes()
+    err = agent.refused(version="0.9.2")
+    assert err.code == "TUF-NO-BUNDLE"
+    assert "UBUNTU-20.04, version 0.9.2" in err.message
+    assert agent.refused("RHEL7", "0.9.1").code == "TUF-NO-BUNDLE"  # that version exists, but not for this tag
 
 
 def test_a_verified_bundle_is_not_downloaded_again(agent: Agent, bundles: dict[str, Path], server: RepoServer) -> None:
@@ -303,3 +321,34 @@ def test_missing_bundle_file_on_the_server_is_a_temporary_failure(
     err = agent.refused()
     assert err.code == "TUF-FETCH-FAILED"
     assert "404" in err.message
+
+
+def test_a_bundle_that_cannot_be_written_is_a_local_failure(agent: Agent, bundles: dict[str, Path]) -> None:
+    agent.dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    agent.dest_dir.write_text("a file where the downloads directory goes")
+    err = agent.refused()
+    assert err.code == "FETCH-WRITE-FAILED" and int(err.exit_code) == 1
+
+
+def test_answers_that_are_not_the_api_are_protocol_errors(server: RepoServer, tls: tuple[Path, Path]) -> None:
+    """agent/transport.py against a TLS server that is not a Mobility server (this fixture)."""
+    from agent.errors import ServerProtocolError
+    from agent.shared.address import ServerAddress
+    from agent.transport import CA_PATH, Client, fetch_pinned_ca
+
+    address = ServerAddress("127.0.0.1", server.server_address[1])
+    server.overrides["/v1/status"] = b"<html>a web server</html>"
+    client = Client(address, tls[0].read_bytes())
+    try:
+        with pytest.raises(ServerProtocolError, match="HTTP 200, not JSON"):
+            client.call("GET", "/v1/status")
+        server.overrides["/v1/status"] = b"[1, 2]"
+        with pytest.raises(ServerProtocolError, match="not a JSON object"):
+            client.call("GET", "/v1/status")
+        with pytest.raises(ServerProtocolError, match="HTTP 404"):
+            client.call("GET", "/v1/nothing-here")  # an error page, not the API's JSON error
+    finally:
+        client.close()
+    server.overrides[CA_PATH] = b"no certificate here"
+    with pytest.raises(ServerProtocolError, match="no CA certificate"):
+        fetch_pinned_ca(address, None)

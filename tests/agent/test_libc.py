@@ -1,10 +1,10 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from agent.libc import elf_machine, glibc_version_of, parse_glibc, root_arch, root_glibc
+from agent.libc import elf_machine, find_libc, glibc_version_of, root_arch
 from agent.paths import Paths
-from agent.prereq import running_glibc
 
 
 def test_elf_header_of_a_real_binary() -> None:
@@ -15,15 +15,12 @@ def test_elf_header_of_a_real_binary() -> None:
 
 def test_glibc_of_this_machine_matches_the_running_one() -> None:
     # The libc file of / and the C library this interpreter loaded are the same release.
-    assert root_glibc(Paths(Path("/"))) == running_glibc()
+    running = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    libc = find_libc(Paths(Path("/")))
+    assert libc is not None and f"glibc {glibc_version_of(Path(libc).read_bytes())}" == running
     assert root_arch(Paths(Path("/"))) == "x86_64"
 
 
 def test_glibc_version_from_symbols_when_banner_is_missing() -> None:
     assert glibc_version_of(b"\0GLIBC_2.2.5\0GLIBC_2.17\0GLIBC_2.3\0") == "2.17"
     assert glibc_version_of(b"no libc here") is None
-
-
-def test_parse_glibc() -> None:
-    assert parse_glibc("2.36") == (2, 36)
-    assert parse_glibc("2.x") is None

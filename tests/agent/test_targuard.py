@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.errors import BundleRefused
+from agent.shared.errors import BundleRefused
 from agent.targuard import GuardedStream, TarGuard, TarLimits
 
 CHUNKS = (1, 7, 511, 512, 513, 10240, 1 << 20)

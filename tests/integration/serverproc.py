@@ -19,7 +19,11 @@ from typing import Any
 
 from scripts.localserver import init_local_server, server_log, start_local_server
 from scripts.testlab import debian_root  # noqa: F401 (re-exported: tests import it from here)
+from server.database import database_for
+from server.datadir import DataDir
+from server.storage import Storage
 from tests.conftest import DISTROS, REPO
+from tests.postgres import on_postgresql, shared_cluster
 
 
 def server_cli(data: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -33,9 +37,16 @@ def server_cli(data: Path, *args: str, check: bool = False) -> subprocess.Comple
     )
 
 
-def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``mobility ARGS`` as a process (``env``: e.g. tests.faults.environment(...) for a fault plan)."""
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+        env=env,
     )
 
 
@@ -76,16 +87,22 @@ class ServerProcess:
         return server_cli(self.data, "passphrase", "show", check=True).stdout.strip()
 
 
-def init_server(data: Path) -> str:
-    out = init_local_server(data)
+def init_server(data: Path, database: str | None = None) -> str:
+    """`init` on the session's database engine: with MOBILITY_TEST_DATABASE=postgresql, a new database of the
+    shared PostgreSQL cluster (recorded in the data directory, so every later command uses it)."""
+    if database is None and on_postgresql():
+        database = shared_cluster().new_database()
+    out = init_local_server(data, database=database)
     m = re.search(r"^fingerprint: (sha256:[0-9a-f]{64})$", out, re.M)
     assert m, out
     return m.group(1)
 
 
-def start_server(data: Path, heartbeat_interval: float = 30.0, port: int = 0) -> ServerProcess:
+def start_server(
+    data: Path, heartbeat_interval: float = 30.0, port: int = 0, database: str | None = None
+) -> ServerProcess:
     if not (data / ".initialised").exists():
-        init_server(data)
+        init_server(data, database)
     proc, address, fingerprint = start_local_server(data, "--heartbeat-interval", str(heartbeat_interval), port=port)
     return ServerProcess(data, proc, int(address.rsplit(":", 1)[1]), fingerprint)
 
@@ -162,6 +179,23 @@ def raw_call(
     finally:
         conn.close()
     return status, json.loads(data)
+
+
+def open_storage(data: Path) -> Storage:
+    """The database of the server whose data directory is ``data``, as its commands open it."""
+    return Storage.open(database_for(DataDir(data), None), pool_size=0)
+
+
+def db_execute(data: Path, sql: str, params: dict[str, Any] | None = None) -> None:
+    """Change the server's database behind its back (a row as an older or compromised server left it)."""
+    from sqlalchemy import text
+
+    storage = open_storage(data)
+    try:
+        with storage.transaction() as tx:
+            tx.conn.execute(text(sql), params or {})
+    finally:
+        storage.close()
 
 
 def error_code(doc: dict[str, Any]) -> object:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import faults
 from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     ServerProcess,
@@ -278,8 +279,10 @@ def test_bundle_for_another_os_tag_is_refused(dist: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("step", [1, 2, 3, 4, 5, 6])
 def test_killed_at_any_step_the_next_run_converges(server: ServerProcess, tmp_path: Path, step: int) -> None:
     root = template(server, tmp_path / "m", f"{step:02d}" * 16)
-    r = agent_cli("bootstrap", "--root", str(root), "--test-kill-at", str(step))
-    assert r.returncode == -9
+    r = agent_cli("bootstrap", "--root", str(root), env=faults.environment(kill={"bootstrap.step": step}))
+    assert r.returncode == -9, r.stderr
+    log = root / "var/log/mobility/install.log"
+    assert not log.exists() or f"bootstrap [{step}/6]" not in log.read_text()  # killed as the step began
     code, out, err = bootstrap(root)
     assert (code, out.get("state")) == (0, "succeeded"), err
     assert installed(root)

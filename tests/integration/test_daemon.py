@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests import faults
 from tests.conftest import REPO
 from tests.integration.serverproc import (
     ServerProcess,
@@ -36,6 +36,12 @@ class Agent:
     root: Path
     proc: subprocess.Popen[str]
     notify: socket.socket
+    grow: Path  # where a request to grow the daemon's memory is left (tests/faults/)
+
+    def grow_memory(self, mib: int) -> None:
+        """Real memory growth inside the daemon, as a leak would: it takes the request at its next tick."""
+        (self.grow / "grow").write_text(str(mib))
+        wait_for(f"the daemon to grow by {mib} MiB", lambda: not (self.grow / "grow").exists())
 
     def status(self) -> dict[str, Any]:
         try:
@@ -59,8 +65,10 @@ def setup(tmp_path: Path) -> Iterator[tuple[ServerProcess, Agent]]:
         cleanup.callback(server.stop)
         root = sandbox_root(tmp_path / "m", "d1" * 16)
         assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
-        (root / "etc/mobility/freeze.d").mkdir(mode=0o700, parents=True)
-        (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 1, "test_hooks": True}))
+        r = agent_cli("freeze-provider", "install", "--root", str(root))  # ext4 and root: ready, recorded
+        assert r.returncode == 0, r.stdout + r.stderr
+        (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 1}))
+        (tmp_path / "grow").mkdir()  # memory growth requests for the daemon's fault point (tests/faults/)
         notify = cleanup.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(10)
@@ -70,10 +78,10 @@ def setup(tmp_path: Path) -> Iterator[tuple[ServerProcess, Agent]]:
             text=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+            env={**faults.environment(grow=str(tmp_path / "grow")), "NOTIFY_SOCKET": str(tmp_path / "notify")},
         )
         cleanup.callback(_kill, proc)
-        yield server, Agent(root, proc, notify)
+        yield server, Agent(root, proc, notify, tmp_path / "grow")
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
@@ -136,22 +144,26 @@ def test_memory_budget_warns_then_restarts_cleanly(setup: tuple[ServerProcess, A
     _, agent = setup
     checks = wait_for("a health report", lambda: agent.status().get("health", {}).get("checks"))
     rss = float(next(c for c in checks if c["id"] == "HLT-RSS")["value"].split()[0])
-    budget, warn_at = rss + 26, rss + 8  # one 16 MiB ballast step warns, two pass the budget
-    conf = {"health_seconds": 1, "test_hooks": True, "memory_budget_mib": budget, "memory_warn_ratio": warn_at / budget}
+    budget, warn_at = rss + 26, rss + 8  # growing 16 MiB warns, growing 16 more passes the budget
+    conf = {"health_seconds": 1, "memory_budget_mib": budget, "memory_warn_ratio": warn_at / budget}
     (agent.root / "etc/mobility/mobility.conf").write_text(json.dumps(conf))
     agent.proc.send_signal(signal.SIGHUP)
     wait_for("reload", lambda: "configuration reloaded" in agent.log())
     pid = agent.proc.pid
-    agent.proc.send_signal(signal.SIGUSR2)
+    started = agent.status()["started"]
+    agent.grow_memory(16)
     wait_for("warning and shedding", lambda: "shedding caches" in agent.log())
-    first_start = agent.status().get("started")
-    agent.proc.send_signal(signal.SIGUSR2)
+    assert "restarting cleanly" not in agent.log()
+    agent.grow_memory(16)
     wait_for("clean restart", lambda: "restarting cleanly" in agent.log() and agent.log().count("daemon started") == 2)
     assert agent.proc.poll() is None  # re-executed in place: the same process, as systemd expects
-    # The record the daemon wrote before restarting (with the ballast) stays until the new one writes its own.
-    wait_for("the restarted daemon's record", lambda: agent.status().get("started", first_start) != first_start)
+    # The record the restarted daemon writes, not the last one of the process before the restart.
+    wait_for("the restarted daemon's record", lambda: agent.status().get("started", 0) > started)
     assert agent.status()["pid"] == pid
-    after = wait_for("a report after the restart", lambda: agent.status().get("health", {}).get("checks"))
+    after = wait_for(
+        "a report after the restart",
+        lambda: (s := agent.status()).get("health", {}).get("time", 0) >= s["started"] and s["health"]["checks"],
+    )
     rss_after = float(next(c for c in after if c["id"] == "HLT-RSS")["value"].split()[0])
     assert rss_after < budget
 

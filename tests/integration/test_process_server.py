@@ -12,18 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import RemoteError
+from agent.errors import ProcessServerUnreachable, RemoteError
 from agent.paths import Paths
 from agent.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
-from agent.replication.errors import ProcessServerUnreachable
-from agent.replication.protocol import Codec, Hello, Kind, PointClose
 from agent.replication.transport import Stream
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
+from agent.shared.replication_wire import Codec, Hello, Kind, PointClose
 from server.process.store import ChunkStore
-from server.storage import Storage
 from tests.conftest import require_root
-from tests.integration.serverproc import ServerProcess, configure_root, sandbox_root, secret_file, start_server
+from tests.integration.serverproc import (
+    ServerProcess,
+    configure_root,
+    open_storage,
+    sandbox_root,
+    secret_file,
+    start_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +49,7 @@ def machine(server: ServerProcess, tmp_path: Path, name: str = "m1", protect: bo
     code, out = configure_root(server, root, secret_file(tmp_path / f"{name}.pass", server.passphrase()))
     assert code == 0, out
     if protect:
-        storage = Storage(server.data / "mobility.db")
+        storage = open_storage(server.data)
         try:
             storage.protect(str(out["host_id"]), [DISK], False, "default", False, time.time())
         finally:
@@ -187,3 +192,52 @@ def test_the_replica_hashes_come_back_for_a_checksum_resync(server: ServerProces
     welcome = stream.connect(Hello(DISK, size, CHUNK, want_hashes=True), lambda start, h: got.append((start, h)))
     assert welcome.known and welcome.acked_seq == 1
     assert got == [(0, zero_hash(CHUNK) + chunk_hash(data) + zero_hash(CHUNK) + zero_hash(4096))]
+
+
+def test_one_process_server_per_store_and_api_instances_send_agents_to_it(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A second `serve` on the same data directory would be a second writer of the chunk store: it is refused
+    (PS-STORE-BUSY) and the first keeps serving. `serve --role api --process-address HOST:PORT` runs the API only
+    and tells protected machines where the one process server is."""
+    import json
+    import subprocess
+    import sys
+
+    from scripts.localserver import start_local_server
+    from tests.conftest import REPO
+    from tests.integration.serverproc import raw_call
+
+    paths = machine(server, tmp_path)
+    second = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--data", str(server.data), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 1 and "error PS-STORE-BUSY:" in second.stderr, second.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--data", str(server.data), "--role", "api"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2 and "error USAGE:" in r.stderr and "--process-address" in r.stderr
+    proc, address, _ = start_local_server(
+        server.data, "--role", "api", "--process-address", f"127.0.0.1:{server.process_port}"
+    )
+    try:
+        api = ServerProcess(server.data, proc, int(address.rsplit(":", 1)[1]), server.fingerprint)
+        body = json.dumps({"host_id": host_of(paths), "agent_version": "0.1.0"}).encode()
+        status, answer = raw_call(api, "POST", "/v1/heartbeat", body, cert=(paths.client_cert, paths.client_key))
+        assert status == 200 and answer["protection"]["process"] == {"host": "127.0.0.1", "port": server.process_port}
+        stream = stream_for(server, paths)  # and the one process server still takes the stream
+        stream.connect(Hello(DISK, CHUNK, CHUNK))
+        stream.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

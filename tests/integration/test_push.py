@@ -1,6 +1,7 @@
-"""The real test of push install: hosts that are Debian 12 systems booted with systemd (systemd-nspawn), each in its
-own network namespace with its own address, root filesystem and OpenSSH server (scripts/testlab.py). The
-configuration server and `mobility-server push` run in the lab's hub namespace, as on a real network."""
+"""The real test of push install: hosts that are Debian 12 systems (and one Debian 11) booted with systemd
+(systemd-nspawn), each in its own network namespace with its own address, root filesystem and OpenSSH server
+(scripts/testlab.py). The configuration server and `mobility-server push` run in the lab's hub namespace, as on a
+real network."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from scripts.localserver import init_local_server, server_log, start_local_serve
 from scripts.testlab import Host, Lab, sshd_base_root
 from tests.conftest import DISTROS, REPO, require_root
 from tests.integration.serverproc import server_cli, wait_for
+from tests.postgres import new_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -74,13 +76,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, dist: Path) -> Iterator[Worl
             "full": lab.add_host("full", disk="full"),
             "fedora": lab.add_host("fedora", os_release=DISTROS / "fedora30/etc/os-release"),
             "broken": lab.add_host("broken"),
+            "deb11": lab.add_host("deb11", base=sshd_base_root("bullseye")),  # glibc 2.31, older than the build's
+            "lb1": lab.add_host("lb1"),  # pushed through a balancer to two instances (docs/deployment.md)
         }
         # The install directory's place is taken by a file: the install on this host fails.
         (hosts["broken"].root / "usr/local/mobility").write_text("not a directory\n")
         lab.boot()
         data = work / "data"
         init_local_server(data, lab.hub_address)
-        for bundle in dist.glob("*_DEBIAN12-64_*.tar.gz"):
+        for bundle in (*dist.glob("*_DEBIAN12-64_*.tar.gz"), *dist.glob("*_DEBIAN11-64_*.tar.gz")):
             server_cli(data, "repo", "add", str(bundle), check=True)
         proc, address, _ = start_local_server(
             data, "--heartbeat-interval", "2", host=lab.hub_address, wrap=lab.in_hub([])
@@ -161,6 +165,25 @@ def test_push_to_several_hosts_in_parallel(world: World) -> None:
     assert (world.hosts["web1"].root / "var/log/mobility/install.log").read_text() == log_before
 
 
+def test_push_to_a_debian_11_host(world: World) -> None:
+    code, results = world.push("--accept-new-host-keys", *world.hosts_args("deb11"))
+    deb11 = results["deb11"]
+    assert (code, deb11["state"], deb11["os_tag"]) == (0, "succeeded", "DEBIAN11"), results
+    assert daemon_active(world, "deb11")
+    wait_for(
+        "heartbeats from the Debian 11 daemon",
+        lambda: any(m["host_id"] == deb11["host_id"] and m["state"] == "online" for m in world.machines()),
+        timeout=60,
+    )
+    # The daemon runs on the C library of its bundle; the system's own (2.31) is never loaded into it.
+    host = world.hosts["deb11"]
+    pid = world.lab.exec_in(host, ["systemctl", "show", "--property=MainPID", "--value", "mobility.service"])
+    maps = world.lab.exec_in(host, ["cat", f"/proc/{pid.stdout.strip()}/maps"]).stdout
+    libcs = {line.split()[-1] for line in maps.splitlines() if "/libc.so" in line or "/libc-2." in line}
+    assert libcs == {"/usr/local/mobility/versions/0.1.0/mobility/_internal/libc.so.6"}, maps[-2000:]
+    assert world.lab.exec_in(host, ["cat", "/etc/debian_version"]).stdout.startswith("11.")
+
+
 def test_push_with_a_password_from_a_file(world: World, tmp_path: Path) -> None:
     password = tmp_path / "password"
     password.write_text("correct horse battery staple\n")
@@ -194,7 +217,7 @@ def test_each_failure_has_its_id(world: World) -> None:
     assert "Fedora" in results["fedora"]["error"]["message"]
     assert "MiB free for /" in results["full"]["error"]["message"]
     broken = results["broken"]
-    assert "INSTALL-FAILED" in broken["error"]["message"] and broken["log_tail"]
+    assert "INSTALL-DIR-NOT-OURS" in broken["error"]["message"] and broken["log_tail"]
     assert any("install failed" in line for line in broken["log_tail"])
     # Every failure is a job with its ID and remediation; nothing was left behind on the hosts.
     jobs = world.jobs()
@@ -258,3 +281,76 @@ def test_a_push_killed_while_installing_converges_on_the_next(world: World) -> N
     assert daemon_active(world, "web4")
     web4 = [m for m in world.machines() if m["hostname"] == "web4"]
     assert [m["host_id"] for m in web4] == [result["host_id"]]  # registered once, whichever push did it
+
+
+def test_push_through_a_balancer_to_two_instances_on_postgresql(world: World, dist: Path, tmp_path: Path) -> None:
+    """docs/deployment.md's layout in the lab's hub: PostgreSQL, two `serve` instances sharing one data directory, a
+    TCP round-robin balancer in front (TLS passed through). A push names the balancer as the server: the host's
+    bootstrap enrols, reports its job and heartbeats through it; with one instance killed (-9) it goes on."""
+    lab = world.lab
+    cluster = new_cluster(listen=lab.hub_address, netns=lab.hub)  # reachable from the hub, where the servers run
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        data = tmp_path / "data"
+
+        def in_hub(*argv: str) -> subprocess.CompletedProcess[str]:
+            r = subprocess.run(
+                lab.in_hub([sys.executable, "-m", "server", *argv, "--data", str(data)]),
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=300,
+                check=False,
+            )
+            assert r.returncode == 0, r.stderr
+            return r
+
+        in_hub("init", "--name", lab.hub_address, "--database", cluster.new_database())
+        for bundle in dist.glob("*_DEBIAN12-64_*.tar.gz"):
+            in_hub("repo", "add", str(bundle))
+        instances = []
+        for _ in range(2):
+            proc, address, _ = start_local_server(
+                data, "--heartbeat-interval", "2", host=lab.hub_address, wrap=lab.in_hub([])
+            )
+            procs.append(proc)
+            instances.append(address)
+        proxy = subprocess.Popen(
+            lab.in_hub([sys.executable, "-m", "tests.integration.tcpproxy", f"{lab.hub_address}:0", *instances]),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proxy)
+        line = proxy.stdout.readline() if proxy.stdout else ""
+        balancer = f"{lab.hub_address}:{line.strip().rsplit(':', 1)[1]}"
+        fleet = World(lab, data, procs[0], balancer, world.hosts)
+
+        code, results = fleet.push("--accept-new-host-keys", *fleet.hosts_args("lb1"))
+        assert code == 0, results
+        assert results["lb1"]["state"] in ("succeeded", "succeeded with warnings"), results
+        host_id = results["lb1"]["host_id"]
+        jobs = json.loads(in_hub("jobs", "--json").stdout)
+        assert [(j["kind"], j["host_id"]) for j in jobs if j["job_id"] == results["lb1"]["job_id"]] == [
+            ("push", host_id)
+        ]
+
+        def last_seen() -> float:
+            rows = json.loads(in_hub("machines", "--json").stdout)
+            return max((r["last_seen"] or 0.0 for r in rows if r["host_id"] == host_id), default=0.0)
+
+        wait_for("the pushed host's heartbeats through the balancer", last_seen, timeout=60)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=10)
+        killed = time.time()
+        wait_for("heartbeats through the surviving instance", lambda: last_seen() > killed + 2, timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        cluster.remove()

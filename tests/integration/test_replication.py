@@ -22,11 +22,22 @@ import pytest
 from scripts.replication_lab import Disk, Lab, Machine, Server, read_disk, sh, umount, wait_for
 from tests.conftest import REPO, require_root
 from tests.integration import records
+from tests.postgres import on_postgresql, shared_cluster
 
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
 CYCLES = int(os.environ.get("MOBILITY_RECORD_CYCLES", "30"))
+
+
+def database(*, local: bool = False) -> str | None:
+    """The server's database: its own SQLite file, or with MOBILITY_TEST_DATABASE=postgresql a new database of the
+    shared PostgreSQL cluster (``local``: through its Unix socket, for a server inside a network namespace)."""
+    if not on_postgresql():
+        return None
+    cluster = shared_cluster()
+    url = cluster.new_database()
+    return cluster.local_url(url) if local else url
 
 
 @pytest.fixture
@@ -142,7 +153,7 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
     """A writer keeps writing records to ext4 and XFS on two protected disks; at random moments a point is cut;
     every point fails over to images that fsck finds clean, with every record acknowledged before the freeze, none
     started after the thaw, and every record intact. CYCLES times (MOBILITY_RECORD_CYCLES, 30 by default)."""
-    server = lab.server()
+    server = lab.server(database=database())
     ext4 = lab.disk("ext4", 128 * MIB, ("ext4",))
     xfs = lab.disk("xfs", 320 * MIB, ("xfs",))
     machine = lab.machine(server, "m1")
@@ -218,7 +229,7 @@ def assert_identical_replica(lab: Lab, server: Server, machine: Machine, disk: D
 
 
 def test_kill_9_of_agent_and_process_server_then_resync_converges_to_an_identical_replica(lab: Lab) -> None:
-    server = lab.server()
+    server = lab.server(database=database())
     # Partitioned: writes to the partition are traced on the disk, and the replica is compared with the whole disk.
     disk = lab.disk("d", 160 * MIB, ("ext4",), partitioned=True)
     (disk.mounts[0] / "data").write_bytes(random.Random(1).randbytes(80 * MIB))  # noqa: S311
@@ -270,7 +281,7 @@ def test_a_cut_link_builds_a_backlog_and_catches_up(lab: Lab) -> None:
     sh(["ip", "-n", ns, "addr", "add", f"{net}.2/30", "dev", "eth0"])
     sh(["ip", "-n", ns, "link", "set", "eth0", "up"])
     sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-    server = lab.server(host=f"{net}.2", wrap=["ip", "netns", "exec", ns])
+    server = lab.server(host=f"{net}.2", wrap=["ip", "netns", "exec", ns], database=database(local=True))
     disk = lab.disk("d", 128 * MIB, ("ext4",))
     machine = lab.machine(server, "m1")
     lab.expose(machine, disk)
@@ -303,7 +314,7 @@ def test_a_full_process_server_disk_refuses_clearly_and_recovers_when_space_is_f
     from scripts.localserver import init_local_server
 
     data = lab.workdir / "server"
-    init_local_server(data)
+    init_local_server(data, database=database())
     store_fs = lab.workdir / "store.img"
     with store_fs.open("wb") as f:
         f.truncate(256 * MIB)
@@ -344,7 +355,7 @@ def test_a_flipped_bit_in_the_store_is_found_by_verify_and_test_failover(lab: La
     from agent.replication.chunks import HASH_SIZE, zero_hash
     from server.process.store import ChunkStore
 
-    server = lab.server()
+    server = lab.server(database=database())
     disk = lab.disk("d", 64 * MIB, ("ext4",))
     (disk.mounts[0] / "data").write_bytes(random.Random(5).randbytes(16 * MIB))  # noqa: S311
     machine = lab.machine(server, "m1")
@@ -378,7 +389,7 @@ def test_a_flipped_bit_in_the_store_is_found_by_verify_and_test_failover(lab: La
 
 
 def test_lost_trace_events_mean_a_resync_never_a_wrong_replica(lab: Lab) -> None:
-    server = lab.server()
+    server = lab.server(database=database())
     disk = lab.disk("raw", 256 * MIB, ())
     fill_raw(disk, 32 * MIB, seed=6)
     machine = lab.machine(server, "m1", config={"replication_trace_buffer_kb": 4})

@@ -27,6 +27,7 @@ from tests.integration.serverproc import (
     secret_file,
     server_cli,
     start_server,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,8 +57,8 @@ def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Pat
     assert (code, again["host_id"], again["already_registered"]) == (0, host_id, True)
 
     heartbeat(Paths(root), {"status": "healthy", "checks": []})
-    time.sleep(1.5)  # the server writes heartbeats in batches once a second
-    (m,) = server.machines()
+    # The server writes heartbeats in batches once a second.
+    (m,) = wait_for("the heartbeat to be written", lambda: [m for m in server.machines() if m["health"] == "healthy"])
     assert (m["host_id"], m["hostname"], m["os_tag"], m["role"], m["platform"]) == (
         host_id,
         "host-aaaaaa",
@@ -85,7 +86,7 @@ def test_wrong_passphrase_then_rate_limit(server: ServerProcess, tmp_path: Path)
         code, out = configure_root(server, root, wrong)
         codes.append((code, error_code(out)))
     assert codes[0] == (1, "ENROL-BAD-PROOF")
-    assert codes[-1] == (1, "ENROL-RATE-LIMITED")
+    assert codes[-1] == (75, "ENROL-RATE-LIMITED")  # 429: a temporary failure, for a later run after Retry-After
     assert not (root / "var/lib/mobility/identity.json").exists()
     log = server.stop()
     assert log == 0
@@ -100,8 +101,9 @@ def test_tokens_expire_and_run_out(server: ServerProcess, tmp_path: Path) -> Non
     assert configure_root(server, sandbox_root(tmp_path / "t1", "d" * 32), tok)[0] == 0
     code, out = configure_root(server, sandbox_root(tmp_path / "t2", "e" * 32), tok)
     assert (code, error_code(out)) == (1, "ENROL-TOKEN-USED-UP")
+    created = time.time()
     short = server_cli(server.data, "token", "create", "--ttl", "1s", check=True).stdout.strip()
-    time.sleep(1.2)
+    wait_for("the token's second to pass", lambda: time.time() > created + 1.5, every=0.1)
     code, out = configure_root(server, sandbox_root(tmp_path / "t3", "f" * 32), secret_file(tmp_path / "s", short))
     assert (code, error_code(out)) == (1, "ENROL-TOKEN-EXPIRED")
 
@@ -213,9 +215,11 @@ def test_server_refuses_bad_data_directories(tmp_path: Path) -> None:
     assert (r.returncode, r.stderr.split(":")[0]) == (1, "error DATA-DIR-PERMISSIONS")
     os.chmod(data / "ca" / "ca.key", 0o600)
     key_before = (data / "ca" / "ca.key").read_bytes()
-    (data / "mobility.db").write_bytes(b"this is not a database" * 100)
-    r = server_cli(data, "serve", "--listen", "127.0.0.1:0")
-    assert r.stderr.startswith("error DB-CORRUPT")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    garbage.chmod(0o600)
+    r = server_cli(data, "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite:///{garbage}")
+    assert r.stderr.startswith("error DB-CORRUPT"), r.stderr
     assert (data / "ca" / "ca.key").read_bytes() == key_before
 
 
@@ -291,22 +295,24 @@ def test_certificate_renewal_keeps_the_host_id(server: ServerProcess, tmp_path: 
 
 
 def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> None:
-    s = start_server(tmp_path / "data", heartbeat_interval=1.0)
+    s = start_server(tmp_path / "data", heartbeat_interval=3.0)
     try:
         root = sandbox_root(tmp_path / "m", "ab" * 16)
         assert configure_root(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
-        assert heartbeat(Paths(root), {"status": "warning"})["interval"] == 1.0
-        time.sleep(1.5)  # one batch flush
-        assert [(m["state"], m["health"]) for m in s.machines()] == [("online", "warning")]
-        time.sleep(2.0)  # past 3 intervals since the heartbeat
-        assert [m["state"] for m in s.machines()] == ["offline"]
+        sent = time.time()
+        assert heartbeat(Paths(root), {"status": "warning"})["interval"] == 3.0
+        states = wait_for("the heartbeat's batch to be written", lambda: [m for m in s.machines() if m["health"]])
+        if time.time() - sent < 8.0:  # the listing was made within 3 intervals (9 s) of the heartbeat
+            assert [(m["state"], m["health"]) for m in states] == [("online", "warning")]
+        wait_for("3 missed intervals", lambda: [m["state"] for m in s.machines()] == ["offline"], timeout=30)
+        assert time.time() - sent >= 9.0  # not before 3 intervals passed
     finally:
         s.stop()
 
 
 def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path: Path) -> None:
-    from agent import wire
     from agent.identity import new_key_and_csr
+    from agent.shared import wire
 
     root = sandbox_root(tmp_path / "m", "ac" * 16)
     code, out = configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))

@@ -1,9 +1,14 @@
-"""The real test: a Debian 12 template with the bootstrapper baked in, booted with systemd-nspawn against a real
-configuration server on loopback. The container shares the host's network namespace, so 127.0.0.1 is the server."""
+"""The real test: a Debian template with the bootstrapper baked in, booted with systemd-nspawn against a real
+configuration server on loopback. The container shares the host's network namespace, so 127.0.0.1 is the server.
+
+Debian 12 (bookworm) and Debian 11 (bullseye, glibc 2.31: older than the build host's 2.36 that the frozen programs
+carry). A probe in front of systemctl records what the agent's child processes see: the host's own environment and
+the host's own libc, never the frozen programs' loader variables or C library."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,8 +18,11 @@ from typing import Any
 
 import pytest
 
+from agent.libc import find_libc, glibc_version_of
+from agent.paths import Paths
 from scripts.testlab import sshd_base_root
 from tests.conftest import REPO, require_root
+from tests.integration.fleet import bundle_of
 from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
 from tests.integration.serverproc import wait_for as poll
 
@@ -26,6 +34,17 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 120.0) ->
     return poll(what, condition, timeout, every=0.5)
 
 
+SUITES = {"bookworm": "DEBIAN12", "bullseye": "DEBIAN11"}
+PROBE_DIR = "/var/lib/mobility-test-probe"
+# Stands in front of the real systemctl (/usr/local/sbin comes first in systemd's PATH): records the environment the
+# agent gave it and the libraries this (host) shell loaded, then runs the real systemctl.
+PROBE = f"""#!/bin/sh
+{{ env; echo "--- maps"; cat /proc/$$/maps; }} > {PROBE_DIR}/systemctl.$$ 2>&1
+exec /bin/systemctl "$@"
+"""
+OUR_VARIABLES = ("LD_LIBRARY_PATH", "LD_LIBRARY_PATH_ORIG", "LD_PRELOAD", "_PYI_")
+
+
 @pytest.fixture(scope="session")
 def systemd_root() -> Path:
     """A minimal Debian 12 with systemd as init (the SSH lab's base: one debootstrap for both)."""
@@ -33,9 +52,17 @@ def systemd_root() -> Path:
     return sshd_base_root()
 
 
+def systemd_roots(suite: str) -> Path:
+    require_root()
+    return sshd_base_root(suite)
+
+
 def bake(base: Path, where: Path, dist: Path, server: ServerProcess, machine_id: str) -> Path:
     """A template: the bootstrapper, bootstrap.conf, the passphrase file and the enabled unit, baked in."""
     subprocess.run(["cp", "-a", str(base), str(where)], check=True)
+    (where / PROBE_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (where / "usr/local/sbin/systemctl").write_text(PROBE)
+    (where / "usr/local/sbin/systemctl").chmod(0o755)
     (where / "etc/machine-id").write_text(machine_id + "\n")
     (where / "etc/hostname").write_text(f"tmpl-{machine_id[:6]}\n")
     shutil.copy2(dist / "mobility-bootstrap", where / "usr/local/sbin/mobility-bootstrap")
@@ -101,32 +128,59 @@ class Container:
                 self.proc.wait(timeout=10)
 
 
-def daemon_in_its_unit() -> bool:
-    """A process in a mobility.service cgroup, i.e. the daemon started by the container's systemd."""
+def daemon_pids() -> list[int]:
+    """The processes in a mobility.service cgroup, i.e. the daemon started by the container's systemd."""
+    found = []
     for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
         try:
             if "/mobility.service" in cgroup.read_text():
-                return True
-        except OSError:
+                found.append(int(cgroup.parent.name))
+        except (OSError, ValueError):
             continue
-    return False
+    return found
+
+
+def daemon_in_its_unit() -> bool:
+    return bool(daemon_pids())
+
+
+def mapped_libcs(maps: str) -> set[str]:
+    return {line.split()[-1] for line in maps.splitlines() if "/libc.so" in line or "/libc-2." in line}
+
+
+def assert_children_saw_the_host(root: Path) -> None:
+    """Every systemctl the agent ran got the environment the agent was started with and loaded the host's libc."""
+    probes = sorted((root / PROBE_DIR.lstrip("/")).iterdir())
+    assert len(probes) >= 2, probes  # daemon-reload and restart mobility.service
+    for probe in probes:
+        env, maps = probe.read_text().split("--- maps\n", 1)
+        leaked = [line for line in env.splitlines() if line.startswith(OUR_VARIABLES)]
+        assert leaked == [], (probe.name, leaked)
+        libcs = mapped_libcs(maps)
+        assert libcs and all(p.startswith(("/lib/", "/usr/lib/")) for p in libcs), (probe.name, libcs)
 
 
 @pytest.fixture
 def server(tmp_path: Path, dist: Path) -> Iterator[ServerProcess]:
     s = start_server(tmp_path / "data", heartbeat_interval=2.0)
     try:
-        (bundle,) = dist.glob("*_DEBIAN12-64_*.tar.gz")
-        server_cli(s.data, "repo", "add", str(bundle), check=True)
+        for tag in SUITES.values():
+            (bundle,) = dist.glob(f"*_{tag}-64_*.tar.gz")
+            server_cli(s.data, "repo", "add", str(bundle), check=True)
         yield s
     finally:
         s.stop()
 
 
+@pytest.mark.parametrize("suite", sorted(SUITES))
 def test_template_boots_registers_and_runs_the_daemon(
-    systemd_root: Path, dist: Path, server: ServerProcess, tmp_path: Path
+    suite: str, dist: Path, server: ServerProcess, tmp_path: Path
 ) -> None:
-    root = bake(systemd_root, tmp_path / "vm1", dist, server, "e1" * 16)
+    base = systemd_roots(suite)
+    if suite == "bullseye":
+        libc = find_libc(Paths(base))  # 2.31: older than the glibc the frozen programs were built with
+        assert libc and glibc_version_of(Paths(base).resolve(libc).read_bytes()) == "2.31"
+    root = bake(base, tmp_path / "vm1", dist, server, "e1" * 16)
     vm = Container(root)
     try:
         (job,) = wait_for("the install job", server.jobs, timeout=120)
@@ -134,17 +188,22 @@ def test_template_boots_registers_and_runs_the_daemon(
         (machine,) = wait_for(
             "the machine online", lambda: [m for m in server.machines() if m["state"] == "online"], timeout=120
         )
-        assert (machine["hostname"], machine["os_tag"]) == ("tmpl-e1e1e1", "DEBIAN12")
+        assert (machine["hostname"], machine["os_tag"]) == ("tmpl-e1e1e1", SUITES[suite])
         wait_for("heartbeats from the daemon", lambda: vm.daemon().get("heartbeats_sent", 0) >= 2)
-        assert daemon_in_its_unit()
+        (pid,) = daemon_pids()
+        # The daemon runs on the C library of its bundle, never the system's.
+        libcs = mapped_libcs(Path(f"/proc/{pid}/maps").read_text())
+        assert libcs and all("/usr/local/mobility/versions/0.1.0/mobility/_internal/" in p for p in libcs), libcs
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "mobility"
     finally:
         vm.stop()
     assert vm.proc.returncode == 0
+    assert_children_saw_the_host(root)
     # Every unit, as installed in the booted root, passes systemd's own verification.
     units = [
         f"/etc/systemd/system/{u}"
         for u in ("mobility.service", "mobility-bootstrap.service", "mobility-bootstrap.timer")
-    ]
+    ] + ["mobility-upgrade@0.1.0.service"]  # the upgrade watcher's template, as the instance the agent starts
     r = subprocess.run(
         ["systemd-analyze", "verify", f"--root={root}", *units], capture_output=True, text=True, timeout=60, check=False
     )
@@ -196,3 +255,94 @@ def test_boot_with_the_server_down_then_the_timer_converges(
             up.stop()
     finally:
         vm.stop()
+
+
+def unit_pids(unit: str) -> list[int]:
+    """The processes in the cgroup of ``unit`` (of the container's systemd: its cgroups are under this host's)."""
+    found = []
+    for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
+        try:
+            if f"/{unit}" in cgroup.read_text():
+                found.append(int(cgroup.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_back(
+    systemd_root: Path, releases: dict[str, Path], tmp_path: Path
+) -> None:
+    """Real systemd: the daemon hands the upgrade to its own unit, mobility-upgrade@<version>.service, which
+    restarts mobility.service into the new version and watches it. A version that crashes at start is rolled back
+    even though its watcher is killed (kill -9) in the health window: systemd starts the watcher again, which takes
+    the upgrade over; while it runs, the watcher is wanted at boot. The next boot has nothing to do."""
+    server = start_server(tmp_path / "data", heartbeat_interval=1.0)
+    vm: Container | None = None
+    try:
+
+        def publish(version: str) -> None:
+            server_cli(server.data, "repo", "add", str(bundle_of(releases, version)), check=True)
+
+        def rollout(*args: str) -> dict[str, Any]:
+            r = server_cli(server.data, *args, "--json")
+            assert r.returncode == 0, r.stderr
+            return dict(json.loads(r.stdout)[0] if args[0] == "updates" else json.loads(r.stdout))
+
+        def daemon_runs(version: str) -> bool:
+            pids = unit_pids("mobility.service")
+            if len(pids) != 1:
+                return False
+            maps = mapped_libcs(Path(f"/proc/{pids[0]}/maps").read_text())
+            return bool(maps) and all(f"/usr/local/mobility/versions/{version}/" in p for p in maps)
+
+        publish("0.1.0")
+        root = bake(systemd_root, tmp_path / "vm", releases["0.1.0"], server, "e5" * 16)
+        (root / "etc/mobility/mobility.conf").write_text(
+            json.dumps({"health_seconds": 1, "update_window_seconds": 30, "update_settle_seconds": 3})
+        )
+        vm = Container(root)
+        wait_for("the install", lambda: [j for j in server.jobs() if j["state"] == "succeeded"])
+        wait_for("the daemon", lambda: vm is not None and vm.daemon().get("heartbeats_sent", 0) >= 2)
+
+        def record() -> dict[str, Any]:
+            try:
+                return dict(json.loads((root / "var/lib/mobility/update.json").read_text()))
+            except (OSError, ValueError):
+                return {}
+
+        publish("0.1.1")
+        rollout("update", "--to", "0.1.1", "--all")
+        wait_for("the rollout", lambda: rollout("updates")["state"] == "completed")
+        wait_for("0.1.1 in mobility.service", lambda: daemon_runs("0.1.1"), timeout=30)
+        assert "restarted the daemon into 0.1.1 (systemd)" in (root / "var/log/mobility/install.log").read_text()
+        assert "Started" in vm.journal("mobility-upgrade@0.1.0.service")
+
+        publish("0.1.2")
+        rollout("update", "--to", "0.1.2", "--all")
+        wants = root / "etc/systemd/system/multi-user.target.wants/mobility-upgrade@0.1.1.service"
+        wait_for("the health window", lambda: record().get("to_version") == "0.1.2" and record()["phase"] == "watching")
+        assert wants.is_symlink()  # a power cut now would start the watcher at boot
+        (watcher,) = wait_for("the watcher", lambda: unit_pids("mobility-upgrade@0.1.1.service"))
+        os.kill(watcher, signal.SIGKILL)
+        halted = wait_for("the rollback", lambda: (r := rollout("updates"))["state"] == "halted" and r, timeout=120)
+        (member,) = halted["machines"]
+        assert (member["state"], member["error_id"]) == ("failed", "UPDATE-CRASHED")
+        assert record()["resumes"] >= 1 and record()["outcome"]["error_id"] == "UPDATE-CRASHED"
+        wait_for("0.1.1 again in mobility.service", lambda: daemon_runs("0.1.1"), timeout=30)
+        assert not wants.exists()
+        assert (root / "usr/local/mobility/current").readlink() == Path("versions/0.1.1")
+        vm.stop()
+        vm = None
+
+        # The next boot: the bootstrapper finds the version the server names (0.1.1, pinned after the rollback)
+        # installed, and does nothing; the daemon runs 0.1.1.
+        log_before = (root / "var/log/mobility/install.log").read_text()
+        vm = Container(root)
+        booted = vm
+        wait_for("the bootstrap unit to finish", lambda: "current:" in booted.journal("mobility-bootstrap.service"))
+        wait_for("0.1.1 after the boot", lambda: daemon_runs("0.1.1"), timeout=60)
+        assert "bootstrap [" not in (root / "var/log/mobility/install.log").read_text()[len(log_before) :]
+    finally:
+        if vm is not None:
+            vm.stop()
+        server.stop()

@@ -7,7 +7,6 @@ and keep serving. `test_every_route_has_its_cases` fails when an endpoint is add
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,23 +18,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent import wire
 from agent.errors import RemoteError
 from agent.identity import collect_facts, key_proof, new_key_and_csr
 from agent.paths import Paths
-from agent.registration import heartbeat, report_job
+from agent.registration import heartbeat, renew_certificate, report_job
+from agent.shared import wire
 from scripts.localserver import server_log, start_local_server
-from server.storage import Storage
 from tests.integration.serverproc import (
     ServerProcess,
     configure_root,
+    db_execute,
     error_code,
+    open_storage,
     raw_call,
     sandbox_root,
     secret_file,
     server_cli,
     start_server,
+    wait_for,
 )
+from tests.postgres import on_postgresql, shared_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +52,7 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def machine(server: ServerProcess, host_id: str) -> Any:
-    storage = Storage(server.data / "mobility.db")
+    storage = open_storage(server.data)
     try:
         return storage.machine(host_id)
     finally:
@@ -188,7 +190,7 @@ def test_a_machine_cannot_write_another_machines_job(server: ServerProcess, tmp_
 def test_a_push_job_belongs_to_the_host_that_enrolled_with_its_token(server: ServerProcess, tmp_path: Path) -> None:
     token = server_cli(server.data, "token", "create", "--ttl", "1h", "--uses", "1", check=True).stdout.strip()
     token_id = wire.split_token(token)[0]  # type: ignore[index]
-    storage = Storage(server.data / "mobility.db")
+    storage = open_storage(server.data)
     try:  # what `mobility-server push` does: the job first, bound to the token it hands the host
         push_job = storage.record_job(
             job_id=None,
@@ -247,10 +249,9 @@ def test_poisoned_heartbeats_are_refused_and_the_cli_keeps_working(server: Serve
         assert (status, error_code(doc)) == (400, "BAD-REQUEST"), body
 
     # A poisoned row as an older server stored it: the readers stay up.
-    db = sqlite3.connect(server.data / "mobility.db")
-    db.execute("UPDATE machines SET health = '[1, 2]', facts = '{\"macs\": 5}' WHERE host_id = ?", (host_id,))
-    db.commit()
-    db.close()
+    db_execute(
+        server.data, "UPDATE machines SET health = '[1, 2]', facts = '{\"macs\": 5}' WHERE host_id = :h", {"h": host_id}
+    )
     text = server_cli(server.data, "machines")
     assert text.returncode == 0 and host_id in text.stdout, text.stderr
     (row,) = json.loads(server_cli(server.data, "machines", "--json", check=True).stdout)
@@ -264,11 +265,10 @@ def test_client_strings_never_reach_a_terminal_or_log_raw(server: ServerProcess,
         status, doc = enrol(server, facts=facts, hostname=name)
         assert (status, error_code(doc)) == (400, "BAD-REQUEST"), repr(name)
     # A hostname stored raw by an older server is printed escaped.
-    db = sqlite3.connect(server.data / "mobility.db")
     forged = "pwn\x1b]0;owned\x07\nfake line"
-    db.execute("UPDATE machines SET hostname = ? WHERE host_id = ?", (forged, host_id_of(root)))
-    db.commit()
-    db.close()
+    db_execute(
+        server.data, "UPDATE machines SET hostname = :n WHERE host_id = :h", {"n": forged, "h": host_id_of(root)}
+    )
     out = server_cli(server.data, "machines").stdout
     assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
     assert len(out.strip().splitlines()) == 2  # header and one machine: no forged line
@@ -347,6 +347,10 @@ def test_renewal_checks_the_csr_as_enrolment_does(server: ServerProcess, tmp_pat
 def test_a_deleted_database_is_not_silently_replaced(tmp_path: Path) -> None:
     s = start_server(tmp_path / "data")
     s.stop()
+    if on_postgresql():  # the database is dropped and made again, empty
+        name = (s.data / "database.url").read_text().strip().rsplit("/", 1)[1]
+        shared_cluster().sql(f"DROP DATABASE {name}")
+        shared_cluster().sql(f"CREATE DATABASE {name} OWNER mobility")
     for name in ("mobility.db", "mobility.db-wal", "mobility.db-shm"):
         (s.data / name).unlink(missing_ok=True)
     r = server_cli(s.data, "serve", "--listen", "127.0.0.1:0")
@@ -357,7 +361,9 @@ def test_a_deleted_database_is_not_silently_replaced(tmp_path: Path) -> None:
     assert not (s.data / "mobility.db").exists()
     proc, _, _ = start_local_server(s.data, "--new-database")  # told to: starts empty, still private
     try:
-        assert (s.data / "mobility.db").stat().st_mode & 0o777 == 0o600
+        if not on_postgresql():
+            assert (s.data / "mobility.db").stat().st_mode & 0o777 == 0o600
+        assert server_cli(s.data, "machines", "--json", check=True).stdout.strip() == "[]"
     finally:
         proc.terminate()
         proc.wait(timeout=15)
@@ -396,3 +402,90 @@ def test_unknown_host_ids_and_uuid_forms(server: ServerProcess, tmp_path: Path) 
         body = json.dumps({"host_id": claimed, "agent_version": VERSION}).encode()
         status, doc = raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))
         assert (status, error_code(doc)) == (400, "BAD-REQUEST"), claimed
+
+
+def test_a_certificate_of_a_machine_the_server_no_longer_knows(server: ServerProcess, tmp_path: Path) -> None:
+    """A valid client certificate is not enough: the host must still be in the database (removed by hand here)."""
+    root = registered(server, tmp_path, "gone", "cd" * 16)
+    host_id = host_id_of(root)
+    db_execute(server.data, "DELETE FROM machines WHERE host_id = :h", {"h": host_id})
+    body = json.dumps({"host_id": host_id, "agent_version": VERSION}).encode()
+    status, doc = raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))
+    assert (status, error_code(doc)) == (404, "MACHINE-UNKNOWN")
+
+
+# Revocation ------------------------------------------------------------------------------------------------------
+
+
+def _calls_with(server: ServerProcess, cert: tuple[Path, Path], host_id: str) -> dict[str, tuple[int, object]]:
+    """Every call that takes a certificate, made with ``cert``: its status and error ID."""
+    _, csr = new_key_and_csr(host_id)
+    calls = {
+        "heartbeat": (wire.HEARTBEAT_PATH, {"host_id": host_id, "agent_version": VERSION}),
+        "jobs": (wire.JOBS_PATH, job()),
+        "renew": (wire.RENEW_PATH, {"csr": csr.decode()}),
+    }
+    out = {}
+    for name, (path, body) in calls.items():
+        status, doc = raw_call(server, "POST", path, json.dumps(body).encode(), cert=cert)
+        out[name] = (status, error_code(doc) if status >= 400 else "ok")
+    return out
+
+
+def test_superseded_revoked_and_removed_certificates_are_refused_everywhere(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    root = registered(server, tmp_path, "m", "9a" * 16)
+    host_id = host_id_of(root)
+    stale = tmp_path / "stale"  # what a copy of the disk (or a thief) keeps: the certificate before the renewal
+    stale.mkdir()
+    old = (stale / "client.pem", stale / "client.key")
+    for src, dst in zip(cert_of(root), old, strict=True):
+        dst.write_bytes(src.read_bytes())
+    renew_certificate(Paths(root))
+    heartbeat(Paths(root), {"status": "healthy", "checks": []})  # the new certificate's first use: now the current
+    assert set(_calls_with(server, old, host_id).values()) == {(403, "CERT-SUPERSEDED")}
+
+    r = server_cli(server.data, "machines", "revoke", host_id)
+    assert r.returncode == 0, r.stderr
+    assert set(_calls_with(server, cert_of(root), host_id).values()) == {(403, "CERT-REVOKED")}
+    (row,) = [m for m in server.machines() if m["host_id"] == host_id]
+    assert (row["revoked"], row["state"]) == (True, "revoked")
+    # Its key no longer proves the identity: enrolling again makes a new machine.
+    cert_of(root)[0].unlink()
+    code, out = configure_root(server, root, secret_file(tmp_path / "again", server.passphrase()))
+    assert code == 0 and out["host_id"] != host_id and out["cloned_from"] is None, out
+
+    other = registered(server, tmp_path, "o", "9b" * 16)
+    r = server_cli(server.data, "machines", "remove", host_id_of(other))
+    assert r.returncode == 0, r.stderr
+    assert set(_calls_with(server, cert_of(other), host_id_of(other)).values()) == {(404, "MACHINE-UNKNOWN")}
+    for action in ("remove", "revoke"):
+        r = server_cli(server.data, "machines", action, host_id_of(other))
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error MACHINE-NOT-FOUND"), r.stderr
+    r = server_cli(server.data, "machines", "revoke")
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error USAGE"), r.stderr
+
+
+def test_queued_reports_are_history_never_the_current_state(server: ServerProcess, tmp_path: Path) -> None:
+    """After an outage the daemon sends its current report, then its backlog (queued: true). The backlog's stale
+    "server unreachable" reports must not replace the current one."""
+    root = registered(server, tmp_path, "m", "9c" * 16)
+    host_id = host_id_of(root)
+    heartbeat(Paths(root), {"status": "healthy", "checks": []})
+    stale = {"status": "warning", "time": 1_700_000_000.0, "checks": []}
+    for _ in range(3):
+        body = json.dumps({"host_id": host_id, "agent_version": VERSION, "health": stale, "queued": True}).encode()
+        assert raw_call(server, "POST", wire.HEARTBEAT_PATH, body, cert=cert_of(root))[0] == 200
+
+    def history() -> list[Any]:
+        storage = open_storage(server.data)
+        try:
+            return storage.history(host_id)
+        finally:
+            storage.close()
+
+    kept = wait_for("the queued reports in the history", lambda: len(history()) == 3 and history())
+    assert [(when, report.status) for when, _, report in kept] == [(1_700_000_000.0, "warning")] * 3
+    (row,) = [m for m in server.machines() if m["host_id"] == host_id]
+    assert (row["health"], row["state"]) == ("healthy", "online")

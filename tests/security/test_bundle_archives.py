@@ -226,7 +226,7 @@ INSPECT = (
     "import sys\n"
     "from pathlib import Path\n"
     "from agent.bundles import inspect_bundle\n"
-    "from agent.errors import MobilityError\n"
+    "from agent.shared.errors import MobilityError\n"
     "try:\n"
     "    inspect_bundle(Path(sys.argv[1]))\n"
     "except MobilityError as e:\n"

@@ -19,13 +19,13 @@ import zstandard
 from agent.paths import Paths
 from agent.registration import authenticated_client
 from agent.replication.chunks import chunk_hash
-from agent.replication.protocol import HEADER, Codec, Header, Hello, Kind, StreamError, frame, json_frame
+from agent.shared.replication_wire import HEADER, Codec, Header, Hello, Kind, StreamError, frame, json_frame
 from server.process.store import ChunkStore
-from server.storage import Storage
 from tests.conftest import require_root
 from tests.integration.serverproc import (
     ServerProcess,
     configure_root,
+    open_storage,
     raw_call,
     sandbox_root,
     secret_file,
@@ -53,7 +53,7 @@ def machine(server: ServerProcess, tmp_path: Path, name: str, protect: bool = Tr
     assert code == 0, out
     host_id = str(out["host_id"])
     if protect:
-        storage = Storage(server.data / "mobility.db")
+        storage = open_storage(server.data)
         try:
             storage.protect(host_id, [DISK], False, "default", False, time.time())
         finally:
@@ -247,6 +247,32 @@ def test_a_stream_needs_a_certificate_of_this_server_and_writes_only_its_own_rep
     still_serving(server, b)
 
 
+def test_a_revoked_or_removed_machine_cannot_stream(server: ServerProcess, tmp_path: Path) -> None:
+    """The stream checks the certificate as the API does: after `machines revoke` (or `remove`) the machine's
+    certificate, still signed by our CA and unexpired, opens no stream and writes nothing."""
+    revoked, host_r = machine(server, tmp_path, "r")
+    removed, host_x = machine(server, tmp_path, "x")
+    still_serving(server, revoked)
+    assert server_cli(server.data, "machines", "revoke", host_r).returncode == 0
+    assert server_cli(server.data, "machines", "remove", host_x).returncode == 0
+    store = ChunkStore(server.data / "process")
+    try:
+        before = store.head(store.disk(host_r, DISK))  # type: ignore[arg-type]
+    finally:
+        store.close()
+    for paths, code in ((revoked, "CERT-REVOKED"), (removed, "MACHINE-UNKNOWN")):
+        sock = connect(server, paths)
+        sock.sendall(hello() + chunk(2_000_000, 1, os.urandom(CHUNK)))
+        assert error_of(answer(sock)) == code
+        sock.close()
+    store = ChunkStore(server.data / "process")
+    try:
+        assert store.head(store.disk(host_r, DISK)) == before  # type: ignore[arg-type]
+        assert store.disk(host_x, DISK) is None
+    finally:
+        store.close()
+
+
 def test_poisoned_replication_reports_are_refused_at_the_edge(server: ServerProcess, tmp_path: Path) -> None:
     paths, host_id = machine(server, tmp_path, "m1")
     cert = (paths.client_cert, paths.client_key)
@@ -284,7 +310,7 @@ def test_hostile_command_line_arguments_lose_nothing(server: ServerProcess, tmp_
     for args, code in cases:
         r = server_cli(server.data, *args)
         assert r.returncode != 0 and f"error {code}:" in r.stderr, (args, r.stderr)
-    storage = Storage(server.data / "mobility.db")
+    storage = open_storage(server.data)
     try:
         assert storage.protections() == [] and [p.name for p in storage.policies()] == ["default"]
     finally:
@@ -304,3 +330,52 @@ def test_hostile_command_line_arguments_lose_nothing(server: ServerProcess, tmp_
     finally:
         store.close()
     assert (out / "keep.img").read_text() == "mine"
+
+
+def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: ServerProcess, tmp_path: Path) -> None:
+    """`failover --out` and `test-failover --scratch` given a FIFO, a device, a file or a directory that holds
+    files: a clear error, nothing hangs, nothing there is written or removed."""
+    from agent.replication.chunks import Geometry, RootHasher
+    from agent.replication.transport import Stream
+    from agent.shared.address import ServerAddress
+    from agent.shared.replication_wire import PointClose
+
+    paths, host_id = machine(server, tmp_path, "m1")
+    _, client = authenticated_client(paths)
+    stream = Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=10)
+    stream.connect(Hello(DISK, CHUNK, CHUNK))
+    data = os.urandom(CHUNK)
+    stream.send(Kind.CHUNK, data, flags=Codec.RAW, offset=0, size=CHUNK, digest=chunk_hash(data))
+    root = RootHasher(Geometry(CHUNK, CHUNK))
+    root.update(chunk_hash(data))
+    close = PointClose(str(uuid.uuid4()), time.time(), root.hexdigest(), "raw-idle", (DISK,))
+    stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
+    assert stream.drain(20)
+    stream.close()
+
+    fifo, afile, full = tmp_path / "fifo", tmp_path / "afile", tmp_path / "full"
+    os.mkfifo(fifo)
+    afile.write_text("mine")
+    full.mkdir()
+    (full / "sdb.img").write_text("mine too")
+    for out, code in (
+        (fifo, "IO-FAILED"),
+        (Path("/dev/zero"), "IO-FAILED"),
+        (afile, "IO-FAILED"),
+        (full, "FAILOVER-OUT-EXISTS"),
+    ):
+        r = server_cli(server.data, "failover", "--machine", host_id, "--point", "latest", "--out", str(out))
+        assert r.returncode != 0 and r.stderr.startswith(f"error {code}:") and "Traceback" not in r.stderr, (
+            out,
+            r.stderr,
+        )
+    for scratch in (fifo, Path("/dev/zero"), afile):
+        r = server_cli(
+            server.data, "test-failover", "--machine", host_id, "--point", "latest", "--scratch", str(scratch)
+        )
+        assert r.returncode != 0 and r.stderr.startswith("error IO-FAILED:"), (scratch, r.stderr)
+    assert afile.read_text() == "mine" and (full / "sdb.img").read_text() == "mine too" and fifo.is_fifo()
+    assert sorted(p.name for p in full.iterdir()) == ["sdb.img"]
+    out = tmp_path / "good"
+    r = server_cli(server.data, "failover", "--machine", host_id, "--point", "latest", "--out", str(out))
+    assert r.returncode == 0 and (out / "sdb.img").read_bytes() == data, r.stderr

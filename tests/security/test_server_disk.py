@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
 from agent.identity import new_key_and_csr
 from agent.paths import Paths
 from agent.registration import heartbeat
+from agent.shared import wire
 from scripts.localserver import server_log
 from tests.conftest import require_root
 from tests.integration.serverproc import (
@@ -29,6 +29,7 @@ from tests.integration.serverproc import (
     start_server,
     wait_for,
 )
+from tests.postgres import new_cluster, on_postgresql
 
 pytestmark = pytest.mark.integration
 
@@ -78,19 +79,30 @@ def enrol_body(server: ServerProcess, machine_id: str) -> bytes:
 
 
 def test_full_disk_gives_json_errors_with_ids_and_loses_nothing(small_disk: Path, tmp_path: Path) -> None:
-    server = start_server(small_disk / "data", heartbeat_interval=2.0)
+    """On SQLite the database's disk fills up; on PostgreSQL (MOBILITY_TEST_DATABASE=postgresql) the database server
+    goes away (a cluster of this test's own, stopped and started again). Either way the server cannot write."""
+    cluster = new_cluster() if on_postgresql() else None
+    server = start_server(
+        small_disk / "data", heartbeat_interval=2.0, database=cluster.new_database() if cluster else None
+    )
     try:
         root = sandbox_root(tmp_path / "m", "1f" * 16)
         code, out = configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))
         assert code == 0, out
         passphrase = server.passphrase()
-        filler = fill(small_disk)
-        with pytest.raises(OSError) as full:
-            (small_disk / "probe").write_bytes(b"x" * 8192)
-        assert full.value.errno == errno.ENOSPC
+        heartbeat(Paths(root), {"status": "healthy", "checks": []})  # the server has seen it: it vouches for it
+        if cluster is not None:
+            cluster.stop()
+        else:
+            filler = fill(small_disk)
+            with pytest.raises(OSError) as full:
+                (small_disk / "probe").write_bytes(b"x" * 8192)
+            assert full.value.errno == errno.ENOSPC
 
-        body = enrol_body(server, "2f" * 16)
-        status, doc = raw_call(server, "POST", wire.ENROL_PATH, body)
+        if cluster is not None:  # with the database gone, even a nonce (the rate limit reads it) is refused
+            status, doc = raw_call(server, "POST", wire.NONCE_PATH, b"")
+        else:
+            status, doc = raw_call(server, "POST", wire.ENROL_PATH, enrol_body(server, "2f" * 16))
         assert (status, error_code(doc)) == (503, "DB-UNAVAILABLE"), doc
         r = server_cli(server.data, "token", "create", "--ttl", "1h")
         assert (r.returncode, r.stderr.split(":")[0]) == (1, "error DB-UNAVAILABLE"), r.stderr
@@ -98,10 +110,18 @@ def test_full_disk_gives_json_errors_with_ids_and_loses_nothing(small_disk: Path
         # Heartbeats are answered from memory meanwhile, and kept until they can be written.
         heartbeat(Paths(root), {"status": "warning", "checks": []})
 
-        filler.unlink()
-        (small_disk / "probe").unlink(missing_ok=True)
+        if cluster is not None:
+            cluster.start()
+        else:
+            filler.unlink()
+            (small_disk / "probe").unlink(missing_ok=True)
         assert passphrase == server.passphrase()
-        status, doc = raw_call(server, "POST", wire.ENROL_PATH, enrol_body(server, "3f" * 16))
+        # The first call after the database came back may find a dead pooled connection (503, retried).
+        status, doc = wait_for(
+            "an enrolment to succeed",
+            lambda: (r := raw_call(server, "POST", wire.ENROL_PATH, enrol_body(server, "3f" * 16)))[0] == 200 and r,
+            timeout=30,
+        )
         assert status == 200, doc
         assert server_cli(server.data, "token", "create", "--ttl", "1h").returncode == 0
         machines = wait_for(
@@ -114,3 +134,5 @@ def test_full_disk_gives_json_errors_with_ids_and_loses_nothing(small_disk: Path
     finally:
         server.stop()
         print(server_log(server.data).read_text()[-3000:])  # shown when the test fails: it lives on the tmpfs
+        if cluster is not None:
+            cluster.remove()

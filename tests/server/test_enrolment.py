@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import wire
 from agent.identity import key_proof, new_key_and_csr
+from agent.shared import wire
 from server import pki
+from server.database import parse_database
 from server.enrolment import MAX_FAILURES, Enrolment
 from server.errors import BadProof, BadRequest, NonceInvalid, RateLimited
 from server.storage import Storage
@@ -21,9 +22,11 @@ NOW = 1_800_000_000.0
 
 
 @pytest.fixture
-def enrolment(tmp_path: Path) -> Enrolment:
+def enrolment(database: str) -> Iterator[Enrolment]:
     ca = pki.create_ca("test CA", dt.datetime.fromtimestamp(NOW, dt.UTC))
-    return Enrolment(Storage(tmp_path / "m.db", create=True), ca, lambda: PASSPHRASE, lambda: b"{}")
+    storage = Storage.open(parse_database(database), create=True)
+    yield Enrolment(storage, ca, lambda: PASSPHRASE, lambda: b"{}")
+    storage.close()
 
 
 def request(

@@ -15,9 +15,17 @@ import pytest
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 import server.repository
-from agent.errors import BundleRefused, RepoBundleConflict, RepoBusy, RepoNoSuchBundle, RepoNotInitialised
+from agent.shared import timefmt
+from agent.shared.errors import BundleRefused
 from server.datadir import DataDir
-from server.errors import RepoWriteFailed
+from server.errors import (
+    RepoBundleConflict,
+    RepoBusy,
+    RepoDamaged,
+    RepoNoSuchBundle,
+    RepoNotInitialised,
+    RepoWriteFailed,
+)
 from server.repository import Repository, _locked
 from tests.bundle_factory import add_member, make_bundle
 
@@ -105,7 +113,7 @@ def test_add_list_remove(tmp_path: Path, data: DataDir, repo: Repository) -> Non
     assert md["targets"].signed.targets[b2.name].custom == {
         "os_tag": "RHEL7",
         "version": "0.2.0",
-        "added": NOW.isoformat(),
+        "added": timefmt.iso(NOW),
     }
     assert sorted(repo.list(), key=lambda e: e.name) == sorted(added, key=lambda e: e.name)
 
@@ -440,3 +448,14 @@ def test_add_does_not_replace_an_unpublished_file_of_the_same_name(
     inode = other.stat().st_ino
     assert [x.name for x in repo.add([b])] == [b.name]
     assert other.stat().st_ino == inode
+
+
+def test_damaged_metadata_or_keys_are_refused_by_name(tmp_path: Path, data: DataDir, repo: Repository) -> None:
+    targets = next(data.tuf_dir.rglob("targets.json"))
+    targets.write_text("{not json")
+    with pytest.raises(RepoDamaged) as e:
+        Repository(data).list()
+    assert str(targets) in e.value.message
+    targets.unlink()
+    with pytest.raises(RepoDamaged, match="is missing"):
+        Repository(data).list()

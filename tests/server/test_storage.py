@@ -1,18 +1,48 @@
-"""server/storage.py on a real SQLite file: schema versions, one-transaction enrolment, who may write a job."""
+"""server/storage.py on both engines (a SQLite file and a real PostgreSQL 15): schema migrations, one-transaction
+enrolment, who may write a job, monotonic heartbeats, shared nonces and failure counts, certificate revocation."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
-from agent.wire import MachineFacts
-from server.errors import DatabaseMissing, JobNotOwned
-from server.storage import _SCHEMA_V1, SCHEMA_VERSION, NewMachine, Storage
+from agent.identity import new_key_and_csr
+from agent.shared.wire import HealthReport, MachineFacts
+from server import migrations
+from server.database import parse_database
+from server.errors import (
+    CertRevoked,
+    CertSuperseded,
+    DatabaseMissing,
+    DatabaseSchemaNewer,
+    DatabaseSchemaOld,
+    DatabaseUrlInvalid,
+    JobNotOwned,
+    UnknownMachine,
+)
+from server.migrations.legacy import SCHEMA_V1
+from server.schema import metadata
+from server.storage import Beat, NewMachine, Storage, key_id
+from tests.conftest import REPO
 
 FACTS = MachineFacts(machine_id="ab" * 16, product_uuid="4c4c4544-0000")
+V2_FIXTURE = REPO / "tests" / "resources" / "db" / "mobility-v2.db"
+
+
+def public_pem() -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    _, csr = new_key_and_csr(None)
+    key = x509.load_pem_x509_csr(csr).public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def new_machine(host_id: str = "11111111-1111-4111-8111-111111111111", **changes: object) -> NewMachine:
@@ -27,7 +57,7 @@ def new_machine(host_id: str = "11111111-1111-4111-8111-111111111111", **changes
         "cloned_from": None,
         "cert_serial": "1f",
         "cert_not_after": 2e9,
-        "public_key": "-----BEGIN PUBLIC KEY-----\n...",
+        "public_key": public_pem(),
         "enrol_token_id": None,
         "heartbeat_interval": 30.0,
     }
@@ -36,22 +66,103 @@ def new_machine(host_id: str = "11111111-1111-4111-8111-111111111111", **changes
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> Storage:
-    return Storage(tmp_path / "mobility.db", create=True)
+def storage(database: str) -> Storage:
+    s = Storage.open(parse_database(database), create=True)
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def execute(storage: Storage, sql: str, **params: object) -> None:
+    with storage.transaction() as tx:
+        tx.conn.execute(text(sql), params)
 
 
 def test_a_missing_database_is_refused_unless_created(tmp_path: Path) -> None:
+    db = parse_database(str(tmp_path / "mobility.db"))
     with pytest.raises(DatabaseMissing):
-        Storage(tmp_path / "mobility.db")
+        Storage.open(db)
     assert not (tmp_path / "mobility.db").exists()
-    Storage(tmp_path / "mobility.db", create=True).close()
+    Storage.open(db, create=True).close()
     assert (tmp_path / "mobility.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_empty_database_is_refused_unless_created(database: str) -> None:
+    if database.startswith("sqlite"):
+        Path(database.removeprefix("sqlite:///")).touch(mode=0o600)
+    with pytest.raises(DatabaseMissing):
+        Storage.open(parse_database(database))
+    Storage.open(parse_database(database), create=True).close()
+    Storage.open(parse_database(database)).close()
+
+
+def test_the_migrated_schema_is_the_one_the_queries_use(storage: Storage) -> None:
+    """Every table, column and index of server/schema.py exists after the migrations, on both engines."""
+    with storage.engine.connect() as conn:
+        found = inspect(conn)
+        for table in metadata.sorted_tables:
+            columns = {c["name"] for c in found.get_columns(table.name)}
+            assert columns == {c.name for c in table.columns}, table.name
+            indexes = {i["name"] for i in found.get_indexes(table.name)}
+            assert {i.name for i in table.indexes} <= indexes, table.name
+        assert migrations.current(conn) == migrations.HEAD
+
+
+def test_the_known_revisions_are_alembics() -> None:
+    assert migrations.alembic_revisions() == (list(migrations.REVISIONS), migrations.HEAD)
+
+
+def test_urls_with_passwords_are_refused() -> None:
+    with pytest.raises(DatabaseUrlInvalid):
+        parse_database("postgresql://mobility:hunter2@db.example/mobility")
+    with pytest.raises(DatabaseUrlInvalid):
+        parse_database("postgresql://mobility@db.example")  # no database name
+    with pytest.raises(DatabaseUrlInvalid):
+        parse_database("mysql://x@y/z")
+    db = parse_database("postgresql://mobility@db.example:5433/fleet")
+    assert (db.postgresql, str(db)) == (True, "postgresql+psycopg://mobility@db.example:5433/fleet")
+
+
+def test_a_database_made_by_the_sqlite_only_server_upgrades_in_place(tmp_path: Path) -> None:
+    """tests/resources/db/mobility-v2.db was written by the server before Alembic (PRAGMA user_version 2): three
+    machines (one enrolled with a token), two jobs, a token and a retired passphrase. `upgrade` keeps all of it."""
+    path = tmp_path / "mobility.db"
+    shutil.copy(V2_FIXTURE, path)
+    before = sqlite3.connect(path)
+    counts = {t: before.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("machines", "jobs", "tokens")}  # noqa: S608
+    keys = dict(before.execute("SELECT host_id, public_key FROM machines").fetchall())
+    before.close()
+    assert counts == {"machines": 3, "jobs": 2, "tokens": 1}
+    db = parse_database(str(path))
+    with pytest.raises(DatabaseSchemaOld):
+        Storage.open(db)  # a server never runs on an old schema: `upgrade` first
+    assert Storage.upgrade(db) == ("legacy", migrations.HEAD)
+    s = Storage.open(db)
+    try:
+        machines = {m.host_id: m for m in s.machines()}
+        assert len(machines) == 3 and {m: x.public_key for m, x in machines.items()} == keys
+        healthy = [m for m in machines.values() if m.health is not None]
+        assert [(m.hostname, m.health.status) for m in healthy] == [("fixture-0", "healthy")]  # type: ignore[union-attr]
+        found = s.find_by_facts(MachineFacts(machine_id="b2" * 16, product_uuid="uuid-1"))
+        assert found is not None and found.enrol_token_id is not None
+        assert s.host_enrolled_with(found.enrol_token_id) == found.host_id
+        token = s.token(found.enrol_token_id)
+        assert token is not None and token[2] == 4  # five uses, one taken by the enrolment
+        assert [(j.kind, j.state) for j in s.jobs()] == [("install", "succeeded"), ("push", "running")]
+        assert s.retired_passphrases(1_790_000_000.0) == ["old fixture passphrase"]
+        # The key index was filled from the stored keys: a retried enrolment finds its machine by key.
+        for m in machines.values():
+            with s.transaction() as tx:
+                again = tx.machine_with_key(key_id(m.public_key or ""))
+            assert again is not None and again.host_id == m.host_id
+    finally:
+        s.close()
+    assert Storage.upgrade(db) == (migrations.HEAD, migrations.HEAD)  # a second upgrade changes nothing
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     path = tmp_path / "mobility.db"
     old = sqlite3.connect(path)
-    old.executescript(_SCHEMA_V1)
+    old.executescript(SCHEMA_V1)
     host = "22222222-2222-4222-8222-222222222222"
     old.execute(
         "INSERT INTO machines VALUES (?, 'db1', 'DEBIAN12', 'MS', 'VmWare', '0.1.0', ?, NULL, 1, 'a', 2e9, NULL, 30, "
@@ -61,30 +172,22 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     old.execute("INSERT INTO jobs VALUES ('j1', ?, 'db1', 'install', 'running', NULL, NULL, NULL, 1, 1)", (host,))
     old.commit()
     old.close()
-    s = Storage(path)
-    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    Storage.upgrade(parse_database(str(path)))
+    s = Storage.open(parse_database(str(path)))
     found = s.find_by_facts(FACTS)
-    assert found is not None and found.host_id == "22222222-2222-4222-8222-222222222222"
+    assert found is not None and found.host_id == host
     assert found.public_key is None  # an old record holds no key: it cannot be taken over by a key proof either
     # A job written before jobs had owners: only its own host may update it.
     common = {"job_id": "j1", "host_id": None, "hostname": "db1", "kind": "install", "error_id": None}
     with pytest.raises(JobNotOwned):
         s.report_job(principals=["passphrase"], state="failed", remediation=None, detail=None, now=2, **common)
-    s.report_job(
-        principals=["host:22222222-2222-4222-8222-222222222222"],
-        state="succeeded",
-        remediation=None,
-        detail=None,
-        now=2,
-        **common,
-    )
+    s.report_job(principals=[f"host:{host}"], state="succeeded", remediation=None, detail=None, now=2, **common)
     s.close()
-    Storage(path).close()  # opening again changes nothing
 
 
 def test_the_token_use_and_the_machine_are_one_transaction(storage: Storage) -> None:
     storage.add_token("tok000000001", "secret", None, 1, 0.0)
-    with pytest.raises(sqlite3.IntegrityError):  # the machine cannot be written (NOT NULL): the use is not taken
+    with pytest.raises(IntegrityError):  # the machine cannot be written (NOT NULL): the use is not taken
         storage.enrol_machine(new_machine(hostname=None, enrol_token_id="tok000000001"), 1.0)
     assert storage.token("tok000000001") == ("secret", None, 1)
     assert storage.enrol_machine(new_machine(enrol_token_id="tok000000001"), 1.0)
@@ -95,6 +198,26 @@ def test_the_token_use_and_the_machine_are_one_transaction(storage: Storage) -> 
     storage.add_token("unlimited001", "secret", None, None, 0.0)
     assert storage.enrol_machine(new_machine(other, enrol_token_id="unlimited001"), 2.0)
     assert storage.host_enrolled_with("unlimited001") == other
+
+
+def test_concurrent_enrolments_never_overdraw_a_token(storage: Storage) -> None:
+    storage.add_token("tok000000002", "secret", None, 5, 0.0)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def enrol(i: int) -> None:
+        ok = storage.enrol_machine(new_machine(f"44444444-4444-4444-8444-{i:012d}", enrol_token_id="tok000000002"), 1.0)
+        with lock:
+            results.append(ok)
+
+    threads = [threading.Thread(target=enrol, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(results) == [False] * 11 + [True] * 5
+    assert storage.token("tok000000002") == ("secret", None, 0)
+    assert len(storage.machines()) == 5
 
 
 def test_job_owners(storage: Storage) -> None:
@@ -124,6 +247,123 @@ def test_stored_documents_that_are_not_what_they_should_be_read_as_unknown(stora
     host = "cccccccc-cccc-4ccc-8ccc-cccccccccccc"
     storage.enrol_machine(new_machine(host), 0.0)
     for health, facts in (("[1, 2]", "5"), ('{"status": "fine"}', '{"macs": [1]}'), ("{", "{")):
-        storage.db.execute("UPDATE machines SET health = ?, facts = ? WHERE host_id = ?", (health, facts, host))
+        execute(storage, "UPDATE machines SET health = :h, facts = :f WHERE host_id = :id", h=health, f=facts, id=host)
         m = storage.machine(host)
         assert m is not None and (m.health, m.facts) == (None, MachineFacts())
+
+
+def test_an_older_heartbeat_never_overwrites_a_newer_one(storage: Storage) -> None:
+    """Two instances flush independently: the one holding the older beat may write last."""
+    host = "dddddddd-dddd-4ddd-8ddd-dddddddddddd"
+    storage.enrol_machine(new_machine(host), 0.0)
+    storage.record_heartbeats([Beat(host, 200.0, "0.2.0", '{"status": "healthy"}')])
+    storage.record_heartbeats([Beat(host, 100.0, "0.1.0", '{"status": "critical"}')])
+    m = storage.machine(host)
+    assert m is not None and (m.last_seen, m.agent_version, m.health.status if m.health else None) == (
+        200.0,
+        "0.2.0",
+        "healthy",
+    )
+    storage.record_history([(host, 50.0, 201.0, HealthReport("critical", 50.0))])
+    m = storage.machine(host)
+    assert m is not None and m.health is not None and m.health.status == "healthy"  # history is not current
+    assert [(r[0], r[2].status if r[2] else None) for r in storage.history(host)] == [(50.0, "critical")]
+
+
+def test_nonces_are_used_once_and_failures_are_counted_for_every_instance(database: str) -> None:
+    a = Storage.open(parse_database(database), create=True)
+    b = Storage.open(parse_database(database))  # a second instance on the same database
+    try:
+        assert a.use_nonce("n1", 100.0)
+        assert not b.use_nonce("n1", 100.0)
+        a.record_failure("10.0.0.1", 10.0)
+        b.record_failure("10.0.0.1", 11.0)
+        b.record_failure("10.0.0.2", 11.0)
+        assert a.failures("10.0.0.1", 5.0) == (2, 10.0)
+        assert a.failures("10.0.0.1", 10.5) == (1, 11.0)
+        assert a.prune(101.0) == 1  # the expired nonce; the failures are kept for an hour
+        assert b.use_nonce("n1", 200.0)  # pruned after it expired: its ID could be used again, but its MAC could not
+    finally:
+        a.close()
+        b.close()
+
+
+def test_revoked_removed_and_superseded_certificates(storage: Storage) -> None:
+    host = "eeeeeeee-eeee-4eee-8eee-eeeeeeeeeeee"
+    storage.enrol_machine(new_machine(host, cert_serial="a1"), 0.0)
+    assert storage.present_certificate(host, "A1").host_id == host  # OpenSSL's upper-case form
+    storage.renew_certificate(host, "b2", 3e9, public_pem())
+    assert storage.present_certificate(host, "a1").host_id == host  # the renewal's answer may have been lost
+    storage.renew_certificate(host, "c3", 3e9, public_pem())
+    assert storage.present_certificate(host, "c3").host_id == host  # first use of the new one: it is current
+    for old in ("a1", "b2"):
+        with pytest.raises(CertSuperseded):
+            storage.present_certificate(host, old)
+    m = storage.machine(host)
+    assert m is not None and (m.cert_serial, m.pending_serial) == ("c3", None)
+    assert storage.revoke(host, 5.0) and not storage.revoke(host, 6.0)
+    with pytest.raises(CertRevoked):
+        storage.present_certificate(host, "c3")
+    assert storage.remove(host) and not storage.remove(host)
+    with pytest.raises(UnknownMachine):
+        storage.present_certificate(host, "c3")
+
+
+def test_a_newer_schema_is_refused(storage: Storage) -> None:
+    execute(storage, "UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(DatabaseSchemaNewer):
+        Storage.open(storage.db)
+
+
+def test_init_refuses_a_database_that_holds_a_server(storage: Storage, tmp_path: Path) -> None:
+    """`init` makes a new CA: another server's machines in the database given to it would no longer match it."""
+    from server.cli import main
+
+    url = str(storage.db) if storage.postgresql else f"sqlite:///{storage.db.sqlite_path}"
+    assert main(["init", "--data", str(tmp_path / "data"), "--database", url]) == 2
+    assert not (tmp_path / "data" / ".initialised").exists()
+
+
+def test_protection_policies_and_reported_status(storage: Storage) -> None:
+    """Replication's tables: a policy is read back whole (a bandwidth past 32 bits too), a machine's protection
+    comes with its policy in the credentials the heartbeat path reads, an older report never replaces a newer one,
+    and protecting again keeps the last report."""
+    from agent.shared.replication_wire import DiskReport, Policy, ReplicationReport
+
+    host, other = "ffffffff-ffff-4fff-8fff-ffffffffffff", "12121212-1212-4121-8121-121212121212"
+    storage.enrol_machine(new_machine(host), 0.0)
+    storage.enrol_machine(new_machine(other, hostname="db1", public_key=public_pem()), 0.0)
+    assert storage.policy("default") == Policy() and storage.policy("gold") is None
+    gold = Policy("gold", 60.0, 120.0, 1 << 40, 7)
+    storage.set_policy(gold)
+    storage.set_policy(Policy("gold", 60.0, 120.0, 1 << 40, 8))
+    assert storage.policy("gold") == Policy("gold", 60.0, 120.0, 1 << 40, 8)
+    assert [p.name for p in storage.policies()] == ["default", "gold"]
+
+    storage.protect(host, ["/dev/sdb", "/dev/sdc"], False, "gold", False, 10.0)
+    row = storage.protection(host)
+    assert row is not None and (row.disks, row.all_disks, row.paused, row.policy.retention) == (
+        ("/dev/sdb", "/dev/sdc"),
+        False,
+        False,
+        8,
+    )
+    assert row.covers("/dev/sdc") and not row.covers("/dev/sdd")
+    credentials = storage.credentials([host, other])
+    assert credentials[host].protection == row and credentials[other].protection is None
+
+    report = ReplicationReport((DiskReport("/dev/sdb", "CONTINUOUS", throughput_bps=1.0),), points=3)
+    older = ReplicationReport((DiskReport("/dev/sdb", "STALLED", throughput_bps=0.0),))
+    storage.record_replication([(host, 200.0, json.dumps(report.to_json()))])
+    storage.record_replication([(host, 100.0, json.dumps(older.to_json())), (other, 100.0, "{}")])
+    assert storage.protection(host).report == report  # type: ignore[union-attr]
+    storage.protect(host, ["/dev/sdb"], False, "gold", True, 20.0)
+    row = storage.protection(host)
+    assert row is not None and (row.disks, row.paused, row.report) == (("/dev/sdb",), True, report)
+    assert storage.protection(other) is None  # a report from a machine that protects nothing is not kept
+
+    execute(storage, "UPDATE protection SET report = :r", r='{"disks": [{"disk": "/etc/shadow"}]}')
+    assert storage.protection(host).report is None  # type: ignore[union-attr]
+    assert [p.host_id for p in storage.protections()] == [host]
+    assert storage.remove(host) and storage.protections() == []
+    assert storage.unprotect(host) is False

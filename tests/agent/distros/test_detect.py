@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.distros import SUPPORT_MATRIX, detect_os
-from agent.errors import Exit, OsUnknown, OsUnsupported, ReleaseFilesConflict, ReleaseFileUnreadable
+from agent.distros import SUPPORT_MATRIX, detect_os, require_supported
+from agent.errors import OsKernelTooOld, OsUnknown, OsUnsupported, ReleaseFilesConflict, ReleaseFileUnreadable
 from agent.paths import Paths
+from agent.shared.errors import Exit
 from tests.conftest import DISTROS
 
 SUPPORTED = {
@@ -116,6 +117,38 @@ def test_unsupported_message_names_the_system_and_lists_the_matrix() -> None:
     assert "Fedora 30" in exc.value.message
     for row in SUPPORT_MATRIX:
         assert row.tag in exc.value.message
+
+
+def test_the_listing_says_which_tags_are_supported_and_which_refused() -> None:
+    with pytest.raises(OsUnsupported) as exc:
+        detect_os(Paths.checked(DISTROS / "fedora30"))
+    supported, refused = exc.value.message.split("Detected but refused", 1)
+    assert {row.tag for row in SUPPORT_MATRIX if not row.supported} == {
+        "RHEL5",
+        "RHEL6",
+        "OL6",
+        "SLES11-SP3",
+        "SLES11-SP4",
+    }
+    for row in SUPPORT_MATRIX:
+        assert f"  {row.tag} " in (supported if row.supported else refused), row.tag
+    assert "RHEL6         Red Hat Enterprise Linux 6, CentOS 6 (Linux 2.6.32)" in refused
+
+
+@pytest.mark.parametrize("tree", ["rhel5", "centos6", "oracle6", "sles11sp3", "sles11sp4"])
+def test_refused_tags_are_detected_then_refused(tree: str) -> None:
+    info = detect_os(Paths.checked(DISTROS / tree))
+    assert info.os_tag == SUPPORTED[tree] and not info.supported
+    with pytest.raises(OsKernelTooOld) as exc:
+        require_supported(info)
+    assert exc.value.exit_code == Exit.UNSUPPORTED
+    assert f"is {info.os_tag}, which is detected but refused: its oldest release runs Linux " in exc.value.message
+
+
+def test_supported_tags_pass() -> None:
+    for tree in ("centos7", "debian7", "ubuntu14", "sles12", "oracle7"):
+        info = detect_os(Paths.checked(DISTROS / tree))
+        assert require_supported(info) is info and info.supported
 
 
 def test_rebuild_with_borrowed_rhel_id_is_named_for_what_it_is() -> None:

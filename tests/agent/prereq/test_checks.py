@@ -7,7 +7,16 @@ from agent.checks import Status, run_checks
 from agent.distros import gather_facts
 from agent.paths import Paths
 from agent.prereq import prerequisite_checks
-from agent.prereq.checks import FreeSpace, GlibcFloor, GrubDeviceNames, InitSystem, RootUser, detect_init
+from agent.prereq.checks import (
+    FreeSpace,
+    GrubDeviceNames,
+    InitSystem,
+    KernelFloor,
+    RootUser,
+    SupportedOs,
+    detect_init,
+    installed_kernels,
+)
 from tests.conftest import DISTROS
 
 
@@ -23,11 +32,39 @@ def test_free_space_threshold(tmp_path: Path) -> None:
     assert r.status is Status.FAIL and r.threshold
 
 
-def test_glibc_floor_against_this_machine() -> None:
+def test_kernel_floor_on_the_running_machine() -> None:
     root = Paths(Path("/"))
-    assert GlibcFloor(root, "2.17").run().status is Status.PASS
-    r = GlibcFloor(root, "9.99").run()
-    assert r.status is Status.FAIL and "older than the floor 9.99" in r.message
+    r = KernelFloor(root, "3.2").run()  # this machine's own kernel, read from /proc
+    assert (r.status, r.threshold) == (Status.PASS, "3.2") and r.value and r.value in r.message
+    r = KernelFloor(root, "3.2", release="3.1.0-old").run()
+    assert r.status is Status.FAIL and r.remediation
+    assert r.message == "Linux 3.1.0-old is older than 3.2, the oldest kernel the agent's bundled C library runs on"
+    assert KernelFloor(root, "3.2", release="3.2.0-4-amd64").run().status is Status.PASS  # Debian 7
+    assert KernelFloor(root, "3.2", release="2.6.32-754.el6.x86_64").run().status is Status.FAIL  # RHEL 6
+    assert KernelFloor(root, None).run().status is Status.UNKNOWN
+    assert KernelFloor(root, "3.2", release="not-a-kernel").run().status is Status.UNKNOWN
+
+
+def test_kernel_floor_under_a_root_judges_its_installed_kernels(tmp_path: Path) -> None:
+    root = Paths(tmp_path)
+    r = KernelFloor(root, "3.2").run()  # never the running kernel: it is not the root's
+    assert r.status is Status.UNKNOWN and "cannot tell" in r.message
+    for release in ("5.10.0-28-amd64", "4.19.0-27-amd64"):
+        (tmp_path / "lib" / "modules" / release).mkdir(parents=True)
+    (tmp_path / "lib" / "modules" / "README").write_text("not a kernel\n")
+    assert installed_kernels(root) == ["4.19.0-27-amd64", "5.10.0-28-amd64"]
+    assert KernelFloor(root, "3.2").run().status is Status.PASS
+    assert KernelFloor(root, "5.0").run().status is Status.WARN  # it may boot the old one
+    r = KernelFloor(root, "6.1").run()
+    assert r.status is Status.FAIL and "4.19.0-27-amd64, 5.10.0-28-amd64" in r.message
+
+
+def test_refused_tags_fail_the_os_check_with_their_reason() -> None:
+    r = SupportedOs(gather_facts(Paths(DISTROS / "centos6"))).run()
+    assert r.status is Status.FAIL
+    assert r.message.startswith("OS-KERNEL-TOO-OLD: CentOS 6.7 is RHEL6, which is detected but refused")
+    assert "Linux 2.6.32, older than 3.2" in r.message
+    assert SupportedOs(gather_facts(Paths(DISTROS / "centos7"))).run().status is Status.PASS
 
 
 def test_init_systems_of_real_layouts(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash
-from agent.replication.protocol import Codec, PointClose
+from agent.shared.replication_wire import Codec, PointClose
 from server.process import store as store_module
 from server.process.gc import collect
 from server.process.store import ChunkPut, ChunkStore, PointPut

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from agent.replication.protocol import Codec
+from agent.shared.replication_wire import Codec
 from server.errors import StoreFull
 from server.process.receiver import Committer, _Stream
 from server.process.store import ChunkPut, DiskRow, PointPut

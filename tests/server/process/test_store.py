@@ -10,7 +10,7 @@ import pytest
 import zstandard
 
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
-from agent.replication.protocol import Codec, PointClose
+from agent.shared.replication_wire import Codec, PointClose
 from server.errors import PointCorrupt, PointMismatch, PointNotFound, StoreFull
 from server.process.store import ChunkPut, ChunkStore, PointPut
 

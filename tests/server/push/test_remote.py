@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
 from server.push.known_hosts import KnownHosts
 from server.push.progress import Lines
 from server.push.remote import Bundle, Credentials, HostResult, PushSettings, push_host
@@ -167,3 +167,22 @@ def test_lines_progress_names_the_host_and_the_outcome(port: int) -> None:
     r.seconds = 3.25
     Lines(out).step(r, "succeeded")
     assert out.getvalue() == f"{r.target}: copying\n{r.target}: succeeded in 3.2 s\n"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "PUSH-NAME-UNRESOLVED"),
+        (ConnectionRefusedError(111, "Connection refused"), "PUSH-CONNECT-REFUSED"),
+        (TimeoutError(), "PUSH-CONNECT-TIMEOUT"),
+        (OSError(101, "Network is unreachable"), "PUSH-UNREACHABLE"),
+        (asyncssh.ProtocolError("bad packet"), "PUSH-SSH-FAILED"),
+        (asyncssh.ConnectionLost("reset by peer"), "PUSH-SSH-FAILED"),
+        (asyncssh.PermissionDenied("no"), "PUSH-AUTH-FAILED"),
+        (EOFError(), "PUSH-SSH-FAILED"),
+    ],
+)
+def test_each_way_of_not_reaching_a_host_has_its_id(error: BaseException, code: str) -> None:
+    from server.push.remote import connect_error
+
+    assert connect_error(error, ServerAddress("web1", 22)).id == code

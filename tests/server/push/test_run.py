@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server.database import parse_database
 from server.push.remote import STALE_AFTER
 from server.push.run import close_interrupted
 from server.storage import Storage
 
 
-def test_jobs_of_a_killed_push_are_closed_by_the_next_one(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "mobility.db", create=True)
+def test_jobs_of_a_killed_push_are_closed_by_the_next_one(database: str) -> None:
+    storage = Storage.open(parse_database(database), create=True)
     now = 1_800_000_000.0
     common = {"host_id": None, "kind": "push", "error_id": None, "remediation": None, "detail": None}
     killed = storage.record_job(job_id=None, hostname="web1:22", state="running", now=now - STALE_AFTER - 1, **common)
@@ -29,3 +30,27 @@ def test_jobs_of_a_killed_push_are_closed_by_the_next_one(tmp_path: Path) -> Non
     }
     assert close_interrupted(storage, now) == []
     storage.close()
+
+
+def test_no_bundle_for_the_host_s_tag_or_a_changed_file_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    import pytest
+
+    from server.datadir import DataDir
+    from server.errors import PushNoBundle
+    from server.push.run import BundleChooser
+    from server.repository import Repository
+    from tests.bundle_factory import make_bundle
+
+    data = DataDir(tmp_path / "data")
+    repo = Repository.create(data)
+    with pytest.raises(PushNoBundle, match="no bundle for DEBIAN12"):
+        BundleChooser(data)("DEBIAN12")
+    repo.add([make_bundle(tmp_path / "in", "DEBIAN12", "0.1.0")])
+    chosen = BundleChooser(data)("DEBIAN12")
+    assert chosen.name.startswith("Mobility_UA_0.1.0_DEBIAN12-64_")
+    changed = make_bundle(tmp_path / "other", "DEBIAN12", "0.1.0", files={"install": b"#!/bin/sh\nexit 1\n"})
+    shutil.copyfile(changed, chosen.path)
+    with pytest.raises(PushNoBundle, match="does not match its published hash"):
+        BundleChooser(data)("DEBIAN12")

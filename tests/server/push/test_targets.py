@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.transport import ServerAddress
+from agent.shared.address import ServerAddress
 from server.errors import PushTargetInvalid
 from server.push.targets import parse_hosts_file, parse_target, unique_targets
 

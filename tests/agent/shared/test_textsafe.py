@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.textsafe import shown
+from agent.shared.textsafe import shown
 
 
 def test_plain_text_reads_as_repr() -> None:

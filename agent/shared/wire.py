@@ -1,7 +1,7 @@
 """The agent-server wire format: API paths, the enrolment proofs, and every request body as a typed, validated
-value. Both sides import this module (the server may import the agent's wire formats; the agent never imports the
-server). The server parses each body once, at the edge, with the ``from_json`` constructors here: a field of the
-wrong type, an over-long string or a control character is refused before anything is stored or logged."""
+value. Both sides import this module (the agent never imports the server). The server parses each body once, at the
+edge, with the ``from_json`` constructors here: a field of the wrong type, an over-long string or a control
+character is refused before anything is stored or logged."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import hmac
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.textsafe import printable
+from agent.shared.textsafe import printable
 
 if TYPE_CHECKING:
-    from agent.replication.protocol import ReplicationReport
+    from agent.shared.replication_wire import ReplicationReport
 
 API = "/v1"
 NONCE_PATH = f"{API}/enrol/nonce"
@@ -239,9 +239,8 @@ class EnrolRequest:
         }
 
     @classmethod
-    def from_json(cls, body: Any) -> EnrolRequest:
-        from agent.distros.matrix import BY_TAG
-
+    def from_json(cls, body: Any, os_tags: Collection[str]) -> EnrolRequest:
+        """``os_tags``: the tags of the support matrix (agent.distros.BY_TAG), which the server accepts."""
         f = _Fields(body, "enrolment")
         host_id = f.optional_text("host_id", 36)
         return cls(
@@ -249,7 +248,7 @@ class EnrolRequest:
             nonce=f.text("nonce", 64, pattern=_NONCE),
             proof=f.text("proof", 64, pattern=_HEX64),
             hostname=hostname(f.text("hostname", 255)),
-            os_tag=f.text("os_tag", 32, choices=tuple(BY_TAG)),
+            os_tag=f.text("os_tag", 32, choices=tuple(os_tags)),
             role=f.text("role", 2, choices=ROLES),
             platform=f.text("platform", 6, choices=PLATFORMS),
             facts=MachineFacts.from_json(f.doc.get("facts", {})),
@@ -358,7 +357,7 @@ class Heartbeat:
 
     @classmethod
     def from_json(cls, body: Any) -> Heartbeat:
-        from agent.replication.protocol import ReplicationReport  # it builds on this module's field checks
+        from agent.shared.replication_wire import ReplicationReport  # it builds on this module's field checks
 
         f = _Fields(body, "heartbeat")
         health = f.doc.get("health")
@@ -410,4 +409,32 @@ class JobReport:
             error_id=f.optional_text("error_id", 64, pattern=_ERROR_ID),
             remediation=f.optional_text("remediation", 2000),
             detail=f.optional_text("detail", 4000, lines=True),
+        )
+
+
+_DOTTED = re.compile(r"[0-9]+(?:\.[0-9]+){1,7}")
+
+
+@dataclass(frozen=True)
+class UpdateTarget:
+    """The version the server names for a machine: the ``update`` field of a heartbeat answer (absent: none).
+
+    ``job_id`` is the server's upgrade job for this machine (a rollout's or a pin's), under which the machine reports
+    its upgrade; ``pinned`` says the machine stays at ``version`` (an operator's pin, or a rollback's)."""
+
+    version: str
+    job_id: str | None = None
+    pinned: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "job_id": self.job_id, "pinned": self.pinned}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> UpdateTarget:
+        f = _Fields(doc, "update")
+        job_id = f.optional_text("job_id", 36)
+        return cls(
+            version=f.text("version", 32, pattern=_DOTTED),
+            job_id=_host_id(job_id, "update.job_id") if job_id is not None else None,
+            pinned=f.flag("pinned"),
         )

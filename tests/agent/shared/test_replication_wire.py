@@ -1,4 +1,4 @@
-"""agent/replication/protocol.py: frames and messages are checked once, at the edge."""
+"""agent/shared/replication_wire.py: frames and messages are checked once, at the edge."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
-from agent.replication.protocol import (
+from agent.shared.replication_wire import (
     HEADER,
     Codec,
     Header,
@@ -19,7 +19,7 @@ from agent.replication.protocol import (
     ReplicationReport,
     frame,
 )
-from agent.wire import WireError
+from agent.shared.wire import WireError
 
 
 def test_headers_round_trip_and_bad_ones_are_refused() -> None:

@@ -1,7 +1,8 @@
 """The replication wire format: binary frames on the per-disk stream, the JSON messages they carry, and the
 replication parts of the heartbeat (what the server asks the agent to protect; what the agent reports).
 
-Both sides import this module, as they import agent/wire.py. Every message a peer sends is parsed once, here, into
+Both sides import this module, as they import agent/shared/wire.py (and like it, it needs only the standard
+library). Every message a peer sends is parsed once, here, into
 a typed value; a field of the wrong type, size or shape is a ProtocolError naming it.
 
 A stream is one TLS connection per protected disk, authenticated by the machine's client certificate. The agent
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from agent.replication.chunks import HASH_SIZE, MAX_CHUNK_SIZE
-from agent.wire import WireError, _Fields
+from agent.shared.wire import WireError, _Fields
+
+HASH_SIZE = 32  # BLAKE3 (agent/replication/chunks.py says why)
+MAX_CHUNK_SIZE = 16 * 1024 * 1024  # a frame's payload stays bounded: past 16 TiB a disk gets more chunks instead
 
 HEADER = struct.Struct("<2sBBIQQI4x32s")  # magic, kind, flags, payload length, seq, offset, raw size, hash
 MAGIC = b"MR"

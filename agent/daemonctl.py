@@ -1,0 +1,235 @@
+"""Restart the daemon and watch it through what supervises it on this machine: systemd, a SysV init script, or
+nothing (a daemon started by hand or by a supervisor we do not know, and every daemon of a root given with --root).
+The upgrade watcher (agent/updater.py) uses one of these; each says whether the daemon runs and how many times it
+exited since the watcher started counting.
+
+- systemd restarts a crashed daemon itself (``Restart=on-failure``); its exits are counted from the unit's own
+  start and exit timestamps, so a daemon that crashes between two looks is still counted.
+- SysV and no supervisor: nobody restarts a crashed daemon, so while it watches, the watcher does (as an init system
+  would, after ``RESTART_DELAY``), and counts each exit it sees.
+- Without a supervisor the daemon is asked to start again from ``current`` with SIGUSR1: it executes the launcher of
+  the version ``current`` names, with the same PID (whoever started it keeps its child); one that does not comply in
+  time is killed and started anew, detached."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agent.distros import Init
+from agent.paths import Paths
+from agent.proc import Child, run, spawn
+from agent.services import live_systemd
+from agent.status import DaemonStatus
+
+log = logging.getLogger("mobility.daemonctl")
+
+UNIT = "mobility.service"
+INIT_SCRIPT = "/etc/init.d/mobility"
+PIDFILE = "/var/run/mobility.pid"
+RESTART_DELAY = 2.0  # seconds a dead daemon stays down before the watcher starts it (systemd's RestartSec is 5)
+REEXEC_WAIT = 15.0  # seconds a daemon asked to start again has to do it before it is killed
+
+
+@dataclass(frozen=True)
+class Seen:
+    running: bool
+    pid: int | None
+    exits: int  # since ``mark``
+
+
+class Supervisor(Protocol):
+    kind: str
+
+    def mark(self) -> None:
+        """Count exits from now on."""
+
+    def restart(self) -> None:
+        """Start the daemon again from ``current`` (or start it, if it is not running)."""
+
+    def look(self) -> Seen:
+        """Whether the daemon runs now, and the exits since ``mark``; restarts a daemon that died (SysV, none)."""
+
+
+def supervisor_for(paths: Paths, init: Init, daemon_argv: list[str]) -> Supervisor:
+    """The supervisor of this machine's daemon. ``daemon_argv`` starts a daemon from ``current`` when nothing else
+    would (no init system, or a root given with --root: never the running host's units)."""
+    if paths.root == paths.root.parent:
+        if init is Init.SYSTEMD and live_systemd(paths):
+            return SystemdSupervisor()
+        if init is Init.SYSV and Path(INIT_SCRIPT).exists():
+            return SysvSupervisor(paths)
+    return NoSupervisor(paths, daemon_argv)
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    if pid is None or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def _is_daemon(pid: int, paths: Paths) -> bool:
+    """Whether ``pid`` is this root's daemon (`mobility run`, with a --root that leads to this root), not a process
+    that reused the PID, nor the daemon of another root on the same host."""
+    try:
+        cmdline = [part.decode(errors="replace") for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    if "run" not in cmdline or not any("mobility" in part or "agent" in part for part in cmdline):
+        return False
+    root = "/"
+    if "--root" in cmdline[:-1]:
+        root = os.path.realpath(os.path.join(cwd, cmdline[cmdline.index("--root") + 1]))
+    return root == str(paths.root)
+
+
+class SystemdSupervisor:
+    kind = "systemd"
+
+    def __init__(self) -> None:
+        self._mark_us: int | None = None
+        self._exits: set[int] = set()
+
+    def mark(self) -> None:
+        self._mark_us = time.monotonic_ns() // 1000  # CLOCK_MONOTONIC, as systemd's *TimestampMonotonic
+        self._exits.clear()
+
+    def restart(self) -> None:
+        run(["systemctl", "daemon-reload"], check=False)
+        run(["systemctl", "reset-failed", UNIT], check=False)  # a unit that hit its start limit starts again
+        run(["systemctl", "restart", "--no-block", UNIT], timeout=60)
+
+    def look(self) -> Seen:
+        props = self._show()
+        pid = int(props.get("MainPID", "0") or 0)
+        state = props.get("ActiveState", "")
+        start = int(props.get("ExecMainStartTimestampMonotonic", "0") or 0)
+        end = int(props.get("ExecMainExitTimestampMonotonic", "0") or 0)
+        if self._mark_us is not None and start >= self._mark_us and end >= start > 0:
+            self._exits.add(end)
+        running = pid > 0 and state in ("active", "activating", "reloading")
+        return Seen(running, pid or None, len(self._exits))
+
+    @staticmethod
+    def _show() -> dict[str, str]:
+        names = "MainPID,ActiveState,ExecMainStartTimestampMonotonic,ExecMainExitTimestampMonotonic"
+        r = run(["systemctl", "show", UNIT, "-p", names], check=False, timeout=30)
+        return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+class _Tended:
+    """SysV and none: the watcher restarts a dead daemon and counts each exit it sees."""
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._exits = 0
+        self._down_since: float | None = None
+
+    def mark(self) -> None:
+        self._exits = 0
+
+    def _current_pid(self) -> int | None:
+        raise NotImplementedError
+
+    def _start(self) -> int | None:
+        """Start the daemon; its PID when known (so that an exit before the next look is still counted)."""
+        raise NotImplementedError
+
+    def look(self) -> Seen:
+        pid = self._current_pid()
+        if _alive(pid):
+            self._pid, self._down_since = pid, None
+            return Seen(True, pid, self._exits)
+        if self._pid is not None:  # the one we saw running is gone
+            self._exits += 1
+            self._pid = None
+            log.warning("the daemon exited (%d since the watcher started counting)", self._exits)
+        now = time.monotonic()
+        self._down_since = self._down_since if self._down_since is not None else now
+        if now - self._down_since >= RESTART_DELAY:
+            self._down_since = None
+            self._pid = self._start()
+        return Seen(False, None, self._exits)
+
+
+class SysvSupervisor(_Tended):
+    kind = "sysv"
+
+    def __init__(self, paths: Paths) -> None:
+        super().__init__()
+        self.paths = paths
+
+    def _current_pid(self) -> int | None:
+        try:
+            return int(self.paths(PIDFILE).read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def restart(self) -> None:
+        run([INIT_SCRIPT, "restart"], timeout=60)
+        self._pid = self._current_pid()  # the new daemon's: counted even if it exits before the next look
+
+    def _start(self) -> int | None:
+        run([INIT_SCRIPT, "start"], timeout=60, check=False)
+        return self._current_pid()
+
+
+class NoSupervisor(_Tended):
+    kind = "none"
+
+    def __init__(self, paths: Paths, daemon_argv: list[str]) -> None:
+        super().__init__()
+        self.paths = paths
+        self.argv = daemon_argv
+        self._children: list[Child] = []
+
+    def _current_pid(self) -> int | None:
+        for child in self._children:
+            child.poll()  # reap what we started, so that it does not linger as a zombie
+        status = DaemonStatus.load(self.paths)
+        pid = status.pid if status is not None else None
+        if pid and _alive(pid) and _is_daemon(pid, self.paths):
+            return pid
+        live = [c.pid for c in self._children if c.returncode is None]
+        return live[-1] if live else None
+
+    def restart(self) -> None:
+        pid = self._current_pid()
+        if pid is None:
+            self._pid = self._start()
+            return
+        asked = time.time()
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + REEXEC_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = DaemonStatus.load(self.paths)
+            if not _alive(pid) or (status is not None and status.pid == pid and status.started >= asked - 1):
+                self._pid = pid  # a new version that crashed at once is counted by the next look
+                return
+        log.warning("the daemon (pid %d) did not start again within %.0f s: killing it", pid, REEXEC_WAIT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        self._pid = self._start()
+
+    def _start(self) -> int:
+        self._children = [c for c in self._children if c.poll() is None]
+        child = spawn(self.argv)
+        self._children.append(child)
+        return child.pid

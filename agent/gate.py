@@ -1,0 +1,207 @@
+"""The health gate of a new agent version: pure. The watcher (agent/updater.py, running the previous version's
+program) feeds it what it sees of the machine once a second; the gate answers wait, commit or roll back.
+
+What it holds against the new version, and what it never does (docs/updates.md; the references' failure modes):
+
+- **It does not start, or crashes in a loop**: ``crash_limit`` exits (or self-restarts) of the new version, or no
+  daemon running at all for ``start_timeout``.
+- **It cannot reach the server while the previous one could**: only when the previous version's last heartbeats
+  reached the server (the baseline) *and* the watcher itself reaches it now, continuously, for a grace of three
+  heartbeats. With the server down nothing is held against the new version: the window stops counting until the
+  watcher reaches the server again (a rollback must never fire for the server's own outage).
+- **It reports CRITICAL**: only for a check that fails now and did not fail under the previous version, and that is
+  the agent's own doing (not the server, the clock, the certificate or the disk, which are the machine's), in every
+  report for two heartbeats. One bad sample never rolls back (Elastic Agent rolled back on a single 429).
+- **It is not healthy within the window**: ``window`` seconds, counted only while the server is reachable.
+
+It commits once the new version's daemon, started after the switch, has reached the server and reported healthy (or
+warning, or critical only for what already failed before), and has stayed so, without restarting, for ``settle``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.errors import UpdateCrashed, UpdateCritical, UpdateNotHealthy, UpdateRolledBack, UpdateUnreachable
+from agent.update_state import Baseline
+
+# Checks that say something about the machine or its surroundings, not about the agent's build: a new version is
+# never rolled back for them (server reachability has its own rule).
+ENVIRONMENT = frozenset({"HLT-SERVER", "HLT-SKEW", "HLT-CERT", "HLT-DISK", "HLT-FREEZE"})
+GOOD = frozenset({"healthy", "warning"})
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    window: float = 600.0  # to become healthy, counted while the server is reachable
+    settle: float = 60.0  # healthy, without a restart, for this long before the upgrade commits
+    heartbeat: float = 30.0  # the daemon's heartbeat interval
+    crash_limit: int = 3
+
+    @property
+    def start_timeout(self) -> float:
+        """How long no daemon may run at all after the restart (a supervisor restarts one within seconds)."""
+        return min(self.window, 120.0)
+
+    @property
+    def critical_grace(self) -> float:
+        return max(2 * self.heartbeat, 5.0)
+
+    @property
+    def unreachable_grace(self) -> float:
+        return 3 * self.heartbeat + 10.0
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One look at the machine: what its supervisor says of the daemon process, what the daemon recorded of itself
+    (daemon.json), and whether the watcher reached the server (None: not probed this time)."""
+
+    at: float
+    running: bool
+    exits: int  # daemon exits the supervisor saw since the restart into the new version
+    version: str | None = None  # of the daemon's own record
+    pid: int | None = None
+    started: float | None = None
+    last_heartbeat_ok: float | None = None
+    health: str | None = None  # healthy, warning, critical, unknown
+    failing: frozenset[str] = frozenset()  # IDs of the checks that FAIL in its last report
+    unknown: frozenset[str] = frozenset()  # and of those it could not run (UNKNOWN)
+    report_time: float | None = None
+    server_reachable: bool | None = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    why: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    why: str
+
+
+@dataclass(frozen=True)
+class RollBack:
+    error: UpdateRolledBack
+
+
+Verdict = Wait | Commit | RollBack
+
+
+@dataclass
+class Gate:
+    settings: GateSettings
+    baseline: Baseline
+    to_version: str
+    restarted_at: float  # when the watcher restarted the daemon into the new version
+    since: float | None = None  # when this watcher began to watch (later than the restart when it took over)
+    _last: float | None = None
+    _counted: float = 0.0  # window time while the server was reachable
+    _server_up: bool = True  # until a probe says otherwise: the baseline reached it moments ago
+    _server_up_since: float | None = None
+    _down_since: float | None = None  # no daemon running, since
+    _ever_running: bool = False
+    _starts: set[tuple[int | None, float]] = field(default_factory=set)  # (pid, started) of the new version
+    _critical_since: float | None = None
+    _critical_reports: set[float] = field(default_factory=set)
+    _healthy_since: float | None = None
+    _healthy_as: tuple[int | None, float | None] | None = None
+
+    def observe(self, o: Observation) -> Verdict:
+        s = self.settings
+        if o.server_reachable is not None:
+            if o.server_reachable and not self._server_up:
+                self._server_up_since = o.at
+            self._server_up = o.server_reachable
+            if o.server_reachable and self._server_up_since is None:
+                self._server_up_since = o.at
+        if self._last is not None and self._server_up:
+            self._counted += max(0.0, o.at - self._last)
+        self._last = o.at
+
+        ours = o.version == self.to_version and o.started is not None and o.started >= self.restarted_at - 1.0
+        if ours and o.started is not None:
+            self._starts.add((o.pid, o.started))
+        restarts = o.exits + max(0, len(self._starts) - 1)
+        if restarts >= s.crash_limit:
+            return RollBack(
+                UpdateCrashed(
+                    f"mobility {self.to_version} exited or restarted {restarts} times within "
+                    f"{o.at - self.restarted_at:.0f} s of its start"
+                )
+            )
+        if o.running:
+            self._ever_running, self._down_since = True, None
+        else:
+            begun = max(self.restarted_at, self.since or self.restarted_at)
+            self._down_since = self._down_since if self._down_since is not None else o.at
+            down = o.at - max(self._down_since, begun) if self._ever_running else o.at - begun
+            if down >= s.start_timeout:
+                what = "stopped running" if self._ever_running else "did not start"
+                return RollBack(UpdateCrashed(f"mobility {self.to_version} {what}: no daemon for {down:.0f} s"))
+
+        own_failures = (o.failing - frozenset(self.baseline.failing) - ENVIRONMENT) if ours else frozenset()
+        if own_failures and o.running:
+            if self._critical_since is None:
+                self._critical_since, self._critical_reports = o.at, set()
+            if o.report_time is not None:
+                self._critical_reports.add(o.report_time)
+            if o.at - self._critical_since >= s.critical_grace and len(self._critical_reports) >= 2:
+                return RollBack(
+                    UpdateCritical(
+                        f"mobility {self.to_version} reports CRITICAL for {o.at - self._critical_since:.0f} s: "
+                        f"{', '.join(sorted(own_failures))} failing (they passed under the previous version)"
+                    )
+                )
+        else:
+            self._critical_since = None
+
+        reached = (
+            ours and o.last_heartbeat_ok is not None and o.started is not None and o.last_heartbeat_ok >= o.started
+        )
+        if (
+            self.baseline.reachable
+            and ours
+            and o.running
+            and not reached
+            and self._server_up
+            and self._server_up_since is not None
+            and o.started is not None
+        ):
+            stuck = o.at - max(o.started, self._server_up_since)
+            if stuck >= s.unreachable_grace:
+                return RollBack(
+                    UpdateUnreachable(
+                        f"mobility {self.to_version} has not reached the server in {stuck:.0f} s while the watcher "
+                        "(the previous version's program) reaches it and the previous version did"
+                    )
+                )
+
+        # Healthy, or not worse than the previous version was: what fails or cannot run now failed or could not run
+        # before too, or is the machine's (a pre-existing full disk never holds an upgrade back).
+        before = frozenset(self.baseline.failing) | frozenset(self.baseline.unknown) | ENVIRONMENT
+        healthy = ours and o.running and reached and not own_failures and (o.health in GOOD or not (
+            (o.failing | o.unknown) - before))  # fmt: skip
+        if healthy:
+            who = (o.pid, o.started)
+            if self._healthy_since is None or self._healthy_as != who:
+                self._healthy_since, self._healthy_as = o.at, who
+            if o.at - self._healthy_since >= s.settle:
+                return Commit(
+                    f"mobility {self.to_version} reached the server and reported {o.health} for "
+                    f"{o.at - self._healthy_since:.0f} s"
+                )
+            return Wait(f"healthy for {o.at - self._healthy_since:.0f} of {s.settle:.0f} s")
+        self._healthy_since = None
+
+        if self._counted >= s.window:
+            seen = o.health or "nothing"
+            return RollBack(
+                UpdateNotHealthy(
+                    f"mobility {self.to_version} did not reach the server and report healthy within "
+                    f"{s.window:.0f} s (last report: {seen})"
+                )
+            )
+        if not self._server_up:
+            return Wait("the server is unreachable from this machine: the window waits for it")
+        return Wait(f"{self._counted:.0f} of {s.window:.0f} s of the window")

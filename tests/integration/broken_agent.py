@@ -1,0 +1,46 @@
+"""Test-only entry point of a deliberately broken agent, frozen by `packaging/build --test-entry` for the update
+tests (tests/integration/test_updates.py). Never part of a release: only the suite passes --test-entry, and the
+build keeps these programs apart from the release ones (packaging/build.py). What is broken depends on the version
+the build packs (the version is data, so one PyInstaller build serves both):
+
+- 0.1.2 crashes as its daemon starts: `mobility run` exits 1 before it does anything;
+- any other version starts and reports CRITICAL: one more health check, HLT-BROKEN-BUILD, always fails.
+
+Every other command works as the product's does (the watcher of a later upgrade runs the previous version's)."""
+
+import contextlib
+import sys
+
+from agent import __version__
+from agent.checks import Result, Status
+
+with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+    comm.write("mobility")
+
+CRASHES = __version__ == "0.1.2"
+
+
+class BrokenBuild:
+    id = "HLT-BROKEN-BUILD"
+    title = "broken build"
+    remediation = "This is a deliberately broken test build: roll back."
+
+    def run(self) -> Result:
+        return Result(self.id, Status.FAIL, f"mobility {__version__} is a deliberately broken test build")
+
+
+if sys.argv[1:2] == ["run"]:
+    if CRASHES:
+        sys.exit(f"mobility {__version__}: a deliberately broken test build crashes at start")
+    import agent.health
+
+    product_checks = agent.health.health_checks
+
+    def health_checks(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return [*product_checks(*args, **kwargs), BrokenBuild()]
+
+    agent.health.health_checks = health_checks  # type: ignore[assignment]
+
+from agent.cli import main  # noqa: E402
+
+sys.exit(main())

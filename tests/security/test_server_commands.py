@@ -1,0 +1,250 @@
+"""Every `mobility-server` option that takes a path or a file, with the files an attacker or a careless operator
+gives it: a FIFO (nothing must hang), /dev/zero (nothing must read for ever), a directory, a huge file. A new
+command or path option fails `test_the_cases_cover_every_server_path_option` until it gets its cases here.
+
+The agent's own commands are in test_every_command.py; bootstrap.conf is here because templates carry it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser
+from tests.conftest import DISTROS, REPO
+from tests.integration.serverproc import init_server, server_cli
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).parent
+
+# (command, option) -> the tests here (or in the named file) that give it hostile values.
+PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
+    **{
+        (command, "--data"): ["test_server_commands.py::test_data_directories_that_are_not_one"]
+        for command in (
+            "init",
+            "upgrade",
+            "serve",
+            "passphrase",
+            "token",
+            "machines",
+            "jobs",
+            "push",
+            "repo",
+            "update",
+            "updates",
+            "pin",
+            "unpin",
+            "protect",
+            "unprotect",
+            "protection",
+            "policy",
+            "points",
+            "failover",
+            "test-failover",
+            "verify",
+        )
+    },
+    ("push", "--key"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
+    ("push", "--password-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
+    ("push", "--hosts-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
+    ("failover", "--out"): ["test_replication.py::test_failover_outputs_and_scratch_areas_that_are_not_directories"],
+    ("test-failover", "--scratch"): [
+        "test_replication.py::test_failover_outputs_and_scratch_areas_that_are_not_directories"
+    ],
+    ("repo add", "files"): [
+        "test_server_commands.py::test_repo_add_of_files_that_are_not_bundles",
+        "test_bundle_archives.py::test_repo_add_refuses_within_bounds",
+    ],
+}
+_PATH_METAVARS = {"DIR", "FILE"}
+
+
+def _options(parser: argparse.ArgumentParser, prefix: str = "") -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= _options(sub, f"{prefix} {name}".strip())
+        elif action.metavar in _PATH_METAVARS and prefix:
+            found.add(
+                (
+                    prefix.split(maxsplit=1)[0] if action.option_strings else prefix,
+                    action.option_strings[0] if action.option_strings else action.dest,
+                )
+            )
+    return found
+
+
+def test_the_cases_cover_every_server_path_option() -> None:
+    assert _options(build_parser()) == set(PATH_OPTIONS), "give each path option its cases in PATH_OPTIONS"
+    for tests in PATH_OPTIONS.values():
+        for test in tests:
+            file, function = test.split("::")
+            assert f"def {function}(" in (HERE / file).read_text(), test
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("srv") / "data"
+    init_server(d)
+    return d
+
+
+def hostile_files(where: Path) -> dict[str, Path]:
+    """A FIFO, /dev/zero, a directory, a 10 MiB file and a file that is not there."""
+    where.mkdir(parents=True, exist_ok=True)
+    fifo = where / "fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo, 0o600)
+    big = where / "big"
+    with big.open("wb") as f:
+        f.truncate(10 << 20)
+    big.chmod(0o600)
+    (where / "dir").mkdir(exist_ok=True)
+    return {"fifo": fifo, "zero": Path("/dev/zero"), "dir": where / "dir", "big": big, "missing": where / "nope"}
+
+
+def cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command with a deadline and a memory limit: a regression hangs or balloons into a failure, not a stall."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import resource,sys,runpy; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+            "sys.argv = ['mobility-server', *sys.argv[1:]]; runpy.run_module('server', run_name='__main__')",
+            *args,
+            "--data",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_push_credentials_and_hosts_files_that_are_not_files(data: Path, tmp_path: Path) -> None:
+    bad = hostile_files(tmp_path)
+    key = tmp_path / "key"
+    for name, path in bad.items():
+        for option in ("--key", "--password-file"):
+            r = cli(data, "push", "--host", "192.0.2.1", option, str(path))
+            assert (r.returncode, r.stderr.split(":")[0]) == (2, "error PUSH-CREDENTIALS-INVALID"), (
+                option,
+                name,
+                r.stderr,
+            )
+            assert "Traceback" not in r.stderr
+        key.write_text("not a key\n")
+        key.chmod(0o600)
+        r = cli(data, "push", "--hosts-file", str(path), "--key", str(key))
+        assert r.stderr.split(":")[0] in ("error PUSH-TARGET-INVALID", "error PUSH-CREDENTIALS-INVALID"), (
+            name,
+            r.stderr,
+        )
+        assert "Traceback" not in r.stderr and r.returncode == 2
+
+
+def test_repo_add_of_files_that_are_not_bundles(data: Path, tmp_path: Path) -> None:
+    bad = hostile_files(tmp_path)
+    for name, path in bad.items():
+        r = cli(data, "repo", "add", str(path))
+        assert (r.returncode, r.stderr.split(":")[0]) == (1, "error BUNDLE-REFUSED"), (name, r.stderr)
+        assert len(r.stderr) < 2048
+    assert json.loads(server_cli(data, "repo", "list", "--json", check=True).stdout) == []
+    assert not [p for p in (data / "repository").iterdir() if p.name.startswith(".")]  # no copy left behind
+
+
+def test_data_directories_that_are_not_one(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for command in (
+        ("serve", "--listen", "127.0.0.1:0"),
+        ("upgrade",),
+        ("machines",),
+        ("jobs",),
+        ("passphrase", "show"),
+        ("token", "create", "--ttl", "1h"),
+        ("repo", "list"),
+        ("push", "--host", "h", "--key", "k"),
+        ("update", "--to", "0.1.1", "--all"),
+        ("updates",),
+        ("pin", "11111111-1111-4111-8111-111111111111"),
+        ("unpin", "11111111-1111-4111-8111-111111111111"),
+        ("protect", "--machine", "m", "--all-disks"),
+        ("unprotect", "--machine", "m"),
+        ("protection",),
+        ("policy", "list"),
+        ("points", "--machine", "m"),
+        ("failover", "--machine", "m", "--point", "latest", "--out", str(tmp_path / "out")),
+        ("test-failover", "--machine", "m", "--point", "latest"),
+        ("verify", "--point", "p"),
+    ):
+        for where in (tmp_path / "missing", afile, Path("/dev/null")):
+            r = server_cli(where, *command)
+            assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DATA-DIR-NOT-INITIALISED"), (command, where)
+    for where in (afile, Path("/dev/null")):
+        r = server_cli(where, "init")
+        assert r.returncode != 0 and r.stderr.startswith("error ") and "Traceback" not in r.stderr, r.stderr
+    assert afile.read_text() == "x"
+
+
+def test_bootstrap_conf_that_is_not_a_small_text_file(tmp_path: Path) -> None:
+    import shutil
+
+    for kind in ("fifo", "zero", "big", "binary"):
+        root = tmp_path / kind
+        shutil.copytree(DISTROS / "debian12", root, symlinks=True)
+        conf = root / "etc" / "mobility" / "bootstrap.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "fifo":
+            os.mkfifo(conf)
+        elif kind == "zero":
+            conf.symlink_to("/dev/zero")
+        elif kind == "big":
+            conf.write_text("# comment\n" * 100_000)
+        else:
+            conf.write_bytes(b"server = \xff\xfe\n")
+        r = subprocess.run(
+            [sys.executable, "-m", "agent", "bootstrap", "--root", str(root)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=30,
+            check=False,
+        )
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error BOOTSTRAP-CONF-INVALID"), (kind, r.stderr)
+
+
+def test_databases_that_are_not_one(data: Path, tmp_path: Path) -> None:
+    """--database given a FIFO, /dev/zero, a directory or garbage, and a database.url in the data directory that is
+    not a small text file: a clear error at once, nothing hangs, nothing is written."""
+    files = hostile_files(tmp_path / "h")
+    for name in ("fifo", "zero", "dir"):
+        r = server_cli(data, "machines", "--database", f"sqlite:///{files[name]}")
+        assert (r.returncode, r.stderr.split(":")[0]) == (1, "error DB-CORRUPT"), (name, r.stderr)
+    for url in ("postgresql://u:secret@127.0.0.1/db", "mysql://x@y/z", "postgresql://u@h"):
+        r = server_cli(data, "jobs", "--database", url)
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DB-URL-INVALID"), (url, r.stderr)
+        assert "secret" not in r.stderr
+    recorded = data / "database.url"
+    original = recorded.read_bytes() if recorded.exists() else None  # a PostgreSQL run records its URL here
+    try:
+        for name in ("fifo", "zero", "big", "dir"):
+            recorded.unlink(missing_ok=True)
+            recorded.symlink_to(files[name])
+            r = server_cli(data, "machines")
+            assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DB-URL-INVALID"), (name, r.stderr)
+    finally:
+        recorded.unlink(missing_ok=True)
+        if original is not None:
+            recorded.write_bytes(original)
+    assert server_cli(data, "machines").returncode == 0

@@ -1,0 +1,168 @@
+"""The package boundary of docs/architecture.md, checked on every module's imports (ast, lazy imports included):
+the agent never imports the server; agent/shared/ imports only the standard library and itself; the server imports
+from the agent only agent/shared/ and the short list the document names. The document must name exactly the shared
+modules that exist and the agent modules the server really imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from tests.conftest import REPO
+
+DOC = REPO / "docs" / "architecture.md"
+_SHARED_ROW = re.compile(r"^\| `agent/shared/(\w+)\.py` \|")
+_ALLOWED_ROW = re.compile(r"^\| `(agent(?:\.\w+)*)` \|")
+
+
+def _modules() -> dict[str, str]:
+    """Every module of agent/ and server/ by dotted name, with its source."""
+    found = {}
+    for top in ("agent", "server"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path.read_text()
+    return found
+
+
+def imports(source: str, known: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(line, module) of every import in ``source``; ``from a import b`` names ``a.b`` when that is a module."""
+    known = set(known)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                yield node.lineno, sub if sub in known else node.module
+
+
+@dataclass(frozen=True)
+class Violation:
+    module: str
+    line: int
+    imported: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.line} imports {self.imported}: {self.rule}"
+
+
+def _inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def violations(modules: dict[str, str], allowed: set[str]) -> list[Violation]:
+    """What crosses the boundary the wrong way (pure: ``modules`` maps dotted names to sources)."""
+    found = []
+    for module, source in modules.items():
+        for line, imported in imports(source, modules):
+            top = imported.split(".")[0]
+            if _inside(module, "agent.shared"):
+                if top in ("agent", "server") and not _inside(imported, "agent.shared"):
+                    found.append(Violation(module, line, imported, "agent/shared/ imports only agent/shared/"))
+                elif top not in ("agent", "server", "__future__") and top not in sys.stdlib_module_names:
+                    found.append(Violation(module, line, imported, "agent/shared/ imports only the standard library"))
+            elif _inside(module, "agent") and _inside(imported, "server"):
+                found.append(Violation(module, line, imported, "the agent never imports the server"))
+            elif (
+                _inside(module, "server")
+                and _inside(imported, "agent")
+                and not _inside(imported, "agent.shared")
+                and imported not in allowed
+            ):
+                found.append(Violation(module, line, imported, "not in the list of docs/architecture.md"))
+    return found
+
+
+def _documented() -> tuple[set[str], set[str]]:
+    shared, allowed = set(), set()
+    for line in DOC.read_text().splitlines():
+        if m := _SHARED_ROW.match(line):
+            shared.add(m.group(1))
+        elif m := _ALLOWED_ROW.match(line):
+            allowed.add(m.group(1))
+    return shared, allowed
+
+
+def test_no_import_crosses_the_boundary_the_wrong_way() -> None:
+    _, allowed = _documented()
+    found = violations(_modules(), allowed)
+    assert not found, "\n".join(map(str, found))
+
+
+def test_the_document_names_the_shared_modules_and_what_the_server_imports() -> None:
+    shared, allowed = _documented()
+    modules = _modules()
+    assert shared == {m.split(".")[-1] for m in modules if m.startswith("agent.shared.")}
+    used = {
+        imported
+        for module, source in modules.items()
+        if _inside(module, "server")
+        for _, imported in imports(source, modules)
+        if _inside(imported, "agent") and not _inside(imported, "agent.shared")
+    }
+    assert allowed == used, "docs/architecture.md lists what the server does not import, or misses what it does"
+
+
+def test_the_check_sees_each_kind_of_crossing() -> None:
+    modules = {
+        "agent.shared": "",
+        "agent.shared.wire": "import json\nfrom agent.shared import errors\n",
+        "agent.shared.errors": "def f():\n    from agent.paths import Paths\n",
+        "agent.shared.cli": "import psutil\n",
+        "agent.install": "from server.errors import X\n",
+        "agent.paths": "",
+        "agent.bundles": "",
+        "server": "",
+        "server.errors": "",
+        "server.app": "from agent import bundles\nfrom agent.install import install\nfrom agent.shared import cli\n",
+    }
+    found = {(v.module, v.imported) for v in violations(modules, {"agent.bundles"})}
+    assert found == {
+        ("agent.shared.errors", "agent.paths"),
+        ("agent.shared.cli", "psutil"),
+        ("agent.install", "server.errors"),
+        ("server.app", "agent.install"),
+    }
+
+
+# Every state file has one owner: its typed load and save live next to its dataclass, and nobody else opens it.
+STATE_OWNERS = {
+    "agent_config": "agent.installed",  # /etc/mobility/agent.json
+    "last_job": "agent.lastjob",  # /var/lib/mobility/last-job.json
+    "freeze_state": "agent.freeze",  # /var/lib/mobility/freeze.json
+    "daemon_status": "agent.status",  # /var/lib/mobility/daemon.json
+    "identity": "agent.identity",  # /var/lib/mobility/identity.json
+    "update_record": "agent.update_state",  # /var/lib/mobility/update.json
+    "update_target": "agent.update_state",  # /var/lib/mobility/target.json
+    "upgrade_marker": "agent.update_state",  # /var/lib/mobility/upgrade.from
+    "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
+}
+
+
+def test_each_state_file_is_opened_by_its_owner_only() -> None:
+    found = []
+    for module, source in _modules().items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr in STATE_OWNERS and STATE_OWNERS[node.attr] != module:
+                if isinstance(node.value, ast.Name) and node.value.id == "self" and module == "agent.paths":
+                    continue
+                found.append(f"{module}:{node.lineno} uses .{node.attr}, owned by {STATE_OWNERS[node.attr]}")
+    assert not found, "\n".join(found)
+
+
+def test_the_default_install_directory_is_spelled_once() -> None:
+    found = [
+        module
+        for module, source in _modules().items()
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and node.value == "/usr/local/mobility"
+    ]
+    assert found == ["agent.install_dir"], found
