@@ -237,7 +237,7 @@ class Replication:
             result = PointResult(False, error="REPL-POINT-FAILED", message="nothing is protected")
         else:
             try:
-                result = cut_point(replicators, self.tracer, self.paths.freeze_dir, frozen=self._frozen)
+                result = cut_point(replicators, self.tracer, self.paths, frozen=self._frozen)
             finally:
                 self.freezing = False
         self.last_result = result

@@ -1,5 +1,9 @@
 """Cutting a crash-consistent recovery point across every protected disk of the machine.
 
+The whole job holds off upgrades and rollbacks (``version_hold``: the agent never switches versions and restarts
+under a point), and no point starts while one switches (the point fails at once; the next is cut after the
+restart).
+
 1. Pre-copy: wait (bounded) until the disks' dirty maps hold little, so the freeze is short.
 2. App-consistent hooks: /etc/mobility/freeze.d/* ``pre`` (the post hooks always run).
 3. Freeze every filesystem on the protected disks, all at once (FIFREEZE); a watchdog thread thaws them after
@@ -25,12 +29,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import FreezeFailed, PointFailed
+from agent.errors import FreezeFailed, PointFailed, UpdateBusy
+from agent.paths import Paths
 from agent.proc import run
 from agent.replication.devices import freeze, mounts_of, thaw
 from agent.replication.sync import Capture, DiskReplicator
 from agent.replication.tracing import Tracer
 from agent.shared.errors import MobilityError
+from agent.update_state import version_hold
 
 log = logging.getLogger("mobility.replication")
 
@@ -128,17 +134,32 @@ def _run_hooks(hooks: Sequence[Path], phase: str) -> bool:
 def cut_point(
     replicators: Sequence[DiskReplicator],
     tracer: Tracer,
-    freeze_dir: Path,
+    paths: Paths,
     *,
     watchdog: float = WATCHDOG_SECONDS,
     precopy_timeout: float = PRECOPY_TIMEOUT,
     frozen: Callable[[bool], None] = lambda _: None,
 ) -> PointResult:
     """Cut one point across ``replicators`` and wait until the process server has it (PointResult either way)."""
-    created = time.time()
     not_ready = [r.device.name for r in replicators if r.state != "CONTINUOUS" or r.need_sweep]
     if not replicators or not_ready:
         return _failed(PointFailed(f"not every protected disk is in CONTINUOUS: {', '.join(not_ready) or 'none'}"))
+    try:
+        with version_hold(paths):
+            return _cut(replicators, tracer, paths.freeze_dir, watchdog, precopy_timeout, frozen)
+    except UpdateBusy:
+        return _failed(PointFailed("the agent is switching versions: the point is cut after the restart"))
+
+
+def _cut(
+    replicators: Sequence[DiskReplicator],
+    tracer: Tracer,
+    freeze_dir: Path,
+    watchdog: float,
+    precopy_timeout: float,
+    frozen: Callable[[bool], None],
+) -> PointResult:
+    created = time.time()
     pending = _precopy(replicators, precopy_timeout)
     if pending > FREEZE_LIMIT_BYTES:
         # Freezing now would stop the applications for as long as it takes to send this much: not a point worth it.

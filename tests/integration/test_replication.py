@@ -418,3 +418,51 @@ def test_lost_trace_events_mean_a_resync_never_a_wrong_replica(lab: Lab) -> None
     )
     assert "checksum resync (the kernel dropped" in machine.log()
     assert_identical_replica(lab, server, machine, disk)
+
+
+def test_no_point_while_an_upgrade_switches_and_no_switch_while_a_point_is_cut(lab: Lab) -> None:
+    """Issue 16: an upgrade never runs during a recovery point. The watcher's switch and restart take
+    switch.lock exclusively: a point asked for meanwhile fails at once (REPL-POINT-FAILED) without freezing.
+    A point holds it shared for its whole job: here its freeze hook (run with the lock held, before the freeze)
+    keeps it going while the switch is tried, which waits and gives up (UPDATE-BUSY) until the point is cut."""
+    from agent.errors import UpdateBusy
+    from agent.paths import Paths
+    from agent.update_state import version_switch
+
+    server = lab.server(database=database())
+    disk = lab.disk("d", 32 * MIB, ("ext4",))
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    paths = Paths(machine.root.resolve())
+
+    with version_switch(paths, 5.0):
+        r = machine.agent_cli("point", "--timeout", "60", timeout=90)
+    assert r.returncode == 75 and "error REPL-POINT-FAILED:" in r.stderr and "switching versions" in r.stderr, r
+
+    started, release = lab.workdir / "hook-started", lab.workdir / "hook-release"
+    hook = paths.freeze_dir / "10-hold"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = pre ] || exit 0\ntouch {started}\n'
+        f"for _ in $(seq 300); do [ -e {release} ] && exit 0; sleep 0.1; done\nexit 1\n"
+    )
+    hook.chmod(0o755)
+    point = subprocess.Popen(
+        [sys.executable, "-m", "agent", "point", "--json", "--root", str(machine.root)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lab.defer("point", lambda: point.kill() if point.poll() is None else None)
+    wait_for("the point's freeze hook", started.exists, timeout=60)
+    with pytest.raises(UpdateBusy), version_switch(paths, 1.0):
+        pass
+    release.touch()
+    out, _ = point.communicate(timeout=120)
+    assert point.returncode == 0 and json.loads(out)["consistency"] == "app-consistent", out
+    with version_switch(paths, 5.0):  # the point is done: the switch goes ahead
+        pass

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from agent.paths import Paths
 from agent.replication import points
 from agent.replication.dirtymap import DirtyMap
 from agent.replication.points import Freezer, cut_point
@@ -24,7 +25,7 @@ def replicator(dirty_chunks: int) -> Any:
 def test_no_freeze_when_the_pre_copy_cannot_catch_up(tmp_path: Path) -> None:
     calls: list[bool] = []
     busy = replicator(points.FREEZE_LIMIT_BYTES // 65536 + 10)
-    result = cut_point([busy], tracer=None, freeze_dir=tmp_path, precopy_timeout=0.2, frozen=calls.append)  # type: ignore[arg-type]
+    result = cut_point([busy], tracer=None, paths=Paths(tmp_path), precopy_timeout=0.2, frozen=calls.append)  # type: ignore[arg-type]
     assert not result.ok and result.error == "REPL-POINT-FAILED" and "no freeze" in (result.message or "")
     assert calls == []  # the daemon's status went on being written through the whole pre-copy
 
@@ -32,7 +33,7 @@ def test_no_freeze_when_the_pre_copy_cannot_catch_up(tmp_path: Path) -> None:
 def test_a_disk_not_in_continuous_gets_no_point(tmp_path: Path) -> None:
     r = replicator(1)
     r.state = "RESYNCING"
-    result = cut_point([r], tracer=None, freeze_dir=tmp_path)  # type: ignore[arg-type]
+    result = cut_point([r], tracer=None, paths=Paths(tmp_path))  # type: ignore[arg-type]
     assert not result.ok and "/dev/sdb" in (result.message or "")
 
 
