@@ -114,6 +114,7 @@ class Daemon:
         self.shedding = False
         self.report: dict[str, Any] = {}
         self.replication: Any = None  # agent.replication.engine.Replication, once the server protects a disk
+        self._tracing_checked = False
         self._cpu: float | None = None
         self._cpu_since = time.monotonic()
         self.metrics: Any = None
@@ -292,6 +293,13 @@ class Daemon:
     def _protect(self, doc: Any) -> None:
         """The heartbeat answer's protection: start, retune or stop replication (agent/replication/)."""
         if doc is None and self.replication is None:
+            if not self._tracing_checked:  # protection ended while the agent was down: end the tracing it left
+                self._tracing_checked = True
+                from agent.replication.state import forget_tracing_stop
+                from agent.replication.tracing import remove_leftover
+
+                remove_leftover(self.paths.state_dir)
+                forget_tracing_stop(self.paths)
             return
         from agent.shared.replication_wire import Protection
         from agent.shared.wire import WireError

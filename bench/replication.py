@@ -5,7 +5,8 @@
 1. Full sync: a disk filled with half compressible (binaries and libraries of this machine) and half random data;
    the limit is min(sequential O_DIRECT read of the disk, zstd-1 over the same data x cores), both measured now;
    the initial sync runs from the daemon's "initial sync" log line to "in sync". Target >= 90 % of the limit.
-2. Resync: a disk of --resync-gib GiB, 1 % of its 64 KiB blocks rewritten while the agent is stopped; the agent's
+2. Resync: a disk of --resync-gib GiB, 1 % of its 64 KiB blocks rewritten while the agent is down (killed: an unclean
+   stop, which needs the resync a clean stop no longer does); the agent's
    checksum resync against `rsync --inplace --no-whole-file` of the same change onto the old image (caches dropped
    before each). Target >= 2x faster.
 3. Churn: fio random writes (4 KiB, then 64 KiB) at 20 MB/s to a 1 GiB file on ext4 on a protected disk, points
@@ -207,7 +208,7 @@ def bench_resync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[str,
     protect(server, machine, disk)
     agent = lab.start_agent(machine)
     lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
-    agent.terminate()
+    agent.kill()  # unclean: the next start must resync (a clean stop would find the changes in its kept tracing)
     agent.wait(timeout=60)
     rng = random.Random(3)  # noqa: S311
     blocks = size // 65536

@@ -13,6 +13,7 @@ import os
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,15 @@ from typing import Any
 from agent.paths import Paths
 from agent.replication.devices import all_disks, device_size, lower_priority, partitions, resolve_disk
 from agent.replication.points import PointResult, cut_point
-from agent.replication.state import answer_request, disk_dir, pending_requests, save_status
+from agent.replication.state import (
+    answer_request,
+    disk_dir,
+    forget_tracing_stop,
+    load_tracing_stop,
+    pending_requests,
+    save_status,
+    save_tracing_stop,
+)
 from agent.replication.sync import DiskReplicator
 from agent.replication.tracing import Target, Tracer, instance_name, trace_dev
 from agent.replication.transport import Stream
@@ -87,6 +96,7 @@ class Replication:
         self._next_status = 0.0
         self._next_resize = 0.0
         self._next_requests = 0.0
+        self._adopt_checked = False
         self._lock = threading.Lock()
 
     # What to protect --------------------------------------------------------------------------------------------
@@ -98,6 +108,7 @@ class Replication:
             if previous is not None:
                 log.info("protection removed: replication stops")
             self._stop_all()
+            forget_tracing_stop(self.paths)
             return
         wanted = list(protection.disks) if not protection.all_disks else all_disks()
         for name in list(self.replicators):
@@ -108,9 +119,12 @@ class Replication:
             if name not in wanted:
                 del self.failed[name]
         address = self._address(protection)
-        for name in wanted:
-            if name not in self.replicators:
-                self._start_one(name, address)
+        started = [r for name in wanted if name not in self.replicators and (r := self._make_one(name, address))]
+        if started:
+            self._retarget()  # tracking is on before the first chunk is read
+            self._check_adopted(started)
+            for r in started:
+                self._run_one(r)
         for r in self.replicators.values():
             r.paused = protection.paused
             r.stream.bucket.rate = protection.policy.bandwidth_bps
@@ -122,10 +136,20 @@ class Replication:
         return ServerAddress(protection.process.host or self.server_host, protection.process.port)
 
     def _start_one(self, name: str, address: ServerAddress) -> None:
+        r = self._make_one(name, address)
+        if r is not None:
+            self._retarget()
+            self._run_one(r)
+
+    def _make_one(self, name: str, address: ServerAddress) -> DiskReplicator | None:
+        """The disk's replicator, not started yet (None when the disk cannot be replicated here: ``failed``)."""
         try:
             device = resolve_disk(self.paths, name)
             if self.tracer is None:
-                self.tracer = Tracer(instance_name(self.paths.state_dir), self.trace_buffer_kb, self._lost)
+                # A clean stop left its tracing on: adopt it (the writes since are in its buffer), once.
+                adopt = load_tracing_stop(self.paths)
+                forget_tracing_stop(self.paths)
+                self.tracer = Tracer(instance_name(self.paths.state_dir), self.trace_buffer_kb, self._lost, adopt=adopt)
                 self.tracer.start()
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(
@@ -140,22 +164,41 @@ class Replication:
                 boot_id=boot_id(),
                 context=self.context,
                 busy_share=self.busy_share,
+                kept_tracing=self.tracer.adopted_marker if not self._adopt_checked else None,
             )
         except MobilityError as e:
             if name not in self.failed or self.failed[name].error.id != e.id:
                 log.warning("%s cannot be protected: %s: %s", name, e.id, e.message)
             self.failed[name] = Failed(name, e)
-            return
+            return None
         except OSError as e:
             self.failed[name] = Failed(name, MobilityError(f"{name}: {e.strerror or e}"))
-            return
+            return None
         self.failed.pop(name, None)
         self.replicators[name] = replicator
-        self._retarget()  # tracking is on before the first chunk is read
+        return replicator
+
+    def _check_adopted(self, started: list[DiskReplicator]) -> None:
+        """The first start after a clean stop: every write since must be in the adopted tracing's buffer, or the
+        disks that trusted it resync."""
+        if self._adopt_checked or self.tracer is None:
+            return
+        self._adopt_checked = True
+        if not self.tracer.adopted:
+            return
+        if self.tracer.drain(10.0) and self.tracer.continuous:
+            log.info("the tracing kept since the last clean stop saw every write: no resync")
+            return
+        log.warning("the tracing kept since the last clean stop was interrupted: resynchronising")
+        for r in started:
+            if not r.need_sweep:
+                r.tracing_interrupted()
+
+    def _run_one(self, replicator: DiskReplicator) -> None:
         replicator.start()
         log.info(
             "%s protected (%s, %d chunks of %d KiB)",
-            name,
+            replicator.device.name,
             replicator.state,
             replicator.geometry.count,
             replicator.geometry.chunk_size // 1024,
@@ -168,15 +211,27 @@ class Replication:
         r.mark_clean_stop()
         self._retarget()
 
-    def _stop_all(self) -> None:
-        for r in self.replicators.values():  # all at once: each stops within a second or two
+    def _stop_all(self, *, keep_tracing: bool = False) -> None:
+        """Stop every disk. With ``keep_tracing`` (the agent stops; the disks stay protected) the tracing goes on
+        in the kernel and each disk in sync saves its dirty map, so the next start needs no resync."""
+        stopping = list(self.replicators.values())
+        for r in stopping:  # all at once: each stops within a second or two
             r.stop()
-        for name in list(self.replicators):
-            self._stop_one(name)
-        self.failed.clear()
+        for r in stopping:
+            r.join(timeout=10)
+        self.replicators.clear()
+        marker = None
         if self.tracer is not None:
-            self.tracer.stop()
+            nonce = uuid.uuid4().hex
+            # Every write up to here is in the dirty maps once the tracer has drained; the rest waits in the kernel.
+            kept = self.tracer.stop(keep=nonce if keep_tracing and stopping else None)
+            marker = nonce if kept else None
             self.tracer = None
+        for r in stopping:
+            r.mark_clean_stop(marker if not r.is_alive() else None)
+        if marker is not None:
+            save_tracing_stop(self.paths, marker)
+        self.failed.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
@@ -315,8 +370,9 @@ class Replication:
             log.warning("cannot write the replication status: %s", e.strerror)
 
     def stop(self) -> None:
+        """The agent stops: replication ends, the tracing of the protected disks goes on for the next start."""
         if self.point_thread is not None:
             self.point_thread.join(timeout=30)
-        self._stop_all()
+        self._stop_all(keep_tracing=True)
         with contextlib.suppress(OSError):
             self.save_status(time.time())

@@ -2,6 +2,7 @@
 
 - ``status.json``: the daemon's last replication status, for `mobility status` and `mobility health` (they work
   while the daemon is down);
+- ``tracing.json``: the nonce of the marker a clean stop left in the tracing it kept (agent/replication/tracing.py);
 - ``requests/``: `mobility point` leaves ``ID.req`` and signals the daemon; the daemon answers ``ID.json``;
 - ``disks/<disk>/``: each protected disk's own state (``state.json``, agent/replication/sync.py) and chunk hashes
   (``hashes``, agent/replication/hashfile.py), in a directory this module names."""
@@ -31,6 +32,25 @@ def save_status(paths: Paths, doc: dict[str, Any]) -> None:
 def load_status(paths: Paths) -> dict[str, Any] | None:
     """What the daemon last wrote about replication; None when nothing (or nothing readable) is there."""
     return _load(paths.replication_dir / "status.json")
+
+
+# The tracing a clean stop kept ------------------------------------------------------------------------------------
+
+
+def save_tracing_stop(paths: Paths, nonce: str) -> None:
+    """The nonce of the marker a clean stop left in the tracing instance it kept (``tracing.json``)."""
+    atomic_write(paths.replication_dir / "tracing.json", json.dumps({"stopped": nonce}).encode(), 0o600)
+
+
+def load_tracing_stop(paths: Paths) -> str | None:
+    doc = _load(paths.replication_dir / "tracing.json")
+    nonce = doc.get("stopped") if doc else None
+    return nonce if isinstance(nonce, str) and len(nonce) == 32 and nonce.isalnum() else None
+
+
+def forget_tracing_stop(paths: Paths) -> None:
+    with contextlib.suppress(OSError):
+        (paths.replication_dir / "tracing.json").unlink(missing_ok=True)
 
 
 # `mobility point` <-> the daemon --------------------------------------------------------------------------------

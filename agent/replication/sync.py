@@ -197,6 +197,9 @@ class DiskState:
     running: bool = False  # set while the agent replicates; found set at start = the agent did not stop cleanly
     boot_id: str = ""
     last_point: float | None = None
+    # A clean stop in CONTINUOUS: the nonce of the marker it left in the tracing instance it kept (the dirty map went
+    # to ``dirty`` beside this file). The next agent skips the resync only if it adopts that instance.
+    clean_marker: str = ""
 
     @classmethod
     def load(cls, path: Path, disk: str) -> DiskState:
@@ -208,6 +211,20 @@ class DiskState:
 
     def save(self, path: Path) -> None:
         atomic_write(path, json.dumps(self.__dict__, indent=1).encode(), 0o600)
+
+
+def save_dirty(path: Path, dirty: DirtyMap) -> None:
+    """The dirty chunks at a clean stop (zstd: a mostly clean map is a few bytes; at most the map's 1 MiB)."""
+    atomic_write(path, zstandard.compress(bytes(1 if b else 0 for b in dirty.bits) if dirty.dirty else b"", 3), 0o600)
+
+
+def load_dirty(path: Path, count: int) -> bytes | None:
+    """The map ``save_dirty`` wrote, if it is there and is one of ``count`` chunks (else None: resync)."""
+    try:
+        data = zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=count)
+    except (OSError, zstandard.ZstdError):
+        return None
+    return data if len(data) in (0, count) else None
 
 
 class DiskReplicator(threading.Thread):
@@ -223,6 +240,7 @@ class DiskReplicator(threading.Thread):
         busy_share: float = BUSY_SHARE,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        kept_tracing: str | None = None,
     ) -> None:
         super().__init__(name=f"replication {device.name}", daemon=True)
         self.device = device
@@ -243,7 +261,7 @@ class DiskReplicator(threading.Thread):
         self.geometry = geometry_for(size)
         self.dirty = DirtyMap(self.geometry.count, now=clock())
         self.hashes = DeferredHashes(HashFile(state_dir / "hashes", self.geometry))
-        self.pipeline: deque[Future[JobResult]] = deque()
+        self.pipeline: deque[tuple[int, int, Future[JobResult]]] = deque()  # (first chunk, count, the job)
         # The state machine.
         self.state = "INITIAL_SYNC"
         self.error: str | None = None
@@ -265,24 +283,37 @@ class DiskReplicator(threading.Thread):
         self.busy = BusyMeter()
         self.busy_share = busy_share
         self.events_at_capture = 0
-        self._set_initial_reason()
+        self._set_initial_reason(kept_tracing)
 
     # Reasons to resync --------------------------------------------------------------------------------------------
 
-    def _set_initial_reason(self) -> None:
+    def _set_initial_reason(self, kept_tracing: str | None) -> None:
         p = self.persisted
         if not p.synced or p.chunk_size != self.geometry.chunk_size:
             self.state, self.detail = "INITIAL_SYNC", "first synchronisation of this disk"
             return
         self.state = "RESYNC_REQUIRED"
+        dirty = load_dirty(self.state_dir / "dirty", self.geometry.count) if p.clean_marker else None
+        with contextlib.suppress(OSError):
+            (self.state_dir / "dirty").unlink(missing_ok=True)  # used once: a later start finds a new one or none
         if p.boot_id and p.boot_id != self.boot_id:
             self.detail = "the machine rebooted: writes since the agent stopped are unknown"
         elif p.running:
             self.detail = "the agent did not stop cleanly: writes while it was down are unknown"
         elif p.size != self.geometry.size:
             self.detail = f"the disk was resized from {p.size} to {self.geometry.size} bytes"
+        elif not p.clean_marker or p.clean_marker != kept_tracing or dirty is None:
+            self.detail = "the agent restarted and no tracing went on meanwhile: writes while it was down are unknown"
         else:
-            self.detail = "the agent restarted: writes while it was down are unknown"
+            # A clean stop, and the tracing it left kept every write since: where it left off, no resync.
+            for i, flag in enumerate(dirty):
+                if flag:
+                    self.dirty.mark(i, i, self.clock())
+            self.state, self.need_sweep, self.detail = "CONTINUOUS", False, None
+
+    def tracing_interrupted(self) -> None:
+        """The adopted tracing turned out not to hold every write since the clean stop: compare every chunk."""
+        self.flag_resync(None, "the tracing the agent left at its stop was interrupted: writes may have been missed")
 
     def flag_resync(self, error: str | None, detail: str, *, from_replica: bool = False) -> None:
         """From any thread: writes may have been missed; compare every chunk again."""
@@ -302,6 +333,7 @@ class DiskReplicator(threading.Thread):
         lower_priority()
         self.persisted.size, self.persisted.chunk_size = self.geometry.size, self.geometry.chunk_size
         self.persisted.running, self.persisted.boot_id = True, self.boot_id
+        self.persisted.clean_marker = ""
         self._save_state()
         while not self.stopping.is_set():
             try:
@@ -317,7 +349,10 @@ class DiskReplicator(threading.Thread):
         self._abort_commands("the agent is stopping")
         with contextlib.suppress(MobilityError):
             self._drain_pipeline()
+            self.stream.drain(2.0)
+        self._drop_pipeline()  # what could not be sent is changed still
         self.stream.close()
+        self.stream.reset()  # and so is what the server did not acknowledge
         self.hashes.release()
 
     def stop(self) -> None:
@@ -439,14 +474,16 @@ class DiskReplicator(threading.Thread):
         self._throttle()
 
     def _submit(self, first: int, n: int, known: bytes | None, since: float) -> None:
-        self.pipeline.append(self.pool.submit(read_job, self.device, self.geometry, first, n, known, since))
+        self.pipeline.append((first, n, self.pool.submit(read_job, self.device, self.geometry, first, n, known, since)))
         while len(self.pipeline) > PIPELINE:
-            self._send(self.pipeline.popleft().result())
+            self._send(self.pipeline[0][2].result())  # taken off only once sent: a failure leaves it to be marked
+            self.pipeline.popleft()
         self.stream.pump(0)
 
     def _drain_pipeline(self) -> None:
         while self.pipeline:
-            self._send(self.pipeline.popleft().result())
+            self._send(self.pipeline[0][2].result())
+            self.pipeline.popleft()
         self.stream.flush()
 
     def _wait_acked(self) -> None:
@@ -463,8 +500,10 @@ class DiskReplicator(threading.Thread):
                 )
 
     def _drop_pipeline(self) -> None:
-        for fut in self.pipeline:
+        """Jobs read but not sent: their chunks were taken from the dirty map, so they go back into it."""
+        for first, n, fut in self.pipeline:
             fut.cancel()
+            self.dirty.mark(first, first + n - 1, self.clock())
         self.pipeline.clear()
 
     def _send(self, result: JobResult) -> None:
@@ -576,8 +615,19 @@ class DiskReplicator(threading.Thread):
         except OSError as e:
             log.warning("%s: cannot record replication state: %s", self.device.name, e.strerror)
 
-    def mark_clean_stop(self) -> None:
+    def mark_clean_stop(self, marker: str | None = None) -> None:
+        """After the thread ended: not running any more. With ``marker`` (the tracing was kept, and every write up
+        to the stop is in the dirty map) and the disk in sync, the dirty map is saved so the next start goes on from
+        it; otherwise the next start resyncs."""
+        in_sync = not self.need_sweep and self.persisted.synced
         self.persisted.running = False
+        self.persisted.clean_marker = ""
+        if marker and in_sync:
+            try:
+                save_dirty(self.state_dir / "dirty", self.dirty)
+                self.persisted.clean_marker = marker
+            except OSError as e:
+                log.warning("%s: cannot save its dirty map (%s): the next start resyncs", self.device.name, e.strerror)
         self._save_state()
 
     def report(self) -> DiskReport:

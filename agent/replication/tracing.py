@@ -10,7 +10,13 @@ partition devices are in the filter too for kernels that report them.
 
 Loss is detectable: the ring buffer reports every overrun as ``[LOST n EVENTS]``, and that (like any gap in
 reading) means a checksum resync. ``drain`` writes a marker into the instance and waits until the reader has seen
-it: every write completed before the call is then in the dirty maps (how a point knows its residual)."""
+it: every write completed before the call is then in the dirty maps (how a point knows its residual).
+
+A clean stop of the agent keeps the instance tracing (``stop(keep=True)``): the writes made while the agent is down
+(an upgrade's restart, a restart by the operator) wait in the kernel's buffer, after a marker with a nonce that the
+stopping agent records. The next agent adopts the instance (``adopt``) and reads on; only if it finds that very
+marker before its own first drain marker, with nothing lost, did it see every write since the stop, and the disks
+need no resync. A removed or recreated instance (a reboot, another tool), a full buffer, or no marker: resync."""
 
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import TracingUnavailable
@@ -40,6 +46,7 @@ EVENT = "block/block_rq_complete"
 SECTOR = 512
 _EVENT_RE = re.compile(rb"block_rq_complete: (\d+),(\d+) (\S*) (?:\(.*?\) )?(\d+) \+ (\d+)")
 _MARKER_RE = re.compile(rb"mobility-drain-(\d+)")
+_STOPPED_RE = re.compile(rb"mobility-stopped-([0-9a-f]{32})")
 _LOST_RE = re.compile(rb"\[LOST (\d+) EVENTS\]")
 
 
@@ -59,6 +66,7 @@ class Parsed:
     events: list[tuple[int, int, int]]  # (dev, first sector, sectors)
     lost: int
     markers: list[int]
+    stopped: list[str] = field(default_factory=list)  # clean-stop markers (their nonces)
 
 
 def parse(chunk: bytes) -> Parsed:
@@ -69,7 +77,8 @@ def parse(chunk: bytes) -> Parsed:
     ]
     lost = sum(int(n) for n in _LOST_RE.findall(chunk)) if b"LOST" in chunk else 0
     markers = [int(m) for m in _MARKER_RE.findall(chunk)] if b"mobility-drain" in chunk else []
-    return Parsed(events, lost, markers)
+    stopped = [m.decode() for m in _STOPPED_RE.findall(chunk)] if b"mobility-stopped" in chunk else []
+    return Parsed(events, lost, markers, stopped)
 
 
 @dataclass
@@ -105,9 +114,11 @@ def instance_name(state_dir: Path) -> str:
 
 
 class Tracer(threading.Thread):
-    """Reads the instance's trace_pipe and marks dirty maps; ``on_lost`` is called once per overrun."""
+    """Reads the instance's trace_pipe and marks dirty maps; ``on_lost`` is called once per overrun. With ``adopt``
+    (the nonce a clean stop left), an instance still tracing is kept and read on from where the last agent
+    stopped; ``continuous`` then says whether it saw that stop's marker with nothing lost."""
 
-    def __init__(self, name: str, buffer_kb: int, on_lost: Callable[[int], None]) -> None:
+    def __init__(self, name: str, buffer_kb: int, on_lost: Callable[[int], None], *, adopt: str | None = None) -> None:
         super().__init__(name="replication-tracer", daemon=True)
         self.root = tracing_root()
         self.dir = self.root / "instances" / name
@@ -122,9 +133,37 @@ class Tracer(threading.Thread):
         self.lost_total = 0
         self.events_total = 0
         self.fd = -1
-        self._create()
+        self.adopted = adopt is not None and self._adopt()
+        self._expect = adopt if self.adopted else None
+        self._stop_seen = False
+        self._lost_before_stop = False
+        self._targets_set = threading.Event()  # events are read only once the disks they mark are known
+        if not self.adopted:
+            self._create()
 
     # The instance -----------------------------------------------------------------------------------------------
+
+    def _adopt(self) -> bool:
+        """Keep the instance a clean stop left tracing, if it still is; False to start a new one."""
+        try:
+            on = (self.dir / "tracing_on").read_text().strip() == "1"
+            enabled = (self.dir / "events" / EVENT / "enable").read_text().strip() == "1"
+            if not (on and enabled):
+                return False
+            self.fd = os.open(self.dir / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        return True
+
+    @property
+    def adopted_marker(self) -> str | None:
+        """The clean stop's nonce when its instance was adopted (the disks check their own against it)."""
+        return self._expect
+
+    @property
+    def continuous(self) -> bool:
+        """Whether every write since the last agent's clean stop was seen (meaningful after a ``drain``)."""
+        return self.adopted and self._stop_seen and not self._lost_before_stop and not self.lost_total
 
     def _create(self) -> None:
         if self.dir.exists():
@@ -145,6 +184,7 @@ class Tracer(threading.Thread):
         with self._lock:
             self.targets = dict(targets)
         (self.dir / "events" / EVENT / "filter").write_text(event_filter(targets) + "\n")
+        self._targets_set.set()
 
     # Reading ----------------------------------------------------------------------------------------------------
 
@@ -152,6 +192,9 @@ class Tracer(threading.Thread):
         rest = b""
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        while not self._targets_set.wait(0.2):  # an adopted backlog waits for the maps it belongs to
+            if self._halt.is_set():
+                return
         while not self._halt.is_set():
             try:
                 data = os.read(self.fd, 1 << 17)
@@ -186,7 +229,11 @@ class Tracer(threading.Thread):
             start = (sector + target.start_sector) * SECTOR
             target.dirty.mark(start // target.chunk_size, (start + count * SECTOR - 1) // target.chunk_size, now)
         self.events_total += len(parsed.events)
+        if self._expect is not None and self._expect in parsed.stopped:
+            self._stop_seen = True
         if parsed.lost:
+            if self._expect is not None and not self._stop_seen:
+                self._lost_before_stop = True
             self._lost(parsed.lost)
         if parsed.markers:
             with self._cond:
@@ -214,15 +261,25 @@ class Tracer(threading.Thread):
                     return self._seen >= marker
         return True
 
-    def stop(self) -> None:
-        """Stop reading and remove the instance (nothing of ours stays in the kernel)."""
+    def stop(self, *, keep: str | None = None) -> bool:
+        """Stop reading. Without ``keep``, remove the instance (nothing of ours stays in the kernel). With ``keep``
+        (a nonce), read up to now, stop, and leave the instance tracing after a clean-stop marker carrying it; True
+        when that worked (the next agent can then adopt it)."""
+        drained = keep is not None and self.is_alive() and self.drain(5.0)
         self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if drained:
+            try:
+                (self.dir / "trace_marker").write_text(f"mobility-stopped-{keep}\n")
+                return True
+            except OSError:
+                pass
         remove_instance(self.dir)
+        return False
 
 
 def remove_instance(path: Path) -> None:
@@ -240,3 +297,12 @@ def remove_instance(path: Path) -> None:
         except OSError:
             time.sleep(0.1)
     log.warning("cannot remove the tracing instance %s (still busy); the next start replaces it", path)
+
+
+def remove_leftover(state_dir: Path) -> None:
+    """Remove the instance a clean stop left tracing for this state directory, if there is one (protection ended
+    while the agent was down, or the agent is uninstalled). Mounts nothing."""
+    for root in (TRACEFS, DEBUGFS / "tracing"):
+        path = root / "instances" / instance_name(state_dir)
+        if path.is_dir():
+            remove_instance(path)

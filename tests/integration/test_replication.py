@@ -186,12 +186,12 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
     assert len(points) == CYCLES
     assert machine.agent is not None
     started = time.monotonic()
-    machine.agent.terminate()  # a clean stop is quick and leaves nothing of ours in the kernel's tracing
+    machine.agent.terminate()  # a clean stop is quick; it keeps its tracing on for the next start
     assert machine.agent.wait(timeout=30) == 0 and time.monotonic() - started < 15
     from agent.paths import Paths
     from agent.replication.tracing import TRACEFS, instance_name
 
-    assert not (TRACEFS / "instances" / instance_name(Paths(machine.root.resolve()).state_dir)).exists()
+    assert (TRACEFS / "instances" / instance_name(Paths(machine.root.resolve()).state_dir) / "trace_pipe").exists()
     print(f"freeze windows (ms): median {sorted(freezes)[len(freezes) // 2]}, max {max(freezes)}")
 
 
@@ -466,3 +466,51 @@ def test_no_point_while_an_upgrade_switches_and_no_switch_while_a_point_is_cut(l
     assert point.returncode == 0 and json.loads(out)["consistency"] == "app-consistent", out
     with version_switch(paths, 5.0):  # the point is done: the switch goes ahead
         pass
+
+
+def test_a_clean_stop_needs_no_resync_unless_the_tracing_it_kept_was_interrupted(lab: Lab) -> None:
+    """A clean stop keeps the kernel tracing the disks: writes while the agent is down are found in its buffer and
+    sent, with no checksum resync; if that tracing is gone when the agent starts again (removed here, as a reboot
+    or another tool would), the disk is resynchronised. Either way the replica equals the disk."""
+    from agent.paths import Paths
+    from agent.replication.tracing import TRACEFS, instance_name, remove_instance
+
+    server = lab.server(database=database())
+    disk = lab.disk("raw", 64 * MIB, ())
+    fill_raw(disk, 8 * MIB, seed=8)
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    agent = lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    rng = random.Random(8)  # noqa: S311 - test data
+
+    def write_while_down() -> None:
+        fd = os.open(disk.loop, os.O_WRONLY)
+        try:
+            for _ in range(20):
+                os.pwrite(fd, rng.randbytes(4096), rng.randrange(64 * MIB // 4096) * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    agent.terminate()
+    assert agent.wait(timeout=30) == 0
+    write_while_down()
+    restarted = len(machine.log())
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    log = machine.log()[restarted:]
+    assert "saw every write: no resync" in log and "checksum resync" not in log, log[-2000:]
+    assert_identical_replica(lab, server, machine, disk)
+
+    assert machine.agent is not None
+    machine.agent.terminate()
+    assert machine.agent.wait(timeout=30) == 0
+    remove_instance(TRACEFS / "instances" / instance_name(Paths(machine.root.resolve()).state_dir))
+    write_while_down()
+    restarted = len(machine.log())
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    assert "checksum resync (the agent restarted and no tracing went on" in machine.log()[restarted:]
+    assert_identical_replica(lab, server, machine, disk)
