@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.paths import Paths
 from agent.replication.devices import all_disks, device_size, lower_priority, partitions, resolve_disk
-from agent.replication.points import PointResult, cut_point
+from agent.replication.points import CaptureRate, PointResult, cut_point
 from agent.replication.state import (
     answer_request,
     disk_dir,
@@ -97,6 +97,7 @@ class Replication:
         self._next_resize = 0.0
         self._next_requests = 0.0
         self._adopt_checked = False
+        self.capture_rate = CaptureRate()
         self._lock = threading.Lock()
 
     # What to protect --------------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class Replication:
                 self.tracer.start()
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(
-                    max_workers=2, thread_name_prefix="replication-io", initializer=lower_priority
+                    max_workers=3, thread_name_prefix="replication-io", initializer=lower_priority
                 )
             stream = Stream(address, self.context())
             replicator = DiskReplicator(
@@ -292,7 +293,9 @@ class Replication:
             result = PointResult(False, error="REPL-POINT-FAILED", message="nothing is protected")
         else:
             try:
-                result = cut_point(replicators, self.tracer, self.paths, frozen=self._frozen)
+                result = cut_point(
+                    replicators, self.tracer, self.paths, frozen=self._frozen, capture_rate=self.capture_rate
+                )
             finally:
                 self.freezing = False
         self.last_result = result

@@ -4,7 +4,10 @@ The whole job holds off upgrades and rollbacks (``version_hold``: the agent neve
 under a point), and no point starts while one switches (the point fails at once; the next is cut after the
 restart).
 
-1. Pre-copy: wait (bounded) until the disks' dirty maps hold little, so the freeze is short.
+1. Pre-copy: wait (bounded) until the disks' dirty maps hold little, so the freeze is short, or until what they hold
+   stops shrinking (writes spread over a large area change chunks as fast as they are sent). What is left is then
+   captured in a bounded freeze: the point is cut only when reading and sending it is expected to take at most
+   ``MAX_FREEZE`` seconds at the rate past captures reached (nothing is compressed during a freeze).
 2. App-consistent hooks: /etc/mobility/freeze.d/* ``pre`` (the post hooks always run).
 3. Freeze every filesystem on the protected disks, all at once (FIFREEZE); a watchdog thread thaws them after
    10 s whatever happens. Nothing between freeze and thaw writes a file or a log line: the state directory and
@@ -43,10 +46,31 @@ log = logging.getLogger("mobility.replication")
 WATCHDOG_SECONDS = 10.0
 PRECOPY_BYTES = 16 * 1024 * 1024  # the residual a freeze reads: small enough for a freeze well under a second
 PRECOPY_TIMEOUT = 60.0
-FREEZE_LIMIT_BYTES = 256 * 1024 * 1024  # still this much to send after the pre-copy: do not freeze at all
+PRECOPY_PLATEAU = 5.0  # the residual has not shrunk for this long: the pre-copy cannot do better
+MAX_FREEZE = 5.0  # seconds a freeze may be expected to last (as VSS's flush-and-hold, under its 10 s limit)
 CAPTURE_DEADLINE = 8.0  # seconds after the freeze by which every disk must have read its residual
+MIN_CAPTURE_RATE = 20e6  # bytes per second assumed before a capture was measured, at the least
 ACK_TIMEOUT = 120.0
 HOOK_TIMEOUT = 60.0
+
+
+class CaptureRate:
+    """How fast a freeze's residual was read and sent (bytes per second, a moving average of the captures large
+    enough to measure it), to foresee how long the next freeze would last."""
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+
+    def expect(self, pending: int, sending: float) -> float:
+        """Seconds to capture ``pending`` bytes; before any measurement, from the rate the disks send at now
+        (a freeze captures faster: the applications wait, nothing is compressed)."""
+        rate = self.rate if self.rate is not None else max(MIN_CAPTURE_RATE, 1.5 * sending)
+        return pending / rate
+
+    def measured(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= PRECOPY_BYTES and seconds > 0:
+            rate = nbytes / seconds
+            self.rate = rate if self.rate is None else 0.5 * self.rate + 0.5 * rate
 
 
 @dataclass
@@ -139,6 +163,7 @@ def cut_point(
     watchdog: float = WATCHDOG_SECONDS,
     precopy_timeout: float = PRECOPY_TIMEOUT,
     frozen: Callable[[bool], None] = lambda _: None,
+    capture_rate: CaptureRate | None = None,
 ) -> PointResult:
     """Cut one point across ``replicators`` and wait until the process server has it (PointResult either way)."""
     not_ready = [r.device.name for r in replicators if r.state != "CONTINUOUS" or r.need_sweep]
@@ -146,7 +171,9 @@ def cut_point(
         return _failed(PointFailed(f"not every protected disk is in CONTINUOUS: {', '.join(not_ready) or 'none'}"))
     try:
         with version_hold(paths):
-            return _cut(replicators, tracer, paths.freeze_dir, watchdog, precopy_timeout, frozen)
+            return _cut(
+                replicators, tracer, paths.freeze_dir, watchdog, precopy_timeout, frozen, capture_rate or CaptureRate()
+            )
     except UpdateBusy:
         return _failed(PointFailed("the agent is switching versions: the point is cut after the restart"))
 
@@ -158,15 +185,17 @@ def _cut(
     watchdog: float,
     precopy_timeout: float,
     frozen: Callable[[bool], None],
+    capture_rate: CaptureRate,
 ) -> PointResult:
     created = time.time()
     pending = _precopy(replicators, precopy_timeout)
-    if pending > FREEZE_LIMIT_BYTES:
-        # Freezing now would stop the applications for as long as it takes to send this much: not a point worth it.
+    expected = capture_rate.expect(pending, sum(r.rate for r in replicators)) if pending > PRECOPY_BYTES else 0.0
+    if expected > MAX_FREEZE:
+        # The applications would wait that long for the residual: no point now; the next interval tries again.
         return _failed(
             PointFailed(
-                f"{pending >> 20} MiB still changed after {precopy_timeout:.0f} s of pre-copy: the disks change "
-                "faster than they are sent; no freeze"
+                f"{pending >> 20} MiB still changed after the pre-copy: capturing them would freeze the filesystems "
+                f"for about {expected:.0f} s (more than {MAX_FREEZE:.0f} s); no freeze"
             )
         )
     with open("/proc/self/mountinfo") as f:
@@ -199,6 +228,7 @@ def _cut(
         for c in captures:
             c.captured.wait(max(0.0, deadline - time.monotonic()))
         in_time = freezer.thaw()
+        captured_in = time.monotonic() - start
     finally:
         freezer.thaw()
         frozen(False)
@@ -211,8 +241,11 @@ def _cut(
     late = [r.device.name for r, c in zip(replicators, captures, strict=True) if not c.captured.is_set()]
     errors = [c.error for c in captures if c.error is not None]
     if not in_time or late or errors:
+        if late and not errors:  # it took longer than the freeze may: the next estimate knows it was slower still
+            capture_rate.measured(pending, captured_in)
         why = errors[0].message if errors else f"{', '.join(late) or 'a disk'} did not capture within the freeze"
         return _abort(captures, replicators, PointFailed(why), freeze_ms)
+    capture_rate.measured(sum(c.residual_bytes for c in captures), captured_in)
     tracer.drain(5.0)
     labels = []
     for r, found, before in zip(replicators, (mounts[r.device.name] for r in replicators), events_before, strict=True):
@@ -252,11 +285,16 @@ def _cut(
 
 
 def _precopy(replicators: Sequence[DiskReplicator], timeout: float) -> int:
-    """Wait (bounded) until little is left to send; returns the bytes still changed."""
-    deadline = time.monotonic() + timeout
+    """Wait (bounded) until little is left to send, or until it stops shrinking; returns the bytes still changed."""
+    now = time.monotonic()
+    deadline = now + timeout
+    best, best_at = None, now
     while True:
         pending = sum(r.dirty.dirty * r.geometry.chunk_size for r in replicators)
-        if pending <= PRECOPY_BYTES or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if best is None or pending < 0.95 * best:
+            best, best_at = pending, now
+        if pending <= PRECOPY_BYTES or now >= deadline or now - best_at >= PRECOPY_PLATEAU:
             return pending
         time.sleep(0.05)
 

@@ -77,7 +77,8 @@ class Capture:
     label: str | None = None  # set by the coordinator before ``closing``; None aborts the point
     point_ok: bool = False  # the process server acknowledged the point (``acked`` is set either way)
     root: str = ""
-    residual: int = 0
+    residual: int = 0  # chunks
+    residual_bytes: int = 0
     error: MobilityError | None = None
 
 
@@ -94,6 +95,31 @@ def _reader(device: BlockDevice) -> DirectReader:
     return reader
 
 
+INCOMPRESSIBLE_RUN = 8  # chunks in a row that zstd could not shrink: stop trying...
+PROBE_EVERY = 16  # ...but for one chunk in this many, to notice compressible data again
+
+
+def _worth_compressing(device: BlockDevice) -> bool:
+    """Whether to try zstd on this disk's next chunk in this thread: random or encrypted data (a large share of
+    some disks) costs the compression's full CPU for nothing, so a run of chunks it did not shrink pauses it."""
+    runs: dict[Path, int] = getattr(_local, "incompressible", {})
+    _local.incompressible = runs
+    run = runs.get(device.path, 0)
+    if run < INCOMPRESSIBLE_RUN:
+        return True
+    runs[device.path] = run + 1
+    return (run - INCOMPRESSIBLE_RUN) % PROBE_EVERY == PROBE_EVERY - 1
+
+
+def _compressed(device: BlockDevice, shrank: bool) -> None:
+    runs: dict[Path, int] = getattr(_local, "incompressible", {})
+    _local.incompressible = runs
+    if shrank:
+        runs[device.path] = 0
+    elif runs.get(device.path, 0) < INCOMPRESSIBLE_RUN:
+        runs[device.path] = runs.get(device.path, 0) + 1
+
+
 def _compressor() -> zstandard.ZstdCompressor:
     c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
     if c is None:
@@ -102,10 +128,16 @@ def _compressor() -> zstandard.ZstdCompressor:
 
 
 def read_job(
-    device: BlockDevice, geometry: Geometry, first: int, n: int, known: bytes | None, since: float
+    device: BlockDevice,
+    geometry: Geometry,
+    first: int,
+    n: int,
+    known: bytes | None,
+    since: float,
+    compress: bool = True,
 ) -> JobResult:
     """In the pool: read ``n`` chunks from ``first``, hash them, and compress those whose hash is not ``known``
-    (zstd level 1; raw when that does not shrink it; zero chunks as markers)."""
+    (zstd level 1; raw when that does not shrink it or without ``compress``; zero chunks as markers)."""
     offset = geometry.offset(first)
     length = sum(geometry.length(i) for i in range(first, first + n))
     data = _reader(device).read(offset, length)
@@ -125,7 +157,10 @@ def read_job(
         if zero:
             out.append(ChunkOut(i, digest, Codec.ZERO, b"", size))
             continue
-        packed = _compressor().compress(chunk)
+        packed = chunk
+        if compress and _worth_compressing(device):
+            packed = _compressor().compress(chunk)
+            _compressed(device, len(packed) < size)
         if len(packed) < size:
             out.append(ChunkOut(i, digest, Codec.ZSTD, packed, size))
         else:
@@ -473,8 +508,9 @@ class DiskReplicator(threading.Thread):
             self._submit(first, n, None, since)
         self._throttle()
 
-    def _submit(self, first: int, n: int, known: bytes | None, since: float) -> None:
-        self.pipeline.append((first, n, self.pool.submit(read_job, self.device, self.geometry, first, n, known, since)))
+    def _submit(self, first: int, n: int, known: bytes | None, since: float, *, compress: bool = True) -> None:
+        job = self.pool.submit(read_job, self.device, self.geometry, first, n, known, since, compress)
+        self.pipeline.append((first, n, job))
         while len(self.pipeline) > PIPELINE:
             self._send(self.pipeline[0][2].result())  # taken off only once sent: a failure leaves it to be marked
             self.pipeline.popleft()
@@ -578,9 +614,10 @@ class DiskReplicator(threading.Thread):
         taken = self.dirty.take_all()
         per_job = max(1, BATCH_BYTES // self.geometry.chunk_size)
         for first, n, since in _runs(taken, per_job):
-            self._submit(first, n, None, since)
+            self._submit(first, n, None, since, compress=False)  # the applications wait: sent as read
         self._drain_pipeline()
         capture.residual = len(taken)
+        capture.residual_bytes = len(taken) * self.geometry.chunk_size
         self.events_at_capture = events
         capture.captured.set()  # the coordinator may thaw now; nothing below reads the disk before the point
         capture.root = self.hashes.root()

@@ -39,3 +39,29 @@ def test_the_bandwidth_cap_spreads_bytes_over_time() -> None:
     now[0] = 2.0
     assert bucket.wait_time(500) == 0.0
     assert TokenBucket(0).wait_time(10**9) == 0.0
+
+
+def test_random_data_stops_being_compressed_until_a_probe_shrinks_again() -> None:
+    """A run of chunks zstd could not shrink pauses compression for that disk (in this thread); one chunk in
+    PROBE_EVERY still tries, and one that shrinks turns it back on."""
+    from types import SimpleNamespace
+
+    from agent.replication import sync
+
+    disk, other = SimpleNamespace(path=Path("/dev/a")), SimpleNamespace(path=Path("/dev/b"))
+
+    def feed(shrinks: bool, n: int) -> list[bool]:
+        tried = []
+        for _ in range(n):
+            worth = sync._worth_compressing(disk)  # type: ignore[arg-type]
+            tried.append(worth)
+            if worth:
+                sync._compressed(disk, shrinks)  # type: ignore[arg-type]
+        return tried
+
+    tried = feed(False, sync.INCOMPRESSIBLE_RUN + 2 * sync.PROBE_EVERY)
+    assert tried[: sync.INCOMPRESSIBLE_RUN] == [True] * sync.INCOMPRESSIBLE_RUN
+    assert tried[sync.INCOMPRESSIBLE_RUN :].count(True) == 2  # the probes
+    assert sync._worth_compressing(other)  # type: ignore[arg-type]  # another disk is judged on its own
+    tried = feed(True, 2 * sync.PROBE_EVERY)  # compressible again: found by the next probe
+    assert tried.index(True) < sync.PROBE_EVERY and all(tried[tried.index(True) :])
