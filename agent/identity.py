@@ -20,7 +20,9 @@ MAX_HOSTNAME_FILE = 4096  # a host name is at most 255 bytes
 
 
 def collect_facts(paths: Paths) -> MachineFacts:
-    """machine-id of the root; DMI product UUID and MAC addresses from the root's /sys when it has one."""
+    """machine-id of the root; DMI product UUID and the MAC addresses of its network hardware from the root's /sys
+    when it has one. Virtual interfaces (veth, bridges, tunnels: no ``device``) come and go with containers and VPNs;
+    counting them would make a Docker host a different machine at every boot."""
     machine_id = _read(paths.resolve("/etc/machine-id"))  # read as a chroot would: links stay inside
     sys_dir = paths.resolve("/sys") if paths.root != paths.root.parent else Path("/sys")
     product_uuid = _read(sys_dir / "class" / "dmi" / "id" / "product_uuid").lower()
@@ -29,7 +31,7 @@ def collect_facts(paths: Paths) -> MachineFacts:
     if net.is_dir():
         for iface in sorted(net.iterdir()):
             mac = _read(iface / "address").lower()
-            if iface.name != "lo" and mac and mac != _NO_MAC:
+            if (iface / "device").exists() and mac and mac != _NO_MAC:
                 macs.append(mac)
     return MachineFacts(machine_id, product_uuid, tuple(sorted(set(macs))))
 
