@@ -279,7 +279,8 @@ class Daemon:
             self.status.unreachable_since = None
             self.status.last_error = None
             self._catch_up()
-        self._protect(answer.get("protection"))
+        if "protection" in answer:  # absent: this server does not say (an older one, or no process server known)
+            self._protect(answer["protection"])
         interval = answer.get("interval")
         if isinstance(interval, (int, float)) and interval > 0 and interval != self.heartbeat_seconds:
             log.info("server asks for a heartbeat every %.0f s", interval)

@@ -317,9 +317,12 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, fl
         for line in machine.log().splitlines()
         if "point " in line and " cut (" in line and "frozen " in line
     ]
-    failed = [line.split("no point: ")[1][:120] for line in machine.log().splitlines() if "no point: " in line]
+    log = machine.log().splitlines()
+    failed = [line.split("no point: ")[1][:160] for line in log if "no point: " in line]
     if failed:
         print(f"churn {bs}: {len(failed)} points not cut; first: {failed[0]}", flush=True)
+    for line in [x for x in log if "WARNING mobility.replication" in x and "no point" not in x][:5]:
+        print(f"churn {bs}: {line[:240]}", flush=True)
     return {
         "writer_mbps_unprotected": unprotected["mbps"],
         "writer_mbps_protected": protected["mbps"],

@@ -60,10 +60,11 @@ from server.errors import (
     RequestTimeout,
     ServerBusy,
     ServerInternal,
+    StoreBusy,
     UnknownMachine,
 )
 from server.nonces import NonceSigner, load_or_create_key
-from server.process.service import ProcessOptions, ProcessService
+from server.process.service import ProcessOptions, ProcessService, store_dir
 from server.repository import Repository
 from server.rollouts import target_of
 from server.stalls import StallMonitor
@@ -75,6 +76,7 @@ HEARTBEAT_FLUSH_SECONDS = 1.0
 TIMESTAMP_CHECK_SECONDS = 600.0
 PRUNE_SECONDS = 60.0
 ROLLOUT_SECONDS = 2.0  # how often each serving instance advances the running rollouts (server/rollouts.py)
+TAKEOVER_SECONDS = 15.0  # how often an instance without the process server role looks whether it is free
 MAX_BUFFERED_BEATS = 200_000  # > a fleet's worth: past it heartbeats are refused 503 until a flush succeeds
 MAX_BUFFERED_HISTORY = 50_000
 WORKERS = 4  # threads per pool; the database pool has room for both pools and the periodic jobs
@@ -429,12 +431,10 @@ def build_app(server: Server) -> web.Application:
             server.buffer_heartbeat(Beat(machine.host_id, now, beat.agent_version, json.dumps(health.to_json())))
             if beat.replication is not None:
                 server.buffer_replication(machine.host_id, now, json.dumps(beat.replication.to_json()))
-        protection = server.protection_for(machine)
-        answer: dict[str, object] = {
-            "interval": machine.heartbeat_interval,
-            "server_time": now,
-            "protection": protection.to_json() if protection else None,
-        }
+        answer: dict[str, object] = {"interval": machine.heartbeat_interval, "server_time": now}
+        if server.process is not None:  # an instance that does not know where the process server is says nothing
+            protection = server.protection_for(machine)
+            answer["protection"] = protection.to_json() if protection else None
         target = target_of(machine)
         if target is not None:
             answer["update"] = target.to_json()  # where a machine learns the version it should run
@@ -592,21 +592,13 @@ async def serve(
     ``process`` the process server role (the replication streams) runs beside the API; without ``api`` it runs
     alone (`serve --role process`); without ``process``, agents are sent to the one ``elsewhere``."""
     small_tls_buffers()
-    service: ProcessService | None = None
-    process_port: int | None = None
-    if process is not None:
-        service = ProcessService(server.data, server.storage.db, process)
-        try:
-            process_port = await service.start()
-        except BaseException:
-            await service.close()
-            raise
-        server.process = ProcessAddress(process.announce, process.announce_port or process_port)
-    else:
-        server.process = elsewhere
+    roles = _ProcessRole(server, process, elsewhere)
+    if process is not None and not await roles.take(quiet=api) and not api:
+        raise StoreBusy(f"another process server writes {store_dir(server.data)}")  # --role process: its only job
     if not api:
-        await _serve_process_only(server, ready, service, process_port)
+        await _serve_process_only(server, ready, roles)
         return
+    service, process_port = roles.service, roles.port
     app = build_app(server)
     runner = web.AppRunner(
         app,
@@ -627,15 +619,14 @@ async def serve(
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        if service is not None:
-            await service.close()
+        await roles.close()
         raise ListenFailed(f"cannot listen on {host}:{port}: {e.strerror}") from e
     stop = _stop_event()
     bound = runner.addresses[0][1] if runner.addresses else port
     log.info(
         "serving on https://%s:%d (%s; at most %d connections)", host, bound, server.storage.db, server.max_connections
     )
-    if process is not None:
+    if process is not None and service is not None:
         # Logged once the API listens too: a port in use makes `serve` fail with nothing but its error.
         log.info("process server receiving on %s:%d", process.host, process_port)
     if ready is not None:
@@ -665,6 +656,7 @@ async def serve(
         asyncio.create_task(every(ROLLOUT_SECONDS, server.advance_rollouts)),
         asyncio.create_task(every(1.0, lambda: server.connections.sweep(time.monotonic()), in_thread=False)),
         asyncio.create_task(every(server.stats_interval, report, in_thread=False)),
+        asyncio.create_task(every(TAKEOVER_SECONDS, roles.take, in_thread=False)),
         asyncio.create_task(
             every(
                 TIMESTAMP_CHECK_SECONDS,
@@ -685,8 +677,7 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await runner.cleanup()
-        if service is not None:
-            await service.close()
+        await roles.close()
         with contextlib.suppress(MobilityError):
             await server.flush()
         report(final=True)
@@ -703,24 +694,62 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+class _ProcessRole:
+    """The process server role of one serving instance. Instances that share a data directory share its chunk
+    store, which one process server writes (``writer.lock``): the first takes the role; the others serve the API,
+    send agents to the same address (a balancer's, a shared name) and take the role over when its holder stops."""
+
+    def __init__(self, server: Server, options: ProcessOptions | None, elsewhere: ProcessAddress | None) -> None:
+        self.server = server
+        self.options = options
+        self.service: ProcessService | None = None
+        self.port: int | None = None
+        self._standby_logged = False
+        server.process = elsewhere
+        if options is not None and options.port:  # where the role's holder listens, as far as this one knows
+            server.process = ProcessAddress(options.announce, options.announce_port or options.port)
+
+    async def take(self, *, quiet: bool = False) -> bool:
+        """Take the role if it is free (True when this instance has it)."""
+        if self.options is None or self.service is not None:
+            return self.service is not None
+        try:
+            service = ProcessService(self.server.data, self.server.storage.db, self.options)
+        except StoreBusy as e:
+            if quiet and not self._standby_logged:
+                self._standby_logged = True
+                log.info("%s: this instance serves the API; it takes the process server role when free", e.message)
+            return False
+        try:
+            self.port = await service.start()
+        except BaseException:
+            await service.close()
+            raise
+        self.service = service
+        self.server.process = ProcessAddress(self.options.announce, self.options.announce_port or self.port)
+        if self._standby_logged:
+            log.info("process server receiving on %s:%d (the role taken over)", self.options.host, self.port)
+        return True
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.close()
+            self.service = None
+
+
 async def _serve_process_only(
-    server: Server,
-    ready: Callable[[int, int | None], None] | None,
-    service: ProcessService | None,
-    process_port: int | None,
+    server: Server, ready: Callable[[int, int | None], None] | None, roles: _ProcessRole
 ) -> None:
     """`serve --role process`: only the replication streams; the API's periodic jobs are the API instances'."""
     stop = _stop_event()
-    if service is not None and server.process is not None:
-        log.info("process server receiving on port %d (%s)", process_port, server.storage.db)
+    log.info("process server receiving on port %d (%s)", roles.port, server.storage.db)
     if ready is not None:
-        ready(process_port or 0, process_port)
+        ready(roles.port or 0, roles.port)
     try:
         await stop.wait()
         log.info("stopping")
     finally:
-        if service is not None:
-            await service.close()
+        await roles.close()
         server.close()
         server.storage.close()
         log.info("stopped")

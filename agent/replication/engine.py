@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.errors import EventsLost
 from agent.paths import Paths
 from agent.replication.devices import all_disks, device_size, lower_priority, partitions, resolve_disk
 from agent.replication.points import CaptureRate, PointResult, cut_point
@@ -250,8 +251,9 @@ class Replication:
 
     def _lost(self, n: int) -> None:
         """The tracer's thread: events were lost; every disk must be compared again."""
+        lost = EventsLost(f"the kernel dropped {n} trace events: writes may have been missed")
         for r in list(self.replicators.values()):
-            r.flag_resync("REPL-EVENTS-LOST", f"the kernel dropped {n} trace events: writes may have been missed")
+            r.flag_resync(lost.id, lost.message)
 
     # The daemon's tick ------------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ProcessServerUnreachable, RemoteError
+from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
 from agent.paths import Paths
 from agent.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
@@ -192,52 +192,69 @@ def test_the_replica_hashes_come_back_for_a_checksum_resync(server: ServerProces
     welcome = stream.connect(Hello(DISK, size, CHUNK, want_hashes=True), lambda start, h: got.append((start, h)))
     assert welcome.known and welcome.acked_seq == 1
     assert got == [(0, zero_hash(CHUNK) + chunk_hash(data) + zero_hash(CHUNK) + zero_hash(4096))]
+    # The store is replaced by an empty one (a restore, a store moved aside): it holds less than it acknowledged.
+    stream.close()
+    assert server.stop() == 0
+    (server.data / "process").rename(server.data / "process.old")
+    restarted = start_server(server.data, heartbeat_interval=2.0)
+    server.proc, server.port = restarted.proc, restarted.port
+    stream.address = ServerAddress("127.0.0.1", server.process_port)
+    with pytest.raises(ReplicaLost):
+        stream.connect(Hello(DISK, size, CHUNK))
 
 
 def test_one_process_server_per_store_and_api_instances_send_agents_to_it(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    """A second `serve` on the same data directory would be a second writer of the chunk store: it is refused
-    (PS-STORE-BUSY) and the first keeps serving. `serve --role api --process-address HOST:PORT` runs the API only
-    and tells protected machines where the one process server is."""
+    """Instances that share a data directory share its chunk store, which one process server writes: a second
+    `serve --role process` is refused (PS-STORE-BUSY); a second plain `serve` serves the API only and takes the
+    process server role over once the first stops. `serve --role api --process-address HOST:PORT` runs the API
+    only and tells protected machines where the process server is."""
     import json
     import subprocess
     import sys
 
-    from scripts.localserver import start_local_server
+    from scripts.localserver import server_log, start_local_server
     from tests.conftest import REPO
     from tests.integration.serverproc import raw_call
 
     paths = machine(server, tmp_path)
-    second = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--data", str(server.data), "--listen", "127.0.0.1:0"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
-    assert second.returncode == 1 and "error PS-STORE-BUSY:" in second.stderr, second.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--data", str(server.data), "--role", "api"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
+    cert = (paths.client_cert, paths.client_key)
+    body = json.dumps({"host_id": host_of(paths), "agent_version": "0.1.0"}).encode()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "server", "serve", "--data", str(server.data), *args]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+
+    r = run("--listen", "127.0.0.1:0", "--role", "process")
+    assert r.returncode == 1 and "error PS-STORE-BUSY:" in r.stderr, r.stderr
+    r = run("--role", "api")
     assert r.returncode == 2 and "error USAGE:" in r.stderr and "--process-address" in r.stderr
-    proc, address, _ = start_local_server(
+    api_proc, address, _ = start_local_server(
         server.data, "--role", "api", "--process-address", f"127.0.0.1:{server.process_port}"
     )
+    standby, standby_address, _ = start_local_server(server.data)
     try:
-        api = ServerProcess(server.data, proc, int(address.rsplit(":", 1)[1]), server.fingerprint)
-        body = json.dumps({"host_id": host_of(paths), "agent_version": "0.1.0"}).encode()
-        status, answer = raw_call(api, "POST", "/v1/heartbeat", body, cert=(paths.client_cert, paths.client_key))
+        api = ServerProcess(server.data, api_proc, int(address.rsplit(":", 1)[1]), server.fingerprint)
+        status, answer = raw_call(api, "POST", "/v1/heartbeat", body, cert=cert)
         assert status == 200 and answer["protection"]["process"] == {"host": "127.0.0.1", "port": server.process_port}
-        stream = stream_for(server, paths)  # and the one process server still takes the stream
+        second = ServerProcess(server.data, standby, int(standby_address.rsplit(":", 1)[1]), server.fingerprint)
+        status, answer = raw_call(second, "POST", "/v1/heartbeat", body, cert=cert)
+        assert status == 200 and "protection" not in answer  # it does not know where: it says nothing
+        stream = stream_for(server, paths)  # the one process server takes the stream
         stream.connect(Hello(DISK, CHUNK, CHUNK))
         stream.close()
+        assert server.stop() == 0  # the role's holder stops: the standby takes it over
+        deadline = time.monotonic() + 60
+        while "(the role taken over)" not in server_log(server.data).read_text():
+            assert time.monotonic() < deadline and standby.poll() is None, "no takeover"
+            time.sleep(0.5)
+        stream = stream_for(server, paths)  # process_port: the last one the log names, the standby's
+        stream.connect(Hello(DISK, CHUNK, CHUNK))
+        stream.close()
+        status, answer = raw_call(second, "POST", "/v1/heartbeat", body, cert=cert)
+        assert answer["protection"]["process"]["port"] == server.process_port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        for proc in (api_proc, standby):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0

@@ -379,3 +379,24 @@ def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: Ser
     out = tmp_path / "good"
     r = server_cli(server.data, "failover", "--machine", host_id, "--point", "latest", "--out", str(out))
     assert r.returncode == 0 and (out / "sdb.img").read_bytes() == data, r.stderr
+
+    # A point whose disk holds the start of an ext4 larger than the disk: found, but it does not mount.
+    import subprocess
+
+    fs = tmp_path / "fs.img"
+    fs.write_bytes(bytes(1 << 20))
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs)], check=True, capture_output=True, timeout=60)
+    head = fs.read_bytes()[:CHUNK]
+    stream = Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=10)
+    stream.connect(Hello(DISK, CHUNK, CHUNK))
+    stream.send(Kind.CHUNK, head, flags=Codec.RAW, offset=0, size=CHUNK, digest=chunk_hash(head))
+    root = RootHasher(Geometry(CHUNK, CHUNK))
+    root.update(chunk_hash(head))
+    close = PointClose(str(uuid.uuid4()), time.time() + 1, root.hexdigest(), "raw-idle", (DISK,))
+    stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
+    assert stream.drain(20)
+    stream.close()
+    r = server_cli(server.data, "test-failover", "--machine", host_id, "--point", close.point_id, "--json")
+    report, _ = json.JSONDecoder().raw_decode(r.stdout)  # the report; the error follows it
+    assert r.returncode == 1 and "error TEST-FAILOVER-FAILED:" in r.stderr and not report["ok"], r.stdout + r.stderr
+    assert report["disks"][0]["filesystems"][0]["fstype"] == "ext4"

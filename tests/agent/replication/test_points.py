@@ -66,3 +66,15 @@ def test_the_watchdog_thaws_whatever_happens() -> None:
     freezer.freeze()
     freezer._done.wait(2)
     assert freezer.thawed and not freezer.thaw()  # thawed by the watchdog, not in time by us
+
+
+def test_a_filesystem_that_cannot_be_frozen_fails_the_freeze_and_nothing_stays_frozen() -> None:
+    """FIFREEZE on a filesystem that does not support it (procfs): REPL-FREEZE-FAILED, and the watchdog is done."""
+    import pytest
+
+    from agent.errors import FreezeFailed
+
+    freezer = Freezer(["/proc"], limit=2.0)
+    with pytest.raises(FreezeFailed):
+        freezer.freeze()
+    assert freezer.thawed and freezer.fds == []

@@ -154,3 +154,22 @@ def test_a_resized_disk_keeps_what_both_sizes_share(store: ChunkStore) -> None:
     assert bytes(store.head(row)) == chunk_hash(chunks[0]) + chunk_hash(chunks[1]) + zero_hash(CHUNK)
     row, known = store.open_disk(HOST, "/dev/sdb", 3 * CHUNK, 2 * CHUNK)
     assert not known and bytes(store.head(row)) == zero_hash(2 * CHUNK) + zero_hash(CHUNK)
+
+
+def test_a_store_that_is_not_there_or_cannot_be_written_fails_with_its_id(tmp_path: Path) -> None:
+    """The read-only commands on a data directory without a store get PS-STORE-DAMAGED; a pack that cannot be
+    written (an I/O error) gets PS-STORE-WRITE-FAILED, and nothing of the batch is indexed or acknowledged."""
+    from server.errors import StoreDamaged, StoreWriteFailed
+
+    with pytest.raises(StoreDamaged):
+        ChunkStore(tmp_path / "nothing-here")
+    store = ChunkStore(tmp_path / "process", writer=True, reserve=0)
+    try:
+        row, _ = store.open_disk(HOST, "/dev/sdb", 2 * CHUNK, CHUNK)
+        os.close(store.pack_fd)
+        store.pack_fd = os.open(os.devnull, os.O_RDONLY)  # writes to it fail with EBADF, as an I/O error would
+        with pytest.raises(StoreWriteFailed):
+            store.commit([put(row.disk_key, 0, os.urandom(CHUNK), 1)])
+        assert store.usage().chunks == 0 and store.disk(HOST, "/dev/sdb").acked_seq == 0  # type: ignore[union-attr]
+    finally:
+        store.close()
