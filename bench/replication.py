@@ -319,13 +319,18 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, fl
     protected = fio(target, seconds, bs)
     stop.set()
     points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
+
+    log = []  # the agent's lines from the churn on (a point due during the initial sync is not the churn's)
+    for line in machine.log().splitlines():
+        m = _STAMP.match(line)
+        if m and datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() >= started:
+            log.append(line)
+    failed = [line.split("no point: ")[1][:160] for line in log if "no point: " in line]
     freezes = [
         float(line.split("frozen ")[1].split(" ms")[0])
-        for line in machine.log().splitlines()
+        for line in log
         if "point " in line and " cut (" in line and "frozen " in line
     ]
-    log = machine.log().splitlines()
-    failed = [line.split("no point: ")[1][:160] for line in log if "no point: " in line]
     if failed:
         print(f"churn {bs}: {len(failed)} points not cut; first: {failed[0]}", flush=True)
     for line in [x for x in log if "WARNING mobility.replication" in x and "no point" not in x][:5]:
