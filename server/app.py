@@ -75,6 +75,7 @@ PRUNE_SECONDS = 60.0
 ROLLOUT_SECONDS = 2.0  # how often each serving instance advances the running rollouts (server/rollouts.py)
 MAX_BUFFERED_BEATS = 200_000  # > a fleet's worth: past it heartbeats are refused 503 until a flush succeeds
 MAX_BUFFERED_HISTORY = 50_000
+LISTEN_BACKLOG = 8192  # a fleet reconnecting at once (a restart): an overflowing queue drops them (capped by somaxconn)
 WORKERS = 4  # threads per pool; the database pool has room for both pools and the periodic jobs
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -561,7 +562,7 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
     )
     await runner.setup()
     site = GuardedSite(
-        runner, host, port, connections=server.connections, ssl_context=tls_context(server.data), backlog=1024
+        runner, host, port, connections=server.connections, ssl_context=tls_context(server.data), backlog=LISTEN_BACKLOG
     )
     try:
         await site.start()
