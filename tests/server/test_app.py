@@ -202,3 +202,35 @@ def test_a_request_the_loop_reaches_late_is_not_a_slow_client(monkeypatch: pytes
 
     assert asyncio.run(scenario()) == [b"HTTP/1.1 200 OK"] * 2
     assert connections.timed_out == 0
+
+
+_GC_WORKLOAD = """
+import gc, sys
+from server.app import long_lived_gc
+fleet = [{"conn": [i], "state": {}} for i in range(100_000)]  # a fleet's kept-alive connections: long-lived
+if sys.argv[1] == "tuned":
+    long_lived_gc()
+full = []
+gc.callbacks.append(lambda phase, info: full.append(1) if phase == "stop" and info["generation"] == 2 else None)
+clones = [{"conn": [i], "state": {}} for i in range(30_000)]  # a storm of new connections, with requests in flight
+print(len(full))
+"""
+
+
+@pytest.mark.parametrize(("mode", "expect_full"), [("default", True), ("tuned", False)])
+def test_new_connections_in_a_big_fleet_cause_no_full_collection(mode: str, expect_full: bool) -> None:
+    """Regression: with Python's default thresholds a full collection (all of a fleet's connections walked with the
+    loop stopped: 450-640 ms at 10,000) ran every few seconds while connections were added; the serving process's
+    thresholds leave the old generation alone. The untuned run shows the workload does trigger one."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _GC_WORKLOAD, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert (int(r.stdout) > 0) is expect_full, r.stdout
