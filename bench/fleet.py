@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import random
 import re
@@ -214,7 +215,11 @@ async def fleet(
                 "health": {"status": "healthy", "time": time.time(), "checks": []},
             }
         ).encode()
-        await asyncio.sleep(random.uniform(0, interval))  # noqa: S311 - phases, not secrets
+        # Each machine keeps its own timetable (phase + k * interval), whatever its earlier beats cost: a fleet of
+        # independent daemons. Sleeping ``interval`` after each beat instead lets one slow moment (the fleet's
+        # connections being made) bunch the phases together, and the bunch comes back as a burst every interval.
+        due = time.monotonic() + random.uniform(0, interval)  # noqa: S311 - phases, not secrets
+        await asyncio.sleep(due - time.monotonic())
         # Made at the machine's phase, not before: 10,000 contexts made up front block this loop for seconds, the
         # phases then come due together, and the servers see the whole fleet connect in one burst.
         ctx = ssl.create_default_context(cafile=str(ca))
@@ -236,7 +241,8 @@ async def fleet(
                 opened += 1
                 if opened == len(machines):
                     connected.set()
-            await asyncio.sleep(max(0.0, start + interval - time.monotonic()))
+            due += interval * max(1, math.ceil((time.monotonic() - due) / interval))  # a slot missed is skipped
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
         await conn.close()
 
     await asyncio.gather(*(one(i, m) for i, m in enumerate(machines)))
