@@ -178,6 +178,7 @@ def seed(data: Path, count: int, state: Path) -> tuple[list[Machine], Machine, A
 class Results:
     beats: list[tuple[float, float]] = field(default_factory=list)  # (start, latency)
     beat_errors: dict[str, int] = field(default_factory=dict)
+    beat_error_log: list[tuple[float, str]] = field(default_factory=list)  # (start, what): which were in the storm
     enrolled: dict[int, str] = field(default_factory=dict)  # clone -> host ID
     enrol_errors: dict[str, int] = field(default_factory=dict)
     retried_503: int = 0
@@ -190,6 +191,10 @@ class Results:
 
     def error(self, where: dict[str, int], what: str) -> None:
         where[what] = where.get(what, 0) + 1
+
+    def beat_error(self, start: float, what: str) -> None:
+        self.error(self.beat_errors, what)
+        self.beat_error_log.append((start, what))
 
 
 async def fleet(
@@ -231,9 +236,9 @@ async def fleet(
             try:
                 status, _, _ = await conn.request(wire.HEARTBEAT_PATH, body)
                 if status != 200:
-                    results.error(results.beat_errors, f"HTTP {status}")
+                    results.beat_error(start, f"HTTP {status}")
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError) as e:
-                results.error(results.beat_errors, type(e).__name__)
+                results.beat_error(start, type(e).__name__)
             else:
                 results.beats.append((start, time.monotonic() - start))
             if first:
@@ -403,6 +408,10 @@ def report(name: str, results: Results, client_cpu: float, peak: dict[int, int],
                 when = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 if begin + STATS_SECONDS <= when <= end + STATS_SECONDS:
                     stalls.append(int(m.group(2)))
+    storm_errors: dict[str, int] = {}
+    for start, what in results.beat_error_log:
+        if results.storm_start <= start <= results.storm_end:
+            results.error(storm_errors, what)
     print(f"== {name}")
     print(
         f"  heartbeats during the storm: {len(storm_beats)}, p50 {statistics.median(storm_beats) * 1e3:.1f} ms, "
@@ -415,7 +424,8 @@ def report(name: str, results: Results, client_cpu: float, peak: dict[int, int],
         f"host IDs) in {enrolled_in:.1f} s after the storm began"
     )
     print(
-        f"  errors: heartbeats {results.beat_errors or 0}, enrolments {results.enrol_errors or 0}; "
+        f"  errors: heartbeats {results.beat_errors or 0} (during the storm: {storm_errors or 0}), "
+        f"enrolments {results.enrol_errors or 0}; "
         f"503s retried: {results.retried_503}"
     )
     print(
