@@ -220,7 +220,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(
             f"last upgrade:   {up['from_version']} -> {up['to_version']}: {up['phase']}" + (f" ({why})" if why else "")
         )
+    from agent.replication.local import local_replication, status_lines
+
+    data["replication"] = local_replication(Paths.checked(args.root))
+    lines += status_lines(data["replication"])
     _emit(args, data, "\n".join(lines))
+    return Exit.OK
+
+
+def cmd_point(args: argparse.Namespace) -> int:
+    from agent.replication.local import request_point
+
+    result = request_point(_require_root(args), timeout=args.timeout)
+    text = (
+        f"point {result['point_id']} ({result['consistency']}): frozen {result['freeze_ms']} ms, "
+        f"{result['residual_chunks']} residual chunks"
+    )
+    _emit(args, result, text)
     return Exit.OK
 
 
@@ -418,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="version, identity, server, registration, last heartbeat and job")
     _common(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("point", help="cut a crash-consistent recovery point of the protected disks now")
+    _common(p)
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to wait (default 300)")
+    p.set_defaults(func=cmd_point)
 
     p = sub.add_parser("health", help="all health checks; exit 0 healthy, 1 warning, 2 critical, 3 unknown")
     _common(p)

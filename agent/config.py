@@ -35,6 +35,8 @@ class AgentConfig:
     server_unreachable_fail_seconds: float = 600.0
     backlog_max: int = 120  # health reports kept while the server is unreachable
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT when set
+    replication_trace_buffer_kb: int = 4096  # per CPU, in the kernel: the trace buffer a write burst must fit in
+    replication_backoff_cpu_percent: float = 80.0  # replication slows down while the rest uses this much CPU
 
 
 def parse_config(text: str, source: str) -> AgentConfig:

@@ -113,6 +113,8 @@ class Daemon:
         self.ready = False
         self.shedding = False
         self.report: dict[str, Any] = {}
+        self.replication: Any = None  # agent.replication.engine.Replication, once the server protects a disk
+        self._tracing_checked = False
         self._cpu: float | None = None
         self._cpu_since = time.monotonic()
         self.metrics: Any = None
@@ -145,6 +147,8 @@ class Daemon:
         self._take_update_answer()
         _reap_children()
         self.scheduler.run_pending()
+        if self.replication is not None:
+            self.replication.tick(now)
         self.notifier.notify(watchdog="1")
 
     def queue_signal(self, signum: int, _frame: object = None) -> None:
@@ -160,6 +164,8 @@ class Daemon:
             self.backlog = deque(self.backlog, maxlen=self.config.backlog_max)
             log.info("configuration reloaded")
             self._schedule()
+        elif signum == signal.SIGUSR2 and self.replication is not None:
+            self.replication.request_point()  # `mobility point` left a request
         elif signum == signal.SIGUSR1:
             log.info("asked to start again from the version `current` names")
             raise RestartRequested("SIGUSR1", into_current=True)
@@ -202,6 +208,7 @@ class Daemon:
                 disk_sample(self.paths),
                 cert_not_after(self.paths),
                 provider_status(self.paths),
+                self.replication.status_doc() if self.replication is not None else None,
             )
         )
         health = overall(report)
@@ -244,6 +251,8 @@ class Daemon:
             self.check_health()  # a fresh report at every heartbeat for the upgrade watcher that judges this version
         report = self.report or self.check_health()
         body = {"host_id": self.host_id, "agent_version": __version__, "health": report}
+        if self.replication is not None:
+            body["replication"] = self.replication.report().to_json()
         start = time.perf_counter()
         try:
             answer = self.link.heartbeat(body)
@@ -270,6 +279,8 @@ class Daemon:
             self.status.unreachable_since = None
             self.status.last_error = None
             self._catch_up()
+        if "protection" in answer:  # absent: this server does not say (an older one, or no process server known)
+            self._protect(answer["protection"])
         interval = answer.get("interval")
         if isinstance(interval, (int, float)) and interval > 0 and interval != self.heartbeat_seconds:
             log.info("server asks for a heartbeat every %.0f s", interval)
@@ -279,6 +290,42 @@ class Daemon:
         self._take_target(answer.get("update"))
         self.status.backlog = len(self.backlog)
         self.status.save(self.paths)
+
+    def _protect(self, doc: Any) -> None:
+        """The heartbeat answer's protection: start, retune or stop replication (agent/replication/)."""
+        if doc is None and self.replication is None:
+            if not self._tracing_checked:  # protection ended while the agent was down: end the tracing it left
+                self._tracing_checked = True
+                from agent.replication.state import forget_tracing_stop
+                from agent.replication.tracing import remove_leftover
+
+                remove_leftover(self.paths.state_dir)
+                forget_tracing_stop(self.paths)
+            return
+        from agent.shared.replication_wire import Protection
+        from agent.shared.wire import WireError
+
+        try:
+            protection = Protection.from_json(doc) if doc is not None else None
+        except WireError as e:
+            log.warning("the server's protection settings are not valid (%s): replication left as it is", e)
+            return
+        if self.replication is None:
+            from agent.registration import authenticated_client
+            from agent.replication.engine import Replication
+            from agent.shared.address import parse_address
+
+            reg = load_registration(self.paths)
+            if reg is None:
+                return
+            self.replication = Replication(
+                self.paths,
+                lambda: authenticated_client(self.paths)[1].context,
+                parse_address(reg.server).host,
+                trace_buffer_kb=self.config.replication_trace_buffer_kb,
+                busy_share=self.config.replication_backoff_cpu_percent / 100,
+            )
+        self.replication.apply(protection)
 
     def _catch_up(self) -> None:
         while self.backlog:
@@ -393,7 +440,7 @@ class Daemon:
     # The loop --------------------------------------------------------------------------------------------
 
     def run_forever(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self.queue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         log.info("mobility %s daemon started (pid %d, host %s)", __version__, os.getpid(), self.host_id or "-")
@@ -434,6 +481,8 @@ class Daemon:
         return launcher if launcher.is_file() else None
 
     def _close(self) -> None:
+        if self.replication is not None:
+            self.replication.stop()
         self.status.save(self.paths)
         self.link.close()
         if self.metrics is not None:

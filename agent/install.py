@@ -254,6 +254,9 @@ def uninstall(paths: Paths) -> Uninstalled:
     had_state = os.path.lexists(paths(_STATE_DIR))  # the lock makes the directory: not news when it was absent
     with install_lock(paths):
         stop_daemon(paths)
+        from agent.replication.tracing import remove_leftover
+
+        remove_leftover(paths.state_dir)  # the tracing a clean stop keeps for the next start: there is none now
         removed += remove_units(paths)
         ours, left = release(paths, recorded)
         removed += ours

@@ -37,8 +37,19 @@ def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report
     server = ServerSample(
         status.last_heartbeat_ok, status.unreachable_since, status.rtt_ms, status.skew_seconds, status.last_error
     )
+    from agent.replication.state import load_status
+
     report = run_checks(
-        health_checks(config, now, process, server, disk_sample(paths), cert_not_after(paths), provider_status(paths))
+        health_checks(
+            config,
+            now,
+            process,
+            server,
+            disk_sample(paths),
+            cert_not_after(paths),
+            provider_status(paths),
+            load_status(paths),
+        )
     )
     return overall(report), report
 

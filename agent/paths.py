@@ -165,6 +165,12 @@ class Paths:
         return self.state_dir / "daemon.json"
 
     @property
+    def replication_dir(self) -> Path:
+        """Replication's status, `mobility point` requests, each protected disk's state and chunk hashes
+        (agent/replication/state.py)."""
+        return self.state_dir / "replication"
+
+    @property
     def freeze_state(self) -> Path:
         """The freeze provider's set-up: ready or not, and why (JSON, agent/freeze.py)."""
         return self.state_dir / "freeze.json"

@@ -205,11 +205,17 @@ class Updater:
         log(self.paths, f"upgrade: current -> versions/{record.to_version}")
         return record.at(Phase.RESTARTING, switched_at=time.time())
 
-    def _restart(self, record: UpgradeRecord) -> UpgradeRecord:
-        self.supervisor.mark()
-        self._counting = True
-        restarted = time.time()
-        self.supervisor.restart()
+    def _restart(self, record: UpgradeRecord) -> UpgradeRecord | Result:
+        try:
+            # Never under a recovery point: the daemon stopping mid-freeze would leave its point half cut.
+            with version_switch(self.paths, LOCK_WAIT):
+                self.supervisor.mark()
+                self._counting = True
+                restarted = time.time()
+                self.supervisor.restart()
+        except UpdateBusy as e:
+            log(self.paths, f"upgrade to {record.to_version} postponed before the restart: {e.id}: {e.message}")
+            return Result("postponed", f"{e.id}: {e.message}", record)
         log(self.paths, f"upgrade: restarted the daemon into {record.to_version} ({self.supervisor.kind})")
         record = record.at(Phase.WATCHING, restarted_at=restarted)
         save_record(self.paths, record)
@@ -249,22 +255,22 @@ class Updater:
 
     def _roll_back(self, record: UpgradeRecord) -> UpgradeRecord:
         started = time.monotonic()
-        while True:
+        with contextlib.ExitStack() as held:  # no recovery point starts until the previous version runs again
             try:
-                with contextlib.ExitStack() as held:
-                    try:
-                        held.enter_context(version_switch(self.paths, ROLLBACK_SWITCH_WAIT))
-                    except UpdateBusy:  # a point that runs this long is cut again after the restart: go on
-                        log(self.paths, "rollback: a recovery point still runs; rolling back anyway")
-                    held.enter_context(self._locked_install())
-                    self._back_to(record.from_version, strict=True)
-                break
-            except (MobilityError, OSError) as e:  # a full disk, a lock: the way back is retried until it works
-                log(self.paths, f"rollback to {record.from_version} failed ({e}); retrying")
-                self.sleep(5.0)
-        fault_point("update.step", step="relinked")
-        self.supervisor.mark()
-        self.supervisor.restart()
+                held.enter_context(version_switch(self.paths, ROLLBACK_SWITCH_WAIT))
+            except UpdateBusy:  # a point that runs this long is cut again after the restart: go on
+                log(self.paths, "rollback: a recovery point still runs; rolling back anyway")
+            while True:
+                try:
+                    with self._locked_install():
+                        self._back_to(record.from_version, strict=True)
+                    break
+                except (MobilityError, OSError) as e:  # a full disk, a lock: the way back is retried until it works
+                    log(self.paths, f"rollback to {record.from_version} failed ({e}); retrying")
+                    self.sleep(5.0)
+            fault_point("update.step", step="relinked")
+            self.supervisor.mark()
+            self.supervisor.restart()
         self._boot_watcher(record, enable=False)
         running = self._confirm(record.from_version)
         log(

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from agent.shared import wire
 from agent.shared.errors import MobilityError
+from agent.shared.replication_wire import ProcessAddress, Protection
 from agent.shared.textsafe import printable
 from server import pki
 from server.database import Database
@@ -60,9 +61,11 @@ from server.errors import (
     RequestTimeout,
     ServerBusy,
     ServerInternal,
+    StoreBusy,
     UnknownMachine,
 )
 from server.nonces import NonceSigner, load_or_create_key
+from server.process.service import ProcessOptions, ProcessService, store_dir
 from server.repository import Repository
 from server.rollouts import target_of
 from server.stalls import StallMonitor
@@ -74,6 +77,7 @@ HEARTBEAT_FLUSH_SECONDS = 1.0
 TIMESTAMP_CHECK_SECONDS = 600.0
 PRUNE_SECONDS = 60.0
 ROLLOUT_SECONDS = 2.0  # how often each serving instance advances the running rollouts (server/rollouts.py)
+TAKEOVER_SECONDS = 15.0  # how often an instance without the process server role looks whether it is free
 MAX_BUFFERED_BEATS = 200_000  # > a fleet's worth: past it heartbeats are refused 503 until a flush succeeds
 MAX_BUFFERED_HISTORY = 50_000
 LISTEN_BACKLOG = 8192  # a fleet reconnecting at once (a restart): an overflowing queue drops them (capped by somaxconn)
@@ -82,6 +86,16 @@ WORKERS = 4  # threads per pool; the database pool has room for both pools and t
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """What an instance has received and not yet written: the newest beat per machine, queued reports as history,
+    and the newest replication status per protected machine (received at, JSON)."""
+
+    beats: dict[str, Beat]
+    history: list[tuple[str, float | None, float, wire.HealthReport]]
+    replication: dict[str, tuple[float, str]]
 
 
 @dataclass
@@ -93,8 +107,10 @@ class Server:
     clock: Callable[[], float] = time.time
     max_connections: int = 16_000
     stats_interval: float = 60.0
+    process: ProcessAddress | None = None  # where agents send replication streams (announced in the answer)
     _beats: dict[str, Beat] = field(default_factory=dict)
     _history: list[tuple[str, float | None, float, wire.HealthReport]] = field(default_factory=list)
+    _replication: dict[str, tuple[float, str]] = field(default_factory=dict)  # host ID -> (received, report JSON)
     stalls: StallMonitor = field(default_factory=StallMonitor)
 
     def __post_init__(self) -> None:
@@ -124,45 +140,58 @@ class Server:
             raise ServerBusy("heartbeats cannot be written right now; retry later", retry_after=10)
         self._beats[beat.host_id] = beat  # the newest per machine: the flush writes only that one
 
+    def buffer_replication(self, host_id: str, now: float, report: str) -> None:
+        """The replication status a protected machine reported (bounded like the heartbeats it came with)."""
+        if len(self._replication) >= MAX_BUFFERED_BEATS and host_id not in self._replication:
+            raise ServerBusy("heartbeats cannot be written right now; retry later", retry_after=10)
+        self._replication[host_id] = (now, report)
+
+    def protection_for(self, machine: Credential) -> Protection | None:
+        """What the machine is to protect, as its heartbeat answer carries it (None: nothing)."""
+        row = machine.protection
+        if row is None or self.process is None:
+            return None
+        return Protection(row.disks, row.all_disks, row.policy, self.process, row.paused)
+
     def buffer_history(self, host_id: str, reported_at: float | None, now: float, health: wire.HealthReport) -> None:
         if len(self._history) >= MAX_BUFFERED_HISTORY:
             raise ServerBusy("queued reports cannot be written right now; retry later", retry_after=10)
         self._history.append((host_id, reported_at, now, health))
 
-    def _take_buffers(self) -> tuple[dict[str, Beat], list[tuple[str, float | None, float, wire.HealthReport]]]:
+    def _take_buffers(self) -> Buffers:
         """The buffers to write, and fresh ones for what arrives meanwhile (on the loop: handlers fill them there)."""
-        beats, history = self._beats, self._history
-        self._beats, self._history = {}, []
-        return beats, history
+        taken = Buffers(self._beats, self._history, self._replication)
+        self._beats, self._history, self._replication = {}, [], {}
+        return taken
 
-    def _write_buffers(
-        self, beats: dict[str, Beat], history: list[tuple[str, float | None, float, wire.HealthReport]]
-    ) -> None:
-        if beats:
-            self.storage.record_heartbeats(beats.values())
-        if history:
-            self.storage.record_history(history)
+    def _write_buffers(self, buffers: Buffers) -> None:
+        if buffers.beats:
+            self.storage.record_heartbeats(buffers.beats.values())
+        if buffers.history:
+            self.storage.record_history(buffers.history)
+        if buffers.replication:
+            self.storage.record_replication((h, t, r) for h, (t, r) in buffers.replication.items())
 
-    def _keep_buffers(
-        self, beats: dict[str, Beat], history: list[tuple[str, float | None, float, wire.HealthReport]]
-    ) -> None:
+    def _keep_buffers(self, buffers: Buffers) -> None:
         """After a failed write: kept for the next flush, unless a newer beat of the same machine came meanwhile."""
-        for host_id, beat in beats.items():
+        for host_id, beat in buffers.beats.items():
             current = self._beats.get(host_id)
             if current is None or current.received_at < beat.received_at:
                 self._beats[host_id] = beat
-        self._history[:0] = history
+        self._history[:0] = buffers.history
+        for host_id, report in buffers.replication.items():
+            self._replication.setdefault(host_id, report)
 
     async def flush(self) -> int:
         """Write the buffered heartbeats in one transaction, in a worker thread; the buffers are swapped on the loop,
         so no handler ever adds to a buffer being written."""
-        beats, history = self._take_buffers()
+        buffers = self._take_buffers()
         try:
-            await self.offload(self.background, self._write_buffers, beats, history)
+            await self.offload(self.background, self._write_buffers, buffers)
         except Exception:
-            self._keep_buffers(beats, history)
+            self._keep_buffers(buffers)
             raise
-        return len(beats)
+        return len(buffers.beats)
 
     def advance_rollouts(self) -> None:
         """Advance the running rollouts from what the machines reported (a worker thread: it writes the database;
@@ -174,13 +203,13 @@ class Server:
 
     def flush_heartbeats(self) -> int:
         """The same, blocking: when nothing else runs on the loop (the server's last flush as it stops, tests)."""
-        beats, history = self._take_buffers()
+        buffers = self._take_buffers()
         try:
-            self._write_buffers(beats, history)
+            self._write_buffers(buffers)
         except Exception:
-            self._keep_buffers(beats, history)
+            self._keep_buffers(buffers)
             raise
-        return len(beats)
+        return len(buffers.beats)
 
     def close(self) -> None:
         for pool in (self.hot, self.slow, self.background):
@@ -402,7 +431,12 @@ def build_app(server: Server) -> web.Application:
             server.buffer_history(machine.host_id, health.time, now, health)
         else:
             server.buffer_heartbeat(Beat(machine.host_id, now, beat.agent_version, json.dumps(health.to_json())))
+            if beat.replication is not None:
+                server.buffer_replication(machine.host_id, now, json.dumps(beat.replication.to_json()))
         answer: dict[str, object] = {"interval": machine.heartbeat_interval, "server_time": now}
+        if server.process is not None:  # an instance that does not know where the process server is says nothing
+            protection = server.protection_for(machine)
+            answer["protection"] = protection.to_json() if protection else None
         target = target_of(machine)
         if target is not None:
             answer["update"] = target.to_json()  # where a machine learns the version it should run
@@ -562,9 +596,27 @@ def long_lived_gc() -> None:
     gc.set_threshold(young, middle, GC_FULL_AFTER)
 
 
-async def serve(server: Server, host: str, port: int, ready: Callable[[int], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, finish requests in flight and flush heartbeats."""
+async def serve(
+    server: Server,
+    host: str,
+    port: int,
+    ready: Callable[[int, int | None], None] | None = None,
+    *,
+    process: ProcessOptions | None = None,
+    api: bool = True,
+    elsewhere: ProcessAddress | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish requests in flight and flush heartbeats. With
+    ``process`` the process server role (the replication streams) runs beside the API; without ``api`` it runs
+    alone (`serve --role process`); without ``process``, agents are sent to the one ``elsewhere``."""
     small_tls_buffers()
+    roles = _ProcessRole(server, process, elsewhere)
+    if process is not None and not await roles.take(quiet=api) and not api:
+        raise StoreBusy(f"another process server writes {store_dir(server.data)}")  # --role process: its only job
+    if not api:
+        await _serve_process_only(server, ready, roles)
+        return
+    service, process_port = roles.service, roles.port
     app = build_app(server)
     runner = web.AppRunner(
         app,
@@ -585,18 +637,19 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
         await site.start()
     except OSError as e:
         await runner.cleanup()
+        await roles.close()
         raise ListenFailed(f"cannot listen on {host}:{port}: {e.strerror}") from e
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_event()
     bound = runner.addresses[0][1] if runner.addresses else port
     long_lived_gc()
     log.info(
         "serving on https://%s:%d (%s; at most %d connections)", host, bound, server.storage.db, server.max_connections
     )
+    if process is not None and service is not None:
+        # Logged once the API listens too: a port in use makes `serve` fail with nothing but its error.
+        log.info("process server receiving on %s:%d", process.host, process_port)
     if ready is not None:
-        ready(bound)
+        ready(bound, process_port)
 
     async def every(seconds: float, job: Callable[[], object], *, in_thread: bool = True) -> None:
         while True:
@@ -622,6 +675,7 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
         asyncio.create_task(every(ROLLOUT_SECONDS, server.advance_rollouts)),
         asyncio.create_task(every(1.0, lambda: server.connections.sweep(time.monotonic()), in_thread=False)),
         asyncio.create_task(every(server.stats_interval, report, in_thread=False)),
+        asyncio.create_task(every(TAKEOVER_SECONDS, roles.take, in_thread=False)),
         asyncio.create_task(
             every(
                 TIMESTAMP_CHECK_SECONDS,
@@ -642,9 +696,79 @@ async def serve(server: Server, host: str, port: int, ready: Callable[[int], Non
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await runner.cleanup()
+        await roles.close()
         with contextlib.suppress(MobilityError):
             await server.flush()
         report(final=True)
+        server.close()
+        server.storage.close()
+        log.info("stopped")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+class _ProcessRole:
+    """The process server role of one serving instance. Instances that share a data directory share its chunk
+    store, which one process server writes (``writer.lock``): the first takes the role; the others serve the API,
+    send agents to the same address (a balancer's, a shared name) and take the role over when its holder stops."""
+
+    def __init__(self, server: Server, options: ProcessOptions | None, elsewhere: ProcessAddress | None) -> None:
+        self.server = server
+        self.options = options
+        self.service: ProcessService | None = None
+        self.port: int | None = None
+        self._standby_logged = False
+        server.process = elsewhere
+        if options is not None and options.port:  # where the role's holder listens, as far as this one knows
+            server.process = ProcessAddress(options.announce, options.announce_port or options.port)
+
+    async def take(self, *, quiet: bool = False) -> bool:
+        """Take the role if it is free (True when this instance has it)."""
+        if self.options is None or self.service is not None:
+            return self.service is not None
+        try:
+            service = ProcessService(self.server.data, self.server.storage.db, self.options)
+        except StoreBusy as e:
+            if quiet and not self._standby_logged:
+                self._standby_logged = True
+                log.info("%s: this instance serves the API; it takes the process server role when free", e.message)
+            return False
+        try:
+            self.port = await service.start()
+        except BaseException:
+            await service.close()
+            raise
+        self.service = service
+        self.server.process = ProcessAddress(self.options.announce, self.options.announce_port or self.port)
+        if self._standby_logged:
+            log.info("process server receiving on %s:%d (the role taken over)", self.options.host, self.port)
+        return True
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.close()
+            self.service = None
+
+
+async def _serve_process_only(
+    server: Server, ready: Callable[[int, int | None], None] | None, roles: _ProcessRole
+) -> None:
+    """`serve --role process`: only the replication streams; the API's periodic jobs are the API instances'."""
+    stop = _stop_event()
+    log.info("process server receiving on port %d (%s)", roles.port, server.storage.db)
+    if ready is not None:
+        ready(roles.port or 0, roles.port)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await roles.close()
         server.close()
         server.storage.close()
         log.info("stopped")

@@ -36,6 +36,7 @@ from server.errors import (
 from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
+DEFAULT_PROCESS_PORT = 9444
 MAX_HOSTS_FILE = 1 << 20  # one HOST[:PORT] per line: tens of thousands of hosts
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -151,6 +152,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise BadArguments(f"--listen {args.listen!r}: expected HOST:PORT")
+    process = None
+    announce_host, announce_port = _announced(args.process_address)
+    if args.role in ("all", "process"):
+        from server.process.service import ProcessOptions
+
+        default_port = DEFAULT_PROCESS_PORT if int(port) else 0  # --listen on port 0 (tests): any free port
+        phost, pport = _host_port(args.process_listen or f"{host}:{default_port}", "--process-listen")
+        process = ProcessOptions(phost, pport, parse_size(args.store_reserve), announce_host, announce_port)
+    elif announce_host is None:
+        raise BadArguments("--role api needs --process-address HOST[:PORT]: where agents reach the process server")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-open chatter; `upgrade` prints what it did
     if args.max_connections is not None and args.max_connections < 1:
@@ -167,14 +178,69 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     fingerprint = pki.fingerprint(server.enrolment.ca.cert)
 
-    def ready(bound: int) -> None:
-        print(f"listening on {host}:{bound} fingerprint: {fingerprint}", flush=True)
+    def ready(bound: int, process_port: int | None) -> None:
+        line = f"listening on {host}:{bound} fingerprint: {fingerprint}"
+        if process_port is not None:
+            line += f" process: {process.host if process else host}:{process_port}"
+        print(line, flush=True)
 
     import uvloop
 
     # libuv's loop and TLS: the same asyncio API, several times less CPU per connection and request.
-    uvloop.run(serve(server, host.strip("[]"), int(port), ready))
+    from agent.shared.replication_wire import ProcessAddress
+
+    elsewhere = ProcessAddress(announce_host, announce_port or DEFAULT_PROCESS_PORT) if args.role == "api" else None
+    uvloop.run(
+        serve(
+            server,
+            host.strip("[]"),
+            int(port),
+            ready,
+            process=process,
+            api=args.role != "process",
+            elsewhere=elsewhere,
+        )
+    )
     return Exit.OK
+
+
+def _announced(text: str | None) -> tuple[str | None, int | None]:
+    """--process-address HOST[:PORT] (an IPv6 address in brackets when it has a port), checked as agents check it."""
+    if text is None:
+        return None, None
+    from agent.shared.replication_wire import ProcessAddress
+    from agent.shared.wire import WireError
+
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        parsed = ProcessAddress.from_json({"host": host, "port": int(port) if port else DEFAULT_PROCESS_PORT})
+    except (WireError, ValueError) as e:
+        raise BadArguments(f"--process-address {text[:80]!r}: expected HOST[:PORT]") from e
+    return parsed.host, parsed.port if port else None
+
+
+def _host_port(text: str, flag: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise BadArguments(f"{flag} {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from 512M, 2G, 100MiB, 0 (powers of 1024)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise BadArguments(f"{text!r} is not a size (like 512M or 2G)")
+    unit = m.group(2).upper()
+    return int(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
 
 
 def cmd_passphrase(args: argparse.Namespace) -> int:
@@ -562,6 +628,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="start with an empty database when mobility.db is missing (every machine must enrol again)",
     )
     p.add_argument(
+        "--role",
+        choices=("all", "api", "process"),
+        default="all",
+        help="all: the API and the process server (default); process: only the process server (replication); api: "
+        "only the API, telling agents the process server at --process-address",
+    )
+    p.add_argument(
+        "--process-listen",
+        metavar="HOST:PORT",
+        help=f"where the process server receives replication streams (default: the --listen host, port "
+        f"{DEFAULT_PROCESS_PORT}, or a free port when --listen's port is 0)",
+    )
+    p.add_argument(
+        "--process-address",
+        metavar="HOST[:PORT]",
+        help="the process server as agents reach it (default: the configuration server's address and the "
+        "process server's port)",
+    )
+    p.add_argument(
+        "--store-reserve",
+        default="256M",
+        metavar="SIZE",
+        help="free space the chunk store keeps on its filesystem; new data is refused below it (default 256M)",
+    )
+    p.add_argument(
         "--max-connections",
         type=int,
         metavar="N",
@@ -676,6 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
         elif action == "list":
             q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_repo)
+
+    from server.process.cli import add_commands
+
+    add_commands(command)
     return parser
 
 

@@ -11,6 +11,7 @@ from agent.shared.errors import (
     TransportError,
     UnsupportedError,
     UsageError,
+    VerificationError,
 )
 
 
@@ -192,7 +193,10 @@ class DatabaseNotEmpty(UsageError):
 
 class MachineNotFound(UsageError):
     code = "MACHINE-NOT-FOUND"
-    remediation = "Give the host ID as `mobility-server machines` lists it."
+    remediation = (
+        "Give the host ID as `mobility-server machines` lists it (where a command takes --machine, a hostname that "
+        "names one machine also does)."
+    )
 
 
 class DatabaseUrlInvalid(UsageError):
@@ -436,3 +440,117 @@ class UpdateTimedOut(RemoteStateError):
         "rollout's --wave-timeout: check that it is online (`mobility-server machines`) and its "
         "/var/log/mobility/install.log; it takes part in the next rollout that includes it."
     )
+
+
+# Replication: the process server's stream, chunk store, points and failover (server/process/) ------------------
+
+
+class ReplicationProtocol(TransportError):
+    code = "REPL-PROTOCOL"
+    remediation = (
+        "The peer sent something that is not the replication protocol (or a version this side does not speak): "
+        "check that agent and server run matching versions; the stream restarts by itself."
+    )
+
+
+class NotProtected(RemoteStateError):
+    code = "REPL-NOT-PROTECTED"
+    remediation = "Protect the disk first: `mobility-server protect --machine HOST --disk /dev/X` (or --all-disks)."
+
+
+class ChunkCorrupt(VerificationError):
+    code = "REPL-CHUNK-CORRUPT"
+    remediation = (
+        "A chunk did not match its hash on arrival and was not stored; the agent resends it. If it repeats, check "
+        "the source machine's memory and disk (dmesg) and the network path."
+    )
+
+
+class PointMismatch(VerificationError):
+    code = "REPL-POINT-MISMATCH"
+    remediation = (
+        "The replica's root hash differs from the one the source computed: the point was refused and the agent "
+        "resynchronises the disk by checksums; nothing needs to be done unless it repeats (then report it)."
+    )
+
+
+class StoreFull(TemporaryError):
+    code = "PS-STORE-FULL"
+    remediation = (
+        "The process server's store is at its reserve of free space and refuses new data: free space on the "
+        "filesystem of DATA/process (or lower the retention of the policies), and replication resumes by itself."
+    )
+
+
+class StoreWriteFailed(LocalSystemError):
+    code = "PS-STORE-WRITE-FAILED"
+    remediation = (
+        "The process server could not write or flush its chunk store (I/O error, read-only or full filesystem): "
+        "check dmesg and the filesystem of DATA/process; nothing unacknowledged was kept and agents resend it."
+    )
+
+
+class StoreBusy(LocalSystemError):
+    code = "PS-STORE-BUSY"
+    remediation = (
+        "Another process server writes this chunk store (DATA/process): run one process server per store, e.g. "
+        "`serve --role process` on one host and `serve --role api --process-address HOST:PORT` on the others."
+    )
+
+
+class StoreDamaged(LocalSystemError):
+    code = "PS-STORE-DAMAGED"
+    remediation = (
+        "The process server's chunk index (DATA/process/index.db) is unreadable: restore DATA/process from a "
+        "backup, or move it aside to start an empty store (every protected disk then synchronises again)."
+    )
+
+
+class ProtectDiskInvalid(UsageError):
+    code = "PROTECT-DISK-INVALID"
+    remediation = "Give whole disks as /dev paths (--disk /dev/sdb, repeatable) or --all-disks, not both."
+
+
+class PolicyNotFound(UsageError):
+    code = "POLICY-NOT-FOUND"
+    remediation = "Create the policy first (`mobility-server policy set NAME ...`) or use `default`."
+
+
+class PolicyInvalid(UsageError):
+    code = "POLICY-INVALID"
+    remediation = (
+        "Give a policy name of lowercase letters, digits, - and _, durations like 30s, 5m or 1h (1 s to 7 days), a "
+        "bandwidth like 50M (bytes per second, 0 for no cap) and a retention of 1 to 10000 points."
+    )
+
+
+class PointNotFound(UsageError):
+    code = "POINT-NOT-FOUND"
+    remediation = "Pick a point from `mobility-server points --machine HOST` (or `latest`)."
+
+
+class PointCorrupt(VerificationError):
+    code = "POINT-CORRUPT"
+    remediation = (
+        "The point's data in the store does not match its root hash (the message names the disk and chunk): "
+        "fail over to another point, check the process server's disk (dmesg, SMART), and run `verify` on the others."
+    )
+
+
+class FailoverOutExists(UsageError):
+    code = "FAILOVER-OUT-EXISTS"
+    remediation = "Give --out a new or empty directory: failover never overwrites disk images."
+
+
+class TestFailoverFailed(VerificationError):
+    __test__ = False  # not a pytest class
+    code = "TEST-FAILOVER-FAILED"
+    remediation = (
+        "The point's disk images did not pass (the report names the check: root hash, fsck or mount): try an "
+        "older point, and run `mobility-server verify --point ID` on the one that failed."
+    )
+
+
+class FailoverToolMissing(UnsupportedError):
+    code = "FAILOVER-TOOL-MISSING"
+    remediation = "Install the tools test-failover runs: losetup and mount (util-linux), e2fsprogs, xfsprogs."

@@ -5,7 +5,7 @@ history. ``tests/server/test_storage.py`` checks that a database migrated to the
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Double, Index, Integer, MetaData, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Double, Index, Integer, MetaData, Table, Text
 
 metadata = MetaData()
 
@@ -149,4 +149,29 @@ rollout_machines = Table(
     Column("offered_at", Double),
     Column("updated_at", Double, nullable=False),
     Index("rollout_machines_by_wave", "rollout_id", "wave"),
+)
+
+# Replication (server/process/, docs/replication.md): named policies, and per machine the disks it protects under
+# one of them, with the replication status its last heartbeat reported (JSON, agent/shared/replication_wire.py).
+policies = Table(
+    "policies",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("rpo_seconds", Double, nullable=False),
+    Column("interval_seconds", Double, nullable=False),
+    Column("bandwidth_bps", BigInteger, nullable=False),
+    Column("retention", Integer, nullable=False),
+)
+
+protection = Table(
+    "protection",
+    metadata,
+    Column("host_id", Text, primary_key=True),
+    Column("disks", Text, nullable=False),  # one /dev path a line
+    Column("all_disks", Boolean, nullable=False),
+    Column("policy", Text, nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("report", Text),
+    Column("reported_at", Double),
 )

@@ -22,11 +22,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, Engine, RowMapping, and_, delete, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DatabaseError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from agent.shared.replication_wire import Policy, ReplicationReport
 from agent.shared.wire import HealthReport, MachineFacts, WireError
 from server import migrations
 from server.database import POOL_SIZE, Database, make_engine
@@ -41,7 +55,17 @@ from server.errors import (
     JobNotOwned,
     UnknownMachine,
 )
-from server.schema import enrol_failures, health_history, jobs, machines, retired_passphrases, tokens, used_nonces
+from server.schema import (
+    enrol_failures,
+    health_history,
+    jobs,
+    machines,
+    policies,
+    protection,
+    retired_passphrases,
+    tokens,
+    used_nonces,
+)
 
 HISTORY_SECONDS = 7 * 86400.0  # queued health reports are kept this long
 FAILURE_SECONDS = 3600.0  # failed proofs are kept this long (the rate limit looks at the last minute)
@@ -102,6 +126,7 @@ class Credential:
     target_version: str | None = None  # what its heartbeat answer names (server/rollouts.py)
     target_job: str | None = None
     pinned_version: str | None = None
+    protection: ProtectionRow | None = None  # what its heartbeat answer asks it to protect (replication)
 
     def verify(self, serial: str) -> bool:
         """Whether the certificate ``serial`` is good: True when it is the renewed one presented for the first time
@@ -356,9 +381,12 @@ class Storage:
                     machines.c.target_version,
                     machines.c.target_job,
                     machines.c.pinned_version,
-                ).where(machines.c.host_id.in_(list(host_ids)))
+                    *_PROTECTION_COLUMNS,
+                )
+                .select_from(_with_protection(machines))
+                .where(machines.c.host_id.in_(list(host_ids)))
             )
-            return {r[0]: Credential(*r) for r in rows}
+            return {r[0]: Credential(*r[:9], protection=_protection(r._mapping)) for r in rows}
 
     @_db_errors
     def promote(self, credential: Credential) -> None:
@@ -401,6 +429,7 @@ class Storage:
     def remove(self, host_id: str) -> bool:
         """Forget ``host_id`` (its certificates are then refused as unknown); its jobs and history stay."""
         with self.transaction() as tx:
+            tx.conn.execute(delete(protection).where(protection.c.host_id == host_id))
             return bool(tx.conn.execute(delete(machines).where(machines.c.host_id == host_id)).rowcount)
 
     @_db_errors
@@ -614,6 +643,102 @@ class Storage:
             ):
                 removed += tx.conn.execute(stmt).rowcount
             return removed
+
+    # Replication: protection, policies, the status machines report ---------------------------------------------
+
+    @_db_errors
+    def protect(
+        self, host_id: str, disks: Iterable[str], all_disks: bool, policy: str, paused: bool, now: float
+    ) -> None:
+        """Protect ``disks`` (or all) of a machine under ``policy``; the status it last reported stays."""
+        values = {
+            "host_id": host_id,
+            "disks": "\n".join(disks),
+            "all_disks": all_disks,
+            "policy": policy,
+            "paused": paused,
+            "updated_at": now,
+        }
+        with self.transaction() as tx:
+            stmt = _insert(self.postgresql)(protection).values(**values)
+            tx.conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[protection.c.host_id],
+                    set_={k: stmt.excluded[k] for k in ("disks", "all_disks", "policy", "paused", "updated_at")},
+                )
+            )
+
+    @_db_errors
+    def unprotect(self, host_id: str) -> bool:
+        with self.transaction() as tx:
+            return bool(tx.conn.execute(delete(protection).where(protection.c.host_id == host_id)).rowcount)
+
+    def protection(self, host_id: str) -> ProtectionRow | None:
+        with self._read() as tx:
+            row = tx.conn.execute(
+                select(*_PROTECTION_COLUMNS)
+                .select_from(_with_policy(protection))
+                .where(protection.c.host_id == host_id)
+            ).first()
+            return _protection(row._mapping) if row else None
+
+    def protections(self) -> list[ProtectionRow]:
+        """Every protected machine (the operator's listing; no request calls this)."""
+        with self._read() as tx:
+            rows = tx.conn.execute(
+                select(*_PROTECTION_COLUMNS).select_from(_with_policy(protection)).order_by(protection.c.host_id)
+            )
+            return [p for p in (_protection(r._mapping) for r in rows) if p is not None]
+
+    @_db_errors
+    def set_policy(self, policy: Policy) -> None:
+        values = {
+            "name": policy.name,
+            "rpo_seconds": policy.rpo_seconds,
+            "interval_seconds": policy.interval_seconds,
+            "bandwidth_bps": policy.bandwidth_bps,
+            "retention": policy.retention,
+        }
+        with self.transaction() as tx:
+            stmt = _insert(self.postgresql)(policies).values(**values)
+            tx.conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[policies.c.name], set_={k: stmt.excluded[k] for k in values if k != "name"}
+                )
+            )
+
+    def policy(self, name: str) -> Policy | None:
+        """A policy by name; ``default`` exists without being created."""
+        with self._read() as tx:
+            row = tx.conn.execute(select(policies).where(policies.c.name == name)).first()
+        if row is None:
+            return Policy() if name == "default" else None
+        return _policy(row._mapping)
+
+    def policies(self) -> list[Policy]:
+        with self._read() as tx:
+            stored = [_policy(r._mapping) for r in tx.conn.execute(select(policies).order_by(policies.c.name))]
+        return stored if any(p.name == "default" for p in stored) else [Policy(), *stored]
+
+    @_db_errors
+    def record_replication(self, reports: Iterable[tuple[str, float, str]]) -> None:
+        """(host ID, received at, replication report JSON) of many machines in one transaction (each instance
+        flushes them with its heartbeats); an older report never replaces a newer one."""
+        rows = [{"h": h, "t": t, "r": r} for h, t, r in sorted(reports)]
+        if not rows:
+            return
+        stmt = (
+            update(protection)
+            .where(
+                and_(
+                    protection.c.host_id == bindparam("h"),
+                    or_(protection.c.reported_at.is_(None), protection.c.reported_at <= bindparam("t")),
+                )
+            )
+            .values(report=bindparam("r"), reported_at=bindparam("t"))
+        )
+        with self.transaction() as tx:
+            tx.conn.execute(stmt, rows)
 
     # Locks across instances --------------------------------------------------------------------------------
 
@@ -843,5 +968,86 @@ def _stored_health(text: Any) -> HealthReport | None:
         return None
     try:
         return HealthReport.stored(json.loads(text))
+    except (TypeError, ValueError, RecursionError, WireError):
+        return None
+
+
+@dataclass(frozen=True)
+class ProtectionRow:
+    """A protected machine: which disks (or all), its policy, whether paused, and the status it last reported."""
+
+    host_id: str
+    disks: tuple[str, ...]
+    all_disks: bool
+    policy: Policy
+    paused: bool
+    updated_at: float
+    report: ReplicationReport | None = None
+
+    def covers(self, disk: str) -> bool:
+        return self.all_disks or disk in self.disks
+
+
+_PROTECTION_COLUMNS = (
+    protection.c.host_id.label("p_host_id"),
+    protection.c.disks.label("p_disks"),
+    protection.c.all_disks.label("p_all_disks"),
+    protection.c.policy.label("p_policy"),
+    protection.c.paused.label("p_paused"),
+    protection.c.updated_at.label("p_updated_at"),
+    protection.c.report.label("p_report"),
+    policies.c.rpo_seconds.label("p_rpo"),
+    policies.c.interval_seconds.label("p_interval"),
+    policies.c.bandwidth_bps.label("p_bandwidth"),
+    policies.c.retention.label("p_retention"),
+)
+
+
+def _with_policy(table: Any) -> Any:
+    return table.outerjoin(policies, policies.c.name == protection.c.policy)
+
+
+def _with_protection(table: Any) -> Any:
+    return _with_policy(table.outerjoin(protection, protection.c.host_id == machines.c.host_id))
+
+
+def _policy(row: RowMapping) -> Policy:
+    return Policy(
+        str(row["name"]),
+        float(row["rpo_seconds"]),
+        float(row["interval_seconds"]),
+        int(row["bandwidth_bps"]),
+        int(row["retention"]),
+    )
+
+
+def _protection(row: RowMapping) -> ProtectionRow | None:
+    """The protection columns of a row (``_PROTECTION_COLUMNS``), None when the machine protects nothing. A policy
+    row that is gone reads as the defaults under its name."""
+    if row["p_host_id"] is None:
+        return None
+    name = str(row["p_policy"])
+    if row["p_rpo"] is None:
+        policy = Policy() if name == "default" else Policy(name)
+    else:
+        policy = Policy(
+            name, float(row["p_rpo"]), float(row["p_interval"]), int(row["p_bandwidth"]), int(row["p_retention"])
+        )
+    return ProtectionRow(
+        host_id=str(row["p_host_id"]),
+        disks=tuple(d for d in str(row["p_disks"]).split("\n") if d),
+        all_disks=bool(row["p_all_disks"]),
+        policy=policy,
+        paused=bool(row["p_paused"]),
+        updated_at=float(row["p_updated_at"]),
+        report=_stored_report(row["p_report"]),
+    )
+
+
+def _stored_report(text: Any) -> ReplicationReport | None:
+    if not text:
+        return None
+    try:
+        return ReplicationReport.from_json(json.loads(text))
     except (TypeError, ValueError, RecursionError, WireError):
         return None

@@ -165,6 +165,11 @@ class PostgresCluster:
         with passfile().open("a") as f:
             f.write(f"{self.listen}:{self.port}:*:{ROLE}:{self.password}\n")
 
+    def local_url(self, url: str) -> str:
+        """The same database through the cluster's Unix socket: reachable from inside a network namespace (local
+        connections need no password here)."""
+        return f"postgresql://{ROLE}@/{url.rsplit('/', 1)[1]}?host={self.socket_dir}&port={self.port}"
+
     def new_database(self, prefix: str = "mobility") -> str:
         """A new empty database owned by the server's role; its URL (no password)."""
         name = f"{prefix}_{os.getpid()}_{next(_counter)}"

@@ -143,6 +143,7 @@ STATE_OWNERS = {
     "update_record": "agent.update_state",  # /var/lib/mobility/update.json
     "update_target": "agent.update_state",  # /var/lib/mobility/target.json
     "upgrade_marker": "agent.update_state",  # /var/lib/mobility/upgrade.from
+    "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
 }
 
 

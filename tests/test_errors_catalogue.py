@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import agent.cli
-import agent.registration  # noqa: F401
 import server.app
 import server.cli  # noqa: F401
 from agent.paths import Paths

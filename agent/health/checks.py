@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from agent.checks import Report, Result, Status
 from agent.config import AgentConfig
@@ -271,6 +271,57 @@ class FreezeProvider:
         )
 
 
+@dataclass(frozen=True)
+class Replication:
+    """Protected disks: stalled ones are critical; syncing, paused, past the RPO or without a recent point warn."""
+
+    status: dict[str, Any] | None  # what the replication engine reports (agent/replication/engine.py status_doc)
+    now: float
+    id: ClassVar[str] = "HLT-REPLICATION"
+    title: ClassVar[str] = "protected disks replicating"
+    remediation: ClassVar[str] = (
+        "See `mobility status` for each disk's state and error (docs/replication.md lists what each means); a "
+        "stalled disk needs the process server reachable and accepting data."
+    )
+
+    def run(self) -> Result:
+        disks = (self.status or {}).get("disks") or []
+        if not disks:
+            return Result(self.id, Status.PASS, "no disk protected")
+        stalled = [d for d in disks if d.get("state") == "STALLED"]
+        if stalled:
+            d = stalled[0]
+            return Result(
+                self.id,
+                Status.FAIL,
+                f"{d.get('disk')} is STALLED: {d.get('error')}: {d.get('detail')}",
+                self.remediation,
+            )
+        waiting = [f"{d.get('disk')} {d.get('state')}" for d in disks if d.get("state") != "CONTINUOUS"]
+        if waiting:
+            return Result(self.id, Status.WARN, "not in CONTINUOUS: " + ", ".join(waiting), self.remediation)
+        rpo = (self.status or {}).get("rpo_seconds")
+        lag = max((d.get("lag_seconds") or 0.0) for d in disks)
+        if isinstance(rpo, (int, float)) and lag > rpo:
+            return Result(
+                self.id,
+                Status.WARN,
+                f"lag {lag:.0f} s is past the RPO target of {rpo:.0f} s",
+                self.remediation,
+                f"{lag:.0f} s",
+                f"{rpo:.0f} s",
+            )
+        interval = (self.status or {}).get("interval_seconds")
+        last = (self.status or {}).get("last_point")
+        started = (self.status or {}).get("started") or self.now
+        newest = last if isinstance(last, (int, float)) else started
+        if isinstance(interval, (int, float)) and self.now - newest > 2 * interval + 120:
+            return Result(
+                self.id, Status.WARN, f"no recovery point for {(self.now - newest) / 60:.0f} min", self.remediation
+            )
+        return Result(self.id, Status.PASS, f"{len(disks)} disks in CONTINUOUS, lag {lag:.1f} s", value=f"{lag:.1f} s")
+
+
 def health_checks(
     config: AgentConfig,
     now: float,
@@ -279,6 +330,7 @@ def health_checks(
     disk: DiskSample | None,
     cert_not_after: float | None,
     freeze: FreezeSetup,
+    replication: dict[str, Any] | None = None,
 ) -> list[
     DaemonRunning
     | MemoryBudget
@@ -289,6 +341,7 @@ def health_checks(
     | ClockSkew
     | CertificateDays
     | FreezeProvider
+    | Replication
 ]:
     """Every health check, in the order they are shown."""
     return [
@@ -301,4 +354,5 @@ def health_checks(
         ClockSkew(server, config),
         CertificateDays(cert_not_after, config, now),
         FreezeProvider(freeze),
+        Replication(replication, now),
     ]

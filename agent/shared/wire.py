@@ -12,9 +12,12 @@ import re
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.shared.textsafe import printable
+
+if TYPE_CHECKING:
+    from agent.shared.replication_wire import ReplicationReport
 
 API = "/v1"
 NONCE_PATH = f"{API}/enrol/nonce"
@@ -341,6 +344,7 @@ class Heartbeat:
     agent_version: str
     health: HealthReport | None
     queued: bool = False  # sent from the backlog after an outage: history, not the current state
+    replication: ReplicationReport | None = None  # a protected machine's replication status
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -348,17 +352,22 @@ class Heartbeat:
             "agent_version": self.agent_version,
             "health": self.health.to_json() if self.health else None,
             "queued": self.queued,
+            "replication": self.replication.to_json() if self.replication else None,
         }
 
     @classmethod
     def from_json(cls, body: Any) -> Heartbeat:
+        from agent.shared.replication_wire import ReplicationReport  # it builds on this module's field checks
+
         f = _Fields(body, "heartbeat")
         health = f.doc.get("health")
+        replication = f.doc.get("replication")
         return cls(
             host_id=_host_id(f.text("host_id", 36), "heartbeat.host_id"),
             agent_version=f.text("agent_version", 32, pattern=_VERSION),
             health=HealthReport.from_json(health) if health is not None else None,
             queued=f.flag("queued"),
+            replication=ReplicationReport.from_json(replication) if replication is not None else None,
         )
 
 

@@ -227,6 +227,50 @@ def test_notifications_never_block_the_daemon(paths: Paths, tmp_path: Path) -> N
         assert time.monotonic() - start < 5
 
 
+class ProtectingLink(FakeLink):
+    """A server that answers with a protection setting (or a poisoned one)."""
+
+    def __init__(self, protection: Any) -> None:
+        super().__init__()
+        self.protection = protection
+
+    def heartbeat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {**super().heartbeat(body), "protection": self.protection}
+
+
+PROTECTION = {
+    "disks": ["/dev/nosuchdisk"],
+    "all_disks": False,
+    "policy": {"name": "default", "rpo_seconds": 900, "interval_seconds": 300, "bandwidth_bps": 0, "retention": 24},
+    "process": {"host": None, "port": 9444},
+    "paused": False,
+}
+
+
+def test_a_poisoned_protection_answer_changes_nothing(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
+    for poisoned in ({**PROTECTION, "disks": ["/etc/shadow"]}, {**PROTECTION, "policy": "x"}, ["/dev/sdb"]):
+        link = ProtectingLink(poisoned)
+        daemon = Daemon(paths, ROOMY, link, now=T0)
+        daemon.heartbeat()
+        assert daemon.replication is None
+    assert "protection settings are not valid" in caplog.text
+
+
+def test_a_protected_disk_that_is_not_here_is_reported_then_protection_ends(paths: Paths) -> None:
+    link = ProtectingLink(PROTECTION)
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    daemon.heartbeat()
+    assert daemon.replication is not None
+    daemon.heartbeat()
+    (disk,) = link.beats[-1][1]["replication"]["disks"]
+    assert (disk["disk"], disk["state"], disk["error"]) == ("/dev/nosuchdisk", "STALLED", "REPL-DISK-NOT-FOUND")
+    link.protection = None
+    daemon.heartbeat()
+    daemon.heartbeat()
+    assert link.beats[-1][1]["replication"]["disks"] == []
+    daemon.replication.stop()
+
+
 class _TickyProcess:
     """psutil.Process as it reads CPU: over a window of a few milliseconds the figure is whole clock ticks, e.g.
     1924.9 % (seen in the demo's first health report); over a real window it is the truth."""

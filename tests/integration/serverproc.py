@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.localserver import init_local_server, start_local_server
+from scripts.localserver import init_local_server, server_log, start_local_server
 from scripts.testlab import debian_root  # noqa: F401 (re-exported: tests import it from here)
 from server.database import database_for
 from server.datadir import DataDir
@@ -60,6 +60,13 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def process_port(self) -> int:
+        """The port of the process server role (replication streams), from the server's log."""
+        found = re.findall(r"process server receiving on \S+:(\d+)", server_log(self.data).read_text())
+        assert found, "the server runs no process server role"
+        return int(found[-1])
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:

@@ -38,6 +38,7 @@ COMMANDS: dict[str, list[str]] = {
     "upgrade": [],
     "freeze-provider": ["install"],
     "uninstall": ["-Y"],
+    "point": ["--timeout", "5"],  # no daemon under the root: DAEMON-NOT-RUNNING, nothing written
 }
 
 # Options that take a path or a file -> the tests (file::function) that try hostile values of it.

@@ -41,11 +41,23 @@ PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
             "updates",
             "pin",
             "unpin",
+            "protect",
+            "unprotect",
+            "protection",
+            "policy",
+            "points",
+            "failover",
+            "test-failover",
+            "verify",
         )
     },
     ("push", "--key"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("push", "--password-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("push", "--hosts-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
+    ("failover", "--out"): ["test_replication.py::test_failover_outputs_and_scratch_areas_that_are_not_directories"],
+    ("test-failover", "--scratch"): [
+        "test_replication.py::test_failover_outputs_and_scratch_areas_that_are_not_directories"
+    ],
     ("repo add", "files"): [
         "test_server_commands.py::test_repo_add_of_files_that_are_not_bundles",
         "test_bundle_archives.py::test_repo_add_refuses_within_bounds",
@@ -167,6 +179,14 @@ def test_data_directories_that_are_not_one(tmp_path: Path) -> None:
         ("updates",),
         ("pin", "11111111-1111-4111-8111-111111111111"),
         ("unpin", "11111111-1111-4111-8111-111111111111"),
+        ("protect", "--machine", "m", "--all-disks"),
+        ("unprotect", "--machine", "m"),
+        ("protection",),
+        ("policy", "list"),
+        ("points", "--machine", "m"),
+        ("failover", "--machine", "m", "--point", "latest", "--out", str(tmp_path / "out")),
+        ("test-failover", "--machine", "m", "--point", "latest"),
+        ("verify", "--point", "p"),
     ):
         for where in (tmp_path / "missing", afile, Path("/dev/null")):
             r = server_cli(where, *command)

@@ -234,3 +234,37 @@ def test_new_connections_in_a_big_fleet_cause_no_full_collection(mode: str, expe
         cwd=Path(__file__).resolve().parents[2],
     )
     assert (int(r.stdout) > 0) is expect_full, r.stdout
+
+
+def test_a_protected_machine_is_told_what_to_protect_and_its_report_is_flushed(server: Server) -> None:
+    from agent.shared.replication_wire import DiskReport, Policy, ProcessAddress, ReplicationReport
+
+    server.storage.enrol_machine(new_machine(HOST), 0.0)
+    assert server.protection_for(server.storage.credentials([HOST])[HOST]) is None
+    server.storage.set_policy(Policy("gold", 60.0, 120.0, 1000, 5))
+    server.storage.protect(HOST, ["/dev/sdb"], False, "gold", False, 1.0)
+    credential = server.storage.credentials([HOST])[HOST]
+    assert server.protection_for(credential) is None  # no process server role here: nothing to announce
+    server.process = ProcessAddress(None, 9444)
+    protection = server.protection_for(credential)
+    assert protection is not None and (protection.disks, protection.policy.name, protection.process.port) == (
+        ("/dev/sdb",),
+        "gold",
+        9444,
+    )
+    report = ReplicationReport((DiskReport("/dev/sdb", "CONTINUOUS", throughput_bps=5.0),))
+    server.buffer_heartbeat(Beat(HOST, 10.0, "0.1.0", '{"status": "healthy"}'))
+    server.buffer_replication(HOST, 10.0, json.dumps(report.to_json()))
+    broken = server.storage
+
+    class Down:
+        def record_heartbeats(self, beats: object) -> None:
+            raise DatabaseUnavailable("database down")
+
+    server.storage = Down()  # type: ignore[assignment]
+    with pytest.raises(DatabaseUnavailable):
+        server.flush_heartbeats()
+    server.storage = broken
+    assert server.flush_heartbeats() == 1  # the report waited with its heartbeat
+    row = server.storage.protection(HOST)
+    assert row is not None and row.report == report

@@ -322,3 +322,48 @@ def test_init_refuses_a_database_that_holds_a_server(storage: Storage, tmp_path:
     url = str(storage.db) if storage.postgresql else f"sqlite:///{storage.db.sqlite_path}"
     assert main(["init", "--data", str(tmp_path / "data"), "--database", url]) == 2
     assert not (tmp_path / "data" / ".initialised").exists()
+
+
+def test_protection_policies_and_reported_status(storage: Storage) -> None:
+    """Replication's tables: a policy is read back whole (a bandwidth past 32 bits too), a machine's protection
+    comes with its policy in the credentials the heartbeat path reads, an older report never replaces a newer one,
+    and protecting again keeps the last report."""
+    from agent.shared.replication_wire import DiskReport, Policy, ReplicationReport
+
+    host, other = "ffffffff-ffff-4fff-8fff-ffffffffffff", "12121212-1212-4121-8121-121212121212"
+    storage.enrol_machine(new_machine(host), 0.0)
+    storage.enrol_machine(new_machine(other, hostname="db1", public_key=public_pem()), 0.0)
+    assert storage.policy("default") == Policy() and storage.policy("gold") is None
+    gold = Policy("gold", 60.0, 120.0, 1 << 40, 7)
+    storage.set_policy(gold)
+    storage.set_policy(Policy("gold", 60.0, 120.0, 1 << 40, 8))
+    assert storage.policy("gold") == Policy("gold", 60.0, 120.0, 1 << 40, 8)
+    assert [p.name for p in storage.policies()] == ["default", "gold"]
+
+    storage.protect(host, ["/dev/sdb", "/dev/sdc"], False, "gold", False, 10.0)
+    row = storage.protection(host)
+    assert row is not None and (row.disks, row.all_disks, row.paused, row.policy.retention) == (
+        ("/dev/sdb", "/dev/sdc"),
+        False,
+        False,
+        8,
+    )
+    assert row.covers("/dev/sdc") and not row.covers("/dev/sdd")
+    credentials = storage.credentials([host, other])
+    assert credentials[host].protection == row and credentials[other].protection is None
+
+    report = ReplicationReport((DiskReport("/dev/sdb", "CONTINUOUS", throughput_bps=1.0),), points=3)
+    older = ReplicationReport((DiskReport("/dev/sdb", "STALLED", throughput_bps=0.0),))
+    storage.record_replication([(host, 200.0, json.dumps(report.to_json()))])
+    storage.record_replication([(host, 100.0, json.dumps(older.to_json())), (other, 100.0, "{}")])
+    assert storage.protection(host).report == report  # type: ignore[union-attr]
+    storage.protect(host, ["/dev/sdb"], False, "gold", True, 20.0)
+    row = storage.protection(host)
+    assert row is not None and (row.disks, row.paused, row.report) == (("/dev/sdb",), True, report)
+    assert storage.protection(other) is None  # a report from a machine that protects nothing is not kept
+
+    execute(storage, "UPDATE protection SET report = :r", r='{"disks": [{"disk": "/etc/shadow"}]}')
+    assert storage.protection(host).report is None  # type: ignore[union-attr]
+    assert [p.host_id for p in storage.protections()] == [host]
+    assert storage.remove(host) and storage.protections() == []
+    assert storage.unprotect(host) is False

@@ -67,3 +67,22 @@ def test_daemon_not_running_is_critical() -> None:
     report = run_checks(checks)
     assert overall(report) is Health.CRITICAL
     assert report.results[0].message == "daemon not running"
+
+
+def test_replication_stalled_is_critical_and_lag_past_the_rpo_warns() -> None:
+    from agent.health.checks import Replication
+
+    def disk(state: str, lag: float | None = 1.0, **more: object) -> dict[str, object]:
+        return {"disk": "/dev/sdb", "state": state, "lag_seconds": lag, **more}
+
+    now = 10_000.0
+    policy = {"rpo_seconds": 900.0, "interval_seconds": 300.0, "started": now - 60}
+    assert Replication(None, now).run().status is Status.PASS
+    stalled = Replication({"disks": [disk("STALLED", error="PS-STORE-FULL", detail="full")], **policy}, now).run()
+    assert (stalled.status, "PS-STORE-FULL" in stalled.message) == (Status.FAIL, True)
+    assert Replication({"disks": [disk("RESYNCING", None)], **policy}, now).run().status is Status.WARN
+    assert Replication({"disks": [disk("CONTINUOUS", 1000.0)], **policy}, now).run().status is Status.WARN
+    old_point = Replication({"disks": [disk("CONTINUOUS")], **policy, "last_point": now - 3600}, now).run()
+    assert old_point.status is Status.WARN and "no recovery point for 60 min" in old_point.message
+    fine = Replication({"disks": [disk("CONTINUOUS")], **policy, "last_point": now - 100}, now).run()
+    assert fine.status is Status.PASS

@@ -1,0 +1,317 @@
+"""Cutting a crash-consistent recovery point across every protected disk of the machine.
+
+The whole job holds off upgrades and rollbacks (``version_hold``: the agent never switches versions and restarts
+under a point), and no point starts while one switches (the point fails at once; the next is cut after the
+restart).
+
+1. Pre-copy: wait (bounded) until the disks' dirty maps hold little, so the freeze is short, or until what they hold
+   stops shrinking (writes spread over a large area change chunks as fast as they are sent). What is left is then
+   captured in a bounded freeze: the point is cut only when reading and sending it is expected to take at most
+   ``MAX_FREEZE`` seconds at the rate past captures reached (nothing is compressed during a freeze).
+2. App-consistent hooks: /etc/mobility/freeze.d/* ``pre`` (the post hooks always run).
+3. Freeze every filesystem on the protected disks, all at once (FIFREEZE); a watchdog thread thaws them after
+   10 s whatever happens. Nothing between freeze and thaw writes a file or a log line: the state directory and
+   the logs may be on a frozen filesystem, and a write there would block until the thaw.
+4. Drain the tracer (every write completed before the freeze is now in the dirty maps) and have each disk's
+   thread read its residual: the chunks changed since they were last read.
+5. Thaw. Each disk then closes the point on its stream with the root hash of its chunk hashes at the freeze; the
+   process server accepts it only if its replica has the same root.
+
+A disk without a mounted filesystem cannot be frozen: its point is consistent only if it was idle (no write in the
+second before the freeze nor during the capture), labelled ``raw-idle``, else ``raw-busy``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import FreezeFailed, PointFailed, UpdateBusy
+from agent.paths import Paths
+from agent.proc import run
+from agent.replication.devices import freeze, mounts_of, thaw
+from agent.replication.sync import Capture, DiskReplicator
+from agent.replication.tracing import Tracer
+from agent.shared.errors import MobilityError
+from agent.update_state import version_hold
+
+log = logging.getLogger("mobility.replication")
+
+WATCHDOG_SECONDS = 10.0
+PRECOPY_BYTES = 16 * 1024 * 1024  # the residual a freeze reads: small enough for a freeze well under a second
+PRECOPY_TIMEOUT = 60.0
+PRECOPY_PLATEAU = 5.0  # the residual has not shrunk for this long: the pre-copy cannot do better
+MAX_FREEZE = 5.0  # seconds a freeze may be expected to last (as VSS's flush-and-hold, under its 10 s limit)
+CAPTURE_DEADLINE = 8.0  # seconds after the freeze by which every disk must have read its residual
+MIN_CAPTURE_RATE = 20e6  # bytes per second assumed before a capture was measured, at the least
+ACK_TIMEOUT = 120.0
+HOOK_TIMEOUT = 60.0
+
+
+class CaptureRate:
+    """How fast a freeze's residual was read and sent (bytes per second, a moving average of the captures large
+    enough to measure it), to foresee how long the next freeze would last."""
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+
+    def expect(self, pending: int, sending: float) -> float:
+        """Seconds to capture ``pending`` bytes; before any measurement, from the rate the disks send at now
+        (a freeze captures faster: the applications wait, nothing is compressed)."""
+        rate = self.rate if self.rate is not None else max(MIN_CAPTURE_RATE, 1.5 * sending)
+        return pending / rate
+
+    def measured(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= PRECOPY_BYTES and seconds > 0:
+            rate = nbytes / seconds
+            self.rate = rate if self.rate is None else 0.5 * self.rate + 0.5 * rate
+
+
+@dataclass
+class PointResult:
+    ok: bool
+    point_id: str | None = None
+    created: float | None = None
+    consistency: str | None = None
+    freeze_ms: float | None = None
+    frozen_at: float | None = None  # wall clock
+    thawed_at: float | None = None
+    residual_chunks: int = 0
+    error: str | None = None
+    message: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+class Freezer:
+    """Freezes filesystems all at once; ``thaw`` (or, after ``limit`` seconds, the watchdog) thaws them."""
+
+    def __init__(self, mount_points: Sequence[str], limit: float = WATCHDOG_SECONDS) -> None:
+        self.mount_points = list(mount_points)
+        self.limit = limit
+        self.fds: list[int] = []
+        self.lock = threading.Lock()
+        self.thawed = False
+        self.watchdog_fired = False
+        self._done = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="freeze-watchdog", daemon=True)
+
+    def freeze(self) -> None:
+        self._watchdog.start()  # first: whatever happens below, a thaw is coming
+        for point in self.mount_points:
+            try:
+                fd = freeze(point)
+            except OSError as e:
+                self.thaw()
+                raise FreezeFailed(f"cannot freeze {point}: {e.strerror}") from e
+            with self.lock:
+                if self.thawed:  # the watchdog already thawed (a freeze that took 10 s)
+                    thaw(fd)
+                    raise FreezeFailed(f"freezing {point} took longer than {self.limit:.0f} s")
+                self.fds.append(fd)
+
+    def _watch(self) -> None:
+        if not self._done.wait(self.limit):
+            # No logging before the thaw: the log may be on a frozen filesystem.
+            with self.lock:
+                self.watchdog_fired = not self.thawed
+            self.thaw()
+
+    def thaw(self) -> bool:
+        """Thaw everything frozen; True if the filesystems were thawed here, before the watchdog did it."""
+        with self.lock:
+            first = not self.thawed
+            self.thawed = True
+            fds, self.fds = self.fds, []
+            for fd in fds:
+                with contextlib.suppress(OSError):  # nothing better to do; the next point thaws again
+                    thaw(fd)
+        self._done.set()
+        return first and not self.watchdog_fired
+
+
+def _hooks(freeze_dir: Path) -> list[Path]:
+    try:
+        return sorted(p for p in freeze_dir.iterdir() if p.is_file() and os.access(p, os.X_OK))
+    except OSError:
+        return []
+
+
+def _run_hooks(hooks: Sequence[Path], phase: str) -> bool:
+    ok = True
+    for hook in hooks:
+        try:
+            run([str(hook), phase], timeout=HOOK_TIMEOUT)
+        except MobilityError as e:
+            log.warning("freeze hook %s %s failed: %s", hook.name, phase, e.message)
+            ok = False
+    return ok
+
+
+def cut_point(
+    replicators: Sequence[DiskReplicator],
+    tracer: Tracer,
+    paths: Paths,
+    *,
+    watchdog: float = WATCHDOG_SECONDS,
+    precopy_timeout: float = PRECOPY_TIMEOUT,
+    frozen: Callable[[bool], None] = lambda _: None,
+    capture_rate: CaptureRate | None = None,
+) -> PointResult:
+    """Cut one point across ``replicators`` and wait until the process server has it (PointResult either way)."""
+    not_ready = [r.device.name for r in replicators if r.state != "CONTINUOUS" or r.need_sweep]
+    if not replicators or not_ready:
+        return _failed(PointFailed(f"not every protected disk is in CONTINUOUS: {', '.join(not_ready) or 'none'}"))
+    try:
+        with version_hold(paths):
+            return _cut(
+                replicators, tracer, paths.freeze_dir, watchdog, precopy_timeout, frozen, capture_rate or CaptureRate()
+            )
+    except UpdateBusy:
+        return _failed(PointFailed("the agent is switching versions: the point is cut after the restart"))
+
+
+def _cut(
+    replicators: Sequence[DiskReplicator],
+    tracer: Tracer,
+    freeze_dir: Path,
+    watchdog: float,
+    precopy_timeout: float,
+    frozen: Callable[[bool], None],
+    capture_rate: CaptureRate,
+) -> PointResult:
+    created = time.time()
+    pending = _precopy(replicators, precopy_timeout)
+    expected = capture_rate.expect(pending, sum(r.rate for r in replicators)) if pending > PRECOPY_BYTES else 0.0
+    if expected > MAX_FREEZE:
+        # The applications would wait that long for the residual: no point now; the next interval tries again.
+        return _failed(
+            PointFailed(
+                f"{pending >> 20} MiB still changed after the pre-copy: capturing them would freeze the filesystems "
+                f"for about {expected:.0f} s (more than {MAX_FREEZE:.0f} s); no freeze"
+            )
+        )
+    with open("/proc/self/mountinfo") as f:
+        mountinfo = f.read()
+    mounts = {r.device.name: mounts_of(r.device, mountinfo) for r in replicators}
+    points = sorted({point for found in mounts.values() for point, _ in found})
+    hooks = _hooks(freeze_dir)
+    app = bool(hooks) and _run_hooks(hooks, "pre")
+    point_id = str(uuid.uuid4())
+    disks = tuple(r.device.name for r in replicators)
+    captures = [Capture(point_id, created, disks) for _ in replicators]
+    freezer = Freezer(points, watchdog)
+    events_before = [r.dirty.events for r in replicators]
+    start = time.monotonic()
+    for r in replicators:
+        r.hashes.hold()
+    frozen(True)  # the daemon writes no status file from here to the thaw
+    frozen_at = time.time()
+    try:
+        try:
+            freezer.freeze()
+        except FreezeFailed as e:
+            return _abort(captures, replicators, e)
+        if not tracer.drain(watchdog / 2):
+            freezer.thaw()
+            return _abort(captures, replicators, PointFailed("the tracer did not drain in time"))
+        for r, c in zip(replicators, captures, strict=True):
+            r.commands.put(c)
+        deadline = start + min(CAPTURE_DEADLINE, watchdog - 1)
+        for c in captures:
+            c.captured.wait(max(0.0, deadline - time.monotonic()))
+        in_time = freezer.thaw()
+        captured_in = time.monotonic() - start
+    finally:
+        freezer.thaw()
+        frozen(False)
+    thawed_at = time.time()
+    freeze_ms = (time.monotonic() - start) * 1000
+    if hooks:
+        _run_hooks(hooks, "post")
+    for r in replicators:
+        r.hashes.release()
+    late = [r.device.name for r, c in zip(replicators, captures, strict=True) if not c.captured.is_set()]
+    errors = [c.error for c in captures if c.error is not None]
+    if not in_time or late or errors:
+        if late and not errors:  # it took longer than the freeze may: the next estimate knows it was slower still
+            capture_rate.measured(pending, captured_in)
+        why = errors[0].message if errors else f"{', '.join(late) or 'a disk'} did not capture within the freeze"
+        return _abort(captures, replicators, PointFailed(why), freeze_ms)
+    capture_rate.measured(sum(c.residual_bytes for c in captures), captured_in)
+    tracer.drain(5.0)
+    labels = []
+    for r, found, before in zip(replicators, (mounts[r.device.name] for r in replicators), events_before, strict=True):
+        if found:
+            labels.append("app-consistent" if app else "crash-consistent")
+        else:
+            idle = r.dirty.events == before and start - r.dirty.last_event >= 1.0
+            labels.append("raw-idle" if idle else "raw-busy")
+    for c, label in zip(captures, labels, strict=True):
+        c.label = label
+        c.closing.set()
+    deadline = time.monotonic() + ACK_TIMEOUT
+    for r, c in zip(replicators, captures, strict=True):
+        if not c.acked.wait(max(0.0, deadline - time.monotonic())) or not c.point_ok:
+            return _failed(PointFailed(f"the process server did not acknowledge point {point_id} of {r.device.name}"))
+    for r in replicators:
+        r.persisted.last_point = created
+    order = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")
+    weakest = min(labels, key=order.index)
+    log.info(
+        "point %s cut (%s): frozen %.0f ms, %d residual chunks",
+        point_id,
+        weakest,
+        freeze_ms,
+        sum(c.residual for c in captures),
+    )
+    return PointResult(
+        True,
+        point_id,
+        created,
+        weakest,
+        round(freeze_ms, 1),
+        frozen_at,
+        thawed_at,
+        sum(c.residual for c in captures),
+    )
+
+
+def _precopy(replicators: Sequence[DiskReplicator], timeout: float) -> int:
+    """Wait (bounded) until little is left to send, or until it stops shrinking; returns the bytes still changed."""
+    now = time.monotonic()
+    deadline = now + timeout
+    best, best_at = None, now
+    while True:
+        pending = sum(r.dirty.dirty * r.geometry.chunk_size for r in replicators)
+        now = time.monotonic()
+        if best is None or pending < 0.95 * best:
+            best, best_at = pending, now
+        if pending <= PRECOPY_BYTES or now >= deadline or now - best_at >= PRECOPY_PLATEAU:
+            return pending
+        time.sleep(0.05)
+
+
+def _abort(
+    captures: Sequence[Capture], replicators: Sequence[DiskReplicator], error: MobilityError, freeze_ms: float = 0.0
+) -> PointResult:
+    for r in replicators:
+        r.hashes.release()
+    for c in captures:
+        c.label = None
+        c.closing.set()
+    result = _failed(error)
+    result.freeze_ms = round(freeze_ms, 1) if freeze_ms else None
+    return result
+
+
+def _failed(error: MobilityError) -> PointResult:
+    log.warning("no point: %s: %s", error.id, error.message)
+    return PointResult(False, error=error.id, message=error.message)

@@ -1,0 +1,713 @@
+"""One protected disk on the source: its state machine, the checksum sweep (initial sync and resync), continuous
+replication from the dirty map, and its part in cutting a point. Runs in its own thread at a lower CPU and I/O
+priority; reading, hashing and compressing run in a small shared pool (BLAKE3 and zstd release the GIL).
+
+States: INITIAL_SYNC (the replica is new: every chunk that is not zero travels), RESYNC_REQUIRED (writes may have
+been missed: lost trace events, an agent restart, a reboot, a resize, a replica that lost data), RESYNCING (the
+sweep: each chunk's hash is compared with the replica's and only chunks that differ travel), CONTINUOUS (the
+dirty map drives), PAUSED (by the operator: changes are tracked, nothing is sent), STALLED (no progress: the
+process server is unreachable or refuses data; the message says why)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
+from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
+from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
+from agent.replication.dirtymap import DirtyMap
+from agent.replication.hashfile import HashFile
+from agent.replication.transport import Stream
+from agent.shared.errors import MobilityError
+from agent.shared.fsutil import atomic_write
+from agent.shared.replication_wire import HASH_SIZE, Codec, DiskReport, Hello, Kind, PointClose, ProtocolError
+
+log = logging.getLogger("mobility.replication")
+
+BATCH_BYTES = 1024 * 1024  # one read (and one pool job) covers up to this many bytes of contiguous chunks
+PIPELINE = 4  # jobs in the pool ahead of the sender
+STALL_AFTER = 30.0  # seconds without progress while there is work before the state says STALLED
+BUSY_SHARE = 0.8  # the rest of the machine using this share of all CPU makes replication slow down
+
+
+_UNKNOWN = b"\xff" * HASH_SIZE  # a hash no chunk has: "the replica may not hold this chunk"
+
+
+@dataclass
+class ChunkOut:
+    index: int
+    hash: bytes
+    codec: Codec
+    payload: bytes
+    size: int
+
+
+@dataclass
+class JobResult:
+    first: int
+    hashes: bytes  # every chunk of the job, in order
+    out: list[ChunkOut]  # chunks whose hash differs from what the job was told the replica has
+    since: float
+    nbytes: int
+
+
+@dataclass
+class Capture:
+    """A point being cut: what the coordinator and a disk's thread tell each other."""
+
+    point_id: str
+    created: float
+    disks: tuple[str, ...]
+    captured: threading.Event = field(default_factory=threading.Event)
+    closing: threading.Event = field(default_factory=threading.Event)
+    acked: threading.Event = field(default_factory=threading.Event)
+    label: str | None = None  # set by the coordinator before ``closing``; None aborts the point
+    point_ok: bool = False  # the process server acknowledged the point (``acked`` is set either way)
+    root: str = ""
+    residual: int = 0  # chunks
+    residual_bytes: int = 0
+    error: MobilityError | None = None
+
+
+_local = threading.local()
+
+
+def _reader(device: BlockDevice) -> DirectReader:
+    """Each pool thread reads each disk through its own descriptor and aligned buffer."""
+    readers: dict[Path, DirectReader] = getattr(_local, "readers", {})
+    _local.readers = readers
+    reader = readers.get(device.path)
+    if reader is None:
+        reader = readers[device.path] = DirectReader(device.path, BATCH_BYTES)
+    return reader
+
+
+INCOMPRESSIBLE_RUN = 8  # chunks in a row that zstd could not shrink: stop trying...
+PROBE_EVERY = 16  # ...but for one chunk in this many, to notice compressible data again
+
+
+def _worth_compressing(device: BlockDevice) -> bool:
+    """Whether to try zstd on this disk's next chunk in this thread: random or encrypted data (a large share of
+    some disks) costs the compression's full CPU for nothing, so a run of chunks it did not shrink pauses it."""
+    runs: dict[Path, int] = getattr(_local, "incompressible", {})
+    _local.incompressible = runs
+    run = runs.get(device.path, 0)
+    if run < INCOMPRESSIBLE_RUN:
+        return True
+    runs[device.path] = run + 1
+    return (run - INCOMPRESSIBLE_RUN) % PROBE_EVERY == PROBE_EVERY - 1
+
+
+def _compressed(device: BlockDevice, shrank: bool) -> None:
+    runs: dict[Path, int] = getattr(_local, "incompressible", {})
+    _local.incompressible = runs
+    if shrank:
+        runs[device.path] = 0
+    elif runs.get(device.path, 0) < INCOMPRESSIBLE_RUN:
+        runs[device.path] = runs.get(device.path, 0) + 1
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
+    return c
+
+
+def read_job(
+    device: BlockDevice,
+    geometry: Geometry,
+    first: int,
+    n: int,
+    known: bytes | None,
+    since: float,
+    compress: bool = True,
+) -> JobResult:
+    """In the pool: read ``n`` chunks from ``first``, hash them, and compress those whose hash is not ``known``
+    (zstd level 1; raw when that does not shrink it or without ``compress``; zero chunks as markers)."""
+    offset = geometry.offset(first)
+    length = sum(geometry.length(i) for i in range(first, first + n))
+    data = _reader(device).read(offset, length)
+    hashes = bytearray()
+    out: list[ChunkOut] = []
+    pos = 0
+    for k in range(n):
+        i = first + k
+        size = geometry.length(i)
+        chunk = data[pos : pos + size]
+        pos += size
+        zero = is_zero(chunk)  # one memcmp: an empty disk's zeros are never hashed
+        digest = zero_hash(size) if zero else chunk_hash(chunk)
+        hashes += digest
+        if known is not None and known[k * HASH_SIZE : (k + 1) * HASH_SIZE] == digest:
+            continue
+        if zero:
+            out.append(ChunkOut(i, digest, Codec.ZERO, b"", size))
+            continue
+        packed = chunk
+        if compress and _worth_compressing(device):
+            packed = _compressor().compress(chunk)
+            _compressed(device, len(packed) < size)
+        if len(packed) < size:
+            out.append(ChunkOut(i, digest, Codec.ZSTD, packed, size))
+        else:
+            out.append(ChunkOut(i, digest, Codec.RAW, chunk, size))
+    return JobResult(first, bytes(hashes), out, since, length)
+
+
+class DeferredHashes:
+    """The hash file, with writes held in memory while a point is being cut: the state directory may be on a
+    filesystem that is frozen, and a write to it would block until the thaw. The coordinator holds before it
+    freezes and releases after it thawed."""
+
+    def __init__(self, hashes: HashFile) -> None:
+        self.file = hashes
+        self.held: dict[int, bytes] | None = None
+        self.lock = threading.Lock()
+
+    def read(self, first: int, n: int) -> bytes:
+        with self.lock:
+            data = self.file.read(first, n)
+            if not self.held:
+                return data
+            buf = bytearray(data)
+            found = (
+                [(i, self.held[i]) for i in range(first, first + n) if i in self.held]
+                if n < len(self.held)
+                else [(i, h) for i, h in self.held.items() if first <= i < first + n]
+            )
+            for i, h in found:
+                buf[(i - first) * HASH_SIZE : (i - first + 1) * HASH_SIZE] = h
+            return bytes(buf)
+
+    def write(self, first: int, hashes: bytes) -> None:
+        with self.lock:
+            if self.held is None:
+                self.file.write(first, hashes)
+                return
+            for k in range(len(hashes) // HASH_SIZE):
+                self.held[first + k] = hashes[k * HASH_SIZE : (k + 1) * HASH_SIZE]
+
+    def hold(self) -> None:
+        with self.lock:
+            if self.held is None:
+                self.held = {}
+
+    def release(self) -> None:
+        with self.lock:
+            held, self.held = self.held, None
+            for i, h in sorted((held or {}).items()):
+                self.file.write(i, h)
+
+    def root(self) -> str:
+        g = self.file.geometry
+        hasher = RootHasher(g)
+        step = 32768
+        for start in range(0, g.count, step):
+            hasher.update(self.read(start, min(step, g.count - start)))
+        return hasher.hexdigest()
+
+
+@dataclass
+class DiskState:
+    """What survives a restart of the agent (state.json next to the hash file)."""
+
+    disk: str
+    size: int = 0
+    chunk_size: int = 0
+    synced: bool = False  # a sweep completed at least once: the replica exists
+    running: bool = False  # set while the agent replicates; found set at start = the agent did not stop cleanly
+    boot_id: str = ""
+    last_point: float | None = None
+    # A clean stop in CONTINUOUS: the nonce of the marker it left in the tracing instance it kept (the dirty map went
+    # to ``dirty`` beside this file). The next agent skips the resync only if it adopts that instance.
+    clean_marker: str = ""
+
+    @classmethod
+    def load(cls, path: Path, disk: str) -> DiskState:
+        try:
+            doc = json.loads(path.read_text())
+            return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+        except (OSError, ValueError, TypeError):
+            return cls(disk)
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, json.dumps(self.__dict__, indent=1).encode(), 0o600)
+
+
+def save_dirty(path: Path, dirty: DirtyMap) -> None:
+    """The dirty chunks at a clean stop (zstd: a mostly clean map is a few bytes; at most the map's 1 MiB)."""
+    atomic_write(path, zstandard.compress(bytes(1 if b else 0 for b in dirty.bits) if dirty.dirty else b"", 3), 0o600)
+
+
+def load_dirty(path: Path, count: int) -> bytes | None:
+    """The map ``save_dirty`` wrote, if it is there and is one of ``count`` chunks (else None: resync)."""
+    try:
+        data = zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=count)
+    except (OSError, zstandard.ZstdError):
+        return None
+    return data if len(data) in (0, count) else None
+
+
+class DiskReplicator(threading.Thread):
+    def __init__(
+        self,
+        device: BlockDevice,
+        state_dir: Path,
+        stream: Stream,
+        pool: ThreadPoolExecutor,
+        *,
+        boot_id: str,
+        context: Callable[[], ssl.SSLContext] | None = None,
+        busy_share: float = BUSY_SHARE,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        kept_tracing: str | None = None,
+    ) -> None:
+        super().__init__(name=f"replication {device.name}", daemon=True)
+        self.device = device
+        self.state_dir = state_dir
+        self.stream = stream
+        self.pool = pool
+        self.clock, self.wall = clock, wall
+        self.boot_id = boot_id
+        self.context = context  # a fresh TLS context per connection: a renewed certificate is picked up
+        self.lock = threading.Lock()
+        self.commands: queue.Queue[Capture] = queue.Queue()
+        self.stopping = threading.Event()
+        self.paused = False
+        probe = DirectReader(device.path, 4096)
+        size = probe.size
+        probe.close()
+        self.persisted = DiskState.load(state_dir / "state.json", device.name)
+        self.geometry = geometry_for(size)
+        self.dirty = DirtyMap(self.geometry.count, now=clock())
+        self.hashes = DeferredHashes(HashFile(state_dir / "hashes", self.geometry))
+        self.pipeline: deque[tuple[int, int, Future[JobResult]]] = deque()  # (first chunk, count, the job)
+        # The state machine.
+        self.state = "INITIAL_SYNC"
+        self.error: str | None = None
+        self.detail: str | None = None
+        self.need_sweep = True
+        self.need_hashes = True  # the next connection asks the replica's hashes (they refill the hash file)
+        self.sweep_gen = 0
+        self.cursor = 0
+        self.sweep_started: float | None = None
+        self.replica_known = False
+        self.last_progress = clock()
+        self.backoff = 1.0
+        # Progress figures.
+        self.acked_bytes = 0
+        self.rate = 0.0
+        self._rate_mark = (clock(), 0)
+        self._busy_check = 0.0
+        self._slow = 0.0
+        self.busy = BusyMeter()
+        self.busy_share = busy_share
+        self.events_at_capture = 0
+        self._set_initial_reason(kept_tracing)
+
+    # Reasons to resync --------------------------------------------------------------------------------------------
+
+    def _set_initial_reason(self, kept_tracing: str | None) -> None:
+        p = self.persisted
+        if not p.synced or p.chunk_size != self.geometry.chunk_size:
+            self.state, self.detail = "INITIAL_SYNC", "first synchronisation of this disk"
+            return
+        self.state = "RESYNC_REQUIRED"
+        dirty = load_dirty(self.state_dir / "dirty", self.geometry.count) if p.clean_marker else None
+        with contextlib.suppress(OSError):
+            (self.state_dir / "dirty").unlink(missing_ok=True)  # used once: a later start finds a new one or none
+        if p.boot_id and p.boot_id != self.boot_id:
+            self.detail = "the machine rebooted: writes since the agent stopped are unknown"
+        elif p.running:
+            self.detail = "the agent did not stop cleanly: writes while it was down are unknown"
+        elif p.size != self.geometry.size:
+            self.detail = f"the disk was resized from {p.size} to {self.geometry.size} bytes"
+        elif not p.clean_marker or p.clean_marker != kept_tracing or dirty is None:
+            self.detail = "the agent restarted and no tracing went on meanwhile: writes while it was down are unknown"
+        else:
+            # A clean stop, and the tracing it left kept every write since: where it left off, no resync.
+            for i, flag in enumerate(dirty):
+                if flag:
+                    self.dirty.mark(i, i, self.clock())
+            self.state, self.need_sweep, self.detail = "CONTINUOUS", False, None
+
+    def tracing_interrupted(self) -> None:
+        """The adopted tracing turned out not to hold every write since the clean stop: compare every chunk."""
+        self.flag_resync(None, "the tracing the agent left at its stop was interrupted: writes may have been missed")
+
+    def flag_resync(self, error: str | None, detail: str, *, from_replica: bool = False) -> None:
+        """From any thread: writes may have been missed; compare every chunk again."""
+        with self.lock:
+            self.need_sweep = True
+            self.need_hashes = self.need_hashes or from_replica
+            self.sweep_gen += 1
+            self.error, self.detail = error, detail
+            if self.state in ("CONTINUOUS", "RESYNCING", "INITIAL_SYNC", "STALLED"):
+                self.state = "RESYNC_REQUIRED" if self.persisted.synced else "INITIAL_SYNC"
+
+    # The thread ---------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from agent.replication.devices import lower_priority
+
+        lower_priority()
+        self.persisted.size, self.persisted.chunk_size = self.geometry.size, self.geometry.chunk_size
+        self.persisted.running, self.persisted.boot_id = True, self.boot_id
+        self.persisted.clean_marker = ""
+        self._save_state()
+        while not self.stopping.is_set():
+            try:
+                self._step()
+                self.backoff = 1.0
+            except (ProcessServerUnreachable, RemoteError, ProtocolError) as e:
+                self._trouble(e)
+            except ReplicaLost as e:
+                self.stream.reset()
+                self.flag_resync(e.id, e.message, from_replica=True)
+            except OSError as e:
+                self._trouble(MobilityError(f"{self.device.name}: {e.strerror or e}"))
+        self._abort_commands("the agent is stopping")
+        with contextlib.suppress(MobilityError):
+            self._drain_pipeline()
+            self.stream.drain(2.0)
+        self._drop_pipeline()  # what could not be sent is changed still
+        self.stream.close()
+        self.stream.reset()  # and so is what the server did not acknowledge
+        self.hashes.release()
+
+    def stop(self) -> None:
+        """From another thread: stop soon (a send or wait on the stream is broken off)."""
+        self.stopping.set()
+        self.stream.interrupt()
+
+    def _trouble(self, e: MobilityError | Exception) -> None:
+        error_id = getattr(e, "id", "REPL-UNREACHABLE")
+        message = getattr(e, "message", str(e))
+        if error_id in ("REPL-CHUNK-CORRUPT", "REPL-POINT-MISMATCH", "REPL-PROTOCOL"):
+            # The replica refused what we sent: start over from its own hashes.
+            self.stream.reset()
+            self.flag_resync(error_id, message, from_replica=True)
+        self._drop_pipeline()
+        self.stream.close()
+        self._abort_commands(f"{error_id}: {message}")
+        with self.lock:
+            if self.error != error_id:
+                log.warning("%s: %s: %s", self.device.name, error_id, message)
+            self.error, self.detail = error_id, message
+            if self.clock() - self.last_progress > STALL_AFTER or error_id == "PS-STORE-FULL":
+                self.state = "STALLED"
+        self.stopping.wait(self.backoff)
+        self.backoff = min(self.backoff * 2, 30.0)
+
+    def _step(self) -> None:
+        if self.paused:
+            self.state = "PAUSED"
+            self._abort_commands("replication is paused")
+            self.stream.close()
+            self.stopping.wait(1.0)
+            return
+        if self.state == "PAUSED":
+            self.state = "RESYNC_REQUIRED" if self.need_sweep else "CONTINUOUS"
+        if not self.stream.connected:
+            self._connect()
+        if self.need_sweep:
+            self._sweep()
+        else:
+            self._continuous()
+
+    def _connect(self) -> None:
+        want = self.need_hashes
+        hello = Hello(self.device.name, self.geometry.size, self.geometry.chunk_size, want_hashes=want)
+
+        def store(first: int, hashes: bytes) -> None:
+            if first + len(hashes) // HASH_SIZE > self.geometry.count:
+                raise ProtocolError("more replica hashes than the disk has chunks")
+            self.hashes.write(first, hashes)
+
+        if self.context is not None:
+            self.stream.context = self.context()
+        welcome = self.stream.connect(hello, store if want else None)
+        self.replica_known = welcome.known
+        if want:
+            self.need_hashes = False
+        elif not welcome.known and self.persisted.synced:
+            raise ReplicaLost(f"the process server has no replica of {self.device.name} any more")
+        with self.lock:
+            if self.state == "STALLED":
+                self.state = "RESYNC_REQUIRED" if self.need_sweep else "CONTINUOUS"
+            if self.error in ("REPL-UNREACHABLE", "PS-STORE-FULL", "SERVER-ERROR"):
+                self.error = None
+        self.last_progress = self.clock()
+
+    # The sweep: initial sync and checksum resync ------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        with self.lock:
+            gen = self.sweep_gen
+            initial = not self.persisted.synced or not self.replica_known
+            self.state = "INITIAL_SYNC" if initial else "RESYNCING"
+            self.sweep_started = self.wall()
+        g = self.geometry
+        per_job = max(1, BATCH_BYTES // g.chunk_size)
+        self.cursor = 0
+        log.info("%s: %s (%s)", self.device.name, "initial sync" if initial else "checksum resync", self.detail)
+        for first in range(0, g.count, per_job):
+            if self.stopping.is_set() or self.paused or self.sweep_gen != gen:
+                self._drain_pipeline()
+                return
+            self._handle_commands(in_sweep=True)
+            n = min(per_job, g.count - first)
+            self.dirty.clear(first, first + n - 1)  # read now: later writes mark them again
+            known = self.hashes.read(first, n)
+            self._submit(first, n, known, self.clock())
+            self.cursor = first + n
+            self._throttle()
+        self._drain_pipeline()
+        self._wait_acked()
+        with self.lock:
+            if self.sweep_gen != gen:
+                return
+            self.need_sweep = False
+            self.replica_known = True
+            self.state = "CONTINUOUS"
+            self.error = None
+            self.detail = None
+            self.sweep_started = None
+        self.persisted.synced = True
+        self._save_state()
+        log.info("%s: in sync; continuous replication", self.device.name)
+
+    # Continuous replication ---------------------------------------------------------------------------------------
+
+    def _continuous(self) -> None:
+        self._handle_commands()
+        per_job = max(1, BATCH_BYTES // self.geometry.chunk_size)
+        taken = self.dirty.take(per_job * 8)
+        if not taken:
+            self._drain_pipeline()
+            self.stream.flush()
+            self.stream.pump(0.05)
+            self.last_progress = self.clock()
+            return
+        for first, n, since in _runs(taken, per_job):
+            self._submit(first, n, None, since)
+        self._throttle()
+
+    def _submit(self, first: int, n: int, known: bytes | None, since: float, *, compress: bool = True) -> None:
+        job = self.pool.submit(read_job, self.device, self.geometry, first, n, known, since, compress)
+        self.pipeline.append((first, n, job))
+        while len(self.pipeline) > PIPELINE:
+            self._send(self.pipeline[0][2].result())  # taken off only once sent: a failure leaves it to be marked
+            self.pipeline.popleft()
+        self.stream.pump(0)
+
+    def _drain_pipeline(self) -> None:
+        while self.pipeline:
+            self._send(self.pipeline[0][2].result())
+            self.pipeline.popleft()
+        self.stream.flush()
+
+    def _wait_acked(self) -> None:
+        """Until the process server acknowledged every frame sent (ProcessServerUnreachable if it stops)."""
+        last, mark = self.stream.acked, self.clock()
+        while self.stream.window and not self.stopping.is_set():
+            self.stream.pump(0.5)
+            if self.stream.acked != last:
+                last, mark = self.stream.acked, self.clock()
+            elif self.clock() - mark > self.stream.timeout:
+                self.stream.close()
+                raise ProcessServerUnreachable(
+                    f"{self.device.name}: no acknowledgement for {self.stream.timeout:.0f} s"
+                )
+
+    def _drop_pipeline(self) -> None:
+        """Jobs read but not sent: their chunks were taken from the dirty map, so they go back into it."""
+        for first, n, fut in self.pipeline:
+            fut.cancel()
+            self.dirty.mark(first, first + n - 1, self.clock())
+        self.pipeline.clear()
+
+    def _send(self, result: JobResult) -> None:
+        """Queue a job's changed chunks, in order; the hash file learns what the replica will hold."""
+        current = self.hashes.read(result.first, len(result.hashes) // HASH_SIZE)
+        size = 0
+        for chunk in result.out:
+            k = chunk.index - result.first
+            if current[k * HASH_SIZE : (k + 1) * HASH_SIZE] == chunk.hash:
+                continue  # the replica holds this already (the same data written again)
+            self.stream.send(
+                Kind.CHUNK,
+                chunk.payload,
+                flags=chunk.codec,
+                offset=self.geometry.offset(chunk.index),
+                size=chunk.size,
+                digest=chunk.hash,
+                since=result.since,
+                on_ack=self._acked_cb(chunk.size),
+                on_lost=self._lost_cb(chunk.index),
+            )
+            size += chunk.size
+        if result.hashes != current:
+            self.hashes.write(result.first, result.hashes)
+        self.last_progress = self.clock()
+
+    def _acked_cb(self, size: int) -> Callable[[], None]:
+        def acked() -> None:
+            self.acked_bytes += size
+
+        return acked
+
+    def _lost_cb(self, index: int) -> Callable[[], None]:
+        """The connection went before the server made this chunk durable: read it again and send it (its hash
+        entry is spoiled, so that an unchanged chunk is not taken for one the replica already holds)."""
+
+        def lost() -> None:
+            self.hashes.write(index, _UNKNOWN)
+            self.dirty.mark(index, index, self.clock())
+
+        return lost
+
+    def _throttle(self) -> None:
+        """Slow down while the rest of the machine keeps its CPUs busy (nice and ionice already yield to it; this
+        also leaves it the headroom): a pause per job of 20 ms past the threshold, 100 ms near saturation."""
+        now = self.clock()
+        if now - self._busy_check > 1.0:
+            self._busy_check = now
+            others = self.busy.update()
+            self._slow = 0.0 if others < self.busy_share else 0.02 if others < 0.95 else 0.1
+        if self._slow:
+            self.stopping.wait(self._slow)
+
+    # Points -------------------------------------------------------------------------------------------------------
+
+    def _handle_commands(self, in_sweep: bool = False) -> None:
+        while True:
+            try:
+                capture = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if in_sweep or self.need_sweep:
+                capture.error = MobilityError(f"{self.device.name} is in {self.state}, not CONTINUOUS")
+                capture.captured.set()
+                continue
+            self._capture(capture)
+
+    def _capture(self, capture: Capture) -> None:
+        """While the filesystems are frozen: read the residual, then (after the thaw) close the point."""
+        self._drain_pipeline()
+        events = self.dirty.events
+        taken = self.dirty.take_all()
+        per_job = max(1, BATCH_BYTES // self.geometry.chunk_size)
+        for first, n, since in _runs(taken, per_job):
+            self._submit(first, n, None, since, compress=False)  # the applications wait: sent as read
+        self._drain_pipeline()
+        capture.residual = len(taken)
+        capture.residual_bytes = len(taken) * self.geometry.chunk_size
+        self.events_at_capture = events
+        capture.captured.set()  # the coordinator may thaw now; nothing below reads the disk before the point
+        capture.root = self.hashes.root()
+        deadline = self.clock() + 60
+        while not capture.closing.wait(0.5) and not self.stopping.is_set() and self.clock() < deadline:
+            pass
+        if not capture.closing.is_set() or capture.label is None:
+            return  # aborted: the chunks went anyway, the point does not
+        close = PointClose(capture.point_id, capture.created, capture.root, capture.label, capture.disks, None)
+
+        def acked() -> None:
+            capture.point_ok = True
+            capture.acked.set()
+
+        self.stream.send(Kind.POINT, json.dumps(close.to_json()).encode(), on_ack=acked, on_lost=capture.acked.set)
+        self.stream.flush()
+
+    def _abort_commands(self, why: str) -> None:
+        while True:
+            try:
+                capture = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            capture.error = MobilityError(why)
+            capture.captured.set()
+
+    # State --------------------------------------------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        try:
+            self.persisted.save(self.state_dir / "state.json")
+        except OSError as e:
+            log.warning("%s: cannot record replication state: %s", self.device.name, e.strerror)
+
+    def mark_clean_stop(self, marker: str | None = None) -> None:
+        """After the thread ended: not running any more. With ``marker`` (the tracing was kept, and every write up
+        to the stop is in the dirty map) and the disk in sync, the dirty map is saved so the next start goes on from
+        it; otherwise the next start resyncs."""
+        in_sync = not self.need_sweep and self.persisted.synced
+        self.persisted.running = False
+        self.persisted.clean_marker = ""
+        if marker and in_sync:
+            try:
+                save_dirty(self.state_dir / "dirty", self.dirty)
+                self.persisted.clean_marker = marker
+            except OSError as e:
+                log.warning("%s: cannot save its dirty map (%s): the next start resyncs", self.device.name, e.strerror)
+        self._save_state()
+
+    def report(self) -> DiskReport:
+        now, wall = self.clock(), self.wall()
+        t0, b0 = self._rate_mark
+        if now - t0 >= 2.0:
+            instant = (self.acked_bytes - b0) / (now - t0)
+            self.rate = instant if not self.rate else 0.5 * self.rate + 0.5 * instant
+            self._rate_mark = (now, self.acked_bytes)
+        g = self.geometry
+        left = self.dirty.dirty * g.chunk_size + self.stream.window_size
+        if self.state in ("INITIAL_SYNC", "RESYNCING"):
+            left += max(0, g.count - self.cursor) * g.chunk_size
+        lag: float | None = None
+        if self.state in ("CONTINUOUS", "PAUSED", "STALLED") and not self.need_sweep:
+            # Both the dirty map and the window keep monotonic times of when a change was first seen.
+            oldest = [t for t in (self.dirty.oldest(), self.stream.oldest_unacked()) if t]
+            lag = max(0.0, now - min(oldest)) if oldest else 0.0
+        elif self.sweep_started is not None and self.persisted.synced:
+            lag = max(0.0, wall - self.sweep_started)
+        eta = left / self.rate if self.rate > 0 and left else (0.0 if not left else None)
+        return DiskReport(
+            disk=self.device.name,
+            state=self.state,
+            size=g.size,
+            bytes_left=left,
+            lag_seconds=lag,
+            throughput_bps=round(self.rate, 1),
+            eta_seconds=eta,
+            last_point=self.persisted.last_point,
+            error=self.error,
+            detail=self.detail,
+        )
+
+
+def _runs(taken: list[tuple[int, float]], limit: int) -> list[tuple[int, int, float]]:
+    """Dirty chunks as runs of contiguous indexes (first, count, oldest change), at most ``limit`` long."""
+    runs: list[tuple[int, int, float]] = []
+    for index, since in sorted(taken):
+        if runs:
+            first, n, oldest = runs[-1]
+            if index == first + n and n < limit:
+                runs[-1] = (first, n + 1, min(oldest, since))
+                continue
+        runs.append((index, 1, since))
+    return runs

@@ -1,0 +1,308 @@
+"""Change tracking from the kernel's block tracepoints, in user space: a tracefs instance of our own (so nobody
+else's tracing is disturbed), the ``block_rq_complete`` event filtered to the protected disks' writes, discards and
+write-zeroes, read from the instance's ``trace_pipe`` by one thread that marks the disks' dirty maps.
+
+Why completions and not ``block_bio_queue``: a write is queued before its data reaches the device; a chunk read
+between the two would be read old and then never seen again. Every completion that happens after a chunk was
+cleared for reading marks it dirty again, so what the replica holds can only be behind, never silently wrong.
+Partition I/O is traced on the whole disk (requests carry disk sectors), so partitions need no mapping; the
+partition devices are in the filter too for kernels that report them.
+
+Loss is detectable: the ring buffer reports every overrun as ``[LOST n EVENTS]``, and that (like any gap in
+reading) means a checksum resync. ``drain`` writes a marker into the instance and waits until the reader has seen
+it: every write completed before the call is then in the dirty maps (how a point knows its residual).
+
+A clean stop of the agent keeps the instance tracing (``stop(keep=True)``): the writes made while the agent is down
+(an upgrade's restart, a restart by the operator) wait in the kernel's buffer, after a marker with a nonce that the
+stopping agent records. The next agent adopts the instance (``adopt``) and reads on; only if it finds that very
+marker before its own first drain marker, with nothing lost, did it see every write since the stop, and the disks
+need no resync. A removed or recreated instance (a reboot, another tool), a full buffer, or no marker: resync."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import TracingUnavailable
+from agent.proc import run
+from agent.replication.dirtymap import DirtyMap
+from agent.shared.errors import MobilityError
+
+log = logging.getLogger("mobility.replication")
+
+TRACEFS = Path("/sys/kernel/tracing")
+DEBUGFS = Path("/sys/kernel/debug")
+EVENT = "block/block_rq_complete"
+SECTOR = 512
+_EVENT_RE = re.compile(rb"block_rq_complete: (\d+),(\d+) (\S*) (?:\(.*?\) )?(\d+) \+ (\d+)")
+_MARKER_RE = re.compile(rb"mobility-drain-(\d+)")
+_STOPPED_RE = re.compile(rb"mobility-stopped-([0-9a-f]{32})")
+_LOST_RE = re.compile(rb"\[LOST (\d+) EVENTS\]")
+
+
+def trace_dev(major: int, minor: int) -> int:
+    """The kernel's internal dev_t, as the tracepoint's ``dev`` field holds it."""
+    return (major << 20) | minor
+
+
+def event_filter(devs: Iterable[int]) -> str:
+    """Writes, discards and write-zeroes (rwbs W, D, N) of the given devices; reads never reach us."""
+    devices = " || ".join(f"dev == {d}" for d in sorted(set(devs)))
+    return f'({devices}) && rwbs ~ "*[WDN]*"' if devices else "dev == 0"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    events: list[tuple[int, int, int]]  # (dev, first sector, sectors)
+    lost: int
+    markers: list[int]
+    stopped: list[str] = field(default_factory=list)  # clean-stop markers (their nonces)
+
+
+def parse(chunk: bytes) -> Parsed:
+    """The events, lost counts and drain markers in a run of trace_pipe lines (pure)."""
+    events = [
+        (trace_dev(int(major), int(minor)), int(sector), int(count))
+        for major, minor, _rwbs, sector, count in _EVENT_RE.findall(chunk)
+    ]
+    lost = sum(int(n) for n in _LOST_RE.findall(chunk)) if b"LOST" in chunk else 0
+    markers = [int(m) for m in _MARKER_RE.findall(chunk)] if b"mobility-drain" in chunk else []
+    stopped = [m.decode() for m in _STOPPED_RE.findall(chunk)] if b"mobility-stopped" in chunk else []
+    return Parsed(events, lost, markers, stopped)
+
+
+@dataclass
+class Target:
+    """Where a device's writes go: a disk's dirty map, chunk size, and the sector offset of a partition."""
+
+    dirty: DirtyMap
+    chunk_size: int
+    start_sector: int = 0
+    on_lost: Callable[[], None] | None = None
+
+
+def tracing_root() -> Path:
+    """The tracing directory: tracefs, mounted if it is not (debugfs's tracing on kernels without tracefs)."""
+    if (TRACEFS / "instances").is_dir():
+        return TRACEFS
+    with contextlib.suppress(MobilityError):
+        run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], timeout=10, check=False)
+    if (TRACEFS / "instances").is_dir():
+        return TRACEFS
+    old = DEBUGFS / "tracing"
+    if not (old / "instances").is_dir():
+        with contextlib.suppress(MobilityError):
+            run(["mount", "-t", "debugfs", "nodev", str(DEBUGFS)], timeout=10, check=False)
+    if (old / "instances").is_dir():
+        return old
+    raise TracingUnavailable("neither tracefs (/sys/kernel/tracing) nor debugfs tracing could be mounted")
+
+
+def instance_name(state_dir: Path) -> str:
+    """One instance per agent state directory: a restarted agent finds and replaces its predecessor's."""
+    return "mobility-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+
+
+class Tracer(threading.Thread):
+    """Reads the instance's trace_pipe and marks dirty maps; ``on_lost`` is called once per overrun. With ``adopt``
+    (the nonce a clean stop left), an instance still tracing is kept and read on from where the last agent
+    stopped; ``continuous`` then says whether it saw that stop's marker with nothing lost."""
+
+    def __init__(self, name: str, buffer_kb: int, on_lost: Callable[[int], None], *, adopt: str | None = None) -> None:
+        super().__init__(name="replication-tracer", daemon=True)
+        self.root = tracing_root()
+        self.dir = self.root / "instances" / name
+        self.buffer_kb = buffer_kb
+        self.on_lost = on_lost
+        self.targets: dict[int, Target] = {}
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._marker = 0
+        self._seen = 0
+        self._cond = threading.Condition()
+        self.lost_total = 0
+        self.events_total = 0
+        self.fd = -1
+        self.adopted = adopt is not None and self._adopt()
+        self._expect = adopt if self.adopted else None
+        self._stop_seen = False
+        self._lost_before_stop = False
+        self._targets_set = threading.Event()  # events are read only once the disks they mark are known
+        if not self.adopted:
+            self._create()
+
+    # The instance -----------------------------------------------------------------------------------------------
+
+    def _adopt(self) -> bool:
+        """Keep the instance a clean stop left tracing, if it still is; False to start a new one."""
+        try:
+            on = (self.dir / "tracing_on").read_text().strip() == "1"
+            enabled = (self.dir / "events" / EVENT / "enable").read_text().strip() == "1"
+            if not (on and enabled):
+                return False
+            self.fd = os.open(self.dir / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        return True
+
+    @property
+    def adopted_marker(self) -> str | None:
+        """The clean stop's nonce when its instance was adopted (the disks check their own against it)."""
+        return self._expect
+
+    @property
+    def continuous(self) -> bool:
+        """Whether every write since the last agent's clean stop was seen (meaningful after a ``drain``)."""
+        return self.adopted and self._stop_seen and not self._lost_before_stop and not self.lost_total
+
+    def _create(self) -> None:
+        if self.dir.exists():
+            remove_instance(self.dir)
+        try:
+            self.dir.mkdir()
+            (self.dir / "buffer_size_kb").write_text(f"{self.buffer_kb}\n")
+            (self.dir / "events" / EVENT / "filter").write_text(event_filter([]) + "\n")
+            (self.dir / "events" / EVENT / "enable").write_text("1\n")
+            (self.dir / "tracing_on").write_text("1\n")
+            self.fd = os.open(self.dir / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            remove_instance(self.dir)
+            raise TracingUnavailable(f"{self.dir}: {e.strerror or e}") from e
+
+    def set_targets(self, targets: dict[int, Target]) -> None:
+        """Trace exactly these devices from now on (the filter swaps atomically in the kernel)."""
+        with self._lock:
+            self.targets = dict(targets)
+        (self.dir / "events" / EVENT / "filter").write_text(event_filter(targets) + "\n")
+        self._targets_set.set()
+
+    # Reading ----------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        rest = b""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while not self._targets_set.wait(0.2):  # an adopted backlog waits for the maps it belongs to
+            if self._halt.is_set():
+                return
+        while not self._halt.is_set():
+            try:
+                data = os.read(self.fd, 1 << 17)
+            except BlockingIOError:
+                poller.poll(200)
+                continue
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                log.error("trace_pipe read failed: %s; every protected disk needs a resync", e.strerror)
+                self._lost(1)
+                time.sleep(1)
+                continue
+            if not data:
+                poller.poll(200)
+                continue
+            buf = rest + data
+            cut = buf.rfind(b"\n") + 1
+            if not cut:
+                rest = buf[-4096:]  # no line is that long: keep only its end
+                continue
+            rest = buf[cut:]
+            self._apply(parse(buf[:cut]), time.monotonic())
+
+    def _apply(self, parsed: Parsed, now: float) -> None:
+        with self._lock:
+            targets = self.targets
+        for dev, sector, count in parsed.events:
+            target = targets.get(dev)
+            if target is None or count <= 0:
+                continue
+            start = (sector + target.start_sector) * SECTOR
+            target.dirty.mark(start // target.chunk_size, (start + count * SECTOR - 1) // target.chunk_size, now)
+        self.events_total += len(parsed.events)
+        if self._expect is not None and self._expect in parsed.stopped:
+            self._stop_seen = True
+        if parsed.lost:
+            if self._expect is not None and not self._stop_seen:
+                self._lost_before_stop = True
+            self._lost(parsed.lost)
+        if parsed.markers:
+            with self._cond:
+                self._seen = max(self._seen, *parsed.markers)
+                self._cond.notify_all()
+
+    def _lost(self, n: int) -> None:
+        self.lost_total += n
+        self.on_lost(n)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every event before this call has been applied (True), or ``timeout`` (False)."""
+        with self._cond:
+            self._marker += 1
+            marker = self._marker
+        try:
+            (self.dir / "trace_marker").write_text(f"mobility-drain-{marker}\n")
+        except OSError:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._seen < marker:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    return self._seen >= marker
+        return True
+
+    def stop(self, *, keep: str | None = None) -> bool:
+        """Stop reading. Without ``keep``, remove the instance (nothing of ours stays in the kernel). With ``keep``
+        (a nonce), read up to now, stop, and leave the instance tracing after a clean-stop marker carrying it; True
+        when that worked (the next agent can then adopt it)."""
+        drained = keep is not None and self.is_alive() and self.drain(5.0)
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if drained:
+            try:
+                (self.dir / "trace_marker").write_text(f"mobility-stopped-{keep}\n")
+                return True
+            except OSError:
+                pass
+        remove_instance(self.dir)
+        return False
+
+
+def remove_instance(path: Path) -> None:
+    """Disable the instance's events and remove it (an instance with readers or enabled events is busy)."""
+    with contextlib.suppress(OSError):
+        (path / "tracing_on").write_text("0\n")
+    with contextlib.suppress(OSError):
+        (path / "events" / EVENT / "enable").write_text("0\n")
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    log.warning("cannot remove the tracing instance %s (still busy); the next start replaces it", path)
+
+
+def remove_leftover(state_dir: Path) -> None:
+    """Remove the instance a clean stop left tracing for this state directory, if there is one (protection ended
+    while the agent was down, or the agent is uninstalled). Mounts nothing."""
+    for root in (TRACEFS, DEBUGFS / "tracing"):
+        path = root / "instances" / instance_name(state_dir)
+        if path.is_dir():
+            remove_instance(path)

@@ -1,0 +1,420 @@
+"""The replication wire format: binary frames on the per-disk stream, the JSON messages they carry, and the
+replication parts of the heartbeat (what the server asks the agent to protect; what the agent reports).
+
+Both sides import this module, as they import agent/shared/wire.py (and like it, it needs only the standard
+library). Every message a peer sends is parsed once, here, into
+a typed value; a field of the wrong type, size or shape is a ProtocolError naming it.
+
+A stream is one TLS connection per protected disk, authenticated by the machine's client certificate. The agent
+opens it with HELLO; the process server answers WELCOME with the last sequence number it has made durable (the
+agent resends what follows), then, if asked, the replica's chunk hashes (HASHES frames up to HASHES_END) for a
+checksum resync. CHUNK frames carry one chunk each: sequence, byte offset, raw length, BLAKE3 hash of the raw data,
+and the payload (zstd level 1, raw when that does not shrink it, or nothing for a zero chunk). POINT closes a
+recovery point after the chunks before it. The server answers ACK (every frame up to that sequence is durable)
+and ERROR (then closes)."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import uuid
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from agent.shared.wire import WireError, _Fields
+
+HASH_SIZE = 32  # BLAKE3 (agent/replication/chunks.py says why)
+MAX_CHUNK_SIZE = 16 * 1024 * 1024  # a frame's payload stays bounded: past 16 TiB a disk gets more chunks instead
+
+HEADER = struct.Struct("<2sBBIQQI4x32s")  # magic, kind, flags, payload length, seq, offset, raw size, hash
+MAGIC = b"MR"
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD = MAX_CHUNK_SIZE + 1024  # a chunk that zstd grew is sent raw: payload <= chunk size
+MAX_JSON = 64 * 1024
+HASHES_PER_FRAME = 8192  # 256 KiB of hashes per HASHES frame
+
+STATES = ("INITIAL_SYNC", "CONTINUOUS", "RESYNC_REQUIRED", "RESYNCING", "PAUSED", "STALLED")
+CONSISTENCY = ("crash-consistent", "app-consistent", "raw-idle", "raw-busy")
+MAX_DISKS = 64
+
+_DISK = re.compile(r"/dev/[A-Za-z0-9][A-Za-z0-9._:+@/-]{0,126}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ERROR_ID = re.compile(r"[A-Z][A-Z0-9-]{0,63}")
+_POLICY = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_HOST = re.compile(r"[A-Za-z0-9.:-]{1,253}")
+
+
+class ProtocolError(ValueError):
+    """A frame or message that does not follow the protocol (the peer is closed with REPL-PROTOCOL)."""
+
+
+class Kind(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    CHUNK = 3
+    POINT = 4
+    ACK = 5
+    ERROR = 6
+    HASHES = 7
+    HASHES_END = 8
+
+
+class Codec(IntEnum):
+    RAW = 0
+    ZSTD = 1
+    ZERO = 2  # no payload: the chunk is all zero bytes
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: Kind
+    flags: int
+    length: int
+    seq: int = 0
+    offset: int = 0
+    size: int = 0
+    hash: bytes = bytes(HASH_SIZE)
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, self.kind, self.flags, self.length, self.seq, self.offset, self.size, self.hash)
+
+    @classmethod
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
+        magic, kind, flags, length, seq, offset, size, digest = HEADER.unpack(data)
+        if magic != MAGIC:
+            raise ProtocolError("not a replication frame (bad magic)")
+        try:
+            k = Kind(kind)
+        except ValueError as e:
+            raise ProtocolError(f"unknown frame kind {kind}") from e
+        if length > (MAX_PAYLOAD if k in (Kind.CHUNK, Kind.HASHES) else MAX_JSON):
+            raise ProtocolError(f"{k.name} frame of {length} bytes is larger than allowed")
+        if k is Kind.CHUNK:
+            if flags not in tuple(Codec):
+                raise ProtocolError(f"unknown chunk codec {flags}")
+            if not 0 < size <= MAX_CHUNK_SIZE:
+                raise ProtocolError(f"chunk of {size} bytes")
+            if flags == Codec.ZERO and length:
+                raise ProtocolError("a zero chunk carries no payload")
+            if flags == Codec.RAW and length != size:
+                raise ProtocolError("a raw chunk's payload is its size")
+        return cls(k, flags, length, seq, offset, size, bytes(digest))
+
+
+def frame(kind: Kind, payload: bytes = b"", **fields: Any) -> bytes:
+    return Header(kind, fields.pop("flags", 0), len(payload), **fields).pack() + payload
+
+
+def json_frame(kind: Kind, doc: dict[str, Any], seq: int = 0) -> bytes:
+    return frame(kind, json.dumps(doc, separators=(",", ":")).encode(), seq=seq)
+
+
+def parse_json(payload: bytes, what: str) -> Any:
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"{what} is not JSON") from e
+
+
+def _int(f: _Fields, key: str, low: int, high: int) -> int:
+    value = f.doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise WireError(f"{f.where}.{key} must be an integer from {low} to {high}")
+    return value
+
+
+def _optional_number(f: _Fields, key: str) -> float | None:
+    return f.number(key) if f.doc.get(key) is not None else None
+
+
+def disk_name(value: str, where: str = "disk") -> str:
+    """A protected disk as the operator named it: /dev/..., printable, no '..' (WireError otherwise)."""
+    if not _DISK.fullmatch(value) or ".." in value.split("/") or "//" in value:
+        raise WireError(f"{where} must be a block device path under /dev (like /dev/sdb), not {value[:60]!r}")
+    return value
+
+
+def _guard(cls_name: str, data: Any, parse: Any) -> Any:
+    try:
+        return parse(data)
+    except WireError as e:
+        raise ProtocolError(f"{cls_name}: {e}") from e
+
+
+# Stream messages ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    disk: str
+    size: int
+    chunk_size: int
+    want_hashes: bool = False
+    version: int = PROTOCOL_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "disk": self.disk,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "want_hashes": self.want_hashes,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Hello:
+        def parse(d: Any) -> Hello:
+            f = _Fields(d, "hello")
+            return cls(
+                disk=disk_name(f.text("disk", 128), "hello.disk"),
+                size=_int(f, "size", 1, 1 << 56),
+                chunk_size=_int(f, "chunk_size", 4096, MAX_CHUNK_SIZE),
+                want_hashes=f.flag("want_hashes"),
+                version=_int(f, "version", 1, 1000),
+            )
+
+        return _guard("HELLO", doc, parse)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Welcome:
+    acked_seq: int  # every frame up to this sequence is durable on the process server
+    known: bool  # the server holds a replica of this disk with this geometry (else it starts empty)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"acked_seq": self.acked_seq, "known": self.known}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Welcome:
+        def parse(d: Any) -> Welcome:
+            f = _Fields(d, "welcome")
+            return cls(_int(f, "acked_seq", 0, 1 << 62), f.flag("known"))
+
+        return _guard("WELCOME", doc, parse)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class PointClose:
+    """Closes a recovery point on one disk's stream: the chunks sent before it are the disk at the freeze."""
+
+    point_id: str
+    created: float
+    root: str  # hex root hash over the disk's chunk hashes, computed on the source
+    consistency: str
+    disks: tuple[str, ...]  # every disk of the machine's point (the point is complete when each has closed)
+    freeze_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "point_id": self.point_id,
+            "created": self.created,
+            "root": self.root,
+            "consistency": self.consistency,
+            "disks": list(self.disks),
+            "freeze_ms": self.freeze_ms,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> PointClose:
+        def parse(d: Any) -> PointClose:
+            f = _Fields(d, "point")
+            point_id = f.text("point_id", 36)
+            try:
+                if str(uuid.UUID(point_id)) != point_id:
+                    raise ValueError(point_id)
+            except ValueError as e:
+                raise WireError("point.point_id is not a UUID in canonical form") from e
+            disks = f.items("disks", MAX_DISKS)
+            if not disks or not all(isinstance(x, str) for x in disks):
+                raise WireError("point.disks must be a non-empty list of disk names")
+            return cls(
+                point_id=point_id,
+                created=f.number("created"),
+                root=f.text("root", 64, pattern=_HEX64),
+                consistency=f.text("consistency", 32, choices=CONSISTENCY),
+                disks=tuple(disk_name(x, "point.disks[]") for x in disks),
+                freeze_ms=_optional_number(f, "freeze_ms"),
+            )
+
+        return _guard("POINT", doc, parse)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class StreamError:
+    code: str
+    message: str
+    fix: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "fix": self.fix}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> StreamError:
+        def parse(d: Any) -> StreamError:
+            f = _Fields(d, "error")
+            return cls(f.text("code", 64, pattern=_ERROR_ID), f.text("message", 2000), f.text("fix", 1000))
+
+        return _guard("ERROR", doc, parse)  # type: ignore[no-any-return]
+
+
+# Heartbeat: what to protect (server -> agent) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str = "default"
+    rpo_seconds: float = 900.0
+    interval_seconds: float = 300.0
+    bandwidth_bps: int = 0  # 0: no cap
+    retention: int = 24  # recovery points kept (the last N)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rpo_seconds": self.rpo_seconds,
+            "interval_seconds": self.interval_seconds,
+            "bandwidth_bps": self.bandwidth_bps,
+            "retention": self.retention,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Policy:
+        f = _Fields(doc, "policy")
+        interval = f.number("interval_seconds")
+        rpo = f.number("rpo_seconds")
+        if not 1 <= interval <= 7 * 86400 or not 1 <= rpo <= 7 * 86400:
+            raise WireError("policy intervals must be between 1 s and 7 days")
+        return cls(
+            name=f.text("name", 32, pattern=_POLICY),
+            rpo_seconds=rpo,
+            interval_seconds=interval,
+            bandwidth_bps=_int(f, "bandwidth_bps", 0, 1 << 40),
+            retention=_int(f, "retention", 1, 10000),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessAddress:
+    host: str | None  # None: the configuration server's own host, as the agent reaches it
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ProcessAddress:
+        f = _Fields(doc, "process")
+        host = f.optional_text("host", 253, pattern=_HOST)
+        return cls(host, _int(f, "port", 1, 65535))
+
+
+@dataclass(frozen=True)
+class Protection:
+    """What the server asks the agent to protect: named disks or all of them, a policy, and where to send."""
+
+    disks: tuple[str, ...]
+    all_disks: bool
+    policy: Policy
+    process: ProcessAddress
+    paused: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "disks": list(self.disks),
+            "all_disks": self.all_disks,
+            "policy": self.policy.to_json(),
+            "process": self.process.to_json(),
+            "paused": self.paused,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Protection:
+        f = _Fields(doc, "protection")
+        disks = f.items("disks", MAX_DISKS)
+        if not all(isinstance(d, str) for d in disks):
+            raise WireError("protection.disks must be a list of disk names")
+        return cls(
+            disks=tuple(disk_name(d, "protection.disks[]") for d in disks),
+            all_disks=f.flag("all_disks"),
+            policy=Policy.from_json(f.doc.get("policy")),
+            process=ProcessAddress.from_json(f.doc.get("process")),
+            paused=f.flag("paused"),
+        )
+
+
+# Heartbeat: how replication goes (agent -> server) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskReport:
+    disk: str
+    state: str
+    size: int = 0
+    bytes_left: int = 0
+    lag_seconds: float | None = None  # age of the oldest change not yet acknowledged (the RPO right now)
+    throughput_bps: float = 0.0
+    eta_seconds: float | None = None
+    last_point: float | None = None
+    error: str | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "disk": self.disk,
+            "state": self.state,
+            "size": self.size,
+            "bytes_left": self.bytes_left,
+            "lag_seconds": self.lag_seconds,
+            "throughput_bps": self.throughput_bps,
+            "eta_seconds": self.eta_seconds,
+            "last_point": self.last_point,
+            "error": self.error,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> DiskReport:
+        f = _Fields(doc, "replication.disks[]")
+        return cls(
+            disk=disk_name(f.text("disk", 128), "replication.disks[].disk"),
+            state=f.text("state", 16, choices=STATES),
+            size=_int(f, "size", 0, 1 << 56) if "size" in f.doc else 0,
+            bytes_left=_int(f, "bytes_left", 0, 1 << 56) if "bytes_left" in f.doc else 0,
+            lag_seconds=_optional_number(f, "lag_seconds"),
+            throughput_bps=f.number("throughput_bps"),
+            eta_seconds=_optional_number(f, "eta_seconds"),
+            last_point=_optional_number(f, "last_point"),
+            error=f.optional_text("error", 64, pattern=_ERROR_ID),
+            detail=f.optional_text("detail", 500),
+        )
+
+
+@dataclass(frozen=True)
+class ReplicationReport:
+    disks: tuple[DiskReport, ...] = ()
+    last_point: float | None = None
+    last_point_id: str | None = None
+    points: int = 0
+    freeze_ms: float | None = None  # the last point's freeze window
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "disks": [d.to_json() for d in self.disks],
+            "last_point": self.last_point,
+            "last_point_id": self.last_point_id,
+            "points": self.points,
+            "freeze_ms": self.freeze_ms,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ReplicationReport:
+        f = _Fields(doc, "replication")
+        return cls(
+            disks=tuple(DiskReport.from_json(d) for d in f.items("disks", MAX_DISKS)),
+            last_point=_optional_number(f, "last_point"),
+            last_point_id=f.optional_text("last_point_id", 36, pattern=re.compile(r"[0-9a-f-]{36}")),
+            points=_int(f, "points", 0, 1 << 40) if "points" in f.doc else 0,
+            freeze_ms=_optional_number(f, "freeze_ms"),
+        )

@@ -1,0 +1,415 @@
+"""bench/replication: replication figures against their targets, each measured side by side in one run (root).
+
+    .venv/bin/python bench/replication.py [--sync-gib 2] [--resync-gib 4] [--churn-seconds 60] [--rss-gib 1 16]
+
+1. Full sync: a disk filled with half compressible (binaries and libraries of this machine) and half random data;
+   the limit is min(sequential O_DIRECT read of the disk, zstd-1 over the same data x cores), both measured now;
+   the initial sync runs from the daemon's "initial sync" log line to "in sync". Target >= 90 % of the limit.
+2. Resync: a disk of --resync-gib GiB, 1 % of its 64 KiB blocks rewritten while the agent is down (killed: an unclean
+   stop, which needs the resync a clean stop no longer does); the agent's
+   checksum resync against `rsync --inplace --no-whole-file` of the same change onto the old image (caches dropped
+   before each). Target >= 2x faster.
+3. Churn: fio random writes (4 KiB, then 64 KiB) at 20 MB/s to a 1 GiB file on ext4 on a protected disk, points
+   every 10 s: lag p99
+   (sampled from the agent's status), the writer's p99 latency with and without protection, the freeze window p99.
+4. RSS: the daemon's resident memory (every thread; one process) during the initial sync and while idle, for a
+   1 GiB and a 16 GiB disk. Target <= 64 MiB busy, the larger within 10 % of the smaller.
+
+The process server runs on the same two cores as the source here, so the agents run with
+replication_backoff_cpu_percent = 100: the server's work would otherwise count as the machine being busy and
+replication would back off from it (as it should from the machine's own work; tests/integration cover that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import zstandard
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scripts.replication_lab import Disk, Lab, Machine, Server, sh  # noqa: E402
+
+MIB = 1 << 20
+GIB = 1 << 30
+AGENT = {"replication_backoff_cpu_percent": 100}
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def drop_caches() -> None:
+    sh(["sync"])
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def corpus() -> bytes:
+    """Compressible data from this machine: its executables and libraries (zstd-1 keeps roughly half)."""
+    out = bytearray()
+    for folder in ("/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/lib"):
+        for path in sorted(Path(folder).glob("*")):
+            if path.is_file() and not path.is_symlink():
+                try:
+                    out += path.read_bytes()
+                except OSError:
+                    continue
+            if len(out) >= 256 * MIB:
+                return bytes(out)
+    return bytes(out)
+
+
+def fill(disk: Disk, nbytes: int, data: bytes, seed: int) -> None:
+    """Half compressible, half random, in alternating 1 MiB pieces, written straight onto the device."""
+    rng = random.Random(seed)  # noqa: S311 - benchmark data
+    fd = os.open(disk.loop, os.O_WRONLY)
+    try:
+        for offset in range(0, nbytes, MIB):
+            if (offset // MIB) % 2:
+                piece = rng.randbytes(MIB)
+            else:
+                start = rng.randrange(0, max(1, len(data) - MIB))
+                piece = data[start : start + MIB].ljust(MIB, b"\1")
+            os.pwrite(fd, piece, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seq_read(path: str, size: int) -> float:
+    """Bytes per second of an O_DIRECT sequential read of the device (1 MiB requests)."""
+    import mmap
+
+    drop_caches()
+    buf = mmap.mmap(-1, 4 * MIB)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    start = time.perf_counter()
+    try:
+        offset = 0
+        while offset < size:
+            n = os.preadv(fd, [buf], offset)
+            if n <= 0:
+                break
+            offset += n
+    finally:
+        os.close(fd)
+    return size / (time.perf_counter() - start)
+
+
+def zstd_rate(path: str, size: int, cores: int) -> float:
+    """zstd level 1 over the disk's own data in 64 KiB chunks, one compressor per core, bytes per second."""
+    sample = min(size, 512 * MIB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, sample, 0)
+    finally:
+        os.close(fd)
+
+    def work(part: int) -> None:
+        c = zstandard.ZstdCompressor(level=1)
+        for i in range(part * 65536, len(data), cores * 65536):
+            c.compress(data[i : i + 65536])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(work, range(cores)))
+    return len(data) / (time.perf_counter() - start)
+
+
+def log_time(machine: Machine, pattern: str, after: float = 0.0) -> float:
+    for line in machine.log().splitlines():
+        m = _STAMP.match(line)
+        if m and pattern in line:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if t >= after:
+                return t
+    raise AssertionError(f"no log line {pattern!r}")
+
+
+def protect(server: Server, machine: Machine, disk: Disk, policy: str = "bench", interval: str = "7d") -> None:
+    server.cli("policy", "set", policy, "--interval", interval, "--retention", "1000")
+    server.cli("protect", "--machine", machine.host_id, "--disk", disk.loop, "--policy", policy)
+
+
+def sample_rss(pid: int, stop: threading.Event, out: list[float]) -> None:
+    proc = psutil.Process(pid)
+    while not stop.is_set():
+        try:
+            out.append(proc.memory_info().rss / MIB)
+        except psutil.Error:
+            return
+        stop.wait(0.2)
+
+
+def p99(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+# 1. Full sync --------------------------------------------------------------------------------------------------
+
+
+def bench_full_sync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[str, float]:
+    size = int(gib * GIB)
+    disk = lab.disk("sync", size, ())
+    fill(disk, size, data, seed=1)
+    read = seq_read(disk.loop, size)
+    zstd = zstd_rate(disk.loop, size, os.cpu_count() or 1)
+    limit = min(read, zstd)
+    machine = lab.machine(server, "sync", config=AGENT)
+    lab.expose(machine, disk)
+    drop_caches()
+    protect(server, machine, disk)
+    agent = lab.start_agent(machine)
+    rss: list[float] = []
+    stop = threading.Event()
+    threading.Thread(target=sample_rss, args=(agent.pid, stop, rss), daemon=True).start()
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
+    stop.set()
+    began, done = log_time(machine, "initial sync"), log_time(machine, "in sync; continuous")
+    rate = size / (done - began)
+    return {
+        "disk_mib": size / MIB,
+        "seq_read_mbps": read / 1e6,
+        "zstd1_x_cores_mbps": zstd / 1e6,
+        "limit_mbps": limit / 1e6,
+        "sync_mbps": rate / 1e6,
+        "ratio_of_limit": rate / limit,
+        "rss_busy_max_mib": max(rss) if rss else float("nan"),
+    }
+
+
+# 2. Resync vs rsync --------------------------------------------------------------------------------------------
+
+
+def bench_resync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[str, float]:
+    size = int(gib * GIB)
+    disk = lab.disk("resync", size, ())
+    fill(disk, size, data, seed=2)
+    old = lab.workdir / "resync-old.img"
+    shutil.copyfile(disk.image, old)  # the replica rsync updates: the disk before the change
+    machine = lab.machine(server, "resync", config=AGENT)
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    agent = lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
+    agent.kill()  # unclean: the next start must resync (a clean stop would find the changes in its kept tracing)
+    agent.wait(timeout=60)
+    rng = random.Random(3)  # noqa: S311
+    blocks = size // 65536
+    changed = rng.sample(range(blocks), blocks // 100)
+    fd = os.open(disk.loop, os.O_WRONLY)
+    try:
+        for b in changed:
+            os.pwrite(fd, rng.randbytes(65536), b * 65536)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    drop_caches()
+    restarted = time.time()
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
+    began = log_time(machine, "checksum resync", after=restarted - 1)
+    done = log_time(machine, "in sync; continuous", after=began)
+    ours = done - began
+    drop_caches()
+    start = time.perf_counter()
+    sh(["rsync", "--inplace", "--no-whole-file", str(disk.image), str(old)], timeout=7200)
+    theirs = time.perf_counter() - start
+    old.unlink()
+    return {
+        "disk_mib": size / MIB,
+        "changed_mib": len(changed) * 65536 / MIB,
+        "resync_seconds": ours,
+        "rsync_seconds": theirs,
+        "speedup": theirs / ours,
+    }
+
+
+# 3. Churn ------------------------------------------------------------------------------------------------------
+
+
+def fio(target: Path, seconds: int, bs: str) -> dict[str, float]:
+    out = sh(
+        [
+            "fio",
+            "--name=churn",
+            f"--filename={target}",
+            "--size=1G",
+            "--rw=randwrite",
+            f"--bs={bs}",
+            "--rate=20m",
+            "--direct=1",
+            "--ioengine=psync",
+            "--time_based",
+            f"--runtime={seconds}",
+            "--randrepeat=0",
+            "--output-format=json",
+        ],
+        timeout=seconds + 600,
+    ).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]["write"]
+    pct = job["clat_ns"]["percentile"]
+    return {
+        "iops": job["iops"],
+        "mbps": job["bw_bytes"] / 1e6,
+        "p99_ms": pct["99.000000"] / 1e6,
+        "p999_ms": pct["99.900000"] / 1e6,
+    }
+
+
+def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, float]:
+    disk = lab.disk(f"churn{bs}", 4 * GIB, ("ext4",))
+    target = disk.mounts[0] / "churn.dat"
+    sh(
+        [
+            "fio",
+            "--name=prep",
+            f"--filename={target}",
+            "--size=1G",
+            "--rw=write",
+            "--bs=1M",
+            "--direct=1",
+            "--output=/dev/null",
+        ],
+        timeout=600,
+    )
+    unprotected = fio(target, seconds, bs)
+    machine = lab.machine(server, f"churn{bs}", config=AGENT)
+    lab.expose(machine, disk)
+    protect(server, machine, disk, policy="churn", interval="10s")
+    agent = lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
+    lags: list[float] = []
+    rss: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            d = machine.disk_state(disk)
+            if d.get("lag_seconds") is not None:
+                lags.append(float(d["lag_seconds"]))
+            stop.wait(1.0)
+
+    threading.Thread(target=sample, daemon=True).start()
+    threading.Thread(target=sample_rss, args=(agent.pid, stop, rss), daemon=True).start()
+    started = time.time()
+    protected = fio(target, seconds, bs)
+    stop.set()
+    points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
+    freezes = [
+        float(line.split("frozen ")[1].split(" ms")[0])
+        for line in machine.log().splitlines()
+        if "point " in line and " cut (" in line and "frozen " in line
+    ]
+    log = machine.log().splitlines()
+    failed = [line.split("no point: ")[1][:160] for line in log if "no point: " in line]
+    if failed:
+        print(f"churn {bs}: {len(failed)} points not cut; first: {failed[0]}", flush=True)
+    for line in [x for x in log if "WARNING mobility.replication" in x and "no point" not in x][:5]:
+        print(f"churn {bs}: {line[:240]}", flush=True)
+    return {
+        "writer_mbps_unprotected": unprotected["mbps"],
+        "writer_mbps_protected": protected["mbps"],
+        "writer_p99_ms_unprotected": unprotected["p99_ms"],
+        "writer_p99_ms_protected": protected["p99_ms"],
+        "lag_p99_s": p99(lags),
+        "lag_max_s": max(lags) if lags else float("nan"),
+        "points": len(points),
+        "points_failed": len(failed),
+        "freeze_p99_ms": p99(freezes),
+        "freeze_median_ms": statistics.median(freezes) if freezes else float("nan"),
+        "rss_busy_max_mib": max(rss) if rss else float("nan"),
+    }
+
+
+# 4. RSS across disk sizes --------------------------------------------------------------------------------------
+
+
+def bench_rss(lab: Lab, server: Server, sizes: list[float]) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    for gib in sizes:
+        size = int(gib * GIB)
+        disk = lab.disk(f"rss{gib:g}", size, ())
+        rng = random.Random(5)  # noqa: S311
+        fd = os.open(disk.loop, os.O_WRONLY)
+        try:
+            for _ in range(256):  # 256 MiB of data at random places, the rest zeros
+                os.pwrite(fd, rng.randbytes(MIB), rng.randrange(size // MIB) * MIB)
+        finally:
+            os.close(fd)
+        machine = lab.machine(server, f"rss{gib:g}", config=AGENT)
+        lab.expose(machine, disk)
+        protect(server, machine, disk)
+        agent = lab.start_agent(machine)
+        busy: list[float] = []
+        stop = threading.Event()
+        threading.Thread(target=sample_rss, args=(agent.pid, stop, busy), daemon=True).start()
+        lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
+        stop.set()
+        time.sleep(5)
+        idle = psutil.Process(agent.pid).memory_info().rss / MIB
+        figures[f"rss_busy_max_mib_{gib:g}gib"] = max(busy)
+        figures[f"rss_idle_mib_{gib:g}gib"] = idle
+        agent.terminate()
+        agent.wait(timeout=60)
+    small, large = (f"rss_busy_max_mib_{g:g}gib" for g in (sizes[0], sizes[-1]))
+    figures["busy_large_over_small"] = figures[large] / figures[small]
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sync-gib", type=float, default=2.0)
+    parser.add_argument("--resync-gib", type=float, default=4.0)
+    parser.add_argument("--churn-seconds", type=int, default=60)
+    parser.add_argument("--churn-bs", nargs="+", default=["4k", "64k"], help="fio block sizes to churn with")
+    parser.add_argument("--rss-gib", type=float, nargs="+", default=[1.0, 16.0])
+    parser.add_argument("--only", choices=("sync", "resync", "churn", "rss"), action="append")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/replication needs root (loop devices, tracefs, FIFREEZE)", file=sys.stderr)
+        return 2
+    only = set(args.only or ("sync", "resync", "churn", "rss"))
+    results: dict[str, dict[str, float]] = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-replication-", dir="/var/tmp"))
+    try:
+        with Lab(work) as lab:
+            server = lab.server("server", "--store-reserve", "256M")
+            data = corpus() if only & {"sync", "resync"} else b""
+            steps: list[tuple[str, str, Callable[[], dict[str, float]]]] = [
+                ("sync", "sync", lambda: bench_full_sync(lab, server, args.sync_gib, data)),
+                ("resync", "resync", lambda: bench_resync(lab, server, args.resync_gib, data)),
+                *[
+                    ("churn", f"churn-{bs}", lambda bs=bs: bench_churn(lab, server, args.churn_seconds, bs))
+                    for bs in args.churn_bs
+                ],
+                ("rss", "rss", lambda: bench_rss(lab, server, args.rss_gib)),
+            ]
+            for kind, name, step in steps:
+                if kind in only:
+                    results[name] = step()
+                    print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""A replication lab for tests and benchmarks: a real server (API + process server) on loopback, registered source
+machines as sandbox roots, loop-device disks with real filesystems (exposed inside a root as a device node, as a
+chroot would see them), real `mobility run` daemons. Everything it makes is undone by ``close`` (processes by
+PID, mounts, loop devices, device nodes), in reverse order, whatever failed in between."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scripts.localserver import init_local_server, server_log, start_local_server
+
+REPO = Path(__file__).resolve().parent.parent
+DISTROS = REPO / "tests" / "resources" / "distros"
+
+
+def sh(argv: Sequence[str], timeout: float = 120, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-1000:]}")
+    return r
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Server:
+    data: Path
+    proc: subprocess.Popen[str]
+    address: str
+    fingerprint: str
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    @property
+    def process_port(self) -> int:
+        found = re.findall(r"process server receiving on \S+:(\d+)", server_log(self.data).read_text())
+        return int(found[-1])
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [sys.executable, "-m", "server", *args, "--data", str(self.data)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=timeout,
+            check=False,
+        )
+        if check and r.returncode != 0:
+            raise RuntimeError(f"mobility-server {' '.join(args)}: {r.stdout[-1000:]} {r.stderr[-2000:]}")
+        return r
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+
+@dataclass
+class Disk:
+    image: Path
+    loop: str  # /dev/loopN
+    major: int
+    minor: int
+    mounts: list[Path] = field(default_factory=list)
+    fstypes: list[str] = field(default_factory=list)
+    partitions: list[str] = field(default_factory=list)  # device nodes of its partitions (made here: no udev)
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, size) in bytes of each filesystem
+
+    @property
+    def name(self) -> str:
+        return self.loop
+
+
+@dataclass
+class Machine:
+    root: Path
+    host_id: str
+    agent: subprocess.Popen[str] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var/lib/mobility"
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.state_dir / "replication" / "status.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def disk_state(self, disk: Disk) -> dict[str, Any]:
+        return next((d for d in self.status().get("disks", []) if d["disk"] == disk.loop), {})
+
+    def agent_cli(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args, "--root", str(self.root)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=timeout,
+            check=False,
+        )
+
+    def point(self, timeout: float = 300) -> dict[str, Any]:
+        r = self.agent_cli("point", "--json", "--timeout", str(timeout), timeout=timeout + 30)
+        if r.returncode != 0:
+            raise RuntimeError(f"mobility point failed: {r.stdout} {r.stderr}")
+        return dict(json.loads(r.stdout))
+
+    def log(self) -> str:
+        path = self.root / "var/log/mobility/agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+class Lab:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._undo: list[tuple[str, Callable[[], object]]] = []
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def defer(self, what: str, action: Callable[[], object]) -> None:
+        self._undo.append((what, action))
+
+    def close(self) -> None:
+        errors = []
+        while self._undo:
+            what, action = self._undo.pop()
+            try:
+                action()
+            except Exception as e:  # keep undoing the rest
+                errors.append(f"{what}: {e}")
+        if errors:
+            raise RuntimeError("lab cleanup: " + "; ".join(errors))
+
+    # Servers ----------------------------------------------------------------------------------------------------
+
+    def server(
+        self,
+        name: str = "server",
+        *args: str,
+        heartbeat: float = 1.0,
+        wrap: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        data: Path | None = None,
+        database: str | None = None,
+    ) -> Server:
+        """A server (API + process server) on ``database`` (a PostgreSQL URL; default its own SQLite file)."""
+        data = data or self.workdir / name
+        if not (data / ".initialised").exists():
+            init_local_server(data, host, database)
+        proc, address, fingerprint = start_local_server(
+            data, "--heartbeat-interval", str(heartbeat), "--store-reserve", "32M", *args, host=host, wrap=wrap
+        )
+        server = Server(data, proc, address, fingerprint)
+        self.defer(f"server {name}", lambda: stop(proc))
+        return server
+
+    def restart(
+        self, server: Server, *args: str, heartbeat: float = 1.0, wrap: Sequence[str] = (), host: str = "127.0.0.1"
+    ) -> None:
+        stop(server.proc)
+        port = server.port
+        proc, address, _ = start_local_server(
+            server.data,
+            "--heartbeat-interval",
+            str(heartbeat),
+            "--store-reserve",
+            "32M",
+            *args,
+            port=port,
+            host=host,
+            wrap=wrap,
+        )
+        server.proc, server.address = proc, address
+        self.defer("restarted server", lambda: stop(proc))
+
+    # Disks ------------------------------------------------------------------------------------------------------
+
+    def disk(
+        self,
+        name: str,
+        size: int,
+        fs: Sequence[str] = ("ext4",),
+        *,
+        partitioned: bool = False,
+        fill: Callable[[Path], None] | None = None,
+    ) -> Disk:
+        """A loop device of ``size`` bytes over a sparse file; one filesystem per entry of ``fs`` (in partitions
+        when ``partitioned``, else one on the whole disk; none for ``()``), mounted under the lab."""
+        image = self.workdir / f"{name}.img"
+        with image.open("wb") as f:
+            f.truncate(size)
+        if partitioned:
+            share = 100 // max(len(fs), 1)
+            table = "label: gpt\n" + "".join(f",{share}%\n" if i < len(fs) - 1 else ",\n" for i in range(len(fs)))
+            sh(["sfdisk", "-q", str(image)], input=table)
+        loop = sh(["losetup", "--find", "--show", "--direct-io=off", str(image)]).stdout.strip()
+        self.defer(f"loop {loop}", lambda: sh(["losetup", "--detach", loop], check=False))
+        st = os.stat(loop)
+        disk = Disk(image, loop, os.major(st.st_rdev), os.minor(st.st_rdev))
+        targets = [loop]
+        if partitioned:
+            sh(["partx", "--add", loop])
+            self.defer(f"partitions of {loop}", lambda: sh(["partx", "--delete", loop], check=False))
+            kname = Path(loop).name
+            for part in sorted(Path(f"/sys/block/{kname}").glob(f"{kname}p*")):
+                node = self.workdir / part.name
+                major, minor = (int(x) for x in (part / "dev").read_text().split(":"))
+                if not node.exists():
+                    os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+                    self.defer(f"node {node}", lambda node=node: node.unlink(missing_ok=True))  # type: ignore[misc]
+                disk.partitions.append(str(node))
+                start, count = (int((part / name).read_text()) for name in ("start", "size"))
+                disk.ranges.append((start * 512, count * 512))
+            targets = disk.partitions
+        else:
+            disk.ranges.append((0, size))
+        for i, (target, kind) in enumerate(zip(targets, fs, strict=False)):
+            sh([f"mkfs.{kind}", *(["-q"] if kind.startswith("ext") else ["-q", "-f"]), target])
+            where = self.workdir / f"{name}-mnt{i}"
+            where.mkdir(exist_ok=True)
+            sh(["mount", target, str(where)])
+            self.defer(f"mount {where}", lambda where=where: umount(where))  # type: ignore[misc]
+            disk.mounts.append(where)
+            disk.fstypes.append(kind)
+        if fill is not None:
+            for where in disk.mounts:
+                fill(where)
+            sh(["sync"])
+        return disk
+
+    # Machines ---------------------------------------------------------------------------------------------------
+
+    def machine(self, server: Server, name: str = "m1", config: dict[str, Any] | None = None) -> Machine:
+        root = self.workdir / name
+        shutil.copytree(DISTROS / "debian12", root, symlinks=True)
+        (root / "etc" / "machine-id").write_text(os.urandom(16).hex() + "\n")
+        (root / "etc" / "hostname").write_text(f"{name}\n")
+        secret = self.workdir / f"{name}.pass"
+        secret.write_text(server.cli("passphrase", "show").stdout.strip() + "\n")
+        secret.chmod(0o600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "configure",
+                "--root",
+                str(root),
+                "-i",
+                server.address,
+                "-P",
+                str(secret),
+                "--cs-fingerprint",
+                server.fingerprint,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"configure failed: {r.stdout} {r.stderr}")
+        host_id = str(json.loads(r.stdout)["host_id"])
+        from agent.paths import Paths
+        from agent.replication.tracing import TRACEFS, instance_name, remove_instance
+
+        instance = TRACEFS / "instances" / instance_name(Paths(root.resolve()).state_dir)
+        self.defer(f"tracing instance of {name}", lambda: remove_instance(instance))  # a killed agent's
+        conf = {"health_seconds": 5, **(config or {})}
+        (root / "etc/mobility").mkdir(parents=True, exist_ok=True)
+        (root / "etc/mobility/mobility.conf").write_text(json.dumps(conf))
+        return Machine(root, host_id)
+
+    def expose(self, machine: Machine, disk: Disk) -> None:
+        """The disk's device node inside the machine's root, where the agent resolves /dev/loopN."""
+        node = machine.root / disk.loop.lstrip("/")
+        node.parent.mkdir(parents=True, exist_ok=True)
+        if not node.exists():
+            os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(disk.major, disk.minor))
+
+    def start_agent(self, machine: Machine) -> subprocess.Popen[str]:
+        log = (self.workdir / f"{machine.root.name}-agent.out").open("a")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--root", str(machine.root)],
+            cwd=REPO,
+            text=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        machine.agent = proc
+        self.defer(f"agent {proc.pid}", lambda: stop(proc))
+        return proc
+
+    def wait_state(self, machine: Machine, disk: Disk, state: str, timeout: float = 120) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            d = machine.disk_state(disk)
+            if machine.agent is not None and machine.agent.poll() is not None:
+                raise AssertionError(f"the agent exited {machine.agent.returncode}: {machine.log()[-3000:]}")
+            return d if d.get("state") == state and (state != "CONTINUOUS" or d.get("bytes_left", 1) == 0) else None
+
+        try:
+            return dict(wait_for(f"{disk.loop} in {state}", ready, timeout))
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last: {machine.disk_state(disk)}; log: {machine.log()[-3000:]}") from None
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def umount(where: Path) -> None:
+    for _ in range(20):
+        r = sh(["umount", str(where)], check=False)
+        if r.returncode == 0 or "not mounted" in r.stderr:
+            return
+        time.sleep(0.5)
+    sh(["umount", "-l", str(where)], check=False)
+
+
+def read_disk(path: str | Path, size: int) -> bytes:
+    """The disk's bytes as they are on the device (O_DIRECT past any cache)."""
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        out = bytearray()
+        offset = 0
+        while offset < size:
+            n = os.preadv(fd, [buf], offset)
+            if n <= 0:
+                break
+            out += buf[: min(n, size - offset)]
+            offset += n
+        return bytes(out)
+    finally:
+        os.close(fd)

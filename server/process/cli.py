@@ -1,0 +1,433 @@
+"""The replication commands of `mobility-server`: protect, unprotect, protection, policy, points, failover,
+test-failover and verify. Every one takes --data like the rest; the point commands read the chunk store beside a
+running server (they never write it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.shared import timefmt
+from agent.shared.errors import Exit
+from agent.shared.replication_wire import Policy, disk_name
+from agent.shared.wire import WireError
+from server.datadir import DataDir
+from server.errors import (
+    MachineNotFound,
+    PointCorrupt,
+    PolicyInvalid,
+    PolicyNotFound,
+    ProtectDiskInvalid,
+    TestFailoverFailed,
+)
+from server.process.service import store_dir
+from server.process.store import ChunkStore, Point
+from server.storage import Machine, Storage
+
+Command = Callable[[str, str], argparse.ArgumentParser]
+_POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def _data(args: argparse.Namespace) -> DataDir:
+    from server.cli import _data as checked
+
+    return checked(args)
+
+
+def _storage(args: argparse.Namespace, data: DataDir) -> Storage:
+    from server.cli import _storage as opened
+
+    return opened(args, data)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> None:
+    from server.cli import _print_table
+
+    _print_table(header, rows)
+
+
+def find_machine(storage: Storage, text: str) -> Machine:
+    """A machine by host ID, or by hostname when exactly one machine has it."""
+    found = storage.machine(text)
+    if found is not None:
+        return found
+    named = [m for m in storage.machines() if m.hostname == text]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise MachineNotFound(f"{len(named)} machines are named {text!r}: give the host ID")
+    raise MachineNotFound(f"no machine {text!r}")
+
+
+def _stamp(t: float | None) -> str:
+    return timefmt.shown(t, never="-")
+
+
+def _duration(text: str, flag: str) -> float:
+    from server.cli import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except Exception as e:
+        raise PolicyInvalid(f"{flag} {text!r} is not a duration") from e
+    if not 1 <= seconds <= 7 * 86400:
+        raise PolicyInvalid(f"{flag} {text!r} is outside 1 s to 7 days")
+    return seconds
+
+
+def _bandwidth(text: str) -> int:
+    from server.cli import parse_size
+
+    try:
+        return parse_size(text)
+    except Exception as e:
+        raise PolicyInvalid(f"--bandwidth {text!r} is not a size per second (like 50M, or 0)") from e
+
+
+# Protection ----------------------------------------------------------------------------------------------------
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    data = _data(args)
+    if bool(args.disk) == bool(args.all_disks):
+        raise ProtectDiskInvalid("give --disk /dev/X (repeatable) or --all-disks")
+    try:
+        disks = [disk_name(d, "--disk") for d in args.disk or []]
+    except WireError as e:
+        raise ProtectDiskInvalid(str(e)) from e
+    storage = _storage(args, data)
+    try:
+        machine = find_machine(storage, args.machine)
+        current = storage.protection(machine.host_id)
+        policy = args.policy or (current.policy.name if current else "default")
+        if storage.policy(policy) is None:
+            raise PolicyNotFound(f"no policy {policy!r}")
+        paused = args.pause if args.pause is not None else (current.paused if current else False)
+        storage.protect(machine.host_id, list(dict.fromkeys(disks)), args.all_disks, policy, paused, time.time())
+    finally:
+        storage.close()
+    what = "all disks" if args.all_disks else ", ".join(disks)
+    state = " (paused)" if paused else ""
+    print(f"{machine.hostname} ({machine.host_id}): protecting {what} under policy {policy}{state}")
+    print("the machine picks this up at its next heartbeat")
+    return Exit.OK
+
+
+def cmd_unprotect(args: argparse.Namespace) -> int:
+    data = _data(args)
+    storage = _storage(args, data)
+    try:
+        machine = find_machine(storage, args.machine)
+        removed = storage.unprotect(machine.host_id)
+    finally:
+        storage.close()
+    if removed:
+        print(f"{machine.hostname} ({machine.host_id}): no longer protected; its recovery points are kept")
+    else:
+        print(f"{machine.hostname} ({machine.host_id}) was not protected")
+    return Exit.OK
+
+
+def cmd_protection(args: argparse.Namespace) -> int:
+    data = _data(args)
+    storage = _storage(args, data)
+    rows: list[dict[str, Any]] = []
+    try:
+        for p in storage.protections():
+            machine = storage.machine(p.host_id)
+            report = p.report
+            rows.append(
+                {
+                    "host_id": p.host_id,
+                    "hostname": machine.hostname if machine else None,
+                    "online": machine.online(time.time()) if machine else False,
+                    "disks": list(p.disks),
+                    "all_disks": p.all_disks,
+                    "policy": p.policy.to_json(),
+                    "paused": p.paused,
+                    "replication": report.to_json() if report else None,
+                }
+            )
+    finally:
+        storage.close()
+    usage = _store_usage(data)
+    if args.json:
+        print(json.dumps({"machines": rows, "store": usage}, indent=2))
+        return Exit.OK
+    table = []
+    for r in rows:
+        shown: dict[str, Any] = r["replication"] or {}
+        disks = {d["disk"]: d for d in shown.get("disks", [])}
+        names = sorted(set(r["disks"]) | set(disks)) or (["(all disks)"] if r["all_disks"] else [])
+        for name in names:
+            d = disks.get(name, {})
+            table.append(
+                [
+                    r["hostname"] or r["host_id"],
+                    name,
+                    "PAUSED" if r["paused"] and not d else d.get("state", "waiting for the machine"),
+                    _bytes(d.get("bytes_left")),
+                    _secs(d.get("lag_seconds")),
+                    _bytes(d.get("throughput_bps")) + "/s" if d else "-",
+                    _secs(d.get("eta_seconds")),
+                    _stamp(shown.get("last_point")),
+                    r["policy"]["name"],
+                    d.get("error"),
+                ]
+            )
+    _table(["MACHINE", "DISK", "STATE", "LEFT", "LAG", "THROUGHPUT", "ETA", "LAST POINT", "POLICY", "ERROR"], table)
+    if usage:
+        print(
+            f"store: {_bytes(usage['store_bytes'])} in {usage['chunks']} chunks; {_bytes(usage['free_bytes'])} free "
+            f"({_bytes(usage['reserve_bytes'])} reserve){'' if usage['accepting'] else '; REFUSING NEW DATA'}"
+        )
+    return Exit.OK
+
+
+def _store_usage(data: DataDir) -> dict[str, Any] | None:
+    from server.process.store import DEFAULT_RESERVE
+
+    if not (store_dir(data) / "index.db").exists():
+        return None
+    store = ChunkStore(store_dir(data))
+    try:
+        u = store.usage()
+    finally:
+        store.close()
+    return {
+        "store_bytes": u.store_bytes,
+        "chunks": u.chunks,
+        "free_bytes": u.free_bytes,
+        "reserve_bytes": DEFAULT_RESERVE,
+        "accepting": u.free_bytes > DEFAULT_RESERVE,
+    }
+
+
+def _bytes(n: object) -> str:
+    if not isinstance(n, (int, float)):
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _secs(s: object) -> str:
+    return "-" if not isinstance(s, (int, float)) else f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    data = _data(args)
+    storage = _storage(args, data)
+    try:
+        if args.action == "set":
+            if not _POLICY_NAME.fullmatch(args.name):
+                raise PolicyInvalid(f"policy name {args.name!r}")
+            old = storage.policy(args.name) or Policy(args.name)
+            if args.retention is not None and not 1 <= args.retention <= 10000:
+                raise PolicyInvalid(f"--retention {args.retention}")
+            policy = Policy(
+                args.name,
+                _duration(args.rpo, "--rpo") if args.rpo else old.rpo_seconds,
+                _duration(args.interval, "--interval") if args.interval else old.interval_seconds,
+                _bandwidth(args.bandwidth) if args.bandwidth is not None else old.bandwidth_bps,
+                args.retention if args.retention is not None else old.retention,
+            )
+            storage.set_policy(policy)
+        policies = storage.policies()
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps([p.to_json() for p in policies], indent=2))
+        return Exit.OK
+    _table(
+        ["NAME", "RPO", "INTERVAL", "BANDWIDTH", "RETENTION"],
+        [
+            [
+                p.name,
+                _secs(p.rpo_seconds),
+                _secs(p.interval_seconds),
+                _bytes(p.bandwidth_bps) + "/s" if p.bandwidth_bps else "no cap",
+                p.retention,
+            ]
+            for p in policies
+        ],
+    )
+    return Exit.OK
+
+
+# Points and failover -------------------------------------------------------------------------------------------
+
+
+def _open(args: argparse.Namespace) -> tuple[DataDir, ChunkStore, Machine]:
+    data = _data(args)
+    storage = _storage(args, data)
+    try:
+        machine = find_machine(storage, args.machine)
+    finally:
+        storage.close()
+    return data, ChunkStore(store_dir(data)), machine
+
+
+def _point_json(p: Point) -> dict[str, Any]:
+    return {
+        "point_id": p.point_id,
+        "host_id": p.host_id,
+        "created": p.created,
+        "consistency": p.consistency,
+        "complete": p.complete,
+        "disks": [{"disk": d.disk, "size": d.size, "chunk_size": d.chunk_size, "root": d.root} for d in p.disks],
+    }
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    _, store, machine = _open(args)
+    try:
+        points = store.points(machine.host_id)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([_point_json(p) for p in points], indent=2))
+        return Exit.OK
+    _table(
+        ["POINT", "CREATED", "CONSISTENCY", "DISKS"],
+        [[p.point_id, _stamp(p.created), p.consistency, ", ".join(d.disk for d in p.disks)] for p in points],
+    )
+    return Exit.OK
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from server.process.failover import materialise
+
+    _, store, machine = _open(args)
+    try:
+        point = store.resolve_point(machine.host_id, args.point)
+        images = materialise(store, point, Path(args.out))
+    finally:
+        store.close()
+    doc = {**_point_json(point), "images": [str(i) for i in images]}
+    (Path(args.out) / "point.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"point {point.point_id} ({point.consistency}, {_stamp(point.created)}):")
+        for image in images:
+            print(f"  {image}")
+    return Exit.OK
+
+
+def cmd_test_failover(args: argparse.Namespace) -> int:
+    from server.process.failover import run_test_failover
+
+    data, store, machine = _open(args)
+    try:
+        point = store.resolve_point(machine.host_id, args.point)
+        scratch = Path(args.scratch) if args.scratch else store_dir(data) / "scratch"
+        report = run_test_failover(store, point, scratch, keep=args.keep)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"test failover of point {point.point_id} ({point.consistency}, {_stamp(point.created)}):")
+        if report.get("error"):
+            print(f"  {report['error']}: {report['message']}")
+        for d in report["disks"]:
+            print(f"  {d['disk']}: root hash {d['root_hash']}")
+            for fs in d["filesystems"]:
+                print(
+                    f"    {fs['device']} {fs['fstype']}: fsck {fs['fsck']}, mount {fs['mount']} {fs['detail']}".rstrip()
+                )
+        print("PASSED" if report["ok"] else "FAILED")
+    if not report["ok"]:
+        if report.get("error") == "POINT-CORRUPT":
+            raise PointCorrupt(str(report["message"]))
+        raise TestFailoverFailed(f"point {point.point_id} did not pass its test failover")
+    return Exit.OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from server.errors import PointNotFound
+    from server.process.failover import verify_point
+
+    data = _data(args)
+    store = ChunkStore(store_dir(data))
+    try:
+        point = store.point(args.point)
+        if point is None or not point.complete:
+            raise PointNotFound(f"no complete point {args.point!r}")
+        report = verify_point(store, point)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for d in report["disks"]:
+            print(
+                f"{d['disk']}: root {d['root'][:16]}... verified ({d['stored_chunks']} of {d['chunks']} chunks stored)"
+            )
+        print(f"point {point.point_id}: OK")
+    return Exit.OK
+
+
+def add_commands(command: Command) -> None:
+    """Register the replication commands on `mobility-server` (``command(name, help)`` adds --data)."""
+    p = command("protect", "protect disks of a machine (replicated to the process server, recovery points)")
+    p.add_argument("--machine", required=True, metavar="HOST", help="host ID or hostname")
+    p.add_argument("--disk", action="append", metavar="/dev/X", help="a whole disk to protect (repeatable)")
+    p.add_argument("--all-disks", action="store_true", help="every disk of the machine")
+    p.add_argument("--policy", metavar="NAME", help="the policy (default: as before, or `default`)")
+    pause = p.add_mutually_exclusive_group()
+    pause.add_argument("--pause", dest="pause", action="store_const", const=True, help="track changes, send nothing")
+    pause.add_argument("--resume", dest="pause", action="store_const", const=False, help="send again")
+    p.set_defaults(func=cmd_protect)
+
+    p = command("unprotect", "stop protecting a machine (its recovery points are kept)")
+    p.add_argument("--machine", required=True, metavar="HOST")
+    p.set_defaults(func=cmd_unprotect)
+
+    p = command("protection", "protected machines: each disk's state, what is left, lag, throughput, ETA")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_protection)
+
+    p = command("policy", "list or set replication policies (RPO, point interval, bandwidth cap, retention)")
+    p.add_argument("action", choices=("list", "set"))
+    p.add_argument("name", nargs="?", default="default")
+    p.add_argument("--rpo", metavar="DURATION", help="the recovery point objective, e.g. 15m")
+    p.add_argument("--interval", metavar="DURATION", help="a recovery point every ..., e.g. 5m (default)")
+    p.add_argument("--bandwidth", metavar="SIZE", help="cap per disk in bytes per second, e.g. 50M (0: none)")
+    p.add_argument("--retention", type=int, metavar="N", help="recovery points kept (the newest N)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy)
+
+    p = command("points", "a machine's recovery points")
+    p.add_argument("--machine", required=True, metavar="HOST")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_points)
+
+    p = command("failover", "write a point's disk images into a directory")
+    p.add_argument("--machine", required=True, metavar="HOST")
+    p.add_argument("--point", required=True, metavar="ID|latest")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_failover)
+
+    p = command("test-failover", "materialise a point in a scratch area, fsck and mount every filesystem, report")
+    p.add_argument("--machine", required=True, metavar="HOST")
+    p.add_argument("--point", required=True, metavar="ID|latest")
+    p.add_argument("--scratch", metavar="DIR", help="where (default DATA/process/scratch)")
+    p.add_argument("--keep", action="store_true", help="keep the images afterwards")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_test_failover)
+
+    p = command("verify", "recompute a point's root hash from the chunk store")
+    p.add_argument("--point", required=True, metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)

@@ -1,0 +1,98 @@
+"""The process server role as `serve` runs it: the chunk store under DATA/process, the stream listener, and the
+machines' protection read from the server's database (which disks a machine may send, how many points it keeps)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.database import Database
+from server.datadir import DataDir
+from server.errors import ListenFailed
+from server.process.gc import collect
+from server.process.receiver import Receiver, stream_tls_context
+from server.process.store import DEFAULT_RESERVE, ChunkStore
+from server.storage import Storage
+
+log = logging.getLogger("mobility.process")
+
+DEFAULT_PORT = 9444
+COLLECT_EVERY = 600.0  # seconds between garbage collections of the chunk store
+
+
+def store_dir(data: DataDir) -> Path:
+    return data.root / "process"
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    host: str
+    port: int = DEFAULT_PORT
+    reserve: int = DEFAULT_RESERVE
+    announce: str | None = None  # the host agents reach it at (None: the configuration server's own address)
+    announce_port: int | None = None  # ... and its port there (None: the port it listens on)
+
+
+class Protections:
+    """The server's database as the receiver's threads read it (a small pool of their own): whose certificate is
+    still good, which disks a machine may send, how many points it keeps."""
+
+    def __init__(self, db: Database) -> None:
+        self.storage = Storage.open(db, pool_size=2)
+
+    def authorize(self, host_id: str, serial: str, disk: str) -> bool:
+        """Whether the machine whose certificate (CN ``host_id``, ``serial``) opened a stream may send ``disk``.
+        A removed or revoked machine, or a certificate a renewal replaced, is refused with its error (as the API
+        refuses it); the renewed certificate's first use makes it the current one."""
+        credential = self.storage.present_certificate(host_id, serial)
+        return credential.protection is not None and credential.protection.covers(disk)
+
+    def retention(self, host_id: str) -> int | None:
+        row = self.storage.protection(host_id)
+        return row.policy.retention if row else None
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+class ProcessService:
+    """Store + receiver + protection lookups; ``start`` binds the listener, ``close`` stops it cleanly."""
+
+    def __init__(self, data: DataDir, db: Database, options: ProcessOptions) -> None:
+        self.data = data
+        self.options = options
+        self.store = ChunkStore(store_dir(data), writer=True, reserve=options.reserve)
+        try:
+            self.protections = Protections(db)
+        except BaseException:
+            self.store.close()
+            raise
+        self.receiver = Receiver(self.store, self.protections.authorize, self._after_point)
+        self.port = options.port
+        self._collected = -COLLECT_EVERY
+
+    def _after_point(self, host_id: str, point_id: str) -> None:
+        keep = self.protections.retention(host_id)
+        if keep is not None:
+            dropped = self.store.prune(host_id, keep)
+            if dropped:
+                log.info("%s: %d recovery points past the retention of %d dropped", host_id, dropped, keep)
+                now = time.monotonic()
+                if now - self._collected >= COLLECT_EVERY:  # it pauses commits: not after every point
+                    self._collected = now
+                    collect(self.store)  # the chunks only the dropped points held go too
+
+    async def start(self) -> int:
+        context = stream_tls_context(str(self.data.ca_cert), str(self.data.tls_cert), str(self.data.tls_key))
+        try:
+            self.port = await self.receiver.start(self.options.host, self.options.port, context)
+        except OSError as e:
+            raise ListenFailed(f"cannot listen on {self.options.host}:{self.options.port}: {e.strerror}") from e
+        return self.port
+
+    async def close(self) -> None:
+        await self.receiver.close()
+        self.store.close()
+        self.protections.close()

@@ -1,0 +1,696 @@
+"""The process server's chunk store: content-addressed, deduplicated chunks in pack files, an SQLite index, the
+replica head of every protected disk, and per-disk point manifests.
+
+Layout under DATA/process: ``packs/NNNNNNNN.pack`` (append-only; each record a small header with the chunk's hash,
+then its data as it arrived: zstd or raw), ``manifests/<hash>.zst`` (a point's chunk hashes, in disk order, named
+by their own hash), ``index.db`` (SQLite, WAL, synchronous=FULL).
+
+Durability is a group commit (``commit``): the batch's new chunk records are appended to the pack and flushed
+(fdatasync), then one SQLite transaction records them, moves the disks' heads and their acknowledged sequence
+numbers, and closes points. Only after that transaction has committed does the receiver acknowledge the batch.
+Killed at any moment, the store holds every acknowledged chunk: the index never names pack bytes that were not
+flushed first, and a pack's unindexed tail (a batch that never committed) is cut off when the writer reopens it.
+
+A missing head entry means zeros: zero chunks are markers, never stored."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash, zeros
+from agent.shared.fsutil import open_lock_file
+from agent.shared.replication_wire import HASH_SIZE, Codec, PointClose
+from server.errors import (
+    PointCorrupt,
+    PointMismatch,
+    PointNotFound,
+    StoreBusy,
+    StoreDamaged,
+    StoreFull,
+    StoreWriteFailed,
+)
+
+PACK_MAX = 128 * 1024 * 1024
+RECORD = struct.Struct("<2sBxII32s")  # magic, codec, stored length, raw length, hash
+RECORD_MAGIC = b"MC"
+DEFAULT_RESERVE = 256 * 1024 * 1024
+_SLACK = 4 * 1024 * 1024  # the index's own growth in one commit, beyond the chunk bytes
+
+_SCHEMA_V1 = """
+CREATE TABLE chunks (
+    hash BLOB PRIMARY KEY,
+    pack INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    stored INTEGER NOT NULL,
+    raw INTEGER NOT NULL,
+    codec INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX chunks_by_pack ON chunks (pack);
+CREATE TABLE disks (
+    disk_key INTEGER PRIMARY KEY,
+    host_id TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    updated REAL,
+    UNIQUE (host_id, disk)
+);
+CREATE TABLE heads (
+    disk_key INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (disk_key, idx)
+) WITHOUT ROWID;
+CREATE TABLE points (
+    point_id TEXT PRIMARY KEY,
+    host_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    consistency TEXT NOT NULL,
+    disks TEXT NOT NULL,
+    freeze_ms REAL
+);
+CREATE INDEX points_by_host ON points (host_id, created);
+CREATE TABLE point_disks (
+    point_id TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    root TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    closed REAL NOT NULL,
+    consistency TEXT NOT NULL,
+    PRIMARY KEY (point_id, disk)
+);
+"""
+# Each entry brings the index from version N to N+1. Never edit a released entry: add one.
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class DiskRow:
+    disk_key: int
+    host_id: str
+    disk: str
+    size: int
+    chunk_size: int
+    acked_seq: int
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.size, self.chunk_size)
+
+
+@dataclass(frozen=True)
+class ChunkPut:
+    """A verified chunk for the head of a disk: ``data`` as it is to be kept (zstd or raw; empty for zeros)."""
+
+    disk_key: int
+    index: int
+    hash: bytes
+    codec: Codec
+    raw_len: int
+    data: bytes
+    seq: int
+
+
+@dataclass(frozen=True)
+class PointPut:
+    disk_key: int
+    close: PointClose
+    seq: int
+
+
+@dataclass(frozen=True)
+class PointDisk:
+    disk: str
+    size: int
+    chunk_size: int
+    root: str
+    manifest: str
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.size, self.chunk_size)
+
+
+@dataclass(frozen=True)
+class Point:
+    point_id: str
+    host_id: str
+    created: float
+    consistency: str
+    disks: tuple[PointDisk, ...]
+    freeze_ms: float | None
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Usage:
+    store_bytes: int
+    chunks: int
+    free_bytes: int
+    reserve_bytes: int
+
+    @property
+    def accepting(self) -> bool:
+        return self.free_bytes > self.reserve_bytes
+
+
+class ChunkStore:
+    """One process server's store. The writer (``writer=True``, one per store: the serving process, which holds
+    ``writer.lock`` while it runs) recovers and appends; readers (the CLI: points, failover, verify) only read,
+    beside a running server."""
+
+    def __init__(self, root: Path, *, writer: bool = False, reserve: int = DEFAULT_RESERVE) -> None:
+        self.root = root
+        self.writer = writer
+        self.reserve = reserve
+        self.packs_dir = root / "packs"
+        self.manifests_dir = root / "manifests"
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()  # the readers' pack descriptors
+        self.write_lock = threading.RLock()  # the write connection: the committer, streams opening disks, pruning
+        self._local = threading.local()  # one read connection per thread (WAL: reads never wait for a commit)
+        self._cctx = zstandard.ZstdCompressor(level=3)
+        self._writer_lock = -1
+        if writer:
+            for d in (root, self.packs_dir, self.manifests_dir):
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._writer_lock = _take_writer_lock(root)
+        elif not (root / "index.db").exists():
+            raise StoreDamaged(f"{root}: no chunk store here (DATA/process/index.db is missing)")
+        try:
+            self.db = sqlite3.connect(root / "index.db", timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=30000")
+            if writer:
+                (root / "index.db").chmod(0o600)
+                self._migrate()
+        except sqlite3.DatabaseError as e:
+            self._release_writer()
+            raise StoreDamaged(f"{root / 'index.db'}: {e}") from e
+        self.pack_id = 0
+        self.pack_fd = -1
+        self.pack_size = 0
+        if writer:
+            self._recover()
+
+    # Opening ------------------------------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+            for n in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[n].split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+            if version < SCHEMA_VERSION:
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
+
+    def _recover(self) -> None:
+        """Cut every pack back to the end of its last indexed record: a batch killed before its commit leaves
+        flushed-but-unindexed bytes, which no acknowledgement ever covered."""
+        ends = dict(self.db.execute("SELECT pack, MAX(offset + stored) FROM chunks GROUP BY pack").fetchall())
+        packs = sorted(int(p.stem) for p in self.packs_dir.glob("*.pack") if p.stem.isdigit())
+        for pack in packs:
+            path = self._pack_path(pack)
+            end = int(ends.get(pack, 0))
+            if not end and pack != packs[-1]:  # compacted away before a kill removed the file
+                path.unlink()
+                continue
+            if path.stat().st_size > end:
+                with path.open("r+b") as f:
+                    f.truncate(end)
+                    os.fsync(f.fileno())
+        self.pack_id = packs[-1] if packs else 1
+        self._open_pack(self.pack_id)
+
+    def _pack_path(self, pack: int) -> Path:
+        return self.packs_dir / f"{pack:08d}.pack"
+
+    def _open_pack(self, pack: int) -> None:
+        if self.pack_fd >= 0:
+            os.close(self.pack_fd)
+        path = self._pack_path(pack)
+        new = not path.exists()
+        self.pack_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.pack_id = pack
+        self.pack_size = os.fstat(self.pack_fd).st_size
+        if new:
+            _fsync_dir(self.packs_dir)
+
+    @property
+    def reader_db(self) -> sqlite3.Connection:
+        """This thread's read connection (a reader process uses its one connection)."""
+        if not self.writer:
+            return self.db
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.root / "index.db", timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        if self.pack_fd >= 0:
+            os.close(self.pack_fd)
+            self.pack_fd = -1
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.db.close()
+        self._release_writer()
+
+    def _release_writer(self) -> None:
+        if self._writer_lock >= 0:
+            os.close(self._writer_lock)  # the lock goes with the descriptor
+            self._writer_lock = -1
+
+    # Disks --------------------------------------------------------------------------------------------------------
+
+    def disk(self, host_id: str, disk: str) -> DiskRow | None:
+        row = self.reader_db.execute(
+            "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE host_id = ? AND disk = ?",
+            (host_id, disk),
+        ).fetchone()
+        return DiskRow(*row) if row else None
+
+    def disks(self, host_id: str | None = None) -> list[DiskRow]:
+        sql = "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks"
+        db = self.reader_db
+        rows = db.execute(sql + " WHERE host_id = ? ORDER BY disk" if host_id else sql, (host_id,) if host_id else ())
+        return [DiskRow(*r) for r in rows]
+
+    def open_disk(self, host_id: str, disk: str, size: int, chunk_size: int) -> tuple[DiskRow, bool]:
+        """The disk's row for a stream with this geometry, and whether the replica already held it. A resized
+        disk keeps the chunks both sizes share; a new chunk size starts the replica empty."""
+        with self.write_lock, self._transaction() as db:
+            found = db.execute(
+                "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE host_id = ? AND disk = ?",
+                (host_id, disk),
+            ).fetchone()
+            row = DiskRow(*found) if found else None
+            if row is None:
+                db.execute(
+                    "INSERT INTO disks (host_id, disk, size, chunk_size, acked_seq, updated) VALUES (?, ?, ?, ?, 0, ?)",
+                    (host_id, disk, size, chunk_size, time.time()),
+                )
+                known = False
+            elif row.chunk_size != chunk_size:
+                db.execute("DELETE FROM heads WHERE disk_key = ?", (row.disk_key,))
+                db.execute(
+                    "UPDATE disks SET size = ?, chunk_size = ? WHERE disk_key = ?", (size, chunk_size, row.disk_key)
+                )
+                known = False
+            else:
+                if row.size != size:
+                    keep = min(row.geometry.count, Geometry(size, chunk_size).count) - 1  # the last may change length
+                    db.execute("DELETE FROM heads WHERE disk_key = ? AND idx >= ?", (row.disk_key, keep))
+                    db.execute("UPDATE disks SET size = ? WHERE disk_key = ?", (size, row.disk_key))
+                known = True
+            found = db.execute(
+                "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE host_id = ? AND disk = ?",
+                (host_id, disk),
+            ).fetchone()
+        return DiskRow(*found), known
+
+    def head(self, row: DiskRow) -> bytearray:
+        """Every chunk hash of the disk's replica, in order (zero hashes where nothing was received)."""
+        return self._head(self.reader_db, row)
+
+    @staticmethod
+    def _head(db: sqlite3.Connection, row: DiskRow) -> bytearray:
+        g = row.geometry
+        buf = bytearray(zero_hash(g.chunk_size) * g.count)
+        last = g.count - 1
+        if g.length(last) != g.chunk_size:
+            buf[last * HASH_SIZE :] = zero_hash(g.length(last))
+        for idx, digest in db.execute(
+            "SELECT idx, hash FROM heads WHERE disk_key = ? AND idx < ? ORDER BY idx", (row.disk_key, g.count)
+        ):
+            buf[idx * HASH_SIZE : (idx + 1) * HASH_SIZE] = digest
+        return buf
+
+    # The group commit ---------------------------------------------------------------------------------------------
+
+    def commit(self, items: Sequence[ChunkPut | PointPut]) -> list[Exception | None]:
+        """Make ``items`` durable in one group commit; one outcome per item (a point refused for a root mismatch
+        fails alone). Raises StoreFull or StoreWriteFailed when nothing of the batch was kept."""
+        with self.write_lock:
+            return self._commit(items)
+
+    def _commit(self, items: Sequence[ChunkPut | PointPut]) -> list[Exception | None]:
+        chunks = [i for i in items if isinstance(i, ChunkPut) and i.codec is not Codec.ZERO]
+        fresh = self._missing({c.hash for c in chunks})
+        records: list[bytes] = []
+        placed: list[tuple[bytes, int, int, int, int, int]] = []
+        need = 0
+        for c in chunks:
+            if c.hash not in fresh:
+                continue
+            fresh.discard(c.hash)  # the same data twice in one batch is kept once
+            records.append(RECORD.pack(RECORD_MAGIC, c.codec, len(c.data), c.raw_len, c.hash) + c.data)
+            need += RECORD.size + len(c.data)
+        self._check_space(need)
+        start_pack, start_size = self.pack_id, self.pack_size
+        try:
+            if records:
+                if self.pack_size + need > PACK_MAX and self.pack_size:
+                    self._open_pack(self.pack_id + 1)
+                    start_pack, start_size = self.pack_id, self.pack_size
+                offset = self.pack_size
+                for rec in records:
+                    digest = rec[RECORD.size - HASH_SIZE : RECORD.size]
+                    codec, stored, raw = rec[2], len(rec) - RECORD.size, struct.unpack_from("<I", rec, 8)[0]
+                    placed.append((digest, self.pack_id, offset + RECORD.size, stored, raw, codec))
+                    offset += len(rec)
+                _write_all(self.pack_fd, records)
+                os.fdatasync(self.pack_fd)
+                self.pack_size = offset
+            outcomes = self._index(items, placed)
+        except OSError as e:
+            self._undo_pack(start_pack, start_size)
+            if e.errno == 28:  # ENOSPC
+                raise StoreFull(f"{self.root}: the filesystem is full ({e.strerror})") from e
+            raise StoreWriteFailed(f"{self.root}: {e.strerror or e}") from e
+        except sqlite3.OperationalError as e:
+            self._undo_pack(start_pack, start_size)
+            if "full" in str(e):
+                raise StoreFull(f"{self.root}: {e}") from e
+            raise StoreWriteFailed(f"{self.root / 'index.db'}: {e}") from e
+        return outcomes
+
+    def _undo_pack(self, pack: int, size: int) -> None:
+        with contextlib.suppress(OSError):
+            if self.pack_id != pack:
+                self._open_pack(pack)
+            os.ftruncate(self.pack_fd, size)
+            self.pack_size = size
+
+    def _check_space(self, need: int) -> None:
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free - need - _SLACK < self.reserve:
+            raise StoreFull(
+                f"{self.root}: {free // (1 << 20)} MiB free, {self.reserve // (1 << 20)} MiB are kept in reserve; "
+                "new data is refused until space is freed"
+            )
+
+    def _missing(self, hashes: set[bytes]) -> set[bytes]:
+        missing = set(hashes)
+        items = list(hashes)
+        for i in range(0, len(items), 500):
+            group = items[i : i + 500]
+            marks = ",".join("?" * len(group))
+            for (digest,) in self.db.execute(f"SELECT hash FROM chunks WHERE hash IN ({marks})", group):  # noqa: S608
+                missing.discard(digest)
+        return missing
+
+    def _index(
+        self, items: Sequence[ChunkPut | PointPut], placed: list[tuple[bytes, int, int, int, int, int]]
+    ) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)", placed)
+            heads: list[tuple[int, int, bytes]] = []
+            zeroed: list[tuple[int, int]] = []
+            seqs: dict[int, int] = {}
+            for item in items:
+                if isinstance(item, ChunkPut):
+                    if item.codec is Codec.ZERO:
+                        zeroed.append((item.disk_key, item.index))
+                    else:
+                        heads.append((item.disk_key, item.index, item.hash))
+                    outcomes.append(None)
+                else:
+                    self._apply_heads(db, heads, zeroed)
+                    outcomes.append(self._close_point(db, item, now))
+                if outcomes[-1] is None:  # a refused point is not acknowledged, so not counted as durable
+                    seqs[item.disk_key] = max(seqs.get(item.disk_key, 0), item.seq)
+            self._apply_heads(db, heads, zeroed)
+            db.executemany(
+                "UPDATE disks SET acked_seq = MAX(acked_seq, ?), updated = ? WHERE disk_key = ?",
+                [(seq, now, key) for key, seq in seqs.items()],
+            )
+        return outcomes
+
+    @staticmethod
+    def _apply_heads(
+        db: sqlite3.Connection, heads: list[tuple[int, int, bytes]], zeroed: list[tuple[int, int]]
+    ) -> None:
+        # In arrival order: a chunk written then zeroed (or the reverse) in one batch ends as the later one.
+        if heads:
+            db.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", heads)
+        if zeroed:
+            db.executemany("DELETE FROM heads WHERE disk_key = ? AND idx = ?", zeroed)
+        heads.clear()
+        zeroed.clear()
+
+    def _close_point(self, db: sqlite3.Connection, put: PointPut, now: float) -> Exception | None:
+        row = db.execute(
+            "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE disk_key = ?", (put.disk_key,)
+        ).fetchone()
+        disk = DiskRow(*row)
+        close = put.close
+        hashes = self._head(db, disk)
+        root = RootHasher(disk.geometry)
+        root.update(hashes)
+        got = root.hexdigest()
+        if got != close.root:
+            return PointMismatch(
+                f"point {close.point_id} of {disk.disk}: the replica's root hash is {got[:16]}..., the source "
+                f"computed {close.root[:16]}...; the point was refused"
+            )
+        manifest = self._write_manifest(hashes)
+        db.execute(
+            "INSERT OR IGNORE INTO points VALUES (?, ?, ?, ?, ?, ?)",
+            (close.point_id, disk.host_id, close.created, close.consistency, "\n".join(close.disks), close.freeze_ms),
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO point_disks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (close.point_id, disk.disk, disk.size, disk.chunk_size, close.root, manifest, now, close.consistency),
+        )
+        return None
+
+    def _write_manifest(self, hashes: bytearray) -> str:
+        name = chunk_hash(hashes).hex()
+        path = self.manifests_dir / f"{name}.zst"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("wb") as f:
+                f.write(self._cctx.compress(bytes(hashes)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.manifests_dir)
+        return name
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
+
+    # Points -------------------------------------------------------------------------------------------------------
+
+    def points(self, host_id: str, *, complete_only: bool = True) -> list[Point]:
+        rows = self.reader_db.execute(
+            "SELECT point_id FROM points WHERE host_id = ? ORDER BY created, point_id", (host_id,)
+        ).fetchall()
+        found = [self.point(r[0]) for r in rows]
+        return [p for p in found if p is not None and (p.complete or not complete_only)]
+
+    def point(self, point_id: str) -> Point | None:
+        db = self.reader_db
+        row = db.execute(
+            "SELECT point_id, host_id, created, consistency, disks, freeze_ms FROM points WHERE point_id = ?",
+            (point_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        disks = tuple(
+            PointDisk(*r)
+            for r in db.execute(
+                "SELECT disk, size, chunk_size, root, manifest FROM point_disks WHERE point_id = ? ORDER BY disk",
+                (point_id,),
+            )
+        )
+        named = [d for d in str(row[4]).split("\n") if d]
+        complete = {d.disk for d in disks} >= set(named)
+        consistency = _weakest([str(row[3]), *self._disk_consistency(point_id)])
+        return Point(row[0], row[1], row[2], consistency, disks, row[5], complete)
+
+    def _disk_consistency(self, point_id: str) -> list[str]:
+        db = self.reader_db
+        return [r[0] for r in db.execute("SELECT consistency FROM point_disks WHERE point_id = ?", (point_id,))]
+
+    def resolve_point(self, host_id: str, point_id: str) -> Point:
+        """A complete point of the machine by ID, or its newest for ``latest`` (PointNotFound otherwise)."""
+        if point_id == "latest":
+            points = self.points(host_id)
+            if not points:
+                raise PointNotFound(f"machine {host_id} has no complete recovery point yet")
+            return points[-1]
+        point = self.point(point_id)
+        if point is None or point.host_id != host_id or not point.complete:
+            raise PointNotFound(f"no complete point {point_id!r} for machine {host_id}")
+        return point
+
+    def manifest(self, disk: PointDisk) -> bytes:
+        """The point's chunk hashes for one disk, checked against the manifest's own name."""
+        path = self.manifests_dir / f"{disk.manifest}.zst"
+        try:
+            data = _decompressor().decompress(path.read_bytes(), max_output_size=disk.geometry.count * HASH_SIZE)
+        except (OSError, zstandard.ZstdError) as e:
+            raise PointCorrupt(f"{disk.disk}: manifest {disk.manifest[:16]}... unreadable: {e}") from e
+        if len(data) != disk.geometry.count * HASH_SIZE or chunk_hash(data).hex() != disk.manifest:
+            raise PointCorrupt(f"{disk.disk}: manifest {disk.manifest[:16]}... does not match its hash")
+        return data
+
+    def prune(self, host_id: str, keep: int) -> int:
+        """Drop the machine's complete points beyond the newest ``keep`` (and incomplete ones older than those)."""
+        points = self.points(host_id, complete_only=False)
+        complete = [p for p in points if p.complete]
+        if len(complete) <= keep:
+            return 0
+        cutoff = complete[-keep].created
+        drop = [p.point_id for p in points if p.created < cutoff]
+        with self.write_lock:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM point_disks WHERE point_id = ?", [(p,) for p in drop])
+                db.executemany("DELETE FROM points WHERE point_id = ?", [(p,) for p in drop])
+            live = {r[0] for r in self.db.execute("SELECT DISTINCT manifest FROM point_disks")}
+            for path in self.manifests_dir.glob("*.zst"):
+                if path.stem not in live:
+                    path.unlink(missing_ok=True)
+        return len(drop)
+
+    # Reading chunks -----------------------------------------------------------------------------------------------
+
+    def read(self, digest: bytes, length: int, *, verify: bool = True) -> bytes:
+        """The raw bytes of a chunk; zeros for the zero hash. With ``verify`` the data is hashed again."""
+        if digest == zero_hash(length):
+            return zeros(length)
+        db = self.reader_db
+        row = db.execute("SELECT pack, offset, stored, raw, codec FROM chunks WHERE hash = ?", (digest,)).fetchone()
+        if row is None:
+            raise PointCorrupt(f"chunk {digest.hex()[:16]}... is missing from the store")
+        pack, offset, stored, raw, codec = row
+        if raw != length:
+            raise PointCorrupt(f"chunk {digest.hex()[:16]}... holds {raw} bytes, {length} expected")
+        fd = self._reader_fd(pack)
+        header = os.pread(fd, RECORD.size, offset - RECORD.size)
+        data = os.pread(fd, stored, offset)
+        if len(header) != RECORD.size or len(data) != stored or RECORD.unpack(header)[4] != digest:
+            raise PointCorrupt(f"chunk {digest.hex()[:16]}... in pack {pack} at {offset} is damaged")
+        if codec == Codec.ZSTD:
+            try:
+                data = _decompressor().decompress(data, max_output_size=length)
+            except zstandard.ZstdError as e:
+                raise PointCorrupt(f"chunk {digest.hex()[:16]}... in pack {pack} does not decompress: {e}") from e
+        if len(data) != length or (verify and chunk_hash(data) != digest):
+            raise PointCorrupt(f"chunk {digest.hex()[:16]}... in pack {pack} at {offset} does not match its hash")
+        return data
+
+    def _reader_fd(self, pack: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack)
+            if fd is None:
+                try:
+                    fd = os.open(self._pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise PointCorrupt(f"pack {pack} is unreadable: {e.strerror}") from e
+                self._fds[pack] = fd
+            return fd
+
+    def drop_reader(self, pack: int) -> None:
+        """Forget the read descriptor of a pack (it was rewritten or removed)."""
+        with self._lock:
+            fd = self._fds.pop(pack, None)
+        if fd is not None:
+            os.close(fd)
+
+    def locate(self, digest: bytes) -> tuple[Path, int, int] | None:
+        """Where a chunk's stored bytes are: (pack file, offset, length). For tests and repair tools."""
+        row = self.reader_db.execute("SELECT pack, offset, stored FROM chunks WHERE hash = ?", (digest,)).fetchone()
+        return (self._pack_path(row[0]), row[1], row[2]) if row else None
+
+    def usage(self) -> Usage:
+        chunks, stored = self.reader_db.execute("SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM chunks").fetchone()
+        st = os.statvfs(self.root)
+        return Usage(int(stored), int(chunks), st.f_bavail * st.f_frsize, self.reserve)
+
+
+_threads = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """zstd contexts are not thread-safe: one per thread."""
+    d: zstandard.ZstdDecompressor | None = getattr(_threads, "dctx", None)
+    if d is None:
+        d = _threads.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def _weakest(labels: Sequence[str]) -> str:
+    order = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")
+    return min(labels, key=lambda c: order.index(c) if c in order else 0)
+
+
+def _write_all(fd: int, records: list[bytes]) -> None:
+    pending = records
+    while pending:
+        batch = pending[:512]  # IOV_MAX is 1024
+        written = os.writev(fd, batch)
+        total = sum(len(r) for r in batch)
+        if written < total:  # a short write (rare): finish it byte-wise
+            rest = b"".join(batch)[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        pending = pending[512:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _take_writer_lock(root: Path) -> int:
+    """Two writers would each cut the other's unindexed pack tail and interleave records: the second one is
+    refused (PS-STORE-BUSY). The lock is released when the writer closes or dies."""
+    fd = open_lock_file(root / "writer.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise StoreBusy(f"another process server writes {root}") from e
+    return fd

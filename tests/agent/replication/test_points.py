@@ -1,0 +1,80 @@
+"""agent/replication/points.py without devices: the pre-copy bound, and that the daemon is told "frozen" only
+while filesystems are frozen (not during a pre-copy that may last a minute, when its status must keep going)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from agent.paths import Paths
+from agent.replication import points
+from agent.replication.dirtymap import DirtyMap
+from agent.replication.points import Freezer, cut_point
+
+
+def replicator(dirty_chunks: int, rate: float = 0.0) -> Any:
+    dirty = DirtyMap(100_000, now=0.0)
+    dirty.mark(0, dirty_chunks - 1, now=0.0)
+    device = SimpleNamespace(name="/dev/sdb")
+    return SimpleNamespace(
+        state="CONTINUOUS",
+        need_sweep=False,
+        device=device,
+        dirty=dirty,
+        geometry=SimpleNamespace(chunk_size=65536),
+        rate=rate,
+    )
+
+
+def test_no_freeze_when_the_residual_would_take_longer_than_the_freeze_may_last(tmp_path: Path) -> None:
+    """The pre-copy stops once the residual stops shrinking (not after its full minute), and a residual that the
+    measured capture rate says would keep the filesystems frozen past MAX_FREEZE is not frozen for."""
+    calls: list[bool] = []
+    busy = replicator(30_000)  # 1.8 GiB changed, and it does not shrink
+    rate = points.CaptureRate()
+    rate.measured(512 << 20, 2.0)  # a capture of 512 MiB took 2 s: 1.8 GiB would take about 7 s
+    started = time.monotonic()
+    result = cut_point([busy], tracer=None, paths=Paths(tmp_path), frozen=calls.append, capture_rate=rate)  # type: ignore[arg-type]
+    assert time.monotonic() - started < points.PRECOPY_PLATEAU + 2
+    assert not result.ok and result.error == "REPL-POINT-FAILED" and "no freeze" in (result.message or "")
+    assert "about 7 s" in (result.message or "")
+    assert calls == []  # the daemon's status went on being written through the whole pre-copy
+
+
+def test_the_capture_rate_is_foreseen_from_sending_then_measured() -> None:
+    rate = points.CaptureRate()
+    assert rate.expect(100 << 20, 0.0) == (100 << 20) / points.MIN_CAPTURE_RATE  # nothing known: the floor
+    assert rate.expect(300 << 20, 100e6) == (300 << 20) / 150e6  # faster than the disks send while not frozen
+    rate.measured(1 << 20, 10.0)  # too small to say anything
+    assert rate.rate is None
+    rate.measured(400 << 20, 2.0)
+    rate.measured(200 << 20, 2.0)
+    assert rate.rate == 0.5 * (200 << 20) / 2.0 + 0.5 * (400 << 20) / 2.0
+
+
+def test_a_disk_not_in_continuous_gets_no_point(tmp_path: Path) -> None:
+    r = replicator(1)
+    r.state = "RESYNCING"
+    result = cut_point([r], tracer=None, paths=Paths(tmp_path))  # type: ignore[arg-type]
+    assert not result.ok and "/dev/sdb" in (result.message or "")
+
+
+def test_the_watchdog_thaws_whatever_happens() -> None:
+    freezer = Freezer([], limit=0.1)
+    freezer.freeze()
+    freezer._done.wait(2)
+    assert freezer.thawed and not freezer.thaw()  # thawed by the watchdog, not in time by us
+
+
+def test_a_filesystem_that_cannot_be_frozen_fails_the_freeze_and_nothing_stays_frozen() -> None:
+    """FIFREEZE on a filesystem that does not support it (procfs): REPL-FREEZE-FAILED, and the watchdog is done."""
+    import pytest
+
+    from agent.errors import FreezeFailed
+
+    freezer = Freezer(["/proc"], limit=2.0)
+    with pytest.raises(FreezeFailed):
+        freezer.freeze()
+    assert freezer.thawed and freezer.fds == []

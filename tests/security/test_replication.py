@@ -1,0 +1,402 @@
+"""The process server's stream and the replication commands as an attacker meets them: a real server on loopback,
+registered machines with their own certificates, hostile frames and arguments. Each case must be refused with a
+stable error ID, keep every machine's replica as it was, and leave the server serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from agent.paths import Paths
+from agent.registration import authenticated_client
+from agent.replication.chunks import chunk_hash
+from agent.shared.replication_wire import HEADER, Codec, Header, Hello, Kind, StreamError, frame, json_frame
+from server.process.store import ChunkStore
+from tests.conftest import require_root
+from tests.integration.serverproc import (
+    ServerProcess,
+    configure_root,
+    open_storage,
+    raw_call,
+    sandbox_root,
+    secret_file,
+    server_cli,
+    start_server,
+)
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 64 * 1024
+DISK = "/dev/sdb"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    require_root()
+    s = start_server(tmp_path / "data", heartbeat_interval=2.0)
+    yield s
+    s.stop()
+
+
+def machine(server: ServerProcess, tmp_path: Path, name: str, protect: bool = True) -> tuple[Paths, str]:
+    root = sandbox_root(tmp_path / name, os.urandom(16).hex())
+    code, out = configure_root(server, root, secret_file(tmp_path / f"{name}.pass", server.passphrase()))
+    assert code == 0, out
+    host_id = str(out["host_id"])
+    if protect:
+        storage = open_storage(server.data)
+        try:
+            storage.protect(host_id, [DISK], False, "default", False, time.time())
+        finally:
+            storage.close()
+    return Paths(root), host_id
+
+
+def connect(server: ServerProcess, paths: Paths | None) -> ssl.SSLSocket:
+    if paths is not None:
+        _, client = authenticated_client(paths)
+        ctx = client.context
+    else:
+        ctx = ssl.create_default_context(cafile=str(server.data / "ca" / "ca.pem"))
+    raw = socket.create_connection(("127.0.0.1", server.process_port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def answer(sock: ssl.SSLSocket) -> list[tuple[Header, bytes]]:
+    """Every frame the server sends until it closes the stream (or 10 s pass)."""
+    data = b""
+    sock.settimeout(10)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError, ssl.SSLError):
+        pass
+    frames = []
+    while len(data) >= HEADER.size:
+        h = Header.unpack(data[: HEADER.size])
+        frames.append((h, data[HEADER.size : HEADER.size + h.length]))
+        data = data[HEADER.size + h.length :]
+    return frames
+
+
+def error_of(frames: list[tuple[Header, bytes]]) -> str | None:
+    for h, payload in frames:
+        if h.kind is Kind.ERROR:
+            return StreamError.from_json(json.loads(payload)).code
+    return None
+
+
+def hello(size: int = 4 * CHUNK, disk: str = DISK) -> bytes:
+    return json_frame(Kind.HELLO, Hello(disk, size, CHUNK).to_json())
+
+
+def chunk(seq: int, index: int, data: bytes, digest: bytes | None = None, codec: Codec = Codec.RAW) -> bytes:
+    payload = data if codec is Codec.RAW else zstandard.compress(data, 1)
+    return frame(
+        Kind.CHUNK, payload, flags=codec, seq=seq, offset=index * CHUNK, size=CHUNK, hash=digest or chunk_hash(data)
+    )
+
+
+def still_serving(server: ServerProcess, paths: Paths) -> None:
+    sock = connect(server, paths)
+    data = os.urandom(CHUNK)
+    sock.sendall(hello() + chunk(1_000_000 + int(time.time() * 1000) % 1000, 0, data))
+    sock.settimeout(10)
+    got = b""
+    while len(got) < 2 * HEADER.size:  # WELCOME (+ its payload) then an ACK
+        got += sock.recv(65536)
+        h = Header.unpack(got[: HEADER.size])
+        rest = got[HEADER.size + h.length :]
+        if len(rest) >= HEADER.size and Header.unpack(rest[: HEADER.size]).kind is Kind.ACK:
+            break
+    sock.close()
+
+
+def test_hostile_streams_are_refused_with_stable_ids_and_the_server_keeps_serving(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    paths, host_id = machine(server, tmp_path, "m1")
+    seq_ok = json.loads(Path(paths.identity).read_text())["host_id"] == host_id
+    assert seq_ok
+    cases: list[tuple[str, bytes, str]] = [
+        ("garbage", os.urandom(200), "REPL-PROTOCOL"),
+        ("not HELLO first", chunk(1, 0, os.urandom(CHUNK)), "REPL-PROTOCOL"),
+        (
+            "disk outside /dev",
+            json_frame(Kind.HELLO, {"disk": "/etc/../dev/sdb", "size": CHUNK, "chunk_size": CHUNK, "version": 1}),
+            "REPL-PROTOCOL",
+        ),
+        ("nested JSON", frame(Kind.HELLO, b"[" * 60000), "REPL-PROTOCOL"),
+        ("a huge declared frame", Header(Kind.CHUNK, 0, 1 << 31).pack(), "REPL-PROTOCOL"),
+        ("unprotected disk", hello(disk="/dev/sdc"), "REPL-NOT-PROTECTED"),
+        ("wrong hash", hello() + chunk(1, 0, os.urandom(CHUNK), digest=bytes(32)), "REPL-CHUNK-CORRUPT"),
+        (
+            "zstd bomb",
+            hello()
+            + frame(
+                Kind.CHUNK,
+                zstandard.compress(bytes(64 << 20), 1),
+                flags=Codec.ZSTD,
+                seq=1,
+                offset=0,
+                size=CHUNK,
+                hash=chunk_hash(bytes(CHUNK)),
+            ),
+            "REPL-CHUNK-CORRUPT",
+        ),
+        ("chunk past the disk", hello() + chunk(1, 4, os.urandom(CHUNK)), "REPL-PROTOCOL"),
+        (
+            "unaligned chunk",
+            hello() + frame(Kind.CHUNK, os.urandom(CHUNK), seq=1, offset=100, size=CHUNK, hash=bytes(32)),
+            "REPL-PROTOCOL",
+        ),
+        (
+            "a zero chunk with a payload",
+            hello() + frame(Kind.CHUNK, b"x", flags=Codec.ZERO, seq=1, size=CHUNK),
+            "REPL-PROTOCOL",
+        ),
+        (
+            "a point with a made-up root",
+            hello()
+            + json_frame(
+                Kind.POINT,
+                {
+                    "point_id": str(uuid.uuid4()),
+                    "created": 1.0,
+                    "root": "0" * 64,
+                    "consistency": "crash-consistent",
+                    "disks": [DISK],
+                },
+                seq=1,
+            ),
+            "REPL-POINT-MISMATCH",
+        ),
+        (
+            "a point for another disk",
+            hello()
+            + json_frame(
+                Kind.POINT,
+                {
+                    "point_id": str(uuid.uuid4()),
+                    "created": 1.0,
+                    "root": "0" * 64,
+                    "consistency": "crash-consistent",
+                    "disks": ["/dev/sdz"],
+                },
+                seq=1,
+            ),
+            "REPL-PROTOCOL",
+        ),
+    ]
+
+    def refused(payload: bytes) -> str | None:
+        sock = connect(server, paths)
+        try:
+            sock.sendall(payload)
+            return error_of(answer(sock))
+        finally:
+            sock.close()
+
+    for name, payload, expected in cases:
+        got = refused(payload)
+        assert got == expected, f"{name}: {got}"
+    store = ChunkStore(server.data / "process")
+    try:
+        row = store.disk(host_id, DISK)
+        assert row is not None and row.acked_seq == 0 and store.usage().chunks == 0  # nothing kept, nothing acked
+        assert store.points(host_id) == []
+    finally:
+        store.close()
+    # Last, as its first (valid) chunk may be kept before the second is read: a sequence going back.
+    got = refused(hello() + chunk(5, 0, os.urandom(CHUNK)) + chunk(4, 1, os.urandom(CHUNK)))
+    assert got == "REPL-PROTOCOL", f"sequence going back: {got}"
+    still_serving(server, paths)
+
+
+def test_a_stream_needs_a_certificate_of_this_server_and_writes_only_its_own_replica(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+        sock = connect(server, None)  # no client certificate: the TLS handshake itself fails
+        sock.sendall(hello())
+        if not sock.recv(1):
+            raise ConnectionResetError("closed")
+    a, host_a = machine(server, tmp_path, "a")
+    b, host_b = machine(server, tmp_path, "b")
+    data = os.urandom(CHUNK)
+    sock = connect(server, a)
+    sock.sendall(hello() + chunk(1, 0, data))
+    time.sleep(1.0)
+    sock.close()
+    store = ChunkStore(server.data / "process")
+    try:
+        assert store.disk(host_b, DISK) is None  # A's /dev/sdb is A's: the name alone never reaches B's replica
+        row = store.disk(host_a, DISK)
+        assert row is not None and store.head(row)[:32] == chunk_hash(data)
+    finally:
+        store.close()
+    still_serving(server, b)
+
+
+def test_a_revoked_or_removed_machine_cannot_stream(server: ServerProcess, tmp_path: Path) -> None:
+    """The stream checks the certificate as the API does: after `machines revoke` (or `remove`) the machine's
+    certificate, still signed by our CA and unexpired, opens no stream and writes nothing."""
+    revoked, host_r = machine(server, tmp_path, "r")
+    removed, host_x = machine(server, tmp_path, "x")
+    still_serving(server, revoked)
+    assert server_cli(server.data, "machines", "revoke", host_r).returncode == 0
+    assert server_cli(server.data, "machines", "remove", host_x).returncode == 0
+    store = ChunkStore(server.data / "process")
+    try:
+        before = store.head(store.disk(host_r, DISK))  # type: ignore[arg-type]
+    finally:
+        store.close()
+    for paths, code in ((revoked, "CERT-REVOKED"), (removed, "MACHINE-UNKNOWN")):
+        sock = connect(server, paths)
+        sock.sendall(hello() + chunk(2_000_000, 1, os.urandom(CHUNK)))
+        assert error_of(answer(sock)) == code
+        sock.close()
+    store = ChunkStore(server.data / "process")
+    try:
+        assert store.head(store.disk(host_r, DISK)) == before  # type: ignore[arg-type]
+        assert store.disk(host_x, DISK) is None
+    finally:
+        store.close()
+
+
+def test_poisoned_replication_reports_are_refused_at_the_edge(server: ServerProcess, tmp_path: Path) -> None:
+    paths, host_id = machine(server, tmp_path, "m1")
+    cert = (paths.client_cert, paths.client_key)
+    for report in (
+        {"disks": [{"disk": "/dev/sdb", "state": "CONTINUOUS\x1b[2J", "throughput_bps": 0}]},
+        {"disks": [{"disk": "/dev/../etc/shadow", "state": "CONTINUOUS", "throughput_bps": 0}]},
+        {"disks": [{"disk": "/dev/sdb", "state": "STALLED", "throughput_bps": 0, "detail": "x\ny"}]},
+        {"disks": [{"disk": "/dev/sdb", "state": "STALLED", "throughput_bps": float("nan")}]},
+        {"disks": [{"disk": "/dev/sdb", "state": "STALLED", "throughput_bps": 0}] * 65},
+        {"disks": "all"},
+    ):
+        body = json.dumps({"host_id": host_id, "agent_version": "0.1.0", "replication": report}).encode()
+        status, doc = raw_call(server, "POST", "/v1/heartbeat", body, cert=cert)
+        assert (status, doc.get("error", {}).get("code")) == (400, "BAD-REQUEST"), report
+
+
+def test_hostile_command_line_arguments_lose_nothing(server: ServerProcess, tmp_path: Path) -> None:
+    _, host_id = machine(server, tmp_path, "m1", protect=False)
+    cases = [
+        (["protect", "--machine", host_id, "--disk", "/dev/../etc/passwd"], "PROTECT-DISK-INVALID"),
+        (["protect", "--machine", host_id, "--disk", "/dev/sdb", "--all-disks"], "PROTECT-DISK-INVALID"),
+        (["protect", "--machine", host_id], "PROTECT-DISK-INVALID"),
+        (["protect", "--machine", "nobody", "--disk", "/dev/sdb"], "MACHINE-NOT-FOUND"),
+        (["protect", "--machine", host_id, "--disk", "/dev/sdb", "--policy", "missing"], "POLICY-NOT-FOUND"),
+        (["policy", "set", "Bad/Name"], "POLICY-INVALID"),
+        (["policy", "set", "p", "--interval", "0s"], "POLICY-INVALID"),
+        (["policy", "set", "p", "--interval", "30d"], "POLICY-INVALID"),
+        (["policy", "set", "p", "--bandwidth", "lots"], "POLICY-INVALID"),
+        (["policy", "set", "p", "--retention", "0"], "POLICY-INVALID"),
+        (["points", "--machine", "' OR 1=1 --"], "MACHINE-NOT-FOUND"),
+        (["verify", "--point", "'; DROP TABLE points; --"], "POINT-NOT-FOUND"),
+        (["failover", "--machine", host_id, "--point", "latest", "--out", str(tmp_path / "out")], "POINT-NOT-FOUND"),
+        (["test-failover", "--machine", host_id, "--point", str(uuid.uuid4())], "POINT-NOT-FOUND"),
+    ]
+    for args, code in cases:
+        r = server_cli(server.data, *args)
+        assert r.returncode != 0 and f"error {code}:" in r.stderr, (args, r.stderr)
+    storage = open_storage(server.data)
+    try:
+        assert storage.protections() == [] and [p.name for p in storage.policies()] == ["default"]
+    finally:
+        storage.close()
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.img").write_text("mine")
+    from server.process.failover import materialise
+    from server.process.store import Point
+
+    store = ChunkStore(server.data / "process")
+    try:
+        from server.errors import FailoverOutExists
+
+        with pytest.raises(FailoverOutExists):
+            materialise(store, Point("p", host_id, 0.0, "crash-consistent", (), None, True), out)
+    finally:
+        store.close()
+    assert (out / "keep.img").read_text() == "mine"
+
+
+def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: ServerProcess, tmp_path: Path) -> None:
+    """`failover --out` and `test-failover --scratch` given a FIFO, a device, a file or a directory that holds
+    files: a clear error, nothing hangs, nothing there is written or removed."""
+    from agent.replication.chunks import Geometry, RootHasher
+    from agent.replication.transport import Stream
+    from agent.shared.address import ServerAddress
+    from agent.shared.replication_wire import PointClose
+
+    paths, host_id = machine(server, tmp_path, "m1")
+    _, client = authenticated_client(paths)
+    stream = Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=10)
+    stream.connect(Hello(DISK, CHUNK, CHUNK))
+    data = os.urandom(CHUNK)
+    stream.send(Kind.CHUNK, data, flags=Codec.RAW, offset=0, size=CHUNK, digest=chunk_hash(data))
+    root = RootHasher(Geometry(CHUNK, CHUNK))
+    root.update(chunk_hash(data))
+    close = PointClose(str(uuid.uuid4()), time.time(), root.hexdigest(), "raw-idle", (DISK,))
+    stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
+    assert stream.drain(20)
+    stream.close()
+
+    fifo, afile, full = tmp_path / "fifo", tmp_path / "afile", tmp_path / "full"
+    os.mkfifo(fifo)
+    afile.write_text("mine")
+    full.mkdir()
+    (full / "sdb.img").write_text("mine too")
+    for out, code in (
+        (fifo, "IO-FAILED"),
+        (Path("/dev/zero"), "IO-FAILED"),
+        (afile, "IO-FAILED"),
+        (full, "FAILOVER-OUT-EXISTS"),
+    ):
+        r = server_cli(server.data, "failover", "--machine", host_id, "--point", "latest", "--out", str(out))
+        assert r.returncode != 0 and r.stderr.startswith(f"error {code}:") and "Traceback" not in r.stderr, (
+            out,
+            r.stderr,
+        )
+    for scratch in (fifo, Path("/dev/zero"), afile):
+        r = server_cli(
+            server.data, "test-failover", "--machine", host_id, "--point", "latest", "--scratch", str(scratch)
+        )
+        assert r.returncode != 0 and r.stderr.startswith("error IO-FAILED:"), (scratch, r.stderr)
+    assert afile.read_text() == "mine" and (full / "sdb.img").read_text() == "mine too" and fifo.is_fifo()
+    assert sorted(p.name for p in full.iterdir()) == ["sdb.img"]
+    out = tmp_path / "good"
+    r = server_cli(server.data, "failover", "--machine", host_id, "--point", "latest", "--out", str(out))
+    assert r.returncode == 0 and (out / "sdb.img").read_bytes() == data, r.stderr
+
+    # A point whose disk holds the start of an ext4 larger than the disk: found, but it does not mount.
+    import subprocess
+
+    fs = tmp_path / "fs.img"
+    fs.write_bytes(bytes(1 << 20))
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs)], check=True, capture_output=True, timeout=60)
+    head = fs.read_bytes()[:CHUNK]
+    stream = Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=10)
+    stream.connect(Hello(DISK, CHUNK, CHUNK))
+    stream.send(Kind.CHUNK, head, flags=Codec.RAW, offset=0, size=CHUNK, digest=chunk_hash(head))
+    root = RootHasher(Geometry(CHUNK, CHUNK))
+    root.update(chunk_hash(head))
+    close = PointClose(str(uuid.uuid4()), time.time() + 1, root.hexdigest(), "raw-idle", (DISK,))
+    stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
+    assert stream.drain(20)
+    stream.close()
+    r = server_cli(server.data, "test-failover", "--machine", host_id, "--point", close.point_id, "--json")
+    report, _ = json.JSONDecoder().raw_decode(r.stdout)  # the report; the error follows it
+    assert r.returncode == 1 and "error TEST-FAILOVER-FAILED:" in r.stderr and not report["ok"], r.stdout + r.stderr
+    assert report["disks"][0]["filesystems"][0]["fstype"] == "ext4"
