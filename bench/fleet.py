@@ -17,7 +17,9 @@
 
 Printed per setup: heartbeat latency p50/p99 during the storm, time until every clone is enrolled, errors (anything
 but 200, and 503s that were retried), the servers' event-loop stall p99 (their 10 s log windows during the storm),
-their peak RSS, and the CPU this client process used (it runs on the same 2 cores as the servers).
+their peak RSS, and the CPU this client process used (it runs on the same 2 cores as the servers) with the lag of
+its own event loop: the client is one process on uvloop, as the server is, holding every machine's connection; a
+lag of the client's loop adds to the latencies it measures, so it is printed beside them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import random
 import re
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import uvloop
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -57,6 +61,7 @@ from scripts.localserver import init_local_server, server_log, start_local_serve
 from server import pki  # noqa: E402
 from server.database import database_for  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
+from server.stalls import Histogram, StallMonitor  # noqa: E402
 from server.storage import NewMachine, Storage  # noqa: E402
 
 STATS_SECONDS = 10
@@ -173,6 +178,7 @@ def seed(data: Path, count: int, state: Path) -> tuple[list[Machine], Machine, A
 class Results:
     beats: list[tuple[float, float]] = field(default_factory=list)  # (start, latency)
     beat_errors: dict[str, int] = field(default_factory=dict)
+    beat_error_log: list[tuple[float, str]] = field(default_factory=list)  # (start, what): which were in the storm
     enrolled: dict[int, str] = field(default_factory=dict)  # clone -> host ID
     enrol_errors: dict[str, int] = field(default_factory=dict)
     retried_503: int = 0
@@ -181,9 +187,14 @@ class Results:
     storm_wall: tuple[float, float] = (0.0, 0.0)  # the same, on the clock the servers' logs use
     server_cpu: list[float] = field(default_factory=list)  # cores each server process used during the storm
     machine_cpu: float = 0.0  # cores the whole machine used (other processes too)
+    client_stalls: str = ""  # how late this client's own event loop woke during the storm
 
     def error(self, where: dict[str, int], what: str) -> None:
         where[what] = where.get(what, 0) + 1
+
+    def beat_error(self, start: float, what: str) -> None:
+        self.error(self.beat_errors, what)
+        self.beat_error_log.append((start, what))
 
 
 async def fleet(
@@ -194,15 +205,14 @@ async def fleet(
     until: asyncio.Event,
     results: Results,
     connected: asyncio.Event,
+    offset: int = 0,
 ) -> None:
-    """Every machine heartbeats every ``interval`` s at its own phase on its own kept-alive connection."""
+    """Every machine heartbeats every ``interval`` s at its own phase on its own kept-alive connection (machine
+    ``offset + i`` on the next instance, as a round-robin balancer would)."""
     opened = 0
 
     async def one(i: int, m: Machine) -> None:
         nonlocal opened
-        ctx = ssl.create_default_context(cafile=str(ca))
-        ctx.load_cert_chain(str(m.pem))
-        conn = Conn(ports[i % len(ports)], ctx)
         body = json.dumps(
             {
                 "host_id": m.host_id,
@@ -210,16 +220,25 @@ async def fleet(
                 "health": {"status": "healthy", "time": time.time(), "checks": []},
             }
         ).encode()
-        await asyncio.sleep(random.uniform(0, interval))  # noqa: S311 - phases, not secrets
+        # Each machine keeps its own timetable (phase + k * interval), whatever its earlier beats cost: a fleet of
+        # independent daemons. Sleeping ``interval`` after each beat instead lets one slow moment (the fleet's
+        # connections being made) bunch the phases together, and the bunch comes back as a burst every interval.
+        due = time.monotonic() + random.uniform(0, interval)  # noqa: S311 - phases, not secrets
+        await asyncio.sleep(due - time.monotonic())
+        # Made at the machine's phase, not before: 10,000 contexts made up front block this loop for seconds, the
+        # phases then come due together, and the servers see the whole fleet connect in one burst.
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.load_cert_chain(str(m.pem))
+        conn = Conn(ports[(offset + i) % len(ports)], ctx)
         first = True
         while not until.is_set():
             start = time.monotonic()
             try:
                 status, _, _ = await conn.request(wire.HEARTBEAT_PATH, body)
                 if status != 200:
-                    results.error(results.beat_errors, f"HTTP {status}")
+                    results.beat_error(start, f"HTTP {status}")
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError) as e:
-                results.error(results.beat_errors, type(e).__name__)
+                results.beat_error(start, type(e).__name__)
             else:
                 results.beats.append((start, time.monotonic() - start))
             if first:
@@ -227,7 +246,8 @@ async def fleet(
                 opened += 1
                 if opened == len(machines):
                     connected.set()
-            await asyncio.sleep(max(0.0, start + interval - time.monotonic()))
+            due += interval * max(1, math.ceil((time.monotonic() - due) / interval))  # a slot missed is skipped
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
         await conn.close()
 
     await asyncio.gather(*(one(i, m) for i, m in enumerate(machines)))
@@ -287,7 +307,8 @@ async def storm(
                 pem.write_bytes(answer["certificate"].encode() + key_pem(key))
                 if len(results.enrolled) == clones:
                     return
-                await fleet([Machine(answer["host_id"], pem)], ports, ca, interval, until, Results(), asyncio.Event())
+                enrolled = [Machine(answer["host_id"], pem)]
+                await fleet(enrolled, ports, ca, interval, until, Results(), asyncio.Event(), offset=i)
                 return
             if status == 503:
                 results.retried_503 += 1
@@ -328,6 +349,8 @@ async def measure(
     sampler = threading.Thread(target=sample_rss, args=(pids, stop, peak), daemon=True)
     sampler.start()
     state = Path(tempfile.mkdtemp(prefix="bench-fleet-clones-"))
+    client_stalls = StallMonitor()
+    monitor = asyncio.create_task(client_stalls.run())
     heartbeating = asyncio.create_task(fleet(machines, ports, ca, args.interval, until, results, connected))
     t0 = time.monotonic()
     await asyncio.wait_for(connected.wait(), timeout=args.interval * 6)
@@ -337,6 +360,7 @@ async def measure(
     wall0 = time.monotonic()
     servers0 = [_cpu(pid) for pid in pids]
     machine0 = psutil.cpu_times()
+    client_stalls.window = Histogram()  # the storm's own figures
     storming = asyncio.create_task(
         storm(
             args.clones,
@@ -363,8 +387,10 @@ async def measure(
     busy = (machine1.user + machine1.system + machine1.nice) - (machine0.user + machine0.system + machine0.nice)
     results.machine_cpu = busy / (wall1 - wall0)
     results.storm_wall = (time.time() - (wall1 - wall0), time.time())
+    results.client_stalls = client_stalls.window.summary()
     until.set()
     await asyncio.gather(heartbeating, storming, return_exceptions=True)
+    monitor.cancel()
     stop.set()
     client_cpu = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / (wall1 - wall0)
     return results, client_cpu, peak
@@ -382,6 +408,10 @@ def report(name: str, results: Results, client_cpu: float, peak: dict[int, int],
                 when = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 if begin + STATS_SECONDS <= when <= end + STATS_SECONDS:
                     stalls.append(int(m.group(2)))
+    storm_errors: dict[str, int] = {}
+    for start, what in results.beat_error_log:
+        if results.storm_start <= start <= results.storm_end:
+            results.error(storm_errors, what)
     print(f"== {name}")
     print(
         f"  heartbeats during the storm: {len(storm_beats)}, p50 {statistics.median(storm_beats) * 1e3:.1f} ms, "
@@ -394,13 +424,15 @@ def report(name: str, results: Results, client_cpu: float, peak: dict[int, int],
         f"host IDs) in {enrolled_in:.1f} s after the storm began"
     )
     print(
-        f"  errors: heartbeats {results.beat_errors or 0}, enrolments {results.enrol_errors or 0}; "
+        f"  errors: heartbeats {results.beat_errors or 0} (during the storm: {storm_errors or 0}), "
+        f"enrolments {results.enrol_errors or 0}; "
         f"503s retried: {results.retried_503}"
     )
     print(
         f"  event loop stall p99 over the storm's 10 s windows: median {statistics.median(stalls or [0]):.0f} ms, "
         f"max {max(stalls, default=0)} ms ({len(stalls)} windows of all instances)"
     )
+    print(f"  client event loop lag during the storm: {results.client_stalls}")
     print(f"  server RSS peak: {', '.join(f'{rss / 2**20:.0f} MiB' for rss in peak.values())}")
     print(
         f"  CPU during the storm, in cores of 2: client {client_cpu:.2f}, servers "
@@ -433,7 +465,7 @@ def run_setup(name: str, args: argparse.Namespace, database: str | None, instanc
                 data, "--heartbeat-interval", str(args.interval), "--stats-interval", str(STATS_SECONDS)
             )
             procs.append((proc, int(address.rsplit(":", 1)[1])))
-        results, cpu, peak = asyncio.run(
+        results, cpu, peak = uvloop.run(
             measure([p for _, p in procs], [p.pid for p, _ in procs], data, machines, template_key, args)
         )
     finally:

@@ -145,6 +145,12 @@ class GuardedHandler(web_protocol.RequestHandler):
         if self.request_started is None and not self.handling:  # a body being read has its own deadline
             self.request_started = time.monotonic()
         super().data_received(data)
+        if self._messages:
+            # The line and headers are in: the client was not slow. The clock stops here, not when a handler
+            # starts: a loop busy with a burst of handshakes must not turn requests it has not reached yet into
+            # 408s of its own making (and reconnections that cost more handshakes).
+            self.request_started = None
+            self.handling = True
 
     def request_arrived(self) -> None:
         """Called as a request reaches the handlers: its line and headers are in, the clock stops."""
