@@ -44,7 +44,7 @@ import zstandard
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scripts.replication_lab import Disk, Lab, Machine, Server, sh  # noqa: E402
+from scripts.replication_lab import Disk, Lab, Machine, Server, sh, wait_for  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -223,9 +223,16 @@ def bench_resync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[str,
     drop_caches()
     restarted = time.time()
     lab.start_agent(machine)
-    lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
-    began = log_time(machine, "checksum resync", after=restarted - 1)
-    done = log_time(machine, "in sync; continuous", after=began)
+
+    def logged(pattern: str, after: float) -> float | None:
+        try:
+            return log_time(machine, pattern, after)
+        except AssertionError:
+            return None
+
+    # The killed agent's status file still says CONTINUOUS: go by the new agent's log.
+    began = wait_for("the resync", lambda: logged("checksum resync", restarted - 1), timeout=600)
+    done = wait_for("the resync's end", lambda: logged("in sync; continuous", began), timeout=3600)
     ours = done - began
     drop_caches()
     start = time.perf_counter()
@@ -312,13 +319,18 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, fl
     protected = fio(target, seconds, bs)
     stop.set()
     points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
+
+    log = []  # the agent's lines from the churn on (a point due during the initial sync is not the churn's)
+    for line in machine.log().splitlines():
+        m = _STAMP.match(line)
+        if m and datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() >= started:
+            log.append(line)
+    failed = [line.split("no point: ")[1][:160] for line in log if "no point: " in line]
     freezes = [
         float(line.split("frozen ")[1].split(" ms")[0])
-        for line in machine.log().splitlines()
+        for line in log
         if "point " in line and " cut (" in line and "frozen " in line
     ]
-    log = machine.log().splitlines()
-    failed = [line.split("no point: ")[1][:160] for line in log if "no point: " in line]
     if failed:
         print(f"churn {bs}: {len(failed)} points not cut; first: {failed[0]}", flush=True)
     for line in [x for x in log if "WARNING mobility.replication" in x and "no point" not in x][:5]:
