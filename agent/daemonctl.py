@@ -13,6 +13,7 @@ exited since the watcher started counting.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
@@ -129,7 +130,7 @@ class SystemdSupervisor:
         return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
 
-class _Tended:
+class _Tended(abc.ABC):
     """SysV and none: the watcher restarts a dead daemon and counts each exit it sees."""
 
     def __init__(self) -> None:
@@ -140,12 +141,13 @@ class _Tended:
     def mark(self) -> None:
         self._exits = 0
 
+    @abc.abstractmethod
     def _current_pid(self) -> int | None:
-        raise NotImplementedError
+        """The running daemon's PID, if one runs."""
 
+    @abc.abstractmethod
     def _start(self) -> int | None:
         """Start the daemon; its PID when known (so that an exit before the next look is still counted)."""
-        raise NotImplementedError
 
     def look(self) -> Seen:
         pid = self._current_pid()
