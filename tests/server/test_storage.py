@@ -3,6 +3,7 @@ enrolment, who may write a job, monotonic heartbeats, shared nonces and failure 
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import sqlite3
@@ -367,3 +368,30 @@ def test_protection_policies_and_reported_status(storage: Storage) -> None:
     assert [p.host_id for p in storage.protections()] == [host]
     assert storage.remove(host) and storage.protections() == []
     assert storage.unprotect(host) is False
+
+
+def test_every_migration_is_taken_back_and_made_again(database: str) -> None:
+    """`alembic downgrade` (an operator going back a version, on a copy or after a failed upgrade) leaves the schema of
+    each older revision, down to an empty database; upgrading again gives the schema the server declares."""
+    from alembic import command
+
+    def tables(conn: object) -> dict[str, set[str]]:
+        found = inspect(conn)
+        return {t: {c["name"] for c in found.get_columns(t)} for t in found.get_table_names() if t != "alembic_version"}
+
+    s = Storage.open(parse_database(database), create=True)
+    try:
+        with s.engine.connect() as conn, conn.begin():
+            head = tables(conn)
+            assert head == {t.name: {c.name for c in t.columns} for t in metadata.sorted_tables}
+            seen = []
+            for revision in reversed(("base", *migrations.REVISIONS[:-1])):
+                command.downgrade(migrations._config(conn), revision)
+                seen.append(tables(conn))
+                assert migrations.current(conn) == (None if revision == "base" else revision)
+            assert seen[-1] == {} and all(len(a) >= len(b) for a, b in itertools.pairwise(seen))
+            assert "key_id" not in seen[-2]["machines"] and "target_version" in seen[-4]["machines"]
+            migrations.upgrade(conn)
+            assert tables(conn) == head
+    finally:
+        s.close()

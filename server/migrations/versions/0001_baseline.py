@@ -68,4 +68,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("the baseline is not taken back")
+    op.drop_index("machines_by_enrol_token", "machines")
+    op.drop_index("machines_by_machine_id", "machines")
+    for table in ("retired_passphrases", "tokens", "jobs", "machines"):
+        op.drop_table(table)

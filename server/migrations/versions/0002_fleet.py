@@ -74,4 +74,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("schema changes are not taken back; restore a backup to go back")
+    for index, table in (
+        ("health_history_by_time", "health_history"),
+        ("health_history_by_host", "health_history"),
+        ("enrol_failures_by_time", "enrol_failures"),
+        ("enrol_failures_by_address", "enrol_failures"),
+        ("used_nonces_by_expiry", "used_nonces"),
+    ):
+        op.drop_index(index, table)
+    for table in ("health_history", "enrol_failures", "used_nonces"):
+        op.drop_table(table)
+    op.drop_index("retired_passphrases_by_valid_until", "retired_passphrases")
+    op.drop_index("machines_by_key_id", "machines")
+    with op.batch_alter_table("machines") as batch:
+        for name in ("revoked_at", "key_id", "pending_public_key", "pending_not_after", "pending_serial"):
+            batch.drop_column(name)

@@ -55,4 +55,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("schema changes are not taken back; restore a backup to go back")
+    op.drop_index("rollout_machines_by_wave", "rollout_machines")
+    op.drop_table("rollout_machines")
+    op.drop_index("rollouts_by_created", "rollouts")
+    op.drop_index("rollouts_by_state", "rollouts")
+    op.drop_table("rollouts")
+    with op.batch_alter_table("machines") as batch:
+        for name in ("pin_reason", "pinned_version", "target_job", "target_version"):
+            batch.drop_column(name)

@@ -39,4 +39,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("schema changes are not taken back; restore a backup to go back")
+    op.drop_table("protection")
+    op.drop_table("policies")
