@@ -301,7 +301,10 @@ def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> N
         assert configure_root(s, root, secret_file(tmp_path / "pass", s.passphrase()))[0] == 0
         sent = time.time()
         assert heartbeat(Paths(root), {"status": "warning"})["interval"] == 3.0
-        states = wait_for("the heartbeat's batch to be written", lambda: [m for m in s.machines() if m["health"]])
+        # A machine that never reported lists its health as "unknown" (and offline, it was never seen).
+        states = wait_for(
+            "the heartbeat's batch to be written", lambda: [m for m in s.machines() if m["health"] != "unknown"]
+        )
         if time.time() - sent < 8.0:  # the listing was made within 3 intervals (9 s) of the heartbeat
             assert [(m["state"], m["health"]) for m in states] == [("online", "warning")]
         wait_for("3 missed intervals", lambda: [m["state"] for m in s.machines()] == ["offline"], timeout=30)
