@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.integration.fleet import Lab, Machine, bundle_of, wait_until  # noqa: E402
+from scripts.polling import wait_for  # noqa: E402
+from tests.integration.fleet import Lab, Machine, bundle_of  # noqa: E402
 
 BROKEN = REPO / "tests" / "integration" / "broken_agent.py"
 
@@ -57,7 +58,7 @@ def rollout(tmp: Path, releases: dict[str, Path], n: int) -> None:
         print(f"{n} machines bootstrapped in {time.monotonic() - t:.1f} s")
         for m in machines:
             m.start()
-        wait_until("the daemons", lambda: all(m.status().get("heartbeats_sent", 0) >= 2 for m in machines), 120)
+        wait_for("the daemons", lambda: all(m.status().get("heartbeats_sent", 0) >= 2 for m in machines), 120)
         lab.publish("0.1.1")
         start = time.monotonic()
         lab.cli("update", "--to", "0.1.1", "--all", "--wave", "25%")
@@ -91,12 +92,14 @@ def rollback(tmp: Path, releases: dict[str, Path], heartbeat: float, version: st
     try:
         (m,) = lab.add(1)
         m.start()
-        wait_until("the daemon", lambda: m.status().get("heartbeats_sent", 0) >= 2, 120)
+        wait_for("the daemon", lambda: m.status().get("heartbeats_sent", 0) >= 2, 120)
         lab.publish(version)
         t0 = time.monotonic()
         lab.cli("update", "--to", version, "--all")
-        rolled = wait_until("the rollback", lambda: _rolled_back(m, version), 600, every=0.2)
-        halted = wait_until("the halt", lambda: lab.rollout()["state"] == "halted", 120)
+        rolled = wait_for(
+            "the rollback", lambda: _rolled_back(m, version), 600, every=0.2, most=0.2
+        )  # its time is measured
+        halted = wait_for("the halt", lambda: lab.rollout()["state"] == "halted", 120)
         took = time.monotonic() - t0
         error = m.record()["outcome"]["error_id"]
         print(

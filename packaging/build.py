@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime as dt
+import fcntl
 import gzip
 import hashlib
 import io
@@ -32,6 +34,7 @@ import sys
 import tarfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -349,6 +352,19 @@ def freeze(hash_: str, test_entry: Path | None = None) -> Frozen:
     return Frozen(*bootstrap, agent, runtime, out)
 
 
+@contextlib.contextmanager
+def build_lock() -> Iterator[None]:
+    """An exclusive lock on the build cache, held while it is checked or filled: a second build waits for the first
+    (and then finds the cache filled) instead of both writing into it."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    fd = os.open(BUILD / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def bootstrapper(frozen: Frozen, version: str) -> tuple[Path, str]:
     """The self-unpacking bootstrapper of ``version`` and its cache ID, made once per version of a frozen build."""
     if frozen.bootstrap_launcher is None or frozen.bootstrap_tree is None:
@@ -481,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     try:
-        frozen = freeze(source_hash(), test_entry)
-        boot = bootstrapper(frozen, args.version) if test_entry is None and not args.bundles_only else None
+        with build_lock():  # one PyInstaller run at a time: builds share the cache and PyInstaller's work directory
+            frozen = freeze(source_hash(), test_entry)
+            boot = bootstrapper(frozen, args.version) if test_entry is None and not args.bundles_only else None
     except BuildError as e:
         print(f"packaging/build: {e}", file=sys.stderr)
         return 1

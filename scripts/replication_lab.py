@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts import polling
 from scripts.localserver import init_local_server, server_log, start_local_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,13 +34,8 @@ def sh(argv: Sequence[str], timeout: float = 120, check: bool = True, **kw: Any)
 
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    """scripts/polling.wait_for with the lab's longer default: disks sync and points are cut in tens of seconds."""
+    return polling.wait_for(what, condition, timeout, every)
 
 
 @dataclass

@@ -15,6 +15,7 @@ device and exact name, also when set-up failed halfway::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import itertools
 import logging
@@ -89,8 +90,21 @@ def run(
 
 def debian_root(name: str, *include: str, suite: str = "bookworm") -> Path:
     """A minimal Debian made with debootstrap (minbase, plus ``include``) of ``suite`` (bookworm: Debian 12,
-    bullseye: Debian 11), cached between runs in .cache/."""
+    bullseye: Debian 11), cached between runs in .cache/. Concurrent callers (parallel test workers) wait for the
+    one that makes it."""
     root = REPO / ".cache" / name
+    root.parent.mkdir(exist_ok=True)
+    lock = os.open(root.parent / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _debootstrap(root, include, suite)
+    finally:
+        os.close(lock)
+    return root
+
+
+def _debootstrap(root: Path, include: Sequence[str], suite: str) -> None:
+    name = root.name
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
         cmd = [
@@ -105,7 +119,6 @@ def debian_root(name: str, *include: str, suite: str = "bookworm") -> Path:
         if r.returncode:
             raise LabError(f"debootstrap {name} ({suite}) failed: {r.stdout[-3000:]}{r.stderr[-3000:]}")
         (root / ".complete").write_text("")
-    return root
 
 
 SSHD_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server")
@@ -255,16 +268,10 @@ class Lab:
         for host in todo:
             if host.disk == "full":
                 _fill(host.root)
-            host.cgroups = self._make_cgroups(host.name)
-            # nspawn --keep-unit puts the container under its own cgroup, so each host's nspawn starts in a
-            # cgroup of its own; otherwise their systemds would all manage one shared "payload" cgroup.
-            enter = " && ".join(f'echo $$ > "${i + 1}/cgroup.procs"' for i in range(len(host.cgroups)))
-            argv = [
-                "/bin/sh",
-                "-c",
-                f'{enter} && shift {len(host.cgroups)} && exec "$@"',
-                "sh",
-                *map(str, host.cgroups),
+            host.cgroups = make_cgroups(f"{self.prefix}-{host.name}")
+            self._undo.extend((f"cgroup {c}", functools.partial(remove_cgroup, c)) for c in host.cgroups)
+            argv = in_cgroups(
+                host.cgroups,
                 "systemd-nspawn",
                 "--boot",
                 "--register=no",
@@ -277,7 +284,7 @@ class Lab:
                 # nspawn keys state in /run/systemd/nspawn by machine name: unique like the namespaces. The
                 # container's systemd still names itself from /etc/hostname.
                 f"--machine={host.netns}",
-            ]
+            )
             with host.log.open("ab") as out:
                 host.proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -381,25 +388,6 @@ class Lab:
         (root / ".complete").unlink(missing_ok=True)  # debian_root's cache marker
         return root
 
-    def _make_cgroups(self, name: str) -> tuple[Path, ...]:
-        """A cgroup per host, below ours, in the unified hierarchy and (hybrid set-ups) the name=systemd one."""
-        made = []
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "":
-                mount = Path("/sys/fs/cgroup/unified")
-                if not (mount / "cgroup.procs").exists():
-                    mount = Path("/sys/fs/cgroup")
-            elif controllers == "name=systemd":
-                mount = Path("/sys/fs/cgroup/systemd")
-            else:
-                continue
-            cgroup = mount / path.lstrip("/") / f"{self.prefix}-{name}"
-            cgroup.mkdir()
-            self._undo.append((f"cgroup {cgroup}", functools.partial(_remove_cgroup, cgroup)))
-            made.append(cgroup)
-        return tuple(made)
-
     def _add_user(self, root: Path, user: str) -> None:
         groups = [line.split(":")[0] for line in (root / "etc/group").read_text().splitlines()]
         # Debian has system groups named like users one may want ("operator"): then the user joins "users".
@@ -460,7 +448,40 @@ def _unmount(where: Path) -> None:
         run(["umount", "--lazy", str(where)])  # still busy: detached now, freed when the last user goes
 
 
-def _remove_cgroup(cgroup: Path) -> None:
+def make_cgroups(name: str) -> tuple[Path, ...]:
+    """A cgroup ``name`` below this process's own, in the unified hierarchy and (hybrid set-ups) the name=systemd
+    one; the caller removes them (`remove_cgroup`). systemd-nspawn --keep-unit puts a container under the cgroup it
+    starts in, so each container needs one of its own: otherwise their systemds would all manage one shared
+    "payload" cgroup."""
+    made: list[Path] = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                mount = Path("/sys/fs/cgroup/unified")
+                if not (mount / "cgroup.procs").exists():
+                    mount = Path("/sys/fs/cgroup")
+            elif controllers == "name=systemd":
+                mount = Path("/sys/fs/cgroup/systemd")
+            else:
+                continue
+            cgroup = mount / path.lstrip("/") / name
+            cgroup.mkdir()
+            made.append(cgroup)
+    except BaseException:
+        for cgroup in made:
+            remove_cgroup(cgroup)
+        raise
+    return tuple(made)
+
+
+def in_cgroups(cgroups: Sequence[Path], *argv: str) -> list[str]:
+    """``argv`` started inside ``cgroups`` (a shell moves itself there, then execs it: the PID stays)."""
+    enter = " && ".join(f'echo $$ > "${i + 1}/cgroup.procs"' for i in range(len(cgroups)))
+    return ["/bin/sh", "-c", f'{enter} && shift {len(cgroups)} && exec "$@"', "sh", *map(str, cgroups), *argv]
+
+
+def remove_cgroup(cgroup: Path) -> None:
     """Remove ``cgroup`` and what nspawn and the container's systemd left inside it (deepest first)."""
     if not cgroup.exists():
         return

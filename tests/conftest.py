@@ -1,15 +1,22 @@
 """Suite-wide rules: integration tests may never be skipped in CI (a skip hides a missing install step); every Python
 the suite starts carries its fault injector and error record (tests/faults/); the catalogue check of the error IDs
-the suite saw runs last, when the whole suite ran."""
+the suite saw runs last, when the whole suite ran (with parallel workers: in the controlling process, after every
+worker finished); the longest test files start first and a `solo` test runs alone (tests/workers.py)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests import workers
 
 REPO = Path(__file__).resolve().parent.parent
 DISTROS = REPO / "tests" / "resources" / "distros"
@@ -26,11 +33,29 @@ def pytest_configure(config: pytest.Config) -> None:
     python_path = [str(faults.SITE), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
     faults.record_errors(Path(os.environ[faults.RECORD]))
+    workers.run_dir()  # before the workers start: they inherit it
     config.stash[_DESELECTED] = 0
+    config.stash[_WORKERS_WHOLE] = []
 
 
 _DESELECTED = pytest.StashKey[int]()
 WHOLE_SUITE = pytest.StashKey[bool]()
+_WORKERS_WHOLE = pytest.StashKey[list[bool]]()
+# The test files that take longest (a minute or more each), started first so that no worker is left with one of
+# them at the end while the others idle; the rest keep their order.
+LONGEST_FIRST = (
+    "tests/integration/test_replication.py",
+    "tests/integration/test_updates.py",
+    "tests/integration/test_bootstrap.py",
+    "tests/integration/test_template_boot.py",
+    "tests/integration/test_push.py",
+    "tests/security/test_server_commands.py",
+    "tests/security/test_api.py",
+    "tests/integration/test_server.py",
+    "tests/security/test_bundle_archives.py",
+    "tests/integration/test_packaging_build.py",
+    "tests/security/test_replication.py",
+)
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -41,15 +66,64 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The record check last: it reads what every other test (and every process they started) recorded."""
+    """The longest files first; the record check last: it reads what every other test (and every process they
+    started) recorded."""
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
     last = [i for i in items if i.nodeid == RECORD_CHECK]
-    items[:] = [i for i in items if i.nodeid != RECORD_CHECK] + last
+    rest = [i for i in items if i.nodeid != RECORD_CHECK]
+    items[:] = sorted(rest, key=lambda i: rank.get(i.nodeid.split("::")[0], len(rank))) + last
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     files = {str(Path(str(item.path)).relative_to(REPO)) for item in session.items}
     every = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
-    session.config.stash[WHOLE_SUITE] = files == every and session.config.stash.get(_DESELECTED, 0) == 0
+    whole = files == every and session.config.stash.get(_DESELECTED, 0) == 0
+    session.config.stash[WHOLE_SUITE] = whole
+    if hasattr(session.config, "workeroutput"):  # a worker: tells the controlling process
+        session.config.workeroutput["whole_suite"] = whole
+
+
+def in_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Among parallel workers, a `solo` test runs alone (tests/workers.py)."""
+    if not in_worker(item.config):
+        return (yield)
+    with workers.turn(solo=item.get_closest_marker("solo") is not None):
+        return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """The controlling process of a parallel run: whether this worker collected the whole suite (a worker that
+    crashed sent nothing: not whole)."""
+    output = getattr(node, "workeroutput", None) or {}
+    node.config.stash[_WORKERS_WHOLE].append(bool(output.get("whole_suite")) and error is None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With parallel workers the record check runs here, once every worker finished (in each worker the test
+    itself skips): every catalogued error ID was raised by some process of the run."""
+    config = session.config
+    whole = config.stash.get(_WORKERS_WHOLE, [])
+    if in_worker(config) or not whole or not all(whole) or os.geteuid() != 0:
+        return
+    from tests import faults
+    from tests.test_errors_catalogue import missing_from_record
+
+    missing = missing_from_record(Path(os.environ[faults.RECORD]))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if missing:
+        if reporter is not None:
+            reporter.write_sep("=", "FAILED: the error catalogue's record check", red=True)
+            reporter.write_line(f"{RECORD_CHECK}: no test raised {', '.join(missing)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif reporter is not None:
+        reporter.write_line(f"{RECORD_CHECK}: every catalogued error ID was raised (checked after all workers)")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -92,29 +166,36 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialised configuration server's data directory, shared by the session (not serving)."""
-    from tests.integration.serverproc import init_server
+def dist() -> Path:
+    """One `packaging/build` for the run, shared by its workers (its PyInstaller output is also cached under build/
+    by a hash of the sources), published into the run's ``server_data``."""
+    require_root()
 
-    data = tmp_path_factory.mktemp("cs") / "data"
-    init_server(data)
-    return data
+    def build(out: Path) -> None:
+        from tests.integration.serverproc import init_server
+
+        data = _published_data()
+        shutil.rmtree(data.parent, ignore_errors=True)
+        data.parent.mkdir()
+        init_server(data, f"sqlite:///{data.parent / 'mobility.db'}")  # SQLite: outlives any worker's PostgreSQL
+        packaging_build("--out", str(out), "--publish", str(data))
+
+    return workers.once("dist", build)
 
 
 @pytest.fixture(scope="session")
-def dist(tmp_path_factory: pytest.TempPathFactory, server_data: Path) -> Path:
-    """One `packaging/build` for the run (PyInstaller output cached by a hash of the sources), published into
-    ``server_data``'s repository."""
-    import subprocess
+def server_data(dist: Path) -> Path:
+    """An initialised configuration server's data directory (not serving) into which the run's bundles were
+    published by `packaging/build --publish`."""
+    return _published_data()
 
-    require_root()
-    out = tmp_path_factory.mktemp("dist")
-    r = subprocess.run(
-        [str(REPO / "packaging" / "build"), "--out", str(out), "--publish", str(server_data)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+
+def _published_data() -> Path:
+    return workers.run_dir() / "published" / "data"
+
+
+def packaging_build(*args: str) -> None:
+    """`packaging/build` with ``args`` (the suite's venv is set up already: its Python runs build.py directly)."""
+    cmd = [sys.executable, str(REPO / "packaging" / "build.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out

@@ -252,13 +252,3 @@ class Lab:
         for m in self.machines:
             m.stop()
         self.server.stop()
-
-
-def wait_until(what: str, condition: Any, timeout: float, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

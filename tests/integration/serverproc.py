@@ -11,13 +11,12 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scripts.localserver import init_local_server, server_log, start_local_server
+from scripts.polling import wait_for  # noqa: F401 (re-exported: tests import it from here)
 from scripts.testlab import debian_root  # noqa: F401 (re-exported: tests import it from here)
 from server.database import database_for
 from server.datadir import DataDir
@@ -201,14 +200,3 @@ def db_execute(data: Path, sql: str, params: dict[str, Any] | None = None) -> No
 def error_code(doc: dict[str, Any]) -> object:
     err = doc.get("error")
     return err.get("code") if isinstance(err, dict) else doc
-
-
-def wait_for(what: str, condition: Callable[[], Any], timeout: float = 20.0, every: float = 0.2) -> Any:
-    """Poll ``condition`` until it is truthy (returned) or ``timeout`` passes (AssertionError naming ``what``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -45,10 +45,13 @@ def sh(*cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="session")
-def debian_root() -> Path:
-    """A minimal Debian 12 without Python (debootstrap --variant=minbase)."""
+def debian_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A minimal Debian 12 without Python (debootstrap --variant=minbase): this session's copy, which the tests
+    change (other tests, maybe in other workers, copy the cached one)."""
     require_root()
-    return make_debian_root("debian12-minbase")
+    root = tmp_path_factory.mktemp("minbase") / "root"
+    subprocess.run(["cp", "-a", str(make_debian_root("debian12-minbase")), str(root)], check=True, timeout=300)
+    return root
 
 
 @pytest.fixture

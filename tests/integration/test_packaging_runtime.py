@@ -332,7 +332,13 @@ def test_a_start_killed_while_unpacking_leaves_nothing_the_next_start_uses(dist:
     env = {**os.environ, "MOBILITY_BOOTSTRAP_CACHE": str(cache)}
     proc = subprocess.Popen([str(dist / "mobility-bootstrap"), "--version"], stdout=subprocess.DEVNULL, env=env)
     try:
-        wait_for("the unpack to begin", lambda: cache.is_dir() and any(cache.glob(".*.tmp")), timeout=30, every=0.005)
+        wait_for(
+            "the unpack to begin",
+            lambda: cache.is_dir() and any(cache.glob(".*.tmp")),
+            timeout=30,
+            every=0.005,
+            most=0.005,
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)

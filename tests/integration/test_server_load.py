@@ -20,7 +20,8 @@ from scripts.localserver import server_log
 from tests.bundle_factory import make_bundle
 from tests.integration.serverproc import ServerProcess, raw_call, server_cli, start_server
 
-pytestmark = pytest.mark.integration
+# solo: it measures how late the server's event loop wakes, which other tests' load would add to
+pytestmark = [pytest.mark.integration, pytest.mark.solo]
 
 LOAD_SECONDS = 10.0
 _STALLS = re.compile(r"event loop stalls: p50 (\d+) ms, p99 (\d+) ms, max (\d+) ms over (\d+) wake-ups")

@@ -7,11 +7,13 @@ the host's own libc, never the frozen programs' loader variables or C library.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import pytest
 
 from agent.libc import find_libc, glibc_version_of
 from agent.paths import Paths
-from scripts.testlab import sshd_base_root
+from scripts.testlab import in_cgroups, make_cgroups, remove_cgroup, sshd_base_root
 from tests.conftest import REPO, require_root
 from tests.integration.fleet import bundle_of
 from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
@@ -92,15 +94,40 @@ def bake(base: Path, where: Path, dist: Path, server: ServerProcess, machine_id:
     return where
 
 
+def _cgroup_of(pid: int) -> str:
+    """The cgroup v2 path of ``pid`` (its ``0::`` line; empty when it has none)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:].rstrip("/")
+    return ""
+
+
 class Container:
+    """A template booted with systemd-nspawn, in a cgroup of its own (scripts/testlab.make_cgroups)."""
+
+    _instances = itertools.count()
+
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.proc = subprocess.Popen(
-            ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet", "-D", str(root)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
+        name = f"mbt{os.getpid()}-{next(Container._instances)}"
+        self.cgroups = make_cgroups(name)
+        self.cgroup = f"{_cgroup_of(os.getpid())}/{name}"  # as /proc/PID/cgroup names it
+        try:
+            self.proc = subprocess.Popen(
+                in_cgroups(
+                    self.cgroups, "systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet", "-D", str(root)
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            self._remove_cgroups()
+            raise
+
+    def _remove_cgroups(self) -> None:
+        for cgroup in self.cgroups:
+            remove_cgroup(cgroup)
 
     def journal(self, unit: str) -> str:
         r = subprocess.run(
@@ -111,6 +138,23 @@ class Container:
             check=False,
         )
         return r.stdout
+
+    def unit_pids(self, unit: str) -> list[int]:
+        """The processes in the cgroup of ``unit`` of this container's systemd (below the container's own cgroup:
+        other containers, of other tests, have units of the same names)."""
+        found = []
+        for entry in Path("/proc").glob("[0-9]*/cgroup"):
+            try:
+                path = _cgroup_of(int(entry.parent.name))
+            except (OSError, ValueError):
+                continue
+            if path.startswith(self.cgroup + "/") and f"/{unit}" in path:
+                found.append(int(entry.parent.name))
+        return found
+
+    def daemon_pids(self) -> list[int]:
+        """The daemon started by the container's systemd: the processes of its mobility.service."""
+        return self.unit_pids("mobility.service")
 
     def daemon(self) -> dict[str, Any]:
         try:
@@ -126,22 +170,14 @@ class Container:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-
-
-def daemon_pids() -> list[int]:
-    """The processes in a mobility.service cgroup, i.e. the daemon started by the container's systemd."""
-    found = []
-    for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
-        try:
-            if "/mobility.service" in cgroup.read_text():
-                found.append(int(cgroup.parent.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def daemon_in_its_unit() -> bool:
-    return bool(daemon_pids())
+        for cgroup in self.cgroups:  # whatever of the container outlived nspawn (a kill -9 of it)
+            if (cgroup / "cgroup.kill").exists():
+                (cgroup / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + 10
+        while any((c / "cgroup.procs").read_text().strip() for c in self.cgroups) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._remove_cgroups()
+        self.cgroups = ()
 
 
 def mapped_libcs(maps: str) -> set[str]:
@@ -190,7 +226,7 @@ def test_template_boots_registers_and_runs_the_daemon(
         )
         assert (machine["hostname"], machine["os_tag"]) == ("tmpl-e1e1e1", SUITES[suite])
         wait_for("heartbeats from the daemon", lambda: vm.daemon().get("heartbeats_sent", 0) >= 2)
-        (pid,) = daemon_pids()
+        (pid,) = vm.daemon_pids()
         # The daemon runs on the C library of its bundle, never the system's.
         libcs = mapped_libcs(Path(f"/proc/{pid}/maps").read_text())
         assert libcs and all("/usr/local/mobility/versions/0.1.0/mobility/_internal/" in p for p in libcs), libcs
@@ -213,7 +249,7 @@ def test_template_boots_registers_and_runs_the_daemon(
     log_before = (root / "var/log/mobility/install.log").read_text()
     vm = Container(root)
     try:
-        wait_for("the daemon again", lambda: vm.daemon().get("heartbeats_sent", 0) >= 1 and daemon_in_its_unit())
+        wait_for("the daemon again", lambda: vm.daemon().get("heartbeats_sent", 0) >= 1 and vm.daemon_pids())
         wait_for("the bootstrap unit to finish", lambda: "current:" in vm.journal("mobility-bootstrap.service"))
     finally:
         vm.stop()
@@ -257,18 +293,6 @@ def test_boot_with_the_server_down_then_the_timer_converges(
         vm.stop()
 
 
-def unit_pids(unit: str) -> list[int]:
-    """The processes in the cgroup of ``unit`` (of the container's systemd: its cgroups are under this host's)."""
-    found = []
-    for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
-        try:
-            if f"/{unit}" in cgroup.read_text():
-                found.append(int(cgroup.parent.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_back(
     systemd_root: Path, releases: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -289,7 +313,7 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
             return dict(json.loads(r.stdout)[0] if args[0] == "updates" else json.loads(r.stdout))
 
         def daemon_runs(version: str) -> bool:
-            pids = unit_pids("mobility.service")
+            pids = vm.unit_pids("mobility.service")
             if len(pids) != 1:
                 return False
             maps = mapped_libcs(Path(f"/proc/{pids[0]}/maps").read_text())
@@ -322,7 +346,7 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
         wants = root / "etc/systemd/system/multi-user.target.wants/mobility-upgrade@0.1.1.service"
         wait_for("the health window", lambda: record().get("to_version") == "0.1.2" and record()["phase"] == "watching")
         assert wants.is_symlink()  # a power cut now would start the watcher at boot
-        (watcher,) = wait_for("the watcher", lambda: unit_pids("mobility-upgrade@0.1.1.service"))
+        (watcher,) = wait_for("the watcher", lambda: vm.unit_pids("mobility-upgrade@0.1.1.service"))
         os.kill(watcher, signal.SIGKILL)
         halted = wait_for("the rollback", lambda: (r := rollout("updates"))["state"] == "halted" and r, timeout=120)
         (member,) = halted["machines"]

@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 
 from agent.paths import Paths
+from scripts.polling import wait_for
 from tests import faults
 from tests.conftest import REPO, require_root
-from tests.integration.fleet import Cgroup, Lab, Machine, bundle_of, unpack_bundle, wait_until
+from tests.integration.fleet import Cgroup, Lab, Machine, bundle_of, unpack_bundle
 from tests.integration.serverproc import debian_root, start_server
 
 pytestmark = pytest.mark.integration
@@ -51,14 +52,14 @@ def on(m: Machine, version: str) -> bool:
 
 
 def until_state(lab: Lab, state: str, timeout: float = 120) -> dict[str, Any]:
-    return dict(wait_until(f"the rollout {state}", lambda: (r := lab.rollout())["state"] == state and r, timeout))
+    return dict(wait_for(f"the rollout {state}", lambda: (r := lab.rollout())["state"] == state and r, timeout))
 
 
 def test_a_fleet_upgrades_in_waves_and_broken_versions_roll_back_in_the_first_wave(lab: Lab) -> None:
     machines = lab.add(3)
     for m in machines:
         m.start()
-    wait_until("3 daemons heartbeating", lambda: all(m.status().get("heartbeats_sent", 0) >= 2 for m in machines), 60)
+    wait_for("3 daemons heartbeating", lambda: all(m.status().get("heartbeats_sent", 0) >= 2 for m in machines), 60)
 
     # 0.1.0 -> 0.1.1, one machine per wave.
     lab.publish("0.1.1")
@@ -94,7 +95,7 @@ def test_a_fleet_upgrades_in_waves_and_broken_versions_roll_back_in_the_first_wa
         assert (failed["state"], failed["error_id"]) == ("failed", error), failed
         assert error in rollout["reason"] and first.host_id() in rollout["reason"]
         assert [m["state"] for m in rest] == ["waiting", "waiting"]
-        wait_until(f"{first.name} back on 0.1.1", lambda: on(first, "0.1.1"), 30)
+        wait_for(f"{first.name} back on 0.1.1", lambda: on(first, "0.1.1"), 30)
         assert first.current() == "0.1.1" and version not in first.versions()
         assert first.record()["outcome"]["error_id"] == error
         for m in (x for x in machines if x is not first):
@@ -124,11 +125,11 @@ def test_kill_9_at_each_step_of_an_upgrade_converges(lab: Lab, tmp_path: Path) -
         m.env = faults.environment(kill_at={"update.step": {"step": step}}, once=str(once))
         m.start([sys.executable, "-m", "agent"])
     power_cut = machines[-1]
-    wait_until("the daemons heartbeating", lambda: all(m.status().get("heartbeats_sent", 0) >= 1 for m in machines), 60)
+    wait_for("the daemons heartbeating", lambda: all(m.status().get("heartbeats_sent", 0) >= 1 for m in machines), 60)
     lab.publish("0.1.1")
     lab.cli("update", "--to", "0.1.1", "--all", "--wave", "100%", "--max-failures", str(len(machines)))
 
-    wait_until("the watcher of the last machine killed", (plans[power_cut.name] / "killed-update.step").exists, 60)
+    wait_for("the watcher of the last machine killed", (plans[power_cut.name] / "killed-update.step").exists, 60)
     power_cut.power_cut()
     assert power_cut.current() == "0.1.1" and power_cut.record()["phase"] == "switching"
     power_cut.start()  # the boot: the launcher `current` names, the new version
@@ -137,7 +138,7 @@ def test_kill_9_at_each_step_of_an_upgrade_converges(lab: Lab, tmp_path: Path) -
         return all(on(m, "0.1.1") and m.record().get("phase") == "committed" for m in machines)
 
     try:
-        wait_until("every machine on 0.1.1", converged, 150, every=1.0)
+        wait_for("every machine on 0.1.1", converged, 150, every=1.0)
     finally:
         for m in machines:
             print(m.name, m.record().get("phase"), m.running(), m.current(), (m.record().get("outcome") or {}))
@@ -156,13 +157,19 @@ def test_the_server_down_during_the_health_window_causes_no_rollback(tmp_path: P
     try:
         (m,) = lab.add(1)
         m.start()
-        wait_until("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+        wait_for("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
         lab.publish("0.1.1")
         port = lab.server.port
         lab.cli("update", "--to", "0.1.1", "--all")
         # The bundle is in place and the switch is next: the server goes down before the new version's first
         # heartbeat, and stays down for three health windows.
-        wait_until("the switch", lambda: m.record().get("phase") in ("switching", "restarting", "watching"), 60, 0.02)
+        wait_for(
+            "the switch",
+            lambda: m.record().get("phase") in ("switching", "restarting", "watching"),
+            60,
+            every=0.02,
+            most=0.02,
+        )
         lab.server.stop(signal.SIGKILL)
         down_at = time.time()
         time.sleep(25)
@@ -170,7 +177,7 @@ def test_the_server_down_during_the_health_window_causes_no_rollback(tmp_path: P
         assert m.current() == "0.1.1" and m.running() == "0.1.1"
         assert "rolling back" not in m.log()
         lab.server = start_server(lab.server.data, heartbeat_interval=1.0, port=port)
-        wait_until("the upgrade kept", lambda: on(m, "0.1.1") and m.record()["phase"] == "committed", 60)
+        wait_for("the upgrade kept", lambda: on(m, "0.1.1") and m.record()["phase"] == "committed", 60)
         assert "rolling back" not in m.log()
         job = lab.jobs()[m.record()["job_id"]]
         assert job["state"] == "succeeded" and job["updated_at"] > down_at + 25
@@ -198,7 +205,7 @@ def test_at_boot_the_bootstrapper_places_the_target_version_and_the_watcher_swit
     assert m.versions() == {"0.1.0", "0.1.1"} and m.current() == "0.1.0"
     assert m.record()["phase"] == "switching"
     m.start()
-    wait_until("the upgrade kept", lambda: on(m, "0.1.1") and m.record()["phase"] == "committed", 90)
+    wait_for("the upgrade kept", lambda: on(m, "0.1.1") and m.record()["phase"] == "committed", 90)
     assert lab.jobs()[job_id]["state"] == "succeeded"
     r = subprocess.run(boot, capture_output=True, text=True, timeout=60, check=False, env=env)
     assert json.loads(r.stdout)["state"] == "current", r.stdout  # the next boot has nothing to do
@@ -276,12 +283,12 @@ def test_a_sysv_machine_upgrades_and_rolls_back_through_its_init_script(
             def runs(version: str) -> Callable[[], bool]:
                 return lambda: m.running() == version
 
-            wait_until("the daemon", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+            wait_for("the daemon", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
             for version, expected, ends in (("0.1.1", "0.1.1", "completed"), ("0.1.2", "0.1.1", "halted")):
                 lab.publish(version, "UBUNTU-14.04")
                 lab.cli("update", "--to", version, "--all")
                 until_state(lab, ends)
-                wait_until(f"{expected} running", runs(expected), 30)
+                wait_for(f"{expected} running", runs(expected), 30)
                 assert m.current() == expected
                 pid = int(Paths(root).resolve("/var/run/mobility.pid").read_text())  # /var/run -> /run in the root
                 assert pid in cgroup.pids()  # the init script's own PID file names the daemon that runs
@@ -306,7 +313,7 @@ def test_a_full_disk_before_the_switch_leaves_the_running_version_and_no_partial
     try:
         subprocess.run(["cp", "-a", f"{saved}/.", str(install_dir)], check=True)
         m.start()
-        wait_until("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+        wait_for("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
         lab.publish("0.1.1")
         lab.cli("update", "--to", "0.1.1", "--all")
         rollout = until_state(lab, "halted", timeout=90)

@@ -30,7 +30,8 @@ from tests.integration.serverproc import (
     start_server,
 )
 
-pytestmark = pytest.mark.integration
+# solo: slow clients are told from served ones by time (a heartbeat within 2 s while the server is flooded)
+pytestmark = [pytest.mark.integration, pytest.mark.solo]
 
 
 @pytest.fixture
