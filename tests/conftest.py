@@ -26,21 +26,31 @@ RECORD_CHECK = "tests/test_errors_catalogue.py::test_every_catalogued_error_was_
 def pytest_configure(config: pytest.Config) -> None:
     from tests import faults
 
+    owned = []  # what this process made for the run (the first one; workers inherit): removed at its end
     if faults.RECORD not in os.environ:
         os.environ[faults.RECORD] = tempfile.mkdtemp(prefix="mobility-error-record-")
         # as /tmp: the process of a test that runs as another user records its own file
         os.chmod(os.environ[faults.RECORD], 0o1777)  # noqa: S103
+        owned.append(Path(os.environ[faults.RECORD]))
+    if workers.RUN not in os.environ:
+        owned.append(workers.run_dir())  # before the workers start: they inherit it
+    config.stash[_OWNED] = owned
     python_path = [str(faults.SITE), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
     faults.record_errors(Path(os.environ[faults.RECORD]))
-    workers.run_dir()  # before the workers start: they inherit it
     config.stash[_DESELECTED] = 0
     config.stash[_WORKERS_WHOLE] = []
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for made in config.stash.get(_OWNED, []):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 _DESELECTED = pytest.StashKey[int]()
 WHOLE_SUITE = pytest.StashKey[bool]()
 _WORKERS_WHOLE = pytest.StashKey[list[bool]]()
+_OWNED = pytest.StashKey[list[Path]]()
 # The test files that take longest (a minute or more each), started first so that no worker is left with one of
 # them at the end while the others idle; the rest keep their order.
 LONGEST_FIRST = (

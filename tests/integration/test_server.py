@@ -101,8 +101,8 @@ def test_tokens_expire_and_run_out(server: ServerProcess, tmp_path: Path) -> Non
     assert configure_root(server, sandbox_root(tmp_path / "t1", "d" * 32), tok)[0] == 0
     code, out = configure_root(server, sandbox_root(tmp_path / "t2", "e" * 32), tok)
     assert (code, error_code(out)) == (1, "ENROL-TOKEN-USED-UP")
-    created = time.time()
     short = server_cli(server.data, "token", "create", "--ttl", "1s", check=True).stdout.strip()
+    created = time.time()  # it was made before now (the command takes a second to start: measured after it)
     wait_for("the token's second to pass", lambda: time.time() > created + 1.5, every=0.1)
     code, out = configure_root(server, sandbox_root(tmp_path / "t3", "f" * 32), secret_file(tmp_path / "s", short))
     assert (code, error_code(out)) == (1, "ENROL-TOKEN-EXPIRED")
