@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.distros import BY_TAG
 from agent.shared import timefmt, wire
@@ -21,8 +21,7 @@ from agent.shared.cli import Parser, run
 from agent.shared.errors import BadArguments, Exit
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
 from agent.shared.textsafe import printable, shown
-from server import __version__, pki
-from server.database import Database, database_for, record_database
+from server import __version__
 from server.datadir import DEFAULT_DATA_DIR, DataDir
 from server.errors import (
     BadDuration,
@@ -33,7 +32,10 @@ from server.errors import (
     MachineNotFound,
     PushTargetInvalid,
 )
-from server.storage import Storage
+
+if TYPE_CHECKING:  # the database and the PKI are imported where used: `--help` and the refusals start in a blink
+    from server.database import Database
+    from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
 DEFAULT_PROCESS_PORT = 9444
@@ -57,10 +59,14 @@ def _data(args: argparse.Namespace) -> DataDir:
 
 
 def _database(args: argparse.Namespace, data: DataDir) -> Database:
+    from server.database import database_for
+
     return database_for(data, getattr(args, "database", None))
 
 
 def _storage(args: argparse.Namespace, data: DataDir) -> Storage:
+    from server.storage import Storage
+
     return Storage.open(_database(args, data), pool_size=0)
 
 
@@ -82,8 +88,11 @@ def check_permissions(data: DataDir) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from server import pki
+    from server.database import record_database
     from server.nonces import load_or_create_key
     from server.repository import Repository
+    from server.storage import Storage
 
     data = DataDir(Path(args.data))
     if data.initialised_marker.exists():
@@ -130,9 +139,10 @@ def _require_empty(db: Database) -> None:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
+    data = _data(args)  # refused before the heavier imports
     from server.nonces import load_or_create_key
+    from server.storage import Storage
 
-    data = _data(args)
     check_permissions(data)
     db = _database(args, data)
     before, after = Storage.upgrade(db)
@@ -145,9 +155,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    data = _data(args)  # refused before the heavier imports
+    from server import pki
     from server.app import open_server, serve
 
-    data = _data(args)
     check_permissions(data)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
@@ -246,6 +257,8 @@ def parse_size(text: str) -> int:
 def cmd_passphrase(args: argparse.Namespace) -> int:
     data = _data(args)
     if args.action == "rotate":
+        from server import pki
+
         storage = _storage(args, data)
         old = data.passphrase.read_text().strip()
         # Keep the old one valid first: a crash between the two steps leaves both working, never neither.
@@ -379,9 +392,9 @@ def _host_ids(text: str) -> list[str]:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
+    data = _data(args)  # refused before the heavier imports
     from server.rollouts import Rollouts, Selection, parse_version, parse_wave
 
-    data = _data(args)
     if args.halt:
         if args.to or args.machines or args.os_tag or args.all:
             raise BadArguments("update --halt takes no other option")
@@ -498,6 +511,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_repo(args: argparse.Namespace) -> int:
     from server.repository import Repository
+    from server.storage import Storage
 
     data = _data(args)
     db = _database(args, data)
@@ -543,11 +557,11 @@ def _print_table(header: list[str], rows: list[list[Any]]) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    data = _data(args)  # refused before the heavier imports
     from server.push.progress import progress_for
     from server.push.run import default_server_address, load_credentials, push
     from server.push.targets import parse_hosts_file, parse_target, unique_targets
 
-    data = _data(args)
     targets = [parse_target(h) for h in args.host or []]
     if args.hosts_file:
         try:

@@ -81,9 +81,15 @@ def database_for(data: DataDir, given: str | None) -> Database:
 
 
 def record_database(data: DataDir, db: Database) -> None:
-    """Remember a PostgreSQL URL (never a password) for the commands run on this data directory later."""
-    if db.postgresql:
-        atomic_write(data.database_url, (str(db) + "\n").encode(), 0o600)
+    """Remember the database ``init`` was given (never a password) for the commands run on this data directory
+    later: a PostgreSQL URL, or a SQLite file other than the data directory's own (by its absolute path, so that a
+    command run from another directory finds it too)."""
+    if db.sqlite_path is not None:
+        where = db.sqlite_path.absolute()
+        if where == data.database.absolute():
+            return
+        db = Database(db.url.set(database=str(where)))
+    atomic_write(data.database_url, (str(db) + "\n").encode(), 0o600)
 
 
 def make_engine(db: Database, *, pool_size: int = POOL_SIZE) -> Engine:

@@ -187,7 +187,7 @@ def dist() -> Path:
         data = _published_data()
         shutil.rmtree(data.parent, ignore_errors=True)
         data.parent.mkdir()
-        init_server(data, f"sqlite:///{data.parent / 'mobility.db'}")  # SQLite: outlives any worker's PostgreSQL
+        init_server(data, f"sqlite:///{data / 'mobility.db'}")  # SQLite, its own file: outlives any worker
         packaging_build("--out", str(out), "--publish", str(data))
 
     return workers.once("dist", build)

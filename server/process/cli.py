@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.shared import timefmt
 from agent.shared.errors import Exit
@@ -25,9 +25,10 @@ from server.errors import (
     ProtectDiskInvalid,
     TestFailoverFailed,
 )
-from server.process.service import store_dir
-from server.process.store import ChunkStore, Point
-from server.storage import Machine, Storage
+
+if TYPE_CHECKING:  # imported where used: every `mobility-server` command builds this parser, few open the store
+    from server.process.store import ChunkStore, Point
+    from server.storage import Machine, Storage
 
 Command = Callable[[str, str], argparse.ArgumentParser]
 _POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -190,7 +191,8 @@ def cmd_protection(args: argparse.Namespace) -> int:
 
 
 def _store_usage(data: DataDir) -> dict[str, Any] | None:
-    from server.process.store import DEFAULT_RESERVE
+    from server.process.service import store_dir
+    from server.process.store import DEFAULT_RESERVE, ChunkStore
 
     if not (store_dir(data) / "index.db").exists():
         return None
@@ -267,6 +269,9 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> tuple[DataDir, ChunkStore, Machine]:
+    from server.process.service import store_dir
+    from server.process.store import ChunkStore
+
     data = _data(args)
     storage = _storage(args, data)
     try:
@@ -325,6 +330,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 def cmd_test_failover(args: argparse.Namespace) -> int:
     from server.process.failover import run_test_failover
+    from server.process.service import store_dir
 
     data, store, machine = _open(args)
     try:
@@ -354,10 +360,12 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    data = _data(args)  # refused before the heavier imports
     from server.errors import PointNotFound
     from server.process.failover import verify_point
+    from server.process.service import store_dir
+    from server.process.store import ChunkStore
 
-    data = _data(args)
     store = ChunkStore(store_dir(data))
     try:
         point = store.point(args.point)
