@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from agent.config import AgentConfig  # noqa: E402
 from agent.daemon import Daemon, ServerLink  # noqa: E402
 from agent.paths import Paths  # noqa: E402
-from scripts.localserver import init_local_server, start_local_server  # noqa: E402
+from scripts.localserver import configure_agent, init_local_server, start_local_server  # noqa: E402
 
 MIB = 1024 * 1024
 TREES = REPO / "tests" / "resources" / "distros"
@@ -43,25 +43,9 @@ def registered_root(base: Path, data: Path, address: str, fingerprint: str) -> P
     secret = base / "pass"
     secret.write_text((data / "passphrase").read_text())
     secret.chmod(0o600)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "configure",
-            "--root",
-            str(root),
-            "-i",
-            address,
-            "-P",
-            str(secret),
-            "--cs-fingerprint",
-            fingerprint,
-        ],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
+    r = configure_agent(root, address, secret, fingerprint)
+    if r.returncode:
+        raise RuntimeError(f"configure failed: {r.stdout} {r.stderr}")
     return root
 
 

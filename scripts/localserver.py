@@ -44,6 +44,28 @@ def server_log(data: Path) -> Path:
     return data.parent / f"{data.name}-server.log"
 
 
+def process_port(data: Path) -> int | None:
+    """The port of a running server's process-server role (replication streams), from its log; None without one."""
+    found = re.findall(r"process server receiving on \S+:(\d+)", server_log(data).read_text())
+    return int(found[-1]) if found else None
+
+
+def configure_agent(
+    root: Path, address: str, secret: Path, fingerprint: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`mobility configure --json` of the machine at ``root`` with a server at ``address`` (the passphrase or token
+    in the file ``secret``), as a process; the caller reads its code and output."""
+    argv = ["configure", "--root", str(root), "-i", address, "-P", str(secret), "--cs-fingerprint", fingerprint]
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *argv, "--json", *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+
+
 def start_local_server(
     data: Path, *args: str, port: int = 0, host: str = "127.0.0.1", wrap: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[str], str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import stat
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts import polling
-from scripts.localserver import init_local_server, server_log, start_local_server
+from scripts.localserver import configure_agent, init_local_server, process_port, start_local_server
 
 REPO = Path(__file__).resolve().parent.parent
 DISTROS = REPO / "tests" / "resources" / "distros"
@@ -51,8 +50,10 @@ class Server:
 
     @property
     def process_port(self) -> int:
-        found = re.findall(r"process server receiving on \S+:(\d+)", server_log(self.data).read_text())
-        return int(found[-1])
+        port = process_port(self.data)
+        if port is None:
+            raise RuntimeError("the server runs no process server role")
+        return port
 
     def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(
@@ -260,28 +261,7 @@ class Lab:
         secret = self.workdir / f"{name}.pass"
         secret.write_text(server.cli("passphrase", "show").stdout.strip() + "\n")
         secret.chmod(0o600)
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "configure",
-                "--root",
-                str(root),
-                "-i",
-                server.address,
-                "-P",
-                str(secret),
-                "--cs-fingerprint",
-                server.fingerprint,
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-            check=False,
-        )
+        r = configure_agent(root, server.address, secret, server.fingerprint)
         if r.returncode != 0:
             raise RuntimeError(f"configure failed: {r.stdout} {r.stderr}")
         host_id = str(json.loads(r.stdout)["host_id"])

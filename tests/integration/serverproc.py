@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.localserver import init_local_server, server_log, start_local_server
+from scripts.localserver import configure_agent, init_local_server, process_port, start_local_server
 from scripts.polling import wait_for  # noqa: F401 (re-exported: tests import it from here)
 from scripts.testlab import debian_root  # noqa: F401 (re-exported: tests import it from here)
 from server.database import database_for
@@ -63,9 +63,9 @@ class ServerProcess:
     @property
     def process_port(self) -> int:
         """The port of the process server role (replication streams), from the server's log."""
-        found = re.findall(r"process server receiving on \S+:(\d+)", server_log(self.data).read_text())
-        assert found, "the server runs no process server role"
-        return int(found[-1])
+        port = process_port(self.data)
+        assert port is not None, "the server runs no process server role"
+        return port
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -121,19 +121,7 @@ def secret_file(where: Path, secret: str) -> Path:
 
 
 def configure_root(server: ServerProcess, root: Path, secret_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
-    r = agent_cli(
-        "configure",
-        "--root",
-        str(root),
-        "-i",
-        server.address,
-        "-P",
-        str(secret_path),
-        "--cs-fingerprint",
-        server.fingerprint,
-        "--json",
-        *extra,
-    )
+    r = configure_agent(root, server.address, secret_path, server.fingerprint, *extra)
     return r.returncode, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"stderr": r.stderr}
 
 
