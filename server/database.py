@@ -8,6 +8,7 @@ commands find the same database without repeating it."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
+from agent.shared.textsafe import printable
 from server.datadir import DataDir
 from server.errors import DatabaseUrlInvalid
 
@@ -40,31 +42,88 @@ class Database:
         return Path(self.url.database) if not self.postgresql and self.url.database else None
 
     def __str__(self) -> str:
-        return self.url.render_as_string(hide_password=True)
+        """The URL as init prints it, DATA/database.url records it and the log shows it: a password never (parsing
+        refuses one; a secret in the query is masked all the same)."""
+        url = self.url
+        if any(k.lower() in _LIBPQ_SECRETS for k in url.query):
+            url = url.set(query={k: ("***" if k.lower() in _LIBPQ_SECRETS else v) for k, v in url.query.items()})
+        return url.render_as_string(hide_password=True)
 
 
-def parse_database(text: str) -> Database:
-    """``postgresql://...``, ``sqlite:///PATH`` or a plain path of a SQLite file; DB-URL-INVALID otherwise."""
+# libpq's connection parameters (PostgreSQL 16), which a URL's query may carry; the secrets among them never go in a
+# URL (process arguments, DATA/database.url and the log would show them).
+_LIBPQ_SECRETS = frozenset({"password", "sslpassword"})
+_LIBPQ_PARAMETERS = _LIBPQ_SECRETS | frozenset(
+    {
+        "host", "hostaddr", "port", "dbname", "user", "passfile", "require_auth", "channel_binding",
+        "connect_timeout", "client_encoding", "options", "application_name", "fallback_application_name",
+        "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+        "gssencmode", "sslmode", "requiressl", "sslcompression", "sslcert", "sslkey", "sslcertmode", "sslrootcert",
+        "sslcrl", "sslcrldir", "sslsni", "requirepeer", "ssl_min_protocol_version", "ssl_max_protocol_version",
+        "krbsrvname", "gsslib", "gssdelegation", "service", "target_session_attrs", "load_balance_hosts",
+    }
+)  # fmt: skip
+# A libpq "key=value ..." connection string (or a URL with a lost "//"): never a SQLite file named after it.
+_CONNINFO = re.compile(r"(?:^|[\s?&;])([A-Za-z_]+)\s*=")
+_SCHEME_ONLY = re.compile(r"^(?:postgres(?:ql)?|sqlite)(?:\+\w+)?:", re.IGNORECASE)
+
+
+def parse_database(text: str, where: str = "--database") -> Database:
+    """``postgresql://...``, ``sqlite:///PATH`` or a plain path of a SQLite file; DB-URL-INVALID otherwise. No
+    message shows the text as given: it may hold a password (the URL is shown only once parsed, without one)."""
     text = text.strip()
     if "://" not in text:
+        found = {m.group(1).lower() for m in _CONNINFO.finditer(text)}
+        if found & _LIBPQ_PARAMETERS or _SCHEME_ONLY.match(text):
+            raise DatabaseUrlInvalid(
+                f"{where} looks like a libpq connection string (key=value) or a URL without '//', not a URL or a "
+                "SQLite path; give postgresql://USER@HOST[:PORT]/NAME"
+            )
+        if not text:
+            raise DatabaseUrlInvalid(f"{where} is empty")
         return Database(URL.create("sqlite", database=str(Path(text).absolute())))
     try:
         url = make_url(text)
-    except ArgumentError as e:
-        raise DatabaseUrlInvalid(f"--database: {e}") from e
+        port = url.port  # the port is parsed lazily by some versions: a bad one raises here
+    except (ArgumentError, ValueError, TypeError) as e:
+        # SQLAlchemy's messages quote parts of the text (a port that is not a number, a host): never shown.
+        raise DatabaseUrlInvalid(
+            f"{where} is not a well-formed URL (check the port, and brackets around an IPv6 address)"
+        ) from e
     backend = url.get_backend_name()
-    if backend == "postgresql":
-        if url.password is not None:
+    if url.password is not None:
+        raise DatabaseUrlInvalid(
+            f"{where} carries a password: process arguments and logs would show it; give it through PGPASSWORD, "
+            "PGPASSFILE or ~/.pgpass instead"
+        )
+    secret = sorted(k for k in url.query if k.lower() in _LIBPQ_SECRETS)
+    if secret:
+        raise DatabaseUrlInvalid(
+            f"{where} carries {secret[0]}= in its query: process arguments and logs would show it; give it through "
+            "PGPASSWORD, PGPASSFILE or ~/.pgpass instead"
+        )
+    shown_url = _without_query(url)
+    if port is not None and not 1 <= port <= 65535:
+        raise DatabaseUrlInvalid(f"{where} {shown_url}: the port must be from 1 to 65535")
+    if backend in ("postgresql", "postgres"):
+        unknown = sorted(k for k in url.query if k not in _LIBPQ_PARAMETERS)
+        if unknown:
             raise DatabaseUrlInvalid(
-                "--database carries a password: process arguments and logs would show it; give it through "
-                "PGPASSWORD, PGPASSFILE or ~/.pgpass instead"
+                f"{where} {shown_url}: {printable(unknown[0], 40)!r} is not a libpq connection parameter"
             )
         if not url.database:
-            raise DatabaseUrlInvalid(f"--database {url.render_as_string(hide_password=True)} names no database")
+            raise DatabaseUrlInvalid(f"{where} {shown_url} names no database")
         return Database(url.set(drivername="postgresql+psycopg"))
     if backend == "sqlite" and url.database not in (None, "", ":memory:"):
+        if url.query or url.host or url.username:
+            raise DatabaseUrlInvalid(f"{where}: a SQLite URL is sqlite:///PATH, with no host, user or parameters")
         return Database(url.set(drivername="sqlite", database=str(Path(url.database).absolute())))
-    raise DatabaseUrlInvalid(f"--database {text[:80]!r}: expected postgresql://USER@HOST/NAME or sqlite:///PATH")
+    raise DatabaseUrlInvalid(f"{where} {shown_url}: expected postgresql://USER@HOST/NAME or sqlite:///PATH")
+
+
+def _without_query(url: URL) -> str:
+    """The URL as an error may show it: no password, no query (whose values are not ours to print)."""
+    return url.set(query={}).render_as_string(hide_password=True)
 
 
 def database_for(data: DataDir, given: str | None) -> Database:
@@ -77,7 +136,7 @@ def database_for(data: DataDir, given: str | None) -> Database:
         return Database(URL.create("sqlite", database=str(data.database)))
     except (OSError, NotSmallRegularFile) as e:
         raise DatabaseUrlInvalid(f"{data.database_url}: {getattr(e, 'strerror', None) or e}") from e
-    return parse_database(raw.decode(errors="replace"))
+    return parse_database(raw.decode(errors="replace"), str(data.database_url))
 
 
 def record_database(data: DataDir, db: Database) -> None:

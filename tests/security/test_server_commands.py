@@ -248,3 +248,57 @@ def test_databases_that_are_not_one(data: Path, tmp_path: Path) -> None:
         if original is not None:
             recorded.write_bytes(original)
     assert server_cli(data, "machines").returncode == 0
+
+
+SECRET = "hunter2-Zq8"
+
+
+def test_database_urls_never_show_a_password(data: Path, tmp_path: Path) -> None:
+    """A password given in a database URL (as userinfo, as ?password=, or in a libpq key=value string), and URLs that
+    do not parse: DB-URL-INVALID with no traceback, the password in no output, no file and no data directory; and a
+    libpq string is never taken for the path of a SQLite file (which would be named after the password)."""
+    cases = (
+        f"postgresql://mobility:{SECRET}@127.0.0.1/fleet",
+        f"postgresql://mobility@127.0.0.1/fleet?password={SECRET}",
+        f"postgresql://mobility@127.0.0.1/fleet?sslpassword={SECRET}",
+        f"postgresql://mobility:{SECRET}@127.0.0.1:notaport/fleet",
+        f"postgresql://mobility:{SECRET}@[::1/fleet",
+        f"postgresql://mobility@127.0.0.1:99999/fleet?password={SECRET}",
+        f"mysql://mobility:{SECRET}@127.0.0.1/fleet",
+        f"sqlite:///{tmp_path}/x.db?password={SECRET}",
+        f"host=127.0.0.1 dbname=fleet user=mobility password={SECRET}",
+        f"dbname=fleet password = '{SECRET}'",
+        f"{tmp_path}/x.db?password={SECRET}",
+    )
+    for url in cases:
+        for command in (("jobs",), ("machines", "--json")):
+            r = server_cli(data, *command, "--database", url)
+            assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DB-URL-INVALID"), (url, r.stderr)
+            assert SECRET not in r.stdout + r.stderr and "Traceback" not in r.stderr, (url, r.stderr)
+        fresh = tmp_path / "fresh"
+        r = subprocess.run(
+            [sys.executable, "-m", "server", "init", "--data", str(fresh), "--database", url],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,  # where a plain path would be made relative to
+            timeout=60,
+            check=False,
+        )
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DB-URL-INVALID"), (url, r.stderr)
+        assert SECRET not in r.stdout + r.stderr and not fresh.exists(), (url, r.stderr)
+        made = [p for p in tmp_path.rglob("*") if SECRET in p.name]
+        assert not made, made
+    # A database.url that carries one (an older server wrote it, or a hand edit): refused, not shown.
+    recorded = data / "database.url"
+    original = recorded.read_bytes() if recorded.exists() else None
+    try:
+        for url in cases:
+            recorded.write_text(url + "\n")
+            r = server_cli(data, "machines")
+            assert (r.returncode, r.stderr.split(":")[0]) == (2, "error DB-URL-INVALID"), (url, r.stderr)
+            assert SECRET not in r.stdout + r.stderr, r.stderr
+    finally:
+        recorded.unlink()
+        if original is not None:
+            recorded.write_bytes(original)
+    assert server_cli(data, "machines").returncode == 0

@@ -121,6 +121,25 @@ def test_urls_with_passwords_are_refused() -> None:
         parse_database("mysql://x@y/z")
     db = parse_database("postgresql://mobility@db.example:5433/fleet")
     assert (db.postgresql, str(db)) == (True, "postgresql+psycopg://mobility@db.example:5433/fleet")
+    for url in (
+        "postgresql://mobility@db.example/fleet?password=hunter2",
+        "postgresql://mobility@db.example/fleet?sslmode=require&sslpassword=hunter2",
+        "postgresql://mobility@db.example/fleet?passwd=hunter2",  # not a libpq parameter: its value is not shown
+        "postgresql://mobility:hunter2@db.example:notaport/fleet",
+        "postgresql://mobility:hunter2@[::1/fleet",
+        "postgresql://mobility@db.example:0/fleet",
+        "host=db.example dbname=fleet password=hunter2",
+        "sqlite://mobility:hunter2@host/x.db",
+    ):
+        with pytest.raises(DatabaseUrlInvalid) as refused:
+            parse_database(url)
+        assert "hunter2" not in refused.value.message, url
+    # What a URL may carry besides: libpq's other parameters, recorded and shown as given.
+    db = parse_database("postgresql://mobility@/fleet?host=/run/postgresql&passfile=/etc/mobility/pgpass")
+    assert (
+        str(db) == "postgresql+psycopg://mobility@/fleet?host=%2Frun%2Fpostgresql&passfile=%2Fetc%2Fmobility%2Fpgpass"
+    )
+    assert parse_database("postgres://mobility@[::1]:5433/fleet").postgresql
 
 
 def test_a_database_made_by_the_sqlite_only_server_upgrades_in_place(tmp_path: Path) -> None:
