@@ -6,11 +6,12 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import re
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,17 +39,57 @@ if TYPE_CHECKING:  # the database and the PKI are imported where used: `--help` 
     from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
+# The bounds of the numeric flags (tests/security/test_server_commands.py gives each one values past them).
+MAX_HEARTBEAT_INTERVAL = 3600.0
+MAX_CONNECTIONS = 1 << 20  # the most open files a process gets here (server/app.py: connection_limit)
+MAX_TOKEN_USES = 10**9
+MAX_FLEET = 10**6  # machines: a rollout's failures, a wave's size
+MAX_PUSH_PARALLEL = 1000
 DEFAULT_PROCESS_PORT = 9444
 MAX_HOSTS_FILE = 1 << 20  # one HOST[:PORT] per line: tens of thousands of hosts
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"^([0-9]{1,12})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_DAYS = 3650  # ten years: longer than any lifetime, grace or timeout here, so a typo
+MAX_SIZE = 1 << 50  # 1 PiB: more than any reserve or rate here, and far inside the 64 bits a database stores
 
 
 def parse_duration(text: str) -> float:
+    """Seconds from 30s, 5m, 12h, 7d (at most ten years); BAD-DURATION otherwise."""
     m = _DURATION.match(text.strip())
     if not m or int(m.group(1)) == 0:
-        raise BadDuration(f"{text!r} is not a duration")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+        raise BadDuration(f"{shown(text, 40)} is not a duration")
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise BadDuration(f"{shown(text, 40)} is longer than {MAX_DURATION_DAYS} days")
+    return seconds
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number from ``low`` to ``high``. Bounded where it enters: a number past what makes
+    sense (or past the 64 bits a database stores) is the flag's USAGE error, never an overflow deeper down."""
+
+    def parse(text: str) -> int:
+        value = text.strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", value) or not low <= int(value) <= high:
+            raise argparse.ArgumentTypeError(f"{shown(text, 40)} is not a whole number from {low} to {high}")
+        return int(value)
+
+    return parse
+
+
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a number of seconds from ``low`` to ``high`` (not NaN, not infinite)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{shown(text, 40)} is not a number of seconds from {low:g} to {high:g}")
+        return value
+
+    return parse
 
 
 def _data(args: argparse.Namespace) -> DataDir:
@@ -161,8 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     check_permissions(data)
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise BadArguments(f"--listen {args.listen!r}: expected HOST:PORT")
+    if not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise BadArguments(f"--listen {shown(args.listen, 80)}: expected HOST:PORT (a port from 0 to 65535)")
     process = None
     announce_host, announce_port = _announced(args.process_address)
     if args.role in ("all", "process"):
@@ -170,15 +211,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         default_port = DEFAULT_PROCESS_PORT if int(port) else 0  # --listen on port 0 (tests): any free port
         phost, pport = _host_port(args.process_listen or f"{host}:{default_port}", "--process-listen")
-        process = ProcessOptions(phost, pport, parse_size(args.store_reserve), announce_host, announce_port)
+        reserve = parse_size(args.store_reserve, "--store-reserve")
+        process = ProcessOptions(phost, pport, reserve, announce_host, announce_port)
     elif announce_host is None:
         raise BadArguments("--role api needs --process-address HOST[:PORT]: where agents reach the process server")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-open chatter; `upgrade` prints what it did
-    if args.max_connections is not None and args.max_connections < 1:
-        raise BadArguments("--max-connections must be at least 1")
-    if not 1 <= args.stats_interval <= 86400:
-        raise BadArguments("--stats-interval must be between 1 and 86400 seconds")
     server = open_server(
         data,
         _database(args, data),
@@ -237,21 +275,33 @@ def _announced(text: str | None) -> tuple[str | None, int | None]:
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise BadArguments(f"{flag} {text!r}: expected HOST:PORT")
+    if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 <= int(port) < 65536:
+        raise BadArguments(f"{flag} {shown(text, 80)}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
 
-_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE = re.compile(r"^([0-9]{1,19})([KMGTP]?)(i?B)?$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """Bytes from 512M, 2G, 100MiB, 0 (powers of 1024)."""
+def parse_size(text: str, flag: str, high: int = MAX_SIZE) -> int:
+    """Bytes from 512M, 2G, 100MiB, 0 (powers of 1024), at most ``high``; USAGE otherwise."""
     m = _SIZE.match(text.strip())
     if not m:
-        raise BadArguments(f"{text!r} is not a size (like 512M or 2G)")
+        raise BadArguments(f"{flag} {shown(text, 40)} is not a size (like 512M or 2G)")
     unit = m.group(2).upper()
-    return int(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
+    size = int(m.group(1)) * (1024 ** ("KMGTP".index(unit) + 1) if unit else 1)
+    if size > high:
+        raise BadArguments(f"{flag} {shown(text, 40)} is more than {_size_text(high)}")
+    return size
+
+
+def _size_text(size: int) -> str:
+    """``size`` in the largest power-of-1024 unit that divides it (1 TiB, 1536 MiB)."""
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
+        scale = 1024 ** ("KMGTP".index(unit[0]) + 1)
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
 
 
 def cmd_passphrase(args: argparse.Namespace) -> int:
@@ -275,8 +325,6 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     data = _data(args)
     ttl = parse_duration(args.ttl)
-    if args.uses is not None and args.uses < 1:
-        raise BadArguments("--uses must be at least 1")
     storage = _storage(args, data)
     try:
         _, token = create_token(storage, ttl, args.uses, time.time())
@@ -405,8 +453,6 @@ def cmd_update(args: argparse.Namespace) -> int:
             raise BadArguments("update: name the machines with one of --machines ID,..., --os-tag TAG or --all")
         if args.os_tag is not None and args.os_tag not in BY_TAG:
             raise BadArguments(f"--os-tag {shown(args.os_tag)}: not an OS tag of the support matrix")
-        if args.max_failures < 1:
-            raise BadArguments("--max-failures must be at least 1")
         version, wave, timeout = parse_version(args.to), parse_wave(args.wave), parse_duration(args.wave_timeout)
         selection = Selection(
             all=args.all, os_tag=args.os_tag, machines=tuple(_host_ids(args.machines)) if args.machines else ()
@@ -558,6 +604,7 @@ def _print_table(header: list[str], rows: list[list[Any]]) -> None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     data = _data(args)  # refused before the heavier imports
+    from agent.shared.address import parse_address
     from server.push.progress import progress_for
     from server.push.run import default_server_address, load_credentials, push
     from server.push.targets import parse_hosts_file, parse_target, unique_targets
@@ -571,14 +618,13 @@ def cmd_push(args: argparse.Namespace) -> int:
         targets += parse_hosts_file(text, args.hosts_file)
     if not targets:
         raise PushTargetInvalid("no hosts: give --host HOST[:PORT] (repeatable) or --hosts-file FILE")
-    if args.parallel < 1:
-        raise BadArguments("--parallel must be at least 1")
+    server = str(parse_address(args.server)) if args.server else default_server_address(data)
     credentials = load_credentials(args.user, args.key, args.password_file)
     results = push(
         data,
         unique_targets(targets),
         credentials,
-        server=args.server or default_server_address(data),
+        server=server,
         accept_new_host_keys=args.accept_new_host_keys,
         parallel=args.parallel,
         timeout=args.timeout,
@@ -631,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=f"0.0.0.0:{wire.DEFAULT_PORT}", metavar="HOST:PORT")
     p.add_argument(
         "--heartbeat-interval",
-        type=float,
+        type=seconds(1, MAX_HEARTBEAT_INTERVAL),
         default=30.0,
         metavar="SECONDS",
         help="the interval agents are told to heartbeat at (default 30)",
@@ -668,13 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-connections",
-        type=int,
+        type=count(1, MAX_CONNECTIONS),
         metavar="N",
         help="connections served at once; more are answered 503 (default: the open-file limit less a margin)",
     )
     p.add_argument(
         "--stats-interval",
-        type=float,
+        type=seconds(1, 86400),
         default=60.0,
         metavar="SECONDS",
         help="how often the log gets the event loop's stall figures and the connection counts (default 60)",
@@ -683,13 +729,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("passphrase", "show or rotate the enrolment passphrase")
     p.add_argument("action", choices=("show", "rotate"))
-    p.add_argument("--grace", default=DEFAULT_GRACE, help=f"how long the old one stays valid (default {DEFAULT_GRACE})")
+    p.add_argument(
+        "--grace",
+        default=DEFAULT_GRACE,
+        metavar="DURATION",
+        help=f"how long the old one stays valid (default {DEFAULT_GRACE})",
+    )
     p.set_defaults(func=cmd_passphrase)
 
     p = command("token", "create an enrolment token (safe to bake into templates)")
     p.add_argument("action", choices=("create",))
-    p.add_argument("--ttl", required=True, help="lifetime, e.g. 12h or 30d")
-    p.add_argument("--uses", type=int, help="how many enrolments it allows (default unlimited)")
+    p.add_argument("--ttl", required=True, metavar="DURATION", help="lifetime, e.g. 12h or 30d")
+    p.add_argument(
+        "--uses", type=count(1, MAX_TOKEN_USES), metavar="N", help="how many enrolments it allows (default unlimited)"
+    )
     p.set_defaults(func=cmd_token)
 
     p = command("machines", "list machines, or remove or revoke one")
@@ -710,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wave", default="10%", metavar="N%|N", help="machines per wave: a share or a count (default 10%%)")
     p.add_argument(
         "--max-failures",
-        type=int,
+        type=count(1, MAX_FLEET),
         default=1,
         metavar="N",
         help="halt the rollout once this many machines failed (default 1)",
@@ -748,7 +801,13 @@ def build_parser() -> argparse.ArgumentParser:
     credentials = p.add_mutually_exclusive_group(required=True)
     credentials.add_argument("--key", metavar="FILE", help="the SSH private key (unencrypted)")
     credentials.add_argument("--password-file", metavar="FILE", help="a root-only (0600) file holding the password")
-    p.add_argument("--parallel", type=int, default=20, metavar="N", help="hosts pushed at the same time (default 20)")
+    p.add_argument(
+        "--parallel",
+        type=count(1, MAX_PUSH_PARALLEL),
+        default=20,
+        metavar="N",
+        help="hosts pushed at the same time (default 20)",
+    )
     p.add_argument(
         "--server",
         metavar="HOST:PORT",
@@ -759,7 +818,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="record the key of a host not yet in DATA/known_hosts (trust on first use); a changed key is refused",
     )
-    p.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS", help="to connect and log in (default 15)")
+    p.add_argument(
+        "--timeout",
+        type=seconds(1, 3600),
+        default=15.0,
+        metavar="SECONDS",
+        help="to connect and log in (default 15)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON (no progress)")
     p.set_defaults(func=cmd_push)
 

@@ -520,7 +520,7 @@ class PolicyInvalid(UsageError):
     code = "POLICY-INVALID"
     remediation = (
         "Give a policy name of lowercase letters, digits, - and _, durations like 30s, 5m or 1h (1 s to 7 days), a "
-        "bandwidth like 50M (bytes per second, 0 for no cap) and a retention of 1 to 10000 points."
+        "bandwidth like 50M (bytes per second, at most 1T, 0 for no cap) and a retention of 1 to 10000 points."
     )
 
 

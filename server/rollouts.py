@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, or_, select, update
 
 from agent.shared.errors import BadArguments
+from agent.shared.textsafe import shown
 from agent.shared.wire import UpdateTarget
 from server.errors import (
     RolloutHalted,
@@ -47,7 +48,7 @@ from server.storage import Credential, Machine, Storage, Tx
 DEFAULT_WAVE = "10%"
 DEFAULT_MAX_FAILURES = 1
 DEFAULT_WAVE_TIMEOUT = 1800.0
-_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+){1,7}")
+_VERSION = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9}){1,7}")  # each part a number a 32-bit field holds
 _WAVE = re.compile(r"^(\d{1,6})(%?)$")
 _SUCCEEDED = ("succeeded", "succeeded with warnings")
 
@@ -65,7 +66,7 @@ RUNNING, HALTED, COMPLETED = "running", "halted", "completed"
 
 def parse_version(text: str) -> str:
     if not _VERSION.fullmatch(text):
-        raise BadArguments(f"{text!r} is not a version: give dotted numbers, e.g. 0.1.1")
+        raise BadArguments(f"{shown(text, 40)} is not a version: give dotted numbers (up to 9 digits each), e.g. 0.1.1")
     return text
 
 

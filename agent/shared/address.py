@@ -8,8 +8,10 @@ import re
 from dataclasses import dataclass
 
 from agent.shared.errors import ServerAddressInvalid
+from agent.shared.textsafe import shown
 from agent.shared.wire import DEFAULT_PORT
 
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only (str.isdigit takes "²", which int() refuses)
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
@@ -31,22 +33,22 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> ServerAddress:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ServerAddressInvalid(f"{text!r}: unclosed '['")
+            raise ServerAddressInvalid(f"{shown(text, 80)}: unclosed '['")
         host, rest = text[1:end], text[end + 1 :]
         if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ServerAddressInvalid(f"{text!r}: expected [IPv6]:PORT")
+            if not rest.startswith(":") or not _PORT.fullmatch(rest[1:]):
+                raise ServerAddressInvalid(f"{shown(text, 80)}: expected [IPv6]:PORT")
             port = int(rest[1:])
     elif text.count(":") == 1:
         host, _, p = text.partition(":")
-        if not p.isdigit():
-            raise ServerAddressInvalid(f"{text!r}: the port must be a number")
+        if not _PORT.fullmatch(p):
+            raise ServerAddressInvalid(f"{shown(text, 80)}: the port must be a number from 1 to 65535")
         port = int(p)
     if not 0 < port < 65536:
-        raise ServerAddressInvalid(f"{text!r}: port {port} is out of range")
+        raise ServerAddressInvalid(f"{shown(text, 80)}: port {port} is out of range")
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if not _HOSTNAME.match(host):
-            raise ServerAddressInvalid(f"{text!r} is not a host name or IP address") from None
+            raise ServerAddressInvalid(f"{shown(text, 80)} is not a host name or IP address") from None
     return ServerAddress(host, port)

@@ -11,8 +11,14 @@ def _utc(t: float | dt.datetime) -> dt.datetime:
 
 
 def shown(t: float | dt.datetime | None, never: str = "never") -> str:
-    """``2026-11-26 16:19:36Z``; ``never`` for None."""
-    return never if t is None else _utc(t).strftime("%Y-%m-%d %H:%M:%SZ")
+    """``2026-11-26 16:19:36Z``; ``never`` for None. A number no calendar holds (a peer's ``1e300``, NaN: stored
+    before bounds were checked, or from a clock gone wrong) is shown as such, never an exception in a listing."""
+    if t is None:
+        return never
+    try:
+        return _utc(t).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"not a time ({str(t)[:24]})"
 
 
 def iso(t: float | dt.datetime) -> str:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.shared import timefmt
-from agent.shared.errors import Exit
+from agent.shared.errors import Exit, MobilityError
 from agent.shared.replication_wire import Policy, disk_name
 from agent.shared.wire import WireError
 from server.datadir import DataDir
@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # imported where used: every `mobility-server` command builds
     from server.storage import Machine, Storage
 
 Command = Callable[[str, str], argparse.ArgumentParser]
-_POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 def _data(args: argparse.Namespace) -> DataDir:
@@ -73,21 +72,40 @@ def _duration(text: str, flag: str) -> float:
     from server.cli import parse_duration
 
     try:
-        seconds = parse_duration(text)
-    except Exception as e:
-        raise PolicyInvalid(f"{flag} {text!r} is not a duration") from e
-    if not 1 <= seconds <= 7 * 86400:
-        raise PolicyInvalid(f"{flag} {text!r} is outside 1 s to 7 days")
-    return seconds
+        return parse_duration(text)
+    except MobilityError as e:
+        raise PolicyInvalid(f"{flag}: {e.message}") from e
 
 
 def _bandwidth(text: str) -> int:
     from server.cli import parse_size
 
     try:
-        return parse_size(text)
-    except Exception as e:
-        raise PolicyInvalid(f"--bandwidth {text!r} is not a size per second (like 50M, or 0)") from e
+        return parse_size(text, "--bandwidth")
+    except MobilityError as e:
+        raise PolicyInvalid(f"{e.message} (bytes per second, like 50M, or 0)") from e
+
+
+# The flag of each policy field, for the message when the agent's bounds refuse one.
+_POLICY_FLAGS = {
+    "policy.name": "NAME",
+    "policy.rpo_seconds": "--rpo",
+    "policy.interval_seconds": "--interval",
+    "policy intervals": "--rpo/--interval",
+    "policy.bandwidth_bps": "--bandwidth",
+    "policy.retention": "--retention",
+}
+
+
+def agent_accepts(policy: Policy) -> Policy:
+    """``policy`` as every agent reads it from its heartbeat answer (the wire's own bounds: no second copy of them
+    here), or POLICY-INVALID: the server never stores a policy its agents would refuse."""
+    try:
+        return Policy.from_json(policy.to_json())
+    except WireError as e:
+        said = str(e)
+        flag = next((f for field, f in _POLICY_FLAGS.items() if said.startswith(field)), "policy")
+        raise PolicyInvalid(f"{flag}: {said} (what agents accept)") from e
 
 
 # Protection ----------------------------------------------------------------------------------------------------
@@ -210,19 +228,35 @@ def _store_usage(data: DataDir) -> dict[str, Any] | None:
     }
 
 
-def _bytes(n: object) -> str:
-    if not isinstance(n, (int, float)):
-        return "-"
+def _number(n: object) -> float | None:
+    """A figure a machine reported, if it can be shown: finite and not negative (a stored report may predate the
+    bounds the wire checks now)."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        return None
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _bytes(n: object) -> str:
+    value = _number(n)
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} TiB"
+    return f"{value:.1f} PiB" if value < 1024 else f"{value:.3g} PiB"
 
 
-def _secs(s: object) -> str:
-    return "-" if not isinstance(s, (int, float)) else f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+def _secs(n: object) -> str:
+    s = _number(n)
+    if s is None:
+        return "-"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.0f} h" if s < 172800 else f"{s / 86400:.3g} d"
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -230,11 +264,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
     storage = _storage(args, data)
     try:
         if args.action == "set":
-            if not _POLICY_NAME.fullmatch(args.name):
-                raise PolicyInvalid(f"policy name {args.name!r}")
-            old = storage.policy(args.name) or Policy(args.name)
-            if args.retention is not None and not 1 <= args.retention <= 10000:
-                raise PolicyInvalid(f"--retention {args.retention}")
+            old = storage.policy(agent_accepts(Policy(args.name)).name) or Policy(args.name)
             policy = Policy(
                 args.name,
                 _duration(args.rpo, "--rpo") if args.rpo else old.rpo_seconds,
@@ -242,7 +272,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 _bandwidth(args.bandwidth) if args.bandwidth is not None else old.bandwidth_bps,
                 args.retention if args.retention is not None else old.retention,
             )
-            storage.set_policy(policy)
+            storage.set_policy(agent_accepts(policy))
         policies = storage.policies()
     finally:
         storage.close()

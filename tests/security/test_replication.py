@@ -400,3 +400,62 @@ def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: Ser
     report, _ = json.JSONDecoder().raw_decode(r.stdout)  # the report; the error follows it
     assert r.returncode == 1 and "error TEST-FAILOVER-FAILED:" in r.stderr and not report["ok"], r.stdout + r.stderr
     assert report["disks"][0]["filesystems"][0]["fstype"] == "ext4"
+
+
+def close_point(server: ServerProcess, paths: Paths, data: bytes, created: float | None = None) -> str:
+    """One chunk of ``data`` on DISK and a point over it, through the agent's own stream; the point's ID."""
+    from agent.replication.chunks import Geometry, RootHasher
+    from agent.replication.transport import Stream
+    from agent.shared.address import ServerAddress
+    from agent.shared.replication_wire import PointClose
+
+    _, client = authenticated_client(paths)
+    stream = Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=10)
+    stream.connect(Hello(DISK, len(data), CHUNK))
+    stream.send(Kind.CHUNK, data, flags=Codec.RAW, offset=0, size=len(data), digest=chunk_hash(data))
+    root = RootHasher(Geometry(len(data), CHUNK))
+    root.update(chunk_hash(data))
+    close = PointClose(str(uuid.uuid4()), created or time.time(), root.hexdigest(), "raw-idle", (DISK,))
+    stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
+    assert stream.drain(20)
+    stream.close()
+    return close.point_id
+
+
+def test_absurd_times_already_stored_break_no_listing_and_no_failover(server: ServerProcess, tmp_path: Path) -> None:
+    """A point's ``created`` and a heartbeat's ``last_point`` (and its other figures) stored as 1e300, as a store or
+    a database written before the wire bounded them holds them: `points`, `failover --point latest` and
+    `protection` (the whole fleet's listing) still list and fail over, and show such a time as what it is."""
+    import sqlite3
+
+    from tests.integration.serverproc import db_execute
+
+    paths, host_id = machine(server, tmp_path, "m1")
+    data = os.urandom(CHUNK)
+    point_id = close_point(server, paths, data)
+    index = sqlite3.connect(server.data / "process" / "index.db", timeout=30)
+    with index:
+        index.execute("UPDATE points SET created = 1e300 WHERE point_id = ?", (point_id,))
+    index.close()
+    absurd = {"throughput_bps": 1e300, "lag_seconds": 1e300, "eta_seconds": 1e300, "last_point": 1e300}
+    report = {"disks": [{"disk": DISK, "state": "CONTINUOUS", **absurd}], "last_point": 1e300, "points": 1}
+    db_execute(
+        server.data,
+        "UPDATE protection SET report = :r, reported_at = :t WHERE host_id = :h",
+        {"r": json.dumps(report), "t": time.time(), "h": host_id},
+    )
+    out = tmp_path / "out"
+    for args in (
+        ["points", "--machine", host_id],
+        ["points", "--machine", host_id, "--json"],
+        ["protection"],
+        ["protection", "--json"],
+        ["failover", "--machine", host_id, "--point", "latest", "--out", str(out)],
+    ):
+        r = server_cli(server.data, *args)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+        if args[0] == "points" and "--json" not in args:
+            assert point_id in r.stdout and "not a time (1e+300)" in r.stdout, r.stdout
+        if args[0] == "protection":
+            assert DISK in r.stdout, r.stdout
+    assert (out / "sdb.img").read_bytes() == data

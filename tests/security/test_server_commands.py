@@ -66,13 +66,15 @@ PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
 _PATH_METAVARS = {"DIR", "FILE"}
 
 
-def _options(parser: argparse.ArgumentParser, prefix: str = "") -> set[tuple[str, str]]:
+def _options(
+    parser: argparse.ArgumentParser, prefix: str = "", metavars: set[str] = _PATH_METAVARS
+) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                found |= _options(sub, f"{prefix} {name}".strip())
-        elif action.metavar in _PATH_METAVARS and prefix:
+                found |= _options(sub, f"{prefix} {name}".strip(), metavars)
+        elif action.metavar in metavars and prefix:
             found.add(
                 (
                     prefix.split(maxsplit=1)[0] if action.option_strings else prefix,
@@ -302,3 +304,84 @@ def test_database_urls_never_show_a_password(data: Path, tmp_path: Path) -> None
         if original is not None:
             recorded.write_bytes(original)
     assert server_cli(data, "machines").returncode == 0
+
+
+HOST = "11111111-1111-4111-8111-111111111111"
+TOO_MANY_DIGITS = "9" * 5000  # past Python's int() limit for text: a ValueError, not a number
+# Every numeric option of mobility-server (its metavar says so) -> (the command line it is given in, values past its
+# bounds, the error ID). A new numeric option fails `test_the_cases_cover_every_numeric_option` until it is here.
+NUMBER_OPTIONS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    ("serve", "--listen"): (("serve",), ("127.0.0.1:99999999999999999999", "127.0.0.1:65536", "[::1]:²"), "USAGE"),
+    ("serve", "--heartbeat-interval"): (("serve",), ("nan", "inf", "1e400", "0", "-30", "86401"), "USAGE"),
+    ("serve", "--process-listen"): (("serve",), ("127.0.0.1:99999999999999999999", "127.0.0.1:²"), "USAGE"),
+    ("serve", "--process-address"): (("serve",), ("h:99999999999999999999", f"h:{TOO_MANY_DIGITS}"), "USAGE"),
+    ("serve", "--store-reserve"): (("serve",), ("99999999999999999999T", "2P", "-1", "1e9"), "USAGE"),
+    ("serve", "--max-connections"): (("serve",), ("99999999999999999999", "0", "-1", TOO_MANY_DIGITS), "USAGE"),
+    ("serve", "--stats-interval"): (("serve",), ("nan", "inf", "0", "99999999999999999999"), "USAGE"),
+    ("passphrase", "--grace"): (("passphrase", "rotate"), ("99999999999999999999d", "3651d", "1e9s"), "BAD-DURATION"),
+    ("token", "--ttl"): (("token", "create"), ("99999999999999999999d", f"{TOO_MANY_DIGITS}s", "0s"), "BAD-DURATION"),
+    ("token", "--uses"): (("token", "create", "--ttl", "1h"), ("99999999999999999999", "0", "1e3"), "USAGE"),
+    ("update", "--to"): (("update", "--all"), ("99999999999999999999.0", f"{TOO_MANY_DIGITS}.1"), "USAGE"),
+    ("update", "--wave"): (("update", "--to", "0.1.1", "--all"), ("99999999999999999999", "101%", "0"), "USAGE"),
+    ("update", "--max-failures"): (("update", "--to", "0.1.1", "--all"), ("99999999999999999999", "0"), "USAGE"),
+    ("update", "--wave-timeout"): (("update", "--to", "0.1.1", "--all"), ("99999999999999999999m",), "BAD-DURATION"),
+    ("pin", "--to"): (("pin", HOST), ("99999999999999999999.0", f"1.{TOO_MANY_DIGITS}"), "USAGE"),
+    ("push", "--host"): (("push", "--key", "k"), ("h:99999999999999999999", "h:²", "h:0"), "PUSH-TARGET-INVALID"),
+    ("push", "--parallel"): (("push", "--host", "h", "--key", "k"), ("99999999999999999999", "0"), "USAGE"),
+    ("push", "--server"): (
+        ("push", "--host", "h", "--key", "k"),
+        ("h:99999999999999999999", "h:²"),
+        "SERVER-ADDRESS-INVALID",
+    ),
+    ("push", "--timeout"): (("push", "--host", "h", "--key", "k"), ("nan", "inf", "-1", "1e400"), "USAGE"),
+    ("policy", "--rpo"): (("policy", "set", "p"), ("99999999999999999999d", "8d"), "POLICY-INVALID"),
+    ("policy", "--interval"): (("policy", "set", "p"), ("99999999999999999999d", "8d"), "POLICY-INVALID"),
+    # 2T: a size the server can store, but no agent accepts (the wire's bound is 1 TiB/s): refused here too.
+    ("policy", "--bandwidth"): (
+        ("policy", "set", "p"),
+        ("99999999999999999999T", "2T", "1025G", "-1"),
+        "POLICY-INVALID",
+    ),
+    ("policy", "--retention"): (("policy", "set", "p"), ("99999999999999999999", "10001", "0"), "POLICY-INVALID"),
+}
+_NUMBER_METAVARS = {"N", "SECONDS", "SIZE", "DURATION", "N%|N", "VERSION", "HOST:PORT", "HOST[:PORT]"}
+
+
+def test_the_cases_cover_every_numeric_option() -> None:
+    assert _options(build_parser(), metavars=_NUMBER_METAVARS) == set(NUMBER_OPTIONS), "add the option's cases"
+
+
+def test_numbers_past_their_bounds_are_clear_errors_and_change_nothing(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every numeric option given numbers past its bounds (20 digits, 5000 digits, NaN, infinity, zero, negative,
+    a policy no agent accepts): its error ID and a message naming it, no traceback, nothing stored. `serve` runs in
+    a child with a deadline (a bound missed would start serving); the rest run here, one after another."""
+    from server.cli import main
+
+    passphrase = server_cli(data, "passphrase", "show", check=True).stdout
+    serve_cases = []
+    for (command, option), (argv, values, code) in NUMBER_OPTIONS.items():
+        for value in values:
+            args = [*argv, option, value]
+            if command == "serve":
+                serve_cases.append((args, code))
+                continue
+            capsys.readouterr()
+            returned = main([*args, "--data", str(data)])
+            err = capsys.readouterr().err
+            assert (returned, err.split(":")[0]) == (2, f"error {code}"), (args, err)
+            assert "Traceback" not in err and len(err) < 1000, (args, err)
+    for args, code in serve_cases:
+        r = cli(data, *args, "--listen", "127.0.0.1:0") if "--listen" not in args else cli(data, *args)
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, f"error {code}"), (args, r.stderr)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+    # The policy at the agent's own bounds is accepted, one past them is not (above): the same limit on both sides.
+    assert main(["policy", "set", "edge", "--bandwidth", "1T", "--retention", "10000", "--data", str(data)]) == 0
+    from agent.shared.replication_wire import Policy
+
+    listed = json.loads(server_cli(data, "policy", "list", "--json", check=True).stdout)
+    assert [Policy.from_json(p).name for p in listed] == ["default", "edge"]
+    assert server_cli(data, "passphrase", "show", check=True).stdout == passphrase
+    assert json.loads(server_cli(data, "updates", "--json", check=True).stdout) == []
+    server_cli(data, "policy", "set", "edge", "--bandwidth", "0", check=True)
