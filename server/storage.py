@@ -669,6 +669,21 @@ class Storage:
             )
 
     @_db_errors
+    def change_protection(
+        self, host_id: str, now: float, *, paused: bool | None = None, policy: str | None = None
+    ) -> bool:
+        """Pause, resume or re-policy a protected machine, its disks as they are (one statement: nothing another
+        command changed meanwhile is undone); False when it protects nothing."""
+        values: dict[str, Any] = {"updated_at": now}
+        if paused is not None:
+            values["paused"] = paused
+        if policy is not None:
+            values["policy"] = policy
+        with self.transaction() as tx:
+            changed = tx.conn.execute(update(protection).where(protection.c.host_id == host_id).values(**values))
+            return bool(changed.rowcount)
+
+    @_db_errors
     def unprotect(self, host_id: str) -> bool:
         with self.transaction() as tx:
             return bool(tx.conn.execute(delete(protection).where(protection.c.host_id == host_id)).rowcount)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from agent.shared import timefmt
 from agent.shared.errors import Exit, MobilityError
 from agent.shared.replication_wire import Policy, disk_name
+from agent.shared.textsafe import printable, shown
 from agent.shared.wire import WireError
 from server.datadir import DataDir
 from server.errors import (
@@ -112,9 +113,16 @@ def agent_accepts(policy: Policy) -> Policy:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
+    """Protect disks (--disk or --all-disks), or change a protected machine as it stands: --pause, --resume and
+    --policy without disks keep the disks it protects."""
     data = _data(args)
-    if bool(args.disk) == bool(args.all_disks):
-        raise ProtectDiskInvalid("give --disk /dev/X (repeatable) or --all-disks")
+    if args.disk and args.all_disks:
+        raise ProtectDiskInvalid("give --disk /dev/X (repeatable) or --all-disks, not both")
+    changing = not args.disk and not args.all_disks
+    if changing and args.pause is None and args.policy is None:
+        raise ProtectDiskInvalid(
+            "give --disk /dev/X (repeatable) or --all-disks; or --pause, --resume or --policy for a protected machine"
+        )
     try:
         disks = [disk_name(d, "--disk") for d in args.disk or []]
     except WireError as e:
@@ -122,17 +130,30 @@ def cmd_protect(args: argparse.Namespace) -> int:
     storage = _storage(args, data)
     try:
         machine = find_machine(storage, args.machine)
-        current = storage.protection(machine.host_id)
-        policy = args.policy or (current.policy.name if current else "default")
-        if storage.policy(policy) is None:
-            raise PolicyNotFound(f"no policy {policy!r}")
-        paused = args.pause if args.pause is not None else (current.paused if current else False)
-        storage.protect(machine.host_id, list(dict.fromkeys(disks)), args.all_disks, policy, paused, time.time())
+        if args.policy is not None and storage.policy(args.policy) is None:
+            raise PolicyNotFound(f"no policy {shown(args.policy, 40)}")
+        if changing:
+            if not storage.change_protection(machine.host_id, time.time(), paused=args.pause, policy=args.policy):
+                raise ProtectDiskInvalid(
+                    f"{printable(machine.hostname, 80)} ({machine.host_id}) is not protected: give --disk /dev/X or "
+                    "--all-disks to protect it"
+                )
+        else:
+            current = storage.protection(machine.host_id)
+            policy = args.policy or (current.policy.name if current else "default")
+            if storage.policy(policy) is None:
+                raise PolicyNotFound(f"no policy {shown(policy, 40)}")
+            paused = args.pause if args.pause is not None else (current.paused if current else False)
+            storage.protect(machine.host_id, list(dict.fromkeys(disks)), args.all_disks, policy, paused, time.time())
+        now = storage.protection(machine.host_id)
     finally:
         storage.close()
-    what = "all disks" if args.all_disks else ", ".join(disks)
-    state = " (paused)" if paused else ""
-    print(f"{machine.hostname} ({machine.host_id}): protecting {what} under policy {policy}{state}")
+    if now is None:  # unprotected by another command in between
+        raise ProtectDiskInvalid(f"{machine.host_id} was unprotected meanwhile: protect it again")
+    what = "all disks" if now.all_disks else ", ".join(now.disks)
+    state = " (paused)" if now.paused else ""
+    name = printable(machine.hostname, 80)
+    print(f"{name} ({machine.host_id}): protecting {what} under policy {now.policy.name}{state}")
     print("the machine picks this up at its next heartbeat")
     return Exit.OK
 

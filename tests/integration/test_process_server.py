@@ -258,3 +258,45 @@ def test_one_process_server_per_store_and_api_instances_send_agents_to_it(
         for proc in (api_proc, standby):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
+
+
+def test_pause_resume_and_a_new_policy_as_the_docs_write_them_keep_the_disks(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """`protect --machine web1 --pause | --resume` (docs/replication.md) needs no --disk: the machine keeps the disks
+    it protects, and its next heartbeat answer says paused (or not); --policy alone changes only the policy. A machine
+    that protects nothing is told to name its disks."""
+    from agent.registration import heartbeat
+    from tests.integration.serverproc import server_cli, wait_for
+
+    paths = machine(server, tmp_path, "web1")
+    hostname = (paths.root / "etc" / "hostname").read_text().strip()
+
+    def answered() -> tuple[object, object]:
+        protection = heartbeat(paths, {"status": "healthy", "checks": []})["protection"]
+        return protection["paused"], protection["disks"]
+
+    for flag, paused in (("--pause", True), ("--resume", False), ("--pause", True)):
+        r = server_cli(server.data, "protect", "--machine", hostname, flag)
+        assert r.returncode == 0 and DISK in r.stdout and ("(paused)" in r.stdout) is paused, r.stderr
+        wait_for(f"the heartbeat answer after {flag}", lambda want=paused: answered() == (want, [DISK]))
+    assert server_cli(server.data, "policy", "set", "gold", "--interval", "10m").returncode == 0
+    r = server_cli(server.data, "protect", "--machine", hostname, "--policy", "gold")
+    assert r.returncode == 0 and "policy gold (paused)" in r.stdout, r.stderr
+    row = open_storage(server.data)
+    try:
+        now = row.protection(host_of(paths))
+        assert now is not None and (now.disks, now.all_disks, now.paused, now.policy.name) == (
+            (DISK,),
+            False,
+            True,
+            "gold",
+        )
+    finally:
+        row.close()
+    assert server_cli(server.data, "unprotect", "--machine", hostname).returncode == 0
+    for flag in ("--pause", "--resume"):
+        r = server_cli(server.data, "protect", "--machine", hostname, flag)
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error PROTECT-DISK-INVALID"), r.stderr
+    r = server_cli(server.data, "protect", "--machine", hostname)
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error PROTECT-DISK-INVALID"), r.stderr

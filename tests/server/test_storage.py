@@ -382,6 +382,18 @@ def test_protection_policies_and_reported_status(storage: Storage) -> None:
     assert row is not None and (row.disks, row.paused, row.report) == (("/dev/sdb",), True, report)
     assert storage.protection(other) is None  # a report from a machine that protects nothing is not kept
 
+    # Pause, resume and a new policy change only those: the disks and the report stay.
+    assert storage.change_protection(host, 30.0, paused=False)
+    assert storage.change_protection(host, 31.0, policy="default")
+    row = storage.protection(host)
+    assert row is not None and (row.disks, row.paused, row.policy.name, row.report) == (
+        ("/dev/sdb",),
+        False,
+        "default",
+        report,
+    )
+    assert storage.change_protection(other, 32.0, paused=True) is False and storage.protection(other) is None
+
     execute(storage, "UPDATE protection SET report = :r", r='{"disks": [{"disk": "/etc/shadow"}]}')
     assert storage.protection(host).report is None  # type: ignore[union-attr]
     assert [p.host_id for p in storage.protections()] == [host]
