@@ -542,6 +542,14 @@ class FailoverOutExists(UsageError):
     remediation = "Give --out a new or empty directory: failover never overwrites disk images."
 
 
+class FailoverInterrupted(TemporaryError):
+    code = "FAILOVER-INTERRUPTED"
+    remediation = (
+        "The command was stopped (SIGTERM, Ctrl-C or a closed terminal) and released what it had made: no disk "
+        "image, loop device or mount of it is left. Run it again."
+    )
+
+
 class TestFailoverFailed(VerificationError):
     __test__ = False  # not a pytest class
     code = "TEST-FAILOVER-FAILED"

@@ -360,16 +360,19 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
+    from agent.shared.fsutil import atomic_write
     from server.process.failover import materialise
+    from server.process.interrupts import interruptible
 
     _, store, machine = _open(args)
     try:
         point = store.resolve_point(machine.host_id, args.point)
-        images = materialise(store, point, Path(args.out))
+        with interruptible("failover"):
+            images = materialise(store, point, Path(args.out))
     finally:
         store.close()
     doc = {**_point_json(point), "images": [str(i) for i in images]}
-    (Path(args.out) / "point.json").write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write(Path(args.out) / "point.json", (json.dumps(doc, indent=2) + "\n").encode())
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -381,13 +384,15 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 def cmd_test_failover(args: argparse.Namespace) -> int:
     from server.process.failover import run_test_failover
+    from server.process.interrupts import interruptible
     from server.process.service import store_dir
 
     data, store, machine = _open(args)
     try:
         point = store.resolve_point(machine.host_id, args.point)
         scratch = Path(args.scratch) if args.scratch else store_dir(data) / "scratch"
-        report = run_test_failover(store, point, scratch, keep=args.keep)
+        with interruptible("test-failover"):
+            report = run_test_failover(store, point, scratch, keep=args.keep)
     finally:
         store.close()
     if args.json:
@@ -402,6 +407,8 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
                 print(
                     f"    {fs['device']} {fs['fstype']}: fsck {fs['fsck']}, mount {fs['mount']} {fs['detail']}".rstrip()
                 )
+        for what in report.get("left_behind", []):
+            print(f"  NOT RELEASED: {what}")
         print("PASSED" if report["ok"] else "FAILED")
     if not report["ok"]:
         if report.get("error") == "POINT-CORRUPT":

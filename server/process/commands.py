@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.errors import FailoverToolMissing
+from server.process.interrupts import signals_held, take_signal
 
 log = logging.getLogger("mobility.process")
 
@@ -25,23 +26,35 @@ class Ran:
 
 
 def run_tool(argv: Sequence[str], timeout: float) -> Ran:
-    """Run ``argv`` with no input; FAILOVER-TOOL-MISSING when the program is not installed."""
+    """Run ``argv`` with no input; FAILOVER-TOOL-MISSING when the program is not installed. A signal that stops the
+    command (server/process/interrupts.py) waits while the tool starts, and lands only while we wait for it: the tool
+    is then killed and waited for before the exception goes on, so nothing it does happens after our clean-up."""
     try:
-        r = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
+        with signals_held():
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+            )
     except FileNotFoundError as e:
         raise FailoverToolMissing(f"{argv[0]} is not installed") from e
-    except subprocess.TimeoutExpired as e:
-        log.warning("%s did not finish within %.0f s", argv[0], timeout)
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return Ran(tuple(argv), TIMED_OUT, out, f"{argv[0]} timed out after {timeout:.0f} s")
-    if r.returncode != 0:
-        log.info("%s exited %d", " ".join(argv[:3]), r.returncode)
-    return Ran(tuple(argv), r.returncode, r.stdout, r.stderr)
+    with proc:
+        try:
+            take_signal()
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            log.warning("%s did not finish within %.0f s", argv[0], timeout)
+            return Ran(tuple(argv), TIMED_OUT, out or "", f"{argv[0]} timed out after {timeout:.0f} s")
+        except BaseException:
+            with signals_held():
+                proc.kill()
+                proc.wait()
+            raise
+    if proc.returncode != 0:
+        log.info("%s exited %d", " ".join(argv[:3]), proc.returncode)
+    return Ran(tuple(argv), proc.returncode, out, err)

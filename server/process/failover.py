@@ -6,29 +6,44 @@ repaired), mount it read-only, and report."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.faults import fault_point
 from agent.replication.chunks import RootHasher, zero_hash
 from agent.shared.replication_wire import HASH_SIZE
 from server.errors import FailoverOutExists, FailoverToolMissing, PointCorrupt
+from server.process.cleanup import release, remove_area
 from server.process.commands import run_tool
+from server.process.interrupts import signals_held
 from server.process.store import ChunkStore, Point, PointDisk
 
 _WINDOW = 64  # chunks read ahead by the pool
 
 
-def image_name(disk: str) -> str:
-    """The file a disk's image gets: /dev/sdb -> sdb.img, /dev/disk/by-id/x -> disk_by-id_x.img."""
-    return disk.removeprefix("/dev/").replace("/", "_") + ".img"
+_PARTIAL = re.compile(r"\..+\.img\.partial")  # an image being written: hidden, and never taken for a disk image
+
+
+def image_names(disks: Sequence[str]) -> dict[str, str]:
+    """The file each disk's image gets: /dev/sdb -> sdb.img, /dev/disk/by-id/x -> disk_by-id_x.img. Disks whose names
+    would give one file (/dev/a_b and /dev/a/b) each get a hash of their own name in it too, so that every disk of a
+    point has its image (pure)."""
+    plain = {d: d.removeprefix("/dev/").replace("/", "_") for d in disks}
+    shared = {name for name in plain.values() if list(plain.values()).count(name) > 1}
+    names = {d: (f"{n}-{hashlib.sha256(d.encode()).hexdigest()[:12]}" if n in shared else n) for d, n in plain.items()}
+    if len(set(names.values())) < len(names):  # a name chosen to meet another's hash: number them all
+        names = {d: f"{i:02d}-{n}" for i, (d, n) in enumerate(names.items())}
+    return {d: n + ".img" for d, n in names.items()}
 
 
 def _chunks(store: ChunkStore, disk: PointDisk, manifest: bytes) -> Iterator[tuple[int, bytes | None]]:
@@ -75,26 +90,68 @@ def verify_point(store: ChunkStore, point: Point) -> dict[str, Any]:
 
 
 def materialise(store: ChunkStore, point: Point, out: Path) -> list[Path]:
-    """Write the point's disk images into ``out`` (new or empty): sparse where the disk was zero."""
+    """Write the point's disk images into ``out`` (new or empty): sparse where the disk was zero. Each is written
+    under a hidden temporary name and fsynced; only when every one is whole and verified do they get their names, so
+    an image that looks usable is one. On any error (a corrupt chunk, a full disk, a signal) nothing is left."""
     out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
-        raise FailoverOutExists(f"{out} is not empty")
-    images = []
-    for disk in point.disks:
-        manifest = store.manifest(disk)
-        _check_root(disk, manifest)
-        path = out / image_name(disk.disk)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with _writing_into(out):
+        names = image_names([d.disk for d in point.disks])
+        written: list[tuple[Path, Path]] = []
         try:
-            os.ftruncate(fd, disk.size)
-            for i, data in _chunks(store, disk, manifest):
-                if data is not None:
-                    os.pwrite(fd, data, disk.geometry.offset(i))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        images.append(path)
-    return images
+            for disk in point.disks:
+                manifest = store.manifest(disk)
+                _check_root(disk, manifest)
+                final = out / names[disk.disk]
+                partial = out / f".{final.name}.partial"
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                written.append((partial, final))
+                try:
+                    os.ftruncate(fd, disk.size)
+                    for i, data in _chunks(store, disk, manifest):
+                        if data is not None:
+                            os.pwrite(fd, data, disk.geometry.offset(i))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                fault_point("failover.step", step="written", disk=disk.disk)
+            for partial, final in written:
+                os.rename(partial, final)
+            _fsync_dir(out)
+        except BaseException:
+            with signals_held():
+                for partial, final in written:
+                    partial.unlink(missing_ok=True)
+                    final.unlink(missing_ok=True)
+            raise
+    return [final for _, final in written]
+
+
+@contextlib.contextmanager
+def _writing_into(out: Path) -> Iterator[None]:
+    """``out`` to ourselves (a lock on it: two failovers never write into one directory), empty but for the hidden
+    partial images a failover killed outright left (removed here)."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise FailoverOutExists(f"another failover is writing into {out}") from e
+        for entry in os.scandir(out):
+            if _PARTIAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        if any(out.iterdir()):
+            raise FailoverOutExists(f"{out} is not empty")
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # Test failover -----------------------------------------------------------------------------------------------------
@@ -133,10 +190,12 @@ def run_test_failover(
     inspect: Callable[[str, Path], None] | None = None,
 ) -> dict[str, Any]:
     """Materialise the point in ``scratch``, then check each filesystem: fsck -n, read-only mount. ``inspect`` is
-    called with (disk, mount point) while each filesystem is mounted."""
+    called with (disk, mount point) while each filesystem is mounted. However it ends (an error, a signal raised as
+    FailoverInterrupted), every loop device and mount it made is released, and the area removed unless ``keep``."""
     _need("losetup", "blkid", "mount", "umount")
     area = scratch / f"{point.point_id}-{uuid.uuid4().hex[:8]}"
     results: list[DiskResult] = []
+    left: list[str] = []
     try:
         try:
             images = materialise(store, point, area / "images")
@@ -147,20 +206,27 @@ def run_test_failover(
             results.append(result)
             try:
                 with _attached(image, area) as devices:
+                    fault_point("failover.step", step="attached", disk=disk.disk)
                     for device in devices:
                         result.filesystems.append(_check_fs(device, area, disk.disk, inspect))
             except _AttachFailed as e:
                 result.filesystems.append(FsResult(str(image), "-", "skipped", "failed", str(e)))
     finally:
+        left = release(area)
         if not keep:
-            shutil.rmtree(area, ignore_errors=True)
-    ok = bool(results) and all(
-        fs.fsck in ("clean", "skipped") and fs.mount in ("ok", "skipped") for r in results for fs in r.filesystems
+            remove_area(area)
+    ok = (
+        not left
+        and bool(results)
+        and all(
+            fs.fsck in ("clean", "skipped") and fs.mount in ("ok", "skipped") for r in results for fs in r.filesystems
+        )
     )
     return {
         "point_id": point.point_id,
         "ok": ok,
         "consistency": point.consistency,
+        "left_behind": left,
         "scratch": str(area) if keep else None,
         "disks": [
             {
@@ -236,18 +302,23 @@ def _check_fs(device: str, area: Path, disk: str, inspect: Callable[[str, Path],
     r = run_tool(["mount", "-t", fstype, "-o", "rw" + extra, device, str(point)], timeout=300)
     if r.returncode != 0:
         return FsResult(device, fstype, "skipped", "failed", "journal replay mount: " + _tail(r.stderr))
-    run_tool(["umount", str(point)], timeout=120)
+    try:
+        fault_point("failover.step", step="mounted", disk=disk)
+    finally:
+        run_tool(["umount", str(point)], timeout=120)
     fsck = _FSCK.get(fstype)
     if fsck is None or shutil.which(fsck[0]) is None:
         state, detail = "skipped", f"no checker for {fstype} here"
     else:
         r = run_tool([*fsck, device], timeout=600)
+        fault_point("failover.step", step="checked", disk=disk)
         state = "clean" if r.returncode == 0 else "errors"
         detail = "" if r.returncode == 0 else _tail(r.stdout + r.stderr)
     r = run_tool(["mount", "-t", fstype, "-o", "ro" + extra, device, str(point)], timeout=120)
     if r.returncode != 0:
         return FsResult(device, fstype, state, "failed", (detail + " " + _tail(r.stderr)).strip())
     try:
+        fault_point("failover.step", step="mounted-ro", disk=disk)
         entries = len(os.listdir(point))
         if inspect is not None:
             inspect(disk, point)

@@ -10,7 +10,9 @@ What a process does is read from its environment, which only the suite sets:
   point's context matches, once per DIR (a marker there says it happened: the processes that take over, which
   inherit the plan, run through); ``{"grow": DIR}`` makes the daemon's ``daemon.tick`` take a request left in
   DIR/grow (a number of MiB): it allocates and touches that much real memory, held until the process ends or
-  re-executes itself, then removes the request (the test waits for that).
+  re-executes itself, then removes the request (the test waits for that); ``{"signal_at": {"failover.step": {"step":
+  "mounted"}}, "signum": 15}`` makes the process send itself that signal where the point's context matches (its
+  handlers run as for a signal from outside: SIGTERM from systemd, Ctrl-C).
 - ``MOBILITY_TEST_RECORD``: a directory; each process appends to ``<pid>.ids`` every error ID it raises (each once).
 """
 
@@ -38,6 +40,8 @@ class Injector:
         self.kill_at: dict[str, dict[str, object]] = dict(plan.get("kill_at", {}))
         self.once = Path(plan["once"]) if plan.get("once") else None
         self.grow = Path(plan["grow"]) if plan.get("grow") else None
+        self.signal_at: dict[str, dict[str, object]] = dict(plan.get("signal_at", {}))
+        self.signum = int(plan.get("signum", signal.SIGTERM))
         self.seen: dict[str, int] = {}
         self.held: list[bytearray] = []  # the memory grown on request: real, resident, never freed
 
@@ -54,6 +58,9 @@ class Injector:
                 except FileExistsError:
                     return
             os.kill(os.getpid(), signal.SIGKILL)
+        where = self.signal_at.get(name)
+        if where is not None and all(context.get(k) == v for k, v in where.items()):
+            os.kill(os.getpid(), self.signum)
         if name == "daemon.tick" and self.grow is not None:
             request = self.grow / "grow"
             try:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ from agent.registration import authenticated_client
 from agent.replication.chunks import chunk_hash
 from agent.shared.replication_wire import HEADER, Codec, Header, Hello, Kind, StreamError, frame, json_frame
 from server.process.store import ChunkStore
-from tests.conftest import require_root
+from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     ServerProcess,
     configure_root,
@@ -402,24 +405,28 @@ def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: Ser
     assert report["disks"][0]["filesystems"][0]["fstype"] == "ext4"
 
 
-def close_point(server: ServerProcess, paths: Paths, data: bytes, created: float | None = None) -> str:
-    """One chunk of ``data`` on DISK and a point over it, through the agent's own stream; the point's ID."""
+def close_point(server: ServerProcess, paths: Paths, disks: dict[str, bytes], created: float | None = None) -> str:
+    """A point over ``disks`` (each disk's whole content), sent through the agent's own stream client; its ID."""
     from agent.replication.chunks import Geometry, RootHasher
     from agent.replication.transport import Stream
     from agent.shared.address import ServerAddress
     from agent.shared.replication_wire import PointClose
 
     _, client = authenticated_client(paths)
-    stream = Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=10)
-    stream.connect(Hello(DISK, len(data), CHUNK))
-    stream.send(Kind.CHUNK, data, flags=Codec.RAW, offset=0, size=len(data), digest=chunk_hash(data))
-    root = RootHasher(Geometry(len(data), CHUNK))
-    root.update(chunk_hash(data))
-    close = PointClose(str(uuid.uuid4()), created or time.time(), root.hexdigest(), "raw-idle", (DISK,))
-    stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
-    assert stream.drain(20)
-    stream.close()
-    return close.point_id
+    point_id = str(uuid.uuid4())
+    for disk, data in disks.items():
+        stream = Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=10)
+        stream.connect(Hello(disk, len(data), CHUNK))
+        root = RootHasher(Geometry(len(data), CHUNK))
+        for offset in range(0, len(data), CHUNK):
+            piece = data[offset : offset + CHUNK]
+            stream.send(Kind.CHUNK, piece, flags=Codec.RAW, offset=offset, size=len(piece), digest=chunk_hash(piece))
+            root.update(chunk_hash(piece))
+        close = PointClose(point_id, created or time.time(), root.hexdigest(), "raw-idle", tuple(disks))
+        stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
+        assert stream.drain(30)
+        stream.close()
+    return point_id
 
 
 def test_absurd_times_already_stored_break_no_listing_and_no_failover(server: ServerProcess, tmp_path: Path) -> None:
@@ -432,7 +439,7 @@ def test_absurd_times_already_stored_break_no_listing_and_no_failover(server: Se
 
     paths, host_id = machine(server, tmp_path, "m1")
     data = os.urandom(CHUNK)
-    point_id = close_point(server, paths, data)
+    point_id = close_point(server, paths, {DISK: data})
     index = sqlite3.connect(server.data / "process" / "index.db", timeout=30)
     with index:
         index.execute("UPDATE points SET created = 1e300 WHERE point_id = ?", (point_id,))
@@ -459,3 +466,188 @@ def test_absurd_times_already_stored_break_no_listing_and_no_failover(server: Se
         if args[0] == "protection":
             assert DISK in r.stdout, r.stdout
     assert (out / "sdb.img").read_bytes() == data
+
+
+def protect_disks(server: ServerProcess, host_id: str, *disks: str) -> None:
+    storage = open_storage(server.data)
+    try:
+        storage.protect(host_id, list(disks), False, "default", False, time.time())
+    finally:
+        storage.close()
+
+
+def failover_cli(
+    server: ServerProcess, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args, "--data", str(server.data)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+
+
+def images_in(out: Path) -> list[str]:
+    """Every name in ``out`` (hidden ones too): what an operator, or a tool that globs for images, would find."""
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+def test_a_failed_failover_leaves_no_image_that_looks_usable(server: ServerProcess, tmp_path: Path) -> None:
+    """A corrupt chunk in the second disk, a full disk under --out, SIGTERM or Ctrl-C after the first image: the
+    command fails with its error and --out holds no image, not a full-size sparse one, not a partial one. A
+    failover killed outright (SIGKILL) leaves only a hidden partial file, which the next failover into the same
+    directory clears before it writes."""
+    from tests import faults
+
+    paths, host_id = machine(server, tmp_path, "m1", protect=False)
+    protect_disks(server, host_id, "/dev/sdb", "/dev/sdc")
+    sdb, sdc = os.urandom(4 * CHUNK), os.urandom(4 * CHUNK)
+    point_id = close_point(server, paths, {"/dev/sdb": sdb, "/dev/sdc": sdc})
+    argv = ("failover", "--machine", host_id, "--point", point_id, "--out")
+
+    # Stopped after the first image was written: nothing stays.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        out = tmp_path / f"stopped-{signum}"
+        env = faults.environment(signal_at={"failover.step": {"step": "written", "disk": "/dev/sdb"}}, signum=signum)
+        r = failover_cli(server, *argv, str(out), env=env)
+        assert (r.returncode, r.stderr.split(":")[0]) == (75, "error FAILOVER-INTERRUPTED"), r.stderr
+        assert images_in(out) == [], images_in(out)
+
+    # Killed outright there: a hidden partial, never an image; the next failover clears it and writes both.
+    out = tmp_path / "killed"
+    env = faults.environment(kill_at={"failover.step": {"step": "written", "disk": "/dev/sdc"}})
+    r = failover_cli(server, *argv, str(out), env=env)
+    assert r.returncode == -signal.SIGKILL and not [n for n in images_in(out) if n.endswith(".img")], images_in(out)
+    r = failover_cli(server, *argv, str(out))
+    assert r.returncode == 0, r.stderr
+    assert images_in(out) == ["point.json", "sdb.img", "sdc.img"]
+    assert ((out / "sdb.img").read_bytes(), (out / "sdc.img").read_bytes()) == (sdb, sdc)
+
+    # A full disk under --out (a 192 KiB tmpfs for two 256 KiB images): IO-FAILED, nothing left.
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(small)], check=True, timeout=30)
+    try:
+        r = failover_cli(server, *argv, str(small / "out"))
+        assert (r.returncode, r.stderr.split(":")[0]) == (1, "error IO-FAILED"), r.stderr
+        assert images_in(small / "out") == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True, timeout=30)
+
+    # A corrupt chunk of the second disk: POINT-CORRUPT, and the first disk's whole image is gone as well.
+    store = ChunkStore(server.data / "process")
+    try:
+        located = store.locate(chunk_hash(sdc[2 * CHUNK : 3 * CHUNK]))
+    finally:
+        store.close()
+    assert located is not None
+    pack, offset, _ = located
+    with pack.open("r+b") as f:
+        f.seek(offset + 7)
+        byte = f.read(1)
+        f.seek(offset + 7)
+        f.write(bytes([byte[0] ^ 0x10]))
+    out = tmp_path / "corrupt"
+    r = failover_cli(server, *argv, str(out))
+    assert (r.returncode, r.stderr.split(":")[0]) == (1, "error POINT-CORRUPT"), r.stderr
+    assert images_in(out) == []
+
+
+def test_two_disk_names_for_one_image_name_both_fail_over(server: ServerProcess, tmp_path: Path) -> None:
+    """/dev/a_b and /dev/a/b would both be a_b.img: each gets its own image (named after its disk, with a hash of
+    the name), and point.json says which disk each image is."""
+    paths, host_id = machine(server, tmp_path, "m1", protect=False)
+    protect_disks(server, host_id, "/dev/a_b", "/dev/a/b")
+    first, second = os.urandom(2 * CHUNK), os.urandom(3 * CHUNK)
+    close_point(server, paths, {"/dev/a_b": first, "/dev/a/b": second})
+    out = tmp_path / "out"
+    r = failover_cli(server, "failover", "--machine", host_id, "--point", "latest", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    by_disk = dict(zip([d["disk"] for d in doc["disks"]], [Path(i) for i in doc["images"]], strict=True))
+    assert by_disk["/dev/a_b"] != by_disk["/dev/a/b"] and {p.parent for p in by_disk.values()} == {out}
+    assert (by_disk["/dev/a_b"].read_bytes(), by_disk["/dev/a/b"].read_bytes()) == (first, second)
+    assert json.loads((out / "point.json").read_text()) == doc
+
+
+def held_under(where: Path) -> list[str]:
+    """Loop devices backed by a file under ``where`` (as losetup lists them) and mounts under it (mountinfo)."""
+    r = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    loops = [line for line in r.stdout.splitlines() if str(where) in line]
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(where) in line]
+    return loops + mounts
+
+
+def test_a_stopped_test_failover_leaves_no_loop_device_or_mount(server: ServerProcess, tmp_path: Path) -> None:
+    """SIGTERM, Ctrl-C (SIGINT) or a closed terminal (SIGHUP) to a running `test-failover`, at each of its steps
+    (the process signals itself there through a fault point) and from outside at moments while its loop device is
+    attached: FAILOVER-INTERRUPTED, and no loop device, mount or scratch area of it is left."""
+    from tests import faults
+
+    paths, host_id = machine(server, tmp_path, "m1")
+    content = tmp_path / "content"
+    content.mkdir()
+    for n in range(200):  # enough for fsck and the mounts to take a moment: the signals from outside land mid-way
+        (content / f"records-{n}").write_bytes(os.urandom(20_000))
+    fs = tmp_path / "fs.img"
+    fs.write_bytes(bytes(16 << 20))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(fs)], check=True, capture_output=True, timeout=60)
+    close_point(server, paths, {DISK: fs.read_bytes()})
+    scratch = tmp_path / "scratch"
+    argv = ("test-failover", "--machine", host_id, "--point", "latest", "--scratch", str(scratch))
+
+    for step, signum in (
+        ("attached", signal.SIGTERM),
+        ("mounted", signal.SIGINT),
+        ("checked", signal.SIGHUP),
+        ("mounted-ro", signal.SIGTERM),
+    ):
+        env = faults.environment(signal_at={"failover.step": {"step": step}}, signum=signum)
+        r = failover_cli(server, *argv, env=env)
+        assert (r.returncode, r.stderr.split(":")[0]) == (75, "error FAILOVER-INTERRUPTED"), (step, r.stderr)
+        assert held_under(scratch) == [] and images_in(scratch) == [], (step, held_under(scratch))
+
+    # From outside, at moments after the loop device appears: whatever the command was doing (a tool running
+    # included), nothing stays.
+    interrupted = 0
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.04, 0.08):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", *argv, "--data", str(server.data)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any("loop" in line for line in held_under(scratch)) and proc.poll() is None:
+                assert time.monotonic() < deadline, "no loop device was attached"
+                time.sleep(0.002)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode == 75:
+            assert err.startswith("error FAILOVER-INTERRUPTED"), err
+            interrupted += 1
+        else:  # it had released everything already: finished (PASSED), or stopped while printing its report
+            assert proc.returncode in (0, -signal.SIGTERM), (delay, proc.returncode, err)
+        assert held_under(scratch) == [] and images_in(scratch) == [], (delay, held_under(scratch))
+    assert interrupted >= 3, f"only {interrupted} of the runs were stopped mid-way"
+    print(f"{interrupted} of 6 runs stopped mid-way from outside")
+
+    r = failover_cli(server, *argv)
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    assert held_under(scratch) == [] and images_in(scratch) == []
