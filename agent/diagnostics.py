@@ -30,7 +30,7 @@ _TOKEN = re.compile(r"mbt_[A-Za-z0-9]{12}_[A-Za-z0-9_-]{20,}")
 _SECRET_FIELD = re.compile(
     r"""(?ix)("?(?:passphrase|password|secret|token|proof|nonce)"?\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,}]+)"""
 )
-_NEVER_COLLECTED = ("client.key", "passphrase")
+_NEVER_COLLECTED = ("client.key", "pending-enrolment.json", "passphrase")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 _NO_MAC = "00:00:00:00:00:00"
 MAX_HOSTNAME_FILE = 4096  # a host name is at most 255 bytes
+MAX_PENDING_FILE = 64 * 1024  # a key and the machine's facts
 
 
 def collect_facts(paths: Paths) -> MachineFacts:
@@ -108,18 +109,52 @@ def new_key_and_csr(host_id: str | None) -> tuple[ec.EllipticCurvePrivateKey, by
     """A fresh P-256 key and a CSR naming ``host_id`` (or "new" for a first enrolment)."""
     # cryptography is imported where keys are made, not with the module: the at-boot no-op of the bootstrapper
     # reads the stored identity only, and the import of cryptography.x509 alone costs it ~50 ms.
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
+    return key, csr_for(key, host_id)
+
+
+def csr_for(key: ec.EllipticCurvePrivateKey, host_id: str | None) -> bytes:
+    """A CSR signed by ``key`` naming ``host_id`` (or "new" for a first enrolment)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id or "new")]))
         .sign(key, hashes.SHA256())
     )
-    return key, csr.public_bytes(serialization.Encoding.PEM)
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def enrolment_key(paths: Paths, facts: MachineFacts) -> ec.EllipticCurvePrivateKey:
+    """The key this machine enrols with. An enrolment whose answer never came (the server committed it and died, the
+    connection broke, this process was killed) left its key: the retry sends that same key, and the server knows it
+    for the same machine instead of recording a second one. A new key is kept (mode 0600, fsynced) before any CSR of
+    it leaves the machine. A key kept for other facts (an image copied mid-enrolment) is never reused: clones never
+    share a key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        doc = json.loads(read_small_file(paths.pending_enrolment, MAX_PENDING_FILE)[1])
+        kept = serialization.load_pem_private_key(str(doc["key"]).encode(), password=None)
+        if isinstance(kept, ec.EllipticCurvePrivateKey) and MachineFacts.from_json(doc["facts"]) == facts:
+            return kept
+    except (OSError, NotSmallRegularFile, ValueError, KeyError, TypeError, UnsupportedAlgorithm):
+        pass  # none, or unreadable: a new one
+    key = ec.generate_private_key(ec.SECP256R1())
+    doc = {"facts": facts.to_json(), "key": key_pem(key).decode()}
+    atomic_write(paths.pending_enrolment, json.dumps(doc).encode(), 0o600)
+    return key
+
+
+def enrolment_answered(paths: Paths) -> None:
+    """The enrolment's key and certificate are stored: the pending key is the machine's key now."""
+    paths.pending_enrolment.unlink(missing_ok=True)
 
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:

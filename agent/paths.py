@@ -194,6 +194,12 @@ class Paths:
         return self.state_dir / "client.key"
 
     @property
+    def pending_enrolment(self) -> Path:
+        """The key of an enrolment sent but not answered yet, with the facts it was for (JSON, mode 0600,
+        agent/identity.py): a retry sends the same key, so the server knows it for the same machine."""
+        return self.state_dir / "pending-enrolment.json"
+
+    @property
     def client_cert(self) -> Path:
         return self.state_dir / "client.pem"
 

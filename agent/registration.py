@@ -15,6 +15,9 @@ from agent.errors import FingerprintMismatch, NotRegistered, RemoteBusy
 from agent.identity import (
     Registration,
     collect_facts,
+    csr_for,
+    enrolment_answered,
+    enrolment_key,
     key_pem,
     key_proof,
     load_key,
@@ -64,8 +67,10 @@ def configure(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Enrolled:
     """Register this machine (idempotent: a registered machine with unchanged facts is left as it is). A busy
-    server (503) is waited out with jittered backoff for ``retry_for`` seconds; the key and CSR are made once, so
-    an enrolment retried after its answer was lost is recognised by the server as the same machine."""
+    server (503) is waited out with jittered backoff for ``retry_for`` seconds. The key is kept before its CSR is
+    sent and used again until an answer is stored (``enrolment_key``), so an enrolment retried after its answer was
+    lost (in this call, or by the next `configure` after the server died between its commit and its answer) is
+    recognised by the server as the same machine."""
     server = parse_address(server_text)
     facts = collect_facts(paths)
     previous = load_registration(paths)
@@ -82,7 +87,8 @@ def configure(
     if previous is not None and previous.facts != facts:
         log.warning("machine facts changed since registration as %s: enrolling as a clone", previous.host_id)
     current_key = load_key(paths.client_key) if host_id is not None else None
-    key, csr = new_key_and_csr(host_id)
+    key = enrolment_key(paths, facts)
+    csr = csr_for(key, host_id)
     client = Client(server, ca)
     token = wire.split_token(secret)
 
@@ -123,6 +129,7 @@ def configure(
         heartbeat_interval=float(answer.get("heartbeat_interval", 30.0)),
     )
     save_registration(paths, reg)
+    enrolment_answered(paths)
     return Enrolled(reg, reused=False)
 
 

@@ -15,6 +15,7 @@ IDENTITY_FILES = (
     "identity.json",
     "client.key",
     "client.pem",
+    "pending-enrolment.json",
     "daemon.json",
     "last-job.json",
     "target.json",

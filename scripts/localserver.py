@@ -67,10 +67,16 @@ def configure_agent(
 
 
 def start_local_server(
-    data: Path, *args: str, port: int = 0, host: str = "127.0.0.1", wrap: Sequence[str] = ()
+    data: Path,
+    *args: str,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    wrap: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], str, str]:
     """The process, its ``HOST:PORT`` and its CA fingerprint, once it listens; raises if it did not start.
-    ``wrap`` (e.g. ``ip netns exec NS``) execs the server, so the process is the server's own PID."""
+    ``wrap`` (e.g. ``ip netns exec NS``) execs the server, so the process is the server's own PID; ``env`` is its
+    environment (e.g. tests.faults.environment(...) for a fault plan)."""
     with server_log(data).open("a") as log:
         proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", f"{host}:{port}", *args],
@@ -78,6 +84,7 @@ def start_local_server(
             stderr=log,
             text=True,
             cwd=REPO,
+            env=env,
         )
     line = proc.stdout.readline() if proc.stdout else ""  # the server prints this line once it listens
     m = _READY.search(line)

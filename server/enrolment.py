@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.distros import BY_TAG
+from agent.faults import fault_point
 from agent.shared.textsafe import printable
 from agent.shared.wire import EnrolRequest, RenewRequest, WireError, enrol_proof, job_proof, key_proof_message
 from server import pki
@@ -103,23 +104,20 @@ class Enrolment:
         message: bytes,
         now: float,
         prove: Callable[[str, str, bytes], str],
-        *,
-        enrolling: bool,
     ) -> Secret:
-        """Which secret made ``proof`` (BadProof if none). A token's uses are not counted here: the enrolment
-        takes one in the same transaction that records the machine. A used-up token still proves that a job
-        report comes from its holder (the host that enrolled with it reports afterwards)."""
+        """Which secret made ``proof`` (BadProof if none). A token's uses are not looked at here: the enrolment
+        takes one in the same transaction that records the machine (none when it was recorded already, and is only
+        asked for again). A used-up token still proves that a job report comes from its holder (the host that
+        enrolled with it reports afterwards)."""
         if token_id is not None:
             token = self.storage.token(token_id)
             if token is None:
                 raise BadProof("unknown enrolment token")
-            secret, expires_at, uses_left = token
+            secret, expires_at, _uses_left = token
             if not _same(prove(secret, nonce, message), proof):
                 raise BadProof("the proof does not match the token")
             if expires_at is not None and expires_at < now:
                 raise TokenExpired("the enrolment token has expired")
-            if enrolling and uses_left is not None and uses_left <= 0:
-                raise TokenUsedUp("the enrolment token has no uses left")
             return Secret(token_id)
         candidates = [self.passphrase(), *self.storage.retired_passphrases(now)]
         if not any(_same(prove(s, nonce, message), proof) for s in candidates):
@@ -138,10 +136,8 @@ class Enrolment:
             raise BadRequest(str(e)) from e
         try:
             self._take_nonce(req.nonce, now)
-            secret = self._check_proof(
-                req.token_id, req.nonce, req.proof, req.csr.encode(), now, enrol_proof, enrolling=True
-            )
-        except (NonceInvalid, BadProof, TokenExpired, TokenUsedUp) as e:
+            secret = self._check_proof(req.token_id, req.nonce, req.proof, req.csr.encode(), now, enrol_proof)
+        except (NonceInvalid, BadProof, TokenExpired) as e:
             self._failed(address, now, e.message, req.hostname)
             raise
         csr = load_csr(req.csr)
@@ -149,34 +145,40 @@ class Enrolment:
         # One transaction decides the identity and records it, so that concurrent enrolments of one machine (a
         # retry whose first answer was lost, clones of one image booting together) see each other: no duplicate
         # machine, and a clone is still told from its original. The token's use is taken in it too.
-        with self.storage.transaction() as tx:
-            tx.lock(
-                f"key:{key_id(public)}",
-                *([f"facts:{req.facts.machine_id}"] if req.facts.machine_id else []),
-                *([f"host:{req.host_id}"] if req.host_id else []),
-            )
-            host_id, cloned_from = self._identity(tx, req, csr, public)
-            try:
-                cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
-            except ValueError as e:
-                raise CsrInvalid(str(e)) from e
-            record = NewMachine(
-                host_id=host_id,
-                hostname=req.hostname,
-                os_tag=req.os_tag,
-                role=req.role,
-                platform=req.platform,
-                agent_version=req.agent_version,
-                facts=req.facts,
-                cloned_from=cloned_from,
-                cert_serial=format(cert.serial_number, "x"),
-                cert_not_after=cert.not_valid_after_utc.timestamp(),
-                public_key=public,
-                enrol_token_id=secret.token_id,
-                heartbeat_interval=self.heartbeat_interval,
-            )
-            if not tx.enrol_machine(record, now):
-                raise TokenUsedUp("the enrolment token has no uses left")
+        try:
+            with self.storage.transaction() as tx:
+                tx.lock(
+                    f"key:{key_id(public)}",
+                    *([f"facts:{req.facts.machine_id}"] if req.facts.machine_id else []),
+                    *([f"host:{req.host_id}"] if req.host_id else []),
+                )
+                host_id, cloned_from, again = self._identity(tx, req, csr, public)
+                try:
+                    cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
+                except ValueError as e:
+                    raise CsrInvalid(str(e)) from e
+                record = NewMachine(
+                    host_id=host_id,
+                    hostname=req.hostname,
+                    os_tag=req.os_tag,
+                    role=req.role,
+                    platform=req.platform,
+                    agent_version=req.agent_version,
+                    facts=req.facts,
+                    cloned_from=cloned_from,
+                    cert_serial=format(cert.serial_number, "x"),
+                    cert_not_after=cert.not_valid_after_utc.timestamp(),
+                    public_key=public,
+                    enrol_token_id=secret.token_id,
+                    heartbeat_interval=self.heartbeat_interval,
+                )
+                if not tx.enrol_machine(record, now, take_use=not again):
+                    raise TokenUsedUp("the enrolment token has no uses left")
+        except TokenUsedUp as e:
+            self._failed(address, now, e.message, req.hostname)
+            raise
+        # The machine is recorded; the answer is not sent yet (the crash tests kill the server here).
+        fault_point("enrolment.committed", host_id=host_id)
         log.info(
             "enrolled %s as %s%s",
             printable(req.hostname, 80),
@@ -194,36 +196,39 @@ class Enrolment:
 
     def _identity(
         self, tx: Tx, req: EnrolRequest, csr: x509.CertificateSigningRequest, public: str
-    ) -> tuple[str, str | None]:
-        """The host ID to issue and what it is a clone of: the named host only with proof of its current key."""
+    ) -> tuple[str, str | None, bool]:
+        """The host ID to issue, what it is a clone of, and whether this is an enrolment already recorded, asked for
+        again: the named host only with proof of its current key."""
         csr_cn = pki.csr_common_name(csr)
+        if req.host_id is not None and csr_cn != req.host_id:
+            raise HostMismatch(f"the CSR names {csr_cn!r} but the request is for host {req.host_id}")
+        if req.host_id is None and csr_cn not in (None, "new") and tx.machine(csr_cn) is not None:
+            raise HostMismatch(f"the CSR names host {csr_cn}, which belongs to another machine")
+        # The same key as an enrolled machine, and its facts: that machine asking again, its first answer lost (a
+        # boot storm, a broken connection, this server killed between its commit and its answer; the agent keeps
+        # the key until an answer is stored). The CSR is signed by the key, so only its holder can send it, and it
+        # gets that machine's identity back, whatever host it named (a clone's retry names its original).
+        retried = tx.machine_with_key(key_id(public))
+        if retried is not None and not retried.revoked and retried.facts.same_machine(req.facts):
+            return retried.host_id, retried.cloned_from, True
         if req.host_id is not None:
-            if csr_cn != req.host_id:
-                raise HostMismatch(f"the CSR names {csr_cn!r} but the request is for host {req.host_id}")
             known = tx.machine(req.host_id)
             if known is None:
                 # Nobody holds this ID here (a new server, or the record was removed): a fresh identity.
-                return str(uuid.uuid4()), None
+                return str(uuid.uuid4()), None, False
             if known.revoked:
                 log.warning("enrolment names revoked host %s: a new machine", known.host_id)
-                return str(uuid.uuid4()), None
+                return str(uuid.uuid4()), None, False
             if not self._proves_key(known, req):
                 log.warning("enrolment names host %s without proof of its key: a new machine", known.host_id)
-                return str(uuid.uuid4()), known.host_id
+                return str(uuid.uuid4()), known.host_id, False
             if known.facts.same_machine(req.facts):
-                return known.host_id, known.cloned_from  # the same machine, re-keyed
-            return str(uuid.uuid4()), known.host_id  # its key, other facts: a clone of it
-        if csr_cn not in (None, "new") and tx.machine(csr_cn) is not None:
-            raise HostMismatch(f"the CSR names host {csr_cn}, which belongs to another machine")
-        # The same key as an enrolled machine, and its facts: that machine asking again (its first answer was lost
-        # in a boot storm). The CSR is signed by the key, so only its holder can send it.
-        retried = tx.machine_with_key(key_id(public))
-        if retried is not None and not retried.revoked and retried.facts.same_machine(req.facts):
-            return retried.host_id, retried.cloned_from
+                return known.host_id, known.cloned_from, False  # the same machine, re-keyed
+            return str(uuid.uuid4()), known.host_id, False  # its key, other facts: a clone of it
         same = tx.find_by_facts(req.facts)
         # The same facts as a known machine without its key: a clone (or the same machine without its state). It
         # never gets the original's identity; an operator removes the old record if it is gone.
-        return str(uuid.uuid4()), same.host_id if same is not None else None
+        return str(uuid.uuid4()), same.host_id if same is not None else None, False
 
     @staticmethod
     def _proves_key(known: Machine, req: EnrolRequest) -> bool:
@@ -270,7 +275,7 @@ class Enrolment:
         self.check_rate(address, now)
         try:
             self._take_nonce(nonce, now)
-            return self._check_proof(token_id, nonce, proof, body, now, job_proof, enrolling=False)
+            return self._check_proof(token_id, nonce, proof, body, now, job_proof)
         except (NonceInvalid, BadProof, TokenExpired, TokenUsedUp) as e:
             self._failed(address, now, e.message, "(job report)")
             raise

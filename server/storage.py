@@ -820,8 +820,10 @@ class Tx:
         )
         return next((m for m in (_machine(r._mapping) for r in rows) if m.facts.same_machine(facts)), None)
 
-    def enrol_machine(self, m: NewMachine, now: float) -> bool:
-        if m.enrol_token_id is not None:
+    def enrol_machine(self, m: NewMachine, now: float, *, take_use: bool = True) -> bool:
+        """Record the machine (new, or new key and facts for one that proved its key); with ``take_use``, one use of
+        its token (False, and nothing recorded, when none is left). An enrolment asked for again takes none."""
+        if m.enrol_token_id is not None and take_use:
             taken = self.conn.execute(
                 update(tokens)
                 .where(

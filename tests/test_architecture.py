@@ -140,6 +140,7 @@ STATE_OWNERS = {
     "freeze_state": "agent.freeze",  # /var/lib/mobility/freeze.json
     "daemon_status": "agent.status",  # /var/lib/mobility/daemon.json
     "identity": "agent.identity",  # /var/lib/mobility/identity.json
+    "pending_enrolment": "agent.identity",  # /var/lib/mobility/pending-enrolment.json
     "update_record": "agent.update_state",  # /var/lib/mobility/update.json
     "update_target": "agent.update_state",  # /var/lib/mobility/target.json
     "upgrade_marker": "agent.update_state",  # /var/lib/mobility/upgrade.from

@@ -31,3 +31,28 @@ def test_facts_count_network_hardware_only(tmp_path: Path) -> None:
     # A second NIC is hardware: it counts.
     _iface(tmp_path, "eth1", "52:54:00:aa:bb:02", hardware=True)
     assert collect_facts(Paths(tmp_path)).macs == ("52:54:00:aa:bb:01", "52:54:00:aa:bb:02")
+
+
+def test_an_enrolment_without_an_answer_keeps_its_key_for_the_retry(tmp_path: Path) -> None:
+    """The key is kept (0600) before its CSR could leave, and the next enrolment of the same machine uses it again;
+    other facts (an image copied mid-enrolment) get a new key, and so does a damaged file; once the answer is
+    stored the kept key is gone, and template-prep removes it with the rest of the identity."""
+    from agent.identity import enrolment_answered, enrolment_key, key_pem
+    from agent.shared.wire import MachineFacts
+    from agent.template import template_prep
+
+    paths = Paths(tmp_path)
+    facts = MachineFacts("ab" * 16, "", ("52:54:00:aa:bb:01",))
+    key = enrolment_key(paths, facts)
+    assert paths.pending_enrolment.stat().st_mode & 0o777 == 0o600
+    assert key_pem(enrolment_key(paths, facts)) == key_pem(key)
+    other = enrolment_key(paths, MachineFacts("cd" * 16, "", ("52:54:00:aa:bb:01",)))
+    assert key_pem(other) != key_pem(key)
+    assert key_pem(enrolment_key(paths, MachineFacts("cd" * 16, "", ("52:54:00:aa:bb:01",)))) == key_pem(other)
+    paths.pending_enrolment.write_text("{not json")
+    assert key_pem(enrolment_key(paths, facts)) not in (key_pem(key), key_pem(other))
+    enrolment_answered(paths)
+    assert not paths.pending_enrolment.exists()
+    enrolment_key(paths, facts)
+    assert "/var/lib/mobility/pending-enrolment.json" in template_prep(paths)
+    assert not paths.pending_enrolment.exists()

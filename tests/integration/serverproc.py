@@ -98,11 +98,18 @@ def init_server(data: Path, database: str | None = None) -> str:
 
 
 def start_server(
-    data: Path, heartbeat_interval: float = 30.0, port: int = 0, database: str | None = None
+    data: Path,
+    heartbeat_interval: float = 30.0,
+    port: int = 0,
+    database: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
+    """``env``: the server's environment, e.g. tests.faults.environment(...) for a fault plan."""
     if not (data / ".initialised").exists():
         init_server(data, database)
-    proc, address, fingerprint = start_local_server(data, "--heartbeat-interval", str(heartbeat_interval), port=port)
+    proc, address, fingerprint = start_local_server(
+        data, "--heartbeat-interval", str(heartbeat_interval), port=port, env=env
+    )
     return ServerProcess(data, proc, int(address.rsplit(":", 1)[1]), fingerprint)
 
 

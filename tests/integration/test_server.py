@@ -195,6 +195,82 @@ def test_kill_9_loses_no_acknowledged_enrolment(tmp_path: Path) -> None:
         assert s.stop() == 0
 
 
+def test_an_enrolment_the_server_committed_but_never_answered_is_the_same_machine_when_retried(
+    tmp_path: Path,
+) -> None:
+    """The server records an enrolment, then dies (kill -9) before it answers. The agent kept its key (0600) before
+    the CSR left; its next `configure` sends the same key, and the server gives it the machine it recorded: one
+    machine, with a certificate that works, and no second row "a clone of" it. The same for a clone's enrolment
+    (one new clone, not two) and for a single-use token (its one use is not taken twice)."""
+    from tests import faults
+
+    data = tmp_path / "data"
+    dying = faults.environment(kill={"enrolment.committed": 1})
+
+    def enrol_killed(root: Path, secret: Path) -> None:
+        cert = root / "var/lib/mobility/client.pem"
+        before = cert.read_bytes() if cert.exists() else None
+        s = start_server(data, heartbeat_interval=2.0, env=dying)
+        try:
+            code, out = configure_root(s, root, secret)
+            assert code != 0, out
+            assert s.proc.wait(timeout=30) == -signal.SIGKILL  # killed at the fault point, after its commit
+        finally:
+            s.stop()
+        pending = root / "var/lib/mobility/pending-enrolment.json"
+        assert pending.stat().st_mode & 0o777 == 0o600
+        assert (cert.read_bytes() if cert.exists() else None) == before  # no answer: nothing of it stored
+
+    s = start_server(data, heartbeat_interval=2.0)
+    passphrase, token = s.passphrase(), server_cli(data, "token", "create", "--ttl", "1h", "--uses", "1").stdout
+    s.stop()
+    secret = secret_file(tmp_path / "pass", passphrase)
+    root = sandbox_root(tmp_path / "m", "5" * 32)
+    enrol_killed(root, secret)
+    assert len(json.loads(server_cli(data, "machines", "--json", check=True).stdout)) == 1  # it did record it
+
+    s = start_server(data, heartbeat_interval=2.0)
+    try:
+        code, out = configure_root(s, root, secret)
+        assert code == 0, out
+        host_id = str(out["host_id"])
+        assert [(m["host_id"], m["cloned_from"]) for m in s.machines()] == [(host_id, None)]
+        assert not (root / "var/lib/mobility/pending-enrolment.json").exists()
+        heartbeat(Paths(root), {"status": "healthy", "checks": []})  # its certificate is the machine's
+        wait_for("the machine online and healthy", lambda: s.machines()[0]["health"] == "healthy")
+    finally:
+        s.stop()
+
+    # A clone of it (new machine-id) whose enrolment the server recorded and never answered: one clone.
+    clone = tmp_path / "clone"
+    os.system(f"cp -a {root} {clone}")  # noqa: S605 - a copy as an image tool would make it
+    (clone / "etc" / "machine-id").write_text("6" * 32 + "\n")
+    enrol_killed(clone, secret)
+    s = start_server(data, heartbeat_interval=2.0)
+    try:
+        code, cloned = configure_root(s, clone, secret)
+        assert code == 0 and cloned["cloned_from"] == host_id and cloned["host_id"] != host_id, cloned
+        assert sorted((m["host_id"], m["cloned_from"]) for m in s.machines()) == sorted(
+            [(host_id, None), (cloned["host_id"], host_id)]
+        )
+    finally:
+        s.stop()
+
+    # A machine enrolling with a single-use token, the same way: its retry is not refused for the use it took.
+    other = sandbox_root(tmp_path / "t", "7" * 32)
+    token_file = secret_file(tmp_path / "token", token.strip())
+    enrol_killed(other, token_file)
+    s = start_server(data, heartbeat_interval=2.0)
+    try:
+        code, tokened = configure_root(s, other, token_file)
+        assert code == 0, tokened
+        assert sorted((m["host_id"], m["cloned_from"]) for m in s.machines()) == sorted(
+            [(host_id, None), (cloned["host_id"], host_id), (tokened["host_id"], None)]
+        )
+    finally:
+        assert s.stop() == 0
+
+
 def test_passphrase_rotation_keeps_the_old_one_for_the_grace_period(server: ServerProcess, tmp_path: Path) -> None:
     old = server.passphrase()
     new = server_cli(server.data, "passphrase", "rotate", check=True).stdout.strip()

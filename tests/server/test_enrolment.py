@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.identity import key_proof, new_key_and_csr
+from agent.identity import csr_for, key_proof, new_key_and_csr
 from agent.shared import wire
 from server import pki
 from server.database import parse_database
-from server.enrolment import MAX_FAILURES, Enrolment
-from server.errors import BadProof, BadRequest, NonceInvalid, RateLimited
+from server.enrolment import MAX_FAILURES, Enrolment, create_token
+from server.errors import BadProof, BadRequest, NonceInvalid, RateLimited, TokenUsedUp
 from server.storage import Storage
 
 PASSPHRASE = "correct horse battery staple"
@@ -36,8 +36,13 @@ def request(
     host_id: str | None = None,
     signer: ec.EllipticCurvePrivateKey | None = None,
     secret: str = PASSPHRASE,
+    key: ec.EllipticCurvePrivateKey | None = None,
+    token_id: str | None = None,
 ) -> tuple[dict[str, Any], ec.EllipticCurvePrivateKey]:
-    key, csr = new_key_and_csr(host_id)
+    if key is None:
+        key, csr = new_key_and_csr(host_id)
+    else:
+        csr = csr_for(key, host_id)
     nonce = e.new_nonce(NOW)
     req = wire.EnrolRequest(
         csr=csr.decode(),
@@ -51,6 +56,7 @@ def request(
         agent_version="0.1.0",
         host_id=host_id,
         key_proof=key_proof(signer, nonce, csr) if signer else None,
+        token_id=token_id,
     )
     return req.to_json(), key
 
@@ -82,6 +88,42 @@ def test_identity_follows_the_key_not_the_facts(enrolment: Enrolment) -> None:
         assert (taken["host_id"] != host, taken["cloned_from"]) == (True, host)
     record = enrolment.storage.machine(host)
     assert record is not None and record.hostname == "host-aaaa"
+
+
+def test_an_enrolment_asked_for_again_with_its_key_is_the_same_enrolment(enrolment: Enrolment) -> None:
+    """The agent keeps its key until an answer is stored: an enrolment whose answer was lost comes again with the
+    same key (and a new nonce and proof), and gets the machine recorded the first time: a first enrolment, a clone's
+    (naming its original), and one with a single-use token, whose one use it does not take twice."""
+
+    def machines() -> int:
+        return len(enrolment.storage.machines())
+
+    body, key = request(enrolment, "a" * 32)
+    first = enrolment.enrol(body, "10.0.0.1", NOW)
+    body, _ = request(enrolment, "a" * 32, key=key)
+    again = enrolment.enrol(body, "10.0.0.1", NOW)
+    assert (again["host_id"], again["cloned_from"], machines()) == (first["host_id"], None, 1)
+    assert again["certificate"] != first["certificate"]  # a new certificate for the key: the first was never read
+
+    body, clone_key = request(enrolment, "b" * 32, host_id=first["host_id"], signer=key)
+    clone = enrolment.enrol(body, "10.0.0.2", NOW)
+    body, _ = request(enrolment, "b" * 32, host_id=first["host_id"], signer=key, key=clone_key)
+    assert enrolment.enrol(body, "10.0.0.2", NOW)["host_id"] == clone["host_id"] and machines() == 2
+
+    token_id, token = create_token(enrolment.storage, 3600, 1, NOW)
+    split = wire.split_token(token)
+    assert split is not None and split[0] == token_id
+    secret = split[1]
+    body, token_key = request(enrolment, "c" * 32, secret=secret, token_id=token_id)
+    tokened = enrolment.enrol(body, "10.0.0.3", NOW)
+    body, _ = request(enrolment, "c" * 32, secret=secret, token_id=token_id, key=token_key)
+    assert enrolment.enrol(body, "10.0.0.3", NOW)["host_id"] == tokened["host_id"] and machines() == 3
+    body, _ = request(enrolment, "d" * 32, secret=secret, token_id=token_id)  # another machine: the use is gone
+    with pytest.raises(TokenUsedUp):
+        enrolment.enrol(body, "10.0.0.4", NOW)
+    # The same key on other facts is not the same enrolment (a copy of a machine mid-enrolment): a new machine.
+    body, _ = request(enrolment, "e" * 32, key=key)
+    assert enrolment.enrol(body, "10.0.0.5", NOW)["host_id"] not in (first["host_id"], clone["host_id"])
 
 
 def test_proofs_nonces_and_the_rate_limit(enrolment: Enrolment) -> None:
