@@ -98,7 +98,7 @@ _POLICY_FLAGS = {
 }
 
 
-def agent_accepts(policy: Policy) -> Policy:
+def _agent_accepts(policy: Policy) -> Policy:
     """``policy`` as every agent reads it from its heartbeat answer (the wire's own bounds: no second copy of them
     here), or POLICY-INVALID: the server never stores a policy its agents would refuse."""
     try:
@@ -285,7 +285,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
     storage = _storage(args, data)
     try:
         if args.action == "set":
-            old = storage.policy(agent_accepts(Policy(args.name)).name) or Policy(args.name)
+            old = storage.policy(_agent_accepts(Policy(args.name)).name) or Policy(args.name)
             policy = Policy(
                 args.name,
                 _duration(args.rpo, "--rpo") if args.rpo else old.rpo_seconds,
@@ -293,7 +293,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 _bandwidth(args.bandwidth) if args.bandwidth is not None else old.bandwidth_bps,
                 args.retention if args.retention is not None else old.retention,
             )
-            storage.set_policy(agent_accepts(policy))
+            storage.set_policy(_agent_accepts(policy))
         policies = storage.policies()
     finally:
         storage.close()
