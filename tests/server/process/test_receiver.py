@@ -292,7 +292,7 @@ def test_the_bytes_all_streams_hold_are_capped_and_all_come_through(tmp_path: Pa
         with r.store.write_lock:  # the committer waits: nothing is acknowledged meanwhile
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 4
+            deadline = time.monotonic() + 2.5
             while time.monotonic() < deadline:
                 held.append(r.call(lambda: sum(s.inflight for s in r.receiver._streams.values())))
                 time.sleep(0.1)
