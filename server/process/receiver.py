@@ -9,8 +9,8 @@ highest committed sequence number. Nothing is acknowledged before its commit ret
 
 What a client can cost is bounded. A connection counts in the server's ``--max-connections`` from the moment it is
 accepted (``server/edge.py``'s ``Connections``), and those not yet past their TLS handshake and HELLO may hold only a
-quarter of them; the handshake has ``HANDSHAKE_SECONDS``, HELLO ``HELLO_SECONDS``, a stream that sends nothing for
-``IDLE_SECONDS`` is closed and a frame's payload must arrive within ``PAYLOAD_SECONDS``. A frame's payload is read
+quarter of them; the handshake has ``HANDSHAKE_SECONDS``, HELLO ``HELLO_SECONDS`` and a frame's payload
+``PAYLOAD_SECONDS``, and TCP keepalive closes a stream whose peer is gone (``KEEPALIVE``). A frame's payload is read
 only once it fits both its stream's window (``MAX_INFLIGHT``) and the bytes all streams together may hold
 (``MAX_INFLIGHT_TOTAL``); a compressed chunk is decompressed by a bounded reader. A stream stays authorised only as
 long as its machine: every ``RECHECK_SECONDS`` (and before every point) the machine's certificate and protection are
@@ -59,10 +59,12 @@ from server.process.store import ChunkPut, ChunkStore, DiskRow, PointPut
 log = logging.getLogger("mobility.process")
 
 HELLO_SECONDS = 10.0  # after the handshake, HELLO must be in
-IDLE_SECONDS = 600.0  # a stream that sends no frame this long is closed (the agent reconnects when it has work)
+# A stream may send nothing for long while its agent is there (a checksum resync reads a whole disk, hours for a
+# large one, before it sends what differs): no timeout between frames. A peer that is gone is found by TCP keepalive.
+KEEPALIVE = (60, 10, 6)  # idle seconds before the first probe, seconds between probes, probes: about 2 minutes
 PAYLOAD_SECONDS = 120.0  # a frame's payload, once its header came, must be in (16 MiB at a 140 KB/s cap)
 CLOSE_SECONDS = 2.0  # a closed stream's TLS goodbye, then its connection is dropped
-RECHECK_SECONDS = 3.0  # how often open streams' machines are authorised again, and idle ones looked for
+RECHECK_SECONDS = 3.0  # how often open streams' machines are authorised again, and slow payloads looked for
 MAX_INFLIGHT = 64 * 1024 * 1024  # bytes a stream may have received but not yet had acknowledged
 MAX_INFLIGHT_TOTAL = 256 * 1024 * 1024  # ... and all streams together
 MAX_PIPELINE = 64  # frames a stream verifies ahead of the committer
@@ -116,7 +118,7 @@ class _Stream:
     dead: bool = False
     room: asyncio.Event = field(default_factory=asyncio.Event)
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) not yet acknowledged
-    waiting: tuple[float, float] | None = None  # (since, limit) while waiting for the client: a frame, a payload
+    payload_since: float | None = None  # while a frame's payload is awaited
 
     def hold(self, seq: int, size: int) -> None:
         """``size`` bytes of frame ``seq`` are held (the budget has them already) until it is acknowledged."""
@@ -138,7 +140,7 @@ class _Stream:
         self.room.set()
 
     def release(self) -> None:
-        """The stream ended: what it held goes back to the budget (it will never be acknowledged)."""
+        """The stream failed or ended: what it held goes back to the budget (it will never be acknowledged)."""
         self.sizes.clear()
         self.budget.give(self.inflight)
         self.inflight = 0
@@ -147,6 +149,7 @@ class _Stream:
         if self.failed is not None:
             return
         self.failed = error
+        self.release()  # at once: its connection may take a while to close
         if not self.writer.is_closing():
             self.writer.write(json_frame(Kind.ERROR, StreamError(error.id, error.message, error.fix).to_json()))
             self.writer.close()
@@ -253,14 +256,12 @@ class Receiver:
         recheck: Recheck | None = None,
         connections: Connections | None = None,
         max_inflight_total: int = MAX_INFLIGHT_TOTAL,
-        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self.store = store
         self.authorize = authorize
         self.recheck = recheck
         self.connections = connections or Connections(1 << 20)
         self.budget = _Budget(max_inflight_total)
-        self.idle_seconds = idle_seconds
         self.committer = Committer(store, on_point)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="process-verify")
         self._streams: dict[tuple[str, str], _Stream] = {}
@@ -324,6 +325,7 @@ class Receiver:
                 continue
             c.streams += 1
             c.streams_unverified += 1
+            _keepalive(sock)
             task = loop.create_task(self._serve(sock, context))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -420,9 +422,7 @@ class Receiver:
         forward = asyncio.create_task(self._forward(stream, pipeline))
         try:
             while stream.failed is None:
-                stream.waiting = (loop.time(), self.idle_seconds)
                 header = Header.unpack(await reader.readexactly(HEADER.size))
-                stream.waiting = None
                 if header.kind not in (Kind.CHUNK, Kind.POINT):
                     raise ProtocolError(f"unexpected {header.kind.name} frame on a stream")
                 if header.seq <= last:
@@ -438,9 +438,9 @@ class Receiver:
                     await stream.room.wait()
                 await self.budget.take(size)
                 stream.hold(header.seq, size)  # from here on the stream gives it back (acknowledged, or at its end)
-                stream.waiting = (loop.time(), PAYLOAD_SECONDS)
+                stream.payload_since = loop.time()
                 payload = await reader.readexactly(header.length) if header.length else b""
-                stream.waiting = None
+                stream.payload_since = None
                 if header.kind is Kind.POINT:
                     close = PointClose.from_json(parse_json(payload, "POINT"))
                     if stream.disk.disk not in close.disks:
@@ -454,7 +454,7 @@ class Receiver:
                 await pipeline.put((header.seq, size, check))  # type: ignore[arg-type]
             raise _Closed
         finally:
-            stream.waiting = None
+            stream.payload_since = None
             await pipeline.put(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(forward, 10)
@@ -473,17 +473,23 @@ class Receiver:
             self.committer.submit(stream, put)
 
     async def _watch_streams(self) -> None:
-        """Every RECHECK_SECONDS: close streams that wait too long for their client, and end those whose machine
-        may no longer send (one batched look-up for all of them)."""
+        """Every RECHECK_SECONDS: close streams whose frame's payload does not come, and end those whose machine may
+        no longer send (one batched look-up for all of them)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(RECHECK_SECONDS)
             now = loop.time()
             streams = [s for s in self._streams.values() if s.failed is None]
             for s in streams:
-                if s.waiting is not None and now - s.waiting[0] > s.waiting[1]:
-                    log.info("%s %s: nothing received for %.0f s: stream closed", s.host_id, s.disk.disk, s.waiting[1])
-                    s.writer.close()
+                if s.payload_since is not None and now - s.payload_since > PAYLOAD_SECONDS:
+                    # It holds its share of the bytes all streams may hold: a trickle must not keep them.
+                    log.info(
+                        "%s %s: a frame's payload took over %.0f s: stream closed",
+                        s.host_id,
+                        s.disk.disk,
+                        PAYLOAD_SECONDS,
+                    )
+                    s.writer.transport.abort()  # no goodbye that a trickling client could hold up too
             if self.recheck is None or not streams:
                 continue
             try:
@@ -564,6 +570,14 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if d is None:  # a frame needing a window larger than any chunk is refused before memory is taken for it
         d = _threads.dctx = zstandard.ZstdDecompressor(max_window_size=MAX_CHUNK_SIZE)
     return d
+
+
+def _keepalive(sock: socket.socket) -> None:
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 async def _start_tls(

@@ -196,6 +196,23 @@ def test_hostile_streams_are_refused_with_stable_ids_and_the_server_keeps_servin
             "REPL-POINT-MISMATCH",
         ),
         (
+            "a point made in the year 1e300",
+            hello()
+            + json_frame(
+                Kind.POINT,
+                {
+                    "point_id": str(uuid.uuid4()),
+                    "created": 1e300,
+                    "root": "0" * 64,
+                    "consistency": "crash-consistent",
+                    "disks": [DISK],
+                },
+                seq=1,
+            ),
+            "REPL-PROTOCOL",
+        ),
+        ("a sequence beyond 2^62", hello() + chunk(1 << 62, 0, os.urandom(CHUNK)), "REPL-PROTOCOL"),
+        (
             "a point for another disk",
             hello()
             + json_frame(
@@ -298,10 +315,26 @@ def test_poisoned_replication_reports_are_refused_at_the_edge(server: ServerProc
         {"disks": [{"disk": "/dev/sdb", "state": "STALLED", "throughput_bps": float("nan")}]},
         {"disks": [{"disk": "/dev/sdb", "state": "STALLED", "throughput_bps": 0}] * 65},
         {"disks": "all"},
+        {"disks": [], "last_point": 1e300},  # `protection` turned it into a date and failed, for the whole fleet
+        {"disks": [{"disk": "/dev/sdb", "state": "CONTINUOUS", "throughput_bps": 0, "last_point": 1e300}]},
+        {"disks": [{"disk": "/dev/sdb", "state": "CONTINUOUS", "throughput_bps": 1e300}]},
+        {"disks": [], "freeze_ms": -1},
     ):
         body = json.dumps({"host_id": host_id, "agent_version": "0.1.0", "replication": report}).encode()
         status, doc = raw_call(server, "POST", "/v1/heartbeat", body, cert=cert)
         assert (status, doc.get("error", {}).get("code")) == (400, "BAD-REQUEST"), report
+    # A report an older server stored before these bounds reads as no report: the listing still works.
+    storage = open_storage(server.data)
+    try:
+        storage.record_replication([(host_id, time.time(), json.dumps({"disks": [], "last_point": 1e300}))])
+    finally:
+        storage.close()
+    r = server_cli(server.data, "protection")
+    assert r.returncode == 0 and "default" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    r = server_cli(server.data, "protection", "--json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["machines"]
+    assert row["host_id"] == host_id and row["replication"] is None
 
 
 def test_hostile_command_line_arguments_lose_nothing(server: ServerProcess, tmp_path: Path) -> None:

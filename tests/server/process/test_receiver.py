@@ -309,13 +309,16 @@ def test_the_bytes_all_streams_hold_are_capped_and_all_come_through(tmp_path: Pa
 
 def test_connections_that_do_nothing_are_counted_and_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection counts from its accept: past the share of connections not yet through their handshake and
-    HELLO, one is closed at once; one that never starts TLS, one that never sends HELLO and a stream that sends
-    nothing are each closed after their time, and the counts go back to zero."""
+    HELLO, one is closed at once; one that never starts TLS and one that never sends HELLO are each closed after
+    their time, and so is one whose frame's payload does not come. A stream that sends nothing stays (its agent may
+    be reading a whole disk for a resync), with TCP keepalive to find a peer that is gone; the counts go back to
+    zero."""
     monkeypatch.setattr(receiver_module, "HANDSHAKE_SECONDS", 1.0)
     monkeypatch.setattr(receiver_module, "HELLO_SECONDS", 1.0)
+    monkeypatch.setattr(receiver_module, "PAYLOAD_SECONDS", 1.0)
     monkeypatch.setattr(receiver_module, "RECHECK_SECONDS", 0.2)
     connections = Connections(12)  # a quarter, 3, may be unverified at once
-    with receiving(tmp_path, connections=connections, idle_seconds=1.0) as r:
+    with receiving(tmp_path, connections=connections) as r:
 
         def closed_within(sock: socket.socket, seconds: float) -> float:
             start = time.monotonic()
@@ -336,14 +339,29 @@ def test_connections_that_do_nothing_are_counted_and_closed(tmp_path: Path, monk
         )
         assert closed_within(silent, 1.0) < 2.5  # no HELLO within HELLO_SECONDS
         silent.close()
-        stream = r.stream(HOSTS[0])
-        stream.connect(Hello("/dev/sdb", CHUNK, CHUNK))
-        counted(r, lambda: (r.receiver.streams, connections.streams, connections.streams_unverified), (1, 1, 0))
-        assert stream.sock is not None
-        assert 0.9 < closed_within(stream.sock, 1.0) < 3.0  # a stream that sends nothing for idle_seconds
+        quiet, trickle = r.stream(HOSTS[0]), r.stream(HOSTS[1])
+        quiet.connect(Hello("/dev/sdb", CHUNK, CHUNK))
+        trickle.connect(Hello("/dev/sdb", CHUNK, CHUNK))
+        counted(r, lambda: (r.receiver.streams, connections.streams, connections.streams_unverified), (2, 2, 0))
+        assert trickle.sock is not None and quiet.sock is not None
+        trickle.sock.sendall(Header(Kind.CHUNK, Codec.RAW, CHUNK, 1, 0, CHUNK, bytes(32)).pack() + bytes(100))
+        assert closed_within(trickle.sock, 1.0) < 2.5  # its payload did not come within PAYLOAD_SECONDS
+        time.sleep(2.0)
+        assert r.call(lambda: r.receiver.streams) == 1 and quiet.pump(0) == 0  # the quiet one is still there
+        keepalive = r.call(
+            lambda: [
+                (
+                    s.writer.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    s.writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                )
+                for s in r.receiver._streams.values()
+            ]
+        )
+        assert keepalive == [(1, receiver_module.KEEPALIVE[0])]
         for s in (*idle, extra):
             s.close()
-        stream.close()
+        quiet.close()
+        trickle.close()
         counted(r, lambda: (r.receiver.streams, connections.streams, connections.streams_unverified), (0, 0, 0))
 
 
