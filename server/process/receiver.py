@@ -312,13 +312,17 @@ class Receiver:
     async def _accept(self, listener: socket.socket, context: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         c = self.connections
+        failing = False
         while True:
             try:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as e:  # out of descriptors (EMFILE): the connections held go on; retry shortly
-                log.warning("cannot accept a replication connection: %s", e.strerror or e)
+                if not failing:
+                    log.warning("cannot accept replication connections: %s", e.strerror or e)
+                failing = True
                 await asyncio.sleep(0.5)
                 continue
+            failing = False
             if c.full() or c.streams_unverified >= c.max_anonymous:
                 c.refused += 1
                 sock.close()  # before TLS: nothing to say, and nothing held
@@ -476,6 +480,7 @@ class Receiver:
         """Every RECHECK_SECONDS: close streams whose frame's payload does not come, and end those whose machine may
         no longer send (one batched look-up for all of them)."""
         loop = asyncio.get_running_loop()
+        failing = False
         while True:
             await asyncio.sleep(RECHECK_SECONDS)
             now = loop.time()
@@ -495,8 +500,11 @@ class Receiver:
             try:
                 verdicts = await asyncio.to_thread(self.recheck, [(s.host_id, s.serial, s.disk.disk) for s in streams])
             except Exception as e:  # the database away: HELLO and every point check again
-                log.warning("cannot authorise the open streams again: %s", getattr(e, "message", e))
+                if not failing:
+                    log.warning("cannot authorise the open streams again: %s", getattr(e, "message", e))
+                failing = True
                 continue
+            failing = False
             for s, error in zip(streams, verdicts, strict=True):
                 if error is not None and s.failed is None:
                     log.info("%s %s: %s: stream ended", s.host_id, s.disk.disk, error.id)
