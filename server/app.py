@@ -666,7 +666,14 @@ async def serve(
     def report(final: bool = False) -> None:
         c = server.connections
         stalls = server.stalls.summary() if final else server.stalls.take_window(server.stats_interval)
-        log.info("%s; %d connections open, %d refused, %d timed out", stalls, len(c.open), c.refused, c.timed_out)
+        log.info(
+            "%s; %d connections open and %d replication streams, %d refused, %d timed out",
+            stalls,
+            len(c.open),
+            c.streams,
+            c.refused,
+            c.timed_out,
+        )
 
     tasks = [
         asyncio.create_task(server.stalls.run()),
@@ -733,7 +740,7 @@ class _ProcessRole:
         if self.options is None or self.service is not None:
             return self.service is not None
         try:
-            service = ProcessService(self.server.data, self.server.storage.db, self.options)
+            service = ProcessService(self.server.data, self.server.storage.db, self.options, self.server.connections)
         except StoreBusy as e:
             if quiet and not self._standby_logged:
                 self._standby_logged = True

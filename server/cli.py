@@ -716,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=count(1, MAX_CONNECTIONS),
         metavar="N",
-        help="connections served at once; more are answered 503 (default: the open-file limit less a margin)",
+        help="connections served at once, the API's and the replication streams' together; more are answered 503 or "
+        "closed (default: the open-file limit less a margin)",
     )
     p.add_argument(
         "--stats-interval",

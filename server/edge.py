@@ -1,8 +1,10 @@
 """What a client can cost the server before a handler runs, bounded: connections, slow requests, queues.
 
-- **Connections**: at most ``max_connections`` open; one more is answered 503 SERVER-BUSY and closed. Connections
-  without a client certificate (enrolment, anyone on the network) may hold only a quarter of them, so a flood of
-  anonymous connections never locks enrolled machines out.
+- **Connections**: at most ``max_connections`` open, the process server's replication streams included (they share
+  the process's open files); one more is answered 503 SERVER-BUSY and closed. Connections without a client
+  certificate (enrolment, anyone on the network) may hold only a quarter of them, and so may replication connections
+  not past their TLS handshake and HELLO, so a flood of anonymous connections on either port never locks enrolled
+  machines out.
 - **Slow clients**: a TLS handshake has ``HANDSHAKE_SECONDS``; a new connection's first request, and any request
   once its first byte arrived, must have its line and headers in within ``HEADER_SECONDS`` and its body within
   ``BODY_SECONDS`` (408 REQUEST-TIMEOUT and the connection is closed). An idle kept-alive connection is closed after
@@ -97,8 +99,13 @@ class Connections:
         self.max_anonymous = max(1, max_connections // 4)
         self.open: set[GuardedHandler] = set()
         self.anonymous = 0
+        self.streams = 0  # connections to the process server's port (server/process/receiver.py), in every phase
+        self.streams_unverified = 0  # ... of which not past their TLS handshake and HELLO yet
         self.refused = 0
         self.timed_out = 0
+
+    def full(self) -> bool:
+        return len(self.open) + self.streams >= self.max
 
     def sweep(self, now: float) -> None:
         """Close connections whose request is overdue (a slow client holding a connection)."""
@@ -127,7 +134,7 @@ class GuardedHandler(web_protocol.RequestHandler):
         # Past the TLS handshake: whether the peer holds one of our client certificates is known already.
         self.anonymous = not transport.get_extra_info("peercert")
         c = self.connections
-        if len(c.open) >= c.max or (self.anonymous and c.anonymous >= c.max_anonymous):
+        if c.full() or (self.anonymous and c.anonymous >= c.max_anonymous):
             c.refused += 1
             self.abort(busy())
             return

@@ -474,6 +474,24 @@ class PointMismatch(VerificationError):
     )
 
 
+class PointIdTaken(RemoteStateError):
+    code = "REPL-POINT-ID-TAKEN"
+    remediation = (
+        "A point ID is used once: another machine's point has this ID, or this point was closed on the disk before "
+        "with other contents. The point was refused and nothing of any other point changed; the agent cuts its next "
+        "point under a new ID. If it repeats, check that the machine runs a genuine agent (`mobility-server "
+        "machines`, and revoke it if not)."
+    )
+
+
+class DiskTooLarge(UnsupportedError):
+    code = "REPL-DISK-TOO-LARGE"
+    remediation = (
+        "The process server keeps at most 1,048,576 chunks per disk (16 TiB in chunks of 16 MiB, as the agent cuts "
+        "large disks): protect disks up to that size, or split the data over several disks."
+    )
+
+
 class StoreFull(TemporaryError):
     code = "PS-STORE-FULL"
     remediation = (

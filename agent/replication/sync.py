@@ -450,7 +450,8 @@ class DiskReplicator(threading.Thread):
         with self.lock:
             if self.state == "STALLED":
                 self.state = "RESYNC_REQUIRED" if self.need_sweep else "CONTINUOUS"
-            if self.error in ("REPL-UNREACHABLE", "PS-STORE-FULL", "SERVER-ERROR"):
+            # What a stream that opened disproves (a renewal's new certificate ends the streams of the old one).
+            if self.error in ("REPL-UNREACHABLE", "PS-STORE-FULL", "SERVER-ERROR", "CERT-SUPERSEDED"):
                 self.error = None
         self.last_progress = self.clock()
 

@@ -16,6 +16,7 @@ and ERROR (then closes)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import uuid
@@ -34,6 +35,16 @@ PROTOCOL_VERSION = 1
 MAX_PAYLOAD = MAX_CHUNK_SIZE + 1024  # a chunk that zstd grew is sent raw: payload <= chunk size
 MAX_JSON = 64 * 1024
 HASHES_PER_FRAME = 8192  # 256 KiB of hashes per HASHES frame
+
+# Every number on the wire has a bound, checked where it is parsed, so that nothing downstream (the store's 64-bit
+# integers, a listing that turns a time into a date) ever meets one it cannot hold.
+MAX_SEQ = (1 << 62) - 1  # a stream's sequence numbers: far beyond any stream's life, inside SQLite's signed 64 bits
+MAX_DISK_SIZE = 1 << 56  # bytes: a disk's size, a frame's offset
+EARLIEST = 0.0  # times (a point's creation, the last point a machine reports): 1970 ...
+LATEST = float(1 << 32)  # ... to 2106, the last second an unsigned 32-bit time holds
+MAX_SECONDS = float(1 << 32)  # durations (lag, ETA): 136 years
+MAX_RATE = float(1 << 40)  # bytes per second (1 TiB/s)
+MAX_FREEZE_MS = 3_600_000.0  # a freeze window: an hour (the agent's watchdog thaws after 10 s)
 
 STATES = ("INITIAL_SYNC", "CONTINUOUS", "RESYNC_REQUIRED", "RESYNCING", "PAUSED", "STALLED")
 CONSISTENCY = ("crash-consistent", "app-consistent", "raw-idle", "raw-busy")
@@ -91,6 +102,12 @@ class Header:
             raise ProtocolError(f"unknown frame kind {kind}") from e
         if length > (MAX_PAYLOAD if k in (Kind.CHUNK, Kind.HASHES) else MAX_JSON):
             raise ProtocolError(f"{k.name} frame of {length} bytes is larger than allowed")
+        if seq > MAX_SEQ:
+            raise ProtocolError(f"{k.name} frame with sequence {seq}, beyond 2^62")
+        if offset > MAX_DISK_SIZE:
+            raise ProtocolError(f"{k.name} frame at offset {offset}, beyond 2^56")
+        if size > MAX_CHUNK_SIZE:
+            raise ProtocolError(f"{k.name} frame of {size} bytes, more than a chunk")
         if k is Kind.CHUNK:
             if flags not in tuple(Codec):
                 raise ProtocolError(f"unknown chunk codec {flags}")
@@ -125,8 +142,23 @@ def _int(f: _Fields, key: str, low: int, high: int) -> int:
     return value
 
 
-def _optional_number(f: _Fields, key: str) -> float | None:
-    return f.number(key) if f.doc.get(key) is not None else None
+def _number(f: _Fields, key: str, low: float, high: float) -> float:
+    value = f.number(key)
+    if not low <= value <= high:
+        raise WireError(f"{f.where}.{key} must be a number from {low:g} to {high:g}")
+    return value
+
+
+def _optional_number(f: _Fields, key: str, low: float, high: float) -> float | None:
+    return _number(f, key, low, high) if f.doc.get(key) is not None else None
+
+
+def _within(value: float | None, low: float, high: float) -> float | None:
+    """What a sender puts on the wire for a number it measured: inside the bounds its peer checks (None when it is
+    not a number at all), so that a strange measurement never gets a whole heartbeat refused."""
+    if value is None or not math.isfinite(value):
+        return None
+    return min(max(float(value), low), high)
 
 
 def disk_name(value: str, where: str = "disk") -> str:
@@ -169,7 +201,7 @@ class Hello:
             f = _Fields(d, "hello")
             return cls(
                 disk=disk_name(f.text("disk", 128), "hello.disk"),
-                size=_int(f, "size", 1, 1 << 56),
+                size=_int(f, "size", 1, MAX_DISK_SIZE),
                 chunk_size=_int(f, "chunk_size", 4096, MAX_CHUNK_SIZE),
                 want_hashes=f.flag("want_hashes"),
                 version=_int(f, "version", 1, 1000),
@@ -190,7 +222,7 @@ class Welcome:
     def from_json(cls, doc: Any) -> Welcome:
         def parse(d: Any) -> Welcome:
             f = _Fields(d, "welcome")
-            return cls(_int(f, "acked_seq", 0, 1 << 62), f.flag("known"))
+            return cls(_int(f, "acked_seq", 0, MAX_SEQ), f.flag("known"))
 
         return _guard("WELCOME", doc, parse)  # type: ignore[no-any-return]
 
@@ -231,11 +263,11 @@ class PointClose:
                 raise WireError("point.disks must be a non-empty list of disk names")
             return cls(
                 point_id=point_id,
-                created=f.number("created"),
+                created=_number(f, "created", EARLIEST, LATEST),
                 root=f.text("root", 64, pattern=_HEX64),
                 consistency=f.text("consistency", 32, choices=CONSISTENCY),
                 disks=tuple(disk_name(x, "point.disks[]") for x in disks),
-                freeze_ms=_optional_number(f, "freeze_ms"),
+                freeze_ms=_optional_number(f, "freeze_ms", 0.0, MAX_FREEZE_MS),
             )
 
         return _guard("POINT", doc, parse)  # type: ignore[no-any-return]
@@ -366,10 +398,10 @@ class DiskReport:
             "state": self.state,
             "size": self.size,
             "bytes_left": self.bytes_left,
-            "lag_seconds": self.lag_seconds,
-            "throughput_bps": self.throughput_bps,
-            "eta_seconds": self.eta_seconds,
-            "last_point": self.last_point,
+            "lag_seconds": _within(self.lag_seconds, 0.0, MAX_SECONDS),
+            "throughput_bps": _within(self.throughput_bps, 0.0, MAX_RATE) or 0.0,
+            "eta_seconds": _within(self.eta_seconds, 0.0, MAX_SECONDS),
+            "last_point": _within(self.last_point, EARLIEST, LATEST),
             "error": self.error,
             "detail": self.detail,
         }
@@ -380,12 +412,12 @@ class DiskReport:
         return cls(
             disk=disk_name(f.text("disk", 128), "replication.disks[].disk"),
             state=f.text("state", 16, choices=STATES),
-            size=_int(f, "size", 0, 1 << 56) if "size" in f.doc else 0,
-            bytes_left=_int(f, "bytes_left", 0, 1 << 56) if "bytes_left" in f.doc else 0,
-            lag_seconds=_optional_number(f, "lag_seconds"),
-            throughput_bps=f.number("throughput_bps"),
-            eta_seconds=_optional_number(f, "eta_seconds"),
-            last_point=_optional_number(f, "last_point"),
+            size=_int(f, "size", 0, MAX_DISK_SIZE) if "size" in f.doc else 0,
+            bytes_left=_int(f, "bytes_left", 0, MAX_DISK_SIZE) if "bytes_left" in f.doc else 0,
+            lag_seconds=_optional_number(f, "lag_seconds", 0.0, MAX_SECONDS),
+            throughput_bps=_number(f, "throughput_bps", 0.0, MAX_RATE),
+            eta_seconds=_optional_number(f, "eta_seconds", 0.0, MAX_SECONDS),
+            last_point=_optional_number(f, "last_point", EARLIEST, LATEST),
             error=f.optional_text("error", 64, pattern=_ERROR_ID),
             detail=f.optional_text("detail", 500),
         )
@@ -402,10 +434,10 @@ class ReplicationReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "disks": [d.to_json() for d in self.disks],
-            "last_point": self.last_point,
+            "last_point": _within(self.last_point, EARLIEST, LATEST),
             "last_point_id": self.last_point_id,
             "points": self.points,
-            "freeze_ms": self.freeze_ms,
+            "freeze_ms": _within(self.freeze_ms, 0.0, MAX_FREEZE_MS),
         }
 
     @classmethod
@@ -413,8 +445,8 @@ class ReplicationReport:
         f = _Fields(doc, "replication")
         return cls(
             disks=tuple(DiskReport.from_json(d) for d in f.items("disks", MAX_DISKS)),
-            last_point=_optional_number(f, "last_point"),
+            last_point=_optional_number(f, "last_point", EARLIEST, LATEST),
             last_point_id=f.optional_text("last_point_id", 36, pattern=re.compile(r"[0-9a-f-]{36}")),
             points=_int(f, "points", 0, 1 << 40) if "points" in f.doc else 0,
-            freeze_ms=_optional_number(f, "freeze_ms"),
+            freeze_ms=_optional_number(f, "freeze_ms", 0.0, MAX_FREEZE_MS),
         )

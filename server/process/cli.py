@@ -426,7 +426,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     store = ChunkStore(store_dir(data))
     try:
-        point = store.point(args.point)
+        point = store.find_point(args.point)
         if point is None or not point.complete:
             raise PointNotFound(f"no complete point {args.point!r}")
         report = verify_point(store, point)

@@ -5,29 +5,40 @@ acknowledge only what the store has made durable.
 Each stream reads frames on the event loop, verifies chunks in a small thread pool (zstd and BLAKE3 release the
 GIL), and hands them in sequence order to one committer thread. The committer takes whatever has queued while the
 previous commit was flushing, commits it as one batch (``ChunkStore.commit``), and then acknowledges each stream's
-highest committed sequence number. Nothing is acknowledged before its commit returned."""
+highest committed sequence number. Nothing is acknowledged before its commit returned.
+
+What a client can cost is bounded. A connection counts in the server's ``--max-connections`` from the moment it is
+accepted (``server/edge.py``'s ``Connections``), and those not yet past their TLS handshake and HELLO may hold only a
+quarter of them; the handshake has ``HANDSHAKE_SECONDS``, HELLO ``HELLO_SECONDS`` and a frame's payload
+``PAYLOAD_SECONDS``, and TCP keepalive closes a stream whose peer is gone (``KEEPALIVE``). A frame's payload is read
+only once it fits both its stream's window (``MAX_INFLIGHT``) and the bytes all streams together may hold
+(``MAX_INFLIGHT_TOTAL``); a compressed chunk is decompressed by a bounded reader. A stream stays authorised only as
+long as its machine: every ``RECHECK_SECONDS`` (and before every point) the machine's certificate and protection are
+checked again, and a revoked, removed or unprotected machine, or a certificate a renewal replaced, ends the stream
+with that error."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
 
-from agent.replication.chunks import Geometry, chunk_hash, zero_hash
+from agent.replication.chunks import MAX_CHUNKS, Geometry, chunk_hash, zero_hash
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import (
-    HASH_SIZE,
     HASHES_PER_FRAME,
     HEADER,
+    MAX_CHUNK_SIZE,
     Codec,
     Header,
     Hello,
@@ -41,17 +52,29 @@ from agent.shared.replication_wire import (
     parse_json,
 )
 from agent.shared.textsafe import printable
-from server.errors import ChunkCorrupt, NotProtected, ReplicationProtocol, StoreFull
+from server.edge import HANDSHAKE_SECONDS, Connections
+from server.errors import ChunkCorrupt, DiskTooLarge, NotProtected, ReplicationProtocol, StoreFull
 from server.process.store import ChunkPut, ChunkStore, DiskRow, PointPut
 
 log = logging.getLogger("mobility.process")
 
-HELLO_TIMEOUT = 30.0
+HELLO_SECONDS = 10.0  # after the handshake, HELLO must be in
+# A stream may send nothing for long while its agent is there (a checksum resync reads a whole disk, hours for a
+# large one, before it sends what differs): no timeout between frames. A peer that is gone is found by TCP keepalive.
+KEEPALIVE = (60, 10, 6)  # idle seconds before the first probe, seconds between probes, probes: about 2 minutes
+PAYLOAD_SECONDS = 120.0  # a frame's payload, once its header came, must be in (16 MiB at a 140 KB/s cap)
+CLOSE_SECONDS = 2.0  # a closed stream's TLS goodbye, then its connection is dropped
+RECHECK_SECONDS = 3.0  # how often open streams' machines are authorised again, and slow payloads looked for
 MAX_INFLIGHT = 64 * 1024 * 1024  # bytes a stream may have received but not yet had acknowledged
+MAX_INFLIGHT_TOTAL = 256 * 1024 * 1024  # ... and all streams together
 MAX_PIPELINE = 64  # frames a stream verifies ahead of the committer
 MAX_STREAMS_PER_HOST = 64
+READ_LIMIT = 64 * 1024  # a connection's read buffer before it pushes back (a frame's payload is read on top)
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Authorize = Callable[[str, str, str], bool]  # (host ID, certificate serial, disk) -> may that machine send it
+# Many streams' (host ID, certificate serial, disk) at once -> for each, the error that ends it (None: it goes on)
+Recheck = Callable[[Sequence[tuple[str, str, str]]], list[MobilityError | None]]
 OnPoint = Callable[[str, str], None]  # (host ID, point ID) once a point of that machine closed on a disk
 
 
@@ -59,37 +82,74 @@ class _Closed(Exception):
     pass
 
 
+class _Budget:
+    """Bytes received and not yet acknowledged, across every stream: a payload is read only once it fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._room = asyncio.Event()
+
+    async def take(self, n: int) -> None:
+        while self.used and self.used + n > self.limit:
+            self._room.clear()
+            await self._room.wait()
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._room.set()
+
+
 @dataclass
 class _Stream:
     host_id: str
+    serial: str
     disk: DiskRow
     loop: asyncio.AbstractEventLoop
     writer: asyncio.StreamWriter
+    budget: _Budget
     inflight: int = 0
     acked: int = 0
     failed: MobilityError | None = None
     # Set by the committer at once when a batch of this stream was refused: the stream's later frames must not be
     # committed (the server's durable sequence would then cover frames it never kept), even before ``fail`` has
-    # run on the event loop.
+    # run on the event loop. Also set when the agent reconnected: the old stream's frames are sent again.
     dead: bool = False
     room: asyncio.Event = field(default_factory=asyncio.Event)
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) not yet acknowledged
+    payload_since: float | None = None  # while a frame's payload is awaited
+
+    def hold(self, seq: int, size: int) -> None:
+        """``size`` bytes of frame ``seq`` are held (the budget has them already) until it is acknowledged."""
+        self.inflight += size
+        self.sizes.append((seq, size))
 
     def ack(self, seq: int) -> None:
         """On the event loop: every frame up to ``seq`` is durable."""
         if seq <= self.acked or self.failed is not None:
             return
         self.acked = seq
+        freed = 0
         while self.sizes and self.sizes[0][0] <= seq:
-            self.inflight -= self.sizes.popleft()[1]
+            freed += self.sizes.popleft()[1]
+        self.inflight -= freed
+        self.budget.give(freed)
         if not self.writer.is_closing():
             self.writer.write(frame(Kind.ACK, seq=seq))
         self.room.set()
+
+    def release(self) -> None:
+        """The stream failed or ended: what it held goes back to the budget (it will never be acknowledged)."""
+        self.sizes.clear()
+        self.budget.give(self.inflight)
+        self.inflight = 0
 
     def fail(self, error: MobilityError) -> None:
         if self.failed is not None:
             return
         self.failed = error
+        self.release()  # at once: its connection may take a while to close
         if not self.writer.is_closing():
             self.writer.write(json_frame(Kind.ERROR, StreamError(error.id, error.message, error.fix).to_json()))
             self.writer.close()
@@ -135,31 +195,35 @@ class Committer(threading.Thread):
         live = [(s, i) for s, i in batch if s.failed is None and not s.dead]
         if not live:
             return
+        streams = list({id(s): s for s, _ in live}.values())
         try:
             outcomes = self.store.commit([i for _, i in live])
-        except MobilityError as e:
+        except MobilityError as e:  # the store itself refused (full, an I/O error): nothing of the batch was kept
             if self.last_error is None or self.last_error.id != e.id:
                 log.warning("store refused a batch: %s: %s", e.id, e.message)
             self.last_error = e
-            for stream in {id(s): s for s, _ in live}.values():
-                stream.dead = True
-                stream.loop.call_soon_threadsafe(stream.fail, e)
+            for stream in streams:
+                _end(stream, e)
             return
         except Exception:
-            log.exception("commit failed")
-            for stream in {id(s): s for s, _ in live}.values():
-                stream.dead = True
-                err = ReplicationProtocol("the process server failed to commit; the agent resends")
-                stream.loop.call_soon_threadsafe(stream.fail, err)
+            if len(streams) > 1:
+                # Something of one stream broke the batch (the store undid it whole): each stream's frames are
+                # committed alone, so that only the stream that carried it fails.
+                log.exception("a batch of %d streams failed: committing each stream alone", len(streams))
+                for stream in streams:
+                    self._commit([(s, i) for s, i in live if s is stream])
+                return
+            log.exception("%s: commit failed", streams[0].host_id)
+            _end(streams[0], ReplicationProtocol("the process server failed to commit this stream; the agent resends"))
             return
         self.commits += 1
         self.last_error = None
         acks: dict[int, tuple[_Stream, int]] = {}
         for (stream, item), outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, MobilityError):
-                log.warning("%s: %s: %s", stream.host_id, outcome.id, outcome.message)
-                stream.dead = True
-                stream.loop.call_soon_threadsafe(stream.fail, outcome)
+                if not stream.dead:
+                    log.warning("%s: %s: %s", stream.host_id, outcome.id, outcome.message)
+                _end(stream, outcome)
                 continue
             if id(stream) not in acks or acks[id(stream)][1] < item.seq:
                 acks[id(stream)] = (stream, item.seq)
@@ -169,73 +233,153 @@ class Committer(threading.Thread):
                 except Exception:
                     log.exception("after point %s", item.close.point_id)
         for stream, seq in acks.values():
-            stream.loop.call_soon_threadsafe(stream.ack, seq)
+            if not stream.dead:
+                stream.loop.call_soon_threadsafe(stream.ack, seq)
+
+
+def _end(stream: _Stream, error: MobilityError) -> None:
+    """From the committer: the stream's later frames are not committed, and it is failed on its loop."""
+    stream.dead = True
+    stream.loop.call_soon_threadsafe(stream.fail, error)
 
 
 class Receiver:
-    """Accepts streams and feeds the committer. ``authorize`` says whether a machine's disk is protected."""
+    """Accepts streams and feeds the committer. ``authorize`` says whether a machine's disk is protected (raising
+    the certificate's error when it is no longer good), ``recheck`` says it for every open stream at once."""
 
-    def __init__(self, store: ChunkStore, authorize: Authorize, on_point: OnPoint | None = None) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        authorize: Authorize,
+        on_point: OnPoint | None = None,
+        *,
+        recheck: Recheck | None = None,
+        connections: Connections | None = None,
+        max_inflight_total: int = MAX_INFLIGHT_TOTAL,
+    ) -> None:
         self.store = store
         self.authorize = authorize
+        self.recheck = recheck
+        self.connections = connections or Connections(1 << 20)
+        self.budget = _Budget(max_inflight_total)
         self.committer = Committer(store, on_point)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="process-verify")
         self._streams: dict[tuple[str, str], _Stream] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int, context: ssl.SSLContext) -> int:
         self.committer.start()
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=context, limit=1 << 20, backlog=256)
-        sockets = self._server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        # Its own accept loop: a connection is counted, or refused, as it is accepted (a listener with TLS built in
+        # hands over only connections past their handshake), and TLS then takes it over with a deadline.
+        loop = asyncio.get_running_loop()
+        family, _, _, _, address = (
+            await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )[0]
+        self._listener = socket.create_server(address, family=family, backlog=256)
+        self._listener.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept(self._listener, context))
+        self._watch = asyncio.create_task(self._watch_streams())
+        return int(self._listener.getsockname()[1])
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for job in (self._watch, self._accepting):
+            if job is not None:
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
+        if self._listener is not None:
+            self._listener.close()
             for stream in list(self._streams.values()):
                 stream.writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-        for task in list(self._tasks):
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=5)
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         await asyncio.to_thread(self.committer.stop)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
+    @property
+    def streams(self) -> int:
+        """Streams past their HELLO."""
+        return len(self._streams)
+
+    async def _accept(self, listener: socket.socket, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        c = self.connections
+        failing = False
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as e:  # out of descriptors (EMFILE): the connections held go on; retry shortly
+                if not failing:
+                    log.warning("cannot accept replication connections: %s", e.strerror or e)
+                failing = True
+                await asyncio.sleep(0.5)
+                continue
+            failing = False
+            if c.full() or c.streams_unverified >= c.max_anonymous:
+                c.refused += 1
+                sock.close()  # before TLS: nothing to say, and nothing held
+                continue
+            c.streams += 1
+            c.streams_unverified += 1
+            _keepalive(sock)
+            task = loop.create_task(self._serve(sock, context))
             self._tasks.add(task)
-        stream: _Stream | None = None
-        peer = writer.get_extra_info("peername")
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """One connection: its TLS handshake, its HELLO, then its frames."""
+        c = self.connections
+        unverified = True
         try:
-            host_id, serial = _peer_certificate(writer)
-            stream = await self._open(host_id, serial, reader, writer)
-            await self._receive(stream, reader)
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, _Closed, TimeoutError):
-            pass
-        except ProtocolError as e:
-            _refuse(writer, ReplicationProtocol(str(e)), stream)
-        except MobilityError as e:
-            _refuse(writer, e, stream)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("stream from %s failed", peer)
-            _refuse(writer, ReplicationProtocol("the process server failed on this stream"), stream)
+            opened = await _start_tls(sock, context)
+            if opened is None:
+                return
+            reader, writer = opened
+            stream: _Stream | None = None
+            try:
+                host_id, serial = _peer_certificate(writer)
+                stream = await self._open(host_id, serial, reader, writer)
+                unverified = False
+                c.streams_unverified -= 1
+                await self._receive(stream, reader)
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, _Closed, TimeoutError):
+                pass
+            except ProtocolError as e:
+                _refuse(writer, ReplicationProtocol(str(e)), stream)
+            except MobilityError as e:
+                _refuse(writer, e, stream)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("stream from %s failed", writer.get_extra_info("peername"))
+                _refuse(writer, ReplicationProtocol("the process server failed on this stream"), stream)
+            finally:
+                if stream is not None:
+                    stream.release()
+                    if self._streams.get((stream.host_id, stream.disk.disk)) is stream:
+                        del self._streams[(stream.host_id, stream.disk.disk)]
+                writer.close()
+                try:
+                    await asyncio.wait_for(writer.wait_closed(), CLOSE_SECONDS)
+                except Exception:  # a peer that does not answer TLS's close: its descriptor is not held for it
+                    writer.transport.abort()
         finally:
-            if stream is not None and self._streams.get((stream.host_id, stream.disk.disk)) is stream:
-                del self._streams[(stream.host_id, stream.disk.disk)]
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 5)
-            if task is not None:
-                self._tasks.discard(task)
+            c.streams -= 1
+            if unverified:
+                c.streams_unverified -= 1
 
     async def _open(
         self, host_id: str, serial: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> _Stream:
-        header, payload = await asyncio.wait_for(_read_frame(reader), HELLO_TIMEOUT)
+        header, payload = await asyncio.wait_for(_read_frame(reader), HELLO_SECONDS)
         if header.kind is not Kind.HELLO:
             raise ProtocolError(f"a stream starts with HELLO, not {header.kind.name}")
         hello = Hello.from_json(parse_json(payload, "HELLO"))
@@ -247,24 +391,30 @@ class Receiver:
                 f"the process server keeps {usage.reserve_bytes >> 20} MiB free and has {usage.free_bytes >> 20} MiB: "
                 "new data is refused until space is freed"
             )
-        if Geometry(hello.size, hello.chunk_size).count > (1 << 24):
-            raise ProtocolError("more than 16 Mi chunks in one disk")
+        geometry = Geometry(hello.size, hello.chunk_size)
+        if geometry.count > MAX_CHUNKS:
+            raise DiskTooLarge(
+                f"{hello.disk}: {hello.size} bytes in chunks of {hello.chunk_size} are {geometry.count} chunks, more "
+                f"than the {MAX_CHUNKS} a replica keeps"
+            )
         if sum(1 for h, _ in self._streams if h == host_id) >= MAX_STREAMS_PER_HOST:
             raise ProtocolError(f"more than {MAX_STREAMS_PER_HOST} streams from one machine")
         row, known = await asyncio.to_thread(self.store.open_disk, host_id, hello.disk, hello.size, hello.chunk_size)
         old = self._streams.get((host_id, hello.disk))
-        if old is not None:  # the agent reconnected: the old stream is dead to it
+        if old is not None:  # the agent reconnected: the old stream is dead to it, and so are its frames
+            old.dead = True
             old.writer.close()
-        stream = _Stream(host_id, row, asyncio.get_running_loop(), writer, acked=row.acked_seq)
+        stream = _Stream(host_id, serial, row, asyncio.get_running_loop(), writer, self.budget, acked=row.acked_seq)
         self._streams[(host_id, hello.disk)] = stream
         writer.write(json_frame(Kind.WELCOME, Welcome(row.acked_seq, known).to_json()))
         if hello.want_hashes:
-            head = await asyncio.to_thread(self.store.head, row)
-            step = HASHES_PER_FRAME * HASH_SIZE
-            for start in range(0, len(head), step):
-                writer.write(frame(Kind.HASHES, bytes(head[start : start + step]), offset=start // HASH_SIZE))
+            # Slice by slice from the index, never the whole list at once (32 MiB for a disk of 1 Mi chunks).
+            count = row.geometry.count
+            for first in range(0, count, HASHES_PER_FRAME):
+                hashes = await asyncio.to_thread(self.store.head_slice, row, first, HASHES_PER_FRAME)
+                writer.write(frame(Kind.HASHES, hashes, offset=first))
                 await writer.drain()
-            writer.write(frame(Kind.HASHES_END, offset=row.geometry.count))
+            writer.write(frame(Kind.HASHES_END, offset=count))
         await writer.drain()
         return stream
 
@@ -276,31 +426,39 @@ class Receiver:
         forward = asyncio.create_task(self._forward(stream, pipeline))
         try:
             while stream.failed is None:
-                header, payload = await _read_frame(reader)
+                header = Header.unpack(await reader.readexactly(HEADER.size))
                 if header.kind not in (Kind.CHUNK, Kind.POINT):
                     raise ProtocolError(f"unexpected {header.kind.name} frame on a stream")
                 if header.seq <= last:
                     raise ProtocolError(f"sequence {header.seq} after {last}: frames must be sent in order")
                 last = header.seq
-                while stream.inflight > MAX_INFLIGHT and stream.failed is None:
+                if header.kind is Kind.CHUNK:
+                    index, rest = divmod(header.offset, geometry.chunk_size)
+                    if rest or index >= geometry.count or header.size != geometry.length(index):
+                        raise ProtocolError(f"chunk at offset {header.offset} of {header.size} bytes is not a chunk")
+                size = HEADER.size + header.length
+                while stream.inflight and stream.inflight + size > MAX_INFLIGHT and stream.failed is None:
                     stream.room.clear()
                     await stream.room.wait()
-                size = HEADER.size + len(payload)
-                stream.inflight += size
-                stream.sizes.append((header.seq, size))
+                await self.budget.take(size)
+                stream.hold(header.seq, size)  # from here on the stream gives it back (acknowledged, or at its end)
+                stream.payload_since = loop.time()
+                payload = await reader.readexactly(header.length) if header.length else b""
+                stream.payload_since = None
                 if header.kind is Kind.POINT:
                     close = PointClose.from_json(parse_json(payload, "POINT"))
                     if stream.disk.disk not in close.disks:
                         raise ProtocolError("a point closed on a disk it does not name")
+                    # A point is listed only for a machine that may send it now, not at its HELLO.
+                    if not await asyncio.to_thread(self.authorize, stream.host_id, stream.serial, stream.disk.disk):
+                        raise NotProtected(f"{stream.disk.disk} of machine {stream.host_id} is no longer protected")
                     await pipeline.put((header.seq, size, PointPut(stream.disk.disk_key, close, header.seq)))
                     continue
-                index, rest = divmod(header.offset, geometry.chunk_size)
-                if rest or index >= geometry.count or header.size != geometry.length(index):
-                    raise ProtocolError(f"chunk at offset {header.offset} of {header.size} bytes is not a chunk")
                 check = loop.run_in_executor(self.pool, _verify, stream.disk.disk_key, index, header, payload)
                 await pipeline.put((header.seq, size, check))  # type: ignore[arg-type]
             raise _Closed
         finally:
+            stream.payload_since = None
             await pipeline.put(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(forward, 10)
@@ -318,6 +476,41 @@ class Receiver:
                 continue
             self.committer.submit(stream, put)
 
+    async def _watch_streams(self) -> None:
+        """Every RECHECK_SECONDS: close streams whose frame's payload does not come, and end those whose machine may
+        no longer send (one batched look-up for all of them)."""
+        loop = asyncio.get_running_loop()
+        failing = False
+        while True:
+            await asyncio.sleep(RECHECK_SECONDS)
+            now = loop.time()
+            streams = [s for s in self._streams.values() if s.failed is None]
+            for s in streams:
+                if s.payload_since is not None and now - s.payload_since > PAYLOAD_SECONDS:
+                    # It holds its share of the bytes all streams may hold: a trickle must not keep them.
+                    log.info(
+                        "%s %s: a frame's payload took over %.0f s: stream closed",
+                        s.host_id,
+                        s.disk.disk,
+                        PAYLOAD_SECONDS,
+                    )
+                    s.writer.transport.abort()  # no goodbye that a trickling client could hold up too
+            if self.recheck is None or not streams:
+                continue
+            try:
+                verdicts = await asyncio.to_thread(self.recheck, [(s.host_id, s.serial, s.disk.disk) for s in streams])
+            except Exception as e:  # the database away: HELLO and every point check again
+                if not failing:
+                    log.warning("cannot authorise the open streams again: %s", getattr(e, "message", e))
+                failing = True
+                continue
+            failing = False
+            for s, error in zip(streams, verdicts, strict=True):
+                if error is not None and s.failed is None:
+                    log.info("%s %s: %s: stream ended", s.host_id, s.disk.disk, error.id)
+                    s.dead = True
+                    s.fail(error)
+
 
 def _verify(disk_key: int, index: int, header: Header, payload: bytes) -> ChunkPut:
     """In the verify pool: decompress (bounded by the chunk's size) and check the hash before anything is kept."""
@@ -325,14 +518,7 @@ def _verify(disk_key: int, index: int, header: Header, payload: bytes) -> ChunkP
         if header.hash != zero_hash(header.size):
             raise ChunkCorrupt(f"a zero chunk at {header.offset} claims a non-zero hash")
         return ChunkPut(disk_key, index, header.hash, Codec.ZERO, header.size, b"", header.seq)
-    data = payload
-    if header.flags == Codec.ZSTD:
-        try:
-            data = _decompressor().decompress(payload, max_output_size=header.size)
-        except zstandard.ZstdError as e:
-            raise ChunkCorrupt(f"chunk at {header.offset} does not decompress: {e}") from e
-        if len(data) != header.size:
-            raise ChunkCorrupt(f"chunk at {header.offset} decompresses to {len(data)} bytes, not {header.size}")
+    data = _decompress(header, payload) if header.flags == Codec.ZSTD else payload
     if chunk_hash(data) != header.hash:
         raise ChunkCorrupt(f"chunk at {header.offset} (sequence {header.seq}) does not match its hash")
     if header.hash == zero_hash(header.size):
@@ -340,14 +526,84 @@ def _verify(disk_key: int, index: int, header: Header, payload: bytes) -> ChunkP
     return ChunkPut(disk_key, index, header.hash, Codec(header.flags), header.size, payload, header.seq)
 
 
+def _decompress(header: Header, payload: bytes) -> bytes:
+    """A chunk's one zstd frame, decompressed by a reader that stops at the chunk's size. The frame must declare
+    exactly that size (python-zstandard allocates what a frame declares, whatever it is told) and nothing may follow
+    it (skippable frames or trailing bytes would be kept in the pack with the chunk)."""
+    where = f"chunk at {header.offset}"
+    if payload[:4] != ZSTD_MAGIC:
+        raise ChunkCorrupt(f"{where} is not a zstd frame")
+    try:
+        declared = zstandard.frame_content_size(payload)
+        end = _frame_end(payload, header.size)
+    except (zstandard.ZstdError, IndexError) as e:
+        raise ChunkCorrupt(f"{where} is not a zstd frame: {e}") from e
+    if declared != header.size:
+        raise ChunkCorrupt(f"{where} declares {declared} bytes, not its {header.size}")
+    if end != len(payload):
+        raise ChunkCorrupt(f"{where} carries {len(payload) - end} bytes after its zstd frame")
+    try:
+        with _decompressor().stream_reader(payload, read_across_frames=False) as reader:
+            data = reader.read(header.size + 1)
+    except zstandard.ZstdError as e:
+        raise ChunkCorrupt(f"{where} does not decompress: {e}") from e
+    if len(data) != header.size:
+        raise ChunkCorrupt(f"{where} decompresses to {len(data)} bytes, not {header.size}")
+    return data
+
+
+def _frame_end(payload: bytes, size: int) -> int:
+    """Where the zstd frame at the start of ``payload`` ends (RFC 8878: header, blocks, optional checksum), walking
+    no more blocks than a chunk of ``size`` bytes can take (an encoder's blocks hold up to 128 KiB each)."""
+    at = zstandard.frame_header_size(payload)
+    checksum = 4 if payload[4] & 0x04 else 0
+    for _ in range(size // 1024 + 8):
+        if at + 3 > len(payload):
+            raise ChunkCorrupt("a zstd frame ends inside a block header")
+        block = int.from_bytes(payload[at : at + 3], "little")
+        kind, length = (block >> 1) & 3, block >> 3
+        if kind == 3:
+            raise ChunkCorrupt("a zstd block of the reserved type")
+        at += 3 + (1 if kind == 1 else length)  # an RLE block carries its one byte
+        if block & 1:
+            return at + checksum
+    raise ChunkCorrupt(f"a zstd frame of more blocks than {size} bytes need")
+
+
 _threads = threading.local()
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
     d: zstandard.ZstdDecompressor | None = getattr(_threads, "dctx", None)
-    if d is None:
-        d = _threads.dctx = zstandard.ZstdDecompressor()
+    if d is None:  # a frame needing a window larger than any chunk is refused before memory is taken for it
+        d = _threads.dctx = zstandard.ZstdDecompressor(max_window_size=MAX_CHUNK_SIZE)
     return d
+
+
+def _keepalive(sock: socket.socket) -> None:
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+async def _start_tls(
+    sock: socket.socket, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """The server's side of the TLS handshake on an accepted connection, within HANDSHAKE_SECONDS (None when it
+    failed: the loop closed the connection)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_LIMIT, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    try:
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=context, ssl_handshake_timeout=HANDSHAKE_SECONDS
+        )
+    except (OSError, ssl.SSLError, TimeoutError) as e:
+        log.debug("TLS handshake failed: %s", e)
+        return None
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[Header, bytes]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.shared.errors import MobilityError
 from server.database import Database
 from server.datadir import DataDir
-from server.errors import ListenFailed
+from server.edge import Connections
+from server.errors import ListenFailed, NotProtected, UnknownMachine
 from server.process.gc import collect
 from server.process.receiver import Receiver, stream_tls_context
 from server.process.store import DEFAULT_RESERVE, ChunkStore
@@ -49,6 +52,28 @@ class Protections:
         credential = self.storage.present_certificate(host_id, serial)
         return credential.protection is not None and credential.protection.covers(disk)
 
+    def recheck(self, streams: Sequence[tuple[str, str, str]]) -> list[MobilityError | None]:
+        """For each open stream's (host ID, certificate serial, disk): the error that ends it now, or None. One
+        query per 500 machines, by primary key (``credentials``, as the heartbeats are checked)."""
+        hosts = sorted({host for host, _, _ in streams})
+        found = {}
+        for i in range(0, len(hosts), 500):
+            found.update(self.storage.credentials(hosts[i : i + 500]))
+        verdicts: list[MobilityError | None] = []
+        for host, serial, disk in streams:
+            credential = found.get(host)
+            try:
+                if credential is None:
+                    raise UnknownMachine(f"host {host} is not registered (or was removed)")
+                credential.verify(serial)  # CERT-REVOKED, CERT-SUPERSEDED
+                if credential.protection is None or not credential.protection.covers(disk):
+                    raise NotProtected(f"{disk} of machine {host} is no longer protected")
+            except MobilityError as e:
+                verdicts.append(e)
+                continue
+            verdicts.append(None)
+        return verdicts
+
     def retention(self, host_id: str) -> int | None:
         row = self.storage.protection(host_id)
         return row.policy.retention if row else None
@@ -60,7 +85,9 @@ class Protections:
 class ProcessService:
     """Store + receiver + protection lookups; ``start`` binds the listener, ``close`` stops it cleanly."""
 
-    def __init__(self, data: DataDir, db: Database, options: ProcessOptions) -> None:
+    def __init__(
+        self, data: DataDir, db: Database, options: ProcessOptions, connections: Connections | None = None
+    ) -> None:
         self.data = data
         self.options = options
         self.store = ChunkStore(store_dir(data), writer=True, reserve=options.reserve)
@@ -69,7 +96,13 @@ class ProcessService:
         except BaseException:
             self.store.close()
             raise
-        self.receiver = Receiver(self.store, self.protections.authorize, self._after_point)
+        self.receiver = Receiver(
+            self.store,
+            self.protections.authorize,
+            self._after_point,
+            recheck=self.protections.recheck,
+            connections=connections,
+        )
         self.port = options.port
         self._collected = -COLLECT_EVERY
 

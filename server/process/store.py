@@ -30,11 +30,23 @@ import zstandard
 
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash, zeros
 from agent.shared.fsutil import open_lock_file
-from agent.shared.replication_wire import HASH_SIZE, Codec, PointClose
+from agent.shared.replication_wire import (
+    EARLIEST,
+    HASH_SIZE,
+    LATEST,
+    MAX_CHUNK_SIZE,
+    MAX_DISK_SIZE,
+    MAX_FREEZE_MS,
+    MAX_SEQ,
+    Codec,
+    PointClose,
+)
 from server.errors import (
     PointCorrupt,
+    PointIdTaken,
     PointMismatch,
     PointNotFound,
+    ReplicationProtocol,
     StoreBusy,
     StoreDamaged,
     StoreFull,
@@ -94,8 +106,49 @@ CREATE TABLE point_disks (
     PRIMARY KEY (point_id, disk)
 );
 """
+# A point belongs to a machine: points and their disks are keyed by (host, point), and a point ID is used once in the
+# store (an agent-chosen ID never reaches another machine's point: v1 keyed points by the ID alone). Rows another
+# machine wrote into a point under v1 cannot be told apart and stay with the point's first owner. Times and freeze
+# windows outside what the wire allows now (agent/shared/replication_wire.py) are brought inside it: a listing turned
+# a `created` of 1e300 into a date and failed.
+_SCHEMA_V2 = """
+CREATE TABLE points_v2 (
+    host_id TEXT NOT NULL,
+    point_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    consistency TEXT NOT NULL,
+    disks TEXT NOT NULL,
+    freeze_ms REAL,
+    PRIMARY KEY (host_id, point_id)
+);
+INSERT INTO points_v2
+    SELECT host_id, point_id, MIN(MAX(created, 0.0), 4294967296.0), consistency, disks,
+        CASE WHEN freeze_ms BETWEEN 0.0 AND 3600000.0 THEN freeze_ms END
+    FROM points;
+CREATE TABLE point_disks_v2 (
+    host_id TEXT NOT NULL,
+    point_id TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    root TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    closed REAL NOT NULL,
+    consistency TEXT NOT NULL,
+    PRIMARY KEY (host_id, point_id, disk)
+);
+INSERT INTO point_disks_v2
+    SELECT p.host_id, d.point_id, d.disk, d.size, d.chunk_size, d.root, d.manifest, d.closed, d.consistency
+    FROM point_disks d JOIN points p ON p.point_id = d.point_id;
+DROP TABLE point_disks;
+DROP TABLE points;
+ALTER TABLE points_v2 RENAME TO points;
+ALTER TABLE point_disks_v2 RENAME TO point_disks;
+CREATE INDEX points_by_host ON points (host_id, created);
+CREATE UNIQUE INDEX points_by_id ON points (point_id);
+"""
 # Each entry brings the index from version N to N+1. Never edit a released entry: add one.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -338,29 +391,51 @@ class ChunkStore:
         """Every chunk hash of the disk's replica, in order (zero hashes where nothing was received)."""
         return self._head(self.reader_db, row)
 
+    def head_slice(self, row: DiskRow, first: int, n: int) -> bytes:
+        """The replica's chunk hashes from ``first``, at most ``n`` of them (a stream sends them slice by slice)."""
+        return bytes(self._head(self.reader_db, row, first, n))
+
     @staticmethod
-    def _head(db: sqlite3.Connection, row: DiskRow) -> bytearray:
+    def _head(db: sqlite3.Connection, row: DiskRow, first: int = 0, n: int | None = None) -> bytearray:
         g = row.geometry
-        buf = bytearray(zero_hash(g.chunk_size) * g.count)
+        end = g.count if n is None else min(g.count, first + n)
+        if end <= first:
+            return bytearray()
+        buf = bytearray(zero_hash(g.chunk_size) * (end - first))
         last = g.count - 1
-        if g.length(last) != g.chunk_size:
-            buf[last * HASH_SIZE :] = zero_hash(g.length(last))
+        if end == g.count and g.length(last) != g.chunk_size:
+            buf[(last - first) * HASH_SIZE :] = zero_hash(g.length(last))
         for idx, digest in db.execute(
-            "SELECT idx, hash FROM heads WHERE disk_key = ? AND idx < ? ORDER BY idx", (row.disk_key, g.count)
+            "SELECT idx, hash FROM heads WHERE disk_key = ? AND idx >= ? AND idx < ? ORDER BY idx",
+            (row.disk_key, first, end),
         ):
-            buf[idx * HASH_SIZE : (idx + 1) * HASH_SIZE] = digest
+            at = (idx - first) * HASH_SIZE
+            buf[at : at + HASH_SIZE] = digest
         return buf
 
     # The group commit ---------------------------------------------------------------------------------------------
 
     def commit(self, items: Sequence[ChunkPut | PointPut]) -> list[Exception | None]:
-        """Make ``items`` durable in one group commit; one outcome per item (a point refused for a root mismatch
-        fails alone). Raises StoreFull or StoreWriteFailed when nothing of the batch was kept."""
+        """Make ``items`` durable in one group commit, each disk's in the order given (its stream's sequence
+        order); one outcome per item. An item that is refused (out of bounds, a point whose root does not match or
+        whose ID another machine holds) fails alone, with the items of its disk that follow it in the batch: its
+        stream ends there, and every other disk's items are kept. Raises StoreFull or StoreWriteFailed when nothing
+        of the batch was kept (and anything else only after undoing the batch's pack bytes)."""
         with self.write_lock:
             return self._commit(items)
 
     def _commit(self, items: Sequence[ChunkPut | PointPut]) -> list[Exception | None]:
-        chunks = [i for i in items if isinstance(i, ChunkPut) and i.codec is not Codec.ZERO]
+        outcomes: list[Exception | None] = [None] * len(items)
+        refused: dict[int, Exception] = {}  # disk key -> what ended its stream in this batch
+        for n, item in enumerate(items):
+            error = refused.get(item.disk_key) or _out_of_bounds(item)
+            if error is not None:
+                refused[item.disk_key] = outcomes[n] = error
+        chunks = [
+            i
+            for i, outcome in zip(items, outcomes, strict=True)
+            if outcome is None and isinstance(i, ChunkPut) and i.codec is not Codec.ZERO
+        ]
         fresh = self._missing({c.hash for c in chunks})
         records: list[bytes] = []
         placed: list[tuple[bytes, int, int, int, int, int]] = []
@@ -387,18 +462,20 @@ class ChunkStore:
                 _write_all(self.pack_fd, records)
                 os.fdatasync(self.pack_fd)
                 self.pack_size = offset
-            outcomes = self._index(items, placed)
-        except OSError as e:
+            return self._index(items, outcomes, placed)
+        except BaseException as e:
+            # Whatever failed, the batch's bytes leave the pack: no later batch may append after bytes that no
+            # index row names (and that a restart would otherwise cut together with acknowledged records).
             self._undo_pack(start_pack, start_size)
-            if e.errno == 28:  # ENOSPC
-                raise StoreFull(f"{self.root}: the filesystem is full ({e.strerror})") from e
-            raise StoreWriteFailed(f"{self.root}: {e.strerror or e}") from e
-        except sqlite3.OperationalError as e:
-            self._undo_pack(start_pack, start_size)
-            if "full" in str(e):
-                raise StoreFull(f"{self.root}: {e}") from e
-            raise StoreWriteFailed(f"{self.root / 'index.db'}: {e}") from e
-        return outcomes
+            if isinstance(e, OSError):
+                if e.errno == 28:  # ENOSPC
+                    raise StoreFull(f"{self.root}: the filesystem is full ({e.strerror})") from e
+                raise StoreWriteFailed(f"{self.root}: {e.strerror or e}") from e
+            if isinstance(e, sqlite3.OperationalError):
+                if "full" in str(e):
+                    raise StoreFull(f"{self.root}: {e}") from e
+                raise StoreWriteFailed(f"{self.root / 'index.db'}: {e}") from e
+            raise
 
     def _undo_pack(self, pack: int, size: int) -> None:
         with contextlib.suppress(OSError):
@@ -427,28 +504,35 @@ class ChunkStore:
         return missing
 
     def _index(
-        self, items: Sequence[ChunkPut | PointPut], placed: list[tuple[bytes, int, int, int, int, int]]
+        self,
+        items: Sequence[ChunkPut | PointPut],
+        outcomes: list[Exception | None],
+        placed: list[tuple[bytes, int, int, int, int, int]],
     ) -> list[Exception | None]:
-        outcomes: list[Exception | None] = []
         now = time.time()
         with self._transaction() as db:
             db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)", placed)
-            heads: list[tuple[int, int, bytes]] = []
-            zeroed: list[tuple[int, int]] = []
+            # Each chunk's newest frame so far, in sequence order: a chunk written, zeroed and written again in one
+            # batch ends as its last frame says, exactly as if each frame had been committed alone.
+            heads: dict[tuple[int, int], bytes | None] = {}
             seqs: dict[int, int] = {}
-            for item in items:
+            refused: dict[int, Exception] = {}
+            for n, item in enumerate(items):
+                if outcomes[n] is not None:
+                    continue
+                if item.disk_key in refused:
+                    outcomes[n] = refused[item.disk_key]
+                    continue
                 if isinstance(item, ChunkPut):
-                    if item.codec is Codec.ZERO:
-                        zeroed.append((item.disk_key, item.index))
-                    else:
-                        heads.append((item.disk_key, item.index, item.hash))
-                    outcomes.append(None)
+                    heads[(item.disk_key, item.index)] = None if item.codec is Codec.ZERO else item.hash
                 else:
-                    self._apply_heads(db, heads, zeroed)
-                    outcomes.append(self._close_point(db, item, now))
-                if outcomes[-1] is None:  # a refused point is not acknowledged, so not counted as durable
-                    seqs[item.disk_key] = max(seqs.get(item.disk_key, 0), item.seq)
-            self._apply_heads(db, heads, zeroed)
+                    self._apply_heads(db, heads)  # the point covers exactly the frames before it
+                    outcome = self._close_point(db, item, now)
+                    if outcome is not None:  # refused, so not acknowledged, so not counted as durable
+                        refused[item.disk_key] = outcomes[n] = outcome
+                        continue
+                seqs[item.disk_key] = max(seqs.get(item.disk_key, 0), item.seq)
+            self._apply_heads(db, heads)
             db.executemany(
                 "UPDATE disks SET acked_seq = MAX(acked_seq, ?), updated = ? WHERE disk_key = ?",
                 [(seq, now, key) for key, seq in seqs.items()],
@@ -456,16 +540,14 @@ class ChunkStore:
         return outcomes
 
     @staticmethod
-    def _apply_heads(
-        db: sqlite3.Connection, heads: list[tuple[int, int, bytes]], zeroed: list[tuple[int, int]]
-    ) -> None:
-        # In arrival order: a chunk written then zeroed (or the reverse) in one batch ends as the later one.
-        if heads:
-            db.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", heads)
+    def _apply_heads(db: sqlite3.Connection, heads: dict[tuple[int, int], bytes | None]) -> None:
+        written = [(key, idx, digest) for (key, idx), digest in heads.items() if digest is not None]
+        zeroed = [(key, idx) for (key, idx), digest in heads.items() if digest is None]
+        if written:
+            db.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", written)
         if zeroed:
             db.executemany("DELETE FROM heads WHERE disk_key = ? AND idx = ?", zeroed)
         heads.clear()
-        zeroed.clear()
 
     def _close_point(self, db: sqlite3.Connection, put: PointPut, now: float) -> Exception | None:
         row = db.execute(
@@ -473,6 +555,21 @@ class ChunkStore:
         ).fetchone()
         disk = DiskRow(*row)
         close = put.close
+        owner = db.execute("SELECT host_id FROM points WHERE point_id = ?", (close.point_id,)).fetchone()
+        if owner is not None and owner[0] != disk.host_id:
+            return PointIdTaken(
+                f"point {close.point_id} of {disk.disk}: another machine holds a point with this ID; the point was "
+                "refused"
+            )
+        closed = db.execute(
+            "SELECT root FROM point_disks WHERE host_id = ? AND point_id = ? AND disk = ?",
+            (disk.host_id, close.point_id, disk.disk),
+        ).fetchone()
+        if closed is not None and closed[0] != close.root:
+            return PointIdTaken(
+                f"point {close.point_id} was closed on {disk.disk} before, with another root hash: a closed point "
+                "never changes; the point was refused"
+            )
         hashes = self._head(db, disk)
         root = RootHasher(disk.geometry)
         root.update(hashes)
@@ -484,12 +581,25 @@ class ChunkStore:
             )
         manifest = self._write_manifest(hashes)
         db.execute(
-            "INSERT OR IGNORE INTO points VALUES (?, ?, ?, ?, ?, ?)",
-            (close.point_id, disk.host_id, close.created, close.consistency, "\n".join(close.disks), close.freeze_ms),
+            "INSERT OR IGNORE INTO points (host_id, point_id, created, consistency, disks, freeze_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (disk.host_id, close.point_id, close.created, close.consistency, "\n".join(close.disks), close.freeze_ms),
         )
         db.execute(
-            "INSERT OR REPLACE INTO point_disks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (close.point_id, disk.disk, disk.size, disk.chunk_size, close.root, manifest, now, close.consistency),
+            "INSERT OR REPLACE INTO point_disks "
+            "(host_id, point_id, disk, size, chunk_size, root, manifest, closed, consistency) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                disk.host_id,
+                close.point_id,
+                disk.disk,
+                disk.size,
+                disk.chunk_size,
+                close.root,
+                manifest,
+                now,
+                close.consistency,
+            ),
         )
         return None
 
@@ -523,32 +633,39 @@ class ChunkStore:
         rows = self.reader_db.execute(
             "SELECT point_id FROM points WHERE host_id = ? ORDER BY created, point_id", (host_id,)
         ).fetchall()
-        found = [self.point(r[0]) for r in rows]
+        found = [self.point(host_id, r[0]) for r in rows]
         return [p for p in found if p is not None and (p.complete or not complete_only)]
 
-    def point(self, point_id: str) -> Point | None:
+    def point(self, host_id: str, point_id: str) -> Point | None:
+        """The machine's point by ID (another machine's point of that ID is not this one)."""
         db = self.reader_db
         row = db.execute(
-            "SELECT point_id, host_id, created, consistency, disks, freeze_ms FROM points WHERE point_id = ?",
-            (point_id,),
+            "SELECT point_id, host_id, created, consistency, disks, freeze_ms FROM points "
+            "WHERE host_id = ? AND point_id = ?",
+            (host_id, point_id),
         ).fetchone()
         if row is None:
             return None
         disks = tuple(
             PointDisk(*r)
             for r in db.execute(
-                "SELECT disk, size, chunk_size, root, manifest FROM point_disks WHERE point_id = ? ORDER BY disk",
-                (point_id,),
+                "SELECT disk, size, chunk_size, root, manifest FROM point_disks "
+                "WHERE host_id = ? AND point_id = ? ORDER BY disk",
+                (host_id, point_id),
             )
         )
         named = [d for d in str(row[4]).split("\n") if d]
         complete = {d.disk for d in disks} >= set(named)
-        consistency = _weakest([str(row[3]), *self._disk_consistency(point_id)])
+        labels = db.execute(
+            "SELECT consistency FROM point_disks WHERE host_id = ? AND point_id = ?", (host_id, point_id)
+        )
+        consistency = _weakest([str(row[3]), *(r[0] for r in labels)])
         return Point(row[0], row[1], row[2], consistency, disks, row[5], complete)
 
-    def _disk_consistency(self, point_id: str) -> list[str]:
-        db = self.reader_db
-        return [r[0] for r in db.execute("SELECT consistency FROM point_disks WHERE point_id = ?", (point_id,))]
+    def find_point(self, point_id: str) -> Point | None:
+        """A point by its ID alone, whichever machine's (an ID is used once in a store): `verify --point ID`."""
+        row = self.reader_db.execute("SELECT host_id FROM points WHERE point_id = ?", (point_id,)).fetchone()
+        return self.point(str(row[0]), point_id) if row else None
 
     def resolve_point(self, host_id: str, point_id: str) -> Point:
         """A complete point of the machine by ID, or its newest for ``latest`` (PointNotFound otherwise)."""
@@ -557,8 +674,8 @@ class ChunkStore:
             if not points:
                 raise PointNotFound(f"machine {host_id} has no complete recovery point yet")
             return points[-1]
-        point = self.point(point_id)
-        if point is None or point.host_id != host_id or not point.complete:
+        point = self.point(host_id, point_id)
+        if point is None or not point.complete:
             raise PointNotFound(f"no complete point {point_id!r} for machine {host_id}")
         return point
 
@@ -583,8 +700,9 @@ class ChunkStore:
         drop = [p.point_id for p in points if p.created < cutoff]
         with self.write_lock:
             with self._transaction() as db:
-                db.executemany("DELETE FROM point_disks WHERE point_id = ?", [(p,) for p in drop])
-                db.executemany("DELETE FROM points WHERE point_id = ?", [(p,) for p in drop])
+                keys = [(host_id, p) for p in drop]
+                db.executemany("DELETE FROM point_disks WHERE host_id = ? AND point_id = ?", keys)
+                db.executemany("DELETE FROM points WHERE host_id = ? AND point_id = ?", keys)
             live = {r[0] for r in self.db.execute("SELECT DISTINCT manifest FROM point_disks")}
             for path in self.manifests_dir.glob("*.zst"):
                 if path.stem not in live:
@@ -656,6 +774,23 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if d is None:
         d = _threads.dctx = zstandard.ZstdDecompressor()
     return d
+
+
+def _out_of_bounds(item: ChunkPut | PointPut) -> Exception | None:
+    """The store's own check of what the receiver parsed at the edge: a number it cannot hold fails the item (and
+    its stream), never the batch."""
+    if not 0 < item.seq <= MAX_SEQ:
+        return ReplicationProtocol(f"sequence {item.seq} is outside 1 to 2^62")
+    if isinstance(item, ChunkPut):
+        if not 0 <= item.index < MAX_DISK_SIZE or not 0 < item.raw_len <= MAX_CHUNK_SIZE or len(item.hash) != HASH_SIZE:
+            return ReplicationProtocol(f"chunk {item.index} of {item.raw_len} bytes is not a chunk")
+        return None
+    close = item.close
+    if not EARLIEST <= close.created <= LATEST or not (
+        close.freeze_ms is None or 0.0 <= close.freeze_ms <= MAX_FREEZE_MS
+    ):
+        return ReplicationProtocol(f"point {close.point_id}: its time or freeze window is out of bounds")
+    return None
 
 
 def _weakest(labels: Sequence[str]) -> str:

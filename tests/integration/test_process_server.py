@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -300,3 +301,53 @@ def test_pause_resume_and_a_new_policy_as_the_docs_write_them_keep_the_disks(
         assert (r.returncode, r.stderr.split(":")[0]) == (2, "error PROTECT-DISK-INVALID"), r.stderr
     r = server_cli(server.data, "protect", "--machine", hostname)
     assert (r.returncode, r.stderr.split(":")[0]) == (2, "error PROTECT-DISK-INVALID"), r.stderr
+
+
+def test_a_renewed_certificate_ends_the_old_stream_and_the_disk_carries_on_with_the_new_one(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A disk's replicator streams with the machine's certificate; the machine renews it and uses the new one. The
+    process server ends the stream of the replaced certificate within seconds (CERT-SUPERSEDED), and the replicator
+    reconnects with the new certificate, back in CONTINUOUS without the error."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.registration import heartbeat, renew_certificate
+    from agent.replication.devices import BlockDevice
+    from agent.replication.sync import DiskReplicator
+    from tests.integration.serverproc import wait_for
+
+    paths = machine(server, tmp_path)
+    backing = tmp_path / "disk.img"
+    backing.write_bytes(os.urandom(8 * CHUNK))
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    try:
+        st = os.stat(loop)
+        device = BlockDevice(DISK, Path(loop), os.major(st.st_rdev), os.minor(st.st_rdev), Path(loop).name)
+        (tmp_path / "state").mkdir()
+
+        def context() -> Any:
+            return authenticated_client(paths)[1].context
+
+        stream = Stream(ServerAddress("127.0.0.1", server.process_port), context(), timeout=10)
+        with ThreadPoolExecutor(2) as pool:
+            replicator = DiskReplicator(device, tmp_path / "state", stream, pool, boot_id="boot", context=context)
+            replicator.start()
+            try:
+                wait_for("the initial sync", lambda: replicator.state == "CONTINUOUS", timeout=60)
+                renew_certificate(paths)
+                heartbeat(paths, {"status": "healthy"})  # the new certificate's first use: the old one is replaced
+                wait_for("the old stream's end", lambda: replicator.error == "CERT-SUPERSEDED", timeout=15)
+                wait_for(
+                    "the stream of the new certificate",
+                    lambda: replicator.error is None and replicator.stream.connected,
+                    timeout=15,
+                )
+                assert replicator.state == "CONTINUOUS"
+            finally:
+                replicator.stop()
+                replicator.join(30)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False, timeout=30)

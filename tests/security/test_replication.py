@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -16,14 +17,28 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import zstandard
 
+from agent.errors import RemoteError
 from agent.paths import Paths
 from agent.registration import authenticated_client
-from agent.replication.chunks import chunk_hash
-from agent.shared.replication_wire import HEADER, Codec, Header, Hello, Kind, StreamError, frame, json_frame
-from server.process.store import ChunkStore
+from agent.replication.chunks import Geometry, RootHasher, chunk_hash
+from agent.replication.transport import Stream
+from agent.shared.address import ServerAddress
+from agent.shared.replication_wire import (
+    HEADER,
+    Codec,
+    Header,
+    Hello,
+    Kind,
+    PointClose,
+    StreamError,
+    frame,
+    json_frame,
+)
+from server.process.store import RECORD, ChunkStore
 from tests.conftest import REPO, require_root
 from tests.integration.serverproc import (
     ServerProcess,
@@ -184,6 +199,23 @@ def test_hostile_streams_are_refused_with_stable_ids_and_the_server_keeps_servin
             "REPL-POINT-MISMATCH",
         ),
         (
+            "a point made in the year 1e300",
+            hello()
+            + json_frame(
+                Kind.POINT,
+                {
+                    "point_id": str(uuid.uuid4()),
+                    "created": 1e300,
+                    "root": "0" * 64,
+                    "consistency": "crash-consistent",
+                    "disks": [DISK],
+                },
+                seq=1,
+            ),
+            "REPL-PROTOCOL",
+        ),
+        ("a sequence beyond 2^62", hello() + chunk(1 << 62, 0, os.urandom(CHUNK)), "REPL-PROTOCOL"),
+        (
             "a point for another disk",
             hello()
             + json_frame(
@@ -286,10 +318,26 @@ def test_poisoned_replication_reports_are_refused_at_the_edge(server: ServerProc
         {"disks": [{"disk": "/dev/sdb", "state": "STALLED", "throughput_bps": float("nan")}]},
         {"disks": [{"disk": "/dev/sdb", "state": "STALLED", "throughput_bps": 0}] * 65},
         {"disks": "all"},
+        {"disks": [], "last_point": 1e300},  # `protection` turned it into a date and failed, for the whole fleet
+        {"disks": [{"disk": "/dev/sdb", "state": "CONTINUOUS", "throughput_bps": 0, "last_point": 1e300}]},
+        {"disks": [{"disk": "/dev/sdb", "state": "CONTINUOUS", "throughput_bps": 1e300}]},
+        {"disks": [], "freeze_ms": -1},
     ):
         body = json.dumps({"host_id": host_id, "agent_version": "0.1.0", "replication": report}).encode()
         status, doc = raw_call(server, "POST", "/v1/heartbeat", body, cert=cert)
         assert (status, doc.get("error", {}).get("code")) == (400, "BAD-REQUEST"), report
+    # A report an older server stored before these bounds reads as no report: the listing still works.
+    storage = open_storage(server.data)
+    try:
+        storage.record_replication([(host_id, time.time(), json.dumps({"disks": [], "last_point": 1e300}))])
+    finally:
+        storage.close()
+    r = server_cli(server.data, "protection")
+    assert r.returncode == 0 and "default" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    r = server_cli(server.data, "protection", "--json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["machines"]
+    assert row["host_id"] == host_id and row["replication"] is None
 
 
 def test_hostile_command_line_arguments_lose_nothing(server: ServerProcess, tmp_path: Path) -> None:
@@ -405,7 +453,7 @@ def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: Ser
     assert report["disks"][0]["filesystems"][0]["fstype"] == "ext4"
 
 
-def close_point(server: ServerProcess, paths: Paths, disks: dict[str, bytes], created: float | None = None) -> str:
+def point_of_disks(server: ServerProcess, paths: Paths, disks: dict[str, bytes], created: float | None = None) -> str:
     """A point over ``disks`` (each disk's whole content), sent through the agent's own stream client; its ID."""
     from agent.replication.chunks import Geometry, RootHasher
     from agent.replication.transport import Stream
@@ -439,7 +487,7 @@ def test_absurd_times_already_stored_break_no_listing_and_no_failover(server: Se
 
     paths, host_id = machine(server, tmp_path, "m1")
     data = os.urandom(CHUNK)
-    point_id = close_point(server, paths, {DISK: data})
+    point_id = point_of_disks(server, paths, {DISK: data})
     index = sqlite3.connect(server.data / "process" / "index.db", timeout=30)
     with index:
         index.execute("UPDATE points SET created = 1e300 WHERE point_id = ?", (point_id,))
@@ -505,7 +553,7 @@ def test_a_failed_failover_leaves_no_image_that_looks_usable(server: ServerProce
     paths, host_id = machine(server, tmp_path, "m1", protect=False)
     protect_disks(server, host_id, "/dev/sdb", "/dev/sdc")
     sdb, sdc = os.urandom(4 * CHUNK), os.urandom(4 * CHUNK)
-    point_id = close_point(server, paths, {"/dev/sdb": sdb, "/dev/sdc": sdc})
+    point_id = point_of_disks(server, paths, {"/dev/sdb": sdb, "/dev/sdc": sdc})
     argv = ("failover", "--machine", host_id, "--point", point_id, "--out")
 
     # Stopped after the first image was written: nothing stays.
@@ -562,7 +610,7 @@ def test_two_disk_names_for_one_image_name_both_fail_over(server: ServerProcess,
     paths, host_id = machine(server, tmp_path, "m1", protect=False)
     protect_disks(server, host_id, "/dev/a_b", "/dev/a/b")
     first, second = os.urandom(2 * CHUNK), os.urandom(3 * CHUNK)
-    close_point(server, paths, {"/dev/a_b": first, "/dev/a/b": second})
+    point_of_disks(server, paths, {"/dev/a_b": first, "/dev/a/b": second})
     out = tmp_path / "out"
     r = failover_cli(server, "failover", "--machine", host_id, "--point", "latest", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
@@ -601,7 +649,7 @@ def test_a_stopped_test_failover_leaves_no_loop_device_or_mount(server: ServerPr
     fs = tmp_path / "fs.img"
     fs.write_bytes(bytes(16 << 20))
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(fs)], check=True, capture_output=True, timeout=60)
-    close_point(server, paths, {DISK: fs.read_bytes()})
+    point_of_disks(server, paths, {DISK: fs.read_bytes()})
     scratch = tmp_path / "scratch"
     argv = ("test-failover", "--machine", host_id, "--point", "latest", "--scratch", str(scratch))
 
@@ -651,3 +699,257 @@ def test_a_stopped_test_failover_leaves_no_loop_device_or_mount(server: ServerPr
     r = failover_cli(server, *argv)
     assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
     assert held_under(scratch) == [] and images_in(scratch) == []
+
+
+# Issue 20: a machine's points, authorisation for a stream's life, one bad frame, memory, connections -----------
+
+
+def stream_of(server: ServerProcess, paths: Paths) -> Stream:
+    _, client = authenticated_client(paths)
+    return Stream(ServerAddress("127.0.0.1", server.process_port), client.context, timeout=20)
+
+
+def send_data(stream: Stream, index: int, data: bytes) -> None:
+    stream.send(Kind.CHUNK, data, flags=Codec.RAW, offset=index * CHUNK, size=CHUNK, digest=chunk_hash(data))
+
+
+def close_point(stream: Stream, disk: list[bytes], point_id: str | None = None, name: str = DISK) -> str:
+    root = RootHasher(Geometry(len(disk) * CHUNK, CHUNK))
+    root.update(b"".join(chunk_hash(d) for d in disk))
+    point = PointClose(point_id or str(uuid.uuid4()), time.time(), root.hexdigest(), "raw-idle", (name,))
+    stream.send(Kind.POINT, json.dumps(point.to_json()).encode())
+    return point.point_id
+
+
+def ended_with(stream: Stream, within: float) -> str:
+    """The error ID the server ends an open (idle) stream with, within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            stream.pump(0.5)
+        except RemoteError as e:
+            return e.id
+    raise AssertionError(f"the stream is still open after {within:.0f} s")
+
+
+def listed_points(server: ServerProcess, host_id: str) -> list[str]:
+    r = server_cli(server.data, "points", "--machine", host_id, "--json")
+    assert r.returncode == 0, r.stderr
+    return [str(p["point_id"]) for p in json.loads(r.stdout)]
+
+
+def test_a_point_id_of_another_machine_changes_nothing_of_its_point(server: ServerProcess, tmp_path: Path) -> None:
+    """Machine B, with its own certificate, closes a point with machine A's point ID (points were keyed by the ID
+    alone: A's failover then wrote B's bytes). B's stream ends with REPL-POINT-ID-TAKEN; A's point, listing and
+    failover image are A's, and B lists no point."""
+    a, host_a = machine(server, tmp_path, "a")
+    b, host_b = machine(server, tmp_path, "b")
+    a_disk, b_disk = [os.urandom(CHUNK) for _ in range(2)], [os.urandom(CHUNK) for _ in range(2)]
+    stream = stream_of(server, a)
+    stream.connect(Hello(DISK, 2 * CHUNK, CHUNK))
+    for i, data in enumerate(a_disk):
+        send_data(stream, i, data)
+    taken = close_point(stream, a_disk)
+    assert stream.drain(20)
+    stream.close()
+    stream = stream_of(server, b)
+    stream.connect(Hello(DISK, 2 * CHUNK, CHUNK))
+    for i, data in enumerate(b_disk):
+        send_data(stream, i, data)
+    close_point(stream, b_disk, taken)
+    with pytest.raises(RemoteError) as e:
+        stream.drain(20)
+    assert e.value.id == "REPL-POINT-ID-TAKEN"
+    assert listed_points(server, host_a) == [taken] and listed_points(server, host_b) == []
+    out = tmp_path / "a-failover"
+    r = server_cli(server.data, "failover", "--machine", host_a, "--point", taken, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "sdb.img").read_bytes() == b"".join(a_disk)
+    r = server_cli(server.data, "failover", "--machine", host_b, "--point", taken, "--out", str(tmp_path / "b"))
+    assert r.returncode != 0 and "error POINT-NOT-FOUND:" in r.stderr
+    still_serving(server, b)
+
+
+def test_revoked_unprotected_and_replaced_certificates_end_open_streams(server: ServerProcess, tmp_path: Path) -> None:
+    """Authorisation holds for a stream's life, not only at its HELLO: `machines revoke`, `unprotect` and a
+    certificate a renewal replaced end the machine's open streams within seconds, with the ID the agent shows, and
+    a point sent after the change is not listed."""
+    from agent.registration import heartbeat, renew_certificate
+
+    changes = {
+        "revoke": (lambda host: server_cli(server.data, "machines", "revoke", host), "CERT-REVOKED"),
+        "unprotect": (lambda host: server_cli(server.data, "unprotect", "--machine", host), "REPL-NOT-PROTECTED"),
+    }
+    for name, (change, code) in changes.items():
+        paths, host_id = machine(server, tmp_path, name)
+        storage = open_storage(server.data)
+        try:
+            storage.protect(host_id, [DISK, "/dev/sdc"], False, "default", False, time.time())
+        finally:
+            storage.close()
+        idle, busy = stream_of(server, paths), stream_of(server, paths)
+        idle.connect(Hello(DISK, CHUNK, CHUNK))
+        busy.connect(Hello("/dev/sdc", CHUNK, CHUNK))
+        data = os.urandom(CHUNK)
+        send_data(busy, 0, data)
+        assert busy.drain(20)
+        assert change(host_id).returncode == 0
+        close_point(busy, [data], name="/dev/sdc")  # at once: before any periodic check could run
+        with pytest.raises(RemoteError) as e:
+            busy.drain(20)
+        assert e.value.id == code, name
+        started = time.monotonic()
+        assert ended_with(idle, 10) == code, name
+        assert time.monotonic() - started < 8, name
+        assert listed_points(server, host_id) == [], name
+    paths, host_id = machine(server, tmp_path, "renewed")
+    stream = stream_of(server, paths)  # with the certificate of now
+    stream.connect(Hello(DISK, CHUNK, CHUNK))
+    renew_certificate(paths)
+    heartbeat(paths, {"status": "healthy"})  # the renewed certificate's first use replaces the old one
+    assert ended_with(stream, 10) == "CERT-SUPERSEDED"
+    renewed = stream_of(server, paths)  # the agent reconnects with its new certificate
+    renewed.connect(Hello(DISK, CHUNK, CHUNK))
+    data = os.urandom(CHUNK)
+    send_data(renewed, 0, data)
+    close_point(renewed, [data])
+    assert renewed.drain(20)
+    assert len(listed_points(server, host_id)) == 1
+
+
+def test_one_machines_bad_frame_harms_no_other_stream(server: ServerProcess, tmp_path: Path) -> None:
+    """A frame with a sequence of 2^63 failed the whole group commit with SQLite's OverflowError: every machine's
+    stream in that batch, and its chunk stayed in the pack unindexed. It is refused at the edge now, on its stream
+    only, while another machine's stream goes on and is acknowledged."""
+    good, host_good = machine(server, tmp_path, "good")
+    bad, host_bad = machine(server, tmp_path, "bad")
+    stream = stream_of(server, good)
+    stream.connect(Hello(DISK, 4 * CHUNK, CHUNK))
+    disk = [os.urandom(CHUNK) for _ in range(4)]
+    send_data(stream, 0, disk[0])
+    sock = connect(server, bad)
+    sock.sendall(hello() + chunk(1 << 63, 0, os.urandom(CHUNK)))
+    for i, data in enumerate(disk[1:], 1):
+        send_data(stream, i, data)
+    assert error_of(answer(sock)) == "REPL-PROTOCOL"
+    sock.close()
+    assert stream.drain(20)
+    stream.close()
+    store = ChunkStore(server.data / "process")
+    try:
+        row = store.disk(host_good, DISK)
+        assert row is not None and bytes(store.head(row)) == b"".join(chunk_hash(d) for d in disk)
+        bad_row = store.disk(host_bad, DISK)
+        assert bad_row is not None and bad_row.acked_seq == 0 and store.usage().chunks == 4
+        kept = store.db.execute("SELECT COUNT(*) * ? + SUM(stored) FROM chunks", (RECORD.size,)).fetchone()[0]
+        assert sum(p.stat().st_size for p in store.packs_dir.glob("*.pack")) == kept  # no byte the index does not name
+    finally:
+        store.close()
+
+
+def _peak(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_hostile_input_costs_the_server_bounded_memory(server: ServerProcess, tmp_path: Path) -> None:
+    """The server's peak RSS (reset before each case) around: a 32 KiB zstd frame that declares 1 GiB (it took
+    1 GiB), skippable frames after a chunk's frame (kept in the pack: 128 times the chunk), a HELLO of 2^36 bytes
+    in 4 KiB chunks asking for the replica's hashes (a 512 MiB list) and one of 2^20 chunks, what agents use, whose
+    32 MiB of hashes now come slice by slice."""
+    paths, _ = machine(server, tmp_path, "m1")
+    pid = server.proc.pid
+    rss = psutil.Process(pid).memory_info
+    data = os.urandom(CHUNK // 2) + bytes(CHUNK // 2)
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(1 << 30))
+    assert len(bomb) < 40 * 1024
+    skippable = struct.pack("<II", 0x184D2A50, 8 << 20) + bytes(8 << 20)
+    cases: list[tuple[str, bytes, str]] = [
+        ("a frame declaring 1 GiB", _zstd_chunk(bomb, data), "REPL-CHUNK-CORRUPT"),
+        ("skippable frames after", _zstd_chunk(zstandard.compress(data, 1) + skippable, data), "REPL-CHUNK-CORRUPT"),
+        (
+            "2^24 chunks",
+            json_frame(Kind.HELLO, Hello(DISK, 1 << 36, 4096, want_hashes=True).to_json()),
+            "REPL-DISK-TOO-LARGE",
+        ),
+    ]
+    for name, payload, code in cases:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from the RSS of now
+        before = rss().rss
+        sock = connect(server, paths)
+        sock.sendall(payload)
+        assert error_of(answer(sock)) == code, name
+        sock.close()
+        assert _peak(pid) - before < 48 << 20, f"{name}: the server's RSS rose by {(_peak(pid) - before) >> 20} MiB"
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = rss().rss
+    stream = stream_of(server, paths)
+    hashes = 0
+
+    def count(first: int, part: bytes) -> None:
+        nonlocal hashes
+        assert first == hashes
+        hashes += len(part) // 32
+
+    stream.connect(Hello(DISK, 1 << 36, 1 << 16, want_hashes=True), count)
+    stream.close()
+    assert hashes == 1 << 20
+    assert _peak(pid) - before < 20 << 20, f"hashes of 2^20 chunks: +{(_peak(pid) - before) >> 20} MiB"
+    store = ChunkStore(server.data / "process")
+    try:
+        assert store.usage().chunks == 0 and all(p.stat().st_size == 0 for p in store.packs_dir.glob("*.pack"))
+    finally:
+        store.close()
+    still_serving(server, paths)
+
+
+def _zstd_chunk(payload: bytes, data: bytes) -> bytes:
+    return hello() + frame(
+        Kind.CHUNK, payload, flags=Codec.ZSTD, seq=1, offset=0, size=len(data), hash=chunk_hash(data)
+    )
+
+
+def test_idle_connections_to_the_process_port_leave_the_api_serving(tmp_path: Path) -> None:
+    """1,100 idle TCP connections to the process port made the API fail: they shared the server's open files. With
+    1,024 open files the server takes 768 connections; the process port holds at most a quarter of them before
+    their TLS handshake and closes the rest at once, the API answers heartbeats meanwhile, and the held ones are
+    closed when their handshake's 10 s are up."""
+    import resource
+
+    from agent.registration import heartbeat
+    from scripts.localserver import start_local_server
+    from tests.integration.serverproc import init_server
+
+    require_root()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    data = tmp_path / "data"
+    init_server(data)
+    proc, address, fingerprint = start_local_server(
+        data, "--heartbeat-interval", "2", wrap=["prlimit", "--nofile=1024:1024", "--"]
+    )
+    server = ServerProcess(data, proc, int(address.rsplit(":", 1)[1]), fingerprint)
+    idle: list[socket.socket] = []
+    try:
+        paths, _ = machine(server, tmp_path, "m1")
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", server.process_port), timeout=10))
+        opened = time.monotonic()
+        assert heartbeat(paths, {"status": "healthy"})["interval"] == 2.0
+        assert heartbeat(paths, {"status": "healthy"})["interval"] == 2.0
+        closed = 0
+        for sock in idle:
+            sock.settimeout(max(0.1, opened + 15 - time.monotonic()))
+            try:
+                closed += sock.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed == len(idle) and time.monotonic() - opened < 15
+        assert psutil.Process(proc.pid).num_fds() < 256
+        still_serving(server, paths)
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()

@@ -99,3 +99,50 @@ def test_geometry_and_root_hash() -> None:
         r.hexdigest()
     r.update(zero_hash(512))
     assert len(r.hexdigest()) == 64
+
+
+def test_every_number_on_the_wire_is_bounded_where_it_is_parsed() -> None:
+    """The values that got through before: a sequence of 2^63 (SQLite holds 2^63 - 1), a point `created` of 1e300
+    and a heartbeat's `last_point` of 1e300 (a listing turned them into dates and crashed)."""
+    from agent.shared.replication_wire import LATEST, MAX_SEQ, DiskReport
+
+    for seq, offset in ((1 << 63, 0), (MAX_SEQ + 1, 0), (1, (1 << 56) + 65536), ((1 << 64) - 1, (1 << 64) - 1)):
+        with pytest.raises(ProtocolError, match="beyond"):
+            Header.unpack(Header(Kind.CHUNK, Codec.RAW, 4096, seq, offset, 4096).pack())
+    assert Header.unpack(Header(Kind.CHUNK, Codec.RAW, 4096, MAX_SEQ, 1 << 56, 4096).pack()).seq == MAX_SEQ
+    with pytest.raises(ProtocolError, match="more than a chunk"):
+        Header.unpack(Header(Kind.ACK, 0, 0, 1, 0, (1 << 32) - 1).pack())
+    point = {
+        "point_id": "11111111-1111-4111-8111-111111111111",
+        "created": 1.7e9,
+        "root": "a" * 64,
+        "consistency": "crash-consistent",
+        "disks": ["/dev/sdb"],
+        "freeze_ms": 250.0,
+    }
+    assert PointClose.from_json(point).created == 1.7e9
+    for field, value in (("created", 1e300), ("created", -1.0), ("created", LATEST + 1), ("freeze_ms", 1e300)):
+        with pytest.raises(ProtocolError, match=field):
+            PointClose.from_json({**point, field: value})
+    disk = {"disk": "/dev/sdb", "state": "CONTINUOUS", "throughput_bps": 0.0}
+    for bad in (
+        {"last_point": 1e300},
+        {"freeze_ms": 1e300},
+        {"disks": [{**disk, "last_point": 1e300}]},
+        {"disks": [{**disk, "lag_seconds": -1}]},
+        {"disks": [{**disk, "eta_seconds": 1e300}]},
+        {"disks": [{**disk, "throughput_bps": 1e300}]},
+    ):
+        with pytest.raises(WireError):
+            ReplicationReport.from_json(bad)
+    # What an agent measured goes out inside those bounds, so a strange measurement never gets its heartbeat refused.
+    sent = ReplicationReport(
+        (DiskReport("/dev/sdb", "CONTINUOUS", 0, 1 << 40, 1e300, float("inf"), 1e300, 1e300),), 1e300, None, 0, 1e9
+    ).to_json()
+    parsed = ReplicationReport.from_json(json.loads(json.dumps(sent)))
+    assert parsed.last_point == LATEST and parsed.freeze_ms == 3_600_000.0
+    assert (parsed.disks[0].lag_seconds, parsed.disks[0].throughput_bps, parsed.disks[0].last_point) == (
+        float(1 << 32),
+        0.0,
+        LATEST,
+    )

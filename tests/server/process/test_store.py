@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import zstandard
 
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
 from agent.shared.replication_wire import Codec, PointClose
-from server.errors import PointCorrupt, PointMismatch, PointNotFound, StoreFull
+from server.errors import PointCorrupt, PointIdTaken, PointMismatch, PointNotFound, ReplicationProtocol, StoreFull
 from server.process.store import ChunkPut, ChunkStore, PointPut
 
 HOST = "11111111-1111-4111-8111-111111111111"
+OTHER = "22222222-2222-4222-8222-222222222222"
 CHUNK = 64 * 1024
+SMALL = 4096  # the property test's chunks: many frames, little data
 
 
 def put(key: int, index: int, data: bytes, seq: int, *, compress: bool = False) -> ChunkPut:
@@ -173,3 +176,214 @@ def test_a_store_that_is_not_there_or_cannot_be_written_fails_with_its_id(tmp_pa
         assert store.usage().chunks == 0 and store.disk(HOST, "/dev/sdb").acked_seq == 0  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+# Frames apply in sequence order --------------------------------------------------------------------------------
+
+
+def _frames_for(rng: random.Random, disk_key: int, count: int, n: int) -> list[ChunkPut | PointPut]:
+    """``n`` frames of one disk as a stream sends them, through the receiver's own verification: data (raw or zstd),
+    zero markers, discards (a chunk that reads back as zeros, sent as data), and points closed on what the source
+    has at that moment (so each must match the replica)."""
+    from agent.shared.replication_wire import Header, Kind
+    from server.process.receiver import _verify
+
+    size = count * SMALL
+    disk = [bytes(SMALL)] * count  # the source disk as the frames so far leave it
+    out: list[ChunkPut | PointPut] = []
+    for seq in range(1, n + 1):
+        kind = rng.choice(("data", "data", "zero", "discard", "point"))
+        if kind == "point":
+            close = PointClose(str(uuid.uuid4()), float(seq), _root(disk, size), "crash-consistent", ("/dev/sdb",))
+            out.append(PointPut(disk_key, close, seq))
+            continue
+        index = rng.randrange(count)  # a few chunks: frames for one chunk overlap in every batch
+        if kind == "data":
+            data = rng.randbytes(SMALL // 2) + bytes(SMALL // 2)
+            codec = rng.choice((Codec.RAW, Codec.ZSTD))
+            payload = data if codec is Codec.RAW else zstandard.compress(data, 1)
+        else:
+            data, codec = bytes(SMALL), Codec.ZERO if kind == "zero" else Codec.RAW
+            payload = b"" if codec is Codec.ZERO else data
+        disk[index] = data
+        header = Header(Kind.CHUNK, codec, len(payload), seq, index * SMALL, SMALL, chunk_hash(data))
+        out.append(_verify(disk_key, index, header, payload))
+    return out
+
+
+def _root(disk: list[bytes], size: int) -> str:
+    r = RootHasher(Geometry(size, SMALL))
+    r.update(b"".join(chunk_hash(c) for c in disk))
+    return r.hexdigest()
+
+
+def _replica(store: ChunkStore) -> tuple[list[bytes], list[list[tuple[str, bytes]]]]:
+    heads = [bytes(store.head(row)) for row in store.disks()]
+    points = [[(p.point_id, store.manifest(p.disks[0])) for p in store.points(h)] for h in (HOST, OTHER)]
+    return heads, points
+
+
+def test_any_interleaving_of_frames_in_group_commits_gives_the_replica_of_one_commit_per_frame(
+    tmp_path: Path,
+) -> None:
+    """Property test (seeded): two machines' streams of data, zero and discard frames for the same few chunks, with
+    points between them, are committed in batches cut at random places and interleaved at random; the replica and
+    the points are those of committing each frame alone, and every point matches (a point of the source's disk is
+    refused with REPL-POINT-MISMATCH when a batch applied its frames out of order)."""
+    rng = random.Random(2024)  # noqa: S311 - reproducible test data, not secrets
+    for trial in range(10):
+        one = ChunkStore(tmp_path / f"one-{trial}", writer=True, reserve=0)
+        grouped = ChunkStore(tmp_path / f"grouped-{trial}", writer=True, reserve=0)
+        keys = [
+            [store.open_disk(h, "/dev/sdb", 4 * SMALL, SMALL)[0].disk_key for h in (HOST, OTHER)]
+            for store in (one, grouped)
+        ]
+        assert keys[0] == keys[1]
+        streams = [_frames_for(rng, key, 4, 30) for key in keys[0]]
+        for frames in streams:
+            for item in frames:
+                assert one.commit([item]) == [None]
+        pending = [list(frames) for frames in streams]  # each stream's frames stay in order; the streams interleave
+        while any(pending):
+            batch: list[ChunkPut | PointPut] = []
+            for _ in range(rng.randint(1, 30)):
+                live = [p for p in pending if p]
+                if not live:
+                    break
+                batch.append(rng.choice(live).pop(0))
+            assert grouped.commit(batch) == [None] * len(batch), f"trial {trial}"
+        assert _replica(grouped) == _replica(one), f"trial {trial}"
+        assert [row.acked_seq for row in grouped.disks()] == [row.acked_seq for row in one.disks()]
+        one.close()
+        grouped.close()
+
+
+# Points belong to a machine -------------------------------------------------------------------------------------
+
+
+def test_a_point_id_of_another_machine_is_refused_and_changes_nothing_of_its_point(store: ChunkStore) -> None:
+    """Machine B closes a point with machine A's point ID (in the same batch as A's own frames, and again later):
+    REPL-POINT-ID-TAKEN for B's point and the frames of B's disk after it, and A's point, its manifest and the bytes
+    a failover of it reads are A's. B's frames before the point are kept; A's stream is not touched."""
+    a_row, _ = store.open_disk(HOST, "/dev/sdb", 2 * CHUNK, CHUNK)
+    b_row, _ = store.open_disk(OTHER, "/dev/sdb", 2 * CHUNK, CHUNK)
+    a_disk, b_disk = [os.urandom(CHUNK), os.urandom(CHUNK)], [os.urandom(CHUNK), os.urandom(CHUNK)]
+    taken = str(uuid.uuid4())
+    outcomes = store.commit(
+        [
+            put(a_row.disk_key, 0, a_disk[0], 1),
+            put(a_row.disk_key, 1, a_disk[1], 2),
+            PointPut(a_row.disk_key, close(taken, root_of(a_disk, 2 * CHUNK)), 3),
+            put(b_row.disk_key, 0, b_disk[0], 1),
+            put(b_row.disk_key, 1, b_disk[1], 2),
+            PointPut(b_row.disk_key, close(taken, root_of(b_disk, 2 * CHUNK)), 3),
+            put(b_row.disk_key, 0, a_disk[0], 4),  # after B's refused point: not kept
+            put(a_row.disk_key, 0, a_disk[1], 4),  # A's stream goes on
+        ]
+    )
+    assert outcomes[:5] == [None] * 5 and outcomes[7] is None
+    assert isinstance(outcomes[5], PointIdTaken) and outcomes[6] is outcomes[5]
+    assert store.disk(OTHER, "/dev/sdb").acked_seq == 2  # type: ignore[union-attr]
+    assert bytes(store.head(b_row)) == chunk_hash(b_disk[0]) + chunk_hash(b_disk[1])
+    again = store.commit([PointPut(b_row.disk_key, close(taken, root_of(b_disk, 2 * CHUNK)), 5)])
+    assert isinstance(again[0], PointIdTaken)
+    point = store.resolve_point(HOST, taken)
+    assert [d.disk for d in point.disks] == ["/dev/sdb"] and point.disks[0].root == root_of(a_disk, 2 * CHUNK)
+    manifest = store.manifest(point.disks[0])
+    assert [store.read(manifest[i * 32 : (i + 1) * 32], CHUNK) for i in range(2)] == a_disk
+    assert store.points(OTHER, complete_only=False) == []
+    with pytest.raises(PointNotFound):
+        store.resolve_point(OTHER, taken)
+    assert store.find_point(taken) == point
+    # A closed point never changes, not even by its own machine.
+    changed = store.commit([PointPut(a_row.disk_key, close(taken, root_of([a_disk[1], a_disk[1]], 2 * CHUNK)), 5)])
+    assert isinstance(changed[0], PointIdTaken) and store.resolve_point(HOST, taken) == point
+
+
+def test_the_index_of_version_1_is_migrated_points_keyed_by_machine_and_times_brought_inside_bounds(
+    tmp_path: Path,
+) -> None:
+    """An index written by version 1 (points keyed by their ID alone, a `created` of 1e300 that a listing could not
+    turn into a date) opens as version 2: its points belong to their machine, with a time a listing can show."""
+    import sqlite3
+
+    from server.process.store import MIGRATIONS, SCHEMA_VERSION
+
+    root = tmp_path / "process"
+    root.mkdir()
+    db = sqlite3.connect(root / "index.db")
+    db.executescript(MIGRATIONS[0])
+    db.execute("PRAGMA user_version = 1")
+    pid = str(uuid.uuid4())
+    db.execute("INSERT INTO points VALUES (?, ?, 1e300, 'crash-consistent', '/dev/sdb', -5.0)", (pid, HOST))
+    db.execute(
+        "INSERT INTO point_disks VALUES (?, '/dev/sdb', 65536, 65536, ?, ?, 1.0, 'crash-consistent')",
+        (pid, "a" * 64, "b" * 64),
+    )
+    db.commit()
+    db.close()
+    store = ChunkStore(root, writer=True, reserve=0)
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        (point,) = store.points(HOST)
+        assert (point.point_id, point.created, point.freeze_ms, point.complete) == (pid, float(1 << 32), None, True)
+        assert point.disks[0].root == "a" * 64 and store.points(OTHER) == []
+        from agent.shared import timefmt
+
+        assert timefmt.shown(point.created).startswith("2106-")
+    finally:
+        store.close()
+
+
+# One bad item harms one stream ----------------------------------------------------------------------------------
+
+
+def test_an_item_out_of_bounds_fails_its_disk_alone_and_leaves_no_pack_bytes(store: ChunkStore) -> None:
+    """A sequence of 2^63 (SQLite's integers stop at 2^63 - 1: it failed the whole batch with an OverflowError and
+    left its chunk in the pack) fails that disk's items from there on; the other disk's are kept, and the pack holds
+    exactly what the index names."""
+    good, bad = (
+        store.open_disk(HOST, "/dev/sdb", 2 * CHUNK, CHUNK)[0],
+        store.open_disk(OTHER, "/dev/sdb", 2 * CHUNK, CHUNK)[0],
+    )
+    a, b, c = os.urandom(CHUNK), os.urandom(CHUNK), os.urandom(CHUNK)
+    outcomes = store.commit(
+        [
+            put(good.disk_key, 0, a, 1),
+            put(bad.disk_key, 0, b, 1 << 63),
+            put(good.disk_key, 1, a, 2),
+            put(bad.disk_key, 1, c, (1 << 63) + 1),
+        ]
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], ReplicationProtocol) and outcomes[3] is outcomes[1]
+    assert bytes(store.head(good)) == chunk_hash(a) * 2 and store.disk(HOST, "/dev/sdb").acked_seq == 2  # type: ignore[union-attr]
+    assert bytes(store.head(bad)) == zero_hash(CHUNK) * 2 and store.disk(OTHER, "/dev/sdb").acked_seq == 0  # type: ignore[union-attr]
+    assert store.locate(chunk_hash(b)) is None and store.locate(chunk_hash(c)) is None
+    pack = next(store.packs_dir.glob("*.pack"))
+    assert (
+        pack.stat().st_size
+        == store.pack_size
+        == store.db.execute("SELECT MAX(offset + stored) FROM chunks").fetchone()[0]
+    )
+
+
+def test_a_batch_that_fails_midway_leaves_no_pack_bytes_behind(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever breaks a batch after its chunks were written (here closing its point), the pack is cut back: the
+    next batch's records follow the last indexed one, and a restart finds nothing to cut."""
+    row, _ = store.open_disk(HOST, "/dev/sdb", CHUNK, CHUNK)
+    first = os.urandom(CHUNK)
+    store.commit([put(row.disk_key, 0, first, 1)])
+    before = store.pack_size
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug in closing a point")
+
+    monkeypatch.setattr(store, "_close_point", broken)
+    data = os.urandom(CHUNK)
+    with pytest.raises(RuntimeError):
+        store.commit([put(row.disk_key, 0, data, 2), PointPut(row.disk_key, close(str(uuid.uuid4()), "0" * 64), 3)])
+    assert store.pack_size == before == next(store.packs_dir.glob("*.pack")).stat().st_size
+    assert store.locate(chunk_hash(data)) is None and store.disk(HOST, "/dev/sdb").acked_seq == 1  # type: ignore[union-attr]
