@@ -282,7 +282,8 @@ class Lab:
         if not node.exists():
             os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(disk.major, disk.minor))
 
-    def start_agent(self, machine: Machine) -> subprocess.Popen[str]:
+    def start_agent(self, machine: Machine, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """`mobility run` for ``machine`` (``env``: its whole environment, e.g. with a fault plan of the suite's)."""
         log = (self.workdir / f"{machine.root.name}-agent.out").open("a")
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--root", str(machine.root)],
@@ -290,6 +291,7 @@ class Lab:
             text=True,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         log.close()
         machine.agent = proc

@@ -10,7 +10,8 @@ What a process does is read from its environment, which only the suite sets:
   point's context matches, once per DIR (a marker there says it happened: the processes that take over, which
   inherit the plan, run through); ``{"grow": DIR}`` makes the daemon's ``daemon.tick`` take a request left in
   DIR/grow (a number of MiB): it allocates and touches that much real memory, held until the process ends or
-  re-executes itself, then removes the request (the test waits for that).
+  re-executes itself, then removes the request (the test waits for that); ``{"fail_while": {"replication.step":
+  FILE}}`` raises an unexpected exception (RuntimeError) at that point each time it is reached while FILE exists.
 - ``MOBILITY_TEST_RECORD``: a directory; each process appends to ``<pid>.ids`` every error ID it raises (each once).
 """
 
@@ -38,6 +39,7 @@ class Injector:
         self.kill_at: dict[str, dict[str, object]] = dict(plan.get("kill_at", {}))
         self.once = Path(plan["once"]) if plan.get("once") else None
         self.grow = Path(plan["grow"]) if plan.get("grow") else None
+        self.fail_while: dict[str, Path] = {k: Path(v) for k, v in plan.get("fail_while", {}).items()}
         self.seen: dict[str, int] = {}
         self.held: list[bytearray] = []  # the memory grown on request: real, resident, never freed
 
@@ -54,6 +56,9 @@ class Injector:
                 except FileExistsError:
                     return
             os.kill(os.getpid(), signal.SIGKILL)
+        failing = self.fail_while.get(name)
+        if failing is not None and failing.exists():
+            raise RuntimeError(f"a failure injected at {name}")
         if name == "daemon.tick" and self.grow is not None:
             request = self.grow / "grow"
             try:

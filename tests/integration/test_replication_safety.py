@@ -1,0 +1,376 @@
+"""The source machine's safety under replication, for real (loop-device disks, a real server, real `mobility run`
+daemons, FIFREEZE): a daemon killed inside a point's freeze leaves no filesystem frozen once the unit has run its
+ExecStopPost or started the daemon again; a clean stop during a point is quick and needs no resync; a replication
+thread or the tracer that fails is shown and started again; a disk's stream is closed only by its own thread; a
+machine whose protection ends shows no disk any more."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.replication_lab import Disk, Lab, Machine, sh, wait_for
+from tests import faults
+from tests.conftest import REPO, require_root
+from tests.integration import records
+from tests.integration.test_replication import (
+    assert_identical_replica,
+    database,
+    failover_and_check,
+    protect,
+    start_writer,
+)
+
+pytestmark = pytest.mark.integration
+
+MIB = 1 << 20
+UNIT = REPO / "systemd" / "mobility.service"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    require_root()
+    with Lab(tmp_path / "lab") as lab:
+        yield lab
+
+
+def unit_setting(name: str) -> str:
+    """A setting of systemd/mobility.service, as systemd reads it (the last assignment wins)."""
+    found = [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(f"{name}=")]
+    assert found, f"mobility.service has no {name}="
+    return found[-1]
+
+
+def unit_command(name: str, machine: Machine) -> list[str]:
+    """The unit's ExecStopPost (or another Exec line) for a machine of the lab: the installed launcher is this
+    checkout's agent, and the machine's root is given as --root."""
+    argv = shlex.split(unit_setting(name))
+    assert argv[0] == "/usr/local/mobility/current/mobility/mobility", argv
+    return [sys.executable, "-m", "agent", *argv[1:], "--root", str(machine.root)]
+
+
+class Probe:
+    """A write and fsync on a filesystem in a process of its own: it blocks while the filesystem is frozen."""
+
+    def __init__(self, where: Path) -> None:
+        target = where / f"probe-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen(["sh", "-c", f"echo written > {target} && sync {target}"])
+
+    def blocked(self, seconds: float = 0.5) -> bool:
+        try:
+            self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return True
+        assert self.proc.returncode == 0
+        return False
+
+    def wait(self, timeout: float) -> None:
+        assert self.proc.wait(timeout=timeout) == 0
+
+
+def continuous_again(machine: Machine, disk: Disk, timeout: float = 120) -> None:
+    """The disk in CONTINUOUS as the daemon just started reports it (not as the status file a killed one left)."""
+    since = time.time()
+    wait_for(
+        f"{disk.loop} in CONTINUOUS after the start",
+        lambda: (
+            machine.status().get("started", 0) >= since - 1
+            and machine.disk_state(disk).get("state") == "CONTINUOUS"
+            and machine.disk_state(disk).get("bytes_left") == 0
+        ),
+        timeout,
+    )
+
+
+def killed_inside_a_freeze(lab: Lab, machine: Machine, disk: Disk) -> tuple[float, Probe]:
+    """Start the agent with the suite's kill inside the freeze, ask for a point, and wait for the kill: returns its
+    time and a probe blocked by the frozen filesystem (proof that the kill left it frozen)."""
+    agent = lab.start_agent(machine, env=faults.environment(kill={"replication.frozen": 1}))
+    continuous_again(machine, disk)
+    point = subprocess.Popen(
+        [sys.executable, "-m", "agent", "point", "--timeout", "60", "--root", str(machine.root)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    lab.defer("point request", lambda: point.kill() if point.poll() is None else None)
+    assert agent.wait(timeout=120) == -9, "the agent was not killed inside the freeze"
+    killed = time.monotonic()
+    point.kill()
+    point.wait(timeout=10)
+    from agent.paths import Paths
+    from agent.replication.state import forget_request, pending_requests
+
+    paths = Paths(machine.root.resolve())
+    for request in pending_requests(paths):  # the killed `mobility point`'s, for the next daemon not to take up
+        forget_request(paths, request)
+    probe = Probe(disk.mounts[0])
+    assert probe.blocked(), "the filesystem was not frozen when the agent was killed"
+    return killed, probe
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_a_daemon_killed_inside_a_freeze_leaves_nothing_frozen(lab: Lab, fstype: str) -> None:
+    """kill -9 inside a point's freeze: the filesystem stays frozen (FIFREEZE outlives its process). The unit's
+    ExecStopPost (its command line from systemd/mobility.service) thaws it within seconds; without CAP_SYS_ADMIN the
+    thaw fails with REPL-THAW-FAILED and the record stays; the next start of the daemon thaws it before anything
+    else, and the machine goes on replicating with points."""
+    server = lab.server(database=database())
+    disk = lab.disk(fstype, (320 if fstype == "xfs" else 64) * MIB, (fstype,))
+    where = disk.mounts[0]
+    # Whatever happens below, the lab's filesystem is thawed before it is unmounted (a frozen one cannot be).
+    lab.defer(f"thaw {where}", lambda: sh(["fsfreeze", "--unfreeze", str(where)], check=False))
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    record = machine.root / "run/mobility/frozen.json"
+
+    killed, probe = killed_inside_a_freeze(lab, machine, disk)
+    assert [m["path"] for m in json.loads(record.read_text())["mounts"]] == [str(where)]
+    r = subprocess.run(
+        unit_command("ExecStopPost", machine), cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+    )
+    probe.wait(timeout=10)
+    by_stop_post = time.monotonic() - killed
+    assert r.returncode == 0 and r.stdout.strip() == f"thawed {where}", (r.stdout, r.stderr)
+    assert not record.exists()
+    r = subprocess.run(
+        unit_command("ExecStopPost", machine), cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "nothing frozen by the agent", r.stdout
+
+    killed, probe = killed_inside_a_freeze(lab, machine, disk)
+    without_admin = subprocess.run(
+        ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", *unit_command("ExecStopPost", machine)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert without_admin.returncode == 1 and "error REPL-THAW-FAILED:" in without_admin.stderr, without_admin
+    assert probe.blocked() and record.exists()
+    restarted = len(machine.log())
+    started = time.monotonic()
+    lab.start_agent(machine)
+    probe.wait(timeout=30)
+    by_start = time.monotonic() - started
+    assert f"thawed {where}: an agent that ended inside a point's freeze left them frozen" in machine.log()[restarted:]
+    continuous_again(machine, disk)
+    assert machine.point()["consistency"] == "crash-consistent"
+    print(
+        f"{fstype}: kill -9 inside the freeze -> writable: {by_stop_post:.2f} s by ExecStopPost; "
+        f"{by_start:.2f} s from the next start (load {os.getloadavg()[0]:.1f})"
+    )
+
+
+def test_a_clean_stop_during_a_point_on_a_busy_disk_is_quick_and_needs_no_resync(lab: Lab) -> None:
+    """SIGTERM (what `systemctl stop` and `systemctl restart` send) while a point is being cut and a writer keeps the
+    disk busy: the point is cancelled (its pre hook killed, the post hook run), the daemon exits 0 well within the
+    unit's TimeoutStopSec and keeps the tracing; the next start goes on in CONTINUOUS without a resync, and a point
+    then holds every record written before it, across the restart."""
+    server = lab.server(database=database())
+    disk = lab.disk("d", 64 * MIB, ("ext4",))
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    from agent.paths import Paths
+
+    hooks = Paths(machine.root.resolve()).freeze_dir
+    hooks.mkdir(parents=True, exist_ok=True)
+    started, posted = lab.workdir / "pre-started", lab.workdir / "post-ran"
+    hook = hooks / "10-slow"
+    hook.write_text(f'#!/bin/sh\n[ "$1" = post ] && {{ touch {posted}; exit 0; }}\ntouch {started}\nsleep 120\n')
+    hook.chmod(0o755)
+    agent = lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    writer, log = start_writer(lab, [disk.mounts[0]], seed=21)
+    time.sleep(1.0)
+    point = subprocess.Popen(
+        [sys.executable, "-m", "agent", "point", "--json", "--timeout", "120", "--root", str(machine.root)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lab.defer("point request", lambda: point.kill() if point.poll() is None else None)
+    wait_for("the point's pre hook", started.exists, timeout=60)
+    stopping = time.monotonic()
+    agent.terminate()
+    assert agent.wait(timeout=120) == 0
+    took = time.monotonic() - stopping
+    assert took < float(unit_setting("TimeoutStopSec").removesuffix("s")), f"the stop took {took:.1f} s"
+    assert posted.exists(), "the post hook did not run"
+    _, err = point.communicate(timeout=60)
+    assert "error REPL-POINT-FAILED:" in err and "the agent is stopping" in err, err
+    hook.unlink()
+    restarted = len(machine.log())
+    lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    after = machine.log()[restarted:]
+    assert "saw every write: no resync" in after and "checksum resync" not in after, after[-3000:]
+    cut = machine.point()
+    assert cut["consistency"] == "crash-consistent", cut
+    problems = failover_and_check(server, machine, cut, [disk], records.read_log(log), lab.workdir / "fo")
+    assert not problems, problems[:10]
+    writer.terminate()
+    print(f"a clean stop during a point on a busy disk took {took:.2f} s (load {os.getloadavg()[0]:.1f})")
+
+
+def test_failing_replication_threads_are_shown_and_started_again(lab: Lab) -> None:
+    """A disk's thread that dies at its start, one that meets an unexpected exception while it replicates, and a
+    tracer that dies: each time the disk shows REPL-INTERNAL (never a dead thread and a disk that looks fine), the
+    thread starts again, and once the fault is gone the disk is back in CONTINUOUS with a replica equal to the
+    disk, writes made meanwhile included."""
+    server = lab.server(database=database())
+    disk = lab.disk("raw", 64 * MIB, ())
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    dies, fails, tracer_dies = (lab.workdir / name for name in ("thread-dies", "step-fails", "tracer-dies"))
+    plan = {"replication.thread": str(dies), "replication.step": str(fails), "replication.trace": str(tracer_dies)}
+    rng = random.Random(31)  # noqa: S311 - test data
+
+    def write_some() -> None:
+        fd = os.open(disk.loop, os.O_WRONLY)
+        try:
+            for _ in range(30):
+                os.pwrite(fd, rng.randbytes(4096), rng.randrange(64 * MIB // 4096) * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def shown_failing() -> dict[str, object] | None:
+        d = machine.disk_state(disk)
+        return d if d.get("error") == "REPL-INTERNAL" and d.get("state") != "CONTINUOUS" else None
+
+    dies.touch()
+    lab.start_agent(machine, env=faults.environment(fail_while=plan))
+    shown = wait_for("the dead thread shown", shown_failing, timeout=60)
+    assert "ended unexpectedly" in str(shown["detail"]), shown
+    dies.unlink()
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    assert "its replication thread ended unexpectedly" in machine.log()
+
+    fails.touch()
+    write_some()
+    shown = wait_for("the failing thread shown", shown_failing, timeout=60)
+    assert "RuntimeError: a failure injected at replication.step" in str(shown["detail"]), shown
+    fails.unlink()
+    lab.wait_state(machine, disk, "CONTINUOUS")
+
+    tracer_dies.touch()
+    shown = wait_for("the dead tracer shown", shown_failing, timeout=60)
+    assert "tracer stopped unexpectedly" in str(shown["detail"]), shown
+    write_some()  # while no tracer runs: found by the resync
+    tracer_dies.unlink()
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    write_some()  # tracked by the tracer started again
+    time.sleep(1.0)
+    assert_identical_replica(lab, server, machine, disk)
+
+
+def test_a_new_process_server_address_is_taken_by_each_disks_own_thread(lab: Lab, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The heartbeat names another process server address: the daemon's thread asks each disk's thread to move,
+    and only that thread closes its stream (one thread owns a stream). In this process, with the daemon's own
+    replication engine: a port where nothing listens makes the disk unreachable; the right one brings it back."""
+    import threading
+
+    from agent.paths import Paths
+    from agent.registration import authenticated_client
+    from agent.replication.engine import Replication
+    from agent.replication.transport import Stream
+    from agent.shared.replication_wire import Policy, ProcessAddress, Protection
+
+    server = lab.server(database=database())
+    disk = lab.disk("raw", 32 * MIB, ())
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+    protect(server, machine, disk)
+    paths = Paths(machine.root.resolve())
+    closed_by: list[str] = []
+    close = Stream.close
+
+    def spied(self: Stream) -> None:
+        if self.sock is not None:
+            closed_by.append(threading.current_thread().name)
+        close(self)
+
+    monkeypatch.setattr(Stream, "close", spied)
+    replication = Replication(paths, lambda: authenticated_client(paths)[1].context, "127.0.0.1")
+    lab.defer("replication", replication.stop)
+
+    def protection(port: int) -> Protection:
+        return Protection((disk.loop,), False, Policy(interval_seconds=86400), ProcessAddress("127.0.0.1", port))
+
+    def state() -> tuple[str, str | None]:
+        r = replication.replicators[disk.loop]
+        return r.state, r.error
+
+    replication.apply(protection(server.process_port))
+    wait_for("CONTINUOUS", lambda: state()[0] == "CONTINUOUS", timeout=120)
+    with socket_nobody_listens_on() as port:
+        replication.apply(protection(port))
+        wait_for("the stream moved", lambda: state()[1] == "REPL-UNREACHABLE", timeout=60)
+        assert replication.replicators[disk.loop].stream.address.port == port
+    replication.apply(protection(server.process_port))
+    wait_for("back in CONTINUOUS", lambda: state() == ("CONTINUOUS", None), timeout=120)
+    assert closed_by and set(closed_by) == {f"replication {disk.loop}"}, closed_by
+
+
+class socket_nobody_listens_on:
+    """A TCP port bound but never listened on: connections to it are refused."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_a_machine_no_longer_protected_shows_no_disk(lab: Lab) -> None:
+    """`mobility-server unprotect`: `mobility status` and the status file stop showing the disk (it showed
+    CONTINUOUS for ever), at once while the daemon runs, and at its next start when it was down meanwhile."""
+    server = lab.server(database=database())
+    disk = lab.disk("d", 32 * MIB, ("ext4",))
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, disk)
+
+    def shown() -> tuple[list[object], str]:
+        r = machine.agent_cli("status", "--json")
+        assert r.returncode == 0, r.stderr
+        replication = json.loads(r.stdout)["replication"] or {}
+        text = machine.agent_cli("status").stdout
+        return list(replication.get("disks") or []), text
+
+    protect(server, machine, disk)
+    agent = lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    assert f"{disk.loop}: CONTINUOUS" in shown()[1]
+    server.cli("unprotect", "--machine", machine.host_id)
+    wait_for("no disk shown", lambda: shown()[0] == [], timeout=30)
+    assert "replication:    no disk protected" in shown()[1] and not machine.status().get("disks")
+
+    protect(server, machine, disk)
+    lab.wait_state(machine, disk, "CONTINUOUS")
+    assert machine.agent is not None
+    machine.agent.terminate()
+    assert machine.agent.wait(timeout=60) == 0
+    assert shown()[0] != []
+    server.cli("unprotect", "--machine", machine.host_id)
+    lab.start_agent(machine)
+    wait_for("no disk shown after the start", lambda: shown()[0] == [], timeout=30)
+    assert agent.poll() is not None
