@@ -374,3 +374,38 @@ def test_a_machine_no_longer_protected_shows_no_disk(lab: Lab) -> None:
     lab.start_agent(machine)
     wait_for("no disk shown after the start", lambda: shown()[0] == [], timeout=30)
     assert agent.poll() is not None
+
+
+def test_a_freeze_whose_owner_still_runs_is_left_to_it(lab: Lab) -> None:
+    """`mobility thaw` (or a second daemon started by hand) while the process that froze still runs thaws nothing:
+    that process's own thaw and watchdog come within seconds, and a thaw from outside would let writes into its
+    point. Once it is dead (kill -9), the same command thaws."""
+    disk = lab.disk("d", 32 * MIB, ("ext4",))
+    where = disk.mounts[0]
+    lab.defer(f"thaw {where}", lambda: sh(["fsfreeze", "--unfreeze", str(where)], check=False))
+    root = lab.workdir / "root"
+    root.mkdir()
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from agent.paths import Paths\n"
+        "from agent.replication.devices import freeze\n"
+        "from agent.replication.frozen import record_frozen\n"
+        f"record_frozen(Paths(Path(sys.argv[1])), [{str(where)!r}])\n"
+        f"freeze({str(where)!r})\n"
+        "print('frozen', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    lab.defer("owner", lambda: owner.kill() if owner.poll() is None else None)
+    assert owner.stdout is not None and owner.stdout.readline() == "frozen\n"
+    thaw = [sys.executable, "-m", "agent", "thaw", "--root", str(root)]
+    r = subprocess.run(thaw, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0 and "a recovery point is freezing now" in r.stdout, (r.stdout, r.stderr)
+    probe = Probe(where)
+    assert probe.blocked()
+    owner.kill()
+    owner.wait(timeout=10)
+    r = subprocess.run(thaw, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == f"thawed {where}", (r.stdout, r.stderr)
+    probe.wait(timeout=10)
