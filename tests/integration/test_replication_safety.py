@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -409,3 +410,128 @@ def test_a_freeze_whose_owner_still_runs_is_left_to_it(lab: Lab) -> None:
     r = subprocess.run(thaw, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 0 and r.stdout.strip() == f"thawed {where}", (r.stdout, r.stderr)
     probe.wait(timeout=10)
+
+
+def test_under_systemd_the_unit_thaws_what_a_killed_daemon_left_frozen(lab: Lab) -> None:
+    """The same kill inside a freeze, under real systemd: a Debian 12 booted with systemd-nspawn runs this checkout's
+    agent through the unit file of systemd/mobility.service (its sandboxing, ExecStopPost and TimeoutStopSec; a
+    drop-in adds only the suite's fault plan), protecting a loop-device ext4 bound into the container. The daemon is
+    killed inside its first point's freeze; systemd runs ExecStopPost, which thaws it (the journal says so), and
+    restarts the daemon, which replicates again."""
+    from scripts.localserver import configure_agent
+    from scripts.testlab import in_cgroups, make_cgroups, remove_cgroup, sshd_base_root
+
+    server = lab.server(database=database())
+    disk = lab.disk("d", 64 * MIB, ("ext4",))
+    where = disk.mounts[0]
+    lab.defer(f"thaw {where}", lambda: sh(["fsfreeze", "--unfreeze", str(where)], check=False))
+    (where / "data").write_bytes(random.Random(41).randbytes(4 * MIB))  # noqa: S311 - test data
+    root = lab.workdir / "vm"
+    sh(["cp", "-a", str(sshd_base_root()), str(root)], timeout=300)
+    lab.defer("container root", lambda: sh(["rm", "-rf", "--one-file-system", str(root)], check=False, timeout=300))
+    (root / "etc/machine-id").write_text(os.urandom(16).hex() + "\n")
+    (root / "etc/hostname").write_text("vm-freeze\n")
+    secret = lab.workdir / "vm.pass"
+    secret.write_text(server.cli("passphrase", "show").stdout.strip() + "\n")
+    secret.chmod(0o600)
+    r = configure_agent(root, server.address, secret, server.fingerprint)
+    assert r.returncode == 0, r.stderr
+    host_id = json.loads(r.stdout)["host_id"]
+    (root / "etc/mobility").mkdir(parents=True, exist_ok=True)
+    (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 5}))
+    launcher = root / "usr/local/mobility/current/mobility/mobility"  # this checkout's agent, where the unit runs it
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text(f'#!/bin/sh\nexec {sys.executable} -m agent "$@"\n')
+    launcher.chmod(0o755)
+    units = root / "etc/systemd/system"
+    (units / "ssh.service").symlink_to("/dev/null")  # the container shares the host's network: not its port 22
+    (units / "mobility.service").write_text(UNIT.read_text())
+    (units / "multi-user.target.wants").mkdir(exist_ok=True)
+    (units / "multi-user.target.wants/mobility.service").symlink_to("/etc/systemd/system/mobility.service")
+    (units / "mobility.service.d").mkdir()
+    plan = json.dumps({"kill": {"replication.frozen": 1}})
+    (units / "mobility.service.d/test.conf").write_text(
+        "[Service]\n"
+        f"Environment=PYTHONPATH={REPO}:{faults.SITE} '{faults.PLAN}={plan}'\n"
+        "Environment=PYTHONDONTWRITEBYTECODE=1\n"
+    )
+    (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
+    (root / "var/log/mobility").mkdir(parents=True, exist_ok=True)  # as install makes it (ReadWritePaths needs it)
+    (root / "data").mkdir()
+    server.cli("policy", "set", "often", "--interval", "10s", "--retention", "100")
+    server.cli("protect", "--machine", host_id, "--disk", disk.loop, "--policy", "often")
+
+    cgroups = make_cgroups(f"mfz{os.getpid()}")
+    nspawn = subprocess.Popen(
+        in_cgroups(
+            cgroups,
+            "systemd-nspawn",
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            "--quiet",
+            "-D",
+            str(root),
+            f"--bind={where}:/data",
+            f"--bind={disk.loop}",
+            f"--bind-ro={REPO}",
+            f"--bind-ro={Path(sys.executable).resolve().parents[1]}",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+
+    def poweroff() -> None:
+        if nspawn.poll() is None:
+            nspawn.terminate()  # the container's systemd powers off
+            try:
+                nspawn.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                nspawn.kill()
+                nspawn.wait(timeout=10)
+        for cgroup in cgroups:
+            if (cgroup / "cgroup.kill").exists():
+                (cgroup / "cgroup.kill").write_text("1")
+        time.sleep(0.5)
+        for cgroup in cgroups:
+            remove_cgroup(cgroup)
+
+    lab.defer("container", poweroff)
+
+    def journal() -> str:
+        return sh(
+            ["journalctl", "-D", str(root / "var/log/journal"), "-u", "mobility.service", "-o", "short-precise"],
+            check=False,
+        ).stdout
+
+    try:
+        thawed = wait_for(
+            "ExecStopPost's thaw and the restart",
+            lambda: ": thawed /data\n" in (j := journal()) and "Scheduled restart job" in j and j,
+            timeout=240,
+        )
+    except AssertionError as e:
+        log = (
+            (root / "var/log/mobility/agent.log").read_text() if (root / "var/log/mobility/agent.log").exists() else ""
+        )
+        raise AssertionError(f"{e}\njournal: {journal()[-4000:]}\nagent.log: {log[-3000:]}") from None
+    lines = thawed.splitlines()
+    killed = next(i for i, line in enumerate(lines) if "Main process exited, code=killed, status=9/KILL" in line)
+    thaw = next(i for i, line in enumerate(lines) if line.endswith(": thawed /data"))  # `mobility thaw`'s output
+    restart = next(i for i, line in enumerate(lines) if "Scheduled restart job" in line)
+    assert killed < thaw < restart, "\n".join(lines[killed:])
+    killed, thaw = lines[killed], lines[thaw]
+    seconds = (stamp(thaw) - stamp(killed)).total_seconds()
+    assert 0 <= seconds < 5, (killed, thaw)
+    probe = Probe(where)
+    probe.wait(timeout=10)
+    wait_for("the daemon started again by systemd", lambda: journal().count("mobility 0.1.0 daemon started") >= 2, 120)
+    print(f"under systemd: kill -9 inside the freeze -> thawed by ExecStopPost in {seconds:.2f} s:\n{killed}\n{thaw}")
+
+
+def stamp(line: str) -> Any:
+    """The time of a journal line in ``short-precise`` form ("Dec 05 12:34:56.789012 host unit[pid]: ...")."""
+    import datetime as dt
+
+    return dt.datetime.strptime(" ".join(line.split()[:3]), "%b %d %H:%M:%S.%f")
