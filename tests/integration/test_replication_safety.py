@@ -13,13 +13,13 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from scripts.replication_lab import Disk, Lab, Machine, sh, wait_for
+from scripts.replication_lab import Disk, Lab, Machine, Server, sh, wait_for
 from tests import faults
 from tests.conftest import REPO, require_root
 from tests.integration import records
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
 UNIT = REPO / "systemd" / "mobility.service"
+MOBILITY = "/usr/local/mobility/current/mobility/mobility"  # where the unit runs the agent
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def unit_command(name: str, machine: Machine) -> list[str]:
     """The unit's ExecStopPost (or another Exec line) for a machine of the lab: the installed launcher is this
     checkout's agent, and the machine's root is given as --root."""
     argv = shlex.split(unit_setting(name))
-    assert argv[0] == "/usr/local/mobility/current/mobility/mobility", argv
+    assert argv[0] == MOBILITY, argv
     return [sys.executable, "-m", "agent", *argv[1:], "--root", str(machine.root)]
 
 
@@ -412,122 +413,194 @@ def test_a_freeze_whose_owner_still_runs_is_left_to_it(lab: Lab) -> None:
     probe.wait(timeout=10)
 
 
-def test_under_systemd_the_unit_thaws_what_a_killed_daemon_left_frozen(lab: Lab) -> None:
-    """The same kill inside a freeze, under real systemd: a Debian 12 booted with systemd-nspawn runs this checkout's
-    agent through the unit file of systemd/mobility.service (its sandboxing, ExecStopPost and TimeoutStopSec; a
-    drop-in adds only the suite's fault plan), protecting a loop-device ext4 bound into the container. The daemon is
-    killed inside its first point's freeze; systemd runs ExecStopPost, which thaws it (the journal says so), and
-    restarts the daemon, which replicates again."""
-    from scripts.localserver import configure_agent
-    from scripts.testlab import in_cgroups, make_cgroups, remove_cgroup, sshd_base_root
+class SystemdMachine:
+    """A Debian 12 booted with systemd-nspawn (in a cgroup of its own), whose mobility.service is the unit of
+    systemd/mobility.service running this checkout's agent; a drop-in adds only the suite's PYTHONPATH and, if given,
+    a fault plan. Registered with ``server`` and protecting ``disk``, whose filesystem is bound at /data (the
+    container shares the host's network: the server is on 127.0.0.1)."""
 
+    def __init__(self, lab: Lab, server: Server, disk: Disk, interval: str, plan: dict[str, object] | None) -> None:
+        from scripts.localserver import configure_agent
+        from scripts.testlab import in_cgroups, make_cgroups, remove_cgroup, sshd_base_root
+
+        self.root = root = lab.workdir / "vm"
+        sh(["cp", "-a", str(sshd_base_root()), str(root)], timeout=300)
+        lab.defer("container root", lambda: sh(["rm", "-rf", "--one-file-system", str(root)], check=False, timeout=300))
+        (root / "etc/machine-id").write_text(os.urandom(16).hex() + "\n")
+        (root / "etc/hostname").write_text("vm-safety\n")
+        secret = lab.workdir / "vm.pass"
+        secret.write_text(server.cli("passphrase", "show").stdout.strip() + "\n")
+        secret.chmod(0o600)
+        r = configure_agent(root, server.address, secret, server.fingerprint)
+        assert r.returncode == 0, r.stderr
+        self.machine = Machine(root, json.loads(r.stdout)["host_id"])
+        (root / "etc/mobility").mkdir(parents=True, exist_ok=True)
+        (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 5}))
+        launcher = root / MOBILITY.lstrip("/")  # this checkout's agent, where the unit runs it
+        launcher.parent.mkdir(parents=True)
+        launcher.write_text(f'#!/bin/sh\nexec {sys.executable} -m agent "$@"\n')
+        launcher.chmod(0o755)
+        units = root / "etc/systemd/system"
+        (units / "ssh.service").symlink_to("/dev/null")  # the container shares the host's network: not its port 22
+        (units / "mobility.service").write_text(UNIT.read_text())
+        (units / "multi-user.target.wants").mkdir(exist_ok=True)
+        (units / "multi-user.target.wants/mobility.service").symlink_to("/etc/systemd/system/mobility.service")
+        (units / "mobility.service.d").mkdir()
+        self.environment = [f"PYTHONPATH={REPO}:{faults.SITE}", "PYTHONDONTWRITEBYTECODE=1"]
+        if plan:
+            self.environment.append(f"{faults.PLAN}={json.dumps(plan)}")
+        (units / "mobility.service.d/test.conf").write_text(
+            "[Service]\n" + "".join(f"Environment='{e}'\n" for e in self.environment)
+        )
+        (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
+        (root / "var/log/mobility").mkdir(parents=True, exist_ok=True)  # as install makes it (ReadWritePaths needs it)
+        (root / "data").mkdir()
+        server.cli("policy", "set", "vm", "--interval", interval, "--retention", "100")
+        server.cli("protect", "--machine", self.machine.host_id, "--disk", disk.loop, "--policy", "vm")
+        self.cgroups = make_cgroups(f"mvm{os.getpid()}")
+        self.nspawn = subprocess.Popen(
+            in_cgroups(
+                self.cgroups,
+                "systemd-nspawn",
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--quiet",
+                "-D",
+                str(root),
+                f"--bind={disk.mounts[0]}:/data",
+                f"--bind={disk.loop}",
+                f"--bind-ro={REPO}",
+                f"--bind-ro={Path(sys.executable).resolve().parents[1]}",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        self._remove_cgroup = remove_cgroup
+        lab.defer("container", self.poweroff)
+
+    def poweroff(self) -> None:
+        if self.nspawn.poll() is None:
+            self.nspawn.terminate()  # the container's systemd powers off
+            try:
+                self.nspawn.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.nspawn.kill()
+                self.nspawn.wait(timeout=10)
+        for cgroup in self.cgroups:
+            if (cgroup / "cgroup.kill").exists():
+                (cgroup / "cgroup.kill").write_text("1")
+        time.sleep(0.5)
+        for cgroup in self.cgroups:
+            self._remove_cgroup(cgroup)
+
+    def journal(self) -> str:
+        return sh(
+            ["journalctl", "-D", str(self.root / "var/log/journal"), "-u", "mobility.service", "-o", "short-precise"],
+            check=False,
+        ).stdout
+
+    def wait_journal(self, what: str, condition: Callable[[str], bool], timeout: float = 240) -> str:
+        try:
+            return str(wait_for(what, lambda: condition(j := self.journal()) and j, timeout=timeout))
+        except AssertionError as e:
+            raise AssertionError(
+                f"{e}\njournal: {self.journal()[-4000:]}\nagent.log: {self.machine.log()[-3000:]}"
+            ) from None
+
+    def leader(self) -> int:
+        """The container's PID 1 (systemd), as this machine sees it."""
+        children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children").read_text().split()
+        return int(children[0])
+
+    def command(self, *argv: str) -> list[str]:
+        """``argv`` run inside the container (its namespaces, its root), with the suite's PYTHONPATH."""
+        return ["nsenter", "-t", str(self.leader()), "-a", "env", *self.environment, *argv]
+
+    def run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(*argv), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_under_systemd_the_unit_thaws_what_a_killed_daemon_left_frozen(lab: Lab) -> None:
+    """The kill inside a freeze, under real systemd (SystemdMachine): the daemon is killed inside its first point's
+    freeze; systemd runs ExecStopPost, which thaws it (the journal says so, within a second), and restarts the
+    daemon, which replicates again."""
     server = lab.server(database=database())
     disk = lab.disk("d", 64 * MIB, ("ext4",))
     where = disk.mounts[0]
     lab.defer(f"thaw {where}", lambda: sh(["fsfreeze", "--unfreeze", str(where)], check=False))
     (where / "data").write_bytes(random.Random(41).randbytes(4 * MIB))  # noqa: S311 - test data
-    root = lab.workdir / "vm"
-    sh(["cp", "-a", str(sshd_base_root()), str(root)], timeout=300)
-    lab.defer("container root", lambda: sh(["rm", "-rf", "--one-file-system", str(root)], check=False, timeout=300))
-    (root / "etc/machine-id").write_text(os.urandom(16).hex() + "\n")
-    (root / "etc/hostname").write_text("vm-freeze\n")
-    secret = lab.workdir / "vm.pass"
-    secret.write_text(server.cli("passphrase", "show").stdout.strip() + "\n")
-    secret.chmod(0o600)
-    r = configure_agent(root, server.address, secret, server.fingerprint)
-    assert r.returncode == 0, r.stderr
-    host_id = json.loads(r.stdout)["host_id"]
-    (root / "etc/mobility").mkdir(parents=True, exist_ok=True)
-    (root / "etc/mobility/mobility.conf").write_text(json.dumps({"health_seconds": 5}))
-    launcher = root / "usr/local/mobility/current/mobility/mobility"  # this checkout's agent, where the unit runs it
-    launcher.parent.mkdir(parents=True)
-    launcher.write_text(f'#!/bin/sh\nexec {sys.executable} -m agent "$@"\n')
-    launcher.chmod(0o755)
-    units = root / "etc/systemd/system"
-    (units / "ssh.service").symlink_to("/dev/null")  # the container shares the host's network: not its port 22
-    (units / "mobility.service").write_text(UNIT.read_text())
-    (units / "multi-user.target.wants").mkdir(exist_ok=True)
-    (units / "multi-user.target.wants/mobility.service").symlink_to("/etc/systemd/system/mobility.service")
-    (units / "mobility.service.d").mkdir()
-    plan = json.dumps({"kill": {"replication.frozen": 1}})
-    (units / "mobility.service.d/test.conf").write_text(
-        "[Service]\n"
-        f"Environment=PYTHONPATH={REPO}:{faults.SITE} '{faults.PLAN}={plan}'\n"
-        "Environment=PYTHONDONTWRITEBYTECODE=1\n"
+    vm = SystemdMachine(lab, server, disk, "10s", {"kill": {"replication.frozen": 1}})
+    thawed = vm.wait_journal(
+        "ExecStopPost's thaw and the restart", lambda j: ": thawed /data\n" in j and "Scheduled restart job" in j
     )
-    (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
-    (root / "var/log/mobility").mkdir(parents=True, exist_ok=True)  # as install makes it (ReadWritePaths needs it)
-    (root / "data").mkdir()
-    server.cli("policy", "set", "often", "--interval", "10s", "--retention", "100")
-    server.cli("protect", "--machine", host_id, "--disk", disk.loop, "--policy", "often")
-
-    cgroups = make_cgroups(f"mfz{os.getpid()}")
-    nspawn = subprocess.Popen(
-        in_cgroups(
-            cgroups,
-            "systemd-nspawn",
-            "--boot",
-            "--register=no",
-            "--keep-unit",
-            "--quiet",
-            "-D",
-            str(root),
-            f"--bind={where}:/data",
-            f"--bind={disk.loop}",
-            f"--bind-ro={REPO}",
-            f"--bind-ro={Path(sys.executable).resolve().parents[1]}",
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
-
-    def poweroff() -> None:
-        if nspawn.poll() is None:
-            nspawn.terminate()  # the container's systemd powers off
-            try:
-                nspawn.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                nspawn.kill()
-                nspawn.wait(timeout=10)
-        for cgroup in cgroups:
-            if (cgroup / "cgroup.kill").exists():
-                (cgroup / "cgroup.kill").write_text("1")
-        time.sleep(0.5)
-        for cgroup in cgroups:
-            remove_cgroup(cgroup)
-
-    lab.defer("container", poweroff)
-
-    def journal() -> str:
-        return sh(
-            ["journalctl", "-D", str(root / "var/log/journal"), "-u", "mobility.service", "-o", "short-precise"],
-            check=False,
-        ).stdout
-
-    try:
-        thawed = wait_for(
-            "ExecStopPost's thaw and the restart",
-            lambda: ": thawed /data\n" in (j := journal()) and "Scheduled restart job" in j and j,
-            timeout=240,
-        )
-    except AssertionError as e:
-        log = (
-            (root / "var/log/mobility/agent.log").read_text() if (root / "var/log/mobility/agent.log").exists() else ""
-        )
-        raise AssertionError(f"{e}\njournal: {journal()[-4000:]}\nagent.log: {log[-3000:]}") from None
     lines = thawed.splitlines()
     killed = next(i for i, line in enumerate(lines) if "Main process exited, code=killed, status=9/KILL" in line)
     thaw = next(i for i, line in enumerate(lines) if line.endswith(": thawed /data"))  # `mobility thaw`'s output
     restart = next(i for i, line in enumerate(lines) if "Scheduled restart job" in line)
     assert killed < thaw < restart, "\n".join(lines[killed:])
-    killed, thaw = lines[killed], lines[thaw]
-    seconds = (stamp(thaw) - stamp(killed)).total_seconds()
-    assert 0 <= seconds < 5, (killed, thaw)
-    probe = Probe(where)
-    probe.wait(timeout=10)
-    wait_for("the daemon started again by systemd", lambda: journal().count("mobility 0.1.0 daemon started") >= 2, 120)
-    print(f"under systemd: kill -9 inside the freeze -> thawed by ExecStopPost in {seconds:.2f} s:\n{killed}\n{thaw}")
+    killed_line, thaw_line = lines[killed], lines[thaw]
+    seconds = (stamp(thaw_line) - stamp(killed_line)).total_seconds()
+    assert 0 <= seconds < 5, (killed_line, thaw_line)
+    Probe(where).wait(timeout=10)
+    vm.wait_journal("the daemon started again by systemd", lambda j: j.count("mobility 0.1.0 daemon started") >= 2)
+    print(f"under systemd: kill -9 inside the freeze -> thawed by ExecStopPost in {seconds:.2f} s:")
+    print(f"{killed_line}\n{thaw_line}")
+
+
+def test_under_systemd_a_restart_during_a_point_on_a_busy_disk_needs_no_resync(lab: Lab) -> None:
+    """`systemctl restart mobility` while a writer keeps the protected disk busy and a point is being cut (its pre
+    hook still running, deaf to the SIGTERM systemd sends every process of the unit): the stop is clean and quick (no
+    kill at TimeoutStopSec), the daemon started again goes on in CONTINUOUS with the tracing it kept, without a
+    resync, and its next point holds every record written before it."""
+    server = lab.server(database=database())
+    disk = lab.disk("d", 64 * MIB, ("ext4",))
+    where = disk.mounts[0]
+    lab.defer(f"thaw {where}", lambda: sh(["fsfreeze", "--unfreeze", str(where)], check=False))
+    vm = SystemdMachine(lab, server, disk, "7d", None)
+    state = vm.root / "var/lib/mobility"
+    hook = vm.root / "etc/mobility/freeze.d/10-slow"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(
+        '#!/bin/sh\n[ "$1" = post ] && { touch /var/lib/mobility/post-ran; exit 0; }\n'
+        "touch /var/lib/mobility/pre-started\ntrap '' TERM\nsleep 120\n"  # deaf to systemd's SIGTERM, as a slow flush
+    )
+    hook.chmod(0o755)
+    wait_for("CONTINUOUS", lambda: vm.machine.disk_state(disk).get("state") == "CONTINUOUS", timeout=240)
+    writer, log = start_writer(lab, [where], seed=51)
+    time.sleep(1.0)
+    point = subprocess.Popen(vm.command(MOBILITY, "point", "--timeout", "120"), stdout=subprocess.PIPE, text=True)
+    lab.defer("point request", lambda: point.kill() if point.poll() is None else None)
+    wait_for("the point's pre hook", (state / "pre-started").exists, timeout=60)
+    before = len(vm.journal().splitlines())
+    started = time.monotonic()
+    r = vm.run("systemctl", "restart", "mobility.service")
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    assert (state / "post-ran").exists(), "the post hook did not run"
+    point.wait(timeout=60)
+    hook.unlink()
+    journal = "\n".join(vm.journal().splitlines()[before:])
+    assert "Killing" not in journal and "status=9/KILL" not in journal and "timed out" not in journal, journal
+    stopping = next(line for line in journal.splitlines() if "Stopping mobility.service" in line)
+    stopped = next(line for line in journal.splitlines() if "Stopped mobility.service" in line)
+    stop_seconds = (stamp(stopped) - stamp(stopping)).total_seconds()
+    assert stop_seconds < float(unit_setting("TimeoutStopSec").removesuffix("s")), journal
+    vm.wait_journal("the restarted daemon in CONTINUOUS", lambda j: "saw every write: no resync" in j, timeout=120)
+    after = "\n".join(vm.journal().splitlines()[before:])
+    assert "checksum resync" not in after, after
+    r = vm.run(MOBILITY, "point", "--json", "--timeout", "120", timeout=200)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    cut = json.loads(r.stdout)
+    assert cut["consistency"] == "crash-consistent", cut
+    problems = failover_and_check(server, vm.machine, cut, [disk], records.read_log(log), lab.workdir / "fo")
+    assert not problems, problems[:10]
+    writer.terminate()
+    print(
+        f"under systemd: `systemctl restart` during a point on a busy disk: stopped in {stop_seconds:.2f} s, "
+        f"restarted in {took:.2f} s, no resync (load {os.getloadavg()[0]:.1f})"
+    )
 
 
 def stamp(line: str) -> Any:
