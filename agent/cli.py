@@ -200,6 +200,8 @@ def cmd_thaw(args: argparse.Namespace) -> int:
         raise ThawFailed("cannot thaw " + "; ".join(printable(f) for f in report.failed))
     if report.thawed:
         text = "thawed " + ", ".join(printable(p) for p in report.thawed)
+    elif report.owner_alive:
+        text = "a recovery point is freezing now: its own thaw comes within seconds"
     elif report.recorded:
         text = "nothing was frozen any more"
     else:

@@ -2,7 +2,7 @@
 the machine's protected disks, one replicator thread per disk, points on the policy's interval (or on request:
 `mobility point`), and the status `mobility status` and the heartbeat report.
 
-The daemon's loop only calls ``apply``, ``tick``, ``report`` and ``stop``; each returns at once, but ``stop``, which
+The daemon's loop only calls ``apply``, ``tick``, ``report`` and ``stop``; each returns at once except ``stop``, which
 takes at most STOP_SECONDS (a point in progress is cancelled, the disks' threads end, the tracing is kept). Reading
 disks, hashing, compressing, sending and freezing happen in the replication threads, at a lower priority.
 
@@ -330,6 +330,7 @@ class Replication:
             failure = InternalError(f"{name}: its replication thread ended unexpectedly")
             log.error("%s: starting it again; the disk resyncs", failure.message)
             del self.replicators[name]
+            r.stream.close()  # its owner is gone: nobody else uses it any more
             self._start_one(name, self._address(self.protection), failure)
 
     # The daemon's tick ------------------------------------------------------------------------------------------

@@ -350,7 +350,6 @@ class DiskReplicator(threading.Thread):
         self.busy = BusyMeter()
         self.busy_share = busy_share
         self.events_at_capture = 0
-        self.failures = 0  # unexpected exceptions this thread survived (REPL-INTERNAL)
         self.target = stream.address  # where the stream should go (``retarget``)
         self._moved_to: ServerAddress | None = None  # set by ``retarget``, taken by this thread
         self._set_initial_reason(kept_tracing)
@@ -464,7 +463,6 @@ class DiskReplicator(threading.Thread):
             self.stream.close()
             self.stream.reset()
         self.flag_resync(failure.id, failure.message, from_replica=True)
-        self.failures += 1
         self._nap(self.backoff)
         self.backoff = min(self.backoff * 2, 30.0)
 
