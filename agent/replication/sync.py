@@ -779,7 +779,7 @@ class DiskReplicator(threading.Thread):
             eta_seconds=eta,
             last_point=self.persisted.last_point,
             error=self.error,
-            detail=self.detail,
+            detail=self.detail[:500] if self.detail else None,  # the wire bounds it: a longer one spoils the report
         )
 
 
