@@ -307,20 +307,24 @@ class Replication:
         """Start again a tracer or a disk's thread that ended without being stopped (a defect): never a dead thread
         that silently stops tracking or sending. What it missed is found by a resync; the disks show REPL-INTERNAL."""
         now = time.monotonic()
-        if self.tracer is not None and not self.tracer.is_alive() and now >= self._restart_at.get("", 0.0):
-            self._restart_at[""] = now + RESTART_SECONDS
+        if self.replicators and (self.tracer is None or not self.tracer.is_alive()):
+            # No disk is in sync while nothing traces it: each tick flags them until a tracer runs again.
             failure: MobilityError = InternalError("the tracer stopped unexpectedly: writes may have gone unseen")
-            log.error("%s: tracing starts again and every protected disk resyncs", failure.message)
-            old, self.tracer = self.tracer, None
-            old.stop()
-            try:
-                self.tracer = self._new_tracer()
-                self._retarget()
-            except MobilityError as e:
-                log.error("the tracing cannot start again: %s: %s", e.id, e.message)
-                failure = e
             for r in self.replicators.values():
                 r.flag_resync(failure.id, failure.message)
+            if now >= self._restart_at.get("", 0.0):
+                self._restart_at[""] = now + RESTART_SECONDS
+                log.error("%s: tracing starts again and every protected disk resyncs", failure.message)
+                old, self.tracer = self.tracer, None
+                if old is not None:
+                    old.stop()
+                try:
+                    self.tracer = self._new_tracer()
+                    self._retarget()
+                except MobilityError as e:
+                    log.error("the tracing cannot start again: %s: %s", e.id, e.message)
+                    for r in self.replicators.values():
+                        r.flag_resync(e.id, e.message)
         if self.protection is None:
             return
         for name, r in list(self.replicators.items()):

@@ -79,25 +79,11 @@ class Probe:
         assert self.proc.wait(timeout=timeout) == 0
 
 
-def continuous_again(machine: Machine, disk: Disk, timeout: float = 120) -> None:
-    """The disk in CONTINUOUS as the daemon just started reports it (not as the status file a killed one left)."""
-    since = time.time()
-    wait_for(
-        f"{disk.loop} in CONTINUOUS after the start",
-        lambda: (
-            machine.status().get("started", 0) >= since - 1
-            and machine.disk_state(disk).get("state") == "CONTINUOUS"
-            and machine.disk_state(disk).get("bytes_left") == 0
-        ),
-        timeout,
-    )
-
-
 def killed_inside_a_freeze(lab: Lab, machine: Machine, disk: Disk) -> tuple[float, Probe]:
     """Start the agent with the suite's kill inside the freeze, ask for a point, and wait for the kill: returns its
     time and a probe blocked by the frozen filesystem (proof that the kill left it frozen)."""
     agent = lab.start_agent(machine, env=faults.environment(kill={"replication.frozen": 1}))
-    continuous_again(machine, disk)
+    lab.wait_state(machine, disk, "CONTINUOUS")
     point = subprocess.Popen(
         [sys.executable, "-m", "agent", "point", "--timeout", "60", "--root", str(machine.root)],
         cwd=REPO,
@@ -167,7 +153,7 @@ def test_a_daemon_killed_inside_a_freeze_leaves_nothing_frozen(lab: Lab, fstype:
     probe.wait(timeout=30)
     by_start = time.monotonic() - started
     assert f"thawed {where}: an agent that ended inside a point's freeze left them frozen" in machine.log()[restarted:]
-    continuous_again(machine, disk)
+    lab.wait_state(machine, disk, "CONTINUOUS")
     assert machine.point()["consistency"] == "crash-consistent"
     print(
         f"{fstype}: kill -9 inside the freeze -> writable: {by_stop_post:.2f} s by ExecStopPost; "
