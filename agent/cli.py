@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.checks import Status, render, run_checks
@@ -21,6 +22,9 @@ from agent.shared import timefmt
 from agent.shared.cli import Parser, report_error, run
 from agent.shared.errors import BadArguments, Exit, MobilityError
 from agent.shared.wire import PLATFORMS, ROLES
+
+if TYPE_CHECKING:
+    from agent.replication.frozen import ThawReport
 
 
 def _emit(args: argparse.Namespace, data: object, text: str) -> None:
@@ -146,7 +150,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.sdnotify import Notifier
 
     paths = Paths.checked(args.root)
+    thawed = _thaw_left_frozen(paths)  # first: a log line on a filesystem a killed agent left frozen would block
     _daemon_logging(paths)
+    _log_thawed(thawed)
     daemon = Daemon(
         paths,
         load_config(paths),
@@ -155,6 +161,53 @@ def cmd_run(args: argparse.Namespace) -> int:
         notifier=Notifier(os.environ.get("NOTIFY_SOCKET")),
     )
     return daemon.run_forever()
+
+
+def _thaw_left_frozen(paths: Paths) -> ThawReport:
+    from agent.replication.frozen import thaw_recorded
+
+    return thaw_recorded(paths)
+
+
+def _log_thawed(report: ThawReport) -> None:
+    import logging
+
+    from agent.errors import ThawFailed
+    from agent.shared.textsafe import printable
+
+    log = logging.getLogger("mobility.daemon")
+    if report.thawed:
+        log.warning(
+            "thawed %s: an agent that ended inside a point's freeze left them frozen",
+            ", ".join(printable(p) for p in report.thawed),
+        )
+    if report.failed:
+        e = ThawFailed("; ".join(printable(f) for f in report.failed))
+        log.error("%s: %s", e.id, e.message)
+
+
+def cmd_thaw(args: argparse.Namespace) -> int:
+    """The unit's ExecStopPost: thaw what a point froze, if the daemon ended inside the freeze. Needs nothing from
+    the daemon and writes nothing before the thaw (no log file, no state: they may be on a frozen filesystem)."""
+    from agent.errors import ThawFailed
+    from agent.replication.frozen import thaw_recorded
+    from agent.shared.textsafe import printable
+
+    if not 0 < args.timeout <= 300:
+        raise BadArguments("--timeout must be between 0 and 300 seconds")
+    report = thaw_recorded(_require_root(args), timeout=args.timeout)
+    if report.failed:
+        raise ThawFailed("cannot thaw " + "; ".join(printable(f) for f in report.failed))
+    if report.thawed:
+        text = "thawed " + ", ".join(printable(p) for p in report.thawed)
+    elif report.owner_alive:
+        text = "a recovery point is freezing now: its own thaw comes within seconds"
+    elif report.recorded:
+        text = "nothing was frozen any more"
+    else:
+        text = "nothing frozen by the agent"
+    _emit(args, report.to_json(), text)
+    return Exit.OK
 
 
 def _daemon_logging(paths: Paths) -> None:
@@ -430,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the daemon (under systemd, or in the foreground)")
     p.add_argument("--root", metavar="DIR", help="root of the system (default /)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("thaw", help="thaw filesystems a point left frozen (the unit's ExecStopPost; every start)")
+    _common(p)
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="how long to wait (default 5)")
+    p.set_defaults(func=cmd_thaw)
 
     p = sub.add_parser("status", help="version, identity, server, registration, last heartbeat and job")
     _common(p)

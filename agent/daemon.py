@@ -57,6 +57,19 @@ from agent.update_state import (
 
 log = logging.getLogger("mobility.daemon")
 
+# The longest a stop takes, from SIGTERM to exit (systemd/mobility.service's TimeoutStopSec covers it): the loop may
+# be waiting on a heartbeat (LINK_TIMEOUT) or on a write to a filesystem a point froze (the point's watchdog thaws it
+# at the latest), then replication stops (a point cancelled, the disks' threads ended, the tracing kept).
+LINK_TIMEOUT = 4.0
+
+
+def stop_seconds() -> float:
+    from agent.replication.engine import STOP_SECONDS as REPLICATION
+    from agent.replication.points import WATCHDOG_SECONDS
+
+    return max(LINK_TIMEOUT, WATCHDOG_SECONDS) + REPLICATION + 1.0
+
+
 SLOW_FACTOR = 4  # optional work runs this much less often while memory is tight
 MIN_CPU_WINDOW = 2.0  # seconds; CPU time moves in 10 ms ticks
 FIRST_CPU_WINDOW = 0.2  # seconds the first health check spends measuring CPU
@@ -296,11 +309,12 @@ class Daemon:
         if doc is None and self.replication is None:
             if not self._tracing_checked:  # protection ended while the agent was down: end the tracing it left
                 self._tracing_checked = True
-                from agent.replication.state import forget_tracing_stop
+                from agent.replication.state import forget_status, forget_tracing_stop
                 from agent.replication.tracing import remove_leftover
 
                 remove_leftover(self.paths.state_dir)
                 forget_tracing_stop(self.paths)
+                forget_status(self.paths)  # `mobility status` shows no disk as protected any more
             return
         from agent.shared.replication_wire import Protection
         from agent.shared.wire import WireError
@@ -509,7 +523,7 @@ def _reap_children() -> None:
 class ServerLink:
     """The real link: JSON over mutual TLS with the machine's certificate, one kept-alive connection."""
 
-    def __init__(self, paths: Paths, timeout: float = 4.0) -> None:
+    def __init__(self, paths: Paths, timeout: float = LINK_TIMEOUT) -> None:
         self.paths = paths
         self.timeout = timeout  # short: a stop must never wait long on a dead server
         self._client: Any = None

@@ -361,6 +361,35 @@ class EventsLost(TemporaryError):
     )
 
 
+class TraceUnparsable(TemporaryError):
+    """Not raised: the ID a disk in RESYNC_REQUIRED carries when the tracer read lines it does not understand."""
+
+    code = "REPL-TRACE-UNPARSABLE"
+    remediation = (
+        "The kernel's trace output has a format this agent does not read (the message quotes a line), so writes "
+        "may have gone unseen: the agent resynchronises by checksums; if it repeats, report the kernel version and "
+        "the line (mobility diagnostics)."
+    )
+
+
+class InternalError(LocalSystemError):
+    """Not raised: the ID a disk (or a point) carries when a replication thread met an unexpected exception."""
+
+    code = "REPL-INTERNAL"
+    remediation = (
+        "A replication thread failed unexpectedly (a defect; the message names the exception): the agent restarted "
+        "it and resynchronises the disk by checksums; report it with `mobility diagnostics` (the log has the trace)."
+    )
+
+
+class ThawFailed(LocalSystemError):
+    code = "REPL-THAW-FAILED"
+    remediation = (
+        "A filesystem the agent froze for a point could not be thawed (the message names it): thaw it by hand "
+        "(fsfreeze --unfreeze MOUNTPOINT); writes to it block until then. Report it with `mobility diagnostics`."
+    )
+
+
 class FreezeFailed(LocalSystemError):
     code = "REPL-FREEZE-FAILED"
     remediation = (

@@ -171,6 +171,17 @@ class Paths:
         return self.state_dir / "replication"
 
     @property
+    def run_dir(self) -> Path:
+        """The agent's runtime files (/run: a tmpfs, emptied at boot, never frozen by a point)."""
+        return self.resolve("/run/mobility")
+
+    @property
+    def freeze_record(self) -> Path:
+        """The filesystems a point froze, recorded before the freeze, removed after the thaw (JSON,
+        agent/replication/frozen.py)."""
+        return self.run_dir / "frozen.json"
+
+    @property
     def freeze_state(self) -> Path:
         """The freeze provider's set-up: ready or not, and why (JSON, agent/freeze.py)."""
         return self.state_dir / "freeze.json"

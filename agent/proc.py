@@ -7,10 +7,14 @@ loader. `host_environ` takes back what the frozen program's start-up set."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from agent.errors import CommandFailed
@@ -45,8 +49,15 @@ def host_environ(environ: Mapping[str, str] | None = None, frozen: bool | None =
     return env
 
 
-def run(cmd: Sequence[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str], timeout: float = 60.0, check: bool = True, cancel: threading.Event | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` and wait for it (at most ``timeout``). With ``cancel``, the command runs in a session of its own
+    and is killed, with whatever it started, as soon as ``cancel`` is set (the agent stops: a freeze hook must not
+    hold the stop past the unit's timeout)."""
     log.info("running %s", " ".join(cmd))
+    if cancel is not None:
+        return _cancellable(cmd, timeout, check, cancel)
     try:
         result = subprocess.run(
             list(cmd), capture_output=True, text=True, timeout=timeout, check=False, env=host_environ()
@@ -56,6 +67,39 @@ def run(cmd: Sequence[str], timeout: float = 60.0, check: bool = True) -> subpro
     if check and result.returncode != 0:
         raise CommandFailed(f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip()[-500:]}")
     return result
+
+
+def _cancellable(
+    cmd: Sequence[str], timeout: float, check: bool, cancel: threading.Event
+) -> subprocess.CompletedProcess[str]:
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=host_environ(),
+        )
+    except OSError as e:
+        raise CommandFailed(f"{' '.join(cmd)}: {e}") from e
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out, err = proc.communicate(timeout=max(0.01, min(0.1, deadline - time.monotonic())))
+            break
+        except subprocess.TimeoutExpired:
+            if not cancel.is_set() and time.monotonic() < deadline:
+                continue
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the command and what it started: none holds the pipes open
+            proc.communicate()
+            why = "cancelled" if cancel.is_set() else f"timed out after {timeout:.0f} s"
+            raise CommandFailed(f"{' '.join(cmd)}: {why}") from None
+    if check and proc.returncode != 0:
+        raise CommandFailed(f"{' '.join(cmd)} exited {proc.returncode}: {err.strip()[-500:]}")
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
 
 
 Child = subprocess.Popen[bytes]  # a detached program `spawn` started

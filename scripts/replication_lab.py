@@ -93,6 +93,7 @@ class Machine:
     root: Path
     host_id: str
     agent: subprocess.Popen[str] | None = None
+    agent_started: float = 0.0  # wall clock: a status written before it is the last agent's
 
     @property
     def state_dir(self) -> Path:
@@ -282,7 +283,8 @@ class Lab:
         if not node.exists():
             os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(disk.major, disk.minor))
 
-    def start_agent(self, machine: Machine) -> subprocess.Popen[str]:
+    def start_agent(self, machine: Machine, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """`mobility run` for ``machine`` (``env``: its whole environment, e.g. with a fault plan of the suite's)."""
         log = (self.workdir / f"{machine.root.name}-agent.out").open("a")
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--root", str(machine.root)],
@@ -290,14 +292,20 @@ class Lab:
             text=True,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         log.close()
-        machine.agent = proc
+        machine.agent, machine.agent_started = proc, time.time()
         self.defer(f"agent {proc.pid}", lambda: stop(proc))
         return proc
 
     def wait_state(self, machine: Machine, disk: Disk, state: str, timeout: float = 120) -> dict[str, Any]:
+        """The disk in ``state`` as the running agent reports it (a status the last agent wrote at its stop or its
+        kill does not count)."""
+
         def ready() -> dict[str, Any] | None:
+            if machine.status().get("updated", 0) < machine.agent_started:
+                return None
             d = machine.disk_state(disk)
             if machine.agent is not None and machine.agent.poll() is not None:
                 raise AssertionError(f"the agent exited {machine.agent.returncode}: {machine.log()[-3000:]}")

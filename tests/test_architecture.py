@@ -145,6 +145,7 @@ STATE_OWNERS = {
     "update_target": "agent.update_state",  # /var/lib/mobility/target.json
     "upgrade_marker": "agent.update_state",  # /var/lib/mobility/upgrade.from
     "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
+    "freeze_record": "agent.replication.frozen",  # /run/mobility/frozen.json
 }
 
 

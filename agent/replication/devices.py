@@ -1,5 +1,6 @@
 """Block devices on the source machine: resolving a protected disk's name, its size and partitions, the
-filesystems mounted from it, reading it past every cache (O_DIRECT), and freezing its filesystems.
+filesystems whose writes reach it (mounted from the disk, a partition, or a device stacked on them: LVM, md),
+reading it past every cache (O_DIRECT), and freezing its filesystems.
 
 A disk's name comes from the server (input): it is resolved inside the agent's root (``Paths.resolve``) and must
 be a block device node there. What the kernel knows about the device (sysfs, mountinfo) is the running kernel's."""
@@ -11,8 +12,10 @@ import ctypes
 import fcntl
 import mmap
 import os
+import re
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ BLKSSZGET = 0x1268
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 SYS = Path("/sys")
+_OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo escapes space, tab, newline and backslash in paths
 _SKIP = ("loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd", "nullb")  # not whole disks of the machine
 
 
@@ -103,10 +107,80 @@ def sector_size(fd: int) -> int:
     return int(struct.unpack("<i", buf)[0])
 
 
-def mounts_of(disk: BlockDevice, mountinfo: str) -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of every mount from the disk or one of its partitions (pure but for a
-    stat of each mount's source, for filesystems such as btrfs whose mountinfo shows an anonymous device)."""
-    devs = {(disk.major, disk.minor)} | {(p.major, p.minor) for p in partitions(disk)}
+# Filesystems on a disk, directly or through stacked devices ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockNode:
+    """One block device as sysfs shows it: its number, the devices it is built on (``slaves``: device-mapper, md)
+    and, for a partition, the disk it belongs to."""
+
+    name: str  # kernel name: sda, sda2, dm-0, md127, md127p1
+    dev: tuple[int, int]
+    slaves: tuple[str, ...] = ()
+    disk: str | None = None  # the whole disk of a partition
+
+
+def read_block_tree(sys: Path = SYS) -> dict[str, BlockNode]:
+    """Every block device of ``sys``/block with its partitions (the thin I/O shell of ``devices_above``)."""
+    tree: dict[str, BlockNode] = {}
+    try:
+        entries = sorted((sys / "block").iterdir())
+    except OSError:
+        return tree
+    for entry in entries:
+        dev = _dev_of(entry)
+        if dev is None:
+            continue
+        try:
+            slaves = tuple(sorted(p.name for p in (entry / "slaves").iterdir()))
+        except OSError:
+            slaves = ()
+        tree[entry.name] = BlockNode(entry.name, dev, slaves)
+        try:
+            subdirs = sorted(p for p in entry.iterdir() if (p / "partition").is_file())
+        except OSError:
+            subdirs = []
+        for part in subdirs:
+            pdev = _dev_of(part)
+            if pdev is not None:
+                tree[part.name] = BlockNode(part.name, pdev, disk=entry.name)
+    return tree
+
+
+def _dev_of(entry: Path) -> tuple[int, int] | None:
+    try:
+        major, minor = (int(x) for x in (entry / "dev").read_text().split(":"))
+    except (OSError, ValueError):
+        return None
+    return major, minor
+
+
+def devices_above(tree: dict[str, BlockNode], disk: str) -> set[tuple[int, int]]:
+    """The numbers of ``disk``, its partitions and every device stacked on any of them, however deep (LVM over
+    partitions of two disks, md over partitions, LVM over md, partitions of an md array): what a filesystem whose
+    writes reach ``disk`` can be mounted from (pure)."""
+    ours = {disk} if disk in tree else set()
+    while True:
+        grown = set(ours)
+        for node in tree.values():
+            if node.name in grown:
+                continue
+            if (node.disk is not None and node.disk in grown) or any(s in grown for s in node.slaves):
+                grown.add(node.name)
+        if grown == ours:
+            return {tree[name].dev for name in ours}
+        ours = grown
+
+
+def mounts_on(
+    devs: set[tuple[int, int]],
+    mountinfo: str,
+    source_dev: Callable[[str], tuple[int, int] | None] = lambda _: None,
+) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount of ``mountinfo`` from one of ``devs``, each filesystem once
+    (pure: ``source_dev`` tells the device behind a mount's source for filesystems such as btrfs whose mountinfo
+    shows an anonymous device)."""
     found: list[tuple[str, str]] = []
     seen: set[str] = set()
     for line in mountinfo.splitlines():
@@ -117,31 +191,53 @@ def mounts_of(disk: BlockDevice, mountinfo: str) -> list[tuple[str, str]]:
         major, _, minor = fields[2].partition(":")
         ours = major.isdigit() and minor.isdigit() and (int(major), int(minor)) in devs
         if not ours and rfields[1].startswith("/"):
-            try:
-                st = os.stat(rfields[1])
-                ours = stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) in devs
-            except OSError:
-                ours = False
-        point = fields[4].replace("\\040", " ")
+            ours = source_dev(rfields[1]) in devs
+        point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
         if ours and fields[3] == "/" and point not in seen:  # a bind mount of a subtree freezes the same fs
             seen.add(point)
             found.append((point, rfields[0]))
     return found
 
 
+def _source_dev(source: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(source)
+    except OSError:
+        return None
+    return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else None
+
+
+def mounts_of(disk: BlockDevice, mountinfo: str, tree: dict[str, BlockNode] | None = None) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every filesystem whose writes reach the disk: mounted from it, one of its
+    partitions, or a device stacked on them (``/sys/block/*/slaves``)."""
+    devs = devices_above(read_block_tree() if tree is None else tree, disk.kernel_name)
+    devs |= {(disk.major, disk.minor)} | {(p.major, p.minor) for p in partitions(disk)}
+    return mounts_on(devs, mountinfo, _source_dev)
+
+
 class DirectReader:
     """Reads a disk with O_DIRECT into a page-aligned buffer: what is on the device, not a stale page cache of
-    the block device (a filesystem's data writes bypass that cache)."""
+    the block device (a filesystem's data writes bypass that cache). The buffer holds ``max_bytes`` (rounded up to
+    the device's sector size): the largest read the caller makes, one whole chunk at least."""
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        self.size = device_size(self.fd)
-        self.align = max(sector_size(self.fd), 512)
-        self.buf = mmap.mmap(-1, max(max_bytes, mmap.PAGESIZE))
+        try:
+            self.size = device_size(self.fd)
+            self.align = max(sector_size(self.fd), 512)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.capacity = -(-max(max_bytes, 1) // self.align) * self.align
+        self.buf = mmap.mmap(-1, max(self.capacity, mmap.PAGESIZE))
 
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (both chunk-aligned; the disk's tail is read to its end)."""
+    def read(self, offset: int, length: int) -> memoryview:
+        """``length`` bytes at ``offset`` (both chunk-aligned; the disk's tail is read to its end), as a view of
+        the buffer that the next read overwrites."""
         want = -(-length // self.align) * self.align
+        if want > self.capacity:
+            # Never a silently shorter read into a buffer too small: that is a wrong size, not a short disk.
+            raise ValueError(f"a read of {length} bytes into a buffer of {self.capacity}")
         view = memoryview(self.buf)[:want]
         try:
             got = os.preadv(self.fd, [view], offset)
@@ -149,11 +245,12 @@ class DirectReader:
             view.release()
         if got < length:
             raise OSError(5, f"short read at {offset}: {got} of {length} bytes")
-        return self.buf[:length]
+        return memoryview(self.buf)[:length]
 
     def close(self) -> None:
         os.close(self.fd)
-        self.buf.close()
+        with contextlib.suppress(BufferError):  # a view still held: the buffer goes with its last view
+            self.buf.close()
 
 
 def freeze(mount_point: str) -> int:

@@ -2,8 +2,14 @@
 the machine's protected disks, one replicator thread per disk, points on the policy's interval (or on request:
 `mobility point`), and the status `mobility status` and the heartbeat report.
 
-The daemon's loop only calls ``apply``, ``tick``, ``report`` and ``stop``; each returns at once. Reading disks,
-hashing, compressing, sending and freezing happen in the replication threads, at a lower priority."""
+The daemon's loop only calls ``apply``, ``tick``, ``report`` and ``stop``; each returns at once except ``stop``, which
+takes at most STOP_SECONDS (a point in progress is cancelled, the disks' threads end, the tracing is kept). Reading
+disks, hashing, compressing, sending and freezing happen in the replication threads, at a lower priority.
+
+The threads are supervised: each tick looks at the tracer and every disk's thread, and one that ended unexpectedly
+is started again, its disks resynchronised and shown with REPL-INTERNAL (a disk's thread also survives an unexpected
+exception of its own the same way). Each disk's stream belongs to its thread: the daemon's thread only asks it to
+move to another process server address (``DiskReplicator.retarget``)."""
 
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EventsLost
+from agent.errors import InternalError
 from agent.paths import Paths
+from agent.replication import tracing
 from agent.replication.devices import all_disks, device_size, lower_priority, partitions, resolve_disk
-from agent.replication.points import CaptureRate, PointResult, cut_point
+from agent.replication.points import CANCEL_SECONDS, CaptureRate, PointResult, cut_point
 from agent.replication.state import (
     answer_request,
     disk_dir,
@@ -45,6 +52,10 @@ log = logging.getLogger("mobility.replication")
 STATUS_SECONDS = 2.0
 RESIZE_CHECK_SECONDS = 10.0
 REQUEST_POLL_SECONDS = 2.0
+RESTART_SECONDS = 2.0  # a thread that ended unexpectedly is started again at most this often
+DISK_STOP_SECONDS = 5.0  # every disk's thread ends within this once stopped (its stream is broken off)
+# The longest ``stop`` takes: a point cancelled, the disks' threads ended, the tracing kept, the status written.
+STOP_SECONDS = CANCEL_SECONDS + 0.5 + DISK_STOP_SECONDS + tracing.STOP_SECONDS + 1.0
 
 
 def boot_id() -> str:
@@ -87,6 +98,8 @@ class Replication:
         self.tracer: Tracer | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.point_thread: threading.Thread | None = None
+        self._cancel = threading.Event()  # the running point's: set when the agent stops or protection changes
+        self._restart_at: dict[str, float] = {}  # monotonic time before which a dead thread is not restarted
         self.last_result: PointResult | None = None
         self.last_point_at = time.monotonic()
         self.freezing = False
@@ -95,6 +108,7 @@ class Replication:
         self._requests: list[str] = []
         self._taken: set[str] = set()  # requests a point is being cut for (their files stay until it is done)
         self._next_status = 0.0
+        self._ended_shown = True
         self._next_resize = 0.0
         self._next_requests = 0.0
         self._adopt_checked = False
@@ -104,11 +118,13 @@ class Replication:
     # What to protect --------------------------------------------------------------------------------------------
 
     def apply(self, protection: Protection | None) -> None:
-        """The heartbeat answer's protection (None: nothing). Starts, stops and retunes replicators."""
+        """The heartbeat answer's protection (None: nothing). Starts, stops and retunes replicators; the status file
+        says what changed at the next tick (a disk no longer protected is no longer shown)."""
         previous, self.protection = self.protection, protection
         if protection is None:
             if previous is not None:
                 log.info("protection removed: replication stops")
+            self._ended_shown = False  # the next tick writes a status without the disks
             self._stop_all()
             forget_tracing_stop(self.paths)
             return
@@ -117,29 +133,39 @@ class Replication:
             if name not in wanted:
                 log.info("%s is no longer protected", name)
                 self._stop_one(name)
+                self._next_status = 0.0
         for name in list(self.failed):
             if name not in wanted:
                 del self.failed[name]
+                self._next_status = 0.0
         address = self._address(protection)
         started = [r for name in wanted if name not in self.replicators and (r := self._make_one(name, address))]
+        for r in self.replicators.values():
+            self._tune(r, protection, address)
         if started:
+            self._next_status = 0.0
             self._retarget()  # tracking is on before the first chunk is read
             self._check_adopted(started)
             for r in started:
                 self._run_one(r)
-        for r in self.replicators.values():
-            r.paused = protection.paused
-            r.stream.bucket.rate = protection.policy.bandwidth_bps
-            if (r.stream.address.host, r.stream.address.port) != (address.host, address.port):
-                r.stream.address = address
-                r.stream.close()
+
+    @staticmethod
+    def _tune(r: DiskReplicator, protection: Protection, address: ServerAddress) -> None:
+        """The policy onto a disk's thread (it applies them itself: its stream is its own)."""
+        r.paused = protection.paused
+        r.bandwidth = protection.policy.bandwidth_bps
+        r.retarget(address)
 
     def _address(self, protection: Protection) -> ServerAddress:
         return ServerAddress(protection.process.host or self.server_host, protection.process.port)
 
-    def _start_one(self, name: str, address: ServerAddress) -> None:
+    def _start_one(self, name: str, address: ServerAddress, failure: MobilityError | None = None) -> None:
         r = self._make_one(name, address)
         if r is not None:
+            if self.protection is not None:
+                self._tune(r, self.protection, address)
+            if failure is not None:
+                r.flag_resync(failure.id, failure.message, from_replica=True)
             self._retarget()
             self._run_one(r)
 
@@ -151,8 +177,7 @@ class Replication:
                 # A clean stop left its tracing on: adopt it (the writes since are in its buffer), once.
                 adopt = load_tracing_stop(self.paths)
                 forget_tracing_stop(self.paths)
-                self.tracer = Tracer(instance_name(self.paths.state_dir), self.trace_buffer_kb, self._lost, adopt=adopt)
-                self.tracer.start()
+                self.tracer = self._new_tracer(adopt)
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(
                     max_workers=3, thread_name_prefix="replication-io", initializer=lower_priority
@@ -179,6 +204,11 @@ class Replication:
         self.failed.pop(name, None)
         self.replicators[name] = replicator
         return replicator
+
+    def _new_tracer(self, adopt: str | None = None) -> Tracer:
+        tracer = Tracer(instance_name(self.paths.state_dir), self.trace_buffer_kb, self._lost, adopt=adopt)
+        tracer.start()
+        return tracer
 
     def _check_adopted(self, started: list[DiskReplicator]) -> None:
         """The first start after a clean stop: every write since must be in the adopted tracing's buffer, or the
@@ -207,21 +237,25 @@ class Replication:
         )
 
     def _stop_one(self, name: str) -> None:
+        self._cancel_point()
         r = self.replicators.pop(name)
         r.stop()
-        r.join(timeout=10)
+        r.join(timeout=DISK_STOP_SECONDS)
         r.mark_clean_stop()
         self._retarget()
 
     def _stop_all(self, *, keep_tracing: bool = False) -> None:
         """Stop every disk. With ``keep_tracing`` (the agent stops; the disks stay protected) the tracing goes on
-        in the kernel and each disk in sync saves its dirty map, so the next start needs no resync."""
+        in the kernel and each disk in sync saves its dirty map, so the next start needs no resync; the status file
+        then shows the disks as they were at the stop."""
+        self._cancel_point()
         stopping = list(self.replicators.values())
-        for r in stopping:  # all at once: each stops within a second or two
+        for r in stopping:  # all at once: each ends within a second or two once its stream is broken off
             r.stop()
+        deadline = time.monotonic() + DISK_STOP_SECONDS
         for r in stopping:
-            r.join(timeout=10)
-        self.replicators.clear()
+            r.join(timeout=max(0.0, deadline - time.monotonic()))
+        # The disks stay known until the tracer has drained: a loss it reads now still flags them for a resync.
         marker = None
         if self.tracer is not None:
             nonce = uuid.uuid4().hex
@@ -230,13 +264,28 @@ class Replication:
             marker = nonce if kept else None
             self.tracer = None
         for r in stopping:
+            if r.is_alive():
+                log.warning("%s did not stop in %.0f s: the next start resyncs it", r.device.name, DISK_STOP_SECONDS)
             r.mark_clean_stop(marker if not r.is_alive() else None)
         if marker is not None:
             save_tracing_stop(self.paths, marker)
+        if keep_tracing:
+            with contextlib.suppress(OSError):
+                self.save_status(time.time())
+        self.replicators.clear()
         self.failed.clear()
+        self._restart_at.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+    def _cancel_point(self) -> None:
+        """End the point in progress (thawed, its post hooks run) before its disks stop: within CANCEL_SECONDS."""
+        if self._point_running() and self.point_thread is not None:
+            self._cancel.set()
+            self.point_thread.join(timeout=CANCEL_SECONDS + 0.5)
+            if self.point_thread.is_alive():
+                log.warning("the point in progress did not end within %.0f s of being cancelled", CANCEL_SECONDS)
 
     def _retarget(self) -> None:
         if self.tracer is None:
@@ -249,19 +298,57 @@ class Replication:
                 targets[trace_dev(p.major, p.minor)] = Target(r.dirty, r.geometry.chunk_size, p.start_sector)
         self.tracer.set_targets(targets)
 
-    def _lost(self, n: int) -> None:
-        """The tracer's thread: events were lost; every disk must be compared again."""
-        lost = EventsLost(f"the kernel dropped {n} trace events: writes may have been missed")
+    def _lost(self, error: MobilityError) -> None:
+        """The tracer's thread: writes may have gone unseen (``error`` says why); every disk is compared again."""
         for r in list(self.replicators.values()):
-            r.flag_resync(lost.id, lost.message)
+            r.flag_resync(error.id, error.message)
+
+    def _supervise(self) -> None:
+        """Start again a tracer or a disk's thread that ended without being stopped (a defect): never a dead thread
+        that silently stops tracking or sending. What it missed is found by a resync; the disks show REPL-INTERNAL."""
+        now = time.monotonic()
+        if self.replicators and (self.tracer is None or not self.tracer.is_alive()):
+            # No disk is in sync while nothing traces it: each tick flags them until a tracer runs again.
+            failure: MobilityError = InternalError("the tracer stopped unexpectedly: writes may have gone unseen")
+            for r in self.replicators.values():
+                r.flag_resync(failure.id, failure.message)
+            if now >= self._restart_at.get("", 0.0):
+                self._restart_at[""] = now + RESTART_SECONDS
+                log.error("%s: tracing starts again and every protected disk resyncs", failure.message)
+                old, self.tracer = self.tracer, None
+                if old is not None:
+                    old.stop()
+                try:
+                    self.tracer = self._new_tracer()
+                    self._retarget()
+                except MobilityError as e:
+                    log.error("the tracing cannot start again: %s: %s", e.id, e.message)
+                    for r in self.replicators.values():
+                        r.flag_resync(e.id, e.message)
+        if self.protection is None:
+            return
+        for name, r in list(self.replicators.items()):
+            if r.is_alive() or r.stopping.is_set() or now < self._restart_at.get(name, 0.0):
+                continue
+            self._restart_at[name] = now + RESTART_SECONDS
+            failure = InternalError(f"{name}: its replication thread ended unexpectedly")
+            log.error("%s: starting it again; the disk resyncs", failure.message)
+            del self.replicators[name]
+            r.stream.close()  # its owner is gone: nobody else uses it any more
+            self._start_one(name, self._address(self.protection), failure)
 
     # The daemon's tick ------------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Cheap: schedule points, pick up requests, notice resized disks, write the status file."""
-        if self.protection is None and not self.failed:
-            return
+        """Cheap: supervise the threads, schedule points, pick up requests, notice resized disks, write the status
+        file."""
         mono = time.monotonic()
+        if self.protection is None and not self.failed:
+            if not self._ended_shown and not self.freezing:  # once, after protection ended: no disk any more
+                self._ended_shown = True
+                self.save_status(now)
+            return
+        self._supervise()
         if mono >= self._next_resize:
             self._next_resize = mono + RESIZE_CHECK_SECONDS
             self._check_resize()
@@ -277,8 +364,9 @@ class Replication:
             self._taken.update(requests)
             if due or requests:
                 self.last_point_at = mono
+                self._cancel = threading.Event()
                 self.point_thread = threading.Thread(
-                    target=self._cut, args=(requests,), name="replication-point", daemon=True
+                    target=self._cut, args=(requests, self._cancel), name="replication-point", daemon=True
                 )
                 self.point_thread.start()
         if mono >= self._next_status and not self.freezing:
@@ -288,7 +376,7 @@ class Replication:
     def _point_running(self) -> bool:
         return self.point_thread is not None and self.point_thread.is_alive()
 
-    def _cut(self, requests: list[str]) -> None:
+    def _cut(self, requests: list[str], cancel: threading.Event) -> None:
         lower_priority()
         replicators = list(self.replicators.values())
         if self.tracer is None or not replicators:
@@ -296,8 +384,17 @@ class Replication:
         else:
             try:
                 result = cut_point(
-                    replicators, self.tracer, self.paths, frozen=self._frozen, capture_rate=self.capture_rate
+                    replicators,
+                    self.tracer,
+                    self.paths,
+                    frozen=self._frozen,
+                    capture_rate=self.capture_rate,
+                    cancel=cancel,
                 )
+            except Exception as e:  # a defect: the point fails visibly, its requests are answered
+                failure = InternalError(f"cutting the point failed: {type(e).__name__}: {e}"[:400])
+                log.error("%s", failure.message, exc_info=e)
+                result = PointResult(False, error=failure.id, message=failure.message)
             finally:
                 self.freezing = False
         self.last_result = result
@@ -375,9 +472,6 @@ class Replication:
             log.warning("cannot write the replication status: %s", e.strerror)
 
     def stop(self) -> None:
-        """The agent stops: replication ends, the tracing of the protected disks goes on for the next start."""
-        if self.point_thread is not None:
-            self.point_thread.join(timeout=30)
+        """The agent stops (within STOP_SECONDS): a point in progress is cancelled, replication ends, the tracing of
+        the protected disks goes on for the next start."""
         self._stop_all(keep_tracing=True)
-        with contextlib.suppress(OSError):
-            self.save_status(time.time())

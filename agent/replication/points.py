@@ -9,16 +9,23 @@ restart).
    captured in a bounded freeze: the point is cut only when reading and sending it is expected to take at most
    ``MAX_FREEZE`` seconds at the rate past captures reached (nothing is compressed during a freeze).
 2. App-consistent hooks: /etc/mobility/freeze.d/* ``pre`` (the post hooks always run).
-3. Freeze every filesystem on the protected disks, all at once (FIFREEZE); a watchdog thread thaws them after
-   10 s whatever happens. Nothing between freeze and thaw writes a file or a log line: the state directory and
-   the logs may be on a frozen filesystem, and a write there would block until the thaw.
+3. Freeze every filesystem whose writes reach the protected disks (mounted from them, their partitions, or LVM and
+   md devices stacked on them), all at once (FIFREEZE). First they are recorded under /run (agent/replication/
+   frozen.py), so that if this process dies inside the freeze, the unit's ExecStopPost and the next start thaw
+   them; a watchdog thread thaws them after 10 s whatever happens. Nothing between freeze and thaw writes a file
+   or a log line: the state directory and the logs may be on a frozen filesystem, and a write there would block
+   until the thaw.
 4. Drain the tracer (every write completed before the freeze is now in the dirty maps) and have each disk's
    thread read its residual: the chunks changed since they were last read.
 5. Thaw. Each disk then closes the point on its stream with the root hash of its chunk hashes at the freeze; the
    process server accepts it only if its replica has the same root.
 
 A disk without a mounted filesystem cannot be frozen: its point is consistent only if it was idle (no write in the
-second before the freeze nor during the capture), labelled ``raw-idle``, else ``raw-busy``."""
+second before the freeze nor during the capture), labelled ``raw-idle``, else ``raw-busy``.
+
+A point is cancellable (``cancel``: the agent stops): every wait in it gives up within a tenth of a second, a pre
+hook is killed, the filesystems are thawed at once, and the post hooks still run, for at most
+``STOP_HOOK_SECONDS`` together; ``CANCEL_SECONDS`` bounds it all."""
 
 from __future__ import annotations
 
@@ -33,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import FreezeFailed, PointFailed, UpdateBusy
+from agent.faults import fault_point
 from agent.paths import Paths
 from agent.proc import run
-from agent.replication.devices import freeze, mounts_of, thaw
+from agent.replication.devices import freeze, mounts_of, read_block_tree, thaw
+from agent.replication.frozen import forget_frozen, record_frozen
 from agent.replication.sync import Capture, DiskReplicator
 from agent.replication.tracing import Tracer
 from agent.shared.errors import MobilityError
@@ -52,6 +61,8 @@ CAPTURE_DEADLINE = 8.0  # seconds after the freeze by which every disk must have
 MIN_CAPTURE_RATE = 20e6  # bytes per second assumed before a capture was measured, at the least
 ACK_TIMEOUT = 120.0
 HOOK_TIMEOUT = 60.0
+STOP_HOOK_SECONDS = 5.0  # what the post hooks of a cancelled point get, together
+CANCEL_SECONDS = STOP_HOOK_SECONDS + 1.0  # from ``cancel`` to the end of the point, at most
 
 
 class CaptureRate:
@@ -91,11 +102,15 @@ class PointResult:
 
 
 class Freezer:
-    """Freezes filesystems all at once; ``thaw`` (or, after ``limit`` seconds, the watchdog) thaws them."""
+    """Freezes filesystems all at once; ``thaw`` (or, after ``limit`` seconds, the watchdog) thaws them. With
+    ``paths``, they are recorded before the first freeze and the record goes after the thaw."""
 
-    def __init__(self, mount_points: Sequence[str], limit: float = WATCHDOG_SECONDS) -> None:
+    def __init__(
+        self, mount_points: Sequence[str], limit: float = WATCHDOG_SECONDS, paths: Paths | None = None
+    ) -> None:
         self.mount_points = list(mount_points)
         self.limit = limit
+        self.paths = paths
         self.fds: list[int] = []
         self.lock = threading.Lock()
         self.thawed = False
@@ -105,6 +120,12 @@ class Freezer:
 
     def freeze(self) -> None:
         self._watchdog.start()  # first: whatever happens below, a thaw is coming
+        if self.paths is not None and self.mount_points:
+            try:
+                record_frozen(self.paths, self.mount_points)  # durable before any FIFREEZE
+            except OSError as e:
+                self.thaw()
+                raise FreezeFailed(f"cannot record the filesystems to freeze: {e.strerror or e}") from e
         for point in self.mount_points:
             try:
                 fd = freeze(point)
@@ -131,8 +152,10 @@ class Freezer:
             self.thawed = True
             fds, self.fds = self.fds, []
             for fd in fds:
-                with contextlib.suppress(OSError):  # nothing better to do; the next point thaws again
+                with contextlib.suppress(OSError):  # nothing better to do; the next start thaws again
                     thaw(fd)
+            if first and self.paths is not None and self.mount_points:
+                forget_frozen(self.paths)
         self._done.set()
         return first and not self.watchdog_fired
 
@@ -144,15 +167,46 @@ def _hooks(freeze_dir: Path) -> list[Path]:
         return []
 
 
-def _run_hooks(hooks: Sequence[Path], phase: str) -> bool:
+def _run_hooks(hooks: Sequence[Path], phase: str, cancel: threading.Event | None = None) -> bool:
+    """Run each hook with ``phase``; with ``cancel``, a hook is killed when the point is cancelled."""
     ok = True
     for hook in hooks:
+        if cancel is not None and cancel.is_set():
+            return False
         try:
-            run([str(hook), phase], timeout=HOOK_TIMEOUT)
+            run([str(hook), phase], timeout=HOOK_TIMEOUT, cancel=cancel)
         except MobilityError as e:
             log.warning("freeze hook %s %s failed: %s", hook.name, phase, e.message)
             ok = False
     return ok
+
+
+def _post_hooks(hooks: Sequence[Path], cancel: threading.Event) -> None:
+    """The post hooks always run; when the point was cancelled (the agent stops), within STOP_HOOK_SECONDS."""
+    if not cancel.is_set():
+        _run_hooks(hooks, "post")
+        return
+    deadline = time.monotonic() + STOP_HOOK_SECONDS
+    for hook in hooks:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.warning("freeze hook %s post not run: the agent is stopping", hook.name)
+            continue
+        try:
+            run([str(hook), "post"], timeout=left, cancel=threading.Event())
+        except MobilityError as e:
+            log.warning("freeze hook %s post failed: %s", hook.name, e.message)
+
+
+def _wait(event: threading.Event, seconds: float, cancel: threading.Event) -> bool:
+    """``event.wait(seconds)`` that gives up as soon as the point is cancelled."""
+    deadline = time.monotonic() + seconds
+    while not event.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0 or cancel.is_set():
+            return False
+        event.wait(min(left, 0.05))
+    return True
 
 
 def cut_point(
@@ -164,31 +218,47 @@ def cut_point(
     precopy_timeout: float = PRECOPY_TIMEOUT,
     frozen: Callable[[bool], None] = lambda _: None,
     capture_rate: CaptureRate | None = None,
+    cancel: threading.Event | None = None,
 ) -> PointResult:
-    """Cut one point across ``replicators`` and wait until the process server has it (PointResult either way)."""
+    """Cut one point across ``replicators`` and wait until the process server has it (PointResult either way);
+    ``cancel`` ends it early, thawed, within CANCEL_SECONDS."""
     not_ready = [r.device.name for r in replicators if r.state != "CONTINUOUS" or r.need_sweep]
     if not replicators or not_ready:
         return _failed(PointFailed(f"not every protected disk is in CONTINUOUS: {', '.join(not_ready) or 'none'}"))
     try:
         with version_hold(paths):
             return _cut(
-                replicators, tracer, paths.freeze_dir, watchdog, precopy_timeout, frozen, capture_rate or CaptureRate()
+                replicators,
+                tracer,
+                paths,
+                watchdog,
+                precopy_timeout,
+                frozen,
+                capture_rate or CaptureRate(),
+                cancel or threading.Event(),
             )
     except UpdateBusy:
         return _failed(PointFailed("the agent is switching versions: the point is cut after the restart"))
 
 
+def _stopping() -> PointFailed:
+    return PointFailed("the agent is stopping: the point was abandoned (the next start cuts the next one)")
+
+
 def _cut(
     replicators: Sequence[DiskReplicator],
     tracer: Tracer,
-    freeze_dir: Path,
+    paths: Paths,
     watchdog: float,
     precopy_timeout: float,
     frozen: Callable[[bool], None],
     capture_rate: CaptureRate,
+    cancel: threading.Event,
 ) -> PointResult:
     created = time.time()
-    pending = _precopy(replicators, precopy_timeout)
+    pending = _precopy(replicators, precopy_timeout, cancel)
+    if cancel.is_set():
+        return _failed(_stopping())
     expected = capture_rate.expect(pending, sum(r.rate for r in replicators)) if pending > PRECOPY_BYTES else 0.0
     if expected > MAX_FREEZE:
         # The applications would wait that long for the residual: no point now; the next interval tries again.
@@ -200,14 +270,18 @@ def _cut(
         )
     with open("/proc/self/mountinfo") as f:
         mountinfo = f.read()
-    mounts = {r.device.name: mounts_of(r.device, mountinfo) for r in replicators}
+    tree = read_block_tree()
+    mounts = {r.device.name: mounts_of(r.device, mountinfo, tree) for r in replicators}
     points = sorted({point for found in mounts.values() for point, _ in found})
-    hooks = _hooks(freeze_dir)
-    app = bool(hooks) and _run_hooks(hooks, "pre")
+    hooks = _hooks(paths.freeze_dir)
+    app = bool(hooks) and _run_hooks(hooks, "pre", cancel)
+    if cancel.is_set():
+        _post_hooks(hooks, cancel)
+        return _failed(_stopping())
     point_id = str(uuid.uuid4())
     disks = tuple(r.device.name for r in replicators)
     captures = [Capture(point_id, created, disks) for _ in replicators]
-    freezer = Freezer(points, watchdog)
+    freezer = Freezer(points, watchdog, paths)
     events_before = [r.dirty.events for r in replicators]
     start = time.monotonic()
     for r in replicators:
@@ -218,15 +292,21 @@ def _cut(
         try:
             freezer.freeze()
         except FreezeFailed as e:
-            return _abort(captures, replicators, e)
-        if not tracer.drain(watchdog / 2):
             freezer.thaw()
-            return _abort(captures, replicators, PointFailed("the tracer did not drain in time"))
+            return _abort(captures, replicators, e)
+        fault_point("replication.frozen", mounts=len(points))  # the suite kills the daemon inside the freeze here
+        if not tracer.drain(watchdog / 2, cancel):
+            freezer.thaw()
+            return _abort(
+                captures,
+                replicators,
+                _stopping() if cancel.is_set() else PointFailed("the tracer did not drain in time"),
+            )
         for r, c in zip(replicators, captures, strict=True):
             r.commands.put(c)
         deadline = start + min(CAPTURE_DEADLINE, watchdog - 1)
         for c in captures:
-            c.captured.wait(max(0.0, deadline - time.monotonic()))
+            _wait(c.captured, deadline - time.monotonic(), cancel)
         in_time = freezer.thaw()
         captured_in = time.monotonic() - start
     finally:
@@ -235,9 +315,11 @@ def _cut(
     thawed_at = time.time()
     freeze_ms = (time.monotonic() - start) * 1000
     if hooks:
-        _run_hooks(hooks, "post")
+        _post_hooks(hooks, cancel)
     for r in replicators:
         r.hashes.release()
+    if cancel.is_set():
+        return _abort(captures, replicators, _stopping(), freeze_ms)
     late = [r.device.name for r, c in zip(replicators, captures, strict=True) if not c.captured.is_set()]
     errors = [c.error for c in captures if c.error is not None]
     if not in_time or late or errors:
@@ -246,7 +328,7 @@ def _cut(
         why = errors[0].message if errors else f"{', '.join(late) or 'a disk'} did not capture within the freeze"
         return _abort(captures, replicators, PointFailed(why), freeze_ms)
     capture_rate.measured(sum(c.residual_bytes for c in captures), captured_in)
-    tracer.drain(5.0)
+    tracer.drain(5.0, cancel)
     labels = []
     for r, found, before in zip(replicators, (mounts[r.device.name] for r in replicators), events_before, strict=True):
         if found:
@@ -259,7 +341,9 @@ def _cut(
         c.closing.set()
     deadline = time.monotonic() + ACK_TIMEOUT
     for r, c in zip(replicators, captures, strict=True):
-        if not c.acked.wait(max(0.0, deadline - time.monotonic())) or not c.point_ok:
+        if not _wait(c.acked, deadline - time.monotonic(), cancel) or not c.point_ok:
+            if cancel.is_set():
+                return _failed(_stopping())
             return _failed(PointFailed(f"the process server did not acknowledge point {point_id} of {r.device.name}"))
     for r in replicators:
         r.persisted.last_point = created
@@ -284,7 +368,7 @@ def _cut(
     )
 
 
-def _precopy(replicators: Sequence[DiskReplicator], timeout: float) -> int:
+def _precopy(replicators: Sequence[DiskReplicator], timeout: float, cancel: threading.Event) -> int:
     """Wait (bounded) until little is left to send, or until it stops shrinking; returns the bytes still changed."""
     now = time.monotonic()
     deadline = now + timeout
@@ -294,9 +378,9 @@ def _precopy(replicators: Sequence[DiskReplicator], timeout: float) -> int:
         now = time.monotonic()
         if best is None or pending < 0.95 * best:
             best, best_at = pending, now
-        if pending <= PRECOPY_BYTES or now >= deadline or now - best_at >= PRECOPY_PLATEAU:
+        if pending <= PRECOPY_BYTES or now >= deadline or now - best_at >= PRECOPY_PLATEAU or cancel.is_set():
             return pending
-        time.sleep(0.05)
+        cancel.wait(0.05)
 
 
 def _abort(

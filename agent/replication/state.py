@@ -29,6 +29,12 @@ def save_status(paths: Paths, doc: dict[str, Any]) -> None:
     atomic_write(paths.replication_dir / "status.json", json.dumps(doc, indent=1).encode(), 0o600)
 
 
+def forget_status(paths: Paths) -> None:
+    """Protection ended while the daemon was down: its last status describes disks no longer protected."""
+    with contextlib.suppress(OSError):
+        (paths.replication_dir / "status.json").unlink(missing_ok=True)
+
+
 def load_status(paths: Paths) -> dict[str, Any] | None:
     """What the daemon last wrote about replication; None when nothing (or nothing readable) is there."""
     return _load(paths.replication_dir / "status.json")

@@ -25,12 +25,14 @@ from pathlib import Path
 
 import zstandard
 
-from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
+from agent.errors import InternalError, ProcessServerUnreachable, RemoteError, ReplicaLost
+from agent.faults import fault_point
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
 from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
 from agent.replication.dirtymap import DirtyMap
 from agent.replication.hashfile import HashFile
 from agent.replication.transport import Stream
+from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
 from agent.shared.fsutil import atomic_write
 from agent.shared.replication_wire import HASH_SIZE, Codec, DiskReport, Hello, Kind, PointClose, ProtocolError
@@ -38,7 +40,7 @@ from agent.shared.replication_wire import HASH_SIZE, Codec, DiskReport, Hello, K
 log = logging.getLogger("mobility.replication")
 
 BATCH_BYTES = 1024 * 1024  # one read (and one pool job) covers up to this many bytes of contiguous chunks
-PIPELINE = 4  # jobs in the pool ahead of the sender
+PIPELINE_BYTES = 4 * BATCH_BYTES  # bytes of jobs in the pool ahead of the sender (at least one job)
 STALL_AFTER = 30.0  # seconds without progress while there is work before the state says STALLED
 BUSY_SHARE = 0.8  # the rest of the machine using this share of all CPU makes replication slow down
 
@@ -82,17 +84,45 @@ class Capture:
     error: MobilityError | None = None
 
 
+def job_chunks(geometry: Geometry) -> int:
+    """Chunks per read (and per pool job): contiguous chunks up to BATCH_BYTES, and always one whole chunk (above
+    1 TiB a chunk is 2 MiB and more, larger than a batch)."""
+    return max(1, BATCH_BYTES // geometry.chunk_size)
+
+
+def job_bytes(geometry: Geometry) -> int:
+    """The largest read of a job: what a reader's buffer must hold for this geometry."""
+    return job_chunks(geometry) * geometry.chunk_size
+
+
+def pipeline_depth(geometry: Geometry) -> int:
+    """Jobs the sender keeps ahead of itself: PIPELINE_BYTES of them, at least one (memory stays bounded when a job
+    is one chunk of 16 MiB)."""
+    return max(1, PIPELINE_BYTES // job_bytes(geometry))
+
+
 _local = threading.local()
 
 
-def _reader(device: BlockDevice) -> DirectReader:
-    """Each pool thread reads each disk through its own descriptor and aligned buffer."""
+def _reader(device: BlockDevice, nbytes: int) -> DirectReader:
+    """Each pool thread reads each disk through its own descriptor and aligned buffer, large enough for ``nbytes``
+    (a reader made for a smaller geometry, before a resize, is replaced)."""
     readers: dict[Path, DirectReader] = getattr(_local, "readers", {})
     _local.readers = readers
     reader = readers.get(device.path)
+    if reader is not None and reader.capacity < nbytes:
+        del readers[device.path]
+        reader.close()
+        reader = None
     if reader is None:
-        reader = readers[device.path] = DirectReader(device.path, BATCH_BYTES)
+        reader = readers[device.path] = DirectReader(device.path, nbytes)
     return reader
+
+
+def _zero(view: memoryview) -> bool:
+    """Whether a chunk read into the buffer is all zero bytes, compared in pieces of at most a batch (a memoryview
+    compares item by item, far slower than bytes; a piece's copy stays small whatever the chunk size)."""
+    return all(is_zero(view[i : i + BATCH_BYTES].tobytes()) for i in range(0, len(view), BATCH_BYTES))
 
 
 INCOMPRESSIBLE_RUN = 8  # chunks in a row that zstd could not shrink: stop trying...
@@ -140,7 +170,7 @@ def read_job(
     (zstd level 1; raw when that does not shrink it or without ``compress``; zero chunks as markers)."""
     offset = geometry.offset(first)
     length = sum(geometry.length(i) for i in range(first, first + n))
-    data = _reader(device).read(offset, length)
+    data = _reader(device, job_bytes(geometry)).read(offset, length)  # a view of this thread's buffer
     hashes = bytearray()
     out: list[ChunkOut] = []
     pos = 0
@@ -149,7 +179,7 @@ def read_job(
         size = geometry.length(i)
         chunk = data[pos : pos + size]
         pos += size
-        zero = is_zero(chunk)  # one memcmp: an empty disk's zeros are never hashed
+        zero = _zero(chunk)  # memcmp: an empty disk's zeros are never hashed
         digest = zero_hash(size) if zero else chunk_hash(chunk)
         hashes += digest
         if known is not None and known[k * HASH_SIZE : (k + 1) * HASH_SIZE] == digest:
@@ -157,14 +187,14 @@ def read_job(
         if zero:
             out.append(ChunkOut(i, digest, Codec.ZERO, b"", size))
             continue
-        packed = chunk
+        packed = None
         if compress and _worth_compressing(device):
             packed = _compressor().compress(chunk)
             _compressed(device, len(packed) < size)
-        if len(packed) < size:
+        if packed is not None and len(packed) < size:
             out.append(ChunkOut(i, digest, Codec.ZSTD, packed, size))
         else:
-            out.append(ChunkOut(i, digest, Codec.RAW, chunk, size))
+            out.append(ChunkOut(i, digest, Codec.RAW, chunk.tobytes(), size))  # out of the buffer the next read reuses
     return JobResult(first, bytes(hashes), out, since, length)
 
 
@@ -288,12 +318,14 @@ class DiskReplicator(threading.Thread):
         self.lock = threading.Lock()
         self.commands: queue.Queue[Capture] = queue.Queue()
         self.stopping = threading.Event()
-        self.paused = False
+        self.paused = False  # set by the daemon's thread (the operator's --pause); read here
+        self.bandwidth = 0  # the policy's cap in bytes per second (0: none), set by the daemon's thread
         probe = DirectReader(device.path, 4096)
         size = probe.size
         probe.close()
         self.persisted = DiskState.load(state_dir / "state.json", device.name)
         self.geometry = geometry_for(size)
+        self.depth = pipeline_depth(self.geometry)
         self.dirty = DirtyMap(self.geometry.count, now=clock())
         self.hashes = DeferredHashes(HashFile(state_dir / "hashes", self.geometry))
         self.pipeline: deque[tuple[int, int, Future[JobResult]]] = deque()  # (first chunk, count, the job)
@@ -318,6 +350,8 @@ class DiskReplicator(threading.Thread):
         self.busy = BusyMeter()
         self.busy_share = busy_share
         self.events_at_capture = 0
+        self.target = stream.address  # where the stream should go (``retarget``)
+        self._moved_to: ServerAddress | None = None  # set by ``retarget``, taken by this thread
         self._set_initial_reason(kept_tracing)
 
     # Reasons to resync --------------------------------------------------------------------------------------------
@@ -366,6 +400,7 @@ class DiskReplicator(threading.Thread):
         from agent.replication.devices import lower_priority
 
         lower_priority()
+        fault_point("replication.thread", disk=self.device.name)  # the suite makes the thread die here
         self.persisted.size, self.persisted.chunk_size = self.geometry.size, self.geometry.chunk_size
         self.persisted.running, self.persisted.boot_id = True, self.boot_id
         self.persisted.clean_marker = ""
@@ -381,8 +416,10 @@ class DiskReplicator(threading.Thread):
                 self.flag_resync(e.id, e.message, from_replica=True)
             except OSError as e:
                 self._trouble(MobilityError(f"{self.device.name}: {e.strerror or e}"))
+            except Exception as e:  # a defect: never a dead thread that silently stops replicating the disk
+                self._failed(e)
         self._abort_commands("the agent is stopping")
-        with contextlib.suppress(MobilityError):
+        with contextlib.suppress(Exception):
             self._drain_pipeline()
             self.stream.drain(2.0)
         self._drop_pipeline()  # what could not be sent is changed still
@@ -394,6 +431,49 @@ class DiskReplicator(threading.Thread):
         """From another thread: stop soon (a send or wait on the stream is broken off)."""
         self.stopping.set()
         self.stream.interrupt()
+
+    def retarget(self, address: ServerAddress) -> None:
+        """From another thread: the process server moved. The disk's own thread closes its stream and connects to
+        ``address`` (one thread owns a stream); a send or wait on the old one is broken off meanwhile."""
+        with self.lock:
+            if (address.host, address.port) == (self.target.host, self.target.port):
+                return
+            self.target = self._moved_to = address
+        self.stream.interrupt()
+
+    def _move(self) -> None:
+        with self.lock:
+            address, self._moved_to = self._moved_to, None
+        if address is not None and (address.host, address.port) != (self.stream.address.host, self.stream.address.port):
+            self._drop_pipeline()
+            self.stream.close()
+            self.stream.reset()  # what the old server did not acknowledge goes again, to the new one
+            self.stream.address = address
+
+    def _failed(self, e: Exception) -> None:
+        """An unexpected exception in this disk's thread: the disk shows REPL-INTERNAL and starts over (what it was
+        doing may have taken chunks from the dirty map that never went out: every chunk is compared again)."""
+        failure = InternalError(f"{self.device.name}: replication failed: {type(e).__name__}: {e}"[:400])
+        log.error("%s (restarting the disk's replication)", failure.message, exc_info=e)
+        with contextlib.suppress(Exception):
+            self._abort_commands(f"{failure.id}: {failure.message}")
+        with contextlib.suppress(Exception):
+            self._drop_pipeline()
+        with contextlib.suppress(Exception):
+            self.stream.close()
+            self.stream.reset()
+        self.flag_resync(failure.id, failure.message, from_replica=True)
+        self._nap(self.backoff)
+        self.backoff = min(self.backoff * 2, 30.0)
+
+    def _nap(self, seconds: float) -> None:
+        """Wait before trying again; a stop or a new process server address ends the wait."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set() and self._moved_to is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.stopping.wait(min(left, 0.2))
 
     def _trouble(self, e: MobilityError | Exception) -> None:
         error_id = getattr(e, "id", "REPL-UNREACHABLE")
@@ -411,10 +491,14 @@ class DiskReplicator(threading.Thread):
             self.error, self.detail = error_id, message
             if self.clock() - self.last_progress > STALL_AFTER or error_id == "PS-STORE-FULL":
                 self.state = "STALLED"
-        self.stopping.wait(self.backoff)
+        self._nap(self.backoff)
         self.backoff = min(self.backoff * 2, 30.0)
 
     def _step(self) -> None:
+        fault_point("replication.step", disk=self.device.name)
+        if self._moved_to is not None:
+            self._move()
+        self.stream.bucket.rate = self.bandwidth
         if self.paused:
             self.state = "PAUSED"
             self._abort_commands("replication is paused")
@@ -464,7 +548,7 @@ class DiskReplicator(threading.Thread):
             self.state = "INITIAL_SYNC" if initial else "RESYNCING"
             self.sweep_started = self.wall()
         g = self.geometry
-        per_job = max(1, BATCH_BYTES // g.chunk_size)
+        per_job = job_chunks(g)
         self.cursor = 0
         log.info("%s: %s (%s)", self.device.name, "initial sync" if initial else "checksum resync", self.detail)
         for first in range(0, g.count, per_job):
@@ -497,7 +581,7 @@ class DiskReplicator(threading.Thread):
 
     def _continuous(self) -> None:
         self._handle_commands()
-        per_job = max(1, BATCH_BYTES // self.geometry.chunk_size)
+        per_job = job_chunks(self.geometry)
         taken = self.dirty.take(per_job * 8)
         if not taken:
             self._drain_pipeline()
@@ -512,7 +596,7 @@ class DiskReplicator(threading.Thread):
     def _submit(self, first: int, n: int, known: bytes | None, since: float, *, compress: bool = True) -> None:
         job = self.pool.submit(read_job, self.device, self.geometry, first, n, known, since, compress)
         self.pipeline.append((first, n, job))
-        while len(self.pipeline) > PIPELINE:
+        while len(self.pipeline) > self.depth:
             self._send(self.pipeline[0][2].result())  # taken off only once sent: a failure leaves it to be marked
             self.pipeline.popleft()
         self.stream.pump(0)
@@ -613,8 +697,7 @@ class DiskReplicator(threading.Thread):
         self._drain_pipeline()
         events = self.dirty.events
         taken = self.dirty.take_all()
-        per_job = max(1, BATCH_BYTES // self.geometry.chunk_size)
-        for first, n, since in _runs(taken, per_job):
+        for first, n, since in _runs(taken, job_chunks(self.geometry)):
             self._submit(first, n, None, since, compress=False)  # the applications wait: sent as read
         self._drain_pipeline()
         capture.residual = len(taken)
@@ -697,7 +780,7 @@ class DiskReplicator(threading.Thread):
             eta_seconds=eta,
             last_point=self.persisted.last_point,
             error=self.error,
-            detail=self.detail,
+            detail=self.detail[:500] if self.detail else None,  # the wire bounds it: a longer one spoils the report
         )
 
 

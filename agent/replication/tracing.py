@@ -33,10 +33,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import TracingUnavailable
+from agent.errors import EventsLost, InternalError, TraceUnparsable, TracingUnavailable
+from agent.faults import fault_point
 from agent.proc import run
 from agent.replication.dirtymap import DirtyMap
 from agent.shared.errors import MobilityError
+from agent.shared.textsafe import shown
 
 log = logging.getLogger("mobility.replication")
 
@@ -45,6 +47,11 @@ DEBUGFS = Path("/sys/kernel/debug")
 EVENT = "block/block_rq_complete"
 SECTOR = 512
 _EVENT_RE = re.compile(rb"block_rq_complete: (\d+),(\d+) (\S*) (?:\(.*?\) )?(\d+) \+ (\d+)")
+STOP_DRAIN_SECONDS = 3.0  # a stop reads what is in the buffer up to its marker for at most this long...
+STOP_JOIN_SECONDS = 1.0  # ...and waits this long for the reader to end (it polls every 0.2 s)
+STOP_REMOVE_SECONDS = 1.0  # ...and, when it keeps nothing, this long to remove the instance
+STOP_SECONDS = STOP_DRAIN_SECONDS + STOP_JOIN_SECONDS + STOP_REMOVE_SECONDS  # the longest ``stop`` takes
+MAX_LINE = 4096  # no line of ours is that long: a longer one is not ours (and counts as not understood)
 _MARKER_RE = re.compile(rb"mobility-drain-(\d+)")
 _STOPPED_RE = re.compile(rb"mobility-stopped-([0-9a-f]{32})")
 _LOST_RE = re.compile(rb"\[LOST (\d+) EVENTS\]")
@@ -67,18 +74,46 @@ class Parsed:
     lost: int
     markers: list[int]
     stopped: list[str] = field(default_factory=list)  # clean-stop markers (their nonces)
+    unknown: int = 0  # lines that are none of the above: writes may hide in them
+    sample: bytes = b""  # the first of them, for the operator
 
 
 def parse(chunk: bytes) -> Parsed:
-    """The events, lost counts and drain markers in a run of trace_pipe lines (pure)."""
-    events = [
-        (trace_dev(int(major), int(minor)), int(sector), int(count))
-        for major, minor, _rwbs, sector, count in _EVENT_RE.findall(chunk)
-    ]
-    lost = sum(int(n) for n in _LOST_RE.findall(chunk)) if b"LOST" in chunk else 0
-    markers = [int(m) for m in _MARKER_RE.findall(chunk)] if b"mobility-drain" in chunk else []
-    stopped = [m.decode() for m in _STOPPED_RE.findall(chunk)] if b"mobility-stopped" in chunk else []
-    return Parsed(events, lost, markers, stopped)
+    """The events, lost counts and markers in a run of trace_pipe lines (pure). A line that is neither an event of
+    ours, nor a loss report, nor a marker written to the instance counts as ``unknown``: if the kernel's format
+    differs, the writes are in such lines, and not seeing them must not look like an idle disk."""
+    events: list[tuple[int, int, int]] = []
+    markers: list[int] = []
+    stopped: list[str] = []
+    lost = unknown = 0
+    sample = b""
+    for line in chunk.split(b"\n"):
+        if not line.strip():
+            continue
+        m = _EVENT_RE.search(line)
+        if m is not None:
+            major, minor, _rwbs, sector, count = m.groups()
+            events.append((trace_dev(int(major), int(minor)), int(sector), int(count)))
+            continue
+        if b"tracing_mark_write: " in line:  # our markers; anything else written to our instance is no write
+            if (d := _MARKER_RE.search(line)) is not None:
+                markers.append(int(d.group(1)))
+            elif (st := _STOPPED_RE.search(line)) is not None:
+                stopped.append(st.group(1).decode())
+            continue
+        if (lo := _LOST_RE.search(line)) is not None:
+            lost += int(lo.group(1))
+            continue
+        unknown += 1
+        sample = sample or line[:300]
+    return Parsed(events, lost, markers, stopped, unknown, sample)
+
+
+def _unparsable(n: int, sample: bytes) -> TraceUnparsable:
+    return TraceUnparsable(
+        f"{n} trace line{'s' if n > 1 else ''} the agent does not understand (writes may be in them), such as "
+        f"{shown(sample.decode(errors='replace'), 160)}"
+    )
 
 
 @dataclass
@@ -114,11 +149,14 @@ def instance_name(state_dir: Path) -> str:
 
 
 class Tracer(threading.Thread):
-    """Reads the instance's trace_pipe and marks dirty maps; ``on_lost`` is called once per overrun. With ``adopt``
+    """Reads the instance's trace_pipe and marks dirty maps; ``on_lost`` is called with the error each time writes
+    may have gone unseen (an overrun, lines it does not understand, a failed read or a defect). With ``adopt``
     (the nonce a clean stop left), an instance still tracing is kept and read on from where the last agent
     stopped; ``continuous`` then says whether it saw that stop's marker with nothing lost."""
 
-    def __init__(self, name: str, buffer_kb: int, on_lost: Callable[[int], None], *, adopt: str | None = None) -> None:
+    def __init__(
+        self, name: str, buffer_kb: int, on_lost: Callable[[MobilityError], None], *, adopt: str | None = None
+    ) -> None:
         super().__init__(name="replication-tracer", daemon=True)
         self.root = tracing_root()
         self.dir = self.root / "instances" / name
@@ -196,6 +234,7 @@ class Tracer(threading.Thread):
             if self._halt.is_set():
                 return
         while not self._halt.is_set():
+            fault_point("replication.trace")  # the suite makes the tracer die here
             try:
                 data = os.read(self.fd, 1 << 17)
             except BlockingIOError:
@@ -205,7 +244,7 @@ class Tracer(threading.Thread):
                 if e.errno == errno.EINTR:
                     continue
                 log.error("trace_pipe read failed: %s; every protected disk needs a resync", e.strerror)
-                self._lost(1)
+                self._lost(EventsLost(f"reading the kernel's trace events failed: {e.strerror or e}"))
                 time.sleep(1)
                 continue
             if not data:
@@ -214,10 +253,17 @@ class Tracer(threading.Thread):
             buf = rest + data
             cut = buf.rfind(b"\n") + 1
             if not cut:
-                rest = buf[-4096:]  # no line is that long: keep only its end
+                rest = buf
+                if len(rest) > MAX_LINE:  # not a line of ours: whatever it was, it was not understood
+                    self._lost(_unparsable(1, rest[:300]))
+                    rest = b""
                 continue
             rest = buf[cut:]
-            self._apply(parse(buf[:cut]), time.monotonic())
+            try:
+                self._apply(parse(buf[:cut]), time.monotonic())
+            except Exception as e:  # a defect: the events of this read are not in the maps, and say so
+                log.error("the tracer failed on what it read: %s: %s", type(e).__name__, e, exc_info=e)
+                self._lost(InternalError(f"the tracer failed: {type(e).__name__}: {e}"[:400]))
 
     def _apply(self, parsed: Parsed, now: float) -> None:
         with self._lock:
@@ -231,21 +277,23 @@ class Tracer(threading.Thread):
         self.events_total += len(parsed.events)
         if self._expect is not None and self._expect in parsed.stopped:
             self._stop_seen = True
+        if (parsed.lost or parsed.unknown) and self._expect is not None and not self._stop_seen:
+            self._lost_before_stop = True
         if parsed.lost:
-            if self._expect is not None and not self._stop_seen:
-                self._lost_before_stop = True
-            self._lost(parsed.lost)
+            self._lost(EventsLost(f"the kernel dropped {parsed.lost} trace events: writes may have been missed"))
+        if parsed.unknown:
+            self._lost(_unparsable(parsed.unknown, parsed.sample))
         if parsed.markers:
             with self._cond:
                 self._seen = max(self._seen, *parsed.markers)
                 self._cond.notify_all()
 
-    def _lost(self, n: int) -> None:
-        self.lost_total += n
-        self.on_lost(n)
+    def _lost(self, error: MobilityError) -> None:
+        self.lost_total += 1
+        self.on_lost(error)
 
-    def drain(self, timeout: float) -> bool:
-        """Wait until every event before this call has been applied (True), or ``timeout`` (False)."""
+    def drain(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        """Wait until every event before this call has been applied (True), or ``timeout`` or ``cancel`` (False)."""
         with self._cond:
             self._marker += 1
             marker = self._marker
@@ -257,18 +305,19 @@ class Tracer(threading.Thread):
         with self._cond:
             while self._seen < marker:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._cond.wait(left):
+                if left <= 0 or (cancel is not None and cancel.is_set()) or not self.is_alive():
                     return self._seen >= marker
+                self._cond.wait(min(left, 0.05))
         return True
 
     def stop(self, *, keep: str | None = None) -> bool:
         """Stop reading. Without ``keep``, remove the instance (nothing of ours stays in the kernel). With ``keep``
         (a nonce), read up to now, stop, and leave the instance tracing after a clean-stop marker carrying it; True
         when that worked (the next agent can then adopt it)."""
-        drained = keep is not None and self.is_alive() and self.drain(5.0)
+        drained = keep is not None and self.is_alive() and self.drain(STOP_DRAIN_SECONDS)
         self._halt.set()
         if self.is_alive():
-            self.join(timeout=5)
+            self.join(timeout=STOP_JOIN_SECONDS)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -278,17 +327,18 @@ class Tracer(threading.Thread):
                 return True
             except OSError:
                 pass
-        remove_instance(self.dir)
+        remove_instance(self.dir, STOP_REMOVE_SECONDS)
         return False
 
 
-def remove_instance(path: Path) -> None:
-    """Disable the instance's events and remove it (an instance with readers or enabled events is busy)."""
+def remove_instance(path: Path, wait: float = 5.0) -> None:
+    """Disable the instance's events and remove it (an instance with readers or enabled events is busy: tried for
+    ``wait`` seconds)."""
     with contextlib.suppress(OSError):
         (path / "tracing_on").write_text("0\n")
     with contextlib.suppress(OSError):
         (path / "events" / EVENT / "enable").write_text("0\n")
-    for _ in range(50):
+    for _ in range(max(1, int(wait * 10))):
         try:
             path.rmdir()
             return

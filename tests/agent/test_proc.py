@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent.errors import CommandFailed
@@ -75,3 +77,25 @@ def test_no_other_module_starts_a_process() -> None:
             ):
                 found.append(f"{rel}: os.{node.attr}")
     assert found == ["agent/daemon.py: os.execve", "agent/proc.py: imports subprocess"]
+
+
+def test_a_cancelled_command_is_killed_with_what_it_started(tmp_path: Path) -> None:
+    """A freeze hook that waits (here a shell and its sleep) is killed at once when the point is cancelled, and so
+    is the child holding its output open: the stop is not held up by it."""
+    import threading
+    import time
+
+    pidfile = tmp_path / "sleep.pid"
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(CommandFailed, match="cancelled"):
+        run(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=60, cancel=cancel)
+    assert time.monotonic() - started < 3
+    pid = int(pidfile.read_text())
+    time.sleep(0.1)
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or not reaped yet
+    assert run(["sh", "-c", "echo ok"], cancel=threading.Event()).stdout == "ok\n"
+    with pytest.raises(CommandFailed, match="timed out"):
+        run(["sleep", "5"], timeout=0.2, cancel=threading.Event())

@@ -12,7 +12,8 @@ What a process does is read from its environment, which only the suite sets:
   DIR/grow (a number of MiB): it allocates and touches that much real memory, held until the process ends or
   re-executes itself, then removes the request (the test waits for that); ``{"signal_at": {"failover.step": {"step":
   "mounted"}}, "signum": 15}`` makes the process send itself that signal where the point's context matches (its
-  handlers run as for a signal from outside: SIGTERM from systemd, Ctrl-C).
+  handlers run as for a signal from outside: SIGTERM from systemd, Ctrl-C); ``{"fail_while": {"replication.step":
+  FILE}}`` raises an unexpected exception (RuntimeError) at that point each time it is reached while FILE exists.
 - ``MOBILITY_TEST_RECORD``: a directory; each process appends to ``<pid>.ids`` every error ID it raises (each once).
 """
 
@@ -42,6 +43,7 @@ class Injector:
         self.grow = Path(plan["grow"]) if plan.get("grow") else None
         self.signal_at: dict[str, dict[str, object]] = dict(plan.get("signal_at", {}))
         self.signum = int(plan.get("signum", signal.SIGTERM))
+        self.fail_while: dict[str, Path] = {k: Path(v) for k, v in plan.get("fail_while", {}).items()}
         self.seen: dict[str, int] = {}
         self.held: list[bytearray] = []  # the memory grown on request: real, resident, never freed
 
@@ -61,6 +63,9 @@ class Injector:
         where = self.signal_at.get(name)
         if where is not None and all(context.get(k) == v for k, v in where.items()):
             os.kill(os.getpid(), self.signum)
+        failing = self.fail_while.get(name)
+        if failing is not None and failing.exists():
+            raise RuntimeError(f"a failure injected at {name}")
         if name == "daemon.tick" and self.grow is not None:
             request = self.grow / "grow"
             try:

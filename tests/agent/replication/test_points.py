@@ -78,3 +78,58 @@ def test_a_filesystem_that_cannot_be_frozen_fails_the_freeze_and_nothing_stays_f
     with pytest.raises(FreezeFailed):
         freezer.freeze()
     assert freezer.thawed and freezer.fds == []
+
+
+def test_a_point_is_cancelled_within_its_bound_in_the_pre_copy(tmp_path: Path) -> None:
+    """The agent stops while a point waits for its pre-copy (up to a minute): cancelled, it ends at once."""
+    import threading
+
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.monotonic()
+    result = cut_point(
+        [replicator(30_000)],
+        tracer=None,  # type: ignore[arg-type]
+        paths=Paths(tmp_path),
+        precopy_timeout=60,
+        cancel=cancel,
+    )
+    assert time.monotonic() - started < 1.5
+    assert not result.ok and result.error == "REPL-POINT-FAILED" and "stopping" in (result.message or "")
+
+
+def test_a_cancelled_point_kills_its_pre_hook_and_still_runs_the_post_hooks(tmp_path: Path) -> None:
+    """A pre hook that takes its time (a database flushing) is killed when the agent stops; the post hooks run (the
+    application must not stay quiesced), and all of it within CANCEL_SECONDS."""
+    import threading
+
+    from agent.replication.devices import BlockDevice
+
+    paths = Paths(tmp_path)
+    paths.freeze_dir.mkdir(parents=True)
+    posted = tmp_path / "posted"
+    hook = paths.freeze_dir / "10-db"
+    hook.write_text(f'#!/bin/sh\n[ "$1" = post ] && touch {posted} && exit 0\nsleep 60\n')
+    hook.chmod(0o755)
+    r = replicator(1)
+    r.device = BlockDevice("/dev/nothing", tmp_path / "nothing", 4095, 4095, "nothing-here")
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    started = time.monotonic()
+    result = cut_point([r], tracer=None, paths=paths, cancel=cancel)  # type: ignore[arg-type]
+    assert time.monotonic() - started < points.CANCEL_SECONDS
+    assert not result.ok and "stopping" in (result.message or "")
+    assert posted.exists()
+
+
+def test_the_unit_gives_a_stop_all_the_time_it_can_take_and_thaws_after_it() -> None:
+    """systemd kills a daemon still running at TimeoutStopSec: it must cover the longest stop (else a stop during a
+    point is unclean and every disk resyncs), and ExecStopPost runs `mobility thaw`, whatever ended the daemon."""
+    from agent.daemon import stop_seconds
+    from tests.conftest import REPO
+
+    unit = (REPO / "systemd" / "mobility.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    timeout = float(settings["TimeoutStopSec"].removesuffix("s"))
+    assert stop_seconds() <= timeout <= stop_seconds() + 10
+    assert settings["ExecStopPost"].split() == [settings["ExecStart"].split()[0], "thaw"]

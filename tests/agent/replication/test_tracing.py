@@ -52,3 +52,32 @@ def test_the_kept_tracing_is_trusted_only_after_its_own_stop_marker_with_nothing
     assert not adopted(b"CPU:0 [LOST 3 EVENTS]\n", marker)
     assert not adopted(LINES.split(b"CPU:1")[0])
     assert not adopted(marker.replace(nonce.encode(), b"cd" * 16))  # another stop's marker
+
+
+def test_a_line_the_parser_does_not_understand_is_a_loss_never_silence() -> None:
+    """A kernel whose tracepoint prints another format: the write is in a line the parser cannot read. It counts as
+    not understood (markers written to the instance and blank lines do not), and the tracer reports it as a loss
+    with REPL-TRACE-UNPARSABLE and the line, so every disk resyncs instead of points matching a stale replica."""
+    import threading
+
+    from agent.replication.tracing import Tracer
+    from agent.shared.errors import MobilityError
+
+    other_format = b"   kworker/1:2-80  [001] d..1.  2792.6: block_rq_complete: dev=7:0 op=WRITE sector=8 nr=8\n"
+    noise = b"\n  python-7 [000] .....  1.0: tracing_mark_write: someone else's note\n"
+    parsed = parse(LINES + other_format + noise)
+    assert parsed.unknown == 1 and parsed.sample == other_format.rstrip(b"\n")
+    assert len(parsed.events) == 3 and parsed.markers == [12] and parsed.lost == 14620
+    assert parse(LINES + noise).unknown == 0
+
+    told: list[MobilityError] = []
+    tracer = Tracer.__new__(Tracer)
+    tracer.targets, tracer._lock, tracer._cond = {}, threading.Lock(), threading.Condition()
+    tracer.lost_total = tracer.events_total = tracer._seen = 0
+    tracer.on_lost = told.append
+    tracer.adopted, tracer._expect, tracer._stop_seen, tracer._lost_before_stop = False, None, False, False
+    tracer._apply(parse(other_format), 0.0)
+    assert [e.id for e in told] == ["REPL-TRACE-UNPARSABLE"]
+    assert "dev=7:0 op=WRITE" in told[0].message
+    tracer._apply(parse(LINES), 0.0)
+    assert [e.id for e in told] == ["REPL-TRACE-UNPARSABLE", "REPL-EVENTS-LOST"]
