@@ -299,9 +299,12 @@ class Lab:
         self.defer(f"agent {proc.pid}", lambda: stop(proc))
         return proc
 
-    def wait_state(self, machine: Machine, disk: Disk, state: str, timeout: float = 120) -> dict[str, Any]:
+    def wait_state(
+        self, machine: Machine, disk: Disk, state: str, timeout: float = 120, *, settled: bool = True
+    ) -> dict[str, Any]:
         """The disk in ``state`` as the running agent reports it (a status the last agent wrote at its stop or its
-        kill does not count)."""
+        kill does not count); CONTINUOUS ``settled`` also has nothing left to send (never true under a writer that
+        outpaces replication on a loaded machine: pass ``settled=False`` there)."""
 
         def ready() -> dict[str, Any] | None:
             if machine.status().get("updated", 0) < machine.agent_started:
@@ -309,7 +312,8 @@ class Lab:
             d = machine.disk_state(disk)
             if machine.agent is not None and machine.agent.poll() is not None:
                 raise AssertionError(f"the agent exited {machine.agent.returncode}: {machine.log()[-3000:]}")
-            return d if d.get("state") == state and (state != "CONTINUOUS" or d.get("bytes_left", 1) == 0) else None
+            done = state != "CONTINUOUS" or not settled or d.get("bytes_left", 1) == 0
+            return d if d.get("state") == state and done else None
 
         try:
             return dict(wait_for(f"{disk.loop} in {state}", ready, timeout))
