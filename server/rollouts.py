@@ -394,6 +394,48 @@ class Rollouts:
             ).scalars()
             return [(_load(tx.conn, i), [r.member() for r in _members(tx.conn, i)]) for i in list(ids)]
 
+    def summaries(self, limit: int = 10) -> list[tuple[Rollout, dict[str, int]]]:
+        """The newest rollouts, each with how many of its machines are in each state (counted by the database over
+        the rollout's key: the dashboard and /metrics never load a big rollout's machines to count them)."""
+        with self.storage.reading() as tx:
+            found = [
+                _rollout(r)
+                for r in tx.conn.execute(select(rollouts).order_by(rollouts.c.created_at.desc()).limit(limit))
+            ]
+            counts: dict[str, dict[str, int]] = {r.rollout_id: {} for r in found}
+            if found:
+                rows = tx.conn.execute(
+                    select(_RM.c.rollout_id, _RM.c.state, func.count())
+                    .where(_RM.c.rollout_id.in_(list(counts)))
+                    .group_by(_RM.c.rollout_id, _RM.c.state)
+                )
+                for rollout_id, state, n in rows:
+                    counts[rollout_id][str(state)] = int(n)
+        return [(r, counts[r.rollout_id]) for r in found]
+
+    def page(
+        self, rollout_id: str, *, states: tuple[str, ...] = (), offset: int = 0, limit: int = 100
+    ) -> tuple[Rollout | None, int, list[Member], dict[str, int]]:
+        """One page of a rollout's machines (in ``states``, if given), in wave and host-ID order, how many match, and
+        how many are in each state: the dashboard shows a rollout of any size a page at a time."""
+        where = _RM.c.rollout_id == rollout_id
+        if states:
+            where = and_(where, _RM.c.state.in_(list(states)))
+        with self.storage.reading() as tx:
+            row = tx.conn.execute(select(rollouts).where(rollouts.c.rollout_id == rollout_id)).first()
+            if row is None:
+                return None, 0, [], {}
+            total = int(tx.conn.execute(select(func.count()).select_from(_RM).where(where)).scalar_one())
+            page = tx.conn.execute(_MEMBERS.where(where).offset(offset).limit(limit))
+            members = [_Row(*tuple(r)).member() for r in page]
+            counts = {
+                str(state): int(n)
+                for state, n in tx.conn.execute(
+                    select(_RM.c.state, func.count()).where(_RM.c.rollout_id == rollout_id).group_by(_RM.c.state)
+                )
+            }
+        return _rollout(row), total, members, counts
+
     def pin(
         self, host_ids: list[str], version: str | None, reason: str, published: set[tuple[str, str]], now: float
     ) -> list[Machine]:
