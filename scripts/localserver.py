@@ -50,6 +50,13 @@ def process_port(data: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def ui_url(data: Path) -> str | None:
+    """Where a running server's dashboard and /metrics listen (``http://HOST:PORT`` on loopback, ``https://...``
+    elsewhere), from its log; None without one."""
+    found = re.findall(r"dashboard and /metrics on (\S+) \(", server_log(data).read_text())
+    return str(found[-1]) if found else None
+
+
 def configure_agent(
     root: Path, address: str, secret: Path, fingerprint: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:

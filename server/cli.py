@@ -595,7 +595,11 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 def _repo(args: argparse.Namespace, repo: Any) -> int:
     if args.action == "add":
-        for entry in repo.add([Path(f) for f in args.files]):
+        from server.progress import progress_for
+
+        with progress_for(False) as progress:
+            added = repo.add([Path(f) for f in args.files], progress=progress)
+        for entry in added:
             print(f"added {entry.name}")
         return Exit.OK
     if args.action == "remove":
