@@ -149,7 +149,8 @@ class Access:
         if who is not None and who.via == "bearer":
             return
         origin = request.headers.get("Origin")
-        if origin is not None and origin != f"{request.scheme}://{request.host}":
+        scheme = "http" if self.loopback else "https"  # what this listener serves (uvloop's TLS hides it from aiohttp)
+        if origin is not None and origin != f"{scheme}://{request.host}":
             raise UiCsrfRefused(f"a change asked from another site ({origin[:100]!r})")
         if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             raise UiCsrfRefused("a change asked from another site (Sec-Fetch-Site)")

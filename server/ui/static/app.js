@@ -70,6 +70,14 @@
     return i === 0 ? `${n.toFixed(0)} B` : `${n.toFixed(1)} ${units[i]}`;
   }
 
+  function shortBytes(n) {
+    if (!num(n) || n < 0) return "-";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return `${n >= 10 || i === 0 ? n.toFixed(0) : n.toFixed(1)} ${units[i]}`;
+  }
+
   function secs(s) {
     if (!num(s) || s < 0) return "-";
     if (s < 120) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
@@ -158,14 +166,14 @@
       if (typeof uPlot === "undefined") return;
       if (this.plot === null) {
         const width = Math.max(280, (this.box.clientWidth || 480) - 8);
-        const format = this.unit === "bytes" ? (v) => `${bytes(v)}/s` : this.unit === "s" ? secs : (v) => `${v}`;
+        const format = this.unit === "bytes" ? (v) => `${shortBytes(v)}/s` : this.unit === "s" ? secs : (v) => `${v}`;
         this.plot = new uPlot(
           {
             width,
             height: 170,
             series: [{}, ...this.labels.map((label, i) => ({ label, stroke: COLOURS[i % COLOURS.length], width: 1.5,
                                                            spanGaps: false, value: (u, v) => (v === null ? "-" : format(v)) }))],
-            axes: [{}, { values: (u, splits) => splits.map(format), size: 70 }],
+            axes: [{}, { values: (u, splits) => splits.map(format), size: 86 }],
             scales: { x: { time: true } },
             legend: { live: true },
           },
@@ -330,7 +338,7 @@
         el("td", {}, link(`/machines/${m.host_id}`, m.hostname)), el("td", { class: "mono", text: m.host_id }),
         el("td", { text: m.os_tag }), el("td", { text: m.agent_version }), el("td", {}, ago(m.last_seen)),
         el("td", {}, badge(m.state)), el("td", {}, badge(m.health)), el("td", {}, badge(m.protection)),
-        el("td", { class: m.breach ? "bad" : "" , text: m.rpo ? `${secs(m.lag)} / ${secs(m.rpo)}` : "-" }))),
+        el("td", { class: m.breach ? "bad" : "", text: m.rpo_seconds ? `${secs(m.lag_seconds)} / ${secs(m.rpo_seconds)}` : "-" }))),
         "no machine matches");
       const last = Math.min(d.offset + d.machines.length, d.total);
       summary.textContent = d.total ? `${count(d.offset + 1)}–${count(last)} of ${count(d.total)}` +
