@@ -18,6 +18,7 @@ import html
 import json
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from server.metrics import HEARTBEAT_BUCKETS
 from server.nonces import load_or_create_key
 from server.operators import Operators
 from server.process.service import store_dir
-from server.process.store import DEFAULT_RESERVE, ChunkStore
+from server.process.store import DEFAULT_RESERVE, ChunkStore, Point
 from server.rollouts import FAILED, OFFERED, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN
 from server.ui import views
 from server.ui.access import SESSION_COOKIE, Access, Who, is_loopback
@@ -64,6 +65,7 @@ DEFAULT_SESSION = 12 * 3600.0
 MAX_BODY = 16 * 1024
 PRUNE_SECONDS = 600.0
 UI_THREADS = 2
+SCRAPED_LATELY = 120.0  # seconds: while /metrics is scraped this often, each snapshot's text is written with it
 P = ParamSpec("P")
 R = TypeVar("R")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -148,10 +150,12 @@ class Ui:
         self.snapshot: Snapshot | None = None
         self._first = asyncio.Event()
         self._store: ChunkStore | None = None
+        self._store_lock = threading.Lock()
         self.static = _load_static()
         self.runner: web.AppRunner | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._scraped: tuple[float, bool] = (-SCRAPED_LATELY, False)  # the last scrape: when, and whether gzipped
 
     async def offload(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
@@ -159,11 +163,18 @@ class Ui:
     # The snapshot -------------------------------------------------------------------------------------------------
 
     def store(self) -> ChunkStore | None:
-        """A reader of the chunk store on this machine (None on an instance without one)."""
+        """A reader of the chunk store on this machine (None on an instance without one). Its one connection is
+        used by one thread at a time (``_store_lock``)."""
         if self._store is None and (store_dir(self.server.data) / "index.db").exists():
             with contextlib.suppress(MobilityError):
                 self._store = ChunkStore(store_dir(self.server.data))
         return self._store
+
+    def points(self, host_id: str, limit: int) -> list[Point]:
+        """A machine's newest points (none on an instance without the store)."""
+        with self._store_lock:
+            store = self.store()
+            return store.recent_points(host_id, limit) if store is not None else []
 
     def build(self) -> Snapshot:
         """Read the fleet (a worker thread): one query of the database, one of the store's index, the rollouts."""
@@ -171,13 +182,14 @@ class Ui:
 
         start = time.perf_counter()
         rows = self.storage.fleet()
-        store = self.store()
         newest: dict[str, float] = {}
         figures = None
-        if store is not None:
-            newest = store.newest_points()
-            used, free, size = store.footprint()
-            figures = StoreFigures(used, free, size, self.options.reserve)
+        with self._store_lock:
+            store = self.store()
+            if store is not None:
+                newest = store.newest_points()
+                used, free, size = store.footprint()
+                figures = StoreFigures(used, free, size, self.options.reserve)
         rollouts = Rollouts(self.storage).summaries(views.ROLLOUTS)
         now = self.server.clock()
         return self.builder.build(
@@ -194,6 +206,8 @@ class Ui:
         buckets, _ = self.server.metrics.heartbeat_latencies()
         with self.history.lock:
             self.history.sample(snap, buckets, snap.taken_at)
+        if time.monotonic() - self._scraped[0] < SCRAPED_LATELY:  # Prometheus is scraping: have its text ready
+            _fleet_body(snap, self._scraped[1])
         return snap
 
     async def refresh(self) -> None:
@@ -294,6 +308,21 @@ class Ui:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = 500
+        try:
+            response = await self._answer(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as e:  # a redirect (the errors are answered by _answer)
+            status = e.status
+            raise
+        finally:
+            route = request.match_info.route.resource
+            self.server.metrics.requests.labels(
+                "ui " + (route.canonical if route is not None else "unmatched"), request.method[:8], str(status)
+            ).inc()
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             self.access.check_host(request)
             response = await handler(request)
@@ -314,11 +343,6 @@ class Ui:
             response = _error(ServerInternal("the dashboard could not answer this request"))
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
-        metrics = self.server.metrics
-        route = request.match_info.route.resource
-        metrics.requests.labels(
-            "ui " + (route.canonical if route is not None else "unmatched"), request.method[:8], str(response.status)
-        ).inc()
         return response
 
     async def _who(self, request: web.Request) -> Who:
@@ -413,7 +437,7 @@ class Ui:
         except ApiError as e:
             return await self.login_page(request, f"{e.id}: {e.message}", e.status)
         log.info("operator %s logged in to the dashboard from %s", printable(name, 100), request.remote)
-        response = web.HTTPSeeOther(target)
+        response = web.Response(status=303, headers={"Location": target})
         response.set_cookie(
             SESSION_COOKIE,
             session,
@@ -450,6 +474,7 @@ class Ui:
         await self._who(request)
         snap = await self.current()
         gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+        self._scraped = (time.monotonic(), gzipped)
         fleet = await self.offload(_fleet_body, snap, gzipped)
         own = self.server.metrics.exposition()
         body = (gzip.compress(own, 1) + fleet) if gzipped else own + fleet  # gzip members concatenate
@@ -483,7 +508,7 @@ class Ui:
     async def _machine(self, request: web.Request, who: Who) -> Any:
         host_id = request.match_info["host_id"][:64]
         snap = await self.current()
-        doc = await self.offload(views.machine, snap, self.history, self.storage, self.store(), host_id)
+        doc = await self.offload(views.machine, snap, self.history, self.storage, self.points, host_id)
         if doc is not None:
             running = self.actions.running
             doc["test_failover_running"] = running is not None and running.host_id == host_id

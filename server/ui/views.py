@@ -4,10 +4,11 @@ these in a worker thread. Every list is bounded: a page of the fleet, the newest
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from server.process.store import ChunkStore, Point
+from server.process.store import Point
 from server.rollouts import Rollout, Rollouts
 from server.storage import Job, Storage
 from server.ui.history import FLEET_COLUMNS, History
@@ -78,7 +79,11 @@ def _point(p: Point) -> dict[str, Any]:
 
 
 def machine(
-    snap: Snapshot, history: History, storage: Storage, store: ChunkStore | None, host_id: str
+    snap: Snapshot,
+    history: History,
+    storage: Storage,
+    points_of: Callable[[str, int], list[Point]],
+    host_id: str,
 ) -> dict[str, Any] | None:
     """A machine's page; None when there is no such machine."""
     m = storage.machine(host_id)
@@ -87,7 +92,7 @@ def machine(
     view = snap.by_id.get(host_id)
     protection = storage.protection(host_id)
     jobs = storage.jobs_for(host_id, MACHINE_JOBS)
-    points = store.recent_points(host_id, MACHINE_POINTS) if store is not None else []
+    points = points_of(host_id, MACHINE_POINTS)
     disks = []
     for d in view.disks if view else ():
         doc = d.to_json()

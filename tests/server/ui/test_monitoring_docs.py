@@ -83,7 +83,7 @@ def exposed() -> set[str]:
     names: set[str] = set()
     for text in (fleet_text(snap).decode(), metrics.exposition().decode()):
         for family in text_string_to_metric_families(text):
-            names |= {s.name for s in family.samples}
+            names |= {family.name} | {s.name for s in family.samples}
     return names
 
 
