@@ -403,8 +403,8 @@ def build_app(server: Server) -> web.Application:
 
     @routes.post(wire.ENROL_PATH)
     async def enrol(request: web.Request) -> web.Response:
-        body = parse_json(await read_body(request))
         try:
+            body = parse_json(await read_body(request))
             async with server.gate("enrol").enter():
                 answer = await server.offload(
                     server.slow, server.enrolment.enrol, body, peer_address(request), server.clock()

@@ -394,24 +394,27 @@ class Rollouts:
             ).scalars()
             return [(_load(tx.conn, i), [r.member() for r in _members(tx.conn, i)]) for i in list(ids)]
 
-    def summaries(self, limit: int = 10) -> list[tuple[Rollout, dict[str, int]]]:
-        """The newest rollouts, each with how many of its machines are in each state (counted by the database over
-        the rollout's key: the dashboard and /metrics never load a big rollout's machines to count them)."""
+    def newest(self, limit: int = 10) -> list[Rollout]:
+        """The newest rollouts (by the rollouts_by_created index)."""
         with self.storage.reading() as tx:
-            found = [
-                _rollout(r)
-                for r in tx.conn.execute(select(rollouts).order_by(rollouts.c.created_at.desc()).limit(limit))
-            ]
-            counts: dict[str, dict[str, int]] = {r.rollout_id: {} for r in found}
-            if found:
+            query = select(rollouts).order_by(rollouts.c.created_at.desc()).limit(limit)
+            return [_rollout(r) for r in tx.conn.execute(query)]
+
+    def counts(self, rollout_ids: list[str]) -> dict[str, dict[str, int]]:
+        """How many machines of each rollout are in each state, counted by the database over the rollouts' key (the
+        dashboard and /metrics never load a big rollout's machines to count them; they count a finished rollout's
+        once: its machines no longer move)."""
+        counts: dict[str, dict[str, int]] = {r: {} for r in rollout_ids}
+        if rollout_ids:
+            with self.storage.reading() as tx:
                 rows = tx.conn.execute(
                     select(_RM.c.rollout_id, _RM.c.state, func.count())
-                    .where(_RM.c.rollout_id.in_(list(counts)))
+                    .where(_RM.c.rollout_id.in_(rollout_ids))
                     .group_by(_RM.c.rollout_id, _RM.c.state)
                 )
                 for rollout_id, state, n in rows:
-                    counts[rollout_id][str(state)] = int(n)
-        return [(r, counts[r.rollout_id]) for r in found]
+                    counts[str(rollout_id)][str(state)] = int(n)
+        return counts
 
     def page(
         self, rollout_id: str, *, states: tuple[str, ...] = (), offset: int = 0, limit: int = 100

@@ -46,7 +46,7 @@ from server.nonces import load_or_create_key
 from server.operators import Operators
 from server.process.service import store_dir
 from server.process.store import DEFAULT_RESERVE, ChunkStore, Point
-from server.rollouts import FAILED, OFFERED, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN
+from server.rollouts import FAILED, OFFERED, RUNNING, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN, Rollout, Rollouts
 from server.ui import views
 from server.ui.access import SESSION_COOKIE, Access, Who, is_loopback
 from server.ui.actions import Actions
@@ -151,6 +151,7 @@ class Ui:
         self._first = asyncio.Event()
         self._store: ChunkStore | None = None
         self._store_lock = threading.Lock()
+        self._counted: dict[str, tuple[float, dict[str, int]]] = {}  # rollout ID -> (its updated_at, its counts)
         self.static = _load_static()
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -178,8 +179,6 @@ class Ui:
 
     def build(self) -> Snapshot:
         """Read the fleet (a worker thread): one query of the database, one of the store's index, the rollouts."""
-        from server.rollouts import Rollouts
-
         start = time.perf_counter()
         rows = self.storage.fleet()
         newest: dict[str, float] = {}
@@ -190,7 +189,7 @@ class Ui:
                 newest = store.newest_points()
                 used, free, size = store.footprint()
                 figures = StoreFigures(used, free, size, self.options.reserve)
-        rollouts = Rollouts(self.storage).summaries(views.ROLLOUTS)
+        rollouts = self._rollouts(Rollouts(self.storage))
         now = self.server.clock()
         return self.builder.build(
             rows,
@@ -200,6 +199,25 @@ class Ui:
             rollouts=rollouts,
             build_seconds=time.perf_counter() - start,
         )
+
+    def _rollouts(self, source: Rollouts) -> list[tuple[Rollout, dict[str, int]]]:
+        """The newest rollouts and their machines by state: counted again only while a rollout runs (or when it
+        changed since it was counted); a finished one's machines no longer move."""
+        newest = source.newest(views.ROLLOUTS)
+        stale = [
+            r.rollout_id
+            for r in newest
+            if r.state == RUNNING or self._counted.get(r.rollout_id, (None,))[0] != r.updated_at
+        ]
+        fresh = source.counts(stale)
+        self._counted = {
+            r.rollout_id: (
+                r.updated_at,
+                fresh[r.rollout_id] if r.rollout_id in fresh else self._counted[r.rollout_id][1],
+            )
+            for r in newest
+        }
+        return [(r, self._counted[r.rollout_id][1]) for r in newest]
 
     def _build_and_sample(self) -> Snapshot:
         snap = self.build()
@@ -297,7 +315,7 @@ class Ui:
         r.add_get("/api/machines", self.api(self._machines))
         r.add_get("/api/machines/{host_id}", self.api(self._machine))
         r.add_get("/api/protection", self.api(self._protection))
-        r.add_get("/api/rollouts", self.api(self._rollouts))
+        r.add_get("/api/rollouts", self.api(self._rollouts_page))
         r.add_get("/api/rollouts/{rollout_id}", self.api(self._rollout))
         r.add_get("/api/audit", self.api(self._audit))
         r.add_post("/api/machines/{host_id}/pause", self.change(self._pause))
@@ -521,8 +539,8 @@ class Ui:
         now = {"host_id": running.host_id, "started": running.started} if running else None
         return await self.offload(views.protection, snap, self.storage, query, now)
 
-    async def _rollouts(self, request: web.Request, who: Who) -> Any:
-        return await self.offload(views.rollouts, self.storage)
+    async def _rollouts_page(self, request: web.Request, who: Who) -> Any:
+        return views.rollouts(await self.current())
 
     async def _rollout(self, request: web.Request, who: Who) -> Any:
         q = request.query

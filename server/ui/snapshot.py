@@ -151,6 +151,7 @@ class Snapshot:
     generation: int = 0
     _orders: dict[tuple[str, bool], tuple[MachineView, ...]] = field(default_factory=dict)
     exposition: dict[str, bytes] = field(default_factory=dict)  # the fleet's /metrics text, made once if asked for
+    disk_errors: tuple[DiskView, ...] = ()  # the disks that report an error, in ``disks`` order
 
     @property
     def breaches(self) -> int:
@@ -213,6 +214,7 @@ class Builder:
             now, build_seconds, tuple(machines), tuple(disks), store, rollouts or [], generation=self.generation
         )
         snap.by_id = {m.host_id: m for m in machines}
+        snap.disk_errors = tuple(d for d in snap.disks if d.error)
         snap.counts = _counts(machines)
         return snap
 

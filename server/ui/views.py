@@ -33,7 +33,7 @@ def _rollout(r: Rollout, counts: dict[str, int]) -> dict[str, Any]:
 
 def overview(snap: Snapshot, history: History, storage: Storage, instance: dict[str, Any]) -> dict[str, Any]:
     failed = storage.recent_jobs(states=_ERROR_STATES, limit=RECENT_ERRORS)
-    disk_errors = [d.to_json() for d in snap.disks if d.error][:RECENT_ERRORS]
+    disk_errors = [d.to_json() for d in snap.disk_errors[:RECENT_ERRORS]]
     return {
         "taken_at": snap.taken_at,
         "build_seconds": snap.build_seconds,
@@ -149,8 +149,9 @@ def protection(snap: Snapshot, storage: Storage, query: DiskQuery, running: dict
     }
 
 
-def rollouts(storage: Storage) -> dict[str, Any]:
-    return {"rollouts": [_rollout(r, c) for r, c in Rollouts(storage).summaries(ROLLOUTS)]}
+def rollouts(snap: Snapshot) -> dict[str, Any]:
+    """The newest rollouts, as of the snapshot (their counts made there)."""
+    return {"taken_at": snap.taken_at, "rollouts": [_rollout(r, c) for r, c in snap.rollouts]}
 
 
 def rollout(
