@@ -84,6 +84,8 @@ def start_local_server(
     """The process, its ``HOST:PORT`` and its CA fingerprint, once it listens; raises if it did not start.
     ``wrap`` (e.g. ``ip netns exec NS``) execs the server, so the process is the server's own PID; ``env`` is its
     environment (e.g. tests.faults.environment(...) for a fault plan)."""
+    if "--ui-listen" not in args:  # the dashboard's default port is fixed: several servers at once need free ones
+        args = (*args, "--ui-listen", "127.0.0.1:0")
     with server_log(data).open("a") as log:
         proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", f"{host}:{port}", *args],
