@@ -382,7 +382,11 @@ async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 def build_app(server: Server) -> web.Application:
-    app = web.Application(middlewares=[server.metrics.middleware, errors_as_json], client_max_size=wire.MAX_BODY)
+    @web.middleware
+    async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await server.metrics.observe(request, handler)
+
+    app = web.Application(middlewares=[measured, errors_as_json], client_max_size=wire.MAX_BODY)
     routes = web.RouteTableDef()
 
     @routes.get(f"{wire.API}/health")

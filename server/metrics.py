@@ -82,9 +82,8 @@ class ServerMetrics:
         """This instance's figures in the Prometheus text format."""
         return generate_latest(self.registry)
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Outermost: sees the status the error middleware made of any failure."""
+    async def observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The API's outermost middleware: sees the status the error middleware made of any failure."""
         start = time.perf_counter()
         status = 500
         try:

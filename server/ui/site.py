@@ -36,6 +36,7 @@ from server.errors import (
     ApiError,
     BadRequest,
     BodyTooLarge,
+    DatabaseUnavailable,
     ListenFailed,
     NotFound,
     ServerInternal,
@@ -65,6 +66,7 @@ DEFAULT_SESSION = 12 * 3600.0
 MAX_BODY = 16 * 1024
 PRUNE_SECONDS = 600.0
 UI_THREADS = 2
+FIRST_SNAPSHOT_WAIT = 20.0  # seconds a request waits for the first snapshot after the server started
 SCRAPED_LATELY = 120.0  # seconds: while /metrics is scraped this often, each snapshot's text is written with it
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -151,6 +153,7 @@ class Ui:
         self._first = asyncio.Event()
         self._store: ChunkStore | None = None
         self._store_lock = threading.Lock()
+        self._failed: str | None = None  # why the last snapshot could not be made
         self._counted: dict[str, tuple[float, dict[str, int]]] = {}  # rollout ID -> (its updated_at, its counts)
         self.static = _load_static()
         self.runner: web.AppRunner | None = None
@@ -229,14 +232,22 @@ class Ui:
         return snap
 
     async def refresh(self) -> None:
-        self.snapshot = await self.offload(self._build_and_sample)
+        try:
+            self.snapshot = await self.offload(self._build_and_sample)
+        except MobilityError as e:
+            self._failed = e.message
+            raise
+        self._failed = None
         self._first.set()
 
     async def current(self) -> Snapshot:
+        """The newest snapshot; before the first one, wait for it a while (503 if the fleet cannot be read)."""
         if self.snapshot is None:
-            await asyncio.wait_for(self._first.wait(), 60)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first.wait(), FIRST_SNAPSHOT_WAIT)
         if self.snapshot is None:
-            raise ServerInternal("the dashboard has not read the fleet yet")
+            why = f": {self._failed}" if self._failed else ""
+            raise DatabaseUnavailable(f"the dashboard could not read the fleet yet{why}", retry_after=5)
         return self.snapshot
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]], *, first: bool = False) -> None:
@@ -375,6 +386,8 @@ class Ui:
             doc = await view(request, who)
             if doc is None:
                 raise NotFound(f"no such thing: {printable(request.path, 100)}")
+            if "taken_at" in doc:  # how old the figures are, on the server's clock (not the browser's)
+                doc["age_seconds"] = max(0.0, self.server.clock() - doc["taken_at"])
             return web.json_response(doc)
 
         return handler

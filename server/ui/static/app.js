@@ -110,10 +110,17 @@
     }
   }
 
+  let figuresOf = null; // when the server read the figures shown (its snapshot of the fleet)
+  let figuresAge = 0; // and how old they were when it sent them, by its own clock
+
   async function getJSON(url) {
     const r = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
     const doc = await r.json().catch(() => null);
     if (!r.ok) throw new Refused(r.status, doc && doc.error);
+    if (doc && num(doc.taken_at)) {
+      figuresOf = doc.taken_at;
+      figuresAge = num(doc.age_seconds) ? doc.age_seconds : 0;
+    }
     return doc;
   }
 
@@ -610,8 +617,16 @@
     busy = true;
     try {
       await update();
-      if (banner.className === "error") say("", "");
-      if (stamp) stamp.textContent = `updated ${new Date().toLocaleTimeString()} · refreshes every ${refreshSeconds} s`;
+      if (figuresAge > 3 * refreshSeconds + 10) {
+        say(`These figures are ${secs(figuresAge)} old: the server has not read its database since. Check its log.`,
+          "error");
+      } else if (banner.className === "error") {
+        say("", "");
+      }
+      if (stamp) {
+        stamp.textContent = `figures of ${figuresOf === null ? "now" : when(figuresOf)} · refreshed ` +
+          `${new Date().toLocaleTimeString()}, every ${refreshSeconds} s`;
+      }
       body.dataset.refreshed = String(Number(body.dataset.refreshed || 0) + 1);
     } catch (e) {
       refused(e);

@@ -320,3 +320,55 @@ def test_metrics_parse_and_count_the_fleet(loopback: Ui) -> None:
     assert headers["content-encoding"] == "gzip"
     again = {f.name for f in text_string_to_metric_families(gzip.decompress(packed).decode())}
     assert again == set(families)
+
+
+def test_hostile_paths_queries_and_bodies_get_json_errors(loopback: Ui) -> None:
+    client = loopback.client()
+    csrf = client.page_csrf("/")
+    for path in ("/static/../site.py", "/static/%2e%2e/site.py", "/static/vendor/uplot/LICENSE", "/static/app.js/x"):
+        status, _, answer = client.request("GET", path)
+        assert (status, code(json.loads(answer))) == (404, "NOT-FOUND"), path
+    for path in (
+        "/api/machines?limit=0",
+        "/api/machines?offset=" + "9" * 30,
+        "/api/protection?state=BROKEN",
+        "/api/protection?limit=abc",
+        "/api/audit?limit=1001",
+        f"/api/rollouts/{uuid.uuid4()}?state=evil",
+        "/api/rollouts/x?offset=-1",
+    ):
+        status, doc = client.json("GET", path)
+        assert (status, code(doc)) == (400, "BAD-REQUEST"), path
+    assert code(client.json("GET", f"/api/machines/{uuid.uuid4()}")[1]) == "NOT-FOUND"
+    assert code(client.json("GET", f"/api/rollouts/{uuid.uuid4()}")[1]) == "NOT-FOUND"
+    halt = "/api/rollouts/halt"
+    headers = {"X-CSRF-Token": csrf, "Content-Type": "application/json"}
+    for body, expected in ((b"[1]", "BAD-REQUEST"), (b"{", "BAD-REQUEST"), (b'{"reason": 5}', "BAD-REQUEST"),
+                           (b'{"reason": "' + b"x" * 20000 + b'"}', "BODY-TOO-LARGE")):  # fmt: skip
+        status, _, answer = client.request("POST", halt, body, headers)
+        assert code(json.loads(answer)) == expected, (body[:20], status)
+    assert json.loads(server_cli(loopback.server.data, "audit", "--json", check=True).stdout) == []
+
+
+def test_every_dashboard_route_has_its_cases(tmp_path: Path) -> None:
+    """A new route of the dashboard must get its cases (here or in tests/integration/test_dashboard.py)."""
+    from server.ui.site import Ui as Site
+    from server.ui.site import UiOptions
+    from tests.server.ui.test_refresh import make_server
+
+    covered = {
+        ("GET", "/"), ("GET", "/machines"), ("GET", "/machines/{host_id}"), ("GET", "/protection"),
+        ("GET", "/rollouts"), ("GET", "/rollouts/{rollout_id}"), ("GET", "/audit"),  # login redirect, Host check
+        ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),  # off loopback, CSRF, limits, session end
+        ("GET", "/static/{name}"),  # only the listed files: test_hostile_paths_queries_and_bodies_get_json_errors
+        ("GET", "/metrics"),  # test_metrics_parse_and_count_the_fleet, bearer tokens
+        ("GET", "/api/overview"), ("GET", "/api/machines"), ("GET", "/api/machines/{host_id}"),
+        ("GET", "/api/protection"), ("GET", "/api/rollouts"), ("GET", "/api/rollouts/{rollout_id}"),
+        ("GET", "/api/audit"),  # bounds: above and tests/server/ui/test_snapshot.py
+        ("POST", "/api/machines/{host_id}/pause"), ("POST", "/api/machines/{host_id}/resume"),
+        ("POST", "/api/machines/{host_id}/test-failover"), ("POST", "/api/rollouts/halt"),  # CSRF, audit, bodies
+    }  # fmt: skip
+    for server in make_server(tmp_path):
+        app = Site(server, UiOptions("127.0.0.1", 0)).app()
+        routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD" and r.resource}
+        assert routes == covered, f"routes without cases: {routes - covered}; stale: {covered - routes}"
