@@ -50,6 +50,13 @@ def process_port(data: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def ui_url(data: Path) -> str | None:
+    """Where a running server's dashboard and /metrics listen (``http://HOST:PORT`` on loopback, ``https://...``
+    elsewhere), from its log; None without one."""
+    found = re.findall(r"dashboard and /metrics on (\S+) \(", server_log(data).read_text())
+    return str(found[-1]) if found else None
+
+
 def configure_agent(
     root: Path, address: str, secret: Path, fingerprint: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:
@@ -77,6 +84,8 @@ def start_local_server(
     """The process, its ``HOST:PORT`` and its CA fingerprint, once it listens; raises if it did not start.
     ``wrap`` (e.g. ``ip netns exec NS``) execs the server, so the process is the server's own PID; ``env`` is its
     environment (e.g. tests.faults.environment(...) for a fault plan)."""
+    if "--ui-listen" not in args:  # the dashboard's default port is fixed: several servers at once need free ones
+        args = (*args, "--ui-listen", "127.0.0.1:0")
     with server_log(data).open("a") as log:
         proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "server", "serve", "--data", str(data), "--listen", f"{host}:{port}", *args],

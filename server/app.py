@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from aiohttp import web
 
@@ -64,12 +64,16 @@ from server.errors import (
     StoreBusy,
     UnknownMachine,
 )
+from server.metrics import ServerMetrics
 from server.nonces import NonceSigner, load_or_create_key
 from server.process.service import ProcessOptions, ProcessService, store_dir
 from server.repository import Repository
 from server.rollouts import target_of
 from server.stalls import StallMonitor
 from server.storage import Beat, Credential, Storage
+
+if TYPE_CHECKING:
+    from server.ui.site import UiOptions
 
 log = logging.getLogger("mobility.server")
 
@@ -112,6 +116,7 @@ class Server:
     _history: list[tuple[str, float | None, float, wire.HealthReport]] = field(default_factory=list)
     _replication: dict[str, tuple[float, str]] = field(default_factory=dict)  # host ID -> (received, report JSON)
     stalls: StallMonitor = field(default_factory=StallMonitor)
+    ui_address: str | None = None  # where the dashboard listens, once it does (server/ui/)
 
     def __post_init__(self) -> None:
         # Two pools: the heartbeat path never waits behind enrolments, repository work or a slow flush.
@@ -122,6 +127,7 @@ class Server:
         self.connections = Connections(self.max_connections)
         self.credentials = Credentials(self)
         self._gates: dict[str, Gate] = {}
+        self.metrics = ServerMetrics(self.stalls, self.connections)  # /metrics: this instance's own figures
 
     def gate(self, name: str) -> Gate:
         """The gates are made on the serving loop (asyncio primitives belong to one loop)."""
@@ -376,7 +382,11 @@ async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 def build_app(server: Server) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=wire.MAX_BODY)
+    @web.middleware
+    async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await server.metrics.observe(request, handler)
+
+    app = web.Application(middlewares=[measured, errors_as_json], client_max_size=wire.MAX_BODY)
     routes = web.RouteTableDef()
 
     @routes.get(f"{wire.API}/health")
@@ -397,11 +407,16 @@ def build_app(server: Server) -> web.Application:
 
     @routes.post(wire.ENROL_PATH)
     async def enrol(request: web.Request) -> web.Response:
-        body = parse_json(await read_body(request))
-        async with server.gate("enrol").enter():
-            answer = await server.offload(
-                server.slow, server.enrolment.enrol, body, peer_address(request), server.clock()
-            )
+        try:
+            body = parse_json(await read_body(request))
+            async with server.gate("enrol").enter():
+                answer = await server.offload(
+                    server.slow, server.enrolment.enrol, body, peer_address(request), server.clock()
+                )
+        except MobilityError as e:
+            server.metrics.enrolment(e.id)
+            raise
+        server.metrics.enrolment("enrolled")
         return web.json_response(answer)
 
     @routes.post(wire.RENEW_PATH)
@@ -605,10 +620,12 @@ async def serve(
     process: ProcessOptions | None = None,
     api: bool = True,
     elsewhere: ProcessAddress | None = None,
+    ui: UiOptions | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish requests in flight and flush heartbeats. With
     ``process`` the process server role (the replication streams) runs beside the API; without ``api`` it runs
-    alone (`serve --role process`); without ``process``, agents are sent to the one ``elsewhere``."""
+    alone (`serve --role process`); without ``process``, agents are sent to the one ``elsewhere``. With ``ui``, the
+    dashboard and /metrics listen too (server/ui/)."""
     small_tls_buffers()
     roles = _ProcessRole(server, process, elsewhere)
     if process is not None and not await roles.take(quiet=api) and not api:
@@ -639,6 +656,19 @@ async def serve(
         await runner.cleanup()
         await roles.close()
         raise ListenFailed(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    dashboard = None
+    if ui is not None:
+        from server.ui.site import Ui
+
+        dashboard = Ui(server, ui)
+        try:
+            ui_port = await dashboard.start()
+        except BaseException:
+            await dashboard.close()
+            await runner.cleanup()
+            await roles.close()
+            raise
+        server.ui_address = f"{ui.host}:{ui_port}"
     stop = _stop_event()
     bound = runner.addresses[0][1] if runner.addresses else port
     long_lived_gc()
@@ -702,6 +732,8 @@ async def serve(
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if dashboard is not None:
+            await dashboard.close()
         await runner.cleanup()
         await roles.close()
         with contextlib.suppress(MobilityError):

@@ -215,6 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         process = ProcessOptions(phost, pport, reserve, announce_host, announce_port)
     elif announce_host is None:
         raise BadArguments("--role api needs --process-address HOST[:PORT]: where agents reach the process server")
+    ui = _ui_options(args, port, process.reserve if process else None) if args.role != "process" else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-open chatter; `upgrade` prints what it did
     server = open_server(
@@ -231,6 +232,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         line = f"listening on {host}:{bound} fingerprint: {fingerprint}"
         if process_port is not None:
             line += f" process: {process.host if process else host}:{process_port}"
+        if server.ui_address is not None:
+            line += f" ui: {server.ui_address}"
         print(line, flush=True)
 
     import uvloop
@@ -248,9 +251,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
             process=process,
             api=args.role != "process",
             elsewhere=elsewhere,
+            ui=ui,
         )
     )
     return Exit.OK
+
+
+def _ui_options(args: argparse.Namespace, api_port: str, reserve: int | None) -> Any:
+    """The dashboard's options from --ui-listen (``none``: no dashboard), --ui-refresh and --ui-session; its port is
+    any free one when --listen's is 0 (tests), like the process server's."""
+    from server.process.store import DEFAULT_RESERVE
+    from server.ui.site import DEFAULT_PORT, UiOptions
+
+    text = args.ui_listen or f"127.0.0.1:{DEFAULT_PORT if int(api_port) else 0}"
+    if text == "none":
+        return None
+    host, port = _host_port(text, "--ui-listen")
+    return UiOptions(
+        host,
+        port,
+        refresh=args.ui_refresh,
+        session_seconds=parse_duration(args.ui_session),
+        database=args.database,
+        reserve=reserve if reserve is not None else DEFAULT_RESERVE,
+    )
 
 
 def _announced(text: str | None) -> tuple[str | None, int | None]:
@@ -571,7 +595,11 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 def _repo(args: argparse.Namespace, repo: Any) -> int:
     if args.action == "add":
-        for entry in repo.add([Path(f) for f in args.files]):
+        from server.progress import progress_for
+
+        with progress_for(False) as progress:
+            added = repo.add([Path(f) for f in args.files], progress=progress)
+        for entry in added:
             print(f"added {entry.name}")
         return Exit.OK
     if args.action == "remove":
@@ -726,6 +754,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often the log gets the event loop's stall figures and the connection counts (default 60)",
     )
+    p.add_argument(
+        "--ui-listen",
+        metavar="HOST:PORT",
+        help="where the dashboard and /metrics listen, or `none` (default 127.0.0.1:9445; on loopback no login, "
+        "anywhere else HTTPS and operators log in: docs/monitoring.md)",
+    )
+    p.add_argument(
+        "--ui-refresh",
+        type=seconds(1, 3600),
+        default=10.0,
+        metavar="SECONDS",
+        help="how often the dashboard reads the fleet and its pages refresh (default 10)",
+    )
+    p.add_argument(
+        "--ui-session",
+        default="12h",
+        metavar="DURATION",
+        help="how long a dashboard login lasts (default 12h)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = command("passphrase", "show or rotate the enrolment passphrase")
@@ -849,8 +896,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_repo)
 
     from server.process.cli import add_commands
+    from server.ui.cli import add_commands as add_ui_commands
 
     add_commands(command)
+    add_ui_commands(command)
     return parser
 
 

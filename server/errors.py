@@ -237,6 +237,89 @@ class BadDuration(UsageError):
     remediation = "Give durations as a number and a unit: 30m, 12h, 7d."
 
 
+# The operator's view: operators, the dashboard and its changes (server/operators.py, server/ui/) -------------------
+
+
+class OperatorInvalid(UsageError):
+    code = "OPERATOR-INVALID"
+    remediation = "Give an operator name of 1 to 64 lowercase letters, digits, '.', '_' and '-' (e.g. alice)."
+
+
+class OperatorExists(UsageError):
+    code = "OPERATOR-EXISTS"
+    remediation = (
+        "An operator of that name exists: pick another name, or `mobility-server operator remove NAME` first "
+        "(its token and sessions stop working)."
+    )
+
+
+class OperatorNotFound(UsageError):
+    code = "OPERATOR-NOT-FOUND"
+    remediation = (
+        "`mobility-server operator list` shows the operators; add one with `mobility-server operator add NAME`."
+    )
+
+
+class UiLoginRequired(ApiError):
+    code = "UI-LOGIN-REQUIRED"
+    status = 401
+    remediation = (
+        "Log in with an operator token (`mobility-server operator add NAME` makes one) or an operator client "
+        "certificate; a session ends after `serve --ui-session` (default 12h)."
+    )
+
+
+class UiLoginFailed(ApiError):
+    code = "UI-LOGIN-FAILED"
+    status = 401
+    remediation = (
+        "The token is not an operator's (or its operator was removed): give the token `mobility-server operator "
+        "add` printed, or add the operator again for a new one."
+    )
+
+
+class UiLoginLimited(ApiError):
+    code = "UI-LOGIN-LIMITED"
+    status = 429
+    remediation = "Too many failed logins from this address: wait for Retry-After seconds, then use a valid token."
+
+
+class UiCsrfRefused(ApiError):
+    code = "UI-CSRF-REFUSED"
+    status = 403
+    remediation = (
+        "Changes are accepted only from the dashboard's own pages (with the page's CSRF token, from the same "
+        "origin): reload the page and use its buttons; a script uses `Authorization: Bearer TOKEN` instead."
+    )
+
+
+class UiHostRefused(ApiError):
+    code = "UI-HOST-REFUSED"
+    status = 403
+    remediation = (
+        "The loopback dashboard answers only requests addressed to a loopback name (127.0.0.1, [::1], localhost): "
+        "open it by that address (or serve it elsewhere with --ui-listen and log in)."
+    )
+
+
+class UiNoStore(ApiError):
+    code = "UI-NO-STORE"
+    status = 409
+    remediation = (
+        "This instance holds no chunk store: start the test failover from the dashboard of the instance that runs "
+        "the process server (`serve --role process` or `all`), or with `mobility-server test-failover` there."
+    )
+
+
+class TestFailoverRunning(ApiError):
+    __test__ = False  # not a pytest class
+    code = "TEST-FAILOVER-RUNNING"
+    status = 409
+    remediation = (
+        "A test failover started from this dashboard is still running: wait for its result, then start another."
+    )
+
+
 # Push install over SSH (server/push/) ------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_LIFETIME = dt.timedelta(days=3650)
 SERVER_LIFETIME = dt.timedelta(days=825)
 CLIENT_LIFETIME = dt.timedelta(days=90)
+OPERATOR_LIFETIME = dt.timedelta(days=365)
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew on agents
 
 
@@ -135,6 +136,16 @@ def issue_client_cert(
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise ValueError("the CSR's key must be an EC key")
     return ca.sign(_leaf(ca, host_id, public_key, now, CLIENT_LIFETIME, ExtendedKeyUsageOID.CLIENT_AUTH))
+
+
+def issue_operator_cert(
+    ca: Authority, name: str, now: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """An operator's client certificate for the dashboard (CN ``operator:NAME``, never a host ID: the API refuses it as
+    an unknown machine). The dashboard accepts it only by its fingerprint, recorded with the operator."""
+    key = new_key()
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH
+    return key, ca.sign(_leaf(ca, f"operator:{name}", key.public_key(), now, OPERATOR_LIFETIME, usage))
 
 
 def csr_common_name(csr: x509.CertificateSigningRequest) -> str | None:

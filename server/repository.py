@@ -62,7 +62,7 @@ from agent.bundles import BundleName, inspect_bundle, parse_bundle_name
 from agent.shared import timefmt
 from agent.shared.errors import BundleRefused, MobilityError
 from agent.shared.fsutil import atomic_write, sha256_file, sha256_stream
-from agent.shared.textsafe import shown
+from agent.shared.textsafe import printable, shown
 from server.datadir import DataDir
 from server.errors import (
     RepoBundleConflict,
@@ -72,6 +72,7 @@ from server.errors import (
     RepoNotInitialised,
     RepoWriteFailed,
 )
+from server.progress import Progress, Quiet
 
 if TYPE_CHECKING:
     from server.storage import Storage
@@ -233,13 +234,17 @@ class Repository:
 
     # Changes ------------------------------------------------------------------
 
-    def add(self, files: Iterable[Path], *, now: datetime.datetime | None = None) -> _Entries:
+    def add(
+        self, files: Iterable[Path], *, now: datetime.datetime | None = None, progress: Progress | None = None
+    ) -> _Entries:
         """Verify bundles, copy them into the repository and publish them; all or none.
 
         Each file is copied first and the copy is what gets verified and published, so a file changed
-        while it is added cannot slip through. Adding the same bundle again changes nothing.
+        while it is added cannot slip through. Adding the same bundle again changes nothing. ``progress``
+        hears each bundle and the bytes of it copied (a terminal's bar: server/progress.py).
         """
         now = now or _utcnow()
+        progress = progress or Quiet()
         repo_dir = self.datadir.repository_dir
         with self._change(now) as state:
             staged: list[tuple[Path, TargetFile, bool]] = []  # the copy, its target, whether to rename it in
@@ -247,7 +252,7 @@ class Repository:
             try:
                 for source in files:
                     name = source.name
-                    tmp, size, digest = _copy_in(source, repo_dir)
+                    tmp, size, digest = _copy_in(source, repo_dir, progress)
                     tmps.append(tmp)
                     bundle, _ = inspect_bundle(tmp, name=name)
                     target = _make_target(name, size, digest, bundle, now)
@@ -592,7 +597,7 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
+def _copy_in(source: Path, repo_dir: Path, progress: Progress) -> tuple[Path, int, str]:
     """Stream ``source`` into a temporary file in the repository (fsynced); return it, its size and sha256.
 
     Bundles are too big for atomic_write's in-memory bytes; this is the same temp-fsync-rename
@@ -611,6 +616,7 @@ def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
         os.close(fd)
         what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else f"is larger than {MAX_BUNDLE_BYTES} bytes"
         raise BundleRefused(f"{shown(source.name)}: {shown(str(source))} {what}")
+    progress.task(f"copying {printable(source.name, 100)}", st.st_size)
     with os.fdopen(fd, "rb") as src:
         fd, tmp = tempfile.mkstemp(dir=repo_dir, prefix=_TMP_PREFIX, suffix=".tmp")
         try:
@@ -627,6 +633,7 @@ def _copy_in(source: Path, repo_dir: Path) -> tuple[Path, int, str]:
                         break
                     h.update(chunk)
                     size += len(chunk)
+                    progress.advance(len(chunk))
                     if size > MAX_BUNDLE_BYTES:  # it grew while being copied
                         raise BundleRefused(f"{shown(source.name)}: larger than {MAX_BUNDLE_BYTES} bytes")
                     out.write(chunk)

@@ -394,6 +394,51 @@ class Rollouts:
             ).scalars()
             return [(_load(tx.conn, i), [r.member() for r in _members(tx.conn, i)]) for i in list(ids)]
 
+    def newest(self, limit: int = 10) -> list[Rollout]:
+        """The newest rollouts (by the rollouts_by_created index)."""
+        with self.storage.reading() as tx:
+            query = select(rollouts).order_by(rollouts.c.created_at.desc()).limit(limit)
+            return [_rollout(r) for r in tx.conn.execute(query)]
+
+    def counts(self, rollout_ids: list[str]) -> dict[str, dict[str, int]]:
+        """How many machines of each rollout are in each state, counted by the database over the rollouts' key (the
+        dashboard and /metrics never load a big rollout's machines to count them; they count a finished rollout's
+        once: its machines no longer move)."""
+        counts: dict[str, dict[str, int]] = {r: {} for r in rollout_ids}
+        if rollout_ids:
+            with self.storage.reading() as tx:
+                rows = tx.conn.execute(
+                    select(_RM.c.rollout_id, _RM.c.state, func.count())
+                    .where(_RM.c.rollout_id.in_(rollout_ids))
+                    .group_by(_RM.c.rollout_id, _RM.c.state)
+                )
+                for rollout_id, state, n in rows:
+                    counts[str(rollout_id)][str(state)] = int(n)
+        return counts
+
+    def page(
+        self, rollout_id: str, *, states: tuple[str, ...] = (), offset: int = 0, limit: int = 100
+    ) -> tuple[Rollout | None, int, list[Member], dict[str, int]]:
+        """One page of a rollout's machines (in ``states``, if given), in wave and host-ID order, how many match, and
+        how many are in each state: the dashboard shows a rollout of any size a page at a time."""
+        where = _RM.c.rollout_id == rollout_id
+        if states:
+            where = and_(where, _RM.c.state.in_(list(states)))
+        with self.storage.reading() as tx:
+            row = tx.conn.execute(select(rollouts).where(rollouts.c.rollout_id == rollout_id)).first()
+            if row is None:
+                return None, 0, [], {}
+            total = int(tx.conn.execute(select(func.count()).select_from(_RM).where(where)).scalar_one())
+            page = tx.conn.execute(_MEMBERS.where(where).offset(offset).limit(limit))
+            members = [_Row(*tuple(r)).member() for r in page]
+            counts = {
+                str(state): int(n)
+                for state, n in tx.conn.execute(
+                    select(_RM.c.state, func.count()).where(_RM.c.rollout_id == rollout_id).group_by(_RM.c.state)
+                )
+            }
+        return _rollout(row), total, members, counts
+
     def pin(
         self, host_ids: list[str], version: str | None, reason: str, published: set[tuple[str, str]], now: float
     ) -> list[Machine]:

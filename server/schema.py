@@ -61,6 +61,11 @@ jobs = Table(
     Column("created_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
     Column("owner", Text),
+    # What the dashboard reads (server/ui/): a machine's jobs, the newest of a kind (test failovers), the newest
+    # failures; each a range of an index, never a scan.
+    Index("jobs_by_host", "host_id", "created_at"),
+    Index("jobs_by_kind", "kind", "updated_at"),
+    Index("jobs_by_state", "state", "updated_at"),
 )
 
 tokens = Table(
@@ -174,4 +179,46 @@ protection = Table(
     Column("updated_at", Double, nullable=False),
     Column("report", Text),
     Column("reported_at", Double),
+)
+
+# The operator's view (server/operators.py, server/ui/): who may use the dashboard off loopback (a token, kept only as
+# its hash; a client certificate, by its fingerprint), their sessions (the session cookie's hash), and the audit log
+# of every change made through the dashboard, with the operator's name.
+operators = Table(
+    "operators",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("token_id", Text, nullable=False),
+    Column("token_hash", Text, nullable=False),
+    Column("cert_fingerprint", Text),
+    Column("cert_not_after", Double),
+    Column("created_at", Double, nullable=False),
+    Index("operators_by_token", "token_id", unique=True),
+    Index("operators_by_cert", "cert_fingerprint"),
+)
+
+ui_sessions = Table(
+    "ui_sessions",
+    metadata,
+    Column("session_hash", Text, primary_key=True),
+    Column("operator", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Index("ui_sessions_by_expiry", "expires_at"),
+    Index("ui_sessions_by_operator", "operator"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Double, nullable=False),
+    Column("operator", Text, nullable=False),
+    Column("via", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("detail", Text),
+    Column("outcome", Text),  # None: asked for and not finished (yet, or ever: the server stopped meanwhile)
+    Column("finished_at", Double),
+    Index("audit_log_by_time", "at"),
 )

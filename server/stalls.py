@@ -20,10 +20,12 @@ class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     samples: int = 0
     worst_ms: float = 0.0
+    sum_ms: float = 0.0  # /metrics exports the histogram (server/metrics.py), whose sum Prometheus needs
 
     def record(self, late_ms: float) -> None:
         self.counts[min(int(max(late_ms, 0.0) / _BUCKET_MS), _BUCKETS - 1)] += 1
         self.samples += 1
+        self.sum_ms += max(late_ms, 0.0)
         self.worst_ms = max(self.worst_ms, late_ms)
 
     def percentile(self, q: float) -> float:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -185,6 +186,39 @@ class Beat:
     received_at: float
     agent_version: str
     health: str
+
+
+class FleetRow(NamedTuple):
+    """One machine as the dashboard's fleet snapshot reads it (``Storage.fleet``): no keys, certificates or facts.
+    A tuple, not a dataclass: ten thousand of them are made for every snapshot."""
+
+    host_id: str
+    hostname: str
+    os_tag: str
+    agent_version: str
+    last_seen: float | None
+    heartbeat_interval: float
+    revoked_at: float | None
+    pinned_version: str | None
+    cloned_from: str | None
+    health: str | None  # the status of its last report (healthy, warning, critical, unknown); None: none stored
+    policy: Policy | None  # None: it protects nothing
+    paused: bool = False
+    reported_at: float | None = None
+    report_json: str | None = None  # its last replication report as stored (parsed by the snapshot)
+
+    def online(self, now: float) -> bool:
+        """As ``Machine.online``: offline after 3 missed heartbeat intervals."""
+        return self.last_seen is not None and now - self.last_seen <= 3 * self.heartbeat_interval
+
+
+# The head of a health report as the server stores it (json.dumps of HealthReport.to_json: "status" comes first).
+_STATUS_HEAD = re.compile(r'\{"status": "(healthy|warning|critical|unknown)"')
+
+
+def _health_status(text: Any) -> str | None:
+    report = _stored_health(text)
+    return report.status if report else ("unknown" if text else None)
 
 
 def key_id(public_pem: str) -> str:
@@ -755,6 +789,88 @@ class Storage:
         with self.transaction() as tx:
             tx.conn.execute(stmt, rows)
 
+    # The operator's view (server/ui/): the fleet snapshot's one read, and the pages' bounded reads ---------------
+
+    def fleet(self) -> list[FleetRow]:
+        """Every machine as the dashboard's fleet snapshot reads it, in one query of narrow columns: the health status
+        from the head of its stored report (the rest is never read; a report not in the server's own shape is read
+        whole), the protection with its last replication report as stored (JSON, parsed by the snapshot, which
+        parses only the reports that changed). O(fleet): a periodic job calls this (server/ui/), never a request."""
+        status_head = func.substr(machines.c.health, 1, 40)
+        query = select(
+            machines.c.host_id,
+            machines.c.hostname,
+            machines.c.os_tag,
+            machines.c.agent_version,
+            machines.c.last_seen,
+            machines.c.heartbeat_interval,
+            machines.c.revoked_at,
+            machines.c.pinned_version,
+            machines.c.cloned_from,
+            status_head,
+            protection.c.reported_at,
+            *_PROTECTION_COLUMNS,
+        ).select_from(_with_protection(machines))
+        with self._read() as tx:
+            rows = tx.conn.execute(query).all()
+            odd = [r[0] for r in rows if r[9] is not None and not _STATUS_HEAD.match(r[9])]
+            full: dict[str, str | None] = {}
+            for i in range(0, len(odd), 500):  # reports not in the server's own shape: read whole, a batch at a time
+                batch = odd[i : i + 500]
+                full.update(
+                    (h, _health_status(t))
+                    for h, t in tx.conn.execute(
+                        select(machines.c.host_id, machines.c.health).where(machines.c.host_id.in_(batch))
+                    )
+                )
+        out = []
+        policies: dict[tuple[Any, ...], Policy] = {}  # one Policy per distinct row: a fleet has a few
+        for r in rows:
+            head = r[9]
+            m = _STATUS_HEAD.match(head) if head is not None else None
+            mapping = r._mapping
+            policy = None
+            if mapping["p_host_id"] is not None:
+                key = (mapping["p_policy"], mapping["p_rpo"], mapping["p_interval"], mapping["p_bandwidth"],
+                       mapping["p_retention"])  # fmt: skip
+                policy = policies.get(key)
+                if policy is None:
+                    policy = policies[key] = _row_policy(mapping)
+            raw = mapping["p_report"]
+            out.append(
+                FleetRow(
+                    *r[:9],
+                    m.group(1) if m else full.get(r[0]),
+                    policy,
+                    bool(mapping["p_paused"]),
+                    r[10],
+                    raw if isinstance(raw, str) else None,
+                )
+            )
+        return out
+
+    def jobs_for(self, host_id: str, limit: int = 50) -> list[Job]:
+        """A machine's newest jobs (by the jobs_by_host index)."""
+        with self._read() as tx:
+            rows = tx.conn.execute(
+                select(jobs).where(jobs.c.host_id == host_id).order_by(jobs.c.created_at.desc()).limit(limit)
+            )
+            return [Job(**r._mapping) for r in rows]
+
+    def recent_jobs(self, *, kind: str | None = None, states: Iterable[str] = (), limit: int = 20) -> list[Job]:
+        """The newest jobs of a kind, or in any of ``states``, newest change first: one index range each (the
+        dashboard's test failovers and recent errors), never a scan of every job."""
+        with self._read() as tx:
+            found: list[Job] = []
+            if kind is not None:
+                query = select(jobs).where(jobs.c.kind == kind).order_by(jobs.c.updated_at.desc()).limit(limit)
+                found += [Job(**r._mapping) for r in tx.conn.execute(query)]
+            for state in states:
+                query = select(jobs).where(jobs.c.state == state).order_by(jobs.c.updated_at.desc()).limit(limit)
+                found += [Job(**r._mapping) for r in tx.conn.execute(query)]
+        unique = {j.job_id: j for j in found}
+        return sorted(unique.values(), key=lambda j: (j.updated_at, j.job_id), reverse=True)[:limit]
+
     # Locks across instances --------------------------------------------------------------------------------
 
     @contextmanager
@@ -1038,18 +1154,20 @@ def _policy(row: RowMapping) -> Policy:
     )
 
 
+def _row_policy(row: RowMapping) -> Policy:
+    """The policy columns of a row of ``_PROTECTION_COLUMNS`` (a policy row that is gone: the defaults)."""
+    name = str(row["p_policy"])
+    if row["p_rpo"] is None:
+        return Policy() if name == "default" else Policy(name)
+    return Policy(name, float(row["p_rpo"]), float(row["p_interval"]), int(row["p_bandwidth"]), int(row["p_retention"]))
+
+
 def _protection(row: RowMapping) -> ProtectionRow | None:
     """The protection columns of a row (``_PROTECTION_COLUMNS``), None when the machine protects nothing. A policy
     row that is gone reads as the defaults under its name."""
     if row["p_host_id"] is None:
         return None
-    name = str(row["p_policy"])
-    if row["p_rpo"] is None:
-        policy = Policy() if name == "default" else Policy(name)
-    else:
-        policy = Policy(
-            name, float(row["p_rpo"]), float(row["p_interval"]), int(row["p_bandwidth"]), int(row["p_retention"])
-        )
+    policy = _row_policy(row)
     return ProtectionRow(
         host_id=str(row["p_host_id"]),
         disks=tuple(d for d in str(row["p_disks"]).split("\n") if d),
@@ -1059,6 +1177,11 @@ def _protection(row: RowMapping) -> ProtectionRow | None:
         updated_at=float(row["p_updated_at"]),
         report=_stored_report(row["p_report"]),
     )
+
+
+def stored_report(text: Any) -> ReplicationReport | None:
+    """A replication report as stored, or None when it is not one (a reader never crashes on it)."""
+    return _stored_report(text)
 
 
 def _stored_report(text: Any) -> ReplicationReport | None:

@@ -363,12 +363,13 @@ def cmd_failover(args: argparse.Namespace) -> int:
     from agent.shared.fsutil import atomic_write
     from server.process.failover import materialise
     from server.process.interrupts import interruptible
+    from server.progress import progress_for
 
     _, store, machine = _open(args)
     try:
         point = store.resolve_point(machine.host_id, args.point)
-        with interruptible("failover"):
-            images = materialise(store, point, Path(args.out))
+        with interruptible("failover"), progress_for(args.json) as progress:
+            images = materialise(store, point, Path(args.out), progress)
     finally:
         store.close()
     doc = {**_point_json(point), "images": [str(i) for i in images]}
@@ -386,15 +387,22 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
     from server.process.failover import run_test_failover
     from server.process.interrupts import interruptible
     from server.process.service import store_dir
+    from server.progress import progress_for
 
     data, store, machine = _open(args)
+    point: Point | None = None
     try:
         point = store.resolve_point(machine.host_id, args.point)
         scratch = Path(args.scratch) if args.scratch else store_dir(data) / "scratch"
-        with interruptible("test-failover"):
-            report = run_test_failover(store, point, scratch, keep=args.keep)
+        with interruptible("test-failover"), progress_for(args.json) as progress:
+            report = run_test_failover(store, point, scratch, keep=args.keep, progress=progress)
+    except MobilityError as e:
+        if point is not None:  # it ran and was stopped: its result is recorded like any other
+            _record_test_failover(args, data, machine, point, None, e)
+        raise
     finally:
         store.close()
+    _record_test_failover(args, data, machine, point, report, None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -417,19 +425,63 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _record_test_failover(
+    args: argparse.Namespace,
+    data: DataDir,
+    machine: Machine,
+    point: Point,
+    report: dict[str, Any] | None,
+    error: MobilityError | None,
+) -> None:
+    """A test failover's result as a job of the machine (kind ``test-failover``): the dashboard's list of them, and
+    `mobility-server jobs`, show every one, whether started there or here."""
+    lines = [f"point {point.point_id} ({point.consistency}, {_stamp(point.created)})"]
+    error_id = error.id if error else None
+    remediation = error.fix if error else None
+    if report is not None:
+        if report.get("error"):
+            error_id, remediation = str(report["error"]), PointCorrupt.remediation
+            lines.append(str(report.get("message", "")))
+        elif not report["ok"]:
+            error_id, remediation = TestFailoverFailed.code, TestFailoverFailed.remediation
+        for d in report["disks"]:
+            checks = "; ".join(f"{fs['fstype']}: fsck {fs['fsck']}, mount {fs['mount']}" for fs in d["filesystems"])
+            lines.append(f"{d['disk']}: root hash {d['root_hash']}{'; ' + checks if checks else ''}")
+        lines += [f"not released: {what}" for what in report.get("left_behind", [])]
+    elif error is not None:
+        lines.append(error.message)
+    storage = _storage(args, data)
+    try:
+        storage.record_job(
+            job_id=None,
+            host_id=machine.host_id,
+            hostname=machine.hostname,
+            kind="test-failover",
+            state="succeeded" if report is not None and report["ok"] else "failed",
+            error_id=error_id,
+            remediation=remediation,
+            detail=printable(" · ".join(lines), 4000),
+            now=time.time(),
+        )
+    finally:
+        storage.close()
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     data = _data(args)  # refused before the heavier imports
     from server.errors import PointNotFound
     from server.process.failover import verify_point
     from server.process.service import store_dir
     from server.process.store import ChunkStore
+    from server.progress import progress_for
 
     store = ChunkStore(store_dir(data))
     try:
         point = store.find_point(args.point)
         if point is None or not point.complete:
             raise PointNotFound(f"no complete point {args.point!r}")
-        report = verify_point(store, point)
+        with progress_for(args.json) as progress:
+            report = verify_point(store, point, progress)
     finally:
         store.close()
     if args.json:

@@ -27,6 +27,7 @@ from server.process.cleanup import release, remove_area
 from server.process.commands import run_tool
 from server.process.interrupts import signals_held
 from server.process.store import ChunkStore, Point, PointDisk
+from server.progress import Progress, Quiet
 
 _WINDOW = 64  # chunks read ahead by the pool
 
@@ -77,22 +78,29 @@ def _check_root(disk: PointDisk, manifest: bytes) -> None:
         raise PointCorrupt(f"{disk.disk}: the manifest's root hash is not the point's")
 
 
-def verify_point(store: ChunkStore, point: Point) -> dict[str, Any]:
+def verify_point(store: ChunkStore, point: Point, progress: Progress | None = None) -> dict[str, Any]:
     """Recompute each disk's root hash from the store: every chunk read and hashed (PointCorrupt on the first
     that does not match, naming the disk and chunk)."""
+    progress = progress or Quiet()
     disks = []
     for disk in point.disks:
         manifest = store.manifest(disk)
         _check_root(disk, manifest)
-        stored = sum(1 for _, data in _chunks(store, disk, manifest) if data is not None)
+        progress.task(f"verifying {disk.disk}", disk.size)
+        stored = 0
+        for i, data in _chunks(store, disk, manifest):
+            stored += data is not None
+            progress.advance(disk.geometry.length(i))
         disks.append({"disk": disk.disk, "root": disk.root, "chunks": disk.geometry.count, "stored_chunks": stored})
     return {"point_id": point.point_id, "ok": True, "disks": disks}
 
 
-def materialise(store: ChunkStore, point: Point, out: Path) -> list[Path]:
+def materialise(store: ChunkStore, point: Point, out: Path, progress: Progress | None = None) -> list[Path]:
     """Write the point's disk images into ``out`` (new or empty): sparse where the disk was zero. Each is written
     under a hidden temporary name and fsynced; only when every one is whole and verified do they get their names, so
-    an image that looks usable is one. On any error (a corrupt chunk, a full disk, a signal) nothing is left."""
+    an image that looks usable is one. On any error (a corrupt chunk, a full disk, a signal) nothing is left.
+    ``progress`` hears each disk and the bytes of it written (a terminal's bar: server/progress.py)."""
+    progress = progress or Quiet()
     out.mkdir(parents=True, exist_ok=True)
     with _writing_into(out):
         names = image_names([d.disk for d in point.disks])
@@ -107,9 +115,11 @@ def materialise(store: ChunkStore, point: Point, out: Path) -> list[Path]:
                 written.append((partial, final))
                 try:
                     os.ftruncate(fd, disk.size)
+                    progress.task(f"{disk.disk} -> {final.name}", disk.size)
                     for i, data in _chunks(store, disk, manifest):
                         if data is not None:
                             os.pwrite(fd, data, disk.geometry.offset(i))
+                        progress.advance(disk.geometry.length(i))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -188,6 +198,7 @@ def run_test_failover(
     *,
     keep: bool = False,
     inspect: Callable[[str, Path], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Materialise the point in ``scratch``, then check each filesystem: fsck -n, read-only mount. ``inspect`` is
     called with (disk, mount point) while each filesystem is mounted. However it ends (an error, a signal raised as
@@ -198,7 +209,7 @@ def run_test_failover(
     left: list[str] = []
     try:
         try:
-            images = materialise(store, point, area / "images")
+            images = materialise(store, point, area / "images", progress)
         except PointCorrupt as e:
             return {"point_id": point.point_id, "ok": False, "error": e.id, "message": e.message, "disks": []}
         for disk, image in zip(point.disks, images, strict=True):

@@ -679,6 +679,20 @@ class ChunkStore:
             raise PointNotFound(f"no complete point {point_id!r} for machine {host_id}")
         return point
 
+    def recent_points(self, host_id: str, limit: int) -> list[Point]:
+        """A machine's newest ``limit`` points, newest first, complete or not (the dashboard's page of a machine)."""
+        rows = self.reader_db.execute(
+            "SELECT point_id FROM points WHERE host_id = ? ORDER BY created DESC, point_id DESC LIMIT ?",
+            (host_id, limit),
+        ).fetchall()
+        return [p for p in (self.point(host_id, r[0]) for r in rows) if p is not None]
+
+    def newest_points(self) -> dict[str, float]:
+        """When each machine's newest point was made (one pass over the points_by_host index: the dashboard's
+        snapshot and /metrics read this, never a query per machine)."""
+        rows = self.reader_db.execute("SELECT host_id, MAX(created) FROM points GROUP BY host_id")
+        return {str(h): float(t) for h, t in rows}
+
     def manifest(self, disk: PointDisk) -> bytes:
         """The point's chunk hashes for one disk, checked against the manifest's own name."""
         path = self.manifests_dir / f"{disk.manifest}.zst"
@@ -758,6 +772,19 @@ class ChunkStore:
         """Where a chunk's stored bytes are: (pack file, offset, length). For tests and repair tools."""
         row = self.reader_db.execute("SELECT pack, offset, stored FROM chunks WHERE hash = ?", (digest,)).fetchone()
         return (self._pack_path(row[0]), row[1], row[2]) if row else None
+
+    def footprint(self) -> tuple[int, int, int]:
+        """(bytes the store takes: its packs and index, bytes free for it, the size of its filesystem), from the
+        files' sizes: cheap at any size, unlike ``usage``, which sums every chunk."""
+        used = 0
+        for entry in os.scandir(self.packs_dir):
+            if entry.name.endswith(".pack") and entry.is_file(follow_symlinks=False):
+                used += entry.stat(follow_symlinks=False).st_size
+        for name in ("index.db", "index.db-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                used += (self.root / name).stat().st_size
+        st = os.statvfs(self.root)
+        return used, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def usage(self) -> Usage:
         chunks, stored = self.reader_db.execute("SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM chunks").fetchone()

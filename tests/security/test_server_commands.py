@@ -49,8 +49,11 @@ PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
             "failover",
             "test-failover",
             "verify",
+            "operator",
+            "audit",
         )
     },
+    ("operator", "--cert-out"): ["test_server_commands.py::test_operator_certificates_go_only_into_a_directory"],
     ("push", "--key"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("push", "--password-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("push", "--hosts-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
@@ -165,6 +168,29 @@ def test_repo_add_of_files_that_are_not_bundles(data: Path, tmp_path: Path) -> N
     assert not [p for p in (data / "repository").iterdir() if p.name.startswith(".")]  # no copy left behind
 
 
+def test_operator_certificates_go_only_into_a_directory(data: Path, tmp_path: Path) -> None:
+    """--cert-out: a FIFO, /dev/zero, a file or a missing path is refused before anything is made; a directory
+    holding a file (or a link) of a name about to be written is refused without touching it."""
+    bad = hostile_files(tmp_path / "hostile")
+    for name, path in bad.items():
+        if name == "dir":
+            continue
+        r = cli(data, "operator", "add", "eve", "--cert-out", str(path))
+        assert (r.returncode, r.stderr.split(":")[0]) == (2, "error USAGE"), (name, r.stderr)
+        assert "Traceback" not in r.stderr
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "eve.p12").symlink_to(tmp_path / "elsewhere")
+    r = cli(data, "operator", "add", "eve", "--cert-out", str(planted))
+    assert (r.returncode, r.stderr.split(":")[0]) == (2, "error USAGE"), r.stderr
+    assert not (tmp_path / "elsewhere").exists() and sorted(p.name for p in planted.iterdir()) == ["eve.p12"]
+    assert "eve" not in server_cli(data, "operator", "list", check=True).stdout
+    r = cli(data, "operator", "add", "eve", "--cert-out", str(bad["dir"]))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in bad["dir"].iterdir()) == ["eve.crt", "eve.key", "eve.p12"]
+    server_cli(data, "operator", "remove", "eve", check=True)
+
+
 def test_data_directories_that_are_not_one(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -189,6 +215,8 @@ def test_data_directories_that_are_not_one(tmp_path: Path) -> None:
         ("failover", "--machine", "m", "--point", "latest", "--out", str(tmp_path / "out")),
         ("test-failover", "--machine", "m", "--point", "latest"),
         ("verify", "--point", "p"),
+        ("operator", "list"),
+        ("audit",),
     ):
         for where in (tmp_path / "missing", afile, Path("/dev/null")):
             r = server_cli(where, *command)
@@ -343,6 +371,10 @@ NUMBER_OPTIONS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], st
         "POLICY-INVALID",
     ),
     ("policy", "--retention"): (("policy", "set", "p"), ("99999999999999999999", "10001", "0"), "POLICY-INVALID"),
+    ("serve", "--ui-listen"): (("serve",), ("127.0.0.1:99999999999999999999", "127.0.0.1:65536", "[::1]:²"), "USAGE"),
+    ("serve", "--ui-refresh"): (("serve",), ("nan", "inf", "0", "-1", "3601", "1e400"), "USAGE"),
+    ("serve", "--ui-session"): (("serve",), ("99999999999999999999h", "0s", "3651d", "1e9s"), "BAD-DURATION"),
+    ("audit", "--limit"): (("audit",), ("99999999999999999999", "0", "1001", "-1", TOO_MANY_DIGITS), "USAGE"),
 }
 _NUMBER_METAVARS = {"N", "SECONDS", "SIZE", "DURATION", "N%|N", "VERSION", "HOST:PORT", "HOST[:PORT]"}
 

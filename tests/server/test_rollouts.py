@@ -237,3 +237,22 @@ def test_pin_moves_a_machine_and_keeps_it_out_of_rollouts(storage: Storage) -> N
         rollouts.pin([host(3)], "0.3.0", "x", PUBLISHED, T0)
     with pytest.raises(UnknownMachine):
         rollouts.unpin([host(77)])
+
+
+def test_the_dashboard_reads_a_rollout_a_page_at_a_time_and_counts_it_in_the_database(storage: Storage) -> None:
+    first = start(storage, wave="2")
+    Rollouts(storage).halt("enough", T0 + 1)
+    second = start(storage, wave="1")
+    rollouts = Rollouts(storage)
+    assert [r.rollout_id for r in rollouts.newest(10)] == [second, first]
+    assert [r.rollout_id for r in rollouts.newest(1)] == [second]
+    counts = rollouts.counts([first, second])
+    assert counts[second] == {OFFERED: 1, WAITING: 5}
+    assert sum(counts[first].values()) == 6 and counts[first].get(WITHDRAWN) == 2
+    found, total, members, by_state = rollouts.page(second, offset=1, limit=2)
+    assert found is not None and found.rollout_id == second and total == 6 and by_state == counts[second]
+    assert [m.wave for m in members] == [2, 3]  # wave order, a page of it
+    _, total, members, _ = rollouts.page(second, states=(OFFERED,))
+    assert total == 1 and [m.state for m in members] == [OFFERED]
+    assert rollouts.page(str(uuid.uuid4())) == (None, 0, [], {})
+    assert rollouts.counts([]) == {}

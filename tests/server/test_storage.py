@@ -426,3 +426,35 @@ def test_every_migration_is_taken_back_and_made_again(database: str) -> None:
             assert tables(conn) == head
     finally:
         s.close()
+
+
+def test_the_fleet_as_the_dashboard_reads_it(storage: Storage) -> None:
+    """One narrow read of every machine: the health status from the head of its report (a report stored in another
+    shape is read whole; one that is not a report is unknown), the protection with its report as stored."""
+    ids = [f"{n}{n}{n}{n}{n}{n}{n}{n}-1111-4111-8111-111111111111" for n in range(1, 6)]
+    for n, h in enumerate(ids):
+        storage.enrol_machine(new_machine(h, hostname=f"m{n}", facts=MachineFacts(machine_id=f"{n:032x}")), 0.0)
+    storage.record_heartbeats([Beat(ids[0], 10.0, "0.1.0", json.dumps({"status": "critical", "checks": []}))])
+    storage.record_heartbeats([Beat(ids[1], 10.0, "0.1.0", '{"checks": [], "status": "warning"}')])  # another order
+    storage.record_heartbeats([Beat(ids[2], 10.0, "0.1.0", "not a report")])
+    storage.protect(ids[3], ["/dev/sdb"], False, "default", True, 5.0)
+    storage.record_replication([(ids[3], 11.0, '{"disks": []}')])
+    rows = {r.host_id: r for r in storage.fleet()}
+    assert [rows[h].health for h in ids] == ["critical", "warning", "unknown", None, None]
+    assert rows[ids[3]].policy is not None and rows[ids[3]].policy.name == "default" and rows[ids[3]].paused
+    assert (rows[ids[3]].reported_at, rows[ids[3]].report_json) == (11.0, '{"disks": []}')
+    assert rows[ids[0]].policy is None and rows[ids[0]].online(20.0) and not rows[ids[0]].online(200.0)
+
+
+def test_a_machines_jobs_and_the_newest_of_a_kind_or_state(storage: Storage) -> None:
+    host = "11111111-1111-4111-8111-111111111111"
+    for n, (kind, state) in enumerate(
+        [("install", "succeeded"), ("upgrade", "failed"), ("test-failover", "succeeded"), ("push", "failed")]
+    ):
+        storage.record_job(job_id=f"j{n}", host_id=host if n < 3 else None, hostname="web1", kind=kind, state=state,
+                           error_id=None, remediation=None, detail=None, now=float(n))  # fmt: skip
+    assert [j.job_id for j in storage.jobs_for(host)] == ["j2", "j1", "j0"]
+    assert [j.job_id for j in storage.jobs_for(host, limit=1)] == ["j2"]
+    assert [j.job_id for j in storage.recent_jobs(kind="test-failover")] == ["j2"]
+    assert [j.job_id for j in storage.recent_jobs(states=("failed", "succeeded with warnings"))] == ["j3", "j1"]
+    assert [j.job_id for j in storage.recent_jobs(states=("failed",), limit=1)] == ["j3"]
