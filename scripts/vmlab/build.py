@@ -123,8 +123,8 @@ def _make_disk(
     recipe: Recipe, work: Path, undo: Undo, progress: Callable[[str], None], timings: dict[str, float]
 ) -> dict[str, Any]:
     disk = work / "disk.raw"
-    with disk.open("xb") as f:
-        f.truncate(recipe.disk_mib * MIB)
+    with disk.open("xb") as raw:
+        raw.truncate(recipe.disk_mib * MIB)
     boot_size = recipe.boot_mib * MIB
     table = (
         "label: gpt\n"

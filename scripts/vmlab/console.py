@@ -86,10 +86,10 @@ class Console:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self._sock is not None
-        while True:
+        sock = self._sock
+        while sock is not None:
             try:
-                chunk = self._sock.recv(65536)
+                chunk = sock.recv(65536)
             except OSError:
                 chunk = b""
             with self._changed:
@@ -175,7 +175,7 @@ class Console:
                 self._setup_shell(60.0)
             nonce = secrets.token_hex(8)
             encoded = base64.b64encode(command.encode()).decode()
-            script = f"/tmp/.vmlab-{nonce}"
+            script = f"/run/vmlab-{nonce}"  # root's tmpfs in the guest
             lines = [f"rm -f {script}"]
             for i in range(0, len(encoded), _LINE_MAX):
                 lines.append(f"printf %s {encoded[i : i + _LINE_MAX]} >> {script}")

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import re
 import secrets
 import signal
@@ -31,7 +32,7 @@ from scripts.vmlab.console import CommandResult, Console
 from scripts.vmlab.host import VmLabError, run, take_lock
 from scripts.vmlab.recipe import BOOT_MARKER, GUEST_ADDRESS_OF_HOST, HOSTNAME_FW_CFG
 
-_MARKER = re.compile(BOOT_MARKER.encode() + rb" uptime=([0-9.]+) boot_id=([0-9a-f-]+)")
+_MARKER = re.compile(BOOT_MARKER.encode() + rb" uptime=([0-9.]+) boot_id=([0-9a-f-]+)\r?\n")
 MAX_VMS = 2  # 2 cores: each TCG VM keeps one busy while it boots
 SLOTS = Path("/run/lock/mobility-vmlab")
 QEMU = "qemu-system-x86_64"
@@ -189,12 +190,18 @@ class VM:
 
     # Life ------------------------------------------------------------------------------------------------
 
+    def give_slot(self, slot: int) -> None:
+        """A machine slot taken for this VM (scripts/vmlab/lab.py: several VMs take theirs at once)."""
+        if self._slot is not None:
+            os.close(self._slot)
+        self._slot = slot
+
     def start(self, slot_timeout: float = 1800.0) -> None:
         """Take a slot (waiting for one), make the overlay, start QEMU and connect the console."""
         if self.running:
             raise VmLabError(f"{self.name} is running already")
         if self._slot is None:
-            self._slot = acquire_slot(slot_timeout)
+            (self._slot,) = acquire_slots(1, slot_timeout)
         if self._image_lock is None:
             self._image_lock = take_lock(self.base.image.use_lock, shared=True)
         if self.disk is None:
@@ -212,7 +219,8 @@ class VM:
                 raise VmLabError(f"{self.name}: QEMU did not start: {self.log()[-2000:]}") from None
 
     def _argv(self) -> list[str]:
-        assert self.disk is not None
+        if self.disk is None:
+            raise VmLabError(f"{self.name}: no disk")
         s = self.spec
         self.accel = s.accel or accelerator()[0]
         w = self.workdir
@@ -292,7 +300,8 @@ class VM:
 
     def wait_booted(self, timeout: float = 600.0) -> Boot:
         """Wait for this boot's marker on the console (printed once multi-user.target is reached)."""
-        assert self.started_at is not None
+        if self.started_at is None:
+            raise VmLabError(f"{self.name} was never started")
         seen = self.console.expect(_MARKER, timeout, self._marker_end)
         uptime, boot_id = float(seen.groups[0]), seen.groups[1].decode()
         self._marker_end = seen.end
@@ -331,12 +340,12 @@ class VM:
     def ssh(self, command: str, timeout: float = 120.0, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
         """``command`` over SSH (separate stdout and stderr; binary-safe stdin); the result whatever its code."""
         try:
-            r = subprocess.run(
-                self.ssh_argv(command), input=stdin, capture_output=True, timeout=timeout, check=False
-            )
+            r = subprocess.run(self.ssh_argv(command), input=stdin, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as e:
             raise VmLabError(f"{self.name}: ssh {command[:200]!r} ran past {timeout:g} s") from e
-        return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"))
+        return subprocess.CompletedProcess(
+            r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        )
 
     def put(self, local: Path, remote: str, mode: int = 0o644) -> None:
         """Copy a host file into the guest over SSH (atomically: a temporary name, then mv)."""
@@ -374,9 +383,9 @@ class VM:
             return self._reap()
         with contextlib.suppress(OSError, VmLabError, ValueError):
             self.qmp("system_powerdown")
-        assert self.proc is not None
         try:
-            self.proc.wait(timeout=timeout)
+            if self.proc is not None:
+                self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise VmLabError(f"{self.name} did not power off within {timeout:g} s (killed)") from None
@@ -414,16 +423,25 @@ class VM:
             self.disk = None
 
 
-
-def acquire_slot(timeout: float) -> int:
-    """One of the machine's MAX_VMS slots (a lock file held until its descriptor is closed)."""
+def acquire_slots(count: int, timeout: float) -> list[int]:
+    """``count`` of the machine's MAX_VMS slots, all or none at a time (a random pause between tries keeps two
+    waiting labs from taking turns forever)."""
+    if count > MAX_VMS:
+        raise VmLabError(f"{count} VMs at once: this machine runs at most {MAX_VMS}")
     deadline = time.monotonic() + timeout
     while True:
+        held: list[int] = []
         for n in range(MAX_VMS):
+            if len(held) == count:
+                break
             fd = take_lock(SLOTS / f"slot-{n}.lock", timeout=0)
             if fd is not None:
-                return fd
+                held.append(fd)
+        if len(held) == count:
+            return held
+        for fd in held:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if time.monotonic() >= deadline:
-            raise VmLabError(f"no VM slot free within {timeout:g} s ({MAX_VMS} VMs run on this machine already)")
-        time.sleep(1.0)
-
+            raise VmLabError(f"no {count} VM slots free within {timeout:g} s ({MAX_VMS} VMs at most on this machine)")
+        time.sleep(random.uniform(0.5, 2.0))  # noqa: S311 - not for secrets
