@@ -59,14 +59,15 @@ class Image:
     @property
     def use_lock(self) -> Path:
         """Held shared by every VM that boots from this image (`prune` removes only images nobody holds)."""
-        return CACHE / f"{self.directory.name}.use.lock"
+        return self.directory.parent / f"{self.directory.name}.use.lock"
 
 
-def image(recipe: Recipe, progress: Callable[[str], None] = log.info) -> Image:
-    """The cached image of ``recipe``, built first if there is none (the others that ask meanwhile wait)."""
-    final = CACHE / recipe.cache_name
+def image(recipe: Recipe, progress: Callable[[str], None] = log.info, cache: Path = CACHE) -> Image:
+    """The cached image of ``recipe``, built first if there is none (the others that ask meanwhile wait). ``cache``:
+    another cache directory (its own package cache too: a benchmark's cold build)."""
+    final = cache / recipe.cache_name
     if not (final / ".complete").exists():
-        with locked(CACHE / f"{recipe.cache_name}.build.lock"):
+        with locked(cache / f"{recipe.cache_name}.build.lock"):
             if not (final / ".complete").exists():
                 _build(recipe, final, progress)
     return Image(recipe, final)
@@ -92,7 +93,7 @@ def prune(keep: set[str]) -> list[str]:
 
 
 def _build(recipe: Recipe, final: Path, progress: Callable[[str], None]) -> None:
-    work = CACHE / f"{recipe.cache_name}.build"
+    work = final.parent / f"{recipe.cache_name}.build"
     for leftover in sweep(work):
         progress(f"swept a killed build's {leftover}")
     shutil.rmtree(work, ignore_errors=True)
@@ -157,7 +158,7 @@ def _make_disk(
     undo.mount([root_loop], mnt)
     undo.mount([boot_loop], mnt / "boot")
 
-    debs = CACHE / f"debs-{recipe.suite}"
+    debs = work.parent / f"debs-{recipe.suite}"
     debs.mkdir(parents=True, exist_ok=True)
     progress(f"{recipe.name}: debootstrap {recipe.suite}")
     t = time.monotonic()

@@ -182,6 +182,7 @@ class VM:
         self.ssh_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at: float | None = None
+        self.started_wall = 0.0
         self.accel = ""
         self._slot: int | None = None
         self._image_lock: int | None = None
@@ -288,6 +289,7 @@ class VM:
                 start_new_session=True,
             )
         self.started_at = time.monotonic()
+        self.started_wall = time.time()  # power-on, as the server's clock would say it
 
     def log(self) -> str:
         with contextlib.suppress(OSError):
