@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scripts.vmlab import RECIPES, VM, Disk, Lab, accelerator, image  # noqa: E402
+from scripts.vmlab.host import exit_on_sigterm  # noqa: E402
 from scripts.vmlab.mobility import LabServer, make_template  # noqa: E402
 from server.database import database_for  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--build", action="store_true", help="also time the image build, cold and warm")
     parser.add_argument("--dist", help="a packaging/build output to use (default: build one for --os)")
     args = parser.parse_args()
+    exit_on_sigterm()
     if os.geteuid() != 0:
         raise SystemExit("bench/recovery.py needs root (loop devices, QEMU)")
     recipe = RECIPES[args.os]

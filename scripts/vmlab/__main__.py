@@ -27,7 +27,7 @@ import tty
 from pathlib import Path
 
 from scripts.vmlab.build import CACHE, cached, image, prune
-from scripts.vmlab.host import VmLabError, locked, sweep
+from scripts.vmlab.host import VmLabError, exit_on_sigterm, locked, sweep
 from scripts.vmlab.lab import Lab
 from scripts.vmlab.machine import Forward, Spec, accelerator
 from scripts.vmlab.recipe import GUEST_ADDRESS_OF_HOST, RECIPES, Recipe
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         sub.add_parser(name, help=text).set_defaults(func=func)
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     if os.geteuid() != 0:
         print("vmlab: needs root (loop devices, mounts, QEMU)", file=sys.stderr)
         return 1

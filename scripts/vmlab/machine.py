@@ -188,6 +188,7 @@ class VM:
         self._image_lock: int | None = None
         self.boots: list[Boot] = []
         self._marker_end = 0  # console position after the last boot marker seen
+        self._segments = [segment.join() for segment in self.spec.segments]  # its side of each, for every boot
 
     # Life ------------------------------------------------------------------------------------------------
 
@@ -212,6 +213,7 @@ class VM:
             self._spawn()
             try:
                 self.console = Console(self.workdir / "console.sock", self.name)
+                self._marker_end = 0  # positions count from this connection's start
                 self.console.connect(timeout=30)
                 return
             except VmLabError:
@@ -261,8 +263,7 @@ class VM:
             options = ["user", "id=net0", "restrict=on", f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
             options += [f.option() for f in s.forwards]
             argv += ["-netdev", ",".join(options), "-device", f"virtio-net-pci,netdev=net0,mac={next(macs)}"]
-        for n, segment in enumerate(s.segments):
-            local, remote = segment.join()
+        for n, (local, remote) in enumerate(self._segments):
             argv += [
                 "-netdev",
                 f"dgram,id=seg{n},local.type=inet,local.host=127.0.0.1,local.port={local},"
