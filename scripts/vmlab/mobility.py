@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scripts.localserver import init_local_server, process_port, start_local_server
 from scripts.vmlab.build import Image
@@ -24,6 +24,9 @@ from scripts.vmlab.host import VmLabError
 from scripts.vmlab.lab import Lab
 from scripts.vmlab.machine import VM, Disk, Forward, Hardware, Spec
 from scripts.vmlab.recipe import GUEST_ADDRESS_OF_HOST
+
+if TYPE_CHECKING:
+    from server.storage import Machine, Storage
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GUEST_API_PORT = 9443  # the server as guests reach it: GUEST_ADDRESS_OF_HOST:9443 (and its process server at :9444)
@@ -41,6 +44,7 @@ class LabServer:
     proc: subprocess.Popen[str]
     port: int
     fingerprint: str
+    _storage: Storage | None = None
 
     @staticmethod
     def start(
@@ -99,7 +103,19 @@ class LabServer:
         return self.cli("token", "create", "--ttl", ttl, *(["--uses", str(uses)] if uses else [])).stdout.strip()
 
     def machines(self) -> list[dict[str, Any]]:
+        """`mobility-server machines --json`: what an operator sees."""
         return list(json.loads(self.cli("machines", "--json").stdout))
+
+    def poll(self) -> list[Machine]:
+        """The machines as the database has them now, read in this process: for waiting loops, which would otherwise
+        start a command (a third of a CPU second) every few seconds beside VMs that need the CPU."""
+        if self._storage is None:
+            from server.database import database_for
+            from server.datadir import DataDir
+            from server.storage import Storage
+
+            self._storage = Storage.open(database_for(DataDir(self.data), None), pool_size=0)
+        return self._storage.machines()
 
     def machine(self, host_id: str) -> dict[str, Any] | None:
         return next((m for m in self.machines() if m["host_id"] == host_id), None)
@@ -108,6 +124,9 @@ class LabServer:
         return list(json.loads(self.cli("jobs", "--json").stdout))
 
     def stop(self) -> int:
+        if self._storage is not None:
+            self._storage.close()
+            self._storage = None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -159,16 +178,16 @@ def wait_registered(
     """The machine named ``hostname`` that is new to the server since ``host_ids_before``, once it is online and
     healthy (its daemon's first heartbeats arrived)."""
     deadline = time.monotonic() + timeout
-    pause = 1.0
     while True:
-        for m in server.machines():
-            new = m["host_id"] not in host_ids_before and m["hostname"] == hostname
-            if new and m["state"] == "online" and m["health"] == "healthy":
-                return m
+        for m in server.poll():
+            new = m.host_id not in host_ids_before and m.hostname == hostname
+            if new and m.online(time.time()) and m.health is not None and m.health.status == "healthy":
+                found = server.machine(m.host_id)
+                if found is not None:
+                    return found
         if time.monotonic() >= deadline:
             raise VmLabError(f"{hostname} did not register healthy within {timeout:g} s: {server.machines()}")
-        time.sleep(pause)
-        pause = min(pause * 1.5, 3.0)
+        time.sleep(1.0)
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,12 @@ def healthy_and_heartbeating(server: LabServer, host_id: str) -> dict[str, Any]:
     first = server.machine(host_id)
     assert first is not None and first["health"] == "healthy", first
     deadline = time.monotonic() + 120
-    while True:
-        now = server.machine(host_id)
-        assert now is not None
-        if now["last_seen"] > first["last_seen"] and now["health"] == "healthy" and now["state"] == "online":
-            return now
-        assert time.monotonic() < deadline, f"no second heartbeat from {host_id}: {now}"
-        time.sleep(2)
+    while not any(m.host_id == host_id and (m.last_seen or 0) > first["last_seen"] for m in server.poll()):
+        assert time.monotonic() < deadline, f"no second heartbeat from {host_id}: {server.machine(host_id)}"
+        time.sleep(1)
+    now = server.machine(host_id)
+    assert now is not None and (now["state"], now["health"]) == ("online", "healthy"), now
+    return now
 
 
 def test_clones_of_a_template_become_machines_of_their_own(
