@@ -131,9 +131,9 @@ class Container:
 
     def journal(self, *units: str) -> str:
         """The messages of ``units``, interleaved in the order they were logged."""
+        journal = str(self.root / "var/log/journal")
         r = subprocess.run(
-            ["journalctl", "-D", str(self.root / "var/log/journal"), *(f"-u{u}" for u in units), "--no-pager"]
-            + ["-o", "cat"],
+            ["journalctl", "-D", journal, *(f"-u{u}" for u in units), "--no-pager", "-o", "cat"],
             capture_output=True,
             text=True,
             timeout=30,
