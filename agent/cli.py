@@ -382,8 +382,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 def cmd_template_prep(args: argparse.Namespace) -> int:
     from agent.template import template_prep
 
-    removed = template_prep(_require_root(args))
-    _emit(args, {"removed": removed}, "removed " + (", ".join(removed) if removed else "nothing: no identity found"))
+    done = template_prep(_require_root(args))
+    text = "removed " + (", ".join(done.removed) if done.removed else "nothing: no identity found")
+    _emit(args, {"stopped_daemon": done.stopped_daemon, "removed": done.removed}, text)
     return Exit.OK
 
 
@@ -517,7 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_upgrade)
 
-    p = sub.add_parser("template-prep", help="strip identity, certificate and logs before capturing an image")
+    p = sub.add_parser(
+        "template-prep",
+        help="stop the daemon, strip identity, state, logs and the machine-id before capturing an image",
+    )
     _common(p)
     p.set_defaults(func=cmd_template_prep)
 

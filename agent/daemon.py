@@ -32,7 +32,7 @@ from agent.faults import fault_point
 from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
 from agent.health.sample import cert_lifetime, cert_not_after, disk_sample, process_sample
-from agent.identity import load_registration
+from agent.identity import collect_facts, load_registration
 from agent.install_dir import parse_install_dir
 from agent.installed import load_install_record
 from agent.paths import Paths
@@ -112,6 +112,7 @@ class Daemon:
         self.now = now
         reg = load_registration(paths)
         self.host_id = reg.host_id if reg else ""
+        self.copy_of: str | None = None  # the host this machine is a copy of, while its registration is not its own
         self.heartbeat_seconds = reg.heartbeat_interval if reg else config.heartbeat_seconds
         self.status = DaemonStatus(
             pid=os.getpid(), started=now, version=__version__, heartbeat_seconds=self.heartbeat_seconds
@@ -259,7 +260,35 @@ class Daemon:
         gc.collect()
         self._schedule()
 
+    def registration_is_ours(self) -> bool:
+        """Whether the registration on disk is this machine's: the same machine-id and DMI UUID (a replaced NIC is
+        still the same machine, as the server judges it). A copy of a registered machine (a clone of a template that
+        was not prepped, a disk restored on other hardware) holds that machine's identity and key, and must never
+        speak as it: until the bootstrapper has registered the copy as itself (then it restarts this daemon), the
+        daemon sends nothing, replicates nothing and starts no upgrade."""
+        reg = load_registration(self.paths)
+        if reg is None or reg.facts.same_machine(collect_facts(self.paths)):
+            if self.copy_of is not None and reg is not None:  # registered as itself meanwhile
+                log.info("registered as %s: speaking to the server again", reg.host_id)
+                self.host_id = reg.host_id
+                self.status.last_error = None
+                self.link.close()  # the next call uses this machine's own certificate
+            self.copy_of = None
+            return True
+        if self.copy_of != reg.host_id:
+            log.warning(
+                "this machine is a copy of %s (its machine-id or DMI UUID differ from that registration's): not "
+                "speaking as that machine until the bootstrapper registers this one",
+                reg.host_id,
+            )
+            self.copy_of = reg.host_id
+            self.status.last_error = f"a copy of {reg.host_id}: waiting for the bootstrapper to register this machine"
+            self.status.save(self.paths)
+        return False
+
     def heartbeat(self) -> None:
+        if not self.registration_is_ours():
+            return
         if self.report and self._under_health_gate():
             self.check_health()  # a fresh report at every heartbeat for the upgrade watcher that judges this version
         report = self.report or self.check_health()
@@ -392,6 +421,8 @@ class Daemon:
     def start_upgrade_if_due(self, target: Target | None) -> None:
         """Start the upgrade watcher when there is an upgrade to make or one to finish, and none runs. The watcher
         is the program of the version the upgrade started from (this one, unless this is its new version)."""
+        if self.copy_of is not None:
+            return  # what the server named was for the machine this one is a copy of
         record = load_record(self.paths)
         wanted = target is not None and target.job_id is not None and target.version != __version__
         if not unfinished(record) and not (wanted and target is not None and not declined(record, target)):
@@ -422,6 +453,8 @@ class Daemon:
         os_tag = installed.os_tag if installed is not None else None
         if os_tag is None or (self._update_thread is not None and self._update_thread.is_alive()):
             return
+        if self.copy_of is not None:
+            return  # its client certificate is another machine's
         self._update_thread = threading.Thread(
             target=self._look_for_update, args=(os_tag,), name="update-check", daemon=True
         )

@@ -157,11 +157,19 @@ def start_updater(paths: Paths, init: Init, version: str, argv: list[str]) -> st
     return f"started the watcher (pid {child.pid})"
 
 
-def stop_daemon(paths: Paths) -> None:
+def stop_daemon(paths: Paths, *, disable: bool = True) -> bool:
+    """Stop the daemon on the running machine (and, with ``disable``, take it out of the boot); under --root there is
+    nothing running to stop. Whether an init system was asked to stop it."""
     if paths.root != paths.root.parent:
-        return
+        return False
     if live_systemd(paths):
-        run(["systemctl", "disable", "--now", "mobility.service"], timeout=60, check=False)
-        run(["systemctl", "daemon-reload"], check=False)
-    elif Path("/etc/init.d/mobility").exists():
+        if disable:
+            run(["systemctl", "disable", "--now", "mobility.service"], timeout=60, check=False)
+            run(["systemctl", "daemon-reload"], check=False)
+        else:
+            run(["systemctl", "stop", "mobility.service"], timeout=60, check=False)
+        return True
+    if Path("/etc/init.d/mobility").exists():
         run(["/etc/init.d/mobility", "stop"], timeout=60, check=False)
+        return True
+    return False

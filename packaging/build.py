@@ -4,6 +4,7 @@ publish them.
 Outputs in --out (default dist/):
     mobility-bootstrap                                   the bootstrapper for templates: a static launcher with the
                                                          one-dir frozen bootstrapper appended (packaging/launcher/)
+    mobility-bootstrap.service, mobility-bootstrap.timer its units, baked into a template beside it
     Mobility_UA_<ver>_<TAG>-64_GA_<DDMonYYYY>_release.tar.gz   one per OS tag
     build-info.json                                      the bundled C runtime (glibc, loader, each library's
                                                          sha256 and package), kernel floor, sizes, timings
@@ -51,6 +52,7 @@ from agent.shared.fsutil import sha256_file  # noqa: E402
 
 BUILD = REPO / "build" / "packaging"
 SOURCES = ("agent", "packaging", "systemd", "pyproject.toml")
+TEMPLATE_UNITS = ("mobility-bootstrap.service", "mobility-bootstrap.timer")
 
 # Modules the frozen programs never need: the server side, and what only the daemon (next issues) uses. The
 # bootstrapper also leaves out what only PyInstaller's run-time hooks would import at every start (multiprocessing,
@@ -506,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     agent, runtime = frozen.agent, frozen.runtime
     if boot is not None:
         shutil.copy2(boot[0], out / "mobility-bootstrap")
+        for unit in TEMPLATE_UNITS:  # what an operator bakes into a template beside it (docs/templates.md)
+            shutil.copy2(REPO / "systemd" / unit, out / unit)
     hashes = {p: sha256_file(p) for p in agent.rglob("*") if p.is_file() and not p.is_symlink()}
     for p in (REPO / "packaging").rglob("*"):
         if p.is_file():

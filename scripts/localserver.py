@@ -13,9 +13,13 @@ REPO = Path(__file__).resolve().parent.parent
 _READY = re.compile(r"listening on (\S+:(\d+)) fingerprint: (sha256:[0-9a-f]{64})")
 
 
-def init_local_server(data: Path, name: str = "127.0.0.1", database: str | None = None) -> str:
-    """`mobility-server init` for ``name`` (on ``database``, a PostgreSQL URL, if given: the data directory records
-    it for every later command); returns what it printed (the fingerprint line among it)."""
+def init_local_server(
+    data: Path, name: str = "127.0.0.1", database: str | None = None, also: Sequence[str] = ()
+) -> str:
+    """`mobility-server init` for ``name`` and the names in ``also`` (on ``database``, a PostgreSQL URL, if given:
+    the data directory records it for every later command); returns what it printed (the fingerprint line among
+    it)."""
+    names = [arg for n in (name, *also) for arg in ("--name", n)]
     r = subprocess.run(
         [
             sys.executable,
@@ -24,8 +28,7 @@ def init_local_server(data: Path, name: str = "127.0.0.1", database: str | None 
             "init",
             "--data",
             str(data),
-            "--name",
-            name,
+            *names,
             *(["--database", database] if database else []),
         ],
         capture_output=True,

@@ -84,6 +84,8 @@ def write_cert(paths: Paths, not_before: float, days: float) -> None:
 @pytest.fixture
 def paths(tmp_path: Path) -> Paths:
     p = Paths(tmp_path)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/machine-id").write_text("m" * 32 + "\n")  # the registration below is this machine's
     save_registration(p, Registration("host-1", MachineFacts("m" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare"))
     write_cert(p, T0, 90)
     p.config_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,42 @@ def test_six_hours_of_schedule(paths: Paths) -> None:
     assert link.renewals == 0  # a 90-day certificate is not due in six hours
     health = link.beats[-1][1]["health"]
     assert {c["id"] for c in health["checks"]} >= {"HLT-RSS", "HLT-SERVER", "HLT-CERT"}
+
+
+def test_a_copy_of_a_registered_machine_never_speaks_as_it(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
+    """A clone of a template that was not prepped boots with the template's registration, key and certificate, and
+    its daemon starts before the bootstrapper re-registers it: it must send nothing as the template (no heartbeat,
+    no update check, no upgrade), until it is registered as itself."""
+    (paths.root / "etc/machine-id").write_text("c" * 32 + "\n")  # a copy: another machine-id
+    link = FakeLink()
+    link.update = {"version": "0.2.0", "job_id": "j1", "pinned": False}
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    daemon.heartbeat()
+    run_for(daemon, link, 3 * 3600)
+    assert link.beats == [] and link.update_checks == 0
+    assert daemon.copy_of == "host-1"
+    assert DaemonStatus.load(paths).last_error == (  # type: ignore[union-attr]
+        "a copy of host-1: waiting for the bootstrapper to register this machine"
+    )
+    assert sum("this machine is a copy of host-1" in r.message for r in caplog.records) == 1
+
+    # The bootstrapper registers the copy as itself (a new host ID, this machine's facts): heartbeats resume.
+    save_registration(
+        paths, Registration("host-2", MachineFacts("c" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare")
+    )
+    run_for(daemon, link, 60, start=T0 + 3 * 3600)
+    assert link.beats and {body["host_id"] for _, body in link.beats} == {"host-2"}
+    assert daemon.copy_of is None and daemon.status.last_error is None
+
+
+def test_a_replaced_network_card_is_still_the_same_machine(paths: Paths) -> None:
+    """Only the machine-id and the DMI UUID tell a copy (as the server judges): other MACs are the same machine."""
+    (paths.root / "sys/class/net/ens3/device").mkdir(parents=True)
+    (paths.root / "sys/class/net/ens3/address").write_text("52:54:00:aa:bb:cc\n")
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 120)
+    assert len(link.beats) == 3 and daemon.status.last_error is None
 
 
 def test_server_sets_the_heartbeat_interval(paths: Paths) -> None:

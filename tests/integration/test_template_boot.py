@@ -129,9 +129,11 @@ class Container:
         for cgroup in self.cgroups:
             remove_cgroup(cgroup)
 
-    def journal(self, unit: str) -> str:
+    def journal(self, *units: str) -> str:
+        """The messages of ``units``, interleaved in the order they were logged."""
+        journal = str(self.root / "var/log/journal")
         r = subprocess.run(
-            ["journalctl", "-D", str(self.root / "var/log/journal"), "-u", unit, "--no-pager", "-o", "cat"],
+            ["journalctl", "-D", journal, *(f"-u{u}" for u in units), "--no-pager", "-o", "cat"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -282,6 +284,9 @@ def test_boot_with_the_server_down_then_the_timer_converges(
             timeout=90,
         )
         assert vm.proc.poll() is None  # boot completed and goes on
+        # ... and never waited for the bootstrapper: multi-user.target was reached while it still tried the server.
+        boot = vm.journal("multi-user.target", "mobility-bootstrap.service")
+        assert boot.index("Reached target multi-user.target") < boot.index("error SERVER-UNREACHABLE"), boot
         up = start_server(server.data, heartbeat_interval=2.0, port=port)
         try:
             (job,) = wait_for("the timer's retry to succeed", up.jobs, timeout=120)
