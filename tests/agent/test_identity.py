@@ -54,5 +54,5 @@ def test_an_enrolment_without_an_answer_keeps_its_key_for_the_retry(tmp_path: Pa
     enrolment_answered(paths)
     assert not paths.pending_enrolment.exists()
     enrolment_key(paths, facts)
-    assert "/var/lib/mobility/pending-enrolment.json" in template_prep(paths)
+    assert "/var/lib/mobility/pending-enrolment.json" in template_prep(paths).removed
     assert not paths.pending_enrolment.exists()
