@@ -308,7 +308,7 @@ def _job_id(text: str | None) -> str | None:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from agent.updater import upgrade
+    from agent.update.watcher import upgrade
 
     paths = _require_root(args)
     result = upgrade(paths)

@@ -44,7 +44,7 @@ from agent.services import init_of, start_updater, updater_argv
 from agent.shared import timefmt, wire
 from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
-from agent.update_state import (
+from agent.update.state import (
     Phase,
     Target,
     declined,

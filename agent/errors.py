@@ -237,7 +237,7 @@ class DiagnosticsWriteFailed(LocalSystemError):
     remediation = "Give -o a file in an existing, writable directory with free space (e.g. -o /root/diag.tar.gz)."
 
 
-# Self-update (agent/updater.py, docs/updates.md): the watcher's verdicts are the error IDs of a failed upgrade job.
+# Self-update (agent/update/, docs/updates.md): the watcher's verdicts are the error IDs of a failed upgrade job.
 
 
 class UpdateBusy(TemporaryError):

@@ -358,7 +358,7 @@ def test_the_target_the_server_names_is_recorded_and_handed_to_a_watcher(
     paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from agent import daemon as daemon_module
-    from agent.update_state import Target, load_target
+    from agent.update.state import Target, load_target
 
     started: list[tuple[str, list[str]]] = []
 
@@ -401,7 +401,7 @@ def test_under_a_health_gate_every_heartbeat_carries_a_fresh_report(paths: Paths
     """The watcher of an upgrade judges CRITICAL over two heartbeats: the version it judges reports at each one, not
     only every health interval (60 s by default, longer than the gate's grace at a 10 s heartbeat)."""
     from agent import __version__
-    from agent.update_state import Phase, UpgradeRecord, save_record
+    from agent.update.state import Phase, UpgradeRecord, save_record
 
     def report_times(link: FakeLink) -> list[float]:
         return [body["health"]["time"] for _, body in link.beats]

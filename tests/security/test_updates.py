@@ -17,7 +17,7 @@ from agent.errors import RemoteError
 from agent.paths import Paths
 from agent.registration import heartbeat, report_job
 from agent.shared import wire
-from agent.update_state import Phase, Target, load_record, load_target, save_target
+from agent.update.state import Phase, Target, load_record, load_target, save_target
 from tests.bundle_factory import make_bundle
 from tests.integration.serverproc import ServerProcess, error_code, raw_call, server_cli, start_server
 from tests.security.sandbox import error_id, install, make_root, mobility, unpacked_bundle

@@ -5,15 +5,15 @@ The updater is the watcher that does not live inside the new version: the daemon
 version that runs now (systemd: the unit ``mobility-upgrade@<version>.service``, beside and not inside
 ``mobility.service``; otherwise a detached process), and it keeps running that program while it
 
-1. fetches the bundle of the target version through TUF (agent/fetch.py: never an unsigned, tampered or rolled-back
-   one) and places it beside the running version (versions/<v>, verified copy);
-2. switches ``current`` to it atomically, with its units and agent.json (agent/install.py ``activate_version``);
-3. restarts the daemon into it (agent/daemonctl.py: systemd, the SysV script, or the daemon itself with SIGUSR1);
-4. watches it through the health gate (agent/gate.py) and commits it, or switches ``current`` back to the previous
+1. fetches the bundle of the target version through TUF (``fetch``: never an unsigned, tampered or rolled-back
+   one) and places it beside the running version (``beside``: versions/<v>, verified copy);
+2. switches ``current`` to it atomically, with its units and agent.json (``switch``);
+3. restarts the daemon into it (``daemonctl``: systemd, the SysV script, or the daemon itself with SIGUSR1);
+4. watches it through the health gate (``gate``) and commits it, or switches ``current`` back to the previous
    version, restarts that, and reports why;
 5. reports the upgrade job to the server at each step, and its end (the server pins a rolled-back machine).
 
-Every step is recorded in /var/lib/mobility/update.json before it is taken (agent/update_state.py), so an updater
+Every step is recorded in /var/lib/mobility/update.json before it is taken (``state``), so an updater
 that is killed, or a machine that loses power, resumes where it stopped: the daemon (of either version) starts an
 updater again when it finds an unfinished record and none running; under systemd the unit restarts a killed updater
 and is enabled for boot while an upgrade is unfinished; the SysV script starts one at boot. A temporary failure
@@ -27,32 +27,30 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent.config import load_config
-from agent.daemonctl import Supervisor, supervisor_for
 from agent.distros import BY_TAG, Init
 from agent.errors import (
     AgentNotInstalled,
     InstallBusy,
-    InstallFailed,
     UpdateBusy,
     UpdateNotHealthy,
     UpdateRolledBack,
 )
 from agent.faults import fault_point
-from agent.gate import Commit, Gate, GateSettings, Observation, RollBack
 from agent.identity import load_registration, machine_hostname
-from agent.install import activate_version, install_lock, log, place_version, prune_versions, version_complete
+from agent.install import install_lock, log, version_complete
 from agent.install_dir import InstallDir, parse_install_dir
 from agent.installed import InstallRecord, load_install_record
 from agent.paths import Paths
-from agent.services import upgrade_unit_link
 from agent.shared.errors import IoFailed, MobilityError, TemporaryError
-from agent.shared.fsutil import remove
 from agent.shared.wire import JobReport
 from agent.status import DaemonStatus
-from agent.update_state import (
+from agent.update.beside import clean_staging, place_beside
+from agent.update.daemonctl import Supervisor, supervisor_for
+from agent.update.fetch import download_and_unpack
+from agent.update.gate import Commit, Gate, GateSettings, Observation, RollBack
+from agent.update.state import (
     Baseline,
     Outcome,
     Phase,
@@ -65,6 +63,7 @@ from agent.update_state import (
     update_lock,
     version_switch,
 )
+from agent.update.switch import back_to, switch_to, want_watcher_at_boot
 
 logger = logging.getLogger("mobility.updater")
 
@@ -160,22 +159,11 @@ class Updater:
     def _fetch(self, record: UpgradeRecord) -> UpgradeRecord | Result:
         self._progress(record, f"downloading {record.to_version} (verified by the repository's signed metadata)")
         try:
-            staging = self._download_and_unpack(record)
+            staging = download_and_unpack(self.paths, self.installed, record.to_version)
             fault_point("update.step", step="downloaded")
             with self._locked_install():
-                prune_versions(self.host_dir / "versions", {record.from_version, record.to_version})
-                from agent.bundle_dir import read_manifest
-
-                manifest_bytes, manifest = read_manifest(staging)
-                if (manifest.version, manifest.os_tag) != (record.to_version, self.installed.os_tag):
-                    raise InstallFailed(
-                        f"the bundle fetched for {record.to_version} is {manifest.version} for {manifest.os_tag}"
-                    )
-                place_version(staging, manifest_bytes, manifest, self.host_dir)
-            with contextlib.suppress(OSError):
-                remove(staging)
-                for old in self.paths.downloads_dir.glob("Mobility_UA_*"):
-                    remove(old)
+                place_beside(self.host_dir, staging, record.from_version, record.to_version, self.installed.os_tag)
+            clean_staging(self.paths, staging)
         except TemporaryError as e:  # the server or a lock, not this version: the record stays for a later try
             log(self.paths, f"upgrade to {record.to_version} postponed: {e.id}: {e.message}")
             return Result("postponed", f"{e.id}: {e.message}", record)
@@ -190,7 +178,7 @@ class Updater:
             return record.at(Phase.FETCHING)
         try:
             with version_switch(self.paths, LOCK_WAIT), self._locked_install():
-                activate_version(self.paths, self.install_dir, record.to_version, record.from_version)
+                switch_to(self.paths, self.install_dir, record.to_version, record.from_version)
                 fault_point("update.step", step="linked")
                 self._boot_watcher(record, enable=True)
         except TemporaryError as e:
@@ -282,26 +270,6 @@ class Updater:
 
     # Steps' helpers --------------------------------------------------------------------------------------------
 
-    def _download_and_unpack(self, record: UpgradeRecord) -> Path:
-        from agent.bootstrap import unpack
-        from agent.fetch import fetch_bundle
-        from agent.registration import authenticated_client
-
-        reg, client = authenticated_client(self.paths, timeout=15.0)
-        try:
-            bundle = fetch_bundle(
-                f"https://{reg.server}",
-                client.context,
-                (self.paths.tuf_dir / "root.json").read_bytes(),
-                self.paths.tuf_metadata_dir,
-                self.installed.os_tag or "",
-                self.paths.downloads_dir,
-                version=record.to_version,
-            )
-        finally:
-            client.close()
-        return unpack(self.paths, bundle)
-
     @contextlib.contextmanager
     def _locked_install(self) -> Iterator[None]:
         """The install lock (no install, uninstall or bootstrap meanwhile), waited for up to LOCK_WAIT."""
@@ -318,12 +286,7 @@ class Updater:
 
     def _back_to(self, version: str, *, strict: bool = False) -> None:
         """Make ``version`` current again, with its units and record (the version rolled back from is removed)."""
-        try:
-            activate_version(self.paths, self.install_dir, version, None)
-        except (MobilityError, OSError):
-            if strict:
-                raise
-            logger.exception("switching back to %s", version)
+        back_to(self.paths, self.install_dir, version, strict=strict)
 
     def _baseline(self) -> Baseline:
         """The running (previous) version as the switch finds it, from its own record."""
@@ -400,12 +363,7 @@ class Updater:
         cut in the health window resumes it even if the new version cannot start."""
         if self.supervisor.kind != "systemd":
             return
-        link = upgrade_unit_link(self.paths, record.from_version)
-        with contextlib.suppress(OSError):
-            remove(link)
-            if enable:
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to("/etc/systemd/system/mobility-upgrade@.service")
+        want_watcher_at_boot(self.paths, record.from_version, enable=enable)
 
     def _log_tail(self) -> str:
         """The end of the daemon's log, for the job's detail (what the new version said before it was rolled back)."""

@@ -1,4 +1,4 @@
-"""The health gate of a new agent version: pure. The watcher (agent/updater.py, running the previous version's
+"""The health gate of a new agent version: pure. The watcher (agent/update/watcher.py, running the previous version's
 program) feeds it what it sees of the machine once a second; the gate answers wait, commit or roll back.
 
 What it holds against the new version, and what it never does (docs/updates.md; the references' failure modes):
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.errors import UpdateCrashed, UpdateCritical, UpdateNotHealthy, UpdateRolledBack, UpdateUnreachable
-from agent.update_state import Baseline
+from agent.update.state import Baseline
 
 # Checks that say something about the machine or its surroundings, not about the agent's build: a new version is
 # never rolled back for them (server reachability has its own rule).

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
-from agent.gate import Commit, Gate, GateSettings, Observation, RollBack, Verdict, Wait
-from agent.update_state import Baseline
+from agent.update.gate import Commit, Gate, GateSettings, Observation, RollBack, Verdict, Wait
+from agent.update.state import Baseline
 
 SETTINGS = GateSettings(window=60.0, settle=10.0, heartbeat=2.0)
 T0 = 1_000.0

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import daemonctl
-from agent.daemonctl import NoSupervisor, SystemdSupervisor, _is_daemon
 from agent.paths import Paths
+from agent.update import daemonctl
+from agent.update.daemonctl import NoSupervisor, SystemdSupervisor, _is_daemon
 
 
 def fake_daemon(cwd: Path, *args: str) -> subprocess.Popen[bytes]:

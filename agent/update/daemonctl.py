@@ -1,6 +1,6 @@
 """Restart the daemon and watch it through what supervises it on this machine: systemd, a SysV init script, or
 nothing (a daemon started by hand or by a supervisor we do not know, and every daemon of a root given with --root).
-The upgrade watcher (agent/updater.py) uses one of these; each says whether the daemon runs and how many times it
+The upgrade watcher (agent/update/watcher.py) uses one of these; each says whether the daemon runs and how many times it
 exited since the watcher started counting.
 
 - systemd restarts a crashed daemon itself (``Restart=on-failure``); its exits are counted from the unit's own
