@@ -288,6 +288,16 @@ class UpdateNotHealthy(UpdateRolledBack):
     )
 
 
+class UpdateStateFormat(UnsupportedError):
+    code = "UPDATE-STATE-FORMAT"
+    remediation = (
+        "The version named cannot read this machine's state (its bundle.json declares an older state format than "
+        "the version that runs here wrote), so nothing was switched: the machine runs on, pinned by the server to its "
+        "version. Name a version of that state format or newer (`mobility-server pin HOST_ID --to VERSION`), or "
+        "`mobility-server unpin` it; an older format needs a fresh install (uninstall, install, configure)."
+    )
+
+
 # Printed by the static launchers of the frozen programs (packaging/launcher/), not raised in Python: catalogued here
 # so that their IDs and remediations have one home (tests/integration/test_packaging_*.py compare what they print).
 

@@ -180,6 +180,12 @@ class Paths:
         return self.log_dir / "agent.log"
 
     @property
+    def daemon_output(self) -> Path:
+        """The stdout and stderr of the daemon the upgrade watcher last started where no init system does (its
+        crash at start included), for the upgrade job's detail (agent/update/daemonctl.py)."""
+        return self.log_dir / "daemon.out"
+
+    @property
     def last_job(self) -> Path:
         """The last job this machine ran and reported (JSON, agent/lastjob.py)."""
         return self.state_dir / "last-job.json"

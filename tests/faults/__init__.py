@@ -10,7 +10,9 @@ What a process does is read from its environment, which only the suite sets:
   point's context matches, once per DIR (a marker there says it happened: the processes that take over, which
   inherit the plan, run through); ``{"grow": DIR}`` makes the daemon's ``daemon.tick`` take a request left in
   DIR/grow (a number of MiB): it allocates and touches that much real memory, held until the process ends or
-  re-executes itself, then removes the request (the test waits for that).
+  re-executes itself, then removes the request (the test waits for that). ``{"refuse": {"repo.serve": DIR}}``
+  makes the server answer 503 SERVER-BUSY where it reaches that point, as many times as the number left in
+  DIR/refuse (counted down; none while the file is absent): a repository that refuses the first tries.
 - ``MOBILITY_TEST_RECORD``: a directory; each process appends to ``<pid>.ids`` every error ID it raises (each once).
 """
 
@@ -38,6 +40,7 @@ class Injector:
         self.kill_at: dict[str, dict[str, object]] = dict(plan.get("kill_at", {}))
         self.once = Path(plan["once"]) if plan.get("once") else None
         self.grow = Path(plan["grow"]) if plan.get("grow") else None
+        self.refuse: dict[str, Path] = {name: Path(d) for name, d in plan.get("refuse", {}).items()}
         self.seen: dict[str, int] = {}
         self.held: list[bytearray] = []  # the memory grown on request: real, resident, never freed
 
@@ -54,6 +57,8 @@ class Injector:
                 except FileExistsError:
                     return
             os.kill(os.getpid(), signal.SIGKILL)
+        if name in self.refuse:
+            self._refuse(self.refuse[name] / "refuse")
         if name == "daemon.tick" and self.grow is not None:
             request = self.grow / "grow"
             try:
@@ -64,6 +69,21 @@ class Injector:
             block[::4096] = b"\1" * (len(block) // 4096)  # touch every page: resident, as a leak would be
             self.held.append(block)
             request.unlink()
+
+
+    @staticmethod
+    def _refuse(counter: Path) -> None:
+        """Answer 503 while the counter says so (the server's request handlers run one at a time on its loop)."""
+        try:
+            left = int(counter.read_text())
+        except (OSError, ValueError):
+            return
+        if left <= 0:
+            return
+        counter.write_text(str(left - 1))
+        from server.errors import ServerBusy
+
+        raise ServerBusy(f"the repository refuses this request (a test's fault plan, {left - 1} more)", retry_after=1)
 
 
 class ErrorRecord:

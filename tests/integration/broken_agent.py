@@ -22,6 +22,7 @@ CRASHES = __version__ == "0.1.2"
 
 class BrokenBuild:
     id = "HLT-BROKEN-BUILD"
+    environment = False  # the agent's own doing: the gate rolls it back
     title = "broken build"
     remediation = "This is a deliberately broken test build: roll back."
 
