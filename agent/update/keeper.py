@@ -25,14 +25,15 @@ MAX_TAKEOVER_DELAY = 300.0  # a watcher that keeps dying is started again ever m
 
 
 @contextlib.contextmanager
-def kept(paths: Paths, argv: Sequence[str], *, poll: float = 0.5) -> Iterator[None]:
-    """Run the block with a keeper: if this process dies in it, the keeper runs ``argv`` (this watcher again) when
-    the upgrade is still unfinished and no other watcher runs. A block that returns stops the keeper; one that raises
-    leaves it to take over."""
+def kept(paths: Paths, argv: Sequence[str], *, poll: float = 0.5) -> Iterator[int]:
+    """Run the block with a keeper (its PID is the block's value): if this process dies in it, the keeper runs
+    ``argv`` (this watcher again) when the upgrade is still unfinished and no other watcher runs. A block that
+    returns stops the keeper; one that raises leaves it to take over."""
+    watcher = os.getpid()  # before the fork: a watcher killed at once must not leave the keeper watching init
     keeper = os.fork()
     if keeper == 0:  # the child: tested through real processes (tests/agent/update/test_keeper.py)
-        _keep(paths, list(argv), os.getppid(), poll)
-    yield  # an exception leaves the keeper to take over
+        _keep(paths, list(argv), watcher, poll)
+    yield keeper  # an exception leaves the keeper to take over
     _stop(keeper)
 
 
