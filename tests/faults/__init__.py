@@ -70,7 +70,6 @@ class Injector:
             self.held.append(block)
             request.unlink()
 
-
     @staticmethod
     def _refuse(counter: Path) -> None:
         """Answer 503 while the counter says so (the server's request handlers run one at a time on its loop)."""
