@@ -19,9 +19,11 @@ the environment, and never cause a rollback.
   One bad sample never rolls back (Elastic Agent rolled back on a single 429).
 - **It is not healthy within the window**: ``window`` seconds, counted only while the server is reachable.
 - **Replication**, judged by progress, never by the process server's state: when the previous version's protected
-  disks were all in CONTINUOUS at the switch, the new version is kept only once its own disks have been in CONTINUOUS
-  too. Until then it is not committed, and while that is all it lacks the window does not count: a stalled disk may
-  be the process server's (down, its store full), which is never held against the new version.
+  disks were all in CONTINUOUS at the switch, the new version is kept only once its own disks have been in CONTINUOUS,
+  without an error, for ``replication_proof``. Until then it is not committed, and while that is all it lacks the
+  window does not count: a stalled disk may be the process server's (down, its store full), which is never held
+  against the new version (a version that never replicates again is never committed: the rollout's wave timeout
+  reports it).
 
 Time: every duration is measured on the watcher's monotonic clock (``Observation.at``); the daemon's own records
 (when it started, its heartbeats) are compared only with each other and with the restart's wall-clock time, so a
@@ -51,6 +53,10 @@ class GateSettings:
     settle: float = 60.0  # healthy, without a restart, for this long before the upgrade commits
     heartbeat: float = 30.0  # the daemon's heartbeat interval
     crash_limit: int = 3
+    # Its disks in CONTINUOUS without an error this long: the new version's streams did connect (a state inherited
+    # from the previous version's clean stop reads CONTINUOUS at once; a connection that fails says so within 10 s,
+    # agent/replication/transport.py CONNECT_TIMEOUT).
+    replication_proof: float = 15.0
 
     @property
     def start_timeout(self) -> float:
@@ -89,7 +95,7 @@ class Observation:
     report_time: float | None = None
     server_reachable: bool | None = None
     supervised_pid: int | None = None  # the daemon process the supervisor sees
-    replicating: bool | None = None  # every protected disk in CONTINUOUS in the new version's status (None: none)
+    replicating: bool | None = None  # every protected disk in CONTINUOUS, without an error, as the new version says
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,8 @@ class Gate:
     _critical_reports: set[float] = field(default_factory=set)
     _healthy_since: float | None = None
     _healthy_as: tuple[int | None, float | None] | None = None
-    _replicated: bool = False  # the new version's disks have been in CONTINUOUS
+    _replicating_since: float | None = None
+    _replicated: bool = False  # the new version's disks have been in CONTINUOUS, without an error, long enough
 
     def observe(self, o: Observation) -> Verdict:
         s = self.settings
@@ -203,28 +210,35 @@ class Gate:
                 )
 
         if ours and o.running and o.replicating:
-            self._replicated = True
+            self._replicating_since = self._replicating_since if self._replicating_since is not None else o.at
+            self._replicated = self._replicated or o.at - self._replicating_since >= s.replication_proof
+        elif o.running is not None:
+            self._replicating_since = None
         replication_owed = self.baseline.replicating and not self._replicated
         # Healthy, or not worse than the previous version was: what fails or cannot run now failed or could not run
         # before too, or is the environment's (a pre-existing full disk never holds an upgrade back).
         before = frozenset(self.baseline.failing) | frozenset(self.baseline.unknown) | environment
         healthy = bool(ours and o.running and reached and not own_failures and (o.health in GOOD or not (
             (o.failing | o.unknown) - before)))  # fmt: skip
-        if self._server_up and o.running is not None and not (healthy and replication_owed):
-            self._counted += elapsed
-        if healthy and not replication_owed:
+        settled = False
+        if healthy:
             who = (o.pid, o.started)
             if self._healthy_since is None or self._healthy_as != who:
                 self._healthy_since, self._healthy_as = o.at, who
-            if o.at - self._healthy_since >= s.settle:
-                return Commit(
-                    f"mobility {self.to_version} reached the server and reported {o.health} for "
-                    f"{o.at - self._healthy_since:.0f} s"
-                )
-            return Wait(f"healthy for {o.at - self._healthy_since:.0f} of {s.settle:.0f} s")
-        self._healthy_since = None
-        if healthy:  # all it lacks is replication's progress, which the process server may be holding up
+            settled = o.at - self._healthy_since >= s.settle
+        else:
+            self._healthy_since = None
+        if self._server_up and o.running is not None and not (settled and replication_owed):
+            self._counted += elapsed
+        if settled and not replication_owed:
+            return Commit(
+                f"mobility {self.to_version} reached the server and reported {o.health} for "
+                f"{o.at - (self._healthy_since or o.at):.0f} s"
+            )
+        if settled:  # all it lacks is replication's progress, which the process server may be holding up
             return Wait("healthy; its protected disks are not back in CONTINUOUS yet: the window waits for them")
+        if healthy:
+            return Wait(f"healthy for {o.at - (self._healthy_since or o.at):.0f} of {s.settle:.0f} s")
 
         if self._counted >= s.window:
             seen = o.health or "nothing"

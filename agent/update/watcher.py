@@ -352,8 +352,9 @@ class Updater:
         )
 
     def _replicating(self, since: float | None) -> bool | None:
-        """Whether every protected disk is in CONTINUOUS in replication's status, as a daemon started at ``since``
-        (or any daemon, for None) wrote it; None when no disk is protected or there is no such status."""
+        """Whether every protected disk is in CONTINUOUS without an error in replication's status, as a daemon
+        started at ``since`` (or any daemon, for None) wrote it; None when no disk is protected or there is no such
+        status."""
         from agent.replication.state import load_status
 
         doc = load_status(self.paths)
@@ -363,7 +364,7 @@ class Updater:
             return None
         if since is not None and not (isinstance(updated, (int, float)) and updated >= since):
             return None  # the previous daemon's last word, not this one's
-        return all(isinstance(d, dict) and d.get("state") == "CONTINUOUS" for d in disks)
+        return all(isinstance(d, dict) and d.get("state") == "CONTINUOUS" and not d.get("error") for d in disks)
 
     def _probe(self) -> bool:
         """Whether this program (the previous version's) reaches the server now, with the machine's certificate."""

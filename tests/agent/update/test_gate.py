@@ -248,7 +248,7 @@ def test_a_process_server_outage_in_the_window_never_rolls_back() -> None:
     verdict, _ = run(g, every_second(T0 + 2, T0 + 600, health="critical", failing=stalled, replicating=False))
     assert isinstance(verdict, Wait) and "CONTINUOUS" in verdict.why, verdict
     verdict, at = run(g, every_second(T0 + 601, T0 + 700, replicating=True))
-    assert isinstance(verdict, Commit) and at == T0 + 611
+    assert isinstance(verdict, Commit) and at == T0 + 601 + SETTINGS.replication_proof
 
 
 def test_the_new_version_must_make_progress_where_the_previous_one_did_before_it_is_kept() -> None:
@@ -258,11 +258,18 @@ def test_the_new_version_must_make_progress_where_the_previous_one_did_before_it
     assert isinstance(verdict, Wait)
     verdict, _ = run(gate(REACHABLE), every_second(T0 + 2, T0 + 30, replicating=False))
     assert isinstance(verdict, Commit)
+    # CONTINUOUS at once is the state a clean stop left: progress only once it held, without an error, long enough
+    # for a connection to the process server to have failed if it was going to.
+    g = gate(REPLICATING)
+    verdict, _ = run(g, every_second(T0 + 2, T0 + 15, replicating=True))
+    assert isinstance(verdict, Wait)
+    verdict, _ = run(g, every_second(T0 + 16, T0 + 40, replicating=False))
+    assert isinstance(verdict, Wait)
     # Once it made progress, a later stall (the process server going down) is not held against it either.
     g = gate(REPLICATING)
-    g.observe(daemon(T0 + 2, replicating=True))
-    verdict, at = run(g, every_second(T0 + 3, T0 + 100, replicating=False))
-    assert isinstance(verdict, Commit) and at == T0 + 12
+    run(g, every_second(T0 + 2, T0 + 2 + SETTINGS.replication_proof, replicating=True))
+    verdict, at = run(g, every_second(T0 + 18, T0 + 100, replicating=False))
+    assert isinstance(verdict, Commit) and at == T0 + 18
 
 
 def test_replication_waits_only_for_a_version_that_is_otherwise_healthy() -> None:
