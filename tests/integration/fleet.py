@@ -7,8 +7,8 @@ name.
 
 The environment the tests put the machines through: a process server of its own that can be stopped (SIGSTOP: it
 stalls) while the API answers, a protected loop-device disk per machine, and a wall clock each machine's processes
-read through libfaketime, stepped by a file the test writes (the host's clock, which other jobs share, is never
-touched; the monotonic clock is left alone, as a real clock step leaves it)."""
+read through a preloaded shim (tests/integration/clockstep.c), stepped by a file the test writes (the host's clock,
+which other jobs share, is never touched; the monotonic clock is left alone, as a real clock step leaves it)."""
 
 from __future__ import annotations
 
@@ -34,22 +34,27 @@ from tests.integration.serverproc import ServerProcess, init_server, server_cli,
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 _COUNTER = itertools.count()
-FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+CLOCK_SHIM = REPO / "tests" / "integration" / "clockstep.c"
+
+
+def clock_shim() -> Path:
+    """tests/integration/clockstep.c built (once per run, shared by the workers): preloaded, it steps a process's
+    wall clock by the seconds a file says."""
+    from tests import workers
+
+    def build(where: Path) -> None:
+        cmd = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wno-nonnull-compare", "-o", str(where / "clockstep.so")]
+        subprocess.run([*cmd, str(CLOCK_SHIM), "-ldl"], check=True, timeout=120, capture_output=True)
+
+    return workers.once("clockstep", build) / "clockstep.so"
 
 
 def stepped_clock(offset_file: Path) -> dict[str, str]:
-    """os.environ for a machine's processes whose wall clock is off by what ``offset_file`` says ("+300": five
-    minutes ahead), read again every second; their children (the watcher, the new version's daemon) inherit it."""
-    if not FAKETIME.is_file():
-        raise AssertionError(f"{FAKETIME} is missing: scripts/setup installs libfaketime")
-    offset_file.write_text("+0\n")
-    return {
-        **os.environ,
-        "LD_PRELOAD": str(FAKETIME),
-        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
-        "FAKETIME_CACHE_DURATION": "1",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-    }
+    """os.environ for a machine's processes whose wall clock is off by the seconds ``offset_file`` holds ("300":
+    five minutes ahead), read again every second; their children (the watcher, the new version's daemon) inherit
+    it. The monotonic clock and sleeps are left alone, as a real clock step leaves them."""
+    offset_file.write_text("0\n")
+    return {**os.environ, "LD_PRELOAD": str(clock_shim()), "MOBILITY_TEST_CLOCK": str(offset_file)}
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ versions and the halt that follows, kill -9 at each step of an upgrade, the serv
 the bootstrapper's part at boot, and a SysV machine (a chroot driven by its init script). The systemd machine is
 in test_template_boot.py.
 
-No false rollbacks: a good version is kept through a clock step (libfaketime: the machine's wall clock only), a
+No false rollbacks: a good version is kept through a clock step (a preloaded shim: the machine's wall clock only), a
 stalled process server (SIGSTOP) and a repository that answers 503 to the first tries; a crash-looping version
 whose watcher is killed in its health window is still rolled back, with its own words in the job; a failed move
 under a pin is pinned back; a version that cannot read the machine's state is refused before anything switches."""
@@ -364,7 +364,7 @@ def test_a_clock_step_in_the_health_window_rolls_nothing_back(tmp_path: Path, re
         lab.publish("0.1.1")
         lab.cli("update", "--to", "0.1.1", "--all")
         wait_for("the switch", lambda: switching(m, "0.1.1"), 60, every=0.02, most=0.02)
-        clock.write_text("+300\n")
+        clock.write_text("300\n")
         wait_for(
             "0.1.1 reporting the clock five minutes off",
             lambda: m.running() == "0.1.1" and m.health_of("HLT-CLOCK-SKEW") == "FAIL",
@@ -373,7 +373,7 @@ def test_a_clock_step_in_the_health_window_rolls_nothing_back(tmp_path: Path, re
         wait_for("the end of the upgrade", lambda: m.record().get("phase") in TERMINAL, 90)
         assert m.record()["phase"] == "committed", m.record()
         assert "rolling back" not in m.log() and m.running() == "0.1.1"
-        clock.write_text("+0\n")  # NTP steps it back: the machine is no longer critical, the wave verifies
+        clock.write_text("0\n")  # NTP steps it back: the machine is no longer critical, the wave verifies
         rollout = until_state(lab, "completed", timeout=90)
         assert [x["job_state"] for x in rollout["machines"]] == ["succeeded"]
     finally:
