@@ -143,6 +143,7 @@ STATE_OWNERS = {
     "update_record": "agent.update.state",  # /var/lib/mobility/update.json
     "update_target": "agent.update.state",  # /var/lib/mobility/target.json
     "upgrade_marker": "agent.update.state",  # /var/lib/mobility/upgrade.from
+    "daemon_output": "agent.update.daemonctl",  # /var/log/mobility/daemon.out
     "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
 }
 

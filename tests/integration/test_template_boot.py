@@ -348,6 +348,11 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
         (root / "etc/mobility/mobility.conf").write_text(
             json.dumps({"health_seconds": 1, "update_window_seconds": 30, "update_settle_seconds": 10})
         )
+        # The bootstrapper's timer at its product interval again (bake's drop-in retries every 5 s): here it would
+        # start a dead watcher again within seconds, hiding whether the watcher's unit does.
+        (root / "etc/systemd/system/mobility-bootstrap.timer.d/zz-product.conf").write_text(
+            "[Timer]\nOnUnitInactiveSec=\nOnUnitInactiveSec=15min\n"
+        )
         (root / "usr/local/sbin/systemctl").write_text(SLOW_PROBE)
         shutil.copy2(clock_shim(), root / "usr/local/lib/mobility-test-clockstep.so")
         clock = root / CLOCK.lstrip("/")

@@ -401,15 +401,16 @@ def test_a_stalled_process_server_in_the_health_window_rolls_nothing_back(
         lab.cli("update", "--to", "0.1.1", "--all")
         wait_for("the switch", lambda: switching(m, "0.1.1"), 60, every=0.02, most=0.02)
         lab.process.proc.send_signal(signal.SIGSTOP)
-        stopped = time.monotonic()
         try:
             wait_for(
-                "0.1.1 reporting its disk stalled",
+                "0.1.1 reporting its disk stalled",  # 30 s without progress (agent/replication/sync.py)
                 lambda: m.running() == "0.1.1" and m.health_of("HLT-REPLICATION") == "FAIL",
                 120,
             )
-            while time.monotonic() - stopped < CONF["update_window_seconds"] + 10:  # past a whole window
+            stalled = time.monotonic()
+            while time.monotonic() - stalled < CONF["update_window_seconds"] + 10:  # failing for a whole window
                 assert m.record()["phase"] == "watching", m.record()
+                assert m.health_of("HLT-REPLICATION") == "FAIL"
                 time.sleep(1)
         finally:
             lab.process.proc.send_signal(signal.SIGCONT)
