@@ -139,11 +139,12 @@ def adverse(tmp: Path, releases: dict[str, Path], n: int, stepped: int = 5, stop
         # One machine of each wave, then the first wave's second (waves go in host-ID order).
         ordered = sorted(machines, key=lambda m: m.host_id())
         size = max(1, -(-n * 25 // 100))
-        chosen = list(dict.fromkeys([*ordered[::size], *ordered[1:2]]))[:stepped]
+        names = list(dict.fromkeys(m.name for m in [*ordered[::size], *ordered[1:2]]))[:stepped]
+        chosen = [m for m in machines if m.name in names]
         clocks: dict[str, Path] = {}
         for m in machines:
             lab.protect(m, 8 << 20)
-            if m in chosen:
+            if m.name in names:
                 clocks[m.name] = tmp / f"clock-{m.name}"
                 m.env = stepped_clock(clocks[m.name])
             m.start()
@@ -163,9 +164,14 @@ def adverse(tmp: Path, releases: dict[str, Path], n: int, stepped: int = 5, stop
         stopped_at: float | None = None
         resumed_at: float | None = None
         steps_seen = 0
+        waves: dict[int, float] = {}
         r = lab.rollout()
         while r["state"] == "running":
             now = time.monotonic()
+            for member in r["machines"]:
+                wave = member["wave"]
+                if wave not in waves and all(x["state"] == "succeeded" for x in r["machines"] if x["wave"] == wave):
+                    waves[wave] = now - start
             if stopped_at is None and any(_switching(m) for m in machines):
                 lab.process.proc.send_signal(signal.SIGSTOP)
                 stopped_at = now
@@ -194,7 +200,10 @@ def adverse(tmp: Path, releases: dict[str, Path], n: int, stepped: int = 5, stop
             f"health windows (HLT-CLOCK-SKEW seen failing: {'yes' if steps_seen else 'no'}), the process server "
             f"stopped for {((resumed_at or time.monotonic()) - (stopped_at or start)):.0f} s: {r['state']} "
             f"{total:.1f} s after `update`; rollbacks: {len(rollbacks)} {rollbacks or ''}; members not succeeded: "
-            f"{len(failed)}"
+            f"{len(failed)}; waves done at " + ", ".join(f"{waves[w]:.1f}" for w in sorted(waves)) + " s "
+            f"(the process server stopped at {(stopped_at or start) - start:.1f} s, clocks stepped at "
+            + ", ".join(f"{t - start:.1f}" for t in sorted(stepped_at.values()))
+            + " s and back a minute later each)"
         )
         if rollbacks or failed or r["state"] != "completed":
             raise SystemExit(f"false rollbacks or failures: {rollbacks} {failed}")
