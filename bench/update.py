@@ -191,6 +191,8 @@ def adverse(tmp: Path, releases: dict[str, Path], n: int, stepped: int = 5, stop
             time.sleep(0.2)
             r = lab.rollout()
         total = time.monotonic() - start
+        for member in r["machines"]:
+            waves.setdefault(member["wave"], total)  # the last wave ended with the rollout
         if resumed_at is None:
             lab.process.proc.send_signal(signal.SIGCONT)
         rollbacks = [m.name for m in machines if "rolling back" in m.log()]
