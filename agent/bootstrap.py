@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-import tarfile
 import time
 import uuid
 from collections.abc import Callable
@@ -18,12 +17,12 @@ from typing import Any
 
 from agent import __version__
 from agent.backoff import with_backoff
-from agent.bundles import inspect_bundle, version_key
+from agent.bundle_dir import unpack
+from agent.bundles import version_key
 from agent.distros import detect_os, require_supported
 from agent.errors import (
     BootstrapConfigInvalid,
     InstallDirInvalid,
-    InstallFailed,
     RemoteBusy,
     ServerUnreachable,
     TufNoBundle,
@@ -36,10 +35,10 @@ from agent.installed import InstallRecord, load_install_record
 from agent.lastjob import load_last_job, save_last_job
 from agent.paths import Paths
 from agent.services import start_daemon
-from agent.shared.errors import BundleRefused, FreezeNotReady, IoFailed, MobilityError
+from agent.shared.errors import FreezeNotReady, IoFailed, MobilityError
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
 from agent.shared.wire import JobReport
-from agent.update_state import declined, load_record, load_target, unfinished, updater_running
+from agent.update.state import declined, load_record, load_target, unfinished, updater_running
 
 
 @dataclass(frozen=True)
@@ -328,8 +327,8 @@ def _upgrade_at_boot(paths: Paths, installed: InstallRecord) -> Outcome:
         started = start_updater(paths, init_of(installed.os_tag), version, updater_argv(paths, version))
         log(paths, f"bootstrap: upgrade to {wanted}: {started}")
         return Outcome("upgrading", f"mobility {wanted} is due: {started}", host_id)
-    from agent.update_state import Phase, update_lock
-    from agent.updater import Updater
+    from agent.update.state import Phase, update_lock
+    from agent.update.watcher import Updater
 
     with update_lock(paths):
         result = Updater(paths, time.sleep).run(stop_before=Phase.SWITCHING)
@@ -341,27 +340,6 @@ def _upgrade_at_boot(paths: Paths, installed: InstallRecord) -> Outcome:
         f"mobility {wanted} placed beside {installed.version}: its watcher switches to it when the agent starts",
         host_id,
     )
-
-
-def unpack(paths: Paths, bundle: Path) -> Path:
-    """The verified bundle archive unpacked into the staging directory (removed again if that fails)."""
-    name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
-    staging = paths.staging_dir / name.version
-    try:
-        remove(staging)
-        staging.mkdir(parents=True)
-        with tarfile.open(bundle) as tar:
-            # "data": no owners, devices, set-id bits or links out of the directory, whatever the archive says
-            tar.extractall(staging, filter="data")
-    except tarfile.FilterError as e:
-        with contextlib.suppress(OSError):
-            remove(staging)
-        raise BundleRefused(f"{bundle.name}: {e}") from e
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            remove(staging)  # a full disk leaves nothing half-unpacked behind
-        raise InstallFailed(f"unpacking {bundle.name} failed: {e.strerror or e}") from e
-    return staging
 
 
 def _report(paths: Paths, job: JobReport, s: BootstrapSettings, secret: str, pinned: str | None) -> None:

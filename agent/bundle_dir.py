@@ -1,4 +1,5 @@
-"""An unpacked installer bundle on disk (``install --bundle DIR``, push install's copy, the bootstrap's staging).
+"""An unpacked installer bundle on disk (``install --bundle DIR``, push install's copy, the bootstrap's and the
+upgrade's staging, which ``unpack`` makes from a verified archive).
 
 The directory is input and may change while it is read: install reads ``bundle.json`` once, then copies exactly
 the files it lists (nothing else) and hashes each while copying, so what is verified is the copy, which nobody
@@ -14,11 +15,15 @@ import errno
 import hashlib
 import os
 import stat
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.bundles import MANIFEST_NAME, MAX_MANIFEST_BYTES, TAR_LIMITS, Manifest, parse_manifest
+from agent.bundles import MANIFEST_NAME, MAX_MANIFEST_BYTES, TAR_LIMITS, Manifest, inspect_bundle, parse_manifest
+from agent.errors import InstallFailed
+from agent.paths import Paths
 from agent.shared.errors import BundleRefused
+from agent.shared.fsutil import remove
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after the check must not block the open; O_NOCTTY: nor may a terminal adopt us.
@@ -175,3 +180,24 @@ def _make_dirs(dest: Path, directory: Path) -> None:
     if directory != dest and not directory.is_dir():
         _make_dirs(dest, directory.parent)
         directory.mkdir(mode=0o755)
+
+
+def unpack(paths: Paths, bundle: Path) -> Path:
+    """The verified bundle archive unpacked into the staging directory (removed again if that fails)."""
+    name, _ = inspect_bundle(bundle)  # content hashes, no traversal, no links out: before anything is written
+    staging = paths.staging_dir / name.version
+    try:
+        remove(staging)
+        staging.mkdir(parents=True)
+        with tarfile.open(bundle) as tar:
+            # "data": no owners, devices, set-id bits or links out of the directory, whatever the archive says
+            tar.extractall(staging, filter="data")
+    except tarfile.FilterError as e:
+        with contextlib.suppress(OSError):
+            remove(staging)
+        raise BundleRefused(f"{bundle.name}: {e}") from e
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            remove(staging)  # a full disk leaves nothing half-unpacked behind
+        raise InstallFailed(f"unpacking {bundle.name} failed: {e.strerror or e}") from e
+    return staging

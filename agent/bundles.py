@@ -42,6 +42,13 @@ _NAME = re.compile(
 _VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_KEYS = frozenset({"os_tag", "version", "arch", "init", "kernel_floor", "runtime_glibc", "files"})
+_OPTIONAL_KEYS = frozenset({"state_format"})  # absent in the bundles made before it existed: format 1
+# The format of the agent's state (/var/lib/mobility, /etc/mobility) that this code writes. A version reads the state
+# of its own format and of every older one; one that writes state an older version cannot read raises it. A bundle
+# declares it in bundle.json, and an upgrade refuses a version whose format is older than the state on the machine
+# (agent/update/beside.py): the way back across a format is not an upgrade.
+STATE_FORMAT = 1
+MAX_STATE_FORMAT = 1_000_000
 _KERNEL = re.compile(r"[0-9]+\.[0-9]+")
 
 
@@ -70,6 +77,7 @@ class Manifest:
     kernel_floor: str  # the oldest kernel the bundled C library runs on ("3.2")
     runtime_glibc: str  # the glibc release bundled with the frozen agent (informational: the host's is not used)
     files: dict[str, str]  # relative path -> sha256 hex; bundle.json itself is not listed
+    state_format: int = 1  # the agent state format the version writes (STATE_FORMAT of its sources)
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -135,7 +143,7 @@ def parse_manifest(data: bytes) -> Manifest:
     missing = sorted(_MANIFEST_KEYS - doc.keys())
     if missing:
         raise BundleRefused(f"{MANIFEST_NAME} lacks {', '.join(missing)}")
-    unknown = sorted(doc.keys() - _MANIFEST_KEYS)
+    unknown = sorted(doc.keys() - _MANIFEST_KEYS - _OPTIONAL_KEYS)
     if unknown:
         listed = ", ".join(shown(key, 60) for key in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
@@ -177,7 +185,10 @@ def parse_manifest(data: bytes) -> Manifest:
         if norm in checked:
             raise BundleRefused(f"{MANIFEST_NAME}: file {shown(path)} is listed twice")
         checked[norm] = digest
-    return Manifest(os_tag, version, arch, init, kernel_floor, runtime_glibc, checked)
+    state_format = doc.get("state_format", 1)
+    if isinstance(state_format, bool) or not isinstance(state_format, int) or not 1 <= state_format <= MAX_STATE_FORMAT:
+        raise BundleRefused(f"{MANIFEST_NAME}: state_format {shown(str(state_format), 40)} is not a number from 1 up")
+    return Manifest(os_tag, version, arch, init, kernel_floor, runtime_glibc, checked, state_format)
 
 
 def _link_escapes(link: str, links: dict[str, str]) -> bool:

@@ -211,19 +211,33 @@ def cmd_thaw(args: argparse.Namespace) -> int:
 
 
 def _daemon_logging(paths: Paths) -> None:
-    """stdout for the journal, and /var/log/mobility/agent.log with rotation."""
+    """/var/log/mobility/agent.log with rotation, and stdout when that is the journal or a terminal. Elsewhere stdout
+    is a file (the SysV script's agent.log, the upgrade watcher's daemon.out), which keeps what does not go through
+    logging, such as a crash at start: the log's lines would only repeat agent.log there, without its rotation."""
     import logging  # the daemon's only: logging.handlers imports socket and more, which the bootstrapper's no-op skips
 
     from agent.logfile import AgentLog
 
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file = AgentLog(paths.agent_log, maxBytes=1 << 20, backupCount=3)
-    to_stdout = logging.StreamHandler(sys.stdout)
-    for handler in (to_file, to_stdout):
+    handlers: list[logging.Handler] = [AgentLog(paths.agent_log, maxBytes=1 << 20, backupCount=3)]
+    if _stdout_is_journal_or_terminal():
+        handlers.append(logging.StreamHandler(sys.stdout))
+    for handler in handlers:
         handler.setFormatter(fmt)
         logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
+
+
+def _stdout_is_journal_or_terminal() -> bool:
+    """systemd names the journal stream it connected a service's stdout to (JOURNAL_STREAM, "DEVICE:INODE")."""
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    if os.isatty(sys.stdout.fileno()):
+        return True
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
 
 
 def _require_installed(paths: Paths) -> None:
@@ -361,10 +375,11 @@ def _job_id(text: str | None) -> str | None:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from agent.updater import upgrade
+    from agent.runtime import self_command
+    from agent.update.watcher import upgrade
 
     paths = _require_root(args)
-    result = upgrade(paths)
+    result = upgrade(paths, again=self_command(sys.argv[1:]))
     record = result.record
     data = {"state": result.state, "message": result.message, "record": record.to_json() if record else None}
     _emit(args, data, f"{result.state}: {result.message}")

@@ -44,7 +44,7 @@ from agent.services import init_of, start_updater, updater_argv
 from agent.shared import timefmt, wire
 from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
-from agent.update_state import (
+from agent.update.state import (
     Phase,
     Target,
     declined,
@@ -136,7 +136,11 @@ class Daemon:
             from agent.metrics import Metrics  # loaded only when enabled: it costs memory
 
             self.metrics = Metrics(config.metrics_port)
-        self.scheduler = ClockScheduler(lambda: dt.datetime.fromtimestamp(self.now, dt.UTC).replace(tzinfo=None))
+        # The jobs run on the wall clock's advance, never on its steps back: a clock stepped back five minutes (an
+        # NTP correction, a resumed VM) must not hold heartbeats up for five minutes (a step forward runs what is
+        # due once, then the intervals go on from there).
+        self._steady = now
+        self.scheduler = ClockScheduler(lambda: dt.datetime.fromtimestamp(self._steady, dt.UTC).replace(tzinfo=None))
         self.process.cpu_percent(None)  # start the CPU window
         self._schedule()
 
@@ -152,6 +156,7 @@ class Daemon:
 
     def tick(self, now: float) -> None:
         """Advance to ``now``: handle queued signals, run what is due, pet the watchdog."""
+        self._steady += max(0.0, now - self.now)
         self.now = now
         while self.signals:
             self._handle(self.signals.popleft())
@@ -213,20 +218,22 @@ class Daemon:
             self.status.skew_seconds,
             self.status.last_error,
         )
-        report = run_checks(
-            health_checks(
-                self.config,
-                self.now,
-                process,
-                server,
-                disk_sample(self.paths),
-                cert_not_after(self.paths),
-                provider_status(self.paths),
-                self.replication.status_doc() if self.replication is not None else None,
-            )
+        checks = health_checks(
+            self.config,
+            self.now,
+            process,
+            server,
+            disk_sample(self.paths),
+            cert_not_after(self.paths),
+            provider_status(self.paths),
+            self.replication.status_doc() if self.replication is not None else None,
         )
+        report = run_checks(checks)
         health = overall(report)
-        self.report = {"status": health.label, "time": self.now, "checks": [r.to_json() for r in report.results]}
+        # Each check says whether its failure can be the environment's: an upgrade watcher of an older version, which
+        # does not know a check this version added, judges it by this.
+        results = [{**r.to_json(), "environment": c.environment} for c, r in zip(checks, report.results, strict=True)]
+        self.report = {"status": health.label, "time": self.now, "checks": results}
         self.status.health = self.report
         summary = "; ".join(f"{r.id} {r.status.value}" for r in report.results if r.status is not Status.PASS)
         self.notifier.notify(status=f"{health.label}" + (f": {summary}" if summary else ""))

@@ -237,7 +237,7 @@ class DiagnosticsWriteFailed(LocalSystemError):
     remediation = "Give -o a file in an existing, writable directory with free space (e.g. -o /root/diag.tar.gz)."
 
 
-# Self-update (agent/updater.py, docs/updates.md): the watcher's verdicts are the error IDs of a failed upgrade job.
+# Self-update (agent/update/, docs/updates.md): the watcher's verdicts are the error IDs of a failed upgrade job.
 
 
 class UpdateBusy(TemporaryError):
@@ -285,6 +285,16 @@ class UpdateNotHealthy(UpdateRolledBack):
         "The new version ran but did not reach the server and report healthy within the health window "
         "(update_window_seconds); the machine runs its previous version, pinned to it until you "
         "`mobility-server unpin` it."
+    )
+
+
+class UpdateStateFormat(UnsupportedError):
+    code = "UPDATE-STATE-FORMAT"
+    remediation = (
+        "The version named cannot read this machine's state (its bundle.json declares an older state format than "
+        "the version that runs here wrote), so nothing was switched: the machine runs on, pinned by the server to its "
+        "version. Name a version of that state format or newer (`mobility-server pin HOST_ID --to VERSION`), or "
+        "`mobility-server unpin` it; an older format needs a fresh install (uninstall, install, configure)."
     )
 
 

@@ -20,7 +20,7 @@ from agent.installed import load_install_record
 from agent.lastjob import load_last_job
 from agent.paths import Paths
 from agent.status import DaemonStatus, daemon_pid
-from agent.update_state import load_record, load_target
+from agent.update.state import load_record, load_target
 
 
 def local_health(paths: Paths, now: float | None = None) -> tuple[Health, Report]:

@@ -134,29 +134,29 @@ class Paths:
 
     @property
     def update_lock(self) -> Path:
-        """Held by the one upgrade (or rollback) in progress, for its whole life (agent/update_state.py)."""
+        """Held by the one upgrade (or rollback) in progress, for its whole life (agent/update/state.py)."""
         return self.state_dir / "update.lock"
 
     @property
     def switch_lock(self) -> Path:
         """Shared by work the agent must not switch versions under (a recovery point), exclusive while an upgrade or
-        a rollback switches and restarts (agent/update_state.py)."""
+        a rollback switches and restarts (agent/update/state.py)."""
         return self.state_dir / "switch.lock"
 
     @property
     def update_record(self) -> Path:
-        """The upgrade in progress or the last one: phase, versions, outcome (JSON, agent/update_state.py)."""
+        """The upgrade in progress or the last one: phase, versions, outcome (JSON, agent/update/state.py)."""
         return self.state_dir / "update.json"
 
     @property
     def update_target(self) -> Path:
-        """The version the server last named for this machine (JSON, agent/update_state.py)."""
+        """The version the server last named for this machine (JSON, agent/update/state.py)."""
         return self.state_dir / "target.json"
 
     @property
     def upgrade_marker(self) -> Path:
         """The version whose program watches an unfinished upgrade, as plain text for the SysV init script
-        (agent/update_state.py); absent when none is unfinished."""
+        (agent/update/state.py); absent when none is unfinished."""
         return self.state_dir / "upgrade.from"
 
     @property
@@ -189,6 +189,12 @@ class Paths:
     @property
     def agent_log(self) -> Path:
         return self.log_dir / "agent.log"
+
+    @property
+    def daemon_output(self) -> Path:
+        """The stdout and stderr of the daemon the upgrade watcher last started where no init system does (its
+        crash at start included), for the upgrade job's detail (agent/update/daemonctl.py)."""
+        return self.log_dir / "daemon.out"
 
     @property
     def last_job(self) -> Path:

@@ -105,17 +105,18 @@ def _cancellable(
 Child = subprocess.Popen[bytes]  # a detached program `spawn` started
 
 
-def spawn(cmd: Sequence[str]) -> Child:
+def spawn(cmd: Sequence[str], output: int | None = None) -> Child:
     """Start ``cmd`` detached: its own session (a terminal's hang-up or a restart of whoever started it never reaches
-    it), no inherited stdio (it logs to its own files), the host's environment. The caller may poll it; a process
-    that outlives its caller is adopted by init."""
+    it), no inherited stdio (it logs to its own files; ``output``, an open file descriptor, takes its stdout and
+    stderr), the host's environment. The caller may poll it; a process that outlives its caller is adopted by
+    init."""
     log.info("starting %s", " ".join(cmd))
     try:
         return subprocess.Popen(
             list(cmd),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if output is None else output,
+            stderr=subprocess.DEVNULL if output is None else output,
             start_new_session=True,
             close_fds=True,
             env=host_environ(),

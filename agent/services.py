@@ -78,7 +78,7 @@ def unit_names() -> list[str]:
 
 
 def upgrade_unit_link(paths: Paths, version: str) -> Path:
-    """The link that makes systemd start the watcher of an unfinished upgrade at boot (agent/updater.py)."""
+    """The link that makes systemd start the watcher of an unfinished upgrade at boot (agent/update/watcher.py)."""
     return paths(f"/etc/systemd/system/{_WANTED_BY[UPGRADE_UNIT]}/mobility-upgrade@{version}.service")
 
 

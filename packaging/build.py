@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: this folder is not a package (it would shadow PyPI's)
 
 from agent import __version__  # noqa: E402
-from agent.bundles import MANIFEST_NAME, bundle_file_name  # noqa: E402
+from agent.bundles import MANIFEST_NAME, STATE_FORMAT, bundle_file_name  # noqa: E402
 from agent.distros.matrix import BY_TAG, RUNTIME_KERNEL_FLOOR, SUPPORT_MATRIX, Init  # noqa: E402
 from agent.elf import ElfError, is_elf, parse_elf  # noqa: E402
 from agent.libc import glibc_version_of  # noqa: E402
@@ -427,6 +427,7 @@ def write_bundle(
         "init": BY_TAG[tag].init.value,
         "kernel_floor": runtime.kernel_floor,
         "runtime_glibc": runtime.glibc,
+        "state_format": STATE_FORMAT,
         "files": files,
     }
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from aiohttp import web
 
+from agent.faults import fault_point
 from agent.shared import wire
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import ProcessAddress, Protection
@@ -70,7 +71,7 @@ from server.process.service import ProcessOptions, ProcessService, store_dir
 from server.repository import Repository
 from server.rollouts import target_of
 from server.stalls import StallMonitor
-from server.storage import Beat, Credential, Storage
+from server.storage import Beat, Credential, Storage, Tx
 
 if TYPE_CHECKING:
     from server.ui.site import UiOptions
@@ -495,6 +496,15 @@ def build_app(server: Server) -> web.Application:
             raise HostMismatch(f"this certificate is for {host_id}, not {job.host_id}")
         if host_id is None and job.host_id is not None:
             raise HostMismatch("a report without the machine's certificate cannot name a host ID")
+        then = None
+        if job.kind == "upgrade" and job.state == "failed" and host_id is not None and job.job_id is not None:
+            from server.rollouts import pin_back_failed_pin
+
+            def then(tx: Tx, host_id: str = host_id, job_id: str = job.job_id) -> None:
+                change = pin_back_failed_pin(tx, host_id, job_id, job.runs, job.error_id)
+                if change is not None:
+                    log.info("%s", printable(change, 2000))
+
         job_id = await server.offload(
             server.slow,
             server.storage.report_job,
@@ -508,12 +518,14 @@ def build_app(server: Server) -> web.Application:
             remediation=job.remediation,
             detail=job.detail,
             now=now,
+            then=then,
         )
         return web.json_response({"job_id": job_id})
 
     @routes.get(wire.REPO_METADATA_PATH + "/{name}")
     async def metadata(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        fault_point("repo.serve", file=name)  # the update tests' repository that answers 503
         path = await server.offload(server.slow, server.repository.metadata_path, name)
         if path is None:
             raise NotFound(f"no metadata {name}")
@@ -522,6 +534,7 @@ def build_app(server: Server) -> web.Application:
     @routes.get(wire.REPO_TARGETS_PATH + "/{name}")
     async def target(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        fault_point("repo.serve", file=name)
         path = await server.offload(server.slow, server.repository.target_path, name)
         if path is None:
             raise NotFound(f"no bundle {name}")

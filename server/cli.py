@@ -451,15 +451,16 @@ def _published(data: DataDir) -> set[tuple[str, str]]:
 def _host_ids(text: str) -> list[str]:
     import uuid
 
+    fix = "Give host IDs as `mobility-server machines` lists them (lower-case UUIDs), separated by commas."
     ids = [part.strip() for part in text.split(",") if part.strip()]
     if not ids:
-        raise BadArguments("--machines: give host IDs, separated by commas")
+        raise BadArguments("--machines: give host IDs, separated by commas", fix=fix)
     for host_id in ids:
         try:
             if str(uuid.UUID(host_id)) != host_id:
                 raise ValueError(host_id)
         except ValueError as e:
-            raise BadArguments(f"{shown(host_id)} is not a host ID (`mobility-server machines` lists them)") from e
+            raise BadArguments(f"{shown(host_id)} is not a host ID", fix=fix) from e
     return list(dict.fromkeys(ids))
 
 
@@ -468,15 +469,29 @@ def cmd_update(args: argparse.Namespace) -> int:
     from server.rollouts import Rollouts, Selection, parse_version, parse_wave
 
     if args.halt:
-        if args.to or args.machines or args.os_tag or args.all:
-            raise BadArguments("update --halt takes no other option")
+        if args.to or args.machines or args.os_tag or args.all or args.allow_downgrade:
+            raise BadArguments(
+                "update --halt takes no other option",
+                fix="Run `mobility-server update --halt` alone: it stops the running rollout, whatever it was for.",
+            )
     else:
         if not args.to:
-            raise BadArguments("update: give --to VERSION (or --halt)")
+            raise BadArguments(
+                "update: give --to VERSION (or --halt)",
+                fix="Name the version to roll out, as `mobility-server repo list` shows it: "
+                "`mobility-server update --to VERSION --all`.",
+            )
         if sum([bool(args.machines), bool(args.os_tag), args.all]) != 1:
-            raise BadArguments("update: name the machines with one of --machines ID,..., --os-tag TAG or --all")
+            raise BadArguments(
+                "update: name the machines with one of --machines ID,..., --os-tag TAG or --all",
+                fix="Give exactly one of --all, --os-tag TAG or --machines HOST_ID,... (host IDs from "
+                "`mobility-server machines`).",
+            )
         if args.os_tag is not None and args.os_tag not in BY_TAG:
-            raise BadArguments(f"--os-tag {shown(args.os_tag)}: not an OS tag of the support matrix")
+            raise BadArguments(
+                f"--os-tag {shown(args.os_tag)}: not an OS tag of the support matrix",
+                fix="Give an OS tag as `mobility-server machines` shows it (docs/support-matrix.md lists them).",
+            )
         version, wave, timeout = parse_version(args.to), parse_wave(args.wave), parse_duration(args.wave_timeout)
         selection = Selection(
             all=args.all, os_tag=args.os_tag, machines=tuple(_host_ids(args.machines)) if args.machines else ()
@@ -489,7 +504,9 @@ def cmd_update(args: argparse.Namespace) -> int:
             rollout, members = rollouts.halt("halted by an operator (mobility-server update --halt)", now)
         else:
             published = _published(data)
-            rollout, members = rollouts.start(version, selection, wave, args.max_failures, timeout, published, now)
+            rollout, members = rollouts.start(
+                version, selection, wave, args.max_failures, timeout, published, now, args.allow_downgrade
+            )
     finally:
         storage.close()
     if args.json:
@@ -823,6 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a machine not verified on the new version within this counts as failed (default 30m)",
     )
     p.add_argument("--halt", action="store_true", help="halt the running rollout (no wave is offered after)")
+    p.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="let machines that run a newer version move back to --to (refused otherwise; `pin --to` moves one back)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_update)
 

@@ -504,6 +504,16 @@ class RolloutNoMachines(UsageError):
     )
 
 
+class RolloutDowngrade(UsageError):
+    code = "ROLLOUT-DOWNGRADE"
+    remediation = (
+        "Versions move forward: roll out a version at least as new as the machines run, leave those machines out "
+        "(--machines, --os-tag), or move them back explicitly with `mobility-server pin HOST_ID --to VERSION` "
+        "(or start the rollout with --allow-downgrade). A machine refuses a version that cannot read its state "
+        "(UPDATE-STATE-FORMAT) either way."
+    )
+
+
 class RolloutHalted(RemoteStateError):
     """Not raised: the error ID of the upgrade job of a machine whose rollout halted before it began."""
 

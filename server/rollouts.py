@@ -34,12 +34,13 @@ from agent.shared.errors import BadArguments
 from agent.shared.textsafe import shown
 from agent.shared.wire import UpdateTarget
 from server.errors import (
+    MachineNotFound,
+    RolloutDowngrade,
     RolloutHalted,
     RolloutNoBundle,
     RolloutNoMachines,
     RolloutNotRunning,
     RolloutRunning,
-    UnknownMachine,
     UpdateTimedOut,
 )
 from server.schema import jobs, machines, rollout_machines, rollouts
@@ -66,7 +67,10 @@ RUNNING, HALTED, COMPLETED = "running", "halted", "completed"
 
 def parse_version(text: str) -> str:
     if not _VERSION.fullmatch(text):
-        raise BadArguments(f"{shown(text, 40)} is not a version: give dotted numbers (up to 9 digits each), e.g. 0.1.1")
+        raise BadArguments(
+            f"{shown(text, 40)} is not a version: give dotted numbers (up to 9 digits each), e.g. 0.1.1",
+            fix="Give the version as dotted numbers, as `mobility-server repo list` names the bundles (e.g. 0.1.1).",
+        )
     return text
 
 
@@ -74,8 +78,18 @@ def parse_wave(text: str) -> tuple[int, bool]:
     """``10%`` -> (10, True), ``3`` -> (3, False): a share of the selected machines, or a count."""
     m = _WAVE.match(text.strip())
     if not m or int(m.group(1)) == 0 or (m.group(2) and int(m.group(1)) > 100):
-        raise BadArguments(f"--wave {text!r}: give a share such as 10% (1-100%) or a number of machines such as 3")
+        raise BadArguments(
+            f"--wave {shown(text, 80)} is not a wave size",
+            fix="Give --wave a share of the selected machines such as 10% (1-100%) or a number of machines such as 3.",
+        )
     return int(m.group(1)), bool(m.group(2))
+
+
+def _is_newer(running: str, target: str) -> bool:
+    """Whether ``running`` is a later version than ``target`` (a version that is not one compares as older)."""
+    if not (_VERSION.fullmatch(running) and _VERSION.fullmatch(target)):
+        return False
+    return tuple(map(int, running.split("."))) > tuple(map(int, target.split(".")))
 
 
 def wave_size(wave: tuple[int, bool], total: int) -> int:
@@ -302,8 +316,11 @@ class Rollouts:
         wave_timeout: float,
         published: set[tuple[str, str]],
         now: float,
+        allow_downgrade: bool = False,
     ) -> tuple[Rollout, list[Member]]:
-        """A new rollout, its first wave offered at once. ``published``: (version, OS tag) of the repository."""
+        """A new rollout, its first wave offered at once. ``published``: (version, OS tag) of the repository. A
+        version older than one a selected machine runs is refused unless ``allow_downgrade``: versions move
+        forward (``pin --to`` is the explicit way back for a machine)."""
         with self.storage.transaction() as tx:
             tx.lock(_LOCK)
             running = tx.conn.execute(select(rollouts.c.rollout_id).where(rollouts.c.state == RUNNING)).first()
@@ -313,10 +330,18 @@ class Rollouts:
             known = {m.host_id for m in fleet}
             unknown = [h for h in selection.machines if h not in known]
             if unknown:
-                raise UnknownMachine(f"no machine {', '.join(unknown)} is registered")
+                raise MachineNotFound(f"no machine {', '.join(unknown)} is registered")
             chosen = [m for m in fleet if selection.matches(m)]
             if not chosen:
                 raise RolloutNoMachines(f"no registered machine matches {selection.describe()}")
+            newer = sorted(
+                (m for m in chosen if not m.pinned_version and _is_newer(m.agent_version, to_version)),
+                key=lambda m: m.host_id,
+            )
+            if newer and not allow_downgrade:
+                named = ", ".join(f"{m.hostname} ({m.host_id}) runs {m.agent_version}" for m in newer[:5])
+                more = f" and {len(newer) - 5} more" if len(newer) > 5 else ""
+                raise RolloutDowngrade(f"{to_version} is older than what {len(newer)} machine(s) run: {named}{more}")
             missing = sorted({m.os_tag for m in chosen if (to_version, m.os_tag) not in published})
             if missing:
                 raise RolloutNoBundle(f"the repository has no {to_version} bundle for {', '.join(missing)}")
@@ -649,8 +674,30 @@ class Rollouts:
         found = [tx.machine(h) for h in host_ids]
         unknown = [h for h, m in zip(host_ids, found, strict=True) if m is None]
         if unknown:
-            raise UnknownMachine(f"no machine {', '.join(unknown)} is registered")
+            raise MachineNotFound(f"no machine {', '.join(unknown)} is registered")
         return [m for m in found if m is not None]
+
+
+def pin_back_failed_pin(tx: Tx, host_id: str, job_id: str, runs: str | None, error_id: str | None) -> str | None:
+    """A machine reported that its move under a pin (``pin --to``) failed: it is pinned to the version it runs, with
+    the failure as the reason, as a failed rollout member is (a rollout's moves are settled by its pass, which knows
+    the version each member ran). The version it runs is what its report says, else what its heartbeats last said
+    if that is not the failed version; without either the pin stays where it was, with the reason. Runs in the
+    report's transaction; returns what changed, for the server's log."""
+    m = tx.machine(host_id)
+    if m is None or m.target_job != job_id or m.pinned_version is None or m.target_version is None:
+        return None
+    failed = m.target_version
+    back = runs if runs is not None else (m.agent_version if m.agent_version != failed else None)
+    why = f"move to {failed} (pinned by an operator) failed ({error_id or 'no error ID'})"
+    pinned = back if back is not None and back != failed else failed
+    reason = f"{why}: pinned to {pinned}" if pinned != failed else f"{why}: the version it runs is not known yet"
+    tx.conn.execute(
+        update(machines)
+        .where(and_(machines.c.host_id == host_id, machines.c.target_job == job_id))
+        .values(pinned_version=pinned, pin_reason=reason[:1000], target_version=pinned, target_job=None)
+    )
+    return f"{m.hostname} ({host_id}): {reason}"
 
 
 def target_of(m: Machine | Credential) -> UpdateTarget | None:

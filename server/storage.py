@@ -559,11 +559,13 @@ class Storage:
         remediation: str | None,
         detail: str | None,
         now: float,
+        then: Callable[[Tx], None] | None = None,
     ) -> str:
         """Create or update a job as a client: ``principals`` are who it proved to be ("host:<id>" over mutual TLS,
         "token:<id>" or "passphrase" by a proof; the first owns a new job). A client may update only a job one of
         them owns, or, as host H, a job owned by the token H enrolled with (the job a push created for it):
-        JobNotOwned otherwise."""
+        JobNotOwned otherwise. ``then`` runs in the same transaction once the report is written (what the report
+        changes elsewhere, e.g. a failed move's pin: both or neither)."""
         job_id = job_id or str(uuid.uuid4())
         values = {
             "job_id": job_id,
@@ -591,8 +593,12 @@ class Storage:
                     if not any(tx.may_write(p, row[0], row[1]) for p in principals):
                         raise JobNotOwned(f"job {job_id} belongs to another machine or secret")
                 else:
+                    if then is not None:
+                        then(tx)
                     return job_id
             tx.upsert_job(values, now, principals[0])
+            if then is not None:
+                then(tx)
         return job_id
 
     @_db_errors

@@ -141,9 +141,10 @@ STATE_OWNERS = {
     "daemon_status": "agent.status",  # /var/lib/mobility/daemon.json
     "identity": "agent.identity",  # /var/lib/mobility/identity.json
     "pending_enrolment": "agent.identity",  # /var/lib/mobility/pending-enrolment.json
-    "update_record": "agent.update_state",  # /var/lib/mobility/update.json
-    "update_target": "agent.update_state",  # /var/lib/mobility/target.json
-    "upgrade_marker": "agent.update_state",  # /var/lib/mobility/upgrade.from
+    "update_record": "agent.update.state",  # /var/lib/mobility/update.json
+    "update_target": "agent.update.state",  # /var/lib/mobility/target.json
+    "upgrade_marker": "agent.update.state",  # /var/lib/mobility/upgrade.from
+    "daemon_output": "agent.update.daemonctl",  # /var/log/mobility/daemon.out
     "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
     "freeze_record": "agent.replication.frozen",  # /run/mobility/frozen.json
 }
@@ -168,3 +169,18 @@ def test_the_default_install_directory_is_spelled_once() -> None:
         if isinstance(node, ast.Constant) and node.value == "/usr/local/mobility"
     ]
     assert found == ["agent.install_dir"], found
+
+
+def test_self_update_imports_none_of_the_programs_that_start_it() -> None:
+    """agent/update/ is started by the bootstrapper, the daemon and the CLI; it never imports them (the bootstrapper
+    and the updater once imported each other)."""
+    starters = ("agent.bootstrap", "agent.daemon", "agent.cli")
+    modules = _modules()
+    found = [
+        f"{module}:{line} imports {imported}"
+        for module, source in modules.items()
+        if _inside(module, "agent.update")
+        for line, imported in imports(source, modules)
+        if any(_inside(imported, s) for s in starters)
+    ]
+    assert not found, "\n".join(found)

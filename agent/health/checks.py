@@ -1,4 +1,10 @@
-"""Health checks of the agent itself: pure functions of samples (what the shell measured) and the config."""
+"""Health checks of the agent itself: pure functions of samples (what the shell measured) and the config.
+
+Each check declares whether its failure can be the agent's own doing (``environment = False``: memory, CPU, threads
+and files, the daemon) or says something about the machine and its surroundings (``environment = True``: the server,
+the process server, the clock, the certificate, the disk, the freeze provider). The upgrade watcher's health gate
+(agent/update/gate.py) takes its list of the environment's checks from these declarations: a new version is never
+rolled back for the environment."""
 
 from __future__ import annotations
 
@@ -75,6 +81,7 @@ def _ok(id_: str, message: str, value: str, threshold: str) -> Result:
 class DaemonRunning:
     process: ProcessSample | None
     id: ClassVar[str] = "HLT-DAEMON"
+    environment: ClassVar[bool] = False
     title: ClassVar[str] = "the daemon is running"
     remediation: ClassVar[str] = "Start it: systemctl start mobility (or /etc/init.d/mobility start); see agent.log."
 
@@ -89,6 +96,7 @@ class MemoryBudget:
     process: ProcessSample | None
     config: AgentConfig
     id: ClassVar[str] = "HLT-RSS"
+    environment: ClassVar[bool] = False
     title: ClassVar[str] = "resident memory within the budget"
     remediation: ClassVar[str] = (
         "The daemon sheds caches at the warning level and restarts itself past the budget; if it stays high, "
@@ -116,6 +124,7 @@ class CpuUse:
     process: ProcessSample | None
     config: AgentConfig
     id: ClassVar[str] = "HLT-CPU"
+    environment: ClassVar[bool] = False
     title: ClassVar[str] = "CPU use over the last window"
     remediation: ClassVar[str] = "Check agent.log for work in a loop; collect `mobility diagnostics` and report it."
 
@@ -134,6 +143,7 @@ class ThreadsAndFiles:
     process: ProcessSample | None
     config: AgentConfig
     id: ClassVar[str] = "HLT-THREADS-FILES"
+    environment: ClassVar[bool] = False
     title: ClassVar[str] = "threads and open files"
     remediation: ClassVar[str] = "A leak of threads or file handles: restart the daemon and report it with diagnostics."
 
@@ -153,6 +163,7 @@ class StateDisk:
     disk: DiskSample | None
     config: AgentConfig
     id: ClassVar[str] = "HLT-DISK"
+    environment: ClassVar[bool] = True  # the filesystems' free space is the machine's
     title: ClassVar[str] = "free space and size of the state and log directories"
     remediation: ClassVar[str] = "Free space on the filesystems of /var/lib/mobility and /var/log/mobility."
 
@@ -176,6 +187,7 @@ class ServerReachable:
     config: AgentConfig
     now: float
     id: ClassVar[str] = "HLT-SERVER"
+    environment: ClassVar[bool] = True  # the server and the network path to it
     title: ClassVar[str] = "configuration server reachable"
     remediation: ClassVar[str] = "Check the network path and that `mobility-server serve` runs; reports are kept."
 
@@ -203,6 +215,7 @@ class ClockSkew:
     server: ServerSample
     config: AgentConfig
     id: ClassVar[str] = "HLT-CLOCK-SKEW"
+    environment: ClassVar[bool] = True  # the clock (an NTP step, a resumed VM)
     title: ClassVar[str] = "clock agrees with the server"
     remediation: ClassVar[str] = "Synchronise the clock (chrony or systemd-timesyncd): TLS and recovery points need it."
 
@@ -236,6 +249,7 @@ class CertificateDays:
     config: AgentConfig
     now: float
     id: ClassVar[str] = "HLT-CERT"
+    environment: ClassVar[bool] = True  # the certificate's life and its renewal by the server
     title: ClassVar[str] = "client certificate valid"
     remediation: ClassVar[str] = "The daemon renews it after two thirds of its life; if not, run `mobility configure`."
 
@@ -257,6 +271,7 @@ class CertificateDays:
 class FreezeProvider:
     setup: FreezeSetup  # agent.freeze.provider_status: the set-up's verdict, the one source of truth
     id: ClassVar[str] = "HLT-FREEZE"
+    environment: ClassVar[bool] = True  # the freeze provider's set-up on this machine
     title: ClassVar[str] = "freeze provider set up"
     remediation: ClassVar[str] = FreezeNotReady.remediation
 
@@ -278,6 +293,9 @@ class Replication:
     status: dict[str, Any] | None  # what the replication engine reports (agent/replication/engine.py status_doc)
     now: float
     id: ClassVar[str] = "HLT-REPLICATION"
+    # A stalled disk is most often the process server's doing (down, its store full): the health gate judges
+    # replication by the new version's progress instead (agent/update/gate.py).
+    environment: ClassVar[bool] = True
     title: ClassVar[str] = "protected disks replicating"
     remediation: ClassVar[str] = (
         "See `mobility status` for each disk's state and error (docs/replication.md lists what each means); a "
@@ -322,16 +340,7 @@ class Replication:
         return Result(self.id, Status.PASS, f"{len(disks)} disks in CONTINUOUS, lag {lag:.1f} s", value=f"{lag:.1f} s")
 
 
-def health_checks(
-    config: AgentConfig,
-    now: float,
-    process: ProcessSample | None,
-    server: ServerSample,
-    disk: DiskSample | None,
-    cert_not_after: float | None,
-    freeze: FreezeSetup,
-    replication: dict[str, Any] | None = None,
-) -> list[
+HealthCheck = (
     DaemonRunning
     | MemoryBudget
     | CpuUse
@@ -342,7 +351,32 @@ def health_checks(
     | CertificateDays
     | FreezeProvider
     | Replication
-]:
+)
+# Every kind of health check the daemon runs, with its ID and whether its failure can be the environment's.
+CHECK_TYPES: tuple[type[HealthCheck], ...] = (
+    DaemonRunning,
+    MemoryBudget,
+    CpuUse,
+    ThreadsAndFiles,
+    StateDisk,
+    ServerReachable,
+    ClockSkew,
+    CertificateDays,
+    FreezeProvider,
+    Replication,
+)
+
+
+def health_checks(
+    config: AgentConfig,
+    now: float,
+    process: ProcessSample | None,
+    server: ServerSample,
+    disk: DiskSample | None,
+    cert_not_after: float | None,
+    freeze: FreezeSetup,
+    replication: dict[str, Any] | None = None,
+) -> list[HealthCheck]:
     """Every health check, in the order they are shown."""
     return [
         DaemonRunning(process),

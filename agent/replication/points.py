@@ -48,7 +48,7 @@ from agent.replication.frozen import forget_frozen, record_frozen
 from agent.replication.sync import Capture, DiskReplicator
 from agent.replication.tracing import Tracer
 from agent.shared.errors import MobilityError
-from agent.update_state import version_hold
+from agent.update.state import version_hold
 
 log = logging.getLogger("mobility.replication")
 

@@ -38,6 +38,7 @@ HEALTH_STATES = ("healthy", "warning", "critical", "unknown")
 CHECK_STATES = ("PASS", "WARN", "FAIL", "UNKNOWN")
 
 MAX_CHECKS = 64  # a health report has about a dozen checks
+_DOTTED = re.compile(r"[0-9]+(?:\.[0-9]+){1,7}")  # a version
 MAX_MACS = 64
 MAX_CSR = 8 * 1024
 
@@ -383,6 +384,7 @@ class JobReport:
     error_id: str | None = None
     remediation: str | None = None
     detail: str | None = None
+    runs: str | None = None  # an upgrade job's end: the agent version the machine runs now (a failed move's way back)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -394,6 +396,7 @@ class JobReport:
             "error_id": self.error_id,
             "remediation": self.remediation,
             "detail": self.detail,
+            "runs": self.runs,
         }
 
     @classmethod
@@ -409,10 +412,8 @@ class JobReport:
             error_id=f.optional_text("error_id", 64, pattern=_ERROR_ID),
             remediation=f.optional_text("remediation", 2000),
             detail=f.optional_text("detail", 4000, lines=True),
+            runs=f.optional_text("runs", 64, pattern=_DOTTED),
         )
-
-
-_DOTTED = re.compile(r"[0-9]+(?:\.[0-9]+){1,7}")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,9 @@ def test_parse_manifest() -> None:
     doc = manifest_for("RHEL6", "0.2.0", DEFAULT_FILES)
     m = parse_manifest(json.dumps(doc).encode())
     assert m == Manifest("RHEL6", "0.2.0", "x86_64", Init.SYSV, "3.2", "2.36", doc["files"])
+    assert m.state_format == 1  # a bundle from before state formats were recorded
+    m = parse_manifest(json.dumps({**doc, "state_format": 7}).encode())
+    assert m.state_format == 7
 
 
 def _edited(**changes: Any) -> bytes:
@@ -110,6 +113,10 @@ def _edited(**changes: Any) -> bytes:
         (_edited(kernel_floor="3.2-rc1"), "kernel_floor '3.2-rc1'"),
         (_edited(runtime_glibc="new"), "runtime_glibc 'new'"),
         (_edited(glibc_floor="2.35"), "unknown fields 'glibc_floor'"),  # a bundle from before the bundled runtime
+        (_edited(state_format=0), "state_format '0'"),
+        (_edited(state_format="2"), "state_format '2'"),
+        (_edited(state_format=True), "state_format 'True'"),
+        (_edited(state_format=10**12), "state_format '1000000000000'"),
         (_edited(files=[]), "files must be an object"),
         (_edited(files={"../x": "0" * 64}), "has '..' in its path"),
         (_edited(files={"/etc/x": "0" * 64}), "is an absolute path"),

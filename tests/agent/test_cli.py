@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,26 @@ def test_status_and_health_on_a_machine_without_the_agent(tmp_path: Path) -> Non
             else:
                 assert r.stderr.startswith("error AGENT-NOT-INSTALLED: Mobility is not installed")
                 assert "mobility bootstrap" in r.stderr
+
+
+def test_the_daemon_logs_to_stdout_only_when_that_is_the_journal_or_a_terminal(tmp_path: Path) -> None:
+    """Elsewhere its stdout is a file (the SysV script's agent.log, the upgrade watcher's daemon.out) that must keep
+    only what does not go through logging, such as a crash at start, and not grow with every log line."""
+    probe = (
+        "import logging\n"
+        "from pathlib import Path\n"
+        "from agent.cli import _daemon_logging\n"
+        "from agent.paths import Paths\n"
+        f"_daemon_logging(Paths(Path({str(tmp_path)!r})))\n"
+        "logging.getLogger('mobility.test').info('a line of the log')\n"
+    )
+    out = tmp_path / "daemon.out"
+    for journal in (False, True):
+        with out.open("w") as f:
+            st = Path(f.name).stat()
+            env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+            if journal:
+                env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            subprocess.run([sys.executable, "-c", probe], stdout=f, cwd=REPO, env=env, timeout=60, check=True)
+        assert ("a line of the log" in out.read_text()) is journal
+    assert (tmp_path / "var/log/mobility/agent.log").read_text().count("a line of the log") == 2

@@ -401,7 +401,7 @@ def test_the_target_the_server_names_is_recorded_and_handed_to_a_watcher(
     paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from agent import daemon as daemon_module
-    from agent.update_state import Target, load_target
+    from agent.update.state import Target, load_target
 
     started: list[tuple[str, list[str]]] = []
 
@@ -444,7 +444,7 @@ def test_under_a_health_gate_every_heartbeat_carries_a_fresh_report(paths: Paths
     """The watcher of an upgrade judges CRITICAL over two heartbeats: the version it judges reports at each one, not
     only every health interval (60 s by default, longer than the gate's grace at a 10 s heartbeat)."""
     from agent import __version__
-    from agent.update_state import Phase, UpgradeRecord, save_record
+    from agent.update.state import Phase, UpgradeRecord, save_record
 
     def report_times(link: FakeLink) -> list[float]:
         return [body["health"]["time"] for _, body in link.beats]
@@ -457,3 +457,20 @@ def test_under_a_health_gate_every_heartbeat_carries_a_fresh_report(paths: Paths
     link.beats.clear()
     run_for(daemon, link, 181, start=T0 + 200)
     assert len(set(report_times(link))) == len(link.beats) == 6
+
+
+@pytest.mark.parametrize("step", [-300.0, 300.0])
+def test_a_clock_step_neither_stops_heartbeats_nor_floods_them(paths: Paths, step: float) -> None:
+    """The machine's clock steps by five minutes (an NTP correction, a resumed VM): heartbeats go on every interval
+    by the time that really passed. A step back used to hold every job up for as long as the step."""
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 120)
+    before = len(link.beats)
+    stepped = T0 + 120 + step  # from here the wall clock reads five minutes off
+    run_for(daemon, link, 300, start=stepped)
+    sent = len(link.beats) - before
+    assert 9 <= sent <= 11, sent  # 300 s at one heartbeat per 30 s (a step forward runs what is due once)
+    assert daemon.report["checks"][0]["environment"] is False  # the report says which checks are the environment's
+    skews = {c["id"]: c["environment"] for c in daemon.report["checks"]}
+    assert skews["HLT-CLOCK-SKEW"] is True and skews["HLT-RSS"] is False

@@ -13,7 +13,10 @@ What a process does is read from its environment, which only the suite sets:
   re-executes itself, then removes the request (the test waits for that); ``{"signal_at": {"failover.step": {"step":
   "mounted"}}, "signum": 15}`` makes the process send itself that signal where the point's context matches (its
   handlers run as for a signal from outside: SIGTERM from systemd, Ctrl-C); ``{"fail_while": {"replication.step":
-  FILE}}`` raises an unexpected exception (RuntimeError) at that point each time it is reached while FILE exists.
+  FILE}}`` raises an unexpected exception (RuntimeError) at that point each time it is reached while FILE exists;
+  ``{"refuse": {"repo.serve": DIR}}`` makes the server answer 503 SERVER-BUSY where it reaches that point, as many
+  times as the number left in DIR/refuse (counted down; none while the file is absent): a repository that refuses
+  the first tries.
 - ``MOBILITY_TEST_RECORD``: a directory; each process appends to ``<pid>.ids`` every error ID it raises (each once).
 """
 
@@ -44,6 +47,7 @@ class Injector:
         self.signal_at: dict[str, dict[str, object]] = dict(plan.get("signal_at", {}))
         self.signum = int(plan.get("signum", signal.SIGTERM))
         self.fail_while: dict[str, Path] = {k: Path(v) for k, v in plan.get("fail_while", {}).items()}
+        self.refuse: dict[str, Path] = {name: Path(d) for name, d in plan.get("refuse", {}).items()}
         self.seen: dict[str, int] = {}
         self.held: list[bytearray] = []  # the memory grown on request: real, resident, never freed
 
@@ -66,6 +70,8 @@ class Injector:
         failing = self.fail_while.get(name)
         if failing is not None and failing.exists():
             raise RuntimeError(f"a failure injected at {name}")
+        if name in self.refuse:
+            self._refuse(self.refuse[name] / "refuse")
         if name == "daemon.tick" and self.grow is not None:
             request = self.grow / "grow"
             try:
@@ -76,6 +82,20 @@ class Injector:
             block[::4096] = b"\1" * (len(block) // 4096)  # touch every page: resident, as a leak would be
             self.held.append(block)
             request.unlink()
+
+    @staticmethod
+    def _refuse(counter: Path) -> None:
+        """Answer 503 while the counter says so (the server's request handlers run one at a time on its loop)."""
+        try:
+            left = int(counter.read_text())
+        except (OSError, ValueError):
+            return
+        if left <= 0:
+            return
+        counter.write_text(str(left - 1))
+        from server.errors import ServerBusy
+
+        raise ServerBusy(f"the repository refuses this request (a test's fault plan, {left - 1} more)", retry_after=1)
 
 
 class ErrorRecord:

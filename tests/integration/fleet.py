@@ -3,7 +3,12 @@ own machine-id) that the frozen bootstrapper installs and registers against a re
 on this host as `mobility run --root ROOT` (no init system: the daemon re-executes itself into a new version, and
 the upgrade watcher tends it). Every process a machine starts (its daemon, its watchers, the daemons they start)
 runs in the machine's own cgroup, which `stop()` kills as a whole: nothing outlives a test, found by PID, never by
-name."""
+name.
+
+The environment the tests put the machines through: a process server of its own that can be stopped (SIGSTOP: it
+stalls) while the API answers, a protected loop-device disk per machine, and a wall clock each machine's processes
+read through a preloaded shim (tests/integration/clockstep.c), stepped by a file the test writes (the host's clock,
+which other jobs share, is never touched; the monotonic clock is left alone, as a real clock step leaves it)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tarfile
 import time
@@ -22,11 +28,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.localserver import start_local_server
 from tests.conftest import DISTROS, REPO
-from tests.integration.serverproc import ServerProcess, server_cli, start_server
+from tests.integration.serverproc import ServerProcess, init_server, server_cli, start_server
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 _COUNTER = itertools.count()
+CLOCK_SHIM = REPO / "tests" / "integration" / "clockstep.c"
+
+
+def clock_shim() -> Path:
+    """tests/integration/clockstep.c built (once per run, shared by the workers): preloaded, it steps a process's
+    wall clock by the seconds a file says."""
+    from tests import workers
+
+    def build(where: Path) -> None:
+        cmd = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wno-nonnull-compare", "-o", str(where / "clockstep.so")]
+        subprocess.run([*cmd, str(CLOCK_SHIM), "-ldl"], check=True, timeout=120, capture_output=True)
+
+    return workers.once("clockstep", build) / "clockstep.so"
+
+
+def stepped_clock(offset_file: Path) -> dict[str, str]:
+    """os.environ for a machine's processes whose wall clock is off by the seconds ``offset_file`` holds ("300":
+    five minutes ahead), read again every second; their children (the watcher, the new version's daemon) inherit
+    it. The monotonic clock and sleeps are left alone, as a real clock step leaves them."""
+    offset_file.write_text("0\n")
+    return {**os.environ, "LD_PRELOAD": str(clock_shim()), "MOBILITY_TEST_CLOCK": str(offset_file)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Cgroup:
@@ -73,6 +109,32 @@ def bundle_of(releases: Mapping[str, Path], version: str, tag: str = "DEBIAN12")
     return found
 
 
+def repacked(bundle: Path, dest_dir: Path, **manifest: object) -> Path:
+    """A copy of ``bundle`` (same name) whose bundle.json says ``manifest`` too, e.g. state_format=2: the same frozen
+    programs declared as a version that writes a newer agent state. Every other member is copied as it is."""
+    import gzip
+    import io
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / bundle.name
+    with (
+        tarfile.open(bundle) as src,
+        gzip.open(dest, "wb") as gz,
+        tarfile.open(fileobj=gz, mode="w", format=src.format) as out,
+    ):
+        for member in src.getmembers():
+            data = src.extractfile(member) if member.isfile() else None
+            if member.name.lstrip("./") == "bundle.json" and data is not None:
+                doc = json.loads(data.read())
+                doc.update(manifest)
+                raw = json.dumps(doc, indent=2, sort_keys=True).encode()
+                member.size = len(raw)
+                out.addfile(member, io.BytesIO(raw))
+            else:
+                out.addfile(member, data)
+    return dest
+
+
 def unpack_bundle(bundle: Path, where: Path) -> Path:
     where.mkdir(parents=True)
     with tarfile.open(bundle) as tar:
@@ -115,6 +177,25 @@ class Machine:
 
     def versions(self) -> set[str]:
         return {p.name for p in (self.install_dir / "versions").iterdir()}
+
+    def watchers(self) -> list[int]:
+        """The upgrade watchers running for this machine (`mobility upgrade`, by their command lines)."""
+        found = []
+        for pid in self.cgroup.pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"upgrade" in argv:
+                found.append(pid)
+        return found
+
+    def health_of(self, check: str) -> str | None:
+        """The status of ``check`` in the daemon's last report."""
+        for c in (self.status().get("health") or {}).get("checks", []):
+            if c.get("id") == check:
+                return str(c.get("status"))
+        return None
 
     def running(self) -> str | None:
         """The version of the daemon that runs now, by its own record and a live PID."""
@@ -203,15 +284,66 @@ class Lab:
     """A server and sandbox machines bootstrapped from the 0.1.0 bootstrapper, with the agent settings ``conf``."""
 
     def __init__(
-        self, tmp: Path, releases: Mapping[str, Path], conf: Mapping[str, object], heartbeat: float = 1.0
+        self,
+        tmp: Path,
+        releases: Mapping[str, Path],
+        conf: Mapping[str, object],
+        heartbeat: float = 1.0,
+        *,
+        process_apart: bool = False,
     ) -> None:
+        """``process_apart``: the API and the process server in two processes (`serve --role api|process`), so
+        that the process server can stop while the configuration server answers."""
         self.tmp, self.releases, self.conf = tmp, releases, conf
-        self.server: ServerProcess = start_server(tmp / "data", heartbeat_interval=heartbeat)
+        self.process: ServerProcess | None = None
         self.machines: list[Machine] = []
+        self._loops: list[str] = []
+        if process_apart:
+            self.server, self.process = self._apart(tmp / "data", heartbeat)
+        else:
+            self.server = start_server(tmp / "data", heartbeat_interval=heartbeat)
         self.publish("0.1.0")
 
+    @staticmethod
+    def _apart(data: Path, heartbeat: float) -> tuple[ServerProcess, ServerProcess]:
+        init_server(data)
+        port = free_port()
+        beat = ("--heartbeat-interval", str(heartbeat))
+        api, address, fingerprint = start_local_server(
+            data, *beat, "--role", "api", "--process-address", f"127.0.0.1:{port}"
+        )
+        process, paddress, _ = start_local_server(
+            data, *beat, "--role", "process", "--process-listen", f"127.0.0.1:{port}", "--store-reserve", "32M"
+        )
+        return (
+            ServerProcess(data, api, int(address.rsplit(":", 1)[1]), fingerprint),
+            ServerProcess(data, process, int(paddress.rsplit(":", 1)[1]), fingerprint),
+        )
+
+    def protect(self, m: Machine, size: int = 32 << 20) -> str:
+        """A loop-device disk of ``size`` (sparse, zeros), its node inside the machine's root, protected by the
+        server under a policy with no points to cut meanwhile; returns its /dev path."""
+        image = self.tmp / f"{m.name}-disk.img"
+        with image.open("wb") as f:
+            f.truncate(size)
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+        self._loops.append(loop)
+        st = os.stat(loop)
+        node = m.root / loop.lstrip("/")
+        node.parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(os.major(st.st_rdev), os.minor(st.st_rdev)))
+        server_cli(self.server.data, "policy", "set", "calm", "--interval", "7d", "--retention", "10", check=True)
+        r = server_cli(self.server.data, "protect", "--machine", m.host_id(), "--disk", loop, "--policy", "calm")
+        assert r.returncode == 0, r.stderr
+        return loop
+
     def publish(self, version: str, tag: str = "DEBIAN12") -> None:
-        server_cli(self.server.data, "repo", "add", str(bundle_of(self.releases, version, tag)), check=True)
+        self.publish_file(bundle_of(self.releases, version, tag))
+
+    def publish_file(self, bundle: Path) -> None:
+        server_cli(self.server.data, "repo", "add", str(bundle), check=True)
 
     def add(self, count: int) -> list[Machine]:
         base = len(self.machines)
@@ -249,6 +381,15 @@ class Lab:
         return {str(j["job_id"]): j for j in self.server.jobs()}
 
     def close(self) -> None:
+        from agent.paths import Paths
+        from agent.replication.tracing import remove_leftover
+
         for m in self.machines:
             m.stop()
+            remove_leftover(Paths(m.root.resolve()).state_dir)  # a killed agent's tracing instance
+        if self.process is not None:
+            self.process.proc.send_signal(signal.SIGCONT)  # a test may have left it stopped
+            self.process.stop()
         self.server.stop()
+        for loop in self._loops:
+            subprocess.run(["losetup", "--detach", loop], check=False, timeout=60)

@@ -453,7 +453,7 @@ def test_no_point_while_an_upgrade_switches_and_no_switch_while_a_point_is_cut(l
     keeps it going while the switch is tried, which waits and gives up (UPDATE-BUSY) until the point is cut."""
     from agent.errors import UpdateBusy
     from agent.paths import Paths
-    from agent.update_state import version_switch
+    from agent.update.state import version_switch
 
     server = lab.server(database=database())
     disk = lab.disk("d", 32 * MIB, ("ext4",))

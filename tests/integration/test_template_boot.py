@@ -23,8 +23,9 @@ import pytest
 from agent.libc import find_libc, glibc_version_of
 from agent.paths import Paths
 from scripts.testlab import in_cgroups, make_cgroups, remove_cgroup, sshd_base_root
+from tests import faults
 from tests.conftest import REPO, require_root
-from tests.integration.fleet import bundle_of
+from tests.integration.fleet import bundle_of, clock_shim
 from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
 from tests.integration.serverproc import wait_for as poll
 
@@ -298,13 +299,36 @@ def test_boot_with_the_server_down_then_the_timer_converges(
         vm.stop()
 
 
+# The machine's wall clock for the agent's units (mobility.service and its upgrade watcher), stepped by the test
+# through a file (tests/integration/clockstep.c, copied into the template; the host's and the container's systemd
+# keep their own).
+CLOCK = "/var/lib/mobility-test-clock"
+CLOCK_DROPIN = f"""[Service]
+Environment=LD_PRELOAD=/usr/local/lib/mobility-test-clockstep.so MOBILITY_TEST_CLOCK={CLOCK}
+"""
+# While this file exists, `systemctl show` takes 40 s (a PID 1 too busy to answer): the watcher asks with 30 s.
+SLOW_SHOW = "/var/lib/mobility-test-slow-show"
+SLOW_PROBE = PROBE.replace(
+    "exec /bin/systemctl",
+    f'case "$1" in show) [ -e {SLOW_SHOW} ] && sleep 40;; esac\nexec /bin/systemctl',
+)
+
+
 def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_back(
-    systemd_root: Path, releases: dict[str, Path], tmp_path: Path
+    systemd_root: Path, releases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Real systemd: the daemon hands the upgrade to its own unit, mobility-upgrade@<version>.service, which
-    restarts mobility.service into the new version and watches it. A version that crashes at start is rolled back
-    even though its watcher is killed (kill -9) in the health window: systemd starts the watcher again, which takes
-    the upgrade over; while it runs, the watcher is wanted at boot. The next boot has nothing to do."""
+    restarts mobility.service into the new version and watches it.
+
+    A good version is kept although the repository answers 503 to its first downloads (each watcher ends with
+    75, which the unit does not restart: the daemon starts one again later) and the machine's clock steps five
+    minutes ahead in its health window. A version that crashes at start is rolled back although systemd does not
+    answer `systemctl show` for minutes and its watcher is killed (kill -9) in the health window: systemd starts the
+    watcher again, which takes the upgrade over; while it runs, the watcher is wanted at boot; the job says what the
+    crashing version printed (its journal). The next boot has nothing to do."""
+    refuse = tmp_path / "refuse"
+    refuse.mkdir()
+    monkeypatch.setenv(faults.PLAN, json.dumps({"refuse": {"repo.serve": str(refuse)}}))  # the server's
     server = start_server(tmp_path / "data", heartbeat_interval=1.0)
     vm: Container | None = None
     try:
@@ -327,8 +351,20 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
         publish("0.1.0")
         root = bake(systemd_root, tmp_path / "vm", releases["0.1.0"], server, "e5" * 16)
         (root / "etc/mobility/mobility.conf").write_text(
-            json.dumps({"health_seconds": 1, "update_window_seconds": 30, "update_settle_seconds": 3})
+            json.dumps({"health_seconds": 1, "update_window_seconds": 30, "update_settle_seconds": 10})
         )
+        # The bootstrapper's timer at its product interval again (bake's drop-in retries every 5 s): here it would
+        # start a dead watcher again within seconds, hiding whether the watcher's unit does.
+        (root / "etc/systemd/system/mobility-bootstrap.timer.d/zz-product.conf").write_text(
+            "[Timer]\nOnUnitInactiveSec=\nOnUnitInactiveSec=15min\n"
+        )
+        (root / "usr/local/sbin/systemctl").write_text(SLOW_PROBE)
+        shutil.copy2(clock_shim(), root / "usr/local/lib/mobility-test-clockstep.so")
+        clock = root / CLOCK.lstrip("/")
+        clock.write_text("0\n")
+        for unit in ("mobility.service", "mobility-upgrade@.service"):
+            (root / f"etc/systemd/system/{unit}.d").mkdir(parents=True)
+            (root / f"etc/systemd/system/{unit}.d/clock.conf").write_text(CLOCK_DROPIN)
         vm = Container(root)
         wait_for("the install", lambda: [j for j in server.jobs() if j["state"] == "succeeded"])
         wait_for("the daemon", lambda: vm is not None and vm.daemon().get("heartbeats_sent", 0) >= 2)
@@ -339,11 +375,29 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
             except (OSError, ValueError):
                 return {}
 
+        (refuse / "refuse").write_text("3")
         publish("0.1.1")
         rollout("update", "--to", "0.1.1", "--all")
+        wait_for("three refusals", lambda: (refuse / "refuse").read_text() == "0", timeout=120)
+        wait_for(
+            "the switch",
+            lambda: (
+                record().get("to_version") == "0.1.1" and record()["phase"] in ("switching", "restarting", "watching")
+            ),
+            timeout=120,
+        )
+        clock.write_text("300\n")  # five minutes ahead
+        wait_for("the clock's step seen", lambda: (vm.daemon().get("skew_seconds") or 0) >= 300, timeout=60)
+        wait_for(
+            "the upgrade kept", lambda: record().get("phase") in ("committed", "rolled-back", "failed"), timeout=90
+        )
+        assert record()["phase"] == "committed" and record()["interrupted"] == 0, record()
+        clock.write_text("0\n")  # NTP steps it back: the machine is no longer critical, the wave verifies
         wait_for("the rollout", lambda: rollout("updates")["state"] == "completed")
         wait_for("0.1.1 in mobility.service", lambda: daemon_runs("0.1.1"), timeout=30)
-        assert "restarted the daemon into 0.1.1 (systemd)" in (root / "var/log/mobility/install.log").read_text()
+        log = (root / "var/log/mobility/install.log").read_text()
+        assert "restarted the daemon into 0.1.1 (systemd)" in log and "rolling back" not in log
+        assert log.count("postponed: TUF-FETCH-FAILED") == 3
         assert "Started" in vm.journal("mobility-upgrade@0.1.0.service")
 
         publish("0.1.2")
@@ -351,12 +405,27 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
         wants = root / "etc/systemd/system/multi-user.target.wants/mobility-upgrade@0.1.1.service"
         wait_for("the health window", lambda: record().get("to_version") == "0.1.2" and record()["phase"] == "watching")
         assert wants.is_symlink()  # a power cut now would start the watcher at boot
+        slow = root / SLOW_SHOW.lstrip("/")
+        slow.touch()  # systemd stops answering the watcher's looks
         (watcher,) = wait_for("the watcher", lambda: vm.unit_pids("mobility-upgrade@0.1.1.service"))
         os.kill(watcher, signal.SIGKILL)
-        halted = wait_for("the rollback", lambda: (r := rollout("updates"))["state"] == "halted" and r, timeout=120)
+        wait_for("the watcher started again", lambda: set(vm.unit_pids("mobility-upgrade@0.1.1.service")) - {watcher})
+        wait_for(
+            "two looks of the new watcher timed out",
+            lambda: (
+                vm.journal("mobility-upgrade@0.1.1.service").count("systemd did not say how mobility.service is") >= 2
+            ),
+            timeout=150,
+        )
+        assert vm.unit_pids("mobility-upgrade@0.1.1.service") and record()["phase"] == "watching", record()
+        slow.unlink()
+        halted = wait_for("the rollback", lambda: (r := rollout("updates"))["state"] == "halted" and r, timeout=150)
         (member,) = halted["machines"]
         assert (member["state"], member["error_id"]) == ("failed", "UPDATE-CRASHED")
-        assert record()["resumes"] >= 1 and record()["outcome"]["error_id"] == "UPDATE-CRASHED"
+        assert record()["interrupted"] >= 1 and record()["outcome"]["error_id"] == "UPDATE-CRASHED"
+        detail = next(j for j in server.jobs() if j["job_id"] == member["job_id"])["detail"]
+        assert "the journal of mobility.service" in detail, detail
+        assert "a deliberately broken test build crashes at start" in detail, detail
         wait_for("0.1.1 again in mobility.service", lambda: daemon_runs("0.1.1"), timeout=30)
         assert not wants.exists()
         assert (root / "usr/local/mobility/current").readlink() == Path("versions/0.1.1")

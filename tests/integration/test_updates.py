@@ -3,7 +3,12 @@ time; the broken ones come from a test-only entry point, tests/integration/broke
 server, on sandbox machines whose daemons run (tests/integration/fleet.py): waves, automatic rollback of broken
 versions and the halt that follows, kill -9 at each step of an upgrade, the server down during a health window,
 the bootstrapper's part at boot, and a SysV machine (a chroot driven by its init script). The systemd machine is
-in test_template_boot.py."""
+in test_template_boot.py.
+
+No false rollbacks: a good version is kept through a clock step (a preloaded shim: the machine's wall clock only), a
+stalled process server (SIGSTOP) and a repository that answers 503 to the first tries; a crash-looping version
+whose watcher is killed in its health window is still rolled back, with its own words in the job; a failed move
+under a pin is pinned back; a version that cannot read the machine's state is refused before anything switches."""
 
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ from agent.paths import Paths
 from scripts.polling import wait_for
 from tests import faults
 from tests.conftest import REPO, require_root
-from tests.integration.fleet import Cgroup, Lab, Machine, bundle_of, unpack_bundle
-from tests.integration.serverproc import debian_root, start_server
+from tests.integration.fleet import Cgroup, Lab, Machine, bundle_of, repacked, stepped_clock, unpack_bundle
+from tests.integration.serverproc import debian_root, server_cli, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +332,195 @@ def test_a_full_disk_before_the_switch_leaves_the_running_version_and_no_partial
     finally:
         m.stop()
         subprocess.run(["umount", str(install_dir)], check=False)
+
+
+# No false rollbacks: the environment is not the agent ---------------------------------------------------------------
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def switching(m: Machine, to: str) -> bool:
+    """The machine's upgrade to ``to`` is past its baseline: switching, restarting or watching."""
+    record = m.record()
+    return record.get("to_version") == to and record.get("phase") in ("switching", "restarting", "watching")
+
+
+def test_a_clock_step_in_the_health_window_rolls_nothing_back(tmp_path: Path, releases: dict[str, Path]) -> None:
+    """The machine's clock steps five minutes ahead right after the switch (an NTP correction, a resumed VM):
+    HLT-CLOCK-SKEW fails in the new version's reports, which is the environment's, and the upgrade is kept. The
+    gate's durations do not jump with the clock either. Then NTP steps the clock back, and the wave verifies."""
+    lab = Lab(tmp_path, releases, {**CONF, "update_window_seconds": 30, "update_settle_seconds": 10})
+    try:
+        (m,) = lab.add(1)
+        clock = tmp_path / "clock"
+        m.env = stepped_clock(clock)
+        m.start()
+        wait_for("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+        lab.publish("0.1.1")
+        lab.cli("update", "--to", "0.1.1", "--all")
+        wait_for("the switch", lambda: switching(m, "0.1.1"), 60, every=0.02, most=0.02)
+        clock.write_text("300\n")
+        wait_for(
+            "0.1.1 reporting the clock five minutes off",
+            lambda: m.running() == "0.1.1" and m.health_of("HLT-CLOCK-SKEW") == "FAIL",
+            60,
+        )
+        wait_for("the end of the upgrade", lambda: m.record().get("phase") in TERMINAL, 90)
+        assert m.record()["phase"] == "committed", m.record()
+        assert "rolling back" not in m.log() and m.running() == "0.1.1"
+        clock.write_text("0\n")  # NTP steps it back: the machine is no longer critical, the wave verifies
+        rollout = until_state(lab, "completed", timeout=90)
+        assert [x["job_state"] for x in rollout["machines"]] == ["succeeded"]
+    finally:
+        lab.close()
+
+
+def test_a_stalled_process_server_in_the_health_window_rolls_nothing_back(
+    tmp_path: Path, releases: dict[str, Path]
+) -> None:
+    """A protected disk in CONTINUOUS under 0.1.0; the process server stalls (SIGSTOP, the API still answers) as
+    0.1.1 takes over, for longer than the health window: 0.1.1's disk is STALLED, HLT-REPLICATION fails, and nothing
+    is rolled back. Once the process server goes on, 0.1.1's disk is back in CONTINUOUS and the upgrade is kept."""
+    lab = Lab(tmp_path, releases, CONF, process_apart=True)
+    assert lab.process is not None
+    try:
+        (m,) = lab.add(1)
+        lab.protect(m)
+        m.start()
+        wait_for(
+            "the disk in CONTINUOUS under 0.1.0",
+            lambda: [d.get("state") for d in m.state("replication/status.json").get("disks", [])] == ["CONTINUOUS"],
+            120,
+        )
+        lab.publish("0.1.1")
+        lab.cli("update", "--to", "0.1.1", "--all")
+        wait_for("the switch", lambda: switching(m, "0.1.1"), 60, every=0.02, most=0.02)
+        lab.process.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(
+                "0.1.1 reporting its disk stalled",  # 30 s without progress (agent/replication/sync.py)
+                lambda: m.running() == "0.1.1" and m.health_of("HLT-REPLICATION") == "FAIL",
+                120,
+            )
+            stalled = time.monotonic()
+            while time.monotonic() - stalled < CONF["update_window_seconds"] + 10:  # failing for a whole window
+                assert m.record()["phase"] == "watching", m.record()
+                assert m.health_of("HLT-REPLICATION") == "FAIL"
+                time.sleep(1)
+        finally:
+            lab.process.proc.send_signal(signal.SIGCONT)
+        wait_for("the end of the upgrade", lambda: m.record().get("phase") in TERMINAL, 150)
+        assert m.record()["phase"] == "committed", m.record()
+        assert "rolling back" not in m.log() and m.running() == "0.1.1"
+        assert m.state("replication/status.json")["disks"][0]["state"] == "CONTINUOUS"
+        until_state(lab, "completed", timeout=60)
+    finally:
+        lab.close()
+
+
+def test_a_repository_that_refuses_the_first_tries_postpones_and_rolls_nothing_back(
+    tmp_path: Path, releases: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repository answers 503 to the first six downloads: each watcher is postponed (TUF-FETCH-FAILED) and the
+    daemon starts another later; the seventh gets the bundle, switches, and the new version is watched and kept.
+    The takeovers of a download are not interruptions of a health gate (six of those would roll it back)."""
+    refuse = tmp_path / "refuse"
+    refuse.mkdir()
+    monkeypatch.setenv(faults.PLAN, json.dumps({"refuse": {"repo.serve": str(refuse)}}))  # the server's, below
+    lab = Lab(tmp_path, releases, CONF)
+    try:
+        (m,) = lab.add(1)
+        m.start()
+        wait_for("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+        (refuse / "refuse").write_text("6")
+        lab.publish("0.1.1")
+        lab.cli("update", "--to", "0.1.1", "--all")
+        wait_for("six refusals", lambda: (refuse / "refuse").read_text() == "0", 150, every=1.0)
+        wait_for("the upgrade kept", lambda: on(m, "0.1.1") and m.record()["phase"] == "committed", 90)
+        record = m.record()
+        assert record["resumes"] >= 6 and record["interrupted"] == 0, record
+        assert m.log().count("postponed: TUF-FETCH-FAILED") >= 6
+        assert "rolling back" not in m.log()
+        until_state(lab, "completed", timeout=60)
+    finally:
+        lab.close()
+
+
+def test_a_crash_looping_version_whose_watcher_is_killed_is_rolled_back_with_its_own_words(lab: Lab) -> None:
+    """0.1.2 crashes at start, before any heartbeat: nothing of it will ever start a watcher. Its watcher is
+    killed (kill -9) in the health window, where no init system restarts it: the watcher's keeper starts it
+    again, the gate goes on, 0.1.2 is rolled back, and the job says what 0.1.2 printed as it crashed."""
+    (m,) = lab.add(1)
+    m.start()
+    wait_for("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+    lab.publish("0.1.2")
+    lab.cli("update", "--to", "0.1.2", "--all")
+    wait_for("the health window", lambda: m.record().get("phase") == "watching", 60, every=0.02, most=0.02)
+    found = m.watchers()  # the watcher, and its keeper: a fork of it (the same command line), its child
+    (watcher,) = [pid for pid in found if parent_of(pid) not in found]
+    os.kill(watcher, signal.SIGKILL)
+    rollout = until_state(lab, "halted", timeout=120)
+    (member,) = rollout["machines"]
+    assert member["error_id"] == "UPDATE-CRASHED", member
+    wait_for("0.1.0 back", lambda: on(m, "0.1.0"), 60)
+    assert m.record()["interrupted"] >= 1
+    detail = lab.jobs()[member["job_id"]]["detail"]
+    assert "a deliberately broken test build crashes at start" in detail, detail
+    assert "daemon.out" in detail
+
+
+# Moves the operator asked for, and the way back ----------------------------------------------------------------
+
+
+def test_a_failed_pin_is_pinned_back_and_a_version_that_cannot_read_the_state_is_refused(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """`pin --to 0.1.2` (a canary that crashes) is rolled back, and the server pins the machine to the version it
+    runs, not the failed one. Then the machine runs a 0.1.1 that declares agent state format 2: a rollout back to
+    0.1.0 is refused without --allow-downgrade, and with it (or with `pin --to 0.1.0`) the machine refuses 0.1.0,
+    which reads format 1 only, before anything is removed or switched, and is pinned to 0.1.1."""
+    (m,) = lab.add(1)
+    m.start()
+    wait_for("heartbeats", lambda: m.status().get("heartbeats_sent", 0) >= 2, 60)
+    host = m.host_id()
+
+    def machine() -> dict[str, Any]:
+        return next(x for x in lab.server.machines() if x["host_id"] == host)
+
+    lab.publish("0.1.2")
+    lab.cli("pin", host, "--to", "0.1.2", "--reason", "canary")
+    wait_for("the canary rolled back", lambda: on(m, "0.1.0") and m.record().get("phase") == "rolled-back", 90)
+    wait_for("pinned back", lambda: machine()["pinned"] == "0.1.0", 30)
+    assert "UPDATE-CRASHED" in str(machine()["pin_reason"]) and "0.1.2" in str(machine()["pin_reason"])
+    assert machine()["target_version"] == "0.1.0"
+    lab.cli("unpin", host)
+
+    lab.publish_file(repacked(bundle_of(lab.releases, "0.1.1"), tmp_path / "format2", state_format=2))
+    lab.cli("update", "--to", "0.1.1", "--all")
+    until_state(lab, "completed", timeout=90)
+    assert m.current() == "0.1.1" and m.versions() == {"0.1.0", "0.1.1"}
+
+    r = server_cli(lab.server.data, "update", "--to", "0.1.0", "--all")
+    assert r.returncode == 2 and r.stderr.startswith("error ROLLOUT-DOWNGRADE:"), r.stderr
+    assert host in r.stderr and "--allow-downgrade" in r.stderr
+    lab.cli("update", "--to", "0.1.0", "--all", "--allow-downgrade")
+    rollout = until_state(lab, "halted", timeout=90)
+    (member,) = rollout["machines"]
+    assert member["error_id"] == "UPDATE-STATE-FORMAT", member
+    assert "format 1" in lab.jobs()[member["job_id"]]["detail"]
+    assert m.record()["phase"] == "failed" and m.current() == "0.1.1" and m.running() == "0.1.1"
+    assert m.versions() == {"0.1.0", "0.1.1"}  # nothing removed, nothing placed
+    assert machine()["pinned"] == "0.1.1"
+    lab.cli("unpin", host)
+
+    lab.cli("pin", host, "--to", "0.1.0")  # the explicit way back: refused by the machine all the same
+    wait_for("the pin refused", lambda: m.record().get("phase") == "failed" and m.record()["to_version"] == "0.1.0"
+             and m.record()["job_id"] != member["job_id"], 90)  # fmt: skip
+    wait_for("pinned back", lambda: machine()["pinned"] == "0.1.1", 30)
+    assert "UPDATE-STATE-FORMAT" in str(machine()["pin_reason"])
+    assert m.current() == "0.1.1" and m.running() == "0.1.1"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bootstrap import unpack
+from agent.bundle_dir import unpack
 from agent.paths import Paths
 from tests.bundle_factory import make_bundle
 from tests.conftest import REPO

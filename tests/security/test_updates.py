@@ -17,7 +17,8 @@ from agent.errors import RemoteError
 from agent.paths import Paths
 from agent.registration import heartbeat, report_job
 from agent.shared import wire
-from agent.update_state import Phase, Target, load_record, load_target, save_target
+from agent.update.state import Phase, Target, load_record, load_target, save_target
+from scripts.polling import wait_for
 from tests.bundle_factory import make_bundle
 from tests.integration.serverproc import ServerProcess, error_code, raw_call, server_cli, start_server
 from tests.security.sandbox import error_id, install, make_root, mobility, unpacked_bundle
@@ -60,9 +61,17 @@ def test_only_the_machine_itself_reports_on_its_upgrade_job(server: ServerProces
     assert refused.value.id == "JOB-NOT-OWNED"
     own = {"kind": "upgrade", "state": "failed", "hostname": "b", "error_id": "UPDATE-CRASHED"}
     report_job(Paths(b), own)
-    time.sleep(3)  # the server's rollout pass runs every 2 s
     (now,) = cli(server, "updates")
     assert now["state"] == "running" and now["machines"][0]["state"] == "offered"
+    # Then A itself moves to 0.1.1 and says so: the rollout pass that completes the rollout (every 2 s) reads what B
+    # reported too, and a failure or a pin it had caused would stay (a failed member never succeeds again).
+    beat = {"host_id": host_id_of(a), "agent_version": "0.1.1", "health": {"status": "healthy", "time": time.time()}}
+    status, _ = raw_call(server, "POST", wire.HEARTBEAT_PATH, json.dumps(beat).encode(), cert=cert_of(a))
+    assert status == 200
+    report_job(Paths(a), {"kind": "upgrade", "state": "succeeded", "hostname": "a", "job_id": job_id})
+    now = wait_for("the rollout pass to complete the rollout", lambda: (r := cli(server, "updates")[0])["state"] ==
+                   "completed" and r, 30)  # fmt: skip
+    assert [(m["host_id"], m["state"], m["error_id"]) for m in now["machines"]] == [(host_id_of(a), "succeeded", None)]
     assert {m["host_id"]: m["pinned"] for m in server.machines()} == {host_id_of(a): None, host_id_of(b): None}
 
 
@@ -96,7 +105,7 @@ def test_hostile_rollout_and_pin_values_change_nothing(server: ServerProcess, tm
         (("update", "--to", "0.9.9", "--all"), "ROLLOUT-NO-BUNDLE"),
         (("update", "--to", "0.1.1", "--os-tag", "RHEL9"), "ROLLOUT-NO-MACHINES"),
         (("update", "--halt"), "ROLLOUT-NOT-RUNNING"),
-        (("pin", "11111111-1111-4111-8111-111111111111"), "MACHINE-UNKNOWN"),
+        (("pin", "11111111-1111-4111-8111-111111111111"), "MACHINE-NOT-FOUND"),
     ):
         r = server_cli(server.data, *args)
         assert r.stderr.startswith(f"error {code}:"), (args, r.stderr)
@@ -108,6 +117,53 @@ def test_hostile_rollout_and_pin_values_change_nothing(server: ServerProcess, tm
     (machine,) = server.machines()
     for shown in (pinned["pin_reason"], machine["pin_reason"], server_cli(server.data, "updates", check=True).stdout):
         assert "\x1b" not in shown and "\nforged" not in shown
+
+
+def test_every_refusal_of_a_rollout_or_a_pin_tells_the_operator_what_to_do(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Each way `update`, `pin` and `unpin` refuse a command line they could parse, one command each: its own
+    remediation, for the operator at the server (never the agent's `mobility configure`, never the bare "see
+    --help", which only a command line argparse cannot parse gets)."""
+    a = registered(server, tmp_path, "a", "a3" * 16)
+    server_cli(server.data, "repo", "add", str(make_bundle(tmp_path / "bundles", "DEBIAN12", "0.1.1")), check=True)
+    unknown = "11111111-1111-4111-8111-111111111111"
+    refusals = [
+        ("update", "--halt", "--all"),
+        ("update", "--all"),
+        ("update", "--to", "0.1.1"),
+        ("update", "--to", "0.1.1", "--os-tag", "NOT-A-TAG"),
+        ("update", "--to", "0.1.1", "--all", "--max-failures", "0"),
+        ("update", "--to", "0.1.1;reboot", "--all"),
+        ("update", "--to", "0.1.1", "--all", "--wave", "0%"),
+        ("update", "--to", "0.1.1", "--all", "--wave-timeout", "5x"),
+        ("update", "--to", "0.1.1", "--machines", "../a"),
+        ("update", "--to", "0.1.1", "--machines", unknown),
+        ("update", "--to", "0.9.9", "--all"),
+        ("update", "--to", "0.1.1", "--os-tag", "RHEL9"),
+        ("update", "--halt"),
+        ("pin", unknown),
+        ("unpin", unknown),
+    ]
+    fixes: dict[str, tuple[str, ...]] = {}
+    for args in refusals:
+        r = server_cli(server.data, *args)
+        assert r.returncode != 0 and r.stderr.startswith("error "), (args, r.stderr)
+        (fix,) = [
+            line.strip().removeprefix("fix: ") for line in r.stderr.splitlines() if line.strip().startswith("fix:")
+        ]
+        assert "mobility configure" not in fix and "--help" not in fix, (args, fix)
+        fixes.setdefault(fix, ())
+        fixes[fix] += (" ".join(args),)
+    shared = {
+        fix: cmds
+        for fix, cmds in fixes.items()
+        if len(cmds) > 1 and not all("unknown" in c or unknown in c for c in cmds)
+    }
+    assert not shared, shared  # only an unknown machine is the same refusal wherever it is named
+    r = server_cli(server.data, "pin", unknown)
+    assert r.stderr.startswith("error MACHINE-NOT-FOUND:") and "mobility-server machines" in r.stderr
+    assert cli(server, "updates") == [] and host_id_of(a)
 
 
 def test_a_server_that_names_a_hostile_update_is_not_followed(tmp_path: Path) -> None:

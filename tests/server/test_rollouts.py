@@ -12,7 +12,14 @@ import pytest
 from agent.shared.errors import BadArguments
 from agent.shared.wire import MachineFacts
 from server.database import parse_database
-from server.errors import RolloutNoBundle, RolloutNoMachines, RolloutNotRunning, RolloutRunning, UnknownMachine
+from server.errors import (
+    MachineNotFound,
+    RolloutDowngrade,
+    RolloutNoBundle,
+    RolloutNoMachines,
+    RolloutNotRunning,
+    RolloutRunning,
+)
 from server.rollouts import (
     COMPLETED,
     FAILED,
@@ -26,6 +33,7 @@ from server.rollouts import (
     Rollouts,
     Selection,
     parse_wave,
+    pin_back_failed_pin,
     plan_waves,
     target_of,
     wave_size,
@@ -213,7 +221,7 @@ def test_refused_rollouts_change_nothing(storage: Storage) -> None:
         rollouts.start("0.9.9", Selection(all=True), parse_wave("10%"), 1, 600, PUBLISHED, T0)
     with pytest.raises(RolloutNoMachines):
         rollouts.start("0.1.1", Selection(os_tag="RHEL9"), parse_wave("10%"), 1, 600, PUBLISHED, T0)
-    with pytest.raises(UnknownMachine):
+    with pytest.raises(MachineNotFound):
         rollouts.start("0.1.1", Selection(machines=(host(99),)), parse_wave("10%"), 1, 600, PUBLISHED, T0)
     assert rollouts.listing() == []
     assert all(m.target_version is None for m in storage.machines())
@@ -235,8 +243,87 @@ def test_pin_moves_a_machine_and_keeps_it_out_of_rollouts(storage: Storage) -> N
     assert (m.pinned_version, m.target_version) == (None, None)
     with pytest.raises(RolloutNoBundle):
         rollouts.pin([host(3)], "0.3.0", "x", PUBLISHED, T0)
-    with pytest.raises(UnknownMachine):
+    with pytest.raises(MachineNotFound):
         rollouts.unpin([host(77)])
+    with pytest.raises(MachineNotFound):
+        rollouts.pin([host(78)], None, "x", PUBLISHED, T0)
+
+
+def test_a_downgrade_is_refused_unless_the_operator_allows_it(storage: Storage) -> None:
+    """Versions move forward: a rollout to a version older than one a selected machine runs is refused (nothing
+    started, nothing offered) unless --allow-downgrade; a pinned machine is not moved by a rollout, so it does not
+    count; `pin --to` stays the explicit way back."""
+    rollouts = Rollouts(storage)
+    heartbeat(storage, host(2), host(5), at=T0 + 1, version="0.1.2")
+    with pytest.raises(RolloutDowngrade) as refused:
+        rollouts.start("0.1.1", Selection(all=True), parse_wave("100%"), 1, 600, PUBLISHED, T0 + 2)
+    assert "m2" in refused.value.message and "m5" in refused.value.message and "0.1.2" in refused.value.message
+    assert rollouts.listing() == [] and all(m.target_version is None for m in storage.machines())
+    rollouts.pin([host(2), host(5)], None, "hold", PUBLISHED, T0 + 3)  # pinned at 0.1.2: out of rollouts
+    rollout_id = start(storage, wave="100%")
+    assert states(storage, rollout_id)[host(2)] == SKIPPED
+    rollouts.halt("by hand", T0 + 4)
+    rollouts.unpin([host(2), host(5)])
+    rollout, members = rollouts.start(
+        "0.1.1", Selection(all=True), parse_wave("100%"), 1, 600, PUBLISHED, T0 + 5, allow_downgrade=True
+    )
+    assert rollout.state == RUNNING and {m.host_id for m in members if m.state == OFFERED} >= {host(2), host(5)}
+
+
+def fail_move(storage: Storage, host_id: str, at: float, runs: str | None, error_id: str = "UPDATE-CRASHED") -> None:
+    """The machine reports that its move failed, as POST /v1/jobs does (the pin-back in the report's transaction)."""
+    machine = storage.machine(host_id)
+    assert machine is not None and machine.target_job is not None
+    job_id = machine.target_job
+    storage.report_job(
+        principals=[f"host:{host_id}"],
+        job_id=job_id,
+        host_id=host_id,
+        hostname=machine.hostname,
+        kind="upgrade",
+        state="failed",
+        error_id=error_id,
+        remediation=None,
+        detail="rolled back",
+        now=at,
+        then=lambda tx: (pin_back_failed_pin(tx, host_id, job_id, runs, error_id), None)[1],
+    )
+
+
+def test_a_failed_pin_move_pins_the_machine_to_the_version_it_runs(storage: Storage) -> None:
+    """`pin --to 0.1.2` (a canary) whose upgrade is rolled back: the server no longer keeps the machine pinned to
+    the failed version, but to the one it runs, with the failure as the reason, as for a rollout's member."""
+    rollouts = Rollouts(storage)
+    rollouts.pin([host(1)], "0.1.2", "canary", PUBLISHED, T0)
+    heartbeat(storage, host(1), at=T0 + 5, version="0.1.2")  # the new version heartbeated before it was rolled back
+    fail_move(storage, host(1), T0 + 10, runs="0.1.0")
+    m = storage.machine(host(1))
+    assert m is not None and (m.pinned_version, m.target_version, m.target_job) == ("0.1.0", "0.1.0", None)
+    assert m.pin_reason is not None and "0.1.2" in m.pin_reason and "UPDATE-CRASHED" in m.pin_reason
+    target = target_of(m)
+    assert target is not None and (target.version, target.job_id, target.pinned) == ("0.1.0", None, True)
+
+    # An agent that does not say what it runs: its heartbeats do, unless they came from the failed version.
+    rollouts.pin([host(2)], "0.1.2", "canary", PUBLISHED, T0)
+    fail_move(storage, host(2), T0 + 10, runs=None, error_id="UPDATE-STATE-FORMAT")
+    m = storage.machine(host(2))
+    assert m is not None and (m.pinned_version, m.target_job) == ("0.1.0", None)
+    rollouts.pin([host(3)], "0.1.2", "canary", PUBLISHED, T0)
+    heartbeat(storage, host(3), at=T0 + 5, version="0.1.2")
+    fail_move(storage, host(3), T0 + 10, runs=None)
+    m = storage.machine(host(3))
+    assert m is not None and (m.pinned_version, m.target_job) == ("0.1.2", None)
+    assert m.pin_reason is not None and "not known yet" in m.pin_reason
+
+    # A rollout member's failure is the rollout's to settle (its pass pins it to the version it ran).
+    rollout_id = start(storage, wave="100%")
+    (member, *_) = offered(storage, rollout_id)
+    fail_move(storage, member, T0 + 20, runs="0.1.0")
+    m = storage.machine(member)
+    assert m is not None and m.pinned_version is None
+    rollouts.advance(T0 + 21)
+    m = storage.machine(member)
+    assert m is not None and m.pinned_version == "0.1.0" and "failed" in (m.pin_reason or "")
 
 
 def test_the_dashboard_reads_a_rollout_a_page_at_a_time_and_counts_it_in_the_database(storage: Storage) -> None:

@@ -5,15 +5,15 @@ The updater is the watcher that does not live inside the new version: the daemon
 version that runs now (systemd: the unit ``mobility-upgrade@<version>.service``, beside and not inside
 ``mobility.service``; otherwise a detached process), and it keeps running that program while it
 
-1. fetches the bundle of the target version through TUF (agent/fetch.py: never an unsigned, tampered or rolled-back
-   one) and places it beside the running version (versions/<v>, verified copy);
-2. switches ``current`` to it atomically, with its units and agent.json (agent/install.py ``activate_version``);
-3. restarts the daemon into it (agent/daemonctl.py: systemd, the SysV script, or the daemon itself with SIGUSR1);
-4. watches it through the health gate (agent/gate.py) and commits it, or switches ``current`` back to the previous
+1. fetches the bundle of the target version through TUF (``fetch``: never an unsigned, tampered or rolled-back
+   one) and places it beside the running version (``beside``: versions/<v>, verified copy);
+2. switches ``current`` to it atomically, with its units and agent.json (``switch``);
+3. restarts the daemon into it (``daemonctl``: systemd, the SysV script, or the daemon itself with SIGUSR1);
+4. watches it through the health gate (``gate``) and commits it, or switches ``current`` back to the previous
    version, restarts that, and reports why;
 5. reports the upgrade job to the server at each step, and its end (the server pins a rolled-back machine).
 
-Every step is recorded in /var/lib/mobility/update.json before it is taken (agent/update_state.py), so an updater
+Every step is recorded in /var/lib/mobility/update.json before it is taken (``state``), so an updater
 that is killed, or a machine that loses power, resumes where it stopped: the daemon (of either version) starts an
 updater again when it finds an unfinished record and none running; under systemd the unit restarts a killed updater
 and is enabled for boot while an upgrade is unfinished; the SysV script starts one at boot. A temporary failure
@@ -24,35 +24,38 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import load_config
-from agent.daemonctl import Supervisor, supervisor_for
 from agent.distros import BY_TAG, Init
 from agent.errors import (
     AgentNotInstalled,
     InstallBusy,
-    InstallFailed,
     UpdateBusy,
     UpdateNotHealthy,
     UpdateRolledBack,
 )
 from agent.faults import fault_point
-from agent.gate import Commit, Gate, GateSettings, Observation, RollBack
 from agent.identity import load_registration, machine_hostname
-from agent.install import activate_version, install_lock, log, place_version, prune_versions, version_complete
+from agent.install import install_lock, log, version_complete
 from agent.install_dir import InstallDir, parse_install_dir
 from agent.installed import InstallRecord, load_install_record
 from agent.paths import Paths
-from agent.services import upgrade_unit_link
 from agent.shared.errors import IoFailed, MobilityError, TemporaryError
-from agent.shared.fsutil import remove
+from agent.shared.textsafe import printable
 from agent.shared.wire import JobReport
 from agent.status import DaemonStatus
-from agent.update_state import (
+from agent.update.beside import clean_staging, place_beside
+from agent.update.daemonctl import Supervisor, supervisor_for
+from agent.update.fetch import download_and_unpack
+from agent.update.gate import Commit, Gate, GateSettings, Observation, RollBack
+from agent.update.keeper import kept
+from agent.update.state import (
     Baseline,
     Outcome,
     Phase,
@@ -65,12 +68,13 @@ from agent.update_state import (
     update_lock,
     version_switch,
 )
+from agent.update.switch import back_to, switch_to, want_watcher_at_boot
 
 logger = logging.getLogger("mobility.updater")
 
 LOCK_WAIT = 600.0  # seconds the updater waits for an install or a recovery point before it gives up for now
 ROLLBACK_SWITCH_WAIT = 60.0  # a rollback waits at most this long for a recovery point, then goes ahead
-MAX_RESUMES = 5  # a health gate taken over this many times without an end rolls back
+MAX_INTERRUPTIONS = 5  # a health gate taken over this many times without an end rolls back
 REPORT_FOR = 300.0  # seconds the updater keeps trying to report an outcome (the daemon starts it again later)
 CONFIRM_FOR = 60.0  # seconds the updater waits to see the previous version run again after a rollback
 
@@ -82,10 +86,16 @@ class Result:
     record: UpgradeRecord | None = None
 
 
-def upgrade(paths: Paths, *, sleep: Callable[[float], None] = time.sleep) -> Result:
-    """Take the one update lock (UpdateBusy if another updater has it), then do or resume what there is to do."""
+def upgrade(paths: Paths, *, sleep: Callable[[float], None] = time.sleep, again: Sequence[str] | None = None) -> Result:
+    """Take the one update lock (UpdateBusy if another updater has it), then do or resume what there is to do.
+    ``again`` starts this watcher again: where no systemd unit restarts a watcher that dies, a keeper process runs it
+    if this one dies before its upgrade ends (agent/update/keeper.py)."""
     with update_lock(paths):
-        return Updater(paths, sleep).run()
+        updater = Updater(paths, sleep)
+        if again is None or updater.supervisor.kind == "systemd":
+            return updater.run()
+        with kept(paths, again):
+            return updater.run()
 
 
 class Updater:
@@ -120,7 +130,10 @@ class Updater:
                 return started
             record = started
         else:
-            record = record.at(record.phase, resumes=record.resumes + 1)
+            # Only a takeover of the health gate itself counts against the new version: a download postponed for a
+            # repository answering 503 ends the watcher before the switch, and is not the new version's doing.
+            interrupted = record.interrupted + (record.phase is Phase.WATCHING)
+            record = record.at(record.phase, resumes=record.resumes + 1, interrupted=interrupted)
             log(self.paths, f"upgrade {record.from_version} -> {record.to_version}: resumed in {record.phase.value}")
             save_record(self.paths, record)
         steps: dict[Phase, Callable[[UpgradeRecord], UpgradeRecord | Result]] = {
@@ -160,22 +173,11 @@ class Updater:
     def _fetch(self, record: UpgradeRecord) -> UpgradeRecord | Result:
         self._progress(record, f"downloading {record.to_version} (verified by the repository's signed metadata)")
         try:
-            staging = self._download_and_unpack(record)
+            staging = download_and_unpack(self.paths, self.installed, record.to_version)
             fault_point("update.step", step="downloaded")
             with self._locked_install():
-                prune_versions(self.host_dir / "versions", {record.from_version, record.to_version})
-                from agent.bundle_dir import read_manifest
-
-                manifest_bytes, manifest = read_manifest(staging)
-                if (manifest.version, manifest.os_tag) != (record.to_version, self.installed.os_tag):
-                    raise InstallFailed(
-                        f"the bundle fetched for {record.to_version} is {manifest.version} for {manifest.os_tag}"
-                    )
-                place_version(staging, manifest_bytes, manifest, self.host_dir)
-            with contextlib.suppress(OSError):
-                remove(staging)
-                for old in self.paths.downloads_dir.glob("Mobility_UA_*"):
-                    remove(old)
+                place_beside(self.host_dir, staging, record.from_version, record.to_version, self.installed.os_tag)
+            clean_staging(self.paths, staging)
         except TemporaryError as e:  # the server or a lock, not this version: the record stays for a later try
             log(self.paths, f"upgrade to {record.to_version} postponed: {e.id}: {e.message}")
             return Result("postponed", f"{e.id}: {e.message}", record)
@@ -190,7 +192,7 @@ class Updater:
             return record.at(Phase.FETCHING)
         try:
             with version_switch(self.paths, LOCK_WAIT), self._locked_install():
-                activate_version(self.paths, self.install_dir, record.to_version, record.from_version)
+                switch_to(self.paths, self.install_dir, record.to_version, record.from_version)
                 fault_point("update.step", step="linked")
                 self._boot_watcher(record, enable=True)
         except TemporaryError as e:
@@ -225,17 +227,19 @@ class Updater:
 
     def _watch(self, record: UpgradeRecord) -> UpgradeRecord:
         settings = self._gate_settings(record)
-        if record.resumes > MAX_RESUMES:
-            error = UpdateNotHealthy(f"the health gate of {record.to_version} was interrupted {record.resumes} times")
+        if record.interrupted > MAX_INTERRUPTIONS:
+            error = UpdateNotHealthy(
+                f"the health gate of {record.to_version} was interrupted {record.interrupted} times"
+            )
             return self._verdict(record, error)
         restarted = record.restarted_at if record.restarted_at is not None else time.time()
-        gate = Gate(settings, record.baseline, record.to_version, restarted, since=time.time())
+        gate = Gate(settings, record.baseline, record.to_version, restarted)
         if not self._counting:  # taken over: count from now
             self.supervisor.mark()
         next_probe, reachable = 0.0, None
         log(self.paths, f"upgrade: watching {record.to_version} (window {settings.window:.0f} s)")
         while True:
-            now = time.time()
+            now = time.monotonic()  # durations only: a clock step must neither shorten nor stretch the gate
             if now >= next_probe:
                 reachable, next_probe = self._probe(), now + max(1.0, settings.heartbeat / 2)
             verdict = gate.observe(self._observe(now, reachable))
@@ -250,7 +254,7 @@ class Updater:
 
     def _verdict(self, record: UpgradeRecord, error: UpdateRolledBack) -> UpgradeRecord:
         log(self.paths, f"upgrade: rolling back {record.to_version}: {error.id}: {error.message}")
-        detail = error.message + self._log_tail()
+        detail = error.message + self._evidence(record)
         return record.at(Phase.ROLLING_BACK, outcome=Outcome(error.id, detail, error.fix))
 
     def _roll_back(self, record: UpgradeRecord) -> UpgradeRecord:
@@ -282,26 +286,6 @@ class Updater:
 
     # Steps' helpers --------------------------------------------------------------------------------------------
 
-    def _download_and_unpack(self, record: UpgradeRecord) -> Path:
-        from agent.bootstrap import unpack
-        from agent.fetch import fetch_bundle
-        from agent.registration import authenticated_client
-
-        reg, client = authenticated_client(self.paths, timeout=15.0)
-        try:
-            bundle = fetch_bundle(
-                f"https://{reg.server}",
-                client.context,
-                (self.paths.tuf_dir / "root.json").read_bytes(),
-                self.paths.tuf_metadata_dir,
-                self.installed.os_tag or "",
-                self.paths.downloads_dir,
-                version=record.to_version,
-            )
-        finally:
-            client.close()
-        return unpack(self.paths, bundle)
-
     @contextlib.contextmanager
     def _locked_install(self) -> Iterator[None]:
         """The install lock (no install, uninstall or bootstrap meanwhile), waited for up to LOCK_WAIT."""
@@ -318,12 +302,7 @@ class Updater:
 
     def _back_to(self, version: str, *, strict: bool = False) -> None:
         """Make ``version`` current again, with its units and record (the version rolled back from is removed)."""
-        try:
-            activate_version(self.paths, self.install_dir, version, None)
-        except (MobilityError, OSError):
-            if strict:
-                raise
-            logger.exception("switching back to %s", version)
+        back_to(self.paths, self.install_dir, version, strict=strict)
 
     def _baseline(self) -> Baseline:
         """The running (previous) version as the switch finds it, from its own record."""
@@ -337,6 +316,7 @@ class Updater:
             failing=tuple(_ids(checks, "FAIL")),
             unknown=tuple(_ids(checks, "UNKNOWN")),
             heartbeat_seconds=beat,
+            replicating=self._replicating(since=None) is True,
         )
 
     def _gate_settings(self, record: UpgradeRecord) -> GateSettings:
@@ -360,12 +340,31 @@ class Updater:
             pid=status.pid if status else None,
             started=status.started if status else None,
             last_heartbeat_ok=status.last_heartbeat_ok if status else None,
+            heartbeats=status.heartbeats_sent if status and isinstance(status.heartbeats_sent, int) else None,
             health=str(health.get("status")) if health.get("status") else None,
             failing=frozenset(_ids(checks, "FAIL")),
             unknown=frozenset(_ids(checks, "UNKNOWN")),
+            environmental=frozenset(_declared_environment(checks)),
             report_time=float(report_time) if isinstance(report_time, (int, float)) else None,
             server_reachable=reachable,
+            supervised_pid=seen.pid,
+            replicating=self._replicating(since=status.started if status else None),
         )
+
+    def _replicating(self, since: float | None) -> bool | None:
+        """Whether every protected disk is in CONTINUOUS without an error in replication's status, as a daemon
+        started at ``since`` (or any daemon, for None) wrote it; None when no disk is protected or there is no such
+        status."""
+        from agent.replication.state import load_status
+
+        doc = load_status(self.paths)
+        disks = doc.get("disks") if doc is not None else None
+        updated = doc.get("updated") if doc is not None else None
+        if not isinstance(disks, list) or not disks:
+            return None
+        if since is not None and not (isinstance(updated, (int, float)) and updated >= since):
+            return None  # the previous daemon's last word, not this one's
+        return all(isinstance(d, dict) and d.get("state") == "CONTINUOUS" and not d.get("error") for d in disks)
 
     def _probe(self) -> bool:
         """Whether this program (the previous version's) reaches the server now, with the machine's certificate."""
@@ -400,24 +399,26 @@ class Updater:
         cut in the health window resumes it even if the new version cannot start."""
         if self.supervisor.kind != "systemd":
             return
-        link = upgrade_unit_link(self.paths, record.from_version)
-        with contextlib.suppress(OSError):
-            remove(link)
-            if enable:
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to("/etc/systemd/system/mobility-upgrade@.service")
+        want_watcher_at_boot(self.paths, record.from_version, enable=enable)
 
-    def _log_tail(self) -> str:
-        """The end of the daemon's log, for the job's detail (what the new version said before it was rolled back)."""
-        try:
-            with self.paths.agent_log.open("rb") as f:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - 1200))
-                tail = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        lines = [line for line in tail.splitlines()[1:] if line.strip()][-6:]
-        return ("\n--- the end of /var/log/mobility/agent.log:\n" + "\n".join(lines)) if lines else ""
+    def _evidence(self, record: UpgradeRecord) -> str:
+        """What the new version said before it was rolled back, for the job's detail: its own output (stdout and
+        stderr: a crash at start says why only there) and the end of agent.log since the restart, each bounded,
+        with secrets redacted and control characters escaped."""
+        from agent.diagnostics import known_secrets
+
+        since = record.restarted_at or record.switched_at or record.started
+        secrets = known_secrets(self.paths)
+        where = {"systemd": "the journal of mobility.service", "none": "/var/log/mobility/daemon.out"}
+        parts = []
+        output = self.supervisor.output(since)
+        if output:
+            source = where.get(self.supervisor.kind, "its output")
+            parts.append(f"--- mobility {record.to_version} printed ({source}):\n{_bounded(output, 900, secrets)}")
+        logged = _log_since(self.paths.agent_log, since)
+        if logged:
+            parts.append(f"--- the end of /var/log/mobility/agent.log:\n{_bounded(logged, 600, secrets)}")
+        return "".join("\n" + part for part in parts)
 
     # Reports ---------------------------------------------------------------------------------------------------
 
@@ -440,7 +441,8 @@ class Updater:
         delay = 1.0
         fault_point("update.step", step="reporting")
         while not record.reported:
-            if self._send(record, state, detail, outcome.error_id, outcome.remediation):
+            runs = record.to_version if record.phase is Phase.COMMITTED else record.from_version
+            if self._send(record, state, detail, outcome.error_id, outcome.remediation, runs):
                 record = record.at(record.phase, reported=True)
                 save_record(self.paths, record)
                 break
@@ -451,7 +453,15 @@ class Updater:
             delay = min(delay * 2, 30.0)
         return Result(result, detail, record)
 
-    def _send(self, record: UpgradeRecord, state: str, detail: str, error_id: str | None, fix: str | None) -> bool:
+    def _send(
+        self,
+        record: UpgradeRecord,
+        state: str,
+        detail: str,
+        error_id: str | None,
+        fix: str | None,
+        runs: str | None = None,
+    ) -> bool:
         from agent.registration import report_job
 
         reg = load_registration(self.paths)
@@ -464,6 +474,7 @@ class Updater:
             error_id=error_id,
             remediation=fix[:2000] if fix else None,
             detail=detail[:4000],
+            runs=runs,
         )
         try:
             report_job(self.paths, job.to_json(), None, "", None)
@@ -477,6 +488,55 @@ def _ids(checks: object, status: str) -> list[str]:
     if not isinstance(checks, list):
         return []
     return [str(c["id"]) for c in checks if isinstance(c, dict) and c.get("status") == status and c.get("id")]
+
+
+def _bounded(lines: list[str], budget: int, secrets: list[str]) -> str:
+    """The last of ``lines`` that fit in ``budget`` characters: redacted, escaped, each cut to a screen's width."""
+    from agent.diagnostics import redact
+
+    kept: list[str] = []
+    used = 0
+    for line in reversed(lines):
+        shown = printable(redact(line, secrets), 240)
+        if used + len(shown) + 1 > budget:
+            break
+        kept.append(shown)
+        used += len(shown) + 1
+    return "\n".join(reversed(kept))
+
+
+_LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+
+
+def _log_since(log_file: Path, since: float, lines: int = 8) -> list[str]:
+    """The last ``lines`` lines of the daemon's log written at ``since`` or later (by their timestamps, local time
+    as the log writes them; a line without one, such as a traceback's, goes with the line before it)."""
+    try:
+        fd = os.open(log_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 16384))
+        text = f.read(16384).decode("utf-8", "replace")
+    kept: list[str] = []
+    recent = False
+    for line in text.splitlines()[1:]:  # the first may be cut
+        m = _LOG_TIME.match(line)
+        if m:
+            try:
+                recent = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) >= since - 1
+            except (ValueError, OverflowError):
+                recent = False
+        if recent and line.strip():
+            kept.append(line)
+    return kept[-lines:]
+
+
+def _declared_environment(checks: object) -> list[str]:
+    """The checks a report declares the environment's (a newer version's checks this program does not know)."""
+    if not isinstance(checks, list):
+        return []
+    return [str(c["id"]) for c in checks if isinstance(c, dict) and c.get("environment") is True and c.get("id")]
 
 
 __all__ = ["Result", "Updater", "upgrade"]

@@ -117,6 +117,7 @@ class Baseline:
     failing: tuple[str, ...] = ()  # health checks already FAIL (not the new version's doing)
     unknown: tuple[str, ...] = ()  # and those that could not run (UNKNOWN)
     heartbeat_seconds: float = 30.0
+    replicating: bool = False  # its protected disks were all in CONTINUOUS: the new version must get them there too
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +125,7 @@ class Baseline:
             "failing": list(self.failing),
             "unknown": list(self.unknown),
             "heartbeat_seconds": self.heartbeat_seconds,
+            "replicating": self.replicating,
         }
 
     @classmethod
@@ -136,6 +138,7 @@ class Baseline:
             _ids(doc.get("failing")),
             _ids(doc.get("unknown")),
             beat if beat is not None and 0 < beat <= 86400 else 30.0,
+            doc.get("replicating") is True,
         )
 
 
@@ -169,7 +172,8 @@ class UpgradeRecord:
     baseline: Baseline = field(default_factory=Baseline)
     outcome: Outcome | None = None
     reported: bool = False  # the terminal outcome reached the server
-    resumes: int = 0  # how many times an updater took over an unfinished upgrade
+    resumes: int = 0  # how many times an updater took over an unfinished upgrade (in any phase)
+    interrupted: int = 0  # how many times the health gate itself was taken over (the watching phase only)
 
     def at(self, phase: Phase, **changes: Any) -> UpgradeRecord:
         return replace(self, phase=phase, **changes)
@@ -187,6 +191,7 @@ class UpgradeRecord:
             "outcome": self.outcome.to_json() if self.outcome else None,
             "reported": self.reported,
             "resumes": self.resumes,
+            "interrupted": self.interrupted,
         }
 
 
@@ -206,7 +211,6 @@ def load_record(paths: Paths) -> UpgradeRecord | None:
         return None
     outcome = doc.get("outcome")
     error_id = outcome.get("error_id") if isinstance(outcome, dict) else None
-    resumes = doc.get("resumes")
     return UpgradeRecord(
         doc["from_version"],
         doc["to_version"],
@@ -224,7 +228,8 @@ def load_record(paths: Paths) -> UpgradeRecord | None:
         if isinstance(outcome, dict)
         else None,
         doc.get("reported") is True,
-        int(resumes) if isinstance(resumes, int) and not isinstance(resumes, bool) and resumes >= 0 else 0,
+        _count(doc.get("resumes")),
+        _count(doc.get("interrupted")),
     )
 
 
@@ -322,6 +327,11 @@ def _load(path: Path) -> dict[str, Any] | None:
     except (OSError, NotSmallRegularFile, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _count(value: object) -> int:
+    """A count from a JSON document (0 when it is not one)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31 else 0
 
 
 def _number(value: object) -> float | None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import daemonctl
-from agent.daemonctl import NoSupervisor, SystemdSupervisor, _is_daemon
+from agent.errors import CommandFailed
 from agent.paths import Paths
+from agent.update import daemonctl
+from agent.update.daemonctl import NoSupervisor, SystemdSupervisor, _is_daemon
 
 
 def fake_daemon(cwd: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -110,3 +111,40 @@ def test_without_a_supervisor_the_daemon_is_asked_to_start_again_in_place(tmp_pa
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def test_systemd_that_does_not_answer_in_time_is_unknown_not_the_watchers_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`systemctl show` timing out (a busy PID 1) used to raise out of the watcher, which then left a crash-looping
+    new version alone: now the look says "unknown" and the exits counted so far stay counted."""
+    sup = SystemdSupervisor()
+    sup.mark()
+
+    def busy() -> dict[str, str]:
+        raise CommandFailed("systemctl show mobility.service: timed out after 30 seconds")
+
+    monkeypatch.setattr(SystemdSupervisor, "_show", staticmethod(busy))
+    seen = sup.look()
+    assert (seen.running, seen.pid, seen.exits) == (None, None, 0)
+
+
+def test_without_a_supervisor_what_the_new_version_prints_is_kept_for_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version that crashes at start says why only on its stderr: the daemons the watcher starts write to
+    /var/log/mobility/daemon.out (emptied at each start), which the job's detail quotes."""
+    monkeypatch.setattr(daemonctl, "RESTART_DELAY", 0.1)
+    words = "import sys; print('starting'); sys.exit('mobility 9.9.9: cannot load its configuration')"
+    since = time.time() - 1
+    sup = NoSupervisor(Paths(tmp_path), [sys.executable, "-c", words, "mobility", "run"])
+    sup.mark()
+    sup.restart()
+    while sup.look().exits < 2:
+        time.sleep(0.05)
+    for child in sup._children:  # a start the last look made has ended too
+        child.wait(timeout=10)
+    assert sup.output(since) == ["starting", "mobility 9.9.9: cannot load its configuration"]  # the last start's
+    assert (tmp_path / "var/log/mobility/daemon.out").read_text().count("starting") == 1
+    assert sup.output(time.time() + 60) == []  # an earlier start's words are not this one's
+    for child in sup._children:
+        child.kill()
+        child.wait()

@@ -14,7 +14,7 @@ import pytest
 
 from agent.errors import UpdateBusy
 from agent.paths import Paths
-from agent.update_state import update_lock, updater_running, version_hold, version_switch
+from agent.update.state import update_lock, updater_running, version_hold, version_switch
 
 _HOLDER = """
 import fcntl, os, sys

@@ -1,6 +1,6 @@
 """Restart the daemon and watch it through what supervises it on this machine: systemd, a SysV init script, or
 nothing (a daemon started by hand or by a supervisor we do not know, and every daemon of a root given with --root).
-The upgrade watcher (agent/updater.py) uses one of these; each says whether the daemon runs and how many times it
+The upgrade watcher (agent/update/watcher.py) uses one of these; each says whether the daemon runs and how many times it
 exited since the watcher started counting.
 
 - systemd restarts a crashed daemon itself (``Restart=on-failure``); its exits are counted from the unit's own
@@ -9,7 +9,15 @@ exited since the watcher started counting.
   would, after ``RESTART_DELAY``), and counts each exit it sees.
 - Without a supervisor the daemon is asked to start again from ``current`` with SIGUSR1: it executes the launcher of
   the version ``current`` names, with the same PID (whoever started it keeps its child); one that does not comply in
-  time is killed and started anew, detached."""
+  time is killed and started anew, detached.
+
+Each also says what the new version printed (``output``), for the upgrade job's detail when it is rolled back: the
+unit's journal under systemd; without an init system the daemons the watcher starts write their stdout and stderr to
+/var/log/mobility/daemon.out (emptied at each start, so it holds the last start's words); the SysV script sends them
+to agent.log, whose tail the job carries anyway.
+
+A supervisor never raises out of ``look``: systemd that does not answer in time (a busy PID 1) is "unknown, look
+again", not the end of the watcher."""
 
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.distros import Init
+from agent.errors import CommandFailed
 from agent.paths import Paths
 from agent.proc import Child, run, spawn
 from agent.services import live_systemd
@@ -38,9 +47,13 @@ RESTART_DELAY = 2.0  # seconds a dead daemon stays down before the watcher start
 REEXEC_WAIT = 15.0  # seconds a daemon asked to start again has to do it before it is killed
 
 
+OUTPUT_LINES = 20  # of the new version's own output, for the job's detail
+OUTPUT_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class Seen:
-    running: bool
+    running: bool | None  # None: the supervisor could not tell this time (look again)
     pid: int | None
     exits: int  # since ``mark``
 
@@ -56,6 +69,9 @@ class Supervisor(Protocol):
 
     def look(self) -> Seen:
         """Whether the daemon runs now, and the exits since ``mark``; restarts a daemon that died (SysV, none)."""
+
+    def output(self, since: float) -> list[str]:
+        """The last lines the daemon printed since ``since`` (wall clock) to its stdout and stderr, where kept."""
 
 
 def supervisor_for(paths: Paths, init: Init, daemon_argv: list[str]) -> Supervisor:
@@ -113,7 +129,11 @@ class SystemdSupervisor:
         run(["systemctl", "restart", "--no-block", UNIT], timeout=60)
 
     def look(self) -> Seen:
-        props = self._show()
+        try:
+            props = self._show()
+        except CommandFailed as e:  # systemd busy: nothing is concluded from a look it did not answer
+            log.warning("systemd did not say how mobility.service is (%s): looking again", e.message)
+            return Seen(None, None, len(self._exits))
         pid = int(props.get("MainPID", "0") or 0)
         state = props.get("ActiveState", "")
         start = int(props.get("ExecMainStartTimestampMonotonic", "0") or 0)
@@ -129,6 +149,18 @@ class SystemdSupervisor:
         r = run(["systemctl", "show", UNIT, "-p", names], check=False, timeout=30)
         return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
+    def output(self, since: float) -> list[str]:
+        try:
+            r = run(
+                ["journalctl", "-u", UNIT, "--since", f"@{int(since)}", "-o", "cat", "--no-pager",
+                 "-n", str(OUTPUT_LINES)],
+                check=False,
+                timeout=15,
+            )  # fmt: skip
+        except CommandFailed:
+            return []
+        return _last_lines(r.stdout)
+
 
 class _Tended(abc.ABC):
     """SysV and none: the watcher restarts a dead daemon and counts each exit it sees."""
@@ -140,6 +172,9 @@ class _Tended(abc.ABC):
 
     def mark(self) -> None:
         self._exits = 0
+
+    def output(self, since: float) -> list[str]:
+        return []
 
     @abc.abstractmethod
     def _current_pid(self) -> int | None:
@@ -162,7 +197,10 @@ class _Tended(abc.ABC):
         self._down_since = self._down_since if self._down_since is not None else now
         if now - self._down_since >= RESTART_DELAY:
             self._down_since = None
-            self._pid = self._start()
+            try:
+                self._pid = self._start()
+            except CommandFailed as e:  # tried again after the next delay
+                log.warning("could not start the daemon: %s", e.message)
         return Seen(False, None, self._exits)
 
 
@@ -232,6 +270,37 @@ class NoSupervisor(_Tended):
 
     def _start(self) -> int:
         self._children = [c for c in self._children if c.poll() is None]
-        child = spawn(self.argv)
+        out = _open_output(self.paths)
+        try:
+            child = spawn(self.argv, output=out)
+        finally:
+            if out is not None:
+                os.close(out)
         self._children.append(child)
         return child.pid
+
+    def output(self, since: float) -> list[str]:
+        try:
+            fd = os.open(self.paths.daemon_output, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return []
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_mtime < since:
+                return []  # an earlier start's words
+            f.seek(max(0, f.seek(0, 2) - OUTPUT_BYTES))
+            return _last_lines(f.read(OUTPUT_BYTES).decode("utf-8", "replace"))
+
+
+def _open_output(paths: Paths) -> int | None:
+    """/var/log/mobility/daemon.out, emptied, for a daemon about to start (None: it cannot be written)."""
+    try:
+        paths.log_dir.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(paths.daemon_output, flags, 0o640)
+    except OSError as e:
+        log.warning("the daemon's output goes nowhere: %s: %s", paths.daemon_output, e.strerror)
+        return None
+
+
+def _last_lines(text: str, count: int = OUTPUT_LINES) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()][-count:]
