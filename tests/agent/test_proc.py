@@ -55,7 +55,9 @@ def test_run_passes_the_host_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_no_other_module_starts_a_process() -> None:
     """proc.run() is the one way the agent starts a program (so every child gets the host's environment); the daemon's
-    own restart is the one exec, and it goes through the bundled loader (runtime.self_command)."""
+    own restart is one exec, and it goes through the bundled loader (runtime.self_command); the upgrade watcher's
+    keeper (where no init system restarts a killed watcher) is the one fork, and it execs the watcher again in the
+    host's environment."""
     import ast
 
     from tests.conftest import REPO
@@ -76,7 +78,12 @@ def test_no_other_module_starts_a_process() -> None:
                 and (node.attr in starters or node.attr.startswith("exec"))
             ):
                 found.append(f"{rel}: os.{node.attr}")
-    assert found == ["agent/daemon.py: os.execve", "agent/proc.py: imports subprocess"]
+    assert found == [
+        "agent/daemon.py: os.execve",
+        "agent/proc.py: imports subprocess",
+        "agent/update/keeper.py: os.fork",
+        "agent/update/keeper.py: os.execve",
+    ]
 
 
 def test_a_cancelled_command_is_killed_with_what_it_started(tmp_path: Path) -> None:
