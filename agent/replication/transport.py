@@ -14,6 +14,7 @@ import contextlib
 import select
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import (
+    BATCH_VERSION,
     HASH_SIZE,
     HEADER,
     Header,
@@ -50,6 +52,7 @@ class Sent:
     since: float  # when the oldest change it carries was first seen (for the lag)
     on_ack: Callable[[], None] | None = None
     on_lost: Callable[[], None] | None = None
+    on_refused: Callable[[list[int]], None] | None = None  # a batch's records the server did not apply
 
 
 class TokenBucket:
@@ -94,10 +97,11 @@ class Stream:
         self.window_size = 0
         self.next_seq = 1
         self.acked = 0
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._out_size = 0
         self._in = bytearray()
         self.wire_bytes = 0
+        self.peer_version = 1  # the process server's protocol version, from its WELCOME
 
     # Connection ------------------------------------------------------------------------------------------------
 
@@ -142,7 +146,13 @@ class Stream:
         self._settle(welcome.acked_seq)
         self.next_seq = max(self.next_seq, welcome.acked_seq + 1)
         self.reset()
+        self.peer_version = welcome.version
         return welcome
+
+    @property
+    def batches(self) -> bool:
+        """Whether the process server takes BATCH frames (and deltas in them): version 2 and later."""
+        return self.peer_version >= BATCH_VERSION
 
     def close(self) -> None:
         if self.sock is not None:
@@ -176,7 +186,7 @@ class Stream:
     def send(
         self,
         kind: Kind,
-        payload: bytes,
+        payload: bytes | list[bytes | memoryview],
         *,
         flags: int = 0,
         offset: int = 0,
@@ -185,8 +195,10 @@ class Stream:
         since: float = 0.0,
         on_ack: Callable[[], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        on_refused: Callable[[list[int]], None] | None = None,
     ) -> int:
-        """Queue one frame (its sequence number is returned); blocks while the window is full."""
+        """Queue one frame (its sequence number is returned), its payload whole or in pieces sent one after the
+        other; blocks while the window is full."""
         while self.window and (self.window_size >= self.window_bytes or len(self.window) >= WINDOW_FRAMES):
             self.flush()
             before = self.acked
@@ -198,17 +210,20 @@ class Stream:
                 )
         seq = self.next_seq
         self.next_seq += 1
-        header = Header(kind, flags, len(payload), seq, offset, size, digest).pack()
-        self.window.append(Sent(seq, len(header) + len(payload), since, on_ack, on_lost))
-        self.window_size += len(header) + len(payload)
+        parts = payload if isinstance(payload, list) else [payload]
+        length = sum(len(p) for p in parts)
+        header = Header(kind, flags, length, seq, offset, size, digest).pack()
+        self.window.append(Sent(seq, len(header) + length, since, on_ack, on_lost, on_refused))
+        self.window_size += len(header) + length
         self._queue(header)
-        if payload:
-            self._queue(payload)
+        for part in parts:
+            if part:
+                self._queue(part)
         if self._out_size >= SEND_BATCH:
             self.flush()
         return seq
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, data: bytes | memoryview) -> None:
         self._out.append(data)
         self._out_size += len(data)
 
@@ -267,12 +282,27 @@ class Stream:
             del self._in[:end]
             if header.kind is Kind.ACK:
                 self._settle(header.seq)
+            elif header.kind is Kind.REFUSED:
+                self._refused(header.seq, payload)
             elif header.kind is Kind.ERROR:
                 self.close()
                 err = StreamError.from_json(parse_json(payload, "ERROR"))
                 raise RemoteError(err.code, err.message, err.fix)
             else:
                 raise ProtocolError(f"unexpected {header.kind.name} from the process server")
+
+    def _refused(self, seq: int, payload: bytes) -> None:
+        """Records of batch ``seq`` the server did not apply (it acknowledges the batch all the same, after this)."""
+        if len(payload) % 4:
+            raise ProtocolError("a REFUSED frame's payload is a list of 32-bit record positions")
+        positions = list(struct.unpack(f"<{len(payload) // 4}I", payload))
+        for sent in self.window:
+            if sent.seq == seq:
+                if sent.on_refused is not None:
+                    sent.on_refused(positions)
+                return
+            if sent.seq > seq:
+                break
 
     def _settle(self, seq: int) -> None:
         self.acked = max(self.acked, seq)
