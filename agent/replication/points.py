@@ -350,11 +350,14 @@ def _cut(
     order = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")
     weakest = min(labels, key=order.index)
     log.info(
-        "point %s cut (%s): frozen %.0f ms, %d residual chunks",
+        "point %s cut (%s): frozen %.0f ms, %d residual chunks (%d KiB of changed sub-blocks); deltas refused "
+        "so far: %d",
         point_id,
         weakest,
         freeze_ms,
         sum(c.residual for c in captures),
+        sum(c.residual_bytes for c in captures) >> 10,
+        sum(r.refusals for r in replicators),
     )
     return PointResult(
         True,
@@ -374,7 +377,9 @@ def _precopy(replicators: Sequence[DiskReplicator], timeout: float, cancel: thre
     deadline = now + timeout
     best, best_at = None, now
     while True:
-        pending = sum(r.dirty.dirty * r.geometry.chunk_size for r in replicators)
+        # What a freeze would wait for: the sub-blocks still changed, and the frames not acknowledged yet (a point
+        # waits for every acknowledgement before the thaw: a delta the server refuses is sent whole while frozen).
+        pending = sum(r.dirty.pending_bytes() + r.stream.window_size for r in replicators)
         now = time.monotonic()
         if best is None or pending < 0.95 * best:
             best, best_at = pending, now

@@ -56,6 +56,7 @@ BATCH_BYTES = 1024 * 1024  # one read (and one pool job) covers up to this many 
 PIPELINE_BYTES = 4 * BATCH_BYTES  # bytes of jobs in the pool ahead of the sender (at least one job)
 STALL_AFTER = 30.0  # seconds without progress while there is work before the state says STALLED
 BUSY_SHARE = 0.8  # the rest of the machine using this share of all CPU makes replication slow down
+CAPTURE_CHECK_SECONDS = 8.0  # a capture waits this long for the server to verify its residual
 
 
 _UNKNOWN = b"\xff" * HASH_SIZE  # a hash no chunk has: "the replica may not hold this chunk"
@@ -821,20 +822,22 @@ class DiskReplicator(threading.Thread):
             self._capture(capture)
 
     def _capture(self, capture: Capture) -> None:
-        """While the filesystems are frozen: read the residual and have every frame acknowledged (a delta the server
+        """While the filesystems are frozen: read the residual and have every batch verified by the server (a delta it
         refused is sent whole while the disk is still frozen), then (after the thaw) close the point."""
         self._drain_pipeline()
         events = self.dirty.events
         residual = self.dirty.pending_bytes()
+        seen = self.refusals  # refusals until now marked their chunks: they are in what is taken here, whole
         taken = self.dirty.take_all()
         for first, n, since, masks in _runs(taken, job_chunks(self.geometry)):
             self._submit(first, n, None, since, compress=False, masks=masks)  # the applications wait: as read
         self._drain_pipeline()
         for _ in range(3):
-            refusals = self.refusals
-            self._wait_acked()
-            if self.refusals == refusals:
+            if not self.stream.wait_checked(CAPTURE_CHECK_SECONDS):
+                self._wait_acked()  # a server that does not answer CHECKED (version 1): its acknowledgements
+            if self.refusals == seen:
                 break
+            seen = self.refusals
             for first, n, since, _masks in _runs(self.dirty.take_all(), job_chunks(self.geometry)):
                 self._submit(first, n, None, since, compress=False)
             self._drain_pipeline()

@@ -102,6 +102,8 @@ class Stream:
         self._in = bytearray()
         self.wire_bytes = 0
         self.peer_version = 1  # the process server's protocol version, from its WELCOME
+        self.checked = 0  # the highest batch the server verified (CHECKED)
+        self.last_batch = 0  # the highest batch sent
 
     # Connection ------------------------------------------------------------------------------------------------
 
@@ -215,6 +217,8 @@ class Stream:
         header = Header(kind, flags, length, seq, offset, size, digest).pack()
         self.window.append(Sent(seq, len(header) + length, since, on_ack, on_lost, on_refused))
         self.window_size += len(header) + length
+        if kind is Kind.BATCH:
+            self.last_batch = seq
         self._queue(header)
         for part in parts:
             if part:
@@ -282,8 +286,8 @@ class Stream:
             del self._in[:end]
             if header.kind is Kind.ACK:
                 self._settle(header.seq)
-            elif header.kind is Kind.REFUSED:
-                self._refused(header.seq, payload)
+            elif header.kind is Kind.CHECKED:
+                self._checked(header.seq, payload)
             elif header.kind is Kind.ERROR:
                 self.close()
                 err = StreamError.from_json(parse_json(payload, "ERROR"))
@@ -291,10 +295,14 @@ class Stream:
             else:
                 raise ProtocolError(f"unexpected {header.kind.name} from the process server")
 
-    def _refused(self, seq: int, payload: bytes) -> None:
-        """Records of batch ``seq`` the server did not apply (it acknowledges the batch all the same, after this)."""
+    def _checked(self, seq: int, payload: bytes) -> None:
+        """Batch ``seq`` was verified; ``payload`` lists the records the server did not apply (it acknowledges the
+        batch all the same, once committed)."""
         if len(payload) % 4:
-            raise ProtocolError("a REFUSED frame's payload is a list of 32-bit record positions")
+            raise ProtocolError("a CHECKED frame's payload is a list of 32-bit record positions")
+        self.checked = max(self.checked, seq)
+        if not payload:
+            return
         positions = list(struct.unpack(f"<{len(payload) // 4}I", payload))
         for sent in self.window:
             if sent.seq == seq:
@@ -311,6 +319,15 @@ class Stream:
             self.window_size -= sent.size
             if sent.on_ack is not None:
                 sent.on_ack()
+
+    def wait_checked(self, timeout: float) -> bool:
+        """Wait until the server verified every batch sent (True), or ``timeout`` passes (False): what refuses a
+        delta is known then, well before the commit that acknowledges it."""
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while self.checked < self.last_batch and self.window and time.monotonic() < deadline:
+            self.pump(min(0.5, max(0.0, deadline - time.monotonic())))
+        return self.checked >= self.last_batch or not self.window
 
     def drain(self, timeout: float) -> bool:
         """Wait until every frame is acknowledged (True), or ``timeout`` passes (False)."""

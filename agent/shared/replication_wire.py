@@ -17,8 +17,9 @@ Version 2 (both sides say theirs: HELLO and WELCOME) adds BATCH: many chunks in 
 acknowledgement; each record is a chunk as above or a **delta**: only the sub-blocks of the chunk that changed
 (a 16-bit mask of the chunk's sixteen sub-blocks, 4 KiB each in 64 KiB chunks), the hash of the whole new chunk, and
 the hash of the base the agent believes the replica holds for that chunk. The server rebuilds the chunk from exactly
-that base and keeps it only if the result has the new hash; otherwise it answers REFUSED (the record positions of the
-batch it did not apply, before the batch's ACK) and the agent sends those chunks whole. An agent of version 1 sends
+that base and keeps it only if the result has the new hash. Every batch is answered CHECKED as soon as it is verified
+(before its commit and its ACK), with the record positions it refused, if any; the agent sends those chunks whole. A
+point's capture waits for that answer of its residual, not for its commit. An agent of version 1 sends
 CHUNK frames to a server of version 2; an agent of version 2 sends CHUNK frames to a server that says nothing of its
 version (version 1)."""
 
@@ -41,7 +42,7 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024  # a frame's payload stays bounded: past 16 Ti
 HEADER = struct.Struct("<2sBBIQQI4x32s")  # magic, kind, flags, payload length, seq, offset, raw size, hash
 MAGIC = b"MR"
 PROTOCOL_VERSION = 2
-BATCH_VERSION = 2  # the first version that sends and takes BATCH and REFUSED
+BATCH_VERSION = 2  # the first version that sends and takes BATCH and CHECKED
 MAX_PAYLOAD = MAX_CHUNK_SIZE + 1024  # a chunk that zstd grew is sent raw: payload <= chunk size
 MAX_BATCH = MAX_CHUNK_SIZE + 64 * 1024  # a batch's payload: one chunk of the largest size with its record, or many
 MAX_BATCH_RECORDS = 4096
@@ -89,7 +90,7 @@ class Kind(IntEnum):
     HASHES = 7
     HASHES_END = 8
     BATCH = 9  # version 2: many chunks and deltas; ``size`` holds the number of records
-    REFUSED = 10  # version 2, server -> agent: u32 record positions of batch ``seq`` that were not applied
+    CHECKED = 10  # version 2, server -> agent: batch ``seq`` verified; the u32 record positions it did not apply
 
 
 class Codec(IntEnum):

@@ -560,8 +560,8 @@ class Receiver:
         return self.store.read(digest, length, verify=False)
 
     async def _forward(self, stream: _Stream, pipeline: asyncio.Queue[Any]) -> None:
-        """Hand verified frames to the committer in sequence order; a batch's refused deltas are told to the agent
-        at once (before the batch's ACK, which follows its commit)."""
+        """Hand verified frames to the committer in sequence order; a batch is answered CHECKED at once, with its
+        refused deltas (before the batch's ACK, which follows its commit)."""
         while (entry := await pipeline.get()) is not None:
             seq, _size, item = entry
             if stream.failed is not None:
@@ -572,9 +572,9 @@ class Receiver:
                 stream.fail(e)
                 continue
             if isinstance(put, BatchResult):
-                if put.refused and not stream.writer.is_closing():
+                if not stream.writer.is_closing():
                     refused = struct.pack(f"<{len(put.refused)}I", *put.refused)
-                    stream.writer.write(frame(Kind.REFUSED, refused, seq=seq))
+                    stream.writer.write(frame(Kind.CHECKED, refused, seq=seq))
                 if put.puts:
                     self.committer.submit_many(stream, put.puts)
                 else:
