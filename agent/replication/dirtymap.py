@@ -41,6 +41,7 @@ class DirtyMap:
         self.dirty = 0
         self.dirty_blocks = 0  # sub-blocks marked in dirty chunks
         self.marked_bytes = 0  # sub-block bytes that became dirty, ever (the dirtying rate is its slope)
+        self.taken_bytes = 0  # ... and that were taken to be sent (the sending rate, in the same bytes)
         self.events = 0  # write events applied (for telling an idle raw disk from a busy one)
         self.last_event = 0.0
         self.cursor = 0
@@ -175,7 +176,9 @@ class DirtyMap:
     def _clear(self, i: int) -> float:
         gen = self.bits[i]
         self.bits[i] = 0
-        self.dirty_blocks -= self.masks[i].bit_count()
+        n = self.masks[i].bit_count()
+        self.dirty_blocks -= n
+        self.taken_bytes += n * self.block
         self.masks[i] = 0
         self.gen_count[gen] -= 1
         self.blocks[i // BLOCK] -= 1

@@ -48,6 +48,7 @@ from agent.replication.frozen import forget_frozen, record_frozen
 from agent.replication.sync import Capture, DiskReplicator
 from agent.replication.tracing import Tracer
 from agent.shared.errors import MobilityError
+from agent.shared.replication_wire import NextPoint
 from agent.update_state import version_hold
 
 log = logging.getLogger("mobility.replication")
@@ -75,13 +76,42 @@ class CaptureRate:
     def expect(self, pending: int, sending: float) -> float:
         """Seconds to capture ``pending`` bytes; before any measurement, from the rate the disks send at now
         (a freeze captures faster: the applications wait, nothing is compressed)."""
-        rate = self.rate if self.rate is not None else max(MIN_CAPTURE_RATE, 1.5 * sending)
-        return pending / rate
+        return pending / self.rate_for(sending)
+
+    def rate_for(self, sending: float) -> float:
+        return self.rate if self.rate is not None else max(MIN_CAPTURE_RATE, 1.5 * sending)
 
     def measured(self, nbytes: int, seconds: float) -> None:
         if nbytes >= PRECOPY_BYTES and seconds > 0:
             rate = nbytes / seconds
             self.rate = rate if self.rate is None else 0.5 * self.rate + 0.5 * rate
+
+
+SETTLE_SECONDS = 1.0  # a pre-copy that keeps up leaves about this long of changes for the freeze
+CONVERGES = 1.05  # sending this much faster than the writes change: the pre-copy shrinks what is changed
+
+
+def plan_point(pending: int, window: int, dirty_bps: float, send_bps: float, capture: CaptureRate) -> NextPoint:
+    """The next point as the measured rates foresee it (pure): the residual its freeze would capture and how long
+    that takes, and why it should wait when that is longer than MAX_FREEZE. While replication sends faster than the
+    writes change data, a pre-copy brings what is changed down to about a second of writes; otherwise what is changed
+    now stays, and grows while the pre-copy waits for it to stop shrinking."""
+    if send_bps > CONVERGES * dirty_bps:
+        residual = dirty_bps * SETTLE_SECONDS
+    else:
+        residual = pending + dirty_bps * PRECOPY_PLATEAU
+    expected = capture.expect(int(residual) + window, send_bps)
+    postponed = None
+    if expected > MAX_FREEZE:
+        if send_bps <= CONVERGES * dirty_bps:
+            why = (
+                f"the writes change {dirty_bps / 1e6:.1f} MB/s and replication sends {send_bps / 1e6:.1f} MB/s: "
+                f"{int(residual) >> 20} MiB would still be changed"
+            )
+        else:
+            why = f"{int(residual) >> 20} MiB would be captured at {capture.rate_for(send_bps) / 1e6:.1f} MB/s"
+        postponed = f"expected freeze {expected:.1f} s, more than {MAX_FREEZE:.0f} s: {why}"
+    return NextPoint(round(expected * 1000, 1), dirty_bps, send_bps, postponed)
 
 
 @dataclass

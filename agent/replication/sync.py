@@ -413,6 +413,9 @@ class DiskReplicator(threading.Thread):
         self.busy_share = busy_share
         self.events_at_capture = 0
         self.refusals = 0  # deltas the process server refused (sent whole again)
+        self.dirty_bps = 0.0  # sub-block bytes the writes change per second, and replication takes to send
+        self.send_bps = 0.0
+        self._dirty_mark = (clock(), 0, 0)
         self.sent_delta_bytes = 0  # sub-block bytes sent as deltas, and what they stood for (figures for the log)
         self.sent_chunk_bytes = 0
         self.target = stream.address  # where the stream should go (``retarget``)
@@ -901,6 +904,13 @@ class DiskReplicator(threading.Thread):
             instant = (self.acked_bytes - b0) / (now - t0)
             self.rate = instant if not self.rate else 0.5 * self.rate + 0.5 * instant
             self._rate_mark = (now, self.acked_bytes)
+        t1, marked1, taken1 = self._dirty_mark
+        if now - t1 >= 2.0:
+            marked, taken = self.dirty.marked_bytes, self.dirty.taken_bytes
+            dirty_bps, send_bps = (marked - marked1) / (now - t1), (taken - taken1) / (now - t1)
+            self.dirty_bps = dirty_bps if not self.dirty_bps else 0.5 * self.dirty_bps + 0.5 * dirty_bps
+            self.send_bps = send_bps if not self.send_bps else 0.5 * self.send_bps + 0.5 * send_bps
+            self._dirty_mark = (now, marked, taken)
         g = self.geometry
         left = self.dirty.pending_bytes() + self.stream.window_size
         if self.state in ("INITIAL_SYNC", "RESYNCING"):

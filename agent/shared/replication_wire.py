@@ -551,12 +551,42 @@ class DiskReport:
 
 
 @dataclass(frozen=True)
+class NextPoint:
+    """How the next recovery point looks from here: the freeze it would need now, the rates that decide it, and why
+    it waits when it does (the agent postpones a point whose freeze would be too long)."""
+
+    expected_freeze_ms: float
+    dirty_bps: float  # bytes of sub-blocks the writes change per second
+    send_bps: float  # bytes of sub-blocks replication takes to send per second
+    postponed: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "expected_freeze_ms": _within(self.expected_freeze_ms, 0.0, MAX_FREEZE_MS) or 0.0,
+            "dirty_bps": _within(self.dirty_bps, 0.0, MAX_RATE) or 0.0,
+            "send_bps": _within(self.send_bps, 0.0, MAX_RATE) or 0.0,
+            "postponed": self.postponed[:300] if self.postponed else None,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> NextPoint:
+        f = _Fields(doc, "replication.next_point")
+        return cls(
+            _number(f, "expected_freeze_ms", 0.0, MAX_FREEZE_MS),
+            _number(f, "dirty_bps", 0.0, MAX_RATE),
+            _number(f, "send_bps", 0.0, MAX_RATE),
+            f.optional_text("postponed", 300),
+        )
+
+
+@dataclass(frozen=True)
 class ReplicationReport:
     disks: tuple[DiskReport, ...] = ()
     last_point: float | None = None
     last_point_id: str | None = None
     points: int = 0
     freeze_ms: float | None = None  # the last point's freeze window
+    next_point: NextPoint | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -565,6 +595,7 @@ class ReplicationReport:
             "last_point_id": self.last_point_id,
             "points": self.points,
             "freeze_ms": _within(self.freeze_ms, 0.0, MAX_FREEZE_MS),
+            "next_point": self.next_point.to_json() if self.next_point else None,
         }
 
     @classmethod
@@ -576,4 +607,5 @@ class ReplicationReport:
             last_point_id=f.optional_text("last_point_id", 36, pattern=re.compile(r"[0-9a-f-]{36}")),
             points=_int(f, "points", 0, 1 << 40) if "points" in f.doc else 0,
             freeze_ms=_optional_number(f, "freeze_ms", 0.0, MAX_FREEZE_MS),
+            next_point=NextPoint.from_json(f.doc["next_point"]) if f.doc.get("next_point") is not None else None,
         )
