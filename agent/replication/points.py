@@ -96,14 +96,12 @@ def plan_point(pending: int, window: int, dirty_bps: float, send_bps: float, cap
     that takes, and why it should wait when that is longer than MAX_FREEZE. While replication sends faster than the
     writes change data, a pre-copy brings what is changed down to about a second of writes; otherwise what is changed
     now stays, and grows while the pre-copy waits for it to stop shrinking."""
-    if send_bps > CONVERGES * dirty_bps:
-        residual = dirty_bps * SETTLE_SECONDS
-    else:
-        residual = pending + dirty_bps * PRECOPY_PLATEAU
+    converging = send_bps > CONVERGES * dirty_bps
+    residual = dirty_bps * SETTLE_SECONDS if converging else pending + dirty_bps * PRECOPY_PLATEAU
     expected = capture.expect(int(residual) + window, send_bps)
     postponed = None
     if expected > MAX_FREEZE:
-        if send_bps <= CONVERGES * dirty_bps:
+        if not converging:
             why = (
                 f"the writes change {dirty_bps / 1e6:.1f} MB/s and replication sends {send_bps / 1e6:.1f} MB/s: "
                 f"{int(residual) >> 20} MiB would still be changed"

@@ -657,9 +657,21 @@ class DiskReplicator(threading.Thread):
             self.stream.pump(0.05)
             self.last_progress = self.clock()
             return
-        for first, n, since, masks in _runs(taken, per_job):
-            self._submit(first, n, None, since, masks=masks)
+        self._submit_runs(_runs(taken, per_job))
         self._throttle()
+
+    def _submit_runs(self, runs: list[tuple[int, int, float, list[int]]], *, compress: bool = True) -> None:
+        """Submit runs taken from the dirty map (with their sub-block masks). The chunks of runs not
+        submitted when the stream breaks go back into the dirty map: they were taken from it, and nothing else would
+        ever read them again (the replica kept its old chunk while the point's root, from the hash file, agreed)."""
+        for k, (first, n, since, masks) in enumerate(runs):
+            try:
+                self._submit(first, n, None, since, compress=compress, masks=masks)
+            except BaseException:
+                now = self.clock()
+                for f, m, _, _ in runs[k:]:
+                    self.dirty.mark(f, f + m - 1, now)
+                raise
 
     def _submit(
         self,
@@ -832,8 +844,7 @@ class DiskReplicator(threading.Thread):
         residual = self.dirty.pending_bytes()
         seen = self.refusals  # refusals until now marked their chunks: they are in what is taken here, whole
         taken = self.dirty.take_all()
-        for first, n, since, masks in _runs(taken, job_chunks(self.geometry)):
-            self._submit(first, n, None, since, compress=False, masks=masks)  # the applications wait: as read
+        self._submit_runs(_runs(taken, job_chunks(self.geometry)), compress=False)  # the applications wait: as read
         self._drain_pipeline()
         for _ in range(3):
             if not self.stream.wait_checked(CAPTURE_CHECK_SECONDS):
@@ -841,8 +852,7 @@ class DiskReplicator(threading.Thread):
             if self.refusals == seen:
                 break
             seen = self.refusals
-            for first, n, since, _masks in _runs(self.dirty.take_all(), job_chunks(self.geometry)):
-                self._submit(first, n, None, since, compress=False)
+            self._submit_runs(_runs(self.dirty.take_all(), job_chunks(self.geometry)), compress=False)
             self._drain_pipeline()
         else:
             capture.error = MobilityError(f"{self.device.name}: deltas were refused again and again during the freeze")
