@@ -59,7 +59,9 @@ PRECOPY_TIMEOUT = 60.0
 PRECOPY_PLATEAU = 5.0  # the residual has not shrunk for this long: the pre-copy cannot do better
 MAX_FREEZE = 5.0  # seconds a freeze may be expected to last (as VSS's flush-and-hold, under its 10 s limit)
 CAPTURE_DEADLINE = 8.0  # seconds after the freeze by which every disk must have read its residual
-MIN_CAPTURE_RATE = 20e6  # bytes per second assumed before a capture was measured, at the least
+# Bytes of changed sub-blocks per second assumed before a capture was measured, at the least. A capture reads the
+# whole chunk of each changed sub-block: 2 MB/s of 4 KiB sub-blocks is 500 chunks a second.
+MIN_CAPTURE_RATE = 2e6
 ACK_TIMEOUT = 120.0
 HOOK_TIMEOUT = 60.0
 STOP_HOOK_SECONDS = 5.0  # what the post hooks of a cancelled point get, together

@@ -184,6 +184,21 @@ def _compressor() -> zstandard.ZstdCompressor:
 
 
 DELTA_SHARE = 0.5  # a chunk changed in more than this share of its sub-blocks travels whole
+RUNS_PER_JOB = 4  # a job reads up to this many batches' worth of chunks, in as many runs as they come in
+
+
+def _read_runs(
+    device: BlockDevice,
+    geometry: Geometry,
+    runs: list[tuple[int, int, list[int] | None]],
+    known: bytes | None,
+    since: float,
+    compress: bool,
+    dirty: DirtyMap | None,
+) -> list[JobResult]:
+    """In the pool: ``read_job`` for each run, one after the other into this thread's buffer (each run's output is
+    copied out of it before the next read)."""
+    return [read_job(device, geometry, first, n, known, since, compress, masks, dirty) for first, n, masks in runs]
 
 
 def read_job(
@@ -390,7 +405,8 @@ class DiskReplicator(threading.Thread):
         self.depth = pipeline_depth(self.geometry)
         self.dirty = DirtyMap(self.geometry.count, now=clock(), chunk_size=self.geometry.chunk_size)
         self.hashes = DeferredHashes(HashFile(state_dir / "hashes", self.geometry))
-        self.pipeline: deque[tuple[int, int, Future[JobResult]]] = deque()  # (first chunk, count, the job)
+        # Jobs ahead of the sender: the runs of chunks each read (first chunk, count), and the job.
+        self.pipeline: deque[tuple[list[tuple[int, int]], Future[list[JobResult]]]] = deque()
         # The state machine.
         self.state = "INITIAL_SYNC"
         self.error: str | None = None
@@ -661,42 +677,58 @@ class DiskReplicator(threading.Thread):
         self._throttle()
 
     def _submit_runs(self, runs: list[tuple[int, int, float, list[int]]], *, compress: bool = True) -> None:
-        """Submit runs taken from the dirty map (with their sub-block masks). The chunks of runs not
-        submitted when the stream breaks go back into the dirty map: they were taken from it, and nothing else would
-        ever read them again (the replica kept its old chunk while the point's root, from the hash file, agreed)."""
-        for k, (first, n, since, masks) in enumerate(runs):
+        """Submit runs taken from the dirty map (with their sub-block masks), many runs to a job (and so to a frame:
+        scattered small writes make runs of one chunk). The chunks of runs not submitted when the stream breaks go
+        back into the dirty map: they were taken from it, and nothing else would ever read them again (the replica
+        kept its old chunk while the point's root, from the hash file, agreed)."""
+        limit = job_chunks(self.geometry) * RUNS_PER_JOB
+        jobs: list[list[tuple[int, int, float, list[int]]]] = [[]]
+        for run in runs:
+            if jobs[-1] and sum(r[1] for r in jobs[-1]) + run[1] > limit:
+                jobs.append([])
+            jobs[-1].append(run)
+        for k, job in enumerate(jobs):
+            if not job:
+                continue
             try:
-                self._submit(first, n, None, since, compress=compress, masks=masks)
+                self._submit_job(job, compress=compress)
             except BaseException:
                 now = self.clock()
-                for f, m, _, _ in runs[k:]:
+                for f, m, _, _ in (r for later in jobs[k:] for r in later):
                     self.dirty.mark(f, f + m - 1, now)
                 raise
 
-    def _submit(
-        self,
-        first: int,
-        n: int,
-        known: bytes | None,
-        since: float,
-        *,
-        compress: bool = True,
-        masks: list[int] | None = None,
-    ) -> None:
-        if masks is not None and not self.stream.batches:
-            masks = None  # a process server of version 1 takes whole chunks only
+    def _submit(self, first: int, n: int, known: bytes | None, since: float) -> None:
+        """A sweep's run: whole chunks compared with what the replica is known to hold."""
+        job = self.pool.submit(_read_runs, self.device, self.geometry, [(first, n, None)], known, since, True, None)
+        self._queue_job([(first, n)], job)
+
+    def _submit_job(self, runs: list[tuple[int, int, float, list[int]]], *, compress: bool = True) -> None:
+        deltas = self.stream.batches  # a process server of version 1 takes whole chunks only
         job = self.pool.submit(
-            read_job, self.device, self.geometry, first, n, known, since, compress, masks, self.dirty if masks else None
+            _read_runs,
+            self.device,
+            self.geometry,
+            [(first, n, masks if deltas else None) for first, n, _, masks in runs],
+            None,
+            min(since for _, _, since, _ in runs),
+            compress,
+            self.dirty if deltas else None,
         )
-        self.pipeline.append((first, n, job))
-        while len(self.pipeline) > self.depth:
-            self._send(self.pipeline[0][2].result())  # taken off only once sent: a failure leaves it to be marked
+        self._queue_job([(first, n) for first, n, _, _ in runs], job)
+
+    def _queue_job(self, runs: list[tuple[int, int]], job: Future[list[JobResult]]) -> None:
+        self.pipeline.append((runs, job))
+        # Bounded in chunks (memory), whatever the runs per job: PIPELINE_BYTES of reads ahead, one job at least.
+        limit = self.depth * job_chunks(self.geometry)
+        while len(self.pipeline) > 1 and sum(n for rs, _ in self.pipeline for _, n in rs) > limit:
+            self._send(self.pipeline[0][1].result())  # taken off only once sent: a failure leaves it to be marked
             self.pipeline.popleft()
         self.stream.pump(0)
 
     def _drain_pipeline(self) -> None:
         while self.pipeline:
-            self._send(self.pipeline[0][2].result())
+            self._send(self.pipeline[0][1].result())
             self.pipeline.popleft()
         self.stream.flush()
 
@@ -715,20 +747,46 @@ class DiskReplicator(threading.Thread):
 
     def _drop_pipeline(self) -> None:
         """Jobs read but not sent: their chunks were taken from the dirty map, so they go back into it."""
-        for first, n, fut in self.pipeline:
+        for runs, fut in self.pipeline:
             fut.cancel()
-            self.dirty.mark(first, first + n - 1, self.clock())
+            for first, n in runs:
+                self.dirty.mark(first, first + n - 1, self.clock())
         self.pipeline.clear()
 
-    def _send(self, result: JobResult) -> None:
+    def _send(self, results: list[JobResult]) -> None:
         """Queue a job's changed chunks, in order (one BATCH frame, or a CHUNK frame each to a server of version 1);
         the hash file learns what the replica will hold. A delta goes over the hash the hash file holds for its
         chunk, which is what the replica holds once the frames before it are applied; a chunk whose entry is
         spoiled (sent whole after a lost connection or a refused delta, and not acknowledged yet) has no base it
         can name: it is marked to be read and sent whole."""
+        records: list[Record] = []
+        writes: list[tuple[int, bytes]] = []
+        for result in results:
+            writes += self._records(result, records)
+        since = min((r.since for r in results), default=0.0)
+        if records and self.stream.batches:
+            self._send_batch(records, since)
+        else:
+            for r in records:
+                self.stream.send(
+                    Kind.CHUNK,
+                    bytes(r.payload),
+                    flags=r.codec,
+                    offset=self.geometry.offset(r.index),
+                    size=r.size,
+                    digest=r.hash,
+                    since=since,
+                    on_ack=self._acked_cb([r]),
+                    on_lost=self._lost_cb([r.index]),
+                )
+        for first, hashes in writes:
+            self.hashes.write(first, hashes)
+        self.last_progress = self.clock()
+
+    def _records(self, result: JobResult, records: list[Record]) -> list[tuple[int, bytes]]:
+        """A run's changed chunks as records (appended to ``records``); the hash file's writes for the run."""
         current = self.hashes.read(result.first, len(result.hashes) // HASH_SIZE)
         hashes = bytearray(result.hashes)
-        records: list[Record] = []
         for chunk in result.out:
             k = chunk.index - result.first
             base = current[k * HASH_SIZE : (k + 1) * HASH_SIZE]
@@ -753,24 +811,7 @@ class DiskReplicator(threading.Thread):
                 self.sent_delta_bytes += chunk.delta_raw
             else:
                 self.sent_chunk_bytes += chunk.size
-        if records and self.stream.batches:
-            self._send_batch(records, result.since)
-        else:
-            for r in records:
-                self.stream.send(
-                    Kind.CHUNK,
-                    bytes(r.payload),
-                    flags=r.codec,
-                    offset=self.geometry.offset(r.index),
-                    size=r.size,
-                    digest=r.hash,
-                    since=result.since,
-                    on_ack=self._acked_cb([r]),
-                    on_lost=self._lost_cb([r.index]),
-                )
-        if hashes != current:
-            self.hashes.write(result.first, bytes(hashes))
-        self.last_progress = self.clock()
+        return [(result.first, bytes(hashes))] if hashes != current else []
 
     def _send_batch(self, records: list[Record], since: float) -> None:
         indexes = [r.index for r in records]
