@@ -408,6 +408,7 @@ def bench_pgbench(lab: Lab, server: Server, seconds: int) -> dict[str, float]:
     pg = pwd.getpwnam("postgres")
     disk = lab.disk("pgbench", 4 * GIB, ("ext4",))
     mount = disk.mounts[0]
+    lab.workdir.chmod(0o711)  # the postgres user reaches its data directory through it (its files stay private)
     mount.chmod(0o755)
     cluster = PostgresCluster(mount / "pg", fsync=True)
     cluster.init()

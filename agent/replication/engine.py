@@ -40,7 +40,7 @@ from agent.replication.state import (
     save_status,
     save_tracing_stop,
 )
-from agent.replication.sync import DiskReplicator
+from agent.replication.sync import POOL_JOBS, DiskReplicator
 from agent.replication.tracing import Target, Tracer, instance_name, trace_dev
 from agent.replication.transport import Stream
 from agent.shared.address import ServerAddress
@@ -183,7 +183,7 @@ class Replication:
                 self.tracer = self._new_tracer(adopt)
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(
-                    max_workers=3, thread_name_prefix="replication-io", initializer=lower_priority
+                    max_workers=POOL_JOBS, thread_name_prefix="replication-io", initializer=lower_priority
                 )
             stream = Stream(address, self.context())
             replicator = DiskReplicator(

@@ -184,7 +184,8 @@ def _compressor() -> zstandard.ZstdCompressor:
 
 
 DELTA_SHARE = 0.5  # a chunk changed in more than this share of its sub-blocks travels whole
-RUNS_PER_JOB = 4  # a job reads up to this many batches' worth of chunks, in as many runs as they come in
+RUNS_PER_JOB = 2  # a job reads up to this many batches' worth of chunks, in as many runs as they come in
+POOL_JOBS = 3  # jobs in the pipeline at once, one per thread of the pool (agent/replication/engine.py)
 
 
 def _read_runs(
@@ -719,8 +720,9 @@ class DiskReplicator(threading.Thread):
 
     def _queue_job(self, runs: list[tuple[int, int]], job: Future[list[JobResult]]) -> None:
         self.pipeline.append((runs, job))
-        # Bounded in chunks (memory), whatever the runs per job: PIPELINE_BYTES of reads ahead, one job at least.
-        limit = self.depth * job_chunks(self.geometry)
+        # Bounded in chunks (memory), whatever the runs per job: PIPELINE_BYTES of reads ahead, and as many jobs as
+        # the pool has threads (jobs of many runs would otherwise leave one job at a time, one thread reading).
+        limit = max(self.depth * job_chunks(self.geometry), POOL_JOBS * job_chunks(self.geometry) * RUNS_PER_JOB)
         while len(self.pipeline) > 1 and sum(n for rs, _ in self.pipeline for _, n in rs) > limit:
             self._send(self.pipeline[0][1].result())  # taken off only once sent: a failure leaves it to be marked
             self.pipeline.popleft()
