@@ -580,9 +580,10 @@ def test_sub_block_deltas_keep_a_raw_disk_identical_through_straddling_writes_pa
                     fcntl.ioctl(fd, 0x1277, struct.pack("QQ", start, rng.randrange(1, 8) * 4096))  # BLKDISCARD
             os.fsync(fd)
             if round_ == 1:
+                port = server.process_port  # the same again: the default (9444) may be another server's here
                 os.kill(server.proc.pid, signal.SIGKILL)  # mid-stream: deltas in flight are sent again
                 server.proc.wait(timeout=10)
-                lab.restart(server)
+                lab.restart(server, "--process-listen", f"127.0.0.1:{port}")
             assert_identical_replica(lab, server, machine, disk)
     finally:
         os.close(fd)
