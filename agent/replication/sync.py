@@ -184,7 +184,7 @@ def _compressor() -> zstandard.ZstdCompressor:
 
 
 DELTA_SHARE = 0.5  # a chunk changed in more than this share of its sub-blocks travels whole
-RUNS_PER_JOB = 2  # a job reads up to this many batches' worth of chunks, in as many runs as they come in
+RUNS_PER_JOB = 1  # a job reads up to this many batches' worth of chunks, in as many runs as they come in
 POOL_JOBS = 3  # jobs in the pipeline at once, one per thread of the pool (agent/replication/engine.py)
 
 
