@@ -4,14 +4,21 @@
 
 1. Full sync: a disk filled with half compressible (binaries and libraries of this machine) and half random data;
    the limit is min(sequential O_DIRECT read of the disk, zstd-1 over the same data x cores), both measured now;
-   the initial sync runs from the daemon's "initial sync" log line to "in sync". Target >= 90 % of the limit.
+   the initial sync runs from the daemon's "initial sync" log line to "in sync". Target >= 90 % of the limit. Also
+   measured: what the store's filesystem takes (appends flushed in 8 MiB pieces, as group commits flush them, divided
+   by the share zstd keeps: the disk's bytes per second the store can absorb, which on a machine whose source disk and
+   store share one device bounds the sync too), and the CPU each process spent per MB synced.
 2. Resync: a disk of --resync-gib GiB, 1 % of its 64 KiB blocks rewritten while the agent is down (killed: an unclean
    stop, which needs the resync a clean stop no longer does); the agent's
    checksum resync against `rsync --inplace --no-whole-file` of the same change onto the old image (caches dropped
    before each). Target >= 2x faster.
-3. Churn: fio random writes (4 KiB, then 64 KiB) at 20 MB/s to a 1 GiB file on ext4 on a protected disk, points
-   every 10 s: lag p99
-   (sampled from the agent's status), the writer's p99 latency with and without protection, the freeze window p99.
+3. Churn: fio random writes (4 KiB at 20 and 40 MB/s, then 64 KiB at 20 MB/s) to a 1 GiB file on ext4 on a protected
+   disk, points every 10 s: lag p99 (sampled from the agent's status), the writer's p99 latency with and without
+   protection, the freeze window p99, points cut, failed and postponed.
+5. PostgreSQL (Debian's) with its data directory on ext4 on a protected disk: pgbench's tps without and with
+   protection (points every 10 s), lag p99, points and freeze p99; then the last point is failed over and the
+   database started on it: it replays its WAL, pg_amcheck finds nothing, and pgbench's own invariant holds (the
+   balances of accounts, branches and tellers each add up to the sum of the history's deltas).
 4. RSS: the daemon's resident memory (every thread; one process) during the initial sync and while idle, for a
    1 GiB and a 16 GiB disk. Target <= 64 MiB busy, the larger within 10 % of the smaller.
 
@@ -29,6 +36,7 @@ import random
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -164,16 +172,42 @@ def p99(values: list[float]) -> float:
 # 1. Full sync --------------------------------------------------------------------------------------------------
 
 
+def store_write(where: Path, data: bytes, nbytes: int) -> float:
+    """Bytes per second the store's filesystem takes as the store writes: appended in 8 MiB pieces, each flushed
+    (fdatasync), as group commits do. A sync cannot keep more than this (times what zstd saves) per second."""
+    path = where / "write-probe"
+    rng = random.Random(7)  # noqa: S311 - benchmark data
+    pieces = [rng.randbytes(8 * MIB), data[: 8 * MIB].ljust(8 * MIB, b"\1")]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    start = time.perf_counter()
+    try:
+        for i in range(nbytes // (8 * MIB)):
+            os.write(fd, pieces[i % 2])
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return nbytes / (time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
 def bench_full_sync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[str, float]:
     size = int(gib * GIB)
     disk = lab.disk("sync", size, ())
     fill(disk, size, data, seed=1)
     read = seq_read(disk.loop, size)
     zstd = zstd_rate(disk.loop, size, os.cpu_count() or 1)
+    stored = len(zstandard.compress(data[: 64 * MIB], 1)) / min(len(data), 64 * MIB) / 2 + 0.5  # half is random
+    write = store_write(server.data / "process", data, min(size, 1 * GIB)) / stored
     limit = min(read, zstd)
     machine = lab.machine(server, "sync", config=AGENT)
     lab.expose(machine, disk)
     drop_caches()
+    server_cpu = cpu_seconds(server.proc.pid)
     protect(server, machine, disk)
     agent = lab.start_agent(machine)
     rss: list[float] = []
@@ -181,15 +215,20 @@ def bench_full_sync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[s
     threading.Thread(target=sample_rss, args=(agent.pid, stop, rss), daemon=True).start()
     lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600)
     stop.set()
+    agent_cpu, server_cpu = cpu_seconds(agent.pid), cpu_seconds(server.proc.pid) - server_cpu
     began, done = log_time(machine, "initial sync"), log_time(machine, "in sync; continuous")
     rate = size / (done - began)
     return {
         "disk_mib": size / MIB,
         "seq_read_mbps": read / 1e6,
         "zstd1_x_cores_mbps": zstd / 1e6,
+        "store_write_mbps": write / 1e6,  # of the disk's bytes: the store's filesystem's rate / what zstd keeps
         "limit_mbps": limit / 1e6,
         "sync_mbps": rate / 1e6,
         "ratio_of_limit": rate / limit,
+        "ratio_of_limit_with_store": rate / min(limit, write),
+        "agent_cpu_ms_per_mb": 1000 * agent_cpu / (size / 1e6),  # the whole daemon's CPU (start included)
+        "server_cpu_ms_per_mb": 1000 * server_cpu / (size / 1e6),  # the whole server's during the sync
         "rss_busy_max_mib": max(rss) if rss else float("nan"),
     }
 
@@ -251,7 +290,7 @@ def bench_resync(lab: Lab, server: Server, gib: float, data: bytes) -> dict[str,
 # 3. Churn ------------------------------------------------------------------------------------------------------
 
 
-def fio(target: Path, seconds: int, bs: str) -> dict[str, float]:
+def fio(target: Path, seconds: int, bs: str, rate: str = "20m") -> dict[str, float]:
     out = sh(
         [
             "fio",
@@ -260,7 +299,7 @@ def fio(target: Path, seconds: int, bs: str) -> dict[str, float]:
             "--size=1G",
             "--rw=randwrite",
             f"--bs={bs}",
-            "--rate=20m",
+            f"--rate={rate}",
             "--direct=1",
             "--ioengine=psync",
             "--time_based",
@@ -280,8 +319,8 @@ def fio(target: Path, seconds: int, bs: str) -> dict[str, float]:
     }
 
 
-def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, float]:
-    disk = lab.disk(f"churn{bs}", 4 * GIB, ("ext4",))
+def bench_churn(lab: Lab, server: Server, seconds: int, bs: str, rate: str = "20m") -> dict[str, float]:
+    disk = lab.disk(f"churn{bs}{rate}", 4 * GIB, ("ext4",))
     target = disk.mounts[0] / "churn.dat"
     sh(
         [
@@ -296,8 +335,8 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, fl
         ],
         timeout=600,
     )
-    unprotected = fio(target, seconds, bs)
-    machine = lab.machine(server, f"churn{bs}", config=AGENT)
+    unprotected = fio(target, seconds, bs, rate)
+    machine = lab.machine(server, f"churn{bs}{rate}", config=AGENT)
     lab.expose(machine, disk)
     protect(server, machine, disk, policy="churn", interval="10s")
     agent = lab.start_agent(machine)
@@ -316,7 +355,7 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, fl
     threading.Thread(target=sample, daemon=True).start()
     threading.Thread(target=sample_rss, args=(agent.pid, stop, rss), daemon=True).start()
     started = time.time()
-    protected = fio(target, seconds, bs)
+    protected = fio(target, seconds, bs, rate)
     stop.set()
     points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
 
@@ -326,6 +365,9 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, fl
         if m and datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() >= started:
             log.append(line)
     failed = [line.split("no point: ")[1][:160] for line in log if "no point: " in line]
+    postponed = [line.split("point postponed: ")[1][:200] for line in log if "point postponed: " in line]
+    if postponed:
+        print(f"churn {bs} {rate}: postponed {len(postponed)} times; first: {postponed[0]}", flush=True)
     freezes = [
         float(line.split("frozen ")[1].split(" ms")[0])
         for line in log
@@ -344,9 +386,146 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str) -> dict[str, fl
         "lag_max_s": max(lags) if lags else float("nan"),
         "points": len(points),
         "points_failed": len(failed),
+        "points_postponed": len(postponed),
+        "writer_iops_protected": protected["iops"],
         "freeze_p99_ms": p99(freezes),
         "freeze_median_ms": statistics.median(freezes) if freezes else float("nan"),
         "rss_busy_max_mib": max(rss) if rss else float("nan"),
+    }
+
+
+# 5. PostgreSQL under pgbench ------------------------------------------------------------------------------------
+
+
+def bench_pgbench(lab: Lab, server: Server, seconds: int) -> dict[str, float]:
+    import pwd
+
+    from tests.postgres import PostgresCluster, postgres_bin
+
+    bindir = postgres_bin()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+    pg = pwd.getpwnam("postgres")
+    disk = lab.disk("pgbench", 4 * GIB, ("ext4",))
+    mount = disk.mounts[0]
+    lab.workdir.chmod(0o711)  # the postgres user reaches its data directory through it (its files stay private)
+    mount.chmod(0o755)
+    cluster = PostgresCluster(mount / "pg", fsync=True)
+    cluster.init()
+    cluster.start()
+    lab.defer("postgres on the protected disk", cluster.stop)
+
+    def pgbench(*args: str, timeout: float = 3600) -> str:
+        r = subprocess.run(
+            [str(bindir / "pgbench"), "-h", str(cluster.socket_dir), "-p", str(cluster.port), "-U", "postgres", *args],
+            user="postgres",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if r.returncode:
+            raise RuntimeError(f"pgbench {' '.join(args)}: {r.stderr[-2000:]}")
+        return r.stdout
+
+    def tps(out: str) -> float:
+        m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+        if m is None:
+            raise RuntimeError(f"no tps in pgbench's output: {out[-500:]}")
+        return float(m.group(1))
+
+    pgbench("-i", "-q", "-s", "20", "postgres")
+    unprotected = tps(pgbench("-c", "4", "-j", "2", "-T", str(seconds), "postgres"))
+    # Afresh: each run truncates the history at its start, and the balances are checked against it below.
+    pgbench("-i", "-q", "-s", "20", "postgres")
+    machine = lab.machine(server, "pgbench", config=AGENT)
+    lab.expose(machine, disk)
+    protect(server, machine, disk, policy="pgbench", interval="10s")
+    agent = lab.start_agent(machine)
+    lab.wait_state(machine, disk, "CONTINUOUS", timeout=3600, settled=False)
+    lags: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            d = machine.disk_state(disk)
+            if d.get("lag_seconds") is not None:
+                lags.append(float(d["lag_seconds"]))
+            stop.wait(1.0)
+
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.time()
+    protected = tps(pgbench("-c", "4", "-j", "2", "-T", str(seconds), "postgres"))
+    stop.set()
+    points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
+    freezes = [
+        float(line.split("frozen ")[1].split(" ms")[0])
+        for line in machine.log().splitlines()
+        if " cut (" in line and "frozen " in line
+    ]
+    # The last point, failed over: the database starts on it, replays its WAL and is consistent.
+    checked = 0.0
+    if points:
+        out = lab.workdir / "pgbench-failover"
+        server.cli("failover", "--machine", machine.host_id, "--point", str(points[-1]["point_id"]), "--out", str(out))
+        image = out / (disk.loop.removeprefix("/dev/") + ".img")
+        loop = sh(["losetup", "--find", "--show", str(image)]).stdout.strip()
+        lab.defer(f"loop {loop}", lambda: sh(["losetup", "--detach", loop], check=False))
+        where = lab.workdir / "pgbench-restored"
+        where.mkdir(exist_ok=True)
+        sh(["mount", loop, str(where)])
+        lab.defer(f"mount {where}", lambda: sh(["umount", str(where)], check=False))
+        restored = PostgresCluster(where / "pg", fsync=True)
+        restored.socket_dir.mkdir(exist_ok=True)
+        os.chown(restored.socket_dir, pg.pw_uid, pg.pw_gid)
+        (restored.data / "postmaster.pid").unlink(missing_ok=True)  # the source's: it was running at the freeze
+        restored.start()  # crash recovery: the WAL is replayed
+        lab.defer("postgres on the failed-over point", restored.stop)
+        log = restored.log.read_text(errors="replace")
+        replayed = "redo done" in log or "database system was not properly shut down" in log
+        amcheck = subprocess.run(
+            [
+                str(bindir / "pg_amcheck"),
+                "-h",
+                str(restored.socket_dir),
+                "-p",
+                str(restored.port),
+                "-U",
+                "postgres",
+                "--install-missing",
+                "--heapallindexed",
+                "postgres",
+            ],
+            user="postgres",
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        sums = restored.sql(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM pgbench_branches), "
+            "(SELECT sum(tbalance) FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
+        ).strip()
+        values = {v or "0" for v in sums.split("|")}
+        print(f"pgbench failover: replayed={replayed}, pg_amcheck exit {amcheck.returncode}, sums {sums}", flush=True)
+        if amcheck.returncode:
+            print(f"pg_amcheck: {amcheck.stdout[-1500:]} {amcheck.stderr[-1500:]}", flush=True)
+        checked = float(replayed and amcheck.returncode == 0 and len(values) == 1)
+        restored.stop()
+        sh(["umount", str(where)], check=False)
+        sh(["losetup", "--detach", loop], check=False)
+        shutil.rmtree(out, ignore_errors=True)
+    agent.terminate()
+    agent.wait(timeout=60)
+    cluster.stop()
+    return {
+        "tps_unprotected": unprotected,
+        "tps_protected": protected,
+        "tps_ratio": protected / unprotected,
+        "lag_p99_s": p99(lags),
+        "points": len(points),
+        "freeze_p99_ms": p99(freezes),
+        "failover_checked": checked,
     }
 
 
@@ -390,14 +569,17 @@ def main() -> int:
     parser.add_argument("--sync-gib", type=float, default=2.0)
     parser.add_argument("--resync-gib", type=float, default=4.0)
     parser.add_argument("--churn-seconds", type=int, default=60)
-    parser.add_argument("--churn-bs", nargs="+", default=["4k", "64k"], help="fio block sizes to churn with")
+    parser.add_argument(
+        "--churn", nargs="+", default=["4k@20m", "4k@40m", "64k@20m"], help="fio block size @ rate to churn with"
+    )
     parser.add_argument("--rss-gib", type=float, nargs="+", default=[1.0, 16.0])
-    parser.add_argument("--only", choices=("sync", "resync", "churn", "rss"), action="append")
+    parser.add_argument("--pgbench-seconds", type=int, default=60)
+    parser.add_argument("--only", choices=("sync", "resync", "churn", "rss", "pgbench"), action="append")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/replication needs root (loop devices, tracefs, FIFREEZE)", file=sys.stderr)
         return 2
-    only = set(args.only or ("sync", "resync", "churn", "rss"))
+    only = set(args.only or ("sync", "resync", "churn", "rss", "pgbench"))
     results: dict[str, dict[str, float]] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-replication-", dir="/var/tmp"))
     try:
@@ -408,9 +590,14 @@ def main() -> int:
                 ("sync", "sync", lambda: bench_full_sync(lab, server, args.sync_gib, data)),
                 ("resync", "resync", lambda: bench_resync(lab, server, args.resync_gib, data)),
                 *[
-                    ("churn", f"churn-{bs}", lambda bs=bs: bench_churn(lab, server, args.churn_seconds, bs))
-                    for bs in args.churn_bs
+                    (
+                        "churn",
+                        f"churn-{spec}",
+                        lambda spec=spec: bench_churn(lab, server, args.churn_seconds, *spec.split("@")),
+                    )
+                    for spec in args.churn
                 ],
+                ("pgbench", "pgbench", lambda: bench_pgbench(lab, server, args.pgbench_seconds)),
                 ("rss", "rss", lambda: bench_rss(lab, server, args.rss_gib)),
             ]
             for kind, name, step in steps:

@@ -30,7 +30,7 @@ from agent.errors import InternalError
 from agent.paths import Paths
 from agent.replication import tracing
 from agent.replication.devices import all_disks, device_size, lower_priority, partitions, resolve_disk
-from agent.replication.points import CANCEL_SECONDS, CaptureRate, PointResult, cut_point
+from agent.replication.points import CANCEL_SECONDS, CaptureRate, PointResult, cut_point, plan_point
 from agent.replication.state import (
     answer_request,
     disk_dir,
@@ -40,18 +40,19 @@ from agent.replication.state import (
     save_status,
     save_tracing_stop,
 )
-from agent.replication.sync import DiskReplicator
+from agent.replication.sync import POOL_JOBS, DiskReplicator
 from agent.replication.tracing import Target, Tracer, instance_name, trace_dev
 from agent.replication.transport import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
-from agent.shared.replication_wire import DiskReport, Protection, ReplicationReport
+from agent.shared.replication_wire import DiskReport, NextPoint, Protection, ReplicationReport
 
 log = logging.getLogger("mobility.replication")
 
 STATUS_SECONDS = 2.0
 RESIZE_CHECK_SECONDS = 10.0
 REQUEST_POLL_SECONDS = 2.0
+POSTPONE_SECONDS = 5.0  # a point postponed for a freeze too long is looked at again this soon
 RESTART_SECONDS = 2.0  # a thread that ended unexpectedly is started again at most this often
 DISK_STOP_SECONDS = 5.0  # every disk's thread ends within this once stopped (its stream is broken off)
 # The longest ``stop`` takes: a point cancelled, the disks' threads ended, the tracing kept, the status written.
@@ -113,6 +114,8 @@ class Replication:
         self._next_requests = 0.0
         self._adopt_checked = False
         self.capture_rate = CaptureRate()
+        self.next_point: NextPoint | None = None
+        self._postponed_shown: str | None = None
         self._lock = threading.Lock()
 
     # What to protect --------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ class Replication:
                 self.tracer = self._new_tracer(adopt)
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(
-                    max_workers=3, thread_name_prefix="replication-io", initializer=lower_priority
+                    max_workers=POOL_JOBS, thread_name_prefix="replication-io", initializer=lower_priority
                 )
             stream = Stream(address, self.context())
             replicator = DiskReplicator(
@@ -359,6 +362,18 @@ class Replication:
             self._next_requests = mono + REQUEST_POLL_SECONDS
             self.poll_requests()
         due = self.protection is not None and mono - self.last_point_at >= self.protection.policy.interval_seconds
+        if due and not self._requests and not self._point_running() and self.replicators:
+            plan = self.plan()
+            if plan.postponed:
+                # Planned, not hoped for: a point whose freeze would be too long waits (and says why) until the
+                # measured rates let it fit; it is looked at again every few seconds, not at the next interval.
+                if plan.postponed.split(":")[0] != (self._postponed_shown or "").split(":")[0]:
+                    log.info("point postponed: %s", plan.postponed)
+                self._postponed_shown = plan.postponed
+                self.last_point_at = mono - self.protection.policy.interval_seconds + POSTPONE_SECONDS  # type: ignore[union-attr]
+                due = False
+            else:
+                self._postponed_shown = None
         if (due or self._requests) and not self._point_running() and self.replicators:
             requests, self._requests = self._requests, []
             self._taken.update(requests)
@@ -372,6 +387,19 @@ class Replication:
         if mono >= self._next_status and not self.freezing:
             self._next_status = mono + STATUS_SECONDS
             self.save_status(now)
+
+    def plan(self) -> NextPoint:
+        """The next point as the disks' measured rates foresee it (agent/replication/points.py ``plan_point``)."""
+        rs = list(self.replicators.values())
+        plan = plan_point(
+            sum(r.dirty.pending_bytes() for r in rs),
+            sum(r.stream.window_size for r in rs),
+            sum(r.dirty_bps for r in rs),
+            sum(r.send_bps for r in rs),
+            self.capture_rate,
+        )
+        self.next_point = plan
+        return plan
 
     def _point_running(self) -> bool:
         return self.point_thread is not None and self.point_thread.is_alive()
@@ -447,12 +475,16 @@ class Replication:
         last = self.last_result
         ok = last if last is not None and last.ok else None
         last_point = max((r.persisted.last_point or 0 for r in self.replicators.values()), default=0) or None
+        plan = self.plan() if self.replicators else None
+        if plan is not None and self._postponed_shown:
+            plan = NextPoint(plan.expected_freeze_ms, plan.dirty_bps, plan.send_bps, self._postponed_shown)
         return ReplicationReport(
             tuple(sorted(disks, key=lambda d: d.disk)),
             last_point=last_point,
             last_point_id=ok.point_id if ok else None,
             points=self.points_cut,
             freeze_ms=ok.freeze_ms if ok else None,
+            next_point=plan,
         )
 
     def status_doc(self, now: float | None = None) -> dict[str, Any]:

@@ -78,6 +78,15 @@ def status_lines(doc: dict[str, Any] | None) -> list[str]:
     if isinstance(last, (int, float)):
         point, freeze = doc.get("last_point_id") or "-", doc.get("freeze_ms")
         lines.append(f"  last point: {timefmt.shown(last)} ({point}, freeze {freeze} ms)")
+    plan = doc.get("next_point")
+    if isinstance(plan, dict):
+        line = (
+            f"  next point: expected freeze {plan.get('expected_freeze_ms', 0):.0f} ms; writes change "
+            f"{_size(plan.get('dirty_bps'))}/s, replication sends {_size(plan.get('send_bps'))}/s"
+        )
+        if plan.get("postponed"):
+            line += f"; POSTPONED: {plan['postponed']}"
+        lines.append(line)
     return lines
 
 

@@ -48,6 +48,7 @@ from agent.replication.frozen import forget_frozen, record_frozen
 from agent.replication.sync import Capture, DiskReplicator
 from agent.replication.tracing import Tracer
 from agent.shared.errors import MobilityError
+from agent.shared.replication_wire import NextPoint
 from agent.update.state import version_hold
 
 log = logging.getLogger("mobility.replication")
@@ -58,7 +59,9 @@ PRECOPY_TIMEOUT = 60.0
 PRECOPY_PLATEAU = 5.0  # the residual has not shrunk for this long: the pre-copy cannot do better
 MAX_FREEZE = 5.0  # seconds a freeze may be expected to last (as VSS's flush-and-hold, under its 10 s limit)
 CAPTURE_DEADLINE = 8.0  # seconds after the freeze by which every disk must have read its residual
-MIN_CAPTURE_RATE = 20e6  # bytes per second assumed before a capture was measured, at the least
+# Bytes of changed sub-blocks per second assumed before a capture was measured, at the least. A capture reads the
+# whole chunk of each changed sub-block: 2 MB/s of 4 KiB sub-blocks is 500 chunks a second.
+MIN_CAPTURE_RATE = 2e6
 ACK_TIMEOUT = 120.0
 HOOK_TIMEOUT = 60.0
 STOP_HOOK_SECONDS = 5.0  # what the post hooks of a cancelled point get, together
@@ -75,13 +78,40 @@ class CaptureRate:
     def expect(self, pending: int, sending: float) -> float:
         """Seconds to capture ``pending`` bytes; before any measurement, from the rate the disks send at now
         (a freeze captures faster: the applications wait, nothing is compressed)."""
-        rate = self.rate if self.rate is not None else max(MIN_CAPTURE_RATE, 1.5 * sending)
-        return pending / rate
+        return pending / self.rate_for(sending)
+
+    def rate_for(self, sending: float) -> float:
+        return self.rate if self.rate is not None else max(MIN_CAPTURE_RATE, 1.5 * sending)
 
     def measured(self, nbytes: int, seconds: float) -> None:
         if nbytes >= PRECOPY_BYTES and seconds > 0:
             rate = nbytes / seconds
             self.rate = rate if self.rate is None else 0.5 * self.rate + 0.5 * rate
+
+
+SETTLE_SECONDS = 1.0  # a pre-copy that keeps up leaves about this long of changes for the freeze
+CONVERGES = 1.05  # sending this much faster than the writes change: the pre-copy shrinks what is changed
+
+
+def plan_point(pending: int, window: int, dirty_bps: float, send_bps: float, capture: CaptureRate) -> NextPoint:
+    """The next point as the measured rates foresee it (pure): the residual its freeze would capture and how long
+    that takes, and why it should wait when that is longer than MAX_FREEZE. While replication sends faster than the
+    writes change data, a pre-copy brings what is changed down to about a second of writes; otherwise what is changed
+    now stays, and grows while the pre-copy waits for it to stop shrinking."""
+    converging = send_bps > CONVERGES * dirty_bps
+    residual = dirty_bps * SETTLE_SECONDS if converging else pending + dirty_bps * PRECOPY_PLATEAU
+    expected = capture.expect(int(residual) + window, send_bps)
+    postponed = None
+    if expected > MAX_FREEZE:
+        if not converging:
+            why = (
+                f"the writes change {dirty_bps / 1e6:.1f} MB/s and replication sends {send_bps / 1e6:.1f} MB/s: "
+                f"{int(residual) >> 20} MiB would still be changed"
+            )
+        else:
+            why = f"{int(residual) >> 20} MiB would be captured at {capture.rate_for(send_bps) / 1e6:.1f} MB/s"
+        postponed = f"expected freeze {expected:.1f} s, more than {MAX_FREEZE:.0f} s: {why}"
+    return NextPoint(round(expected * 1000, 1), dirty_bps, send_bps, postponed)
 
 
 @dataclass
@@ -350,11 +380,14 @@ def _cut(
     order = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")
     weakest = min(labels, key=order.index)
     log.info(
-        "point %s cut (%s): frozen %.0f ms, %d residual chunks",
+        "point %s cut (%s): frozen %.0f ms, %d residual chunks (%d KiB of changed sub-blocks); deltas refused "
+        "so far: %d",
         point_id,
         weakest,
         freeze_ms,
         sum(c.residual for c in captures),
+        sum(c.residual_bytes for c in captures) >> 10,
+        sum(r.refusals for r in replicators),
     )
     return PointResult(
         True,
@@ -374,7 +407,9 @@ def _precopy(replicators: Sequence[DiskReplicator], timeout: float, cancel: thre
     deadline = now + timeout
     best, best_at = None, now
     while True:
-        pending = sum(r.dirty.dirty * r.geometry.chunk_size for r in replicators)
+        # What a freeze would wait for: the sub-blocks still changed, and the frames not acknowledged yet (a point
+        # waits for every acknowledgement before the thaw: a delta the server refuses is sent whole while frozen).
+        pending = sum(r.dirty.pending_bytes() + r.stream.window_size for r in replicators)
         now = time.monotonic()
         if best is None or pending < 0.95 * best:
             best, best_at = pending, now

@@ -17,6 +17,7 @@ import queue
 import ssl
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,13 +30,25 @@ from agent.errors import InternalError, ProcessServerUnreachable, RemoteError, R
 from agent.faults import fault_point
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
 from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
-from agent.replication.dirtymap import DirtyMap
+from agent.replication.dirtymap import FULL, DirtyMap
 from agent.replication.hashfile import HashFile
 from agent.replication.transport import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
 from agent.shared.fsutil import atomic_write
-from agent.shared.replication_wire import HASH_SIZE, Codec, DiskReport, Hello, Kind, PointClose, ProtocolError
+from agent.shared.replication_wire import (
+    HASH_SIZE,
+    Codec,
+    DiskReport,
+    Hello,
+    Kind,
+    PointClose,
+    ProtocolError,
+    Record,
+    batch_payload,
+    full_mask,
+    mask_spans,
+)
 
 log = logging.getLogger("mobility.replication")
 
@@ -43,6 +56,7 @@ BATCH_BYTES = 1024 * 1024  # one read (and one pool job) covers up to this many 
 PIPELINE_BYTES = 4 * BATCH_BYTES  # bytes of jobs in the pool ahead of the sender (at least one job)
 STALL_AFTER = 30.0  # seconds without progress while there is work before the state says STALLED
 BUSY_SHARE = 0.8  # the rest of the machine using this share of all CPU makes replication slow down
+CAPTURE_CHECK_SECONDS = 8.0  # a capture waits this long for the server to verify its residual
 
 
 _UNKNOWN = b"\xff" * HASH_SIZE  # a hash no chunk has: "the replica may not hold this chunk"
@@ -55,6 +69,18 @@ class ChunkOut:
     codec: Codec
     payload: bytes
     size: int
+    mask: int = 0  # a delta's sub-blocks (codec DELTA or DELTA_ZSTD)
+
+    @property
+    def delta(self) -> bool:
+        return self.codec in (Codec.DELTA, Codec.DELTA_ZSTD)
+
+    @property
+    def sent_bytes(self) -> int:
+        """The chunk's bytes this record carries, raw: its changed sub-blocks for a delta."""
+        return self.delta_raw if self.delta else self.size
+
+    delta_raw: int = 0  # a delta's sub-blocks, raw
 
 
 @dataclass
@@ -157,6 +183,25 @@ def _compressor() -> zstandard.ZstdCompressor:
     return c
 
 
+DELTA_SHARE = 0.5  # a chunk changed in more than this share of its sub-blocks travels whole
+RUNS_PER_JOB = 1  # a job reads up to this many batches' worth of chunks, in as many runs as they come in
+POOL_JOBS = 3  # jobs in the pipeline at once, one per thread of the pool (agent/replication/engine.py)
+
+
+def _read_runs(
+    device: BlockDevice,
+    geometry: Geometry,
+    runs: list[tuple[int, int, list[int] | None]],
+    known: bytes | None,
+    since: float,
+    compress: bool,
+    dirty: DirtyMap | None,
+) -> list[JobResult]:
+    """In the pool: ``read_job`` for each run, one after the other into this thread's buffer (each run's output is
+    copied out of it before the next read)."""
+    return [read_job(device, geometry, first, n, known, since, compress, masks, dirty) for first, n, masks in runs]
+
+
 def read_job(
     device: BlockDevice,
     geometry: Geometry,
@@ -165,15 +210,23 @@ def read_job(
     known: bytes | None,
     since: float,
     compress: bool = True,
+    masks: list[int] | None = None,
+    dirty: DirtyMap | None = None,
 ) -> JobResult:
     """In the pool: read ``n`` chunks from ``first``, hash them, and compress those whose hash is not ``known``
-    (zstd level 1; raw when that does not shrink it or without ``compress``; zero chunks as markers)."""
+    (zstd level 1; raw when that does not shrink it or without ``compress``; zero chunks as markers). With ``masks``
+    (the sub-blocks each chunk had changed when it was taken), a chunk changed in few sub-blocks becomes a delta: those
+    sub-blocks only, and every sub-block ``dirty`` marked since (a write that completed before this read but was
+    marked after the chunk was taken is in what was read: its sub-block must travel with it)."""
     offset = geometry.offset(first)
     length = sum(geometry.length(i) for i in range(first, first + n))
     data = _reader(device, job_bytes(geometry)).read(offset, length)  # a view of this thread's buffer
+    if masks is not None and dirty is not None:
+        masks = [a | b for a, b in zip(masks, dirty.masks_of(first, n), strict=True)]
     hashes = bytearray()
     out: list[ChunkOut] = []
     pos = 0
+    cs = geometry.chunk_size
     for k in range(n):
         i = first + k
         size = geometry.length(i)
@@ -187,6 +240,20 @@ def read_job(
         if zero:
             out.append(ChunkOut(i, digest, Codec.ZERO, b"", size))
             continue
+        mask = masks[k] & full_mask(size, cs) if masks is not None else 0
+        if mask and mask != full_mask(size, cs):
+            spans = mask_spans(mask, size, cs)
+            raw = sum(m for _, m in spans)
+            if raw <= DELTA_SHARE * size:
+                blocks = b"".join(chunk[a : a + m] for a, m in spans)
+                if compress and _worth_compressing(device):
+                    small = _compressor().compress(blocks)
+                    _compressed(device, len(small) < raw)
+                    if len(small) < raw:
+                        out.append(ChunkOut(i, digest, Codec.DELTA_ZSTD, small, size, mask, raw))
+                        continue
+                out.append(ChunkOut(i, digest, Codec.DELTA, blocks, size, mask, raw))
+                continue
         packed = None
         if compress and _worth_compressing(device):
             packed = _compressor().compress(chunk)
@@ -279,17 +346,28 @@ class DiskState:
 
 
 def save_dirty(path: Path, dirty: DirtyMap) -> None:
-    """The dirty chunks at a clean stop (zstd: a mostly clean map is a few bytes; at most the map's 1 MiB)."""
-    atomic_write(path, zstandard.compress(bytes(1 if b else 0 for b in dirty.bits) if dirty.dirty else b"", 3), 0o600)
+    """The dirty chunks and their sub-blocks at a clean stop: each chunk's 16-bit mask (zstd: a mostly clean map is
+    a few bytes; at most the masks' 2 MiB)."""
+    with dirty.lock:
+        data = dirty.masks.tobytes() if dirty.dirty else b""
+    atomic_write(path, zstandard.compress(data, 3), 0o600)
 
 
-def load_dirty(path: Path, count: int) -> bytes | None:
-    """The map ``save_dirty`` wrote, if it is there and is one of ``count`` chunks (else None: resync)."""
+def load_dirty(path: Path, count: int) -> list[int] | None:
+    """The masks ``save_dirty`` wrote, if they are there and are those of ``count`` chunks (else None: resync)."""
     try:
-        data = zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=count)
+        data = zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=2 * count)
     except (OSError, zstandard.ZstdError):
         return None
-    return data if len(data) in (0, count) else None
+    if not data:
+        return []
+    if len(data) == count:  # an agent before sub-blocks saved one flag per chunk: each changed chunk whole
+        return [FULL if flag else 0 for flag in data]
+    if len(data) != 2 * count:
+        return None
+    masks = array("H")
+    masks.frombytes(data)
+    return masks.tolist()
 
 
 class DiskReplicator(threading.Thread):
@@ -326,9 +404,10 @@ class DiskReplicator(threading.Thread):
         self.persisted = DiskState.load(state_dir / "state.json", device.name)
         self.geometry = geometry_for(size)
         self.depth = pipeline_depth(self.geometry)
-        self.dirty = DirtyMap(self.geometry.count, now=clock())
+        self.dirty = DirtyMap(self.geometry.count, now=clock(), chunk_size=self.geometry.chunk_size)
         self.hashes = DeferredHashes(HashFile(state_dir / "hashes", self.geometry))
-        self.pipeline: deque[tuple[int, int, Future[JobResult]]] = deque()  # (first chunk, count, the job)
+        # Jobs ahead of the sender: the runs of chunks each read (first chunk, count), and the job.
+        self.pipeline: deque[tuple[list[tuple[int, int]], Future[list[JobResult]]]] = deque()
         # The state machine.
         self.state = "INITIAL_SYNC"
         self.error: str | None = None
@@ -350,6 +429,12 @@ class DiskReplicator(threading.Thread):
         self.busy = BusyMeter()
         self.busy_share = busy_share
         self.events_at_capture = 0
+        self.refusals = 0  # deltas the process server refused (sent whole again)
+        self.dirty_bps = 0.0  # sub-block bytes the writes change per second, and replication takes to send
+        self.send_bps = 0.0
+        self._dirty_mark = (clock(), 0, 0)
+        self.sent_delta_bytes = 0  # sub-block bytes sent as deltas, and what they stood for (figures for the log)
+        self.sent_chunk_bytes = 0
         self.target = stream.address  # where the stream should go (``retarget``)
         self._moved_to: ServerAddress | None = None  # set by ``retarget``, taken by this thread
         self._set_initial_reason(kept_tracing)
@@ -375,9 +460,9 @@ class DiskReplicator(threading.Thread):
             self.detail = "the agent restarted and no tracing went on meanwhile: writes while it was down are unknown"
         else:
             # A clean stop, and the tracing it left kept every write since: where it left off, no resync.
-            for i, flag in enumerate(dirty):
-                if flag:
-                    self.dirty.mark(i, i, self.clock())
+            for i, mask in enumerate(dirty):
+                if mask:
+                    self.dirty.mark_masked(i, mask)
             self.state, self.need_sweep, self.detail = "CONTINUOUS", False, None
 
     def tracing_interrupted(self) -> None:
@@ -582,28 +667,70 @@ class DiskReplicator(threading.Thread):
     def _continuous(self) -> None:
         self._handle_commands()
         per_job = job_chunks(self.geometry)
-        taken = self.dirty.take(per_job * 8)
+        taken = self.dirty.take_masked(per_job * 8)
         if not taken:
             self._drain_pipeline()
             self.stream.flush()
             self.stream.pump(0.05)
             self.last_progress = self.clock()
             return
-        for first, n, since in _runs(taken, per_job):
-            self._submit(first, n, None, since)
+        self._submit_runs(_runs(taken, per_job))
         self._throttle()
 
-    def _submit(self, first: int, n: int, known: bytes | None, since: float, *, compress: bool = True) -> None:
-        job = self.pool.submit(read_job, self.device, self.geometry, first, n, known, since, compress)
-        self.pipeline.append((first, n, job))
-        while len(self.pipeline) > self.depth:
-            self._send(self.pipeline[0][2].result())  # taken off only once sent: a failure leaves it to be marked
+    def _submit_runs(self, runs: list[tuple[int, int, float, list[int]]], *, compress: bool = True) -> None:
+        """Submit runs taken from the dirty map (with their sub-block masks), many runs to a job (and so to a frame:
+        scattered small writes make runs of one chunk). The chunks of runs not submitted when the stream breaks go
+        back into the dirty map: they were taken from it, and nothing else would ever read them again (the replica
+        kept its old chunk while the point's root, from the hash file, agreed)."""
+        limit = job_chunks(self.geometry) * RUNS_PER_JOB
+        jobs: list[list[tuple[int, int, float, list[int]]]] = [[]]
+        for run in runs:
+            if jobs[-1] and sum(r[1] for r in jobs[-1]) + run[1] > limit:
+                jobs.append([])
+            jobs[-1].append(run)
+        for k, job in enumerate(jobs):
+            if not job:
+                continue
+            try:
+                self._submit_job(job, compress=compress)
+            except BaseException:
+                now = self.clock()
+                for f, m, _, _ in (r for later in jobs[k:] for r in later):
+                    self.dirty.mark(f, f + m - 1, now)
+                raise
+
+    def _submit(self, first: int, n: int, known: bytes | None, since: float) -> None:
+        """A sweep's run: whole chunks compared with what the replica is known to hold."""
+        job = self.pool.submit(_read_runs, self.device, self.geometry, [(first, n, None)], known, since, True, None)
+        self._queue_job([(first, n)], job)
+
+    def _submit_job(self, runs: list[tuple[int, int, float, list[int]]], *, compress: bool = True) -> None:
+        deltas = self.stream.batches  # a process server of version 1 takes whole chunks only
+        job = self.pool.submit(
+            _read_runs,
+            self.device,
+            self.geometry,
+            [(first, n, masks if deltas else None) for first, n, _, masks in runs],
+            None,
+            min(since for _, _, since, _ in runs),
+            compress,
+            self.dirty if deltas else None,
+        )
+        self._queue_job([(first, n) for first, n, _, _ in runs], job)
+
+    def _queue_job(self, runs: list[tuple[int, int]], job: Future[list[JobResult]]) -> None:
+        self.pipeline.append((runs, job))
+        # Bounded in chunks (memory), whatever the runs per job: PIPELINE_BYTES of reads ahead, and as many jobs as
+        # the pool has threads (jobs of many runs would otherwise leave one job at a time, one thread reading).
+        limit = max(self.depth * job_chunks(self.geometry), POOL_JOBS * job_chunks(self.geometry) * RUNS_PER_JOB)
+        while len(self.pipeline) > 1 and sum(n for rs, _ in self.pipeline for _, n in rs) > limit:
+            self._send(self.pipeline[0][1].result())  # taken off only once sent: a failure leaves it to be marked
             self.pipeline.popleft()
         self.stream.pump(0)
 
     def _drain_pipeline(self) -> None:
         while self.pipeline:
-            self._send(self.pipeline[0][2].result())
+            self._send(self.pipeline[0][1].result())
             self.pipeline.popleft()
         self.stream.flush()
 
@@ -622,48 +749,108 @@ class DiskReplicator(threading.Thread):
 
     def _drop_pipeline(self) -> None:
         """Jobs read but not sent: their chunks were taken from the dirty map, so they go back into it."""
-        for first, n, fut in self.pipeline:
+        for runs, fut in self.pipeline:
             fut.cancel()
-            self.dirty.mark(first, first + n - 1, self.clock())
+            for first, n in runs:
+                self.dirty.mark(first, first + n - 1, self.clock())
         self.pipeline.clear()
 
-    def _send(self, result: JobResult) -> None:
-        """Queue a job's changed chunks, in order; the hash file learns what the replica will hold."""
-        current = self.hashes.read(result.first, len(result.hashes) // HASH_SIZE)
-        size = 0
-        for chunk in result.out:
-            k = chunk.index - result.first
-            if current[k * HASH_SIZE : (k + 1) * HASH_SIZE] == chunk.hash:
-                continue  # the replica holds this already (the same data written again)
-            self.stream.send(
-                Kind.CHUNK,
-                chunk.payload,
-                flags=chunk.codec,
-                offset=self.geometry.offset(chunk.index),
-                size=chunk.size,
-                digest=chunk.hash,
-                since=result.since,
-                on_ack=self._acked_cb(chunk.size),
-                on_lost=self._lost_cb(chunk.index),
-            )
-            size += chunk.size
-        if result.hashes != current:
-            self.hashes.write(result.first, result.hashes)
+    def _send(self, results: list[JobResult]) -> None:
+        """Queue a job's changed chunks, in order (one BATCH frame, or a CHUNK frame each to a server of version 1);
+        the hash file learns what the replica will hold. A delta goes over the hash the hash file holds for its
+        chunk, which is what the replica holds once the frames before it are applied; a chunk whose entry is
+        spoiled (sent whole after a lost connection or a refused delta, and not acknowledged yet) has no base it
+        can name: it is marked to be read and sent whole."""
+        records: list[Record] = []
+        writes: list[tuple[int, bytes]] = []
+        for result in results:
+            writes += self._records(result, records)
+        since = min((r.since for r in results), default=0.0)
+        if records and self.stream.batches:
+            self._send_batch(records, since)
+        else:
+            for r in records:
+                self.stream.send(
+                    Kind.CHUNK,
+                    bytes(r.payload),
+                    flags=r.codec,
+                    offset=self.geometry.offset(r.index),
+                    size=r.size,
+                    digest=r.hash,
+                    since=since,
+                    on_ack=self._acked_cb([r]),
+                    on_lost=self._lost_cb([r.index]),
+                )
+        for first, hashes in writes:
+            self.hashes.write(first, hashes)
         self.last_progress = self.clock()
 
-    def _acked_cb(self, size: int) -> Callable[[], None]:
+    def _records(self, result: JobResult, records: list[Record]) -> list[tuple[int, bytes]]:
+        """A run's changed chunks as records (appended to ``records``); the hash file's writes for the run."""
+        current = self.hashes.read(result.first, len(result.hashes) // HASH_SIZE)
+        hashes = bytearray(result.hashes)
+        for chunk in result.out:
+            k = chunk.index - result.first
+            base = current[k * HASH_SIZE : (k + 1) * HASH_SIZE]
+            if base == chunk.hash:
+                continue  # the replica holds this already (the same data written again)
+            if chunk.delta and base == _UNKNOWN:
+                hashes[k * HASH_SIZE : (k + 1) * HASH_SIZE] = base
+                self.dirty.mark(chunk.index, chunk.index, self.clock())
+                continue
+            records.append(
+                Record(
+                    chunk.index,
+                    chunk.codec,
+                    chunk.size,
+                    chunk.hash,
+                    chunk.payload,
+                    chunk.mask,
+                    base if chunk.delta else bytes(HASH_SIZE),
+                )
+            )
+            if chunk.delta:
+                self.sent_delta_bytes += chunk.delta_raw
+            else:
+                self.sent_chunk_bytes += chunk.size
+        return [(result.first, bytes(hashes))] if hashes != current else []
+
+    def _send_batch(self, records: list[Record], since: float) -> None:
+        indexes = [r.index for r in records]
+
+        def refused(positions: list[int]) -> None:
+            """The server did not apply these deltas (no such base, or not the hash they claimed): send whole."""
+            self.refusals += len(positions)
+            self._lost_cb([indexes[p] for p in positions if p < len(indexes)])()
+
+        self.stream.send(
+            Kind.BATCH,
+            batch_payload(records),
+            size=len(records),
+            since=since,
+            on_ack=self._acked_cb(records),
+            on_lost=self._lost_cb(indexes),
+            on_refused=refused,
+        )
+
+    def _acked_cb(self, records: list[Record]) -> Callable[[], None]:
+        size = sum(r.size for r in records)
+
         def acked() -> None:
             self.acked_bytes += size
 
         return acked
 
-    def _lost_cb(self, index: int) -> Callable[[], None]:
-        """The connection went before the server made this chunk durable: read it again and send it (its hash
-        entry is spoiled, so that an unchanged chunk is not taken for one the replica already holds)."""
+    def _lost_cb(self, indexes: list[int]) -> Callable[[], None]:
+        """The connection went before the server made these chunks durable: read them again and send them whole
+        (their hash entries are spoiled, so that an unchanged chunk is not taken for one the replica already holds,
+        and no delta names a base the replica may not have)."""
 
         def lost() -> None:
-            self.hashes.write(index, _UNKNOWN)
-            self.dirty.mark(index, index, self.clock())
+            now = self.clock()
+            for index in indexes:
+                self.hashes.write(index, _UNKNOWN)
+                self.dirty.mark(index, index, now)
 
         return lost
 
@@ -693,15 +880,27 @@ class DiskReplicator(threading.Thread):
             self._capture(capture)
 
     def _capture(self, capture: Capture) -> None:
-        """While the filesystems are frozen: read the residual, then (after the thaw) close the point."""
+        """While the filesystems are frozen: read the residual and have every batch verified by the server (a delta it
+        refused is sent whole while the disk is still frozen), then (after the thaw) close the point."""
         self._drain_pipeline()
         events = self.dirty.events
+        residual = self.dirty.pending_bytes()
+        seen = self.refusals  # refusals until now marked their chunks: they are in what is taken here, whole
         taken = self.dirty.take_all()
-        for first, n, since in _runs(taken, job_chunks(self.geometry)):
-            self._submit(first, n, None, since, compress=False)  # the applications wait: sent as read
+        self._submit_runs(_runs(taken, job_chunks(self.geometry)), compress=False)  # the applications wait: as read
         self._drain_pipeline()
+        for _ in range(3):
+            if not self.stream.wait_checked(CAPTURE_CHECK_SECONDS):
+                self._wait_acked()  # a server that does not answer CHECKED (version 1): its acknowledgements
+            if self.refusals == seen:
+                break
+            seen = self.refusals
+            self._submit_runs(_runs(self.dirty.take_all(), job_chunks(self.geometry)), compress=False)
+            self._drain_pipeline()
+        else:
+            capture.error = MobilityError(f"{self.device.name}: deltas were refused again and again during the freeze")
         capture.residual = len(taken)
-        capture.residual_bytes = len(taken) * self.geometry.chunk_size
+        capture.residual_bytes = residual
         self.events_at_capture = events
         capture.captured.set()  # the coordinator may thaw now; nothing below reads the disk before the point
         capture.root = self.hashes.root()
@@ -758,8 +957,15 @@ class DiskReplicator(threading.Thread):
             instant = (self.acked_bytes - b0) / (now - t0)
             self.rate = instant if not self.rate else 0.5 * self.rate + 0.5 * instant
             self._rate_mark = (now, self.acked_bytes)
+        t1, marked1, taken1 = self._dirty_mark
+        if now - t1 >= 2.0:
+            marked, taken = self.dirty.marked_bytes, self.dirty.taken_bytes
+            dirty_bps, send_bps = (marked - marked1) / (now - t1), (taken - taken1) / (now - t1)
+            self.dirty_bps = dirty_bps if not self.dirty_bps else 0.5 * self.dirty_bps + 0.5 * dirty_bps
+            self.send_bps = send_bps if not self.send_bps else 0.5 * self.send_bps + 0.5 * send_bps
+            self._dirty_mark = (now, marked, taken)
         g = self.geometry
-        left = self.dirty.dirty * g.chunk_size + self.stream.window_size
+        left = self.dirty.pending_bytes() + self.stream.window_size
         if self.state in ("INITIAL_SYNC", "RESYNCING"):
             left += max(0, g.count - self.cursor) * g.chunk_size
         lag: float | None = None
@@ -784,14 +990,16 @@ class DiskReplicator(threading.Thread):
         )
 
 
-def _runs(taken: list[tuple[int, float]], limit: int) -> list[tuple[int, int, float]]:
-    """Dirty chunks as runs of contiguous indexes (first, count, oldest change), at most ``limit`` long."""
-    runs: list[tuple[int, int, float]] = []
-    for index, since in sorted(taken):
+def _runs(taken: list[tuple[int, float, int]], limit: int) -> list[tuple[int, int, float, list[int]]]:
+    """Dirty chunks as runs of contiguous indexes (first, count, oldest change, their sub-block masks), at most
+    ``limit`` long."""
+    runs: list[tuple[int, int, float, list[int]]] = []
+    for index, since, mask in sorted(taken):
         if runs:
-            first, n, oldest = runs[-1]
+            first, n, oldest, masks = runs[-1]
             if index == first + n and n < limit:
-                runs[-1] = (first, n + 1, min(oldest, since))
+                masks.append(mask)
+                runs[-1] = (first, n + 1, min(oldest, since), masks)
                 continue
-        runs.append((index, 1, since))
+        runs.append((index, 1, since, [mask]))
     return runs

@@ -118,7 +118,8 @@ def _unparsable(n: int, sample: bytes) -> TraceUnparsable:
 
 @dataclass
 class Target:
-    """Where a device's writes go: a disk's dirty map, chunk size, and the sector offset of a partition."""
+    """Where a device's writes go: a disk's dirty map (its chunks and sub-blocks), its chunk size, and the sector
+    offset of a partition."""
 
     dirty: DirtyMap
     chunk_size: int
@@ -268,12 +269,17 @@ class Tracer(threading.Thread):
     def _apply(self, parsed: Parsed, now: float) -> None:
         with self._lock:
             targets = self.targets
+        writes: dict[int, list[tuple[int, int]]] = {}  # per dirty map: one lock and one pass for a whole read
+        maps: dict[int, DirtyMap] = {}
         for dev, sector, count in parsed.events:
             target = targets.get(dev)
             if target is None or count <= 0:
                 continue
-            start = (sector + target.start_sector) * SECTOR
-            target.dirty.mark(start // target.chunk_size, (start + count * SECTOR - 1) // target.chunk_size, now)
+            key = id(target.dirty)
+            maps[key] = target.dirty
+            writes.setdefault(key, []).append(((sector + target.start_sector) * SECTOR, count * SECTOR))
+        for key, found in writes.items():
+            maps[key].mark_bytes(found, now)
         self.events_total += len(parsed.events)
         if self._expect is not None and self._expect in parsed.stopped:
             self._stop_seen = True

@@ -14,6 +14,7 @@ import contextlib
 import select
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import (
+    BATCH_VERSION,
     HASH_SIZE,
     HEADER,
     Header,
@@ -50,6 +52,7 @@ class Sent:
     since: float  # when the oldest change it carries was first seen (for the lag)
     on_ack: Callable[[], None] | None = None
     on_lost: Callable[[], None] | None = None
+    on_refused: Callable[[list[int]], None] | None = None  # a batch's records the server did not apply
 
 
 class TokenBucket:
@@ -94,10 +97,13 @@ class Stream:
         self.window_size = 0
         self.next_seq = 1
         self.acked = 0
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._out_size = 0
         self._in = bytearray()
         self.wire_bytes = 0
+        self.peer_version = 1  # the process server's protocol version, from its WELCOME
+        self.checked = 0  # the highest batch the server verified (CHECKED)
+        self.last_batch = 0  # the highest batch sent
 
     # Connection ------------------------------------------------------------------------------------------------
 
@@ -142,7 +148,13 @@ class Stream:
         self._settle(welcome.acked_seq)
         self.next_seq = max(self.next_seq, welcome.acked_seq + 1)
         self.reset()
+        self.peer_version = welcome.version
         return welcome
+
+    @property
+    def batches(self) -> bool:
+        """Whether the process server takes BATCH frames (and deltas in them): version 2 and later."""
+        return self.peer_version >= BATCH_VERSION
 
     def close(self) -> None:
         if self.sock is not None:
@@ -176,7 +188,7 @@ class Stream:
     def send(
         self,
         kind: Kind,
-        payload: bytes,
+        payload: bytes | list[bytes | memoryview],
         *,
         flags: int = 0,
         offset: int = 0,
@@ -185,8 +197,10 @@ class Stream:
         since: float = 0.0,
         on_ack: Callable[[], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        on_refused: Callable[[list[int]], None] | None = None,
     ) -> int:
-        """Queue one frame (its sequence number is returned); blocks while the window is full."""
+        """Queue one frame (its sequence number is returned), its payload whole or in pieces sent one after the
+        other; blocks while the window is full."""
         while self.window and (self.window_size >= self.window_bytes or len(self.window) >= WINDOW_FRAMES):
             self.flush()
             before = self.acked
@@ -198,17 +212,22 @@ class Stream:
                 )
         seq = self.next_seq
         self.next_seq += 1
-        header = Header(kind, flags, len(payload), seq, offset, size, digest).pack()
-        self.window.append(Sent(seq, len(header) + len(payload), since, on_ack, on_lost))
-        self.window_size += len(header) + len(payload)
+        parts = payload if isinstance(payload, list) else [payload]
+        length = sum(len(p) for p in parts)
+        header = Header(kind, flags, length, seq, offset, size, digest).pack()
+        self.window.append(Sent(seq, len(header) + length, since, on_ack, on_lost, on_refused))
+        self.window_size += len(header) + length
+        if kind is Kind.BATCH:
+            self.last_batch = seq
         self._queue(header)
-        if payload:
-            self._queue(payload)
+        for part in parts:
+            if part:
+                self._queue(part)
         if self._out_size >= SEND_BATCH:
             self.flush()
         return seq
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, data: bytes | memoryview) -> None:
         self._out.append(data)
         self._out_size += len(data)
 
@@ -267,12 +286,31 @@ class Stream:
             del self._in[:end]
             if header.kind is Kind.ACK:
                 self._settle(header.seq)
+            elif header.kind is Kind.CHECKED:
+                self._checked(header.seq, payload)
             elif header.kind is Kind.ERROR:
                 self.close()
                 err = StreamError.from_json(parse_json(payload, "ERROR"))
                 raise RemoteError(err.code, err.message, err.fix)
             else:
                 raise ProtocolError(f"unexpected {header.kind.name} from the process server")
+
+    def _checked(self, seq: int, payload: bytes) -> None:
+        """Batch ``seq`` was verified; ``payload`` lists the records the server did not apply (it acknowledges the
+        batch all the same, once committed)."""
+        if len(payload) % 4:
+            raise ProtocolError("a CHECKED frame's payload is a list of 32-bit record positions")
+        self.checked = max(self.checked, seq)
+        if not payload:
+            return
+        positions = list(struct.unpack(f"<{len(payload) // 4}I", payload))
+        for sent in self.window:
+            if sent.seq == seq:
+                if sent.on_refused is not None:
+                    sent.on_refused(positions)
+                return
+            if sent.seq > seq:
+                break
 
     def _settle(self, seq: int) -> None:
         self.acked = max(self.acked, seq)
@@ -281,6 +319,15 @@ class Stream:
             self.window_size -= sent.size
             if sent.on_ack is not None:
                 sent.on_ack()
+
+    def wait_checked(self, timeout: float) -> bool:
+        """Wait until the server verified every batch sent (True), or ``timeout`` passes (False): what refuses a
+        delta is known then, well before the commit that acknowledges it."""
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while self.checked < self.last_batch and self.window and time.monotonic() < deadline:
+            self.pump(min(0.5, max(0.0, deadline - time.monotonic())))
+        return self.checked >= self.last_batch or not self.window
 
     def drain(self, timeout: float) -> bool:
         """Wait until every frame is acknowledged (True), or ``timeout`` passes (False)."""

@@ -11,7 +11,17 @@ agent resends what follows), then, if asked, the replica's chunk hashes (HASHES 
 checksum resync. CHUNK frames carry one chunk each: sequence, byte offset, raw length, BLAKE3 hash of the raw data,
 and the payload (zstd level 1, raw when that does not shrink it, or nothing for a zero chunk). POINT closes a
 recovery point after the chunks before it. The server answers ACK (every frame up to that sequence is durable)
-and ERROR (then closes)."""
+and ERROR (then closes).
+
+Version 2 (both sides say theirs: HELLO and WELCOME) adds BATCH: many chunks in one frame, one sequence number, one
+acknowledgement; each record is a chunk as above or a **delta**: only the sub-blocks of the chunk that changed
+(a 16-bit mask of the chunk's sixteen sub-blocks, 4 KiB each in 64 KiB chunks), the hash of the whole new chunk, and
+the hash of the base the agent believes the replica holds for that chunk. The server rebuilds the chunk from exactly
+that base and keeps it only if the result has the new hash. Every batch is answered CHECKED as soon as it is verified
+(before its commit and its ACK), with the record positions it refused, if any; the agent sends those chunks whole. A
+point's capture waits for that answer of its residual, not for its commit. An agent of version 1 sends
+CHUNK frames to a server of version 2; an agent of version 2 sends CHUNK frames to a server that says nothing of its
+version (version 1)."""
 
 from __future__ import annotations
 
@@ -31,8 +41,17 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024  # a frame's payload stays bounded: past 16 Ti
 
 HEADER = struct.Struct("<2sBBIQQI4x32s")  # magic, kind, flags, payload length, seq, offset, raw size, hash
 MAGIC = b"MR"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+BATCH_VERSION = 2  # the first version that sends and takes BATCH and CHECKED
 MAX_PAYLOAD = MAX_CHUNK_SIZE + 1024  # a chunk that zstd grew is sent raw: payload <= chunk size
+MAX_BATCH = MAX_CHUNK_SIZE + 64 * 1024  # a batch's payload: one chunk of the largest size with its record, or many
+MAX_BATCH_RECORDS = 4096
+MAX_BATCH_RAW = 2 * MAX_CHUNK_SIZE  # the chunks a batch makes, rebuilt: what the server holds for it at most
+SUB_BLOCKS = 16  # a delta's mask: a chunk in sixteen sub-blocks (4 KiB in a 64 KiB chunk)
+MIN_SUB_BLOCK = 4096
+# One record of a batch: chunk index, codec, 0, sub-block mask, raw size, payload length, hash, base hash. The payload
+# follows each record.
+RECORD = struct.Struct("<IBBHII32s32s")
 MAX_JSON = 64 * 1024
 HASHES_PER_FRAME = 8192  # 256 KiB of hashes per HASHES frame
 
@@ -70,12 +89,19 @@ class Kind(IntEnum):
     ERROR = 6
     HASHES = 7
     HASHES_END = 8
+    BATCH = 9  # version 2: many chunks and deltas; ``size`` holds the number of records
+    CHECKED = 10  # version 2, server -> agent: batch ``seq`` verified; the u32 record positions it did not apply
 
 
 class Codec(IntEnum):
     RAW = 0
     ZSTD = 1
     ZERO = 2  # no payload: the chunk is all zero bytes
+    DELTA = 3  # in a batch only: the sub-blocks of the mask, raw, one after the other
+    DELTA_ZSTD = 4  # ... as one zstd frame that declares their size
+
+
+WHOLE = (Codec.RAW, Codec.ZSTD, Codec.ZERO)  # what a CHUNK frame and the store hold
 
 
 @dataclass(frozen=True)
@@ -100,7 +126,8 @@ class Header:
             k = Kind(kind)
         except ValueError as e:
             raise ProtocolError(f"unknown frame kind {kind}") from e
-        if length > (MAX_PAYLOAD if k in (Kind.CHUNK, Kind.HASHES) else MAX_JSON):
+        limit = MAX_BATCH if k is Kind.BATCH else MAX_PAYLOAD if k in (Kind.CHUNK, Kind.HASHES) else MAX_JSON
+        if length > limit:
             raise ProtocolError(f"{k.name} frame of {length} bytes is larger than allowed")
         if seq > MAX_SEQ:
             raise ProtocolError(f"{k.name} frame with sequence {seq}, beyond 2^62")
@@ -108,8 +135,10 @@ class Header:
             raise ProtocolError(f"{k.name} frame at offset {offset}, beyond 2^56")
         if size > MAX_CHUNK_SIZE:
             raise ProtocolError(f"{k.name} frame of {size} bytes, more than a chunk")
+        if k is Kind.BATCH and not (0 < size <= MAX_BATCH_RECORDS and flags == 0):
+            raise ProtocolError(f"a batch of {size} records (1 to {MAX_BATCH_RECORDS})")
         if k is Kind.CHUNK:
-            if flags not in tuple(Codec):
+            if flags not in WHOLE:
                 raise ProtocolError(f"unknown chunk codec {flags}")
             if not 0 < size <= MAX_CHUNK_SIZE:
                 raise ProtocolError(f"chunk of {size} bytes")
@@ -126,6 +155,102 @@ def frame(kind: Kind, payload: bytes = b"", **fields: Any) -> bytes:
 
 def json_frame(kind: Kind, doc: dict[str, Any], seq: int = 0) -> bytes:
     return frame(kind, json.dumps(doc, separators=(",", ":")).encode(), seq=seq)
+
+
+def sub_block(chunk_size: int) -> int:
+    """The bytes one bit of a delta's mask stands for: 4 KiB, or a sixteenth of a chunk larger than 64 KiB."""
+    return max(MIN_SUB_BLOCK, chunk_size // SUB_BLOCKS)
+
+
+def full_mask(length: int, chunk_size: int) -> int:
+    """The mask of every sub-block a chunk of ``length`` bytes has (the last chunk of a disk may have fewer)."""
+    return (1 << -(-length // sub_block(chunk_size))) - 1
+
+
+def mask_spans(mask: int, length: int, chunk_size: int) -> list[tuple[int, int]]:
+    """The (offset, length) in the chunk of each sub-block of ``mask``, in order (the last may be shorter)."""
+    block = sub_block(chunk_size)
+    spans = []
+    for b in range(SUB_BLOCKS):
+        if mask >> b & 1:
+            start = b * block
+            spans.append((start, min(block, length - start)))
+    return spans
+
+
+@dataclass(frozen=True)
+class Record:
+    """One chunk of a BATCH frame: whole (RAW, ZSTD, ZERO) or a delta (DELTA, DELTA_ZSTD) over ``base``."""
+
+    index: int
+    codec: Codec
+    size: int  # the chunk's raw length
+    hash: bytes  # of the whole chunk, as it is after this record
+    payload: bytes | memoryview
+    mask: int = 0  # a delta's sub-blocks
+    base: bytes = bytes(HASH_SIZE)  # a delta's base: the chunk the agent believes the replica holds
+
+    @property
+    def delta(self) -> bool:
+        return self.codec in (Codec.DELTA, Codec.DELTA_ZSTD)
+
+    def delta_size(self, chunk_size: int) -> int:
+        """The bytes of a delta's sub-blocks, raw."""
+        return sum(n for _, n in mask_spans(self.mask, self.size, chunk_size))
+
+    def pack(self) -> bytes:
+        return RECORD.pack(self.index, self.codec, 0, self.mask, self.size, len(self.payload), self.hash, self.base)
+
+
+def batch_payload(records: list[Record]) -> list[bytes | memoryview]:
+    """A BATCH frame's payload, as pieces to send one after the other (no copy of the chunks here)."""
+    parts: list[bytes | memoryview] = []
+    for r in records:
+        parts.append(r.pack())
+        if r.payload:
+            parts.append(r.payload)
+    return parts
+
+
+def parse_batch(payload: bytes, count: int, chunk_size: int, chunks: int) -> list[Record]:
+    """The ``count`` records of a BATCH payload for a disk of ``chunks`` chunks of ``chunk_size`` (the last may be
+    shorter: the caller checks each record's size against it). Every field is bounded here; the payloads must fill the
+    frame exactly."""
+    view = memoryview(payload)
+    out: list[Record] = []
+    at = raw = 0
+    for _ in range(count):
+        if at + RECORD.size > len(view):
+            raise ProtocolError("a batch ends inside a record")
+        index, codec, zero, mask, size, length, digest, base = RECORD.unpack_from(view, at)
+        at += RECORD.size
+        if zero or index >= chunks or not 0 < size <= chunk_size:
+            raise ProtocolError(f"batch record for chunk {index} of {size} bytes is not a chunk of this disk")
+        try:
+            c = Codec(codec)
+        except ValueError as e:
+            raise ProtocolError(f"unknown chunk codec {codec}") from e
+        if length > len(view) - at:
+            raise ProtocolError("a batch record's payload runs past the frame")
+        if c is Codec.ZERO and length:
+            raise ProtocolError("a zero chunk carries no payload")
+        if c is Codec.RAW and length != size:
+            raise ProtocolError("a raw chunk's payload is its size")
+        if c in (Codec.DELTA, Codec.DELTA_ZSTD):
+            if not mask or mask & ~full_mask(size, chunk_size):
+                raise ProtocolError(f"a delta of chunk {index} with sub-block mask {mask:#06x}")
+            if c is Codec.DELTA and length != sum(n for _, n in mask_spans(mask, size, chunk_size)):
+                raise ProtocolError(f"a delta of chunk {index} whose payload is not its sub-blocks")
+        elif mask or any(base):
+            raise ProtocolError("only a delta has a sub-block mask and a base")
+        raw += size
+        if raw > MAX_BATCH_RAW:
+            raise ProtocolError(f"a batch of more than {MAX_BATCH_RAW} bytes of chunks")
+        out.append(Record(index, c, size, bytes(digest), view[at : at + length], mask, bytes(base)))
+        at += length
+    if at != len(view):
+        raise ProtocolError(f"{len(view) - at} bytes after a batch's last record")
+    return out
 
 
 def parse_json(payload: bytes, what: str) -> Any:
@@ -214,15 +339,17 @@ class Hello:
 class Welcome:
     acked_seq: int  # every frame up to this sequence is durable on the process server
     known: bool  # the server holds a replica of this disk with this geometry (else it starts empty)
+    version: int = PROTOCOL_VERSION  # the server's (a server of version 1 does not say: 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {"acked_seq": self.acked_seq, "known": self.known}
+        return {"acked_seq": self.acked_seq, "known": self.known, "version": self.version}
 
     @classmethod
     def from_json(cls, doc: Any) -> Welcome:
         def parse(d: Any) -> Welcome:
             f = _Fields(d, "welcome")
-            return cls(_int(f, "acked_seq", 0, MAX_SEQ), f.flag("known"))
+            version = _int(f, "version", 1, 1000) if "version" in f.doc else 1
+            return cls(_int(f, "acked_seq", 0, MAX_SEQ), f.flag("known"), version)
 
         return _guard("WELCOME", doc, parse)  # type: ignore[no-any-return]
 
@@ -424,12 +551,42 @@ class DiskReport:
 
 
 @dataclass(frozen=True)
+class NextPoint:
+    """How the next recovery point looks from here: the freeze it would need now, the rates that decide it, and why
+    it waits when it does (the agent postpones a point whose freeze would be too long)."""
+
+    expected_freeze_ms: float
+    dirty_bps: float  # bytes of sub-blocks the writes change per second
+    send_bps: float  # bytes of sub-blocks replication takes to send per second
+    postponed: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "expected_freeze_ms": _within(self.expected_freeze_ms, 0.0, MAX_FREEZE_MS) or 0.0,
+            "dirty_bps": _within(self.dirty_bps, 0.0, MAX_RATE) or 0.0,
+            "send_bps": _within(self.send_bps, 0.0, MAX_RATE) or 0.0,
+            "postponed": self.postponed[:300] if self.postponed else None,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> NextPoint:
+        f = _Fields(doc, "replication.next_point")
+        return cls(
+            _number(f, "expected_freeze_ms", 0.0, MAX_FREEZE_MS),
+            _number(f, "dirty_bps", 0.0, MAX_RATE),
+            _number(f, "send_bps", 0.0, MAX_RATE),
+            f.optional_text("postponed", 300),
+        )
+
+
+@dataclass(frozen=True)
 class ReplicationReport:
     disks: tuple[DiskReport, ...] = ()
     last_point: float | None = None
     last_point_id: str | None = None
     points: int = 0
     freeze_ms: float | None = None  # the last point's freeze window
+    next_point: NextPoint | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -438,6 +595,7 @@ class ReplicationReport:
             "last_point_id": self.last_point_id,
             "points": self.points,
             "freeze_ms": _within(self.freeze_ms, 0.0, MAX_FREEZE_MS),
+            "next_point": self.next_point.to_json() if self.next_point else None,
         }
 
     @classmethod
@@ -449,4 +607,5 @@ class ReplicationReport:
             last_point_id=f.optional_text("last_point_id", 36, pattern=re.compile(r"[0-9a-f-]{36}")),
             points=_int(f, "points", 0, 1 << 40) if "points" in f.doc else 0,
             freeze_ms=_optional_number(f, "freeze_ms", 0.0, MAX_FREEZE_MS),
+            next_point=NextPoint.from_json(f.doc["next_point"]) if f.doc.get("next_point") is not None else None,
         )

@@ -221,6 +221,14 @@ def cmd_protection(args: argparse.Namespace) -> int:
                 ]
             )
     _table(["MACHINE", "DISK", "STATE", "LEFT", "LAG", "THROUGHPUT", "ETA", "LAST POINT", "POLICY", "ERROR"], table)
+    for r in rows:
+        plan = (r["replication"] or {}).get("next_point")
+        if plan:
+            print(
+                f"{r['hostname'] or r['host_id']}: next point: expected freeze {plan['expected_freeze_ms']:.0f} ms; "
+                f"writes change {_bytes(plan['dirty_bps'])}/s, replication sends {_bytes(plan['send_bps'])}/s"
+                + (f"; POSTPONED: {plan['postponed']}" if plan.get("postponed") else "")
+            )
     if usage:
         print(
             f"store: {_bytes(usage['store_bytes'])} in {usage['chunks']} chunks; {_bytes(usage['free_bytes'])} free "

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ import zstandard
 from agent.replication.chunks import MAX_CHUNKS, Geometry, chunk_hash, zero_hash
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import (
+    BATCH_VERSION,
     HASHES_PER_FRAME,
     HEADER,
     MAX_CHUNK_SIZE,
@@ -49,11 +51,13 @@ from agent.shared.replication_wire import (
     Welcome,
     frame,
     json_frame,
+    parse_batch,
     parse_json,
 )
 from agent.shared.textsafe import printable
 from server.edge import HANDSHAKE_SECONDS, Connections
 from server.errors import ChunkCorrupt, DiskTooLarge, NotProtected, ReplicationProtocol, StoreFull
+from server.process.batches import BatchResult, verify_batch
 from server.process.store import ChunkPut, ChunkStore, DiskRow, PointPut
 
 log = logging.getLogger("mobility.process")
@@ -119,6 +123,11 @@ class _Stream:
     room: asyncio.Event = field(default_factory=asyncio.Event)
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) not yet acknowledged
     payload_since: float | None = None  # while a frame's payload is awaited
+    version: int = 1  # the agent's protocol version (its HELLO)
+    # Chunks of this stream's batches not acknowledged yet, by hash: where a delta finds a base the store does not
+    # hold yet (a chunk changed again while its last frame is still on its way to the disk). Pruned at each ACK.
+    recent: dict[bytes, tuple[int, Future[BatchResult]]] = field(default_factory=dict)
+    recent_order: deque[tuple[int, list[bytes]]] = field(default_factory=deque)
 
     def hold(self, seq: int, size: int) -> None:
         """``size`` bytes of frame ``seq`` are held (the budget has them already) until it is acknowledged."""
@@ -133,15 +142,28 @@ class _Stream:
         freed = 0
         while self.sizes and self.sizes[0][0] <= seq:
             freed += self.sizes.popleft()[1]
+        while self.recent_order and self.recent_order[0][0] <= seq:
+            done, hashes = self.recent_order.popleft()
+            for h in hashes:
+                if self.recent.get(h, (0,))[0] == done:
+                    del self.recent[h]
         self.inflight -= freed
         self.budget.give(freed)
         if not self.writer.is_closing():
             self.writer.write(frame(Kind.ACK, seq=seq))
         self.room.set()
 
+    def grow(self, size: int) -> None:
+        """The frame held last holds ``size`` bytes more (a batch's deltas, rebuilt into whole chunks)."""
+        seq, held = self.sizes[-1]
+        self.sizes[-1] = (seq, held + size)
+        self.inflight += size
+
     def release(self) -> None:
         """The stream failed or ended: what it held goes back to the budget (it will never be acknowledged)."""
         self.sizes.clear()
+        self.recent.clear()
+        self.recent_order.clear()
         self.budget.give(self.inflight)
         self.inflight = 0
 
@@ -156,6 +178,17 @@ class _Stream:
         self.room.set()
 
 
+@dataclass(frozen=True)
+class _Applied:
+    """A frame that keeps nothing in the store but is applied (a batch whose every delta was refused)."""
+
+    disk_key: int
+    seq: int
+
+
+Item = ChunkPut | PointPut | _Applied
+
+
 class Committer(threading.Thread):
     """The one thread that writes the store: group commit, then acknowledge."""
 
@@ -163,7 +196,7 @@ class Committer(threading.Thread):
         super().__init__(name="process-committer", daemon=True)
         self.store = store
         self.on_point = on_point
-        self._pending: list[tuple[_Stream, ChunkPut | PointPut]] = []
+        self._pending: list[tuple[_Stream, Item]] = []
         self._cond = threading.Condition()
         self._stopping = False
         self.commits = 0
@@ -171,9 +204,18 @@ class Committer(threading.Thread):
 
     def submit(self, stream: _Stream, item: ChunkPut | PointPut) -> None:
         """Queue a verified frame; it is committed with whatever else queued meanwhile."""
+        self.submit_many(stream, [item])
+
+    def submit_many(self, stream: _Stream, items: Sequence[Item]) -> None:
+        """Queue a verified batch's chunks, in order, at once."""
         with self._cond:
-            self._pending.append((stream, item))
+            self._pending.extend((stream, item) for item in items)
             self._cond.notify()
+
+    def applied(self, stream: _Stream, seq: int) -> None:
+        """A batch that keeps nothing (every delta in it refused) still moves the stream's durable sequence: queued
+        as a frame, so that it is recorded in order with the stream's others and acknowledged after them."""
+        self.submit_many(stream, [_Applied(stream.disk.disk_key, seq)])
 
     def stop(self) -> None:
         with self._cond:
@@ -191,13 +233,13 @@ class Committer(threading.Thread):
                 batch, self._pending = self._pending, []
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[_Stream, ChunkPut | PointPut]]) -> None:
+    def _commit(self, batch: list[tuple[_Stream, Item]]) -> None:
         live = [(s, i) for s, i in batch if s.failed is None and not s.dead]
         if not live:
             return
         streams = list({id(s): s for s, _ in live}.values())
         try:
-            outcomes = self.store.commit([i for _, i in live])
+            outcomes = self._store_commit([i for _, i in live])
         except MobilityError as e:  # the store itself refused (full, an I/O error): nothing of the batch was kept
             if self.last_error is None or self.last_error.id != e.id:
                 log.warning("store refused a batch: %s: %s", e.id, e.message)
@@ -235,6 +277,22 @@ class Committer(threading.Thread):
         for stream, seq in acks.values():
             if not stream.dead:
                 stream.loop.call_soon_threadsafe(stream.ack, seq)
+
+    def _store_commit(self, items: list[Item]) -> list[Exception | None]:
+        """The store's group commit; a batch that kept nothing moves its disk's durable sequence in the same turn, when
+        nothing later of that disk in this commit does (``ChunkStore.advance``)."""
+        kept: list[ChunkPut | PointPut] = [i for i in items if not isinstance(i, _Applied)]
+        outcomes = iter(self.store.commit(kept) if kept else [])
+        result: list[Exception | None] = [None if isinstance(i, _Applied) else next(outcomes) for i in items]
+        last: dict[int, int] = {}
+        failed = {i.disk_key for i, o in zip(items, result, strict=True) if o is not None}
+        for put in kept:
+            last[put.disk_key] = max(last.get(put.disk_key, 0), put.seq)
+        for item in items:
+            if isinstance(item, _Applied) and item.disk_key not in failed and item.seq > last.get(item.disk_key, 0):
+                self.store.advance(item.disk_key, item.seq)
+                last[item.disk_key] = item.seq
+        return result
 
 
 def _end(stream: _Stream, error: MobilityError) -> None:
@@ -404,7 +462,8 @@ class Receiver:
         if old is not None:  # the agent reconnected: the old stream is dead to it, and so are its frames
             old.dead = True
             old.writer.close()
-        stream = _Stream(host_id, serial, row, asyncio.get_running_loop(), writer, self.budget, acked=row.acked_seq)
+        loop = asyncio.get_running_loop()
+        stream = _Stream(host_id, serial, row, loop, writer, self.budget, acked=row.acked_seq, version=hello.version)
         self._streams[(host_id, hello.disk)] = stream
         writer.write(json_frame(Kind.WELCOME, Welcome(row.acked_seq, known).to_json()))
         if hello.want_hashes:
@@ -422,12 +481,13 @@ class Receiver:
         loop = asyncio.get_running_loop()
         geometry = stream.disk.geometry
         last = stream.acked
-        pipeline: asyncio.Queue[tuple[int, int, Future[ChunkPut] | PointPut] | None] = asyncio.Queue(MAX_PIPELINE)
+        pipeline: asyncio.Queue[tuple[int, int, Any] | None] = asyncio.Queue(MAX_PIPELINE)
         forward = asyncio.create_task(self._forward(stream, pipeline))
+        kinds = (Kind.CHUNK, Kind.POINT, Kind.BATCH) if stream.version >= BATCH_VERSION else (Kind.CHUNK, Kind.POINT)
         try:
             while stream.failed is None:
                 header = Header.unpack(await reader.readexactly(HEADER.size))
-                if header.kind not in (Kind.CHUNK, Kind.POINT):
+                if header.kind not in kinds:
                     raise ProtocolError(f"unexpected {header.kind.name} frame on a stream")
                 if header.seq <= last:
                     raise ProtocolError(f"sequence {header.seq} after {last}: frames must be sent in order")
@@ -454,8 +514,11 @@ class Receiver:
                         raise NotProtected(f"{stream.disk.disk} of machine {stream.host_id} is no longer protected")
                     await pipeline.put((header.seq, size, PointPut(stream.disk.disk_key, close, header.seq)))
                     continue
+                if header.kind is Kind.BATCH:
+                    await pipeline.put((header.seq, size, await self._batch(stream, header, payload)))
+                    continue
                 check = loop.run_in_executor(self.pool, _verify, stream.disk.disk_key, index, header, payload)
-                await pipeline.put((header.seq, size, check))  # type: ignore[arg-type]
+                await pipeline.put((header.seq, size, check))
             raise _Closed
         finally:
             stream.payload_since = None
@@ -463,16 +526,59 @@ class Receiver:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(forward, 10)
 
+    async def _batch(self, stream: _Stream, header: Header, payload: bytes) -> asyncio.Future[BatchResult]:
+        """A BATCH frame's records parsed (every field bounded) and its deltas' rebuilt chunks counted in what the
+        stream holds, then verified in the pool (one job for the frame)."""
+        g = stream.disk.geometry
+        records = parse_batch(payload, header.size, g.chunk_size, g.count)
+        for r in records:
+            if r.size != g.length(r.index):
+                raise ProtocolError(f"batch record for chunk {r.index} of {r.size} bytes is not a chunk")
+        extra = sum(r.size for r in records if r.delta)  # what the deltas become: their chunks, whole
+        if extra:
+            await self.budget.take(extra)
+            stream.grow(extra)
+        deps = {r.base: stream.recent[r.base][1] for r in records if r.delta and r.base in stream.recent}
+        job: Future[BatchResult] = self.pool.submit(
+            verify_batch,
+            stream.disk.disk_key,
+            g.chunk_size,
+            header.seq,
+            records,
+            deps,
+            self._read_base,
+            _decompress_bytes,
+        )
+        made = [r.hash for r in records]
+        for h in made:
+            stream.recent[h] = (header.seq, job)
+        stream.recent_order.append((header.seq, made))
+        return asyncio.wrap_future(job)
+
+    def _read_base(self, digest: bytes, length: int) -> bytes | None:
+        """A delta's base from the store (None when it is not there); the rebuilt chunk's hash is what is verified."""
+        return self.store.read(digest, length, verify=False)
+
     async def _forward(self, stream: _Stream, pipeline: asyncio.Queue[Any]) -> None:
-        """Hand verified frames to the committer in sequence order."""
+        """Hand verified frames to the committer in sequence order; a batch is answered CHECKED at once, with its
+        refused deltas (before the batch's ACK, which follows its commit)."""
         while (entry := await pipeline.get()) is not None:
-            _seq, _size, item = entry
+            seq, _size, item = entry
             if stream.failed is not None:
                 continue
             try:
                 put = item if isinstance(item, PointPut) else await item
             except MobilityError as e:
                 stream.fail(e)
+                continue
+            if isinstance(put, BatchResult):
+                if not stream.writer.is_closing():
+                    refused = struct.pack(f"<{len(put.refused)}I", *put.refused)
+                    stream.writer.write(frame(Kind.CHECKED, refused, seq=seq))
+                if put.puts:
+                    self.committer.submit_many(stream, put.puts)
+                else:
+                    self.committer.applied(stream, seq)
                 continue
             self.committer.submit(stream, put)
 
@@ -527,28 +633,31 @@ def _verify(disk_key: int, index: int, header: Header, payload: bytes) -> ChunkP
 
 
 def _decompress(header: Header, payload: bytes) -> bytes:
-    """A chunk's one zstd frame, decompressed by a reader that stops at the chunk's size. The frame must declare
-    exactly that size (python-zstandard allocates what a frame declares, whatever it is told) and nothing may follow
-    it (skippable frames or trailing bytes would be kept in the pack with the chunk)."""
-    where = f"chunk at {header.offset}"
+    return _decompress_bytes(payload, header.size, f"chunk at {header.offset}")
+
+
+def _decompress_bytes(payload: bytes, size: int, where: str) -> bytes:
+    """One zstd frame (a chunk, or a delta's sub-blocks), decompressed by a reader that stops at ``size``. The frame
+    must declare exactly that size (python-zstandard allocates what a frame declares, whatever it is told) and nothing
+    may follow it (skippable frames or trailing bytes would be kept in the pack with the chunk)."""
     if payload[:4] != ZSTD_MAGIC:
         raise ChunkCorrupt(f"{where} is not a zstd frame")
     try:
         declared = zstandard.frame_content_size(payload)
-        end = _frame_end(payload, header.size)
+        end = _frame_end(payload, size)
     except (zstandard.ZstdError, IndexError) as e:
         raise ChunkCorrupt(f"{where} is not a zstd frame: {e}") from e
-    if declared != header.size:
-        raise ChunkCorrupt(f"{where} declares {declared} bytes, not its {header.size}")
+    if declared != size:
+        raise ChunkCorrupt(f"{where} declares {declared} bytes, not its {size}")
     if end != len(payload):
         raise ChunkCorrupt(f"{where} carries {len(payload) - end} bytes after its zstd frame")
     try:
         with _decompressor().stream_reader(payload, read_across_frames=False) as reader:
-            data = reader.read(header.size + 1)
+            data = reader.read(size + 1)
     except zstandard.ZstdError as e:
         raise ChunkCorrupt(f"{where} does not decompress: {e}") from e
-    if len(data) != header.size:
-        raise ChunkCorrupt(f"{where} decompresses to {len(data)} bytes, not {header.size}")
+    if len(data) != size:
+        raise ChunkCorrupt(f"{where} decompresses to {len(data)} bytes, not {size}")
     return data
 
 

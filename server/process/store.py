@@ -387,6 +387,12 @@ class ChunkStore:
             ).fetchone()
         return DiskRow(*found), known
 
+    def advance(self, disk_key: int, seq: int) -> None:
+        """A stream's frames up to ``seq`` are applied, the last of which kept nothing (a batch whose every delta was
+        refused): its durable sequence moves all the same (the receiver's committer, in its group commit's turn)."""
+        with self.write_lock, self._transaction() as db:
+            db.execute("UPDATE disks SET acked_seq = MAX(acked_seq, ?) WHERE disk_key = ?", (seq, disk_key))
+
     def head(self, row: DiskRow) -> bytearray:
         """Every chunk hash of the disk's replica, in order (zero hashes where nothing was received)."""
         return self._head(self.reader_db, row)

@@ -25,6 +25,7 @@ def replicator(dirty_chunks: int, rate: float = 0.0) -> Any:
         dirty=dirty,
         geometry=SimpleNamespace(chunk_size=65536),
         rate=rate,
+        stream=SimpleNamespace(window_size=0),
     )
 
 
@@ -133,3 +134,20 @@ def test_the_unit_gives_a_stop_all_the_time_it_can_take_and_thaws_after_it() -> 
     timeout = float(settings["TimeoutStopSec"].removesuffix("s"))
     assert stop_seconds() <= timeout <= stop_seconds() + 10
     assert settings["ExecStopPost"].split() == [settings["ExecStart"].split()[0], "thaw"]
+
+
+def test_a_point_is_planned_from_the_measured_rates_and_postponed_with_its_reason() -> None:
+    """Replication that sends faster than the writes change data will bring a pre-copy down to about a second of
+    writes: a point goes ahead. Writes that outpace it leave what is changed now (and more): the point waits, and says
+    how long its freeze would be and which rates stop it."""
+    rate = points.CaptureRate()
+    rate.measured(64 << 20, 0.5)  # captures went at 128 MiB/s
+    keeps_up = points.plan_point(900 << 20, 0, dirty_bps=20e6, send_bps=60e6, capture=rate)
+    assert keeps_up.postponed is None and keeps_up.expected_freeze_ms < 200  # 20 MB of a second's writes
+    behind = points.plan_point(900 << 20, 0, dirty_bps=20e6, send_bps=15e6, capture=rate)
+    assert behind.postponed is not None and behind.expected_freeze_ms > points.MAX_FREEZE * 1000
+    assert "writes change 20.0 MB/s and replication sends 15.0 MB/s" in behind.postponed
+    slow_capture = points.CaptureRate()
+    slow_capture.measured(64 << 20, 20.0)  # 3.4 MB/s
+    slow = points.plan_point(0, 0, dirty_bps=20e6, send_bps=60e6, capture=slow_capture)
+    assert slow.postponed is not None and "would be captured at 3.4 MB/s" in slow.postponed

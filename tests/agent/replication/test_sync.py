@@ -11,8 +11,8 @@ from agent.replication.transport import TokenBucket
 
 
 def test_dirty_chunks_become_bounded_runs_with_their_oldest_change() -> None:
-    taken = [(5, 3.0), (3, 1.0), (4, 2.0), (9, 0.5), (10, 0.7), (11, 0.1)]
-    assert _runs(taken, 2) == [(3, 2, 1.0), (5, 1, 3.0), (9, 2, 0.5), (11, 1, 0.1)]
+    taken = [(5, 3.0, 1), (3, 1.0, 2), (4, 2.0, 3), (9, 0.5, 4), (10, 0.7, 5), (11, 0.1, 6)]
+    assert _runs(taken, 2) == [(3, 2, 1.0, [2, 3]), (5, 1, 3.0, [1]), (9, 2, 0.5, [4, 5]), (11, 1, 0.1, [6])]
 
 
 def test_held_hashes_are_read_back_and_written_only_on_release(tmp_path: Path) -> None:

@@ -146,3 +146,20 @@ def test_every_number_on_the_wire_is_bounded_where_it_is_parsed() -> None:
         0.0,
         LATEST,
     )
+
+
+def test_the_next_point_is_reported_within_bounds_and_shown_with_why_it_waits() -> None:
+    from agent.replication.local import status_lines
+    from agent.shared.replication_wire import NextPoint
+
+    plan = NextPoint(12300.0, 20e6, 15e6, "expected freeze 12.3 s, more than 5 s: the writes change 20.0 MB/s")
+    doc = ReplicationReport(next_point=plan).to_json()
+    assert ReplicationReport.from_json(json.loads(json.dumps(doc))).next_point == plan
+    assert NextPoint(1e300, 1e300, -5.0).to_json()["expected_freeze_ms"] == 3_600_000.0  # bounded by the sender
+    bad = {**doc, "next_point": {**doc["next_point"], "send_bps": 1e300}}
+    with pytest.raises(WireError, match="send_bps"):
+        ReplicationReport.from_json(bad)
+    lines = status_lines({**doc, "disks": [{"disk": "/dev/sdb", "state": "CONTINUOUS"}]})
+    assert any(
+        "next point: expected freeze 12300 ms" in line and "POSTPONED: expected freeze 12.3 s" in line for line in lines
+    )
