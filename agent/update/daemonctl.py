@@ -250,13 +250,17 @@ class NoSupervisor(_Tended):
         if pid is None:
             self._pid = self._start()
             return
-        asked = time.time()
+        # The started daemon writes its status anew: a record newer than the one it had before the signal (not one
+        # "started about now": a daemon that started a moment ago would pass for its own re-execution).
+        before = DaemonStatus.load(self.paths)
+        then = before.started if before is not None and before.pid == pid else None
         os.kill(pid, signal.SIGUSR1)
         deadline = time.monotonic() + REEXEC_WAIT
         while time.monotonic() < deadline:
             time.sleep(0.2)
             status = DaemonStatus.load(self.paths)
-            if not _alive(pid) or (status is not None and status.pid == pid and status.started >= asked - 1):
+            again = status is not None and status.pid == pid and (then is None or status.started > then)
+            if not _alive(pid) or again:
                 self._pid = pid  # a new version that crashed at once is counted by the next look
                 return
         log.warning("the daemon (pid %d) did not start again within %.0f s: killing it", pid, REEXEC_WAIT)

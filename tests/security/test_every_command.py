@@ -39,6 +39,7 @@ COMMANDS: dict[str, list[str]] = {
     "freeze-provider": ["install"],
     "uninstall": ["-Y"],
     "point": ["--timeout", "5"],  # no daemon under the root: DAEMON-NOT-RUNNING, nothing written
+    "thaw": [],  # the freeze record is read inside the root; nothing is frozen there, nothing written
 }
 
 # Options that take a path or a file -> the tests (file::function) that try hostile values of it.
