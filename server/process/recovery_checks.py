@@ -34,6 +34,8 @@ WANTS_LINK = f"/etc/systemd/system/multi-user.target.wants/{UNIT}"
 RUNNER_DIR = "/etc/mobility/test-failover"
 RUNNER_PATH = f"{RUNNER_DIR}/run"
 CHECKS_DIR = "/etc/mobility/recovery.d"
+REPORT_DEVICE = "/dev/ttyS1"  # the VM's second serial port: nothing but the runner writes there
+WORK_DIR = "/run/mobility-test-failover"
 OUTPUT_BYTES = 16 << 10  # the tail of each check's output that is reported
 MAX_CHECKS = 64  # checks reported; more are run and reported as not read
 MAX_NAME = 255
@@ -62,10 +64,23 @@ WantedBy=multi-user.target
 """
 
 
-def runner_text(nonce: str, point_id: str, host_id: str, check_timeout: int) -> str:
-    """The runner (POSIX sh, coreutils and systemctl): the boot line, each check's, and the end."""
+def runner_text(
+    nonce: str,
+    point_id: str,
+    host_id: str,
+    check_timeout: int,
+    *,
+    checks_dir: str = CHECKS_DIR,
+    report: str = REPORT_DEVICE,
+    work: str = WORK_DIR,
+) -> str:
+    """The runner (POSIX sh, coreutils and systemctl): the boot line, each check's, and the end. The places are the
+    guest's; a test runs it on the host with its own."""
     if not re.fullmatch(r"[0-9a-f]{16}", nonce):
         raise ValueError("nonce")
+    for value in (point_id, host_id, checks_dir, report, work):
+        if not re.fullmatch(r"[A-Za-z0-9_./-]+", value):
+            raise ValueError(f"{value!r} in the runner")
     return f"""\
 #!/bin/sh
 # Written by `mobility-server test-failover --boot` into a throwaway copy of point {point_id}.
@@ -74,16 +89,16 @@ PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 LC_ALL=C
 export LC_ALL
-R=/dev/ttyS1
-OUT=/run/mobility-test-failover
+R={report}
+OUT={work}
 stty -F "$R" raw -echo 2>/dev/null
-say() {{ printf 'MOBILITY-TEST-FAILOVER {nonce} %s\\n' "$*" > "$R"; }}
+say() {{ printf 'MOBILITY-TEST-FAILOVER {nonce} %s\\n' "$*" >> "$R"; }}
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 b64() {{ base64 | tr -d '\\n'; }}
 failed=$(systemctl list-units --state=failed --no-legend --plain 2>/dev/null | cut -d' ' -f1 | head -n 50)
 say "BOOTED uptime=$(up) failed=$(printf %s "$failed" | b64)"
 mkdir -p "$OUT"
-for f in {CHECKS_DIR}/*; do
+for f in {checks_dir}/*; do
   [ -e "$f" ] || continue
   name=${{f##*/}}
   n=$(printf %s "$name" | b64)
