@@ -113,8 +113,9 @@ class Appliance:
         }
         if self.accel == "tcg":  # libguestfs would take any /dev/kvm: not a paravirtual one (recovery_vm.accelerator)
             env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
-        if cache := os.environ.get("LIBGUESTFS_CACHEDIR"):
-            env["LIBGUESTFS_CACHEDIR"] = cache
+        # The appliance itself (supermin builds it from the host's packages, once, in .guestfs-UID, a directory it
+        # checks it owns) is shared by every run: with TMPDIR pointed into the area, it would be built each time.
+        env["LIBGUESTFS_CACHEDIR"] = "/var/tmp"  # noqa: S108 - libguestfs's own default, named
         with signals_held():  # started and watched, or not started: never running unwatched
             self.proc = subprocess.Popen(
                 tied_to_this_process(argv),

@@ -148,7 +148,10 @@ def materialise(
             if finish is not None:
                 finish(list(raw))
             if convert:
-                written = [(_convert(partial, final, convert, progress), final) for partial, final in written]
+                for n, (partial, final) in enumerate(written):
+                    converted = final.with_name(f".{final.name}.partial")
+                    written[n] = (converted, final)  # from here on, the converted one is what a failure removes
+                    _convert(partial, converted, convert, progress)
             for partial, final in written:
                 os.rename(partial, final)
             _fsync_dir(out)
@@ -163,16 +166,16 @@ def materialise(
     return [final for _, final in written]
 
 
-def _convert(raw: Path, final: Path, options: tuple[str, ...], progress: Progress) -> Path:
-    """``raw`` converted by qemu-img to a hidden partial of ``final``, fsynced; the raw one removed."""
-    partial = final.with_name(f".{final.name}.partial")
+def _convert(raw: Path, partial: Path, options: tuple[str, ...], progress: Progress) -> None:
+    """``raw`` converted by qemu-img to ``partial``, fsynced; the raw one removed."""
     size = raw.stat().st_size
-    progress.task(f"converting {final.name}", size)
+    final = partial.name.removeprefix(".").removesuffix(".partial")
+    progress.task(f"converting {final}", size)
     # Bounded in time like every tool the server runs: generous for a slow disk (10 min, plus 10 MiB/s).
     r = run_tool(["qemu-img", "convert", "-q", "-f", "raw", *options, str(raw), str(partial)], 600 + size / (10 << 20))
     if r.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise IoFailed(f"qemu-img could not write {final.name}: {_tail(r.stderr or r.stdout)}")
+        raise IoFailed(f"qemu-img could not write {final}: {_tail(r.stderr or r.stdout)}")
     fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -180,8 +183,7 @@ def _convert(raw: Path, final: Path, options: tuple[str, ...], progress: Progres
         os.close(fd)
     progress.advance(size)
     raw.unlink()
-    fault_point("failover.step", step="converted", disk=final.name)
-    return partial
+    fault_point("failover.step", step="converted", disk=final)
 
 
 def _tail(text: str, size: int = 400) -> str:
