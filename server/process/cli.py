@@ -367,12 +367,15 @@ def _scratch(args: argparse.Namespace, data: DataDir) -> Path:
 
 
 def _bounded_duration(text: str, flag: str, low: float, high: float) -> float:
-    from agent.shared.errors import BadArguments
     from server.cli import parse_duration
+    from server.errors import BadDuration
 
-    seconds = parse_duration(text)
+    try:
+        seconds = parse_duration(text)
+    except BadDuration as e:
+        raise BadDuration(f"{flag}: {e.message}") from e
     if not low <= seconds <= high:
-        raise BadArguments(f"{flag} {shown(text, 40)} is not from {low:g} s to {high / 3600:g} h")
+        raise BadDuration(f"{flag} {shown(text, 40)} is not from {low:g} s to {high / 3600:g} h")
     return seconds
 
 
