@@ -110,16 +110,22 @@ class _Serial:
 
     def connect(self, alive: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(self.path))
-                break
-            except OSError as e:
-                sock.close()
-                if alive.poll() is not None or time.monotonic() >= deadline:
-                    raise OSError(f"no {self.name} at {self.path}: {e}") from e
-                time.sleep(0.05)
+        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    # Through the directory's descriptor: a socket's path is limited to 107 bytes, a scratch area's
+                    # is not (DATA/process/scratch/POINT-ID-.../vm/console.sock).
+                    sock.connect(f"/proc/self/fd/{directory}/{self.path.name}")
+                    break
+                except OSError as e:
+                    sock.close()
+                    if alive.poll() is not None or time.monotonic() >= deadline:
+                        raise OSError(f"no {self.name} at {self.path}: {e}") from e
+                    time.sleep(0.05)
+        finally:
+            os.close(directory)
         self._sock = sock
         if self._log_path is not None:
             self._log = self._log_path.open("ab")
@@ -214,7 +220,7 @@ class BootVM:
         self.started = 0.0
 
     def argv(self) -> list[str]:
-        s, w = self.spec, self.workdir
+        s = self.spec
         if s.bus not in BUSES:
             raise ValueError(f"bus {s.bus!r}")
         argv = [
@@ -236,12 +242,13 @@ class BootVM:
             "-nic",
             "none",  # no network at all: the machine reaches nothing, and nothing reaches it
             "-no-reboot",  # a guest that reboots ends the test instead of booting again unseen
+            # Relative to QEMU's working directory (the VM's): a socket's path is limited to 107 bytes.
             "-chardev",
-            f"socket,id=console,path={w / 'console.sock'},server=on,wait=off",
+            "socket,id=console,path=console.sock,server=on,wait=off",
             "-serial",
             "chardev:console",
             "-chardev",
-            f"socket,id=report,path={w / 'report.sock'},server=on,wait=off",
+            "socket,id=report,path=report.sock,server=on,wait=off",
             "-serial",
             "chardev:report",
             "-device",
@@ -269,7 +276,7 @@ class BootVM:
         """Start QEMU and connect to both serial ports. Without ``keep`` it dies with this thread; with it, it runs
         on in a session of its own, holding the descriptors of ``hand_over`` (its slot, the scratch area's lock)."""
         if self.spec.bus == "sata" and len(self.spec.disks) > MAX_SATA_DISKS:
-            raise ValueError(f"--bus sata takes {MAX_SATA_DISKS} disks at most")
+            raise VmStopped(f"--bus sata takes {MAX_SATA_DISKS} disks at most; this point has {len(self.spec.disks)}")
         for sock in ("console.sock", "report.sock"):
             (self.workdir / sock).unlink(missing_ok=True)
         argv = self.argv()
@@ -283,6 +290,7 @@ class BootVM:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     pass_fds=tuple(hand_over) if keep else (),
+                    cwd=self.workdir,
                 )
         except FileNotFoundError as e:
             raise FailoverToolMissing(f"{QEMU} is not installed") from e

@@ -243,7 +243,11 @@ def _boot(
     try:
         events = _Events(vm, nonce)
         with steps.timed("boot") as step:
-            vm.start(keep=keep, hand_over=(slot, work.lock_fd))
+            try:
+                vm.start(keep=keep, hand_over=(slot, work.lock_fd))
+            except VmStopped as e:
+                step.ok, step.detail = False, str(e)
+                return
             fault_point("failover.step", step="booting", disk="")
             booted = events.next(time.monotonic() + options.boot_timeout, "multi-user.target")
             if booted is None or booted.kind != "BOOTED":
@@ -262,7 +266,7 @@ def _boot(
             report["vm"] = {
                 "pid": vm.pid,
                 "console": str(vm.workdir / "console.sock"),
-                "attach": f"socat -,raw,echo=0 UNIX-CONNECT:{vm.workdir / 'console.sock'}",
+                "attach": f"cd {vm.workdir} && socat -,raw,echo=0 UNIX-CONNECT:console.sock",
                 "stop": f"kill {vm.pid}",
             }
     finally:
