@@ -187,6 +187,7 @@ def _inspect(
                         report["volumes"].append(result)
                 appliance.close()
             step.detail = f"appliance up in {appliance.launch_seconds:.1f} s; {len(found)} filesystem(s) found"
+            step.extra["appliance_boot"] = round(appliance.launch_seconds, 2)
         except ApplianceError as e:
             step.ok, step.detail = False, f"the appliance failed: {e}"
 
@@ -235,6 +236,7 @@ def _boot(
             f"root filesystem {root.device} ({root.fstype}); the check runner written into the scratch copy "
             f"(appliance up in {appliance.launch_seconds:.1f} s)"
         )
+        step.extra["appliance_boot"] = round(appliance.launch_seconds, 2)
 
     spec = BootSpec(tuple(images), options.memory_mib, options.cpus, options.bus, (mark.smbios(),))
     (work.path / "vm").mkdir()
