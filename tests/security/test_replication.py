@@ -463,7 +463,7 @@ def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: Ser
     stream.send(Kind.POINT, json.dumps(close.to_json()).encode())
     assert stream.drain(20)
     stream.close()
-    r = server_cli(server.data, "test-failover", "--machine", host_id, "--point", close.point_id, "--json")
+    r = failover_cli(server, "test-failover", "--machine", host_id, "--point", close.point_id, "--json")
     report, _ = json.JSONDecoder().raw_decode(r.stdout)  # the report; the error follows it
     assert r.returncode == 1 and "error TEST-FAILOVER-FAILED:" in r.stderr and not report["ok"], r.stdout + r.stderr
     assert report["disks"][0]["filesystems"][0]["fstype"] == "ext4"
@@ -548,7 +548,7 @@ def failover_cli(
         capture_output=True,
         text=True,
         cwd=REPO,
-        timeout=120,
+        timeout=900,  # a test failover boots the appliance: minutes under TCG on a loaded machine
         check=False,
         env=env,
     )
