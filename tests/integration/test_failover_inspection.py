@@ -241,6 +241,23 @@ def test_failover_writes_images_a_hypervisor_boots_and_marks_the_machines_root(
         assert as_raw(out / f"sda.{ext}", info_format, tmp_path / f"{fmt}-a.raw") == root.read_bytes()
     assert (tmp_path / "vhd" / "sdb.vhd").stat().st_size == data.stat().st_size + 512
 
+    # A conversion that fails (its disk full: room for the raw images, not for a converted one beside them):
+    # IO-FAILED naming qemu-img, and no image is left, a raw one included.
+    raw = tmp_path / "raw"
+    r = cli(server, *argv, "--out", str(raw), "--no-mark")
+    assert r.returncode == 0 and (raw / "sdb.img").read_bytes() == data.read_bytes(), r.stderr
+    small = tmp_path / "small"
+    small.mkdir()
+    room = sum(p.stat().st_blocks * 512 for p in raw.glob("*.img")) + MIB // 2
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(small)], check=True, timeout=30)
+    try:
+        r = cli(server, *argv, "--out", str(small / "out"), "--format", "qcow2", "--no-mark")
+        assert (r.returncode, r.stderr.split(":")[0]) == (1, "error IO-FAILED"), r.stderr
+        assert "qemu-img could not write" in r.stderr, r.stderr
+        assert sorted(p.name for p in (small / "out").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True, timeout=30)
+
     # Stopped while converting: no image is left, a converted one included.
     out = tmp_path / "stopped"
     env = faults.environment(signal_at={"failover.step": {"step": "converted", "disk": "sda.qcow2"}}, signum=15)
