@@ -16,6 +16,7 @@ released when it ends)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import re
@@ -70,8 +71,6 @@ def tied_to_this_process(argv: Sequence[str]) -> list[str]:
 def take_slot(wait: float) -> int:
     """One of the machine's MAX_VMS VM slots (an flock held by the returned descriptor), waiting at most ``wait``
     seconds for one: FAILOVER-VM-BUSY then."""
-    import fcntl
-
     SLOTS.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait
     while True:
