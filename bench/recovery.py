@@ -1,19 +1,27 @@
-"""bench/recovery: recovery measured on real VMs (scripts/vmlab, QEMU). Today: the power-on of a template clone to
-registered and healthy, and the lab's image build, cold and warm. (RPO and RTO per point come with failover.)
+"""bench/recovery: recovery measured on real VMs (scripts/vmlab, QEMU). The power-on of a template clone to
+registered and healthy, and the lab's image build, cold and warm; with --failover, failover and test failovers of a
+point of the lab's Debian 12 disk.
 
     .venv/bin/python bench/recovery.py [--runs 3] [--os debian12] [--build] [--dist DIR]   (root)
+    .venv/bin/python bench/recovery.py --failover [--runs 3]                                 (root)
 
 A prepped template is made once as docs/templates.md says; then each run boots a new clone of it alone, and a last
 run two clones together (the most this 2-core machine runs at once). Per clone, from QEMU's start (power-on): the
 boot marker (multi-user.target reached), the machine enrolled on the server (its `enrolled_at`), and the first
 healthy heartbeat (polled every 0.25 s in the server's database). `--build` also times the image build in a cache
 of its own: cold (empty package cache: debootstrap downloads everything) and warm (packages cached, image rebuilt).
-The accelerator QEMU used and the load average are printed with the figures: under TCG one clone keeps a host core
-busy for most of its boot."""
+
+`--failover` makes a point of the image's disk (4 GiB, root on LVM and XFS) through the agent's stream client, then
+per run: `failover --format raw` and `--format qcow2` without the mark (the export: seconds per GiB of disk), `failover
+--format qcow2` with it (the mark costs one appliance), `test-failover` (the filesystems checked in libguestfs's
+appliance: its boot, each filesystem) and `test-failover --boot` (RTO: the command's start to multi-user.target in
+the booted point, and the whole run). The accelerator QEMU used and the load average are printed with the figures:
+under TCG a VM keeps a host core busy for most of its boot."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -33,6 +41,10 @@ from scripts.vmlab.mobility import LabServer, make_template  # noqa: E402
 from server.database import database_for  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
 from server.storage import Storage  # noqa: E402
+from tests.integration.points import point_of_images, register  # noqa: E402
+from tests.integration.serverproc import start_server  # noqa: E402
+
+GIB = 1 << 30
 
 
 def load() -> str:
@@ -90,10 +102,14 @@ def main() -> None:
     parser.add_argument("--os", default="debian12", choices=sorted(RECIPES))
     parser.add_argument("--build", action="store_true", help="also time the image build, cold and warm")
     parser.add_argument("--dist", help="a packaging/build output to use (default: build one for --os)")
+    parser.add_argument("--failover", action="store_true", help="failover and test failovers of a point instead")
     args = parser.parse_args()
     exit_on_sigterm()
     if os.geteuid() != 0:
         raise SystemExit("bench/recovery.py needs root (loop devices, QEMU)")
+    if args.failover:
+        failover_figures(args.runs)
+        return
     recipe = RECIPES[args.os]
     accel, why = accelerator()
     print(f"accelerator: {accel} ({why}); load average {load()}; {os.cpu_count()} cores")
@@ -141,6 +157,88 @@ def main() -> None:
             )
         print(f"load average at the end: {load()}")
     finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def server_command(data: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    started = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "server", *args, "--data", str(data)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=3600,
+        check=False,
+    )
+    return time.monotonic() - started, r
+
+
+def failover_figures(runs: int) -> None:
+    accel, why = accelerator()
+    print(f"accelerator: {accel} ({why}); load average {load()}; {os.cpu_count()} cores")
+    base = Path(tempfile.mkdtemp(prefix="bench-failover-"))
+    server = start_server(base / "data", heartbeat_interval=10.0)
+    try:
+        disk = image(RECIPES["debian12"]).disk
+        size, allocated = disk.stat().st_size, disk.stat().st_blocks * 512
+        paths, host_id = register(server, base, "bench", ["/dev/vda"])
+        started = time.monotonic()
+        point_id = point_of_images(server, paths, {"/dev/vda": disk})
+        print(
+            f"point of {size / GIB:.1f} GiB ({allocated / GIB:.2f} GiB allocated) sent in "
+            f"{time.monotonic() - started:.1f} s; load average {load()}"
+        )
+        point = ["--machine", host_id, "--point", point_id]
+        figures: dict[str, list[float]] = {}
+        for n in range(runs):
+            for fmt, mark in (("raw", False), ("qcow2", False), ("qcow2", True)):
+                out = base / f"out-{n}-{fmt}-{mark}"
+                seconds, r = server_command(
+                    server.data,
+                    "failover",
+                    *point,
+                    "--out",
+                    str(out),
+                    "--format",
+                    fmt,
+                    *([] if mark else ["--no-mark"]),
+                )
+                assert r.returncode == 0, r.stderr
+                name = f"failover --format {fmt}{' (marked)' if mark else ''}"
+                figures.setdefault(name, []).append(seconds)
+                shutil.rmtree(out)
+            seconds, r = server_command(server.data, "test-failover", *point, "--json")
+            report = json.loads(r.stdout)
+            assert r.returncode == 0 and report["ok"], r.stdout[-2000:] + r.stderr[-2000:]
+            figures.setdefault("test-failover (appliance), whole command", []).append(seconds)
+            inspect = next(s for s in report["steps"] if s["step"] == "inspect")
+            figures.setdefault("  of which the appliance's boot", []).append(inspect["appliance_boot"])
+            figures.setdefault("  of which checking 2 filesystems", []).append(
+                inspect["seconds"] - inspect["appliance_boot"]
+            )
+            seconds, r = server_command(server.data, "test-failover", *point, "--boot", "--json")
+            report = json.loads(r.stdout)
+            assert r.returncode == 0 and report["ok"], r.stdout[-2000:] + r.stderr[-2000:]
+            steps = {s["step"]: s["seconds"] for s in report["steps"]}
+            figures.setdefault("test-failover --boot: RTO (start to multi-user.target)", []).append(
+                report["rto_seconds"]
+            )
+            figures.setdefault("  prepare (appliance: the check runner written)", []).append(steps["prepare"])
+            figures.setdefault("  boot (QEMU's start to multi-user.target)", []).append(steps["boot"])
+            figures.setdefault("  the whole command", []).append(seconds)
+            print(f"  run {n}: {', '.join(f'{k.strip()} {v[-1]:.1f} s' for k, v in figures.items())}; load {load()}")
+        print(f"\nfailover of a {size / GIB:.0f} GiB disk, {accel}, median of {runs} (min-max):")
+        for name, values in figures.items():
+            line = f"  {name:58} {statistics.median(values):6.1f} s ({min(values):.1f}-{max(values):.1f})"
+            if name.startswith("failover --format") and "marked" not in name:
+                line += (
+                    f"; {statistics.median(values) / (size / GIB):.2f} s per GiB of disk, "
+                    f"{statistics.median(values) / (allocated / GIB):.2f} s per GiB of data"
+                )
+            print(line)
+        print(f"load average at the end: {load()}")
+    finally:
+        server.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 

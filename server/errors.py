@@ -657,7 +657,7 @@ class FailoverInterrupted(TemporaryError):
     code = "FAILOVER-INTERRUPTED"
     remediation = (
         "The command was stopped (SIGTERM, Ctrl-C or a closed terminal) and released what it had made: no disk "
-        "image, loop device or mount of it is left. Run it again."
+        "image and no VM of it is left. Run it again."
     )
 
 
@@ -665,11 +665,34 @@ class TestFailoverFailed(VerificationError):
     __test__ = False  # not a pytest class
     code = "TEST-FAILOVER-FAILED"
     remediation = (
-        "The point's disk images did not pass (the report names the check: root hash, fsck or mount): try an "
-        "older point, and run `mobility-server verify --point ID` on the one that failed."
+        "The point did not pass (the report names the step: a filesystem's journal replay, fsck or mount; with "
+        "--boot the boot to multi-user.target or one of the machine's own checks, with its output): try an older "
+        "point, run `mobility-server verify --point ID` on the one that failed, and read the console log a --keep "
+        "run leaves in its scratch area."
     )
 
 
 class FailoverToolMissing(UnsupportedError):
     code = "FAILOVER-TOOL-MISSING"
-    remediation = "Install the tools test-failover runs: losetup and mount (util-linux), e2fsprogs, xfsprogs."
+    remediation = (
+        "Install what failover and test-failover run: QEMU (qemu-system-x86, qemu-utils), libguestfs's guestfish "
+        "and its XFS support (guestfish, libguestfs-xfs) with a kernel for its appliance (linux-image-amd64), and "
+        "util-linux and coreutils (unshare, setpriv, stdbuf)."
+    )
+
+
+class FailoverNotBootable(VerificationError):
+    code = "FAILOVER-NOT-BOOTABLE"
+    remediation = (
+        "test-failover --boot found no root filesystem of a systemd machine in the point (one with /etc/os-release, "
+        "/etc/fstab and /etc/systemd/system): protect the disk the machine boots from with its data disks, or test "
+        "a point of data disks with test-failover alone (no --boot)."
+    )
+
+
+class FailoverVmBusy(TemporaryError):
+    code = "FAILOVER-VM-BUSY"
+    remediation = (
+        "Every VM slot of this machine stayed taken (test failovers, failover marks and the VM lab run at most two "
+        "VMs at once): wait for the others to end, or give a longer --wait."
+    )

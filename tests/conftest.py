@@ -55,6 +55,8 @@ _OWNED = pytest.StashKey[list[Path]]()
 # them at the end while the others idle; the rest keep their order.
 LONGEST_FIRST = (
     "tests/integration/test_vm_templates.py",
+    "tests/integration/test_vm_failover.py",
+    "tests/integration/test_failover_inspection.py",
     "tests/integration/test_replication.py",
     "tests/integration/test_updates.py",
     "tests/integration/test_bootstrap.py",

@@ -1,7 +1,8 @@
 """The package boundary of docs/architecture.md, checked on every module's imports (ast, lazy imports included):
-the agent never imports the server; agent/shared/ imports only the standard library and itself; the server imports
-from the agent only agent/shared/ and the short list the document names. The document must name exactly the shared
-modules that exist and the agent modules the server really imports."""
+neither side imports the lab, the tests, the benchmarks or packaging; the agent never imports the server;
+agent/shared/ imports only the standard library and itself; the server imports from the agent only agent/shared/
+and the short list the document names. The document must name exactly the shared modules that exist and the agent
+modules the server really imports."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def imports(source: str, known: Iterable[str]) -> Iterator[tuple[int, str]]:
                 yield node.lineno, sub if sub in known else node.module
 
 
+# What is not the product: the VM and replication labs and the demo (scripts/), the tests, the benchmarks, packaging.
+NOT_PRODUCT = ("scripts", "tests", "bench", "packaging")
+
+
 @dataclass(frozen=True)
 class Violation:
     module: str
@@ -64,7 +69,9 @@ def violations(modules: dict[str, str], allowed: set[str]) -> list[Violation]:
     for module, source in modules.items():
         for line, imported in imports(source, modules):
             top = imported.split(".")[0]
-            if _inside(module, "agent.shared"):
+            if top in NOT_PRODUCT:
+                found.append(Violation(module, line, imported, "the product never imports the lab, tests or tools"))
+            elif _inside(module, "agent.shared"):
                 if top in ("agent", "server") and not _inside(imported, "agent.shared"):
                     found.append(Violation(module, line, imported, "agent/shared/ imports only agent/shared/"))
                 elif top not in ("agent", "server", "__future__") and top not in sys.stdlib_module_names:
@@ -123,6 +130,7 @@ def test_the_check_sees_each_kind_of_crossing() -> None:
         "server": "",
         "server.errors": "",
         "server.app": "from agent import bundles\nfrom agent.install import install\nfrom agent.shared import cli\n",
+        "server.process.vm": "def f():\n    from scripts.vmlab import Lab\n",
     }
     found = {(v.module, v.imported) for v in violations(modules, {"agent.bundles"})}
     assert found == {
@@ -130,6 +138,7 @@ def test_the_check_sees_each_kind_of_crossing() -> None:
         ("agent.shared.cli", "psutil"),
         ("agent.install", "server.errors"),
         ("server.app", "agent.install"),
+        ("server.process.vm", "scripts.vmlab"),
     }
 
 

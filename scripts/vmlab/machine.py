@@ -31,29 +31,13 @@ from scripts.vmlab.build import Image
 from scripts.vmlab.console import CommandResult, Console
 from scripts.vmlab.host import VmLabError, run, take_lock
 from scripts.vmlab.recipe import BOOT_MARKER, GUEST_ADDRESS_OF_HOST, HOSTNAME_FW_CFG
+from server.process.recovery_vm import MAX_VMS, SLOTS, accelerator
 
 _MARKER = re.compile(BOOT_MARKER.encode() + rb" uptime=([0-9.]+) boot_id=([0-9a-f-]+)\r?\n")
-MAX_VMS = 2  # 2 cores: each TCG VM keeps one busy while it boots
-SLOTS = Path("/run/lock/mobility-vmlab")
 QEMU = "qemu-system-x86_64"
 STOP_TIMEOUT = 90.0
-
-
-def accelerator() -> tuple[str, str]:
-    """The QEMU accelerator list for this host and why: KVM where it can run an ordinary guest kernel, TCG otherwise.
-    A /dev/kvm without VMX or SVM in the CPU flags (a PVM host such as this project's machines, which runs only PVM
-    guest kernels) would hang a Debian kernel without a word, so it is not offered."""
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg", "no usable /dev/kvm"
-    if not flags & {"vmx", "svm"}:
-        return "tcg", "/dev/kvm is there but the CPU has neither VMX nor SVM (a paravirtual KVM: PVM guests only)"
-    return "kvm:tcg", "KVM (VMX/SVM)"
+# The accelerator and the machine-wide VM slots are the product's (server/process/recovery_vm.py): the lab's VMs and
+# the server's (test failovers, the appliance that inspects a point) count against the same MAX_VMS.
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from agent.shared.textsafe import printable, shown
 from agent.shared.wire import WireError
 from server.datadir import DataDir
 from server.errors import (
+    FailoverNotBootable,
     MachineNotFound,
     PointCorrupt,
     PolicyInvalid,
@@ -367,43 +368,93 @@ def cmd_points(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _scratch(args: argparse.Namespace, data: DataDir) -> Path:
+    from server.process.service import store_dir
+
+    return Path(args.scratch) if args.scratch else store_dir(data) / "scratch"
+
+
+def _bounded_duration(text: str, flag: str, low: float, high: float) -> float:
+    from server.cli import parse_duration
+    from server.errors import BadDuration
+
+    try:
+        seconds = parse_duration(text)
+    except BadDuration as e:
+        raise BadDuration(f"{flag}: {e.message}") from e
+    if not low <= seconds <= high:
+        raise BadDuration(f"{flag} {shown(text, 40)} is not from {low:g} s to {high / 3600:g} h")
+    return seconds
+
+
 def cmd_failover(args: argparse.Namespace) -> int:
+    from agent.shared.failover_mark import FailoverMark
     from agent.shared.fsutil import atomic_write
-    from server.process.failover import materialise
+    from server.process.failover import mark_images, materialise
     from server.process.interrupts import interruptible
     from server.progress import progress_for
 
-    _, store, machine = _open(args)
+    wait = _bounded_duration(args.wait, "--wait", 1, 86400)
+    data, store, machine = _open(args)
+    marked: dict[str, Any] | None = None
     try:
         point = store.resolve_point(machine.host_id, args.point)
+        mark = FailoverMark("failover", point.host_id, point.point_id, point.created, time.time())
+
+        def finish(images: list[Path]) -> None:
+            nonlocal marked
+            if not args.no_mark:
+                marked = mark_images(images, mark, _scratch(args, data), wait)
+
         with interruptible("failover"), progress_for(args.json) as progress:
-            images = materialise(store, point, Path(args.out), progress)
+            images = materialise(store, point, Path(args.out), progress, fmt=args.format, finish=finish)
     finally:
         store.close()
-    doc = {**_point_json(point), "images": [str(i) for i in images]}
+    doc = {
+        **_point_json(point),
+        "format": args.format,
+        "images": [str(i) for i in images],
+        "mark": marked or {"marked": False, "why": "--no-mark", "smbios": mark.smbios()},
+    }
     atomic_write(Path(args.out) / "point.json", (json.dumps(doc, indent=2) + "\n").encode())
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"point {point.point_id} ({point.consistency}, {_stamp(point.created)}):")
+        print(f"point {point.point_id} ({point.consistency}, {_stamp(point.created)}), {args.format}:")
         for image in images:
             print(f"  {image}")
+        m = doc["mark"]
+        if m["marked"]:
+            print(f"marked as a failover of {point.host_id}: {m['file']} on {m['filesystem']}")
+        else:
+            print(f"not marked ({printable(str(m.get('why', '')), 300)})")
+        print(f"hypervisor SMBIOS OEM string (type 11) that marks it too: {mark.smbios()}")
     return Exit.OK
 
 
 def cmd_test_failover(args: argparse.Namespace) -> int:
-    from server.process.failover import run_test_failover
     from server.process.interrupts import interruptible
-    from server.process.service import store_dir
+    from server.process.testfailover import BootOptions, run_test_failover
     from server.progress import progress_for
 
+    wait = _bounded_duration(args.wait, "--wait", 1, 86400)
+    boot = None
+    if args.boot:
+        boot = BootOptions(
+            memory_mib=args.memory,
+            cpus=args.cpus,
+            bus=args.bus,
+            boot_timeout=_bounded_duration(args.boot_timeout, "--boot-timeout", 10, 86400),
+            check_timeout=int(_bounded_duration(args.check_timeout, "--check-timeout", 1, 86400)),
+        )
     data, store, machine = _open(args)
     point: Point | None = None
     try:
         point = store.resolve_point(machine.host_id, args.point)
-        scratch = Path(args.scratch) if args.scratch else store_dir(data) / "scratch"
         with interruptible("test-failover"), progress_for(args.json) as progress:
-            report = run_test_failover(store, point, scratch, keep=args.keep, progress=progress)
+            report = run_test_failover(
+                store, point, _scratch(args, data), keep=args.keep, boot=boot, progress=progress, wait=wait
+            )
     except MobilityError as e:
         if point is not None:  # it ran and was stopped: its result is recorded like any other
             _record_test_failover(args, data, machine, point, None, e)
@@ -414,23 +465,58 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"test failover of point {point.point_id} ({point.consistency}, {_stamp(point.created)}):")
-        if report.get("error"):
-            print(f"  {report['error']}: {report['message']}")
-        for d in report["disks"]:
-            print(f"  {d['disk']}: root hash {d['root_hash']}")
-            for fs in d["filesystems"]:
-                print(
-                    f"    {fs['device']} {fs['fstype']}: fsck {fs['fsck']}, mount {fs['mount']} {fs['detail']}".rstrip()
-                )
-        for what in report.get("left_behind", []):
-            print(f"  NOT RELEASED: {what}")
-        print("PASSED" if report["ok"] else "FAILED")
+        _print_test_failover(point, report)
     if not report["ok"]:
-        if report.get("error") == "POINT-CORRUPT":
+        if report.get("error") == PointCorrupt.code:
             raise PointCorrupt(str(report["message"]))
+        if report.get("error") == FailoverNotBootable.code:
+            raise FailoverNotBootable(str(report["message"]))
         raise TestFailoverFailed(f"point {point.point_id} did not pass its test failover")
     return Exit.OK
+
+
+def _print_test_failover(point: Point, report: dict[str, Any]) -> None:
+    how = "booted" if report["mode"] == "boot" else "inspected in the appliance"
+    print(
+        f"test failover of point {point.point_id} ({point.consistency}, {_stamp(point.created)}), {how} under "
+        f"{report['accelerator']}:"
+    )
+    if report.get("error"):
+        print(f"  {report['error']}: {printable(str(report['message']), 500)}")
+    for step in report["steps"]:
+        state = "ok" if step["ok"] else "FAILED"
+        print(f"  {step['step'][:40]:40} {step['seconds']:8.1f} s  {state}  {printable(step['detail'], 300)}")
+        if not step["ok"] and step.get("output"):
+            for line in str(step["output"]).strip().splitlines()[-10:]:
+                print(f"      | {printable(line, 200)}")
+        if not step["ok"] and step.get("console"):
+            print("    the console's last lines:")
+            for line in str(step["console"]).strip().splitlines()[-15:]:
+                print(f"      | {printable(line, 200)}")
+    for d in report["disks"]:
+        print(f"  {d['disk']}: root hash {d['root_hash']}")
+        for fs in d["filesystems"]:
+            print(f"    {_fs_line(fs)}")
+    for fs in report["volumes"]:
+        print(f"  volume {_fs_line(fs)}")
+    if report.get("rto_seconds") is not None:
+        print(f"  multi-user.target {report['rto_seconds']:.1f} s after the command started")
+    for what in report.get("left_behind", []):
+        print(f"  NOT RELEASED: {what}")
+    if report.get("vm"):
+        vm = report["vm"]
+        print(f"  the VM runs on (pid {vm['pid']}): console {vm['console']}")
+        print(f"    attach: {vm['attach']}    stop: {vm['stop']}")
+    if report.get("scratch"):
+        print(f"  kept: {report['scratch']} (remove it when done)")
+    print("PASSED" if report["ok"] else "FAILED")
+
+
+def _fs_line(fs: dict[str, Any]) -> str:
+    return (
+        f"{fs['device']} {fs['fstype']}: journal replay {fs['replay']}, fsck {fs['fsck']}, mount {fs['mount']}"
+        f"{', ' + str(fs['entries']) + ' entries' if fs['mount'] == 'ok' else ''} {printable(fs['detail'], 300)}"
+    ).rstrip()
 
 
 def _record_test_failover(
@@ -452,9 +538,13 @@ def _record_test_failover(
             lines.append(str(report.get("message", "")))
         elif not report["ok"]:
             error_id, remediation = TestFailoverFailed.code, TestFailoverFailed.remediation
+        if report.get("error") == FailoverNotBootable.code:
+            remediation = FailoverNotBootable.remediation
         for d in report["disks"]:
             checks = "; ".join(f"{fs['fstype']}: fsck {fs['fsck']}, mount {fs['mount']}" for fs in d["filesystems"])
             lines.append(f"{d['disk']}: root hash {d['root_hash']}{'; ' + checks if checks else ''}")
+        lines += [f"{fs['device']} {fs['fstype']}: fsck {fs['fsck']}, mount {fs['mount']}" for fs in report["volumes"]]
+        lines += [f"{s['step']} {'ok' if s['ok'] else 'FAILED'} ({s['seconds']:.1f} s)" for s in report["steps"]]
         lines += [f"not released: {what}" for what in report.get("left_behind", [])]
     elif error is not None:
         lines.append(error.message)
@@ -505,6 +595,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def add_commands(command: Command) -> None:
     """Register the replication commands on `mobility-server` (``command(name, help)`` adds --data)."""
+    from server.cli import count
+
     p = command("protect", "protect disks of a machine (replicated to the process server, recovery points)")
     p.add_argument("--machine", required=True, metavar="HOST", help="host ID or hostname")
     p.add_argument("--disk", action="append", metavar="/dev/X", help="a whole disk to protect (repeatable)")
@@ -538,18 +630,31 @@ def add_commands(command: Command) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_points)
 
-    p = command("failover", "write a point's disk images into a directory")
+    p = command("failover", "write a point's disk images into a directory, marked as a failover, for a hypervisor")
     p.add_argument("--machine", required=True, metavar="HOST")
     p.add_argument("--point", required=True, metavar="ID|latest")
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
+    p.add_argument("--format", choices=("raw", "qcow2", "vmdk", "vhd"), default="raw", help="vhd: fixed-size")
+    p.add_argument("--no-mark", action="store_true", help="the point's bytes exactly: no failover mark written")
+    p.add_argument("--scratch", metavar="DIR", help="where marking works (default DATA/process/scratch)")
+    p.add_argument("--wait", default="1h", metavar="DURATION", help="for a free VM slot (default 1h)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_failover)
 
-    p = command("test-failover", "materialise a point in a scratch area, fsck and mount every filesystem, report")
+    p = command(
+        "test-failover", "test a point in a throwaway VM: its filesystems checked, or (--boot) the machine booted"
+    )
     p.add_argument("--machine", required=True, metavar="HOST")
     p.add_argument("--point", required=True, metavar="ID|latest")
+    p.add_argument("--boot", action="store_true", help="boot it (no network), run /etc/mobility/recovery.d checks")
+    p.add_argument("--keep", action="store_true", help="keep the scratch area; with --boot the VM runs on")
+    p.add_argument("--memory", type=count(256, 65536), default=1024, metavar="MIB", help="--boot: RAM (1024)")
+    p.add_argument("--cpus", type=count(1, 16), default=1, metavar="N", help="--boot: CPUs (1)")
+    p.add_argument("--bus", choices=("virtio", "scsi", "sata"), default="virtio", help="--boot: the disks' bus")
+    p.add_argument("--boot-timeout", default="15m", metavar="DURATION", help="--boot: to multi-user.target")
+    p.add_argument("--check-timeout", default="10m", metavar="DURATION", help="--boot: per recovery check")
     p.add_argument("--scratch", metavar="DIR", help="where (default DATA/process/scratch)")
-    p.add_argument("--keep", action="store_true", help="keep the images afterwards")
+    p.add_argument("--wait", default="1h", metavar="DURATION", help="for a free VM slot (default 1h)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_test_failover)
 

@@ -1,7 +1,8 @@
 """Failover from a recovery point: materialise its disk images from the chunk store (every chunk's hash checked,
-the root hash recomputed), verify a point without writing anything, and test a failover in a scratch area: attach
-each image, let every filesystem replay its journal as a booting machine would, fsck it (``-n``: nothing is
-repaired), mount it read-only, and report."""
+the root hash recomputed) in the format a hypervisor boots (raw, qcow2, VMDK, fixed-size VHD, converted with
+qemu-img), mark them as a failover of the source (a file in the machine's root filesystem, written inside the
+appliance: server/process/appliance.py), and verify a point without writing anything. A test failover of a point
+is server/process/testfailover.py."""
 
 from __future__ import annotations
 
@@ -10,20 +11,17 @@ import fcntl
 import hashlib
 import os
 import re
-import shutil
-import stat
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.faults import fault_point
 from agent.replication.chunks import RootHasher, zero_hash
+from agent.shared.errors import IoFailed
+from agent.shared.failover_mark import MARK_FILE, FailoverMark
 from agent.shared.replication_wire import HASH_SIZE
-from server.errors import FailoverOutExists, FailoverToolMissing, PointCorrupt
-from server.process.cleanup import release, remove_area
+from server.errors import FailoverOutExists, PointCorrupt
 from server.process.commands import run_tool
 from server.process.interrupts import signals_held
 from server.process.store import ChunkStore, Point, PointDisk
@@ -32,7 +30,17 @@ from server.progress import Progress, Quiet
 _WINDOW = 64  # chunks read ahead by the pool
 
 
-_PARTIAL = re.compile(r"\..+\.img\.partial")  # an image being written: hidden, and never taken for a disk image
+# An image being written (or converted): hidden, and never taken for a disk image.
+_PARTIAL = re.compile(r"\..+\.(?:img|qcow2|vmdk|vhd)\.partial")
+
+# --format: the image's extension and how qemu-img writes it. VHD is fixed-size (what cloud imports take), its
+# virtual size exactly the disk's (force_size: not rounded to a CHS geometry).
+FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "raw": ("img", ()),
+    "qcow2": ("qcow2", ("-O", "qcow2")),
+    "vmdk": ("vmdk", ("-O", "vmdk")),
+    "vhd": ("vhd", ("-O", "vpc", "-o", "subformat=fixed,force_size=on")),
+}
 
 
 def image_names(disks: Sequence[str]) -> dict[str, str]:
@@ -95,23 +103,36 @@ def verify_point(store: ChunkStore, point: Point, progress: Progress | None = No
     return {"point_id": point.point_id, "ok": True, "disks": disks}
 
 
-def materialise(store: ChunkStore, point: Point, out: Path, progress: Progress | None = None) -> list[Path]:
-    """Write the point's disk images into ``out`` (new or empty): sparse where the disk was zero. Each is written
-    under a hidden temporary name and fsynced; only when every one is whole and verified do they get their names, so
-    an image that looks usable is one. On any error (a corrupt chunk, a full disk, a signal) nothing is left.
-    ``progress`` hears each disk and the bytes of it written (a terminal's bar: server/progress.py)."""
+def materialise(
+    store: ChunkStore,
+    point: Point,
+    out: Path,
+    progress: Progress | None = None,
+    *,
+    fmt: str = "raw",
+    finish: Callable[[list[Path]], None] | None = None,
+) -> list[Path]:
+    """Write the point's disk images into ``out`` (new or empty): raw and sparse where the disk was zero, then
+    ``finish`` (given the raw images: the failover's mark is written there), then converted to ``fmt``. Each is
+    written under a hidden temporary name and fsynced; only when every one is whole and verified do they get their
+    names, so an image that looks usable is one. On any error (a corrupt chunk, a full disk, a failed conversion, a
+    signal) nothing is left. ``progress`` hears each disk and the bytes of it written (a terminal's bar:
+    server/progress.py)."""
     progress = progress or Quiet()
+    extension, convert = FORMATS[fmt]
     out.mkdir(parents=True, exist_ok=True)
     with _writing_into(out):
         names = image_names([d.disk for d in point.disks])
+        raw: list[Path] = []
         written: list[tuple[Path, Path]] = []
         try:
             for disk in point.disks:
                 manifest = store.manifest(disk)
                 _check_root(disk, manifest)
-                final = out / names[disk.disk]
-                partial = out / f".{final.name}.partial"
+                final = out / (names[disk.disk].removesuffix(".img") + "." + extension)
+                partial = out / f".{names[disk.disk]}.partial"
                 fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                raw.append(partial)
                 written.append((partial, final))
                 try:
                     os.ftruncate(fd, disk.size)
@@ -124,16 +145,49 @@ def materialise(store: ChunkStore, point: Point, out: Path, progress: Progress |
                 finally:
                     os.close(fd)
                 fault_point("failover.step", step="written", disk=disk.disk)
+            if finish is not None:
+                finish(list(raw))
+            if convert:
+                for n, (partial, final) in enumerate(written):
+                    converted = final.with_name(f".{final.name}.partial")
+                    written[n] = (converted, final)  # from here on, the converted one is what a failure removes
+                    _convert(partial, converted, convert, progress)
             for partial, final in written:
                 os.rename(partial, final)
             _fsync_dir(out)
         except BaseException:
             with signals_held():
+                for partial in raw:
+                    partial.unlink(missing_ok=True)
                 for partial, final in written:
                     partial.unlink(missing_ok=True)
                     final.unlink(missing_ok=True)
             raise
     return [final for _, final in written]
+
+
+def _convert(raw: Path, partial: Path, options: tuple[str, ...], progress: Progress) -> None:
+    """``raw`` converted by qemu-img to ``partial``, fsynced; the raw one removed."""
+    size = raw.stat().st_size
+    final = partial.name.removeprefix(".").removesuffix(".partial")
+    progress.task(f"converting {final}", size)
+    # Bounded in time like every tool the server runs: generous for a slow disk (10 min, plus 10 MiB/s).
+    r = run_tool(["qemu-img", "convert", "-q", "-f", "raw", *options, str(raw), str(partial)], 600 + size / (10 << 20))
+    if r.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise IoFailed(f"qemu-img could not write {final}: {_tail(r.stderr or r.stdout)}")
+    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    progress.advance(size)
+    raw.unlink()
+    fault_point("failover.step", step="converted", disk=final)
+
+
+def _tail(text: str, size: int = 400) -> str:
+    return re.sub(r"\s+", " ", text.strip())[-size:]
 
 
 @contextlib.contextmanager
@@ -164,179 +218,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# Test failover -----------------------------------------------------------------------------------------------------
+def mark_images(images: list[Path], mark: FailoverMark, scratch: Path, wait: float) -> dict[str, Any]:
+    """Write ``mark`` into the machine's root filesystem on ``images`` (raw), inside the appliance: what the
+    machine's agent reads at start to know it is a failover (agent/shared/failover_mark.py). What was done, or why
+    not (no root filesystem among the disks: a point of data disks only)."""
+    from server.process import scratch as areas
+    from server.process.appliance import Appliance
+    from server.process.inspection import find_root, write_files
+    from server.process.recovery_vm import take_slot
 
-
-@dataclass
-class FsResult:
-    device: str
-    fstype: str
-    fsck: str  # clean, errors, skipped
-    mount: str  # ok, failed, skipped
-    detail: str = ""
-    entries: int = 0  # names in the filesystem's root directory, read through the read-only mount
-
-
-@dataclass
-class DiskResult:
-    disk: str
-    image: str
-    root_hash: str = "ok"
-    filesystems: list[FsResult] = field(default_factory=list)
-
-
-def _need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        raise FailoverToolMissing(f"test-failover needs {', '.join(missing)}")
-
-
-def run_test_failover(
-    store: ChunkStore,
-    point: Point,
-    scratch: Path,
-    *,
-    keep: bool = False,
-    inspect: Callable[[str, Path], None] | None = None,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Materialise the point in ``scratch``, then check each filesystem: fsck -n, read-only mount. ``inspect`` is
-    called with (disk, mount point) while each filesystem is mounted. However it ends (an error, a signal raised as
-    FailoverInterrupted), every loop device and mount it made is released, and the area removed unless ``keep``."""
-    _need("losetup", "blkid", "mount", "umount")
-    area = scratch / f"{point.point_id}-{uuid.uuid4().hex[:8]}"
-    results: list[DiskResult] = []
-    left: list[str] = []
-    try:
+    done: dict[str, Any] = {"file": MARK_FILE, "smbios": mark.smbios(), "marked": False}
+    with areas.area(scratch, mark.point_id) as work:
+        slot = take_slot(wait)
         try:
-            images = materialise(store, point, area / "images", progress)
-        except PointCorrupt as e:
-            return {"point_id": point.point_id, "ok": False, "error": e.id, "message": e.message, "disks": []}
-        for disk, image in zip(point.disks, images, strict=True):
-            result = DiskResult(disk.disk, str(image))
-            results.append(result)
-            try:
-                with _attached(image, area) as devices:
-                    fault_point("failover.step", step="attached", disk=disk.disk)
-                    for device in devices:
-                        result.filesystems.append(_check_fs(device, area, disk.disk, inspect))
-            except _AttachFailed as e:
-                result.filesystems.append(FsResult(str(image), "-", "skipped", "failed", str(e)))
-    finally:
-        left = release(area)
-        if not keep:
-            remove_area(area)
-    ok = (
-        not left
-        and bool(results)
-        and all(
-            fs.fsck in ("clean", "skipped") and fs.mount in ("ok", "skipped") for r in results for fs in r.filesystems
-        )
-    )
-    return {
-        "point_id": point.point_id,
-        "ok": ok,
-        "consistency": point.consistency,
-        "left_behind": left,
-        "scratch": str(area) if keep else None,
-        "disks": [
-            {
-                "disk": r.disk,
-                "image": r.image,
-                "root_hash": r.root_hash,
-                "filesystems": [fs.__dict__ for fs in r.filesystems],
-            }
-            for r in results
-        ],
-    }
-
-
-class _AttachFailed(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _attached(image: Path, area: Path) -> Iterator[list[str]]:
-    """A loop device for ``image`` (a scratch copy: a journal may be replayed into it) and device nodes (in
-    ``area``) for it and its partitions."""
-    r = run_tool(["losetup", "--find", "--show", str(image)], timeout=30)
-    loop = r.stdout.strip()
-    if r.returncode != 0 or not loop.startswith("/dev/loop"):
-        raise _AttachFailed("losetup: " + _tail(r.stderr or r.stdout))
-    nodes: list[Path] = []
-    try:
-        name = Path(loop).name
-        run_tool(["partx", "--add", loop], timeout=30)
-        devices = [loop]
-        sysfs = Path("/sys/block") / name
-        for part in sorted(sysfs.glob(f"{name}p*")):
-            dev = Path(f"/dev/{part.name}")
-            if not dev.exists():  # no udev here: make the node ourselves, in the scratch area
-                major, minor = (int(x) for x in (part / "dev").read_text().split(":"))
-                dev = area / part.name
-                os.mknod(dev, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
-                nodes.append(dev)
-            devices.append(str(dev))
-        yield devices
-    finally:
-        run_tool(["partx", "--delete", loop], timeout=30)
-        run_tool(["losetup", "--detach", loop], timeout=30)
-        for node in nodes:
-            node.unlink(missing_ok=True)
-
-
-def _fstype(device: str) -> str:
-    r = run_tool(["blkid", "--probe", "-o", "value", "-s", "TYPE", device], timeout=30)
-    return r.stdout.strip()
-
-
-_FSCK: dict[str, list[str]] = {
-    "ext2": ["e2fsck", "-f", "-n"],
-    "ext3": ["e2fsck", "-f", "-n"],
-    "ext4": ["e2fsck", "-f", "-n"],
-    "xfs": ["xfs_repair", "-n"],
-    "btrfs": ["btrfs", "check", "--readonly"],
-}
-
-
-def _check_fs(device: str, area: Path, disk: str, inspect: Callable[[str, Path], None] | None) -> FsResult:
-    """What the failed-over machine would do at boot, on the scratch copy: mount read-write once (a journaling
-    filesystem replays its log: a frozen XFS leaves one to replay, a frozen ext4 is clean) and unmount; then check
-    with fsck -n (nothing repaired) and mount read-only."""
-    fstype = _fstype(device)
-    if not fstype or fstype in ("swap", "LVM2_member", "linux_raid_member", "crypto_LUKS"):
-        return FsResult(device, fstype or "none", "skipped", "skipped", "no filesystem to check")
-    point = area / f"mnt-{Path(device).name}"
-    point.mkdir(parents=True, exist_ok=True)
-    # nouuid: an XFS image and its source (or two points of it) share a UUID, which XFS otherwise refuses.
-    extra = ",nouuid" if fstype == "xfs" else ""
-    r = run_tool(["mount", "-t", fstype, "-o", "rw" + extra, device, str(point)], timeout=300)
-    if r.returncode != 0:
-        return FsResult(device, fstype, "skipped", "failed", "journal replay mount: " + _tail(r.stderr))
-    try:
-        fault_point("failover.step", step="mounted", disk=disk)
-    finally:
-        run_tool(["umount", str(point)], timeout=120)
-    fsck = _FSCK.get(fstype)
-    if fsck is None or shutil.which(fsck[0]) is None:
-        state, detail = "skipped", f"no checker for {fstype} here"
-    else:
-        r = run_tool([*fsck, device], timeout=600)
-        fault_point("failover.step", step="checked", disk=disk)
-        state = "clean" if r.returncode == 0 else "errors"
-        detail = "" if r.returncode == 0 else _tail(r.stdout + r.stderr)
-    r = run_tool(["mount", "-t", fstype, "-o", "ro" + extra, device, str(point)], timeout=120)
-    if r.returncode != 0:
-        return FsResult(device, fstype, state, "failed", (detail + " " + _tail(r.stderr)).strip())
-    try:
-        fault_point("failover.step", step="mounted-ro", disk=disk)
-        entries = len(os.listdir(point))
-        if inspect is not None:
-            inspect(disk, point)
-    finally:
-        run_tool(["umount", str(point)], timeout=120)
-    return FsResult(device, fstype, state, "ok", detail, entries)
-
-
-def _tail(text: str, size: int = 400) -> str:
-    return re.sub(r"\s+", " ", text.strip())[-size:]
+            with Appliance(images, work.path, writable=True) as appliance:
+                appliance.launch()
+                root, why = find_root(appliance)
+                if root is None:
+                    done["why"] = why
+                else:
+                    local = work.path / "failover.json"
+                    local.write_text(mark.file_text())
+                    write_files(appliance, root, {MARK_FILE: (local, 0o644)}, {})
+                    done.update(marked=True, filesystem=root.device)
+                appliance.close()
+        finally:
+            os.close(slot)
+    return done

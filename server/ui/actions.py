@@ -3,9 +3,9 @@ point, halt the running rollout. Each is written to the audit log first (who, fr
 its outcome recorded; a change that fails records its error ID. The same storage calls the command line makes do
 the work, so a change means the same from both.
 
-A test failover runs as `mobility-server test-failover` in a child process (it attaches loop devices, mounts and
-checks filesystems for minutes, and releases all of it on SIGTERM): one at a time per instance, stopped with the
-server, its result recorded as a job by the command itself, like one started from a shell."""
+A test failover runs as `mobility-server test-failover` in a child process (it checks the point's filesystems in a
+throwaway VM for minutes, and stops that VM on SIGTERM): one at a time per instance, stopped with the server, its
+result recorded as a job by the command itself, like one started from a shell."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ log = logging.getLogger("mobility.server.ui")
 
 MAX_REASON = 500
 CHILD_OUTPUT = 1 << 20  # what is kept of a test failover's output
-STOP_SECONDS = 60.0  # a test failover told to stop (the server stops) releases its loop devices and mounts in this
+STOP_SECONDS = 60.0  # a test failover told to stop (the server stops) stops its VM and removes its scratch in this
 
 
 @dataclass

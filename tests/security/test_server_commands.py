@@ -58,6 +58,9 @@ PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
     ("push", "--password-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("push", "--hosts-file"): ["test_server_commands.py::test_push_credentials_and_hosts_files_that_are_not_files"],
     ("failover", "--out"): ["test_replication.py::test_failover_outputs_and_scratch_areas_that_are_not_directories"],
+    ("failover", "--scratch"): [
+        "test_replication.py::test_failover_outputs_and_scratch_areas_that_are_not_directories"
+    ],
     ("test-failover", "--scratch"): [
         "test_replication.py::test_failover_outputs_and_scratch_areas_that_are_not_directories"
     ],
@@ -335,6 +338,8 @@ def test_database_urls_never_show_a_password(data: Path, tmp_path: Path) -> None
 
 
 HOST = "11111111-1111-4111-8111-111111111111"
+_FAILOVER = ("failover", "--machine", HOST, "--point", "latest", "--out", "/nonexistent/out")
+_TEST_FAILOVER = ("test-failover", "--machine", HOST, "--point", "latest", "--boot")
 TOO_MANY_DIGITS = "9" * 5000  # past Python's int() limit for text: a ValueError, not a number
 # Every numeric option of mobility-server (its metavar says so) -> (the command line it is given in, values past its
 # bounds, the error ID). A new numeric option fails `test_the_cases_cover_every_numeric_option` until it is here.
@@ -375,8 +380,14 @@ NUMBER_OPTIONS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], st
     ("serve", "--ui-refresh"): (("serve",), ("nan", "inf", "0", "-1", "3601", "1e400"), "USAGE"),
     ("serve", "--ui-session"): (("serve",), ("99999999999999999999h", "0s", "3651d", "1e9s"), "BAD-DURATION"),
     ("audit", "--limit"): (("audit",), ("99999999999999999999", "0", "1001", "-1", TOO_MANY_DIGITS), "USAGE"),
+    ("failover", "--wait"): (_FAILOVER, ("99999999999999999999d", "0s", "2d", TOO_MANY_DIGITS), "BAD-DURATION"),
+    ("test-failover", "--wait"): (_TEST_FAILOVER, ("99999999999999999999d", "0s", "2d"), "BAD-DURATION"),
+    ("test-failover", "--boot-timeout"): (_TEST_FAILOVER, ("99999999999999999999d", "5s", "2d"), "BAD-DURATION"),
+    ("test-failover", "--check-timeout"): (_TEST_FAILOVER, ("99999999999999999999d", "0s", "2d"), "BAD-DURATION"),
+    ("test-failover", "--memory"): (_TEST_FAILOVER, ("99999999999999999999", "255", "65537", "-1", "1e3"), "USAGE"),
+    ("test-failover", "--cpus"): (_TEST_FAILOVER, ("99999999999999999999", "0", "17", TOO_MANY_DIGITS), "USAGE"),
 }
-_NUMBER_METAVARS = {"N", "SECONDS", "SIZE", "DURATION", "N%|N", "VERSION", "HOST:PORT", "HOST[:PORT]"}
+_NUMBER_METAVARS = {"N", "SECONDS", "SIZE", "DURATION", "N%|N", "VERSION", "HOST:PORT", "HOST[:PORT]", "MIB"}
 
 
 def test_the_cases_cover_every_numeric_option() -> None:

@@ -100,7 +100,16 @@ def test_verify_and_failover_show_bytes_rate_and_time_left_on_a_terminal(
     assert "verifying" not in out  # stdout stays the result
 
     code, out, terminal = on_terminal(
-        "failover", "--machine", HOST, "--point", "latest", "--out", str(tmp_path / "images"), "--data", str(data)
+        "failover",
+        "--machine",
+        HOST,
+        "--point",
+        "latest",
+        "--out",
+        str(tmp_path / "images"),
+        "--no-mark",
+        "--data",
+        str(data),
     )
     assert code == 0 and (tmp_path / "images" / "sdb.img").stat().st_size == SIZE, terminal
     assert "/dev/sdb -> sdb.img" in terminal and "4.0/4.0 MiB" in terminal and "ETA" in terminal
@@ -113,7 +122,18 @@ def test_nothing_extra_with_json_or_without_a_terminal(point: tuple[Path, str], 
     assert terminal == ""  # --json: nothing on the terminal either
     r = piped("verify", "--point", point_id, "--data", str(data))
     assert r.returncode == 0 and r.stderr == ""
-    r = piped("failover", "--machine", HOST, "--point", "latest", "--out", str(tmp_path / "x"), "--data", str(data))
+    r = piped(
+        "failover",
+        "--machine",
+        HOST,
+        "--point",
+        "latest",
+        "--out",
+        str(tmp_path / "x"),
+        "--no-mark",
+        "--data",
+        str(data),
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
