@@ -285,11 +285,32 @@ def cmd_point(args: argparse.Namespace) -> int:
     from agent.replication.local import request_point
 
     result = request_point(_require_root(args), timeout=args.timeout)
+    frozen = "; ".join(f"{m['mount']} ({m['type']} on {', '.join(m['disks'])})" for m in result.get("frozen", []))
     text = (
-        f"point {result['point_id']} ({result['consistency']}): frozen {result['freeze_ms']} ms, "
-        f"{result['residual_chunks']} residual chunks"
+        f"point {result['point_id']} ({result['consistency']}): froze {frozen or 'no filesystem'} for "
+        f"{result['freeze_ms']} ms, {result['residual_chunks']} residual chunks"
     )
     _emit(args, result, text)
+    return Exit.OK
+
+
+def cmd_recovery_check(args: argparse.Namespace) -> int:
+    from agent.errors import NotAFailover, RecoveryCheckFailed
+    from agent.failover import detect
+    from agent.identity import load_registration
+    from agent.recovery.checks import render, run_recovery_checks
+
+    if not 1.0 <= args.timeout <= 86400.0:  # NaN too
+        raise BadArguments(f"--timeout {args.timeout:g}: give 1 to 86400 seconds")
+    paths = _require_root(args)
+    reg = load_registration(paths)
+    failover = detect(paths, time.time(), reg.host_id if reg else None)
+    if failover is None and not args.here:
+        raise NotAFailover("this machine is not a failover (no failover signal from its hypervisor or its image)")
+    report = run_recovery_checks(paths, failover, timeout=args.timeout, only=args.only or ())
+    _emit(args, report.to_json(), render(report))
+    if report.failed:
+        return report_error(RecoveryCheckFailed(f"recovery checks failed: {', '.join(report.failed)}"), json_out=False)
     return Exit.OK
 
 
@@ -498,6 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to wait (default 300)")
     p.set_defaults(func=cmd_point)
+
+    p = sub.add_parser(
+        "recovery-check",
+        help="in a failed-over machine: the recovery checks (built in, and /etc/mobility/recovery.d/); exit 1 if any "
+        "fails",
+    )
+    _common(p)
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per check (default 600)")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this check (repeatable)")
+    p.add_argument("--here", action="store_true", help="run them although this machine is not a failover")
+    p.set_defaults(func=cmd_recovery_check)
 
     p = sub.add_parser("health", help="all health checks; exit 0 healthy, 1 warning, 2 critical, 3 unknown")
     _common(p)

@@ -146,6 +146,7 @@ STATE_OWNERS = {
     "upgrade_marker": "agent.update_state",  # /var/lib/mobility/upgrade.from
     "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
     "freeze_record": "agent.replication.frozen",  # /run/mobility/frozen.json
+    "failover_record": "agent.failover",  # /var/lib/mobility/failover.json
 }
 
 

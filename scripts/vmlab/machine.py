@@ -75,10 +75,13 @@ def _mac() -> str:
 
 @dataclass(frozen=True)
 class Disk:
-    """A disk a VM can boot: a file (raw image or qcow2), and the cached image its backing chain ends in."""
+    """A disk a VM can boot: a file (raw image or qcow2), and the cached image its backing chain ends in (whose
+    root accepts the lab's SSH key). ``fmt`` names the format of a file that is neither the image nor an overlay:
+    a failover's raw images of a VM's disks."""
 
     path: Path
     image: Image
+    fmt: str | None = None
 
     @staticmethod
     def of(image: Image) -> Disk:
@@ -86,6 +89,8 @@ class Disk:
 
     @property
     def format(self) -> str:
+        if self.fmt is not None:
+            return self.fmt
         return "raw" if self.path == self.image.disk else "qcow2"
 
     def overlay(self, dest: Path) -> Disk:
@@ -150,7 +155,9 @@ class Boot:
 @dataclass
 class Spec:
     """How a VM is made. ``forwards``: host servers the guest may reach; ``segments``: isolated networks it joins;
-    ``user_net=False`` leaves it with no NIC on the host's side at all (no SSH then)."""
+    ``user_net=False`` leaves it with no NIC on the host's side at all (no SSH then). ``blank_disks``: new empty
+    disks of these sizes (MiB) after the VM's other disks (/dev/vdb, ...), kept across its boots; ``oem_strings``:
+    SMBIOS type 11 strings, which a hypervisor hands its guest (/sys/firmware/dmi/entries/11-0)."""
 
     memory_mib: int = 1024
     cpus: int = 1
@@ -160,22 +167,36 @@ class Spec:
     segments: Sequence[Segment] = ()
     user_net: bool = True
     accel: str | None = None  # default: accelerator()
+    blank_disks: Sequence[int] = ()
+    oem_strings: Sequence[str] = ()
 
 
 class VM:
     """A VM booting ``disk`` through a new overlay in ``workdir`` (or, with ``boot_in_place``, writing to ``disk``
-    itself: a template being made). Start it with `start()`; `close()` always."""
+    itself: a template being made), with ``extra`` disks after it (overlaid the same way) and the spec's blank
+    ones. Start it with `start()`; `close()` always."""
 
     _instances = itertools.count()
 
-    def __init__(self, name: str, disk: Disk, workdir: Path, spec: Spec | None = None, *, boot_in_place: bool = False):
+    def __init__(
+        self,
+        name: str,
+        disk: Disk,
+        workdir: Path,
+        spec: Spec | None = None,
+        *,
+        boot_in_place: bool = False,
+        extra: Sequence[Disk] = (),
+    ):
         self.name = name
         self.spec = spec or Spec()
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.base = disk
+        self.extra_base = tuple(extra)
         self.boot_in_place = boot_in_place
         self.disk: Disk | None = disk if boot_in_place else None
+        self.extra_disks: list[Disk] | None = None  # made at the first start: the extra disks, then the blank ones
         self.tag = f"vmlab-{os.getpid()}-{next(VM._instances)}-{name}"
         self.console = Console(self.workdir / "console.sock", name)
         self.console_log = self.workdir / "console.log"
@@ -208,6 +229,8 @@ class VM:
             self._image_lock = take_lock(self.base.image.use_lock, shared=True)
         if self.disk is None:
             self.disk = self.base.overlay(self.workdir / "disk.qcow2")
+        if self.extra_disks is None:
+            self.extra_disks = self._extra_disks()
         for attempt in range(3):  # a port taken between choosing it and QEMU binding it: choose again
             self.ssh_port = free_port() if self.spec.user_net else None
             self._spawn()
@@ -220,6 +243,19 @@ class VM:
                 if self.proc is not None and self.proc.poll() is not None and attempt < 2 and "hostfwd" in self.log():
                     continue
                 raise VmLabError(f"{self.name}: QEMU did not start: {self.log()[-2000:]}") from None
+
+    def _extra_disks(self) -> list[Disk]:
+        """The overlays of the extra disks (unless booted in place), then the blank disks: made once per VM."""
+        disks = (
+            list(self.extra_base)
+            if self.boot_in_place
+            else [d.overlay(self.workdir / f"disk{n}.qcow2") for n, d in enumerate(self.extra_base, start=1)]
+        )
+        for n, mib in enumerate(self.spec.blank_disks, start=len(disks) + 1):
+            blank = self.workdir / f"blank{n}.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), f"{int(mib)}M"])
+            disks.append(Disk(blank, self.base.image, "qcow2"))
+        return disks
 
     def _argv(self) -> list[str]:
         if self.disk is None:
@@ -258,6 +294,17 @@ class VM:
             "-device",
             "virtio-rng-pci",
         ]
+        for n, extra in enumerate(self.extra_disks or (), start=1):
+            argv += [
+                "-drive",
+                f"file={extra.path},if=none,id=disk{n},format={extra.format},cache=writeback,discard=unmap",
+                "-device",
+                f"virtio-blk-pci,drive=disk{n}",
+            ]
+        for text in s.oem_strings:
+            if "," in text or not text.isprintable():
+                raise VmLabError(f"{self.name}: an SMBIOS string QEMU cannot carry: {text!r}")
+            argv += ["-smbios", f"type=11,value={text}"]
         macs = iter(s.hardware.macs)
         if s.user_net:
             options = ["user", "id=net0", "restrict=on", f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
@@ -424,6 +471,11 @@ class VM:
         if not keep_disk and not self.boot_in_place and self.disk is not None:
             self.disk.path.unlink(missing_ok=True)
             self.disk = None
+        if not keep_disk and self.extra_disks is not None:
+            for extra in self.extra_disks:
+                if extra not in self.extra_base:  # an overlay or a blank disk of this VM's own
+                    extra.path.unlink(missing_ok=True)
+            self.extra_disks = None
 
 
 def acquire_slots(count: int, timeout: float) -> list[int]:
