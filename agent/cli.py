@@ -61,6 +61,8 @@ def cmd_prereq(args: argparse.Namespace) -> int:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
+    from agent.failover import detect as detect_failover
+    from agent.identity import load_registration
     from agent.registration import configure
     from agent.shared.secretfile import read_secret_file
     from agent.transport import parse_fingerprint
@@ -69,17 +71,22 @@ def cmd_configure(args: argparse.Namespace) -> int:
     pinned = parse_fingerprint(args.cs_fingerprint) if args.cs_fingerprint else None
     secret = read_secret_file(Path(args.passphrase_file))
     os_tag = detect_os(paths).os_tag
-    result = configure(paths, args.server, secret, pinned, args.role, args.platform, os_tag)
+    previous = load_registration(paths)
+    failover = detect_failover(paths, time.time(), previous.host_id if previous else None)
+    result = configure(paths, args.server, secret, pinned, args.role, args.platform, os_tag, failover=failover)
     reg = result.registration
     data = {
         "host_id": reg.host_id,
         "server": reg.server,
         "fingerprint": reg.fingerprint,
         "cloned_from": reg.cloned_from,
+        "failover_of": reg.failover_of,
         "already_registered": result.reused,
     }
     what = "already registered" if result.reused else "registered"
     clone = f" (a clone of {reg.cloned_from})" if reg.cloned_from else ""
+    if reg.failover_of:
+        clone = f" (a failover of {reg.failover_of})"
     _emit(args, data, f"{what} with {reg.server} as host {reg.host_id}{clone}")
     return Exit.OK
 
@@ -249,7 +256,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"version:        {data['version']}"
         + (f" (update available: {data['update_available']})" if data["update_available"] else ""),
         f"host ID:        {data['host_id'] or '-'}"
-        + (f" (clone of {data['cloned_from']})" if data["cloned_from"] else ""),
+        + (f" (clone of {data['cloned_from']})" if data["cloned_from"] else "")
+        + (f" (failover of {data['failover_of']})" if data["failover_of"] else ""),
         f"role/platform:  {data['role'] or '-'} / {data['platform'] or '-'}",
         f"server:         {data['server'] or '-'} ({data['registration']})",
         f"daemon:         {data['daemon']}, health {data['health'] or 'unknown'}",
@@ -264,6 +272,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"freeze:         {'ready' if data['freeze_provider']['ready'] else 'not set up'}: "
         f"{data['freeze_provider']['reason']}",
     ]
+    if data["failover"]:
+        lines.append(f"failover:       {_failover_line(data['failover'], data['host_id'])}")
     if data["target"]:
         pinned = " (pinned)" if data["target"]["pinned"] else ""
         lines.append(f"target:         {data['target']['version']}{pinned}, as the server names it")
@@ -279,6 +289,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines += status_lines(data["replication"])
     _emit(args, data, "\n".join(lines))
     return Exit.OK
+
+
+def _failover_line(doc: dict[str, object], host_id: object) -> str:
+    what = "a test failover" if doc["kind"] == "test" else "a failover"
+    line = f"{what} of {doc['source_host'] or 'an unregistered machine'} at point {doc['point_id']}"
+    if doc["kind"] == "test":
+        return line + ": nothing of it reaches the server"
+    if host_id is not None and host_id == doc["source_host"]:
+        return line + ": silent until the bootstrapper registers it as a machine of its own"
+    return line + f", registered as {host_id}"
 
 
 def cmd_point(args: argparse.Namespace) -> int:

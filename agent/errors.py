@@ -425,3 +425,12 @@ class NotAFailover(UsageError):
         "Recovery checks run in a failed-over copy of the machine (test-failover --boot runs them): they start "
         "services and may change them (PostgreSQL gets the amcheck extension). To run them here anyway, add --here."
     )
+
+
+class FailoverTestSilent(LocalSystemError):
+    code = "FAILOVER-TEST-SILENT"
+    remediation = (
+        "This machine is a test failover (its hypervisor's SMBIOS string or /etc/mobility/failover says so): nothing "
+        "of a test reaches the server, so it is not registered. After a real failover the machine is told "
+        "mobility-failover:<point> instead, and registers as a machine of its own (docs/replication.md)."
+    )

@@ -34,7 +34,7 @@ DMI_ENTRIES = "/sys/firmware/dmi/entries"
 MAX_ENTRY = 64 * 1024  # an SMBIOS structure is far smaller
 MAX_RECORD = 64 * 1024
 MAX_OEM_ENTRIES = 16  # type 11 structures looked at (11-0, 11-1, ...)
-_HOST_ID = re.compile(r"[0-9a-f-]{36}")
+_HOST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what this agent stored: a host ID
 
 
 @dataclass(frozen=True)
@@ -167,14 +167,13 @@ def save_failover(paths: Paths, failover: Failover) -> None:
 
 def detect(paths: Paths, now: float, source_host: str | None) -> Failover | None:
     """This machine as a failover, or None: the record kept from an earlier start, or the signal seen now (recorded
-    at once, with ``source_host``, the host ID of the registration found in the image). A new signal for another
-    point (the same image failed over again from a later point) replaces the record."""
+    at once, with ``source_host``, the host ID of the registration found in the image). A signal for another point
+    than the record's replaces it: a point of a failed-over machine that registered as itself (and was protected in
+    turn) is a failover of that machine."""
     kept = load_failover(paths)
     signal = read_signal(paths)
     if signal is None or (kept is not None and (kept.point_id, kept.test) == (signal.point_id, signal.test)):
         return kept
-    if kept is not None and kept.registered_as is not None and not signal.test:
-        return kept  # registered as itself already: a later signal of the source's points is not this machine's
     found = Failover(signal.test, signal.point_id, source_host, now)
     save_failover(paths, found)
     return found
@@ -188,13 +187,12 @@ def registered(paths: Paths, failover: Failover, host_id: str) -> Failover:
 
 
 def speaks_as_source(failover: Failover | None, host_id: str | None) -> bool:
-    """Whether the registration on disk (``host_id``) is the source's while this machine is a failover: then the
-    agent must not heartbeat, replicate, renew or upgrade with it (pure)."""
+    """Whether the registration on disk (``host_id``) is one this failover must not use: any in a test (nothing of
+    a test reaches the server), the source's in a real failover (until it registers as itself). Then the agent
+    neither heartbeats, replicates, renews nor upgrades with it (pure)."""
     if failover is None or host_id is None:
         return False
-    if failover.test:
-        return True  # a test never gets an identity of its own: nothing of it reaches the server
-    return failover.registered_as != host_id
+    return failover.test or host_id == failover.source_host
 
 
 __all__ = [

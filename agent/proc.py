@@ -50,6 +50,9 @@ def host_environ(environ: Mapping[str, str] | None = None, frozen: bool | None =
     return env
 
 
+Completed = subprocess.CompletedProcess[str]  # what `run` returns
+
+
 def run(
     cmd: Sequence[str],
     timeout: float = 60.0,

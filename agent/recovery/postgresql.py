@@ -13,7 +13,6 @@ Parsing is pure; the commands run through agent.proc."""
 from __future__ import annotations
 
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import IO
 
 from agent.errors import CommandFailed
 from agent.paths import Paths
-from agent.proc import run
+from agent.proc import Completed, run
 from agent.recovery.checks import CheckResult, Outcome, summary_of, tail
 
 NAME = "postgresql"
@@ -247,9 +246,7 @@ def _where(cluster: Cluster) -> list[str]:
     return ["-h", cluster.socket_dir, "-p", str(cluster.port)]
 
 
-def _as_owner(
-    cluster: Cluster, argv: list[str], deadline: float, output: IO[bytes] | None = None
-) -> subprocess.CompletedProcess[str]:
+def _as_owner(cluster: Cluster, argv: list[str], deadline: float, output: IO[bytes] | None = None) -> Completed:
     left = deadline - time.monotonic()
     if left <= 0:
         raise Failed("out of time")
