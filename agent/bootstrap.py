@@ -179,14 +179,13 @@ def _upgrade_due(paths: Paths, installed: InstallRecord) -> bool:
 
 def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
     os_info = require_supported(detect_os(paths))
-    reg = load_registration(paths)
-    failover = detect_failover(paths, time.time(), reg.host_id if reg else None)
+    failover = detect_failover(paths, time.time())
     if failover is not None and failover.test:
         # A test leaves the server as it was: no install, no registration, no job (the source's record is not ours).
         return Outcome(
             "test failover",
             f"this machine is {failover.describe()}: nothing is installed, registered or reported",
-            reg.host_id if reg else None,
+            None,
         )
     if is_current(paths) and settings.job_id is None:
         return Outcome(

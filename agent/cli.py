@@ -62,7 +62,6 @@ def cmd_prereq(args: argparse.Namespace) -> int:
 
 def cmd_configure(args: argparse.Namespace) -> int:
     from agent.failover import detect as detect_failover
-    from agent.identity import load_registration
     from agent.registration import configure
     from agent.shared.secretfile import read_secret_file
     from agent.transport import parse_fingerprint
@@ -71,8 +70,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
     pinned = parse_fingerprint(args.cs_fingerprint) if args.cs_fingerprint else None
     secret = read_secret_file(Path(args.passphrase_file))
     os_tag = detect_os(paths).os_tag
-    previous = load_registration(paths)
-    failover = detect_failover(paths, time.time(), previous.host_id if previous else None)
+    failover = detect_failover(paths, time.time())
     result = configure(paths, args.server, secret, pinned, args.role, args.platform, os_tag, failover=failover)
     reg = result.registration
     data = {
@@ -317,16 +315,23 @@ def cmd_point(args: argparse.Namespace) -> int:
 def cmd_recovery_check(args: argparse.Namespace) -> int:
     from agent.errors import NotAFailover, RecoveryCheckFailed
     from agent.failover import detect
-    from agent.identity import load_registration
-    from agent.recovery.checks import render, run_recovery_checks
+    from agent.recovery.checks import BUILTINS, Outcome, render, run_recovery_checks
 
     if not 1.0 <= args.timeout <= 86400.0:  # NaN too
         raise BadArguments(f"--timeout {args.timeout:g}: give 1 to 86400 seconds")
+    if args.builtin is not None and args.builtin not in BUILTINS:
+        raise BadArguments(f"--builtin {args.builtin!r}: the built-in checks are {', '.join(sorted(BUILTINS))}")
     paths = _require_root(args)
-    reg = load_registration(paths)
-    failover = detect(paths, time.time(), reg.host_id if reg else None)
+    failover = detect(paths, time.time())
     if failover is None and not args.here:
-        raise NotAFailover("this machine is not a failover (no failover signal from its hypervisor or its image)")
+        raise NotAFailover("this machine is not a failover (no failover mark from its hypervisor or in its image)")
+    if args.builtin is not None:
+        result = BUILTINS[args.builtin]().run(paths, args.timeout)
+        text = "\n".join([f"{result.outcome.value}: {result.summary}", *([result.output] if result.output else [])])
+        _emit(args, result.to_json(), text)
+        if result.outcome is Outcome.FAILED:
+            return report_error(RecoveryCheckFailed(f"{args.builtin}: {result.summary}"), json_out=False)
+        return Exit.OK
     report = run_recovery_checks(paths, failover, timeout=args.timeout, only=args.only or ())
     _emit(args, report.to_json(), render(report))
     if report.failed:
@@ -542,13 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "recovery-check",
-        help="in a failed-over machine: the recovery checks (built in, and /etc/mobility/recovery.d/); exit 1 if any "
-        "fails",
+        help="in a failed-over machine: run the recovery checks of /etc/mobility/recovery.d/; exit 1 if any fails",
     )
     _common(p)
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per check (default 600)")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this check (repeatable)")
     p.add_argument("--here", action="store_true", help="run them although this machine is not a failover")
+    p.add_argument("--builtin", metavar="NAME", help="run only the agent's own check NAME (postgresql)")
     p.set_defaults(func=cmd_recovery_check)
 
     p = sub.add_parser("health", help="all health checks; exit 0 healthy, 1 warning, 2 critical, 3 unknown")

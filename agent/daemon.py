@@ -116,7 +116,7 @@ class Daemon:
         self.host_id = reg.host_id if reg else ""
         self.copy_of: str | None = None  # the host this machine is a copy of, while its registration is not its own
         # A recovery point of a protected machine, booted (agent/failover.py): told by the hypervisor or the image.
-        self.failover = detect_failover(paths, wall(), self.host_id or None)
+        self.failover = detect_failover(paths, wall())
         self.heartbeat_seconds = reg.heartbeat_interval if reg else config.heartbeat_seconds
         self.status = DaemonStatus(
             pid=os.getpid(), started=now, version=__version__, heartbeat_seconds=self.heartbeat_seconds

@@ -4,17 +4,18 @@ A failed-over machine carries the source's whole disk: its registration, its key
 speak as the source: a test failover (`mobility-server test-failover --boot`) must leave the source's record and
 replica untouched, and after a real failover the machine is a new one, registered `failover_of` the source.
 
-It learns what it is from outside, never by guessing from its disks (an image of a point looks exactly like the
-source after a reboot):
+It learns what it is from the server's mark, never by guessing from its disks (an image of a point looks exactly like
+the source after a reboot). The mark (docs/replication.md, "A failed-over machine knows it is one") names the kind
+(``test`` or ``failover``), the source's host ID and the point, and comes two ways:
 
-- the hypervisor hands it an SMBIOS OEM string (type 11), as `test-failover --boot` does for its VM and as an
-  operator's hypervisor can for a failed-over VM (QEMU `-smbios type=11,value=...`, libvirt `<oemStrings>`):
-  ``mobility-test-failover:<point ID>`` for a test, ``mobility-failover:<point ID>`` for a real failover;
-- or the image carries the same line in ``/etc/mobility/failover`` (written into the image by whoever prepared it).
+- an SMBIOS OEM string (type 11) the hypervisor hands the machine, ``mobility-failover:v1:KIND:HOST_ID:POINT_ID``:
+  `test-failover --boot` gives its VM one, and an operator's hypervisor can give a failed-over VM one (QEMU's
+  ``-smbios type=11,value=...``, libvirt's ``<oemStrings>``); the kernel shows it in
+  /sys/firmware/dmi/entries/11-*/raw;
+- ``/etc/mobility/failover.json`` in the machine's root filesystem, which `failover` writes into the images it makes.
 
-The first sight is recorded in ``/var/lib/mobility/failover.json`` (this module owns it), with the host ID of the
-registration found in the image (the source): a real failover stays one on its next boots whatever its hypervisor
-says, and once it has registered as itself the record names that identity too."""
+The first sight is recorded in /var/lib/mobility/failover.json (this module owns it): a real failover stays one on its
+next boots whatever its hypervisor says, and once registered as itself the record names that identity too."""
 
 from __future__ import annotations
 
@@ -27,27 +28,25 @@ from pathlib import Path
 from agent.paths import Paths
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
 
-TEST_PREFIX = "mobility-test-failover:"
-REAL_PREFIX = "mobility-failover:"
-MARKER = "/etc/mobility/failover"
+PREFIX = "mobility-failover"
+MARK_FILE = "/etc/mobility/failover.json"  # the mark `failover` writes into a failed-over machine's root filesystem
 DMI_ENTRIES = "/sys/firmware/dmi/entries"
 MAX_ENTRY = 64 * 1024  # an SMBIOS structure is far smaller
+MAX_MARK = 4096
 MAX_RECORD = 64 * 1024
 MAX_OEM_ENTRIES = 16  # type 11 structures looked at (11-0, 11-1, ...)
+_SMBIOS = re.compile(rf"{PREFIX}:v1:(test|failover):([0-9a-f-]{{36}}):([0-9a-f-]{{36}})")
 _HOST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what this agent stored: a host ID
 
 
 @dataclass(frozen=True)
 class Signal:
-    """What the hypervisor or the image says: a test or a real failover, of which point."""
+    """What the mark says: a test or a real failover, of which machine and point, and where it was read."""
 
     test: bool
+    host_id: str
     point_id: str
-    source: str  # where it was read: "smbios" or the marker's path
-
-    @property
-    def kind(self) -> str:
-        return "test" if self.test else "failover"
+    source: str  # "smbios" or MARK_FILE
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Failover:
 
     test: bool
     point_id: str
-    source_host: str | None  # the registration found in the image: the machine failed over (None: none was there)
+    source_host: str | None  # the machine failed over
     seen: float
     registered_as: str | None = None
 
@@ -82,7 +81,7 @@ class Failover:
     def from_json(doc: object) -> Failover:
         if not isinstance(doc, dict) or doc.get("kind") not in ("test", "failover"):
             raise ValueError("not a failover record")
-        point = _point_id(doc.get("point_id"))
+        point = _canonical_uuid(doc.get("point_id"))
         source, registered = doc.get("source_host"), doc.get("registered_as")
         for value in (source, registered):
             if value is not None and not (isinstance(value, str) and _HOST_ID.fullmatch(value)):
@@ -93,8 +92,8 @@ class Failover:
         return Failover(doc["kind"] == "test", point, source, float(seen), registered)
 
 
-def _point_id(value: object) -> str | None:
-    """A point ID in canonical UUID form (what agents make), else None."""
+def _canonical_uuid(value: object) -> str | None:
+    """A host or point ID in canonical UUID form (what the server and agents make), else None."""
     if not isinstance(value, str) or len(value) != 36:
         return None
     try:
@@ -103,14 +102,27 @@ def _point_id(value: object) -> str | None:
         return None
 
 
-def parse_signal(text: str, source: str) -> Signal | None:
-    """One OEM string or marker line, if it is a failover signal with a valid point ID (pure)."""
-    text = text.strip()
-    for prefix, test in ((TEST_PREFIX, True), (REAL_PREFIX, False)):
-        if text.startswith(prefix):
-            point = _point_id(text[len(prefix) :])
-            return Signal(test, point, source) if point is not None else None
-    return None
+def parse_smbios(text: str) -> Signal | None:
+    """One OEM string, if it is a well-formed mark (pure). Other software's strings, and ours malformed, are none."""
+    m = _SMBIOS.fullmatch(text.strip())
+    if m is None:
+        return None
+    host, point = _canonical_uuid(m.group(2)), _canonical_uuid(m.group(3))
+    return Signal(m.group(1) == "test", host, point, "smbios") if host and point else None
+
+
+def parse_mark_file(data: bytes) -> Signal | None:
+    """The mark file's content, if it is a well-formed version 1 mark (pure)."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("mark") != PREFIX or doc.get("version") != 1:
+        return None
+    host, point = _canonical_uuid(doc.get("host_id")), _canonical_uuid(doc.get("point_id"))
+    if doc.get("kind") not in ("test", "failover") or host is None or point is None:
+        return None
+    return Signal(doc["kind"] == "test", host, point, MARK_FILE)
 
 
 def oem_strings(raw: bytes) -> list[str]:
@@ -131,8 +143,9 @@ def _sys_dir(paths: Paths) -> Path:
 
 
 def read_signal(paths: Paths) -> Signal | None:
-    """The failover signal this machine is given, if any: the hypervisor's OEM strings first, then the marker file.
-    Unreadable or malformed entries are no signal (a machine is never taken for a failover by a stray string)."""
+    """The mark this machine is given, if any: the hypervisor's OEM strings first (what this boot is), then the mark
+    file in its root filesystem. Unreadable or malformed marks are none: a machine is never taken for a failover by
+    a stray string."""
     entries = _sys_dir(paths) / DMI_ENTRIES.removeprefix("/sys/")
     for n in range(MAX_OEM_ENTRIES):
         try:
@@ -140,18 +153,14 @@ def read_signal(paths: Paths) -> Signal | None:
         except (OSError, NotSmallRegularFile):
             break
         for text in oem_strings(raw):
-            found = parse_signal(text, "smbios")
+            found = parse_smbios(text)
             if found is not None:
                 return found
     try:
-        _, data = read_small_file(paths.resolve(MARKER), 4096)
+        _, data = read_small_file(paths.resolve(MARK_FILE), MAX_MARK)
     except (OSError, NotSmallRegularFile):
         return None
-    for line in data.decode("latin-1").splitlines():
-        found = parse_signal(line, MARKER)
-        if found is not None:
-            return found
-    return None
+    return parse_mark_file(data)
 
 
 def load_failover(paths: Paths) -> Failover | None:
@@ -165,16 +174,15 @@ def save_failover(paths: Paths, failover: Failover) -> None:
     atomic_write(paths.failover_record, json.dumps(failover.to_json(), indent=2).encode() + b"\n", 0o600)
 
 
-def detect(paths: Paths, now: float, source_host: str | None) -> Failover | None:
-    """This machine as a failover, or None: the record kept from an earlier start, or the signal seen now (recorded
-    at once, with ``source_host``, the host ID of the registration found in the image). A signal for another point
-    than the record's replaces it: a point of a failed-over machine that registered as itself (and was protected in
-    turn) is a failover of that machine."""
+def detect(paths: Paths, now: float) -> Failover | None:
+    """This machine as a failover, or None: the record kept from an earlier start, or the mark seen now (recorded at
+    once). A mark of another point than the record's replaces it: a point of a failed-over machine that registered as
+    itself (and was protected in turn) is a failover of that machine."""
     kept = load_failover(paths)
     signal = read_signal(paths)
     if signal is None or (kept is not None and (kept.point_id, kept.test) == (signal.point_id, signal.test)):
         return kept
-    found = Failover(signal.test, signal.point_id, source_host, now)
+    found = Failover(signal.test, signal.point_id, signal.host_id, now)
     save_failover(paths, found)
     return found
 
@@ -201,7 +209,8 @@ __all__ = [
     "detect",
     "load_failover",
     "oem_strings",
-    "parse_signal",
+    "parse_mark_file",
+    "parse_smbios",
     "read_signal",
     "registered",
     "save_failover",

@@ -61,18 +61,22 @@ def run(
     *,
     env: Mapping[str, str] | None = None,
     output: IO[bytes] | None = None,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` and wait for it (at most ``timeout``). With ``cancel``, the command runs in a session of its own
     and is killed, with whatever it started, as soon as ``cancel`` is set (the agent stops: a freeze hook must not
     hold the stop past the unit's timeout). ``env``: variables added to the host's environment. ``output``: a file
     that takes stdout and stderr instead of memory (a command whose output has no bound: the caller reads its tail);
-    such a command runs in a session of its own too, killed with whatever it started at its timeout."""
+    such a command runs in a session of its own too, killed with whatever it started at its timeout. ``cwd``: where
+    it runs."""
     log.info("running %s", " ".join(cmd))
     environ = {**host_environ(), **(env or {})}
     if cancel is not None or output is not None:
-        return _cancellable(cmd, timeout, check, cancel or threading.Event(), environ, output)
+        return _cancellable(cmd, timeout, check, cancel or threading.Event(), environ, output, cwd)
     try:
-        result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False, env=environ)
+        result = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, check=False, env=environ, cwd=cwd
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CommandFailed(f"{' '.join(cmd)}: {e}") from e
     if check and result.returncode != 0:
@@ -87,6 +91,7 @@ def _cancellable(
     cancel: threading.Event,
     environ: Mapping[str, str],
     output: IO[bytes] | None,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     try:
         proc = subprocess.Popen(
@@ -97,6 +102,7 @@ def _cancellable(
             text=True,
             start_new_session=True,
             env=dict(environ),
+            cwd=cwd,
         )
     except OSError as e:
         raise CommandFailed(f"{' '.join(cmd)}: {e}") from e

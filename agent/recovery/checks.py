@@ -1,53 +1,61 @@
-"""`mobility recovery-check`: the checks that prove a failed-over copy of this machine works, run inside that copy.
+"""Recovery checks: the executables in /etc/mobility/recovery.d/ that prove a failed-over copy of this machine works,
+run inside that copy (docs/recovery-checks.md).
 
-Two kinds, one report:
+`test-failover --boot` runs them in the booted point; `mobility recovery-check` runs them the same way on a failed-over
+machine (after a real failover, or to try a check): in name order, one at a time, as root, in /, stdin from /dev/null,
+in a session of their own, with the failover in their environment (``MOBILITY_FAILOVER`` = ``test`` or
+``failover``, ``MOBILITY_FAILOVER_POINT``, ``MOBILITY_FAILOVER_SOURCE``) and their time budget
+(``MOBILITY_CHECK_TIMEOUT``). Names are those run-parts would run (letters, digits, ``_``, ``-``, ``.``; not a dot
+first, no ``.dpkg-`` leftovers, no ``~`` backups); other entries and files that are not executable are reported
+skipped, with why. Exit 0 is `passed`, anything else `failed`; one that outlives its budget is killed with what it
+started, and has failed. Each check's output (stdout and stderr together, through a file: a chatty check costs no
+memory) is kept to its last ``OUTPUT_TAIL`` bytes.
 
-- built-in checks (`BUILTINS`: PostgreSQL), each of which decides whether it applies here (`skipped` when not);
-- the machine's own executables in /etc/mobility/recovery.d/, run in name order as run-parts would (names of
-  letters, digits, ``_`` and ``-`` only: editor backups and package leftovers are not run), as root, stdin from
-  /dev/null, in a session of their own, with the failover in their environment (``MOBILITY_FAILOVER_KIND``,
-  ``MOBILITY_FAILOVER_POINT``, ``MOBILITY_FAILOVER_SOURCE``) and their time budget (``MOBILITY_CHECK_TIMEOUT``).
-  Exit 0 is `passed`, anything else `failed`; one that outlives its budget is killed with what it started, and has
-  failed. An executable named like a built-in check replaces it (an operator's own PostgreSQL check, say).
-
-Each check's output is kept to its last ``OUTPUT_TAIL`` bytes (stdout and stderr together, through a file: a
-chatty check costs no memory). Nothing here decides for the checks: a check that cannot run has failed, never
-passed."""
+The agent installs its own checks there too (`BUILTINS`, written by `install_builtin_checks`): small scripts that run
+`mobility recovery-check --builtin NAME`, which an operator replaces or turns off like any other check."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shlex
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from agent.errors import CommandFailed
 from agent.failover import Failover
 from agent.paths import Paths
 from agent.proc import run
+from agent.shared.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from agent.recovery.postgresql import PostgresqlCheck
 
 log = logging.getLogger("mobility.recovery")
 
-OUTPUT_TAIL = 8 * 1024
+OUTPUT_TAIL = 16 * 1024
 DEFAULT_TIMEOUT = 600.0  # seconds per check: a database's WAL replay and a full consistency check take minutes
-_RUN_PARTS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+BUILTIN_TIMEOUT = 540.0  # what a built-in gives itself when not told: it ends before a 600 s budget kills it
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+BUILTIN_HEADER = "#!/bin/sh\n# mobility: built-in recovery check\n"
 
 
 class Outcome(StrEnum):
     PASSED = "passed"
     FAILED = "failed"
-    SKIPPED = "skipped"  # a built-in check that does not apply here (no PostgreSQL on this machine)
+    SKIPPED = "skipped"  # not run: a name run-parts would not run, not executable, or a built-in that does not apply
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One check's outcome: its name, where it came from (``built-in`` or the executable's path), a one-line
-    summary, how long it ran and the end of what it said."""
+    """One check's outcome: its name, where it came from (its path, or ``built-in``), a one-line summary, how long
+    it ran and the end of what it said."""
 
     name: str
     origin: str
@@ -65,15 +73,6 @@ class CheckResult:
             "seconds": round(self.seconds, 1),
             "output": self.output,
         }
-
-
-class BuiltinCheck(Protocol):
-    """A check that ships with the agent: it decides whether it applies (SKIPPED when not) and keeps to ``timeout``."""
-
-    @property
-    def name(self) -> str: ...
-
-    def run(self, paths: Paths, timeout: float) -> CheckResult: ...
 
 
 @dataclass(frozen=True)
@@ -97,27 +96,25 @@ class RecoveryReport:
         }
 
 
-def executables(paths: Paths) -> list[Path]:
-    """The machine's own checks: executable regular files of recovery.d with run-parts names, in name order."""
+def runnable_name(name: str) -> bool:
+    """A name run-parts runs: letters, digits, ``_``, ``-`` and ``.``, not a dot first, no package leftover or
+    editor backup (pure)."""
+    return bool(_NAME.fullmatch(name)) and not name.startswith(".") and ".dpkg-" not in name and not name.endswith("~")
+
+
+def entries(paths: Paths) -> list[Path]:
+    """Everything in recovery.d, in name order (byte order, as the shell's glob in the C locale sorts)."""
     try:
-        entries = sorted(paths.recovery_dir.iterdir())
+        return sorted(paths.recovery_dir.iterdir(), key=lambda p: os.fsencode(p.name))
     except OSError:
         return []
-    return [p for p in entries if _RUN_PARTS_NAME.fullmatch(p.name) and p.is_file() and _executable(p)]
-
-
-def _executable(path: Path) -> bool:
-    try:
-        return bool(path.stat().st_mode & 0o111)
-    except OSError:
-        return False
 
 
 def check_environment(failover: Failover | None, timeout: float) -> dict[str, str]:
-    """What an executable check learns about the failover it runs in (pure)."""
+    """What a check learns about the failover it runs in (pure)."""
     env = {"MOBILITY_CHECK_TIMEOUT": f"{timeout:.0f}"}
     if failover is not None:
-        env["MOBILITY_FAILOVER_KIND"] = failover.kind
+        env["MOBILITY_FAILOVER"] = failover.kind
         env["MOBILITY_FAILOVER_POINT"] = failover.point_id
         env["MOBILITY_FAILOVER_SOURCE"] = failover.source_host or ""
     return env
@@ -144,15 +141,14 @@ def run_executable(path: Path, origin: str, timeout: float, env: dict[str, str])
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:
         try:
-            done = run([str(path)], timeout=timeout, check=False, env=env, output=out)
+            done = run([str(path)], timeout=timeout, check=False, env=env, output=out, cwd="/")
             code: int | None = done.returncode
             why = ""
         except CommandFailed as e:
             code, why = None, e.message
         seconds = time.monotonic() - start
         out.seek(0, 2)
-        size = out.tell()
-        out.seek(max(0, size - OUTPUT_TAIL - 256))
+        out.seek(max(0, out.tell() - OUTPUT_TAIL - 256))
         output = tail(out.read())
     if code == 0:
         return CheckResult(path.name, origin, Outcome.PASSED, summary_of(output, "exit 0"), seconds, output)
@@ -166,42 +162,28 @@ def run_executable(path: Path, origin: str, timeout: float, env: dict[str, str])
 
 
 def run_recovery_checks(
-    paths: Paths,
-    failover: Failover | None,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    builtins: Sequence[BuiltinCheck] | None = None,
-    only: Sequence[str] = (),
+    paths: Paths, failover: Failover | None, *, timeout: float = DEFAULT_TIMEOUT, only: Sequence[str] = ()
 ) -> RecoveryReport:
-    """Every check (or those named in ``only``): the built-ins no executable replaces, then the executables."""
-    if builtins is None:
-        from agent.recovery.postgresql import PostgresqlCheck
-
-        builtins = (PostgresqlCheck(),)
+    """Every check of recovery.d (or those named in ``only``), one at a time, in name order."""
     started, start = time.time(), time.monotonic()
-    own = executables(paths)
-    replaced = {p.name for p in own}
-    wanted = set(only)
-    results: list[CheckResult] = []
-    for check in builtins:
-        if check.name in replaced or (wanted and check.name not in wanted):
-            continue
-        log.info("recovery check %s (built-in)", check.name)
-        t = time.monotonic()
-        try:
-            results.append(check.run(paths, timeout))
-        except Exception as e:  # a broken check fails; it never passes and never hides the others
-            log.exception("recovery check %s could not run", check.name)
-            why = f"could not run: {type(e).__name__}: {e}"
-            results.append(CheckResult(check.name, "built-in", Outcome.FAILED, why, time.monotonic() - t))
     env = check_environment(failover, timeout)
-    for path in own:
-        if wanted and path.name not in wanted:
+    results: list[CheckResult] = []
+    for path in entries(paths):
+        if only and path.name not in only:
             continue
-        log.info("recovery check %s", path)
-        results.append(run_executable(path, paths.system_path(path), timeout, env))
-    for r in results:
-        log.info("recovery check %s: %s in %.1f s: %s", r.name, r.outcome.value, r.seconds, r.summary)
+        origin = paths.system_path(path)
+        if not runnable_name(path.name):
+            results.append(CheckResult(path.name, origin, Outcome.SKIPPED, "not a name run-parts runs", 0.0))
+            continue
+        if not path.is_file() or not os.access(path, os.X_OK):
+            results.append(CheckResult(path.name, origin, Outcome.SKIPPED, "not an executable file", 0.0))
+            continue
+        log.info("recovery check %s", origin)
+        result = run_executable(path, origin, timeout, env)
+        log.info(
+            "recovery check %s: %s in %.1f s: %s", result.name, result.outcome.value, result.seconds, result.summary
+        )
+        results.append(result)
     return RecoveryReport(tuple(results), failover, started, time.monotonic() - start)
 
 
@@ -211,10 +193,65 @@ def render(report: RecoveryReport) -> str:
     if report.failover is not None:
         lines.append(f"this machine is {report.failover.describe()}")
     if not report.results:
-        lines.append("no recovery check here (none built in applies, none in /etc/mobility/recovery.d/)")
+        lines.append("no recovery check in /etc/mobility/recovery.d/")
     for r in report.results:
         lines.append(f"{r.outcome.value.upper():<8} {r.name:<20} {r.seconds:6.1f} s  {r.summary}")
     for r in report.results:
         if r.outcome is Outcome.FAILED and r.output.strip():
             lines += ["", f"--- {r.name} ({r.origin}), its last output:", r.output.rstrip()]
     return "\n".join(lines)
+
+
+# The agent's own checks ---------------------------------------------------------------------------------------------
+
+
+def _postgresql() -> PostgresqlCheck:
+    from agent.recovery.postgresql import PostgresqlCheck
+
+    return PostgresqlCheck()
+
+
+BUILTINS: dict[str, Callable[[], PostgresqlCheck]] = {"postgresql": _postgresql}
+_ABOUT = {
+    "postgresql": (
+        "In a failover of this machine every PostgreSQL cluster starts and replays its WAL, `pg_amcheck --all`\n"
+        "# passes and pgbench's balance invariant holds where its tables are; without PostgreSQL it says so and passes."
+    )
+}
+
+
+def builtin_script(name: str, launcher: str) -> str:
+    """The script in recovery.d that runs the built-in check ``name`` with the installed agent at ``launcher``."""
+    return (
+        f"{BUILTIN_HEADER}"
+        f"# {_ABOUT[name]}\n"
+        "# `mobility install` keeps this file while it starts with the two lines above: replace it with a check of\n"
+        "# your own, or make it non-executable to turn it off (docs/recovery-checks.md).\n"
+        f"exec {shlex.quote(launcher)} recovery-check --builtin {name} "
+        f'--timeout "${{MOBILITY_CHECK_TIMEOUT:-{BUILTIN_TIMEOUT:.0f}}}"\n'
+    )
+
+
+def install_builtin_checks(paths: Paths, launcher: str) -> list[str]:
+    """Write the built-in checks' scripts into recovery.d: new ones executable; one of ours rewritten keeping its
+    mode (an operator who made it non-executable turned it off); one an operator replaced (another first lines) left
+    alone. Returns the system paths written."""
+    written = []
+    directory = paths.recovery_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in BUILTINS:
+        path = directory / name
+        text = builtin_script(name, launcher)
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(BUILTIN_HEADER))
+            mode: int | None = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            head, mode = None, None
+        if head is not None and head != BUILTIN_HEADER.encode():
+            continue  # the operator's own check of that name
+        if head is not None and path.read_text(errors="replace") == text:
+            continue
+        atomic_write(path, text.encode(), 0o755 if mode is None else mode)
+        written.append(paths.system_path(path))
+    return written

@@ -142,6 +142,7 @@ def test_a_copy_of_a_registered_machine_never_speaks_as_it(paths: Paths, caplog:
 
 
 POINT = "0b7f1a52-3c1e-4f57-9a0e-2f1d6c7b8e90"
+SOURCE = "5d9c7f3e-1b2a-4c8d-9e0f-a1b2c3d4e5f6"  # the registration below is host-1's: the mark names its host ID
 
 
 def oem_string(paths: Paths, text: str) -> None:
@@ -151,22 +152,29 @@ def oem_string(paths: Paths, text: str) -> None:
     (entry / "raw").write_bytes(bytes([11, 5, 0x00, 0x0E, 1]) + text.encode() + b"\0\0")
 
 
+def as_source(paths: Paths) -> None:
+    """The registration in the failed-over image: the source's, under the host ID the mark names."""
+    save_registration(paths, Registration(SOURCE, MachineFacts("m" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare"))
+
+
 def test_a_test_failover_never_speaks_to_the_server(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
-    """A recovery point of host-1 booted by test-failover: its daemon starts with host-1's registration, key and a
-    certificate due for renewal, on the same facts (nothing tells it from host-1 but its hypervisor's word). It sends
-    nothing for hours: no heartbeat, no renewal (which would supersede host-1's certificate), no update check; not
+    """A recovery point of the source booted by test-failover: its daemon starts with the source's registration, key
+    and a certificate due for renewal, on the same facts (nothing tells it from the source but its mark). It sends
+    nothing for hours: no heartbeat, no renewal (which would supersede the source's certificate), no update check; not
     even once some registration of another host appears."""
+    as_source(paths)
     write_cert(paths, T0 - 80 * 86400, 90)  # two thirds of its life gone: a renewal would be due
-    oem_string(paths, f"mobility-test-failover:{POINT}")
+    oem_string(paths, f"mobility-failover:v1:test:{SOURCE}:{POINT}")
     link = FakeLink()
     link.update = {"version": "0.2.0", "job_id": "j1", "pinned": False}
     daemon = Daemon(paths, ROOMY, link, now=T0)
     daemon.heartbeat()
     run_for(daemon, link, 3 * 3600)
     assert (link.beats, link.renewals, link.update_checks) == ([], 0, 0)
-    why = f"a test failover of host-1 at point {POINT}: nothing of a test failover reaches the server"
+    why = f"a test failover of {SOURCE} at point {POINT}: nothing of a test failover reaches the server"
     assert DaemonStatus.load(paths).last_error == why  # type: ignore[union-attr]
-    assert sum(f"this machine is a test failover of host-1 at point {POINT}" in r.message for r in caplog.records) == 1
+    said = f"this machine is a test failover of {SOURCE} at point {POINT}"
+    assert sum(said in r.message for r in caplog.records) == 1
     save_registration(
         paths, Registration("host-2", MachineFacts("m" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare")
     )
@@ -175,11 +183,12 @@ def test_a_test_failover_never_speaks_to_the_server(paths: Paths, caplog: pytest
 
 
 def test_a_failover_is_silent_until_it_registers_as_itself(paths: Paths) -> None:
-    """After a real failover the machine holds host-1's registration until the bootstrapper registers it as a
-    machine of its own: until then nothing goes out as host-1 (not a renewal either); then it heartbeats as itself,
+    """After a real failover the machine holds the source's registration until the bootstrapper registers it as a
+    machine of its own: until then nothing goes out as the source (not a renewal either); then it heartbeats as itself,
     and a later boot with the hypervisor's string gone is still that machine."""
+    as_source(paths)
     write_cert(paths, T0 - 80 * 86400, 90)
-    oem_string(paths, f"mobility-failover:{POINT}")
+    oem_string(paths, f"mobility-failover:v1:failover:{SOURCE}:{POINT}")
     link = FakeLink()
     daemon = Daemon(paths, ROOMY, link, now=T0)
     run_for(daemon, link, 3600)

@@ -13,7 +13,15 @@ import pytest
 
 from agent.failover import Failover
 from agent.paths import Paths
-from agent.recovery.checks import CheckResult, Outcome, executables, run_recovery_checks, tail
+from agent.recovery.checks import (
+    BUILTIN_HEADER,
+    Outcome,
+    builtin_script,
+    install_builtin_checks,
+    run_recovery_checks,
+    runnable_name,
+    tail,
+)
 from agent.recovery.postgresql import (
     PostgresqlCheck,
     find_clusters,
@@ -38,55 +46,43 @@ def check(root: Path, name: str, body: str, mode: int = 0o755) -> Path:
     return path
 
 
-class Recorder:
-    """A built-in check that records that it ran (the runner is under test here, not the check)."""
-
-    name = "postgresql"
-
-    def __init__(self, outcome: Outcome = Outcome.PASSED, fail: bool = False) -> None:
-        self.ran = 0
-        self.outcome, self.fail = outcome, fail
-
-    def run(self, paths: Paths, timeout: float) -> CheckResult:
-        self.ran += 1
-        if self.fail:
-            raise RuntimeError("broken")
-        return CheckResult(self.name, "built-in", self.outcome, "fine", 0.1)
-
-
-def test_executables_are_run_parts_names_that_can_run(tmp_path: Path) -> None:
+def test_names_and_files_that_are_not_run_are_reported_skipped(tmp_path: Path) -> None:
     check(tmp_path, "20-app", "exit 0")
-    check(tmp_path, "10-db", "exit 0")
+    check(tmp_path, "10-db.sh", "exit 0")
     check(tmp_path, "30-app.dpkg-old", "exit 0")  # package leftovers and editor backups are never run
     check(tmp_path, "40-backup~", "exit 0")
     check(tmp_path, "50-notes", "exit 0", mode=0o644)
     (tmp_path / "etc/mobility/recovery.d/60-dir").mkdir()
-    assert [p.name for p in executables(Paths(tmp_path))] == ["10-db", "20-app"]
-    assert executables(Paths(tmp_path / "nothing")) == []
+    report = run_recovery_checks(Paths(tmp_path), None)
+    assert [(r.name, r.outcome.value, r.summary) for r in report.results] == [
+        ("10-db.sh", "passed", "exit 0"),
+        ("20-app", "passed", "exit 0"),
+        ("30-app.dpkg-old", "skipped", "not a name run-parts runs"),
+        ("40-backup~", "skipped", "not a name run-parts runs"),
+        ("50-notes", "skipped", "not an executable file"),
+        ("60-dir", "skipped", "not an executable file"),
+    ]
+    assert report.failed == [] and run_recovery_checks(Paths(tmp_path / "none"), None).results == ()
+    assert not runnable_name(".hidden") and not runnable_name("a b") and runnable_name("a_b-c.d")
 
 
 def test_each_check_passes_or_fails_by_its_exit_code_in_name_order(tmp_path: Path) -> None:
     check(tmp_path, "b-fails", "echo looking; echo 'orders table: 3 rows missing' >&2; exit 4")
     check(tmp_path, "a-passes", "echo all good")
-    builtin = Recorder()
-    report = run_recovery_checks(Paths(tmp_path), None, builtins=[builtin])
-    assert [(r.name, r.outcome) for r in report.results] == [
-        ("postgresql", Outcome.PASSED),
-        ("a-passes", Outcome.PASSED),
-        ("b-fails", Outcome.FAILED),
-    ]
-    failed = report.results[2]
+    report = run_recovery_checks(Paths(tmp_path), None)
+    assert [(r.name, r.outcome) for r in report.results] == [("a-passes", Outcome.PASSED), ("b-fails", Outcome.FAILED)]
+    failed = report.results[1]
     assert failed.summary == "exit 4: orders table: 3 rows missing"
     assert failed.output == "looking\norders table: 3 rows missing\n"
     assert report.failed == ["b-fails"] and report.to_json()["ok"] is False
-    assert report.results[1].summary == "all good"
+    assert report.results[0].summary == "all good" and report.results[0].origin == "/etc/mobility/recovery.d/a-passes"
 
 
 def test_a_check_past_its_time_is_killed_with_what_it_started(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     check(tmp_path, "slow", f"sleep 300 & echo $! > {pidfile}; echo started; wait")
     start = time.monotonic()
-    report = run_recovery_checks(Paths(tmp_path), None, builtins=[], timeout=1.5)
+    report = run_recovery_checks(Paths(tmp_path), None, timeout=1.5)
     assert time.monotonic() - start < 10
     (slow,) = report.results
     assert slow.outcome is Outcome.FAILED and slow.summary == "killed after 2 s (its time budget)"
@@ -100,43 +96,50 @@ def test_a_check_past_its_time_is_killed_with_what_it_started(tmp_path: Path) ->
 
 def test_a_check_learns_the_failover_it_runs_in(tmp_path: Path) -> None:
     out = tmp_path / "env"
-    check(tmp_path, "env", f"env | grep -E '^MOBILITY_(CHECK|FAILOVER)' | sort > {out}")
+    check(tmp_path, "env", f"{{ pwd; env | grep -E '^MOBILITY_(CHECK|FAILOVER)' | sort; }} > {out}")
     failover = Failover(True, POINT, SOURCE, 1.0)
-    run_recovery_checks(Paths(tmp_path), failover, builtins=[], timeout=77)
+    run_recovery_checks(Paths(tmp_path), failover, timeout=77)
     assert out.read_text().splitlines() == [
+        "/",
         "MOBILITY_CHECK_TIMEOUT=77",
-        "MOBILITY_FAILOVER_KIND=test",
+        "MOBILITY_FAILOVER=test",
         f"MOBILITY_FAILOVER_POINT={POINT}",
         f"MOBILITY_FAILOVER_SOURCE={SOURCE}",
     ]
 
 
 def test_output_is_kept_to_its_tail(tmp_path: Path) -> None:
-    check(tmp_path, "chatty", "i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done; echo last words; exit 1")
-    (chatty,) = run_recovery_checks(Paths(tmp_path), None, builtins=[]).results
-    assert len(chatty.output.encode()) <= 8 * 1024
-    assert chatty.output.endswith("line 19999\nlast words\n") and chatty.output.startswith("line ")
+    check(tmp_path, "chatty", "i=0; while [ $i -lt 40000 ]; do echo line $i; i=$((i+1)); done; echo last words; exit 1")
+    (chatty,) = run_recovery_checks(Paths(tmp_path), None).results
+    assert len(chatty.output.encode()) <= 16 * 1024
+    assert chatty.output.endswith("line 39999\nlast words\n") and chatty.output.startswith("line ")
     assert chatty.summary == "exit 1: last words"
     assert tail(b"abc\ndef\n", 5) == "def\n"
-
-
-def test_an_executable_replaces_the_built_in_of_its_name_and_a_broken_built_in_fails(tmp_path: Path) -> None:
-    builtin = Recorder()
-    check(tmp_path, "postgresql", "echo my own")
-    (own,) = run_recovery_checks(Paths(tmp_path), None, builtins=[builtin]).results
-    assert builtin.ran == 0 and own.origin.endswith("recovery.d/postgresql") and own.summary == "my own"
-
-    broken = Recorder(fail=True)
-    (result,) = run_recovery_checks(Paths(tmp_path / "other"), None, builtins=[broken]).results
-    assert result.outcome is Outcome.FAILED and result.summary == "could not run: RuntimeError: broken"
 
 
 def test_only_runs_the_named_checks(tmp_path: Path) -> None:
     check(tmp_path, "a", "exit 0")
     check(tmp_path, "b", "exit 1")
-    builtin = Recorder()
-    report = run_recovery_checks(Paths(tmp_path), None, builtins=[builtin], only=["a"])
-    assert [r.name for r in report.results] == ["a"] and builtin.ran == 0
+    report = run_recovery_checks(Paths(tmp_path), None, only=["a"])
+    assert [r.name for r in report.results] == ["a"]
+
+
+def test_install_writes_the_built_in_checks_and_leaves_an_operator_s_alone(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    launcher = "/opt/mobility/current/mobility/mobility"
+    assert install_builtin_checks(paths, launcher) == ["/etc/mobility/recovery.d/postgresql"]
+    script = tmp_path / "etc/mobility/recovery.d/postgresql"
+    assert script.read_text() == builtin_script("postgresql", launcher) and script.stat().st_mode & 0o777 == 0o755
+    assert script.read_text().startswith(BUILTIN_HEADER)
+    assert script.read_text().splitlines()[-1] == (
+        f'exec {launcher} recovery-check --builtin postgresql --timeout "${{MOBILITY_CHECK_TIMEOUT:-540}}"'
+    )
+    assert install_builtin_checks(paths, launcher) == []  # as it is: nothing written
+    script.chmod(0o644)  # the operator turned it off; an install into another directory keeps it off
+    assert install_builtin_checks(paths, "/srv/m/current/mobility/mobility") == ["/etc/mobility/recovery.d/postgresql"]
+    assert "/srv/m/current" in script.read_text() and script.stat().st_mode & 0o777 == 0o644
+    script.write_text("#!/bin/sh\n# our own PostgreSQL check\nexit 0\n")
+    assert install_builtin_checks(paths, launcher) == [] and "our own" in script.read_text()
 
 
 # The PostgreSQL check's parsing ---------------------------------------------------------------------------------
@@ -195,39 +198,39 @@ def test_no_postgresql_is_skipped_and_another_layout_fails(tmp_path: Path) -> No
 # `mobility recovery-check` -----------------------------------------------------------------------------------------
 
 
+def mark(root: Path, kind: str) -> None:
+    """The failover mark as `failover` writes it into a failed-over machine's root (agent/failover.py)."""
+    (root / "etc/mobility").mkdir(parents=True, exist_ok=True)
+    doc = {"mark": "mobility-failover", "version": 1, "kind": kind, "host_id": SOURCE, "point_id": POINT}
+    (root / "etc/mobility/failover.json").write_text(json.dumps(doc))
+
+
 def test_recovery_check_refuses_a_machine_that_is_not_a_failover(tmp_path: Path) -> None:
     require_root()
     r = mobility("recovery-check", "--root", str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error RECOVERY-NOT-A-FAILOVER: this machine is not a failover")
     r = mobility("recovery-check", "--root", str(tmp_path), "--here", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["checks"] == [
-        {
-            "name": "postgresql",
-            "origin": "built-in",
-            "outcome": "skipped",
-            "summary": "no PostgreSQL on this machine",
-            "seconds": 0.0,
-            "output": "",
-        }
-    ]
+    assert json.loads(r.stdout)["checks"] == []
+    r = mobility("recovery-check", "--root", str(tmp_path), "--here", "--builtin", "postgresql")
+    assert (r.returncode, r.stdout) == (0, "skipped: no PostgreSQL on this machine\n"), r.stderr
     r = mobility("recovery-check", "--root", str(tmp_path), "--here", "--timeout", "nan")
     assert r.returncode == 2 and r.stderr.startswith("error USAGE: --timeout nan")
+    r = mobility("recovery-check", "--root", str(tmp_path), "--here", "--builtin", "oracle")
+    assert r.returncode == 2 and r.stderr.startswith("error USAGE: --builtin 'oracle': the built-in checks are")
 
 
 def test_recovery_check_in_a_failover_reports_each_check(tmp_path: Path) -> None:
     require_root()
-    (tmp_path / "etc/mobility").mkdir(parents=True)
-    (tmp_path / "etc/mobility/failover").write_text(f"mobility-test-failover:{POINT}\n")
+    mark(tmp_path, "test")
     check(tmp_path, "orders", "echo 'orders: 1204 rows, newest 2 s before the point'")
     check(tmp_path, "queue", "echo 'queue: 3 messages lost' >&2; exit 1")
     r = mobility("recovery-check", "--root", str(tmp_path))
     assert r.returncode == 1
     assert r.stderr.startswith("error RECOVERY-CHECK-FAILED: recovery checks failed: queue")
     lines = r.stdout.splitlines()
-    assert lines[0] == f"this machine is a test failover of an unregistered machine at point {POINT}"
-    assert lines[1].startswith("SKIPPED  postgresql") and lines[1].endswith("no PostgreSQL on this machine")
-    assert lines[2].startswith("PASSED   orders") and lines[3].startswith("FAILED   queue")
+    assert lines[0] == f"this machine is a test failover of {SOURCE} at point {POINT}"
+    assert lines[1].startswith("PASSED   orders") and lines[2].startswith("FAILED   queue")
     assert lines[-2:] == ["--- queue (/etc/mobility/recovery.d/queue), its last output:", "queue: 3 messages lost"]
     r = mobility("recovery-check", "--root", str(tmp_path), "--json", "--only", "orders")
     doc = json.loads(r.stdout)

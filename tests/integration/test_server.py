@@ -79,6 +79,11 @@ def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Pat
     assert {m["host_id"]: m["cloned_from"] for m in server.machines()} == {host_id: None, out["host_id"]: host_id}
 
 
+def mark(kind: str, host_id: str, point_id: str) -> dict[str, object]:
+    """The failover mark as `failover` writes it into a failed-over machine's root (agent/failover.py)."""
+    return {"mark": "mobility-failover", "version": 1, "kind": kind, "host_id": host_id, "point_id": point_id}
+
+
 def test_a_failover_registers_as_a_machine_of_its_own_and_a_test_failover_never_does(
     server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -97,7 +102,7 @@ def test_a_failover_registers_as_a_machine_of_its_own_and_a_test_failover_never_
     test = tmp_path / "test"
     os.system(f"cp -a {root} {test}")  # noqa: S605 - the point's image, as failover writes it
     (test / "etc/mobility").mkdir(exist_ok=True)
-    (test / "etc/mobility/failover").write_text(f"mobility-test-failover:{point}\n")
+    (test / "etc/mobility/failover.json").write_text(json.dumps(mark("test", source, point)))
     code, out = configure_root(server, test, secret)
     assert (code, error_code(out)) == (1, "FAILOVER-TEST-SILENT"), out
     assert [m["host_id"] for m in server.machines()] == [source]
@@ -105,7 +110,7 @@ def test_a_failover_registers_as_a_machine_of_its_own_and_a_test_failover_never_
     real = tmp_path / "real"
     os.system(f"cp -a {root} {real}")  # noqa: S605
     (real / "etc/mobility").mkdir(exist_ok=True)
-    (real / "etc/mobility/failover").write_text(f"mobility-failover:{point}\n")
+    (real / "etc/mobility/failover.json").write_text(json.dumps(mark("failover", source, point)))
     code, out = configure_root(server, real, secret)
     assert code == 0, out
     assert out["host_id"] != source and (out["failover_of"], out["cloned_from"]) == (source, None), out
