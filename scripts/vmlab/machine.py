@@ -169,6 +169,7 @@ class Spec:
     accel: str | None = None  # default: accelerator()
     blank_disks: Sequence[int] = ()
     oem_strings: Sequence[str] = ()
+    cpu: str | None = None  # QEMU's -cpu model (default: QEMU's own)
 
 
 class VM:
@@ -273,6 +274,7 @@ class VM:
             str(s.memory_mib),
             "-smp",
             str(s.cpus),
+            *(["-cpu", s.cpu] if s.cpu else []),
             "-uuid",
             s.hardware.uuid,
             "-nodefaults",
