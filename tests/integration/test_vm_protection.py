@@ -166,9 +166,7 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
     images = [server.fail_over(source, p, tmp_path / f"failover-{n}") for p, n in points]
 
     # Each point booted: the first as a test failover, the second as a real one; both could reach the server.
-    test = boot_point(
-        lab, "test", image(PG), images[0], failover_mark("test", source, points[0][0]), server.forwards()
-    )
+    test = boot_point(lab, "test", image(PG), images[0], failover_mark("test", source, points[0][0]), server.forwards())
     real = boot_point(
         lab, "real", image(PG), images[1], failover_mark("failover", source, points[1][0]), server.forwards()
     )
