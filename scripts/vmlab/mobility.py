@@ -331,10 +331,11 @@ def boot_point(
     mark: str,
     forwards: Sequence[Forward] = (),
     hostname: str | None = None,
+    cpu: str | None = None,
 ) -> VM:
     """A VM (not started) booting the images a `failover` wrote (``failed_over``: what it said), in the point's disk
     order (each through an overlay: the images are never written), told what it is by ``mark``. ``forwards``: what of
     the host it reaches (none: no route anywhere, as a test failover's isolated network)."""
     images = [Disk(Path(p), base, "raw") for p in failed_over["images"]]
-    spec = Spec(forwards=forwards, oem_strings=(mark,), hostname=hostname)
+    spec = Spec(forwards=forwards, oem_strings=(mark,), hostname=hostname, cpu=cpu)
     return lab.vm(name, images[0], spec, extra=images[1:])

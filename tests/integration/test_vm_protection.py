@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from agent.recovery.checks import BUILTIN_HEADER
-from scripts.vmlab import DEBIAN12, VM, Lab, image
+from scripts.vmlab import CRYPTO_CPU, DEBIAN12, VM, Lab, image
 from scripts.vmlab.guest import grow_root_onto
 from scripts.vmlab.mobility import (
     MOBILITY,
@@ -84,9 +84,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def sql(vm: VM, query: str, database: str = "bench") -> str:
-    return vm.run(f"runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d {database} -c {shlex.quote(query)}").check(
-        query
-    )
+    return vm.run(
+        f"cd / && runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d {database} -c {shlex.quote(query)}"
+    ).check(query)
 
 
 def cut_point(vm: VM) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
     lab: Lab, server: LabServer, dist: Path, tmp_path: Path
 ) -> None:
     # The source: root LVM over two disks, the agent bootstrapped as a template clone would be.
-    db = lab.vm("db", image(PG), server.spec(hostname="db", blank_disks=(1024,)))
+    db = lab.vm("db", image(PG), server.spec(hostname="db", blank_disks=(1024,), cpu=CRYPTO_CPU))
     lab.start(db)
     db.wait_booted()
     root = grow_root_onto(db, "/dev/vdb")
@@ -126,8 +126,8 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
     assert db.run("head -c 200 /etc/mobility/recovery.d/postgresql").output.startswith(BUILTIN_HEADER)
     put = db.ssh("install -m 755 /dev/stdin /etc/mobility/recovery.d/20-marks", stdin=MARKS_CHECK.encode())
     assert put.returncode == 0, put.stderr
-    db.run("runuser -u postgres -- createdb bench", timeout=120).check("createdb")
-    db.run("runuser -u postgres -- pgbench -i -q -s 5 bench", timeout=900).check("pgbench -i")
+    db.run("cd / && runuser -u postgres -- createdb bench", timeout=120).check("createdb")
+    db.run("cd / && runuser -u postgres -- pgbench -i -q -s 5 bench", timeout=900).check("pgbench -i")
     sql(db, "CREATE TABLE marks (n int PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
 
     # Protected whole: both disks, an initial sync, CONTINUOUS.
@@ -168,7 +168,13 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
     # Each point booted: the first as a test failover, the second as a real one; both could reach the server.
     test = boot_point(lab, "test", image(PG), images[0], failover_mark("test", source, points[0][0]), server.forwards())
     real = boot_point(
-        lab, "real", image(PG), images[1], failover_mark("failover", source, points[1][0]), server.forwards()
+        lab,
+        "real",
+        image(PG),
+        images[1],
+        failover_mark("failover", source, points[1][0]),
+        server.forwards(),
+        cpu=CRYPTO_CPU,
     )
     lab.start(test, real)
     test.wait_booted()
