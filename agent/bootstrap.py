@@ -27,6 +27,8 @@ from agent.errors import (
     ServerUnreachable,
     TufNoBundle,
 )
+from agent.failover import detect as detect_failover
+from agent.failover import load_failover, speaks_as_source
 from agent.faults import fault_point
 from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
@@ -155,6 +157,7 @@ def _installed_here(paths: Paths) -> InstallRecord | None:
         and reg is not None
         and paths.client_cert.exists()
         and reg.facts == collect_facts(paths)
+        and not speaks_as_source(load_failover(paths), reg.host_id)  # a failover still holding the source's
     ):
         return installed
     return None
@@ -175,6 +178,14 @@ def _upgrade_due(paths: Paths, installed: InstallRecord) -> bool:
 
 def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float], None] = time.sleep) -> Outcome:
     os_info = require_supported(detect_os(paths))
+    failover = detect_failover(paths, time.time())
+    if failover is not None and failover.test:
+        # A test leaves the server as it was: no install, no registration, no job (the source's record is not ours).
+        return Outcome(
+            "test failover",
+            f"this machine is {failover.describe()}: nothing is installed, registered or reported",
+            None,
+        )
     if is_current(paths) and settings.job_id is None:
         return Outcome(
             "current",
@@ -283,8 +294,18 @@ def _run(
         with contextlib.suppress(OSError):
             remove(staging)
     progress.step("register")
+    failover = load_failover(paths)
     enrolled = configure(
-        paths, s.server, secret, pinned, s.role, s.platform, os_tag, retry_for=s.retry_for, sleep=sleep
+        paths,
+        s.server,
+        secret,
+        pinned,
+        s.role,
+        s.platform,
+        os_tag,
+        retry_for=s.retry_for,
+        sleep=sleep,
+        failover=failover if failover is not None and not failover.test else None,
     )
     progress.step("start the daemon")
     started = start_daemon(paths, installed.init)
@@ -295,7 +316,10 @@ def _run(
         else [f"freeze provider not set up ({installed.freeze.reason}): only crash-consistent recovery points"]
     )
     state = "succeeded with warnings" if warnings else "succeeded"
-    clone = f", a clone of {enrolled.registration.cloned_from}" if enrolled.registration.cloned_from else ""
+    reg = enrolled.registration
+    clone = f", a clone of {reg.cloned_from}" if reg.cloned_from else ""
+    if reg.failover_of is not None and failover is not None:
+        clone = f", a failover of {reg.failover_of} at point {failover.point_id}"
     message = f"Mobility {installed.version} installed and registered as {enrolled.registration.host_id}{clone}"
     job = replace(
         job,

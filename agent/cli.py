@@ -61,6 +61,7 @@ def cmd_prereq(args: argparse.Namespace) -> int:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
+    from agent.failover import detect as detect_failover
     from agent.registration import configure
     from agent.shared.secretfile import read_secret_file
     from agent.transport import parse_fingerprint
@@ -69,17 +70,21 @@ def cmd_configure(args: argparse.Namespace) -> int:
     pinned = parse_fingerprint(args.cs_fingerprint) if args.cs_fingerprint else None
     secret = read_secret_file(Path(args.passphrase_file))
     os_tag = detect_os(paths).os_tag
-    result = configure(paths, args.server, secret, pinned, args.role, args.platform, os_tag)
+    failover = detect_failover(paths, time.time())
+    result = configure(paths, args.server, secret, pinned, args.role, args.platform, os_tag, failover=failover)
     reg = result.registration
     data = {
         "host_id": reg.host_id,
         "server": reg.server,
         "fingerprint": reg.fingerprint,
         "cloned_from": reg.cloned_from,
+        "failover_of": reg.failover_of,
         "already_registered": result.reused,
     }
     what = "already registered" if result.reused else "registered"
     clone = f" (a clone of {reg.cloned_from})" if reg.cloned_from else ""
+    if reg.failover_of:
+        clone = f" (a failover of {reg.failover_of})"
     _emit(args, data, f"{what} with {reg.server} as host {reg.host_id}{clone}")
     return Exit.OK
 
@@ -263,7 +268,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"version:        {data['version']}"
         + (f" (update available: {data['update_available']})" if data["update_available"] else ""),
         f"host ID:        {data['host_id'] or '-'}"
-        + (f" (clone of {data['cloned_from']})" if data["cloned_from"] else ""),
+        + (f" (clone of {data['cloned_from']})" if data["cloned_from"] else "")
+        + (f" (failover of {data['failover_of']})" if data["failover_of"] else ""),
         f"role/platform:  {data['role'] or '-'} / {data['platform'] or '-'}",
         f"server:         {data['server'] or '-'} ({data['registration']})",
         f"daemon:         {data['daemon']}, health {data['health'] or 'unknown'}",
@@ -278,6 +284,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"freeze:         {'ready' if data['freeze_provider']['ready'] else 'not set up'}: "
         f"{data['freeze_provider']['reason']}",
     ]
+    if data["failover"]:
+        lines.append(f"failover:       {_failover_line(data['failover'], data['host_id'])}")
     if data["target"]:
         pinned = " (pinned)" if data["target"]["pinned"] else ""
         lines.append(f"target:         {data['target']['version']}{pinned}, as the server names it")
@@ -295,15 +303,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _failover_line(doc: dict[str, object], host_id: object) -> str:
+    what = "a test failover" if doc["kind"] == "test" else "a failover"
+    line = f"{what} of {doc['source_host'] or 'an unregistered machine'} at point {doc['point_id']}"
+    if doc["kind"] == "test":
+        return line + ": nothing of it reaches the server"
+    if host_id is not None and host_id == doc["source_host"]:
+        return line + ": silent until the bootstrapper registers it as a machine of its own"
+    return line + f", registered as {host_id}"
+
+
 def cmd_point(args: argparse.Namespace) -> int:
     from agent.replication.local import request_point
 
     result = request_point(_require_root(args), timeout=args.timeout)
+    frozen = "; ".join(f"{m['mount']} ({m['type']} on {', '.join(m['disks'])})" for m in result.get("frozen", []))
     text = (
-        f"point {result['point_id']} ({result['consistency']}): frozen {result['freeze_ms']} ms, "
-        f"{result['residual_chunks']} residual chunks"
+        f"point {result['point_id']} ({result['consistency']}): froze {frozen or 'no filesystem'} for "
+        f"{result['freeze_ms']} ms, {result['residual_chunks']} residual chunks"
     )
     _emit(args, result, text)
+    return Exit.OK
+
+
+def cmd_recovery_check(args: argparse.Namespace) -> int:
+    from agent.errors import NotAFailover, RecoveryCheckFailed
+    from agent.failover import detect
+    from agent.recovery.checks import BUILTINS, Outcome, render, run_recovery_checks
+
+    if not 1.0 <= args.timeout <= 86400.0:  # NaN too
+        raise BadArguments(f"--timeout {args.timeout:g}: give 1 to 86400 seconds")
+    if args.builtin is not None and args.builtin not in BUILTINS:
+        raise BadArguments(f"--builtin {args.builtin!r}: the built-in checks are {', '.join(sorted(BUILTINS))}")
+    paths = _require_root(args)
+    failover = detect(paths, time.time())
+    if failover is None and not args.here:
+        raise NotAFailover("this machine is not a failover (no failover mark from its hypervisor or in its image)")
+    if args.builtin is not None:
+        result = BUILTINS[args.builtin]().run(paths, args.timeout)
+        text = "\n".join([f"{result.outcome.value}: {result.summary}", *([result.output] if result.output else [])])
+        _emit(args, result.to_json(), text)
+        if result.outcome is Outcome.FAILED:
+            return report_error(RecoveryCheckFailed(f"{args.builtin}: {result.summary}"), json_out=False)
+        return Exit.OK
+    report = run_recovery_checks(paths, failover, timeout=args.timeout, only=args.only or ())
+    _emit(args, report.to_json(), render(report))
+    if report.failed:
+        return report_error(RecoveryCheckFailed(f"recovery checks failed: {', '.join(report.failed)}"), json_out=False)
     return Exit.OK
 
 
@@ -513,6 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to wait (default 300)")
     p.set_defaults(func=cmd_point)
+
+    p = sub.add_parser(
+        "recovery-check",
+        help="in a failed-over machine: run the recovery checks of /etc/mobility/recovery.d/; exit 1 if any fails",
+    )
+    _common(p)
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per check (default 600)")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this check (repeatable)")
+    p.add_argument("--here", action="store_true", help="run them although this machine is not a failover")
+    p.add_argument("--builtin", metavar="NAME", help="run only the agent's own check NAME (postgresql)")
+    p.set_defaults(func=cmd_recovery_check)
 
     p = sub.add_parser("health", help="all health checks; exit 0 healthy, 1 warning, 2 critical, 3 unknown")
     _common(p)

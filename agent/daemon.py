@@ -28,6 +28,8 @@ import psutil
 from agent import __version__
 from agent.checks import Status, run_checks
 from agent.config import AgentConfig, load_config
+from agent.failover import detect as detect_failover
+from agent.failover import speaks_as_source
 from agent.faults import fault_point
 from agent.freeze import provider_status
 from agent.health import Health, ServerSample, health_checks, overall
@@ -113,6 +115,8 @@ class Daemon:
         reg = load_registration(paths)
         self.host_id = reg.host_id if reg else ""
         self.copy_of: str | None = None  # the host this machine is a copy of, while its registration is not its own
+        # A recovery point of a protected machine, booted (agent/failover.py): told by the hypervisor or the image.
+        self.failover = detect_failover(paths, wall())
         self.heartbeat_seconds = reg.heartbeat_interval if reg else config.heartbeat_seconds
         self.status = DaemonStatus(
             pid=os.getpid(), started=now, version=__version__, heartbeat_seconds=self.heartbeat_seconds
@@ -272,8 +276,27 @@ class Daemon:
         still the same machine, as the server judges it). A copy of a registered machine (a clone of a template that
         was not prepped, a disk restored on other hardware) holds that machine's identity and key, and must never
         speak as it: until the bootstrapper has registered the copy as itself (then it restarts this daemon), the
-        daemon sends nothing, replicates nothing and starts no upgrade."""
+        daemon sends nothing, replicates nothing and starts no upgrade. So does a failover of a protected machine
+        (agent/failover.py) with the source's registration: a test failover for its whole life, a real one until
+        it has registered as itself."""
         reg = load_registration(self.paths)
+        if reg is not None and speaks_as_source(self.failover, reg.host_id) and self.failover is not None:
+            if self.copy_of != reg.host_id:
+                why = (
+                    "nothing of a test failover reaches the server"
+                    if self.failover.test
+                    else "until the bootstrapper registers it as a machine of its own"
+                )
+                log.warning(
+                    "this machine is %s: not speaking as %s (no heartbeat, no replication, no renewal, no upgrade): %s",
+                    self.failover.describe(),
+                    reg.host_id,
+                    why,
+                )
+                self.copy_of = reg.host_id
+                self.status.last_error = f"{self.failover.describe()}: {why}"
+                self.status.save(self.paths)
+            return False
         if reg is None or reg.facts.same_machine(collect_facts(self.paths)):
             if self.copy_of is not None and reg is not None:  # registered as itself meanwhile
                 log.info("registered as %s: speaking to the server again", reg.host_id)
@@ -388,6 +411,8 @@ class Daemon:
             self.status.heartbeats_sent += 1
 
     def renew_if_due(self) -> None:
+        if not self.registration_is_ours():
+            return  # a renewal with another machine's certificate would supersede that machine's own
         life = cert_lifetime(self.paths)
         if life is None:
             return

@@ -419,3 +419,28 @@ class PointFailed(TemporaryError):
 class DaemonNotRunning(TemporaryError):
     code = "DAEMON-NOT-RUNNING"
     remediation = "Start the agent's daemon (systemctl start mobility), then run the command again."
+
+
+class RecoveryCheckFailed(LocalSystemError):
+    code = "RECOVERY-CHECK-FAILED"
+    remediation = (
+        "A recovery check found this failed-over machine not working (the report names each check and ends with its "
+        "output): the point's workload did not recover; try an older point, and look at the source's workload."
+    )
+
+
+class NotAFailover(UsageError):
+    code = "RECOVERY-NOT-A-FAILOVER"
+    remediation = (
+        "Recovery checks run in a failed-over copy of the machine (test-failover --boot runs them): they start "
+        "services and may change them (PostgreSQL gets the amcheck extension). To run them here anyway, add --here."
+    )
+
+
+class FailoverTestSilent(LocalSystemError):
+    code = "FAILOVER-TEST-SILENT"
+    remediation = (
+        "This machine is a test failover (its hypervisor's SMBIOS string or /etc/mobility/failover says so): nothing "
+        "of a test reaches the server, so it is not registered. After a real failover the machine is told "
+        "mobility-failover:<point> instead, and registers as a machine of its own (docs/replication.md)."
+    )

@@ -70,6 +70,7 @@ class Registration:
     platform: str
     cloned_from: str | None = None
     heartbeat_interval: float = 30.0
+    failover_of: str | None = None  # the machine this one is a failover of (registered as itself after a failover)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -81,6 +82,7 @@ class Registration:
             "platform": self.platform,
             "cloned_from": self.cloned_from,
             "heartbeat_interval": self.heartbeat_interval,
+            "failover_of": self.failover_of,
         }
 
 
@@ -96,6 +98,7 @@ def load_registration(paths: Paths) -> Registration | None:
             platform=str(data["platform"]),
             cloned_from=data.get("cloned_from"),
             heartbeat_interval=float(data.get("heartbeat_interval", 30.0)),
+            failover_of=data.get("failover_of"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent or damaged: the machine registers again

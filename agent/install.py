@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from agent.bundle_dir import copy_verified, read_manifest
 from agent.bundles import Manifest
@@ -29,6 +29,7 @@ from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, check, claim, rel
 from agent.installed import InstallRecord, load_install_record, save_install_record
 from agent.paths import Paths
 from agent.prereq import prerequisite_checks
+from agent.recovery.checks import install_builtin_checks
 from agent.services import install_units, remove_units, stop_daemon
 from agent.shared import timefmt
 from agent.shared.errors import MobilityError
@@ -193,6 +194,11 @@ def activate_version(
     keep = {version, previous} if previous is not None and version_complete(target, previous) else {version}
     prune_versions(target / "versions", keep)
     units = install_units(paths, target / "versions" / version, manifest.init, install_dir)
+    # The agent's own recovery checks, run in a failover of this machine: through `current`, so that they follow
+    # the version that runs (a switch rewrites nothing); an operator's replacement is left alone.
+    checks = install_builtin_checks(paths, str(PurePosixPath(install_dir) / "current" / "mobility" / "mobility"))
+    if checks:
+        log(paths, f"recovery checks written: {', '.join(checks)}")
     record = load_install_record(paths)
     save_install_record(
         paths,

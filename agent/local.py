@@ -11,6 +11,7 @@ import psutil
 from agent import __version__
 from agent.checks import Report, run_checks
 from agent.config import load_config
+from agent.failover import load_failover
 from agent.freeze import provider_status
 from agent.health import ServerSample, health_checks, overall
 from agent.health.checks import Health
@@ -61,6 +62,7 @@ def local_status(paths: Paths) -> dict[str, Any]:
     last_job = load_last_job(paths)
     freeze = provider_status(paths)
     target, upgrade = load_target(paths), load_record(paths)
+    failover = load_failover(paths)
     return {
         "version": (installed.version if installed else None) or __version__,
         "installed": installed is not None,
@@ -70,6 +72,8 @@ def local_status(paths: Paths) -> dict[str, Any]:
         "server": reg.server if reg else None,
         "registration": ("registered" if reg and paths.client_cert.exists() else "not registered"),
         "cloned_from": reg.cloned_from if reg else None,
+        "failover_of": reg.failover_of if reg else None,
+        "failover": failover.to_json() if failover else None,
         "daemon": "running" if daemon_pid(paths) else "not running",
         "last_heartbeat": status.last_heartbeat_ok if status else None,
         "server_unreachable_since": status.unreachable_since if status else None,

@@ -187,6 +187,17 @@ class Paths:
         return self.state_dir / "freeze.json"
 
     @property
+    def failover_record(self) -> Path:
+        """This machine as a failover of a protected machine: which point, of whom, and the identity it registered
+        as (JSON, agent/failover.py)."""
+        return self.state_dir / "failover.json"
+
+    @property
+    def recovery_dir(self) -> Path:
+        """The machine's own recovery checks: executables run in a failed-over copy of it (agent/recovery/)."""
+        return self.resolve("/etc/mobility/recovery.d")
+
+    @property
     def agent_log(self) -> Path:
         return self.log_dir / "agent.log"
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import IO
 
 from agent.errors import CommandFailed
 
@@ -49,18 +50,32 @@ def host_environ(environ: Mapping[str, str] | None = None, frozen: bool | None =
     return env
 
 
+Completed = subprocess.CompletedProcess[str]  # what `run` returns
+
+
 def run(
-    cmd: Sequence[str], timeout: float = 60.0, check: bool = True, cancel: threading.Event | None = None
+    cmd: Sequence[str],
+    timeout: float = 60.0,
+    check: bool = True,
+    cancel: threading.Event | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    output: IO[bytes] | None = None,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` and wait for it (at most ``timeout``). With ``cancel``, the command runs in a session of its own
     and is killed, with whatever it started, as soon as ``cancel`` is set (the agent stops: a freeze hook must not
-    hold the stop past the unit's timeout)."""
+    hold the stop past the unit's timeout). ``env``: variables added to the host's environment. ``output``: a file
+    that takes stdout and stderr instead of memory (a command whose output has no bound: the caller reads its tail);
+    such a command runs in a session of its own too, killed with whatever it started at its timeout. ``cwd``: where
+    it runs."""
     log.info("running %s", " ".join(cmd))
-    if cancel is not None:
-        return _cancellable(cmd, timeout, check, cancel)
+    environ = {**host_environ(), **(env or {})}
+    if cancel is not None or output is not None:
+        return _cancellable(cmd, timeout, check, cancel or threading.Event(), environ, output, cwd)
     try:
         result = subprocess.run(
-            list(cmd), capture_output=True, text=True, timeout=timeout, check=False, env=host_environ()
+            list(cmd), capture_output=True, text=True, timeout=timeout, check=False, env=environ, cwd=cwd
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CommandFailed(f"{' '.join(cmd)}: {e}") from e
@@ -70,17 +85,24 @@ def run(
 
 
 def _cancellable(
-    cmd: Sequence[str], timeout: float, check: bool, cancel: threading.Event
+    cmd: Sequence[str],
+    timeout: float,
+    check: bool,
+    cancel: threading.Event,
+    environ: Mapping[str, str],
+    output: IO[bytes] | None,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     try:
         proc = subprocess.Popen(
             list(cmd),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE if output is None else output,
+            stderr=subprocess.PIPE if output is None else subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            env=host_environ(),
+            env=dict(environ),
+            cwd=cwd,
         )
     except OSError as e:
         raise CommandFailed(f"{' '.join(cmd)}: {e}") from e
@@ -98,8 +120,8 @@ def _cancellable(
             why = "cancelled" if cancel.is_set() else f"timed out after {timeout:.0f} s"
             raise CommandFailed(f"{' '.join(cmd)}: {why}") from None
     if check and proc.returncode != 0:
-        raise CommandFailed(f"{' '.join(cmd)} exited {proc.returncode}: {err.strip()[-500:]}")
-    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+        raise CommandFailed(f"{' '.join(cmd)} exited {proc.returncode}: {(err or '').strip()[-500:]}")
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out or "", err or "")
 
 
 Child = subprocess.Popen[bytes]  # a detached program `spawn` started

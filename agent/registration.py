@@ -11,7 +11,8 @@ from typing import Any
 
 from agent import __version__
 from agent.backoff import with_backoff
-from agent.errors import FingerprintMismatch, NotRegistered, RemoteBusy
+from agent.errors import FailoverTestSilent, FingerprintMismatch, NotRegistered, RemoteBusy
+from agent.failover import Failover, registered, speaks_as_source
 from agent.identity import (
     Registration,
     collect_facts,
@@ -65,17 +66,24 @@ def configure(
     *,
     retry_for: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
+    failover: Failover | None = None,
 ) -> Enrolled:
     """Register this machine (idempotent: a registered machine with unchanged facts is left as it is). A busy
     server (503) is waited out with jittered backoff for ``retry_for`` seconds. The key is kept before its CSR is
     sent and used again until an answer is stored (``enrolment_key``), so an enrolment retried after its answer was
     lost (in this call, or by the next `configure` after the server died between its commit and its answer) is
-    recognised by the server as the same machine."""
+    recognised by the server as the same machine. A real ``failover`` that still holds the source's registration
+    registers as a machine of its own, whatever its facts, naming its point and proving the source's key (the
+    server records it ``failover_of`` the source); a test failover never registers (FailoverTestSilent)."""
     server = parse_address(server_text)
     facts = collect_facts(paths)
     previous = load_registration(paths)
+    if failover is not None and failover.test:
+        raise FailoverTestSilent(f"this machine is {failover.describe()}: a test failover never registers")
+    leaving = previous is not None and speaks_as_source(failover, previous.host_id)
     if (
-        previous is not None
+        not leaving
+        and previous is not None
         and previous.server == str(server)
         and previous.facts == facts
         and paths.client_cert.exists()
@@ -84,7 +92,9 @@ def configure(
         return Enrolled(previous, reused=True)
     ca, fingerprint = trusted_ca(paths, server, pinned)
     host_id = previous.host_id if previous is not None else None
-    if previous is not None and previous.facts != facts:
+    if leaving and failover is not None:
+        log.warning("this machine is %s: registering it as a machine of its own", failover.describe())
+    elif previous is not None and previous.facts != facts:
         log.warning("machine facts changed since registration as %s: enrolling as a clone", previous.host_id)
     current_key = load_key(paths.client_key) if host_id is not None else None
     key = enrolment_key(paths, facts)
@@ -107,6 +117,7 @@ def configure(
             token_id=token[0] if token else None,
             host_id=host_id,
             key_proof=key_proof(current_key, nonce, csr) if current_key is not None else None,
+            failover_point=failover.point_id if leaving and failover is not None else None,
         )
         return client.call("POST", wire.ENROL_PATH, req.to_json())
 
@@ -127,9 +138,19 @@ def configure(
         platform=platform,
         cloned_from=answer.get("cloned_from"),
         heartbeat_interval=float(answer.get("heartbeat_interval", 30.0)),
+        failover_of=answer.get("failover_of"),
     )
     save_registration(paths, reg)
     enrolment_answered(paths)
+    if leaving and failover is not None:
+        registered(paths, failover, reg.host_id)
+        if reg.failover_of is None:
+            log.warning(
+                "registered as %s, but not as a failover of %s: the server could not verify this machine holds its "
+                "key (a certificate renewed after the point?); it is recorded as a clone of it",
+                reg.host_id,
+                failover.source_host,
+            )
     return Enrolled(reg, reused=False)
 
 

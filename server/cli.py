@@ -381,6 +381,8 @@ def cmd_machines(args: argparse.Namespace) -> int:
                 "health": m.health.status if m.health else "unknown",
                 "health_report": m.health.to_json() if m.health else None,
                 "cloned_from": m.cloned_from,
+                "failover_of": m.failover_of,
+                "failover_point": m.failover_point,
                 "facts": m.facts.to_json(),
                 "certificate_expires": m.cert_not_after,
                 "revoked": m.revoked,
@@ -405,6 +407,7 @@ def cmd_machines(args: argparse.Namespace) -> int:
         "health",
         "pinned",
         "cloned_from",
+        "failover_of",
     )
     table = [[r[c] if c != "last_seen" else timefmt.shown(r[c]) for c in cols] for r in rows]
     _print_table([c.upper() for c in cols], table)

@@ -3,7 +3,9 @@
 Who a machine is never rests on what it reports about itself. Facts (machine-id, DMI UUID, MACs) only tell a clone
 from its original; taking over an existing host ID needs a signature by that host's current key (the key never
 leaves the machine). A request that names a host ID, or whose facts match a known machine, without that proof
-becomes a new machine marked ``cloned_from`` the one it resembles, never the original."""
+becomes a new machine marked ``cloned_from`` the one it resembles, never the original. A failed-over machine (a
+recovery point of a host, booted) that names its point and proves that host's key becomes a new machine marked
+``failover_of`` it; the same claim without the proof is an unproven name, a clone as above."""
 
 from __future__ import annotations
 
@@ -56,6 +58,18 @@ class Secret:
     @property
     def principal(self) -> str:
         return f"token:{self.token_id}" if self.token_id else "passphrase"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who an enrolling machine is: the host ID it gets, what it is a clone of, whether it is an enrolment recorded
+    already and asked for again, and for a failed-over machine the host it is a failover of and the point."""
+
+    host_id: str
+    cloned_from: str | None = None
+    again: bool = False
+    failover_of: str | None = None
+    failover_point: str | None = None
 
 
 @dataclass
@@ -152,7 +166,8 @@ class Enrolment:
                     *([f"facts:{req.facts.machine_id}"] if req.facts.machine_id else []),
                     *([f"host:{req.host_id}"] if req.host_id else []),
                 )
-                host_id, cloned_from, again = self._identity(tx, req, csr, public)
+                who = self._identity(tx, req, csr, public)
+                host_id, cloned_from, again = who.host_id, who.cloned_from, who.again
                 try:
                     cert = pki.issue_client_cert(self.ca, csr, host_id, _utc(now))
                 except ValueError as e:
@@ -166,6 +181,8 @@ class Enrolment:
                     agent_version=req.agent_version,
                     facts=req.facts,
                     cloned_from=cloned_from,
+                    failover_of=who.failover_of,
+                    failover_point=who.failover_point,
                     cert_serial=format(cert.serial_number, "x"),
                     cert_not_after=cert.not_valid_after_utc.timestamp(),
                     public_key=public,
@@ -183,22 +200,25 @@ class Enrolment:
             "enrolled %s as %s%s",
             printable(req.hostname, 80),
             host_id,
-            f" (clone of {cloned_from})" if cloned_from else "",
+            f" (failover of {who.failover_of} at point {who.failover_point})"
+            if who.failover_of
+            else f" (clone of {cloned_from})"
+            if cloned_from
+            else "",
         )
         return {
             "host_id": host_id,
             "cloned_from": cloned_from,
+            "failover_of": who.failover_of,
             "certificate": pki.cert_pem(cert).decode(),
             "ca": pki.cert_pem(self.ca.cert).decode(),
             "tuf_root": self.tuf_root().decode(),
             "heartbeat_interval": self.heartbeat_interval,
         }
 
-    def _identity(
-        self, tx: Tx, req: EnrolRequest, csr: x509.CertificateSigningRequest, public: str
-    ) -> tuple[str, str | None, bool]:
-        """The host ID to issue, what it is a clone of, and whether this is an enrolment already recorded, asked for
-        again: the named host only with proof of its current key."""
+    def _identity(self, tx: Tx, req: EnrolRequest, csr: x509.CertificateSigningRequest, public: str) -> Identity:
+        """The host ID to issue, what it is a clone or a failover of, and whether this is an enrolment already
+        recorded, asked for again: the named host only with proof of its current key."""
         csr_cn = pki.csr_common_name(csr)
         if req.host_id is not None and csr_cn != req.host_id:
             raise HostMismatch(f"the CSR names {csr_cn!r} but the request is for host {req.host_id}")
@@ -210,25 +230,29 @@ class Enrolment:
         # gets that machine's identity back, whatever host it named (a clone's retry names its original).
         retried = tx.machine_with_key(key_id(public))
         if retried is not None and not retried.revoked and retried.facts.same_machine(req.facts):
-            return retried.host_id, retried.cloned_from, True
+            return Identity(retried.host_id, retried.cloned_from, True, retried.failover_of, retried.failover_point)
         if req.host_id is not None:
             known = tx.machine(req.host_id)
             if known is None:
                 # Nobody holds this ID here (a new server, or the record was removed): a fresh identity.
-                return str(uuid.uuid4()), None, False
+                return Identity(str(uuid.uuid4()))
             if known.revoked:
                 log.warning("enrolment names revoked host %s: a new machine", known.host_id)
-                return str(uuid.uuid4()), None, False
+                return Identity(str(uuid.uuid4()))
             if not self._proves_key(known, req):
                 log.warning("enrolment names host %s without proof of its key: a new machine", known.host_id)
-                return str(uuid.uuid4()), known.host_id, False
+                return Identity(str(uuid.uuid4()), known.host_id)
+            if req.failover_point is not None:
+                # A recovery point of that host, booted, registering as itself: whatever its facts (a hypervisor may
+                # give the failed-over VM the source's UUID and MACs), a new machine, never the source.
+                return Identity(str(uuid.uuid4()), None, False, known.host_id, req.failover_point)
             if known.facts.same_machine(req.facts):
-                return known.host_id, known.cloned_from, False  # the same machine, re-keyed
-            return str(uuid.uuid4()), known.host_id, False  # its key, other facts: a clone of it
+                return Identity(known.host_id, known.cloned_from)  # the same machine, re-keyed
+            return Identity(str(uuid.uuid4()), known.host_id)  # its key, other facts: a clone of it
         same = tx.find_by_facts(req.facts)
         # The same facts as a known machine without its key: a clone (or the same machine without its state). It
         # never gets the original's identity; an operator removes the old record if it is gone.
-        return str(uuid.uuid4()), same.host_id if same is not None else None, False
+        return Identity(str(uuid.uuid4()), same.host_id if same is not None else None)
 
     @staticmethod
     def _proves_key(known: Machine, req: EnrolRequest) -> bool:

@@ -20,6 +20,8 @@ machines = Table(
     Column("agent_version", Text, nullable=False),
     Column("facts", Text, nullable=False),
     Column("cloned_from", Text),
+    Column("failover_of", Text),  # a failed-over machine registered as itself: the machine it is a failover of
+    Column("failover_point", Text),  # and the point it was failed over from
     Column("enrolled_at", Double, nullable=False),
     Column("cert_serial", Text, nullable=False),
     Column("cert_not_after", Double, nullable=False),

@@ -100,6 +100,8 @@ class Machine:
     target_job: str | None = None  # the upgrade job it reports that move under
     pinned_version: str | None = None  # kept at this version (an operator's pin, or a rollback's) until unpinned
     pin_reason: str | None = None
+    failover_of: str | None = None  # a failed-over machine registered as itself: the machine it is a failover of
+    failover_point: str | None = None  # and the point it was failed over from
 
     def online(self, now: float) -> bool:
         """Offline after 3 missed heartbeat intervals."""
@@ -161,6 +163,8 @@ class NewMachine:
     public_key: str
     enrol_token_id: str | None
     heartbeat_interval: float
+    failover_of: str | None = None
+    failover_point: str | None = None
 
 
 @dataclass(frozen=True)
@@ -971,6 +975,8 @@ class Tx:
             "agent_version": m.agent_version,
             "facts": json.dumps(m.facts.to_json()),
             "cloned_from": m.cloned_from,
+            "failover_of": m.failover_of,
+            "failover_point": m.failover_point,
             "enrolled_at": now,
             "cert_serial": m.cert_serial,
             "cert_not_after": m.cert_not_after,
@@ -1092,6 +1098,8 @@ def _machine(row: RowMapping) -> Machine:
         target_job=row["target_job"],
         pinned_version=row["pinned_version"],
         pin_reason=row["pin_reason"],
+        failover_of=row["failover_of"],
+        failover_point=row["failover_point"],
     )
 
 

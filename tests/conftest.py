@@ -54,6 +54,7 @@ _OWNED = pytest.StashKey[list[Path]]()
 # The test files that take longest (a minute or more each), started first so that no worker is left with one of
 # them at the end while the others idle; the rest keep their order.
 LONGEST_FIRST = (
+    "tests/integration/test_vm_protection.py",
     "tests/integration/test_vm_templates.py",
     "tests/integration/test_vm_failover.py",
     "tests/integration/test_failover_inspection.py",

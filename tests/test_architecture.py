@@ -156,6 +156,7 @@ STATE_OWNERS = {
     "daemon_output": "agent.update.daemonctl",  # /var/log/mobility/daemon.out
     "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
     "freeze_record": "agent.replication.frozen",  # /run/mobility/frozen.json
+    "failover_record": "agent.failover",  # /var/lib/mobility/failover.json
 }
 
 

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import FreezeFailed, PointFailed, UpdateBusy
@@ -114,6 +114,31 @@ def plan_point(pending: int, window: int, dirty_bps: float, send_bps: float, cap
     return NextPoint(round(expected * 1000, 1), dirty_bps, send_bps, postponed)
 
 
+@dataclass(frozen=True)
+class FrozenMount:
+    """A filesystem a point froze: where it is mounted, its type and the protected disks its writes reach (more than
+    one for a volume group over several disks)."""
+
+    mount: str
+    fstype: str
+    disks: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"mount": self.mount, "type": self.fstype, "disks": list(self.disks)}
+
+    def __str__(self) -> str:
+        return f"{self.mount} ({self.fstype} on {', '.join(self.disks)})"
+
+
+def frozen_mounts(mounts: dict[str, list[tuple[str, str]]]) -> list[FrozenMount]:
+    """Per mount point, its type and the disks (by protected name) whose ``mounts_of`` found it (pure)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for disk, on_disk in mounts.items():
+        for point, fstype in on_disk:
+            found.setdefault(point, (fstype, []))[1].append(disk)
+    return [FrozenMount(point, fstype, tuple(sorted(disks))) for point, (fstype, disks) in sorted(found.items())]
+
+
 @dataclass
 class PointResult:
     ok: bool
@@ -126,9 +151,10 @@ class PointResult:
     residual_chunks: int = 0
     error: str | None = None
     message: str | None = None
+    frozen: list[FrozenMount] = field(default_factory=list)  # what the freeze covered
 
     def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "frozen": [m.to_json() for m in self.frozen]}
 
 
 class Freezer:
@@ -302,7 +328,8 @@ def _cut(
         mountinfo = f.read()
     tree = read_block_tree()
     mounts = {r.device.name: mounts_of(r.device, mountinfo, tree) for r in replicators}
-    points = sorted({point for found in mounts.values() for point, _ in found})
+    covered = frozen_mounts(mounts)
+    points = [m.mount for m in covered]
     hooks = _hooks(paths.freeze_dir)
     app = bool(hooks) and _run_hooks(hooks, "pre", cancel)
     if cancel.is_set():
@@ -380,10 +407,11 @@ def _cut(
     order = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")
     weakest = min(labels, key=order.index)
     log.info(
-        "point %s cut (%s): frozen %.0f ms, %d residual chunks (%d KiB of changed sub-blocks); deltas refused "
-        "so far: %d",
+        "point %s cut (%s): froze %s for %.0f ms, %d residual chunks (%d KiB of changed sub-blocks); deltas "
+        "refused so far: %d",
         point_id,
         weakest,
+        "; ".join(map(str, covered)) or "no filesystem",
         freeze_ms,
         sum(c.residual for c in captures),
         sum(c.residual_bytes for c in captures) >> 10,
@@ -398,6 +426,7 @@ def _cut(
         frozen_at,
         thawed_at,
         sum(c.residual for c in captures),
+        frozen=covered,
     )
 
 

@@ -222,9 +222,12 @@ class EnrolRequest:
     token_id: str | None = None
     host_id: str | None = None  # the identity this machine held before, if any
     key_proof: str | None = None  # hex DER signature over key_proof_message() by that identity's current key
+    # A failed-over machine registering as itself: the point of ``host_id`` it was failed over from (with the proof
+    # of that host's key, the server records it ``failover_of`` that host).
+    failover_point: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "csr": self.csr,
             "nonce": self.nonce,
             "proof": self.proof,
@@ -238,6 +241,9 @@ class EnrolRequest:
             "host_id": self.host_id,
             "key_proof": self.key_proof,
         }
+        if self.failover_point is not None:  # only then: a server from before failovers ignores nothing it needs
+            doc["failover_point"] = self.failover_point
+        return doc
 
     @classmethod
     def from_json(cls, body: Any, os_tags: Collection[str]) -> EnrolRequest:
@@ -257,7 +263,20 @@ class EnrolRequest:
             token_id=f.optional_text("token_id", 12, pattern=_TOKEN_ID),
             host_id=_host_id(host_id, "enrolment.host_id") if host_id is not None else None,
             key_proof=f.optional_text("key_proof", 512, pattern=_HEX),
+            failover_point=_point_id(f.optional_text("failover_point", 36), "enrolment.failover_point"),
         )
+
+
+def _point_id(value: str | None, name: str) -> str | None:
+    """A recovery point's ID: a UUID in canonical form, as agents make them."""
+    if value is None:
+        return None
+    try:
+        if str(uuid.UUID(value)) == value:
+            return value
+    except ValueError:
+        pass
+    raise WireError(f"{name} is not a UUID in canonical form")
 
 
 def hostname(value: str) -> str:

@@ -16,10 +16,22 @@ from scripts.vmlab.build import Image, cached, image
 from scripts.vmlab.console import CommandResult, ConsoleTimeout
 from scripts.vmlab.host import VmLabError
 from scripts.vmlab.lab import Lab
-from scripts.vmlab.machine import MAX_VMS, VM, Boot, Disk, Forward, Hardware, Segment, Spec, accelerator
+from scripts.vmlab.machine import (
+    CRYPTO_CPU,
+    MAX_VMS,
+    VM,
+    Boot,
+    Disk,
+    Forward,
+    Hardware,
+    Segment,
+    Spec,
+    accelerator,
+)
 from scripts.vmlab.recipe import DEBIAN11, DEBIAN12, GUEST_ADDRESS_OF_HOST, RECIPES, Recipe
 
 __all__ = [
+    "CRYPTO_CPU",
     "DEBIAN11",
     "DEBIAN12",
     "GUEST_ADDRESS_OF_HOST",

@@ -11,6 +11,7 @@ parent-death signal (scripts/vmlab/machine.py)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -33,12 +34,25 @@ class Lab:
     ) -> None:
         self.close()
 
-    def vm(self, name: str, disk: Disk | Image, spec: Spec | None = None, *, boot_in_place: bool = False) -> VM:
-        """A VM (not started) booting ``disk``: an image, or a template's disk."""
+    def vm(
+        self,
+        name: str,
+        disk: Disk | Image,
+        spec: Spec | None = None,
+        *,
+        boot_in_place: bool = False,
+        extra: Sequence[Disk] = (),
+    ) -> VM:
+        """A VM (not started) booting ``disk`` (an image, or a template's disk) with the ``extra`` disks after it."""
         if any(v.name == name for v in self.vms):
             raise VmLabError(f"{name}: a VM of that name is in the lab already")
         vm = VM(
-            name, Disk.of(disk) if isinstance(disk, Image) else disk, self.workdir, spec, boot_in_place=boot_in_place
+            name,
+            Disk.of(disk) if isinstance(disk, Image) else disk,
+            self.workdir,
+            spec,
+            boot_in_place=boot_in_place,
+            extra=extra,
         )
         self.vms.append(vm)
         return vm

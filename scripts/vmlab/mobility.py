@@ -26,7 +26,7 @@ from scripts.vmlab.machine import VM, Disk, Forward, Hardware, Spec
 from scripts.vmlab.recipe import GUEST_ADDRESS_OF_HOST
 
 if TYPE_CHECKING:
-    from server.storage import Machine, Storage
+    from server.storage import Machine, ProtectionRow, Storage
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GUEST_API_PORT = 9443  # the server as guests reach it: GUEST_ADDRESS_OF_HOST:9443 (and its process server at :9444)
@@ -109,19 +109,60 @@ class LabServer:
     def poll(self) -> list[Machine]:
         """The machines as the database has them now, read in this process: for waiting loops, which would otherwise
         start a command (a third of a CPU second) every few seconds beside VMs that need the CPU."""
+        return self.storage().machines()
+
+    def storage(self) -> Storage:
+        """The server's database, opened in this process (closed by `stop`)."""
         if self._storage is None:
             from server.database import database_for
             from server.datadir import DataDir
             from server.storage import Storage
 
             self._storage = Storage.open(database_for(DataDir(self.data), None), pool_size=0)
-        return self._storage.machines()
+        return self._storage
 
     def machine(self, host_id: str) -> dict[str, Any] | None:
         return next((m for m in self.machines() if m["host_id"] == host_id), None)
 
     def jobs(self) -> list[dict[str, Any]]:
         return list(json.loads(self.cli("jobs", "--json").stdout))
+
+    def protection(self, host_id: str) -> ProtectionRow | None:
+        """The machine's protection and the replication status it last reported, read in this process."""
+        return self.storage().protection(host_id)
+
+    def wait_continuous(self, host_id: str, disks: int, timeout: float = 1800.0) -> ProtectionRow:
+        """Until the machine reports ``disks`` protected disks, all CONTINUOUS (its initial sync done)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.protection(host_id)
+            report = row.report if row is not None else None
+            if (
+                row is not None
+                and report is not None
+                and len(report.disks) == disks
+                and {d.state for d in report.disks} == {"CONTINUOUS"}
+            ):
+                return row
+            if time.monotonic() >= deadline:
+                raise VmLabError(f"{host_id} not CONTINUOUS within {timeout:g} s: {report}")
+            time.sleep(2.0)
+
+    def fail_over(self, host_id: str, point: str, out: Path) -> dict[str, Any]:
+        """`mobility-server failover --machine H --point P --out DIR`: what it says (point.json: each disk and its
+        image, in the point's order)."""
+        argv = ["failover", "--machine", host_id, "--point", point, "--out", str(out), "--json"]
+        r = subprocess.run(
+            [sys.executable, "-m", "server", *argv, "--data", str(self.data)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=1800,
+            check=False,
+        )
+        if r.returncode:
+            raise VmLabError(f"failover of {point} exited {r.returncode}: {r.stderr.strip()[-2000:]}")
+        return dict(json.loads(r.stdout))
 
     def stop(self) -> int:
         if self._storage is not None:
@@ -274,3 +315,27 @@ def _kept(vm: VM, lab: Lab, name: str) -> Disk:
     if vm.disk is None or vm.running:
         raise VmLabError(f"{vm.name}: no disk to keep, or it still runs")
     return vm.disk.keep_as(lab.workdir / name)
+
+
+def failover_mark(kind: str, host_id: str, point_id: str) -> str:
+    """The mark a failed-over machine is given as an SMBIOS OEM string (agent/failover.py): ``test`` or ``failover``
+    of the machine ``host_id`` at ``point_id``."""
+    return f"mobility-failover:v1:{kind}:{host_id}:{point_id}"
+
+
+def boot_point(
+    lab: Lab,
+    name: str,
+    base: Image,
+    failed_over: dict[str, Any],
+    mark: str,
+    forwards: Sequence[Forward] = (),
+    hostname: str | None = None,
+    cpu: str | None = None,
+) -> VM:
+    """A VM (not started) booting the images a `failover` wrote (``failed_over``: what it said), in the point's disk
+    order (each through an overlay: the images are never written), told what it is by ``mark``. ``forwards``: what of
+    the host it reaches (none: no route anywhere, as a test failover's isolated network)."""
+    images = [Disk(Path(p), base, "raw") for p in failed_over["images"]]
+    spec = Spec(forwards=forwards, oem_strings=(mark,), hostname=hostname, cpu=cpu)
+    return lab.vm(name, images[0], spec, extra=images[1:])

@@ -141,6 +141,70 @@ def test_a_copy_of_a_registered_machine_never_speaks_as_it(paths: Paths, caplog:
     assert daemon.copy_of is None and daemon.status.last_error is None
 
 
+POINT = "0b7f1a52-3c1e-4f57-9a0e-2f1d6c7b8e90"
+SOURCE = "5d9c7f3e-1b2a-4c8d-9e0f-a1b2c3d4e5f6"  # the registration below is host-1's: the mark names its host ID
+
+
+def oem_string(paths: Paths, text: str) -> None:
+    """What a hypervisor hands the guest as an SMBIOS type 11 string (as QEMU's -smbios type=11,value=TEXT)."""
+    entry = paths.root / "sys/firmware/dmi/entries/11-0"
+    entry.mkdir(parents=True)
+    (entry / "raw").write_bytes(bytes([11, 5, 0x00, 0x0E, 1]) + text.encode() + b"\0\0")
+
+
+def as_source(paths: Paths) -> None:
+    """The registration in the failed-over image: the source's, under the host ID the mark names."""
+    save_registration(paths, Registration(SOURCE, MachineFacts("m" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare"))
+
+
+def test_a_test_failover_never_speaks_to_the_server(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
+    """A recovery point of the source booted by test-failover: its daemon starts with the source's registration, key
+    and a certificate due for renewal, on the same facts (nothing tells it from the source but its mark). It sends
+    nothing for hours: no heartbeat, no renewal (which would supersede the source's certificate), no update check; not
+    even once some registration of another host appears."""
+    as_source(paths)
+    write_cert(paths, T0 - 80 * 86400, 90)  # two thirds of its life gone: a renewal would be due
+    oem_string(paths, f"mobility-failover:v1:test:{SOURCE}:{POINT}")
+    link = FakeLink()
+    link.update = {"version": "0.2.0", "job_id": "j1", "pinned": False}
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    daemon.heartbeat()
+    run_for(daemon, link, 3 * 3600)
+    assert (link.beats, link.renewals, link.update_checks) == ([], 0, 0)
+    why = f"a test failover of {SOURCE} at point {POINT}: nothing of a test failover reaches the server"
+    assert DaemonStatus.load(paths).last_error == why  # type: ignore[union-attr]
+    said = f"this machine is a test failover of {SOURCE} at point {POINT}"
+    assert sum(said in r.message for r in caplog.records) == 1
+    save_registration(
+        paths, Registration("host-2", MachineFacts("m" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare")
+    )
+    run_for(daemon, link, 120, start=T0 + 3 * 3600)
+    assert link.beats == [] and link.renewals == 0
+
+
+def test_a_failover_is_silent_until_it_registers_as_itself(paths: Paths) -> None:
+    """After a real failover the machine holds the source's registration until the bootstrapper registers it as a
+    machine of its own: until then nothing goes out as the source (not a renewal either); then it heartbeats as itself,
+    and a later boot with the hypervisor's string gone is still that machine."""
+    as_source(paths)
+    write_cert(paths, T0 - 80 * 86400, 90)
+    oem_string(paths, f"mobility-failover:v1:failover:{SOURCE}:{POINT}")
+    link = FakeLink()
+    daemon = Daemon(paths, ROOMY, link, now=T0)
+    run_for(daemon, link, 3600)
+    assert (link.beats, link.renewals) == ([], 0)
+    save_registration(
+        paths, Registration("host-3", MachineFacts("m" * 32), "127.0.0.1:9443", "sha256:x", "MS", "VmWare")
+    )
+    run_for(daemon, link, 60, start=T0 + 3600)
+    assert link.beats and {body["host_id"] for _, body in link.beats} == {"host-3"}
+    assert daemon.status.last_error is None
+    for entry in (paths.root / "sys/firmware/dmi/entries/11-0").iterdir():
+        entry.unlink()
+    again = Daemon(paths, ROOMY, FakeLink(), now=T0 + 7200)
+    assert again.failover is not None and again.registration_is_ours()
+
+
 def test_a_replaced_network_card_is_still_the_same_machine(paths: Paths) -> None:
     """Only the machine-id and the DMI UUID tell a copy (as the server judges): other MACs are the same machine."""
     (paths.root / "sys/class/net/ens3/device").mkdir(parents=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from agent.local import local_status
 from agent.paths import Paths
 from agent.registration import heartbeat
 from scripts.localserver import server_log
@@ -76,6 +77,56 @@ def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Pat
     assert code == 0, out
     assert out["host_id"] != host_id and out["cloned_from"] == host_id
     assert {m["host_id"]: m["cloned_from"] for m in server.machines()} == {host_id: None, out["host_id"]: host_id}
+
+
+def mark(kind: str, host_id: str, point_id: str) -> dict[str, object]:
+    """The failover mark as `failover` writes it into a failed-over machine's root (agent/failover.py)."""
+    return {"mark": "mobility-failover", "version": 1, "kind": kind, "host_id": host_id, "point_id": point_id}
+
+
+def test_a_failover_registers_as_a_machine_of_its_own_and_a_test_failover_never_does(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A recovery point of a registered machine, booted (here: a copy of its root, facts and all, as a hypervisor
+    that gives the failed-over VM the source's identity would), told by its image that it is a failover: `configure`
+    registers it as a new machine failover_of the source, never the source re-keyed; told it is a test failover, it
+    refuses to register and the server records nothing."""
+    secret = secret_file(tmp_path / "pass", server.passphrase())
+    root = sandbox_root(tmp_path / "src", "a" * 32)
+    code, out = configure_root(server, root, secret)
+    assert code == 0, out
+    source = str(out["host_id"])
+    point = "0b7f1a52-3c1e-4f57-9a0e-2f1d6c7b8e90"
+    before = next(m for m in server.machines() if m["host_id"] == source)
+
+    test = tmp_path / "test"
+    os.system(f"cp -a {root} {test}")  # noqa: S605 - the point's image, as failover writes it
+    (test / "etc/mobility").mkdir(exist_ok=True)
+    (test / "etc/mobility/failover.json").write_text(json.dumps(mark("test", source, point)))
+    code, out = configure_root(server, test, secret)
+    assert (code, error_code(out)) == (1, "FAILOVER-TEST-SILENT"), out
+    assert [m["host_id"] for m in server.machines()] == [source]
+
+    real = tmp_path / "real"
+    os.system(f"cp -a {root} {real}")  # noqa: S605
+    (real / "etc/mobility").mkdir(exist_ok=True)
+    (real / "etc/mobility/failover.json").write_text(json.dumps(mark("failover", source, point)))
+    code, out = configure_root(server, real, secret)
+    assert code == 0, out
+    assert out["host_id"] != source and (out["failover_of"], out["cloned_from"]) == (source, None), out
+    machines = {m["host_id"]: m for m in server.machines()}
+    assert set(machines) == {source, out["host_id"]}
+    made = machines[str(out["host_id"])]
+    assert (made["failover_of"], made["failover_point"], made["cloned_from"]) == (source, point, None)
+    assert machines[source] == before  # the source's key, certificate and record as they were
+    table = server_cli(server.data, "machines", check=True).stdout.splitlines()
+    assert table[0].split()[-1] == "FAILOVER_OF"
+    assert [line.split()[-1] for line in table if line.startswith(str(out["host_id"]))] == [source]
+    # Registered as itself: the agent speaks as that machine now, and says what it is.
+    code, again = configure_root(server, real, secret)
+    assert (code, again["host_id"], again["already_registered"]) == (0, out["host_id"], True)
+    status = local_status(Paths(real))
+    assert status["failover"]["registered_as"] == out["host_id"] and status["failover_of"] == source
 
 
 def test_wrong_passphrase_then_rate_limit(server: ServerProcess, tmp_path: Path) -> None:

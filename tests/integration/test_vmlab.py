@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from scripts.polling import wait_for
-from scripts.vmlab import DEBIAN11, DEBIAN12, ConsoleTimeout, Forward, Lab, Spec, image
+from scripts.vmlab import DEBIAN11, DEBIAN12, VM, ConsoleTimeout, Disk, Forward, Image, Lab, Spec, VmLabError, image
 from scripts.vmlab.host import Undo, loops_below, mounts_below, sweep
 from scripts.vmlab.recipe import guest_files
 from tests.conftest import REPO, require_root
@@ -37,6 +37,32 @@ def test_the_cache_key_covers_the_whole_recipe() -> None:
     assert len(keys) == 5
     assert DEBIAN12.key() == dataclasses.replace(DEBIAN12).key()  # the same recipe, the same image
     assert "/etc/fstab" in guest_files(DEBIAN12, "u") and "vg0-root" in guest_files(DEBIAN12, "u")["/etc/fstab"][1]
+
+
+def test_a_vm_s_extra_disks_oem_strings_and_cpu_reach_qemu(tmp_path: Path) -> None:
+    """More disks after the boot disk (a failover's raw images through overlays, blank ones), SMBIOS type 11 strings
+    and a CPU model, as QEMU is told them; a string QEMU's option syntax cannot carry is refused, not cut."""
+    fake = Image(DEBIAN12, tmp_path / "image")
+    extra = Disk(tmp_path / "vdb.img", fake, "raw")
+    spec = Spec(oem_strings=("mobility-failover:v1:test:h:p",), blank_disks=(64,), cpu="qemu64,+aes")
+    vm = VM("a", Disk.of(fake), tmp_path / "lab", spec, extra=[extra])
+    vm.disk = Disk(tmp_path / "lab/a/disk.qcow2", fake)
+    vm.extra_disks = [Disk(tmp_path / "lab/a/disk1.qcow2", fake), Disk(tmp_path / "lab/a/blank2.qcow2", fake, "qcow2")]
+    argv = vm._argv()
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert [d.split(",")[0:3] for d in drives] == [
+        [f"file={tmp_path}/lab/a/disk.qcow2", "if=none", "id=disk0"],
+        [f"file={tmp_path}/lab/a/disk1.qcow2", "if=none", "id=disk1"],
+        [f"file={tmp_path}/lab/a/blank2.qcow2", "if=none", "id=disk2"],
+    ]
+    assert "virtio-blk-pci,drive=disk2" in argv and "virtio-blk-pci,drive=disk0,bootindex=0" in argv
+    assert argv[argv.index("-smbios") + 1] == "type=11,value=mobility-failover:v1:test:h:p"
+    assert argv[argv.index("-cpu") + 1] == "qemu64,+aes"
+    assert extra.format == "raw" and Disk(tmp_path / "x.qcow2", fake).format == "qcow2"
+    bad = VM("b", Disk.of(fake), tmp_path / "lab", Spec(oem_strings=("a,b",)))
+    bad.disk = vm.disk
+    with pytest.raises(VmLabError, match="an SMBIOS string QEMU cannot carry"):
+        bad._argv()
 
 
 def test_sweep_undoes_what_a_killed_build_left(tmp_path: Path) -> None:

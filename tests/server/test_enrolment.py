@@ -38,6 +38,7 @@ def request(
     secret: str = PASSPHRASE,
     key: ec.EllipticCurvePrivateKey | None = None,
     token_id: str | None = None,
+    failover_point: str | None = None,
 ) -> tuple[dict[str, Any], ec.EllipticCurvePrivateKey]:
     if key is None:
         key, csr = new_key_and_csr(host_id)
@@ -57,6 +58,7 @@ def request(
         host_id=host_id,
         key_proof=key_proof(signer, nonce, csr) if signer else None,
         token_id=token_id,
+        failover_point=failover_point,
     )
     return req.to_json(), key
 
@@ -124,6 +126,47 @@ def test_an_enrolment_asked_for_again_with_its_key_is_the_same_enrolment(enrolme
     # The same key on other facts is not the same enrolment (a copy of a machine mid-enrolment): a new machine.
     body, _ = request(enrolment, "e" * 32, key=key)
     assert enrolment.enrol(body, "10.0.0.5", NOW)["host_id"] not in (first["host_id"], clone["host_id"])
+
+
+POINT = "0b7f1a52-3c1e-4f57-9a0e-2f1d6c7b8e90"
+
+
+def test_a_failover_registers_as_a_new_machine_failover_of_its_source(enrolment: Enrolment) -> None:
+    """A recovery point of a host, booted and registering as itself with the host's key: a new machine marked
+    failover_of the host, with its point, whatever its facts (the same as the source's here: a hypervisor may give
+    the failed-over VM the source's identity); the source's record stays as it was. Asked for again with its key, the
+    same enrolment. The same claim without the source's key is only a name: a clone, never a failover."""
+    body, source_key = request(enrolment, "a" * 32)
+    source = enrolment.enrol(body, "10.0.0.1", NOW)["host_id"]
+    before = enrolment.storage.machine(source)
+
+    body, key = request(enrolment, "a" * 32, host_id=source, signer=source_key, failover_point=POINT)
+    answer = enrolment.enrol(body, "10.0.0.9", NOW)
+    assert answer["host_id"] != source
+    assert (answer["failover_of"], answer["cloned_from"]) == (source, None)
+    record = enrolment.storage.machine(answer["host_id"])
+    assert record is not None and (record.failover_of, record.failover_point, record.cloned_from) == (
+        source,
+        POINT,
+        None,
+    )
+    assert enrolment.storage.machine(source) == before  # the source keeps its key, certificate and facts
+
+    body, _ = request(enrolment, "a" * 32, host_id=source, signer=source_key, failover_point=POINT, key=key)
+    again = enrolment.enrol(body, "10.0.0.9", NOW)
+    assert (again["host_id"], again["failover_of"]) == (answer["host_id"], source)
+    assert len(enrolment.storage.machines()) == 2
+
+    body, _ = request(enrolment, "b" * 32, host_id=source, failover_point=POINT)  # no proof of the source's key
+    unproven = enrolment.enrol(body, "10.0.0.10", NOW)
+    assert unproven["host_id"] not in (source, answer["host_id"])
+    assert (unproven["failover_of"], unproven["cloned_from"]) == (None, source)
+
+    body, _ = request(enrolment, "c" * 32, host_id=source, signer=source_key)
+    body["failover_point"] = "not-a-point"
+    with pytest.raises(BadRequest) as bad:
+        enrolment.enrol(body, "10.0.0.11", NOW)
+    assert "enrolment.failover_point is not a UUID in canonical form" in bad.value.message
 
 
 def test_proofs_nonces_and_the_rate_limit(enrolment: Enrolment) -> None:
