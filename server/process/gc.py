@@ -39,8 +39,9 @@ log = logging.getLogger("mobility.process")
 
 COMPACT_BELOW = 0.5  # a pack whose unreferenced bytes are at least this share of it is rewritten
 SLICE_SECONDS = 0.05  # what one slice should hold the write lock for
-SLICE_ROWS = (100, 2000, 50_000)  # rows in a slice: the least, the first, the most
-COPY_BYTES = 8 * 1024 * 1024  # records copied and flushed at a time
+SLICE_ROWS = (50, 500, 20_000)  # rows in a slice: the least, the first, the most
+COPY_BYTES = 8 * 1024 * 1024  # records copied and flushed at a time, at most
+COPY_ROWS = 20_000  # ... and rows
 _AFTER_ALL = (1 << 62) + 1  # a cursor past every chunk index
 
 
@@ -118,18 +119,19 @@ class Collector:
     @contextlib.contextmanager
     def _slice(self) -> Iterator[sqlite3.Connection]:
         """One transaction under the write lock; then as long again without it."""
-        start = time.monotonic()
-        with self.store.writing() as db:
-            yield db
-        took = time.monotonic() - start
+        with self.store.write_lock:  # a commit in progress first: its time is not the slice's
+            start = time.monotonic()
+            with self.store.writing() as db:
+                yield db
+            took = time.monotonic() - start
         self.slices += 1
         self.held += took
         self.longest = max(self.longest, took)
         least, _, most = SLICE_ROWS
-        if took < SLICE_SECONDS / 2:
+        if took > SLICE_SECONDS:  # in proportion: a busy machine stretches every slice at once
+            self.rows = max(int(self.rows * SLICE_SECONDS / took), least)
+        elif took < SLICE_SECONDS / 2:
             self.rows = min(self.rows * 2, most)
-        elif took > SLICE_SECONDS * 2:
-            self.rows = max(self.rows // 2, least)
         self.pause(max(took, 0.001))
 
     # The sweep ----------------------------------------------------------------------------------------------------
@@ -189,8 +191,8 @@ class Collector:
         for pack, dead in candidates:
             if self.stopping():
                 return
-            if pack == self.store.pack_id or (self._target is not None and pack == self._target[0]):
-                continue  # still written to
+            if pack >= self.store.pack_id or (self._target is not None and pack == self._target[0]):
+                continue  # still written to (the committer's pack numbers only grow: those below are sealed)
             try:
                 size = self.store.pack_path(pack).stat().st_size
             except FileNotFoundError:
@@ -202,40 +204,41 @@ class Collector:
         copied = 0
         reader = self.store.reader_db
         while not self.stopping():
-            live = reader.execute(
-                "SELECT hash, offset, stored FROM chunks WHERE pack = ? AND refs > 0 ORDER BY offset", (pack,)
-            ).fetchall()
-            window: list[tuple[bytes, int, int]] = []
-            taken = 0
-            for row in live:
-                window.append(row)
-                taken += RECORD.size + row[2]
-                if taken >= COPY_BYTES:
-                    if not self._copy(pack, window):
-                        return
-                    copied += taken
-                    window, taken = [], 0
-                    if self.stopping():
-                        return
-            if window:
+            after = 0
+            while True:  # the referenced records, a window at a time in pack order
+                rows = reader.execute(
+                    "SELECT hash, offset, stored FROM chunks WHERE pack = ? AND offset > ? AND refs > 0 "
+                    "ORDER BY offset LIMIT ?",
+                    (pack, after, COPY_ROWS),
+                ).fetchall()
+                window, taken = [], 0
+                for row in rows:
+                    window.append(row)
+                    taken += RECORD.size + row[2]
+                    if taken >= COPY_BYTES:
+                        break
+                if not window:
+                    break
                 if not self._copy(pack, window):
                     return
                 copied += taken
+                after = int(window[-1][1])
+                if self.stopping():
+                    return
             while not self.stopping():  # what nothing references: gone, slice by slice
                 with self._slice() as w:
-                    rows = w.execute(
+                    gone = w.execute(
                         "SELECT hash, stored FROM chunks WHERE pack = ? AND refs = 0 LIMIT ?", (pack, self.rows)
                     ).fetchall()
-                    w.executemany("DELETE FROM chunks WHERE hash = ?", [(h,) for h, _ in rows])
-                if not rows:
+                    w.executemany("DELETE FROM chunks WHERE hash = ?", [(h,) for h, _ in gone])
+                if not gone:
                     break
-                done.chunks += len(rows)
-                done.bytes += sum(int(s) for _, s in rows)
+                done.chunks += len(gone)
+                done.bytes += sum(int(s) for _, s in gone)
                 fault_point("store.collect", step="dropped")
             if self.stopping():
                 return
-            left = reader.execute("SELECT COUNT(*) FROM chunks WHERE pack = ?", (pack,)).fetchone()[0]
-            if left:
+            if reader.execute("SELECT 1 FROM chunks WHERE pack = ? LIMIT 1", (pack,)).fetchone():
                 continue  # taken up again by a commit while it was compacted: copied in the next round
             self.store.drop_reader(pack)
             self.store.pack_path(pack).unlink()

@@ -352,8 +352,7 @@ def _restore_points(root: Path, db: sqlite3.Connection, done: Repaired) -> None:
             continue
         by_point[(scanned.host_id, scanned.point_id)].append(scanned)
     manifests = _ManifestReader(root)
-    db.execute("CREATE TEMP TABLE wanted (hash BLOB PRIMARY KEY) WITHOUT ROWID")
-    sound: dict[tuple[str, str], list[tuple[PointRecord, bytes]]] = {}
+    sound: dict[tuple[str, str], list[PointRecord]] = {}
     hosts_of: dict[str, list[str]] = defaultdict(list)
     for host, point_id in by_point:
         hosts_of[point_id].append(host)
@@ -365,18 +364,18 @@ def _restore_points(root: Path, db: sqlite3.Connection, done: Repaired) -> None:
                     f"point {point_id} of machine {host}: machine {first} holds a point of this ID"
                 )
                 continue
-        why, hashes = _sound(found, manifests)
+        why = _unsound(found, manifests)
         if why:
             done.not_restored.append(f"point {point_id} of machine {host}: {why}")
             continue
-        sound[(host, point_id)] = hashes
-    for pairs in sound.values():
-        for record, data in pairs:
-            zeros = {zero_hash(record.chunk_size), zero_hash(record.geometry.length(record.geometry.count - 1))}
-            db.executemany(
-                "INSERT OR IGNORE INTO wanted VALUES (?)",
-                [(h,) for h in _hashes(data) if h not in zeros],
-            )
+        sound[(host, point_id)] = found
+    # The chunks they name, each manifest read once more (one at a time: a manifest is up to 32 MiB).
+    distinct = sorted({(r.manifest, r.size, r.chunk_size) for found in sound.values() for r in found})
+    db.execute("CREATE TEMP TABLE wanted (hash BLOB PRIMARY KEY) WITHOUT ROWID")
+    for name, size, chunk_size in distinct:
+        db.executemany(
+            "INSERT OR IGNORE INTO wanted VALUES (?)", [(h,) for h in _chunks_of(manifests, name, size, chunk_size)]
+        )
     missing = {
         bytes(h)
         for (h,) in db.execute(
@@ -384,17 +383,18 @@ def _restore_points(root: Path, db: sqlite3.Connection, done: Repaired) -> None:
         )
     }
     db.execute("DROP TABLE wanted")
+    lacking: dict[str, int] = {}  # manifest -> how many of its chunks are missing
+    for name, size, chunk_size in distinct if missing else ():
+        lacking[name] = sum(1 for h in _chunks_of(manifests, name, size, chunk_size) if h in missing)
     disks: dict[tuple[str, str], PointRecord] = {}
     machines = set()
-    for (host, point_id), pairs in sorted(sound.items()):
-        if missing:
-            lost = sum(1 for _, data in pairs for h in _hashes(data) if h in missing)
-            if lost:
-                done.not_restored.append(
-                    f"point {point_id} of machine {host}: {lost} of its chunks are not in the packs"
-                )
-                continue
-        ordered = sorted((r for r, _ in pairs), key=lambda r: (r.gen, r.closed))
+    for (host, point_id), found in sorted(sound.items()):
+        lost = sum(lacking.get(r.manifest, 0) for r in found)
+        if lost:
+            done.not_restored.append(f"point {point_id} of machine {host}: {lost} of its chunks are not in the packs")
+            del sound[(host, point_id)]
+            continue
+        ordered = sorted(found, key=lambda r: (r.gen, r.closed))
         head = ordered[0]
         db.execute(
             "INSERT INTO points (host_id, point_id, created, consistency, disks, freeze_ms) VALUES (?, ?, ?, ?, ?, ?)",
@@ -414,31 +414,36 @@ def _restore_points(root: Path, db: sqlite3.Connection, done: Repaired) -> None:
             (host, disk, newest.size, newest.chunk_size, newest.seq, newest.closed),
         )
     keys = {(str(h), str(d)): int(k) for k, h, d in db.execute("SELECT disk_key, host_id, disk FROM disks")}
-    restored = {(h, p) for h, p in db.execute("SELECT host_id, point_id FROM points")}
-    for (host, point_id), pairs in sound.items():
-        if (host, point_id) in restored:
-            for record, _ in pairs:
-                ChunkStore._insert_point_disk(db, keys[(host, record.disk)], record)
+    for (host, _), found in sound.items():
+        for record in found:
+            ChunkStore._insert_point_disk(db, keys[(host, record.disk)], record)
 
 
-def _sound(found: list[PointRecord], manifests: _ManifestReader) -> tuple[str | None, list[tuple[PointRecord, bytes]]]:
-    """Why a point's records cannot be restored (None when they can), and each record's manifest."""
+def _unsound(found: list[PointRecord], manifests: _ManifestReader) -> str | None:
+    """Why a point's records cannot be restored, or None when they can: they agree, and each disk's manifest is
+    whole and gives the record's root hash."""
     named = found[0].disks
     if any(r.disks != named for r in found) or len({r.disk for r in found}) != len(found):
-        return "its records disagree", []
-    pairs = []
+        return "its records disagree"
     for record in sorted(found, key=lambda r: r.disk):
         if record.geometry.count > MAX_CHUNKS:
-            return f"{record.disk}: a disk of {record.geometry.count} chunks", []
+            return f"{record.disk}: a disk of {record.geometry.count} chunks"
         data = manifests.hashes(record.manifest, record.geometry)
         if data is None:
-            return f"{record.disk}: manifest {record.manifest[:16]}... is missing or damaged", []
+            return f"{record.disk}: manifest {record.manifest[:16]}... is missing or damaged"
         root = RootHasher(record.geometry)
         root.update(data)
         if root.hexdigest() != record.root:
-            return f"{record.disk}: its manifest does not give the point's root hash", []
-        pairs.append((record, data))
-    return None, pairs
+            return f"{record.disk}: its manifest does not give the point's root hash"
+    return None
+
+
+def _chunks_of(manifests: _ManifestReader, name: str, size: int, chunk_size: int) -> list[bytes]:
+    """The chunk hashes a manifest names, zero chunks left out (they are not kept)."""
+    g = Geometry(size, chunk_size)
+    data = manifests.hashes(name, g) or b""
+    zeros = {zero_hash(chunk_size), zero_hash(g.length(g.count - 1))}
+    return [h for h in _hashes(data) if h not in zeros]
 
 
 def _hashes(data: bytes) -> list[bytes]:

@@ -166,6 +166,8 @@ CREATE UNIQUE INDEX points_by_id ON points (point_id);
 _SCHEMA_V3 = """
 ALTER TABLE chunks ADD COLUMN refs INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX chunks_unreferenced ON chunks (pack, stored) WHERE refs = 0;
+DROP INDEX chunks_by_pack;
+CREATE INDEX chunks_by_place ON chunks (pack, offset);
 ALTER TABLE heads ADD COLUMN since INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE disks ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE disks ADD COLUMN rebuilt INTEGER NOT NULL DEFAULT 0;
