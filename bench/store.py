@@ -21,6 +21,7 @@ run) for the figure before:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import random
 import shutil
@@ -171,6 +172,7 @@ def summary(latencies: list[float]) -> str:
 
 
 def main() -> None:
+    faulthandler.enable()  # a fatal signal leaves the threads' stacks in the output
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=10_000_000, help="chunks in the store when it collects")
     parser.add_argument("--disks", type=int, default=6)
@@ -243,8 +245,10 @@ def run(store: ChunkStore, hosts: list[str], args: argparse.Namespace, loads: li
         collecting = threading.Thread(target=collection)
         collecting.start()
         while collecting.is_alive():
-            collecting.join(5.0)
+            collecting.join(60.0)
             loads.append(os.getloadavg()[0])
+            so_far = [lat for at, lat in load.latencies if at >= began]
+            print(f"  {time.monotonic() - began:.0f} s into the collection: {summary(so_far)}", flush=True)
         ended = time.monotonic()
         time.sleep(2.0)
         load.stopping = True
