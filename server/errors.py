@@ -612,8 +612,25 @@ class StoreBusy(LocalSystemError):
 class StoreDamaged(LocalSystemError):
     code = "PS-STORE-DAMAGED"
     remediation = (
-        "The process server's chunk index (DATA/process/index.db) is unreadable: restore DATA/process from a "
-        "backup, or move it aside to start an empty store (every protected disk then synchronises again)."
+        "The process server's chunk index (DATA/process/index.db) is unreadable: stop the server and run "
+        "`mobility-server store repair`, which rebuilds it from the packs, manifests and point records."
+    )
+
+
+class IndexMissing(LocalSystemError):
+    code = "PS-INDEX-MISSING"
+    remediation = (
+        "The chunk store's index (DATA/process/index.db) is gone while its packs and points are there: the server "
+        "will not start an empty index over them. Run `mobility-server store repair` to rebuild it, then serve."
+    )
+
+
+class RepairPartial(LocalSystemError):
+    code = "PS-REPAIR-PARTIAL"
+    remediation = (
+        "The index was rebuilt, but the points listed were not restored: their records or data are damaged or "
+        "missing (a point the server was closing when it was killed was never acknowledged and is listed too). "
+        "Their records are kept: restore the damaged packs or manifests from a backup and run `store repair` again."
     )
 
 

@@ -497,7 +497,9 @@ class DiskReplicator(threading.Thread):
             except (ProcessServerUnreachable, RemoteError, ProtocolError) as e:
                 self._trouble(e)
             except ReplicaLost as e:
+                # Resync against what the server holds now: its hashes come with the next connection.
                 self.stream.reset()
+                self.stream.close()
                 self.flag_resync(e.id, e.message, from_replica=True)
             except OSError as e:
                 self._trouble(MobilityError(f"{self.device.name}: {e.strerror or e}"))
@@ -614,8 +616,13 @@ class DiskReplicator(threading.Thread):
         self.replica_known = welcome.known
         if want:
             self.need_hashes = False
-        elif not welcome.known and self.persisted.synced:
-            raise ReplicaLost(f"the process server has no replica of {self.device.name} any more")
+        if not welcome.known and self.persisted.synced:
+            # Not the replica this agent sent (a new store, or one `store repair` rebuilt from its points): compare
+            # every chunk with what it holds, whose hashes came just now or come with the next connection.
+            lost = ReplicaLost(f"the process server does not hold the replica of {self.device.name} it had any more")
+            if not want:
+                raise lost
+            self.flag_resync(lost.id, lost.message)
         with self.lock:
             if self.state == "STALLED":
                 self.state = "RESYNC_REQUIRED" if self.need_sweep else "CONTINUOUS"

@@ -140,11 +140,15 @@ class Stream:
             self.close()
             raise
         if welcome.acked_seq < self.acked:
-            # The server lost what it had acknowledged (restored from an old backup, store moved aside).
-            raise ReplicaLost(
+            # The server lost what it had acknowledged (restored from an old backup, store moved aside, its index
+            # rebuilt from its points): its count is the one from here on, or every later connection would say so
+            # again; the caller resyncs the disk against what the server holds.
+            lost = ReplicaLost(
                 f"process server {self.address} acknowledged up to {self.acked} before and now holds only "
                 f"{welcome.acked_seq}"
             )
+            self.acked = welcome.acked_seq
+            raise lost
         self._settle(welcome.acked_seq)
         self.next_seq = max(self.next_seq, welcome.acked_seq + 1)
         self.reset()

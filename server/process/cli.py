@@ -1,6 +1,6 @@
 """The replication commands of `mobility-server`: protect, unprotect, protection, policy, points, failover,
-test-failover and verify. Every one takes --data like the rest; the point commands read the chunk store beside a
-running server (they never write it)."""
+test-failover, verify and store repair. Every one takes --data like the rest; the point commands read the chunk store
+beside a running server (they never write it); `store repair` takes the store's writer lock."""
 
 from __future__ import annotations
 
@@ -593,6 +593,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    data = _data(args)  # refused before the heavier imports
+    from server.errors import RepairPartial
+    from server.process.repair import described, repair
+    from server.process.service import store_dir
+
+    done = repair(store_dir(data), rebuild=args.rebuild)
+    if args.json:
+        print(json.dumps(done.to_json(), indent=2))
+    else:
+        print(f"store {store_dir(data)}:")
+        for line in described(done):
+            print(line)
+    if done.not_restored:
+        raise RepairPartial(f"{len(done.not_restored)} points or records were not restored (listed above)")
+    return Exit.OK
+
+
+_STORE_HELP = """\
+`store repair` checks the chunk store's index (DATA/process/index.db) against what it describes: the packs (every
+chunk record carries its hash, codec and lengths), the manifests and the point records (DATA/process/points/, one
+per point and disk, written before the point was acknowledged). A healthy index is kept as it is (repair only writes
+a record a point lacks and corrects wrong reference counts). A missing or damaged index is rebuilt from those files
+(the old one is kept beside it, renamed): every chunk record is read and verified; each point whose records, manifests
+and chunks are whole is restored; each disk's replica becomes its newest point, and its agent, told so at its next
+connection, resyncs by checksums (sending only what changed since that point). Points that cannot be restored are
+listed (PS-REPAIR-PARTIAL) and their records kept. Stop the process server first: repair takes the store's writer
+lock (PS-STORE-BUSY otherwise)."""
+
+
 def add_commands(command: Command) -> None:
     """Register the replication commands on `mobility-server` (``command(name, help)`` adds --data)."""
     from server.cli import count
@@ -657,6 +687,19 @@ def add_commands(command: Command) -> None:
     p.add_argument("--wait", default="1h", metavar="DURATION", help="for a free VM slot (default 1h)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_test_failover)
+
+    p = command("store", "check the chunk store's index and rebuild it when it is missing or damaged")
+    p.description = _STORE_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("action", choices=("repair",))
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild the index from the packs and records even when it looks healthy (e.g. an index older than "
+        "its store, restored from a backup)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_store)
 
     p = command("verify", "recompute a point's root hash from the chunk store")
     p.add_argument("--point", required=True, metavar="ID")

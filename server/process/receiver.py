@@ -261,6 +261,7 @@ class Committer(threading.Thread):
         self.commits += 1
         self.last_error = None
         acks: dict[int, tuple[_Stream, int]] = {}
+        points: list[tuple[str, str]] = []
         for (stream, item), outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, MobilityError):
                 if not stream.dead:
@@ -269,14 +270,19 @@ class Committer(threading.Thread):
                 continue
             if id(stream) not in acks or acks[id(stream)][1] < item.seq:
                 acks[id(stream)] = (stream, item.seq)
-            if isinstance(item, PointPut) and self.on_point is not None:
-                try:
-                    self.on_point(stream.host_id, item.close.point_id)
-                except Exception:
-                    log.exception("after point %s", item.close.point_id)
+            if isinstance(item, PointPut):
+                points.append((stream.host_id, item.close.point_id))
         for stream, seq in acks.values():
             if not stream.dead:
                 stream.loop.call_soon_threadsafe(stream.ack, seq)
+        # Acknowledged first: what follows a point (retention, collection) is the maintenance thread's, never the
+        # batch's (server/process/maintenance.py).
+        if self.on_point is not None:
+            for host_id, point_id in points:
+                try:
+                    self.on_point(host_id, point_id)
+                except Exception:
+                    log.exception("after point %s", point_id)
 
     def _store_commit(self, items: list[Item]) -> list[Exception | None]:
         """The store's group commit; a batch that kept nothing moves its disk's durable sequence in the same turn, when
@@ -474,6 +480,8 @@ class Receiver:
                 writer.write(frame(Kind.HASHES, hashes, offset=first))
                 await writer.drain()
             writer.write(frame(Kind.HASHES_END, offset=count))
+            await writer.drain()
+            await asyncio.to_thread(self.store.replica_sent, row)  # the agent resyncs against them
         await writer.drain()
         return stream
 

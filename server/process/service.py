@@ -3,8 +3,8 @@ machines' protection read from the server's database (which disks a machine may 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from server.database import Database
 from server.datadir import DataDir
 from server.edge import Connections
 from server.errors import ListenFailed, NotProtected, UnknownMachine
-from server.process.gc import collect
+from server.process.maintenance import Maintenance
 from server.process.receiver import Receiver, stream_tls_context
 from server.process.store import DEFAULT_RESERVE, ChunkStore
 from server.storage import Storage
@@ -22,7 +22,6 @@ from server.storage import Storage
 log = logging.getLogger("mobility.process")
 
 DEFAULT_PORT = 9444
-COLLECT_EVERY = 600.0  # seconds between garbage collections of the chunk store
 
 
 def store_dir(data: DataDir) -> Path:
@@ -96,6 +95,7 @@ class ProcessService:
         except BaseException:
             self.store.close()
             raise
+        self.maintenance = Maintenance(self.store, self.protections.retention)
         self.receiver = Receiver(
             self.store,
             self.protections.authorize,
@@ -104,18 +104,10 @@ class ProcessService:
             connections=connections,
         )
         self.port = options.port
-        self._collected = -COLLECT_EVERY
 
     def _after_point(self, host_id: str, point_id: str) -> None:
-        keep = self.protections.retention(host_id)
-        if keep is not None:
-            dropped = self.store.prune(host_id, keep)
-            if dropped:
-                log.info("%s: %d recovery points past the retention of %d dropped", host_id, dropped, keep)
-                now = time.monotonic()
-                if now - self._collected >= COLLECT_EVERY:  # it pauses commits: not after every point
-                    self._collected = now
-                    collect(self.store)  # the chunks only the dropped points held go too
+        """From the committer, once the batch is acknowledged: retention and collection run in their own thread."""
+        self.maintenance.point_closed(host_id)
 
     async def start(self) -> int:
         context = stream_tls_context(str(self.data.ca_cert), str(self.data.tls_cert), str(self.data.tls_key))
@@ -123,9 +115,11 @@ class ProcessService:
             self.port = await self.receiver.start(self.options.host, self.options.port, context)
         except OSError as e:
             raise ListenFailed(f"cannot listen on {self.options.host}:{self.options.port}: {e.strerror}") from e
+        self.maintenance.start()
         return self.port
 
     async def close(self) -> None:
         await self.receiver.close()
+        await asyncio.to_thread(self.maintenance.stop)
         self.store.close()
         self.protections.close()

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
+from agent.faults import fault_point
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash, zeros
 from agent.shared.fsutil import open_lock_file
 from agent.shared.replication_wire import (
@@ -42,6 +45,7 @@ from agent.shared.replication_wire import (
     PointClose,
 )
 from server.errors import (
+    IndexMissing,
     PointCorrupt,
     PointIdTaken,
     PointMismatch,
@@ -52,6 +56,10 @@ from server.errors import (
     StoreFull,
     StoreWriteFailed,
 )
+from server.process import records, references
+from server.process.records import PointRecord
+
+log = logging.getLogger("mobility.process")
 
 PACK_MAX = 128 * 1024 * 1024
 RECORD = struct.Struct("<2sBxII32s")  # magic, codec, stored length, raw length, hash
@@ -147,9 +155,124 @@ ALTER TABLE point_disks_v2 RENAME TO point_disks;
 CREATE INDEX points_by_host ON points (host_id, created);
 CREATE UNIQUE INDEX points_by_id ON points (point_id);
 """
+# References are counted, so that dropping a point costs what it references and never a walk of the whole store
+# (server/process/gc.py). A disk's points are numbered by generation (``disks.gen``, the next one; ``point_disks.gen``);
+# a head entry records the generation it was written in (``since``), and an entry a write replaces after a point saw
+# it is kept as ``retired`` for the generations that saw it, [since, until). A point of generation g references exactly
+# the head entries and retired entries whose span holds g, so ``chunks.refs`` (head entries plus retired entries naming
+# the chunk, kept by the triggers below in every transaction) is zero exactly when no head and no point needs the
+# chunk. Dropping points leaves ``sweeps`` to forget the retired entries only they saw. Generations, spans and counts
+# of a store migrated from version 2 are computed from its manifests once, when it opens (``_AFTER``).
+_SCHEMA_V3 = """
+ALTER TABLE chunks ADD COLUMN refs INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX chunks_unreferenced ON chunks (pack, stored) WHERE refs = 0;
+DROP INDEX chunks_by_pack;
+CREATE INDEX chunks_by_place ON chunks (pack, offset);
+ALTER TABLE heads ADD COLUMN since INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE disks ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE disks ADD COLUMN rebuilt INTEGER NOT NULL DEFAULT 0;
+INSERT OR IGNORE INTO disks (host_id, disk, size, chunk_size, acked_seq, updated, rebuilt)
+    SELECT host_id, disk, MAX(size), MAX(chunk_size), 0, NULL, 1 FROM point_disks GROUP BY host_id, disk;
+ALTER TABLE point_disks ADD COLUMN disk_key INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE point_disks ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE point_disks ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+UPDATE point_disks SET disk_key =
+    (SELECT d.disk_key FROM disks d WHERE d.host_id = point_disks.host_id AND d.disk = point_disks.disk);
+CREATE INDEX point_disks_by_gen ON point_disks (disk_key, gen);
+CREATE INDEX point_disks_by_manifest ON point_disks (manifest);
+CREATE TABLE retired (
+    disk_key INTEGER NOT NULL,
+    until INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    since INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (disk_key, until, idx)
+) WITHOUT ROWID;
+CREATE TABLE sweeps (
+    disk_key INTEGER NOT NULL,
+    gen INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    PRIMARY KEY (disk_key, gen)
+) WITHOUT ROWID;
+CREATE TRIGGER heads_added AFTER INSERT ON heads BEGIN
+    UPDATE chunks SET refs = refs + 1 WHERE hash = NEW.hash;
+END;
+CREATE TRIGGER heads_changed AFTER UPDATE OF hash ON heads BEGIN
+    UPDATE chunks SET refs = refs + 1 WHERE hash = NEW.hash;
+    INSERT INTO retired (disk_key, until, idx, since, hash)
+        SELECT OLD.disk_key, NEW.since, OLD.idx, OLD.since, OLD.hash WHERE OLD.since < NEW.since;
+    UPDATE chunks SET refs = refs - 1 WHERE hash = OLD.hash AND OLD.since >= NEW.since;
+END;
+CREATE TRIGGER heads_removed AFTER DELETE ON heads BEGIN
+    INSERT INTO retired (disk_key, until, idx, since, hash)
+        SELECT OLD.disk_key, gen, OLD.idx, OLD.since, OLD.hash FROM disks
+        WHERE disk_key = OLD.disk_key AND OLD.since < gen;
+    UPDATE chunks SET refs = refs - 1 WHERE hash = OLD.hash
+        AND OLD.since >= (SELECT gen FROM disks WHERE disk_key = OLD.disk_key);
+END;
+CREATE TRIGGER retired_removed AFTER DELETE ON retired BEGIN
+    UPDATE chunks SET refs = refs - 1 WHERE hash = OLD.hash;
+END;
+"""
 # Each entry brings the index from version N to N+1. Never edit a released entry: add one.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _after_v3(store: ChunkStore) -> None:
+    """A store of version 2: generations, spans and counts from its manifests, and a record for every point."""
+    for problem in references.rebuild(store.db, store.manifest_hashes, heads_from_points=False):
+        log.warning("store migration: %s", problem)
+    for r in store.db.execute(
+        "SELECT d.host_id, d.point_id, p.created, p.consistency, p.disks, p.freeze_ms, d.disk, d.size, d.chunk_size, "
+        "d.root, d.manifest, d.closed, d.consistency, d.gen, d.seq FROM point_disks d "
+        "JOIN points p ON p.host_id = d.host_id AND p.point_id = d.point_id"
+    ).fetchall():
+        record = PointRecord(
+            r[0],
+            r[1],
+            float(r[2]),
+            r[3],
+            tuple(x for x in str(r[4]).split("\n") if x),
+            r[5],
+            r[6],
+            r[7],
+            r[8],
+            r[9],
+            r[10],
+            min(max(float(r[11]), EARLIEST), LATEST),
+            r[12],
+            r[13],
+            r[14],
+        )
+        if not (store.points_dir / records.relative_path(record.host_id, record.point_id, record.disk)).exists():
+            records.write(store.points_dir, record)
+
+
+# What a migration to version N leaves to Python (it reads files: manifests), in the same transaction.
+_AFTER: dict[int, Callable[[ChunkStore], None]] = {3: _after_v3}
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of a migration, each whole (a trigger's body holds semicolons of its own)."""
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending.strip()
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"an incomplete statement in a migration: {pending[:80]!r}")
+
+
+def holds_data(root: Path) -> bool:
+    """Whether a store directory holds anything an index would have to describe: packs with records, manifests,
+    point records."""
+    packs = root / "packs"
+    if packs.is_dir() and any(p.stat().st_size for p in packs.glob("*.pack")):
+        return True
+    return any((root / d).is_dir() and any((root / d).iterdir()) for d in ("manifests", "points"))
 
 
 @dataclass(frozen=True)
@@ -160,10 +283,21 @@ class DiskRow:
     size: int
     chunk_size: int
     acked_seq: int
+    rebuilt: bool = False  # its head was rebuilt from its newest point (`store repair`): the agent must resync
 
     @property
     def geometry(self) -> Geometry:
         return Geometry(self.size, self.chunk_size)
+
+
+_DISKS = "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq, rebuilt FROM disks"
+_DISK_BY_NAME = _DISKS + " WHERE host_id = ? AND disk = ?"
+_DISK_BY_KEY = _DISKS + " WHERE disk_key = ?"
+
+
+def _disk_row(row: tuple[Any, ...]) -> DiskRow:
+    key, host, disk, size, chunk_size, acked, rebuilt = row
+    return DiskRow(int(key), str(host), str(disk), int(size), int(chunk_size), int(acked), bool(rebuilt))
 
 
 @dataclass(frozen=True)
@@ -233,6 +367,7 @@ class ChunkStore:
         self.reserve = reserve
         self.packs_dir = root / "packs"
         self.manifests_dir = root / "manifests"
+        self.points_dir = root / "points"
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()  # the readers' pack descriptors
         self.write_lock = threading.RLock()  # the write connection: the committer, streams opening disks, pruning
@@ -243,6 +378,10 @@ class ChunkStore:
             for d in (root, self.packs_dir, self.manifests_dir):
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._writer_lock = _take_writer_lock(root)
+            if not (root / "index.db").exists() and holds_data(root):
+                # A new, empty index would cut every pack to nothing (no record of theirs is indexed): refuse.
+                self._release_writer()
+                raise IndexMissing(f"{root / 'index.db'} is missing but {root} holds packs, manifests or point records")
         elif not (root / "index.db").exists():
             raise StoreDamaged(f"{root}: no chunk store here (DATA/process/index.db is missing)")
         try:
@@ -259,6 +398,7 @@ class ChunkStore:
         self.pack_id = 0
         self.pack_fd = -1
         self.pack_size = 0
+        self._highest = 0  # the highest pack number given out: the committer's packs and compaction's
         if writer:
             self._recover()
 
@@ -268,10 +408,16 @@ class ChunkStore:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreDamaged(
+                    f"{self.root / 'index.db'} is of version {version}, newer than this server's {SCHEMA_VERSION}"
+                )
             for n in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[n].split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
+                for statement in statements(MIGRATIONS[n]):
+                    self.db.execute(statement)
+                after = _AFTER.get(n + 1)
+                if after is not None and version > 0:  # a new index has nothing to bring along
+                    after(self)
             if version < SCHEMA_VERSION:
                 self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.db.execute("COMMIT")
@@ -286,7 +432,7 @@ class ChunkStore:
         ends = dict(self.db.execute("SELECT pack, MAX(offset + stored) FROM chunks GROUP BY pack").fetchall())
         packs = sorted(int(p.stem) for p in self.packs_dir.glob("*.pack") if p.stem.isdigit())
         for pack in packs:
-            path = self._pack_path(pack)
+            path = self.pack_path(pack)
             end = int(ends.get(pack, 0))
             if not end and pack != packs[-1]:  # compacted away before a kill removed the file
                 path.unlink()
@@ -295,16 +441,24 @@ class ChunkStore:
                 with path.open("r+b") as f:
                     f.truncate(end)
                     os.fsync(f.fileno())
-        self.pack_id = packs[-1] if packs else 1
-        self._open_pack(self.pack_id)
+        self._highest = packs[-1] if packs else 1
+        self._open_pack(self._highest)
 
-    def _pack_path(self, pack: int) -> Path:
+    def allocate_pack(self) -> int:
+        """A new pack number (the committer's next pack, or one compaction fills): numbers are never reused, so a
+        reader's open descriptor never meets another pack under an old number."""
+        with self.write_lock:
+            self._highest += 1
+            return self._highest
+
+    def pack_path(self, pack: int) -> Path:
         return self.packs_dir / f"{pack:08d}.pack"
 
     def _open_pack(self, pack: int) -> None:
         if self.pack_fd >= 0:
             os.close(self.pack_fd)
-        path = self._pack_path(pack)
+            self.pack_fd = -1
+        path = self.pack_path(pack)
         new = not path.exists()
         self.pack_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.pack_id = pack
@@ -342,27 +496,23 @@ class ChunkStore:
     # Disks --------------------------------------------------------------------------------------------------------
 
     def disk(self, host_id: str, disk: str) -> DiskRow | None:
-        row = self.reader_db.execute(
-            "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE host_id = ? AND disk = ?",
-            (host_id, disk),
-        ).fetchone()
-        return DiskRow(*row) if row else None
+        row = self.reader_db.execute(_DISK_BY_NAME, (host_id, disk))
+        found = row.fetchone()
+        return _disk_row(found) if found else None
 
     def disks(self, host_id: str | None = None) -> list[DiskRow]:
-        sql = "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks"
+        sql = _DISKS
         db = self.reader_db
         rows = db.execute(sql + " WHERE host_id = ? ORDER BY disk" if host_id else sql, (host_id,) if host_id else ())
-        return [DiskRow(*r) for r in rows]
+        return [_disk_row(r) for r in rows]
 
     def open_disk(self, host_id: str, disk: str, size: int, chunk_size: int) -> tuple[DiskRow, bool]:
         """The disk's row for a stream with this geometry, and whether the replica already held it. A resized
-        disk keeps the chunks both sizes share; a new chunk size starts the replica empty."""
+        disk keeps the chunks both sizes share; a new chunk size starts the replica empty. A head rebuilt by
+        `store repair` is not known to hold what the agent sent (``rebuilt``, until ``replica_sent``)."""
         with self.write_lock, self._transaction() as db:
-            found = db.execute(
-                "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE host_id = ? AND disk = ?",
-                (host_id, disk),
-            ).fetchone()
-            row = DiskRow(*found) if found else None
+            found = db.execute(_DISK_BY_NAME, (host_id, disk)).fetchone()
+            row = _disk_row(found) if found else None
             if row is None:
                 db.execute(
                     "INSERT INTO disks (host_id, disk, size, chunk_size, acked_seq, updated) VALUES (?, ?, ?, ?, 0, ?)",
@@ -380,12 +530,16 @@ class ChunkStore:
                     keep = min(row.geometry.count, Geometry(size, chunk_size).count) - 1  # the last may change length
                     db.execute("DELETE FROM heads WHERE disk_key = ? AND idx >= ?", (row.disk_key, keep))
                     db.execute("UPDATE disks SET size = ? WHERE disk_key = ?", (size, row.disk_key))
-                known = True
-            found = db.execute(
-                "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE host_id = ? AND disk = ?",
-                (host_id, disk),
-            ).fetchone()
-        return DiskRow(*found), known
+                known = not row.rebuilt
+            found = db.execute(_DISK_BY_NAME, (host_id, disk)).fetchone()
+        return _disk_row(found), known
+
+    def replica_sent(self, row: DiskRow) -> None:
+        """The agent of a disk whose head `store repair` rebuilt was sent that head's hashes: it resyncs against
+        them, and the replica is known again from here on."""
+        if row.rebuilt:
+            with self.write_lock, self._transaction() as db:
+                db.execute("UPDATE disks SET rebuilt = 0 WHERE disk_key = ?", (row.disk_key,))
 
     def advance(self, disk_key: int, seq: int) -> None:
         """A stream's frames up to ``seq`` are applied, the last of which kept nothing (a batch whose every delta was
@@ -457,7 +611,7 @@ class ChunkStore:
         try:
             if records:
                 if self.pack_size + need > PACK_MAX and self.pack_size:
-                    self._open_pack(self.pack_id + 1)
+                    self._open_pack(self.allocate_pack())
                     start_pack, start_size = self.pack_id, self.pack_size
                 offset = self.pack_size
                 for rec in records:
@@ -517,7 +671,19 @@ class ChunkStore:
     ) -> list[Exception | None]:
         now = time.time()
         with self._transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)", placed)
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks (hash, pack, offset, stored, raw, codec) VALUES (?, ?, ?, ?, ?, ?)",
+                placed,
+            )
+            keys = sorted({item.disk_key for item in items})
+            gens = {
+                int(key): int(gen)
+                for i in range(0, len(keys), 500)
+                for key, gen in db.execute(
+                    f"SELECT disk_key, gen FROM disks WHERE disk_key IN ({','.join('?' * len(keys[i : i + 500]))})",  # noqa: S608
+                    keys[i : i + 500],
+                )
+            }
             # Each chunk's newest frame so far, in sequence order: a chunk written, zeroed and written again in one
             # batch ends as its last frame says, exactly as if each frame had been committed alone.
             heads: dict[tuple[int, int], bytes | None] = {}
@@ -532,13 +698,13 @@ class ChunkStore:
                 if isinstance(item, ChunkPut):
                     heads[(item.disk_key, item.index)] = None if item.codec is Codec.ZERO else item.hash
                 else:
-                    self._apply_heads(db, heads)  # the point covers exactly the frames before it
-                    outcome = self._close_point(db, item, now)
+                    self._apply_heads(db, heads, gens)  # the point covers exactly the frames before it
+                    outcome = self._close_point(db, item, now, gens)
                     if outcome is not None:  # refused, so not acknowledged, so not counted as durable
                         refused[item.disk_key] = outcomes[n] = outcome
                         continue
                 seqs[item.disk_key] = max(seqs.get(item.disk_key, 0), item.seq)
-            self._apply_heads(db, heads)
+            self._apply_heads(db, heads, gens)
             db.executemany(
                 "UPDATE disks SET acked_seq = MAX(acked_seq, ?), updated = ? WHERE disk_key = ?",
                 [(seq, now, key) for key, seq in seqs.items()],
@@ -546,20 +712,23 @@ class ChunkStore:
         return outcomes
 
     @staticmethod
-    def _apply_heads(db: sqlite3.Connection, heads: dict[tuple[int, int], bytes | None]) -> None:
-        written = [(key, idx, digest) for (key, idx), digest in heads.items() if digest is not None]
+    def _apply_heads(db: sqlite3.Connection, heads: dict[tuple[int, int], bytes | None], gens: dict[int, int]) -> None:
+        """Move the heads; the triggers keep the references (an entry a point saw is retired, not forgotten)."""
+        written = [(key, idx, digest, gens[key]) for (key, idx), digest in heads.items() if digest is not None]
         zeroed = [(key, idx) for (key, idx), digest in heads.items() if digest is None]
         if written:
-            db.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", written)
+            db.executemany(
+                "INSERT INTO heads (disk_key, idx, hash, since) VALUES (?, ?, ?, ?) ON CONFLICT (disk_key, idx) "
+                "DO UPDATE SET hash = excluded.hash, since = excluded.since WHERE hash != excluded.hash",
+                written,
+            )
         if zeroed:
             db.executemany("DELETE FROM heads WHERE disk_key = ? AND idx = ?", zeroed)
         heads.clear()
 
-    def _close_point(self, db: sqlite3.Connection, put: PointPut, now: float) -> Exception | None:
-        row = db.execute(
-            "SELECT disk_key, host_id, disk, size, chunk_size, acked_seq FROM disks WHERE disk_key = ?", (put.disk_key,)
-        ).fetchone()
-        disk = DiskRow(*row)
+    def _close_point(self, db: sqlite3.Connection, put: PointPut, now: float, gens: dict[int, int]) -> Exception | None:
+        row = db.execute(_DISK_BY_KEY, (put.disk_key,)).fetchone()
+        disk = _disk_row(row)
         close = put.close
         owner = db.execute("SELECT host_id FROM points WHERE point_id = ?", (close.point_id,)).fetchone()
         if owner is not None and owner[0] != disk.host_id:
@@ -585,29 +754,70 @@ class ChunkStore:
                 f"point {close.point_id} of {disk.disk}: the replica's root hash is {got[:16]}..., the source "
                 f"computed {close.root[:16]}...; the point was refused"
             )
-        manifest = self._write_manifest(hashes)
-        db.execute(
-            "INSERT OR IGNORE INTO points (host_id, point_id, created, consistency, disks, freeze_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (disk.host_id, close.point_id, close.created, close.consistency, "\n".join(close.disks), close.freeze_ms),
+        if closed is not None:  # the same point again (a resend after a lost acknowledgement): it stands as it is
+            return None
+        gen = gens[disk.disk_key]
+        first = db.execute(
+            "SELECT created, consistency, disks, freeze_ms FROM points WHERE host_id = ? AND point_id = ?",
+            (disk.host_id, close.point_id),
+        ).fetchone()
+        created, consistency, names, freeze_ms = first or (
+            close.created,
+            close.consistency,
+            "\n".join(close.disks),
+            close.freeze_ms,
         )
+        manifest = self._write_manifest(hashes)
+        record = PointRecord(
+            host_id=disk.host_id,
+            point_id=close.point_id,
+            created=created,
+            consistency=consistency,
+            disks=tuple(d for d in str(names).split("\n") if d),
+            freeze_ms=freeze_ms,
+            disk=disk.disk,
+            size=disk.size,
+            chunk_size=disk.chunk_size,
+            root=close.root,
+            manifest=manifest,
+            closed=min(max(now, EARLIEST), LATEST),
+            disk_consistency=close.consistency,
+            gen=gen,
+            seq=put.seq,
+        )
+        records.write(self.points_dir, record)  # durable before the index row it backs
+        fault_point("store.point", step="recorded")
+        if first is None:
+            db.execute(
+                "INSERT INTO points (host_id, point_id, created, consistency, disks, freeze_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (disk.host_id, close.point_id, created, consistency, names, freeze_ms),
+            )
+        self._insert_point_disk(db, disk.disk_key, record)
+        db.execute("UPDATE disks SET gen = gen + 1 WHERE disk_key = ?", (disk.disk_key,))
+        gens[disk.disk_key] = gen + 1
+        return None
+
+    @staticmethod
+    def _insert_point_disk(db: sqlite3.Connection, disk_key: int, r: PointRecord) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO point_disks "
-            "(host_id, point_id, disk, size, chunk_size, root, manifest, closed, consistency) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO point_disks (host_id, point_id, disk, size, chunk_size, root, manifest, closed, consistency, "
+            "disk_key, gen, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                disk.host_id,
-                close.point_id,
-                disk.disk,
-                disk.size,
-                disk.chunk_size,
-                close.root,
-                manifest,
-                now,
-                close.consistency,
+                r.host_id,
+                r.point_id,
+                r.disk,
+                r.size,
+                r.chunk_size,
+                r.root,
+                r.manifest,
+                r.closed,
+                r.disk_consistency,
+                disk_key,
+                r.gen,
+                r.seq,
             ),
         )
-        return None
 
     def _write_manifest(self, hashes: bytearray) -> str:
         name = chunk_hash(hashes).hex()
@@ -710,24 +920,47 @@ class ChunkStore:
             raise PointCorrupt(f"{disk.disk}: manifest {disk.manifest[:16]}... does not match its hash")
         return data
 
+    def manifest_hashes(self, name: str, geometry: Geometry) -> bytes | None:
+        """A manifest's hashes by name, or None when it is missing or damaged."""
+        try:
+            return self.manifest(PointDisk("", geometry.size, geometry.chunk_size, "", name))
+        except PointCorrupt:
+            return None
+
     def prune(self, host_id: str, keep: int) -> int:
-        """Drop the machine's complete points beyond the newest ``keep`` (and incomplete ones older than those)."""
+        """Drop the machine's complete points beyond the newest ``keep`` (and incomplete ones older than those). Costs
+        what the machine's points are, never the store: their records go, then their rows in one short transaction,
+        which leaves what only they referenced to the collection's sweep (server/process/gc.py)."""
         points = self.points(host_id, complete_only=False)
         complete = [p for p in points if p.complete]
         if len(complete) <= keep:
             return 0
         cutoff = complete[-keep].created
-        drop = [p.point_id for p in points if p.created < cutoff]
+        drop = [p for p in points if p.created < cutoff]
         with self.write_lock:
+            # Records first: a dropped point never comes back from a rebuilt index. Killed between the two, the
+            # rows stay without records, and the next prune drops them.
+            for p in drop:
+                for d in p.disks:
+                    records.remove(self.points_dir, host_id, p.point_id, d.disk)
+            records.sync(self.points_dir, host_id)
+            fault_point("store.prune", step="unrecorded")
             with self._transaction() as db:
-                keys = [(host_id, p) for p in drop]
+                keys = [(host_id, p.point_id) for p in drop]
+                db.executemany(
+                    "INSERT OR IGNORE INTO sweeps (disk_key, gen, manifest) "
+                    "SELECT disk_key, gen, manifest FROM point_disks WHERE host_id = ? AND point_id = ?",
+                    keys,
+                )
                 db.executemany("DELETE FROM point_disks WHERE host_id = ? AND point_id = ?", keys)
                 db.executemany("DELETE FROM points WHERE host_id = ? AND point_id = ?", keys)
-            live = {r[0] for r in self.db.execute("SELECT DISTINCT manifest FROM point_disks")}
-            for path in self.manifests_dir.glob("*.zst"):
-                if path.stem not in live:
-                    path.unlink(missing_ok=True)
         return len(drop)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[sqlite3.Connection]:
+        """The write connection in a transaction, under the write lock (commits wait meanwhile: keep it short)."""
+        with self.write_lock, self._transaction() as db:
+            yield db
 
     # Reading chunks -----------------------------------------------------------------------------------------------
 
@@ -735,11 +968,26 @@ class ChunkStore:
         """The raw bytes of a chunk; zeros for the zero hash. With ``verify`` the data is hashed again."""
         if digest == zero_hash(length):
             return zeros(length)
-        db = self.reader_db
-        row = db.execute("SELECT pack, offset, stored, raw, codec FROM chunks WHERE hash = ?", (digest,)).fetchone()
+        where = self._where(digest)
+        try:
+            return self._read_at(digest, length, where, verify=verify)
+        except PointCorrupt:
+            # Compaction may have moved the chunk (and removed its old pack) between the look-up and the read.
+            moved = self._where(digest)
+            if moved == where:
+                raise
+            return self._read_at(digest, length, moved, verify=verify)
+
+    def _where(self, digest: bytes) -> tuple[int, int, int, int, int]:
+        row = self.reader_db.execute(
+            "SELECT pack, offset, stored, raw, codec FROM chunks WHERE hash = ?", (digest,)
+        ).fetchone()
         if row is None:
             raise PointCorrupt(f"chunk {digest.hex()[:16]}... is missing from the store")
-        pack, offset, stored, raw, codec = row
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4])
+
+    def _read_at(self, digest: bytes, length: int, where: tuple[int, int, int, int, int], *, verify: bool) -> bytes:
+        pack, offset, stored, raw, codec = where
         if raw != length:
             raise PointCorrupt(f"chunk {digest.hex()[:16]}... holds {raw} bytes, {length} expected")
         fd = self._reader_fd(pack)
@@ -761,7 +1009,7 @@ class ChunkStore:
             fd = self._fds.get(pack)
             if fd is None:
                 try:
-                    fd = os.open(self._pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                    fd = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as e:
                     raise PointCorrupt(f"pack {pack} is unreadable: {e.strerror}") from e
                 self._fds[pack] = fd
@@ -777,7 +1025,7 @@ class ChunkStore:
     def locate(self, digest: bytes) -> tuple[Path, int, int] | None:
         """Where a chunk's stored bytes are: (pack file, offset, length). For tests and repair tools."""
         row = self.reader_db.execute("SELECT pack, offset, stored FROM chunks WHERE hash = ?", (digest,)).fetchone()
-        return (self._pack_path(row[0]), row[1], row[2]) if row else None
+        return (self.pack_path(row[0]), row[1], row[2]) if row else None
 
     def footprint(self) -> tuple[int, int, int]:
         """(bytes the store takes: its packs and index, bytes free for it, the size of its filesystem), from the

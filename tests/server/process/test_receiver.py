@@ -97,6 +97,43 @@ def test_frames_after_a_refused_batch_are_not_committed_before_the_stream_fails(
         loop.close()
 
 
+def test_a_point_is_acknowledged_before_anything_that_follows_it_runs(tmp_path: Path) -> None:
+    """What follows a point (retention, then collection: the maintenance thread's) never delays its batch: the
+    committer acknowledges first. Here it waits as long as it likes, and the stream has its acknowledgement already.
+    (The committer pruned and collected before it acknowledged: every agent in the batch waited, and timed out.)"""
+    store = ChunkStore(tmp_path / "process", writer=True, reserve=0)
+    loop = asyncio.new_event_loop()
+    release, running = threading.Event(), threading.Event()
+    acked_while_waiting: list[int] = []
+
+    def after_point(host: str, point_id: str) -> None:
+        running.set()
+        loop.run_until_complete(asyncio.sleep(0))  # the acknowledgements the committer scheduled so far
+        acked_while_waiting.append(stream.acked)
+        release.wait(10)
+
+    try:
+        committer = Committer(store, after_point)
+        row, _ = store.open_disk(HOSTS[0], "/dev/sdb", CHUNK, CHUNK)
+        stream = _Stream(HOSTS[0], "1", row, loop, Writer(), _Budget(1 << 30))  # type: ignore[arg-type]
+        data = os.urandom(CHUNK)
+        root = RootHasher(row.geometry)
+        root.update(chunk_hash(data))
+        close = PointClose(str(uuid.uuid4()), 1.0, root.hexdigest(), "crash-consistent", ("/dev/sdb",))
+        committer._commit(
+            [
+                (stream, ChunkPut(row.disk_key, 0, chunk_hash(data), Codec.RAW, CHUNK, data, 1)),
+                (stream, PointPut(row.disk_key, close, 2)),
+            ]
+        )
+        assert running.is_set() and acked_while_waiting == [2]
+        assert frame(Kind.ACK, seq=2) in stream.writer.sent  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        loop.close()
+        store.close()
+
+
 @pytest.mark.parametrize("bad", ["a sequence of 2^63", "a point whose closing fails"])
 def test_one_bad_stream_in_a_group_commit_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: str
@@ -124,10 +161,10 @@ def test_one_bad_stream_in_a_group_commit_fails_alone(
             bad_item = PointPut(bad_row.disk_key, close, 2)
             real = store._close_point
 
-            def breaks_for_the_bad_disk(db: Any, put: PointPut, now: float) -> Exception | None:
+            def breaks_for_the_bad_disk(db: Any, put: PointPut, now: float, gens: Any) -> Exception | None:
                 if put.disk_key == bad_row.disk_key:
                     raise RuntimeError("something the store did not expect")
-                return real(db, put, now)
+                return real(db, put, now, gens)
 
             monkeypatch.setattr(store, "_close_point", breaks_for_the_bad_disk)
         committer._commit(
