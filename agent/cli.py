@@ -17,7 +17,7 @@ from agent.distros import detect_os, require_supported
 from agent.errors import AgentNotInstalled, ConfirmationRequired, PrerequisitesFailed, RootRequired
 from agent.install_dir import parse_install_dir
 from agent.paths import Paths
-from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
+from agent.prereq import DEFAULT_INSTALL_DIR
 from agent.shared import timefmt
 from agent.shared.cli import Parser, report_error, run
 from agent.shared.errors import BadArguments, Exit, MobilityError
@@ -45,6 +45,8 @@ def cmd_detect_os(args: argparse.Namespace) -> int:
 
 
 def cmd_prereq(args: argparse.Namespace) -> int:
+    from agent.prereq.checks import prerequisite_checks
+
     paths = Paths.checked(args.root)
     report = run_checks(prerequisite_checks(paths, args.install_dir, args.kernel_floor))
     data = {
@@ -329,7 +331,8 @@ def cmd_point(args: argparse.Namespace) -> int:
 def cmd_recovery_check(args: argparse.Namespace) -> int:
     from agent.errors import NotAFailover, RecoveryCheckFailed
     from agent.failover import detect
-    from agent.recovery.checks import BUILTINS, Outcome, render, run_recovery_checks
+    from agent.recovery.builtins import BUILTINS
+    from agent.recovery.checks import Outcome, render, run_recovery_checks
 
     if not 1.0 <= args.timeout <= 86400.0:  # NaN too
         raise BadArguments(f"--timeout {args.timeout:g}: give 1 to 86400 seconds")
@@ -389,7 +392,8 @@ def cmd_freeze_provider(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from agent.bootstrap import bootstrap, merged_settings
+    from agent.bootstrap import bootstrap
+    from agent.bootstrap_conf import merged_settings
 
     paths = Paths.checked(args.root)
     flags = {

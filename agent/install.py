@@ -28,8 +28,8 @@ from agent.freeze import FreezeSetup, install_provider
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, check, claim, release
 from agent.installed import InstallRecord, load_install_record, save_install_record
 from agent.paths import Paths
-from agent.prereq import prerequisite_checks
-from agent.recovery.checks import install_builtin_checks
+from agent.prereq.checks import prerequisite_checks
+from agent.recovery.builtins import install_builtin_checks
 from agent.services import install_units, remove_units, stop_daemon
 from agent.shared import timefmt
 from agent.shared.errors import MobilityError

@@ -194,3 +194,88 @@ def test_self_update_imports_none_of_the_programs_that_start_it() -> None:
         if any(_inside(imported, s) for s in starters)
     ]
     assert not found, "\n".join(found)
+
+
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    """Which modules each module imports (pure): every import, lazy and type-only ones included, resolved to the
+    module it names (``from agent.shared.wire import WireError`` is an edge to agent.shared.wire)."""
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, source in modules.items():
+        for _, imported in imports(source, modules):
+            parts = imported.split(".")
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            target = ".".join(parts)
+            if target and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph``: its strongly connected components of more than one module (Tarjan's
+    algorithm, iterative), each sorted, in sorted order."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        found.append(sorted(component))
+    return sorted(found)
+
+
+def test_no_import_circles() -> None:
+    """No two modules of the product import each other, directly or around a longer circle, not even lazily inside
+    a function or for types only: what two modules both need goes into a module below both."""
+    modules = _modules()
+    graph = import_graph(modules)
+    found = [
+        " <-> ".join(c) + ": " + "; ".join(f"{a} -> {b}" for a in c for b in sorted(graph[a]) if b in c)
+        for c in circles(graph)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_circle_check_sees_circles_of_every_kind() -> None:
+    modules = {
+        "agent": "",
+        "agent.a": "from agent.b import x\n",  # a two-module circle, one side lazy
+        "agent.b": "def f():\n    from agent.a import y\n",
+        "agent.c": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from agent.e import Z\n",
+        "agent.d": "import agent.c\n",  # a three-module circle through a type-only import
+        "agent.e": "from agent import d\n",
+        "agent.f": "from agent.a import x\nimport agent.f\n",  # imports a circle and itself: in none
+        "server": "",
+        "server.g": "from agent.a import x\n",
+    }
+    assert circles(import_graph(modules)) == [["agent.a", "agent.b"], ["agent.c", "agent.d", "agent.e"]]

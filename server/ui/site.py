@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
@@ -56,9 +56,31 @@ from server.ui.history import History
 from server.ui.snapshot import Builder, DiskQuery, MachineQuery, Snapshot, StoreFigures
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from server.datadir import DataDir
+    from server.edge import Connections
+    from server.metrics import ServerMetrics
+    from server.stalls import StallMonitor
+    from server.storage import Storage
 
 log = logging.getLogger("mobility.server.ui")
+
+
+class Serving(Protocol):
+    """What the dashboard reads of the serving instance it runs in (server/app.py's ``Server``, which starts it: the
+    dashboard never imports the API it sits beside)."""
+
+    @property
+    def data(self) -> DataDir: ...
+    @property
+    def storage(self) -> Storage: ...
+    @property
+    def metrics(self) -> ServerMetrics: ...
+    @property
+    def connections(self) -> Connections: ...
+    @property
+    def stalls(self) -> StallMonitor: ...
+    def clock(self) -> float: ...
+
 
 DEFAULT_PORT = 9445
 DEFAULT_REFRESH = 10.0
@@ -131,7 +153,7 @@ def _load_static() -> dict[str, bytes]:
 class Ui:
     """The dashboard of one serving instance."""
 
-    def __init__(self, server: Server, options: UiOptions) -> None:
+    def __init__(self, server: Serving, options: UiOptions) -> None:
         self.server = server
         self.options = options
         self.storage = server.storage

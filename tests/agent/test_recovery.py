@@ -13,11 +13,9 @@ import pytest
 
 from agent.failover import Failover
 from agent.paths import Paths
+from agent.recovery.builtins import BUILTIN_HEADER, builtin_script, install_builtin_checks
 from agent.recovery.checks import (
-    BUILTIN_HEADER,
     Outcome,
-    builtin_script,
-    install_builtin_checks,
     run_recovery_checks,
     runnable_name,
     tail,
