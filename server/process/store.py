@@ -1022,11 +1022,6 @@ class ChunkStore:
         if fd is not None:
             os.close(fd)
 
-    def locate(self, digest: bytes) -> tuple[Path, int, int] | None:
-        """Where a chunk's stored bytes are: (pack file, offset, length). For tests and repair tools."""
-        row = self.reader_db.execute("SELECT pack, offset, stored FROM chunks WHERE hash = ?", (digest,)).fetchone()
-        return (self.pack_path(row[0]), row[1], row[2]) if row else None
-
     def footprint(self) -> tuple[int, int, int]:
         """(bytes the store takes: its packs and index, bytes free for it, the size of its filesystem), from the
         files' sizes: cheap at any size, unlike ``usage``, which sums every chunk."""

@@ -23,6 +23,7 @@ from scripts.replication_lab import Disk, Lab, Machine, Server, read_disk, sh, u
 from tests.conftest import REPO, require_root
 from tests.integration import records
 from tests.postgres import on_postgresql, shared_cluster
+from tests.server.process.stores import locate
 
 pytestmark = pytest.mark.integration
 
@@ -412,7 +413,7 @@ def test_a_flipped_bit_in_the_store_is_found_by_verify_and_test_failover(lab: La
         manifest = store.manifest(found.disks[0])
         hashes = [manifest[i : i + HASH_SIZE] for i in range(0, len(manifest), HASH_SIZE)]
         victim = next(h for h in reversed(hashes) if h != zero_hash(65536))
-        where = store.locate(victim)
+        where = locate(store, victim)
     finally:
         store.close()
     assert where is not None

@@ -50,6 +50,7 @@ from tests.integration.serverproc import (
     server_cli,
     start_server,
 )
+from tests.server.process.stores import locate
 
 pytestmark = pytest.mark.integration
 
@@ -604,7 +605,7 @@ def test_a_failed_failover_leaves_no_image_that_looks_usable(server: ServerProce
     # A corrupt chunk of the second disk: POINT-CORRUPT, and the first disk's whole image is gone as well.
     store = ChunkStore(server.data / "process")
     try:
-        located = store.locate(chunk_hash(sdc[2 * CHUNK : 3 * CHUNK]))
+        located = locate(store, chunk_hash(sdc[2 * CHUNK : 3 * CHUNK]))
     finally:
         store.close()
     assert located is not None
