@@ -429,7 +429,7 @@ class Replication:
         if result.ok:
             self.points_cut += 1
             for r in replicators:
-                r._save_state()
+                r.save_state()
         for request in requests:
             answer_request(self.paths, request, result.to_json())
             self._taken.discard(request)

@@ -30,6 +30,7 @@ import math
 import re
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -67,6 +68,7 @@ MAX_FREEZE_MS = 3_600_000.0  # a freeze window: an hour (the agent's watchdog th
 
 STATES = ("INITIAL_SYNC", "CONTINUOUS", "RESYNC_REQUIRED", "RESYNCING", "PAUSED", "STALLED")
 CONSISTENCY = ("crash-consistent", "app-consistent", "raw-idle", "raw-busy")
+_STRENGTH = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")  # weakest first
 MAX_DISKS = 64
 
 _DISK = re.compile(r"/dev/[A-Za-z0-9][A-Za-z0-9._:+@/-]{0,126}")
@@ -251,6 +253,12 @@ def parse_batch(payload: bytes, count: int, chunk_size: int, chunks: int) -> lis
     if at != len(view):
         raise ProtocolError(f"{len(view) - at} bytes after a batch's last record")
     return out
+
+
+def weakest_consistency(labels: Sequence[str]) -> str:
+    """What a point of several disks is: the weakest of its disks' labels (a label not known here counts as weakest;
+    the agent makes the labels, the process server combines what each disk closed with)."""
+    return min(labels, key=lambda c: _STRENGTH.index(c) if c in _STRENGTH else -1)
 
 
 def parse_json(payload: bytes, what: str) -> Any:

@@ -48,6 +48,7 @@ from server.operators import Operators
 from server.process.service import store_dir
 from server.process.store import DEFAULT_RESERVE, ChunkStore, Point
 from server.rollouts import FAILED, OFFERED, RUNNING, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN, Rollout, Rollouts
+from server.tls import listener_context
 from server.ui import views
 from server.ui.access import SESSION_COOKIE, Access, Who, is_loopback
 from server.ui.actions import Actions
@@ -312,12 +313,8 @@ class Ui:
 
     def _tls(self) -> ssl.SSLContext:
         data = self.server.data
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(data.tls_cert, data.tls_key)
-        ctx.load_verify_locations(cafile=str(data.ca_cert))
-        ctx.verify_mode = ssl.CERT_OPTIONAL  # an operator's certificate logs in; a browser without one gets the form
-        return ctx
+        # Optional: an operator's certificate logs in; a browser without one gets the form.
+        return listener_context(data.tls_cert, data.tls_key, data.ca_cert, ssl.CERT_OPTIONAL)
 
     async def close(self) -> None:
         for t in self._tasks:

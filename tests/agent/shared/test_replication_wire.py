@@ -163,3 +163,12 @@ def test_the_next_point_is_reported_within_bounds_and_shown_with_why_it_waits() 
     assert any(
         "next point: expected freeze 12300 ms" in line and "POSTPONED: expected freeze 12.3 s" in line for line in lines
     )
+
+
+def test_a_point_of_several_disks_is_as_consistent_as_its_weakest() -> None:
+    from agent.shared.replication_wire import weakest_consistency
+
+    assert weakest_consistency(["app-consistent", "crash-consistent"]) == "crash-consistent"
+    assert weakest_consistency(["crash-consistent", "raw-idle", "app-consistent"]) == "raw-idle"
+    assert weakest_consistency(["raw-idle", "raw-busy"]) == "raw-busy"
+    assert weakest_consistency(["app-consistent", "from-a-newer-agent"]) == "from-a-newer-agent"  # unknown: weakest

@@ -206,7 +206,7 @@ def test_what_cannot_be_restored_is_said_and_its_record_kept(
     )
     for f in built.root.glob("index.db*"):
         f.unlink()
-    lock = store_module._take_writer_lock(built.root)
+    lock = store_module.take_writer_lock(built.root)
     try:
         with pytest.raises(StoreBusy):
             repair(built.root)
