@@ -128,9 +128,9 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
     if installed is not None and settings.job_id is None and load_target(paths) is not None:
         return _upgrade_at_boot(paths, installed)
     # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
+    from agent.api_client import parse_fingerprint
     from agent.shared.address import parse_address
     from agent.shared.secretfile import read_secret_file
-    from agent.transport import parse_fingerprint
 
     parse_address(settings.server)
     pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
@@ -173,10 +173,10 @@ def _run(
     job: JobReport,
     sleep: Callable[[float], None],
 ) -> Outcome:
+    from agent.api_client import Client
     from agent.fetch import fetch_bundle
     from agent.registration import configure, trusted_ca
     from agent.shared.address import parse_address
-    from agent.transport import Client
 
     progress = Progress(paths, 6)
     server = parse_address(s.server)

@@ -21,14 +21,14 @@ from pathlib import Path, PurePosixPath
 
 from agent.bundle_dir import copy_verified, read_manifest
 from agent.bundles import Manifest
-from agent.checks import Report, Status, run_checks
+from agent.check_report import Report, Status, run_checks
 from agent.distros import Init, detect_os, require_supported
 from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, PrerequisitesFailed
 from agent.freeze import FreezeSetup, install_provider
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, check, claim, release
 from agent.installed import InstallRecord, load_install_record, save_install_record
 from agent.paths import Paths
-from agent.prereq.checks import prerequisite_checks
+from agent.prereq.prerequisites import prerequisite_checks
 from agent.recovery.builtins import install_builtin_checks
 from agent.services import install_units, remove_units, stop_daemon
 from agent.shared import timefmt

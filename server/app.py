@@ -42,8 +42,8 @@ from server.edge import (
     LINGER_SECONDS,
     MAX_HEADERS,
     MAX_LINE,
+    AdmissionGate,
     Connections,
-    Gate,
     GuardedHandler,
     GuardedSite,
     read_body,
@@ -128,15 +128,15 @@ class Server:
         self.ca_pem = self.data.ca_cert.read_bytes()
         self.connections = Connections(self.max_connections)
         self.credentials = Credentials(self)
-        self._gates: dict[str, Gate] = {}
+        self._gates: dict[str, AdmissionGate] = {}
         self.metrics = ServerMetrics(self.stalls, self.connections)  # /metrics: this instance's own figures
 
-    def gate(self, name: str) -> Gate:
+    def gate(self, name: str) -> AdmissionGate:
         """The gates are made on the serving loop (asyncio primitives belong to one loop)."""
         if name not in self._gates:
             # Heartbeats are cheap once batched (``Credentials``): many may be in flight; the queue bounds memory.
             limit, queue = {"heartbeat": (2000, 4000), "enrol": (WORKERS, 256), "open": (WORKERS * 2, 512)}[name]
-            self._gates[name] = Gate(name, limit, queue)
+            self._gates[name] = AdmissionGate(name, limit, queue)
         return self._gates[name]
 
     async def offload(self, pool: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

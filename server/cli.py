@@ -114,9 +114,9 @@ def _require_empty(db: Database) -> None:
 
     engine = make_engine(db, pool_size=0)
     try:
-        from server.storage import _opening
+        from server.storage import opening
 
-        with _opening(db), engine.connect() as conn:
+        with opening(db), engine.connect() as conn:
             if migrations.current(conn) is not None:
                 raise DatabaseNotEmpty(f"{db} already holds a Mobility server's tables")
     finally:

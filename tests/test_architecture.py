@@ -279,3 +279,88 @@ def test_the_circle_check_sees_circles_of_every_kind() -> None:
         "server.g": "from agent.a import x\n",
     }
     assert circles(import_graph(modules)) == [["agent.a", "agent.b"], ["agent.c", "agent.d", "agent.e"]]
+
+
+def reach_ins(modules: dict[str, str]) -> list[str]:
+    """Where a module uses a private name (``_x``, not a dunder) of another module of the product (pure): imported
+    (``from server.cli import _data``), or through a module or a class it imported (``store_module._fsync_dir``,
+    ``ChunkStore._insert_point_disk``)."""
+    found = []
+    for module, source in modules.items():
+        tree = ast.parse(source)
+        bound: dict[str, str] = {}  # local name -> the product module it came from
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    if sub in modules:  # a module (packages without an __init__ included)
+                        bound[alias.asname or alias.name] = sub
+                    elif node.module in modules:
+                        private = alias.name.startswith("_") and not alias.name.startswith("__")
+                        if private and node.module != module:
+                            found.append(f"{module}:{node.lineno} imports {node.module}.{alias.name}")
+                        bound[alias.asname or alias.name] = node.module
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules and alias.asname:
+                        bound[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and bound.get(node.value.id, module) != module
+            ):
+                found.append(f"{module}:{node.lineno} uses {node.value.id}.{node.attr} of {bound[node.value.id]}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names() -> None:
+    """What another module needs is public (the garbage collector once called the store's _fsync_dir and repair
+    its _insert_point_disk): a private name may change with its module alone."""
+    found = reach_ins(_modules())
+    assert not found, "\n".join(found)
+
+
+def test_the_reach_in_check_sees_each_way_in() -> None:
+    modules = {
+        "server.a": "def _f(): ...\nclass A:\n    def _g(self): ...\n",
+        "server.b": "from server.a import _f\n",
+        "server.c": "from server import a as a_module\na_module._f()\n",
+        "server.d": "from server.a import A\nA._g(None)\nA.__name__\n",
+        "server.e": "from server.a import A\nclass B:\n    def _h(self): self._h()\n",  # its own: fine
+        "server": "",
+    }
+    assert reach_ins(modules) == [
+        "server.b:1 imports server.a._f",
+        "server.c:2 uses a_module._f of server.a",
+        "server.d:2 uses A._g of server.a",
+    ]
+
+
+# Module names a package may repeat, because each names that package's own part of the same role. Any other name
+# says what its module does, once: the agent's checks.py, local.py and transport.py were three pairs of different
+# things under one name each (now check_report, prereq/prerequisites, health/self_checks, recovery/runner;
+# status_commands, replication/local_commands; api_client, replication/stream).
+REPEATED_NAMES = {
+    "__init__",
+    "__main__",
+    "cli",  # each program's and each command package's command line (agent/shared/cli.py: what they share)
+    "errors",  # the agent's, the server's, and agent/shared/'s root
+    "failover",  # the agent's record of being a failover; the process server's images
+    "fetch",  # the bootstrapper's bundle fetch; self-update's
+    "metrics",  # the daemon's own figures; the server's /metrics
+    "progress",  # a command's progress lines; push's per-host progress
+    "state",  # replication's state directory; self-update's records
+}
+
+
+def test_module_names_say_what_they_are() -> None:
+    names: dict[str, list[str]] = {}
+    for module in _modules():
+        names.setdefault(module.split(".")[-1], []).append(module)
+    for package in [m for m in _modules() if any(k.startswith(m + ".") for k in _modules())]:
+        names[package.split(".")[-1]].remove(package)  # a package's own __init__ is not a second module of the name
+    repeated = {name: found for name, found in names.items() if len(found) > 1 and name not in REPEATED_NAMES}
+    assert not repeated, repeated

@@ -1,5 +1,5 @@
 """Prerequisite checks: can the agent be installed on this system? The checks themselves are in
-agent/prereq/checks.py (`prerequisite_checks`); the package holds what the bootstrapper's at-boot no-op and push
+agent/prereq/prerequisites.py (`prerequisite_checks`); the package holds what the bootstrapper's at-boot no-op and push
 need without them."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The agent's own recovery checks (`BUILTINS`): `install_builtin_checks` writes a small script for each into
 /etc/mobility/recovery.d/ that runs `mobility recovery-check --builtin NAME`, which an operator replaces or turns off
-like any other check (agent/recovery/checks.py runs them all)."""
+like any other check (agent/recovery/runner.py runs them all)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_
 from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
 from agent.replication.dirtymap import FULL, DirtyMap
 from agent.replication.hashfile import HashFile
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
 from agent.shared.fsutil import atomic_write

@@ -213,7 +213,7 @@ class RenewRequest:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """One health check as the agent reports it (agent.checks.Result.to_json)."""
+    """One health check as the agent reports it (agent.check_report.Result.to_json)."""
 
     id: str
     status: str

@@ -53,7 +53,7 @@ from agent.status import DaemonStatus
 from agent.update.beside import clean_staging, place_beside
 from agent.update.daemonctl import Supervisor, supervisor_for
 from agent.update.fetch import download_and_unpack
-from agent.update.gate import Commit, Gate, GateSettings, Observation, RollBack
+from agent.update.gate import Commit, GateSettings, HealthGate, Observation, RollBack
 from agent.update.keeper import kept
 from agent.update.state import (
     Baseline,
@@ -237,7 +237,7 @@ class Updater:
             )
             return self._verdict(record, error)
         restarted = record.restarted_at if record.restarted_at is not None else time.time()
-        gate = Gate(settings, record.baseline, record.to_version, restarted)
+        gate = HealthGate(settings, record.baseline, record.to_version, restarted)
         if not self._counting:  # taken over: count from now
             self.supervisor.mark()
         next_probe, reachable, was_reachable = 0.0, None, True

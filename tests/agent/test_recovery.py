@@ -14,12 +14,6 @@ import pytest
 from agent.failover import Failover
 from agent.paths import Paths
 from agent.recovery.builtins import BUILTIN_HEADER, builtin_script, install_builtin_checks
-from agent.recovery.checks import (
-    Outcome,
-    run_recovery_checks,
-    runnable_name,
-    tail,
-)
 from agent.recovery.postgresql import (
     PostgresqlCheck,
     find_clusters,
@@ -27,6 +21,12 @@ from agent.recovery.postgresql import (
     parse_lsclusters,
     replay_summary,
     socket_dir,
+)
+from agent.recovery.runner import (
+    Outcome,
+    run_recovery_checks,
+    runnable_name,
+    tail,
 )
 from tests.agent.test_cli import mobility
 from tests.conftest import require_root

@@ -189,7 +189,7 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
     rng = random.Random(15)  # noqa: S311 - test timing
     freezes = []
     from agent.paths import Paths
-    from agent.replication.local import request_point
+    from agent.replication.local_commands import request_point
 
     paths = Paths(machine.root.resolve())
     for cycle in range(CYCLES):
@@ -274,9 +274,8 @@ def test_kill_9_of_agent_and_process_server_then_resync_converges_to_an_identica
     server.cli("policy", "set", "slow", "--interval", "7d", "--bandwidth", "16M")
     server.cli("protect", "--machine", machine.host_id, "--disk", disk.loop, "--policy", "slow")
     agent = lab.start_agent(machine)
-    left = wait_for("the initial sync under way", lambda: 0 < machine.disk_state(disk).get("bytes_left", 0) < 90 * MIB)
-    wait_for("the stream moving", lambda: 0 < machine.disk_state(disk).get("bytes_left", 0) < left)
-    agent.kill()  # kill -9 mid-stream, during the initial sync
+    wait_for("the initial sync under way", lambda: 0 < machine.disk_state(disk).get("bytes_left", 0) < 90 * MIB)
+    agent.kill()  # kill -9 mid-stream, during the initial sync (some of the disk sent, not all)
     agent.wait(timeout=10)
     server.cli("policy", "set", "slow", "--bandwidth", "0")
     lab.start_agent(machine)

@@ -1,5 +1,5 @@
 """A disk's replication thread (agent/replication/sync.py's DiskReplicator: the initial sync, continuous replication
-and a point's closing, over agent/replication/transport.py) against a simulated process server
+and a point's closing, over agent/replication/stream.py) against a simulated process server
 (tests/agent/replication/simulator.py) that cuts the connection and loses acknowledgements: the replica converges to
 the disk, what was durable is never sent again, what was not is, and a point whose frame was lost is not closed.
 
@@ -22,8 +22,8 @@ import pytest
 from agent.replication import devices
 from agent.replication.chunks import RootHasher, chunk_hash
 from agent.replication.devices import BlockDevice
+from agent.replication.stream import Stream
 from agent.replication.sync import Capture, DiskReplicator
-from agent.replication.transport import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import Kind
 from tests.agent.replication.simulator import Faults, ProcessServerSimulator, simulated

@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import RemoteError
 from agent.replication.chunks import chunk_hash, zero_hash
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.replication_wire import (
     Codec,
     Hello,

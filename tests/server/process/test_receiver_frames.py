@@ -1,5 +1,5 @@
 """server/process/receiver.py's frame handling, seen from the agent's side of one stream (agent/replication/
-transport.py's Stream, real TLS, a real chunk store, no root): frames apply in sequence order and out-of-order ones
+stream.py's Stream, real TLS, a real chunk store, no root): frames apply in sequence order and out-of-order ones
 end the stream, a chunk must be a chunk of the disk and match its hash, what is refused is never kept, and a
 reconnection is welcomed with exactly what was made durable and the replica's hashes."""
 

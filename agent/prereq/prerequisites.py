@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from agent.checks import Check, Result, Status
+from agent.check_report import Check, Result, Status
 from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify, gather_facts, require_supported
 from agent.paths import Paths
 from agent.prereq import DEFAULT_INSTALL_DIR, MIN_FREE_BYTES

@@ -1,4 +1,4 @@
-"""agent/replication/transport.py against a simulated process server (tests/agent/replication/simulator.py): what
+"""agent/replication/stream.py against a simulated process server (tests/agent/replication/simulator.py): what
 the window settles, hands back and refuses when acknowledgements are dropped, delayed, reordered or duplicated, when
 the connection is cut before or after a frame is durable, and when the server errs, refuses a batch's records or lost
 what it had acknowledged. Real TLS on loopback, no root, milliseconds each."""
@@ -16,7 +16,7 @@ import pytest
 
 from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
 from agent.replication.chunks import zero_hash
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import (
     HASH_SIZE,
