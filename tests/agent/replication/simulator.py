@@ -91,6 +91,7 @@ class ProcessServerSimulator:
         self._lock = threading.Lock()
         self._server_context, self.client_context = _contexts(tls_dir)
         self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # the accepting thread looks at _stop this often
         self.port = self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._current: ssl.SSLSocket | None = None
@@ -148,7 +149,6 @@ class ProcessServerSimulator:
     # Serving ------------------------------------------------------------------------------------------------------
 
     def _accept(self) -> None:
-        self._listener.settimeout(0.1)
         while not self._stop.is_set():
             try:
                 raw, _ = self._listener.accept()
@@ -226,9 +226,11 @@ class ProcessServerSimulator:
             held.clear()
 
     def replica_hashes(self) -> bytes:
-        """The replica's chunk hashes in order, a chunk never written as zeros (what a new replica holds)."""
+        """The replica's chunk hashes in order, a chunk never written as zeros (what a new replica holds); nothing
+        before an agent said which disk it is."""
         g = self.geometry
-        assert g is not None
+        if g is None:
+            return b""
         return b"".join(self.replica.get(i) or zero_hash(g.length(i)) for i in range(g.count))
 
     def _apply(self, geometry: Geometry, header: Header, payload: bytes) -> None:

@@ -191,3 +191,21 @@ def test_a_point_whose_frame_is_lost_with_the_connection_is_not_closed(
     wait("the reconnection", lambda: sim.connections == 2, timeout=30)
     again = point(r)  # the next point closes
     assert again.point_ok and [p.point_id for p in sim.points] == [again.point_id]
+
+
+def test_a_process_server_that_moved_gets_what_the_old_one_did_not_acknowledge(
+    start: Callable[[], DiskReplicator], sim: ProcessServerSimulator, image: Path, tmp_path: Path
+) -> None:
+    """The engine's retarget (a heartbeat named another process server): the disk's thread breaks off its stream,
+    connects to the new address, and since the new server holds less than the old one acknowledged, resyncs the
+    disk against the new one's replica until it is the disk."""
+    r = start()
+    wait("the replica in sync", lambda: in_sync(r, sim, image))
+    sim.faults = Faults(silent=True)  # the old one stops answering
+    write(r, image, [4, 44])
+    with simulated(tmp_path / "new") as moved:
+        r.context = lambda: moved.client_context  # the new server's CA, as a renewed context would carry
+        r.retarget(ServerAddress("127.0.0.1", moved.port))
+        wait("the new replica in sync", lambda: in_sync(r, moved, image), timeout=30)
+        assert set(moved.chunks(connection=1)) | set(moved.chunks(connection=2)) >= {4, 44}
+        assert r.stream.address.port == moved.port
