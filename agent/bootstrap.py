@@ -13,15 +13,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from agent import __version__
 from agent.backoff import with_backoff
+from agent.bootstrap_conf import BootstrapSettings, passphrase_path
 from agent.bundle_dir import unpack
 from agent.bundles import version_key
 from agent.distros import detect_os, require_supported
 from agent.errors import (
-    BootstrapConfigInvalid,
     InstallDirInvalid,
     RemoteBusy,
     ServerUnreachable,
@@ -32,82 +31,15 @@ from agent.failover import load_failover, speaks_as_source
 from agent.faults import fault_point
 from agent.identity import collect_facts, load_registration, machine_hostname
 from agent.install import install, install_lock, log
-from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, parse_install_dir
+from agent.install_dir import parse_install_dir
 from agent.installed import InstallRecord, load_install_record
 from agent.lastjob import load_last_job, save_last_job
 from agent.paths import Paths
 from agent.services import start_daemon
 from agent.shared.errors import FreezeNotReady, IoFailed, MobilityError
-from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file, remove
+from agent.shared.fsutil import atomic_write, remove
 from agent.shared.wire import JobReport
 from agent.update.state import declined, load_record, load_target, unfinished, updater_running
-
-
-@dataclass(frozen=True)
-class BootstrapSettings:
-    server: str
-    passphrase_file: str
-    fingerprint: str | None = None
-    install_dir: InstallDir = DEFAULT_INSTALL_DIR
-    role: str = "MS"
-    platform: str = "VmWare"
-    retry_for: float = 120.0  # total time to keep trying an unreachable server before exit 75
-    bundle: str | None = None  # an unpacked bundle to install instead of fetching one (push install copies it)
-    job_id: str | None = None  # report under this job (push install creates it on the server first)
-
-
-def parse_bootstrap_conf(text: str, source: str) -> dict[str, str]:
-    """`key = value` lines; `#` comments. Pure."""
-    known = {"server", "fingerprint", "passphrase_file", "install_dir", "role", "platform", "retry_for"}
-    found: dict[str, str] = {}
-    for n, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        key, sep, value = line.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in known:
-            raise BootstrapConfigInvalid(f"{source}:{n}: expected one of {', '.join(sorted(known))} = value")
-        found[key] = value.strip()
-    return found
-
-
-MAX_BOOTSTRAP_CONF = 64 * 1024  # a few lines
-
-
-def read_bootstrap_conf(paths: Paths) -> str:
-    """The text of bootstrap.conf: a small regular text file (a FIFO, a device or a huge file is refused)."""
-    try:
-        _, data = read_small_file(paths.bootstrap_conf, MAX_BOOTSTRAP_CONF)
-        return data.decode()
-    except (OSError, NotSmallRegularFile, UnicodeDecodeError) as e:
-        raise BootstrapConfigInvalid(f"{paths.bootstrap_conf}: {getattr(e, 'strerror', None) or e}") from e
-
-
-def passphrase_path(paths: Paths, value: str) -> Path:
-    """Where ``passphrase_file`` is: an absolute one is a file of the root image, read as its chroot would."""
-    if not Path(value).is_absolute() or paths.root == paths.root.parent:
-        return Path(value)
-    return paths.resolve(value)
-
-
-def merged_settings(paths: Paths, flags: dict[str, Any]) -> BootstrapSettings:
-    """bootstrap.conf, then the flags given on the command line (flags win)."""
-    conf: dict[str, Any] = {}
-    if paths.bootstrap_conf.exists():
-        conf = dict(parse_bootstrap_conf(read_bootstrap_conf(paths), str(paths.bootstrap_conf)))
-        if "install_dir" in conf:  # input like -d (which the command line parsed already)
-            conf["install_dir"] = parse_install_dir(conf["install_dir"], f"install_dir in {paths.bootstrap_conf}")
-    conf.update({k: v for k, v in flags.items() if v is not None})
-    missing = [k for k in ("server", "passphrase_file") if not conf.get(k)]
-    if missing:
-        raise BootstrapConfigInvalid(f"no {' or '.join(missing)}: give -i/-P or set them in {paths.bootstrap_conf}")
-    if "retry_for" in conf:
-        try:
-            conf["retry_for"] = float(conf["retry_for"])
-        except ValueError as e:
-            raise BootstrapConfigInvalid(f"retry_for = {conf['retry_for']!r} is not a number of seconds") from e
-    return BootstrapSettings(**conf)
 
 
 @dataclass(frozen=True)
@@ -196,9 +128,9 @@ def bootstrap(paths: Paths, settings: BootstrapSettings, sleep: Callable[[float]
     if installed is not None and settings.job_id is None and load_target(paths) is not None:
         return _upgrade_at_boot(paths, installed)
     # Imported past the at-boot no-op, which needs neither (TLS, HTTP, the server API: ~30 ms of imports).
+    from agent.api_client import parse_fingerprint
     from agent.shared.address import parse_address
     from agent.shared.secretfile import read_secret_file
-    from agent.transport import parse_fingerprint
 
     parse_address(settings.server)
     pinned = parse_fingerprint(settings.fingerprint) if settings.fingerprint else None
@@ -241,10 +173,10 @@ def _run(
     job: JobReport,
     sleep: Callable[[float], None],
 ) -> Outcome:
+    from agent.api_client import Client
     from agent.fetch import fetch_bundle
     from agent.registration import configure, trusted_ca
     from agent.shared.address import parse_address
-    from agent.transport import Client
 
     progress = Progress(paths, 6)
     server = parse_address(s.server)
@@ -392,4 +324,4 @@ def _job_kind(paths: Paths) -> str:
     return "upgrade" if version_key(installed.version or "0") < version_key(__version__) else "configure"
 
 
-__all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "merged_settings", "with_backoff"]
+__all__ = ["BootstrapSettings", "Outcome", "bootstrap", "is_current", "with_backoff"]

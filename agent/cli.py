@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import __version__
-from agent.checks import Status, render, run_checks
+from agent.check_report import Status, render, run_checks
 from agent.distros import detect_os, require_supported
 from agent.errors import AgentNotInstalled, ConfirmationRequired, PrerequisitesFailed, RootRequired
 from agent.install_dir import parse_install_dir
 from agent.paths import Paths
-from agent.prereq import DEFAULT_INSTALL_DIR, prerequisite_checks
+from agent.prereq import DEFAULT_INSTALL_DIR
 from agent.shared import timefmt
 from agent.shared.cli import Parser, report_error, run
 from agent.shared.errors import BadArguments, Exit, MobilityError
@@ -45,6 +45,8 @@ def cmd_detect_os(args: argparse.Namespace) -> int:
 
 
 def cmd_prereq(args: argparse.Namespace) -> int:
+    from agent.prereq.prerequisites import prerequisite_checks
+
     paths = Paths.checked(args.root)
     report = run_checks(prerequisite_checks(paths, args.install_dir, args.kernel_floor))
     data = {
@@ -61,10 +63,10 @@ def cmd_prereq(args: argparse.Namespace) -> int:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
+    from agent.api_client import parse_fingerprint
     from agent.failover import detect as detect_failover
     from agent.registration import configure
     from agent.shared.secretfile import read_secret_file
-    from agent.transport import parse_fingerprint
 
     paths = Paths.checked(args.root)
     pinned = parse_fingerprint(args.cs_fingerprint) if args.cs_fingerprint else None
@@ -258,7 +260,7 @@ def _require_installed(paths: Paths) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.local import local_status
+    from agent.status_commands import local_status
 
     paths = _require_root(args)
     _require_installed(paths)
@@ -295,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(
             f"last upgrade:   {up['from_version']} -> {up['to_version']}: {up['phase']}" + (f" ({why})" if why else "")
         )
-    from agent.replication.local import local_replication, status_lines
+    from agent.replication.local_commands import local_replication, status_lines
 
     data["replication"] = local_replication(Paths.checked(args.root))
     lines += status_lines(data["replication"])
@@ -314,7 +316,7 @@ def _failover_line(doc: dict[str, object], host_id: object) -> str:
 
 
 def cmd_point(args: argparse.Namespace) -> int:
-    from agent.replication.local import request_point
+    from agent.replication.local_commands import request_point
 
     result = request_point(_require_root(args), timeout=args.timeout)
     frozen = "; ".join(f"{m['mount']} ({m['type']} on {', '.join(m['disks'])})" for m in result.get("frozen", []))
@@ -329,7 +331,8 @@ def cmd_point(args: argparse.Namespace) -> int:
 def cmd_recovery_check(args: argparse.Namespace) -> int:
     from agent.errors import NotAFailover, RecoveryCheckFailed
     from agent.failover import detect
-    from agent.recovery.checks import BUILTINS, Outcome, render, run_recovery_checks
+    from agent.recovery.builtins import BUILTINS
+    from agent.recovery.runner import Outcome, render, run_recovery_checks
 
     if not 1.0 <= args.timeout <= 86400.0:  # NaN too
         raise BadArguments(f"--timeout {args.timeout:g}: give 1 to 86400 seconds")
@@ -354,7 +357,7 @@ def cmd_recovery_check(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from agent.local import local_health
+    from agent.status_commands import local_health
 
     paths = _require_root(args)
     _require_installed(paths)
@@ -366,7 +369,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_diagnostics(args: argparse.Namespace) -> int:
     from agent.diagnostics import collect
-    from agent.local import local_health
+    from agent.status_commands import local_health
 
     paths = _require_root(args)
     health, report = local_health(paths)
@@ -389,7 +392,8 @@ def cmd_freeze_provider(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from agent.bootstrap import bootstrap, merged_settings
+    from agent.bootstrap import bootstrap
+    from agent.bootstrap_conf import merged_settings
 
     paths = Paths.checked(args.root)
     flags = {

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import psutil
 
 from agent import __version__
-from agent.checks import Status, run_checks
+from agent.check_report import Status, run_checks
 from agent.config import AgentConfig, load_config
 from agent.failover import detect as detect_failover
 from agent.failover import speaks_as_source
@@ -48,7 +48,7 @@ from agent.shared.errors import MobilityError
 from agent.status import DaemonStatus
 from agent.update.state import (
     Phase,
-    Target,
+    TargetRecord,
     declined,
     load_record,
     load_target,
@@ -439,7 +439,7 @@ class Daemon:
         except wire.WireError as e:
             log.warning("ignoring the server's update answer: %s", e)
             return
-        target = Target(named.version, named.job_id, named.pinned, self.now) if named is not None else None
+        target = TargetRecord(named.version, named.job_id, named.pinned, self.now) if named is not None else None
         before = load_target(self.paths)
         if (before and (before.version, before.job_id, before.pinned)) != (
             target and (target.version, target.job_id, target.pinned)
@@ -450,7 +450,7 @@ class Daemon:
             save_target(self.paths, target)
         self.start_upgrade_if_due(target)
 
-    def start_upgrade_if_due(self, target: Target | None) -> None:
+    def start_upgrade_if_due(self, target: TargetRecord | None) -> None:
         """Start the upgrade watcher when there is an upgrade to make or one to finish, and none runs. The watcher
         is the program of the version the upgrade started from (this one, unless this is its new version)."""
         if self.copy_of is not None:

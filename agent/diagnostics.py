@@ -46,7 +46,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 def known_secrets(paths: Paths) -> list[str]:
     """Secret values this machine holds: the passphrase or token file named in bootstrap.conf (read by the
     bootstrap's own parser; a conf it refuses names no file, and is collected redacted like any other)."""
-    from agent.bootstrap import parse_bootstrap_conf, passphrase_path, read_bootstrap_conf
+    from agent.bootstrap_conf import parse_bootstrap_conf, passphrase_path, read_bootstrap_conf
 
     try:
         conf = parse_bootstrap_conf(read_bootstrap_conf(paths), str(paths.bootstrap_conf))

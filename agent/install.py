@@ -21,19 +21,19 @@ from pathlib import Path, PurePosixPath
 
 from agent.bundle_dir import copy_verified, read_manifest
 from agent.bundles import Manifest
-from agent.checks import Report, Status, run_checks
+from agent.check_report import Report, Status, run_checks
 from agent.distros import Init, detect_os, require_supported
 from agent.errors import BundleWrongOs, InstallBusy, InstallFailed, PrerequisitesFailed
 from agent.freeze import FreezeSetup, install_provider
 from agent.install_dir import DEFAULT_INSTALL_DIR, InstallDir, check, claim, release
 from agent.installed import InstallRecord, load_install_record, save_install_record
 from agent.paths import Paths
-from agent.prereq import prerequisite_checks
-from agent.recovery.checks import install_builtin_checks
+from agent.prereq.prerequisites import prerequisite_checks
+from agent.recovery.builtins import install_builtin_checks
 from agent.services import install_units, remove_units, stop_daemon
 from agent.shared import timefmt
 from agent.shared.errors import MobilityError
-from agent.shared.fsutil import append_text, open_lock_file, remove
+from agent.shared.fsutil import append_text, fsync_dir, open_lock_file, remove
 
 COMPLETE = ".complete"
 
@@ -173,7 +173,7 @@ def place_version(bundle: Path, manifest_bytes: bytes, manifest: Manifest, targe
         with contextlib.suppress(OSError):
             remove(staging)
         raise
-    _sync_dir(versions)
+    fsync_dir(versions)
 
 
 def activate_version(
@@ -220,7 +220,7 @@ def switch_current(target: Path, version: str) -> None:
     remove(tmp)
     tmp.symlink_to(f"versions/{version}")
     os.replace(tmp, target / "current")
-    _sync_dir(target)
+    fsync_dir(target)
 
 
 def prune_versions(versions: Path, keep: set[str]) -> None:
@@ -229,15 +229,6 @@ def prune_versions(versions: Path, keep: set[str]) -> None:
         if entry.name not in keep:
             with contextlib.suppress(OSError):
                 remove(entry)
-
-
-def _sync_dir(directory: Path) -> None:
-    # A rename is durable once its directory is: after a power cut the new name is there, not the old one.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

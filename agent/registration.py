@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
+from agent.api_client import Client, ca_fingerprint, fetch_pinned_ca
 from agent.backoff import with_backoff
 from agent.errors import FailoverTestSilent, FingerprintMismatch, NotRegistered, RemoteBusy
 from agent.failover import Failover, registered, speaks_as_source
@@ -31,7 +32,6 @@ from agent.paths import Paths
 from agent.shared import wire
 from agent.shared.address import ServerAddress, parse_address
 from agent.shared.fsutil import atomic_write
-from agent.transport import Client, ca_fingerprint, fetch_pinned_ca
 
 log = logging.getLogger("mobility.registration")
 

@@ -68,7 +68,7 @@ NOT_IN_BOOTSTRAP = (
 # Never in a frozen program: the test suite's fault injector and the sitecustomize that loads it (agent/faults.py).
 # The suite runs this build with them on PYTHONPATH, where PyInstaller's analysis would otherwise find them.
 TEST_ONLY = ("tests", "sitecustomize")
-BOOTSTRAP_NEEDS = ("agent.fetch", "agent.registration", "agent.transport", "agent.bundles", "agent.install")
+BOOTSTRAP_NEEDS = ("agent.fetch", "agent.registration", "agent.api_client", "agent.bundles", "agent.install")
 
 AGENT_RUNTIME = "_internal"  # mobility/_internal/: the agent's PyInstaller program, libraries and C runtime
 VERSION_FILE = "VERSION"  # beside the frozen modules: the version a build packs (agent/__init__.py reads it)

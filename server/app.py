@@ -42,8 +42,8 @@ from server.edge import (
     LINGER_SECONDS,
     MAX_HEADERS,
     MAX_LINE,
+    AdmissionGate,
     Connections,
-    Gate,
     GuardedHandler,
     GuardedSite,
     read_body,
@@ -72,6 +72,7 @@ from server.repository import Repository
 from server.rollouts import target_of
 from server.stalls import StallMonitor
 from server.storage import Beat, Credential, Storage, Tx
+from server.tls import listener_context, peer_identity
 
 if TYPE_CHECKING:
     from server.ui.site import UiOptions
@@ -127,15 +128,15 @@ class Server:
         self.ca_pem = self.data.ca_cert.read_bytes()
         self.connections = Connections(self.max_connections)
         self.credentials = Credentials(self)
-        self._gates: dict[str, Gate] = {}
+        self._gates: dict[str, AdmissionGate] = {}
         self.metrics = ServerMetrics(self.stalls, self.connections)  # /metrics: this instance's own figures
 
-    def gate(self, name: str) -> Gate:
+    def gate(self, name: str) -> AdmissionGate:
         """The gates are made on the serving loop (asyncio primitives belong to one loop)."""
         if name not in self._gates:
             # Heartbeats are cheap once batched (``Credentials``): many may be in flight; the queue bounds memory.
             limit, queue = {"heartbeat": (2000, 4000), "enrol": (WORKERS, 256), "open": (WORKERS * 2, 512)}[name]
-            self._gates[name] = Gate(name, limit, queue)
+            self._gates[name] = AdmissionGate(name, limit, queue)
         return self._gates[name]
 
     async def offload(self, pool: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
@@ -229,11 +230,10 @@ def client_certificate(request: web.Request) -> tuple[str, str]:
     cert = transport.get_extra_info("peercert") if transport is not None else None
     if not cert:
         raise ClientCertRequired("this call needs the machine's client certificate (mutual TLS)")
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value), str(cert.get("serialNumber", ""))
-    raise ClientCertRequired("the client certificate has no common name")
+    identity = peer_identity(cert)
+    if identity is None:
+        raise ClientCertRequired("the client certificate has no common name")
+    return identity
 
 
 def client_host_id(request: web.Request) -> str:
@@ -544,15 +544,6 @@ def build_app(server: Server) -> web.Application:
     return app
 
 
-def tls_context(data: DataDir) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(data.tls_cert, data.tls_key)
-    ctx.load_verify_locations(cafile=str(data.ca_cert))
-    ctx.verify_mode = ssl.CERT_OPTIONAL  # enrolment comes before the client has a certificate
-    return ctx
-
-
 def open_server(
     data: DataDir,
     db: Database,
@@ -661,7 +652,12 @@ async def serve(
     )
     await runner.setup()
     site = GuardedSite(
-        runner, host, port, connections=server.connections, ssl_context=tls_context(server.data), backlog=LISTEN_BACKLOG
+        runner,
+        host,
+        port,
+        connections=server.connections,
+        ssl_context=listener_context(server.data.tls_cert, server.data.tls_key, server.data.ca_cert, ssl.CERT_OPTIONAL),
+        backlog=LISTEN_BACKLOG,
     )
     try:
         await site.start()

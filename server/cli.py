@@ -6,12 +6,11 @@ import argparse
 import datetime as dt
 import json
 import logging
-import math
 import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,12 +22,20 @@ from agent.shared.errors import BadArguments, Exit
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
 from agent.shared.textsafe import printable, shown
 from server import __version__
+from server.commandline import (
+    count,
+    data_dir,
+    open_database,
+    open_storage,
+    parse_duration,
+    parse_size,
+    print_table,
+    seconds,
+)
 from server.datadir import DEFAULT_DATA_DIR, DataDir
 from server.errors import (
-    BadDuration,
     DatabaseNotEmpty,
     DataDirInitialised,
-    DataDirNotInitialised,
     DataDirPermissions,
     MachineNotFound,
     PushTargetInvalid,
@@ -36,7 +43,6 @@ from server.errors import (
 
 if TYPE_CHECKING:  # the database and the PKI are imported where used: `--help` and the refusals start in a blink
     from server.database import Database
-    from server.storage import Storage
 
 DEFAULT_GRACE = "24h"
 # The bounds of the numeric flags (tests/security/test_server_commands.py gives each one values past them).
@@ -47,68 +53,6 @@ MAX_FLEET = 10**6  # machines: a rollout's failures, a wave's size
 MAX_PUSH_PARALLEL = 1000
 DEFAULT_PROCESS_PORT = 9444
 MAX_HOSTS_FILE = 1 << 20  # one HOST[:PORT] per line: tens of thousands of hosts
-_DURATION = re.compile(r"^([0-9]{1,12})([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_DURATION_DAYS = 3650  # ten years: longer than any lifetime, grace or timeout here, so a typo
-MAX_SIZE = 1 << 50  # 1 PiB: more than any reserve or rate here, and far inside the 64 bits a database stores
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from 30s, 5m, 12h, 7d (at most ten years); BAD-DURATION otherwise."""
-    m = _DURATION.match(text.strip())
-    if not m or int(m.group(1)) == 0:
-        raise BadDuration(f"{shown(text, 40)} is not a duration")
-    seconds = int(m.group(1)) * _UNITS[m.group(2)]
-    if seconds > MAX_DURATION_DAYS * 86400:
-        raise BadDuration(f"{shown(text, 40)} is longer than {MAX_DURATION_DAYS} days")
-    return seconds
-
-
-def count(low: int, high: int) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number from ``low`` to ``high``. Bounded where it enters: a number past what makes
-    sense (or past the 64 bits a database stores) is the flag's USAGE error, never an overflow deeper down."""
-
-    def parse(text: str) -> int:
-        value = text.strip()
-        if not re.fullmatch(r"[+-]?[0-9]{1,19}", value) or not low <= int(value) <= high:
-            raise argparse.ArgumentTypeError(f"{shown(text, 40)} is not a whole number from {low} to {high}")
-        return int(value)
-
-    return parse
-
-
-def seconds(low: float, high: float) -> Callable[[str], float]:
-    """An argparse ``type``: a number of seconds from ``low`` to ``high`` (not NaN, not infinite)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{shown(text, 40)} is not a number of seconds from {low:g} to {high:g}")
-        return value
-
-    return parse
-
-
-def _data(args: argparse.Namespace) -> DataDir:
-    data = DataDir(Path(args.data))
-    if not data.initialised_marker.exists():
-        raise DataDirNotInitialised(f"{data.root} is not an initialised server data directory")
-    return data
-
-
-def _database(args: argparse.Namespace, data: DataDir) -> Database:
-    from server.database import database_for
-
-    return database_for(data, getattr(args, "database", None))
-
-
-def _storage(args: argparse.Namespace, data: DataDir) -> Storage:
-    from server.storage import Storage
-
-    return Storage.open(_database(args, data), pool_size=0)
 
 
 def check_permissions(data: DataDir) -> None:
@@ -138,7 +82,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     data = DataDir(Path(args.data))
     if data.initialised_marker.exists():
         raise DataDirInitialised(f"{data.root} already holds an initialised server")
-    db = _database(args, data)
+    db = open_database(args, data)
     if db.postgresql or (db.sqlite_path is not None and db.sqlite_path.exists()):
         _require_empty(db)
     data.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -170,9 +114,9 @@ def _require_empty(db: Database) -> None:
 
     engine = make_engine(db, pool_size=0)
     try:
-        from server.storage import _opening
+        from server.storage import opening
 
-        with _opening(db), engine.connect() as conn:
+        with opening(db), engine.connect() as conn:
             if migrations.current(conn) is not None:
                 raise DatabaseNotEmpty(f"{db} already holds a Mobility server's tables")
     finally:
@@ -180,12 +124,12 @@ def _require_empty(db: Database) -> None:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    data = _data(args)  # refused before the heavier imports
+    data = data_dir(args)  # refused before the heavier imports
     from server.nonces import load_or_create_key
     from server.storage import Storage
 
     check_permissions(data)
-    db = _database(args, data)
+    db = open_database(args, data)
     before, after = Storage.upgrade(db)
     load_or_create_key(data.nonce_key)
     if before == after:
@@ -196,7 +140,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    data = _data(args)  # refused before the heavier imports
+    data = data_dir(args)  # refused before the heavier imports
     from server import pki
     from server.app import open_server, serve
 
@@ -220,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-open chatter; `upgrade` prints what it did
     server = open_server(
         data,
-        _database(args, data),
+        open_database(args, data),
         heartbeat_interval=args.heartbeat_interval,
         new_database=args.new_database,
         max_connections=args.max_connections,
@@ -304,36 +248,12 @@ def _host_port(text: str, flag: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-_SIZE = re.compile(r"^([0-9]{1,19})([KMGTP]?)(i?B)?$", re.IGNORECASE)
-
-
-def parse_size(text: str, flag: str, high: int = MAX_SIZE) -> int:
-    """Bytes from 512M, 2G, 100MiB, 0 (powers of 1024), at most ``high``; USAGE otherwise."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise BadArguments(f"{flag} {shown(text, 40)} is not a size (like 512M or 2G)")
-    unit = m.group(2).upper()
-    size = int(m.group(1)) * (1024 ** ("KMGTP".index(unit) + 1) if unit else 1)
-    if size > high:
-        raise BadArguments(f"{flag} {shown(text, 40)} is more than {_size_text(high)}")
-    return size
-
-
-def _size_text(size: int) -> str:
-    """``size`` in the largest power-of-1024 unit that divides it (1 TiB, 1536 MiB)."""
-    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
-        scale = 1024 ** ("KMGTP".index(unit[0]) + 1)
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
-    return f"{size} bytes"
-
-
 def cmd_passphrase(args: argparse.Namespace) -> int:
-    data = _data(args)
+    data = data_dir(args)
     if args.action == "rotate":
         from server import pki
 
-        storage = _storage(args, data)
+        storage = open_storage(args, data)
         old = data.passphrase.read_text().strip()
         # Keep the old one valid first: a crash between the two steps leaves both working, never neither.
         storage.retire_passphrase(old, time.time() + parse_duration(args.grace))
@@ -347,9 +267,9 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     from server.enrolment import create_token
 
-    data = _data(args)
+    data = data_dir(args)
     ttl = parse_duration(args.ttl)
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     try:
         _, token = create_token(storage, ttl, args.uses, time.time())
     finally:
@@ -359,12 +279,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_machines(args: argparse.Namespace) -> int:
-    data = _data(args)
+    data = data_dir(args)
     if args.action != "list":
         return _change_machine(args, data)
     if args.host_id is not None:
         raise BadArguments("`machines` lists every machine; `machines remove|revoke HOST_ID` changes one")
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     now = time.time()
     rows: list[dict[str, Any]] = []
     for m in storage.machines():
@@ -410,14 +330,14 @@ def cmd_machines(args: argparse.Namespace) -> int:
         "failover_of",
     )
     table = [[r[c] if c != "last_seen" else timefmt.shown(r[c]) for c in cols] for r in rows]
-    _print_table([c.upper() for c in cols], table)
+    print_table([c.upper() for c in cols], table)
     return Exit.OK
 
 
 def _change_machine(args: argparse.Namespace, data: DataDir) -> int:
     if not args.host_id:
         raise BadArguments(f"`machines {args.action}` needs the HOST_ID of the machine")
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     try:
         done = storage.revoke(args.host_id, time.time()) if args.action == "revoke" else storage.remove(args.host_id)
         if not done and (args.action == "remove" or storage.machine(args.host_id) is None):
@@ -432,15 +352,15 @@ def _change_machine(args: argparse.Namespace, data: DataDir) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    data = _data(args)
-    storage = _storage(args, data)
+    data = data_dir(args)
+    storage = open_storage(args, data)
     jobs = storage.jobs()
     storage.close()
     if args.json:
         print(json.dumps([asdict(j) for j in jobs], indent=2))
         return Exit.OK
     cols = ("job_id", "hostname", "kind", "state", "error_id", "remediation")
-    _print_table([c.upper() for c in cols], [[getattr(j, c) for c in cols] for j in jobs])
+    print_table([c.upper() for c in cols], [[getattr(j, c) for c in cols] for j in jobs])
     return Exit.OK
 
 
@@ -468,7 +388,7 @@ def _host_ids(text: str) -> list[str]:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    data = _data(args)  # refused before the heavier imports
+    data = data_dir(args)  # refused before the heavier imports
     from server.rollouts import Rollouts, Selection, parse_version, parse_wave
 
     if args.halt:
@@ -499,7 +419,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         selection = Selection(
             all=args.all, os_tag=args.os_tag, machines=tuple(_host_ids(args.machines)) if args.machines else ()
         )
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     try:
         rollouts = Rollouts(storage)
         now = time.time()
@@ -522,7 +442,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 def cmd_updates(args: argparse.Namespace) -> int:
     from server.rollouts import Rollouts
 
-    storage = _storage(args, _data(args))
+    storage = open_storage(args, data_dir(args))
     try:
         listing = Rollouts(storage).listing()
     finally:
@@ -568,16 +488,16 @@ def _print_rollout(rollout: Any, members: list[Any]) -> None:
         ]
         for m in members
     ]
-    _print_table(cols, rows)
+    print_table(cols, rows)
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
     from server.rollouts import Rollouts, parse_version
 
-    data = _data(args)
+    data = data_dir(args)
     host_ids = _host_ids(",".join(args.host_ids))
     version = parse_version(args.to) if args.command == "pin" and args.to else None
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     try:
         rollouts = Rollouts(storage)
         if args.command == "unpin":
@@ -603,8 +523,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
     from server.repository import Repository
     from server.storage import Storage
 
-    data = _data(args)
-    db = _database(args, data)
+    data = data_dir(args)
+    db = open_database(args, data)
     storage = Storage.open(db, pool_size=0) if db.postgresql else None
     try:
         return _repo(args, Repository(data, storage=storage))
@@ -638,20 +558,12 @@ def _repo(args: argparse.Namespace, repo: Any) -> int:
     if args.json:
         print(json.dumps([asdict(e) for e in entries], indent=2, default=str))
     else:
-        _print_table(["NAME", "OS TAG", "VERSION", "SIZE"], [[e.name, e.os_tag, e.version, e.size] for e in entries])
+        print_table(["NAME", "OS TAG", "VERSION", "SIZE"], [[e.name, e.os_tag, e.version, e.size] for e in entries])
     return Exit.OK
 
 
-def _print_table(header: list[str], rows: list[list[Any]]) -> None:
-    # Client-supplied text (hostnames, messages) never reaches the terminal raw: no escape sequences, no forged lines.
-    cells = [header, *[["-" if v is None else printable(str(v), 120) for v in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-
-
 def cmd_push(args: argparse.Namespace) -> int:
-    data = _data(args)  # refused before the heavier imports
+    data = data_dir(args)  # refused before the heavier imports
     from agent.shared.address import parse_address
     from server.push.progress import progress_for
     from server.push.run import default_server_address, load_credentials, push
@@ -677,7 +589,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         timeout=args.timeout,
         progress=progress_for(args.json),
-        database=_database(args, data),
+        database=open_database(args, data),
     )
     failed = [r for r in results if not r.ok]
     if args.json:

@@ -11,9 +11,9 @@
   ``KEEPALIVE_SECONDS``.
 - **Malformed requests**: a request line or header over 8 KiB, or more than 64 headers, is 431 HEADERS-TOO-LARGE,
   other garbage 400 BAD-REQUEST, both as the API's JSON errors (aiohttp would answer them in plain text).
-- **Queues**: expensive work (enrolment, renewal, proofs) and the heartbeat path each pass a ``Gate``: a bounded
-  number run at once, a bounded number wait, and the rest are told 503 SERVER-BUSY with a jittered Retry-After at
-  once, instead of timing out. Enrolled machines' heartbeats have a gate of their own, so a storm of enrolments or
+- **Queues**: expensive work (enrolment, renewal, proofs) and the heartbeat path each pass an ``AdmissionGate``: a
+  bounded number run at once, a bounded number wait, and the rest are told 503 SERVER-BUSY with a jittered Retry-After
+  at once, instead of timing out. Enrolled machines' heartbeats have a gate of their own, so a storm of enrolments or
   of unauthenticated requests never starves them."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def raw_error(e: ApiError) -> bytes:
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Unavailable"}
 
 
-class Gate:
+class AdmissionGate:
     """At most ``limit`` at once, at most ``queue`` waiting (each for at most ``wait`` seconds); others: 503."""
 
     def __init__(self, name: str, limit: int, queue: int, wait: float = 5.0) -> None:

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from agent.shared import wire
-from server.stalls import _BUCKET_MS, StallMonitor
+from server.stalls import BUCKET_MS, StallMonitor
 
 if TYPE_CHECKING:
     from server.edge import Connections
@@ -116,7 +116,7 @@ class _Instance:
         edges = iter(STALL_BUCKETS_MS)
         edge = next(edges, None)
         for i, n in enumerate(total.counts):
-            upper = (i + 1) * _BUCKET_MS
+            upper = (i + 1) * BUCKET_MS
             while edge is not None and upper > edge:
                 buckets.append((f"{edge / 1000:g}", seen))
                 edge = next(edges, None)

@@ -61,7 +61,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.bundles import BundleName, inspect_bundle, parse_bundle_name
 from agent.shared import timefmt
 from agent.shared.errors import BundleRefused, MobilityError
-from agent.shared.fsutil import atomic_write, sha256_file, sha256_stream
+from agent.shared.fsutil import atomic_write, fsync_dir, sha256_file, sha256_stream
 from agent.shared.textsafe import printable, shown
 from server.datadir import DataDir
 from server.errors import (
@@ -267,7 +267,7 @@ class Repository:
                         os.replace(tmp, dest)
                         if new:
                             state.placed.append(dest)
-                _fsync_dir(repo_dir)
+                fsync_dir(repo_dir)
             finally:
                 for tmp in tmps:
                     tmp.unlink(missing_ok=True)
@@ -309,7 +309,7 @@ class Repository:
             # The file goes first: killed before the metadata follows, the next operation drops the
             # vanished target; the other order would let a rescan publish the removed bundle again.
             path.unlink(missing_ok=True)
-            _fsync_dir(self.datadir.repository_dir)
+            fsync_dir(self.datadir.repository_dir)
             if known:
                 del state.targets.targets[name]
                 state.targets_changed = True
@@ -418,7 +418,7 @@ class Repository:
             with contextlib.suppress(OSError):
                 path.unlink()
         with contextlib.suppress(OSError):
-            _fsync_dir(self.datadir.repository_dir)
+            fsync_dir(self.datadir.repository_dir)
         # The failed publication may have written targets.json (it goes before snapshot and timestamp) listing
         # the withdrawn bundles; publishing again drops them, in the space their files held. If this fails
         # too, agents still see the last complete publication and the next change repairs the rest.
@@ -661,11 +661,3 @@ def _io_errors() -> Iterator[None]:
         where = f" ({shown(os.fsdecode(name))})" if isinstance(name, (str, bytes, os.PathLike)) else ""
         reason = f"{e.strerror} [{code}]" if e.strerror and code else shown(str(e))
         raise RepoWriteFailed(f"cannot change the repository: {reason}{where}") from e
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,7 +25,7 @@ import math
 import re
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, insert, or_, select, update
@@ -165,39 +165,6 @@ class Rollout:
         }
 
 
-@dataclass(frozen=True)
-class Member:
-    """A machine in a rollout, with what its job and its heartbeats say now."""
-
-    host_id: str
-    hostname: str
-    wave: int
-    from_version: str
-    state: str
-    job_id: str | None
-    error_id: str | None
-    detail: str | None
-    offered_at: float | None
-    agent_version: str | None
-    health: str | None
-    job_state: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "host_id": self.host_id,
-            "hostname": self.hostname,
-            "wave": self.wave,
-            "from_version": self.from_version,
-            "state": self.state,
-            "job_id": self.job_id,
-            "job_state": self.job_state,
-            "error_id": self.error_id,
-            "detail": self.detail,
-            "agent_version": self.agent_version,
-            "health": self.health,
-        }
-
-
 _RM = rollout_machines
 _MEMBERS = (
     select(
@@ -245,8 +212,9 @@ def _health(text: object) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Row:
-    """A member as one pass sees it (the columns of _MEMBERS)."""
+class Member:
+    """A machine in a rollout, with what its job and its heartbeats say now (the columns of _MEMBERS): what a pass
+    decides on and what the operator is shown, in one."""
 
     host_id: str
     hostname: str
@@ -254,11 +222,11 @@ class _Row:
     from_version: str
     state: str
     job_id: str | None
-    error_id: str | None
-    detail: str | None
+    error_id: str | None  # the member's, else its failed job's
+    detail: str | None  # the member's, else its job's
     offered_at: float | None
     agent_version: str | None
-    health: str | None
+    health: str | None  # the status of its last health report
     job_state: str | None
     job_created: float | None
     job_updated: float | None
@@ -268,21 +236,31 @@ class _Row:
     interval: float | None
     pinned: str | None
 
-    def member(self) -> Member:
-        return Member(
-            self.host_id,
-            self.hostname,
-            self.wave,
-            self.from_version,
-            self.state,
-            self.job_id,
-            self.error_id or (self.job_error if self.state == FAILED else None),
-            self.detail if self.detail else self.job_detail,
-            self.offered_at,
-            self.agent_version,
-            _health(self.health),
-            self.job_state,
+    @classmethod
+    def from_row(cls, row: Any) -> Member:
+        values = list(row)
+        m = cls(*values)
+        return replace(
+            m,
+            error_id=m.error_id or (m.job_error if m.state == FAILED else None),
+            detail=m.detail if m.detail else m.job_detail,
+            health=_health(m.health),
         )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host_id": self.host_id,
+            "hostname": self.hostname,
+            "wave": self.wave,
+            "from_version": self.from_version,
+            "state": self.state,
+            "job_id": self.job_id,
+            "job_state": self.job_state,
+            "error_id": self.error_id,
+            "detail": self.detail,
+            "agent_version": self.agent_version,
+            "health": self.health,
+        }
 
     def online(self, now: float) -> bool:
         return self.last_seen is not None and now - self.last_seen <= 3 * (self.interval or 30.0)
@@ -293,8 +271,8 @@ class _Row:
         return self.job_updated is not None and self.job_created is not None and self.job_updated > self.job_created
 
 
-def _members(conn: Connection, rollout_id: str) -> list[_Row]:
-    return [_Row(*tuple(r)) for r in conn.execute(_MEMBERS.where(_RM.c.rollout_id == rollout_id))]
+def _members(conn: Connection, rollout_id: str) -> list[Member]:
+    return [Member.from_row(r) for r in conn.execute(_MEMBERS.where(_RM.c.rollout_id == rollout_id))]
 
 
 def _load(conn: Connection, rollout_id: str) -> Rollout:
@@ -409,7 +387,7 @@ class Rollouts:
 
     def show(self, rollout_id: str) -> tuple[Rollout, list[Member]]:
         with self.storage.reading() as tx:
-            return _load(tx.conn, rollout_id), [r.member() for r in _members(tx.conn, rollout_id)]
+            return _load(tx.conn, rollout_id), _members(tx.conn, rollout_id)
 
     def listing(self, limit: int = 20) -> list[tuple[Rollout, list[Member]]]:
         """The newest rollouts, each with its machines."""
@@ -417,7 +395,7 @@ class Rollouts:
             ids = tx.conn.execute(
                 select(rollouts.c.rollout_id).order_by(rollouts.c.created_at.desc()).limit(limit)
             ).scalars()
-            return [(_load(tx.conn, i), [r.member() for r in _members(tx.conn, i)]) for i in list(ids)]
+            return [(_load(tx.conn, i), _members(tx.conn, i)) for i in list(ids)]
 
     def newest(self, limit: int = 10) -> list[Rollout]:
         """The newest rollouts (by the rollouts_by_created index)."""
@@ -455,7 +433,7 @@ class Rollouts:
                 return None, 0, [], {}
             total = int(tx.conn.execute(select(func.count()).select_from(_RM).where(where)).scalar_one())
             page = tx.conn.execute(_MEMBERS.where(where).offset(offset).limit(limit))
-            members = [_Row(*tuple(r)).member() for r in page]
+            members = [Member.from_row(r) for r in page]
             counts = {
                 str(state): int(n)
                 for state, n in tx.conn.execute(
@@ -533,7 +511,7 @@ class Rollouts:
             changes.append(f"rollout {rollout_id}: wave {wave} of {rollout.waves} offered {rollout.to_version}")
         return changes
 
-    def _open(self, tx: Tx, rollout: Rollout, row: _Row, now: float) -> None:
+    def _open(self, tx: Tx, rollout: Rollout, row: Member, now: float) -> None:
         machine = tx.machine(row.host_id)
         if machine is None:
             self._member(tx.conn, rollout, row.host_id, SKIPPED, None, "the machine was removed", now)
@@ -555,7 +533,7 @@ class Rollouts:
                 .values(state=OFFERED, job_id=job, from_version=machine.agent_version, offered_at=now, updated_at=now)
             )
 
-    def _settle(self, tx: Tx, rollout: Rollout, row: _Row, now: float) -> list[str]:
+    def _settle(self, tx: Tx, rollout: Rollout, row: Member, now: float) -> list[str]:
         """An offered member: ended (its job), verified on the new version, or out of time."""
         conn = tx.conn
         if row.job_state == "failed":
@@ -568,13 +546,13 @@ class Rollouts:
             row.job_state in _SUCCEEDED
             and row.agent_version == rollout.to_version
             and row.online(now)
-            and _health(row.health) != "critical"
+            and row.health != "critical"
         )
         if verified:
             self._member(conn, rollout, row.host_id, SUCCEEDED, None, None, now)
             return [f"{row.hostname} ({row.host_id}) runs {rollout.to_version}"]
         if row.offered_at is not None and now - row.offered_at > rollout.wave_timeout:
-            where = f"its job {row.job_state}, it runs {row.agent_version}, health {_health(row.health) or 'unknown'}"
+            where = f"its job {row.job_state}, it runs {row.agent_version}, health {row.health or 'unknown'}"
             timed_out = UpdateTimedOut(
                 f"not verified on {rollout.to_version} within the wave timeout ({rollout.wave_timeout:.0f} s): {where}"
             )
@@ -618,7 +596,7 @@ class Rollouts:
         return job_id
 
     @staticmethod
-    def _end_job(conn: Connection, row: _Row, error_id: str, fix: str, detail: str, now: float) -> None:
+    def _end_job(conn: Connection, row: Member, error_id: str, fix: str, detail: str, now: float) -> None:
         conn.execute(
             update(jobs)
             .where(and_(jobs.c.job_id == row.job_id, jobs.c.state == "running"))
@@ -626,7 +604,7 @@ class Rollouts:
         )
 
     @staticmethod
-    def _withdraw(conn: Connection, row: _Row) -> None:
+    def _withdraw(conn: Connection, row: Member) -> None:
         conn.execute(
             update(machines)
             .where(and_(machines.c.host_id == row.host_id, machines.c.target_job == row.job_id))
@@ -634,7 +612,7 @@ class Rollouts:
         )
 
     @staticmethod
-    def _pin_back(conn: Connection, row: _Row, reason: str) -> None:
+    def _pin_back(conn: Connection, row: Member, reason: str) -> None:
         """A machine whose upgrade failed stays at the version it ran before, until an operator unpins it."""
         conn.execute(
             update(machines)

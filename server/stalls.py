@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("mobility.server.loop")
 
 PERIOD = 0.02
-_BUCKET_MS = 1.0
+BUCKET_MS = 1.0
 _BUCKETS = 10_000  # up to 10 s, 1 ms each; anything later counts in the last
 
 
@@ -23,7 +23,7 @@ class Histogram:
     sum_ms: float = 0.0  # /metrics exports the histogram (server/metrics.py), whose sum Prometheus needs
 
     def record(self, late_ms: float) -> None:
-        self.counts[min(int(max(late_ms, 0.0) / _BUCKET_MS), _BUCKETS - 1)] += 1
+        self.counts[min(int(max(late_ms, 0.0) / BUCKET_MS), _BUCKETS - 1)] += 1
         self.samples += 1
         self.sum_ms += max(late_ms, 0.0)
         self.worst_ms = max(self.worst_ms, late_ms)
@@ -37,8 +37,8 @@ class Histogram:
         for i, n in enumerate(self.counts):
             seen += n
             if seen >= rank:
-                return (i + 1) * _BUCKET_MS
-        return _BUCKETS * _BUCKET_MS
+                return (i + 1) * BUCKET_MS
+        return _BUCKETS * BUCKET_MS
 
     def summary(self) -> str:
         return (

@@ -289,7 +289,7 @@ class Storage:
             path.touch(mode=0o600)  # machines, tokens and retired passphrases: the server's eyes only
         engine = make_engine(db, pool_size=pool_size)
         try:
-            with _opening(db), engine.connect().execution_options(write=True) as conn, conn.begin():
+            with opening(db), engine.connect().execution_options(write=True) as conn, conn.begin():
                 if path is not None and conn.exec_driver_sql("PRAGMA quick_check").scalar_one() != "ok":
                     raise DatabaseCorrupt(f"{db}: quick_check failed")
                 revision = migrations.current(conn)
@@ -317,7 +317,7 @@ class Storage:
             raise DatabaseCorrupt(f"{path} is not a regular file")
         engine = make_engine(db, pool_size=0)
         try:
-            with _opening(db), engine.connect().execution_options(write=True) as conn, conn.begin():
+            with opening(db), engine.connect().execution_options(write=True) as conn, conn.begin():
                 if migrations.current(conn) is None:
                     raise DatabaseMissing(f"{db} holds no Mobility tables: run `mobility-server init` for it")
                 return migrations.upgrade(conn)
@@ -1063,7 +1063,7 @@ def _insert(pg: bool) -> Any:
 
 
 @contextmanager
-def _opening(db: Database) -> Iterator[None]:
+def opening(db: Database) -> Iterator[None]:
     """Errors while opening a database, as the server's errors: unreachable, or not a database at all."""
     try:
         yield

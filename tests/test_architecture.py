@@ -194,3 +194,173 @@ def test_self_update_imports_none_of_the_programs_that_start_it() -> None:
         if any(_inside(imported, s) for s in starters)
     ]
     assert not found, "\n".join(found)
+
+
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    """Which modules each module imports (pure): every import, lazy and type-only ones included, resolved to the
+    module it names (``from agent.shared.wire import WireError`` is an edge to agent.shared.wire)."""
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, source in modules.items():
+        for _, imported in imports(source, modules):
+            parts = imported.split(".")
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            target = ".".join(parts)
+            if target and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph``: its strongly connected components of more than one module (Tarjan's
+    algorithm, iterative), each sorted, in sorted order."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        found.append(sorted(component))
+    return sorted(found)
+
+
+def test_no_import_circles() -> None:
+    """No two modules of the product import each other, directly or around a longer circle, not even lazily inside
+    a function or for types only: what two modules both need goes into a module below both."""
+    modules = _modules()
+    graph = import_graph(modules)
+    found = [
+        " <-> ".join(c) + ": " + "; ".join(f"{a} -> {b}" for a in c for b in sorted(graph[a]) if b in c)
+        for c in circles(graph)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_circle_check_sees_circles_of_every_kind() -> None:
+    modules = {
+        "agent": "",
+        "agent.a": "from agent.b import x\n",  # a two-module circle, one side lazy
+        "agent.b": "def f():\n    from agent.a import y\n",
+        "agent.c": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from agent.e import Z\n",
+        "agent.d": "import agent.c\n",  # a three-module circle through a type-only import
+        "agent.e": "from agent import d\n",
+        "agent.f": "from agent.a import x\nimport agent.f\n",  # imports a circle and itself: in none
+        "server": "",
+        "server.g": "from agent.a import x\n",
+    }
+    assert circles(import_graph(modules)) == [["agent.a", "agent.b"], ["agent.c", "agent.d", "agent.e"]]
+
+
+def reach_ins(modules: dict[str, str]) -> list[str]:
+    """Where a module uses a private name (``_x``, not a dunder) of another module of the product (pure): imported
+    (``from server.cli import _data``), or through a module or a class it imported (``store_module._fsync_dir``,
+    ``ChunkStore._insert_point_disk``)."""
+    found = []
+    for module, source in modules.items():
+        tree = ast.parse(source)
+        bound: dict[str, str] = {}  # local name -> the product module it came from
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    if sub in modules:  # a module (packages without an __init__ included)
+                        bound[alias.asname or alias.name] = sub
+                    elif node.module in modules:
+                        private = alias.name.startswith("_") and not alias.name.startswith("__")
+                        if private and node.module != module:
+                            found.append(f"{module}:{node.lineno} imports {node.module}.{alias.name}")
+                        bound[alias.asname or alias.name] = node.module
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules and alias.asname:
+                        bound[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and bound.get(node.value.id, module) != module
+            ):
+                found.append(f"{module}:{node.lineno} uses {node.value.id}.{node.attr} of {bound[node.value.id]}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names() -> None:
+    """What another module needs is public (the garbage collector once called the store's _fsync_dir and repair
+    its _insert_point_disk): a private name may change with its module alone."""
+    found = reach_ins(_modules())
+    assert not found, "\n".join(found)
+
+
+def test_the_reach_in_check_sees_each_way_in() -> None:
+    modules = {
+        "server.a": "def _f(): ...\nclass A:\n    def _g(self): ...\n",
+        "server.b": "from server.a import _f\n",
+        "server.c": "from server import a as a_module\na_module._f()\n",
+        "server.d": "from server.a import A\nA._g(None)\nA.__name__\n",
+        "server.e": "from server.a import A\nclass B:\n    def _h(self): self._h()\n",  # its own: fine
+        "server": "",
+    }
+    assert reach_ins(modules) == [
+        "server.b:1 imports server.a._f",
+        "server.c:2 uses a_module._f of server.a",
+        "server.d:2 uses A._g of server.a",
+    ]
+
+
+# Module names a package may repeat, because each names that package's own part of the same role. Any other name
+# says what its module does, once: the agent's checks.py, local.py and transport.py were three pairs of different
+# things under one name each (now check_report, prereq/prerequisites, health/self_checks, recovery/runner;
+# status_commands, replication/local_commands; api_client, replication/stream).
+REPEATED_NAMES = {
+    "__init__",
+    "__main__",
+    "cli",  # each program's and each command package's command line (agent/shared/cli.py: what they share)
+    "errors",  # the agent's, the server's, and agent/shared/'s root
+    "failover",  # the agent's record of being a failover; the process server's images
+    "fetch",  # the bootstrapper's bundle fetch; self-update's
+    "metrics",  # the daemon's own figures; the server's /metrics
+    "progress",  # a command's progress lines; push's per-host progress
+    "state",  # replication's state directory; self-update's records
+}
+
+
+def test_module_names_say_what_they_are() -> None:
+    names: dict[str, list[str]] = {}
+    for module in _modules():
+        names.setdefault(module.split(".")[-1], []).append(module)
+    for package in [m for m in _modules() if any(k.startswith(m + ".") for k in _modules())]:
+        names[package.split(".")[-1]].remove(package)  # a package's own __init__ is not a second module of the name
+    repeated = {name: found for name, found in names.items() if len(found) > 1 and name not in REPEATED_NAMES}
+    assert not repeated, repeated

@@ -37,3 +37,17 @@ def test_configuration_page_lists_every_setting() -> None:
     text = (REPO / "docs" / "configuration.md").read_text()
     for f in fields(AgentConfig):
         assert f"| `{f.name}` |" in text, f.name
+
+
+def test_the_architecture_names_every_package() -> None:
+    """docs/architecture.md covers the whole system: every package of agent/ and server/ is named there (its owns
+    table, its step lists), so a newcomer finds where each capability lives."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    packages = {
+        path.parent.relative_to(REPO).as_posix()
+        for top in ("agent", "server")
+        for path in (REPO / top).rglob("*.py")
+        if path.parent != REPO / top and path.parent.name != "versions"  # a migration's scripts, not a package
+    }
+    missing = sorted(p for p in packages if f"`{p}/`" not in text and f"`{p}/" not in text)
+    assert not missing, f"docs/architecture.md does not name {missing}"

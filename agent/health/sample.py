@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 from cryptography import x509
 
-from agent.health.checks import DiskSample, ProcessSample
+from agent.health.self_checks import DiskSample, ProcessSample
 from agent.paths import Paths
 
 

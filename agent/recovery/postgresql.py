@@ -23,7 +23,7 @@ from typing import IO
 from agent.errors import CommandFailed
 from agent.paths import Paths
 from agent.proc import Completed, run
-from agent.recovery.checks import CheckResult, Outcome, summary_of, tail
+from agent.recovery.runner import CheckResult, Outcome, summary_of, tail
 
 NAME = "postgresql"
 DEFAULT_SOCKET_DIR = "/var/run/postgresql"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import threading
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from agent.shared.replication_wire import SUB_BLOCKS, sub_block
 
@@ -197,12 +197,6 @@ class DirtyMap:
             if not self.dirty:
                 return None
             return min(self.gen_start[g] for g in range(1, 256) if self.gen_count[g])
-
-    def dirty_indexes(self) -> Iterator[int]:
-        """Every dirty chunk (a snapshot; for tests and diagnostics)."""
-        with self.lock:
-            found = [m.start() for m in _NONZERO.finditer(self.bits)]
-        return iter(found)
 
     @property
     def nbytes(self) -> int:

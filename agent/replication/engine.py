@@ -40,9 +40,9 @@ from agent.replication.state import (
     save_status,
     save_tracing_stop,
 )
+from agent.replication.stream import Stream
 from agent.replication.sync import POOL_JOBS, DiskReplicator
-from agent.replication.tracing import Target, Tracer, instance_name, trace_dev
-from agent.replication.transport import Stream
+from agent.replication.tracing import TracedDevice, Tracer, instance_name, trace_dev
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import DiskReport, NextPoint, Protection, ReplicationReport
@@ -293,12 +293,12 @@ class Replication:
     def _retarget(self) -> None:
         if self.tracer is None:
             return
-        targets: dict[int, Target] = {}
+        targets: dict[int, TracedDevice] = {}
         for r in self.replicators.values():
-            targets[trace_dev(r.device.major, r.device.minor)] = Target(r.dirty, r.geometry.chunk_size)
+            targets[trace_dev(r.device.major, r.device.minor)] = TracedDevice(r.dirty, r.geometry.chunk_size)
             for p in partitions(r.device):
                 # Kernels that report partition I/O on the partition: its sectors start at the partition.
-                targets[trace_dev(p.major, p.minor)] = Target(r.dirty, r.geometry.chunk_size, p.start_sector)
+                targets[trace_dev(p.major, p.minor)] = TracedDevice(r.dirty, r.geometry.chunk_size, p.start_sector)
         self.tracer.set_targets(targets)
 
     def _lost(self, error: MobilityError) -> None:
@@ -429,7 +429,7 @@ class Replication:
         if result.ok:
             self.points_cut += 1
             for r in replicators:
-                r._save_state()
+                r.save_state()
         for request in requests:
             answer_request(self.paths, request, result.to_json())
             self._taken.discard(request)

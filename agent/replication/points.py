@@ -48,7 +48,7 @@ from agent.replication.frozen import forget_frozen, record_frozen
 from agent.replication.sync import Capture, DiskReplicator
 from agent.replication.tracing import Tracer
 from agent.shared.errors import MobilityError
-from agent.shared.replication_wire import NextPoint
+from agent.shared.replication_wire import NextPoint, weakest_consistency
 from agent.update.state import version_hold
 
 log = logging.getLogger("mobility.replication")
@@ -404,8 +404,7 @@ def _cut(
             return _failed(PointFailed(f"the process server did not acknowledge point {point_id} of {r.device.name}"))
     for r in replicators:
         r.persisted.last_point = created
-    order = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")
-    weakest = min(labels, key=order.index)
+    weakest = weakest_consistency(labels)
     log.info(
         "point %s cut (%s): froze %s for %.0f ms, %d residual chunks (%d KiB of changed sub-blocks); deltas "
         "refused so far: %d",

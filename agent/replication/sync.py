@@ -32,7 +32,7 @@ from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_
 from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
 from agent.replication.dirtymap import FULL, DirtyMap
 from agent.replication.hashfile import HashFile
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
 from agent.shared.fsutil import atomic_write
@@ -489,7 +489,7 @@ class DiskReplicator(threading.Thread):
         self.persisted.size, self.persisted.chunk_size = self.geometry.size, self.geometry.chunk_size
         self.persisted.running, self.persisted.boot_id = True, self.boot_id
         self.persisted.clean_marker = ""
-        self._save_state()
+        self.save_state()
         while not self.stopping.is_set():
             try:
                 self._step()
@@ -666,7 +666,7 @@ class DiskReplicator(threading.Thread):
             self.detail = None
             self.sweep_started = None
         self.persisted.synced = True
-        self._save_state()
+        self.save_state()
         log.info("%s: in sync; continuous replication", self.device.name)
 
     # Continuous replication ---------------------------------------------------------------------------------------
@@ -936,7 +936,7 @@ class DiskReplicator(threading.Thread):
 
     # State --------------------------------------------------------------------------------------------------------
 
-    def _save_state(self) -> None:
+    def save_state(self) -> None:
         try:
             self.persisted.save(self.state_dir / "state.json")
         except OSError as e:
@@ -955,7 +955,7 @@ class DiskReplicator(threading.Thread):
                 self.persisted.clean_marker = marker
             except OSError as e:
                 log.warning("%s: cannot save its dirty map (%s): the next start resyncs", self.device.name, e.strerror)
-        self._save_state()
+        self.save_state()
 
     def report(self) -> DiskReport:
         now, wall = self.clock(), self.wall()

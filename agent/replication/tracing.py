@@ -117,7 +117,7 @@ def _unparsable(n: int, sample: bytes) -> TraceUnparsable:
 
 
 @dataclass
-class Target:
+class TracedDevice:
     """Where a device's writes go: a disk's dirty map (its chunks and sub-blocks), its chunk size, and the sector
     offset of a partition."""
 
@@ -163,7 +163,7 @@ class Tracer(threading.Thread):
         self.dir = self.root / "instances" / name
         self.buffer_kb = buffer_kb
         self.on_lost = on_lost
-        self.targets: dict[int, Target] = {}
+        self.targets: dict[int, TracedDevice] = {}
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._marker = 0
@@ -218,7 +218,7 @@ class Tracer(threading.Thread):
             remove_instance(self.dir)
             raise TracingUnavailable(f"{self.dir}: {e.strerror or e}") from e
 
-    def set_targets(self, targets: dict[int, Target]) -> None:
+    def set_targets(self, targets: dict[int, TracedDevice]) -> None:
         """Trace exactly these devices from now on (the filter swaps atomically in the kernel)."""
         with self._lock:
             self.targets = dict(targets)

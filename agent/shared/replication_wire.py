@@ -30,11 +30,12 @@ import math
 import re
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from agent.shared.wire import WireError, _Fields
+from agent.shared.fields import Fields, WireError
 
 HASH_SIZE = 32  # BLAKE3 (agent/replication/chunks.py says why)
 MAX_CHUNK_SIZE = 16 * 1024 * 1024  # a frame's payload stays bounded: past 16 TiB a disk gets more chunks instead
@@ -67,6 +68,7 @@ MAX_FREEZE_MS = 3_600_000.0  # a freeze window: an hour (the agent's watchdog th
 
 STATES = ("INITIAL_SYNC", "CONTINUOUS", "RESYNC_REQUIRED", "RESYNCING", "PAUSED", "STALLED")
 CONSISTENCY = ("crash-consistent", "app-consistent", "raw-idle", "raw-busy")
+_STRENGTH = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")  # weakest first
 MAX_DISKS = 64
 
 _DISK = re.compile(r"/dev/[A-Za-z0-9][A-Za-z0-9._:+@/-]{0,126}")
@@ -253,6 +255,12 @@ def parse_batch(payload: bytes, count: int, chunk_size: int, chunks: int) -> lis
     return out
 
 
+def weakest_consistency(labels: Sequence[str]) -> str:
+    """What a point of several disks is: the weakest of its disks' labels (a label not known here counts as weakest;
+    the agent makes the labels, the process server combines what each disk closed with)."""
+    return min(labels, key=lambda c: _STRENGTH.index(c) if c in _STRENGTH else -1)
+
+
 def parse_json(payload: bytes, what: str) -> Any:
     try:
         return json.loads(payload)
@@ -260,21 +268,21 @@ def parse_json(payload: bytes, what: str) -> Any:
         raise ProtocolError(f"{what} is not JSON") from e
 
 
-def _int(f: _Fields, key: str, low: int, high: int) -> int:
+def _int(f: Fields, key: str, low: int, high: int) -> int:
     value = f.doc.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise WireError(f"{f.where}.{key} must be an integer from {low} to {high}")
     return value
 
 
-def _number(f: _Fields, key: str, low: float, high: float) -> float:
+def _number(f: Fields, key: str, low: float, high: float) -> float:
     value = f.number(key)
     if not low <= value <= high:
         raise WireError(f"{f.where}.{key} must be a number from {low:g} to {high:g}")
     return value
 
 
-def _optional_number(f: _Fields, key: str, low: float, high: float) -> float | None:
+def _optional_number(f: Fields, key: str, low: float, high: float) -> float | None:
     return _number(f, key, low, high) if f.doc.get(key) is not None else None
 
 
@@ -323,7 +331,7 @@ class Hello:
     @classmethod
     def from_json(cls, doc: Any) -> Hello:
         def parse(d: Any) -> Hello:
-            f = _Fields(d, "hello")
+            f = Fields(d, "hello")
             return cls(
                 disk=disk_name(f.text("disk", 128), "hello.disk"),
                 size=_int(f, "size", 1, MAX_DISK_SIZE),
@@ -347,7 +355,7 @@ class Welcome:
     @classmethod
     def from_json(cls, doc: Any) -> Welcome:
         def parse(d: Any) -> Welcome:
-            f = _Fields(d, "welcome")
+            f = Fields(d, "welcome")
             version = _int(f, "version", 1, 1000) if "version" in f.doc else 1
             return cls(_int(f, "acked_seq", 0, MAX_SEQ), f.flag("known"), version)
 
@@ -378,7 +386,7 @@ class PointClose:
     @classmethod
     def from_json(cls, doc: Any) -> PointClose:
         def parse(d: Any) -> PointClose:
-            f = _Fields(d, "point")
+            f = Fields(d, "point")
             point_id = f.text("point_id", 36)
             try:
                 if str(uuid.UUID(point_id)) != point_id:
@@ -412,7 +420,7 @@ class StreamError:
     @classmethod
     def from_json(cls, doc: Any) -> StreamError:
         def parse(d: Any) -> StreamError:
-            f = _Fields(d, "error")
+            f = Fields(d, "error")
             return cls(f.text("code", 64, pattern=_ERROR_ID), f.text("message", 2000), f.text("fix", 1000))
 
         return _guard("ERROR", doc, parse)  # type: ignore[no-any-return]
@@ -440,7 +448,7 @@ class Policy:
 
     @classmethod
     def from_json(cls, doc: Any) -> Policy:
-        f = _Fields(doc, "policy")
+        f = Fields(doc, "policy")
         interval = f.number("interval_seconds")
         rpo = f.number("rpo_seconds")
         if not 1 <= interval <= 7 * 86400 or not 1 <= rpo <= 7 * 86400:
@@ -464,7 +472,7 @@ class ProcessAddress:
 
     @classmethod
     def from_json(cls, doc: Any) -> ProcessAddress:
-        f = _Fields(doc, "process")
+        f = Fields(doc, "process")
         host = f.optional_text("host", 253, pattern=_HOST)
         return cls(host, _int(f, "port", 1, 65535))
 
@@ -490,7 +498,7 @@ class Protection:
 
     @classmethod
     def from_json(cls, doc: Any) -> Protection:
-        f = _Fields(doc, "protection")
+        f = Fields(doc, "protection")
         disks = f.items("disks", MAX_DISKS)
         if not all(isinstance(d, str) for d in disks):
             raise WireError("protection.disks must be a list of disk names")
@@ -535,7 +543,7 @@ class DiskReport:
 
     @classmethod
     def from_json(cls, doc: Any) -> DiskReport:
-        f = _Fields(doc, "replication.disks[]")
+        f = Fields(doc, "replication.disks[]")
         return cls(
             disk=disk_name(f.text("disk", 128), "replication.disks[].disk"),
             state=f.text("state", 16, choices=STATES),
@@ -570,7 +578,7 @@ class NextPoint:
 
     @classmethod
     def from_json(cls, doc: Any) -> NextPoint:
-        f = _Fields(doc, "replication.next_point")
+        f = Fields(doc, "replication.next_point")
         return cls(
             _number(f, "expected_freeze_ms", 0.0, MAX_FREEZE_MS),
             _number(f, "dirty_bps", 0.0, MAX_RATE),
@@ -600,7 +608,7 @@ class ReplicationReport:
 
     @classmethod
     def from_json(cls, doc: Any) -> ReplicationReport:
-        f = _Fields(doc, "replication")
+        f = Fields(doc, "replication")
         return cls(
             disks=tuple(DiskReport.from_json(d) for d in f.items("disks", MAX_DISKS)),
             last_point=_optional_number(f, "last_point", EARLIEST, LATEST),

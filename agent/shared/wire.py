@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.shared.textsafe import printable
+from agent.shared.fields import Fields, WireError, check_text
+
+__all__ = ["WireError"]  # with the bodies: every caller of a body's from_json catches it from here
 
 if TYPE_CHECKING:
     from agent.shared.replication_wire import ReplicationReport
@@ -54,14 +55,6 @@ _CHECK_ID = re.compile(r"[A-Z][A-Z0-9-]{0,47}")
 _ERROR_ID = re.compile(r"[A-Z][A-Z0-9-]{0,63}")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5,19}")
 _FACT = re.compile(r"[0-9A-Za-z:._-]{0,64}")
-# C0 and C1 control characters and DEL: a terminal escape or a newline in a hostname must never reach a log line
-# or a table. Multi-line text (a job's detail) may keep \n and \t, nothing else.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-class WireError(ValueError):
-    """A request body that does not match its schema; the message names the field (the server answers 400)."""
 
 
 def enrol_proof(secret: str, nonce: str, csr_pem: bytes) -> str:
@@ -87,83 +80,6 @@ def split_token(secret: str) -> tuple[str, str] | None:
     """A token ``mbt_<id>_<secret>`` as (id, secret); None for a passphrase."""
     m = TOKEN_RE.match(secret.strip())
     return (m.group(1), m.group(2)) if m else None
-
-
-# Validation of one JSON object -----------------------------------------------------------------------------------
-
-
-class _Fields:
-    """Typed reads of one JSON object's fields; every failure is a WireError naming the field."""
-
-    def __init__(self, doc: Any, where: str) -> None:
-        if not isinstance(doc, dict):
-            raise WireError(f"{where} must be a JSON object")
-        self.doc: Mapping[str, Any] = doc
-        self.where = where
-
-    def _name(self, key: str) -> str:
-        return f"{self.where}.{key}"
-
-    def text(
-        self,
-        key: str,
-        limit: int,
-        *,
-        pattern: re.Pattern[str] | None = None,
-        choices: tuple[str, ...] | None = None,
-        lines: bool = False,
-    ) -> str:
-        value = self.doc.get(key)
-        if not isinstance(value, str):
-            raise WireError(f"{self._name(key)} must be a string")
-        return _check_text(value, self._name(key), limit, pattern=pattern, choices=choices, lines=lines)
-
-    def optional_text(
-        self, key: str, limit: int, *, pattern: re.Pattern[str] | None = None, lines: bool = False
-    ) -> str | None:
-        if self.doc.get(key) is None:
-            return None
-        return self.text(key, limit, pattern=pattern, lines=lines)
-
-    def number(self, key: str) -> float:
-        value = self.doc.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise WireError(f"{self._name(key)} must be a finite number")
-        return float(value)
-
-    def flag(self, key: str) -> bool:
-        value = self.doc.get(key, False)
-        if not isinstance(value, bool):
-            raise WireError(f"{self._name(key)} must be true or false")
-        return value
-
-    def items(self, key: str, limit: int) -> list[Any]:
-        value = self.doc.get(key, [])
-        if not isinstance(value, list):
-            raise WireError(f"{self._name(key)} must be a list")
-        if len(value) > limit:
-            raise WireError(f"{self._name(key)} has {len(value)} entries, more than {limit}")
-        return value
-
-
-def _check_text(
-    value: str,
-    name: str,
-    limit: int,
-    *,
-    pattern: re.Pattern[str] | None = None,
-    choices: tuple[str, ...] | None = None,
-    lines: bool = False,
-) -> str:
-    if len(value) > limit:
-        raise WireError(f"{name} is longer than {limit} characters")
-    if (_CONTROL_BUT_LINES if lines else _CONTROL).search(value):
-        raise WireError(f"{name} holds control characters")
-    if choices is not None and value not in choices:
-        raise WireError(f"{name} must be one of {', '.join(choices)}")
-    if pattern is not None and not pattern.fullmatch(value):
-        raise WireError(f"{name} {printable(value, 60)!r} is not well-formed")
-    return value
 
 
 def _host_id(value: str, name: str) -> str:
@@ -192,9 +108,9 @@ class MachineFacts:
 
     @classmethod
     def from_json(cls, data: Any) -> MachineFacts:
-        f = _Fields(data, "facts")
+        f = Fields(data, "facts")
         macs = f.items("macs", MAX_MACS)
-        checked = [_check_text(m, "facts.macs[]", 64, pattern=_MAC) if isinstance(m, str) else None for m in macs]
+        checked = [check_text(m, "facts.macs[]", 64, pattern=_MAC) if isinstance(m, str) else None for m in macs]
         if any(m is None for m in checked):
             raise WireError("facts.macs must be a list of strings")
         machine_id = f.text("machine_id", 64, pattern=_FACT) if "machine_id" in f.doc else ""
@@ -248,7 +164,7 @@ class EnrolRequest:
     @classmethod
     def from_json(cls, body: Any, os_tags: Collection[str]) -> EnrolRequest:
         """``os_tags``: the tags of the support matrix (agent.distros.BY_TAG), which the server accepts."""
-        f = _Fields(body, "enrolment")
+        f = Fields(body, "enrolment")
         host_id = f.optional_text("host_id", 36)
         return cls(
             csr=f.text("csr", MAX_CSR, lines=True),
@@ -283,7 +199,7 @@ def hostname(value: str) -> str:
     """A machine's name as it reports it: printable, no whitespace, 1-255 characters (WireError otherwise)."""
     if not value or any(c.isspace() for c in value):
         raise WireError("hostname must be a non-empty name without spaces")
-    return _check_text(value, "hostname", 255)
+    return check_text(value, "hostname", 255)
 
 
 @dataclass(frozen=True)
@@ -292,12 +208,12 @@ class RenewRequest:
 
     @classmethod
     def from_json(cls, body: Any) -> RenewRequest:
-        return cls(_Fields(body, "renewal").text("csr", MAX_CSR, lines=True))
+        return cls(Fields(body, "renewal").text("csr", MAX_CSR, lines=True))
 
 
 @dataclass(frozen=True)
 class CheckReport:
-    """One health check as the agent reports it (agent.checks.Result.to_json)."""
+    """One health check as the agent reports it (agent.check_report.Result.to_json)."""
 
     id: str
     status: str
@@ -318,7 +234,7 @@ class CheckReport:
 
     @classmethod
     def from_json(cls, doc: Any) -> CheckReport:
-        f = _Fields(doc, "health.checks[]")
+        f = Fields(doc, "health.checks[]")
         return cls(
             id=f.text("id", 48, pattern=_CHECK_ID),
             status=f.text("status", 8, choices=CHECK_STATES),
@@ -342,7 +258,7 @@ class HealthReport:
 
     @classmethod
     def from_json(cls, doc: Any) -> HealthReport:
-        f = _Fields(doc, "health")
+        f = Fields(doc, "health")
         return cls(
             status=f.text("status", 16, choices=HEALTH_STATES),
             time=f.number("time") if f.doc.get("time") is not None else None,
@@ -377,9 +293,10 @@ class Heartbeat:
 
     @classmethod
     def from_json(cls, body: Any) -> Heartbeat:
-        from agent.shared.replication_wire import ReplicationReport  # it builds on this module's field checks
+        # Imported here: the bootstrapper's at-boot check imports this module and never a heartbeat's replication.
+        from agent.shared.replication_wire import ReplicationReport
 
-        f = _Fields(body, "heartbeat")
+        f = Fields(body, "heartbeat")
         health = f.doc.get("health")
         replication = f.doc.get("replication")
         return cls(
@@ -420,7 +337,7 @@ class JobReport:
 
     @classmethod
     def from_json(cls, body: Any) -> JobReport:
-        f = _Fields(body, "job")
+        f = Fields(body, "job")
         job_id, host_id = f.optional_text("job_id", 36), f.optional_text("host_id", 36)
         return cls(
             kind=f.text("kind", 16, choices=JOB_KINDS),
@@ -451,7 +368,7 @@ class UpdateTarget:
 
     @classmethod
     def from_json(cls, doc: Any) -> UpdateTarget:
-        f = _Fields(doc, "update")
+        f = Fields(doc, "update")
         job_id = f.optional_text("job_id", 36)
         return cls(
             version=f.text("version", 32, pattern=_DOTTED),

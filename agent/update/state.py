@@ -50,7 +50,7 @@ def is_version(text: object) -> bool:
 
 
 @dataclass(frozen=True)
-class Target:
+class TargetRecord:
     """What the server asked of this machine in its last heartbeat answer."""
 
     version: str
@@ -62,12 +62,12 @@ class Target:
         return {"version": self.version, "job_id": self.job_id, "pinned": self.pinned, "received": self.received}
 
 
-def load_target(paths: Paths) -> Target | None:
+def load_target(paths: Paths) -> TargetRecord | None:
     doc = _load(paths.update_target)
     if doc is None or not is_version(doc.get("version")):
         return None
     job_id = doc.get("job_id")
-    return Target(
+    return TargetRecord(
         doc["version"],
         job_id if isinstance(job_id, str) and _UUID.fullmatch(job_id) else None,
         doc.get("pinned") is True,
@@ -75,7 +75,7 @@ def load_target(paths: Paths) -> Target | None:
     )
 
 
-def save_target(paths: Paths, target: Target | None) -> None:
+def save_target(paths: Paths, target: TargetRecord | None) -> None:
     """Record the target (None: the server names none, so none is kept)."""
     if target is None:
         with contextlib.suppress(FileNotFoundError):
@@ -248,7 +248,7 @@ def unfinished(record: UpgradeRecord | None) -> bool:
     return record is not None and (not record.phase.terminal or not record.reported)
 
 
-def declined(record: UpgradeRecord | None, target: Target) -> bool:
+def declined(record: UpgradeRecord | None, target: TargetRecord) -> bool:
     """Whether ``target`` is the attempt that ``record`` already ended without success: its version is not tried
     again for the same job (the server pins the machine; an operator starts a new job to try again)."""
     return (

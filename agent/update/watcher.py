@@ -53,7 +53,7 @@ from agent.status import DaemonStatus
 from agent.update.beside import clean_staging, place_beside
 from agent.update.daemonctl import Supervisor, supervisor_for
 from agent.update.fetch import download_and_unpack
-from agent.update.gate import Commit, Gate, GateSettings, Observation, RollBack
+from agent.update.gate import Commit, GateSettings, HealthGate, Observation, RollBack
 from agent.update.keeper import kept
 from agent.update.state import (
     Baseline,
@@ -96,6 +96,10 @@ def upgrade(paths: Paths, *, sleep: Callable[[float], None] = time.sleep, again:
             return updater.run()
         with kept(paths, again):
             return updater.run()
+
+
+SERVER_GONE = "upgrade: the server is unreachable from this machine: the health window waits for it"
+SERVER_BACK = "upgrade: the server answers again: the health window goes on"
 
 
 class Updater:
@@ -233,15 +237,18 @@ class Updater:
             )
             return self._verdict(record, error)
         restarted = record.restarted_at if record.restarted_at is not None else time.time()
-        gate = Gate(settings, record.baseline, record.to_version, restarted)
+        gate = HealthGate(settings, record.baseline, record.to_version, restarted)
         if not self._counting:  # taken over: count from now
             self.supervisor.mark()
-        next_probe, reachable = 0.0, None
+        next_probe, reachable, was_reachable = 0.0, None, True
         log(self.paths, f"upgrade: watching {record.to_version} (window {settings.window:.0f} s)")
         while True:
             now = time.monotonic()  # durations only: a clock step must neither shorten nor stretch the gate
             if now >= next_probe:
                 reachable, next_probe = self._probe(), now + max(1.0, settings.heartbeat / 2)
+                if reachable != was_reachable:  # the log says why a window takes longer than it is
+                    log(self.paths, SERVER_BACK if reachable else SERVER_GONE)
+                    was_reachable = reachable
             verdict = gate.observe(self._observe(now, reachable))
             reachable = None
             if isinstance(verdict, Commit):

@@ -17,6 +17,7 @@ from agent.shared.errors import Exit, MobilityError
 from agent.shared.replication_wire import Policy, disk_name
 from agent.shared.textsafe import printable, shown
 from agent.shared.wire import WireError
+from server.commandline import count, data_dir, open_storage, parse_duration, parse_size, print_table
 from server.datadir import DataDir
 from server.errors import (
     FailoverNotBootable,
@@ -33,24 +34,6 @@ if TYPE_CHECKING:  # imported where used: every `mobility-server` command builds
     from server.storage import Machine, Storage
 
 Command = Callable[[str, str], argparse.ArgumentParser]
-
-
-def _data(args: argparse.Namespace) -> DataDir:
-    from server.cli import _data as checked
-
-    return checked(args)
-
-
-def _storage(args: argparse.Namespace, data: DataDir) -> Storage:
-    from server.cli import _storage as opened
-
-    return opened(args, data)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> None:
-    from server.cli import _print_table
-
-    _print_table(header, rows)
 
 
 def find_machine(storage: Storage, text: str) -> Machine:
@@ -71,8 +54,6 @@ def _stamp(t: float | None) -> str:
 
 
 def _duration(text: str, flag: str) -> float:
-    from server.cli import parse_duration
-
     try:
         return parse_duration(text)
     except MobilityError as e:
@@ -80,8 +61,6 @@ def _duration(text: str, flag: str) -> float:
 
 
 def _bandwidth(text: str) -> int:
-    from server.cli import parse_size
-
     try:
         return parse_size(text, "--bandwidth")
     except MobilityError as e:
@@ -116,7 +95,7 @@ def _agent_accepts(policy: Policy) -> Policy:
 def cmd_protect(args: argparse.Namespace) -> int:
     """Protect disks (--disk or --all-disks), or change a protected machine as it stands: --pause, --resume and
     --policy without disks keep the disks it protects."""
-    data = _data(args)
+    data = data_dir(args)
     if args.disk and args.all_disks:
         raise ProtectDiskInvalid("give --disk /dev/X (repeatable) or --all-disks, not both")
     changing = not args.disk and not args.all_disks
@@ -128,7 +107,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         disks = [disk_name(d, "--disk") for d in args.disk or []]
     except WireError as e:
         raise ProtectDiskInvalid(str(e)) from e
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     try:
         machine = find_machine(storage, args.machine)
         if args.policy is not None and storage.policy(args.policy) is None:
@@ -160,8 +139,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
-    data = _data(args)
-    storage = _storage(args, data)
+    data = data_dir(args)
+    storage = open_storage(args, data)
     try:
         machine = find_machine(storage, args.machine)
         removed = storage.unprotect(machine.host_id)
@@ -175,8 +154,8 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
 
 
 def cmd_protection(args: argparse.Namespace) -> int:
-    data = _data(args)
-    storage = _storage(args, data)
+    data = data_dir(args)
+    storage = open_storage(args, data)
     rows: list[dict[str, Any]] = []
     try:
         for p in storage.protections():
@@ -221,7 +200,9 @@ def cmd_protection(args: argparse.Namespace) -> int:
                     d.get("error"),
                 ]
             )
-    _table(["MACHINE", "DISK", "STATE", "LEFT", "LAG", "THROUGHPUT", "ETA", "LAST POINT", "POLICY", "ERROR"], table)
+    print_table(
+        ["MACHINE", "DISK", "STATE", "LEFT", "LAG", "THROUGHPUT", "ETA", "LAST POINT", "POLICY", "ERROR"], table
+    )
     for r in rows:
         plan = (r["replication"] or {}).get("next_point")
         if plan:
@@ -290,8 +271,8 @@ def _secs(n: object) -> str:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    data = _data(args)
-    storage = _storage(args, data)
+    data = data_dir(args)
+    storage = open_storage(args, data)
     try:
         if args.action == "set":
             old = storage.policy(_agent_accepts(Policy(args.name)).name) or Policy(args.name)
@@ -309,7 +290,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([p.to_json() for p in policies], indent=2))
         return Exit.OK
-    _table(
+    print_table(
         ["NAME", "RPO", "INTERVAL", "BANDWIDTH", "RETENTION"],
         [
             [
@@ -332,8 +313,8 @@ def _open(args: argparse.Namespace) -> tuple[DataDir, ChunkStore, Machine]:
     from server.process.service import store_dir
     from server.process.store import ChunkStore
 
-    data = _data(args)
-    storage = _storage(args, data)
+    data = data_dir(args)
+    storage = open_storage(args, data)
     try:
         machine = find_machine(storage, args.machine)
     finally:
@@ -361,7 +342,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_point_json(p) for p in points], indent=2))
         return Exit.OK
-    _table(
+    print_table(
         ["POINT", "CREATED", "CONSISTENCY", "DISKS"],
         [[p.point_id, _stamp(p.created), p.consistency, ", ".join(d.disk for d in p.disks)] for p in points],
     )
@@ -375,7 +356,6 @@ def _scratch(args: argparse.Namespace, data: DataDir) -> Path:
 
 
 def _bounded_duration(text: str, flag: str, low: float, high: float) -> float:
-    from server.cli import parse_duration
     from server.errors import BadDuration
 
     try:
@@ -548,7 +528,7 @@ def _record_test_failover(
         lines += [f"not released: {what}" for what in report.get("left_behind", [])]
     elif error is not None:
         lines.append(error.message)
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     try:
         storage.record_job(
             job_id=None,
@@ -566,7 +546,7 @@ def _record_test_failover(
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    data = _data(args)  # refused before the heavier imports
+    data = data_dir(args)  # refused before the heavier imports
     from server.errors import PointNotFound
     from server.process.failover import verify_point
     from server.process.service import store_dir
@@ -594,7 +574,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    data = _data(args)  # refused before the heavier imports
+    data = data_dir(args)  # refused before the heavier imports
     from server.errors import RepairPartial
     from server.process.repair import described, repair
     from server.process.service import store_dir
@@ -625,7 +605,6 @@ lock (PS-STORE-BUSY otherwise)."""
 
 def add_commands(command: Command) -> None:
     """Register the replication commands on `mobility-server` (``command(name, help)`` adds --data)."""
-    from server.cli import count
 
     p = command("protect", "protect disks of a machine (replicated to the process server, recovery points)")
     p.add_argument("--machine", required=True, metavar="HOST", help="host ID or hostname")

@@ -20,6 +20,7 @@ from agent.faults import fault_point
 from agent.replication.chunks import RootHasher, zero_hash
 from agent.shared.errors import IoFailed
 from agent.shared.failover_mark import MARK_FILE, FailoverMark
+from agent.shared.fsutil import fsync_dir
 from agent.shared.replication_wire import HASH_SIZE
 from server.errors import FailoverOutExists, PointCorrupt
 from server.process.commands import run_tool
@@ -154,7 +155,7 @@ def materialise(
                     _convert(partial, converted, convert, progress)
             for partial, final in written:
                 os.rename(partial, final)
-            _fsync_dir(out)
+            fsync_dir(out)
         except BaseException:
             with signals_held():
                 for partial in raw:
@@ -208,14 +209,6 @@ def _writing_into(out: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # the lock goes with it
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def mark_images(images: list[Path], mark: FailoverMark, scratch: Path, wait: float) -> dict[str, Any]:

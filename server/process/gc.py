@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from agent.faults import fault_point
+from agent.shared.fsutil import fsync_dir
 from server.process import store as store_module
-from server.process.store import RECORD, RECORD_MAGIC, ChunkStore
+from server.process.store import RECORD, RECORD_MAGIC, ChunkStore, write_all
 
 log = logging.getLogger("mobility.process")
 
@@ -179,7 +180,7 @@ class Collector:
                     (self.store.manifests_dir / f"{name}.zst").unlink(missing_ok=True)
                     done.manifests += 1
             w.executemany("DELETE FROM sweeps WHERE disk_key = ? AND gen = ?", [(disk_key, g) for g in dropped])
-        store_module._fsync_dir(self.store.manifests_dir)
+        fsync_dir(self.store.manifests_dir)
         fault_point("store.collect", step="manifests")
 
     # Compaction ---------------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class Collector:
                 continue  # taken up again by a commit while it was compacted: copied in the next round
             self.store.drop_reader(pack)
             self.store.pack_path(pack).unlink()
-            store_module._fsync_dir(self.store.packs_dir)
+            fsync_dir(self.store.packs_dir)
             fault_point("store.collect", step="removed")
             done.packs_rewritten += 1
             done.reclaimed += size - copied
@@ -267,7 +268,7 @@ class Collector:
         total = sum(len(r) for r in records)
         target, fd = self._fill(total)
         start = self._target_size
-        store_module._write_all(fd, records)
+        write_all(fd, records)
         os.fdatasync(fd)
         self._target_size += total
         fault_point("store.collect", step="copied")
@@ -294,7 +295,7 @@ class Collector:
             fd = os.open(
                 self.store.pack_path(pack), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
             )
-            store_module._fsync_dir(self.store.packs_dir)
+            fsync_dir(self.store.packs_dir)
             self._target, self._target_size = (pack, fd), 0
         return self._target
 

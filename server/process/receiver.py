@@ -40,7 +40,6 @@ from agent.shared.replication_wire import (
     BATCH_VERSION,
     HASHES_PER_FRAME,
     HEADER,
-    MAX_CHUNK_SIZE,
     Codec,
     Header,
     Hello,
@@ -58,7 +57,9 @@ from agent.shared.textsafe import printable
 from server.edge import HANDSHAKE_SECONDS, Connections
 from server.errors import ChunkCorrupt, DiskTooLarge, NotProtected, ReplicationProtocol, StoreFull
 from server.process.batches import BatchResult, verify_batch
+from server.process.decompress import chunk_decompressor
 from server.process.store import ChunkPut, ChunkStore, DiskRow, PointPut
+from server.tls import listener_context, peer_identity
 
 log = logging.getLogger("mobility.process")
 
@@ -660,7 +661,7 @@ def _decompress_bytes(payload: bytes, size: int, where: str) -> bytes:
     if end != len(payload):
         raise ChunkCorrupt(f"{where} carries {len(payload) - end} bytes after its zstd frame")
     try:
-        with _decompressor().stream_reader(payload, read_across_frames=False) as reader:
+        with chunk_decompressor().stream_reader(payload, read_across_frames=False) as reader:
             data = reader.read(size + 1)
     except zstandard.ZstdError as e:
         raise ChunkCorrupt(f"{where} does not decompress: {e}") from e
@@ -685,16 +686,6 @@ def _frame_end(payload: bytes, size: int) -> int:
         if block & 1:
             return at + checksum
     raise ChunkCorrupt(f"a zstd frame of more blocks than {size} bytes need")
-
-
-_threads = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d: zstandard.ZstdDecompressor | None = getattr(_threads, "dctx", None)
-    if d is None:  # a frame needing a window larger than any chunk is refused before memory is taken for it
-        d = _threads.dctx = zstandard.ZstdDecompressor(max_window_size=MAX_CHUNK_SIZE)
-    return d
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -731,12 +722,10 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[Header, bytes]:
 
 def _peer_certificate(writer: asyncio.StreamWriter) -> tuple[str, str]:
     """The CN and serial number of the verified client certificate (the TLS layer checked it against our CA)."""
-    cert = writer.get_extra_info("peercert")
-    for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value), str(cert.get("serialNumber", ""))
-    raise ProtocolError("no client certificate")
+    identity = peer_identity(writer.get_extra_info("peercert"))
+    if identity is None:
+        raise ProtocolError("no client certificate")
+    return identity
 
 
 def _refuse(writer: asyncio.StreamWriter, error: MobilityError, stream: _Stream | None) -> None:
@@ -750,9 +739,4 @@ def _refuse(writer: asyncio.StreamWriter, error: MobilityError, stream: _Stream 
 
 def stream_tls_context(ca_cert: str, cert: str, key: str) -> ssl.SSLContext:
     """The stream listener's TLS: the server's certificate, and a client certificate from our CA required."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    ctx.load_verify_locations(cafile=ca_cert)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return listener_context(cert, key, ca_cert, ssl.CERT_REQUIRED)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.replication.chunks import MAX_CHUNKS, Geometry
+from agent.shared.fsutil import fsync_dir
 from agent.shared.replication_wire import (
     CONSISTENCY,
     EARLIEST,
@@ -219,9 +220,9 @@ def write(root: Path, record: PointRecord) -> Path:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     for d in made:
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
     return path
 
 
@@ -233,7 +234,7 @@ def sync(root: Path, host_id: str) -> None:
     """Make removals of the machine's records durable."""
     where = root / name_part(host_id)
     if where.is_dir():
-        _fsync_dir(where)
+        fsync_dir(where)
 
 
 def scan(root: Path) -> Iterator[tuple[Path, PointRecord | RecordInvalid]]:
@@ -261,11 +262,3 @@ def scan(root: Path) -> Iterator[tuple[Path, PointRecord | RecordInvalid]]:
                 yield path, decode(data, where)
             except RecordInvalid as e:
                 yield path, e
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -34,9 +34,11 @@ from typing import Any
 import zstandard
 
 from agent.replication.chunks import MAX_CHUNKS, Geometry, RootHasher, chunk_hash, zero_hash
+from agent.shared.fsutil import fsync_dir
 from agent.shared.replication_wire import HASH_SIZE, MAX_CHUNK_SIZE, MAX_PAYLOAD, Codec
 from server.errors import StoreDamaged
 from server.process import records, references
+from server.process.decompress import chunk_decompressor, manifest_decompressor
 from server.process.records import PointRecord, RecordInvalid
 from server.process.store import (
     MIGRATIONS,
@@ -44,14 +46,12 @@ from server.process.store import (
     RECORD_MAGIC,
     SCHEMA_VERSION,
     ChunkStore,
-    _fsync_dir,
-    _take_writer_lock,
     holds_data,
     statements,
+    take_writer_lock,
 )
 
 _INSERT_EVERY = 20_000  # chunk rows inserted at a time while packs are read
-_DCTX = zstandard.ZstdDecompressor(max_window_size=MAX_CHUNK_SIZE)  # repair runs in one thread
 
 
 @dataclass
@@ -81,7 +81,7 @@ def repair(root: Path, *, rebuild: bool = False) -> Repaired:
     ``rebuild``, whatever its state). Takes the store's writer lock: refused (PS-STORE-BUSY) while a server runs."""
     if not root.is_dir():
         raise StoreDamaged(f"{root}: no chunk store here")
-    lock = _take_writer_lock(root)
+    lock = take_writer_lock(root)
     try:
         index = root / "index.db"
         reason = "asked to rebuild" if rebuild else _diagnose(root)
@@ -244,10 +244,10 @@ def _rebuild(root: Path, reason: str) -> Repaired:
                 old.rename(root / (done.kept_as + suffix))
             else:
                 old.unlink()
-    _fsync_dir(root)
+    fsync_dir(root)
     new.rename(index)
     index.chmod(0o600)
-    _fsync_dir(root)
+    fsync_dir(root)
     return done
 
 
@@ -309,7 +309,7 @@ def _record_at(m: mmap.mmap, at: int, size: int) -> tuple[bytes, int, int, int] 
         try:
             if zstandard.frame_content_size(data) != raw:
                 return None
-            data = _DCTX.decompress(data, max_output_size=raw)
+            data = chunk_decompressor().decompress(data, max_output_size=raw)
         except zstandard.ZstdError:
             return None
     if len(data) != raw or chunk_hash(data) != digest:
@@ -325,7 +325,6 @@ def _manifests(root: Path) -> references.ManifestOf:
 class _ManifestReader:
     def __init__(self, root: Path) -> None:
         self.dir = root / "manifests"
-        self.dctx = zstandard.ZstdDecompressor()
 
     def hashes(self, name: str, geometry: Geometry) -> bytes | None:
         want = geometry.count * HASH_SIZE
@@ -333,7 +332,7 @@ class _ManifestReader:
             raw = (self.dir / f"{name}.zst").read_bytes()
             if zstandard.frame_content_size(raw) not in (want, -1):
                 return None
-            data = self.dctx.decompress(raw, max_output_size=want)
+            data = manifest_decompressor().decompress(raw, max_output_size=want)
         except (OSError, zstandard.ZstdError):
             return None
         if len(data) != want or chunk_hash(data).hex() != name:
@@ -416,7 +415,7 @@ def _restore_points(root: Path, db: sqlite3.Connection, done: Repaired) -> None:
     keys = {(str(h), str(d)): int(k) for k, h, d in db.execute("SELECT disk_key, host_id, disk FROM disks")}
     for (host, _), found in sound.items():
         for record in found:
-            ChunkStore._insert_point_disk(db, keys[(host, record.disk)], record)
+            ChunkStore.insert_point_disk(db, keys[(host, record.disk)], record)
 
 
 def _unsound(found: list[PointRecord], manifests: _ManifestReader) -> str | None:

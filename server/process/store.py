@@ -32,7 +32,7 @@ import zstandard
 
 from agent.faults import fault_point
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash, zeros
-from agent.shared.fsutil import open_lock_file
+from agent.shared.fsutil import fsync_dir, open_lock_file
 from agent.shared.replication_wire import (
     EARLIEST,
     HASH_SIZE,
@@ -43,6 +43,7 @@ from agent.shared.replication_wire import (
     MAX_SEQ,
     Codec,
     PointClose,
+    weakest_consistency,
 )
 from server.errors import (
     IndexMissing,
@@ -57,6 +58,7 @@ from server.errors import (
     StoreWriteFailed,
 )
 from server.process import records, references
+from server.process.decompress import chunk_decompressor, manifest_decompressor
 from server.process.records import PointRecord
 
 log = logging.getLogger("mobility.process")
@@ -377,7 +379,7 @@ class ChunkStore:
         if writer:
             for d in (root, self.packs_dir, self.manifests_dir):
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._writer_lock = _take_writer_lock(root)
+            self._writer_lock = take_writer_lock(root)
             if not (root / "index.db").exists() and holds_data(root):
                 # A new, empty index would cut every pack to nothing (no record of theirs is indexed): refuse.
                 self._release_writer()
@@ -464,7 +466,7 @@ class ChunkStore:
         self.pack_id = pack
         self.pack_size = os.fstat(self.pack_fd).st_size
         if new:
-            _fsync_dir(self.packs_dir)
+            fsync_dir(self.packs_dir)
 
     @property
     def reader_db(self) -> sqlite3.Connection:
@@ -619,7 +621,7 @@ class ChunkStore:
                     codec, stored, raw = rec[2], len(rec) - RECORD.size, struct.unpack_from("<I", rec, 8)[0]
                     placed.append((digest, self.pack_id, offset + RECORD.size, stored, raw, codec))
                     offset += len(rec)
-                _write_all(self.pack_fd, records)
+                write_all(self.pack_fd, records)
                 os.fdatasync(self.pack_fd)
                 self.pack_size = offset
             return self._index(items, outcomes, placed)
@@ -793,13 +795,13 @@ class ChunkStore:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (disk.host_id, close.point_id, created, consistency, names, freeze_ms),
             )
-        self._insert_point_disk(db, disk.disk_key, record)
+        self.insert_point_disk(db, disk.disk_key, record)
         db.execute("UPDATE disks SET gen = gen + 1 WHERE disk_key = ?", (disk.disk_key,))
         gens[disk.disk_key] = gen + 1
         return None
 
     @staticmethod
-    def _insert_point_disk(db: sqlite3.Connection, disk_key: int, r: PointRecord) -> None:
+    def insert_point_disk(db: sqlite3.Connection, disk_key: int, r: PointRecord) -> None:
         db.execute(
             "INSERT INTO point_disks (host_id, point_id, disk, size, chunk_size, root, manifest, closed, consistency, "
             "disk_key, gen, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -829,7 +831,7 @@ class ChunkStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(self.manifests_dir)
+            fsync_dir(self.manifests_dir)
         return name
 
     @contextlib.contextmanager
@@ -875,7 +877,7 @@ class ChunkStore:
         labels = db.execute(
             "SELECT consistency FROM point_disks WHERE host_id = ? AND point_id = ?", (host_id, point_id)
         )
-        consistency = _weakest([str(row[3]), *(r[0] for r in labels)])
+        consistency = weakest_consistency([str(row[3]), *(r[0] for r in labels)])
         return Point(row[0], row[1], row[2], consistency, disks, row[5], complete)
 
     def find_point(self, point_id: str) -> Point | None:
@@ -913,7 +915,9 @@ class ChunkStore:
         """The point's chunk hashes for one disk, checked against the manifest's own name."""
         path = self.manifests_dir / f"{disk.manifest}.zst"
         try:
-            data = _decompressor().decompress(path.read_bytes(), max_output_size=disk.geometry.count * HASH_SIZE)
+            data = manifest_decompressor().decompress(
+                path.read_bytes(), max_output_size=disk.geometry.count * HASH_SIZE
+            )
         except (OSError, zstandard.ZstdError) as e:
             raise PointCorrupt(f"{disk.disk}: manifest {disk.manifest[:16]}... unreadable: {e}") from e
         if len(data) != disk.geometry.count * HASH_SIZE or chunk_hash(data).hex() != disk.manifest:
@@ -997,7 +1001,7 @@ class ChunkStore:
             raise PointCorrupt(f"chunk {digest.hex()[:16]}... in pack {pack} at {offset} is damaged")
         if codec == Codec.ZSTD:
             try:
-                data = _decompressor().decompress(data, max_output_size=length)
+                data = chunk_decompressor().decompress(data, max_output_size=length)
             except zstandard.ZstdError as e:
                 raise PointCorrupt(f"chunk {digest.hex()[:16]}... in pack {pack} does not decompress: {e}") from e
         if len(data) != length or (verify and chunk_hash(data) != digest):
@@ -1022,11 +1026,6 @@ class ChunkStore:
         if fd is not None:
             os.close(fd)
 
-    def locate(self, digest: bytes) -> tuple[Path, int, int] | None:
-        """Where a chunk's stored bytes are: (pack file, offset, length). For tests and repair tools."""
-        row = self.reader_db.execute("SELECT pack, offset, stored FROM chunks WHERE hash = ?", (digest,)).fetchone()
-        return (self.pack_path(row[0]), row[1], row[2]) if row else None
-
     def footprint(self) -> tuple[int, int, int]:
         """(bytes the store takes: its packs and index, bytes free for it, the size of its filesystem), from the
         files' sizes: cheap at any size, unlike ``usage``, which sums every chunk."""
@@ -1046,17 +1045,6 @@ class ChunkStore:
         return Usage(int(stored), int(chunks), st.f_bavail * st.f_frsize, self.reserve)
 
 
-_threads = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    """zstd contexts are not thread-safe: one per thread."""
-    d: zstandard.ZstdDecompressor | None = getattr(_threads, "dctx", None)
-    if d is None:
-        d = _threads.dctx = zstandard.ZstdDecompressor()
-    return d
-
-
 def _out_of_bounds(item: ChunkPut | PointPut) -> Exception | None:
     """The store's own check of what the receiver parsed at the edge: a number it cannot hold fails the item (and
     its stream), never the batch."""
@@ -1074,12 +1062,7 @@ def _out_of_bounds(item: ChunkPut | PointPut) -> Exception | None:
     return None
 
 
-def _weakest(labels: Sequence[str]) -> str:
-    order = ("raw-busy", "raw-idle", "crash-consistent", "app-consistent")
-    return min(labels, key=lambda c: order.index(c) if c in order else 0)
-
-
-def _write_all(fd: int, records: list[bytes]) -> None:
+def write_all(fd: int, records: list[bytes]) -> None:
     pending = records
     while pending:
         batch = pending[:512]  # IOV_MAX is 1024
@@ -1092,15 +1075,7 @@ def _write_all(fd: int, records: list[bytes]) -> None:
         pending = pending[512:]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _take_writer_lock(root: Path) -> int:
+def take_writer_lock(root: Path) -> int:
     """Two writers would each cut the other's unindexed pack tail and interleave records: the second one is
     refused (PS-STORE-BUSY). The lock is released when the writer closes or dies."""
     fd = open_lock_file(root / "writer.lock")

@@ -19,17 +19,12 @@ from agent.shared import timefmt
 from agent.shared.errors import BadArguments, Exit
 from agent.shared.fsutil import atomic_write
 from agent.shared.textsafe import printable, shown
+from server.commandline import count, data_dir, open_storage, print_table
 from server.datadir import DataDir
 from server.errors import OperatorExists
 
 Command = Callable[[str, str], argparse.ArgumentParser]
 MAX_AUDIT = 1000
-
-
-def _data(args: argparse.Namespace) -> DataDir:
-    from server.cli import _data as checked
-
-    return checked(args)
 
 
 def _user() -> str:
@@ -74,10 +69,9 @@ def _write_certificate(data: DataDir, name: str, where: Path) -> tuple[str, floa
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from server.cli import _storage
     from server.operators import Operators, parse_name
 
-    data = _data(args)
+    data = data_dir(args)
     if args.action in ("add", "remove"):
         if not args.name:
             raise BadArguments(f"`operator {args.action}` needs the operator's NAME")
@@ -87,7 +81,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     if args.cert_out and args.action != "add":
         raise BadArguments("--cert-out goes with `operator add`")
     where = _check_out_dir(args.cert_out, args.name) if args.cert_out else None
-    storage = _storage(args, data)
+    storage = open_storage(args, data)
     try:
         operators = Operators(storage)
         now = time.time()
@@ -143,11 +137,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from server.cli import _storage
     from server.operators import Operators
 
-    data = _data(args)
-    storage = _storage(args, data)
+    data = data_dir(args)
+    storage = open_storage(args, data)
     try:
         entries = Operators(storage).audit_log(args.limit)
     finally:
@@ -164,9 +157,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:
-    from server.cli import _print_table
 
-    _print_table(header, [[printable(str(v), 200) if v is not None else None for v in r] for r in rows])
+    print_table(header, [[printable(str(v), 200) if v is not None else None for v in r] for r in rows])
 
 
 def add_commands(command: Command) -> None:
@@ -191,6 +183,5 @@ def add_commands(command: Command) -> None:
 
 
 def _limit(text: str) -> int:
-    from server.cli import count
 
     return count(1, MAX_AUDIT)(text)

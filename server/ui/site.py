@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
@@ -48,6 +48,7 @@ from server.operators import Operators
 from server.process.service import store_dir
 from server.process.store import DEFAULT_RESERVE, ChunkStore, Point
 from server.rollouts import FAILED, OFFERED, RUNNING, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN, Rollout, Rollouts
+from server.tls import listener_context
 from server.ui import views
 from server.ui.access import SESSION_COOKIE, Access, Who, is_loopback
 from server.ui.actions import Actions
@@ -56,9 +57,31 @@ from server.ui.history import History
 from server.ui.snapshot import Builder, DiskQuery, MachineQuery, Snapshot, StoreFigures
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from server.datadir import DataDir
+    from server.edge import Connections
+    from server.metrics import ServerMetrics
+    from server.stalls import StallMonitor
+    from server.storage import Storage
 
 log = logging.getLogger("mobility.server.ui")
+
+
+class Serving(Protocol):
+    """What the dashboard reads of the serving instance it runs in (server/app.py's ``Server``, which starts it: the
+    dashboard never imports the API it sits beside)."""
+
+    @property
+    def data(self) -> DataDir: ...
+    @property
+    def storage(self) -> Storage: ...
+    @property
+    def metrics(self) -> ServerMetrics: ...
+    @property
+    def connections(self) -> Connections: ...
+    @property
+    def stalls(self) -> StallMonitor: ...
+    def clock(self) -> float: ...
+
 
 DEFAULT_PORT = 9445
 DEFAULT_REFRESH = 10.0
@@ -131,7 +154,7 @@ def _load_static() -> dict[str, bytes]:
 class Ui:
     """The dashboard of one serving instance."""
 
-    def __init__(self, server: Server, options: UiOptions) -> None:
+    def __init__(self, server: Serving, options: UiOptions) -> None:
         self.server = server
         self.options = options
         self.storage = server.storage
@@ -290,12 +313,8 @@ class Ui:
 
     def _tls(self) -> ssl.SSLContext:
         data = self.server.data
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(data.tls_cert, data.tls_key)
-        ctx.load_verify_locations(cafile=str(data.ca_cert))
-        ctx.verify_mode = ssl.CERT_OPTIONAL  # an operator's certificate logs in; a browser without one gets the form
-        return ctx
+        # Optional: an operator's certificate logs in; a browser without one gets the form.
+        return listener_context(data.tls_cert, data.tls_key, data.ca_cert, ssl.CERT_OPTIONAL)
 
     async def close(self) -> None:
         for t in self._tasks:

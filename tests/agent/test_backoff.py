@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.api_client import Client
 from agent.backoff import BACKOFF_CAP, next_wait, with_backoff
 from agent.errors import Exit, RemoteBusy, ServerUnreachable
 from agent.shared.address import ServerAddress
-from agent.transport import Client
 
 
 def test_full_jitter_spreads_a_thousand_clones() -> None:

@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent.backoff import BACKOFF_CAP
-from agent.bootstrap import (
-    BootstrapSettings,
-    merged_settings,
-    parse_bootstrap_conf,
-    passphrase_path,
-    with_backoff,
-)
+from agent.bootstrap import BootstrapSettings, with_backoff
+from agent.bootstrap_conf import merged_settings, parse_bootstrap_conf, passphrase_path
 from agent.errors import BootstrapConfigInvalid, InstallDirInvalid, ServerUnreachable, TufFetchFailed
 from agent.install_dir import DEFAULT_INSTALL_DIR
 from agent.paths import Paths

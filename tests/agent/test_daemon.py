@@ -476,7 +476,7 @@ def test_the_target_the_server_names_is_recorded_and_handed_to_a_watcher(
     paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from agent import daemon as daemon_module
-    from agent.update.state import Target, load_target
+    from agent.update.state import TargetRecord, load_target
 
     started: list[tuple[str, list[str]]] = []
 
@@ -511,7 +511,7 @@ def test_the_target_the_server_names_is_recorded_and_handed_to_a_watcher(
     link.update = {"version": "0.1.0", "job_id": None, "pinned": True}
     before = len(started)
     run_for(daemon, link, 200, start=T0 + 500)
-    assert load_target(paths) == Target("0.1.0", None, True, load_target(paths).received)  # type: ignore[union-attr]
+    assert load_target(paths) == TargetRecord("0.1.0", None, True, load_target(paths).received)  # type: ignore[union-attr]
     assert len(started) == before
 
 

@@ -331,10 +331,10 @@ def test_a_bundle_that_cannot_be_written_is_a_local_failure(agent: Agent, bundle
 
 
 def test_answers_that_are_not_the_api_are_protocol_errors(server: RepoServer, tls: tuple[Path, Path]) -> None:
-    """agent/transport.py against a TLS server that is not a Mobility server (this fixture)."""
+    """agent/api_client.py against a TLS server that is not a Mobility server (this fixture)."""
+    from agent.api_client import CA_PATH, Client, fetch_pinned_ca
     from agent.errors import ServerProtocolError
     from agent.shared.address import ServerAddress
-    from agent.transport import CA_PATH, Client, fetch_pinned_ca
 
     address = ServerAddress("127.0.0.1", server.server_address[1])
     server.overrides["/v1/status"] = b"<html>a web server</html>"

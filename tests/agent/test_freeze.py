@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.checks import Status
+from agent.check_report import Status
 from agent.freeze import FreezeSetup, check_freezable, install_provider, load_setup, mount_of, provider_status
-from agent.health.checks import FreezeProvider
-from agent.local import local_health
+from agent.health.self_checks import FreezeProvider
 from agent.paths import Paths
+from agent.status_commands import local_health
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw

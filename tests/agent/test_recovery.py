@@ -13,15 +13,7 @@ import pytest
 
 from agent.failover import Failover
 from agent.paths import Paths
-from agent.recovery.checks import (
-    BUILTIN_HEADER,
-    Outcome,
-    builtin_script,
-    install_builtin_checks,
-    run_recovery_checks,
-    runnable_name,
-    tail,
-)
+from agent.recovery.builtins import BUILTIN_HEADER, builtin_script, install_builtin_checks
 from agent.recovery.postgresql import (
     PostgresqlCheck,
     find_clusters,
@@ -29,6 +21,12 @@ from agent.recovery.postgresql import (
     parse_lsclusters,
     replay_summary,
     socket_dir,
+)
+from agent.recovery.runner import (
+    Outcome,
+    run_recovery_checks,
+    runnable_name,
+    tail,
 )
 from tests.agent.test_cli import mobility
 from tests.conftest import require_root

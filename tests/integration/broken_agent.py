@@ -14,7 +14,7 @@ import contextlib
 import sys
 
 from agent import __version__
-from agent.checks import Result, Status
+from agent.check_report import Result, Status
 
 with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
     comm.write("mobility")

@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.paths import Paths
 from agent.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import Codec, Hello, Kind, PointClose
 from tests.integration.serverproc import ServerProcess, configure_root, open_storage, sandbox_root, secret_file

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.checks import Status
+from agent.check_report import Status
 from agent.paths import Paths
-from agent.prereq.checks import BootDisk, FreeSpace
+from agent.prereq.prerequisites import BootDisk, FreeSpace
 from tests.conftest import DISTROS, REPO, require_root
 
 pytestmark = pytest.mark.integration

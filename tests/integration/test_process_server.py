@@ -17,7 +17,7 @@ from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
 from agent.paths import Paths
 from agent.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import Codec, Hello, Kind, PointClose
 from server.process.store import ChunkStore

@@ -23,6 +23,7 @@ from scripts.replication_lab import Disk, Lab, Machine, Server, read_disk, sh, u
 from tests.conftest import REPO, require_root
 from tests.integration import records
 from tests.postgres import on_postgresql, shared_cluster
+from tests.server.process.stores import locate
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +63,11 @@ def start_writer(lab: Lab, dirs: list[Path], seed: int) -> tuple[subprocess.Pope
     )
     lab.defer(f"writer {proc.pid}", lambda: _stop(proc))
     return proc, log
+
+
+def writes_beyond(log: Path, count: int, more: int = 20) -> None:
+    """Wait until the writer logged ``more`` writes past ``count`` (it writes a record every few milliseconds)."""
+    wait_for(f"{more} more writes", lambda: log.exists() and len(records.read_log(log)) >= count + more, timeout=60)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -183,7 +189,7 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
     rng = random.Random(15)  # noqa: S311 - test timing
     freezes = []
     from agent.paths import Paths
-    from agent.replication.local import request_point
+    from agent.replication.local_commands import request_point
 
     paths = Paths(machine.root.resolve())
     for cycle in range(CYCLES):
@@ -239,9 +245,8 @@ def assert_identical_replica(lab: Lab, server: Server, machine: Machine, disk: D
     """With the disk idle (nothing mounted from it), a point fails over to an image equal to the disk, byte for
     byte, and verifies."""
     lab.wait_state(machine, disk, "CONTINUOUS")
-    time.sleep(1.5)  # idle for the raw-disk label
-    point = machine.point()
-    assert point["consistency"] == "raw-idle", point
+    # Idle once no write reached the disk in the second before the freeze: the umount's own writes may still land.
+    point = wait_for("an idle point", lambda: (p := machine.point())["consistency"] == "raw-idle" and p, timeout=60)
     server.cli("verify", "--point", str(point["point_id"]))
     out = lab.workdir / "identical"
     server.cli(
@@ -270,26 +275,30 @@ def test_kill_9_of_agent_and_process_server_then_resync_converges_to_an_identica
     server.cli("protect", "--machine", machine.host_id, "--disk", disk.loop, "--policy", "slow")
     agent = lab.start_agent(machine)
     wait_for("the initial sync under way", lambda: 0 < machine.disk_state(disk).get("bytes_left", 0) < 90 * MIB)
-    time.sleep(1.0)
-    agent.kill()  # kill -9 mid-stream, during the initial sync
+    agent.kill()  # kill -9 mid-stream, during the initial sync (some of the disk sent, not all)
     agent.wait(timeout=10)
     server.cli("policy", "set", "slow", "--bandwidth", "0")
     lab.start_agent(machine)
     lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
     writer, log = start_writer(lab, [disk.mounts[0]], seed=2)
-    time.sleep(2.0)
+    writes_beyond(log, 0)
     assert machine.agent is not None
     machine.agent.kill()  # kill -9 during continuous replication, with writes going on
     machine.agent.wait(timeout=10)
-    time.sleep(1.0)
+    writes_beyond(log, len(records.read_log(log)))  # and writes while it is down
     lab.start_agent(machine)
     wait_for("the resync after the kill", lambda: "did not stop cleanly" in machine.log(), timeout=60)
     lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
     os.kill(server.proc.pid, signal.SIGKILL)  # and the process server, while the writer keeps writing
     server.proc.wait(timeout=10)
-    time.sleep(1.0)
+    writes_beyond(log, len(records.read_log(log)))  # writes the process server has not seen
     lab.restart(server)
-    time.sleep(3.0)
+    # The status the agent wrote before the kill said CONTINUOUS too: wait for acknowledgements from the new server.
+    wait_for(
+        "the agent streaming to the restarted process server",
+        lambda: (d := machine.disk_state(disk)).get("error") is None and (d.get("lag_seconds") or 0.0) < 2.0,
+        timeout=180,
+    )
     lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
     point = machine.point()
     problems = failover_and_check(server, machine, point, [disk], records.read_log(log), lab.workdir / "fo")
@@ -319,7 +328,7 @@ def test_a_cut_link_builds_a_backlog_and_catches_up(lab: Lab) -> None:
     lab.start_agent(machine)
     lab.wait_state(machine, disk, "CONTINUOUS")
     writer, log = start_writer(lab, [disk.mounts[0]], seed=3)
-    time.sleep(1.0)
+    writes_beyond(log, 0)
     sh(["ip", "link", "set", veth, "down"])
     try:
         backlog = wait_for(
@@ -327,9 +336,11 @@ def test_a_cut_link_builds_a_backlog_and_catches_up(lab: Lab) -> None:
             lambda: (d := machine.disk_state(disk)).get("bytes_left", 0) > 0 and (d.get("lag_seconds") or 0) > 3 and d,
             timeout=60,
         )
-        time.sleep(2.5)
-        later = machine.disk_state(disk)
-        assert later["lag_seconds"] > backlog["lag_seconds"], (backlog, later)
+        wait_for(
+            "the lag growing while the link is down",
+            lambda: machine.disk_state(disk).get("lag_seconds", 0) > backlog["lag_seconds"] + 1,
+            timeout=30,
+        )
     finally:
         sh(["ip", "link", "set", veth, "up"])
     lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
@@ -401,7 +412,7 @@ def test_a_flipped_bit_in_the_store_is_found_by_verify_and_test_failover(lab: La
         manifest = store.manifest(found.disks[0])
         hashes = [manifest[i : i + HASH_SIZE] for i in range(0, len(manifest), HASH_SIZE)]
         victim = next(h for h in reversed(hashes) if h != zero_hash(65536))
-        where = store.locate(victim)
+        where = locate(store, victim)
     finally:
         store.close()
     assert where is not None

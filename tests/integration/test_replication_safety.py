@@ -276,7 +276,7 @@ def test_a_new_process_server_address_is_taken_by_each_disks_own_thread(lab: Lab
     from agent.paths import Paths
     from agent.registration import authenticated_client
     from agent.replication.engine import Replication
-    from agent.replication.transport import Stream
+    from agent.replication.stream import Stream
     from agent.shared.replication_wire import Policy, ProcessAddress, Protection
 
     server = lab.server(database=database())

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent.local import local_status
 from agent.paths import Paths
 from agent.registration import heartbeat
+from agent.status_commands import local_status
 from scripts.localserver import server_log
 from tests.integration.serverproc import (
     ServerProcess,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.api_client import Client
 from agent.identity import key_pem, new_key_and_csr
 from agent.shared import wire
 from agent.shared.address import ServerAddress
-from agent.transport import Client
 from scripts.localserver import server_log
 from tests.bundle_factory import make_bundle
 from tests.integration.serverproc import ServerProcess, raw_call, server_cli, start_server

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from agent.paths import Paths
+from agent.update.watcher import SERVER_BACK, SERVER_GONE
 from scripts.polling import wait_for
 from tests import faults
 from tests.conftest import REPO, require_root
@@ -177,13 +178,17 @@ def test_the_server_down_during_the_health_window_causes_no_rollback(tmp_path: P
         )
         lab.server.stop(signal.SIGKILL)
         down_at = time.time()
-        time.sleep(25)
-        assert m.record()["phase"] == "watching", m.record()
+        # The watcher's probe finds the server gone (it logs it), then three health windows pass: watching all along.
+        wait_for("the watcher to find the server gone", lambda: SERVER_GONE in m.log(), 30)
+        gone = time.monotonic()
+        while time.monotonic() - gone < 3 * 8:
+            assert m.record()["phase"] == "watching", m.record()
+            time.sleep(0.5)
         assert m.current() == "0.1.1" and m.running() == "0.1.1"
         assert "rolling back" not in m.log()
         lab.server = start_server(lab.server.data, heartbeat_interval=1.0, port=port)
         wait_for("the upgrade kept", lambda: on(m, "0.1.1") and m.record()["phase"] == "committed", 60)
-        assert "rolling back" not in m.log()
+        assert "rolling back" not in m.log() and SERVER_BACK in m.log()
         job = lab.jobs()[m.record()["job_id"]]
         assert job["state"] == "succeeded" and job["updated_at"] > down_at + 25
         until_state(lab, "completed", timeout=30)

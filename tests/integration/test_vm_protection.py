@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from agent.recovery.checks import BUILTIN_HEADER
+from agent.recovery.builtins import BUILTIN_HEADER
 from scripts.vmlab import CRYPTO_CPU, DEBIAN12, VM, Lab, image
 from scripts.vmlab.guest import grow_root_onto
 from scripts.vmlab.mobility import (

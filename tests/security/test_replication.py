@@ -25,7 +25,7 @@ from agent.errors import RemoteError
 from agent.paths import Paths
 from agent.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import (
     HEADER,
@@ -50,6 +50,7 @@ from tests.integration.serverproc import (
     server_cli,
     start_server,
 )
+from tests.server.process.stores import locate
 
 pytestmark = pytest.mark.integration
 
@@ -387,7 +388,7 @@ def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: Ser
     """`failover --out` and `test-failover --scratch` given a FIFO, a device, a file or a directory that holds
     files: a clear error, nothing hangs, nothing there is written or removed."""
     from agent.replication.chunks import Geometry, RootHasher
-    from agent.replication.transport import Stream
+    from agent.replication.stream import Stream
     from agent.shared.address import ServerAddress
     from agent.shared.replication_wire import PointClose
 
@@ -472,7 +473,7 @@ def test_failover_outputs_and_scratch_areas_that_are_not_directories(server: Ser
 def point_of_disks(server: ServerProcess, paths: Paths, disks: dict[str, bytes], created: float | None = None) -> str:
     """A point over ``disks`` (each disk's whole content), sent through the agent's own stream client; its ID."""
     from agent.replication.chunks import Geometry, RootHasher
-    from agent.replication.transport import Stream
+    from agent.replication.stream import Stream
     from agent.shared.address import ServerAddress
     from agent.shared.replication_wire import PointClose
 
@@ -604,7 +605,7 @@ def test_a_failed_failover_leaves_no_image_that_looks_usable(server: ServerProce
     # A corrupt chunk of the second disk: POINT-CORRUPT, and the first disk's whole image is gone as well.
     store = ChunkStore(server.data / "process")
     try:
-        located = store.locate(chunk_hash(sdc[2 * CHUNK : 3 * CHUNK]))
+        located = locate(store, chunk_hash(sdc[2 * CHUNK : 3 * CHUNK]))
     finally:
         store.close()
     assert located is not None

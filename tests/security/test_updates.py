@@ -17,7 +17,7 @@ from agent.errors import RemoteError
 from agent.paths import Paths
 from agent.registration import heartbeat, report_job
 from agent.shared import wire
-from agent.update.state import Phase, Target, load_record, load_target, save_target
+from agent.update.state import Phase, TargetRecord, load_record, load_target, save_target
 from scripts.polling import wait_for
 from tests.bundle_factory import make_bundle
 from tests.integration.serverproc import ServerProcess, error_code, raw_call, server_cli, start_server
@@ -224,7 +224,7 @@ def test_the_update_state_is_written_only_inside_the_root(tmp_path: Path) -> Non
 
     root, host = hostile_root(tmp_path)
     paths = Paths(root)
-    save_target(paths, Target("0.1.1", "11111111-1111-4111-8111-111111111111"))
+    save_target(paths, TargetRecord("0.1.1", "11111111-1111-4111-8111-111111111111"))
     assert inside(root, host, "var/lib/mobility/target.json").is_file()
     assert not (host / "var/lib/mobility/target.json").exists()
     assert Phase("watching").switched

@@ -19,7 +19,7 @@ from server import pki
 from server.app import Server, build_app, errors_as_json
 from server.database import parse_database
 from server.datadir import DataDir
-from server.edge import HEADER_SECONDS, Connections, Gate, GuardedHandler, GuardedSite
+from server.edge import HEADER_SECONDS, AdmissionGate, Connections, GuardedHandler, GuardedSite
 from server.enrolment import Enrolment
 from server.errors import DatabaseUnavailable, ServerBusy
 from server.stalls import StallMonitor
@@ -68,7 +68,7 @@ def test_the_newest_beat_per_machine_is_written_and_a_failed_flush_keeps_it(serv
 
 def test_gates_answer_503_at_once_when_full() -> None:
     async def scenario() -> tuple[int, int]:
-        gate = Gate("enrol", limit=2, queue=3, wait=0.5)
+        gate = AdmissionGate("enrol", limit=2, queue=3, wait=0.5)
         release = asyncio.Event()
         done = 0
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from agent.replication.chunks import Geometry, RootHasher, zero_hash
 from agent.replication.hashfile import HashFile
+from agent.replication.stream import TokenBucket
 from agent.replication.sync import DeferredHashes, _runs
-from agent.replication.transport import TokenBucket
 
 
 def test_dirty_chunks_become_bounded_runs_with_their_oldest_change() -> None:

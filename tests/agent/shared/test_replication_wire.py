@@ -149,7 +149,7 @@ def test_every_number_on_the_wire_is_bounded_where_it_is_parsed() -> None:
 
 
 def test_the_next_point_is_reported_within_bounds_and_shown_with_why_it_waits() -> None:
-    from agent.replication.local import status_lines
+    from agent.replication.local_commands import status_lines
     from agent.shared.replication_wire import NextPoint
 
     plan = NextPoint(12300.0, 20e6, 15e6, "expected freeze 12.3 s, more than 5 s: the writes change 20.0 MB/s")
@@ -163,3 +163,12 @@ def test_the_next_point_is_reported_within_bounds_and_shown_with_why_it_waits() 
     assert any(
         "next point: expected freeze 12300 ms" in line and "POSTPONED: expected freeze 12.3 s" in line for line in lines
     )
+
+
+def test_a_point_of_several_disks_is_as_consistent_as_its_weakest() -> None:
+    from agent.shared.replication_wire import weakest_consistency
+
+    assert weakest_consistency(["app-consistent", "crash-consistent"]) == "crash-consistent"
+    assert weakest_consistency(["crash-consistent", "raw-idle", "app-consistent"]) == "raw-idle"
+    assert weakest_consistency(["raw-idle", "raw-busy"]) == "raw-busy"
+    assert weakest_consistency(["app-consistent", "from-a-newer-agent"]) == "from-a-newer-agent"  # unknown: weakest

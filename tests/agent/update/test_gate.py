@@ -11,8 +11,8 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.freeze import FreezeSetup
-from agent.health.checks import CHECK_TYPES, DiskSample, ProcessSample, ServerSample, health_checks
-from agent.update.gate import ENVIRONMENT, Commit, Gate, GateSettings, Observation, RollBack, Verdict, Wait
+from agent.health.self_checks import CHECK_TYPES, DiskSample, ProcessSample, ServerSample, health_checks
+from agent.update.gate import ENVIRONMENT, Commit, GateSettings, HealthGate, Observation, RollBack, Verdict, Wait
 from agent.update.state import Baseline
 
 SETTINGS = GateSettings(window=60.0, settle=10.0, heartbeat=2.0)
@@ -21,8 +21,8 @@ NEW = "0.1.1"
 REACHABLE = Baseline(reachable=True, heartbeat_seconds=2.0)
 
 
-def gate(baseline: Baseline = REACHABLE, settings: GateSettings = SETTINGS) -> Gate:
-    return Gate(settings, baseline, NEW, restarted_at=T0)
+def gate(baseline: Baseline = REACHABLE, settings: GateSettings = SETTINGS) -> HealthGate:
+    return HealthGate(settings, baseline, NEW, restarted_at=T0)
 
 
 def daemon(at: float, **kw: object) -> Observation:
@@ -43,7 +43,7 @@ def daemon(at: float, **kw: object) -> Observation:
     return Observation(**base)  # type: ignore[arg-type]
 
 
-def run(g: Gate, observations: Iterator[Observation]) -> tuple[Verdict, float]:
+def run(g: HealthGate, observations: Iterator[Observation]) -> tuple[Verdict, float]:
     verdict: Verdict = Wait("nothing seen")
     at = T0
     for o in observations:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from pathlib import Path
 
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
 from agent.shared.replication_wire import HASH_SIZE, Codec, PointClose
@@ -14,6 +15,12 @@ from server.process.store import ChunkPut, ChunkStore, PointDisk, PointPut
 
 SMALL = 4096
 CHUNK = 64 * 1024
+
+
+def locate(store: ChunkStore, digest: bytes) -> tuple[Path, int, int] | None:
+    """Where a chunk's stored bytes are (pack file, offset, length), from the index: a test damages them there."""
+    row = store.reader_db.execute("SELECT pack, offset, stored FROM chunks WHERE hash = ?", (digest,)).fetchone()
+    return (store.pack_path(row[0]), row[1], row[2]) if row else None
 
 
 # What the index counts, against what the heads and points reference --------------------------------------------

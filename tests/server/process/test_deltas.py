@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import RemoteError
 from agent.replication.chunks import chunk_hash, zero_hash
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.replication_wire import (
     Codec,
     Hello,
@@ -24,6 +24,7 @@ from agent.shared.replication_wire import (
     batch_payload,
     parse_batch,
 )
+from tests.server.process.stores import locate
 from tests.server.process.test_receiver import CHUNK, HOSTS, receiving
 
 BLOCK = 4096
@@ -103,7 +104,7 @@ def test_a_base_in_a_damaged_pack_is_refused_and_the_whole_chunk_then_kept(tmp_p
         a = os.urandom(CHUNK)
         send.batch(whole(0, a))
         assert s.drain(30)
-        where = r.store.locate(chunk_hash(a))
+        where = locate(r.store, chunk_hash(a))
         assert where is not None
         pack, offset, length = where
         with pack.open("r+b") as f:

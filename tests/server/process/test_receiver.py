@@ -27,7 +27,7 @@ from cryptography import x509
 
 from agent.identity import new_key_and_csr
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash
-from agent.replication.transport import Stream
+from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import HEADER, Codec, Header, Hello, Kind, PointClose, frame
 from server import pki

@@ -23,7 +23,7 @@ from server.process.failover import materialise
 from server.process.gc import collect
 from server.process.repair import repair
 from server.process.store import ChunkStore
-from tests.server.process.stores import SMALL, Source, check_store
+from tests.server.process.stores import SMALL, Source, check_store, locate
 
 HOSTS = [str(uuid.UUID(int=n + 1, version=4)) for n in range(3)]
 
@@ -186,8 +186,8 @@ def test_what_cannot_be_restored_is_said_and_its_record_kept(
         for d in p.disks
         for h in _split(store.manifest(d))
     }
-    mine = next(h for h in _split(store.manifest(old.disks[0])) if h not in later and store.locate(h))
-    where = store.locate(mine)
+    mine = next(h for h in _split(store.manifest(old.disks[0])) if h not in later and locate(store, h))
+    where = locate(store, mine)
     assert where is not None
     pack, offset, stored = where
     store.close()
@@ -206,7 +206,7 @@ def test_what_cannot_be_restored_is_said_and_its_record_kept(
     )
     for f in built.root.glob("index.db*"):
         f.unlink()
-    lock = store_module._take_writer_lock(built.root)
+    lock = store_module.take_writer_lock(built.root)
     try:
         with pytest.raises(StoreBusy):
             repair(built.root)

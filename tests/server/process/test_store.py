@@ -15,6 +15,7 @@ from agent.shared.replication_wire import Codec, PointClose
 from server.errors import PointCorrupt, PointIdTaken, PointMismatch, PointNotFound, ReplicationProtocol, StoreFull
 from server.process.gc import collect
 from server.process.store import ChunkPut, ChunkStore, PointPut
+from tests.server.process.stores import locate
 
 HOST = "11111111-1111-4111-8111-111111111111"
 OTHER = "22222222-2222-4222-8222-222222222222"
@@ -129,7 +130,7 @@ def test_a_flipped_bit_in_a_pack_is_found(store: ChunkStore) -> None:
     row, _ = store.open_disk(HOST, "/dev/sdb", CHUNK, CHUNK)
     data = os.urandom(CHUNK)
     store.commit([put(row.disk_key, 0, data, 1)])
-    where = store.locate(chunk_hash(data))
+    where = locate(store, chunk_hash(data))
     assert where is not None
     path, offset, _ = where
     with path.open("r+b") as f:
@@ -362,7 +363,7 @@ def test_an_item_out_of_bounds_fails_its_disk_alone_and_leaves_no_pack_bytes(sto
     assert isinstance(outcomes[1], ReplicationProtocol) and outcomes[3] is outcomes[1]
     assert bytes(store.head(good)) == chunk_hash(a) * 2 and store.disk(HOST, "/dev/sdb").acked_seq == 2  # type: ignore[union-attr]
     assert bytes(store.head(bad)) == zero_hash(CHUNK) * 2 and store.disk(OTHER, "/dev/sdb").acked_seq == 0  # type: ignore[union-attr]
-    assert store.locate(chunk_hash(b)) is None and store.locate(chunk_hash(c)) is None
+    assert locate(store, chunk_hash(b)) is None and locate(store, chunk_hash(c)) is None
     pack = next(store.packs_dir.glob("*.pack"))
     assert (
         pack.stat().st_size
@@ -389,4 +390,4 @@ def test_a_batch_that_fails_midway_leaves_no_pack_bytes_behind(
     with pytest.raises(RuntimeError):
         store.commit([put(row.disk_key, 0, data, 2), PointPut(row.disk_key, close(str(uuid.uuid4()), "0" * 64), 3)])
     assert store.pack_size == before == next(store.packs_dir.glob("*.pack")).stat().st_size
-    assert store.locate(chunk_hash(data)) is None and store.disk(HOST, "/dev/sdb").acked_seq == 1  # type: ignore[union-attr]
+    assert locate(store, chunk_hash(data)) is None and store.disk(HOST, "/dev/sdb").acked_seq == 1  # type: ignore[union-attr]

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from agent.checks import Report, Status, run_checks
+from agent.check_report import Report, Status, run_checks
 from agent.config import AgentConfig
 from agent.health import DiskSample, Health, ProcessSample, ServerSample, health_checks, overall
-from agent.health.checks import CertificateDays, ClockSkew, MemoryBudget, ServerReachable, StateDisk
+from agent.health.self_checks import CertificateDays, ClockSkew, MemoryBudget, ServerReachable, StateDisk
 
 MIB = 1024 * 1024
 CFG = AgentConfig()
@@ -50,7 +50,7 @@ def test_disk_levels() -> None:
 
 def test_overall_follows_the_monitoring_plugin_convention() -> None:
     def report(*statuses: Status) -> Report:
-        from agent.checks import Result
+        from agent.check_report import Result
 
         return Report(tuple(Result(f"X{i}", s, "") for i, s in enumerate(statuses)))
 
@@ -70,7 +70,7 @@ def test_daemon_not_running_is_critical() -> None:
 
 
 def test_replication_stalled_is_critical_and_lag_past_the_rpo_warns() -> None:
-    from agent.health.checks import Replication
+    from agent.health.self_checks import Replication
 
     def disk(state: str, lag: float | None = 1.0, **more: object) -> dict[str, object]:
         return {"disk": "/dev/sdb", "state": state, "lag_seconds": lag, **more}

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from agent.checks import Result, Status
-from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify, require_supported
+from agent.check_report import Check, Result, Status
+from agent.distros import SUPPORTED_ARCHES, Init, OsFacts, OsInfo, classify, gather_facts, require_supported
 from agent.paths import Paths
-from agent.prereq import MIN_FREE_BYTES
+from agent.prereq import DEFAULT_INSTALL_DIR, MIN_FREE_BYTES
 from agent.prereq.disks import SYS, backing_disks
 from agent.prereq.grub import GRUB_FILES, device_name_references
-from agent.runtime import kernel_version, running_kernel
+from agent.runtime import kernel_version, running_kernel, running_kernel_floor
 from agent.shared.errors import MobilityError
 from agent.textfile import read_small_text
 
@@ -342,3 +342,28 @@ def _classified(facts: OsFacts | MobilityError) -> OsInfo | MobilityError:
         return classify(facts)
     except MobilityError as e:
         return e
+
+
+def prerequisite_checks(
+    paths: Paths,
+    install_dir: str = DEFAULT_INSTALL_DIR,
+    kernel_floor: str | None = None,
+    euid: int | None = None,
+) -> list[Check]:
+    """Every prerequisite check for the system at ``paths``, in the order they are shown. ``kernel_floor``: the
+    bundle's (bundle.json); by default the one of the C library this agent runs on."""
+    facts: OsFacts | MobilityError
+    try:
+        facts = gather_facts(paths)
+    except MobilityError as e:
+        facts = e
+    return [
+        RootUser(os.geteuid() if euid is None else euid),
+        SupportedOs(facts),
+        Architecture(facts),
+        FreeSpace(paths.install_dir(install_dir), install_dir),
+        KernelFloor(paths, kernel_floor or running_kernel_floor()),
+        InitSystem(paths, facts),
+        BootDisk(paths),
+        GrubDeviceNames(paths),
+    ]

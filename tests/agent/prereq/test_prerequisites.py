@@ -3,11 +3,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from agent.checks import Status, run_checks
+from agent.check_report import Status, run_checks
 from agent.distros import gather_facts
 from agent.paths import Paths
-from agent.prereq import prerequisite_checks
-from agent.prereq.checks import (
+from agent.prereq.prerequisites import (
     FreeSpace,
     GrubDeviceNames,
     InitSystem,
@@ -16,6 +15,7 @@ from agent.prereq.checks import (
     SupportedOs,
     detect_init,
     installed_kernels,
+    prerequisite_checks,
 )
 from tests.conftest import DISTROS
 

@@ -9,13 +9,13 @@ from typing import Any
 import psutil
 
 from agent import __version__
-from agent.checks import Report, run_checks
+from agent.check_report import Report, run_checks
 from agent.config import load_config
 from agent.failover import load_failover
 from agent.freeze import provider_status
 from agent.health import ServerSample, health_checks, overall
-from agent.health.checks import Health
 from agent.health.sample import cert_not_after, disk_sample, process_sample
+from agent.health.self_checks import Health
 from agent.identity import load_registration
 from agent.installed import load_install_record
 from agent.lastjob import load_last_job

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
-from agent.checks import Report, Result, Status
+from agent.check_report import Report, Result, Status
 from agent.config import AgentConfig
 from agent.freeze import FreezeSetup
 from agent.shared.errors import FreezeNotReady
