@@ -49,6 +49,7 @@ PATH_OPTIONS: dict[tuple[str, str], list[str]] = {
             "failover",
             "test-failover",
             "verify",
+            "store",
             "operator",
             "audit",
         )
@@ -218,6 +219,7 @@ def test_data_directories_that_are_not_one(tmp_path: Path) -> None:
         ("failover", "--machine", "m", "--point", "latest", "--out", str(tmp_path / "out")),
         ("test-failover", "--machine", "m", "--point", "latest"),
         ("verify", "--point", "p"),
+        ("store", "repair"),
         ("operator", "list"),
         ("audit",),
     ):
