@@ -43,7 +43,7 @@ NEEDS_ROOT = (
 
 
 def run(*cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=False, timeout=900, cwd=REPO, **kw)  # type: ignore[call-overload]
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=False, timeout=900, cwd=REPO, **kw)  # type: ignore[call-overload,no-any-return]
 
 
 def step(title: str) -> None:
@@ -121,7 +121,7 @@ def server_cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM (a CI timeout, `kill`) cleans up as Ctrl-C does
+    raise KeyboardInterrupt  # SIGTERM (a CI timeout, `kill`) or SIGHUP clean up as Ctrl-C does
 
 
 def main() -> int:
@@ -132,6 +132,7 @@ def main() -> int:
         print("usage: ./demo [--no-wait] | ./demo push", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)  # its terminal closed
     if os.geteuid() != 0:
         print(f"./demo: not root: it stops after the bootstrap. The whole loop needs root for {NEEDS_ROOT}.")
     for stale in (DEMO / "server", DEMO / "root", DEMO / "lab"):
@@ -151,6 +152,7 @@ def main() -> int:
         # tracing instance, mount, loop device, server), whatever failed in between; a second Ctrl-C waits for it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             lab.close()
         except RuntimeError as e:
@@ -329,6 +331,7 @@ def test_failover(data: Path, point_id: str, disk: str) -> bytes:
     from agent.shared.cli import report_error
     from agent.shared.errors import MobilityError
     from server.cli import build_parser
+    from server.errors import FailoverInterrupted
     from server.process.cli import cmd_test_failover
     from server.process.inspection import Reader
 
@@ -341,6 +344,9 @@ def test_failover(data: Path, point_id: str, disk: str) -> bytes:
     args = build_parser().parse_args(["test-failover", "--data", str(data), "--machine", HOSTNAME, "--point", point_id])
     try:
         code = cmd_test_failover(args, inspect)
+    except FailoverInterrupted as e:  # Ctrl-C or SIGTERM while it ran: the demo stops as it does anywhere else
+        report_error(e, json_out=False)
+        raise KeyboardInterrupt from None
     except MobilityError as e:
         code = report_error(e, json_out=False)
     if code:
