@@ -30,10 +30,15 @@ RECOVERED = re.compile(
 
 
 def leftovers() -> list[str]:
-    """What a demo run left on this machine: processes naming .demo/, mounts under it, loop devices over its files,
-    the demo machine's tracing instance."""
+    """What a demo run left on this machine: processes naming .demo/, mounts under it (in any process's mount
+    namespace: the demo makes its own), loop devices over its files, the demo machine's tracing instance."""
     demo = str(DEMO)
-    found = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if demo in line]
+    found = []
+    for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            found += [f"{mountinfo}: {line}" for line in mountinfo.read_text().splitlines() if demo in line]
+        except OSError:  # the process ended
+            continue
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             name = backing.read_text()
