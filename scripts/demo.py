@@ -147,6 +147,9 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\n./demo: interrupted", file=sys.stderr)
         code = 130
+    except Exception as e:  # a step that timed out or could not start: one line, then the same cleanup
+        print(f"\n./demo: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
     finally:
         # Everything the demo started, undone in reverse by PID and by name (writer, daemon, thaw, the agent's
         # tracing instance, mount, loop device, server), whatever failed in between; a second Ctrl-C waits for it.
@@ -157,7 +160,7 @@ def main() -> int:
             lab.close()
         except RuntimeError as e:
             print(f"./demo: {e}", file=sys.stderr)
-            code = code or 1
+            code = 1
     return code
 
 
