@@ -83,10 +83,12 @@ def start_local_server(
     host: str = "127.0.0.1",
     wrap: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    own_session: bool = False,
 ) -> tuple[subprocess.Popen[str], str, str]:
     """The process, its ``HOST:PORT`` and its CA fingerprint, once it listens; raises if it did not start.
     ``wrap`` (e.g. ``ip netns exec NS``) execs the server, so the process is the server's own PID; ``env`` is its
-    environment (e.g. tests.faults.environment(...) for a fault plan)."""
+    environment (e.g. tests.faults.environment(...) for a fault plan); ``own_session``: out of the terminal's process
+    group, so that a Ctrl-C reaches only the caller, which stops the server in its turn."""
     if "--ui-listen" not in args:  # the dashboard's default port is fixed: several servers at once need free ones
         args = (*args, "--ui-listen", "127.0.0.1:0")
     with server_log(data).open("a") as log:
@@ -97,6 +99,7 @@ def start_local_server(
             text=True,
             cwd=REPO,
             env=env,
+            start_new_session=own_session,
         )
     line = proc.stdout.readline() if proc.stdout else ""  # the server prints this line once it listens
     m = _READY.search(line)

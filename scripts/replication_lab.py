@@ -218,7 +218,7 @@ class Lab:
             table = "label: gpt\n" + "".join(f",{share}%\n" if i < len(fs) - 1 else ",\n" for i in range(len(fs)))
             sh(["sfdisk", "-q", str(image)], input=table)
         loop = sh(["losetup", "--find", "--show", "--direct-io=off", str(image)]).stdout.strip()
-        self.defer(f"loop {loop}", lambda: sh(["losetup", "--detach", loop], check=False))
+        self.defer(f"loop {loop}", lambda: detach(loop, image))
         st = os.stat(loop)
         disk = Disk(image, loop, os.major(st.st_rdev), os.minor(st.st_rdev))
         targets = [loop]
@@ -338,6 +338,27 @@ def umount(where: Path) -> None:
             return
         time.sleep(0.5)
     sh(["umount", "-l", str(where)], check=False)
+
+
+def detach(loop: str, image: Path, timeout: float = 30.0) -> None:
+    """Detach ``loop`` and see it gone. The kernel only marks a device still open for detaching at its last close
+    (a filesystem of it that outlives its unmount, such as a copy of the mount in another mount namespace, keeps it),
+    so the detach is asked again while the device still has ``image`` behind it (never once another file is: the
+    number may already be someone else's); RuntimeError if it still has after ``timeout`` seconds, rather than
+    leaving it silently."""
+    backing = Path("/sys/block") / Path(loop).name / "loop" / "backing_file"
+    ours = str(image.resolve())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if backing.read_text().strip() != ours:
+                return
+        except OSError:  # no longer a bound loop device
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{loop} is still attached to {ours} (open elsewhere: `losetup --detach {loop}` then)")
+        sh(["losetup", "--detach", loop], check=False)
+        time.sleep(0.2)
 
 
 def read_disk(path: str | Path, size: int) -> bytes:

@@ -58,6 +58,7 @@ LONGEST_FIRST = (
     "tests/integration/test_vm_templates.py",
     "tests/integration/test_vm_failover.py",
     "tests/integration/test_failover_inspection.py",
+    "tests/integration/test_demo.py",
     "tests/integration/test_replication.py",
     "tests/integration/test_updates.py",
     "tests/integration/test_bootstrap.py",

@@ -30,6 +30,7 @@ from server.errors import (
 )
 
 if TYPE_CHECKING:  # imported where used: every `mobility-server` command builds this parser, few open the store
+    from server.process.inspection import Inspect
     from server.process.store import ChunkStore, Point
     from server.storage import Machine, Storage
 
@@ -412,7 +413,9 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def cmd_test_failover(args: argparse.Namespace) -> int:
+def cmd_test_failover(args: argparse.Namespace, inspect: Inspect | None = None) -> int:
+    """``inspect``: for a program that runs the command in its own process (the demo), called with each filesystem
+    while it is mounted read-only in the appliance, to read files through it (server/process/testfailover.py)."""
     from server.process.interrupts import interruptible
     from server.process.testfailover import BootOptions, run_test_failover
     from server.progress import progress_for
@@ -433,7 +436,14 @@ def cmd_test_failover(args: argparse.Namespace) -> int:
         point = store.resolve_point(machine.host_id, args.point)
         with interruptible("test-failover"), progress_for(args.json) as progress:
             report = run_test_failover(
-                store, point, _scratch(args, data), keep=args.keep, boot=boot, progress=progress, wait=wait
+                store,
+                point,
+                _scratch(args, data),
+                keep=args.keep,
+                boot=boot,
+                inspect=inspect,
+                progress=progress,
+                wait=wait,
             )
     except MobilityError as e:
         if point is not None:  # it ran and was stopped: its result is recorded like any other
