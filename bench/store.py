@@ -10,10 +10,10 @@ it durable (its acknowledgement waits for exactly that). After --settle seconds 
 newest point of each disk and a collection runs in its own thread (the maintenance thread's work: it forgets the chunks
 only the dropped points held and rewrites the packs they fill), until it is done.
 
-Printed: latency p50/p99/max before and during the collection, the collection's duration and what it did, and the load
-average over the run (the machine is shared: other jobs run beside it). The same script runs against the code before
-collection left the ingest path (that `collect` held the store's write lock, on the committer's thread, for its whole
-run) for the figure before:
+Printed: how long the store took to open (a server's start), latency p50/p99/max before and during the collection, the
+collection's duration and what it did, and the load average over the run (the machine is shared: other jobs run beside
+it). The same script runs against the code before collection left the ingest path (that `collect` held the store's
+write lock, on the committer's thread, for its whole run) for the figure before:
 
     .venv/bin/python bench/store.py [--chunks 10000000] [--disks 6] [--rewrite 0.6] [--rate 320] [--filled DIR]
 """
@@ -192,7 +192,10 @@ def main() -> None:
     try:
         hosts = prepare(root, args)
         loads.append(os.getloadavg()[0])
-        run(ChunkStore(root, writer=True, reserve=0), hosts, args, loads)
+        started = time.monotonic()
+        store = ChunkStore(root, writer=True, reserve=0)  # a server's start: the packs' unindexed tails are cut
+        print(f"opened the store in {time.monotonic() - started:.1f} s; load average {os.getloadavg()}", flush=True)
+        run(store, hosts, args, loads)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

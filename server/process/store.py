@@ -430,12 +430,16 @@ class ChunkStore:
 
     def _recover(self) -> None:
         """Cut every pack back to the end of its last indexed record: a batch killed before its commit leaves
-        flushed-but-unindexed bytes, which no acknowledgement ever covered."""
-        ends = dict(self.db.execute("SELECT pack, MAX(offset + stored) FROM chunks GROUP BY pack").fetchall())
+        flushed-but-unindexed bytes, which no acknowledgement ever covered. One look-up per pack, of its last record
+        (records never overlap): a start costs what the packs are, never a walk of every chunk (minutes at ten
+        million)."""
         packs = sorted(int(p.stem) for p in self.packs_dir.glob("*.pack") if p.stem.isdigit())
         for pack in packs:
             path = self.pack_path(pack)
-            end = int(ends.get(pack, 0))
+            last = self.db.execute(
+                "SELECT offset + stored FROM chunks WHERE pack = ? ORDER BY offset DESC LIMIT 1", (pack,)
+            ).fetchone()
+            end = int(last[0]) if last else 0
             if not end and pack != packs[-1]:  # compacted away before a kill removed the file
                 path.unlink()
                 continue

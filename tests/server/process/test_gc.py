@@ -422,3 +422,54 @@ def test_a_store_of_index_version_2_is_migrated_with_its_references_counted_and_
     collect(store)
     check_store(store, swept=True)
     store.close()
+
+
+def test_retention_comes_from_the_servers_database_and_the_maintenance_thread_applies_it(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process server's wiring on both engines: the retention the maintenance thread applies is the machine's
+    policy in the server's database (`Protections.retention`), and a machine without protection keeps its points."""
+    import time
+
+    from agent.shared.replication_wire import Policy
+    from server.database import parse_database
+    from server.process.maintenance import Maintenance
+    from server.process.service import Protections
+    from server.storage import Storage
+    from tests.server.test_storage import new_machine, public_pem
+
+    storage = Storage.open(parse_database(database), create=True)
+    try:
+        storage.enrol_machine(new_machine(HOSTS[0]), 0.0)
+        storage.enrol_machine(new_machine(HOSTS[1], hostname="db1", public_key=public_pem()), 0.0)
+        storage.set_policy(Policy("two", 60.0, 120.0, 0, 2))
+        storage.protect(HOSTS[0], ["/dev/sdb"], False, "two", False, 10.0)
+    finally:
+        storage.close()
+    monkeypatch.setattr(store_module, "PACK_MAX", 8 * SMALL)
+    store = ChunkStore(tmp_path / "process", writer=True, reserve=0)
+    source = Source(store, random.Random(4))  # noqa: S311 - reproducible test data, not secrets
+    for host in HOSTS[:2]:
+        source.open(host, "/dev/sdb", 8)
+    for n in range(4):
+        source.churn(8)
+        for host in HOSTS[:2]:
+            source.point(host, float(n))
+    protections = Protections(parse_database(database))
+    maintenance = Maintenance(store, protections.retention, compact_every=0.0)
+    maintenance.start()
+    try:
+        for host in HOSTS[:2]:
+            maintenance.point_closed(host)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            len(store.points(HOSTS[0])) != 2 or store.reader_db.execute("SELECT 1 FROM sweeps").fetchone()
+        ):
+            time.sleep(0.05)
+        assert [p.created for p in store.points(HOSTS[0])] == [2.0, 3.0]
+        assert len(store.points(HOSTS[1])) == 4 and maintenance.last_error is None
+    finally:
+        maintenance.stop()
+        protections.close()
+    check_store(store, swept=True)
+    store.close()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -13,6 +16,7 @@ import zstandard
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
 from agent.shared.replication_wire import Codec, PointClose
 from server.errors import PointCorrupt, PointIdTaken, PointMismatch, PointNotFound, ReplicationProtocol, StoreFull
+from server.process import store as store_module
 from server.process.gc import collect
 from server.process.store import ChunkPut, ChunkStore, PointPut
 from tests.server.process.stores import locate
@@ -124,6 +128,45 @@ def test_an_unindexed_pack_tail_is_cut_when_the_writer_reopens(tmp_path: Path) -
     store = ChunkStore(tmp_path / "process", writer=True, reserve=0)
     assert pack.stat().st_size == good
     assert store.read(chunk_hash(data), CHUNK) == data
+
+
+def test_a_writer_reopens_with_a_look_up_per_pack_never_a_walk_of_every_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cutting the packs' unindexed tails read every chunk's row (a scan of the index, then a look-up of each row):
+    a server over ten million chunks took minutes to start. Each statement a reopening writer runs on the chunks
+    must search an index, never scan one, and every pack's tail is still cut."""
+    monkeypatch.setattr(store_module, "PACK_MAX", 3 * CHUNK)  # several packs
+    store = ChunkStore(tmp_path / "process", writer=True, reserve=0)
+    row, _ = store.open_disk(HOST, "/dev/sdb", 8 * CHUNK, CHUNK)
+    chunks = [os.urandom(CHUNK) for _ in range(8)]
+    for i, data in enumerate(chunks):
+        store.commit([put(row.disk_key, i, data, i + 1)])
+    packs = sorted(store.packs_dir.glob("*.pack"))
+    assert len(packs) >= 3
+    sizes = [p.stat().st_size for p in packs]
+    store.close()
+    for pack in (packs[0], packs[-1]):
+        with pack.open("ab") as f:
+            f.write(os.urandom(5000))
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = connect(*args, **kwargs)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    store = ChunkStore(tmp_path / "process", writer=True, reserve=0)
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    assert [p.stat().st_size for p in packs] == sizes
+    on_chunks = [s for s in statements if re.search(r"\bFROM chunks\b", s)]
+    assert on_chunks
+    plans = [d for s in on_chunks for (*_, d) in store.db.execute(f"EXPLAIN QUERY PLAN {s}")]
+    assert not [d for d in plans if d.startswith("SCAN")], plans
+    for data in chunks:
+        assert store.read(chunk_hash(data), CHUNK) == data
 
 
 def test_a_flipped_bit_in_a_pack_is_found(store: ChunkStore) -> None:
