@@ -291,6 +291,13 @@ def lower_priority(nice: int = 10, io_level: int = 7) -> None:
     libc.syscall(_SYS_IOPRIO_SET, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << 13) | io_level)
 
 
+def full_priority() -> None:
+    """This thread at the normal CPU and I/O priority (nice 0, ionice -c2 -n4), for a point's freeze: the applications
+    of the frozen filesystems wait for what runs then, and a capture at nice 10 on a busy machine waits behind the
+    rest of it (root may raise a priority; elsewhere it stays as it is)."""
+    lower_priority(0, 4)
+
+
 def _native_thread_id() -> int:
     import threading
 

@@ -393,7 +393,6 @@ class Replication:
         rs = list(self.replicators.values())
         plan = plan_point(
             sum(r.dirty.pending_bytes() for r in rs),
-            sum(r.stream.window_size for r in rs),
             sum(r.dirty_bps for r in rs),
             sum(r.send_bps for r in rs),
             self.capture_rate,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from agent.faults import fault_point
 from agent.replication.chunks import chunk_hash, zero_hash, zeros
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import Codec, Record, mask_spans
@@ -83,6 +84,7 @@ def verify_batch(
 ) -> BatchResult:
     """In the verify pool: every record of batch ``seq`` checked or rebuilt (ChunkCorrupt for a whole chunk that does
     not match its hash: the stream fails, as for a CHUNK frame)."""
+    fault_point("process.verify", seq=seq)  # the suite makes verification slow here
     puts: list[ChunkPut] = []
     refused: list[int] = []
     mine: dict[bytes, ChunkPut] = {}  # this batch's chunks so far: a later record may build on an earlier one

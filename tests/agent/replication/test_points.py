@@ -142,12 +142,12 @@ def test_a_point_is_planned_from_the_measured_rates_and_postponed_with_its_reaso
     how long its freeze would be and which rates stop it."""
     rate = points.CaptureRate()
     rate.measured(64 << 20, 0.5)  # captures went at 128 MiB/s
-    keeps_up = points.plan_point(900 << 20, 0, dirty_bps=20e6, send_bps=60e6, capture=rate)
+    keeps_up = points.plan_point(900 << 20, dirty_bps=20e6, send_bps=60e6, capture=rate)
     assert keeps_up.postponed is None and keeps_up.expected_freeze_ms < 200  # 20 MB of a second's writes
-    behind = points.plan_point(900 << 20, 0, dirty_bps=20e6, send_bps=15e6, capture=rate)
+    behind = points.plan_point(900 << 20, dirty_bps=20e6, send_bps=15e6, capture=rate)
     assert behind.postponed is not None and behind.expected_freeze_ms > points.MAX_FREEZE * 1000
     assert "writes change 20.0 MB/s and replication sends 15.0 MB/s" in behind.postponed
     slow_capture = points.CaptureRate()
     slow_capture.measured(64 << 20, 20.0)  # 3.4 MB/s
-    slow = points.plan_point(0, 0, dirty_bps=20e6, send_bps=60e6, capture=slow_capture)
+    slow = points.plan_point(0, dirty_bps=20e6, send_bps=60e6, capture=slow_capture)
     assert slow.postponed is not None and "would be captured at 3.4 MB/s" in slow.postponed
