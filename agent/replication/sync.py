@@ -157,7 +157,13 @@ def _reader(device: BlockDevice, nbytes: int) -> DirectReader:
 def _zero(view: memoryview) -> bool:
     """Whether a chunk read into the buffer is all zero bytes, compared in pieces of at most a batch (a memoryview
     compares item by item, far slower than bytes; a piece's copy stays small whatever the chunk size)."""
+    if view[:_PROBE].tobytes() != _ZERO_PROBE[: len(view)]:
+        return False  # most data is not zero from its first bytes on: no copy of the chunk to find it
     return all(is_zero(view[i : i + BATCH_BYTES].tobytes()) for i in range(0, len(view), BATCH_BYTES))
+
+
+_PROBE = 64
+_ZERO_PROBE = bytes(_PROBE)
 
 
 INCOMPRESSIBLE_RUN = 8  # chunks in a row that zstd could not shrink: stop trying...
