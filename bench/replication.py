@@ -58,7 +58,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 AGENT = {"replication_backoff_cpu_percent": 100}
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-_CUT = re.compile(r" cut \(.*\): froze .* for (\d+) ms \(([^)]*)\)")
+_CUT = re.compile(r" cut \(.*\): froze .* for (\d+) ms(?: \(([^)]*)\))?")  # and where it went, once it says
 
 
 def drop_caches() -> None:
@@ -374,7 +374,7 @@ def bench_churn(
     cuts = [m for line in log if (m := _CUT.search(line))]
     freezes = [float(m.group(1)) for m in cuts]
     for m in cuts:  # where each freeze went: the freeze itself, the tracer's drain, the slowest disk's capture
-        print(f"churn {bs} {rate}: froze {m.group(1)} ms ({m.group(2)})", flush=True)
+        print(f"churn {bs} {rate}: froze {m.group(1)} ms ({m.group(2) or 'no breakdown'})", flush=True)
     if failed:
         print(f"churn {bs}: {len(failed)} points not cut; first: {failed[0]}", flush=True)
     for line in [x for x in log if "WARNING mobility.replication" in x and "no point" not in x][:5]:
