@@ -987,6 +987,7 @@ class DiskReplicator(threading.Thread):
                     "point's root was taken (their chunks are sent whole; the next point has them)"
                 )
         except BaseException:
+            self._release_held(held)  # not sent: changed still, and not held by the replica
             capture.failure = f"{self.device.name}: the stream broke while the point's residual was sent"
             capture.acked.set()
             raise
