@@ -318,7 +318,10 @@ def _cut(
     pending = _precopy(replicators, precopy_timeout, cancel)
     if cancel.is_set():
         return _failed(_stopping())
-    expected = capture_rate.expect(pending, sum(r.rate for r in replicators)) if pending > PRECOPY_BYTES else 0.0
+    # In the residual's units (bytes of changed sub-blocks), as the plan foresaw it: the acknowledged rate counts whole
+    # chunks, sixteen times a 4 KiB delta's bytes.
+    sending = sum(r.send_bps for r in replicators)
+    expected = capture_rate.expect(pending, sending) if pending > PRECOPY_BYTES else 0.0
     if expected > MAX_FREEZE:
         # The applications would wait that long for the residual: no point now; the next interval tries again.
         return _failed(

@@ -59,9 +59,9 @@ BUSY_SHARE = 0.8  # the rest of the machine using this share of all CPU makes re
 PREPARE_SECONDS = 10.0  # before a freeze, a disk waits this long for the server to verify what it sent
 CHECK_AFTER_THAW = 60.0  # after the thaw, a point waits this long for the server to verify its residual
 CAPTURE_ROUNDS = 4  # reads of what a freeze finds changed (deltas refused meanwhile are read again, whole)
-# A freeze's residual is kept in memory and sent after the thaw, up to this many bytes of records (about the 16 MiB
-# a pre-copy leaves); what passes it is sent while frozen. Part of the daemon's 64 MiB.
-CAPTURE_HOLD_BYTES = 16 * 1024 * 1024
+# A freeze's residual is kept in memory and sent after the thaw, up to this many bytes of records; what passes it is
+# sent while frozen. Part of the daemon's 64 MiB, which a 4 KiB churn takes to 55-59 MiB without it.
+CAPTURE_HOLD_BYTES = 8 * 1024 * 1024
 
 
 _UNKNOWN = b"\xff" * HASH_SIZE  # a hash no chunk has: "the replica may not hold this chunk"
