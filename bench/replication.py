@@ -58,6 +58,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 AGENT = {"replication_backoff_cpu_percent": 100}
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_CUT = re.compile(r" cut \(.*\): froze .* for (\d+) ms(?: \(([^)]*)\))?")  # and where it went, once it says
 
 
 def drop_caches() -> None:
@@ -319,7 +320,9 @@ def fio(target: Path, seconds: int, bs: str, rate: str = "20m") -> dict[str, flo
     }
 
 
-def bench_churn(lab: Lab, server: Server, seconds: int, bs: str, rate: str = "20m") -> dict[str, float]:
+def bench_churn(
+    lab: Lab, server: Server, seconds: int, bs: str, rate: str = "20m", keep: Path | None = None
+) -> dict[str, float]:
     disk = lab.disk(f"churn{bs}{rate}", 4 * GIB, ("ext4",))
     target = disk.mounts[0] / "churn.dat"
     sh(
@@ -368,15 +371,16 @@ def bench_churn(lab: Lab, server: Server, seconds: int, bs: str, rate: str = "20
     postponed = [line.split("point postponed: ")[1][:200] for line in log if "point postponed: " in line]
     if postponed:
         print(f"churn {bs} {rate}: postponed {len(postponed)} times; first: {postponed[0]}", flush=True)
-    freezes = [
-        float(line.split("frozen ")[1].split(" ms")[0])
-        for line in log
-        if "point " in line and " cut (" in line and "frozen " in line
-    ]
+    cuts = [m for line in log if (m := _CUT.search(line))]
+    freezes = [float(m.group(1)) for m in cuts]
+    for m in cuts:  # where each freeze went: the freeze itself, the tracer's drain, the slowest disk's capture
+        print(f"churn {bs} {rate}: froze {m.group(1)} ms ({m.group(2) or 'no breakdown'})", flush=True)
     if failed:
         print(f"churn {bs}: {len(failed)} points not cut; first: {failed[0]}", flush=True)
     for line in [x for x in log if "WARNING mobility.replication" in x and "no point" not in x][:5]:
         print(f"churn {bs}: {line[:240]}", flush=True)
+    if keep is not None:  # the agent's whole log, for a closer look (the lab's directory goes at the end)
+        shutil.copyfile(machine.root / "var/log/mobility/agent.log", keep / f"churn-{bs}-{rate}-agent.log")
     return {
         "writer_mbps_unprotected": unprotected["mbps"],
         "writer_mbps_protected": protected["mbps"],
@@ -575,6 +579,7 @@ def main() -> int:
     parser.add_argument("--rss-gib", type=float, nargs="+", default=[1.0, 16.0])
     parser.add_argument("--pgbench-seconds", type=int, default=60)
     parser.add_argument("--only", choices=("sync", "resync", "churn", "rss", "pgbench"), action="append")
+    parser.add_argument("--keep-logs", type=Path, help="copy the churn agents' logs into this directory")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/replication needs root (loop devices, tracefs, FIFREEZE)", file=sys.stderr)
@@ -593,7 +598,9 @@ def main() -> int:
                     (
                         "churn",
                         f"churn-{spec}",
-                        lambda spec=spec: bench_churn(lab, server, args.churn_seconds, *spec.split("@")),
+                        lambda spec=spec: bench_churn(
+                            lab, server, args.churn_seconds, *spec.split("@"), keep=args.keep_logs
+                        ),
                     )
                     for spec in args.churn
                 ],

@@ -166,13 +166,15 @@ class Lab:
         host: str = "127.0.0.1",
         data: Path | None = None,
         database: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Server:
-        """A server (API + process server) on ``database`` (a PostgreSQL URL; default its own SQLite file)."""
+        """A server (API + process server) on ``database`` (a PostgreSQL URL; default its own SQLite file); ``env``:
+        its whole environment (e.g. with a fault plan of the suite's)."""
         data = data or self.workdir / name
         if not (data / ".initialised").exists():
             init_local_server(data, host, database)
         proc, address, fingerprint = start_local_server(
-            data, "--heartbeat-interval", str(heartbeat), "--store-reserve", "32M", *args, host=host, wrap=wrap
+            data, "--heartbeat-interval", str(heartbeat), "--store-reserve", "32M", *args, host=host, wrap=wrap, env=env
         )
         server = Server(data, proc, address, fingerprint)
         self.defer(f"server {name}", lambda: stop(proc))

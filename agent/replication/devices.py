@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
 import re
 import stat
 import struct
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +233,12 @@ class DirectReader:
             raise
         self.capacity = -(-max(max_bytes, 1) // self.align) * self.align
         self.buf = mmap.mmap(-1, max(self.capacity, mmap.PAGESIZE))
+        # Another thread may close it (a disk no longer replicated): never while a read is under way, and a closed
+        # descriptor's number, which the kernel hands out again, is never read from.
+        self._lock = threading.Lock()
+        self.closed = False
+        # A reader forgotten without close() (its thread ended) still lets go of the device.
+        self._finalizer = weakref.finalize(self, os.close, self.fd)
 
     def read(self, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` (both chunk-aligned; the disk's tail is read to its end), as a view of
@@ -238,17 +247,24 @@ class DirectReader:
         if want > self.capacity:
             # Never a silently shorter read into a buffer too small: that is a wrong size, not a short disk.
             raise ValueError(f"a read of {length} bytes into a buffer of {self.capacity}")
-        view = memoryview(self.buf)[:want]
-        try:
-            got = os.preadv(self.fd, [view], offset)
-        finally:
-            view.release()
+        with self._lock:
+            if self.closed:
+                raise OSError(errno.EBADF, "the disk's reader was closed")
+            view = memoryview(self.buf)[:want]
+            try:
+                got = os.preadv(self.fd, [view], offset)
+            finally:
+                view.release()
         if got < length:
             raise OSError(5, f"short read at {offset}: {got} of {length} bytes")
         return memoryview(self.buf)[:length]
 
     def close(self) -> None:
-        os.close(self.fd)
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._finalizer()  # closes the descriptor, once
         with contextlib.suppress(BufferError):  # a view still held: the buffer goes with its last view
             self.buf.close()
 
@@ -289,6 +305,13 @@ def lower_priority(nice: int = 10, io_level: int = 7) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, nice)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall(_SYS_IOPRIO_SET, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << 13) | io_level)
+
+
+def full_priority() -> None:
+    """This thread at the normal CPU and I/O priority (nice 0, ionice -c2 -n4), for a point's freeze: the applications
+    of the frozen filesystems wait for what runs then, and a capture at nice 10 on a busy machine waits behind the
+    rest of it (root may raise a priority; elsewhere it stays as it is)."""
+    lower_priority(0, 4)
 
 
 def _native_thread_id() -> int:

@@ -41,7 +41,7 @@ from agent.replication.state import (
     save_tracing_stop,
 )
 from agent.replication.stream import Stream
-from agent.replication.sync import POOL_JOBS, DiskReplicator
+from agent.replication.sync import POOL_JOBS, DiskReplicator, release_readers
 from agent.replication.tracing import TracedDevice, Tracer, instance_name, trace_dev
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
@@ -245,6 +245,7 @@ class Replication:
         r.stop()
         r.join(timeout=DISK_STOP_SECONDS)
         r.mark_clean_stop()
+        release_readers(r.device.path)  # the pool goes on for the other disks: this one's device is let go now
         self._retarget()
 
     def _stop_all(self, *, keep_tracing: bool = False) -> None:
@@ -393,7 +394,6 @@ class Replication:
         rs = list(self.replicators.values())
         plan = plan_point(
             sum(r.dirty.pending_bytes() for r in rs),
-            sum(r.stream.window_size for r in rs),
             sum(r.dirty_bps for r in rs),
             sum(r.send_bps for r in rs),
             self.capture_rate,

@@ -6,8 +6,8 @@ restart).
 
 1. Pre-copy: wait (bounded) until the disks' dirty maps hold little, so the freeze is short, or until what they hold
    stops shrinking (writes spread over a large area change chunks as fast as they are sent). What is left is then
-   captured in a bounded freeze: the point is cut only when reading and sending it is expected to take at most
-   ``MAX_FREEZE`` seconds at the rate past captures reached (nothing is compressed during a freeze).
+   captured in a bounded freeze: the point is cut only when reading it is expected to take at most ``MAX_FREEZE``
+   seconds at the rate past captures reached (nothing is compressed or sent during a freeze).
 2. App-consistent hooks: /etc/mobility/freeze.d/* ``pre`` (the post hooks always run).
 3. Freeze every filesystem whose writes reach the protected disks (mounted from them, their partitions, or LVM and
    md devices stacked on them), all at once (FIFREEZE). First they are recorded under /run (agent/replication/
@@ -16,9 +16,12 @@ restart).
    or a log line: the state directory and the logs may be on a frozen filesystem, and a write there would block
    until the thaw.
 4. Drain the tracer (every write completed before the freeze is now in the dirty maps) and have each disk's
-   thread read its residual: the chunks changed since they were last read.
-5. Thaw. Each disk then closes the point on its stream with the root hash of its chunk hashes at the freeze; the
-   process server accepts it only if its replica has the same root.
+   thread read its residual: the chunks changed since they were last read, hashed, their records held in memory
+   (nothing from the process server is waited for while frozen; this thread and the capture's run at the normal
+   priority until the thaw).
+5. Thaw. Each disk then sends its residual, waits until the process server verified it (a delta refused now fails
+   the point: its chunk goes whole, and the next point has it) and closes the point on its stream with the root hash
+   of its chunk hashes at the freeze; the process server accepts it only if its replica has the same root.
 
 A disk without a mounted filesystem cannot be frozen: its point is consistent only if it was idle (no write in the
 second before the freeze nor during the capture), labelled ``raw-idle``, else ``raw-busy``.
@@ -43,9 +46,9 @@ from agent.errors import FreezeFailed, PointFailed, UpdateBusy
 from agent.faults import fault_point
 from agent.paths import Paths
 from agent.proc import run
-from agent.replication.devices import freeze, mounts_of, read_block_tree, thaw
+from agent.replication.devices import freeze, full_priority, lower_priority, mounts_of, read_block_tree, thaw
 from agent.replication.frozen import forget_frozen, record_frozen
-from agent.replication.sync import Capture, DiskReplicator
+from agent.replication.sync import PREPARE_SECONDS, Capture, DiskReplicator
 from agent.replication.tracing import Tracer
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import NextPoint, weakest_consistency
@@ -93,14 +96,14 @@ SETTLE_SECONDS = 1.0  # a pre-copy that keeps up leaves about this long of chang
 CONVERGES = 1.05  # sending this much faster than the writes change: the pre-copy shrinks what is changed
 
 
-def plan_point(pending: int, window: int, dirty_bps: float, send_bps: float, capture: CaptureRate) -> NextPoint:
+def plan_point(pending: int, dirty_bps: float, send_bps: float, capture: CaptureRate) -> NextPoint:
     """The next point as the measured rates foresee it (pure): the residual its freeze would capture and how long
     that takes, and why it should wait when that is longer than MAX_FREEZE. While replication sends faster than the
     writes change data, a pre-copy brings what is changed down to about a second of writes; otherwise what is changed
     now stays, and grows while the pre-copy waits for it to stop shrinking."""
     converging = send_bps > CONVERGES * dirty_bps
     residual = dirty_bps * SETTLE_SECONDS if converging else pending + dirty_bps * PRECOPY_PLATEAU
-    expected = capture.expect(int(residual) + window, send_bps)
+    expected = capture.expect(int(residual), send_bps)
     postponed = None
     if expected > MAX_FREEZE:
         if not converging:
@@ -315,7 +318,10 @@ def _cut(
     pending = _precopy(replicators, precopy_timeout, cancel)
     if cancel.is_set():
         return _failed(_stopping())
-    expected = capture_rate.expect(pending, sum(r.rate for r in replicators)) if pending > PRECOPY_BYTES else 0.0
+    # In the residual's units (bytes of changed sub-blocks), as the plan foresaw it: the acknowledged rate counts whole
+    # chunks, sixteen times a 4 KiB delta's bytes.
+    sending = sum(r.send_bps for r in replicators)
+    expected = capture_rate.expect(pending, sending) if pending > PRECOPY_BYTES else 0.0
     if expected > MAX_FREEZE:
         # The applications would wait that long for the residual: no point now; the next interval tries again.
         return _failed(
@@ -338,6 +344,17 @@ def _cut(
     point_id = str(uuid.uuid4())
     disks = tuple(r.device.name for r in replicators)
     captures = [Capture(point_id, created, disks) for _ in replicators]
+    for r, c in zip(replicators, captures, strict=True):
+        r.commands.put(c)  # each disk sends what it read and has it verified, then waits for the freeze
+    prepare_by = time.monotonic() + PREPARE_SECONDS + 2
+    for c in captures:
+        _wait(c.ready, prepare_by - time.monotonic(), cancel)
+    errors = [c.error for c in captures if c.error is not None]
+    unready = [r.device.name for r, c in zip(replicators, captures, strict=True) if not c.ready.is_set()]
+    if cancel.is_set() or errors or unready:
+        _post_hooks(hooks, cancel)
+        unprepared = errors[0] if errors else PointFailed(f"{', '.join(unready)} did not get ready for the freeze")
+        return _abort(captures, replicators, _stopping() if cancel.is_set() else unprepared)
     freezer = Freezer(points, watchdog, paths)
     events_before = [r.dirty.events for r in replicators]
     start = time.monotonic()
@@ -345,12 +362,14 @@ def _cut(
         r.hashes.hold()
     frozen(True)  # the daemon writes no status file from here to the thaw
     frozen_at = time.time()
+    full_priority()  # until the thaw: the applications wait for this thread
     try:
         try:
             freezer.freeze()
         except FreezeFailed as e:
             freezer.thaw()
             return _abort(captures, replicators, e)
+        froze_in = time.monotonic() - start
         fault_point("replication.frozen", mounts=len(points))  # the suite kills the daemon inside the freeze here
         if not tracer.drain(watchdog / 2, cancel):
             freezer.thaw()
@@ -359,18 +378,21 @@ def _cut(
                 replicators,
                 _stopping() if cancel.is_set() else PointFailed("the tracer did not drain in time"),
             )
-        for r, c in zip(replicators, captures, strict=True):
-            r.commands.put(c)
+        drained_in = time.monotonic() - start - froze_in
+        for c in captures:
+            c.go.set()
         deadline = start + min(CAPTURE_DEADLINE, watchdog - 1)
         for c in captures:
             _wait(c.captured, deadline - time.monotonic(), cancel)
-        in_time = freezer.thaw()
         captured_in = time.monotonic() - start
+        in_time = freezer.thaw()
     finally:
         freezer.thaw()
         frozen(False)
+        lower_priority()
     thawed_at = time.time()
     freeze_ms = (time.monotonic() - start) * 1000
+    thawed_in = freeze_ms / 1000 - captured_in
     if hooks:
         _post_hooks(hooks, cancel)
     for r in replicators:
@@ -401,17 +423,24 @@ def _cut(
         if not _wait(c.acked, deadline - time.monotonic(), cancel) or not c.point_ok:
             if cancel.is_set():
                 return _failed(_stopping())
+            if c.failure is not None:
+                return _failed(PointFailed(c.failure), freeze_ms)
             return _failed(PointFailed(f"the process server did not acknowledge point {point_id} of {r.device.name}"))
     for r in replicators:
         r.persisted.last_point = created
     weakest = weakest_consistency(labels)
+    slowest = max(captures, key=lambda c: sum(c.phases.values()))
     log.info(
-        "point %s cut (%s): froze %s for %.0f ms, %d residual chunks (%d KiB of changed sub-blocks); deltas "
-        "refused so far: %d",
+        "point %s cut (%s): froze %s for %.0f ms (freeze %.0f, tracer %.0f, %s, thaw %.0f), %d residual chunks (%d "
+        "KiB of changed sub-blocks); deltas refused so far: %d",
         point_id,
         weakest,
         "; ".join(map(str, covered)) or "no filesystem",
         freeze_ms,
+        froze_in * 1000,
+        drained_in * 1000,
+        ", ".join(f"{k} {v * 1000:.0f}" for k, v in slowest.phases.items()),
+        thawed_in * 1000,
         sum(c.residual for c in captures),
         sum(c.residual_bytes for c in captures) >> 10,
         sum(r.refusals for r in replicators),
@@ -435,9 +464,9 @@ def _precopy(replicators: Sequence[DiskReplicator], timeout: float, cancel: thre
     deadline = now + timeout
     best, best_at = None, now
     while True:
-        # What a freeze would wait for: the sub-blocks still changed, and the frames not acknowledged yet (a point
-        # waits for every acknowledgement before the thaw: a delta the server refuses is sent whole while frozen).
-        pending = sum(r.dirty.pending_bytes() + r.stream.window_size for r in replicators)
+        # What a freeze would read: the sub-blocks still changed. Frames not acknowledged yet are no part of it: the
+        # freeze waits for nothing from the process server (the residual is sent after the thaw).
+        pending = sum(r.dirty.pending_bytes() for r in replicators)
         now = time.monotonic()
         if best is None or pending < 0.95 * best:
             best, best_at = pending, now
@@ -459,6 +488,6 @@ def _abort(
     return result
 
 
-def _failed(error: MobilityError) -> PointResult:
+def _failed(error: MobilityError, freeze_ms: float = 0.0) -> PointResult:
     log.warning("no point: %s: %s", error.id, error.message)
-    return PointResult(False, error=error.id, message=error.message)
+    return PointResult(False, error=error.id, message=error.message, freeze_ms=round(freeze_ms, 1) or None)

@@ -17,6 +17,7 @@ import queue
 import ssl
 import threading
 import time
+import weakref
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import zstandard
 from agent.errors import InternalError, ProcessServerUnreachable, RemoteError, ReplicaLost
 from agent.faults import fault_point
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, geometry_for, is_zero, zero_hash
-from agent.replication.devices import BlockDevice, BusyMeter, DirectReader
+from agent.replication.devices import BlockDevice, BusyMeter, DirectReader, full_priority, lower_priority
 from agent.replication.dirtymap import FULL, DirtyMap
 from agent.replication.hashfile import HashFile
 from agent.replication.stream import Stream
@@ -56,7 +57,12 @@ BATCH_BYTES = 1024 * 1024  # one read (and one pool job) covers up to this many 
 PIPELINE_BYTES = 4 * BATCH_BYTES  # bytes of jobs in the pool ahead of the sender (at least one job)
 STALL_AFTER = 30.0  # seconds without progress while there is work before the state says STALLED
 BUSY_SHARE = 0.8  # the rest of the machine using this share of all CPU makes replication slow down
-CAPTURE_CHECK_SECONDS = 8.0  # a capture waits this long for the server to verify its residual
+PREPARE_SECONDS = 10.0  # before a freeze, a disk waits this long for the server to verify what it sent
+CHECK_AFTER_THAW = 60.0  # after the thaw, a point waits this long for the server to verify its residual
+CAPTURE_ROUNDS = 4  # reads of what a freeze finds changed (deltas refused meanwhile are read again, whole)
+# A freeze's residual is kept in memory and sent after the thaw, up to this many bytes of records; what passes it is
+# sent while frozen. Part of the daemon's 64 MiB, which a 4 KiB churn takes to 55-59 MiB without it.
+CAPTURE_HOLD_BYTES = 8 * 1024 * 1024
 
 
 _UNKNOWN = b"\xff" * HASH_SIZE  # a hash no chunk has: "the replica may not hold this chunk"
@@ -99,6 +105,8 @@ class Capture:
     point_id: str
     created: float
     disks: tuple[str, ...]
+    ready: threading.Event = field(default_factory=threading.Event)  # the disk sent and had verified all it read
+    go: threading.Event = field(default_factory=threading.Event)  # frozen and the tracer drained: take the residual
     captured: threading.Event = field(default_factory=threading.Event)
     closing: threading.Event = field(default_factory=threading.Event)
     acked: threading.Event = field(default_factory=threading.Event)
@@ -108,6 +116,8 @@ class Capture:
     residual: int = 0  # chunks
     residual_bytes: int = 0
     error: MobilityError | None = None
+    failure: str | None = None  # why the disk did not close the point after the thaw (its residual not verified)
+    phases: dict[str, float] = field(default_factory=dict)  # where the disk's capture spent its time, seconds
 
 
 def job_chunks(geometry: Geometry) -> int:
@@ -128,27 +138,48 @@ def pipeline_depth(geometry: Geometry) -> int:
 
 
 _local = threading.local()
+# Every reader the pool threads hold, by disk: a disk no longer replicated lets go of its device in every thread
+# (release_readers), not only when the pool ends (a removed volume or a detached loop device must not stay open).
+_open_readers: dict[Path, weakref.WeakSet[DirectReader]] = {}
+_open_lock = threading.Lock()
 
 
 def _reader(device: BlockDevice, nbytes: int) -> DirectReader:
     """Each pool thread reads each disk through its own descriptor and aligned buffer, large enough for ``nbytes``
-    (a reader made for a smaller geometry, before a resize, is replaced)."""
+    (a reader made for a smaller geometry, before a resize, is replaced; one closed by release_readers, reopened)."""
     readers: dict[Path, DirectReader] = getattr(_local, "readers", {})
     _local.readers = readers
     reader = readers.get(device.path)
-    if reader is not None and reader.capacity < nbytes:
+    if reader is not None and (reader.closed or reader.capacity < nbytes):
         del readers[device.path]
         reader.close()
         reader = None
     if reader is None:
         reader = readers[device.path] = DirectReader(device.path, nbytes)
+        with _open_lock:
+            _open_readers.setdefault(device.path, weakref.WeakSet()).add(reader)
     return reader
+
+
+def release_readers(path: Path) -> None:
+    """Close every pool thread's reader of the disk at ``path`` (its replication ended). A read under way finishes
+    first; a later job of the disk would open a new reader."""
+    with _open_lock:
+        readers = list(_open_readers.pop(path, ()))
+    for reader in readers:
+        reader.close()
 
 
 def _zero(view: memoryview) -> bool:
     """Whether a chunk read into the buffer is all zero bytes, compared in pieces of at most a batch (a memoryview
     compares item by item, far slower than bytes; a piece's copy stays small whatever the chunk size)."""
+    if view[:_PROBE].tobytes() != _ZERO_PROBE[: len(view)]:
+        return False  # most data is not zero from its first bytes on: no copy of the chunk to find it
     return all(is_zero(view[i : i + BATCH_BYTES].tobytes()) for i in range(0, len(view), BATCH_BYTES))
+
+
+_PROBE = 64
+_ZERO_PROBE = bytes(_PROBE)
 
 
 INCOMPRESSIBLE_RUN = 8  # chunks in a row that zstd could not shrink: stop trying...
@@ -196,10 +227,17 @@ def _read_runs(
     since: float,
     compress: bool,
     dirty: DirtyMap | None,
+    frozen: bool = False,
 ) -> list[JobResult]:
     """In the pool: ``read_job`` for each run, one after the other into this thread's buffer (each run's output is
-    copied out of it before the next read)."""
-    return [read_job(device, geometry, first, n, known, since, compress, masks, dirty) for first, n, masks in runs]
+    copied out of it before the next read). ``frozen``: a freeze's capture, at the normal priority meanwhile."""
+    if not frozen:
+        return [read_job(device, geometry, first, n, known, since, compress, masks, dirty) for first, n, masks in runs]
+    full_priority()
+    try:
+        return [read_job(device, geometry, first, n, known, since, compress, masks, dirty) for first, n, masks in runs]
+    finally:
+        lower_priority()
 
 
 def read_job(
@@ -430,6 +468,7 @@ class DiskReplicator(threading.Thread):
         self.busy_share = busy_share
         self.events_at_capture = 0
         self.refusals = 0  # deltas the process server refused (sent whole again)
+        self.capture_held = 0  # bytes of a freeze's records held in memory to be sent after the thaw
         self.dirty_bps = 0.0  # sub-block bytes the writes change per second, and replication takes to send
         self.send_bps = 0.0
         self._dirty_mark = (clock(), 0, 0)
@@ -482,8 +521,6 @@ class DiskReplicator(threading.Thread):
     # The thread ---------------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        from agent.replication.devices import lower_priority
-
         lower_priority()
         fault_point("replication.thread", disk=self.device.name)  # the suite makes the thread die here
         self.persisted.size, self.persisted.chunk_size = self.geometry.size, self.geometry.chunk_size
@@ -772,7 +809,13 @@ class DiskReplicator(threading.Thread):
         writes: list[tuple[int, bytes]] = []
         for result in results:
             writes += self._records(result, records)
-        since = min((r.since for r in results), default=0.0)
+        self._send_records(records, min((r.since for r in results), default=0.0))
+        for first, hashes in writes:
+            self.hashes.write(first, hashes)
+        self.last_progress = self.clock()
+
+    def _send_records(self, records: list[Record], since: float) -> None:
+        """One job's records: one BATCH frame, or a CHUNK frame each to a server of version 1."""
         if records and self.stream.batches:
             self._send_batch(records, since)
         else:
@@ -788,9 +831,6 @@ class DiskReplicator(threading.Thread):
                     on_ack=self._acked_cb([r]),
                     on_lost=self._lost_cb([r.index]),
                 )
-        for first, hashes in writes:
-            self.hashes.write(first, hashes)
-        self.last_progress = self.clock()
 
     def _records(self, result: JobResult, records: list[Record]) -> list[tuple[int, bytes]]:
         """A run's changed chunks as records (appended to ``records``); the hash file's writes for the run."""
@@ -882,40 +922,97 @@ class DiskReplicator(threading.Thread):
                 return
             if in_sweep or self.need_sweep:
                 capture.error = MobilityError(f"{self.device.name} is in {self.state}, not CONTINUOUS")
+                capture.ready.set()
                 capture.captured.set()
                 continue
             self._capture(capture)
 
     def _capture(self, capture: Capture) -> None:
-        """While the filesystems are frozen: read the residual and have every batch verified by the server (a delta it
-        refused is sent whole while the disk is still frozen), then (after the thaw) close the point."""
-        self._drain_pipeline()
+        """A point on this disk. Before the freeze (``ready``): send what was read and have the process server verify
+        it. Frozen (``go``): read the residual, hash it and keep its records in memory; the coordinator thaws as soon as
+        every disk has. Then send them, wait until the process server has verified every batch up to them, and close
+        the point. A delta refused after the thaw (its base gone) fails the point, never makes a wrong one: its chunk
+        is read and sent whole, as any refused delta, and the next point has it. Nothing here waits for the process
+        server while the disk is frozen, unless the residual's records pass CAPTURE_HOLD_BYTES (those beyond are sent
+        while frozen)."""
+        try:
+            # Before the freeze: what was read goes out, and the process server verifies every batch sent. A delta it
+            # refuses now is read again in the freeze; none can be refused after it, the residual's own aside (read
+            # frozen, after the tracer drained, its sub-block masks are exact).
+            self._drain_pipeline()
+            if self.stream.batches:
+                self.stream.wait_checked(PREPARE_SECONDS)
+        except BaseException as e:
+            capture.error = MobilityError(f"{self.device.name}: could not prepare the point: {e}"[:400])
+            capture.ready.set()
+            capture.captured.set()
+            raise
+        full_priority()  # from the freeze to the thaw the applications wait for this thread: woken at once by ``go``
+        capture.ready.set()
+        deadline = self.clock() + 60
+        while not capture.go.wait(0.05):
+            if capture.closing.is_set() or self.stopping.is_set() or self.clock() > deadline:
+                lower_priority()
+                capture.acked.set()
+                return  # the point was abandoned before its freeze (or the agent stops)
+        t0 = self.clock()
+        held: list[tuple[list[Record], float]] = []  # each job's records and its oldest change, in frame order
+        self.capture_held = 0
         events = self.dirty.events
         residual = self.dirty.pending_bytes()
-        seen = self.refusals  # refusals until now marked their chunks: they are in what is taken here, whole
-        taken = self.dirty.take_all()
-        self._submit_runs(_runs(taken, job_chunks(self.geometry)), compress=False)  # the applications wait: as read
-        self._drain_pipeline()
-        for _ in range(3):
-            if not self.stream.wait_checked(CAPTURE_CHECK_SECONDS):
-                self._wait_acked()  # a server that does not answer CHECKED (version 1): its acknowledgements
-            if self.refusals == seen:
-                break
-            seen = self.refusals
-            self._submit_runs(_runs(self.dirty.take_all(), job_chunks(self.geometry)), compress=False)
-            self._drain_pipeline()
-        else:
-            capture.error = MobilityError(f"{self.device.name}: deltas were refused again and again during the freeze")
-        capture.residual = len(taken)
+        chunks = 0
+        try:
+            while self.pipeline:  # read before the freeze: their records go first, after the thaw
+                self._hold(self.pipeline[0][1].result(), held)
+                self.pipeline.popleft()
+            t1 = self.clock()
+            for _ in range(CAPTURE_ROUNDS):
+                # Refusals until now marked their chunks (whole): they are in what is taken here. One after the last
+                # take fails the point: its chunk's record in the point would be missing.
+                seen = self.refusals
+                taken = self.dirty.take_all()
+                if not taken:
+                    break
+                chunks += len(taken)
+                self._read_held(_runs(taken, job_chunks(self.geometry)), held)
+            else:
+                capture.error = MobilityError(
+                    f"{self.device.name}: deltas were refused again and again during the freeze"
+                )
+        except BaseException as e:
+            self._release_held(held)
+            capture.error = MobilityError(f"{self.device.name}: the residual could not be captured: {e}"[:400])
+            capture.captured.set()  # the coordinator thaws at once, not at its deadline
+            lower_priority()
+            raise
+        capture.residual = chunks
         capture.residual_bytes = residual
+        capture.phases = {"read before": t1 - t0, "read": self.clock() - t1}
         self.events_at_capture = events
         capture.captured.set()  # the coordinator may thaw now; nothing below reads the disk before the point
+        lower_priority()
         capture.root = self.hashes.root()
+        try:
+            self._send_held(held)
+            self.stream.flush()
+            if self.stream.batches and not self.stream.wait_checked(CHECK_AFTER_THAW):
+                capture.failure = f"{self.device.name}: the process server did not verify the point's residual in time"
+            elif self.refusals != seen:
+                capture.failure = (
+                    f"{self.device.name}: the process server refused {self.refusals - seen} delta(s) sent before the "
+                    "point's root was taken (their chunks are sent whole; the next point has them)"
+                )
+        except BaseException:
+            self._release_held(held)  # not sent: changed still, and not held by the replica
+            capture.failure = f"{self.device.name}: the stream broke while the point's residual was sent"
+            capture.acked.set()
+            raise
         deadline = self.clock() + 60
         while not capture.closing.wait(0.5) and not self.stopping.is_set() and self.clock() < deadline:
             pass
-        if not capture.closing.is_set() or capture.label is None:
-            return  # aborted: the chunks went anyway, the point does not
+        if not capture.closing.is_set() or capture.label is None or capture.failure is not None:
+            capture.acked.set()
+            return  # aborted, or not the frozen state: the chunks went anyway, the point does not
         close = PointClose(capture.point_id, capture.created, capture.root, capture.label, capture.disks, None)
 
         def acked() -> None:
@@ -925,6 +1022,79 @@ class DiskReplicator(threading.Thread):
         self.stream.send(Kind.POINT, json.dumps(close.to_json()).encode(), on_ack=acked, on_lost=capture.acked.set)
         self.stream.flush()
 
+    def _read_held(self, runs: list[tuple[int, int, float, list[int]]], held: list[tuple[list[Record], float]]) -> None:
+        """In a freeze: read ``runs`` in the pool (whole chunks hashed, nothing compressed: the applications wait),
+        a few jobs ahead, and keep their records in ``held``. The runs not read when something fails go back into the
+        dirty map."""
+        deltas = self.stream.batches
+        limit = job_chunks(self.geometry) * RUNS_PER_JOB
+        jobs: list[list[tuple[int, int, float, list[int]]]] = [[]]
+        for run in runs:
+            if jobs[-1] and sum(r[1] for r in jobs[-1]) + run[1] > limit:
+                jobs.append([])
+            jobs[-1].append(run)
+        jobs = [j for j in jobs if j]
+        ahead: deque[Future[list[JobResult]]] = deque()
+        done = 0  # jobs whose records are held
+        try:
+            for k, job in enumerate(jobs):
+                ahead.append(self._submit_read(job, deltas))
+                while ahead and (len(ahead) > POOL_JOBS or k == len(jobs) - 1):
+                    self._hold(ahead.popleft().result(), held)
+                    done += 1
+        except BaseException:
+            for fut in ahead:
+                fut.cancel()
+            now = self.clock()
+            for f, m, _, _ in (r for job in jobs[done:] for r in job):
+                self.dirty.mark(f, f + m - 1, now)
+            raise
+
+    def _submit_read(self, job: list[tuple[int, int, float, list[int]]], deltas: bool) -> Future[list[JobResult]]:
+        return self.pool.submit(
+            _read_runs,
+            self.device,
+            self.geometry,
+            [(first, n, masks if deltas else None) for first, n, _, masks in job],
+            None,
+            min(since for _, _, since, _ in job),
+            False,
+            self.dirty if deltas else None,
+            True,
+        )
+
+    def _hold(self, results: list[JobResult], held: list[tuple[list[Record], float]]) -> None:
+        """A job's records kept for after the thaw (the hash file learns what the replica will hold, as ``_send``
+        does; its writes are held in memory during the freeze); past CAPTURE_HOLD_BYTES, what is held goes now."""
+        records: list[Record] = []
+        writes: list[tuple[int, bytes]] = []
+        for result in results:
+            writes += self._records(result, records)
+        for first, hashes in writes:
+            self.hashes.write(first, hashes)
+        if records:
+            held.append((records, min((r.since for r in results), default=0.0)))
+            self.capture_held += sum(len(r.payload) for r in records)
+        if self.capture_held > CAPTURE_HOLD_BYTES:
+            self._send_held(held)
+
+    def _send_held(self, held: list[tuple[list[Record], float]]) -> None:
+        """Send held records in order; each leaves ``held`` once queued (what is left of it when the stream breaks is
+        handed back by ``_release_held``)."""
+        while held:
+            records, since = held[0]
+            self._send_records(records, since)
+            self.capture_held -= sum(len(r.payload) for r in records)
+            held.pop(0)
+        self.last_progress = self.clock()
+
+    def _release_held(self, held: list[tuple[list[Record], float]]) -> None:
+        """Held records that will not be sent: their chunks are changed still, and the hash file must not claim the
+        replica holds them (as for a frame lost with its connection)."""
+        self._lost_cb([r.index for records, _ in held for r in records])()
+        held.clear()
+        self.capture_held = 0
+
     def _abort_commands(self, why: str) -> None:
         while True:
             try:
@@ -932,6 +1102,7 @@ class DiskReplicator(threading.Thread):
             except queue.Empty:
                 return
             capture.error = MobilityError(why)
+            capture.ready.set()
             capture.captured.set()
 
     # State --------------------------------------------------------------------------------------------------------

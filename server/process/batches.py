@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 import zstandard
 
+from agent.faults import fault_point
 from agent.replication.chunks import chunk_hash, zero_hash, zeros
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import Codec, Record, mask_spans
 from server.errors import ChunkCorrupt
 from server.process.store import ChunkPut
 
+Decompress = Callable[[bytes | memoryview, int, str], bytes]  # (zstd frame, its size, where) -> what it holds
 ReadBase = Callable[[bytes, int], bytes | None]  # (hash, length) -> the chunk's bytes from the store, or None
 
 INCOMPRESSIBLE_RUN = 8  # rebuilt chunks in a row zstd could not shrink: then only one in PROBE_EVERY is tried
@@ -63,7 +65,7 @@ def _shrank(disk_key: int, shrank: bool) -> None:
     runs[disk_key] = 0 if shrank else min(runs.get(disk_key, 0) + 1, INCOMPRESSIBLE_RUN)
 
 
-def raw_of(put: ChunkPut, decompress: Callable[[bytes, int, str], bytes]) -> bytes:
+def raw_of(put: ChunkPut, decompress: Decompress) -> bytes | memoryview:
     """A verified chunk's raw bytes."""
     if put.codec is Codec.ZERO:
         return zeros(put.raw_len)
@@ -79,10 +81,11 @@ def verify_batch(
     records: list[Record],
     deps: dict[bytes, Future[BatchResult]],
     read_base: ReadBase,
-    decompress: Callable[[bytes, int, str], bytes],
+    decompress: Decompress,
 ) -> BatchResult:
     """In the verify pool: every record of batch ``seq`` checked or rebuilt (ChunkCorrupt for a whole chunk that does
     not match its hash: the stream fails, as for a CHUNK frame)."""
+    fault_point("process.verify", seq=seq)  # the suite makes verification slow here
     puts: list[ChunkPut] = []
     refused: list[int] = []
     mine: dict[bytes, ChunkPut] = {}  # this batch's chunks so far: a later record may build on an earlier one
@@ -101,12 +104,12 @@ def verify_batch(
     return BatchResult(seq, puts, refused)
 
 
-def _whole(disk_key: int, seq: int, r: Record, decompress: Callable[[bytes, int, str], bytes], where: str) -> ChunkPut:
+def _whole(disk_key: int, seq: int, r: Record, decompress: Decompress, where: str) -> ChunkPut:
     if r.codec is Codec.ZERO:
         if r.hash != zero_hash(r.size):
             raise ChunkCorrupt(f"a zero {where} claims a non-zero hash")
         return ChunkPut(disk_key, r.index, r.hash, Codec.ZERO, r.size, b"", seq)
-    payload = bytes(r.payload)
+    payload = r.payload  # a view of the frame: kept as it is, never copied
     data = decompress(payload, r.size, where) if r.codec is Codec.ZSTD else payload
     if chunk_hash(data) != r.hash:
         raise ChunkCorrupt(f"{where} does not match its hash")
@@ -123,7 +126,7 @@ def _rebuilt(
     mine: dict[bytes, ChunkPut],
     deps: dict[bytes, Future[BatchResult]],
     read_base: ReadBase,
-    decompress: Callable[[bytes, int, str], bytes],
+    decompress: Decompress,
     where: str,
 ) -> ChunkPut | None:
     spans = mask_spans(r.mask, r.size, chunk_size)
@@ -156,8 +159,8 @@ def _base(
     mine: dict[bytes, ChunkPut],
     deps: dict[bytes, Future[BatchResult]],
     read_base: ReadBase,
-    decompress: Callable[[bytes, int, str], bytes],
-) -> bytes | None:
+    decompress: Decompress,
+) -> bytes | memoryview | None:
     """The base chunk's bytes, from exactly the chunk of that hash (and that size), or None when it is not here."""
     if digest == zero_hash(size):
         return zeros(size)

@@ -645,7 +645,7 @@ def _decompress(header: Header, payload: bytes) -> bytes:
     return _decompress_bytes(payload, header.size, f"chunk at {header.offset}")
 
 
-def _decompress_bytes(payload: bytes, size: int, where: str) -> bytes:
+def _decompress_bytes(payload: bytes | memoryview, size: int, where: str) -> bytes:
     """One zstd frame (a chunk, or a delta's sub-blocks), decompressed by a reader that stops at ``size``. The frame
     must declare exactly that size (python-zstandard allocates what a frame declares, whatever it is told) and nothing
     may follow it (skippable frames or trailing bytes would be kept in the pack with the chunk)."""
@@ -670,7 +670,7 @@ def _decompress_bytes(payload: bytes, size: int, where: str) -> bytes:
     return data
 
 
-def _frame_end(payload: bytes, size: int) -> int:
+def _frame_end(payload: bytes | memoryview, size: int) -> int:
     """Where the zstd frame at the start of ``payload`` ends (RFC 8878: header, blocks, optional checksum), walking
     no more blocks than a chunk of ``size`` bytes can take (an encoder's blocks hold up to 128 KiB each)."""
     at = zstandard.frame_header_size(payload)

@@ -311,7 +311,7 @@ class ChunkPut:
     hash: bytes
     codec: Codec
     raw_len: int
-    data: bytes
+    data: bytes | memoryview  # a view of the frame it came in, kept whole until the commit wrote it: no copy
     seq: int
 
 
@@ -603,29 +603,29 @@ class ChunkStore:
             if outcome is None and isinstance(i, ChunkPut) and i.codec is not Codec.ZERO
         ]
         fresh = self._missing({c.hash for c in chunks})
-        records: list[bytes] = []
+        kept: list[ChunkPut] = []
         placed: list[tuple[bytes, int, int, int, int, int]] = []
         need = 0
         for c in chunks:
             if c.hash not in fresh:
                 continue
             fresh.discard(c.hash)  # the same data twice in one batch is kept once
-            records.append(RECORD.pack(RECORD_MAGIC, c.codec, len(c.data), c.raw_len, c.hash) + c.data)
+            kept.append(c)
             need += RECORD.size + len(c.data)
         self._check_space(need)
         start_pack, start_size = self.pack_id, self.pack_size
         try:
-            if records:
+            if kept:
                 if self.pack_size + need > PACK_MAX and self.pack_size:
                     self._open_pack(self.allocate_pack())
                     start_pack, start_size = self.pack_id, self.pack_size
                 offset = self.pack_size
-                for rec in records:
-                    digest = rec[RECORD.size - HASH_SIZE : RECORD.size]
-                    codec, stored, raw = rec[2], len(rec) - RECORD.size, struct.unpack_from("<I", rec, 8)[0]
-                    placed.append((digest, self.pack_id, offset + RECORD.size, stored, raw, codec))
-                    offset += len(rec)
-                write_all(self.pack_fd, records)
+                pieces: list[bytes | memoryview] = []  # each record's header and its data, written as they are
+                for c in kept:
+                    pieces += (RECORD.pack(RECORD_MAGIC, c.codec, len(c.data), c.raw_len, c.hash), c.data)
+                    placed.append((c.hash, self.pack_id, offset + RECORD.size, len(c.data), c.raw_len, int(c.codec)))
+                    offset += RECORD.size + len(c.data)
+                write_all(self.pack_fd, pieces)
                 os.fdatasync(self.pack_fd)
                 self.pack_size = offset
             return self._index(items, outcomes, placed)
@@ -1066,8 +1066,8 @@ def _out_of_bounds(item: ChunkPut | PointPut) -> Exception | None:
     return None
 
 
-def write_all(fd: int, records: list[bytes]) -> None:
-    pending = records
+def write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
+    pending = pieces
     while pending:
         batch = pending[:512]  # IOV_MAX is 1024
         written = os.writev(fd, batch)

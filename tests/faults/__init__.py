@@ -16,7 +16,8 @@ What a process does is read from its environment, which only the suite sets:
   FILE}}`` raises an unexpected exception (RuntimeError) at that point each time it is reached while FILE exists;
   ``{"refuse": {"repo.serve": DIR}}`` makes the server answer 503 SERVER-BUSY where it reaches that point, as many
   times as the number left in DIR/refuse (counted down; none while the file is absent): a repository that refuses
-  the first tries.
+  the first tries; ``{"delay_while": {"process.verify": FILE}, "delay": 2.0}`` sleeps that many seconds at that point
+  each time it is reached while FILE exists (a slow process server).
 - ``MOBILITY_TEST_RECORD``: a directory; each process appends to ``<pid>.ids`` every error ID it raises (each once).
 """
 
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,8 @@ class Injector:
         self.signum = int(plan.get("signum", signal.SIGTERM))
         self.fail_while: dict[str, Path] = {k: Path(v) for k, v in plan.get("fail_while", {}).items()}
         self.refuse: dict[str, Path] = {name: Path(d) for name, d in plan.get("refuse", {}).items()}
+        self.delay_while: dict[str, Path] = {k: Path(v) for k, v in plan.get("delay_while", {}).items()}
+        self.delay = float(plan.get("delay", 1.0))
         self.seen: dict[str, int] = {}
         self.held: list[bytearray] = []  # the memory grown on request: real, resident, never freed
 
@@ -72,6 +76,9 @@ class Injector:
             raise RuntimeError(f"a failure injected at {name}")
         if name in self.refuse:
             self._refuse(self.refuse[name] / "refuse")
+        slow = self.delay_while.get(name)
+        if slow is not None and slow.exists():
+            time.sleep(self.delay)
         if name == "daemon.tick" and self.grow is not None:
             request = self.grow / "grow"
             try:

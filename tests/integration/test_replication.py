@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from scripts.replication_lab import Disk, Lab, Machine, Server, read_disk, sh, umount, wait_for
+from tests import faults
 from tests.conftest import REPO, require_root
 from tests.integration import records
 from tests.postgres import on_postgresql, shared_cluster
@@ -227,6 +228,43 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
 
     assert (TRACEFS / "instances" / instance_name(Paths(machine.root.resolve()).state_dir) / "trace_pipe").exists()
     print(f"freeze windows (ms): median {sorted(freezes)[len(freezes) // 2]}, max {max(freezes)}")
+
+
+def test_a_freeze_does_not_wait_for_a_slow_process_server(lab: Lab) -> None:
+    """The residual is read and hashed while frozen and sent after the thaw: a process server that takes 2 s to
+    verify each batch (a fault plan's delay) makes the points slower, never their freezes longer; and each point is
+    still exactly the frozen state (the records check). Before, the capture waited inside the freeze for the server
+    to verify the residual's batches."""
+    slow = lab.workdir / "slow"
+    server = lab.server(env=faults.environment(delay_while={"process.verify": str(slow)}, delay=2.0))
+    ext4 = lab.disk("ext4", 128 * MIB, ("ext4",))
+    machine = lab.machine(server, "m1")
+    lab.expose(machine, ext4)
+    protect(server, machine, ext4)
+    lab.start_agent(machine)
+    lab.wait_state(machine, ext4, "CONTINUOUS")
+    writer, log = start_writer(lab, [ext4.mounts[0]], seed=23)
+    from agent.replication.local import request_point
+
+    from agent.paths import Paths
+
+    paths = Paths(machine.root.resolve())
+    took = []
+    for cycle in range(3):
+        time.sleep(0.5)
+        slow.touch()  # from now on each batch takes the server 2 s to verify
+        started = time.monotonic()
+        point = request_point(paths, timeout=120)
+        took.append(time.monotonic() - started)
+        slow.unlink()
+        assert point["consistency"] == "crash-consistent", point
+        assert point["freeze_ms"] < 2000, point
+        problems = failover_and_check(
+            server, machine, point, [ext4], records.read_log(log), lab.workdir / "fo", command=False
+        )
+        assert not problems, f"cycle {cycle}: {problems[:10]}"
+    assert max(took) >= 2.0, took  # the slow verification was on the points' way (after their thaw)
+    _stop(writer)
 
 
 def fill_raw(disk: Disk, nbytes: int, seed: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from agent.replication.chunks import chunk_hash, geometry_for, zero_hash
 from agent.replication.devices import BlockDevice
-from agent.replication.sync import job_bytes, job_chunks, pipeline_depth, read_job
+from agent.replication.sync import job_bytes, job_chunks, pipeline_depth, read_job, release_readers
 from agent.shared.replication_wire import HASH_SIZE, Codec
 from scripts.replication_lab import Lab, sh
 from tests.conftest import require_root
@@ -47,6 +48,7 @@ def test_read_job_reads_whole_chunks_of_disks_over_a_tib(tmp_path: Path, size: i
             os.close(fd)
         loop = sh(["losetup", "--find", "--show", str(image)]).stdout.strip()
         lab.defer(f"loop {loop}", lambda: sh(["losetup", "--detach", loop], check=False))
+        lab.defer("readers", lambda: release_readers(Path(loop)))  # as the engine does when a disk's replication ends
         st = os.stat(loop)
         device = BlockDevice(loop, Path(loop), os.major(st.st_rdev), os.minor(st.st_rdev), Path(loop).name)
         with ThreadPoolExecutor(1) as pool:  # as the replicator runs them: in the pool, a reader per thread
@@ -59,3 +61,15 @@ def test_read_job_reads_whole_chunks_of_disks_over_a_tib(tmp_path: Path, size: i
         assert [(c.index, c.codec, c.size) for c in last.out] == [(g.count - 1, Codec.ZSTD, chunk)]
         known = read_job(device, g, 1, 1, chunk_hash(first), 0.0)  # what the replica has is not sent again
         assert known.out == [] and known.hashes == chunk_hash(first)
+        # The readers of this thread and of the pool's (ended) thread let go of the device once its replication
+        # ends: nothing of this process holds it open.
+        release_readers(Path(loop))
+        assert not [fd for fd in os.listdir("/proc/self/fd") if _is_device(f"/proc/self/fd/{fd}", st.st_rdev)]
+
+
+def _is_device(path: str, rdev: int) -> bool:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISBLK(found.st_mode) and found.st_rdev == rdev

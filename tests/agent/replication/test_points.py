@@ -25,6 +25,7 @@ def replicator(dirty_chunks: int, rate: float = 0.0) -> Any:
         dirty=dirty,
         geometry=SimpleNamespace(chunk_size=65536),
         rate=rate,
+        send_bps=rate,
         stream=SimpleNamespace(window_size=0),
     )
 
@@ -42,6 +43,19 @@ def test_no_freeze_when_the_residual_would_take_longer_than_the_freeze_may_last(
     assert not result.ok and result.error == "REPL-POINT-FAILED" and "no freeze" in (result.message or "")
     assert "about 7 s" in (result.message or "")
     assert calls == []  # the daemon's status went on being written through the whole pre-copy
+
+
+def test_before_any_capture_the_freeze_is_foreseen_from_the_sub_blocks_sent_not_the_chunks_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """4 KiB deltas are acknowledged as whole 64 KiB chunks: the acknowledged rate is up to sixteen times what
+    replication sends of changed sub-blocks, the residual's own units. The freeze of a residual that stopped shrinking
+    is foreseen from the latter (before, a 100 MiB residual looked like a third of a second and was frozen for)."""
+    busy = replicator(1_600, rate=200e6)  # 100 MiB of changed sub-blocks; 200 MB/s of chunks acknowledged...
+    busy.send_bps = 4e6  # ...for 4 MB/s of sub-blocks sent
+    result = cut_point([busy], tracer=None, paths=Paths(tmp_path), capture_rate=points.CaptureRate())  # type: ignore[arg-type]
+    assert not result.ok and "no freeze" in (result.message or ""), result
+    assert "about 17 s" in (result.message or "")  # 100 MiB at 1.5 x 4 MB/s
 
 
 def test_the_capture_rate_is_foreseen_from_sending_then_measured() -> None:
@@ -142,12 +156,12 @@ def test_a_point_is_planned_from_the_measured_rates_and_postponed_with_its_reaso
     how long its freeze would be and which rates stop it."""
     rate = points.CaptureRate()
     rate.measured(64 << 20, 0.5)  # captures went at 128 MiB/s
-    keeps_up = points.plan_point(900 << 20, 0, dirty_bps=20e6, send_bps=60e6, capture=rate)
+    keeps_up = points.plan_point(900 << 20, dirty_bps=20e6, send_bps=60e6, capture=rate)
     assert keeps_up.postponed is None and keeps_up.expected_freeze_ms < 200  # 20 MB of a second's writes
-    behind = points.plan_point(900 << 20, 0, dirty_bps=20e6, send_bps=15e6, capture=rate)
+    behind = points.plan_point(900 << 20, dirty_bps=20e6, send_bps=15e6, capture=rate)
     assert behind.postponed is not None and behind.expected_freeze_ms > points.MAX_FREEZE * 1000
     assert "writes change 20.0 MB/s and replication sends 15.0 MB/s" in behind.postponed
     slow_capture = points.CaptureRate()
     slow_capture.measured(64 << 20, 20.0)  # 3.4 MB/s
-    slow = points.plan_point(0, 0, dirty_bps=20e6, send_bps=60e6, capture=slow_capture)
+    slow = points.plan_point(0, dirty_bps=20e6, send_bps=60e6, capture=slow_capture)
     assert slow.postponed is not None and "would be captured at 3.4 MB/s" in slow.postponed

@@ -156,8 +156,14 @@ def test_continuous_changes_lost_with_the_connection_are_sent_again(
 def point(r: DiskReplicator) -> Capture:
     """Cut a point of this one disk as agent/replication/points.py does: capture, label, close."""
     capture = Capture(str(uuid.uuid4()), time.time(), ("/dev/sdb",))
-    r.commands.put(capture)
-    assert capture.captured.wait(10) and capture.error is None
+    r.commands.put(capture)  # the disk sends what it read and has it verified, then waits for the freeze
+    assert capture.ready.wait(15) and capture.error is None
+    r.hashes.hold()  # "frozen": the hash file is not written until the thaw
+    capture.go.set()
+    try:
+        assert capture.captured.wait(10) and capture.error is None
+    finally:
+        r.hashes.release()
     capture.label = "crash-consistent"
     capture.closing.set()
     assert capture.acked.wait(15)

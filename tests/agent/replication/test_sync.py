@@ -65,3 +65,18 @@ def test_random_data_stops_being_compressed_until_a_probe_shrinks_again() -> Non
     assert sync._worth_compressing(other)  # type: ignore[arg-type]  # another disk is judged on its own
     tried = feed(True, 2 * sync.PROBE_EVERY)  # compressible again: found by the next probe
     assert tried.index(True) < sync.PROBE_EVERY and all(tried[tried.index(True) :])
+
+
+def test_a_chunk_is_zero_only_when_every_byte_is() -> None:
+    """The zero check looks at a chunk's first bytes before it copies the chunk to compare it whole: a chunk whose
+    first bytes are zero and a later one is not is not zero."""
+    from agent.replication.sync import _zero
+
+    size = 65536
+    assert _zero(memoryview(bytes(size)))
+    assert _zero(memoryview(bytes(size * 32)))  # larger than a read batch: compared in pieces
+    assert not _zero(memoryview(b"\1" + bytes(size - 1)))
+    assert not _zero(memoryview(bytes(size - 1) + b"\1"))
+    assert not _zero(memoryview(bytes(100) + b"\1" + bytes(size - 101)))
+    assert not _zero(memoryview(bytes(2 * 1024 * 1024) + b"\1"))
+    assert _zero(memoryview(bytes(10))) and not _zero(memoryview(b"\0\0\1"))
