@@ -55,7 +55,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from agent import __version__  # noqa: E402
-from agent.identity import key_pem, key_proof, new_key_and_csr  # noqa: E402
+from agent.lifecycle.identity import key_pem, key_proof, new_key_and_csr  # noqa: E402
 from agent.shared import wire  # noqa: E402
 from scripts.localserver import init_local_server, server_log, start_local_server  # noqa: E402
 from server import pki  # noqa: E402

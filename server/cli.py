@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.distros import BY_TAG
+from agent.host.distros import BY_TAG
 from agent.shared import timefmt, wire
 from agent.shared.cli import Parser, run
 from agent.shared.errors import BadArguments, Exit

@@ -24,8 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.distros import BY_TAG
 from agent.faults import fault_point
+from agent.host.distros import BY_TAG
 from agent.shared.textsafe import printable
 from agent.shared.wire import EnrolRequest, RenewRequest, WireError, enrol_proof, job_proof, key_proof_message
 from server import pki

@@ -58,7 +58,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.bundles import BundleName, inspect_bundle, parse_bundle_name
+from agent.lifecycle.bundles import BundleName, inspect_bundle, parse_bundle_name
 from agent.shared import timefmt
 from agent.shared.errors import BundleRefused, MobilityError
 from agent.shared.fsutil import atomic_write, fsync_dir, sha256_file, sha256_stream

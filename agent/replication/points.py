@@ -41,8 +41,8 @@ from pathlib import Path
 
 from agent.errors import FreezeFailed, PointFailed, UpdateBusy
 from agent.faults import fault_point
-from agent.paths import Paths
-from agent.proc import run
+from agent.host.paths import Paths
+from agent.host.proc import run
 from agent.replication.devices import freeze, mounts_of, read_block_tree, thaw
 from agent.replication.frozen import forget_frozen, record_frozen
 from agent.replication.sync import Capture, DiskReplicator

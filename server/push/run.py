@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncssh
 from cryptography import x509
 
-from agent.bundles import version_key
+from agent.lifecycle.bundles import version_key
 from agent.shared import wire
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError

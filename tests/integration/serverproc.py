@@ -134,9 +134,9 @@ def configure_root(server: ServerProcess, root: Path, secret_path: Path, *extra:
 
 def fetch_as(server: ServerProcess, root: Path, os_tag: str, dest: Path) -> Path:
     """What a registered machine at ``root`` downloads and verifies (TUF, mutual TLS) for ``os_tag``."""
-    from agent.fetch import fetch_bundle
-    from agent.paths import Paths
-    from agent.registration import authenticated_client
+    from agent.host.paths import Paths
+    from agent.lifecycle.fetch import fetch_bundle
+    from agent.lifecycle.registration import authenticated_client
 
     paths = Paths(root)
     _, client = authenticated_client(paths)

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from agent.errors import RemoteError
-from agent.identity import collect_facts, key_proof, new_key_and_csr
-from agent.paths import Paths
-from agent.registration import heartbeat, renew_certificate, report_job
+from agent.host.paths import Paths
+from agent.lifecycle.identity import collect_facts, key_proof, new_key_and_csr
+from agent.lifecycle.registration import heartbeat, renew_certificate, report_job
 from agent.shared import wire
 from scripts.localserver import server_log, start_local_server
 from tests.integration.serverproc import (

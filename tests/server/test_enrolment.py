@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.identity import csr_for, key_proof, new_key_and_csr
+from agent.lifecycle.identity import csr_for, key_proof, new_key_and_csr
 from agent.shared import wire
 from server import pki
 from server.database import parse_database

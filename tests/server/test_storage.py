@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from agent.identity import new_key_and_csr
+from agent.lifecycle.identity import new_key_and_csr
 from agent.shared.wire import HealthReport, MachineFacts
 from server import migrations
 from server.database import parse_database

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent.identity import new_key_and_csr
+from agent.lifecycle.identity import new_key_and_csr
 from agent.replication.chunks import Geometry, zero_hash
 from agent.shared.replication_wire import (
     HASH_SIZE,

@@ -25,7 +25,7 @@ import uvloop
 import zstandard
 from cryptography import x509
 
-from agent.identity import new_key_and_csr
+from agent.lifecycle.identity import new_key_and_csr
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash
 from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress

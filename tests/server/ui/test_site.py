@@ -209,7 +209,7 @@ def machine_certificate(data: Path, where: Path) -> tuple[Path, Path]:
     """A machine's client certificate, of the same CA as the operators' (it must not log in)."""
     from cryptography import x509
 
-    from agent.identity import new_key_and_csr
+    from agent.lifecycle.identity import new_key_and_csr
     from server import pki
 
     ca = pki.Authority.load((data / "ca/ca.pem").read_bytes(), (data / "ca/ca.key").read_bytes())
