@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import server.app
+import server.api.app
 import server.cli  # noqa: F401
 from agent.host.paths import Paths
 from agent.lifecycle.prereq.prerequisites import prerequisite_checks

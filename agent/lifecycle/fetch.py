@@ -145,7 +145,7 @@ def _refreshed_updater(
         target_dir=str(dest_dir),
         target_base_url=base + TARGETS_PATH,
         fetcher=HttpsFetcher(ssl_context, timeout=timeout),
-        # Targets keep their plain names on the server (server/repository.py explains why).
+        # Targets keep their plain names on the server (server/releases/repository.py explains why).
         config=UpdaterConfig(prefix_targets_with_hash=False, app_user_agent=f"mobility/{__version__}"),
         bootstrap=trusted_root,
     )

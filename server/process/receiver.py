@@ -54,12 +54,12 @@ from agent.shared.replication_wire import (
     parse_json,
 )
 from agent.shared.textsafe import printable
-from server.edge import HANDSHAKE_SECONDS, Connections
+from server.api.edge import HANDSHAKE_SECONDS, Connections
+from server.api.tls import listener_context, peer_identity
 from server.errors import ChunkCorrupt, DiskTooLarge, NotProtected, ReplicationProtocol, StoreFull
 from server.process.batches import BatchResult, verify_batch
 from server.process.decompress import chunk_decompressor
 from server.process.store import ChunkPut, ChunkStore, DiskRow, PointPut
-from server.tls import listener_context, peer_identity
 
 log = logging.getLogger("mobility.process")
 

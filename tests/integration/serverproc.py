@@ -18,9 +18,9 @@ from typing import Any
 from scripts.localserver import configure_agent, init_local_server, process_port, start_local_server
 from scripts.polling import wait_for  # noqa: F401 (re-exported: tests import it from here)
 from scripts.testlab import debian_root  # noqa: F401 (re-exported: tests import it from here)
-from server.database import database_for
+from server.database.connection import database_for
+from server.database.storage import Storage
 from server.datadir import DataDir
-from server.storage import Storage
 from tests.conftest import DISTROS, REPO
 from tests.postgres import on_postgresql, shared_cluster
 

@@ -91,7 +91,7 @@ class _Busy(http.server.BaseHTTPRequestHandler):
 def busy_server(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
     import datetime as dt
 
-    from server import pki
+    from server.api import pki
 
     ca = pki.create_ca("test CA", dt.datetime.now(dt.UTC))
     key, cert = pki.issue_server_cert(ca, ["127.0.0.1"], dt.datetime.now(dt.UTC))

@@ -2,7 +2,7 @@
 image's
 marker, read as the kernel shows them, recorded at first sight, and what the agent may do with the source's
 registration. The daemon's side is in test_daemon.py, the bootstrapper's below, the server's in
-tests/server/test_enrolment.py; a booted failover in tests/integration/test_vm_protection.py."""
+tests/server/api/test_enrolment.py; a booted failover in tests/integration/test_vm_protection.py."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from agent.lifecycle.bundles import inspect_bundle
 from agent.lifecycle.fetch import fetch_bundle
 from agent.shared.errors import MobilityError
 from server.datadir import DataDir
-from server.repository import Repository
+from server.releases.repository import Repository
 from tests.bundle_factory import make_bundle
 
 NOW = datetime.datetime.now(datetime.UTC)

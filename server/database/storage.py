@@ -1,12 +1,12 @@
 """The server's database, one data-access layer for SQLite (the embedded default) and PostgreSQL (fleets, several
-instances): SQLAlchemy Core, with the schema versioned by Alembic (server/migrations/).
+instances): SQLAlchemy Core, with the schema versioned by Alembic (server/database/migrations/).
 
 Enrolments and jobs are committed before the HTTP response acknowledges them, so a kill -9 loses nothing
 acknowledged (SQLite runs with synchronous=FULL). Heartbeats are the hot path: each instance batches them in memory
 and writes them in one transaction a second (``record_heartbeats``), never moving a machine's state backwards.
 Every lookup a request makes is by primary key or an index; nothing a request does costs O(number of machines).
 
-These calls block: a serving instance runs them in its worker threads (server/app.py), never on its event loop.
+These calls block: a serving instance runs them in its worker threads (server/api/app.py), never on its event loop.
 What a client sent is validated at the edge (agent/wire.py) before it gets here; the readers still never trust a
 stored document (a row written by an older server is read defensively)."""
 
@@ -43,8 +43,19 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from agent.shared.replication_wire import Policy, ReplicationReport
 from agent.shared.wire import HealthReport, MachineFacts, WireError
-from server import migrations
-from server.database import POOL_SIZE, Database, make_engine
+from server.database import migrations
+from server.database.connection import POOL_SIZE, Database, make_engine
+from server.database.schema import (
+    enrol_failures,
+    health_history,
+    jobs,
+    machines,
+    policies,
+    protection,
+    retired_passphrases,
+    tokens,
+    used_nonces,
+)
 from server.errors import (
     CertRevoked,
     CertSuperseded,
@@ -55,17 +66,6 @@ from server.errors import (
     DatabaseUnavailable,
     JobNotOwned,
     UnknownMachine,
-)
-from server.schema import (
-    enrol_failures,
-    health_history,
-    jobs,
-    machines,
-    policies,
-    protection,
-    retired_passphrases,
-    tokens,
-    used_nonces,
 )
 
 HISTORY_SECONDS = 7 * 86400.0  # queued health reports are kept this long
@@ -126,7 +126,7 @@ class Credential:
     pending_public_key: str | None
     revoked_at: float | None
     heartbeat_interval: float
-    target_version: str | None = None  # what its heartbeat answer names (server/rollouts.py)
+    target_version: str | None = None  # what its heartbeat answer names (server/releases/rollouts.py)
     target_job: str | None = None
     pinned_version: str | None = None
     protection: ProtectionRow | None = None  # what its heartbeat answer asks it to protect (replication)
@@ -338,7 +338,8 @@ class Storage:
 
     @contextmanager
     def reading(self) -> Iterator[Tx]:
-        """One read-only transaction, for the server's modules that query the tables themselves (server/rollouts.py)."""
+        """One read-only transaction, for the server's modules that query the tables themselves
+        (server/releases/rollouts.py)."""
         with self._read() as tx:
             yield tx
 

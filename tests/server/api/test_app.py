@@ -1,5 +1,5 @@
-"""server/app.py, server/edge.py and server/stalls.py in-process: the heartbeat buffer, the gates that shed load,
-the JSON errors (the unexpected ones included, never a traceback), the stall monitor. The whole API over real TLS
+"""server/api/app.py, server/api/edge.py and server/api/stalls.py in-process: the heartbeat buffer, the gates that shed
+load, the JSON errors (the unexpected ones included, never a traceback), the stall monitor. The whole API over real TLS
 is in tests/integration/ and tests/security/."""
 
 from __future__ import annotations
@@ -15,23 +15,23 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from server import pki
-from server.app import Server, build_app, errors_as_json
-from server.database import parse_database
+from server.api import pki
+from server.api.app import Server, build_app, errors_as_json
+from server.api.edge import HEADER_SECONDS, AdmissionGate, Connections, GuardedHandler, GuardedSite
+from server.api.enrolment import Enrolment
+from server.api.stalls import StallMonitor
+from server.database.connection import parse_database
+from server.database.storage import Beat, Storage
 from server.datadir import DataDir
-from server.edge import HEADER_SECONDS, AdmissionGate, Connections, GuardedHandler, GuardedSite
-from server.enrolment import Enrolment
 from server.errors import DatabaseUnavailable, ServerBusy
-from server.stalls import StallMonitor
-from server.storage import Beat, Storage
-from tests.server.test_storage import new_machine
+from tests.server.database.test_storage import new_machine
 
 HOST = "11111111-1111-4111-8111-111111111111"
 
 
 @pytest.fixture
 def server(tmp_path: Path, database: str) -> Iterator[Server]:
-    from server.repository import Repository
+    from server.releases.repository import Repository
 
     data = DataDir(tmp_path / "data")
     data.root.mkdir()
@@ -206,7 +206,7 @@ def test_a_request_the_loop_reaches_late_is_not_a_slow_client(monkeypatch: pytes
 
 _GC_WORKLOAD = """
 import gc, sys
-from server.app import long_lived_gc
+from server.api.app import long_lived_gc
 fleet = [{"conn": [i], "state": {}} for i in range(100_000)]  # a fleet's kept-alive connections: long-lived
 if sys.argv[1] == "tuned":
     long_lived_gc()
@@ -231,7 +231,7 @@ def test_new_connections_in_a_big_fleet_cause_no_full_collection(mode: str, expe
         text=True,
         timeout=120,
         check=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert (int(r.stdout) > 0) is expect_full, r.stdout
 

@@ -23,7 +23,7 @@ from agent.shared.textsafe import printable
 from server.datadir import DataDir
 from server.errors import DatabaseUrlInvalid
 
-POOL_SIZE = 12  # >= the threads a serving instance runs database calls in (server/app.py: 4 + 4 + 2; server/ui/: 2)
+POOL_SIZE = 12  # >= the threads a serving instance runs database calls in (server/api/app.py: 4 + 4 + 2; server/ui/: 2)
 MAX_URL_FILE = 4096
 
 

@@ -28,7 +28,9 @@ from agent.faults import fault_point
 from agent.host.distros import BY_TAG
 from agent.shared.textsafe import printable
 from agent.shared.wire import EnrolRequest, RenewRequest, WireError, enrol_proof, job_proof, key_proof_message
-from server import pki
+from server.api import pki
+from server.api.nonces import NonceSigner
+from server.database.storage import Machine, NewMachine, Storage, Tx, key_id
 from server.errors import (
     BadProof,
     BadRequest,
@@ -39,8 +41,6 @@ from server.errors import (
     TokenExpired,
     TokenUsedUp,
 )
-from server.nonces import NonceSigner
-from server.storage import Machine, NewMachine, Storage, Tx, key_id
 
 log = logging.getLogger("mobility.server.enrolment")
 

@@ -4,7 +4,7 @@ aiohttp is used because its handlers can see the TLS transport, and so the verif
 mutual-TLS request (``transport.get_extra_info("peercert")``); ASGI servers such as uvicorn do not pass it on.
 
 The event loop only parses, routes and answers: every database call, signature, file read and repository change runs
-in a bounded pool of worker threads (``Server.offload``), and a stall monitor (server/stalls.py) measures how late
+in a bounded pool of worker threads (``Server.offload``), and a stall monitor (server/api/stalls.py) measures how late
 the loop wakes. Nothing a request needs lives in one process (nonces are signed, their use, the failure counts and
 the machines are in the database), so several instances can share one PostgreSQL database behind a TCP load
 balancer; each buffers the heartbeats it receives and flushes them once a second."""
@@ -34,10 +34,8 @@ from agent.shared import wire
 from agent.shared.errors import MobilityError
 from agent.shared.replication_wire import ProcessAddress, Protection
 from agent.shared.textsafe import printable
-from server import pki
-from server.database import Database
-from server.datadir import DataDir
-from server.edge import (
+from server.api import pki
+from server.api.edge import (
     KEEPALIVE_SECONDS,
     LINGER_SECONDS,
     MAX_HEADERS,
@@ -48,7 +46,14 @@ from server.edge import (
     GuardedSite,
     read_body,
 )
-from server.enrolment import Enrolment
+from server.api.enrolment import Enrolment
+from server.api.metrics import ServerMetrics
+from server.api.nonces import NonceSigner, load_or_create_key
+from server.api.stalls import StallMonitor
+from server.api.tls import listener_context, peer_identity
+from server.database.connection import Database
+from server.database.storage import Beat, Credential, Storage, Tx
+from server.datadir import DataDir
 from server.errors import (
     ApiError,
     BadRequest,
@@ -65,14 +70,9 @@ from server.errors import (
     StoreBusy,
     UnknownMachine,
 )
-from server.metrics import ServerMetrics
-from server.nonces import NonceSigner, load_or_create_key
 from server.process.service import ProcessOptions, ProcessService, store_dir
-from server.repository import Repository
-from server.rollouts import target_of
-from server.stalls import StallMonitor
-from server.storage import Beat, Credential, Storage, Tx
-from server.tls import listener_context, peer_identity
+from server.releases.repository import Repository
+from server.releases.rollouts import target_of
 
 if TYPE_CHECKING:
     from server.ui.site import UiOptions
@@ -82,7 +82,7 @@ log = logging.getLogger("mobility.server")
 HEARTBEAT_FLUSH_SECONDS = 1.0
 TIMESTAMP_CHECK_SECONDS = 600.0
 PRUNE_SECONDS = 60.0
-ROLLOUT_SECONDS = 2.0  # how often each serving instance advances the running rollouts (server/rollouts.py)
+ROLLOUT_SECONDS = 2.0  # how often each serving instance advances the running rollouts (server/releases/rollouts.py)
 TAKEOVER_SECONDS = 15.0  # how often an instance without the process server role looks whether it is free
 MAX_BUFFERED_BEATS = 200_000  # > a fleet's worth: past it heartbeats are refused 503 until a flush succeeds
 MAX_BUFFERED_HISTORY = 50_000
@@ -204,7 +204,7 @@ class Server:
     def advance_rollouts(self) -> None:
         """Advance the running rollouts from what the machines reported (a worker thread: it writes the database;
         instances take turns through an advisory lock on PostgreSQL)."""
-        from server.rollouts import Rollouts
+        from server.releases.rollouts import Rollouts
 
         for change in Rollouts(self.storage).advance(self.clock()):
             log.info("%s", printable(change, 2000))
@@ -498,7 +498,7 @@ def build_app(server: Server) -> web.Application:
             raise HostMismatch("a report without the machine's certificate cannot name a host ID")
         then = None
         if job.kind == "upgrade" and job.state == "failed" and host_id is not None and job.job_id is not None:
-            from server.rollouts import pin_back_failed_pin
+            from server.releases.rollouts import pin_back_failed_pin
 
             def then(tx: Tx, host_id: str = host_id, job_id: str = job.job_id) -> None:
                 change = pin_back_failed_pin(tx, host_id, job_id, job.runs, job.error_id)

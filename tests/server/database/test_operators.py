@@ -1,5 +1,5 @@
-"""server/operators.py on both engines, and `mobility-server operator` and `audit`: a token is shown once and kept
-only as a hash, sessions end (and end with their operator), the audit log is written before a change and says how
+"""server/database/operators.py on both engines, and `mobility-server operator` and `audit`: a token is shown once and
+kept only as a hash, sessions end (and end with their operator), the audit log is written before a change and says how
 it ended."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from server.database import parse_database
+from server.database.connection import parse_database
+from server.database.operators import Operators
+from server.database.storage import Storage
 from server.errors import OperatorExists, OperatorInvalid, OperatorNotFound
-from server.operators import Operators
-from server.storage import Storage
 from tests.integration.serverproc import init_server, server_cli
 
 

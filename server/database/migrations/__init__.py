@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy import Connection, inspect, text
 
-from server.migrations.legacy import LEGACY_VERSION, legacy_upgrade
+from server.database.migrations.legacy import LEGACY_VERSION, legacy_upgrade
 
 HERE = Path(__file__).resolve().parent
 BASELINE = "0001"
-HEAD = "0006"  # the newest revision in versions/ (tests/server/test_storage.py checks it is Alembic's head)
+HEAD = "0006"  # the newest revision in versions/ (tests/server/database/test_storage.py checks it is Alembic's head)
 REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")  # every revision this server knows, oldest first
 
 

@@ -1,4 +1,4 @@
-"""server/rollouts.py on a real database (SQLite and PostgreSQL): waves, the failure budget, halting, pins; a
+"""server/releases/rollouts.py on a real database (SQLite and PostgreSQL): waves, the failure budget, halting, pins; a
 machine's jobs and heartbeats are written as the server writes them when the machine reports."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 
 from agent.shared.errors import BadArguments
 from agent.shared.wire import MachineFacts
-from server.database import parse_database
+from server.database.connection import parse_database
+from server.database.storage import Beat, Storage
 from server.errors import (
     MachineNotFound,
     RolloutDowngrade,
@@ -20,7 +21,7 @@ from server.errors import (
     RolloutNotRunning,
     RolloutRunning,
 )
-from server.rollouts import (
+from server.releases.rollouts import (
     COMPLETED,
     FAILED,
     HALTED,
@@ -38,8 +39,7 @@ from server.rollouts import (
     target_of,
     wave_size,
 )
-from server.storage import Beat, Storage
-from tests.server.test_storage import new_machine
+from tests.server.database.test_storage import new_machine
 
 PUBLISHED = {("0.1.1", "DEBIAN12"), ("0.1.2", "DEBIAN12"), ("0.1.0", "DEBIAN12")}
 T0 = 1_000_000.0

@@ -75,7 +75,7 @@ from server.errors import (
 from server.progress import Progress, Quiet
 
 if TYPE_CHECKING:
-    from server.storage import Storage
+    from server.database.storage import Storage
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 ROOT_LIFETIME = datetime.timedelta(days=365)

@@ -20,7 +20,7 @@ class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     samples: int = 0
     worst_ms: float = 0.0
-    sum_ms: float = 0.0  # /metrics exports the histogram (server/metrics.py), whose sum Prometheus needs
+    sum_ms: float = 0.0  # /metrics exports the histogram (server/api/metrics.py), whose sum Prometheus needs
 
     def record(self, late_ms: float) -> None:
         self.counts[min(int(max(late_ms, 0.0) / BUCKET_MS), _BUCKETS - 1)] += 1

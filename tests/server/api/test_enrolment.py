@@ -1,4 +1,4 @@
-"""server/enrolment.py with a real CA and a real database file: proofs, identities, clones, rate limits."""
+"""server/api/enrolment.py with a real CA and a real database file: proofs, identities, clones, rate limits."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.lifecycle.identity import csr_for, key_proof, new_key_and_csr
 from agent.shared import wire
-from server import pki
-from server.database import parse_database
-from server.enrolment import MAX_FAILURES, Enrolment, create_token
+from server.api import pki
+from server.api.enrolment import MAX_FAILURES, Enrolment, create_token
+from server.database.connection import parse_database
+from server.database.storage import Storage
 from server.errors import BadProof, BadRequest, NonceInvalid, RateLimited, TokenUsedUp
-from server.storage import Storage
 
 PASSPHRASE = "correct horse battery staple"
 NOW = 1_800_000_000.0

@@ -33,6 +33,8 @@ from sqlalchemy import Connection, and_, func, insert, or_, select, update
 from agent.shared.errors import BadArguments
 from agent.shared.textsafe import shown
 from agent.shared.wire import UpdateTarget
+from server.database.schema import jobs, machines, rollout_machines, rollouts
+from server.database.storage import Credential, Machine, Storage, Tx
 from server.errors import (
     MachineNotFound,
     RolloutDowngrade,
@@ -43,8 +45,6 @@ from server.errors import (
     RolloutRunning,
     UpdateTimedOut,
 )
-from server.schema import jobs, machines, rollout_machines, rollouts
-from server.storage import Credential, Machine, Storage, Tx
 
 DEFAULT_WAVE = "10%"
 DEFAULT_MAX_FAILURES = 1

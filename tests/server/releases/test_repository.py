@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
-import server.repository
+import server.releases.repository
 from agent.shared import timefmt
 from agent.shared.errors import BundleRefused
 from server.datadir import DataDir
@@ -26,7 +26,7 @@ from server.errors import (
     RepoNotInitialised,
     RepoWriteFailed,
 )
-from server.repository import Repository, _locked
+from server.releases.repository import Repository, _locked
 from tests.bundle_factory import add_member, make_bundle
 
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -337,7 +337,7 @@ def agent_view(data: DataDir) -> list[str]:
 def _failing_writes(monkeypatch: pytest.MonkeyPatch, first: int, *, once: bool) -> list[str]:
     """Make the ``first``-th metadata write (0-based) fail with ENOSPC, and every later one unless ``once``."""
     written: list[str] = []
-    real = server.repository.atomic_write
+    real = server.releases.repository.atomic_write
 
     def write(path: Path, data: bytes, mode: int = 0o644) -> None:
         written.append(path.name)
@@ -346,7 +346,7 @@ def _failing_writes(monkeypatch: pytest.MonkeyPatch, first: int, *, once: bool) 
             raise ENOSPC
         real(path, data, mode)
 
-    monkeypatch.setattr(server.repository, "atomic_write", write)
+    monkeypatch.setattr(server.releases.repository, "atomic_write", write)
     return written
 
 

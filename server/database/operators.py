@@ -23,9 +23,9 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, select, update
 
 from agent.shared.textsafe import printable, shown
+from server.database.schema import audit_log, operators, ui_sessions
+from server.database.storage import Storage
 from server.errors import OperatorExists, OperatorInvalid, OperatorNotFound
-from server.schema import audit_log, operators, ui_sessions
-from server.storage import Storage
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _TOKEN = re.compile(r"mop_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")

@@ -1,4 +1,4 @@
-"""Alembic's environment: always online, on the connection server/migrations/__init__.py hands over (inside the
+"""Alembic's environment: always online, on the connection server/database/migrations/__init__.py hands over (inside the
 caller's transaction, so an upgrade is all or nothing)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The server's tables as they are at the newest migration (server/migrations/), for SQLAlchemy Core queries.
+"""The server's tables as they are at the newest migration (server/database/migrations/), for SQLAlchemy Core queries.
 
 Migrations never import this module: each revision spells out its own change, so a later edit here cannot rewrite
-history. ``tests/server/test_storage.py`` checks that a database migrated to the head matches these tables."""
+history. ``tests/server/database/test_storage.py`` checks that a database migrated to the head matches these tables."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ machines = Table(
     Column("pending_public_key", Text),
     Column("key_id", Text),  # sha256 of the current key (SubjectPublicKeyInfo DER): an enrolment retried with it
     Column("revoked_at", Double),  # `mobility-server machines revoke`: every certificate of the host is refused
-    # Self-update (server/rollouts.py): the version the machine is told to run (a rollout's wave, a pin), the upgrade
-    # job it reports that move under, and a pin that keeps it at a version until an operator unpins it.
+    # Self-update (server/releases/rollouts.py): the version the machine is told to run (a rollout's wave, a pin), the
+    # upgrade job it reports that move under, and a pin that keeps it at a version until an operator unpins it.
     Column("target_version", Text),
     Column("target_job", Text),
     Column("pinned_version", Text),
@@ -122,7 +122,8 @@ health_history = Table(
     Index("health_history_by_time", "received_at"),
 )
 
-# A rollout of a version to machines in waves (server/rollouts.py); its machines, one row each, with their wave.
+# A rollout of a version to machines in waves (server/releases/rollouts.py); its machines, one row each, with their
+# wave.
 rollouts = Table(
     "rollouts",
     metadata,
@@ -183,9 +184,9 @@ protection = Table(
     Column("reported_at", Double),
 )
 
-# The operator's view (server/operators.py, server/ui/): who may use the dashboard off loopback (a token, kept only as
-# its hash; a client certificate, by its fingerprint), their sessions (the session cookie's hash), and the audit log
-# of every change made through the dashboard, with the operator's name.
+# The operator's view (server/database/operators.py, server/ui/): who may use the dashboard off loopback (a token, kept
+# only as its hash; a client certificate, by its fingerprint), their sessions (the session cookie's hash), and the audit
+# log of every change made through the dashboard, with the operator's name.
 operators = Table(
     "operators",
     metadata,

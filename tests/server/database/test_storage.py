@@ -1,5 +1,6 @@
-"""server/storage.py on both engines (a SQLite file and a real PostgreSQL 15): schema migrations, one-transaction
-enrolment, who may write a job, monotonic heartbeats, shared nonces and failure counts, certificate revocation."""
+"""server/database/storage.py on both engines (a SQLite file and a real PostgreSQL 15): schema migrations,
+one-transaction enrolment, who may write a job, monotonic heartbeats, shared nonces and failure counts, certificate
+revocation."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from sqlalchemy.exc import IntegrityError
 
 from agent.lifecycle.identity import new_key_and_csr
 from agent.shared.wire import HealthReport, MachineFacts
-from server import migrations
-from server.database import parse_database
+from server.database import migrations
+from server.database.connection import parse_database
+from server.database.migrations.legacy import SCHEMA_V1
+from server.database.schema import metadata
+from server.database.storage import Beat, NewMachine, Storage, key_id
 from server.errors import (
     CertRevoked,
     CertSuperseded,
@@ -28,9 +32,6 @@ from server.errors import (
     JobNotOwned,
     UnknownMachine,
 )
-from server.migrations.legacy import SCHEMA_V1
-from server.schema import metadata
-from server.storage import Beat, NewMachine, Storage, key_id
 from tests.conftest import REPO
 
 FACTS = MachineFacts(machine_id="ab" * 16, product_uuid="4c4c4544-0000")
@@ -97,7 +98,7 @@ def test_an_empty_database_is_refused_unless_created(database: str) -> None:
 
 
 def test_the_migrated_schema_is_the_one_the_queries_use(storage: Storage) -> None:
-    """Every table, column and index of server/schema.py exists after the migrations, on both engines."""
+    """Every table, column and index of server/database/schema.py exists after the migrations, on both engines."""
     with storage.engine.connect() as conn:
         found = inspect(conn)
         for table in metadata.sorted_tables:

@@ -1,5 +1,5 @@
 """What one serving instance measures of itself, for /metrics (docs/monitoring.md): requests by route, method and
-status, the heartbeat's latency, enrolments by outcome, the event loop's stalls (server/stalls.py) and connections.
+status, the heartbeat's latency, enrolments by outcome, the event loop's stalls (server/api/stalls.py) and connections.
 
 Counted on the event loop by a middleware (a few microseconds a request) into prometheus_client's metrics, in a
 registry of the instance's own (tests run several servers in one process). The fleet's figures (machines, disks,
@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from agent.shared import wire
-from server.stalls import BUCKET_MS, StallMonitor
+from server.api.stalls import BUCKET_MS, StallMonitor
 
 if TYPE_CHECKING:
-    from server.edge import Connections
+    from server.api.edge import Connections
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
