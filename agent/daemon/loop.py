@@ -279,8 +279,7 @@ class Daemon:
         speak as it: until the bootstrapper has registered the copy as itself (then it restarts this daemon), the
         daemon sends nothing, replicates nothing and starts no upgrade. So does a failover of a protected machine
         (agent/lifecycle/failover.py) with the source's registration: a test failover for its whole life, a real one
-        until
-        it has registered as itself."""
+        until it has registered as itself."""
         reg = load_registration(self.paths)
         if reg is not None and speaks_as_source(self.failover, reg.host_id) and self.failover is not None:
             if self.copy_of != reg.host_id:

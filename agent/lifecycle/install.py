@@ -153,8 +153,7 @@ def version_complete(target: Path, version: str) -> bool:
 
 def place_version(bundle: Path, manifest_bytes: bytes, manifest: Manifest, target: Path) -> None:
     """versions/<version>: a verified copy (see agent/lifecycle/bundle_dir.py), renamed into place once complete. A copy
-    that
-    fails (a refused file, a full disk) is removed: what was current is untouched and no space stays taken."""
+    that fails (a refused file, a full disk) is removed: what was current is untouched and no space stays taken."""
     versions = target / "versions"
     final = versions / manifest.version
     if version_complete(target, manifest.version):

@@ -1,6 +1,5 @@
 """Fetch the target version's bundle through TUF (agent/lifecycle/fetch.py: never an unsigned, tampered or rolled-back
-one) and
-unpack it into the staging directory, with the machine's own certificate."""
+one) and unpack it into the staging directory, with the machine's own certificate."""
 
 from __future__ import annotations
 

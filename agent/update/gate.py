@@ -16,8 +16,7 @@ the environment, and never cause a rollback.
   the agent's own doing, in every report for two heartbeats. Which checks are the environment's (the server, the
   clock, the certificate, the disk, the freeze provider, replication) each health check declares itself
   (agent/daemon/health/self_checks.py); a check this program does not know is judged by what the new version's report
-  declares.
-  One bad sample never rolls back (Elastic Agent rolled back on a single 429).
+  declares. One bad sample never rolls back (Elastic Agent rolled back on a single 429).
 - **It is not healthy within the window**: ``window`` seconds, counted only while the server is reachable.
 - **Replication**, judged by progress, never by the process server's state: when the previous version's protected
   disks were all in CONTINUOUS at the switch, the new version is kept only once its own disks have been in CONTINUOUS,

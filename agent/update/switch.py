@@ -1,6 +1,5 @@
 """Switch ``current`` to a version (its units and agent.json with it: agent/lifecycle/install.py ``activate_version``)
-and
-back, and keep the watcher's systemd unit wanted at boot exactly while an upgrade is unfinished."""
+and back, and keep the watcher's systemd unit wanted at boot exactly while an upgrade is unfinished."""
 
 from __future__ import annotations
 

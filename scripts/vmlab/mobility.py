@@ -319,8 +319,7 @@ def _kept(vm: VM, lab: Lab, name: str) -> Disk:
 
 def failover_mark(kind: str, host_id: str, point_id: str) -> str:
     """The mark a failed-over machine is given as an SMBIOS OEM string (agent/lifecycle/failover.py): ``test`` or
-    ``failover``
-    of the machine ``host_id`` at ``point_id``."""
+    ``failover`` of the machine ``host_id`` at ``point_id``."""
     return f"mobility-failover:v1:{kind}:{host_id}:{point_id}"
 
 

@@ -1,7 +1,6 @@
 """Prerequisite checks: can the agent be installed on this system? The checks themselves are in
 agent/lifecycle/prereq/prerequisites.py (`prerequisite_checks`); the package holds what the bootstrapper's at-boot no-op
-and push
-need without them."""
+and push need without them."""
 
 from __future__ import annotations
 

@@ -51,8 +51,8 @@ def test_tarball_has_no_planted_secret(tmp_path: Path) -> None:
 
 def test_the_secret_file_is_found_by_the_bootstrap_s_own_parser(tmp_path: Path) -> None:
     """bootstrap.conf is read by agent/lifecycle/bootstrap.py's parser: what it accepts (`passphrase-file` is its
-    spelling of
-    passphrase_file too) names the secret to redact; a conf it refuses names none, and collecting still works."""
+    spelling of passphrase_file too) names the secret to redact; a conf it refuses names none, and collecting still
+    works."""
     from agent.daemon.diagnostics import known_secrets
 
     paths = Paths(tmp_path)

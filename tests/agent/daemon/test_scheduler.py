@@ -1,7 +1,6 @@
 """agent/daemon/scheduler.py drives the `schedule` library by an injected clock through Job._schedule_next_run, a
-private
-hook: pyproject.toml pins the tested range, and these tests fail when a release changes the hook or stops calling it
-(then the jobs would be scheduled by the wall clock and never become due on the daemon's clock)."""
+private hook: pyproject.toml pins the tested range, and these tests fail when a release changes the hook or stops
+calling it (then the jobs would be scheduled by the wall clock and never become due on the daemon's clock)."""
 
 from __future__ import annotations
 

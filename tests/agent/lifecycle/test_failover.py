@@ -1,6 +1,5 @@
 """A failed-over machine knows it is one (agent/lifecycle/failover.py): the hypervisor's SMBIOS OEM strings or the
-image's
-marker, read as the kernel shows them, recorded at first sight, and what the agent may do with the source's
+image's marker, read as the kernel shows them, recorded at first sight, and what the agent may do with the source's
 registration. The daemon's side is in test_daemon.py, the bootstrapper's below, the server's in
 tests/server/api/test_enrolment.py; a booted failover in tests/integration/test_vm_protection.py."""
 
