@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import __version__
-from agent.check_report import Status, render, run_checks
-from agent.distros import detect_os, require_supported
 from agent.errors import AgentNotInstalled, ConfirmationRequired, PrerequisitesFailed, RootRequired
-from agent.install_dir import parse_install_dir
-from agent.paths import Paths
-from agent.prereq import DEFAULT_INSTALL_DIR
+from agent.host.distros import detect_os, require_supported
+from agent.host.paths import Paths
+from agent.lifecycle.check_report import Status, render, run_checks
+from agent.lifecycle.install_dir import parse_install_dir
+from agent.lifecycle.prereq import DEFAULT_INSTALL_DIR
 from agent.shared import timefmt
 from agent.shared.cli import Parser, report_error, run
 from agent.shared.errors import BadArguments, Exit, MobilityError
@@ -45,7 +45,7 @@ def cmd_detect_os(args: argparse.Namespace) -> int:
 
 
 def cmd_prereq(args: argparse.Namespace) -> int:
-    from agent.prereq.prerequisites import prerequisite_checks
+    from agent.lifecycle.prereq.prerequisites import prerequisite_checks
 
     paths = Paths.checked(args.root)
     report = run_checks(prerequisite_checks(paths, args.install_dir, args.kernel_floor))
@@ -63,9 +63,9 @@ def cmd_prereq(args: argparse.Namespace) -> int:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
-    from agent.api_client import parse_fingerprint
-    from agent.failover import detect as detect_failover
-    from agent.registration import configure
+    from agent.lifecycle.api_client import parse_fingerprint
+    from agent.lifecycle.failover import detect as detect_failover
+    from agent.lifecycle.registration import configure
     from agent.shared.secretfile import read_secret_file
 
     paths = Paths.checked(args.root)
@@ -103,7 +103,7 @@ def _ask(question: str, choices: tuple[str, ...]) -> str:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from agent.install import install
+    from agent.lifecycle.install import install
 
     interactive = not args.quiet and sys.stdin.isatty()
     for attr, question, choices in (
@@ -134,7 +134,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from agent.install import uninstall
+    from agent.lifecycle.install import uninstall
 
     if not args.yes:
         raise ConfirmationRequired("uninstall removes the agent, its registration, state and logs")
@@ -152,9 +152,9 @@ def _require_root(args: argparse.Namespace) -> Paths:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.daemon import Daemon, ServerLink
-    from agent.sdnotify import Notifier
+    from agent.daemon.config import load_config
+    from agent.daemon.loop import Daemon, ServerLink
+    from agent.daemon.sdnotify import Notifier
 
     paths = Paths.checked(args.root)
     thawed = _thaw_left_frozen(paths)  # first: a log line on a filesystem a killed agent left frozen would block
@@ -223,7 +223,7 @@ def _daemon_logging(paths: Paths) -> None:
     logging, such as a crash at start: the log's lines would only repeat agent.log there, without its rotation."""
     import logging  # the daemon's only: logging.handlers imports socket and more, which the bootstrapper's no-op skips
 
-    from agent.logfile import AgentLog
+    from agent.daemon.logfile import AgentLog
 
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -250,9 +250,9 @@ def _stdout_is_journal_or_terminal() -> bool:
 def _require_installed(paths: Paths) -> None:
     """status and health describe an installed agent: on a machine without one, say so (exit 3, as monitoring
     plugins report UNKNOWN), instead of failing checks whose fixes assume an agent."""
-    from agent.config import load_config
-    from agent.identity import load_registration
-    from agent.installed import load_install_record
+    from agent.daemon.config import load_config
+    from agent.lifecycle.identity import load_registration
+    from agent.lifecycle.installed import load_install_record
 
     load_config(paths)  # a broken mobility.conf is its own error, installed or not
     if load_install_record(paths) is None and load_registration(paths) is None:
@@ -260,7 +260,7 @@ def _require_installed(paths: Paths) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.status_commands import local_status
+    from agent.daemon.status_commands import local_status
 
     paths = _require_root(args)
     _require_installed(paths)
@@ -330,7 +330,7 @@ def cmd_point(args: argparse.Namespace) -> int:
 
 def cmd_recovery_check(args: argparse.Namespace) -> int:
     from agent.errors import NotAFailover, RecoveryCheckFailed
-    from agent.failover import detect
+    from agent.lifecycle.failover import detect
     from agent.recovery.builtins import BUILTINS
     from agent.recovery.runner import Outcome, render, run_recovery_checks
 
@@ -357,7 +357,7 @@ def cmd_recovery_check(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from agent.status_commands import local_health
+    from agent.daemon.status_commands import local_health
 
     paths = _require_root(args)
     _require_installed(paths)
@@ -368,8 +368,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnostics(args: argparse.Namespace) -> int:
-    from agent.diagnostics import collect
-    from agent.status_commands import local_health
+    from agent.daemon.diagnostics import collect
+    from agent.daemon.status_commands import local_health
 
     paths = _require_root(args)
     health, report = local_health(paths)
@@ -380,7 +380,7 @@ def cmd_diagnostics(args: argparse.Namespace) -> int:
 
 
 def cmd_freeze_provider(args: argparse.Namespace) -> int:
-    from agent.freeze import install_provider
+    from agent.lifecycle.freeze import install_provider
 
     setup = install_provider(Paths.checked(args.root))
     _emit(
@@ -392,8 +392,8 @@ def cmd_freeze_provider(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from agent.bootstrap import bootstrap
-    from agent.bootstrap_conf import merged_settings
+    from agent.lifecycle.bootstrap import bootstrap
+    from agent.lifecycle.bootstrap_conf import merged_settings
 
     paths = Paths.checked(args.root)
     flags = {
@@ -425,7 +425,7 @@ def _job_id(text: str | None) -> str | None:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from agent.runtime import self_command
+    from agent.host.runtime import self_command
     from agent.update.watcher import upgrade
 
     paths = _require_root(args)
@@ -445,7 +445,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_template_prep(args: argparse.Namespace) -> int:
-    from agent.template import template_prep
+    from agent.lifecycle.template import template_prep
 
     done = template_prep(_require_root(args))
     text = "removed " + (", ".join(done.removed) if done.removed else "nothing: no identity found")

@@ -26,9 +26,9 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.config import AgentConfig  # noqa: E402
-from agent.daemon import Daemon, ServerLink  # noqa: E402
-from agent.paths import Paths  # noqa: E402
+from agent.daemon.config import AgentConfig  # noqa: E402
+from agent.daemon.loop import Daemon, ServerLink  # noqa: E402
+from agent.host.paths import Paths  # noqa: E402
 from scripts.localserver import configure_agent, init_local_server, start_local_server  # noqa: E402
 
 MIB = 1024 * 1024

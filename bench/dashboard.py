@@ -44,12 +44,12 @@ from agent.replication.chunks import Geometry, RootHasher, zero_hash  # noqa: E4
 from agent.shared.replication_wire import DiskReport, PointClose, ReplicationReport  # noqa: E402
 from agent.shared.wire import CheckReport, HealthReport  # noqa: E402
 from scripts.localserver import init_local_server, start_local_server, ui_url  # noqa: E402
-from server.database import database_for  # noqa: E402
+from server.database.connection import database_for  # noqa: E402
+from server.database.schema import machines, policies, protection  # noqa: E402
+from server.database.storage import Beat, Storage  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
 from server.process.service import store_dir  # noqa: E402
 from server.process.store import ChunkStore, PointPut  # noqa: E402
-from server.schema import machines, policies, protection  # noqa: E402
-from server.storage import Beat, Storage  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

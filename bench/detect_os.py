@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.distros import detect_os  # noqa: E402
-from agent.paths import Paths  # noqa: E402
+from agent.host.distros import detect_os  # noqa: E402
+from agent.host.paths import Paths  # noqa: E402
 from agent.shared.errors import MobilityError  # noqa: E402
 
 TREES = sorted(p for p in (REPO / "tests" / "resources" / "distros").iterdir() if p.is_dir())

@@ -55,14 +55,14 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from agent import __version__  # noqa: E402
-from agent.identity import key_pem, key_proof, new_key_and_csr  # noqa: E402
+from agent.lifecycle.identity import key_pem, key_proof, new_key_and_csr  # noqa: E402
 from agent.shared import wire  # noqa: E402
 from scripts.localserver import init_local_server, server_log, start_local_server  # noqa: E402
-from server import pki  # noqa: E402
-from server.database import database_for  # noqa: E402
+from server.api import pki  # noqa: E402
+from server.api.stalls import Histogram, StallMonitor  # noqa: E402
+from server.database.connection import database_for  # noqa: E402
+from server.database.storage import NewMachine, Storage  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
-from server.stalls import Histogram, StallMonitor  # noqa: E402
-from server.storage import NewMachine, Storage  # noqa: E402
 
 STATS_SECONDS = 10
 _WINDOW = re.compile(r"^(\S+ \S+) INFO mobility.server: event loop stalls in the last \S+ s: p50 \d+ ms, p99 (\d+) ms")
@@ -486,7 +486,7 @@ def main() -> None:
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one connection per machine
-    from server.app import small_tls_buffers
+    from server.api.app import small_tls_buffers
 
     small_tls_buffers()  # the client's 11,000 connections too
     if args.setup in ("sqlite", "both"):

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent import __version__  # noqa: E402
-from agent.identity import key_pem, new_key_and_csr  # noqa: E402
+from agent.lifecycle.identity import key_pem, new_key_and_csr  # noqa: E402
 from agent.shared import wire  # noqa: E402
 from scripts.localserver import init_local_server, start_local_server  # noqa: E402
 

@@ -59,9 +59,9 @@ from scripts.vmlab.mobility import (  # noqa: E402
     make_template,
     wait_registered,
 )
-from server.database import database_for  # noqa: E402
+from server.database.connection import database_for  # noqa: E402
+from server.database.storage import Storage  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
-from server.storage import Storage  # noqa: E402
 from tests.integration.points import point_of_images, register  # noqa: E402
 from tests.integration.serverproc import start_server  # noqa: E402
 

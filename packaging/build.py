@@ -43,11 +43,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: this folder is not a package (it would shadow PyPI's)
 
 from agent import __version__  # noqa: E402
-from agent.bundles import MANIFEST_NAME, STATE_FORMAT, bundle_file_name  # noqa: E402
-from agent.distros.matrix import BY_TAG, RUNTIME_KERNEL_FLOOR, SUPPORT_MATRIX, Init  # noqa: E402
-from agent.elf import ElfError, is_elf, parse_elf  # noqa: E402
-from agent.libc import glibc_version_of  # noqa: E402
-from agent.runtime import LOADER_NAME, kernel_floor_of, kernel_version  # noqa: E402
+from agent.host.distros.matrix import BY_TAG, RUNTIME_KERNEL_FLOOR, SUPPORT_MATRIX, Init  # noqa: E402
+from agent.host.elf import ElfError, is_elf, parse_elf  # noqa: E402
+from agent.host.libc import glibc_version_of  # noqa: E402
+from agent.host.runtime import LOADER_NAME, kernel_floor_of, kernel_version  # noqa: E402
+from agent.lifecycle.bundles import MANIFEST_NAME, STATE_FORMAT, bundle_file_name  # noqa: E402
 from agent.shared.fsutil import sha256_file  # noqa: E402
 
 BUILD = REPO / "build" / "packaging"
@@ -68,7 +68,13 @@ NOT_IN_BOOTSTRAP = (
 # Never in a frozen program: the test suite's fault injector and the sitecustomize that loads it (agent/faults.py).
 # The suite runs this build with them on PYTHONPATH, where PyInstaller's analysis would otherwise find them.
 TEST_ONLY = ("tests", "sitecustomize")
-BOOTSTRAP_NEEDS = ("agent.fetch", "agent.registration", "agent.api_client", "agent.bundles", "agent.install")
+BOOTSTRAP_NEEDS = (
+    "agent.lifecycle.fetch",
+    "agent.lifecycle.registration",
+    "agent.lifecycle.api_client",
+    "agent.lifecycle.bundles",
+    "agent.lifecycle.install",
+)
 
 AGENT_RUNTIME = "_internal"  # mobility/_internal/: the agent's PyInstaller program, libraries and C runtime
 VERSION_FILE = "VERSION"  # beside the frozen modules: the version a build packs (agent/__init__.py reads it)
@@ -223,7 +229,7 @@ def bundle_runtime(tree: Path, program: Path) -> Runtime:
     if floor > matrix_floor:
         raise BuildError(
             f"the build host's glibc {runtime.glibc} needs Linux {runtime.kernel_floor}, newer than the "
-            f"{RUNTIME_KERNEL_FLOOR} the support matrix promises (agent/distros/matrix.py): build on an older host"
+            f"{RUNTIME_KERNEL_FLOOR} the support matrix promises (agent/host/distros/matrix.py): build on an older host"
         )
     needs = glibc_floor([tree])
     if (kernel_version(needs) or (0, 0)) > (kernel_version(runtime.glibc) or (0, 0)):

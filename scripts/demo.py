@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.replication.tracing import TRACEFS, instance_name, remove_instance
 from scripts import demo_records
 from scripts.localserver import init_local_server, start_local_server, ui_url

@@ -268,7 +268,7 @@ class Lab:
         if r.returncode != 0:
             raise RuntimeError(f"configure failed: {r.stdout} {r.stderr}")
         host_id = str(json.loads(r.stdout)["host_id"])
-        from agent.paths import Paths
+        from agent.host.paths import Paths
         from agent.replication.tracing import TRACEFS, instance_name, remove_instance
 
         instance = TRACEFS / "instances" / instance_name(Paths(root.resolve()).state_dir)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.distros import BY_TAG
+from agent.host.distros import BY_TAG
 from agent.shared import timefmt, wire
 from agent.shared.cli import Parser, run
 from agent.shared.errors import BadArguments, Exit
@@ -42,12 +42,12 @@ from server.errors import (
 )
 
 if TYPE_CHECKING:  # the database and the PKI are imported where used: `--help` and the refusals start in a blink
-    from server.database import Database
+    from server.database.connection import Database
 
 DEFAULT_GRACE = "24h"
 # The bounds of the numeric flags (tests/security/test_server_commands.py gives each one values past them).
 MAX_HEARTBEAT_INTERVAL = 3600.0
-MAX_CONNECTIONS = 1 << 20  # the most open files a process gets here (server/app.py: connection_limit)
+MAX_CONNECTIONS = 1 << 20  # the most open files a process gets here (server/api/app.py: connection_limit)
 MAX_TOKEN_USES = 10**9
 MAX_FLEET = 10**6  # machines: a rollout's failures, a wave's size
 MAX_PUSH_PARALLEL = 1000
@@ -73,11 +73,11 @@ def check_permissions(data: DataDir) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from server import pki
-    from server.database import record_database
-    from server.nonces import load_or_create_key
-    from server.repository import Repository
-    from server.storage import Storage
+    from server.api import pki
+    from server.api.nonces import load_or_create_key
+    from server.database.connection import record_database
+    from server.database.storage import Storage
+    from server.releases.repository import Repository
 
     data = DataDir(Path(args.data))
     if data.initialised_marker.exists():
@@ -109,12 +109,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _require_empty(db: Database) -> None:
     """`init` makes a new CA: a database that already holds another server's machines is not reused by it."""
-    from server import migrations
-    from server.database import make_engine
+    from server.database import migrations
+    from server.database.connection import make_engine
 
     engine = make_engine(db, pool_size=0)
     try:
-        from server.storage import opening
+        from server.database.storage import opening
 
         with opening(db), engine.connect() as conn:
             if migrations.current(conn) is not None:
@@ -125,8 +125,8 @@ def _require_empty(db: Database) -> None:
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     data = data_dir(args)  # refused before the heavier imports
-    from server.nonces import load_or_create_key
-    from server.storage import Storage
+    from server.api.nonces import load_or_create_key
+    from server.database.storage import Storage
 
     check_permissions(data)
     db = open_database(args, data)
@@ -141,8 +141,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     data = data_dir(args)  # refused before the heavier imports
-    from server import pki
-    from server.app import open_server, serve
+    from server.api import pki
+    from server.api.app import open_server, serve
 
     check_permissions(data)
     host, _, port = args.listen.rpartition(":")
@@ -251,7 +251,7 @@ def _host_port(text: str, flag: str) -> tuple[str, int]:
 def cmd_passphrase(args: argparse.Namespace) -> int:
     data = data_dir(args)
     if args.action == "rotate":
-        from server import pki
+        from server.api import pki
 
         storage = open_storage(args, data)
         old = data.passphrase.read_text().strip()
@@ -265,7 +265,7 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from server.enrolment import create_token
+    from server.api.enrolment import create_token
 
     data = data_dir(args)
     ttl = parse_duration(args.ttl)
@@ -366,7 +366,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _published(data: DataDir) -> set[tuple[str, str]]:
     """(version, OS tag) of every bundle the repository publishes."""
-    from server.repository import Repository
+    from server.releases.repository import Repository
 
     return {(e.version, e.os_tag) for e in Repository(data).list()}
 
@@ -389,7 +389,7 @@ def _host_ids(text: str) -> list[str]:
 
 def cmd_update(args: argparse.Namespace) -> int:
     data = data_dir(args)  # refused before the heavier imports
-    from server.rollouts import Rollouts, Selection, parse_version, parse_wave
+    from server.releases.rollouts import Rollouts, Selection, parse_version, parse_wave
 
     if args.halt:
         if args.to or args.machines or args.os_tag or args.all or args.allow_downgrade:
@@ -440,7 +440,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_updates(args: argparse.Namespace) -> int:
-    from server.rollouts import Rollouts
+    from server.releases.rollouts import Rollouts
 
     storage = open_storage(args, data_dir(args))
     try:
@@ -492,7 +492,7 @@ def _print_rollout(rollout: Any, members: list[Any]) -> None:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    from server.rollouts import Rollouts, parse_version
+    from server.releases.rollouts import Rollouts, parse_version
 
     data = data_dir(args)
     host_ids = _host_ids(",".join(args.host_ids))
@@ -520,8 +520,8 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
-    from server.repository import Repository
-    from server.storage import Storage
+    from server.database.storage import Storage
+    from server.releases.repository import Repository
 
     data = data_dir(args)
     db = open_database(args, data)

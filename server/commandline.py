@@ -18,8 +18,8 @@ from server.datadir import DataDir
 from server.errors import BadDuration, DataDirNotInitialised
 
 if TYPE_CHECKING:  # imported where used: `--help` and the refusals start in a blink
-    from server.database import Database
-    from server.storage import Storage
+    from server.database.connection import Database
+    from server.database.storage import Storage
 
 _DURATION = re.compile(r"^([0-9]{1,12})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -76,14 +76,14 @@ def data_dir(args: argparse.Namespace) -> DataDir:
 
 def open_database(args: argparse.Namespace, data: DataDir) -> Database:
     """The database of --database, or the one `init` recorded in the data directory."""
-    from server.database import database_for
+    from server.database.connection import database_for
 
     return database_for(data, getattr(args, "database", None))
 
 
 def open_storage(args: argparse.Namespace, data: DataDir) -> Storage:
     """The server's storage for one command (no pool: a command makes a few calls and ends)."""
-    from server.storage import Storage
+    from server.database.storage import Storage
 
     return Storage.open(open_database(args, data), pool_size=0)
 

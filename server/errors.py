@@ -237,7 +237,7 @@ class BadDuration(UsageError):
     remediation = "Give durations as a number and a unit: 30m, 12h, 7d."
 
 
-# The operator's view: operators, the dashboard and its changes (server/operators.py, server/ui/) -------------------
+# The operator's view: operators, the dashboard and its changes (server/database/operators.py, server/ui/) -------------
 
 
 class OperatorInvalid(UsageError):
@@ -430,7 +430,7 @@ class PushInterrupted(TemporaryError):
     remediation = "The push that ran this job stopped before it finished (killed, or the server went down); push again."
 
 
-# The installer repository on the server's disk (server/repository.py) --------------------------------------
+# The installer repository on the server's disk (server/releases/repository.py) --------------------------------------
 
 
 class RepoNotInitialised(LocalSystemError):
@@ -473,7 +473,7 @@ class RepoWriteFailed(LocalSystemError):
     )
 
 
-# Rollouts and pins (server/rollouts.py, docs/updates.md) ------------------------------------------------------------
+# Rollouts and pins (server/releases/rollouts.py, docs/updates.md) -----------------------------------------------------
 
 
 class RolloutRunning(UsageError):

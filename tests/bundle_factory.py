@@ -1,4 +1,4 @@
-"""Builds real installer bundle tarballs for tests (the wire format of agent/bundles.py)."""
+"""Builds real installer bundle tarballs for tests (the wire format of agent/lifecycle/bundles.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.bundles import bundle_file_name
-from agent.distros.matrix import BY_TAG
+from agent.host.distros.matrix import BY_TAG
+from agent.lifecycle.bundles import bundle_file_name
 
 DEFAULT_FILES: Mapping[str, bytes] = {
     "install": b'#!/bin/sh\nexec ./mobility install "$@"\n',

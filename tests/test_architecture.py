@@ -122,41 +122,45 @@ def test_the_check_sees_each_kind_of_crossing() -> None:
     modules = {
         "agent.shared": "",
         "agent.shared.wire": "import json\nfrom agent.shared import errors\n",
-        "agent.shared.errors": "def f():\n    from agent.paths import Paths\n",
+        "agent.shared.errors": "def f():\n    from agent.host.paths import Paths\n",
         "agent.shared.cli": "import psutil\n",
-        "agent.install": "from server.errors import X\n",
-        "agent.paths": "",
-        "agent.bundles": "",
+        "agent.lifecycle.install": "from server.errors import X\n",
+        "agent.host.paths": "",
+        "agent.lifecycle.bundles": "",
         "server": "",
         "server.errors": "",
-        "server.app": "from agent import bundles\nfrom agent.install import install\nfrom agent.shared import cli\n",
+        "server.api.app": (
+            "from agent.lifecycle import bundles\n"
+            "from agent.lifecycle.install import install\n"
+            "from agent.shared import cli\n"
+        ),
         "server.process.vm": "def f():\n    from scripts.vmlab import Lab\n",
     }
-    found = {(v.module, v.imported) for v in violations(modules, {"agent.bundles"})}
+    found = {(v.module, v.imported) for v in violations(modules, {"agent.lifecycle.bundles"})}
     assert found == {
-        ("agent.shared.errors", "agent.paths"),
+        ("agent.shared.errors", "agent.host.paths"),
         ("agent.shared.cli", "psutil"),
-        ("agent.install", "server.errors"),
-        ("server.app", "agent.install"),
+        ("agent.lifecycle.install", "server.errors"),
+        ("server.api.app", "agent.lifecycle.install"),
         ("server.process.vm", "scripts.vmlab"),
     }
 
 
 # Every state file has one owner: its typed load and save live next to its dataclass, and nobody else opens it.
 STATE_OWNERS = {
-    "agent_config": "agent.installed",  # /etc/mobility/agent.json
-    "last_job": "agent.lastjob",  # /var/lib/mobility/last-job.json
-    "freeze_state": "agent.freeze",  # /var/lib/mobility/freeze.json
-    "daemon_status": "agent.status",  # /var/lib/mobility/daemon.json
-    "identity": "agent.identity",  # /var/lib/mobility/identity.json
-    "pending_enrolment": "agent.identity",  # /var/lib/mobility/pending-enrolment.json
+    "agent_config": "agent.lifecycle.installed",  # /etc/mobility/agent.json
+    "last_job": "agent.lifecycle.lastjob",  # /var/lib/mobility/last-job.json
+    "freeze_state": "agent.lifecycle.freeze",  # /var/lib/mobility/freeze.json
+    "daemon_status": "agent.daemon.status",  # /var/lib/mobility/daemon.json
+    "identity": "agent.lifecycle.identity",  # /var/lib/mobility/identity.json
+    "pending_enrolment": "agent.lifecycle.identity",  # /var/lib/mobility/pending-enrolment.json
     "update_record": "agent.update.state",  # /var/lib/mobility/update.json
     "update_target": "agent.update.state",  # /var/lib/mobility/target.json
     "upgrade_marker": "agent.update.state",  # /var/lib/mobility/upgrade.from
     "daemon_output": "agent.update.daemonctl",  # /var/log/mobility/daemon.out
     "replication_dir": "agent.replication.state",  # /var/lib/mobility/replication/
     "freeze_record": "agent.replication.frozen",  # /run/mobility/frozen.json
-    "failover_record": "agent.failover",  # /var/lib/mobility/failover.json
+    "failover_record": "agent.lifecycle.failover",  # /var/lib/mobility/failover.json
 }
 
 
@@ -165,7 +169,7 @@ def test_each_state_file_is_opened_by_its_owner_only() -> None:
     for module, source in _modules().items():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Attribute) and node.attr in STATE_OWNERS and STATE_OWNERS[node.attr] != module:
-                if isinstance(node.value, ast.Name) and node.value.id == "self" and module == "agent.paths":
+                if isinstance(node.value, ast.Name) and node.value.id == "self" and module == "agent.host.paths":
                     continue
                 found.append(f"{module}:{node.lineno} uses .{node.attr}, owned by {STATE_OWNERS[node.attr]}")
     assert not found, "\n".join(found)
@@ -178,22 +182,90 @@ def test_the_default_install_directory_is_spelled_once() -> None:
         for node in ast.walk(ast.parse(source))
         if isinstance(node, ast.Constant) and node.value == "/usr/local/mobility"
     ]
-    assert found == ["agent.install_dir"], found
+    assert found == ["agent.lifecycle.install_dir"], found
 
 
-def test_self_update_imports_none_of_the_programs_that_start_it() -> None:
-    """agent/update/ is started by the bootstrapper, the daemon and the CLI; it never imports them (the bootstrapper
-    and the updater once imported each other)."""
-    starters = ("agent.bootstrap", "agent.daemon", "agent.cli")
-    modules = _modules()
-    found = [
+# The layers of docs/architecture.md ("Packages"): what each package of the product never imports, by dotted
+# prefix. A package depends on those below it; the programs (the CLIs, the daemon's loop) sit on top, and nothing
+# below imports them back.
+NEVER_IMPORTS: dict[str, tuple[str, ...]] = {
+    # the host is the bottom layer: from the rest of the agent it uses only the errors and the fault points
+    "agent.host": (
+        "agent.lifecycle",
+        "agent.daemon",
+        "agent.update",
+        "agent.replication",
+        "agent.recovery",
+        "agent.cli",
+    ),
+    "agent.lifecycle": ("agent.daemon", "agent.cli"),
+    "agent.recovery": ("agent.daemon", "agent.update", "agent.replication", "agent.cli"),
+    "agent.replication": ("agent.lifecycle", "agent.daemon.loop", "agent.cli"),
+    # self-update is started by the bootstrapper, the daemon and the CLI and never imports them (the bootstrapper
+    # and the updater once imported each other)
+    "agent.update": ("agent.lifecycle.bootstrap", "agent.daemon.loop", "agent.cli"),
+    "agent.daemon": ("agent.cli",),
+    # the database is the server's bottom layer: it knows its tables, not who calls it
+    "server.database": ("server.api", "server.releases", "server.process", "server.push", "server.ui", "server.cli"),
+    "server.releases": ("server.api", "server.process", "server.push", "server.ui", "server.cli"),
+    # the process server takes only the listeners' edge and TLS from the API package; the API and the dashboard read
+    # the store, the store imports neither
+    "server.process": (
+        *("server.api.app", "server.api.enrolment", "server.api.nonces", "server.api.pki", "server.api.metrics"),
+        *("server.releases", "server.push", "server.ui", "server.cli"),
+    ),
+    "server.push": ("server.api.app", "server.process", "server.ui", "server.cli"),
+    "server.ui": ("server.api.app", "server.push", "server.cli"),
+    "server.api": ("server.push", "server.cli"),
+}
+# What stays at the top of agent/: the program's command line and what every package uses (errors, fault points).
+AGENT_TOP_LEVEL = {"agent", "agent.__main__", "agent.cli", "agent.errors", "agent.faults"}
+# And of server/: the command line, what its command modules share, the errors, the data directory and progress.
+SERVER_TOP_LEVEL = {
+    *("server", "server.__main__", "server.cli", "server.commandline", "server.errors", "server.datadir"),
+    "server.progress",
+}
+
+
+def layer_violations(modules: dict[str, str], never: dict[str, tuple[str, ...]]) -> list[str]:
+    """Where a module of a package imports what its layer never does (pure)."""
+    return [
         f"{module}:{line} imports {imported}"
         for module, source in modules.items()
-        if _inside(module, "agent.update")
+        for package, forbidden in never.items()
+        if _inside(module, package)
         for line, imported in imports(source, modules)
-        if any(_inside(imported, s) for s in starters)
+        if any(_inside(imported, f) for f in forbidden)
     ]
+
+
+def test_each_package_imports_only_its_layers() -> None:
+    found = layer_violations(_modules(), NEVER_IMPORTS)
     assert not found, "\n".join(found)
+
+
+def test_agent_and_server_are_packages_by_capability() -> None:
+    """A module lives in the package of its capability (docs/architecture.md names them): only each program's
+    command line and what every package uses stay at the top of agent/ and server/."""
+    modules = _modules()
+    top = AGENT_TOP_LEVEL | SERVER_TOP_LEVEL
+    loose = [
+        m for m in modules if m.count(".") == 1 and m not in top and not any(k.startswith(m + ".") for k in modules)
+    ]
+    assert not loose, loose
+
+
+def test_the_layer_check_sees_an_import_upwards() -> None:
+    modules = {
+        "agent.host.paths": "from agent.lifecycle.installed import load\n",  # the bottom imports a layer above
+        "agent.lifecycle.installed": "from agent.host.paths import Paths\n",  # downwards: fine
+        "agent.update.gate": "def f():\n    from agent.daemon.loop import Daemon\n",  # lazily, its starter
+        "agent.daemon.loop": "from agent.update import gate\n",
+    }
+    assert layer_violations(modules, NEVER_IMPORTS) == [
+        "agent.host.paths:1 imports agent.lifecycle.installed",
+        "agent.update.gate:2 imports agent.daemon.loop",
+    ]
 
 
 def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:

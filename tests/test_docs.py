@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.distros import SUPPORT_MATRIX
+from agent.host.distros import SUPPORT_MATRIX
 from tests.conftest import REPO
 
 
@@ -32,7 +32,7 @@ def test_readme_quick_start_is_two_commands() -> None:
 def test_configuration_page_lists_every_setting() -> None:
     from dataclasses import fields
 
-    from agent.config import AgentConfig
+    from agent.daemon.config import AgentConfig
 
     text = (REPO / "docs" / "configuration.md").read_text()
     for f in fields(AgentConfig):

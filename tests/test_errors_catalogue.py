@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import server.app
+import server.api.app
 import server.cli  # noqa: F401
-from agent.paths import Paths
-from agent.prereq.prerequisites import prerequisite_checks
+from agent.host.paths import Paths
+from agent.lifecycle.prereq.prerequisites import prerequisite_checks
 from agent.shared.errors import all_errors
 from tests import faults
 from tests.conftest import REPO, WHOLE_SUITE, in_worker

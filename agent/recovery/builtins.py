@@ -8,7 +8,7 @@ import shlex
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.shared.fsutil import atomic_write
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ Clusters are found as Debian and Ubuntu manage them (postgresql-common: `pg_lscl
 `pg_ctlcluster`, which goes through systemd where it runs); each runs as its owner, over its Unix socket. A machine
 without PostgreSQL skips the check; one whose PostgreSQL is laid out otherwise fails it with a message saying so
 (an executable named `postgresql` in /etc/mobility/recovery.d/ replaces this check there: docs/recovery-checks.md).
-Parsing is pure; the commands run through agent.proc."""
+Parsing is pure; the commands run through agent.host.proc."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import IO
 
 from agent.errors import CommandFailed
-from agent.paths import Paths
-from agent.proc import Completed, run
+from agent.host.paths import Paths
+from agent.host.proc import Completed, run
 from agent.recovery.runner import CheckResult, Outcome, summary_of, tail
 
 NAME = "postgresql"

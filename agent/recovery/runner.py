@@ -26,9 +26,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from agent.errors import CommandFailed
-from agent.failover import Failover
-from agent.paths import Paths
-from agent.proc import run
+from agent.host.paths import Paths
+from agent.host.proc import run
+from agent.lifecycle.failover import Failover
 
 log = logging.getLogger("mobility.recovery")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import DiskNotFound, DiskUnsupported
-from agent.paths import Paths
+from agent.host.paths import Paths
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import InternalError
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.replication import tracing
 from agent.replication.devices import all_disks, device_size, lower_priority, partitions, resolve_disk
 from agent.replication.points import CANCEL_SECONDS, CaptureRate, PointResult, cut_point, plan_point

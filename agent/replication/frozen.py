@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.replication.devices import FITHAW
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
 

@@ -9,11 +9,11 @@ import time
 import uuid
 from typing import Any
 
+from agent.daemon.status import daemon_pid
 from agent.errors import DaemonNotRunning, PointFailed
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.replication.state import forget_request, leave_request, load_status, take_answer
 from agent.shared import timefmt
-from agent.status import daemon_pid
 
 
 def request_point(paths: Paths, timeout: float = 300.0) -> dict[str, Any]:

@@ -44,8 +44,8 @@ from pathlib import Path
 
 from agent.errors import FreezeFailed, PointFailed, UpdateBusy
 from agent.faults import fault_point
-from agent.paths import Paths
-from agent.proc import run
+from agent.host.paths import Paths
+from agent.host.proc import run
 from agent.replication.devices import freeze, full_priority, lower_priority, mounts_of, read_block_tree, thaw
 from agent.replication.frozen import forget_frozen, record_frozen
 from agent.replication.sync import PREPARE_SECONDS, Capture, DiskReplicator

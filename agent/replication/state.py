@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, read_small_file
 
 MAX_DOC = 1 << 20  # a status or a point result is a few KiB

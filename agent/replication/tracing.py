@@ -35,7 +35,7 @@ from pathlib import Path
 
 from agent.errors import EventsLost, InternalError, TraceUnparsable, TracingUnavailable
 from agent.faults import fault_point
-from agent.proc import run
+from agent.host.proc import run
 from agent.replication.dirtymap import DirtyMap
 from agent.shared.errors import MobilityError
 from agent.shared.textsafe import shown

@@ -163,7 +163,7 @@ class EnrolRequest:
 
     @classmethod
     def from_json(cls, body: Any, os_tags: Collection[str]) -> EnrolRequest:
-        """``os_tags``: the tags of the support matrix (agent.distros.BY_TAG), which the server accepts."""
+        """``os_tags``: the tags of the support matrix (agent.host.distros.BY_TAG), which the server accepts."""
         f = Fields(body, "enrolment")
         host_id = f.optional_text("host_id", 36)
         return cls(
@@ -213,7 +213,7 @@ class RenewRequest:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """One health check as the agent reports it (agent.check_report.Result.to_json)."""
+    """One health check as the agent reports it (agent.lifecycle.check_report.Result.to_json)."""
 
     id: str
     status: str

@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from agent.bundles import STATE_FORMAT
 from agent.errors import InstallFailed, UpdateStateFormat
-from agent.install import place_version, prune_versions
-from agent.paths import Paths
+from agent.host.paths import Paths
+from agent.lifecycle.bundles import STATE_FORMAT
+from agent.lifecycle.install import place_version, prune_versions
 from agent.shared.errors import BundleRefused
 from agent.shared.fsutil import remove
 
@@ -18,7 +18,7 @@ def place_beside(host_dir: Path, staging: Path, from_version: str, to_version: s
     """Place the staged bundle of ``to_version`` under ``host_dir``/versions (the caller holds the install lock).
     A version that cannot read this machine's state is refused first (UpdateStateFormat): nothing is removed, placed
     or switched."""
-    from agent.bundle_dir import read_manifest
+    from agent.lifecycle.bundle_dir import read_manifest
 
     manifest_bytes, manifest = read_manifest(staging)
     if (manifest.version, manifest.os_tag) != (to_version, os_tag):
@@ -36,7 +36,7 @@ def place_beside(host_dir: Path, staging: Path, from_version: str, to_version: s
 def state_format_here(host_dir: Path, running: str) -> int:
     """The format of this machine's agent state: the one the running version declares in its bundle.json (this
     program's own when that cannot be read)."""
-    from agent.bundle_dir import read_manifest
+    from agent.lifecycle.bundle_dir import read_manifest
 
     try:
         return read_manifest(host_dir / "versions" / running)[1].state_format

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.distros import Init
+from agent.daemon.status import DaemonStatus
 from agent.errors import CommandFailed
-from agent.paths import Paths
-from agent.proc import Child, run, spawn
-from agent.services import live_systemd
-from agent.status import DaemonStatus
+from agent.host.distros import Init
+from agent.host.paths import Paths
+from agent.host.proc import Child, run, spawn
+from agent.lifecycle.services import live_systemd
 
 log = logging.getLogger("mobility.daemonctl")
 

@@ -15,8 +15,8 @@ the environment, and never cause a rollback.
 - **It reports CRITICAL**: only for a check that fails now and did not fail under the previous version, and that is
   the agent's own doing, in every report for two heartbeats. Which checks are the environment's (the server, the
   clock, the certificate, the disk, the freeze provider, replication) each health check declares itself
-  (agent/health/self_checks.py); a check this program does not know is judged by what the new version's report declares.
-  One bad sample never rolls back (Elastic Agent rolled back on a single 429).
+  (agent/daemon/health/self_checks.py); a check this program does not know is judged by what the new version's report
+  declares. One bad sample never rolls back (Elastic Agent rolled back on a single 429).
 - **It is not healthy within the window**: ``window`` seconds, counted only while the server is reachable.
 - **Replication**, judged by progress, never by the process server's state: when the previous version's protected
   disks were all in CONTINUOUS at the switch, the new version is kept only once its own disks have been in CONTINUOUS,
@@ -37,8 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.daemon.health.self_checks import CHECK_TYPES
 from agent.errors import UpdateCrashed, UpdateCritical, UpdateNotHealthy, UpdateRolledBack, UpdateUnreachable
-from agent.health.self_checks import CHECK_TYPES
 from agent.update.state import Baseline
 
 # Derived from the checks' own declarations, never spelled here: a check ID that is not one cannot exist.

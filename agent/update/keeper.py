@@ -17,8 +17,8 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from agent.paths import Paths
-from agent.proc import host_environ
+from agent.host.paths import Paths
+from agent.host.proc import host_environ
 
 TAKEOVER_DELAY = 2.0  # seconds after the watcher's end before the keeper takes over (a supervisor's restart delay)
 MAX_TAKEOVER_DELAY = 300.0  # a watcher that keeps dying is started again ever more slowly, up to this

@@ -6,7 +6,7 @@ typed load and save of each file, and the locks (docs/updates.md).
   network).
 - ``/var/lib/mobility/update.json``: the upgrade in progress, or the last one, with its phase. Every phase change is
   an atomic write made *before* the step it names, so a run that resumes redoes at most that step (each step is
-  idempotent: agent/install.py's place and activate).
+  idempotent: agent/lifecycle/install.py's place and activate).
 - ``/var/lib/mobility/upgrade.from``: present while an upgrade is unfinished; the version whose program watches it,
   as plain text for the SysV init script, which starts that watcher at boot.
 - ``update.lock``: held by the one updater for its whole life (an flock: a killed updater releases it, so a new one
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UpdateBusy
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.shared.fsutil import NotSmallRegularFile, atomic_write, open_lock_file, read_small_file, remove
 
 MAX_RECORD_BYTES = 64 * 1024

@@ -1,15 +1,15 @@
-"""Switch ``current`` to a version (its units and agent.json with it: agent/install.py ``activate_version``) and
-back, and keep the watcher's systemd unit wanted at boot exactly while an upgrade is unfinished."""
+"""Switch ``current`` to a version (its units and agent.json with it: agent/lifecycle/install.py ``activate_version``)
+and back, and keep the watcher's systemd unit wanted at boot exactly while an upgrade is unfinished."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 
-from agent.install import activate_version
-from agent.install_dir import InstallDir
-from agent.paths import Paths
-from agent.services import upgrade_unit_link
+from agent.host.paths import Paths
+from agent.lifecycle.install import activate_version
+from agent.lifecycle.install_dir import InstallDir
+from agent.lifecycle.services import upgrade_unit_link
 from agent.shared.errors import MobilityError
 from agent.shared.fsutil import remove
 

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import load_config
-from agent.distros import BY_TAG, Init
+from agent.daemon.config import load_config
+from agent.daemon.status import DaemonStatus
 from agent.errors import (
     AgentNotInstalled,
     InstallBusy,
@@ -41,15 +41,15 @@ from agent.errors import (
     UpdateRolledBack,
 )
 from agent.faults import fault_point
-from agent.identity import load_registration, machine_hostname
-from agent.install import install_lock, log, version_complete
-from agent.install_dir import InstallDir, parse_install_dir
-from agent.installed import InstallRecord, load_install_record
-from agent.paths import Paths
+from agent.host.distros import BY_TAG, Init
+from agent.host.paths import Paths
+from agent.lifecycle.identity import load_registration, machine_hostname
+from agent.lifecycle.install import install_lock, log, version_complete
+from agent.lifecycle.install_dir import InstallDir, parse_install_dir
+from agent.lifecycle.installed import InstallRecord, load_install_record
 from agent.shared.errors import IoFailed, MobilityError, TemporaryError
 from agent.shared.textsafe import printable
 from agent.shared.wire import JobReport
-from agent.status import DaemonStatus
 from agent.update.beside import clean_staging, place_beside
 from agent.update.daemonctl import Supervisor, supervisor_for
 from agent.update.fetch import download_and_unpack
@@ -375,7 +375,7 @@ class Updater:
 
     def _probe(self) -> bool:
         """Whether this program (the previous version's) reaches the server now, with the machine's certificate."""
-        from agent.registration import authenticated_client
+        from agent.lifecycle.registration import authenticated_client
 
         try:
             _, client = authenticated_client(self.paths, timeout=5.0)
@@ -412,7 +412,7 @@ class Updater:
         """What the new version said before it was rolled back, for the job's detail: its own output (stdout and
         stderr: a crash at start says why only there) and the end of agent.log since the restart, each bounded,
         with secrets redacted and control characters escaped."""
-        from agent.diagnostics import known_secrets
+        from agent.daemon.diagnostics import known_secrets
 
         since = record.restarted_at or record.switched_at or record.started
         secrets = known_secrets(self.paths)
@@ -469,7 +469,7 @@ class Updater:
         fix: str | None,
         runs: str | None = None,
     ) -> bool:
-        from agent.registration import report_job
+        from agent.lifecycle.registration import report_job
 
         reg = load_registration(self.paths)
         job = JobReport(
@@ -499,7 +499,7 @@ def _ids(checks: object, status: str) -> list[str]:
 
 def _bounded(lines: list[str], budget: int, secrets: list[str]) -> str:
     """The last of ``lines`` that fit in ``budget`` characters: redacted, escaped, each cut to a screen's width."""
-    from agent.diagnostics import redact
+    from agent.daemon.diagnostics import redact
 
     kept: list[str] = []
     used = 0

@@ -32,7 +32,7 @@
 #define EXIT_ERROR 1
 #define EXIT_UNSUPPORTED 3
 
-/* The remediations of these IDs are the ones in agent/errors.py, agent/prereq/prerequisites.py and docs/errors.md; the
+/* The remediations of these IDs are the ones in agent/errors.py, agent/lifecycle/prereq/prerequisites.py and docs/errors.md; the
  * packaging tests compare what the launchers print with them. */
 #define FIX_KERNEL \
     "Run the agent on a kernel at or above the floor in the message (a supported release, docs/support-matrix.md); " \

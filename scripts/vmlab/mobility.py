@@ -26,7 +26,7 @@ from scripts.vmlab.machine import VM, Disk, Forward, Hardware, Spec
 from scripts.vmlab.recipe import GUEST_ADDRESS_OF_HOST
 
 if TYPE_CHECKING:
-    from server.storage import Machine, ProtectionRow, Storage
+    from server.database.storage import Machine, ProtectionRow, Storage
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GUEST_API_PORT = 9443  # the server as guests reach it: GUEST_ADDRESS_OF_HOST:9443 (and its process server at :9444)
@@ -114,9 +114,9 @@ class LabServer:
     def storage(self) -> Storage:
         """The server's database, opened in this process (closed by `stop`)."""
         if self._storage is None:
-            from server.database import database_for
+            from server.database.connection import database_for
+            from server.database.storage import Storage
             from server.datadir import DataDir
-            from server.storage import Storage
 
             self._storage = Storage.open(database_for(DataDir(self.data), None), pool_size=0)
         return self._storage
@@ -318,8 +318,8 @@ def _kept(vm: VM, lab: Lab, name: str) -> Disk:
 
 
 def failover_mark(kind: str, host_id: str, point_id: str) -> str:
-    """The mark a failed-over machine is given as an SMBIOS OEM string (agent/failover.py): ``test`` or ``failover``
-    of the machine ``host_id`` at ``point_id``."""
+    """The mark a failed-over machine is given as an SMBIOS OEM string (agent/lifecycle/failover.py): ``test`` or
+    ``failover`` of the machine ``host_id`` at ``point_id``."""
     return f"mobility-failover:v1:{kind}:{host_id}:{point_id}"
 
 

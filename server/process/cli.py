@@ -30,9 +30,9 @@ from server.errors import (
 )
 
 if TYPE_CHECKING:  # imported where used: every `mobility-server` command builds this parser, few open the store
+    from server.database.storage import Machine, Storage
     from server.process.inspection import Inspect
     from server.process.store import ChunkStore, Point
-    from server.storage import Machine, Storage
 
 Command = Callable[[str, str], argparse.ArgumentParser]
 

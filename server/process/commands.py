@@ -1,6 +1,6 @@
 """How the process server runs the host's tools (losetup, partx, blkid, mount, fsck) for a test failover: never
 through a shell, bounded in time, the exit status returned rather than raised (a failing fsck is a finding of the
-test, not an error of the command). The server keeps its own runner: agent/proc.py is the agent's."""
+test, not an error of the command). The server keeps its own runner: agent/host/proc.py is the agent's."""
 
 from __future__ import annotations
 

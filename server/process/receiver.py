@@ -8,8 +8,8 @@ previous commit was flushing, commits it as one batch (``ChunkStore.commit``), a
 highest committed sequence number. Nothing is acknowledged before its commit returned.
 
 What a client can cost is bounded. A connection counts in the server's ``--max-connections`` from the moment it is
-accepted (``server/edge.py``'s ``Connections``), and those not yet past their TLS handshake and HELLO may hold only a
-quarter of them; the handshake has ``HANDSHAKE_SECONDS``, HELLO ``HELLO_SECONDS`` and a frame's payload
+accepted (``server/api/edge.py``'s ``Connections``), and those not yet past their TLS handshake and HELLO may hold only
+a quarter of them; the handshake has ``HANDSHAKE_SECONDS``, HELLO ``HELLO_SECONDS`` and a frame's payload
 ``PAYLOAD_SECONDS``, and TCP keepalive closes a stream whose peer is gone (``KEEPALIVE``). A frame's payload is read
 only once it fits both its stream's window (``MAX_INFLIGHT``) and the bytes all streams together may hold
 (``MAX_INFLIGHT_TOTAL``); a compressed chunk is decompressed by a bounded reader. A stream stays authorised only as
@@ -54,12 +54,12 @@ from agent.shared.replication_wire import (
     parse_json,
 )
 from agent.shared.textsafe import printable
-from server.edge import HANDSHAKE_SECONDS, Connections
+from server.api.edge import HANDSHAKE_SECONDS, Connections
+from server.api.tls import listener_context, peer_identity
 from server.errors import ChunkCorrupt, DiskTooLarge, NotProtected, ReplicationProtocol, StoreFull
 from server.process.batches import BatchResult, verify_batch
 from server.process.decompress import chunk_decompressor
 from server.process.store import ChunkPut, ChunkStore, DiskRow, PointPut
-from server.tls import listener_context, peer_identity
 
 log = logging.getLogger("mobility.process")
 

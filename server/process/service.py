@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.shared.errors import MobilityError
-from server.database import Database
+from server.api.edge import Connections
+from server.database.connection import Database
+from server.database.storage import Storage
 from server.datadir import DataDir
-from server.edge import Connections
 from server.errors import ListenFailed, NotProtected, UnknownMachine
 from server.process.maintenance import Maintenance
 from server.process.receiver import Receiver, stream_tls_context
 from server.process.store import DEFAULT_RESERVE, ChunkStore
-from server.storage import Storage
 
 log = logging.getLogger("mobility.process")
 

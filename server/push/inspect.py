@@ -1,7 +1,7 @@
 """What the server learns about a host over SFTP before it copies anything: its OS tag and its free space.
 
 The release files are copied into a private mirror tree and read by the agent's own OS detection
-(`agent.distros.detect_os`), so a pushed host is judged exactly as the agent on it would judge itself."""
+(`agent.host.distros.detect_os`), so a pushed host is judged exactly as the agent on it would judge itself."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncssh
 
-from agent.distros import (
+from agent.host.distros import (
     ARCH_PROBES,
     MAX_RELEASE_FILE,
     RELEASE_FILES,
@@ -22,8 +22,8 @@ from agent.distros import (
     detect_os,
     require_supported,
 )
-from agent.paths import Paths
-from agent.prereq import MIN_FREE_BYTES
+from agent.host.paths import Paths
+from agent.lifecycle.prereq import MIN_FREE_BYTES
 from server.errors import PushLowDiskSpace
 
 ELF_HEADER = 64

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from agent.prereq import DEFAULT_INSTALL_DIR
+from agent.lifecycle.prereq import DEFAULT_INSTALL_DIR
 from agent.shared.address import ServerAddress
 from agent.shared.errors import FreezeNotReady, MobilityError
 from agent.shared.fsutil import atomic_write

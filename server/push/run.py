@@ -11,22 +11,22 @@ from pathlib import Path
 import asyncssh
 from cryptography import x509
 
-from agent.bundles import version_key
+from agent.lifecycle.bundles import version_key
 from agent.shared import wire
 from agent.shared.address import ServerAddress
 from agent.shared.errors import MobilityError
 from agent.shared.fsutil import NotSmallRegularFile, read_small_file, sha256_file
 from agent.shared.secretfile import read_secret_file
-from server import pki
-from server.database import Database
+from server.api import pki
+from server.api.enrolment import create_token
+from server.database.connection import Database
+from server.database.storage import Storage
 from server.datadir import DataDir
-from server.enrolment import create_token
 from server.errors import PushCredentialsInvalid, PushInterrupted, PushNoBundle
 from server.push.known_hosts import KnownHosts
 from server.push.progress import Progress
 from server.push.remote import STALE_AFTER, Bundle, Credentials, HostResult, PushSettings, push_host
-from server.repository import Repository
-from server.storage import Storage
+from server.releases.repository import Repository
 
 MAX_KEY_FILE = 64 * 1024  # an SSH private key is a few KiB
 TOKEN_TTL = 3600.0  # a pushed host enrols within minutes; unused tokens are removed when its push ends

@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from server.database.operators import Operators
+from server.database.storage import Storage
 from server.errors import UiCsrfRefused, UiHostRefused, UiLoginFailed, UiLoginLimited
-from server.operators import Operators
-from server.storage import Storage
 
 SESSION_COOKIE = "mobility_session"
 BROWSER_COOKIE = "mobility_browser"  # a random value per browser: the CSRF token of a page without a session is its

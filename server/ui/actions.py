@@ -20,12 +20,12 @@ from typing import Any
 
 from agent.shared.errors import MobilityError
 from agent.shared.textsafe import printable
+from server.database.operators import Operators
+from server.database.storage import Storage
 from server.datadir import DataDir
 from server.errors import ProtectDiskInvalid, TestFailoverRunning, UiNoStore, UnknownMachine
-from server.operators import Operators
 from server.process.service import store_dir
-from server.rollouts import Rollouts
-from server.storage import Storage
+from server.releases.rollouts import Rollouts
 from server.ui.access import Who
 
 log = logging.getLogger("mobility.server.ui")

@@ -56,7 +56,7 @@ def _write_certificate(data: DataDir, name: str, where: Path) -> tuple[str, floa
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.serialization import pkcs12
 
-    from server import pki
+    from server.api import pki
 
     ca = pki.Authority.load(data.ca_cert.read_bytes(), data.ca_key.read_bytes())
     key, cert = pki.issue_operator_cert(ca, name, dt.datetime.now(dt.UTC))
@@ -69,7 +69,7 @@ def _write_certificate(data: DataDir, name: str, where: Path) -> tuple[str, floa
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from server.operators import Operators, parse_name
+    from server.database.operators import Operators, parse_name
 
     data = data_dir(args)
     if args.action in ("add", "remove"):
@@ -137,7 +137,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from server.operators import Operators
+    from server.database.operators import Operators
 
     data = data_dir(args)
     storage = open_storage(args, data)

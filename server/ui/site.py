@@ -32,6 +32,10 @@ from aiohttp import web
 from agent.shared.errors import MobilityError
 from agent.shared.textsafe import printable
 from server import __version__
+from server.api.metrics import HEARTBEAT_BUCKETS
+from server.api.nonces import load_or_create_key
+from server.api.tls import listener_context
+from server.database.operators import Operators
 from server.errors import (
     ApiError,
     BadRequest,
@@ -42,13 +46,9 @@ from server.errors import (
     ServerInternal,
     UiLoginRequired,
 )
-from server.metrics import HEARTBEAT_BUCKETS
-from server.nonces import load_or_create_key
-from server.operators import Operators
 from server.process.service import store_dir
 from server.process.store import DEFAULT_RESERVE, ChunkStore, Point
-from server.rollouts import FAILED, OFFERED, RUNNING, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN, Rollout, Rollouts
-from server.tls import listener_context
+from server.releases.rollouts import FAILED, OFFERED, RUNNING, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN, Rollout, Rollouts
 from server.ui import views
 from server.ui.access import SESSION_COOKIE, Access, Who, is_loopback
 from server.ui.actions import Actions
@@ -57,17 +57,17 @@ from server.ui.history import History
 from server.ui.snapshot import Builder, DiskQuery, MachineQuery, Snapshot, StoreFigures
 
 if TYPE_CHECKING:
+    from server.api.edge import Connections
+    from server.api.metrics import ServerMetrics
+    from server.api.stalls import StallMonitor
+    from server.database.storage import Storage
     from server.datadir import DataDir
-    from server.edge import Connections
-    from server.metrics import ServerMetrics
-    from server.stalls import StallMonitor
-    from server.storage import Storage
 
 log = logging.getLogger("mobility.server.ui")
 
 
 class Serving(Protocol):
-    """What the dashboard reads of the serving instance it runs in (server/app.py's ``Server``, which starts it: the
+    """What the dashboard reads of the serving instance it runs in (server/api/app.py's ``Server``, which starts it: the
     dashboard never imports the API it sits beside)."""
 
     @property

@@ -214,7 +214,7 @@ def test_the_daemon_logs_to_stdout_only_when_that_is_the_journal_or_a_terminal(t
         "import logging\n"
         "from pathlib import Path\n"
         "from agent.cli import _daemon_logging\n"
-        "from agent.paths import Paths\n"
+        "from agent.host.paths import Paths\n"
         f"_daemon_logging(Paths(Path({str(tmp_path)!r})))\n"
         "logging.getLogger('mobility.test').info('a line of the log')\n"
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.failover import Failover
-from agent.paths import Paths
+from agent.host.paths import Paths
+from agent.lifecycle.failover import Failover
 from agent.recovery.builtins import BUILTIN_HEADER, builtin_script, install_builtin_checks
 from agent.recovery.postgresql import (
     PostgresqlCheck,
@@ -197,7 +197,7 @@ def test_no_postgresql_is_skipped_and_another_layout_fails(tmp_path: Path) -> No
 
 
 def mark(root: Path, kind: str) -> None:
-    """The failover mark as `failover` writes it into a failed-over machine's root (agent/failover.py)."""
+    """The failover mark as `failover` writes it into a failed-over machine's root (agent/lifecycle/failover.py)."""
     (root / "etc/mobility").mkdir(parents=True, exist_ok=True)
     doc = {"mark": "mobility-failover", "version": 1, "kind": kind, "host_id": SOURCE, "point_id": POINT}
     (root / "etc/mobility/failover.json").write_text(json.dumps(doc))

@@ -14,7 +14,7 @@ import contextlib
 import sys
 
 from agent import __version__
-from agent.check_report import Result, Status
+from agent.lifecycle.check_report import Result, Status
 
 with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
     comm.write("mobility")
@@ -36,22 +36,22 @@ class BrokenBuild:
 if sys.argv[1:2] == ["run"] and CRASHES:
     sys.exit(f"mobility {__version__}: a deliberately broken test build crashes at start")
 elif sys.argv[1:2] == ["run"] and UNREACHABLE:
-    import agent.daemon
+    import agent.daemon.loop
     from agent.errors import ServerUnreachable
 
     def heartbeat(self, body):  # type: ignore[no-untyped-def]
         raise ServerUnreachable(f"mobility {__version__} is a deliberately broken test build: it never gets through")
 
-    agent.daemon.ServerLink.heartbeat = heartbeat  # type: ignore[method-assign]
+    agent.daemon.loop.ServerLink.heartbeat = heartbeat  # type: ignore[method-assign]
 elif sys.argv[1:2] == ["run"]:
-    import agent.health
+    import agent.daemon.health
 
-    product_checks = agent.health.health_checks
+    product_checks = agent.daemon.health.health_checks
 
     def health_checks(*args, **kwargs):  # type: ignore[no-untyped-def]
         return [*product_checks(*args, **kwargs), BrokenBuild()]
 
-    agent.health.health_checks = health_checks  # type: ignore[assignment]
+    agent.daemon.health.health_checks = health_checks  # type: ignore[assignment]
 
 from agent.cli import main  # noqa: E402
 

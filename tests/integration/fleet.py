@@ -381,7 +381,7 @@ class Lab:
         return {str(j["job_id"]): j for j in self.server.jobs()}
 
     def close(self) -> None:
-        from agent.paths import Paths
+        from agent.host.paths import Paths
         from agent.replication.tracing import remove_leftover
 
         for m in self.machines:

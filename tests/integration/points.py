@@ -11,8 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
-from agent.paths import Paths
-from agent.registration import authenticated_client
+from agent.host.paths import Paths
+from agent.lifecycle.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
 from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress

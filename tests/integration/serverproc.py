@@ -18,9 +18,9 @@ from typing import Any
 from scripts.localserver import configure_agent, init_local_server, process_port, start_local_server
 from scripts.polling import wait_for  # noqa: F401 (re-exported: tests import it from here)
 from scripts.testlab import debian_root  # noqa: F401 (re-exported: tests import it from here)
-from server.database import database_for
+from server.database.connection import database_for
+from server.database.storage import Storage
 from server.datadir import DataDir
-from server.storage import Storage
 from tests.conftest import DISTROS, REPO
 from tests.postgres import on_postgresql, shared_cluster
 
@@ -134,9 +134,9 @@ def configure_root(server: ServerProcess, root: Path, secret_path: Path, *extra:
 
 def fetch_as(server: ServerProcess, root: Path, os_tag: str, dest: Path) -> Path:
     """What a registered machine at ``root`` downloads and verifies (TUF, mutual TLS) for ``os_tag``."""
-    from agent.fetch import fetch_bundle
-    from agent.paths import Paths
-    from agent.registration import authenticated_client
+    from agent.host.paths import Paths
+    from agent.lifecycle.fetch import fetch_bundle
+    from agent.lifecycle.registration import authenticated_client
 
     paths = Paths(root)
     _, client = authenticated_client(paths)

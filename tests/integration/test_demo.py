@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.replication.tracing import TRACEFS, instance_name
 from scripts.demo_records import Ack, check, read_log
 from tests.conftest import REPO, require_root

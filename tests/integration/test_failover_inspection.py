@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.shared.failover_mark import MARK_FILE, FailoverMark
 from server.process.inspection import Reader
 from server.process.store import ChunkStore

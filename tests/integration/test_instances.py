@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity import new_key_and_csr
-from agent.paths import Paths
-from agent.registration import heartbeat, renew_certificate
+from agent.host.paths import Paths
+from agent.lifecycle.identity import new_key_and_csr
+from agent.lifecycle.registration import heartbeat, renew_certificate
 from agent.shared import wire
 from agent.shared.errors import MobilityError
 from scripts.localserver import init_local_server, start_local_server

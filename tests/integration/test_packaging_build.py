@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundles import inspect_bundle, parse_bundle_name
-from agent.distros import SUPPORT_MATRIX
-from agent.elf import is_elf, parse_elf
-from agent.libc import glibc_version_of
-from agent.runtime import kernel_floor_of
+from agent.host.distros import SUPPORT_MATRIX
+from agent.host.elf import is_elf, parse_elf
+from agent.host.libc import glibc_version_of
+from agent.host.runtime import kernel_floor_of
+from agent.lifecycle.bundles import inspect_bundle, parse_bundle_name
 from agent.shared.errors import BundleRefused
 from agent.shared.fsutil import sha256_file
 from tests import faults
@@ -103,11 +103,11 @@ def frozen_modules(program: Path) -> set[str]:
 def test_bootstrapper_holds_what_bootstrapping_needs_and_nothing_of_the_server(unpacked_bootstrapper: Path) -> None:
     modules = frozen_modules(unpacked_bootstrapper / "mobility-bootstrap")
     for needed in (
-        "agent.distros.detect",
-        "agent.prereq",
-        "agent.fetch",
-        "agent.registration",
-        "agent.bundles",
+        "agent.host.distros.detect",
+        "agent.lifecycle.prereq",
+        "agent.lifecycle.fetch",
+        "agent.lifecycle.registration",
+        "agent.lifecycle.bundles",
         "tuf.ngclient",
         "cryptography",
     ):

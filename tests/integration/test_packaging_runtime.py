@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent.errors import BootstrapUnpackFailed, RuntimeMissing
-from agent.prereq.prerequisites import KernelFloor
+from agent.lifecycle.prereq.prerequisites import KernelFloor
 from tests import faults
 from tests.conftest import DISTROS
 from tests.integration.serverproc import ServerProcess, sandbox_root, secret_file, server_cli, start_server, wait_for

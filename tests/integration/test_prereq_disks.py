@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.check_report import Status
-from agent.paths import Paths
-from agent.prereq.prerequisites import BootDisk, FreeSpace
+from agent.host.paths import Paths
+from agent.lifecycle.check_report import Status
+from agent.lifecycle.prereq.prerequisites import BootDisk, FreeSpace
 from tests.conftest import DISTROS, REPO, require_root
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
-from agent.paths import Paths
-from agent.registration import authenticated_client
+from agent.host.paths import Paths
+from agent.lifecycle.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash, zero_hash
 from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
@@ -267,7 +267,7 @@ def test_pause_resume_and_a_new_policy_as_the_docs_write_them_keep_the_disks(
     """`protect --machine web1 --pause | --resume` (docs/replication.md) needs no --disk: the machine keeps the disks
     it protects, and its next heartbeat answer says paused (or not); --policy alone changes only the policy. A machine
     that protects nothing is told to name its disks."""
-    from agent.registration import heartbeat
+    from agent.lifecycle.registration import heartbeat
     from tests.integration.serverproc import server_cli, wait_for
 
     paths = machine(server, tmp_path, "web1")
@@ -312,7 +312,7 @@ def test_a_renewed_certificate_ends_the_old_stream_and_the_disk_carries_on_with_
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    from agent.registration import heartbeat, renew_certificate
+    from agent.lifecycle.registration import heartbeat, renew_certificate
     from agent.replication.devices import BlockDevice
     from agent.replication.sync import DiskReplicator
     from tests.integration.serverproc import wait_for

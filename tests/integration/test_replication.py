@@ -189,7 +189,7 @@ def test_failed_over_points_hold_exactly_the_records_written_before_them(lab: La
     writer, log = start_writer(lab, [ext4.mounts[0], xfs.mounts[0]], seed=15)
     rng = random.Random(15)  # noqa: S311 - test timing
     freezes = []
-    from agent.paths import Paths
+    from agent.host.paths import Paths
     from agent.replication.local_commands import request_point
 
     paths = Paths(machine.root.resolve())
@@ -244,9 +244,8 @@ def test_a_freeze_does_not_wait_for_a_slow_process_server(lab: Lab) -> None:
     lab.start_agent(machine)
     lab.wait_state(machine, ext4, "CONTINUOUS")
     writer, log = start_writer(lab, [ext4.mounts[0]], seed=23)
-    from agent.replication.local import request_point
-
-    from agent.paths import Paths
+    from agent.host.paths import Paths
+    from agent.replication.local_commands import request_point
 
     paths = Paths(machine.root.resolve())
     took = []
@@ -505,7 +504,7 @@ def test_no_point_while_an_upgrade_switches_and_no_switch_while_a_point_is_cut(l
     A point holds it shared for its whole job: here its freeze hook (run with the lock held, before the freeze)
     keeps it going while the switch is tried, which waits and gives up (UPDATE-BUSY) until the point is cut."""
     from agent.errors import UpdateBusy
-    from agent.paths import Paths
+    from agent.host.paths import Paths
     from agent.update.state import version_switch
 
     server = lab.server(database=database())
@@ -551,7 +550,7 @@ def test_a_clean_stop_needs_no_resync_unless_the_tracing_it_kept_was_interrupted
     """A clean stop keeps the kernel tracing the disks: writes while the agent is down are found in its buffer and
     sent, with no checksum resync; if that tracing is gone when the agent starts again (removed here, as a reboot
     or another tool would), the disk is resynchronised. Either way the replica equals the disk."""
-    from agent.paths import Paths
+    from agent.host.paths import Paths
     from agent.replication.tracing import TRACEFS, instance_name, remove_instance
 
     server = lab.server(database=database())

@@ -95,7 +95,7 @@ def killed_inside_a_freeze(lab: Lab, machine: Machine, disk: Disk) -> tuple[floa
     killed = time.monotonic()
     point.kill()
     point.wait(timeout=10)
-    from agent.paths import Paths
+    from agent.host.paths import Paths
     from agent.replication.state import forget_request, pending_requests
 
     paths = Paths(machine.root.resolve())
@@ -171,7 +171,7 @@ def test_a_clean_stop_during_a_point_on_a_busy_disk_is_quick_and_needs_no_resync
     machine = lab.machine(server, "m1")
     lab.expose(machine, disk)
     protect(server, machine, disk)
-    from agent.paths import Paths
+    from agent.host.paths import Paths
 
     hooks = Paths(machine.root.resolve()).freeze_dir
     hooks.mkdir(parents=True, exist_ok=True)
@@ -273,8 +273,8 @@ def test_a_new_process_server_address_is_taken_by_each_disks_own_thread(lab: Lab
     replication engine: a port where nothing listens makes the disk unreachable; the right one brings it back."""
     import threading
 
-    from agent.paths import Paths
-    from agent.registration import authenticated_client
+    from agent.host.paths import Paths
+    from agent.lifecycle.registration import authenticated_client
     from agent.replication.engine import Replication
     from agent.replication.stream import Stream
     from agent.shared.replication_wire import Policy, ProcessAddress, Protection
@@ -376,7 +376,7 @@ def test_a_freeze_whose_owner_still_runs_is_left_to_it(lab: Lab) -> None:
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from agent.paths import Paths\n"
+        "from agent.host.paths import Paths\n"
         "from agent.replication.devices import freeze\n"
         "from agent.replication.frozen import record_frozen\n"
         f"record_frozen(Paths(Path(sys.argv[1])), [{str(where)!r}])\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.datadir import DataDir
-from server.repository import Repository
+from server.releases.repository import Repository
 from tests.bundle_factory import DEFAULT_FILES, make_bundle
 from tests.conftest import require_root
 from tests.integration.serverproc import (
@@ -24,7 +24,7 @@ from tests.integration.serverproc import (
     server_cli,
     start_server,
 )
-from tests.server.test_repository import assert_valid
+from tests.server.releases.test_repository import assert_valid
 
 pytestmark = pytest.mark.integration
 

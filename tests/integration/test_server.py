@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent.paths import Paths
-from agent.registration import heartbeat
-from agent.status_commands import local_status
+from agent.daemon.status_commands import local_status
+from agent.host.paths import Paths
+from agent.lifecycle.registration import heartbeat
 from scripts.localserver import server_log
 from tests.integration.serverproc import (
     ServerProcess,
@@ -80,7 +80,7 @@ def test_enrol_heartbeat_machines_and_clone(server: ServerProcess, tmp_path: Pat
 
 
 def mark(kind: str, host_id: str, point_id: str) -> dict[str, object]:
-    """The failover mark as `failover` writes it into a failed-over machine's root (agent/failover.py)."""
+    """The failover mark as `failover` writes it into a failed-over machine's root (agent/lifecycle/failover.py)."""
     return {"mark": "mobility-failover", "version": 1, "kind": kind, "host_id": host_id, "point_id": point_id}
 
 
@@ -217,7 +217,7 @@ def test_api_bad_inputs(server: ServerProcess, tmp_path: Path) -> None:
 
 
 def test_job_reported_before_registration_with_a_proof(server: ServerProcess, tmp_path: Path) -> None:
-    from agent.registration import report_job
+    from agent.lifecycle.registration import report_job
 
     root = sandbox_root(tmp_path / "m", "3" * 32)
     job = {
@@ -398,8 +398,8 @@ def test_repo_add_then_agent_fetches_and_verifies_over_mutual_tls(server: Server
 
 
 def test_certificate_renewal_keeps_the_host_id(server: ServerProcess, tmp_path: Path) -> None:
-    from agent.identity import new_key_and_csr
-    from agent.registration import renew_certificate
+    from agent.lifecycle.identity import new_key_and_csr
+    from agent.lifecycle.registration import renew_certificate
 
     root = sandbox_root(tmp_path / "m", "9" * 32)
     assert configure_root(server, root, secret_file(tmp_path / "pass", server.passphrase()))[0] == 0
@@ -441,7 +441,7 @@ def test_machine_goes_offline_after_three_missed_heartbeats(tmp_path: Path) -> N
 
 
 def test_enrolment_csr_claiming_another_hosts_id(server: ServerProcess, tmp_path: Path) -> None:
-    from agent.identity import new_key_and_csr
+    from agent.lifecycle.identity import new_key_and_csr
     from agent.shared import wire
 
     root = sandbox_root(tmp_path / "m", "ac" * 16)
@@ -488,7 +488,7 @@ def test_repo_refuses_bad_bundles_and_rescans_without_restart(server: ServerProc
 
 
 def test_kill_9_loses_no_acknowledged_job(tmp_path: Path) -> None:
-    from agent.registration import report_job
+    from agent.lifecycle.registration import report_job
 
     s = start_server(tmp_path / "data")
     root = sandbox_root(tmp_path / "m", "ae" * 16)

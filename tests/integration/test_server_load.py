@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.api_client import Client
-from agent.identity import key_pem, new_key_and_csr
+from agent.lifecycle.api_client import Client
+from agent.lifecycle.identity import key_pem, new_key_and_csr
 from agent.shared import wire
 from agent.shared.address import ServerAddress
 from scripts.localserver import server_log

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from agent.libc import find_libc, glibc_version_of
-from agent.paths import Paths
+from agent.host.libc import find_libc, glibc_version_of
+from agent.host.paths import Paths
 from scripts.testlab import in_cgroups, make_cgroups, remove_cgroup, sshd_base_root
 from tests import faults
 from tests.conftest import REPO, require_root

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.update.watcher import SERVER_BACK, SERVER_GONE
 from scripts.polling import wait_for
 from tests import faults

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from agent.errors import RemoteError
-from agent.identity import collect_facts, key_proof, new_key_and_csr
-from agent.paths import Paths
-from agent.registration import heartbeat, renew_certificate, report_job
+from agent.host.paths import Paths
+from agent.lifecycle.identity import collect_facts, key_proof, new_key_and_csr
+from agent.lifecycle.registration import heartbeat, renew_certificate, report_job
 from agent.shared import wire
 from scripts.localserver import server_log, start_local_server
 from tests.integration.serverproc import (
@@ -371,7 +371,7 @@ def test_a_deleted_database_is_not_silently_replaced(tmp_path: Path) -> None:
 
 def test_every_route_has_its_cases() -> None:
     """A new endpoint must get its cases in this suite: add it here once it has them."""
-    from server.app import build_app
+    from server.api.app import build_app
 
     covered = {
         ("GET", f"{wire.API}/health"),  # test_deep_nesting_wrong_methods_and_odd_bodies_get_json_errors
@@ -381,8 +381,8 @@ def test_every_route_has_its_cases() -> None:
         ("POST", wire.RENEW_PATH),  # test_renewal_checks_the_csr_as_enrolment_does
         ("POST", wire.HEARTBEAT_PATH),  # test_poisoned_heartbeats_are_refused_and_the_cli_keeps_working
         ("POST", wire.JOBS_PATH),  # the two job tests
-        ("GET", wire.REPO_METADATA_PATH + "/{name}"),  # tests/server/test_repository.py: names, traversal
-        ("GET", wire.REPO_TARGETS_PATH + "/{name}"),  # tests/server/test_repository.py: only published names
+        ("GET", wire.REPO_METADATA_PATH + "/{name}"),  # tests/server/releases/test_repository.py: names, traversal
+        ("GET", wire.REPO_TARGETS_PATH + "/{name}"),  # tests/server/releases/test_repository.py: only published names
     }
 
     class _Nothing:

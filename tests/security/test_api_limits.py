@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.paths import Paths
-from agent.registration import heartbeat
+from agent.host.paths import Paths
+from agent.lifecycle.registration import heartbeat
 from agent.shared import wire
 from scripts.localserver import start_local_server
-from server.edge import HEADER_SECONDS
+from server.api.edge import HEADER_SECONDS
 from tests.integration.serverproc import (
     ServerProcess,
     configure_root,

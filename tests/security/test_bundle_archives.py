@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundles import bundle_file_name
+from agent.lifecycle.bundles import bundle_file_name
 from tests.bundle_factory import add_member, make_bundle
 from tests.conftest import REPO
 
@@ -225,7 +225,7 @@ def server_cmd(data: Path, *args: str) -> list[str]:
 INSPECT = (
     "import sys\n"
     "from pathlib import Path\n"
-    "from agent.bundles import inspect_bundle\n"
+    "from agent.lifecycle.bundles import inspect_bundle\n"
     "from agent.shared.errors import MobilityError\n"
     "try:\n"
     "    inspect_bundle(Path(sys.argv[1]))\n"

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-import agent.install
-from agent.install import install as install_in_process
-from agent.paths import Paths
-from agent.prereq import DEFAULT_INSTALL_DIR
+import agent.lifecycle.install
+from agent.host.paths import Paths
+from agent.lifecycle.install import install as install_in_process
+from agent.lifecycle.prereq import DEFAULT_INSTALL_DIR
 from agent.shared.errors import BundleRefused
 from tests.security.sandbox import FILES, error_id, install, make_root, relist, snapshot, unpacked_bundle
 
@@ -155,13 +155,13 @@ def test_a_file_swapped_after_the_first_look_cannot_get_in(
     is the one copied, so it is the one hashed, and it is refused. (Before: verified first, copied after.)"""
     bundle = unpacked_bundle(tmp_path / "b", version="0.2.0")
     evil = b"#!/bin/sh\nswapped in after verification\n"
-    real_detect = agent.install.detect_os
+    real_detect = agent.lifecycle.install.detect_os
 
     def detect_then_swap(paths: Paths) -> Any:
         (bundle / "mobility/mobility").write_bytes(evil)
         return real_detect(paths)
 
-    monkeypatch.setattr(agent.install, "detect_os", detect_then_swap)
+    monkeypatch.setattr(agent.lifecycle.install, "detect_os", detect_then_swap)
     before = snapshot(root / "usr/local/mobility")
     with pytest.raises(BundleRefused):
         install_in_process(Paths(root), bundle, DEFAULT_INSTALL_DIR, "MS", "VmWare")

@@ -22,8 +22,8 @@ import pytest
 import zstandard
 
 from agent.errors import RemoteError
-from agent.paths import Paths
-from agent.registration import authenticated_client
+from agent.host.paths import Paths
+from agent.lifecycle.registration import authenticated_client
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash
 from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
@@ -794,7 +794,7 @@ def test_revoked_unprotected_and_replaced_certificates_end_open_streams(server: 
     """Authorisation holds for a stream's life, not only at its HELLO: `machines revoke`, `unprotect` and a
     certificate a renewal replaced end the machine's open streams within seconds, with the ID the agent shows, and
     a point sent after the change is not listed."""
-    from agent.registration import heartbeat, renew_certificate
+    from agent.lifecycle.registration import heartbeat, renew_certificate
 
     changes = {
         "revoke": (lambda host: server_cli(server.data, "machines", "revoke", host), "CERT-REVOKED"),
@@ -938,7 +938,7 @@ def test_idle_connections_to_the_process_port_leave_the_api_serving(tmp_path: Pa
     closed when their handshake's 10 s are up."""
     import resource
 
-    from agent.registration import heartbeat
+    from agent.lifecycle.registration import heartbeat
     from scripts.localserver import start_local_server
     from tests.integration.serverproc import init_server
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle_dir import unpack
-from agent.paths import Paths
+from agent.host.paths import Paths
+from agent.lifecycle.bundle_dir import unpack
 from tests.bundle_factory import make_bundle
 from tests.integration.serverproc import ServerProcess, secret_file, server_cli, start_server
 from tests.security.sandbox import (

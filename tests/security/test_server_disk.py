@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity import new_key_and_csr
-from agent.paths import Paths
-from agent.registration import heartbeat
+from agent.host.paths import Paths
+from agent.lifecycle.identity import new_key_and_csr
+from agent.lifecycle.registration import heartbeat
 from agent.shared import wire
 from scripts.localserver import server_log
 from tests.conftest import require_root

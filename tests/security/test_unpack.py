@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle_dir import unpack
-from agent.paths import Paths
+from agent.host.paths import Paths
+from agent.lifecycle.bundle_dir import unpack
 from tests.bundle_factory import make_bundle
 from tests.conftest import REPO
 from tests.security.sandbox import FILES, make_root, sha256

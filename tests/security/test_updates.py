@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from agent.errors import RemoteError
-from agent.paths import Paths
-from agent.registration import heartbeat, report_job
+from agent.host.paths import Paths
+from agent.lifecycle.registration import heartbeat, report_job
 from agent.shared import wire
 from agent.update.state import Phase, TargetRecord, load_record, load_target, save_target
 from scripts.polling import wait_for

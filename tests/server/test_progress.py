@@ -20,8 +20,8 @@ from server.process.store import ChunkStore, PointPut
 from tests.bundle_factory import make_bundle
 from tests.conftest import REPO
 from tests.integration.serverproc import init_server, open_storage
+from tests.server.database.test_storage import new_machine
 from tests.server.process.test_store import CHUNK, close, put, root_of
-from tests.server.test_storage import new_machine
 
 HOST = "11111111-1111-4111-8111-111111111111"
 SIZE = 64 * CHUNK  # 4 MiB: a bar with figures in MiB

@@ -1,5 +1,5 @@
 """A process server simulated at the transport boundary, as python-tuf tests its client against a simulated
-repository: real TLS with certificates of the project's CA (server/pki.py) on loopback, the replication wire format
+repository: real TLS with certificates of the project's CA (server/api/pki.py) on loopback, the replication wire format
 of agent/shared/replication_wire.py, and a durable count of its own; and the faults a network and a server cause,
 programmed by the test: acknowledgements dropped, delayed, reordered or duplicated, a connection cut before or after
 a frame is durable, an ERROR, a batch's records refused, a store that lost what it had acknowledged.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent.identity import new_key_and_csr
+from agent.lifecycle.identity import new_key_and_csr
 from agent.replication.chunks import Geometry, zero_hash
 from agent.shared.replication_wire import (
     HASH_SIZE,
@@ -42,7 +42,7 @@ from agent.shared.replication_wire import (
     parse_batch,
     parse_json,
 )
-from server import pki
+from server.api import pki
 
 HOST_ID = "00000000-0000-4000-8000-000000000001"
 

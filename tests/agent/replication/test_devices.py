@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import DiskUnsupported, TracingUnavailable
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.replication.devices import resolve_disk
 from agent.replication.tracing import Tracer
 from scripts.replication_lab import Lab

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.replication import points
 from agent.replication.dirtymap import DirtyMap
 from agent.replication.points import Freezer, cut_point
@@ -140,7 +140,7 @@ def test_a_cancelled_point_kills_its_pre_hook_and_still_runs_the_post_hooks(tmp_
 def test_the_unit_gives_a_stop_all_the_time_it_can_take_and_thaws_after_it() -> None:
     """systemd kills a daemon still running at TimeoutStopSec: it must cover the longest stop (else a stop during a
     point is unclean and every disk resyncs), and ExecStopPost runs `mobility thaw`, whatever ended the daemon."""
-    from agent.daemon import stop_seconds
+    from agent.daemon.loop import stop_seconds
     from tests.conftest import REPO
 
     unit = (REPO / "systemd" / "mobility.service").read_text()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundles import STATE_FORMAT
 from agent.errors import UpdateStateFormat
+from agent.lifecycle.bundles import STATE_FORMAT
 from agent.update.beside import place_beside, state_format_here
 from tests.bundle_factory import DEFAULT_FILES, manifest_for
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import CommandFailed
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.update import daemonctl
 from agent.update.daemonctl import NoSupervisor, SystemdSupervisor, _is_daemon
 

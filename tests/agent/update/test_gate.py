@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.freeze import FreezeSetup
-from agent.health.self_checks import CHECK_TYPES, DiskSample, ProcessSample, ServerSample, health_checks
+from agent.daemon.config import AgentConfig
+from agent.daemon.health.self_checks import CHECK_TYPES, DiskSample, ProcessSample, ServerSample, health_checks
+from agent.lifecycle.freeze import FreezeSetup
 from agent.update.gate import ENVIRONMENT, Commit, GateSettings, HealthGate, Observation, RollBack, Verdict, Wait
 from agent.update.state import Baseline
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.update.state import Outcome, Phase, UpgradeRecord, save_record
 from scripts.polling import wait_for
 from tests.conftest import REPO
@@ -22,7 +22,7 @@ JOB = "11111111-1111-4111-8111-111111111111"
 WATCHER = """
 import sys, time
 from pathlib import Path
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.update.keeper import kept
 root, marker, how = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 again = [sys.executable, "-c", f"open({marker!r}, 'w').write('taken over')"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import UpdateBusy
-from agent.paths import Paths
+from agent.host.paths import Paths
 from agent.update.state import update_lock, updater_running, version_hold, version_switch
 
 _HOLDER = """

@@ -432,11 +432,11 @@ def test_retention_comes_from_the_servers_database_and_the_maintenance_thread_ap
     import time
 
     from agent.shared.replication_wire import Policy
-    from server.database import parse_database
+    from server.database.connection import parse_database
+    from server.database.storage import Storage
     from server.process.maintenance import Maintenance
     from server.process.service import Protections
-    from server.storage import Storage
-    from tests.server.test_storage import new_machine, public_pem
+    from tests.server.database.test_storage import new_machine, public_pem
 
     storage = Storage.open(parse_database(database), create=True)
     try:

@@ -25,13 +25,13 @@ import uvloop
 import zstandard
 from cryptography import x509
 
-from agent.identity import new_key_and_csr
+from agent.lifecycle.identity import new_key_and_csr
 from agent.replication.chunks import Geometry, RootHasher, chunk_hash
 from agent.replication.stream import Stream
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import HEADER, Codec, Header, Hello, Kind, PointClose, frame
-from server import pki
-from server.edge import Connections
+from server.api import pki
+from server.api.edge import Connections
 from server.errors import ChunkCorrupt, ReplicationProtocol, StoreFull
 from server.process import receiver as receiver_module
 from server.process.receiver import Committer, Receiver, _Budget, _Stream, _verify, stream_tls_context

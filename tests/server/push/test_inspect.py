@@ -13,8 +13,8 @@ from typing import TypeVar
 import asyncssh
 import pytest
 
-from agent.distros import detect_os, require_supported
-from agent.paths import Paths
+from agent.host.distros import detect_os, require_supported
+from agent.host.paths import Paths
 from agent.shared.errors import MobilityError
 from server.errors import PushLowDiskSpace
 from server.push.inspect import check_free_space, detect_remote_os, free_space

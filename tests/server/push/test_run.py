@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.database import parse_database
+from server.database.connection import parse_database
+from server.database.storage import Storage
 from server.push.remote import STALE_AFTER
 from server.push.run import close_interrupted
-from server.storage import Storage
 
 
 def test_jobs_of_a_killed_push_are_closed_by_the_next_one(database: str) -> None:
@@ -40,7 +40,7 @@ def test_no_bundle_for_the_host_s_tag_or_a_changed_file_is_refused(tmp_path: Pat
     from server.datadir import DataDir
     from server.errors import PushNoBundle
     from server.push.run import BundleChooser
-    from server.repository import Repository
+    from server.releases.repository import Repository
     from tests.bundle_factory import make_bundle
 
     data = DataDir(tmp_path / "data")

@@ -15,11 +15,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.shared.replication_wire import DiskReport, Policy, ReplicationReport
-from server.edge import Connections
-from server.metrics import ServerMetrics
-from server.rollouts import Rollout, Selection
-from server.stalls import StallMonitor
-from server.storage import FleetRow
+from server.api.edge import Connections
+from server.api.metrics import ServerMetrics
+from server.api.stalls import StallMonitor
+from server.database.storage import FleetRow
+from server.releases.rollouts import Rollout, Selection
 from server.ui.exposition import fleet_text
 from server.ui.snapshot import Builder, StoreFigures
 from tests.conftest import REPO

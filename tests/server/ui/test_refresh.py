@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from server import pki
-from server.app import Server
-from server.database import parse_database
+from server.api import pki
+from server.api.app import Server
+from server.api.enrolment import Enrolment
+from server.database.connection import parse_database
+from server.database.storage import Storage
 from server.datadir import DataDir
-from server.enrolment import Enrolment
 from server.errors import DatabaseUnavailable
-from server.repository import Repository
-from server.storage import Storage
+from server.releases.repository import Repository
 from server.ui import site
 from server.ui.site import Ui, UiOptions
 

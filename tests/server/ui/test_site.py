@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.shared.replication_wire import DiskReport, ReplicationReport
 from agent.shared.wire import CheckReport, HealthReport
 from scripts.localserver import server_log, start_local_server, ui_url
-from server.storage import Beat
+from server.database.storage import Beat
 from tests.integration.serverproc import ServerProcess, init_server, open_storage, server_cli, wait_for
-from tests.server.test_storage import new_machine
+from tests.server.database.test_storage import new_machine
 
 PROTECTED = "11111111-1111-4111-8111-111111111111"
 PLAIN = "22222222-2222-4222-8222-222222222222"
@@ -209,8 +209,8 @@ def machine_certificate(data: Path, where: Path) -> tuple[Path, Path]:
     """A machine's client certificate, of the same CA as the operators' (it must not log in)."""
     from cryptography import x509
 
-    from agent.identity import new_key_and_csr
-    from server import pki
+    from agent.lifecycle.identity import new_key_and_csr
+    from server.api import pki
 
     ca = pki.Authority.load((data / "ca/ca.pem").read_bytes(), (data / "ca/ca.key").read_bytes())
     key, csr = new_key_and_csr(PROTECTED)

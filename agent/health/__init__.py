@@ -1,5 +1,0 @@
-"""The agent's health: checks of its own resources and its link to the server."""
-
-from agent.health.self_checks import DiskSample, Health, ProcessSample, ServerSample, health_checks, overall
-
-__all__ = ["DiskSample", "Health", "ProcessSample", "ServerSample", "health_checks", "overall"]
