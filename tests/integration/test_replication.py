@@ -293,10 +293,17 @@ def test_kill_9_of_agent_and_process_server_then_resync_converges_to_an_identica
     server.proc.wait(timeout=10)
     writes_beyond(log, len(records.read_log(log)))  # writes the process server has not seen
     lab.restart(server)
-    # The status the agent wrote before the kill said CONTINUOUS too: wait for acknowledgements from the new server.
+    restarted = time.time()
+    # The status the agent wrote before the kill said CONTINUOUS too, with no error and a small lag (it is written
+    # every 2 s, and a quick restart comes within that): wait for one written since, with the new server's
+    # acknowledgements (the stream's error is cleared only by a stream that opened).
     wait_for(
         "the agent streaming to the restarted process server",
-        lambda: (d := machine.disk_state(disk)).get("error") is None and (d.get("lag_seconds") or 0.0) < 2.0,
+        lambda: (
+            machine.status().get("updated", 0) > restarted
+            and (d := machine.disk_state(disk)).get("error") is None
+            and (d.get("lag_seconds") or 0.0) < 2.0
+        ),
         timeout=180,
     )
     lab.wait_state(machine, disk, "CONTINUOUS", timeout=180)
