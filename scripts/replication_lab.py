@@ -5,6 +5,7 @@ PID, mounts, loop devices, device nodes), in reverse order, whatever failed in b
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -134,6 +135,7 @@ class Lab:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self._undo: list[tuple[str, Callable[[], object]]] = []
+        self._shared = False
 
     def __enter__(self) -> Lab:
         return self
@@ -185,6 +187,10 @@ class Lab:
     ) -> None:
         stop(server.proc)
         port = server.port
+        if "--process-listen" not in args:
+            # Without it, a server on a fixed --listen port takes the process server's default port (9444), which
+            # another server on this machine may hold: a free one, as at the first start (the agents move to it).
+            args = (*args, "--process-listen", f"{host}:0")
         proc, address, _ = start_local_server(
             server.data,
             "--heartbeat-interval",
@@ -240,6 +246,8 @@ class Lab:
             targets = disk.partitions
         else:
             disk.ranges.append((0, size))
+        if fs:
+            self._share_workdir()
         for i, (target, kind) in enumerate(zip(targets, fs, strict=False)):
             sh([f"mkfs.{kind}", *(["-q"] if kind.startswith("ext") else ["-q", "-f"]), target])
             where = self.workdir / f"{name}-mnt{i}"
@@ -253,6 +261,22 @@ class Lab:
                 fill(where)
             sh(["sync"])
         return disk
+
+    def _share_workdir(self) -> None:
+        """Make the lab's directory a shared mount of its own, once, before the first filesystem is mounted in it.
+        A mount namespace made while a lab filesystem is mounted (``ip netns exec``, ``systemd-nspawn``: other tests
+        on this machine) holds a copy of that mount; this machine's mounts are private, so unmounting it here would
+        leave the filesystem alive there, written back and closed whenever that namespace lets go (after a point that
+        took the disk for idle). Those namespaces are slaves of ours: under a shared parent, the unmount reaches
+        them."""
+        if self._shared:
+            return
+        sh(["mount", "--rbind", str(self.workdir), str(self.workdir)])  # with what is mounted in it already
+        # Last of what is mounted in it (the lab's own filesystems went before): whatever is left goes with it.
+        unbind = ["umount", "--recursive", "--lazy", str(self.workdir)]
+        self.defer(f"bind mount {self.workdir}", lambda: sh(unbind, check=False))
+        sh(["mount", "--make-shared", str(self.workdir)])
+        self._shared = True
 
     # Machines ---------------------------------------------------------------------------------------------------
 
@@ -333,13 +357,62 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
             proc.wait(timeout=10)
 
 
-def umount(where: Path) -> None:
+def umount(where: Path, *, ended: bool = False, timeout: float = 30.0) -> None:
+    """Unmount ``where``. With ``ended``, also wait until its filesystem has ended (its block device is no longer
+    claimed): a mount namespace that still holds a private copy of the mount keeps the filesystem alive, and it
+    writes to the disk again when that namespace lets go. A disk that must be idle (a replica compared with it) is
+    not, then: RuntimeError naming the processes that hold it."""
+    source = _mount_source(where) if ended else None
     for _ in range(20):
         r = sh(["umount", str(where)], check=False)
         if r.returncode == 0 or "not mounted" in r.stderr:
-            return
+            break
         time.sleep(0.5)
-    sh(["umount", "-l", str(where)], check=False)
+    else:
+        sh(["umount", "-l", str(where)], check=False)
+    if source is None:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.close(os.open(source, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))  # EBUSY while a filesystem holds it
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        if time.monotonic() > deadline:
+            holders = _mount_holders(source)
+            raise RuntimeError(
+                f"{source} is still in use {timeout:g} s after {where} was unmounted: its filesystem lives on in "
+                f"another mount namespace (processes {holders or 'unknown'}), and writes to the disk when that ends"
+            )
+        time.sleep(0.2)
+
+
+def _mount_source(where: Path) -> str | None:
+    """The block device mounted at ``where`` (from this process's mount table), or None."""
+    target = os.path.realpath(where)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == target and " - " in line:
+            source = line.split(" - ", 1)[1].split()[1]
+            return source if os.path.exists(source) and stat.S_ISBLK(os.stat(source).st_mode) else None
+    return None
+
+
+def _mount_holders(source: str) -> list[int]:
+    """Processes whose mount table still mounts ``source`` (one per mount namespace is enough to name it)."""
+    found: dict[str, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ns = os.readlink(proc / "ns" / "mnt")
+            if ns not in found and f" {source} " in (proc / "mountinfo").read_text():
+                found[ns] = int(proc.name)
+        except OSError:
+            continue
+    return sorted(found.values())
 
 
 def detach(loop: str, image: Path, timeout: float = 30.0) -> None:
