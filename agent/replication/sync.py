@@ -836,6 +836,12 @@ class DiskReplicator(threading.Thread):
         """A run's changed chunks as records (appended to ``records``); the hash file's writes for the run."""
         current = self.hashes.read(result.first, len(result.hashes) // HASH_SIZE)
         hashes = bytearray(result.hashes)
+        # An entry spoiled since the job was given its hashes (a delta refused, frames lost with a connection) stays
+        # spoiled unless this job sends the chunk: the job's own hash is what it read, not what the replica holds, and
+        # taking it would make the chunk's next read look already held: a point of a replica that lacks it, refused.
+        for k in range(len(result.hashes) // HASH_SIZE):
+            if current[k * HASH_SIZE : (k + 1) * HASH_SIZE] == _UNKNOWN:
+                hashes[k * HASH_SIZE : (k + 1) * HASH_SIZE] = _UNKNOWN
         for chunk in result.out:
             k = chunk.index - result.first
             base = current[k * HASH_SIZE : (k + 1) * HASH_SIZE]
@@ -856,6 +862,7 @@ class DiskReplicator(threading.Thread):
                     base if chunk.delta else bytes(HASH_SIZE),
                 )
             )
+            hashes[k * HASH_SIZE : (k + 1) * HASH_SIZE] = chunk.hash  # what the replica holds once this is applied
             if chunk.delta:
                 self.sent_delta_bytes += chunk.delta_raw
             else:

@@ -23,9 +23,10 @@ from agent.replication import devices
 from agent.replication.chunks import RootHasher, chunk_hash
 from agent.replication.devices import BlockDevice
 from agent.replication.stream import Stream
-from agent.replication.sync import Capture, DiskReplicator
+from agent.replication.sync import _UNKNOWN as UNKNOWN
+from agent.replication.sync import Capture, DiskReplicator, JobResult
 from agent.shared.address import ServerAddress
-from agent.shared.replication_wire import Kind
+from agent.shared.replication_wire import Kind, Record
 from tests.agent.replication.simulator import Faults, ProcessServerSimulator, simulated
 
 CHUNK = 65536
@@ -215,3 +216,25 @@ def test_a_process_server_that_moved_gets_what_the_old_one_did_not_acknowledge(
         wait("the new replica in sync", lambda: in_sync(r, moved, image), timeout=30)
         assert set(moved.chunks(connection=1)) | set(moved.chunks(connection=2)) >= {4, 44}
         assert r.stream.address.port == moved.port
+
+
+def test_a_chunk_spoiled_while_its_job_ran_stays_spoiled(
+    tmp_path: Path, sim: ProcessServerSimulator, image: Path
+) -> None:
+    """A job was told the replica holds chunk 3 as the disk has it and so found nothing to send; before its result
+    was sent, a delta of chunk 3 was refused (the entry spoiled). The job's hashes must not cover that up: had they,
+    the chunk's next read would look already held, and the next point would be refused for a root hash the
+    replica does not have (seen on a VM under pgbench: REPL-POINT-MISMATCH, then a checksum resync of the disk)."""
+    stream = Stream(ServerAddress("127.0.0.1", sim.port), sim.client_context, timeout=5.0)
+    with ThreadPoolExecutor(1) as pool:
+        r = DiskReplicator(BlockDevice("/dev/sdb", image, 0, 0, "sdb"), tmp_path / "state", stream, pool, boot_id="b")
+        data = image.read_bytes()
+        read = b"".join(chunk_hash(data[i * CHUNK : (i + 1) * CHUNK]) for i in range(8))
+        r.hashes.write(0, read)  # what the job was told the replica holds: all of it
+        r.hashes.write(3, UNKNOWN)  # a refused delta of chunk 3, while the job ran
+        records: list[Record] = []
+        for first, hashes in r._records(JobResult(0, read, [], 0.0, 8 * CHUNK), records):
+            r.hashes.write(first, hashes)
+        assert records == []
+        assert r.hashes.read(3, 1) == UNKNOWN  # read again and sent whole, as the refusal asked
+        assert r.hashes.read(0, 3) == read[: 3 * len(UNKNOWN)] and r.hashes.read(4, 4) == read[4 * len(UNKNOWN) :]
