@@ -40,6 +40,7 @@ COMMANDS: dict[str, list[str]] = {
     "uninstall": ["-Y"],
     "point": ["--timeout", "5"],  # no daemon under the root: DAEMON-NOT-RUNNING, nothing written
     "thaw": [],  # the freeze record is read inside the root; nothing is frozen there, nothing written
+    "recovery-check": ["--here", "--timeout", "5"],  # recovery.d and the clusters are looked for inside the root
 }
 
 # Options that take a path or a file -> the tests (file::function) that try hostile values of it.
