@@ -354,7 +354,8 @@ def database(base: Path, dist: Path, minutes: float, seconds: int) -> None:
             t = time.monotonic()
             report = vm.run(f"{MOBILITY} recovery-check --json", timeout=1800)
             figures["recovery checks s"] = time.monotonic() - t
-            doc = json.loads(report.output[report.output.index("{") :])
+            # the console may add lines after the document (a kernel message, the prompt)
+            doc, _ = json.JSONDecoder().raw_decode(report.output[report.output.index("{") :])
             vm.poweroff()
     finally:
         server.stop()

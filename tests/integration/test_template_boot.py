@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from agent.host.libc import find_libc, glibc_version_of
@@ -407,7 +408,9 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
         assert wants.is_symlink()  # a power cut now would start the watcher at boot
         slow = root / SLOW_SHOW.lstrip("/")
         slow.touch()  # systemd stops answering the watcher's looks
-        (watcher,) = wait_for("the watcher", lambda: vm.unit_pids("mobility-upgrade@0.1.1.service"))
+        # The watcher is the unit's process whose parent is not in the unit (a `systemctl show` it waits for is there
+        # too, as its child).
+        (watcher,) = wait_for("the watcher", lambda: unit_roots(vm.unit_pids("mobility-upgrade@0.1.1.service")))
         os.kill(watcher, signal.SIGKILL)
         wait_for("the watcher started again", lambda: set(vm.unit_pids("mobility-upgrade@0.1.1.service")) - {watcher})
         wait_for(
@@ -444,3 +447,16 @@ def test_a_booted_template_upgrades_under_systemd_and_a_crashing_version_rolls_b
         if vm is not None:
             vm.stop()
         server.stop()
+
+
+def unit_roots(pids: list[int]) -> list[int]:
+    """Of a unit's processes, those whose parent is not one of them (its main process; [] if any has gone)."""
+    roots = []
+    for pid in pids:
+        try:
+            ppid = psutil.Process(pid).ppid()
+        except psutil.Error:
+            return []
+        if ppid not in pids:
+            roots.append(pid)
+    return roots

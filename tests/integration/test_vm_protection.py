@@ -110,7 +110,7 @@ def cut_point(vm: VM) -> dict[str, Any]:
 def recovery_report(vm: VM) -> dict[str, dict[str, Any]]:
     """`mobility recovery-check --json` in a failed-over machine: each check by name."""
     r = vm.run(f"{MOBILITY} recovery-check --json", timeout=1500)
-    doc = json.loads(r.output[r.output.index("{") :])
+    doc, _ = json.JSONDecoder().raw_decode(r.output[r.output.index("{") :])  # the console may add lines after it
     assert r.code == 0 and doc["ok"] is True, r.output
     return {c["name"]: c for c in doc["checks"]}
 
