@@ -85,13 +85,13 @@ class LabServer:
         """A VM spec whose guest reaches this server (and nothing else)."""
         return Spec(forwards=self.forwards(), **settings)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(
             [sys.executable, "-m", "server", *args, "--data", str(self.data)],
             capture_output=True,
             text=True,
             cwd=REPO,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
         if check and r.returncode:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +40,7 @@ from scripts.vmlab.mobility import (
     install_bootstrapper,
     wait_registered,
 )
-from tests.conftest import REPO, require_root
+from tests.conftest import require_root
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -125,10 +123,7 @@ def assert_database_recovered(output: str) -> None:
 def booted_test_failover(server: LabServer, host_id: str, point_id: str) -> dict[str, Any]:
     """`mobility-server test-failover --boot --json` of a point: its report, which must say ok."""
     argv = ["test-failover", "--machine", host_id, "--point", point_id, "--boot", "--json"]
-    argv += ["--boot-timeout", "15m", "--check-timeout", "25m", "--data", str(server.data)]
-    r = subprocess.run(
-        [sys.executable, "-m", "server", *argv], capture_output=True, text=True, cwd=REPO, timeout=3600, check=False
-    )
+    r = server.cli(*argv, "--boot-timeout", "15m", "--check-timeout", "25m", check=False, timeout=3600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     report, _ = json.JSONDecoder().raw_decode(r.stdout)
     assert report["ok"] is True, report
