@@ -236,9 +236,12 @@ class DirectReader:
         # Another thread may close it (a disk no longer replicated): never while a read is under way, and a closed
         # descriptor's number, which the kernel hands out again, is never read from.
         self._lock = threading.Lock()
-        self.closed = False
         # A reader forgotten without close() (its thread ended) still lets go of the device.
         self._finalizer = weakref.finalize(self, os.close, self.fd)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def read(self, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` (both chunk-aligned; the disk's tail is read to its end), as a view of
@@ -261,10 +264,7 @@ class DirectReader:
 
     def close(self) -> None:
         with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-            self._finalizer()  # closes the descriptor, once
+            self._finalizer()  # closes the descriptor, once (a second call does nothing)
         with contextlib.suppress(BufferError):  # a view still held: the buffer goes with its last view
             self.buf.close()
 
