@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -31,12 +32,18 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse and dispatch; the one place a MobilityError becomes output and an exit code."""
     wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-        if func is None:
-            parser.print_help()
-            return Exit.USAGE
-        return func(args)
+        with warnings.catch_warnings():
+            # A library's warning (a dependency deprecating an algorithm it still imports) is nothing the person at the
+            # console can act on, and it would sit in front of the command's own output and errors; -W or
+            # PYTHONWARNINGS still shows them to a developer.
+            if not sys.warnoptions:
+                warnings.simplefilter("ignore")
+            args = parser.parse_args(argv)
+            func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+            if func is None:
+                parser.print_help()
+                return Exit.USAGE
+            return func(args)
     except MobilityError as e:
         return report_error(e, json_out=wants_json)
     except OSError as e:  # a file or disk problem no layer below turned into its own error: still one clear line

@@ -158,22 +158,26 @@ def _make_disk(
     undo.mount([root_loop], mnt)
     undo.mount([boot_loop], mnt / "boot")
 
+    # One package cache per suite, shared by the builds of every image of it: apt locks the directory it downloads
+    # into and fails at once when another build holds it, so the builds take turns on it (debootstrap and apt-get).
     debs = work.parent / f"debs-{recipe.suite}"
     debs.mkdir(parents=True, exist_ok=True)
+    debs_lock = work.parent / f"debs-{recipe.suite}.lock"
     progress(f"{recipe.name}: debootstrap {recipe.suite}")
     t = time.monotonic()
-    run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
-            f"--cache-dir={debs}",
-            recipe.suite,
-            str(mnt),
-            MIRROR,
-        ],
-        timeout=1800,
-    )
+    with locked(debs_lock):
+        run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
+                f"--cache-dir={debs}",
+                recipe.suite,
+                str(mnt),
+                MIRROR,
+            ],
+            timeout=1800,
+        )
     _timed(timings, "debootstrap_s", t)
 
     for path, (mode, text) in guest_files(recipe, boot_uuid).items():
@@ -205,8 +209,9 @@ def _make_disk(
     progress(f"{recipe.name}: apt-get install {' '.join(recipe.all_packages)}")
     t = time.monotonic()
     apt = ("apt-get", "-o", "APT::Sandbox::User=root", "-o", "Dpkg::Use-Pty=0")
-    chroot(*apt, "update", timeout=600)
-    chroot(*apt, "install", "-y", "--no-install-recommends", *recipe.all_packages, timeout=1800)
+    with locked(debs_lock):
+        chroot(*apt, "update", timeout=600)
+        chroot(*apt, "install", "-y", "--no-install-recommends", *recipe.all_packages, timeout=1800)
     _timed(timings, "apt_s", t)
     for unit in ENABLED_UNITS:
         chroot("systemctl", "enable", unit)

@@ -51,3 +51,25 @@ def test_usage_errors_and_interrupts(capsys: pytest.CaptureFixture[str]) -> None
     assert capsys.readouterr().err.startswith("error USAGE: tool: unrecognized arguments: --nope")
     assert run(_parser(KeyboardInterrupt()), []) == 130
     assert run(_parser(None), []) == 0
+
+
+def test_a_library_warning_never_reaches_the_console(
+    recwarn: pytest.WarningsRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What cryptography 51 did on every `mobility-server push` through asyncssh's import of its DSA classes.
+    parser = Parser(prog="tool")
+
+    def func(args: argparse.Namespace) -> int:
+        import warnings
+
+        warnings.warn("DSA is deprecated", UserWarning, stacklevel=1)
+        return int(Exit.OK)
+
+    parser.set_defaults(func=func)
+    monkeypatch.setattr("sys.warnoptions", [])
+    assert run(parser, []) == 0
+    assert [str(w.message) for w in recwarn] == []
+    # A developer who asks for warnings (-W, PYTHONWARNINGS) still gets them.
+    monkeypatch.setattr("sys.warnoptions", ["default"])
+    assert run(parser, []) == 0
+    assert [str(w.message) for w in recwarn] == ["DSA is deprecated"]
