@@ -1,6 +1,7 @@
 """bench/replication: replication figures against their targets, each measured side by side in one run (root).
 
     .venv/bin/python bench/replication.py [--sync-gib 2] [--resync-gib 4] [--churn-seconds 60] [--rss-gib 1 16]
+        [--profile DIR]  (py-spy on PATH: each churn's agent and process server sampled, every thread, idle too)
 
 1. Full sync: a disk filled with half compressible (binaries and libraries of this machine) and half random data;
    the limit is min(sequential O_DIRECT read of the disk, zstd-1 over the same data x cores), both measured now;
@@ -320,8 +321,69 @@ def fio(target: Path, seconds: int, bs: str, rate: str = "20m") -> dict[str, flo
     }
 
 
+def profile(pids: dict[str, int], seconds: int, out: Path, label: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy (from PyPI: `pip install py-spy`; found on PATH) sampling each of ``pids`` for ``seconds``, every thread,
+    idle ones too (what a thread waits on is the question when nothing is saturated): collapsed stacks in ``out``."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise RuntimeError("--profile needs py-spy on PATH (pip install py-spy)")
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(seconds),
+                "--rate",
+                "200",
+                "--threads",
+                "--idle",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out / f"{label}-{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+
+
+def profile_summary(path: Path, top: int = 6) -> str:
+    """Per thread of one collapsed-stacks file: its share of the samples, and where its samples ended (the leaf
+    function: for a waiting thread, what it waits in)."""
+    threads: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        thread = frames[0].partition(": ")[2] or frames[0]  # "thread (TID): name"
+        leaf = re.sub(r" \((.*/)?([^/]+)\)$", r" (\2)", frames[-1])
+        threads.setdefault(thread, {})
+        threads[thread][leaf] = threads[thread].get(leaf, 0) + int(count)
+    total = sum(sum(t.values()) for t in threads.values()) or 1
+    lines = [f"{path.name}: {total} samples"]
+    for thread, leaves in sorted(threads.items(), key=lambda kv: -sum(kv[1].values())):
+        n = sum(leaves.values())
+        best = ", ".join(
+            f"{leaf} {100 * c / n:.0f}%" for leaf, c in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]
+        )
+        lines.append(f"  {thread}: {100 * n / total:.0f}% of samples; {best}")
+    return "\n".join(lines)
+
+
 def bench_churn(
-    lab: Lab, server: Server, seconds: int, bs: str, rate: str = "20m", keep: Path | None = None
+    lab: Lab,
+    server: Server,
+    seconds: int,
+    bs: str,
+    rate: str = "20m",
+    keep: Path | None = None,
+    profile_dir: Path | None = None,
 ) -> dict[str, float]:
     disk = lab.disk(f"churn{bs}{rate}", 4 * GIB, ("ext4",))
     target = disk.mounts[0] / "churn.dat"
@@ -358,8 +420,19 @@ def bench_churn(
     threading.Thread(target=sample, daemon=True).start()
     threading.Thread(target=sample_rss, args=(agent.pid, stop, rss), daemon=True).start()
     started = time.time()
+    label = f"churn-{bs}-{rate}"
+    spies = (
+        []
+        if profile_dir is None
+        else profile({"agent": agent.pid, "server": server.proc.pid}, seconds, profile_dir, label)
+    )
     protected = fio(target, seconds, bs, rate)
     stop.set()
+    for spy in spies:
+        spy.wait(timeout=120)
+    if profile_dir is not None:
+        for name in ("agent", "server"):
+            print(profile_summary(profile_dir / f"{label}-{name}.txt"), flush=True)
     points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
 
     log = []  # the agent's lines from the churn on (a point due during the initial sync is not the churn's)
@@ -580,6 +653,11 @@ def main() -> int:
     parser.add_argument("--pgbench-seconds", type=int, default=60)
     parser.add_argument("--only", choices=("sync", "resync", "churn", "rss", "pgbench"), action="append")
     parser.add_argument("--keep-logs", type=Path, help="copy the churn agents' logs into this directory")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="sample the churn's agent and server with py-spy; collapsed stacks in this directory",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/replication needs root (loop devices, tracefs, FIFREEZE)", file=sys.stderr)
@@ -599,7 +677,12 @@ def main() -> int:
                         "churn",
                         f"churn-{spec}",
                         lambda spec=spec: bench_churn(
-                            lab, server, args.churn_seconds, *spec.split("@"), keep=args.keep_logs
+                            lab,
+                            server,
+                            args.churn_seconds,
+                            *spec.split("@"),
+                            keep=args.keep_logs,
+                            profile_dir=args.profile,
                         ),
                     )
                     for spec in args.churn
