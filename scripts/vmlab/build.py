@@ -9,6 +9,7 @@ one that builds (a lock per image); a build that was killed is swept (its mounts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -110,10 +111,21 @@ def _build(recipe: Recipe, final: Path, progress: Callable[[str], None]) -> None
     info["timings"] = timings
     (work / "image.json").write_text(json.dumps(info, indent=2) + "\n")
     (work / "mnt").rmdir()
+    shutil.rmtree(work / "debs")  # links: the suite's shared directory holds the packages
     (work / "disk.raw").chmod(0o444)
     os.rename(work, final)
     (final / ".complete").touch()
     progress(f"{recipe.name}: built in {timings['total_s']:.0f} s into {final}")
+
+
+def _link_debs(source: Path, target: Path) -> None:
+    """Hard links in ``target`` of the packages in ``source`` it lacks (one filesystem: the lab's cache). A link is
+    made whole or not at all, so two builds linking the same package at once both end with it; apt and debootstrap
+    check each package against the suite's signed index before they use it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for deb in source.glob("*.deb"):
+        with contextlib.suppress(FileExistsError):
+            os.link(deb, target / deb.name)
 
 
 def _timed(timings: dict[str, float], name: str, start: float) -> None:
@@ -158,26 +170,27 @@ def _make_disk(
     undo.mount([root_loop], mnt)
     undo.mount([boot_loop], mnt / "boot")
 
-    # One package cache per suite, shared by the builds of every image of it: apt locks the directory it downloads
-    # into and fails at once when another build holds it, so the builds take turns on it (debootstrap and apt-get).
-    debs = work.parent / f"debs-{recipe.suite}"
-    debs.mkdir(parents=True, exist_ok=True)
-    debs_lock = work.parent / f"debs-{recipe.suite}.lock"
+    # The suite's packages are fetched once for all its images, but each build works on hard links of them in a
+    # directory of its own (apt locks the directory it downloads into, and fails at once on another build's lock) and
+    # links what it fetched back: builds of two images run side by side.
+    shared_debs = work.parent / f"debs-{recipe.suite}"
+    debs = work / "debs"
+    _link_debs(shared_debs, debs)
     progress(f"{recipe.name}: debootstrap {recipe.suite}")
     t = time.monotonic()
-    with locked(debs_lock):
-        run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
-                f"--cache-dir={debs}",
-                recipe.suite,
-                str(mnt),
-                MIRROR,
-            ],
-            timeout=1800,
-        )
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
+            f"--cache-dir={debs}",
+            recipe.suite,
+            str(mnt),
+            MIRROR,
+        ],
+        timeout=1800,
+    )
+    (debs / "partial").mkdir(exist_ok=True)
     _timed(timings, "debootstrap_s", t)
 
     for path, (mode, text) in guest_files(recipe, boot_uuid).items():
@@ -209,9 +222,9 @@ def _make_disk(
     progress(f"{recipe.name}: apt-get install {' '.join(recipe.all_packages)}")
     t = time.monotonic()
     apt = ("apt-get", "-o", "APT::Sandbox::User=root", "-o", "Dpkg::Use-Pty=0")
-    with locked(debs_lock):
-        chroot(*apt, "update", timeout=600)
-        chroot(*apt, "install", "-y", "--no-install-recommends", *recipe.all_packages, timeout=1800)
+    chroot(*apt, "update", timeout=600)
+    chroot(*apt, "install", "-y", "--no-install-recommends", *recipe.all_packages, timeout=1800)
+    _link_debs(debs, shared_debs)
     _timed(timings, "apt_s", t)
     for unit in ENABLED_UNITS:
         chroot("systemctl", "enable", unit)
