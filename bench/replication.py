@@ -321,9 +321,12 @@ def fio(target: Path, seconds: int, bs: str, rate: str = "20m") -> dict[str, flo
     }
 
 
-def profile(pids: dict[str, int], seconds: int, out: Path, label: str) -> list[subprocess.Popen[bytes]]:
+def profile(
+    pids: dict[str, int], seconds: int, out: Path, label: str, gil: bool = False
+) -> list[subprocess.Popen[bytes]]:
     """py-spy (from PyPI: `pip install py-spy`; found on PATH) sampling each of ``pids`` for ``seconds``, every thread,
-    idle ones too (what a thread waits on is the question when nothing is saturated): collapsed stacks in ``out``."""
+    idle ones too (what a thread waits on is the question when nothing is saturated), or with ``gil`` only the thread
+    that holds the interpreter (how much of the time Python itself runs, and where): collapsed stacks in ``out``."""
     spy = shutil.which("py-spy")
     if spy is None:
         raise RuntimeError("--profile needs py-spy on PATH (pip install py-spy)")
@@ -340,7 +343,7 @@ def profile(pids: dict[str, int], seconds: int, out: Path, label: str) -> list[s
                 "--rate",
                 "200",
                 "--threads",
-                "--idle",
+                "--gil" if gil else "--idle",
                 "--nonblocking",
                 "--format",
                 "raw",
@@ -376,6 +379,19 @@ def profile_summary(path: Path, top: int = 6) -> str:
     return "\n".join(lines)
 
 
+def schedstat(pid: int) -> tuple[float, float]:
+    """Seconds a process's threads (live ones) spent on a CPU and waiting for one on a run queue (runnable, not
+    running: what nice 10 costs on a busy machine), from /proc/PID/task/*/schedstat."""
+    on = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        on, wait = on + int(fields[0]), wait + int(fields[1])
+    return on / 1e9, wait / 1e9
+
+
 def bench_churn(
     lab: Lab,
     server: Server,
@@ -384,6 +400,7 @@ def bench_churn(
     rate: str = "20m",
     keep: Path | None = None,
     profile_dir: Path | None = None,
+    profile_gil: bool = False,
 ) -> dict[str, float]:
     disk = lab.disk(f"churn{bs}{rate}", 4 * GIB, ("ext4",))
     target = disk.mounts[0] / "churn.dat"
@@ -424,9 +441,18 @@ def bench_churn(
     spies = (
         []
         if profile_dir is None
-        else profile({"agent": agent.pid, "server": server.proc.pid}, seconds, profile_dir, label)
+        else profile({"agent": agent.pid, "server": server.proc.pid}, seconds, profile_dir, label, gil=profile_gil)
     )
+    pids = {"agent": agent.pid, "server": server.proc.pid}
+    cpu = {name: psutil.Process(pid).cpu_times() for name, pid in pids.items()}
+    sched = {name: schedstat(pid) for name, pid in pids.items()}
+    wall = time.monotonic()
     protected = fio(target, seconds, bs, rate)
+    wall = time.monotonic() - wall
+    cores = {  # the share of a core each process used while the writer ran, and waited for one while runnable
+        name: (sum(psutil.Process(pid).cpu_times()[:2]) - sum(cpu[name][:2])) / wall for name, pid in pids.items()
+    }
+    runqueue = {name: (schedstat(pid)[1] - sched[name][1]) / wall for name, pid in pids.items()}
     stop.set()
     for spy in spies:
         spy.wait(timeout=120)
@@ -468,6 +494,10 @@ def bench_churn(
         "freeze_p99_ms": p99(freezes),
         "freeze_median_ms": statistics.median(freezes) if freezes else float("nan"),
         "rss_busy_max_mib": max(rss) if rss else float("nan"),
+        "agent_cores": cores["agent"],
+        "server_cores": cores["server"],
+        "agent_runqueue_cores": runqueue["agent"],  # thread-seconds a second spent runnable, waiting for a CPU
+        "server_runqueue_cores": runqueue["server"],
     }
 
 
@@ -658,6 +688,7 @@ def main() -> int:
         type=Path,
         help="sample the churn's agent and server with py-spy; collapsed stacks in this directory",
     )
+    parser.add_argument("--profile-gil", action="store_true", help="with --profile: only the thread holding the GIL")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/replication needs root (loop devices, tracefs, FIFREEZE)", file=sys.stderr)
@@ -683,6 +714,7 @@ def main() -> int:
                             *spec.split("@"),
                             keep=args.keep_logs,
                             profile_dir=args.profile,
+                            profile_gil=args.profile_gil,
                         ),
                     )
                     for spec in args.churn
