@@ -6,7 +6,12 @@ acknowledgements between them, so one TLS object is never used by two threads. A
 server's ACK covers its frame. The window keeps what each frame settles, not its bytes (the bytes in flight are
 in the kernel's socket buffers and the server, not in the agent's memory): when a connection is lost, every frame
 the server had not made durable is handed back (``on_lost``), and its chunk is read again from the disk and sent
-on the next connection (a point in flight is abandoned: the next one is cut afresh)."""
+on the next connection (a point in flight is abandoned: the next one is cut afresh).
+
+A batch's deltas are known applied only from its CHECKED, never from its acknowledgement: a batch made durable whose
+CHECKED did not arrive (the connection broke between the server's commit and the agent's read of it, and the next
+WELCOME settled the batch) may have had deltas refused that nobody will ever name, so every one of its deltas is
+taken as refused (``on_refused``) and its chunk is sent whole."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import ssl
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.errors import ProcessServerUnreachable, RemoteError, ReplicaLost
@@ -53,6 +58,7 @@ class Sent:
     on_ack: Callable[[], None] | None = None
     on_lost: Callable[[], None] | None = None
     on_refused: Callable[[list[int]], None] | None = None  # a batch's records the server did not apply
+    deltas: tuple[int, ...] = ()  # the positions of a batch's records the server may refuse (its deltas)
 
 
 class TokenBucket:
@@ -102,7 +108,10 @@ class Stream:
         self._in = bytearray()
         self.wire_bytes = 0
         self.peer_version = 1  # the process server's protocol version, from its WELCOME
-        self.checked = 0  # the highest batch the server verified (CHECKED)
+        # The highest batch the server verified (CHECKED). A stream's batches are verified and answered in sequence
+        # order, and the window holds only frames of the current connection (``connect`` settles or hands back the
+        # rest): every batch in the window up to this one was answered.
+        self.checked = 0
         self.last_batch = 0  # the highest batch sent
 
     # Connection ------------------------------------------------------------------------------------------------
@@ -202,9 +211,11 @@ class Stream:
         on_ack: Callable[[], None] | None = None,
         on_lost: Callable[[], None] | None = None,
         on_refused: Callable[[list[int]], None] | None = None,
+        deltas: Sequence[int] = (),
     ) -> int:
         """Queue one frame (its sequence number is returned), its payload whole or in pieces sent one after the
-        other; blocks while the window is full."""
+        other; blocks while the window is full. ``deltas``: a batch's records the server may refuse (``on_refused``
+        is told those it did, and all of them if its answer is lost)."""
         while self.window and (self.window_size >= self.window_bytes or len(self.window) >= WINDOW_FRAMES):
             self.flush()
             before = self.acked
@@ -219,7 +230,7 @@ class Stream:
         parts = payload if isinstance(payload, list) else [payload]
         length = sum(len(p) for p in parts)
         header = Header(kind, flags, length, seq, offset, size, digest).pack()
-        self.window.append(Sent(seq, len(header) + length, since, on_ack, on_lost, on_refused))
+        self.window.append(Sent(seq, len(header) + length, since, on_ack, on_lost, on_refused, tuple(deltas)))
         self.window_size += len(header) + length
         if kind is Kind.BATCH:
             self.last_batch = seq
@@ -321,6 +332,9 @@ class Stream:
         while self.window and self.window[0].seq <= seq:
             sent = self.window.popleft()
             self.window_size -= sent.size
+            if sent.deltas and sent.seq > self.checked and sent.on_refused is not None:
+                # Durable, but what its check refused was never heard: none of its deltas is known applied.
+                sent.on_refused(list(sent.deltas))
             if sent.on_ack is not None:
                 sent.on_ack()
 

@@ -467,7 +467,7 @@ class DiskReplicator(threading.Thread):
         self.busy = BusyMeter()
         self.busy_share = busy_share
         self.events_at_capture = 0
-        self.refusals = 0  # deltas the process server refused (sent whole again)
+        self.refusals = 0  # deltas the process server refused, or whose verdict was lost (sent whole again)
         self.capture_held = 0  # bytes of a freeze's records held in memory to be sent after the thaw
         self.dirty_bps = 0.0  # sub-block bytes the writes change per second, and replication takes to send
         self.send_bps = 0.0
@@ -873,7 +873,8 @@ class DiskReplicator(threading.Thread):
         indexes = [r.index for r in records]
 
         def refused(positions: list[int]) -> None:
-            """The server did not apply these deltas (no such base, or not the hash they claimed): send whole."""
+            """The server did not apply these deltas (no such base, or not the hash they claimed; or its answer was
+            lost with the connection after the batch was made durable): send whole."""
             self.refusals += len(positions)
             self._lost_cb([indexes[p] for p in positions if p < len(indexes)])()
 
@@ -885,6 +886,7 @@ class DiskReplicator(threading.Thread):
             on_ack=self._acked_cb(records),
             on_lost=self._lost_cb(indexes),
             on_refused=refused,
+            deltas=[k for k, r in enumerate(records) if r.delta],
         )
 
     def _acked_cb(self, records: list[Record]) -> Callable[[], None]:

@@ -18,7 +18,8 @@ acknowledgement; each record is a chunk as above or a **delta**: only the sub-bl
 (a 16-bit mask of the chunk's sixteen sub-blocks, 4 KiB each in 64 KiB chunks), the hash of the whole new chunk, and
 the hash of the base the agent believes the replica holds for that chunk. The server rebuilds the chunk from exactly
 that base and keeps it only if the result has the new hash. Every batch is answered CHECKED as soon as it is verified
-(before its commit and its ACK), with the record positions it refused, if any; the agent sends those chunks whole. A
+(before its commit and its ACK), with the record positions it refused, if any; the agent sends those chunks whole
+(and, for a batch a WELCOME settled before its CHECKED was read, every delta of it). A
 point's capture waits for that answer of its residual, not for its commit. An agent of version 1 sends
 CHUNK frames to a server of version 2; an agent of version 2 sends CHUNK frames to a server that says nothing of its
 version (version 1)."""

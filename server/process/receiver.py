@@ -1,6 +1,7 @@
 """The process server's receiving end: a TLS listener (mutual TLS with the machines' certificates) beside the HTTPS
 API, one stream per protected disk, every chunk's hash verified before it is kept, and group commits that
-acknowledge only what the store has made durable.
+acknowledge only what the store has made durable. A stream that reconnects is welcomed with the durable sequence once
+the old stream's frames can no longer be committed (marked dead, and the commit under way that may hold some over).
 
 Each stream reads frames on the event loop, verifies chunks in a small thread pool (zstd and BLAKE3 release the
 GIL), and hands them in sequence order to one committer thread. The committer takes whatever has queued while the
@@ -200,6 +201,8 @@ class Committer(threading.Thread):
         self._pending: list[tuple[_Stream, Item]] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._busy = False  # a round is being committed
+        self._after: list[Callable[[], object]] = []  # called once the round under way is over
         self.commits = 0
         self.last_error: MobilityError | None = None
 
@@ -218,6 +221,16 @@ class Committer(threading.Thread):
         as a frame, so that it is recorded in order with the stream's others and acknowledged after them."""
         self.submit_many(stream, [_Applied(stream.disk.disk_key, seq)])
 
+    def after_round(self, done: Callable[[], object]) -> None:
+        """Call ``done`` once the round being committed now, if any, is over (from the committer's thread; at once
+        when none is). A stream marked dead before this call then has no frame committed any more: a later round
+        leaves the frames of a dead stream out."""
+        with self._cond:
+            if self._busy:
+                self._after.append(done)
+                return
+        done()
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -232,7 +245,18 @@ class Committer(threading.Thread):
                 if self._stopping and not self._pending:
                     return
                 batch, self._pending = self._pending, []
-            self._commit(batch)
+                self._busy = True
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    after, self._after = self._after, []
+                for done in after:
+                    try:
+                        done()
+                    except Exception:  # a waiter's loop closed: the committer goes on for the others
+                        log.exception("after a commit round")
 
     def _commit(self, batch: list[tuple[_Stream, Item]]) -> None:
         live = [(s, i) for s, i in batch if s.failed is None and not s.dead]
@@ -464,14 +488,25 @@ class Receiver:
             )
         if sum(1 for h, _ in self._streams if h == host_id) >= MAX_STREAMS_PER_HOST:
             raise ProtocolError(f"more than {MAX_STREAMS_PER_HOST} streams from one machine")
-        row, known = await asyncio.to_thread(self.store.open_disk, host_id, hello.disk, hello.size, hello.chunk_size)
-        old = self._streams.get((host_id, hello.disk))
-        if old is not None:  # the agent reconnected: the old stream is dead to it, and so are its frames
-            old.dead = True
-            old.writer.close()
+        key = (host_id, hello.disk)
+        while True:
+            old = self._streams.get(key)
+            if old is not None:
+                # The agent reconnected: the old stream is dead to it, and so are its frames. A commit under way may
+                # hold some of them still: the durable sequence is read once that commit is over, or the WELCOME
+                # would say less than is durable and the old stream's frames be kept after it.
+                old.dead = True
+                old.writer.close()
+                await self._round_over()
+            row, known = await asyncio.to_thread(
+                self.store.open_disk, host_id, hello.disk, hello.size, hello.chunk_size
+            )
+            current = self._streams.get(key)
+            if current is None or current is old:
+                break  # (else a connection of the same disk opened meanwhile: that one is the old stream now)
         loop = asyncio.get_running_loop()
         stream = _Stream(host_id, serial, row, loop, writer, self.budget, acked=row.acked_seq, version=hello.version)
-        self._streams[(host_id, hello.disk)] = stream
+        self._streams[key] = stream
         writer.write(json_frame(Kind.WELCOME, Welcome(row.acked_seq, known).to_json()))
         if hello.want_hashes:
             # Slice by slice from the index, never the whole list at once (32 MiB for a disk of 1 Mi chunks).
@@ -485,6 +520,18 @@ class Receiver:
             await asyncio.to_thread(self.store.replica_sent, row)  # the agent resyncs against them
         await writer.drain()
         return stream
+
+    async def _round_over(self) -> None:
+        """Until the committer's round under way now, if any, is over (nothing waits in a thread meanwhile)."""
+        loop = asyncio.get_running_loop()
+        over = loop.create_future()
+
+        def done() -> None:
+            if not over.done():
+                over.set_result(None)
+
+        self.committer.after_round(lambda: loop.call_soon_threadsafe(done))
+        await over
 
     async def _receive(self, stream: _Stream, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()

@@ -2,7 +2,8 @@
 repository: real TLS with certificates of the project's CA (server/api/pki.py) on loopback, the replication wire format
 of agent/shared/replication_wire.py, and a durable count of its own; and the faults a network and a server cause,
 programmed by the test: acknowledgements dropped, delayed, reordered or duplicated, a connection cut before or after
-a frame is durable, an ERROR, a batch's records refused, a store that lost what it had acknowledged.
+a frame is durable, an ERROR, a batch's records refused (and its CHECKED lost), a store that lost what it had
+acknowledged.
 
 It keeps no chunks, only what they are: the hash of every chunk of the replica as the durable frames left it
 (``replica``) and the points closed (``points``), and every frame it read (``received``), so the agent's side (the
@@ -69,6 +70,7 @@ class Faults:
     durable_at_cut: bool = False  # ... after (True) or before (False) it was made durable
     error_at: tuple[int, StreamError] | None = None  # an ERROR instead of the ACK of this frame
     refused: dict[int, list[int]] = field(default_factory=dict)  # batch seq -> record positions a CHECKED refuses
+    drop_checked: set[int] = field(default_factory=set)  # batches verified whose CHECKED is never sent
     welcome_acked: int | None = None  # WELCOME says this instead of the durable count (a store that lost frames)
     known: bool = True  # WELCOME: the replica is known
     version: int = PROTOCOL_VERSION
@@ -201,16 +203,16 @@ class ProcessServerSimulator:
             with self._lock:
                 self.received.append(Received(connection, header, payload))
             seq = header.seq
+            refused = f.refused.get(seq, []) if header.kind is Kind.BATCH else []
             if f.cut_at == seq:
-                if f.durable_at_cut:
-                    self._apply(geometry, header, payload)
+                if f.durable_at_cut:  # verified and committed: the connection breaks before its CHECKED is out
+                    self._apply(geometry, header, payload, refused)
                 f.cut_at = None  # once: the next connection goes on
                 sock.shutdown(socket.SHUT_RDWR)
                 return
-            self._apply(geometry, header, payload)
-            if header.kind is Kind.BATCH and seq in f.refused:
-                positions = f.refused[seq]
-                sock.sendall(frame(Kind.CHECKED, struct.pack(f"<{len(positions)}I", *positions), seq=seq))
+            if header.kind is Kind.BATCH and seq not in f.drop_checked:  # every batch, as the process server does
+                sock.sendall(frame(Kind.CHECKED, struct.pack(f"<{len(refused)}I", *refused), seq=seq))
+            self._apply(geometry, header, payload, refused)
             if f.error_at is not None and f.error_at[0] == seq:
                 sock.sendall(json_frame(Kind.ERROR, f.error_at[1].to_json()))
                 return
@@ -233,14 +235,16 @@ class ProcessServerSimulator:
             return b""
         return b"".join(self.replica.get(i) or zero_hash(g.length(i)) for i in range(g.count))
 
-    def _apply(self, geometry: Geometry, header: Header, payload: bytes) -> None:
-        """Frame ``header`` is durable: the replica takes its chunks (a delta's hash is the rebuilt chunk's)."""
+    def _apply(self, geometry: Geometry, header: Header, payload: bytes, refused: list[int]) -> None:
+        """Frame ``header`` is durable: the replica takes its chunks (a delta's hash is the rebuilt chunk's), but
+        not the records its check refused."""
         with self._lock:
             if header.kind is Kind.CHUNK:
                 self.replica[header.offset // geometry.chunk_size] = header.hash
             elif header.kind is Kind.BATCH:
-                for record in parse_batch(payload, header.size, geometry.chunk_size, geometry.count):
-                    self.replica[record.index] = record.hash
+                for n, record in enumerate(parse_batch(payload, header.size, geometry.chunk_size, geometry.count)):
+                    if n not in refused:
+                        self.replica[record.index] = record.hash
             elif header.kind is Kind.POINT:
                 self.points.append(PointClose.from_json(parse_json(payload, "POINT")))
             self.durable = max(self.durable, header.seq)

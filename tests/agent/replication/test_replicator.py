@@ -26,7 +26,7 @@ from agent.replication.stream import Stream
 from agent.replication.sync import _UNKNOWN as UNKNOWN
 from agent.replication.sync import Capture, DiskReplicator, JobResult
 from agent.shared.address import ServerAddress
-from agent.shared.replication_wire import Kind, Record
+from agent.shared.replication_wire import Kind, Record, parse_batch
 from tests.agent.replication.simulator import Faults, ProcessServerSimulator, simulated
 
 CHUNK = 65536
@@ -152,6 +152,31 @@ def test_continuous_changes_lost_with_the_connection_are_sent_again(
     write(r, image, [7, 8, 40])
     wait("the replica in sync after the cut", lambda: in_sync(r, sim, image) and sim.connections == 2, timeout=30)
     assert r.persisted.synced
+
+
+def test_a_delta_refused_in_a_batch_whose_check_was_lost_is_sent_whole_on_the_next_connection(
+    start: Callable[[], DiskReplicator], sim: ProcessServerSimulator, image: Path
+) -> None:
+    """A write of one sub-block of chunk 3 travels as a delta; the server refuses it (its base gone), commits the
+    batch, and the connection breaks before the agent reads the CHECKED that says so. The WELCOME settles the batch:
+    the chunk is read again and sent whole, and the replica converges. (It kept the chunk's old content while the
+    agent believed it current, until a point came back with REPL-POINT-MISMATCH.)"""
+    r = start()
+    wait("the replica in sync", lambda: in_sync(r, sim, image))
+    batch = sim.durable + 1
+    sim.faults = Faults(refused={batch: [0]}, cut_at=batch, durable_at_cut=True)
+    with image.open("r+b") as f:
+        f.seek(3 * CHUNK + 4096)
+        f.write(os.urandom(4096))
+    r.dirty.mark_bytes([(3 * CHUNK + 4096, 4096)], r.clock())
+    wait("the cut and the reconnection", lambda: sim.connections == 2, timeout=30)
+    first = [x for x in sim.received if x.connection == 1 and x.header.seq == batch]
+    assert first and parse_batch(first[0].payload, 1, CHUNK, CHUNKS)[0].delta  # a delta went, and was refused
+    wait("the replica in sync", lambda: in_sync(r, sim, image), timeout=30)
+    again = [x for x in sim.received if x.connection == 2 and x.header.kind is Kind.BATCH]
+    records = [rec for x in again for rec in parse_batch(x.payload, x.header.size, CHUNK, CHUNKS)]
+    assert [(rec.index, rec.delta) for rec in records] == [(3, False)]  # whole, this time
+    assert r.refusals == 1
 
 
 def point(r: DiskReplicator) -> Capture:

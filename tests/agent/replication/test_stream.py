@@ -46,7 +46,7 @@ class Ledger:
     lost: list[int] = field(default_factory=list)
     refused: dict[int, list[int]] = field(default_factory=dict)
 
-    def send(self, stream: Stream, n: int, kind: Kind = Kind.CHUNK) -> list[int]:
+    def send(self, stream: Stream, n: int, kind: Kind = Kind.CHUNK, deltas: tuple[int, ...] = ()) -> list[int]:
         seqs = []
         for _ in range(n):
             seq = stream.next_seq
@@ -60,6 +60,7 @@ class Ledger:
                     on_ack=lambda s=seq: self.acked.append(s),
                     on_lost=lambda s=seq: self.lost.append(s),
                     on_refused=lambda positions, s=seq: self.refused.__setitem__(s, positions),
+                    deltas=deltas,
                 )
             )
         return seqs
@@ -237,6 +238,36 @@ def test_records_a_batch_check_refuses_are_handed_to_the_batch_which_is_still_ac
     assert stream.wait_checked(5.0) and stream.drain(5.0)
     assert ledger.refused == {2: [0, 3]} and ledger.acked == [1, 2, 3]
     assert stream.batches and stream.last_batch == 3
+
+
+def test_a_batch_made_durable_whose_check_was_lost_has_every_delta_taken_as_refused(
+    sim: ProcessServerSimulator,
+) -> None:
+    """The server verified batch 3 (refusing a delta) and committed it, and the connection broke before the agent
+    read its CHECKED: the next WELCOME settles the batch, and nobody will ever name the delta it refused. Every delta
+    of such a batch is handed back as refused (its chunk is sent whole); a batch whose CHECKED came, or that carries
+    no delta, is settled as it is. (The refused delta was settled as applied: the replica kept the chunk's old
+    content while the agent believed it current.)"""
+    sim.faults = Faults(silent=True, refused={3: [1]}, drop_checked={2, 3})
+    stream, ledger = stream_to(sim), Ledger()
+    stream.connect(HELLO)
+    ledger.send(stream, 1, Kind.BATCH, deltas=(0,))  # answered: nothing refused
+    ledger.send(stream, 1, Kind.BATCH)  # no delta
+    ledger.send(stream, 1, Kind.BATCH, deltas=(0, 1, 4))
+    stream.flush()
+    sim.wait_for_frames(3)
+    deadline = time.monotonic() + 5
+    while stream.checked < 1:
+        assert time.monotonic() < deadline, "the CHECKED of batch 1 did not come"
+        stream.pump(0.1)
+    sim.cut()
+    with pytest.raises(ProcessServerUnreachable):
+        stream.drain(5.0)
+    assert ledger.refused == {} and ledger.acked == []
+    sim.faults = Faults()
+    assert stream.connect(HELLO).acked_seq == 3
+    assert ledger.acked == [1, 2, 3] and ledger.lost == []
+    assert ledger.refused == {3: [0, 1, 4]}
 
 
 def test_the_replica_hashes_arrive_with_their_offsets_and_bad_ones_are_refused(sim: ProcessServerSimulator) -> None:

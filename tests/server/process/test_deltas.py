@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,13 @@ class Sender:
         def refused(positions: list[int]) -> None:
             self.refused[seq] = positions
 
-        return self.stream.send(Kind.BATCH, batch_payload(list(records)), size=len(records), on_refused=refused)
+        return self.stream.send(
+            Kind.BATCH,
+            batch_payload(list(records)),
+            size=len(records),
+            on_refused=refused,
+            deltas=[k for k, r in enumerate(records) if r.delta],
+        )
 
 
 def test_deltas_are_rebuilt_from_their_base_and_refused_without_it(tmp_path: Path) -> None:
@@ -123,6 +130,36 @@ def test_a_base_in_a_damaged_pack_is_refused_and_the_whole_chunk_then_kept(tmp_p
         row = r.store.disk(HOSTS[0], "/dev/sdb")
         assert row is not None and bytes(r.store.head(row))[:32] == chunk_hash(b)
         assert r.store.read(chunk_hash(b), CHUNK) == b
+
+
+def test_a_refusal_whose_check_was_lost_with_the_connection_is_not_taken_for_an_applied_delta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process server refuses a delta (a base it does not hold), commits its batch, and the connection breaks
+    before the agent read the CHECKED that said so: the WELCOME of the next connection says the batch is durable, and
+    the agent takes every delta of it as refused (its chunk then goes whole), never as applied."""
+    with receiving(tmp_path) as r:
+        s = r.stream(HOSTS[0])
+        s.connect(Hello("/dev/sdb", 2 * CHUNK, CHUNK))
+        send = Sender(s)
+        a = os.urandom(CHUNK)
+        send.batch(whole(0, a))
+        assert s.drain(30)
+        stranger = os.urandom(CHUNK)
+        with monkeypatch.context() as m:
+            m.setattr(s, "pump", lambda wait: s.acked)  # nothing the server answers is read
+            changed = with_blocks(stranger, {0: os.urandom(BLOCK)})
+            seq = send.batch(whole(0, with_blocks(a, {2: os.urandom(BLOCK)})), delta(1, stranger, changed, [0]))
+            s.flush()
+            deadline = time.monotonic() + 30
+            while (row := r.store.disk(HOSTS[0], "/dev/sdb")) is None or row.acked_seq < seq:
+                assert time.monotonic() < deadline, "the batch was not committed"
+                time.sleep(0.01)
+            s.close()  # its CHECKED and ACK unread
+        assert send.refused == {}
+        assert s.connect(Hello("/dev/sdb", 2 * CHUNK, CHUNK)).acked_seq == seq
+        assert send.refused == {seq: [1]} and not s.window
+        assert bytes(r.store.head(row))[32:64] == zero_hash(CHUNK)  # what the agent now knows: not applied
 
 
 def test_an_agent_of_version_1_sends_chunks_and_may_not_send_batches(tmp_path: Path) -> None:

@@ -97,6 +97,52 @@ def test_frames_after_a_refused_batch_are_not_committed_before_the_stream_fails(
         loop.close()
 
 
+class Held:
+    """A store whose first commit waits until it is released."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.committed: list[int] = []
+
+    def commit(self, items: Sequence[ChunkPut | PointPut]) -> list[Exception | None]:
+        self.entered.set()
+        assert self.release.wait(10)
+        self.committed += [i.seq for i in items]
+        return [None] * len(items)
+
+
+def test_after_the_round_under_way_a_stream_marked_dead_has_nothing_committed() -> None:
+    """What a reconnection waits for: the round under way (which may hold the old stream's frames) is over, and no
+    later round commits a frame of a stream marked dead before the wait."""
+    loop = asyncio.new_event_loop()
+    store = Held()
+    committer = Committer(store)  # type: ignore[arg-type]
+    try:
+        writer: Any = Writer()
+        stream = _Stream("h", "1", DiskRow(1, "h", "/dev/sdb", 1 << 20, 4096, 0), loop, writer, _Budget(1 << 30))
+        idle: list[str] = []
+        committer.after_round(lambda: idle.append("at once"))
+        assert idle == ["at once"]  # nothing under way
+        committer.start()
+        committer.submit(stream, zero(1))
+        assert store.entered.wait(10)
+        committer.submit(stream, zero(2))  # queued behind the round under way
+        stream.dead = True
+        over = threading.Event()
+        committer.after_round(over.set)
+        assert not over.wait(0.2)
+        store.release.set()
+        assert over.wait(10)
+        assert store.committed == [1]
+        committer.submit(stream, zero(3))
+        committer.stop()
+        assert store.committed == [1]  # frames 2 and 3 of the dead stream: never
+    finally:
+        store.release.set()
+        committer.stop()
+        loop.close()
+
+
 def test_a_point_is_acknowledged_before_anything_that_follows_it_runs(tmp_path: Path) -> None:
     """What follows a point (retention, then collection: the maintenance thread's) never delays its batch: the
     committer acknowledges first. Here it waits as long as it likes, and the stream has its acknowledgement already.

@@ -6,6 +6,9 @@ reconnection is welcomed with exactly what was made durable and the replica's ha
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from agent.errors import ProcessServerUnreachable, RemoteError
 from agent.replication.chunks import chunk_hash, zero_hash
 from agent.shared.replication_wire import HASH_SIZE, Codec, Hello, Kind
+from server.process.store import ChunkPut, PointPut
 from tests.server.process.test_receiver import CHUNK, HOSTS, Running, receiving
 
 DISK = "/dev/sdb"
@@ -136,3 +140,47 @@ def test_a_reconnection_replaces_the_old_stream_and_numbering_goes_on(tmp_path: 
         new.close()
         acked, hashes = replica_hashes(r)
     assert acked == 2 and hashes[: 2 * HASH_SIZE] == chunk_hash(a) + chunk_hash(b)
+
+
+def test_a_reconnection_is_welcomed_only_once_the_old_streams_frames_can_no_longer_be_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent reconnects while a commit holding a frame of its old stream is under way (slowed here at the store's
+    boundary): the WELCOME must say what is durable once that commit is over, not what was durable when the HELLO
+    came, and nothing of the old stream may be committed after it. (The WELCOME said 1, then the old stream's frame 2
+    was committed: the durable sequence ran ahead of what the new stream was told.)"""
+    a, b, c = os.urandom(CHUNK), os.urandom(CHUNK), os.urandom(CHUNK)
+    with receiving(tmp_path) as r:
+        old = r.stream(HOSTS[0])
+        old.connect(HELLO)
+        send_chunk(old, 0, a)
+        assert old.drain(10.0)
+        entered, release = threading.Event(), threading.Event()
+        commit = r.store.commit
+
+        def slow(items: Sequence[ChunkPut | PointPut]) -> list[Exception | None]:
+            if any(i.seq == 2 for i in items):
+                entered.set()
+                release.wait(30)
+            return commit(items)
+
+        monkeypatch.setattr(r.store, "commit", slow)
+        send_chunk(old, 0, b)
+        old.flush()
+        assert entered.wait(10), "frame 2 did not reach the store"
+        timer = threading.Timer(1.0, release.set)  # the commit ends a second from now
+        timer.start()
+        new = r.stream(HOSTS[0])
+        new.next_seq = old.next_seq
+        welcome = new.connect(HELLO)
+        timer.join()
+        deadline = time.monotonic() + 10
+        while (row := r.store.disk(HOSTS[0], DISK)) is None or row.acked_seq < 2:
+            assert time.monotonic() < deadline, "frame 2 was never committed"
+            time.sleep(0.01)
+        assert welcome.acked_seq == row.acked_seq == 2
+        send_chunk(new, 0, c)
+        assert new.drain(10.0) and new.acked == 3
+        new.close()
+        acked, hashes = replica_hashes(r)
+    assert acked == 3 and hashes[:HASH_SIZE] == chunk_hash(c)
