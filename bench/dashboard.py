@@ -45,8 +45,9 @@ from agent.shared.replication_wire import DiskReport, PointClose, ReplicationRep
 from agent.shared.wire import CheckReport, HealthReport  # noqa: E402
 from scripts.localserver import init_local_server, start_local_server, ui_url  # noqa: E402
 from server.database.connection import database_for  # noqa: E402
+from server.database.heartbeats import Beat  # noqa: E402
 from server.database.schema import machines, policies, protection  # noqa: E402
-from server.database.storage import Beat, Storage  # noqa: E402
+from server.database.storage import Storage  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
 from server.process.service import store_dir  # noqa: E402
 from server.process.store import ChunkStore, PointPut  # noqa: E402

@@ -61,7 +61,8 @@ from scripts.localserver import init_local_server, server_log, start_local_serve
 from server.api import pki  # noqa: E402
 from server.api.stalls import Histogram, StallMonitor  # noqa: E402
 from server.database.connection import database_for  # noqa: E402
-from server.database.storage import NewMachine, Storage  # noqa: E402
+from server.database.machines import NewMachine  # noqa: E402
+from server.database.storage import Storage  # noqa: E402
 from server.datadir import DataDir  # noqa: E402
 
 STATS_SECONDS = 10

@@ -389,7 +389,8 @@ def _host_ids(text: str) -> list[str]:
 
 def cmd_update(args: argparse.Namespace) -> int:
     data = data_dir(args)  # refused before the heavier imports
-    from server.releases.rollouts import Rollouts, Selection, parse_version, parse_wave
+    from server.database.rollout_rows import Selection
+    from server.releases.rollouts import Rollouts, parse_version, parse_wave
 
     if args.halt:
         if args.to or args.machines or args.os_tag or args.all or args.allow_downgrade:

@@ -268,6 +268,38 @@ def test_the_layer_check_sees_an_import_upwards() -> None:
     ]
 
 
+def sql_outside_the_database(modules: dict[str, str]) -> list[str]:
+    """Where a module of the server outside server/database/ imports SQLAlchemy: runs statements of its own
+    around the data-access layer (pure)."""
+    return [
+        f"{module}:{line} imports {imported}"
+        for module, source in modules.items()
+        if _inside(module, "server") and not _inside(module, "server.database")
+        for line, imported in imports(source, modules)
+        if _inside(imported, "sqlalchemy")
+    ]
+
+
+def test_only_the_database_package_runs_sql() -> None:
+    """Every query of the server has its one home in server/database/ (the rollouts once ran two dozen statements
+    of their own on the data-access layer's connection)."""
+    found = sql_outside_the_database(_modules())
+    assert not found, "\n".join(found)
+
+
+def test_the_sql_check_sees_a_statement_outside_the_database() -> None:
+    modules = {
+        "server.database.jobs": "from sqlalchemy import select\n",  # the database's own: fine
+        "server.releases.rollouts": "def f():\n    from sqlalchemy import update\n",
+        "server.ui.views": "import sqlalchemy.exc\n",
+        "agent.x": "",
+    }
+    assert sql_outside_the_database(modules) == [
+        "server.releases.rollouts:2 imports sqlalchemy",
+        "server.ui.views:1 imports sqlalchemy.exc",
+    ]
+
+
 def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
     """Which modules each module imports (pure): every import, lazy and type-only ones included, resolved to the
     module it names (``from agent.shared.wire import WireError`` is an edge to agent.shared.wire)."""

@@ -26,7 +26,9 @@ from scripts.vmlab.machine import VM, Disk, Forward, Hardware, Spec
 from scripts.vmlab.recipe import GUEST_ADDRESS_OF_HOST
 
 if TYPE_CHECKING:
-    from server.database.storage import Machine, ProtectionRow, Storage
+    from server.database.machines import Machine
+    from server.database.protection import ProtectionRow
+    from server.database.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GUEST_API_PORT = 9443  # the server as guests reach it: GUEST_ADDRESS_OF_HOST:9443 (and its process server at :9444)

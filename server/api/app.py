@@ -51,8 +51,10 @@ from server.api.metrics import ServerMetrics
 from server.api.nonces import NonceSigner, load_or_create_key
 from server.api.stalls import StallMonitor
 from server.api.tls import listener_context, peer_identity
+from server.database.certificates import Credential
 from server.database.connection import Database
-from server.database.storage import Beat, Credential, Storage, Tx
+from server.database.heartbeats import Beat
+from server.database.storage import Storage, Tx
 from server.datadir import DataDir
 from server.errors import (
     ApiError,

@@ -30,7 +30,8 @@ from agent.shared.textsafe import printable
 from agent.shared.wire import EnrolRequest, RenewRequest, WireError, enrol_proof, job_proof, key_proof_message
 from server.api import pki
 from server.api.nonces import NonceSigner
-from server.database.storage import Machine, NewMachine, Storage, Tx, key_id
+from server.database.machines import Machine, NewMachine, key_id
+from server.database.storage import Storage, Tx
 from server.errors import (
     BadProof,
     BadRequest,

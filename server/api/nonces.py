@@ -1,5 +1,5 @@
 """Enrolment nonces that any instance can check: signed by a key in the shared data directory, with their expiry
-inside, so issuing one writes nothing. Single use is the database's job (server/database/storage.py ``use_nonce``: the
+inside, so issuing one writes nothing. Single use is the database's job (server/database/tokens.py ``use_nonce``: the
 used nonce's ID is a primary key), so a nonce issued by one instance and used at another is still used once."""
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from server.errors import (
 )
 
 if TYPE_CHECKING:  # imported where used: every `mobility-server` command builds this parser, few open the store
-    from server.database.storage import Machine, Storage
+    from server.database.machines import Machine
+    from server.database.storage import Storage
     from server.process.inspection import Inspect
     from server.process.store import ChunkStore, Point
 

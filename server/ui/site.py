@@ -36,6 +36,7 @@ from server.api.metrics import HEARTBEAT_BUCKETS
 from server.api.nonces import load_or_create_key
 from server.api.tls import listener_context
 from server.database.operators import Operators
+from server.database.rollout_rows import FAILED, OFFERED, RUNNING, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN, Rollout
 from server.errors import (
     ApiError,
     BadRequest,
@@ -48,7 +49,7 @@ from server.errors import (
 )
 from server.process.service import store_dir
 from server.process.store import DEFAULT_RESERVE, ChunkStore, Point
-from server.releases.rollouts import FAILED, OFFERED, RUNNING, SKIPPED, SUCCEEDED, WAITING, WITHDRAWN, Rollout, Rollouts
+from server.releases.rollouts import Rollouts
 from server.ui import views
 from server.ui.access import SESSION_COOKIE, Access, Who, is_loopback
 from server.ui.actions import Actions

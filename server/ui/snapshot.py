@@ -15,9 +15,10 @@ from typing import Any, NamedTuple
 
 from agent.shared.replication_wire import STATES, ReplicationReport
 from agent.shared.wire import HEALTH_STATES
-from server.database.storage import FleetRow, stored_report
+from server.database.fleet import FleetRow
+from server.database.protection import stored_report
+from server.database.rollout_rows import Rollout
 from server.errors import BadRequest
-from server.releases.rollouts import Rollout
 
 ONLINE, OFFLINE, REVOKED, NEVER_SEEN = "online", "offline", "revoked", "never seen"
 MACHINE_STATES = (ONLINE, OFFLINE, REVOKED, NEVER_SEEN)

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from server.database.storage import Job, Storage
+from server.database.jobs import Job
+from server.database.rollout_rows import Rollout
+from server.database.storage import Storage
 from server.process.store import Point
-from server.releases.rollouts import Rollout, Rollouts
+from server.releases.rollouts import Rollouts
 from server.ui.history import FLEET_COLUMNS, History
 from server.ui.snapshot import DiskQuery, MachineQuery, Snapshot, disks_page, machines_page
 

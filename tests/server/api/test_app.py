@@ -21,7 +21,8 @@ from server.api.edge import HEADER_SECONDS, AdmissionGate, Connections, GuardedH
 from server.api.enrolment import Enrolment
 from server.api.stalls import StallMonitor
 from server.database.connection import parse_database
-from server.database.storage import Beat, Storage
+from server.database.heartbeats import Beat
+from server.database.storage import Storage
 from server.datadir import DataDir
 from server.errors import DatabaseUnavailable, ServerBusy
 from tests.server.database.test_storage import new_machine

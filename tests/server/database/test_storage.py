@@ -1,6 +1,6 @@
-"""server/database/storage.py on both engines (a SQLite file and a real PostgreSQL 15): schema migrations,
-one-transaction enrolment, who may write a job, monotonic heartbeats, shared nonces and failure counts, certificate
-revocation."""
+"""The data-access layer (server/database/storage.py and the aggregates it sums) on both engines (a SQLite file
+and a real PostgreSQL 15): schema migrations, one-transaction enrolment, who may write a job, monotonic heartbeats,
+shared nonces and failure counts, certificate revocation."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from agent.lifecycle.identity import new_key_and_csr
 from agent.shared.wire import HealthReport, MachineFacts
 from server.database import migrations
 from server.database.connection import parse_database
+from server.database.heartbeats import Beat
+from server.database.machines import NewMachine, key_id
 from server.database.migrations.legacy import SCHEMA_V1
 from server.database.schema import metadata
-from server.database.storage import Beat, NewMachine, Storage, key_id
+from server.database.storage import Storage
 from server.errors import (
     CertRevoked,
     CertSuperseded,

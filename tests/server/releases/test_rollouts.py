@@ -12,16 +12,8 @@ import pytest
 from agent.shared.errors import BadArguments
 from agent.shared.wire import MachineFacts
 from server.database.connection import parse_database
-from server.database.storage import Beat, Storage
-from server.errors import (
-    MachineNotFound,
-    RolloutDowngrade,
-    RolloutNoBundle,
-    RolloutNoMachines,
-    RolloutNotRunning,
-    RolloutRunning,
-)
-from server.releases.rollouts import (
+from server.database.heartbeats import Beat
+from server.database.rollout_rows import (
     COMPLETED,
     FAILED,
     HALTED,
@@ -31,14 +23,18 @@ from server.releases.rollouts import (
     SUCCEEDED,
     WAITING,
     WITHDRAWN,
-    Rollouts,
     Selection,
-    parse_wave,
-    pin_back_failed_pin,
-    plan_waves,
-    target_of,
-    wave_size,
 )
+from server.database.storage import Storage
+from server.errors import (
+    MachineNotFound,
+    RolloutDowngrade,
+    RolloutNoBundle,
+    RolloutNoMachines,
+    RolloutNotRunning,
+    RolloutRunning,
+)
+from server.releases.rollouts import Rollouts, parse_wave, pin_back_failed_pin, plan_waves, target_of, wave_size
 from tests.server.database.test_storage import new_machine
 
 PUBLISHED = {("0.1.1", "DEBIAN12"), ("0.1.2", "DEBIAN12"), ("0.1.0", "DEBIAN12")}

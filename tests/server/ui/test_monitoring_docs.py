@@ -18,8 +18,8 @@ from agent.shared.replication_wire import DiskReport, Policy, ReplicationReport
 from server.api.edge import Connections
 from server.api.metrics import ServerMetrics
 from server.api.stalls import StallMonitor
-from server.database.storage import FleetRow
-from server.releases.rollouts import Rollout, Selection
+from server.database.fleet import FleetRow
+from server.database.rollout_rows import Rollout, Selection
 from server.ui.exposition import fleet_text
 from server.ui.snapshot import Builder, StoreFigures
 from tests.conftest import REPO

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.shared.replication_wire import DiskReport, ReplicationReport
 from agent.shared.wire import CheckReport, HealthReport
 from scripts.localserver import server_log, start_local_server, ui_url
-from server.database.storage import Beat
+from server.database.heartbeats import Beat
 from tests.integration.serverproc import ServerProcess, init_server, open_storage, server_cli, wait_for
 from tests.server.database.test_storage import new_machine
 

@@ -9,9 +9,9 @@ import math
 import pytest
 
 from agent.shared.replication_wire import DiskReport, Policy, ReplicationReport
-from server.database.storage import FleetRow
+from server.database.fleet import FleetRow
+from server.database.rollout_rows import Rollout, Selection
 from server.errors import BadRequest
-from server.releases.rollouts import Rollout, Selection
 from server.ui import history as history_module
 from server.ui.history import History, Ring, quantile
 from server.ui.snapshot import Builder, DiskQuery, MachineQuery, disks_page, machines_page
