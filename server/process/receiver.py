@@ -452,6 +452,10 @@ class Receiver:
                 _refuse(writer, ReplicationProtocol("the process server failed on this stream"), stream)
             finally:
                 if stream is not None:
+                    # Its connection is gone, and with it every acknowledgement still owed: what it sent and was not
+                    # committed yet never will be (the agent sends it again), so that a reconnection's WELCOME, read
+                    # after the commit under way, says all that will ever be durable of it.
+                    stream.dead = True
                     stream.release()
                     if self._streams.get((stream.host_id, stream.disk.disk)) is stream:
                         del self._streams[(stream.host_id, stream.disk.disk)]
@@ -491,13 +495,13 @@ class Receiver:
         key = (host_id, hello.disk)
         while True:
             old = self._streams.get(key)
-            if old is not None:
-                # The agent reconnected: the old stream is dead to it, and so are its frames. A commit under way may
-                # hold some of them still: the durable sequence is read once that commit is over, or the WELCOME
-                # would say less than is durable and the old stream's frames be kept after it.
+            if old is not None:  # the agent reconnected: the old stream is dead to it, and so are its frames
                 old.dead = True
                 old.writer.close()
-                await self._round_over()
+            # A commit under way may hold frames of an earlier stream of this disk still (the one just marked dead,
+            # or one whose connection ended before this HELLO): the durable sequence is read once that commit is
+            # over, or the WELCOME would say less than is durable and those frames be kept after it.
+            await self._round_over()
             row, known = await asyncio.to_thread(
                 self.store.open_disk, host_id, hello.disk, hello.size, hello.chunk_size
             )

@@ -142,13 +142,16 @@ def test_a_reconnection_replaces_the_old_stream_and_numbering_goes_on(tmp_path: 
     assert acked == 2 and hashes[: 2 * HASH_SIZE] == chunk_hash(a) + chunk_hash(b)
 
 
+@pytest.mark.parametrize("old_gone_first", [False, True], ids=["old-stream-open", "old-connection-ended-first"])
 def test_a_reconnection_is_welcomed_only_once_the_old_streams_frames_can_no_longer_be_committed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_gone_first: bool
 ) -> None:
     """The agent reconnects while a commit holding a frame of its old stream is under way (slowed here at the store's
     boundary): the WELCOME must say what is durable once that commit is over, not what was durable when the HELLO
     came, and nothing of the old stream may be committed after it. (The WELCOME said 1, then the old stream's frame 2
-    was committed: the durable sequence ran ahead of what the new stream was told.)"""
+    was committed: the durable sequence ran ahead of what the new stream was told.) Also when the server saw the old
+    connection end before the HELLO came (a killed agent): its stream is gone from the server's table then, but not
+    its frames from the commit under way."""
     a, b, c = os.urandom(CHUNK), os.urandom(CHUNK), os.urandom(CHUNK)
     with receiving(tmp_path) as r:
         old = r.stream(HOSTS[0])
@@ -168,6 +171,12 @@ def test_a_reconnection_is_welcomed_only_once_the_old_streams_frames_can_no_long
         send_chunk(old, 0, b)
         old.flush()
         assert entered.wait(10), "frame 2 did not reach the store"
+        if old_gone_first:
+            old.close()
+            deadline = time.monotonic() + 10
+            while r.call(lambda: len(r.receiver._streams)):
+                assert time.monotonic() < deadline, "the server never saw the old connection end"
+                time.sleep(0.01)
         timer = threading.Timer(1.0, release.set)  # the commit ends a second from now
         timer.start()
         new = r.stream(HOSTS[0])
