@@ -438,12 +438,8 @@ def bench_churn(
     threading.Thread(target=sample_rss, args=(agent.pid, stop, rss), daemon=True).start()
     started = time.time()
     label = f"churn-{bs}-{rate}"
-    spies = (
-        []
-        if profile_dir is None
-        else profile({"agent": agent.pid, "server": server.proc.pid}, seconds, profile_dir, label, gil=profile_gil)
-    )
     pids = {"agent": agent.pid, "server": server.proc.pid}
+    spies = [] if profile_dir is None else profile(pids, seconds, profile_dir, label, gil=profile_gil)
     cpu = {name: psutil.Process(pid).cpu_times() for name, pid in pids.items()}
     sched = {name: schedstat(pid) for name, pid in pids.items()}
     wall = time.monotonic()
@@ -457,7 +453,7 @@ def bench_churn(
     for spy in spies:
         spy.wait(timeout=120)
     if profile_dir is not None:
-        for name in ("agent", "server"):
+        for name in pids:
             print(profile_summary(profile_dir / f"{label}-{name}.txt"), flush=True)
     points = [p for p in server.json("points", "--machine", machine.host_id) if p["created"] >= started]
 
