@@ -18,7 +18,6 @@ from scripts.vmlab.host import VmLabError
 from scripts.vmlab.lab import Lab
 from scripts.vmlab.machine import (
     CRYPTO_CPU,
-    MAX_VMS,
     VM,
     Boot,
     Disk,
@@ -26,9 +25,9 @@ from scripts.vmlab.machine import (
     Hardware,
     Segment,
     Spec,
-    accelerator,
 )
 from scripts.vmlab.recipe import DEBIAN11, DEBIAN12, GUEST_ADDRESS_OF_HOST, RECIPES, Recipe
+from server.process.recovery_vm import MAX_VMS, accelerator
 
 __all__ = [
     "CRYPTO_CPU",

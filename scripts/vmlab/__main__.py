@@ -29,8 +29,9 @@ from pathlib import Path
 from scripts.vmlab.build import CACHE, cached, image, prune
 from scripts.vmlab.host import VmLabError, exit_on_sigterm, locked, sweep
 from scripts.vmlab.lab import Lab
-from scripts.vmlab.machine import Forward, Spec, accelerator
+from scripts.vmlab.machine import Forward, Spec
 from scripts.vmlab.recipe import GUEST_ADDRESS_OF_HOST, RECIPES, Recipe
+from server.process.recovery_vm import accelerator
 
 DETACH = b"\x1d"  # Ctrl-]
 

@@ -429,8 +429,20 @@ class VM:
                 self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise VmLabError(f"{self.name} did not power off within {timeout:g} s (killed)") from None
+            raise VmLabError(
+                f"{self.name} did not power off within {timeout:g} s (killed); its console last said:\n"
+                f"{self.console_tail()}"
+            ) from None
         return self._reap()
+
+    def console_tail(self, lines: int = 25) -> str:
+        """The console's last ``lines`` lines (systemd's "A stop job is running for ..." names what a shutdown waits
+        on), for an error."""
+        try:
+            text = self.console_log.read_bytes()[-16384:].decode(errors="replace")
+        except OSError as e:
+            return f"(no console log: {e.strerror})"
+        return "\n".join(text.splitlines()[-lines:])
 
     def kill(self) -> None:
         """Pull the plug: SIGKILL to QEMU (the guest gets no shutdown)."""
