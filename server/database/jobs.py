@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from sqlalchemy import and_, func, select, update
 
@@ -90,36 +90,27 @@ class JobRows(TxBase):
 J = TypeVar("J", bound=JobRows)
 
 
+class JobFields(TypedDict):
+    """What a report says about a job (created_at, updated_at and owner are the writer's): its columns as given."""
+
+    job_id: str | None  # None: a new job (an ID is made)
+    host_id: str | None
+    hostname: str
+    kind: str
+    state: str
+    error_id: str | None
+    remediation: str | None
+    detail: str | None
+
+
 class Jobs(Access[J]):
     """The jobs (``Storage``'s part of them)."""
 
     @db_errors
-    def record_job(
-        self,
-        *,
-        job_id: str | None,
-        host_id: str | None,
-        hostname: str,
-        kind: str,
-        state: str,
-        error_id: str | None,
-        remediation: str | None,
-        detail: str | None,
-        now: float,
-        owner: str | None = None,
-    ) -> str:
+    def record_job(self, *, now: float, owner: str | None = None, **job: Unpack[JobFields]) -> str:
         """Create or update a job as the server itself (push, housekeeping): no ownership check."""
-        job_id = job_id or str(uuid.uuid4())
-        values = {
-            "job_id": job_id,
-            "host_id": host_id,
-            "hostname": hostname,
-            "kind": kind,
-            "state": state,
-            "error_id": error_id,
-            "remediation": remediation,
-            "detail": detail,
-        }
+        job_id = job["job_id"] or str(uuid.uuid4())
+        values = {**job, "job_id": job_id}
         with self.transaction() as tx:
             tx.upsert_job(values, now, owner)
         return job_id
@@ -129,33 +120,17 @@ class Jobs(Access[J]):
         self,
         *,
         principals: list[str],
-        job_id: str | None,
-        host_id: str | None,
-        hostname: str,
-        kind: str,
-        state: str,
-        error_id: str | None,
-        remediation: str | None,
-        detail: str | None,
         now: float,
         then: Callable[[J], None] | None = None,
+        **job: Unpack[JobFields],
     ) -> str:
         """Create or update a job as a client: ``principals`` are who it proved to be ("host:<id>" over mutual TLS,
         "token:<id>" or "passphrase" by a proof; the first owns a new job). A client may update only a job one of
         them owns, or, as host H, a job owned by the token H enrolled with (the job a push created for it):
         JobNotOwned otherwise. ``then`` runs in the same transaction once the report is written (what the report
         changes elsewhere, e.g. a failed move's pin: both or neither)."""
-        job_id = job_id or str(uuid.uuid4())
-        values = {
-            "job_id": job_id,
-            "host_id": host_id,
-            "hostname": hostname,
-            "kind": kind,
-            "state": state,
-            "error_id": error_id,
-            "remediation": remediation,
-            "detail": detail,
-        }
+        job_id = job["job_id"] or str(uuid.uuid4())
+        values = {**job, "job_id": job_id}
         with self.transaction() as tx:
             # Locked for the check and the write: two reports on one job ID cannot both pass the check.
             row = tx.locked_owner(job_id)
