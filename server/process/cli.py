@@ -352,9 +352,9 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def _scratch(args: argparse.Namespace, data: DataDir) -> Path:
-    from server.process.service import store_dir
+    from server.process.service import scratch_dir
 
-    return Path(args.scratch) if args.scratch else store_dir(data) / "scratch"
+    return Path(args.scratch) if args.scratch else scratch_dir(data)
 
 
 def _bounded_duration(text: str, flag: str, low: float, high: float) -> float:

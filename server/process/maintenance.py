@@ -5,7 +5,11 @@ a set and a notify, nothing more). Here, for each of them, the machine's retenti
 database and its points beyond it are dropped (``ChunkStore.prune``: their rows, in one short transaction); then a
 collection runs in slices that each hold the store's write lock briefly (server/process/gc.py). Sweeps follow every
 prune; compaction runs at most every ``COMPACT_EVERY`` seconds, and once when the thread starts (what a stop or a
-kill left). Borg and restic keep prune out of their backup path the same way: the data path never waits for it."""
+kill left). Borg and restic keep prune out of their backup path the same way: the data path never waits for it.
+
+The same thread sweeps the scratch areas of test failovers whose command is gone (a kill -9 leaves full copies of a
+point's disks: server/process/scratch.py), at start and every ``SWEEP_EVERY`` seconds, so that a killed run's GiBs
+do not wait for the next run to be removed."""
 
 from __future__ import annotations
 
@@ -13,23 +17,37 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from server.process.gc import Collector
+from server.process.scratch import sweep
 from server.process.store import ChunkStore
 
 log = logging.getLogger("mobility.process")
 
 COMPACT_EVERY = 600.0  # seconds between compactions (each looks at the unreferenced chunks, and only them)
+SWEEP_EVERY = 60.0  # seconds between sweeps of dead test failovers' scratch areas (a scandir and a try-lock each)
 
 Retention = Callable[[str], int | None]  # a machine's host ID -> how many points it keeps (None: no policy)
 
 
 class Maintenance(threading.Thread):
-    def __init__(self, store: ChunkStore, retention: Retention, *, compact_every: float = COMPACT_EVERY) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        retention: Retention,
+        *,
+        compact_every: float = COMPACT_EVERY,
+        scratch: Path | None = None,
+        sweep_every: float = SWEEP_EVERY,
+    ) -> None:
         super().__init__(name="process-maintenance", daemon=True)
         self.store = store
         self.retention = retention
         self.compact_every = compact_every
+        self.scratch = scratch  # the default scratch root of test failovers (an operator's --scratch is theirs)
+        self.sweep_every = sweep_every
+        self._swept = -sweep_every
         self._hosts: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
@@ -61,12 +79,16 @@ class Maintenance(threading.Thread):
         due = True  # what a stop or a kill left undone
         while True:
             with self._cond:
-                while not self._hosts and not self._stopping and not due:
-                    self._cond.wait(self.compact_every)
+                while not self._hosts and not self._stopping and not due and not self._sweep_due():
+                    self._cond.wait(min(self.compact_every, self.sweep_every))
                     due = time.monotonic() - self._compacted >= self.compact_every and self._pending()
                 if self._stopping:
                     return
                 hosts, self._hosts = sorted(self._hosts), set()
+            if self._sweep_due():
+                self._sweep()
+            if not hosts and not due:
+                continue
             try:
                 self._turn(hosts)
                 self.last_error = None
@@ -77,6 +99,18 @@ class Maintenance(threading.Thread):
                 self._pause(5.0)
             due = False
             self.runs += 1
+
+    def _sweep_due(self) -> bool:
+        return self.scratch is not None and time.monotonic() - self._swept >= self.sweep_every
+
+    def _sweep(self) -> None:
+        self._swept = time.monotonic()
+        if self.scratch is None or not self.scratch.is_dir():
+            return
+        try:
+            sweep(self.scratch)  # logs what it removed
+        except OSError as e:  # a scratch root we cannot read: said, and tried again at the next sweep
+            log.warning("could not sweep the scratch areas under %s: %s", self.scratch, e.strerror or e)
 
     def _turn(self, hosts: list[str]) -> None:
         for host in hosts:

@@ -28,6 +28,11 @@ def store_dir(data: DataDir) -> Path:
     return data.root / "process"
 
 
+def scratch_dir(data: DataDir) -> Path:
+    """Where test failovers and failovers' marking work unless told otherwise (``--scratch``)."""
+    return store_dir(data) / "scratch"
+
+
 @dataclass(frozen=True)
 class ProcessOptions:
     host: str
@@ -95,7 +100,7 @@ class ProcessService:
         except BaseException:
             self.store.close()
             raise
-        self.maintenance = Maintenance(self.store, self.protections.retention)
+        self.maintenance = Maintenance(self.store, self.protections.retention, scratch=scratch_dir(data))
         self.receiver = Receiver(
             self.store,
             self.protections.authorize,

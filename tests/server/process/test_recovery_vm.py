@@ -151,3 +151,45 @@ def test_the_sweep_removes_the_areas_of_dead_runs_only(tmp_path: Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(fd)
     assert not live.path.exists() and kept.exists()
+
+
+def test_the_process_servers_maintenance_sweeps_a_killed_runs_area_without_waiting_for_another_run(
+    tmp_path: Path,
+) -> None:
+    """A test failover killed with kill -9 leaves full copies of the point's disks in its area: the running process
+    server removes them within its sweep interval (and at its start), not only the next test failover."""
+    from server.process.maintenance import Maintenance
+    from server.process.store import ChunkStore
+
+    root = tmp_path / "scratch"
+    root.mkdir()
+    dead = root / "0000aaaa-1111-2222-3333-444455556666-0123abcd"  # there before the server started
+    dead.mkdir()
+    (dead / scratch.LOCK).touch()
+    (dead / "disk.img").write_bytes(b"x" * 4096)
+    running = root / "0000aaaa-1111-2222-3333-444455556666-89abcdef"  # a run going on, killed later
+    running.mkdir()
+    (running / scratch.LOCK).touch()
+    holder = _hold(running / scratch.LOCK)
+    store = ChunkStore(tmp_path / "process", writer=True, reserve=0)
+    maintenance = Maintenance(store, lambda host: None, scratch=root, sweep_every=0.2)
+    maintenance.start()
+    try:
+        deadline = time.monotonic() + 30
+        while dead.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not dead.exists()
+        time.sleep(0.6)  # three sweeps' time: the running one's lock is held, so it stays
+        assert running.exists()
+        holder.kill()
+        holder.wait()
+        while running.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running.exists() and root.exists()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        maintenance.stop()
+        store.close()
+    assert not maintenance.is_alive()
