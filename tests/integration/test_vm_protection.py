@@ -6,13 +6,15 @@ is protected (`--all-disks`) by a server on the host that it reaches through `gu
 server). Its initial sync ends CONTINUOUS; its points freeze root XFS (over both disks) and /boot ext4 together and
 are crash-consistent, not raw-busy: the stacked-device freeze (/sys/block/*/slaves) proven on device-mapper, which
 this machine's kernel has not. Then pgbench runs while two points are cut, each right after the test commits a row
-it records; the source goes away, and each point is failed over and booted (two VMs at once, the lab's most):
+it records, and a ticker commits numbered rows and records each once committed; the source's plug is pulled, and
+each point is failed over and booted (two VMs at once, the lab's most):
 
-- the first with `mobility-server test-failover --boot`, as an operator tests a point: the server boots it in a
+- the latest with `mobility-server test-failover --boot`, as an operator tests a point: the server boots it in a
   throwaway VM with no network, marked a test failover, and runs the machine's own /etc/mobility/recovery.d checks:
   PostgreSQL replays its WAL, `pg_amcheck --all` and pgbench's balance invariant hold (the agent's PostgreSQL check),
-  and the row committed last before the point's freeze is there (an operator's check);
-- the second as a *real* failover, from `failover`'s images booted with the mark as an SMBIOS string and a route to
+  and the newest transaction committed before the point's freeze is there (an operator's check: the ticker's last
+  acknowledged row, and the row the test committed right before asking for the point);
+- the earlier one as a *real* failover, from `failover`'s images booted with the mark as an SMBIOS string and a route to
   the server: it registers as a new machine `failover_of` the source, and the same checks pass with `mobility
   recovery-check`, as the docs tell operators to run after a real failover. The source's record and points stay as
   they were. Three VM boots and one appliance in all."""
@@ -20,6 +22,7 @@ it records; the source goes away, and each point is failed over and booted (two 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 from collections.abc import Iterator
@@ -50,17 +53,48 @@ EXPECTED_FROZEN = [
     {"mount": "/", "type": "xfs", "disks": ["/dev/vda", "/dev/vdb"]},
     {"mount": "/boot", "type": "ext4", "disks": ["/dev/vda"]},
 ]
-# An operator's check (docs/recovery-checks.md): the row the application committed last before the point is in the
-# failed-over database. The test writes that row's number to /var/lib/marks/last (fsynced) right after committing it,
-# before asking for the point, so the point holds both or the check fails.
+# An operator's check (docs/recovery-checks.md), of two things:
+# - the newest transaction committed before the point's freeze is in the failed-over database: a ticker (below)
+#   commits tick n, and only once the commit returned appends n to /var/lib/marks/ticks, all the while (under
+#   pgbench's load, through the freeze). The freeze takes the database's files and that file at one instant, so the
+#   point's newest tick is the file's last one, or one more (committed, the append not yet made): anything less is
+#   a lost commit, and nothing else can be more;
+# - the row the test committed right before asking for the point is there: its number is written to
+#   /var/lib/marks/last (fsynced) after the commit, so the point holds both or the check fails. The last line is the
+#   check's summary.
 MARKS_CHECK = """\
 #!/bin/sh
 set -eu
+q() { runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d bench -c "$1"; }
+acked=$(tail -n 1 /var/lib/marks/ticks)
+newest=$(q "SELECT max(n) FROM ticks")
+echo "ticks: $acked acknowledged before the freeze, the newest in the database $newest"
+[ -n "$acked" ] && [ "$newest" -ge "$acked" ] && [ "$newest" -le $((acked + 1)) ]
 want=$(cat /var/lib/marks/last)
-got=$(runuser -u postgres -- psql -XAtq -d bench -c "SELECT count(*) FROM marks WHERE n = $want")
+got=$(q "SELECT count(*) FROM marks WHERE n = $want")
 echo "marks: row $want (committed before the point) found $got time(s)"
 [ "$got" = 1 ]
 """
+# The ticker: one psql session runs the statements in order, so tick n's `\\!` append (a shell) runs only once its
+# INSERT (autocommit) has returned, committed; a few ticks a second.
+TICKER = """\
+#!/bin/sh
+n=0
+while n=$((n + 1)); do
+  echo "INSERT INTO ticks VALUES ($n);"
+  printf '%s\\n' "\\\\! echo $n >> /var/lib/marks/ticks"
+  echo "SELECT pg_sleep(0.1);"
+done | psql -XAtq -v ON_ERROR_STOP=1 -d bench >/dev/null
+"""
+TICKS = re.compile(r"ticks: (\d+) acknowledged before the freeze, the newest in the database (\d+)\n")
+
+
+def assert_newest_commit_recovered(output: str) -> None:
+    """The marks check's first line: the newest tick acknowledged before the freeze (and no later one) recovered."""
+    said = TICKS.search(output)
+    assert said is not None, output
+    acked, newest = int(said[1]), int(said[2])
+    assert acked > 0 and acked <= newest <= acked + 1, output
 
 
 @pytest.fixture
@@ -150,6 +184,10 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
     db.run("cd / && runuser -u postgres -- createdb bench", timeout=120).check("createdb")
     db.run("cd / && runuser -u postgres -- pgbench -i -q -s 5 bench", timeout=900).check("pgbench -i")
     sql(db, "CREATE TABLE marks (n int PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
+    sql(db, "CREATE TABLE ticks (n int PRIMARY KEY)")
+    db.run("install -d -o postgres -m 755 /var/lib/marks").check()
+    put = db.ssh("install -m 755 /dev/stdin /usr/local/bin/ticker", stdin=TICKER.encode())
+    assert put.returncode == 0, put.stderr
 
     # Protected whole: both disks, an initial sync, CONTINUOUS.
     server.cli("protect", "--machine", source, "--all-disks")
@@ -164,33 +202,38 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
 
     # pgbench runs while points are cut; right before each, the test commits a row it records.
     db.run("systemd-run --unit pgbench --uid postgres pgbench -c 2 -j 1 -T 3600 bench").check("pgbench")
+    db.run("systemd-run --unit ticker --uid postgres /usr/local/bin/ticker").check("ticker")
     points: list[tuple[str, int]] = []
     for n in (1, 2):
         before = int(sql(db, "SELECT count(*) FROM pgbench_history"))
+        ticks = int(sql(db, "SELECT count(*) FROM ticks"))
         deadline = time.monotonic() + 120
-        while int(sql(db, "SELECT count(*) FROM pgbench_history")) < before + 50:
-            assert time.monotonic() < deadline, "pgbench commits nothing"
+        while int(sql(db, "SELECT count(*) FROM pgbench_history")) < before + 50 or (
+            int(sql(db, "SELECT count(*) FROM ticks")) < ticks + 10
+        ):
+            assert time.monotonic() < deadline, "pgbench or the ticker commits nothing"
             time.sleep(2)
         sql(db, f"INSERT INTO marks (n) VALUES ({n:d})")  # noqa: S608 - an int the test chose
         db.run(f"mkdir -p /var/lib/marks && echo {n} > /var/lib/marks/last && sync /var/lib/marks/last").check()
         point = cut_point(db)
         assert (point["consistency"], point["frozen"]) == ("crash-consistent", EXPECTED_FROZEN), point
-        assert db.run("systemctl is-active pgbench").output.strip() == "active"  # under load all along
+        for unit in ("pgbench", "ticker"):  # under load all along
+            assert db.run(f"systemctl is-active {unit}").output.strip() == "active", unit
         points.append((point["point_id"], n))
-    db.run("systemctl stop pgbench")
     db.kill()  # the source is gone, as in a disaster: no clean shutdown (and no wait on PostgreSQL's checkpoint)
 
     listed = json.loads(server.cli("points", "--machine", source, "--json").stdout)
     assert {p for p, _ in points} <= {p["point_id"] for p in listed}
     seen = server.machine(source)
     assert seen is not None
-    # The first point as an operator tests one: booted by the server, isolated, its own checks run in it.
-    report = booted_test_failover(server, source, points[0][0])
+    # The latest point as an operator tests one: booted by the server, isolated, its own checks run in it.
+    report = booted_test_failover(server, source, points[1][0])
     checks = {c["name"]: c for c in report["checks"]}
     assert set(checks) == {"postgresql", "20-marks"}, checks
     assert all(c["ok"] is True for c in checks.values()), checks
     assert_database_recovered(checks["postgresql"]["output"])
-    assert checks["20-marks"]["output"] == "marks: row 1 (committed before the point) found 1 time(s)\n"
+    assert_newest_commit_recovered(checks["20-marks"]["output"])
+    assert checks["20-marks"]["output"].endswith("marks: row 2 (committed before the point) found 1 time(s)\n")
     assert [s["step"] for s in report["steps"]] == [
         "materialise",
         "prepare",
@@ -201,14 +244,15 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
     ]
     assert 0 < report["rto_seconds"] <= report["seconds"]
 
-    # The second as a real failover, booted from failover's images with a route to the server.
-    images = server.fail_over(source, points[1][0], tmp_path / "failover")
+    # The earlier point as a real failover (an operator may choose any point), booted from failover's images with a
+    # route to the server.
+    images = server.fail_over(source, points[0][0], tmp_path / "failover")
     real = boot_point(
         lab,
         "real",
         image(PG),
         images,
-        failover_mark("failover", source, points[1][0]),
+        failover_mark("failover", source, points[0][0]),
         server.forwards(),
         cpu=CRYPTO_CPU,
     )
@@ -217,7 +261,7 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
 
     # It registers as a machine of its own, failover_of the source, at its point.
     made = wait_registered(server, {source}, "db", timeout=900)
-    assert (made["failover_of"], made["failover_point"], made["cloned_from"]) == (source, points[1][0], None)
+    assert (made["failover_of"], made["failover_point"], made["cloned_from"]) == (source, points[0][0], None)
     assert agent_status(real)["host_id"] == made["host_id"]
 
     # It recovers: PostgreSQL replays its WAL and is consistent, and holds the row committed before its point.
@@ -225,8 +269,9 @@ def test_a_database_under_load_fails_over_to_points_that_recover(
     assert set(checks) == {"postgresql", "20-marks"}, checks
     assert checks["postgresql"]["outcome"] == "passed", checks["postgresql"]
     assert_database_recovered(checks["postgresql"]["output"])
-    assert checks["20-marks"]["summary"] == "marks: row 2 (committed before the point) found 1 time(s)"
-    assert sql(real, "SELECT max(n) FROM marks") == "2\n"
+    assert_newest_commit_recovered(checks["20-marks"]["output"])
+    assert checks["20-marks"]["summary"] == "marks: row 1 (committed before the point) found 1 time(s)"
+    assert sql(real, "SELECT max(n) FROM marks") == "1\n"
 
     # The source's record is as the source left it, with its points; nothing else registered.
     now = server.machine(source)
