@@ -385,13 +385,56 @@ def test_the_circle_check_sees_circles_of_every_kind() -> None:
     assert circles(import_graph(modules)) == [["agent.a", "agent.b"], ["agent.c", "agent.d", "agent.e"]]
 
 
+# Private names of other libraries that are their public API, or that the product must reach (each says why). An
+# attribute reached through an object whose type the check cannot know is taken for the product's unless it is here.
+THIRD_PARTY_PRIVATES = {
+    "_mapping": "SQLAlchemy: a Row as a mapping (its documented API)",
+    "_getframe": "sys",
+    "_exit": "os: a forked child ends without running the parent's cleanup",
+    "_replace": "namedtuple's API",
+    "_asdict": "namedtuple's API",
+    "_fields": "namedtuple's API",
+    "_make": "namedtuple's API",
+    "_field_defaults": "namedtuple's API",
+}
+# (module, attribute): a library's private name one module must reach, with why.
+THIRD_PARTY_REACH_INS = {
+    # aiohttp's web.Server keeps the runner's handler settings (access log, keep-alive) only there, and GuardedSite
+    # makes its own handlers with them.
+    ("server.api.edge", "_kwargs"),
+}
+
+
+def _private(attr: str) -> bool:
+    return attr.startswith("_") and not attr.startswith("__")
+
+
+def _own_names(tree: ast.AST) -> set[str]:
+    """The names a module defines: its functions, classes, variables, arguments and attributes it assigns."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
 def reach_ins(modules: dict[str, str]) -> list[str]:
     """Where a module uses a private name (``_x``, not a dunder) of another module of the product (pure): imported
-    (``from server.cli import _data``), or through a module or a class it imported (``store_module._fsync_dir``,
-    ``ChunkStore._insert_point_disk``)."""
+    (``from server.cli import _data``), through a module or a class it imported (``store_module._fsync_dir``,
+    ``ChunkStore._insert_point_disk``), or through an object that is not its own ``self`` or ``cls``: an attribute's
+    (``self.store._transaction()``) always, a variable's (``other._open_pack``) unless this module defines that name
+    (another instance of its own class). Libraries' privates are allowed only as THIRD_PARTY_PRIVATES and
+    THIRD_PARTY_REACH_INS say."""
     found = []
     for module, source in modules.items():
         tree = ast.parse(source)
+        own = _own_names(tree)
         bound: dict[str, str] = {}  # local name -> the product module it came from
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -417,6 +460,16 @@ def reach_ins(modules: dict[str, str]) -> list[str]:
                 and bound.get(node.value.id, module) != module
             ):
                 found.append(f"{module}:{node.lineno} uses {node.value.id}.{node.attr} of {bound[node.value.id]}")
+            elif (
+                isinstance(node, ast.Attribute)
+                and _private(node.attr)
+                and node.attr not in THIRD_PARTY_PRIVATES
+                and (module, node.attr) not in THIRD_PARTY_REACH_INS
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                and not (isinstance(node.value, ast.Name) and node.value.id in bound)  # the rule above
+                and not (isinstance(node.value, ast.Name) and node.attr in own)
+            ):
+                found.append(f"{module}:{node.lineno} uses {ast.unparse(node)} of another object")
     return found
 
 
@@ -434,12 +487,20 @@ def test_the_reach_in_check_sees_each_way_in() -> None:
         "server.c": "from server import a as a_module\na_module._f()\n",
         "server.d": "from server.a import A\nA._g(None)\nA.__name__\n",
         "server.e": "from server.a import A\nclass B:\n    def _h(self): self._h()\n",  # its own: fine
+        "server.f": "class F:\n    def g(self): return self.store._transaction()\n",
+        "server.g": "def gc(other): return other._open_pack(1)\n",
+        "server.h": "class H:\n    def _k(self): ...\n    def __eq__(self, other): return other._k()\n",  # its own
+        "server.i": "import os, sys\nsys._getframe(0)\nos._exit(1)\nfor r in rows: r._mapping\np = p._replace(a=1)\n",
+        "server.j": "class J:\n    _k = 1\n    def m(self): return self.store._k\n",  # an attribute's: never
         "server": "",
     }
     assert reach_ins(modules) == [
         "server.b:1 imports server.a._f",
         "server.c:2 uses a_module._f of server.a",
         "server.d:2 uses A._g of server.a",
+        "server.f:2 uses self.store._transaction of another object",
+        "server.g:1 uses other._open_pack of another object",
+        "server.j:3 uses self.store._k of another object",
     ]
 
 

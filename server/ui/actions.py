@@ -23,7 +23,7 @@ from agent.shared.textsafe import printable
 from server.database.operators import Operators
 from server.database.storage import Storage
 from server.datadir import DataDir
-from server.errors import ProtectDiskInvalid, TestFailoverRunning, UiNoStore, UnknownMachine
+from server.errors import MachineNotFound, ProtectDiskInvalid, TestFailoverRunning, UiNoStore
 from server.process.service import store_dir
 from server.releases.rollouts import Rollouts
 from server.ui.access import Who
@@ -63,7 +63,7 @@ class Actions:
     def _target(self, host_id: str) -> str:
         machine = self.storage.machine(host_id)
         if machine is None:
-            raise UnknownMachine(f"no machine {printable(host_id, 80)}")
+            raise MachineNotFound(f"no machine {printable(host_id, 80)} is registered")  # the operator's refusal
         return f"{printable(machine.hostname, 100)} ({machine.host_id})"
 
     def _audited(self, who: Who, action: str, target: str, detail: str | None, change: Callable[[], str]) -> str:

@@ -43,6 +43,7 @@ from server.errors import (
     BodyTooLarge,
     DatabaseUnavailable,
     ListenFailed,
+    MachineNotFound,
     NotFound,
     ServerInternal,
     UiLoginRequired,
@@ -377,6 +378,8 @@ class Ui:
             response = await handler(request)
         except ApiError as e:
             response = _error(e)
+        except MachineNotFound as e:  # the page's machine (a host ID in its path) is not registered (any more)
+            response = web.json_response({"error": e.to_json()}, status=404)
         except MobilityError as e:  # a refusal of the change itself (not protected, no rollout running): a conflict
             response = web.json_response({"error": e.to_json()}, status=409)
         except web.HTTPRequestEntityTooLarge:

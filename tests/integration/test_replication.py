@@ -6,6 +6,7 @@ flipped bit in the chunk store, and trace events lost to a tiny buffer."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -250,7 +251,7 @@ def test_a_freeze_does_not_wait_for_a_slow_process_server(lab: Lab) -> None:
     paths = Paths(machine.root.resolve())
     took = []
     for cycle in range(3):
-        time.sleep(0.5)
+        writes_beyond(log, len(records.read_log(log)) if log.exists() else 0)  # a residual of the point's own
         slow.touch()  # from now on each batch takes the server 2 s to verify
         started = time.monotonic()
         point = request_point(paths, timeout=120)
@@ -380,11 +381,26 @@ def test_an_unmounted_lab_filesystem_ends_though_a_slave_mount_namespace_copied_
     correctly). Under the lab's shared directory the unmount reaches such a namespace, and the filesystem ends."""
     disk = lab.disk("d", 32 * MIB, ("ext4",))
     (disk.mounts[0] / "f").write_bytes(random.Random(5).randbytes(MIB))  # noqa: S311 - dirty, written back at the end
-    _namespace_holder(lab, "slave", disk.mounts[0])
+    holder = _namespace_holder(lab, "slave", disk.mounts[0])
     umount(disk.mounts[0], ended=True, timeout=5)
     before = read_disk(disk.loop, 32 * MIB)
-    time.sleep(1)
+    # The moment a filesystem that lived on in the namespace would write its journal and superblock is when the
+    # namespace lets go of it, and it claims the disk until it has: end the holder, then wait for the disk to be free.
+    holder.kill()
+    holder.wait(timeout=10)
+    wait_for("the disk claimed by nobody", lambda: _unclaimed(disk.loop), timeout=10)
     assert read_disk(disk.loop, 32 * MIB) == before
+
+
+def _unclaimed(device: str) -> bool:
+    """Whether no filesystem (nor anyone else) holds ``device``: an exclusive open fails with EBUSY while one does."""
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        return False
+    return True
 
 
 def test_an_unmounted_filesystem_that_lives_on_elsewhere_is_never_taken_for_idle(lab: Lab) -> None:

@@ -247,6 +247,12 @@ def test_changes_need_the_pages_csrf_token_and_the_audit_log_says_who_made_them(
         storage.close()
     status, doc = browser.json("POST", f"/api/machines/{PLAIN}/pause", {}, {"X-CSRF-Token": csrf})
     assert (status, code(doc)) == (409, "PROTECT-DISK-INVALID")
+    # A machine removed since the page was loaded: the operator's refusal, never the agent's `mobility configure`.
+    for change in ("pause", "resume", "test-failover"):
+        unknown = f"/api/machines/99999999-9999-4999-8999-999999999999/{change}"
+        status, doc = browser.json("POST", unknown, {}, {"X-CSRF-Token": csrf})
+        assert (status, code(doc)) == (404, "MACHINE-NOT-FOUND"), change
+        assert "mobility-server machines" in doc["error"]["fix"] and "configure" not in doc["error"]["fix"], doc
     status, doc = browser.json("POST", "/api/rollouts/halt", {"reason": "bad build"}, {"X-CSRF-Token": csrf})
     assert (status, code(doc)) == (409, "ROLLOUT-NOT-RUNNING")
     # A test failover of a machine without a point: started, then ended by the command's own error; one at a time.
