@@ -14,7 +14,7 @@ exited since the watcher started counting.
 Each also says what the new version printed (``output``), for the upgrade job's detail when it is rolled back: the
 unit's journal under systemd; without an init system the daemons the watcher starts write their stdout and stderr to
 /var/log/mobility/daemon.out (emptied at each start, so it holds the last start's words; a daemon asked to start
-again in place keeps writing to it, so only what follows the ``mark`` is the new version's); the SysV script sends
+again in place keeps writing to it, so only what follows the request is the new version's); the SysV script sends
 them to agent.log, whose tail the job carries anyway.
 
 A supervisor never raises out of ``look``: systemd that does not answer in time (a busy PID 1) is "unknown, look
@@ -235,16 +235,7 @@ class NoSupervisor(_Tended):
         self.paths = paths
         self.argv = daemon_argv
         self._children: list[Child] = []
-        self._output_from = 0  # where daemon.out held nothing yet of what the daemons since ``mark`` printed
-
-    def mark(self) -> None:
-        super().mark()
-        # A daemon asked to start again in place (SIGUSR1) keeps its stdout: daemon.out, if a watcher started it
-        # before. What is in that file now is an earlier version's; the new version's words come after it.
-        try:
-            self._output_from = os.stat(self.paths.daemon_output).st_size
-        except OSError:
-            self._output_from = 0
+        self._output_from = 0  # where daemon.out holds the words of the daemon this supervisor (re)started
 
     def _current_pid(self) -> int | None:
         for child in self._children:
@@ -265,6 +256,13 @@ class NoSupervisor(_Tended):
         # "started about now": a daemon that started a moment ago would pass for its own re-execution).
         before = DaemonStatus.load(self.paths)
         then = before.started if before is not None and before.pid == pid else None
+        # A daemon asked to start again in place keeps its stdout: daemon.out, if a watcher started it before. What
+        # that file holds now is the previous version's; the new version's words come after it. (A watcher that
+        # takes over reads all of it: the words it would otherwise lose are the new version's.)
+        try:
+            self._output_from = os.stat(self.paths.daemon_output).st_size
+        except OSError:
+            self._output_from = 0
         os.kill(pid, signal.SIGUSR1)
         deadline = time.monotonic() + REEXEC_WAIT
         while time.monotonic() < deadline:
