@@ -16,7 +16,7 @@ from agent.host.paths import Paths
 from agent.lifecycle.installed import InstallRecord, save_install_record
 from agent.update import daemonctl, watcher
 from agent.update.daemonctl import NoSupervisor
-from agent.update.state import Phase, UpgradeRecord, last_words
+from agent.update.state import Phase, UpgradeRecord, after_last_words, last_words
 from agent.update.watcher import Updater
 
 JOB = "6f1c8a52-41a7-4d47-9d0c-2c4f1e0a9b11"
@@ -147,5 +147,14 @@ def test_only_the_new_versions_words_are_quoted_not_the_previous_daemons(tmp_pat
         daemon.kill()
         daemon.wait()
     assert "cannot load its configuration" in evidence and "replication failed to start" in evidence
-    assert "previous version" not in evidence and "its last words" not in evidence
+    assert "previous version" not in evidence and "its last line" not in evidence
     assert os.path.getsize(paths.daemon_output) > 0 and "previous version" in paths.daemon_output.read_text()
+
+
+def test_the_previous_daemons_lines_end_at_its_last_line_and_only_its_own() -> None:
+    said = ["old: stopping on signal 15", last_words("0.1.0", "stopped"), "new: started", "new: failed"]
+    assert after_last_words(said, "0.1.0") == ["new: started", "new: failed"]
+    # The new version's own last line is not the previous one's; a daemon killed (or older) said none: all is kept.
+    ended = [*said[2:], last_words("0.1.1", "stopped")]
+    assert after_last_words(ended, "0.1.0") == ended
+    assert after_last_words(["old: stopping", "new: failed"], "0.1.0") == ["old: stopping", "new: failed"]
