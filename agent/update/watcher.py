@@ -138,6 +138,8 @@ class Updater:
                 return started
             record = started
         else:
+            if record.phase is Phase.FETCHING and not self._still_wanted(record):
+                return self._withdrawn(record)
             # Only a takeover of the health gate itself counts against the new version: a download postponed for a
             # repository answering 503 ends the watcher before the switch, and is not the new version's doing.
             interrupted = record.interrupted + (record.phase is Phase.WATCHING)
@@ -177,6 +179,20 @@ class Updater:
         log(self.paths, f"upgrade {running} -> {target.version} (job {target.job_id})")
         save_record(self.paths, record)
         return record
+
+    def _still_wanted(self, record: UpgradeRecord) -> bool:
+        """Whether the server still names the move ``record`` makes (its last heartbeat answer, in target.json)."""
+        target = load_target(self.paths)
+        return target is not None and (target.version, target.job_id) == (record.to_version, record.job_id)
+
+    def _withdrawn(self, record: UpgradeRecord) -> Result:
+        """A move not switched to yet that the server no longer names (its rollout halted, or the machine was out of
+        its wave's time and pinned) is dropped, not finished behind the server's back: nothing changed here, and the
+        server already ended its job, so there is nothing to report."""
+        message = f"the server no longer names {record.to_version} for this machine (job {record.job_id})"
+        log(self.paths, f"upgrade {record.from_version} -> {record.to_version} dropped before the switch: {message}")
+        save_record(self.paths, record.at(Phase.FAILED, outcome=Outcome(None, message), reported=True))
+        return Result("nothing to do", f"mobility {record.from_version} runs on: {message}", record)
 
     def _fetch(self, record: UpgradeRecord) -> UpgradeRecord | Result:
         self._progress(record, f"downloading {record.to_version} (verified by the repository's signed metadata)")
