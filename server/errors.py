@@ -531,7 +531,8 @@ class UpdateTimedOut(RemoteStateError):
     remediation = (
         "The machine did not finish its upgrade (and show the new version, online and not critical) within the "
         "rollout's --wave-timeout: check that it is online (`mobility-server machines`) and its "
-        "/var/log/mobility/install.log; it takes part in the next rollout that includes it."
+        "/var/log/mobility/install.log; the server pinned it to the version it runs: `mobility-server unpin` it once "
+        "it is fixed, and it takes part in the next rollout that includes it."
     )
 
 

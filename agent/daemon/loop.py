@@ -50,6 +50,7 @@ from agent.update.state import (
     Phase,
     TargetRecord,
     declined,
+    last_words,
     load_record,
     load_target,
     save_target,
@@ -543,10 +544,11 @@ class Daemon:
                         os.read(self._wake_r, 512)
         except RestartRequested as e:
             self._close()
+            log.info("%s", last_words(__version__, "starts again"))
             restart(into=self._current_launcher() if e.into_current else None)
         self.notifier.notify(stopping="1")
         self._close()
-        log.info("stopped")
+        log.info("%s", last_words(__version__, "stopped"))
         return 0
 
     def _current_launcher(self) -> Path | None:

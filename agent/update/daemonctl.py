@@ -13,8 +13,9 @@ exited since the watcher started counting.
 
 Each also says what the new version printed (``output``), for the upgrade job's detail when it is rolled back: the
 unit's journal under systemd; without an init system the daemons the watcher starts write their stdout and stderr to
-/var/log/mobility/daemon.out (emptied at each start, so it holds the last start's words); the SysV script sends them
-to agent.log, whose tail the job carries anyway.
+/var/log/mobility/daemon.out (emptied at each start, so it holds the last start's words; a daemon asked to start
+again in place keeps writing to it, so only what follows the request is the new version's); the SysV script sends
+them to agent.log, whose tail the job carries anyway.
 
 A supervisor never raises out of ``look``: systemd that does not answer in time (a busy PID 1) is "unknown, look
 again", not the end of the watcher."""
@@ -234,6 +235,7 @@ class NoSupervisor(_Tended):
         self.paths = paths
         self.argv = daemon_argv
         self._children: list[Child] = []
+        self._output_from = 0  # where daemon.out holds the words of the daemon this supervisor (re)started
 
     def _current_pid(self) -> int | None:
         for child in self._children:
@@ -254,6 +256,13 @@ class NoSupervisor(_Tended):
         # "started about now": a daemon that started a moment ago would pass for its own re-execution).
         before = DaemonStatus.load(self.paths)
         then = before.started if before is not None and before.pid == pid else None
+        # A daemon asked to start again in place keeps its stdout: daemon.out, if a watcher started it before. What
+        # that file holds now is the previous version's; the new version's words come after it. (A watcher that
+        # takes over reads all of it: the words it would otherwise lose are the new version's.)
+        try:
+            self._output_from = os.stat(self.paths.daemon_output).st_size
+        except OSError:
+            self._output_from = 0
         os.kill(pid, signal.SIGUSR1)
         deadline = time.monotonic() + REEXEC_WAIT
         while time.monotonic() < deadline:
@@ -275,6 +284,7 @@ class NoSupervisor(_Tended):
     def _start(self) -> int:
         self._children = [c for c in self._children if c.poll() is None]
         out = _open_output(self.paths)
+        self._output_from = 0  # emptied: all it will hold is this start's
         try:
             child = spawn(self.argv, output=out)
         finally:
@@ -291,8 +301,13 @@ class NoSupervisor(_Tended):
         with os.fdopen(fd, "rb") as f:
             if os.fstat(f.fileno()).st_mtime < since:
                 return []  # an earlier start's words
-            f.seek(max(0, f.seek(0, 2) - OUTPUT_BYTES))
-            return _last_lines(f.read(OUTPUT_BYTES).decode("utf-8", "replace"))
+            end = f.seek(0, 2)
+            start = self._output_from if self._output_from <= end else 0  # emptied by another watcher's start
+            at = f.seek(max(start, end - OUTPUT_BYTES))
+            text = f.read(OUTPUT_BYTES).decode("utf-8", "replace")
+            if at > start:  # a line cut at the start is dropped: half a secret would not be recognised to be redacted
+                text = text.partition("\n")[2]
+            return _last_lines(text)
 
 
 def _open_output(paths: Paths) -> int | None:

@@ -60,6 +60,7 @@ from agent.update.state import (
     Outcome,
     Phase,
     UpgradeRecord,
+    after_last_words,
     declined,
     is_version,
     load_record,
@@ -77,6 +78,9 @@ ROLLBACK_SWITCH_WAIT = 60.0  # a rollback waits at most this long for a recovery
 MAX_INTERRUPTIONS = 5  # a health gate taken over this many times without an end rolls back
 REPORT_FOR = 300.0  # seconds the updater keeps trying to report an outcome (the daemon starts it again later)
 CONFIRM_FOR = 60.0  # seconds the updater waits to see the previous version run again after a rollback
+OUTPUT_BUDGET = 900  # characters of the new version's own output in a rolled-back job's detail
+LOG_BUDGET = 600  # characters of its agent.log lines there
+LOG_LINES = 8  # at most this many of them
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class Updater:
                 return started
             record = started
         else:
+            if record.phase is Phase.FETCHING and not self._still_wanted(record):
+                return self._withdrawn(record)
             # Only a takeover of the health gate itself counts against the new version: a download postponed for a
             # repository answering 503 ends the watcher before the switch, and is not the new version's doing.
             interrupted = record.interrupted + (record.phase is Phase.WATCHING)
@@ -173,6 +179,20 @@ class Updater:
         log(self.paths, f"upgrade {running} -> {target.version} (job {target.job_id})")
         save_record(self.paths, record)
         return record
+
+    def _still_wanted(self, record: UpgradeRecord) -> bool:
+        """Whether the server still names the move ``record`` makes (its last heartbeat answer, in target.json)."""
+        target = load_target(self.paths)
+        return target is not None and (target.version, target.job_id) == (record.to_version, record.job_id)
+
+    def _withdrawn(self, record: UpgradeRecord) -> Result:
+        """A move not switched to yet that the server no longer names (its rollout halted, or the machine was out of
+        its wave's time and pinned) is dropped, not finished behind the server's back: nothing changed here, and the
+        server already ended its job, so there is nothing to report."""
+        message = f"the server no longer names {record.to_version} for this machine (job {record.job_id})"
+        log(self.paths, f"upgrade {record.from_version} -> {record.to_version} dropped before the switch: {message}")
+        save_record(self.paths, record.at(Phase.FAILED, outcome=Outcome(None, message), reported=True))
+        return Result("nothing to do", f"mobility {record.from_version} runs on: {message}", record)
 
     def _fetch(self, record: UpgradeRecord) -> UpgradeRecord | Result:
         self._progress(record, f"downloading {record.to_version} (verified by the repository's signed metadata)")
@@ -410,21 +430,24 @@ class Updater:
 
     def _evidence(self, record: UpgradeRecord) -> str:
         """What the new version said before it was rolled back, for the job's detail: its own output (stdout and
-        stderr: a crash at start says why only there) and the end of agent.log since the restart, each bounded,
-        with secrets redacted and control characters escaped."""
+        stderr: a crash at start says why only there) and the end of agent.log since the restart, each bounded
+        (OUTPUT_BUDGET and LOG_BUDGET characters), with secrets redacted and control characters escaped. Only the
+        new version's words: what the previous daemon logged up to its last words (it stops, or executes the new
+        version, after the restart began) is left out."""
         from agent.daemon.diagnostics import known_secrets
 
         since = record.restarted_at or record.switched_at or record.started
         secrets = known_secrets(self.paths)
         where = {"systemd": "the journal of mobility.service", "none": "/var/log/mobility/daemon.out"}
         parts = []
-        output = self.supervisor.output(since)
+        output = after_last_words(self.supervisor.output(since), record.from_version)
         if output:
             source = where.get(self.supervisor.kind, "its output")
-            parts.append(f"--- mobility {record.to_version} printed ({source}):\n{_bounded(output, 900, secrets)}")
-        logged = _log_since(self.paths.agent_log, since)
+            shown = _bounded(output, OUTPUT_BUDGET, secrets)
+            parts.append(f"--- mobility {record.to_version} printed ({source}):\n{shown}")
+        logged = after_last_words(_log_since(self.paths.agent_log, since), record.from_version)[-LOG_LINES:]
         if logged:
-            parts.append(f"--- the end of /var/log/mobility/agent.log:\n{_bounded(logged, 600, secrets)}")
+            parts.append(f"--- the end of /var/log/mobility/agent.log:\n{_bounded(logged, LOG_BUDGET, secrets)}")
         return "".join("\n" + part for part in parts)
 
     # Reports ---------------------------------------------------------------------------------------------------
@@ -497,14 +520,26 @@ def _ids(checks: object, status: str) -> list[str]:
     return [str(c["id"]) for c in checks if isinstance(c, dict) and c.get("status") == status and c.get("id")]
 
 
+_KEY_TAIL = re.compile(r"\A.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
+_KEY_HEAD = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*\Z", re.S)
+
+
+def _redacted(lines: list[str], secrets: list[str]) -> list[str]:
+    """``lines`` redacted as one text (a private key spans lines), including a key the tail shows only part of: its
+    end without its beginning (the lines before it are the key's), or its beginning without its end."""
+    from agent.daemon.diagnostics import REDACTED, redact
+
+    text = redact("\n".join(lines), secrets)
+    text = _KEY_HEAD.sub(REDACTED, _KEY_TAIL.sub(REDACTED, text))
+    return text.split("\n")
+
+
 def _bounded(lines: list[str], budget: int, secrets: list[str]) -> str:
     """The last of ``lines`` that fit in ``budget`` characters: redacted, escaped, each cut to a screen's width."""
-    from agent.daemon.diagnostics import redact
-
     kept: list[str] = []
     used = 0
-    for line in reversed(lines):
-        shown = printable(redact(line, secrets), 240)
+    for line in reversed(_redacted(lines, secrets)):
+        shown = printable(line, 240)
         if used + len(shown) + 1 > budget:
             break
         kept.append(shown)
@@ -515,7 +550,7 @@ def _bounded(lines: list[str], budget: int, secrets: list[str]) -> str:
 _LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
 
-def _log_since(log_file: Path, since: float, lines: int = 8) -> list[str]:
+def _log_since(log_file: Path, since: float, lines: int = 64) -> list[str]:
     """The last ``lines`` lines of the daemon's log written at ``since`` or later (by their timestamps, local time
     as the log writes them; a line without one, such as a traceback's, goes with the line before it)."""
     try:

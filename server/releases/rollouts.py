@@ -9,8 +9,9 @@ failed, a machine that did not finish within ``--wave-timeout``) counts against 
 the rollout halts: machines of the current wave that had not started are withdrawn, later waves are never offered,
 and the listing names the failing machines and their error IDs.
 
-A machine whose upgrade failed is pinned to the version it ran before, until an operator unpins it; a pin also
-keeps a machine out of later rollouts, and ``pin --to VERSION`` moves it to that version on its own.
+A machine whose upgrade failed is pinned to the version it ran before (one out of time: to the version it runs),
+until an operator unpins it; a pin also keeps a machine out of later rollouts, and ``pin --to VERSION`` moves it to
+that version on its own.
 
 Everything is in the database, nothing in a process: any server instance (or none, between two ``serve`` runs) may
 advance a rollout, each pass in one write transaction (serialised across instances on PostgreSQL by an advisory
@@ -346,8 +347,14 @@ class Rollouts:
             tx.set_member(rollout.rollout_id, row.host_id, FAILED, timed_out.code, timed_out.message, now)
             if row.job_state not in _SUCCEEDED:
                 tx.fail_running_job(row.job_id, timed_out.code, timed_out.fix, timed_out.message, now)
-            tx.withdraw_target(row.host_id, row.job_id)
-            return [f"{row.hostname} ({row.host_id}): {timed_out.message}"]
+            # A failed move like any other: pinned, with the reason, so that no later rollout offers the machine a
+            # version before someone has looked. To the version its heartbeats say it runs (it may be the new one,
+            # switched to and never verified: a version that does not replicate again is never committed), and
+            # without a move: the server does not send a machine it knows nothing more of anywhere.
+            runs = row.agent_version or row.from_version
+            why = f"upgrade to {rollout.to_version} failed ({timed_out.code}, {where}): pinned to {runs}"
+            tx.pin_unpinned(row.host_id, row.job_id, runs, why[:1000])
+            return [f"{row.hostname} ({row.host_id}): {timed_out.message}; pinned to {runs}"]
         return []
 
     def _halt(self, tx: Tx, rollout_id: str, reason: str, now: float) -> None:

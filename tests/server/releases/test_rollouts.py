@@ -201,6 +201,31 @@ def test_a_machine_that_does_not_finish_in_time_fails_with_update_timed_out(stor
     assert job is not None and job.error_id == "UPDATE-TIMED-OUT"
 
 
+def test_a_machine_out_of_time_is_pinned_to_the_version_it_runs_with_the_reason(storage: Storage) -> None:
+    """A wave timeout is a failed move like a rollback: the machine is pinned (never left unpinned for the next
+    rollout to offer it a version again), to the version its heartbeats say it runs, with the timeout as the reason,
+    and is told no move; the failure counts against --max-failures as before."""
+    rollouts = Rollouts(storage)
+    rollout_id = start(storage, max_failures=2)
+    stuck, switched = offered(storage, rollout_id)
+    report(storage, switched, "running", T0 + 5)  # switched to 0.1.1 and never verified (e.g. it does not replicate)
+    heartbeat(storage, switched, at=T0 + 6, version="0.1.1")
+    heartbeat(storage, stuck, at=T0 + 6, version="0.1.0")  # never got there (its download kept failing)
+    rollouts.advance(T0 + 601)
+    rollout, members = rollouts.show(rollout_id)
+    assert rollout.state == HALTED  # two failures, at most two: the budget counts them as it did
+    assert {(m.state, m.error_id) for m in members if m.host_id in (stuck, switched)} == {(FAILED, "UPDATE-TIMED-OUT")}
+    for host_id, runs in ((stuck, "0.1.0"), (switched, "0.1.1")):
+        m = storage.machine(host_id)
+        assert m is not None and m.pinned_version == runs
+        assert m.pin_reason is not None and "UPDATE-TIMED-OUT" in m.pin_reason and "0.1.1" in m.pin_reason
+        target = target_of(m)
+        assert target is not None and (target.version, target.job_id, target.pinned) == (runs, None, True)
+    # The next rollout leaves them alone until an operator has looked and unpinned them.
+    rollout_id2 = start(storage, version="0.1.1", wave="100%")
+    assert states(storage, rollout_id2)[stuck] == SKIPPED and states(storage, rollout_id2)[switched] == SKIPPED
+
+
 def test_one_rollout_at_a_time_and_halt_by_hand(storage: Storage) -> None:
     start(storage)
     with pytest.raises(RolloutRunning):
