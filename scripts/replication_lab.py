@@ -415,6 +415,20 @@ def _mount_holders(source: str) -> list[int]:
     return sorted(found.values())
 
 
+def _openers(device: str) -> list[str]:
+    """Processes with ``device`` open (pid and command name), for an error that says who keeps it."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == device for fd in (proc / "fd").iterdir()):
+                found.append(f"{proc.name} ({(proc / 'comm').read_text().strip()})")
+        except OSError:
+            continue
+    return found
+
+
 def detach(loop: str, image: Path, timeout: float = 30.0) -> None:
     """Detach ``loop`` and see it gone. The kernel only marks a device still open for detaching at its last close
     (a filesystem of it that outlives its unmount, such as a copy of the mount in another mount namespace, keeps it),
@@ -431,7 +445,11 @@ def detach(loop: str, image: Path, timeout: float = 30.0) -> None:
         except OSError:  # no longer a bound loop device
             return
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"{loop} is still attached to {ours} (open elsewhere: `losetup --detach {loop}` then)")
+            raise RuntimeError(
+                f"{loop} is still attached to {ours} (open elsewhere: `losetup --detach {loop}` then); mounted in the "
+                f"mount namespaces of processes {_mount_holders(loop) or 'none'}, open by processes "
+                f"{_openers(loop) or 'none'}"
+            )
         sh(["losetup", "--detach", loop], check=False)
         time.sleep(0.2)
 

@@ -245,16 +245,31 @@ def test_a_freeze_does_not_wait_for_a_slow_process_server(lab: Lab) -> None:
     lab.start_agent(machine)
     lab.wait_state(machine, ext4, "CONTINUOUS")
     writer, log = start_writer(lab, [ext4.mounts[0]], seed=23)
+    from agent.errors import PointFailed
     from agent.host.paths import Paths
     from agent.replication.local_commands import request_point
 
     paths = Paths(machine.root.resolve())
     took = []
+    refused: list[str] = []
     for cycle in range(3):
         writes_beyond(log, len(records.read_log(log)) if log.exists() else 0)  # a residual of the point's own
         slow.touch()  # from now on each batch takes the server 2 s to verify
-        started = time.monotonic()
-        point = request_point(paths, timeout=120)
+        point = None
+        for _ in range(4):
+            started = time.monotonic()
+            try:
+                point = request_point(paths, timeout=120)
+                break
+            except PointFailed as e:
+                # A delta whose chunk a write changed between the dirty map's take and the read (its completion not
+                # traced yet) is refused by the server, which rebuilds another hash. While verification lags behind,
+                # that verdict can come after the freeze: the point fails, never makes a wrong one, and the next has
+                # the chunk whole (docs/replication.md). Asked again, as an operator would.
+                if "sent before the point's root was taken" not in str(e):
+                    raise
+                refused.append(str(e))
+        assert point is not None, refused
         took.append(time.monotonic() - started)
         slow.unlink()
         assert point["consistency"] == "crash-consistent", point
