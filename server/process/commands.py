@@ -1,6 +1,7 @@
-"""How the process server runs the host's tools (losetup, partx, blkid, mount, fsck) for a test failover: never
-through a shell, bounded in time, the exit status returned rather than raised (a failing fsck is a finding of the
-test, not an error of the command). The server keeps its own runner: agent/host/proc.py is the agent's."""
+"""How the process server runs a host tool (qemu-img, converting a failover's images): never through a shell,
+bounded in time, the exit status returned rather than raised (the caller says what a failure means). Nothing of a
+machine's filesystems is read on the host: inspection runs in a throwaway VM (server/process/appliance.py). The server
+keeps its own runner: agent/host/proc.py is the agent's."""
 
 from __future__ import annotations
 
