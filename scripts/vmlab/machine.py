@@ -481,22 +481,37 @@ class VM:
             self.extra_disks = None
 
 
+HOLD_SECONDS = 120.0  # how long a wait for several slots keeps those it has before it lets them go and starts again
+
+
 def acquire_slots(count: int, timeout: float) -> list[int]:
-    """``count`` of the machine's MAX_VMS slots, all or none at a time (a random pause between tries keeps two
-    waiting labs from taking turns forever)."""
+    """``count`` of the machine's MAX_VMS slots. The slots it finds free it keeps while it waits for the rest,
+    looking often, so that VMs started one at a time (a test failover, a lab's single VM) cannot take every slot that
+    frees before it: a wait for two at once otherwise loses each race and starves (CI's template clones waited most
+    of a run). Kept at most HOLD_SECONDS, then let go for a random pause: whoever holds the other slot and waits for
+    one more (a lab adding a VM beside a running one) is never blocked for longer."""
     if count > MAX_VMS:
         raise VmLabError(f"{count} VMs at once: this machine runs at most {MAX_VMS}")
     deadline = time.monotonic() + timeout
     while True:
         held: list[int] = []
-        for n in range(MAX_VMS):
+        free = list(range(MAX_VMS))
+        holding_since = 0.0
+        while True:
+            for n in list(free):
+                if len(held) == count:
+                    break
+                fd = take_lock(SLOTS / f"slot-{n}.lock", timeout=0)
+                if fd is not None:
+                    held.append(fd)
+                    free.remove(n)
+                    holding_since = holding_since or time.monotonic()
             if len(held) == count:
+                return held
+            now = time.monotonic()
+            if not held or now - holding_since >= HOLD_SECONDS or now >= deadline:
                 break
-            fd = take_lock(SLOTS / f"slot-{n}.lock", timeout=0)
-            if fd is not None:
-                held.append(fd)
-        if len(held) == count:
-            return held
+            time.sleep(0.1)
         for fd in held:
             with contextlib.suppress(OSError):
                 os.close(fd)

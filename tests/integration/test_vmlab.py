@@ -11,6 +11,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,52 @@ def test_the_cache_key_covers_the_whole_recipe() -> None:
     assert len(keys) == 5
     assert DEBIAN12.key() == dataclasses.replace(DEBIAN12).key()  # the same recipe, the same image
     assert "/etc/fstab" in guest_files(DEBIAN12, "u") and "vg0-root" in guest_files(DEBIAN12, "u")["/etc/fstab"][1]
+
+
+def test_a_wait_for_two_slots_keeps_the_one_it_found_and_is_not_starved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lab that needs two VM slots at once keeps a free one while it waits for the other: a single VM started
+    meanwhile (another test, a test failover) cannot take it, and the wait ends as soon as the other slot frees."""
+    from scripts.vmlab import machine
+
+    monkeypatch.setattr(machine, "SLOTS", tmp_path)
+    hold = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "slot-1.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline() == b"held\n"
+        got: list[int] = []
+
+        def taken() -> bool:
+            fd = machine.take_lock(tmp_path / "slot-0.lock", timeout=0)
+            if fd is None:
+                return True
+            os.close(fd)
+            return False
+
+        waiter = threading.Thread(target=lambda: got.extend(machine.acquire_slots(2, timeout=60)), daemon=True)
+        waiter.start()
+        wait_for("the free slot taken", taken)
+        for _ in range(10):  # a single VM trying for a second: the slot stays with the wait for two
+            assert taken()
+            time.sleep(0.1)
+        assert waiter.is_alive()
+        assert other.stdin is not None
+        other.stdin.close()  # the other slot frees
+        other.wait(timeout=10)
+        waiter.join(timeout=10)
+        assert not waiter.is_alive() and len(got) == 2
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    for fd in got:
+        os.close(fd)
 
 
 def test_a_vm_s_extra_disks_oem_strings_and_cpu_reach_qemu(tmp_path: Path) -> None:
