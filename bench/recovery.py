@@ -375,6 +375,10 @@ def database(base: Path, dist: Path, minutes: float, seconds: int) -> None:
         f"  recovery checks: {figures['recovery checks s']:.0f} s, "
         + ", ".join(f"{c['name']} {c['outcome']} ({c['seconds']} s)" for c in doc["checks"])
     )
+    for c in doc["checks"]:
+        if c["outcome"] != "passed":  # what it said, for the one who reads the figures
+            said = str(c.get("output", "")).splitlines()[-30:]
+            print(f"  {c['name']} said: {c.get('summary')}\n    " + "\n    ".join(said))
     print(f"load average at the end: {load()}")
 
 
