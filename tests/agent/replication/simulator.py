@@ -19,14 +19,14 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 
 from agent.lifecycle.identity import new_key_and_csr
-from agent.replication.chunks import Geometry, zero_hash
+from agent.replication.chunks import Geometry, chunk_hash, zero_hash
 from agent.shared.replication_wire import (
     HASH_SIZE,
     HEADER,
@@ -300,3 +300,17 @@ def simulated(tmp_path: Path) -> Iterator[ProcessServerSimulator]:
         yield sim
     finally:
         sim.close()
+
+
+def disk_hashes(image: Path, chunk: int = 65536) -> bytes:
+    """An image's chunk hashes, in order: what a replica of it holds."""
+    data = image.read_bytes()
+    return b"".join(chunk_hash(data[i : i + chunk]) for i in range(0, len(data), chunk))
+
+
+def wait(what: str, condition: Callable[[], object], timeout: float = 15.0) -> None:
+    """Until ``condition()`` (polled every 10 ms), or an assertion naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

@@ -28,13 +28,12 @@ import pytest
 from agent.faults import set_injector
 from agent.host.paths import Paths
 from agent.replication import devices, engine, tracing
-from agent.replication.chunks import chunk_hash
 from agent.replication.devices import BlockDevice
 from agent.replication.engine import Replication
 from agent.replication.state import leave_request, load_status, load_tracing_stop, take_answer
 from agent.replication.tracing import EVENT, SECTOR, Tracer
 from agent.shared.replication_wire import Policy, ProcessAddress, Protection
-from tests.agent.replication.simulator import Faults, ProcessServerSimulator, simulated
+from tests.agent.replication.simulator import Faults, ProcessServerSimulator, disk_hashes, simulated, wait
 from tests.faults import Injector
 
 CHUNK = 65536
@@ -212,18 +211,6 @@ def injected(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
 
 def protect(sim: ProcessServerSimulator, *disks: str, interval: float = 3600.0) -> Protection:
     return Protection(disks, False, Policy(interval_seconds=interval), ProcessAddress("127.0.0.1", sim.port))
-
-
-def disk_hashes(image: Path) -> bytes:
-    data = image.read_bytes()
-    return b"".join(chunk_hash(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK))
-
-
-def wait(what: str, condition: Callable[[], object], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def in_sync(rep: Replication, sim: ProcessServerSimulator, image: Path) -> bool:

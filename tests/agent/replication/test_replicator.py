@@ -27,7 +27,7 @@ from agent.replication.sync import _UNKNOWN as UNKNOWN
 from agent.replication.sync import Capture, DiskReplicator, JobResult
 from agent.shared.address import ServerAddress
 from agent.shared.replication_wire import Kind, Record, parse_batch
-from tests.agent.replication.simulator import Faults, ProcessServerSimulator, simulated
+from tests.agent.replication.simulator import Faults, ProcessServerSimulator, disk_hashes, simulated, wait
 
 CHUNK = 65536
 CHUNKS = 48
@@ -61,18 +61,6 @@ def image(tmp_path: Path) -> Path:
     data[10 * CHUNK : 20 * CHUNK] = bytes(10 * CHUNK)  # zero chunks travel as ZERO records
     path.write_bytes(data)
     return path
-
-
-def disk_hashes(image: Path) -> bytes:
-    data = image.read_bytes()
-    return b"".join(chunk_hash(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK))
-
-
-def wait(what: str, condition: Callable[[], object], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.fixture
