@@ -46,18 +46,24 @@ def is_version(text: object) -> bool:
     return isinstance(text, str) and _VERSION.fullmatch(text) is not None
 
 
+_LAST_LINE = " (its last line)"
+
+
+def _speaker(version: str) -> str:
+    return f"mobility {version} daemon "
+
+
 def last_words(version: str, how: str) -> str:
     """The daemon's last log line before it stops or executes the version ``current`` names: where a version's lines
     end in agent.log and the journal, so that the job of a version rolled back quotes that version's words only."""
-    return f"mobility {version} daemon {how} (its last line)"
+    return f"{_speaker(version)}{how}{_LAST_LINE}"
 
 
 def after_last_words(lines: list[str], version: str) -> list[str]:
     """The lines after ``version``'s daemon's last words (all of them if it said none: it was killed, or it predates
     them)."""
-    end = f"mobility {version} daemon "
     for i in range(len(lines) - 1, -1, -1):
-        if end in lines[i] and lines[i].endswith(" (its last line)"):
+        if _speaker(version) in lines[i] and lines[i].endswith(_LAST_LINE):
             return lines[i + 1 :]
     return lines
 
